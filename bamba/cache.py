@@ -1,0 +1,77 @@
+"""A contiguous, preallocated inference cache for ``generate``: one row per sequence.
+
+Mamba layers keep a conv state [rows, K-1, conv_dim] and an SSM state [rows, H, P, N]
+(float32 by default); attention layers keep keys and values [rows, max_len, Hkv, D]. Nothing is
+allocated per step: rows are bound to a batch with ``bind`` and updated in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bamba.config import BambaConfig
+
+
+class ContiguousCache:
+    """Implements ``bamba.model.InferenceCache`` over fixed rows."""
+
+    def __init__(self, config: BambaConfig, rows: int, max_len: int, dtype: torch.dtype,
+                 state_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        if rows <= 0 or max_len <= 0:
+            raise ValueError(f"cache needs rows > 0 and max_len > 0, got {rows}, {max_len}")
+        self.max_len = max_len
+        k = config.mamba_d_conv - 1
+        h, p, n = config.mamba_n_heads, config.mamba_d_head, config.mamba_d_state
+        self.conv = {i: torch.zeros(rows, k, config.conv_dim, dtype=dtype, device=device)
+                     for i in config.mamba_layer_indices}
+        self.ssm = {i: torch.zeros(rows, h, p, n, dtype=state_dtype, device=device)
+                    for i in config.mamba_layer_indices}
+        kv_shape = (rows, max_len, config.num_key_value_heads, config.head_dim)
+        self.keys = {i: torch.zeros(kv_shape, dtype=dtype, device=device)
+                     for i in config.attn_layer_indices}
+        self.values = {i: torch.zeros(kv_shape, dtype=dtype, device=device)
+                       for i in config.attn_layer_indices}
+        self.rows = torch.arange(rows, device=device)
+        self._all_rows = rows
+
+    def bind(self, rows: torch.Tensor | list[int]) -> "ContiguousCache":
+        """Select which rows the next forward passes read and write (in batch order)."""
+        self.rows = torch.as_tensor(rows, dtype=torch.long, device=self.rows.device)
+        return self
+
+    def reset(self, rows: torch.Tensor | list[int]) -> None:
+        """Zero the Mamba states of rows before a new sequence uses them (KV needs no reset:
+        attention reads only positions the new sequence has written)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        for i in self.conv:
+            self.conv[i][rows] = 0
+            self.ssm[i][rows] = 0
+
+    def _whole(self) -> bool:
+        return len(self.rows) == self._all_rows and bool(
+            (self.rows == torch.arange(self._all_rows, device=self.rows.device)).all())
+
+    def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._whole():
+            return self.conv[layer_idx], self.ssm[layer_idx]
+        return self.conv[layer_idx][self.rows], self.ssm[layer_idx][self.rows]
+
+    def set_mamba_state(self, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        if self._whole():
+            self.conv[layer_idx].copy_(conv)
+            self.ssm[layer_idx].copy_(ssm)
+        else:
+            self.conv[layer_idx].index_copy_(0, self.rows, conv.to(self.conv[layer_idx].dtype))
+            self.ssm[layer_idx].index_copy_(0, self.rows, ssm.to(self.ssm[layer_idx].dtype))
+
+    def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = int(positions.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"position {end - 1} is beyond the cache length {self.max_len}")
+        rows = self.rows[:, None].expand_as(positions)
+        self.keys[layer_idx][rows, positions] = k
+        self.values[layer_idx][rows, positions] = v
+        if self._whole():
+            return self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end]
+        return self.keys[layer_idx][self.rows, :end], self.values[layer_idx][self.rows, :end]

@@ -1,0 +1,243 @@
+"""One configuration object for the hybrid Mamba2/attention family.
+
+Field names are those of transformers' ``BambaConfig`` so a ``config.json`` published for
+transformers reads here unchanged. The same object describes a pure Mamba2 model
+(``attn_layer_indices=[]``) and an all-attention Llama-style twin (``model_type="llama"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPES = ("bamba", "llama")
+
+
+@dataclass
+class BambaConfig:
+    """Architecture of one model; derived sizes are properties, validation raises ValueError."""
+
+    vocab_size: int = 128000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    attn_layer_indices: list[int] = field(default_factory=list)
+    mamba_n_heads: int = 128
+    mamba_d_head: int | str = "auto"
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 256
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    max_position_embeddings: int = 262144
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = 0
+    z_loss_coefficient: float = 0.0
+    initializer_range: float = 0.02
+    model_type: str = "bamba"
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
+        if self.model_type == "llama":
+            # A Llama checkpoint is the all-attention member of the family with full-width RoPE.
+            self.attn_layer_indices = list(range(self.num_hidden_layers))
+        self.attn_layer_indices = sorted(int(i) for i in self.attn_layer_indices)
+        self.time_step_limit = (float(self.time_step_limit[0]), float(self.time_step_limit[1]))
+        if self.mamba_d_head == "auto":
+            self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "mamba_n_heads",
+                    "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
+                    "mamba_expand", "mamba_chunk_size", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+        bad = [i for i in self.attn_layer_indices if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"attn_layer_indices {bad} outside 0..{self.num_hidden_layers - 1}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_key_value_heads must divide num_attention_heads")
+        if self.mamba_d_head * self.mamba_n_heads != self.d_inner:
+            raise ValueError(
+                f"mamba_n_heads * mamba_d_head ({self.mamba_n_heads} * {self.mamba_d_head}) "
+                f"must equal mamba_expand * hidden_size ({self.d_inner})")
+        if self.mamba_n_heads % self.mamba_n_groups:
+            raise ValueError("mamba_n_groups must divide mamba_n_heads")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives an odd "
+                             f"or empty rotary width for head_dim {self.head_dim}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        low, high = self.time_step_limit
+        if not 0.0 <= low <= high:
+            raise ValueError(f"time_step_limit {self.time_step_limit} must satisfy 0 <= low <= high")
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def d_inner(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels through the depthwise conv: x, B and C together."""
+        return self.d_inner + 2 * self.mamba_n_groups * self.mamba_d_state
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def layer_types(self) -> list[str]:
+        attn = set(self.attn_layer_indices)
+        return ["attention" if i in attn else "mamba" for i in range(self.num_hidden_layers)]
+
+    @property
+    def mamba_layer_indices(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "mamba"]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    # ---- Hugging Face config.json ------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> "BambaConfig":
+        """Build from a transformers config.json dict (Bamba or Llama); unknown keys are ignored."""
+        model_type = raw.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not supported (expected one of {MODEL_TYPES})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported yet")
+        kwargs["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        # transformers hard-codes 0.5 for Bamba; Llama rotates the whole head.
+        default_factor = 0.5 if model_type == "bamba" else 1.0
+        kwargs["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", default_factor))
+        if model_type == "bamba" and kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = raw.get("num_attention_heads", 32)
+        if "time_step_limit" in kwargs:
+            kwargs["time_step_limit"] = tuple(_decode_float(v) for v in kwargs["time_step_limit"])
+        for key in ("attn_layer_indices",):
+            if kwargs.get(key) is None:
+                kwargs.pop(key, None)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json transformers reads for this architecture."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        common = {
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "hidden_act": self.hidden_act,
+            "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "initializer_range": self.initializer_range, "model_type": self.model_type,
+        }
+        if self.model_type == "llama":
+            return {**common, "architectures": ["LlamaForCausalLM"], "head_dim": self.head_dim,
+                    "rope_parameters": {**rope, "partial_rotary_factor": self.partial_rotary_factor}
+                    if self.partial_rotary_factor != 1.0 else rope}
+        return {
+            **common, "architectures": ["BambaForCausalLM"],
+            "attn_layer_indices": self.attn_layer_indices, "mamba_n_heads": self.mamba_n_heads,
+            "mamba_d_head": self.mamba_d_head, "mamba_n_groups": self.mamba_n_groups,
+            "mamba_d_state": self.mamba_d_state, "mamba_d_conv": self.mamba_d_conv,
+            "mamba_expand": self.mamba_expand, "mamba_chunk_size": self.mamba_chunk_size,
+            "mamba_conv_bias": self.mamba_conv_bias, "mamba_proj_bias": self.mamba_proj_bias,
+            "time_step_limit": [_encode_float(v) for v in self.time_step_limit],
+            "z_loss_coefficient": self.z_loss_coefficient,
+            "rope_parameters": {**rope, "partial_rotary_factor": self.partial_rotary_factor},
+        }
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "BambaConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        try:
+            return cls.from_hf_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def replace(self, **changes: Any) -> "BambaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _decode_float(value: Any) -> float:
+    """transformers writes infinity as {"__float__": "Infinity"}; older files use a bare number."""
+    if isinstance(value, dict) and "__float__" in value:
+        return float(value["__float__"])
+    return float(value)
+
+
+def _encode_float(value: float) -> Any:
+    return {"__float__": "Infinity"} if math.isinf(value) else value
+
+
+def llama_twin(config: BambaConfig) -> BambaConfig:
+    """The all-attention model of the same width and depth (full-width RoPE, Llama layout)."""
+    return config.replace(model_type="llama", partial_rotary_factor=1.0,
+                          attn_layer_indices=list(range(config.num_hidden_layers)))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The released 9B model (ibm-ai-platform/Bamba-9B-v2).
+    "bamba-9b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                     attn_layer_indices=[9, 18, 27], mamba_n_heads=128, mamba_d_head=64,
+                     mamba_d_state=128, mamba_chunk_size=256),
+    # The 9B layout scaled to hidden 512: the benchmark shape (~173M parameters).
+    "bench": dict(vocab_size=32000, hidden_size=512, intermediate_size=1792, num_hidden_layers=32,
+                  num_attention_heads=8, num_key_value_heads=2, attn_layer_indices=[9, 18, 27],
+                  mamba_n_heads=16, mamba_d_head=64, mamba_d_state=128, mamba_chunk_size=256,
+                  max_position_embeddings=65536),
+    # Small enough to train for minutes on two CPU cores; the embedded default.
+    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                 num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[3, 7],
+                 mamba_n_heads=8, mamba_d_head=64, mamba_d_state=64, mamba_chunk_size=64,
+                 max_position_embeddings=8192),
+}
+
+
+def preset(name: str, **overrides: Any) -> BambaConfig:
+    """A named configuration; ``name`` must match exactly."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return BambaConfig(**{**PRESETS[name], **overrides})

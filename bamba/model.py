@@ -1,0 +1,301 @@
+"""The hybrid Mamba2/attention language model as thin nn.Modules over ``bamba.ops``.
+
+Parameter names equal transformers' ``BambaForCausalLM`` (``model.layers.N.mamba.in_proj.weight``
+...), so a Hugging Face state dict loads with ``load_state_dict`` unchanged.
+
+Inference state lives outside the modules, in an object satisfying ``InferenceCache``: the
+forward pass asks it for the Mamba states of the rows in the batch and for the keys/values of
+the attention layers. A contiguous cache (``bamba.cache``) serves ``generate``; the engine's
+paged cache (KV blocks + state slots) satisfies the same protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bamba.config import BambaConfig
+from bamba.ops.attention import attention, causal_mask
+from bamba.ops.conv import causal_conv1d, causal_conv1d_step
+from bamba.ops.norm import gated_rms_norm, rms_norm
+from bamba.ops.rope import apply_rope, rope_cos_sin
+from bamba.ops.ssd import ssd_chunked, ssd_step
+
+
+class InferenceCache(Protocol):
+    """What the model needs from an inference cache for the rows of the current batch."""
+
+    def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv state [B, K-1, conv_dim], SSM state [B, H, P, N] float32) before this call."""
+
+    def set_mamba_state(self, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        """Store the states after this call."""
+
+    def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, L, Hkv, D] at positions [B, L]; return keys/values for positions
+        0..T-1 of every row ([B, T, Hkv, D]), T = 1 + the largest position written."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: BambaConfig):
+        super().__init__()
+        h, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, f, bias=bias)
+        self.up_proj = nn.Linear(h, f, bias=bias)
+        self.down_proj = nn.Linear(f, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with (partial) rotary embedding."""
+
+    def __init__(self, config: BambaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads,
+                                                  config.num_key_value_heads, config.head_dim)
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                positions: torch.Tensor, cache: InferenceCache | None,
+                seq_idx: torch.Tensor | None) -> torch.Tensor:
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, l, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, l, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:  # a whole sequence (or packed row: causal and within each document)
+            mask = None if seq_idx is None else \
+                causal_mask(torch.arange(l, device=x.device).expand(b, l), l, seq_idx)
+        else:
+            k, v = cache.update_kv(self.layer_idx, k, v, positions)
+            mask = causal_mask(positions, k.shape[1])
+        out = attention(q, k, v, mask)  # [B, L, H, D]
+        return self.o_proj(out.reshape(b, l, self.n_heads * self.head_dim))
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba2 mixer with transformers' Bamba semantics.
+
+    in_proj output splits as [z | xBC | dt]; xBC goes through the causal conv and silu, then
+    splits as [x | B | C]; dt = clamp(softplus(dt + dt_bias), time_step_limit); the D skip uses
+    x before dt scaling; the output is gated by silu(z) before a grouped RMS norm.
+    """
+
+    def __init__(self, config: BambaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.head_dim = config.mamba_n_heads, config.mamba_d_head
+        self.n_groups, self.d_state = config.mamba_n_groups, config.mamba_d_state
+        self.d_inner, self.conv_dim = config.d_inner, config.conv_dim
+        self.chunk_size = config.mamba_chunk_size
+        self.time_step_limit = config.time_step_limit
+        self.eps = config.rms_norm_eps
+        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.n_heads,
+                                 bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.mamba_d_conv,
+                                groups=self.conv_dim, padding=config.mamba_d_conv - 1,
+                                bias=config.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = RMSNorm(self.d_inner, config.rms_norm_eps)  # weight only; applied gated
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
+
+    def forward(self, hidden: torch.Tensor, cache: InferenceCache | None,
+                seq_idx: torch.Tensor | None) -> torch.Tensor:
+        b, l, _ = hidden.shape
+        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.n_heads], -1)
+        conv_w = self.conv1d.weight[:, 0]  # [D, K]
+        conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None \
+            else (None, None)
+        decode = cache is not None and l == 1
+        if decode:
+            xbc, conv_state = causal_conv1d_step(xbc[:, 0], conv_w, self.conv1d.bias, conv_state)
+            xbc = xbc[:, None]
+        else:
+            xbc, conv_state = causal_conv1d(xbc, conv_w, self.conv1d.bias, conv_state, seq_idx)
+        xbc = F.silu(xbc)
+        x, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state,
+                             self.n_groups * self.d_state], -1)
+        x = x.reshape(b, l, self.n_heads, self.head_dim)
+        B = B.reshape(b, l, self.n_groups, self.d_state)
+        C = C.reshape(b, l, self.n_groups, self.d_state)
+        # softplus and exp in float32: dt spans orders of magnitude and feeds an exponential.
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
+        A = -torch.exp(self.A_log.float())
+        if decode:
+            y, ssm_state = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+            y = y[:, None]
+        else:
+            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state, seq_idx)
+        if cache is not None:
+            cache.set_mamba_state(self.layer_idx, conv_state, ssm_state)
+        y = y + self.D.float()[:, None] * x.float()  # D skip on x before dt scaling
+        y = gated_rms_norm(y.reshape(b, l, self.d_inner), z, self.norm.weight, self.eps,
+                           self.d_inner // self.n_groups)
+        return self.out_proj(y.to(hidden.dtype))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: mixer (Mamba2 or attention), then SwiGLU MLP."""
+
+    def __init__(self, config: BambaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.layer_type == "mamba":
+            self.mamba = Mamba2Mixer(config, layer_idx)
+        elif self.layer_type == "attention":
+            self.self_attn = Attention(config, layer_idx)
+        else:
+            raise ValueError(f"unknown layer type {self.layer_type!r}")
+        self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                positions: torch.Tensor, cache: InferenceCache | None,
+                seq_idx: torch.Tensor | None) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.layer_type == "mamba":
+            h = self.mamba(h, cache, seq_idx)
+        else:
+            h = self.self_attn(h, rope, positions, cache, seq_idx)
+        x = x + h
+        return x + self.feed_forward(self.pre_ff_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: BambaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class BambaLM(nn.Module):
+    """Causal LM: ``model(input_ids)`` -> logits [B, L, V].
+
+    Keyword arguments for inference and training:
+      positions [B, L]: absolute positions (default 0..L-1, or restarting per document).
+      cache: an ``InferenceCache``; Mamba states and KV are read and written through it.
+      seq_idx [B, L]: document ids of a packed row; state, conv and attention reset at each
+        new id (training on packed documents; no cache).
+      logits_to_keep: compute logits for only the last n positions (0 = all).
+    """
+
+    def __init__(self, config: BambaConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                cache: InferenceCache | None = None, seq_idx: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, positions=positions, cache=cache, seq_idx=seq_idx)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                      cache: InferenceCache | None = None,
+                      seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, L, hidden] (what the LM head and losses consume)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if seq_idx is not None and cache is not None:
+            raise ValueError("seq_idx (packed documents) is for cache-free forward passes")
+        b, l = input_ids.shape
+        if positions is None:
+            positions = _default_positions(b, l, seq_idx, input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        cfg = self.config
+        rope = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, x.dtype) \
+            if cfg.attn_layer_indices else None
+        for layer in self.model.layers:
+            x = layer(x, rope, positions, cache, seq_idx)
+        return self.model.final_layernorm(x)
+
+    def save_pretrained(self, directory: str, **kwargs) -> None:
+        """Write config.json + safetensors in the Hugging Face layout (see bamba.checkpoint)."""
+        from bamba.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, **kwargs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+
+def _default_positions(b: int, l: int, seq_idx: torch.Tensor | None,
+                       device: torch.device) -> torch.Tensor:
+    """0..L-1 per row, or restarting at 0 at every new document of a packed row."""
+    steps = torch.arange(l, device=device).expand(b, l)
+    if seq_idx is None:
+        return steps
+    new_doc = torch.ones_like(seq_idx, dtype=torch.bool)
+    new_doc[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    starts = torch.cummax(torch.where(new_doc, steps, torch.zeros_like(steps)), dim=1).values
+    return steps - starts
+
+
+@torch.no_grad()
+def init_weights(model: BambaLM, seed: int | None = None) -> BambaLM:
+    """Random initialisation for training from scratch (GPT-2 style scaled residual projections,
+    Mamba2's log-uniform time steps). Deterministic for a given seed."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    std = model.config.initializer_range
+    residual_std = std / math.sqrt(2 * model.config.num_hidden_layers)
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+            param.copy_(torch.randn(param.shape, generator=gen) * residual_std)
+        elif leaf == "weight" and param.dim() == 2:
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+        elif "conv1d.weight" in name:
+            bound = 1.0 / math.sqrt(param.shape[-1])
+            param.copy_(torch.rand(param.shape, generator=gen) * 2 * bound - bound)
+        elif leaf == "bias":
+            param.zero_()
+        elif leaf == "dt_bias":
+            # dt ~ log-uniform [1e-3, 1e-1]; store its inverse softplus.
+            dt = torch.exp(torch.rand(param.shape, generator=gen)
+                           * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            param.copy_(dt + torch.log(-torch.expm1(-dt)))
+        elif leaf == "A_log":
+            param.copy_(torch.log(torch.arange(1, param.numel() + 1, dtype=torch.float32)))
+        elif leaf in ("D", "weight"):  # D skip and norm weights
+            param.fill_(1.0)
+        else:
+            raise AssertionError(f"no initialisation rule for {name}")
+    return model
