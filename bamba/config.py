@@ -143,6 +143,10 @@ class BambaConfig:
         # transformers hard-codes 0.5 for Bamba; Llama rotates the whole head.
         default_factor = 0.5 if model_type == "bamba" else 1.0
         kwargs["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", default_factor))
+        if model_type == "llama":  # no Mamba layers: keep the unused Mamba sizes consistent
+            d_inner = kwargs.get("mamba_expand", 2) * kwargs.get("hidden_size", 4096)
+            kwargs.setdefault("mamba_d_head", math.gcd(d_inner, 64))
+            kwargs.setdefault("mamba_n_heads", d_inner // kwargs["mamba_d_head"])
         if model_type == "bamba" and kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = raw.get("num_attention_heads", 32)
         if "time_step_limit" in kwargs:

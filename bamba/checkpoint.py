@@ -1,0 +1,376 @@
+"""Hugging Face checkpoints in and out: config.json, safetensors (one file or sharded with an
+index), generation_config.json, tokenizer files; hub ids through huggingface_hub.
+
+Loading builds the model on the meta device and assigns tensors one at a time straight from
+the memory-mapped safetensors files, cast to the target dtype, so two full copies of the weights
+never coexist. Every header is read and checked (names, shapes, shard files) before any tensor
+is loaded, so a bad checkpoint fails with one line naming the file and nothing half-loads.
+
+Saving writes everything into a temporary directory next to the target and moves it in with
+``os.replace``; config.json arrives last, so a crash never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from bamba.config import BambaConfig
+from bamba.model import BambaLM
+from bamba.tokenizer import Tokenizer
+from bamba.tokenizer import load_tokenizer as _load_local_tokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# What a hub download fetches: config, weights, tokenizer; never pickles or other formats.
+HUB_PATTERNS = (CONFIG_NAME, GENERATION_CONFIG_NAME, "*.safetensors", INDEX_NAME, "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Small per-head parameters that feed exp/softplus stay float32 whatever the weight dtype.
+FP32_PARAMS = ("A_log", "D", "dt_bias")
+# Buffers some checkpoints carry that our model recomputes.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
+# Llama checkpoint name <-> ours (ours equal BambaForCausalLM's).
+_LLAMA_RENAMES = ((".mlp.", ".feed_forward."),
+                  (".post_attention_layernorm.", ".pre_ff_layernorm."),
+                  ("model.norm.", "model.final_layernorm."))
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+# ---- names ------------------------------------------------------------------------------------
+def to_bamba_name(name: str, model_type: str) -> str:
+    """A checkpoint tensor name as our module path."""
+    if model_type == "llama":
+        for theirs, ours in _LLAMA_RENAMES:
+            name = name.replace(theirs, ours, 1)
+    return name
+
+
+def to_checkpoint_name(name: str, model_type: str) -> str:
+    """Our module path as the tensor name transformers expects for ``model_type``."""
+    if model_type == "llama":
+        for theirs, ours in _LLAMA_RENAMES:
+            name = name.replace(ours, theirs, 1)
+    return name
+
+
+# ---- locating a checkpoint --------------------------------------------------------------------
+def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory; a hub id ("org/name") is downloaded (or found in the cache)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path}: is a file, expected a checkpoint directory")
+    text = str(path_or_id)
+    if not _HUB_ID.fullmatch(text):
+        raise FileNotFoundError(f"{text}: no such checkpoint directory")
+    return _download(text, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS),
+                                  local_files_only=offline)
+    except Exception as exc:  # any hub failure (offline, unknown repo, network) -> one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"{repo_id}: not a local directory, and fetching it from the hub "
+                                f"failed{' (offline)' if offline else ''}: {reason}") from exc
+    return Path(local)
+
+
+def load_config(directory: str | os.PathLike) -> BambaConfig:
+    """The BambaConfig of a checkpoint directory (config.json, model_type bamba or llama)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config.json not found")
+    return BambaConfig.from_json_file(path)
+
+
+# ---- reading safetensors headers ----------------------------------------------------------------
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    shape: tuple[int, ...]
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    with handle as f:
+        yield f
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        raw = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{index}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: no weight_map of tensor name -> shard file")
+    return weight_map
+
+
+def _shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of a checkpoint, and the index's weight map when sharded."""
+    index = directory / INDEX_NAME
+    if index.is_file():
+        weight_map = _read_index(index)
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if Path(name).name != name:
+                raise ValueError(f"{index}: shard name {name!r} is not a plain file name")
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{index}: names shard {name}, which does not exist")
+        return [directory / n for n in names], weight_map
+    single = directory / WEIGHTS_NAME
+    if single.is_file():
+        return [single], None
+    raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def _scan(shards: list[Path], weight_map: dict[str, str] | None) -> dict[str, _Entry]:
+    """Every tensor's file and shape, from the headers alone."""
+    entries: dict[str, _Entry] = {}
+    for shard in shards:
+        with _open(shard) as f:
+            for key in f.keys():
+                if key in entries:
+                    raise ValueError(f"{shard}: tensor {key} is also in {entries[key].file.name}")
+                piece = f.get_slice(key)
+                if piece.get_dtype() not in _FLOAT_DTYPES:
+                    raise ValueError(f"{shard}: tensor {key} has dtype {piece.get_dtype()}, "
+                                     f"expected a floating-point dtype")
+                entries[key] = _Entry(shard, tuple(piece.get_shape()))
+    for key, name in (weight_map or {}).items():
+        if key not in entries or entries[key].file.name != name:
+            raise ValueError(f"{shards[0].parent / INDEX_NAME}: maps {key} to {name}, "
+                             f"which does not hold it")
+    return entries
+
+
+def _plan(model: BambaLM, entries: dict[str, _Entry], where: Path) -> dict[str, str]:
+    """checkpoint name -> our name for every tensor to load; raises on any mismatch."""
+    config = model.config
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    plan: dict[str, str] = {}
+    for key, entry in entries.items():
+        ours = to_bamba_name(key, config.model_type)
+        if key.endswith(_IGNORED_SUFFIXES) or (ours == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if ours not in expected:
+            raise ValueError(f"{entry.file}: unexpected tensor {key} for this config")
+        if entry.shape != expected[ours]:
+            raise ValueError(f"{entry.file}: tensor {key} has shape {list(entry.shape)}, "
+                             f"expected {list(expected[ours])}")
+        plan[key] = ours
+    missing = sorted(set(expected) - set(plan.values()))
+    if missing:
+        names = [to_checkpoint_name(m, config.model_type) for m in missing]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(f"{where}: missing tensors {shown}")
+    return plan
+
+
+# ---- loading ----------------------------------------------------------------------------------
+def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", revision: str | None = None) -> BambaLM:
+    """Load a Hugging Face Bamba or Llama checkpoint (local directory or hub id) in eval mode.
+
+    Floating-point weights are cast to ``dtype`` as they load, except the per-head
+    A_log, D and dt_bias, which stay float32 (they feed exp and softplus).
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    directory = resolve_checkpoint(path_or_id, revision)
+    config = load_config(directory)
+    shards, weight_map = _shard_files(directory)
+    entries = _scan(shards, weight_map)
+    with torch.device("meta"):
+        model = BambaLM(config)
+    plan = _plan(model, entries, shards[0] if weight_map is None else directory / INDEX_NAME)
+    for shard in shards:
+        with _open(shard) as f:
+            for key in (k for k in f.keys() if k in plan):
+                ours = plan[key]
+                target = torch.float32 if ours.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
+                _assign(model, ours, f.get_tensor(key).to(device=device, dtype=target))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    assert not any(t.is_meta for t in model.state_dict().values()), "tensor left on meta"
+    log.info("loaded %s (%d tensors, %d files, dtype %s)", directory, len(plan), len(shards), dtype)
+    return model.eval()
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(getattr(module, leaf), nn.Parameter):
+        setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    else:
+        setattr(module, leaf, tensor)
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, revision: str | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory or hub id (see ``bamba.tokenizer``)."""
+    return _load_local_tokenizer(resolve_checkpoint(path_or_id, revision))
+
+
+# ---- saving -----------------------------------------------------------------------------------
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "2GB" (10^9) or "500MiB" (2^20)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"max_shard_size {size!r} is not a size like 2GB, 500MB or 1GiB")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def export_state_dict(model: BambaLM) -> dict[str, torch.Tensor]:
+    """Checkpoint-named tensors (tied lm_head written once, as transformers does)."""
+    config = model.config
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        out[to_checkpoint_name(name, config.model_type)] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy packing in name order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    return shards
+
+
+def hf_config_dict(model: BambaLM) -> dict[str, Any]:
+    """config.json contents: the architecture plus the dtype the weights are stored in."""
+    config = model.config
+    raw = config.to_hf_dict()
+    raw["dtype"] = str(model.dtype).removeprefix("torch.")
+    if config.model_type == "bamba" and not config.attn_layer_indices:
+        raw["use_cache"] = False  # transformers' Bamba cache needs an attention layer
+    return raw
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_weights(directory: Path, tensors: dict[str, torch.Tensor], limit: int) -> None:
+    shards = _split_shards(tensors, limit)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=metadata)
+        return
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_json(directory / INDEX_NAME, {"metadata": {"total_size": total},
+                                         "weight_map": weight_map})
+
+
+def save_pretrained(model: BambaLM, directory: str | os.PathLike,
+                    max_shard_size: int | str = "2GB", tokenizer: Any = None) -> Path:
+    """Write a checkpoint transformers' BambaForCausalLM / LlamaForCausalLM loads.
+
+    Files: config.json, generation_config.json, model.safetensors (or shards + index when
+    larger than ``max_shard_size``), and the tokenizer's files when one is given.
+    """
+    limit = parse_size(max_shard_size)
+    target = Path(directory).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_weights(staging, export_state_dict(model), limit)
+        config = model.config
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                      "pad_token_id": config.pad_token_id}
+        _write_json(staging / GENERATION_CONFIG_NAME,
+                    {k: v for k, v in generation.items() if v is not None})
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, staging)
+        _write_json(staging / CONFIG_NAME, hf_config_dict(model))
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("saved %s", target)
+    return target
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer.save(directory)
+    elif hasattr(tokenizer, "save_pretrained"):  # a transformers tokenizer
+        tokenizer.save_pretrained(str(directory))
+    else:
+        raise ValueError(f"tokenizer of type {type(tokenizer).__name__} cannot be saved")
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in (WEIGHTS_NAME, INDEX_NAME) or SHARD_PATTERN.fullmatch(name) is not None
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move the staged files into ``target``: a rename of the whole directory when it is new;
+    otherwise config.json goes first and returns last, and stale weight files are removed."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    (target / CONFIG_NAME).unlink(missing_ok=True)
+    for old in target.iterdir():
+        if _is_weight_file(old.name) and not (staging / old.name).exists():
+            old.unlink()
+    for new in sorted(staging.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+        os.replace(new, target / new.name)
