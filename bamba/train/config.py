@@ -1,0 +1,190 @@
+"""TrainConfig: one flat dataclass, read from YAML, overridden with ``--key=value``, validated.
+
+Dict-valued fields (``model_overrides``, ``data_options``) take dotted overrides:
+``--model_overrides.hidden_size=128``. Values in overrides are parsed as YAML scalars
+(``--bf16=false``, ``--lr=1e-3``, ``--tokenizer=null``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bamba.config import PRESETS, BambaConfig, preset
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "tiny"  # a preset name of bamba.config.PRESETS
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # data: "synthetic" (seeded random documents, for tests and smoke runs) or "shards"
+    # (pre-tokenized shards of bamba.data at data_path); data_options go to the loader.
+    data: str = "synthetic"
+    data_path: str | None = None
+    data_options: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 256
+    batch_size: int = 4  # rows per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    # optimisation (Bamba recipe: AdamW 0.9/0.95, wd 0.1, quadratic warm-up, cosine to a floor)
+    steps: int = 100
+    lr: float = 3e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    decay_steps: int | None = None  # step where the cosine reaches min_lr (default: steps)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    z_loss: float = 0.0
+    bf16: bool = True  # bf16 autocast for the forward pass (weights and optimizer stay fp32)
+    activation_checkpointing: bool = False
+    seed: int = 0
+    # run directory, checkpoints, logs, export
+    out_dir: str = "runs/train"
+    ckpt_every: int = 50  # optimizer steps between checkpoints; 0: only at the end
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest checkpoint in out_dir if there is one
+    log_every: int = 1
+    progress: bool = True
+    export: bool = True  # write the HF layout to out_dir/hf at the end
+    tokenizer: str | None = None  # tokenizer.json or a directory, copied into the export
+    peak_tflops: float = 0.41  # hardware peak for MFU (this 2-core CPU: ~0.41 TFLOP/s bf16)
+    threads: int | None = None  # torch intra-op threads per process (None: leave as is)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types(self)
+        positive = ("seq_len", "batch_size", "grad_accum", "steps", "keep_last", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "ckpt_every", "weight_decay", "grad_clip", "z_loss")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.decay_end < self.warmup_steps:
+            raise ValueError(f"decay_steps ({self.decay_end}) must be >= warmup_steps "
+                             f"({self.warmup_steps})")
+        if self.model not in PRESETS:
+            raise ValueError(f"unknown model preset {self.model!r}; known: {', '.join(sorted(PRESETS))}")
+        if self.data not in ("synthetic", "shards"):
+            raise ValueError(f"data must be 'synthetic' or 'shards', got {self.data!r}")
+        if self.data == "shards" and not self.data_path:
+            raise ValueError("data='shards' needs data_path")
+        if self.peak_tflops <= 0:
+            raise ValueError(f"peak_tflops must be > 0, got {self.peak_tflops}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"threads must be > 0, got {self.threads}")
+
+    @property
+    def decay_end(self) -> int:
+        return self.steps if self.decay_steps is None else self.decay_steps
+
+    def model_config(self) -> BambaConfig:
+        try:
+            return preset(self.model, **self.model_overrides)
+        except TypeError as exc:  # an unknown field name
+            raise ValueError(f"model_overrides: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read YAML at ``path`` (None: defaults), apply ``--key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such config file")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a training config must be a YAML mapping")
+        raw = dict(loaded or {})
+    for item in overrides:
+        apply_override(raw, item)
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown config key {unknown[0]!r}")
+    return TrainConfig(**_coerce_floats(raw))
+
+
+def _coerce_floats(raw: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string: turn such strings into floats where a
+    float is expected; anything else is left for validation to reject."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = dict(raw)
+    for name, value in raw.items():
+        if isinstance(value, str) and _matches(1.5, hints[name]) and not _matches("", hints[name]):
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass  # reported by validate() with the field's name
+    return out
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``--key=value`` (or ``--dict_key.sub=value``) to the raw mapping in place."""
+    text = item.removeprefix("--")
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not of the form --key=value")
+    parsed = yaml.safe_load(value) if value else ""
+    head, dot, sub = key.partition(".")
+    if dot:
+        target = raw.setdefault(head, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"override {item!r}: {head} is not a mapping")
+        target[sub] = parsed
+    else:
+        raw[key] = parsed
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {value!r}")
+        if isinstance(value, float) and value != value:
+            raise ValueError(f"{f.name} must be a number, got NaN")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "null"
+    return getattr(typing.get_origin(hint) or hint, "__name__", str(hint))

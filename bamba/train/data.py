@@ -1,0 +1,88 @@
+"""What the trainer needs from a data loader, and a deterministic in-memory source for tests.
+
+A ``BatchSource`` is an iterator of batches ``{"input_ids", "labels", "seq_idx"}`` (each
+[B, L] int64; ``labels`` already aligned with the positions, -100 where no loss is taken;
+``seq_idx`` the document id of every token of a packed row) with ``state_dict()`` /
+``load_state_dict()`` so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from bamba.train.loss import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def __next__(self) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class SyntheticSource:
+    """Packed rows of learnable documents; global row ``g`` is a pure function of (seed, g).
+
+    Each step every rank takes ``batch_size`` consecutive rows of one global stream (rank r
+    takes rows ``rows + r*B .. rows + (r+1)*B``), so the state is one number, the same on every
+    rank, and a resume at another world size continues the stream with no row (so no document)
+    repeated or skipped. A document is an arithmetic progression mod the vocabulary (learnable),
+    3..L tokens long; its global id is ``(row, index in row)``.
+    """
+
+    FIRST_TOKEN = 3  # ids below are left for special tokens
+
+    def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0) -> None:
+        if vocab_size <= self.FIRST_TOKEN + 1:
+            raise ValueError(f"vocab_size must be > {self.FIRST_TOKEN + 1}, got {vocab_size}")
+        if seq_len < 3:
+            raise ValueError(f"seq_len must be >= 3, got {seq_len}")
+        self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rows = 0  # global rows consumed by all ranks
+
+    def __iter__(self) -> "SyntheticSource":
+        return self
+
+    def __next__(self) -> Batch:
+        first = self.rows + self.rank * self.batch_size
+        rows = [self.row(g) for g in range(first, first + self.batch_size)]
+        self.rows += self.batch_size * self.world_size
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
+    def documents(self, g: int) -> list[torch.Tensor]:
+        """The documents packed into global row ``g``."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + g)
+        span = self.vocab_size - self.FIRST_TOKEN
+        docs, used = [], 0
+        while used < self.seq_len:
+            length = min(int(torch.randint(3, self.seq_len + 1, (1,), generator=gen)),
+                         self.seq_len - used)
+            start, stride = torch.randint(0, span, (2,), generator=gen).tolist()
+            docs.append((start + (stride % 7 + 1) * torch.arange(length)) % span + self.FIRST_TOKEN)
+            used += length
+        return docs
+
+    def row(self, g: int) -> Batch:
+        docs = self.documents(g)
+        labels = []
+        for doc in docs:  # next token inside the document; none across a boundary
+            labels.append(torch.cat([doc[1:], torch.tensor([IGNORE_INDEX])]))
+        seq_idx = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])
+        return {"input_ids": torch.cat(docs), "labels": torch.cat(labels), "seq_idx": seq_idx}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed") != self.seed:
+            raise ValueError(f"data state is for seed {state.get('seed')}, this run uses {self.seed}")
+        self.rows = int(state["rows"])

@@ -1,0 +1,226 @@
+"""The pretraining loop: one process or torchrun + FSDP2, exact resume, HF export.
+
+One optimizer step = ``grad_accum`` micro-batches per rank. The loss of a step is the mean over
+every counted token of the step (all micro-batches, all ranks): each micro-batch contributes its
+summed loss divided by the step's global token count, so the gradient does not depend on how
+tokens fall into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bamba.model import BambaLM, init_weights
+from bamba.train import parallel
+from bamba.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from bamba.train.config import TrainConfig
+from bamba.train.data import Batch, BatchSource, SyntheticSource
+from bamba.train.loss import lm_loss_sums
+from bamba.train.metrics import MetricsLog, flops_per_token, mfu, plot_loss, progress_bar
+from bamba.train.optim import build_optimizer, set_lr
+from bamba.train.schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    start_step: int  # 0, or the step a checkpoint was resumed from
+    final_step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss, this process's steps
+    tokens_per_s: float = 0.0  # mean over this process's steps
+    export_dir: Path | None = None
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    tokens: int  # counted (non-ignored) tokens of the step, all ranks
+
+
+def build_source(cfg: TrainConfig, vocab_size: int, info: parallel.DistInfo) -> BatchSource:
+    if cfg.data == "synthetic":
+        return SyntheticSource(vocab_size=vocab_size, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                               rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+    if cfg.data == "shards":
+        from bamba.train.data import build_shard_source
+
+        return build_shard_source(cfg, info.rank, info.world_size)
+    raise ValueError(f"unknown data kind {cfg.data!r}")
+
+
+def build_model(cfg: TrainConfig, info: parallel.DistInfo) -> BambaLM:
+    """Same seeded init on every rank, then activation checkpointing and FSDP2 if distributed."""
+    model = init_weights(BambaLM(cfg.model_config()), seed=cfg.seed).to(info.device)
+    if cfg.activation_checkpointing:
+        parallel.apply_activation_checkpointing(model)
+    if info.distributed:
+        parallel.shard_model(model)
+    return model
+
+
+def restore_source(source: BatchSource, train_state: dict[str, Any], info: parallel.DistInfo) -> None:
+    """Load this rank's loader state; at a new world size hand the loader every saved rank's
+    state (``load_rescaled``) when it supports it, else rank 0's (the synthetic source's state
+    is world-independent)."""
+    saved = [r["data"] for r in train_state["ranks"]]
+    if train_state["world_size"] == info.world_size:
+        source.load_state_dict(saved[info.rank])
+    elif hasattr(source, "load_rescaled"):
+        source.load_rescaled(saved)
+    else:
+        source.load_state_dict(saved[0])
+    if train_state["world_size"] == info.world_size:
+        set_rng_state(train_state["ranks"][info.rank]["rng"])
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if not cfg.bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[Batch],
+               cfg: TrainConfig, info: parallel.DistInfo) -> StepStats:
+    """Forward/backward over the micro-batches, clip, update."""
+    local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    (global_tokens,) = parallel.all_reduce_sum([local_tokens], info.device)
+    scale = info.world_size / max(global_tokens, 1.0)  # FSDP averages gradients over ranks
+    ce_sum = 0.0
+    for i, batch in enumerate(batches):
+        if info.distributed:  # reduce-scatter once per step, after the last micro-batch
+            model.set_requires_gradient_sync(i == len(batches) - 1)
+        batch = {k: v.to(info.device) for k, v in batch.items()}
+        with _autocast(cfg, info.device):
+            logits = model(batch["input_ids"], seq_idx=batch["seq_idx"])
+        sums = lm_loss_sums(logits, batch["labels"], cfg.z_loss)
+        (sums.total * scale).backward()
+        ce_sum += float(sums.ce)
+    grad_norm = _clip(model, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    (ce_total,) = parallel.all_reduce_sum([ce_sum], info.device)
+    return StepStats(loss=ce_total / max(global_tokens, 1.0), grad_norm=grad_norm,
+                     tokens=int(global_tokens))
+
+
+def _clip(model: nn.Module, max_norm: float) -> float:
+    """Global gradient norm (all shards), clipping to ``max_norm`` unless it is 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+class Trainer:
+    """Holds the pieces of a run; ``run()`` trains to ``cfg.steps`` and exports."""
+
+    def __init__(self, cfg: TrainConfig, info: parallel.DistInfo) -> None:
+        self.cfg, self.info = cfg, info
+        self.out_dir = Path(cfg.out_dir)
+        self.model = build_model(cfg, info)
+        self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         betas=(cfg.beta1, cfg.beta2))
+        self.schedule = Schedule(peak=cfg.lr, warmup=cfg.warmup_steps, total=cfg.decay_end,
+                                 floor=cfg.min_lr)
+        self.source = build_source(cfg, self.model.config.vocab_size, info)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.keep_last)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        self.flops_token = flops_per_token(self.model.config, cfg.seq_len)
+        self.step = 0
+
+    def resume(self) -> None:
+        path = latest_checkpoint(self.checkpointer.root) if self.cfg.resume else None
+        if path is None:
+            torch.manual_seed(self.cfg.seed + self.info.rank)
+            return
+        state = self.checkpointer.load(path, self.model, self.optimizer)
+        restore_source(self.source, state, self.info)
+        self.step = int(state["step"])
+
+    def save(self) -> None:
+        local = {"data": self.source.state_dict(), "rng": rng_state()}
+        meta = {"config": self.cfg.to_dict(), "model_config": self.model.config.to_hf_dict()}
+        self.checkpointer.save(self.step, self.model, self.optimizer, local, meta)
+
+    def run(self) -> TrainResult:
+        self.resume()
+        result = TrainResult(out_dir=self.out_dir, start_step=self.step, final_step=self.step)
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.info.world_size
+        bar = progress_bar(cfg.steps, self.step, cfg.progress and self.info.is_main)
+        busy = 0.0
+        while self.step < cfg.steps:
+            began = time.perf_counter()
+            lr = self.schedule(self.step)
+            set_lr(self.optimizer, lr)
+            batches = [next(self.source) for _ in range(cfg.grad_accum)]
+            stats = train_step(self.model, self.optimizer, batches, cfg, self.info)
+            elapsed = time.perf_counter() - began
+            busy += elapsed
+            self.step += 1
+            result.losses[self.step] = stats.loss
+            self._log(stats, lr, tokens_per_step / elapsed, bar)
+            if self.step == cfg.steps or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+                self.save()
+        bar.close()
+        result.final_step = self.step
+        steps_run = self.step - result.start_step
+        result.tokens_per_s = tokens_per_step * steps_run / busy if busy else 0.0
+        if cfg.export:
+            result.export_dir = self.export()
+        return result
+
+    def _log(self, stats: StepStats, lr: float, tokens_per_s: float, bar) -> None:
+        util = mfu(tokens_per_s, self.flops_token, self.cfg.peak_tflops)
+        if self.info.is_main and self.step % self.cfg.log_every == 0:
+            self.metrics.write({"step": self.step, "loss": stats.loss, "lr": lr,
+                                "grad_norm": stats.grad_norm, "tokens": stats.tokens,
+                                "tokens_per_s": tokens_per_s, "mfu": util,
+                                "world_size": self.info.world_size})
+        bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tokens_per_s:.0f}", mfu=f"{util:.1%}",
+                        refresh=False)
+        bar.update(1)
+
+    def export(self) -> Path | None:
+        """Gather the full weights to rank 0 and write the HF layout to ``out_dir/hf``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        target = None
+        if self.info.is_main:
+            from bamba.checkpoint import load_tokenizer, save_pretrained
+
+            plain = BambaLM(self.model.config)
+            plain.load_state_dict(full)
+            tokenizer = load_tokenizer(self.cfg.tokenizer) if self.cfg.tokenizer else None
+            target = save_pretrained(plain, self.out_dir / "hf", tokenizer=tokenizer)
+            plot_loss(self.metrics.path, self.out_dir / "loss.png")
+        parallel.barrier()
+        return target
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run ``cfg`` in this process (joining the torchrun group if there is one)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = parallel.init_distributed()
+    clean = False
+    try:
+        result = Trainer(cfg, info).run()
+        clean = True
+        return result
+    finally:
+        parallel.teardown(clean)
