@@ -14,6 +14,8 @@ import sys
 # verb -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("bamba.generation_cli", "generate a continuation of a prompt"),
+    "analyze": ("bamba.analyze_cli", "arithmetic-intensity model: FLOPs, bytes, predicted decode speed-up"),
+    "train": ("bamba.train_cli", "pretrain from a YAML config (torchrun -m bamba.train for several processes)"),
 }
 
 
