@@ -1,0 +1,8 @@
+"""Inference engine for hybrids: continuous batching, KV blocks + state slots, chunked prefill,
+prefix caching with state snapshots (see ``engine.LLM``)."""
+
+from bamba.engine.engine import LLM, EngineStats
+from bamba.engine.params import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+
+__all__ = ["LLM", "EngineStats", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "TokenLogprob"]

@@ -1,0 +1,303 @@
+"""``LLM``: the offline API (``generate``) and the stepping API a server drives
+(``add_request`` / ``step`` / ``abort``), over scheduler, memory manager and model runner.
+
+One step: the scheduler picks chunks (ids and integers), the runner runs them on the pooled
+tensors and returns last-position logits, ``bamba.sampling`` draws the next tokens, and the
+engine detokenises, applies stop rules and releases the pages of every sequence that ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from bamba.engine.cache import PagePool, plan_pools
+from bamba.engine.params import CompletionOutput, RequestOutput, SamplingParams
+from bamba.engine.prefix_cache import PrefixCache
+from bamba.engine.runner import ModelRunner
+from bamba.engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from bamba.engine.sequence import SequenceOutput, sample_rows
+from bamba.model import BambaLM
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(value: str | torch.dtype, name: str = "dtype") -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[value]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counts for monitoring; 'free' pages include cached pages that may be evicted."""
+
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    num_slots: int
+    num_free_slots: int
+    num_cached_slots: int
+    block_bytes: int
+    slot_bytes: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[SequenceOutput]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    def seqs_by_id(self, seq_id: int) -> SequenceOutput:
+        return next(s for s in self.seqs if s.seq.seq_id == seq_id)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids,
+                             [s.report() for s in self.seqs], self.finished)
+
+
+class LLM:
+    """A continuously batching engine for one Bamba (or Llama-layout) model.
+
+    model: a ``BambaLM``, or a checkpoint directory / hub id loaded with ``from_pretrained``
+    (its tokenizer too). memory_gb: bytes (10^9) for KV blocks and state slots together.
+    """
+
+    def __init__(self, model: BambaLM | str | os.PathLike, tokenizer: object | None = None, *,
+                 dtype: str | torch.dtype | None = None, memory_gb: float = 1.0,
+                 block_size: int = 16, max_num_seqs: int = 32,
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 state_dtype: str | torch.dtype = torch.float32, max_model_len: int | None = None,
+                 seed: int = 0):
+        model, tokenizer = _load(model, tokenizer, dtype)
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not memory_gb > 0:
+            raise ValueError(f"memory_gb must be positive, got {memory_gb}")
+        cfg = model.config
+        self.model, self.tokenizer, self.config = model, tokenizer, cfg
+        self.state_dtype = parse_dtype(state_dtype, "state_dtype")
+        wanted_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        plan = plan_pools(cfg, int(memory_gb * 1e9), block_size, model.dtype, self.state_dtype,
+                          max_num_seqs, wanted_len, enable_prefix_caching)
+        self.plan = plan
+        # A lone sequence must always fit in the KV pool, or preemption could not help it.
+        self.max_model_len = min(wanted_len, plan.num_blocks * block_size)
+        self.blocks = PagePool(plan.num_blocks, "KV block")
+        self.slots = PagePool(plan.num_slots, "state slot")
+        has_mamba = bool(cfg.mamba_layer_indices)
+        self.prefix = PrefixCache(self.blocks, self.slots, block_size, has_mamba) \
+            if enable_prefix_caching else None
+        self.scheduler = Scheduler(self.blocks, self.slots, self.prefix, block_size,
+                                   max_num_seqs, max_num_batched_tokens, has_mamba)
+        self.runner = ModelRunner(model, plan, block_size, self.state_dtype)
+        self._requests: dict[str, _Request] = {}
+        self._seq_owner: dict[int, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._rng = random.Random(seed)
+        log.info("engine: %d KV blocks x %d B, %d state slots x %d B, max_model_len %d",
+                 plan.num_blocks, plan.block_bytes, plan.num_slots, plan.slot_bytes,
+                 self.max_model_len)
+
+    # ---- stepping API ------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its request id."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self._encode(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the context of "
+                             f"{self.max_model_len} tokens")
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        request_id = request_id if request_id is not None else str(next(self._request_ids))
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        eos = [] if params.ignore_eos else self._eos_ids()
+        request = _Request(request_id, text, ids, params, [])
+        for index in range(params.n):
+            seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
+            seq = Sequence(next(self._seq_ids), list(ids), len(ids))
+            request.seqs.append(SequenceOutput(seq, index, params, max_tokens, eos, seed,
+                                               self.tokenizer))
+            self._seq_owner[seq.seq_id] = request
+            self.scheduler.add(seq)
+        self._requests[request_id] = request
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its memory; False if it is unknown or already finished."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        for s in request.seqs:
+            if not s.finished:
+                s.finish("abort")
+            self._drop(s.seq.seq_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; outputs of the requests that changed (finished ones last
+        appear here, then are forgotten)."""
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        changed = self._run(out)
+        outputs = []
+        for request in changed:
+            outputs.append(request.output())
+            if request.finished:
+                self._requests.pop(request.request_id, None)
+        return outputs
+
+    def _run(self, out: SchedulerOutput) -> list[_Request]:
+        try:
+            logits = self.runner.execute(out.chunks)
+        except Exception:  # a failed step fails its sequences, never the engine
+            log.exception("forward pass failed; failing %d sequences", len(out.chunks))
+            self.scheduler.discard(out)
+            return self._fail([c.seq_id for c in out.chunks])
+        self.scheduler.update(out)
+        if not logits:
+            return []
+        owners = [self._seq_owner[i] for i in logits]
+        rows = [owner.seqs_by_id(i) for owner, i in zip(owners, logits, strict=True)]
+        try:
+            tokens = sample_rows(rows, torch.stack(list(logits.values())),
+                                 self.config.vocab_size)
+        except Exception:
+            log.exception("sampling failed; failing %d sequences", len(rows))
+            return self._fail([s.seq.seq_id for s in rows])
+        changed: dict[str, _Request] = {}
+        for owner, s, (token, logprob) in zip(owners, rows, tokens, strict=True):
+            s.append(token, logprob, self.max_model_len)
+            if s.finished:
+                self._drop(s.seq.seq_id)
+            changed[owner.request_id] = owner
+        return list(changed.values())
+
+    def _fail(self, seq_ids: list[int]) -> list[_Request]:
+        changed: dict[str, _Request] = {}
+        for seq_id in seq_ids:
+            request = self._seq_owner[seq_id]
+            request.seqs_by_id(seq_id).finish("error")
+            self._drop(seq_id)
+            changed[request.request_id] = request
+        return list(changed.values())
+
+    def _drop(self, seq_id: int) -> None:
+        self.scheduler.finish(seq_id)
+        self._seq_owner.pop(seq_id, None)
+
+    # ---- offline API -----------------------------------------------------------------------
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Complete every prompt; one finished ``RequestOutput`` per prompt, in order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        else:
+            params = [params if params is not None else SamplingParams()] * len(prompts)
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                ids.append(self.add_request(prompt, p))
+        except ValueError:
+            for request_id in ids:
+                self.abort(request_id)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        while len(finished) < len(ids):
+            for output in self.step():
+                if output.finished:
+                    finished[output.request_id] = output
+            if not self.scheduler.has_work() and len(finished) < len(ids):
+                raise RuntimeError("engine idle with unfinished requests")
+        return [finished[i] for i in ids]
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_blocks=self.blocks.num_pages, num_free_blocks=self.blocks.num_free,
+            num_cached_blocks=self.blocks.num_cached, num_slots=self.slots.num_pages,
+            num_free_slots=self.slots.num_free, num_cached_slots=self.slots.num_cached,
+            block_bytes=self.plan.block_bytes, slot_bytes=self.plan.slot_bytes,
+            prefix_cache_hit_rate=self.prefix.hit_rate if self.prefix else 0.0,
+            num_preemptions=self.scheduler.num_preemptions)
+
+    def reset_prefix_cache(self) -> None:
+        self.blocks.clear_cache()
+        self.slots.clear_cache()
+
+    def _encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids instead")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, (list, tuple)):
+            ids, text = list(prompt), None
+        else:
+            raise ValueError(f"a prompt must be a string or a list of token ids, "
+                             f"got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return text, ids
+
+    def _eos_ids(self) -> list[int]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+
+def _load(model: BambaLM | str | os.PathLike, tokenizer: object | None,
+          dtype: str | torch.dtype | None) -> tuple[BambaLM, object | None]:
+    if isinstance(model, BambaLM):
+        if dtype is not None:
+            model = model.to(parse_dtype(dtype))
+        return model.eval(), tokenizer
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"model must be a BambaLM or a checkpoint path/id, got {type(model)}")
+    from bamba.checkpoint import from_pretrained, load_tokenizer
+
+    loaded = from_pretrained(model, dtype=parse_dtype(dtype or torch.float32))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model)
+    return loaded, tokenizer
+

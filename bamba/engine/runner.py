@@ -1,0 +1,116 @@
+"""The model runner: owns the paged KV storage and the state pools, and runs the model on a step.
+
+Per attention layer, keys and values live in [num_blocks, block_size, Hkv, D]; per Mamba layer,
+conv states in [num_slots, K-1, conv_dim] (model dtype) and SSM states in [num_slots, H, P, N]
+(``state_dtype``, float32 by default). ``PagedBatchCache`` implements the model's
+``InferenceCache`` for one forward call over these pools: each row brings its block table and
+its state slot.
+
+A step runs every one-token chunk (decode) as one batched call [B, 1], and each longer prefill
+chunk as its own call [1, L] (rows of one call share L).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bamba.engine.cache import PoolPlan
+from bamba.engine.scheduler import ScheduledChunk
+from bamba.model import BambaLM
+
+
+class PagedBatchCache:
+    """``InferenceCache`` over the runner's pools for the rows of one forward call."""
+
+    def __init__(self, runner: "ModelRunner", slots: list[int], block_tables: list[list[int]]):
+        self.runner = runner
+        device = runner.model.device
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        width = max(len(t) for t in block_tables)
+        # Short tables are padded with block 0: positions past a row's length are masked out.
+        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
+                                   dtype=torch.long, device=device)  # [B, blocks]
+
+    def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.runner.conv[layer_idx][self.slots], self.runner.ssm[layer_idx][self.slots]
+
+    def set_mamba_state(self, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        conv_pool, ssm_pool = self.runner.conv[layer_idx], self.runner.ssm[layer_idx]
+        conv_pool.index_copy_(0, self.slots, conv.to(conv_pool.dtype))
+        ssm_pool.index_copy_(0, self.slots, ssm.to(ssm_pool.dtype))
+
+    def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.runner.block_size
+        keys, values = self.runner.keys[layer_idx], self.runner.values[layer_idx]
+        blocks = self.tables.gather(1, positions // bs)  # [B, L]
+        offsets = positions % bs
+        keys[blocks, offsets] = k.to(keys.dtype)
+        values[blocks, offsets] = v.to(values.dtype)
+        end = int(positions.max()) + 1
+        used = self.tables[:, :-(-end // bs)]  # [B, blocks covering 0..end-1]
+        b, n = used.shape
+        shape = (b, n * bs, keys.shape[2], keys.shape[3])
+        return keys[used].view(shape)[:, :end], values[used].view(shape)[:, :end]
+
+
+class ModelRunner:
+    def __init__(self, model: BambaLM, plan: PoolPlan, block_size: int,
+                 state_dtype: torch.dtype):
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        dtype, device = model.dtype, model.device
+        kv_shape = (plan.num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # Zeros, not empty: padded rows read unused pages, which must hold finite numbers.
+        self.keys = {i: torch.zeros(kv_shape, dtype=dtype, device=device)
+                     for i in cfg.attn_layer_indices}
+        self.values = {i: torch.zeros(kv_shape, dtype=dtype, device=device)
+                       for i in cfg.attn_layer_indices}
+        conv_shape = (plan.num_slots, cfg.mamba_d_conv - 1, cfg.conv_dim)
+        ssm_shape = (plan.num_slots, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state)
+        self.conv = {i: torch.zeros(conv_shape, dtype=dtype, device=device)
+                     for i in cfg.mamba_layer_indices}
+        self.ssm = {i: torch.zeros(ssm_shape, dtype=state_dtype, device=device)
+                    for i in cfg.mamba_layer_indices}
+
+    def copy_state(self, src: int, dst: int) -> None:
+        for i in self.conv:
+            self.conv[i][dst] = self.conv[i][src]
+            self.ssm[i][dst] = self.ssm[i][src]
+
+    def zero_state(self, slot: int) -> None:
+        for i in self.conv:
+            self.conv[i][slot] = 0
+            self.ssm[i][slot] = 0
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
+        """Run one step; the last-position logits [V] (float32) of every chunk that samples."""
+        for chunk in chunks:
+            if chunk.restore_from is not None:
+                self.copy_state(chunk.restore_from, chunk.slot)
+            elif chunk.reset_state:
+                self.zero_state(chunk.slot)
+        decode = [c for c in chunks if len(c.token_ids) == 1]
+        logits: dict[int, torch.Tensor] = {}
+        if decode:
+            logits.update(self._forward(decode))
+        for chunk in chunks:
+            if len(chunk.token_ids) > 1:
+                logits.update(self._forward([chunk]))
+        for chunk in chunks:
+            if chunk.snapshot_to is not None:
+                self.copy_state(chunk.slot, chunk.snapshot_to)
+        return {c.seq_id: logits[c.seq_id] for c in chunks if c.sample}
+
+    def _forward(self, rows: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
+        """One model call for rows of equal length."""
+        device = self.model.device
+        ids = torch.tensor([c.token_ids for c in rows], dtype=torch.long, device=device)
+        length = ids.shape[1]
+        positions = torch.tensor([[c.start + j for j in range(length)] for c in rows],
+                                 dtype=torch.long, device=device)
+        cache = PagedBatchCache(self, [c.slot for c in rows], [c.block_ids for c in rows])
+        out = self.model(ids, positions=positions, cache=cache, logits_to_keep=1)  # [B, 1, V]
+        return {c.seq_id: out[j, -1].float() for j, c in enumerate(rows)}

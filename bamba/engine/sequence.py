@@ -1,0 +1,116 @@
+"""The engine's side of one sequence: sampled tokens, text, stop rules, streaming offsets; and
+the batched call into ``bamba.sampling`` for the rows that sample in a step."""
+
+from __future__ import annotations
+
+import torch
+
+from bamba.engine.detok import IncrementalDetokenizer, find_stop
+from bamba.engine.params import CompletionOutput, SamplingParams, TokenLogprob
+from bamba.engine.scheduler import Sequence
+from bamba.sampling import SamplingBatch, compute_logprobs, sample, token_counts
+
+
+class SequenceOutput:
+    """Output state of one sample; ``seq`` is the scheduler's record it extends."""
+
+    def __init__(self, seq: Sequence, index: int, params: SamplingParams, max_tokens: int,
+                 eos_ids: list[int], seed: int, tokenizer: object | None):
+        self.seq, self.index, self.params, self.max_tokens = seq, index, params, max_tokens
+        self.stop_ids = set(params.stop_token_ids) | set(eos_ids)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.detok = None if tokenizer is None else IncrementalDetokenizer(
+            tokenizer, seq.token_ids[:seq.num_prompt_tokens], params.skip_special_tokens)
+        self.output_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        # Streaming holds back text that could be the start of a stop string.
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._reported_tokens = 0
+        self._reported_chars = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int, logprob: TokenLogprob | None, max_model_len: int) -> None:
+        """Record a sampled token and apply the stop rules."""
+        self.output_ids.append(token)
+        self.seq.token_ids.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+        if token in self.stop_ids:
+            if self.params.include_stop_str_in_output:
+                self._add_text(token)
+            self.finish("stop", token)
+            return
+        self._add_text(token)
+        if not self.finished and (len(self.output_ids) >= self.max_tokens
+                                  or len(self.seq.token_ids) >= max_model_len):
+            if self.detok is not None:
+                self.detok.flush()
+                self.text = self.detok.text
+            self.finish("length")
+
+    def _add_text(self, token: int) -> None:
+        if self.detok is None:
+            return
+        start = len(self.detok.text)
+        if not self.detok.add(token):
+            return
+        full = self.detok.text
+        hit = find_stop(full, self.params.stop, start) if self.params.stop else None
+        if hit is None:
+            self.text = full
+            return
+        index, stop = hit
+        self.text = full[:index + len(stop) if self.params.include_stop_str_in_output else index]
+        self.finish("stop", stop)
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.stop_reason = reason, stop_reason
+
+    def report(self) -> CompletionOutput:
+        """Cumulative output, plus what is new since the previous report."""
+        visible = self.text if self.finished else \
+            self.text[:max(len(self.text) - self._holdback, self._reported_chars)]
+        new_text = visible[self._reported_chars:]
+        new_ids = self.output_ids[self._reported_tokens:]
+        self._reported_chars, self._reported_tokens = len(visible), len(self.output_ids)
+        return CompletionOutput(self.index, visible, list(self.output_ids), self.finish_reason,
+                                self.stop_reason,
+                                None if self.logprobs is None else list(self.logprobs),
+                                new_text, new_ids)
+
+
+def sample_rows(rows: list[SequenceOutput], logits: torch.Tensor,
+                vocab_size: int) -> list[tuple[int, TokenLogprob | None]]:
+    """Next token (and logprobs, when asked) for each row of logits [B, V]."""
+    params = [r.params for r in rows]
+    batch = SamplingBatch.build(
+        len(rows), temperature=[p.temperature for p in params], top_k=[p.top_k for p in params],
+        top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
+        repetition_penalty=[p.repetition_penalty for p in params],
+        presence_penalty=[p.presence_penalty for p in params],
+        frequency_penalty=[p.frequency_penalty for p in params],
+        generators=[r.generator for r in rows])
+    counts = seen = None
+    if batch.any_penalty:
+        counts = token_counts([r.output_ids for r in rows], vocab_size)
+        seen = token_counts([r.seq.token_ids for r in rows], vocab_size) > 0
+    tokens = sample(logits, batch, counts, seen)
+    wanted = [p.logprobs for p in params]
+    if all(w is None for w in wanted):
+        return [(int(t), None) for t in tokens]
+    lp = compute_logprobs(logits, tokens, max(w or 0 for w in wanted))
+    out: list[tuple[int, TokenLogprob | None]] = []
+    for j, (token, w) in enumerate(zip(tokens.tolist(), wanted, strict=True)):
+        if w is None:
+            out.append((token, None))
+            continue
+        top = dict(zip(lp.top_ids[j, :w].tolist(), lp.top_logprobs[j, :w].tolist(), strict=True))
+        out.append((token, TokenLogprob(token, float(lp.chosen[j]), top)))
+    return out
