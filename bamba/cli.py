@@ -13,6 +13,8 @@ import sys
 
 # verb -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train-tokenizer": ("bamba.data.bpe_cli", "train a byte-level BPE tokenizer on text files"),
+    "tokenize": ("bamba.data.tokenize_cli", "text/JSONL/parquet files -> Arrow shards of token ids"),
     "generate": ("bamba.generation_cli", "generate a continuation of a prompt"),
     "analyze": ("bamba.analyze_cli", "arithmetic-intensity model: FLOPs, bytes, predicted decode speed-up"),
     "train": ("bamba.train_cli", "pretrain from a YAML config (torchrun -m bamba.train for several processes)"),
