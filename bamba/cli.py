@@ -1,7 +1,8 @@
 """The ``bamba`` command: one verb per life stage.
 
-Each verb lives in its own module exposing ``configure(parser)`` and ``run(args) -> int``; the
-module is imported only when its verb runs, so ``bamba --help`` stays fast.
+Each verb lives in its own module exposing ``configure(parser)`` and ``run(args) -> int``; only
+the module of the verb being run is imported, so ``bamba --help`` stays fast and one verb's
+heavy dependencies never slow another.
 """
 
 from __future__ import annotations
@@ -21,20 +22,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``verb``'s module is imported (to add its arguments)."""
     parser = argparse.ArgumentParser(prog="bamba", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for verb, (module, help_text) in COMMANDS.items():
-        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+    for name, (module, help_text) in COMMANDS.items():
+        verb_parser = sub.add_parser(name, help=help_text, description=help_text)
         verb_parser.set_defaults(_module=module)
-        # Parsers are cheap to define only if their module is; modules keep imports lazy.
-        importlib.import_module(module).configure(verb_parser)
+        if name == verb:
+            importlib.import_module(module).configure(verb_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(verb).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
