@@ -14,6 +14,8 @@ _LAZY = {
     "load_tokenizer": "bamba.checkpoint",
     "generate": "bamba.generation",
     "GenerationConfig": "bamba.generation",
+    "LLM": "bamba.engine",
+    "SamplingParams": "bamba.engine",
 }
 
 __all__ = list(_LAZY)
