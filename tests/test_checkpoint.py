@@ -388,3 +388,71 @@ def test_tokenizer_missing(make_hf_checkpoint):
 def test_hf_model_helper_builds_each_kind():
     for kind in ("hybrid", "mamba", "attention", "llama"):
         assert hf_model(kind).config.num_hidden_layers == 4
+
+
+# ---- memory: never two full copies --------------------------------------------------------------
+MEASURE_LOAD = """
+import json, sys, threading, time
+import torch
+from bamba.checkpoint import from_pretrained
+
+def rss_anon():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+
+torch.set_num_threads(1)
+from_pretrained(sys.argv[1])  # warm-up: torch's one-time lazy allocations are not the load's
+base = rss_anon()
+peak, done = [base], threading.Event()
+
+def poll():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_anon())
+        time.sleep(0.0005)
+
+thread = threading.Thread(target=poll)
+thread.start()
+model = from_pretrained(sys.argv[2], dtype=getattr(torch, sys.argv[3]))
+done.set()
+thread.join()
+size = sum(p.nbytes for p in model.parameters())
+print(json.dumps({"growth": max(peak[0], rss_anon()) - base, "model_bytes": size}))
+"""
+
+
+@pytest.fixture(scope="module")
+def large_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """~40 MB (bf16) and ~80 MB (fp32) checkpoints of many similar tensors, and a tiny one."""
+    from bamba.config import BambaConfig
+    from bamba.model import BambaLM
+
+    root = tmp_path_factory.mktemp("memory")
+    shape = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=5,
+                 num_attention_heads=8, num_key_value_heads=2, attn_layer_indices=[3],
+                 mamba_n_heads=16, mamba_d_state=64)
+    model = BambaLM(BambaConfig(**shape))
+    model.save_pretrained(root / "float32", max_shard_size="40MB")
+    model.to(torch.bfloat16).save_pretrained(root / "bfloat16", max_shard_size="40MB")
+    tiny = {**shape, "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "attn_layer_indices": [1],
+            "mamba_n_heads": 4, "mamba_d_state": 8}
+    BambaLM(BambaConfig(**tiny)).save_pretrained(root / "tiny")
+    return {"float32": root / "float32", "bfloat16": root / "bfloat16", "tiny": root / "tiny"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("stored,loaded", [("float32", "bfloat16"), ("bfloat16", "float32")])
+def test_loading_never_holds_two_copies_of_the_weights(large_checkpoints, stored, loaded):
+    """Loading with a cast makes private copies; their peak must stay near one model's size.
+    (Without a cast safetensors maps the file, so there is nothing to measure.)"""
+    import subprocess
+    import sys
+
+    args = [str(large_checkpoints["tiny"]), str(large_checkpoints[stored]), loaded]
+    out = subprocess.run([sys.executable, "-c", MEASURE_LOAD, *args],
+                         capture_output=True, text=True, check=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # one model in the target dtype plus slack for a tensor in flight; holding the source
+    # tensors too would add at least half a model more.
+    budget = result["model_bytes"] * 1.1 + 16 * 2**20
+    assert result["growth"] <= budget, result
