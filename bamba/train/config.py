@@ -141,9 +141,8 @@ def _coerce_floats(raw: dict[str, Any]) -> dict[str, Any]:
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one ``--key=value`` (or ``--dict_key.sub=value``) to the raw mapping in place."""
-    text = item.removeprefix("--")
-    key, sep, value = text.partition("=")
-    if not sep or not key:
+    key, sep, value = item.removeprefix("--").partition("=")
+    if not item.startswith("--") or not sep or not key:
         raise ValueError(f"override {item!r} is not of the form --key=value")
     parsed = yaml.safe_load(value) if value else ""
     head, dot, sub = key.partition(".")
