@@ -456,3 +456,16 @@ def test_loading_never_holds_two_copies_of_the_weights(large_checkpoints, stored
     # tensors too would add at least half a model more.
     budget = result["model_bytes"] * 1.1 + 16 * 2**20
     assert result["growth"] <= budget, result
+
+
+def test_saving_back_into_the_directory_a_model_was_loaded_from(make_hf_checkpoint):
+    """float32 weights map the files they came from; replacing those files must not disturb them."""
+    directory = make_hf_checkpoint("hybrid")
+    model = from_pretrained(directory)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_pretrained(model, directory, max_shard_size=20_000)
+    save_pretrained(model, directory)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+    assert_same_weights(from_pretrained(directory), directory)
+    assert (directory / "tokenizer.json").is_file()  # files that are not weights stay
