@@ -145,6 +145,17 @@ def _read_json(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _default_template(value: Any, where: Path) -> str | None:
+    """A chat_template entry: a string, or a list of {"name", "template"} (take "default")."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise ValueError(f"{where}: chat_template must be a string or a list with a 'default' entry")
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """Read tokenizer.json (+ tokenizer_config.json, special_tokens_map.json, chat template)."""
     directory = Path(directory)
@@ -160,11 +171,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     for name in (SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE):  # the config file wins
         if (directory / name).is_file():
             config.update(_read_json(directory / name))
-    template = config.get("chat_template")
+    template = _default_template(config.get("chat_template"), directory / TOKENIZER_CONFIG_FILE)
     if (directory / CHAT_TEMPLATE_FILE).is_file():
         template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    if template is not None and not isinstance(template, str):
-        raise ValueError(f"{directory}: only a single string chat_template is supported")
     special = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
     try:
         return Tokenizer(backend, **special, chat_template=template,

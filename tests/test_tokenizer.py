@@ -127,3 +127,15 @@ def test_special_token_outside_the_vocabulary(hf_tokenizer_dir):
     with pytest.raises(ValueError) as exc:
         load_tokenizer(hf_tokenizer_dir)
     assert "tokenizer_config.json" in str(exc.value) and "<|end|>" in str(exc.value)
+
+
+def test_named_chat_templates_use_the_default_one(hf_tokenizer_dir):
+    path = hf_tokenizer_dir / "tokenizer_config.json"
+    (hf_tokenizer_dir / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads(path.read_text())
+    templates = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": TEMPLATE}]
+    path.write_text(json.dumps({**config, "chat_template": templates}))
+    assert load_tokenizer(hf_tokenizer_dir).chat_template == TEMPLATE
+    path.write_text(json.dumps({**config, "chat_template": 3}))
+    with pytest.raises(ValueError, match="tokenizer_config.json: chat_template must be"):
+        load_tokenizer(hf_tokenizer_dir)
