@@ -112,6 +112,9 @@ class Mamba2Mixer(nn.Module):
         self.n_groups, self.d_state = config.mamba_n_groups, config.mamba_d_state
         self.d_inner, self.conv_dim = config.d_inner, config.conv_dim
         self.chunk_size = config.mamba_chunk_size
+        # The scan's result does not depend on its chunk length beyond rounding; 64 balances
+        # the Q×Q work inside chunks against the loop over chunks on a CPU.
+        self.scan_chunk = min(self.chunk_size, 64)
         self.time_step_limit = config.time_step_limit
         self.eps = config.rms_norm_eps
         self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.n_heads,
@@ -147,11 +150,13 @@ class Mamba2Mixer(nn.Module):
         # softplus and exp in float32: dt spans orders of magnitude and feeds an exponential.
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
         A = -torch.exp(self.A_log.float())
-        if decode:
-            y, ssm_state = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+        if decode:  # the cache's float32 state is updated in place: no state copy per token
+            inplace = ssm_state.dtype == torch.float32 and not ssm_state.requires_grad
+            y, ssm_state = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], inplace)
             y = y[:, None]
         else:
-            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state, seq_idx)
+            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.scan_chunk, ssm_state, seq_idx,
+                                       _matmul_dtype(hidden.dtype))
         if cache is not None:
             cache.set_mamba_state(self.layer_idx, conv_state, ssm_state)
         y = y + self.D.float()[:, None] * x.float()  # D skip on x before dt scaling
@@ -255,6 +260,11 @@ class BambaLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+
+def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The scan's read-out matmuls run in a half-precision model's own dtype, else float32."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _default_positions(b: int, l: int, seq_idx: torch.Tensor | None,

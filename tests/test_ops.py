@@ -103,3 +103,35 @@ def test_causal_conv_does_not_cross_documents():
     y, _ = causal_conv1d(x, w, bias, None, seq_idx)
     y_doc, _ = causal_conv1d(x[:, 6:], w, bias)
     torch.testing.assert_close(y[:, 6:], y_doc)
+
+
+def test_step_in_place_updates_the_given_state():
+    x, dt, A, B, C, s0 = _ssd_inputs(l=3)
+    y_ref, s_ref = ssd_step(s0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+    state = s0.clone()
+    y, s = ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], inplace=True)
+    assert s.data_ptr() == state.data_ptr()
+    torch.testing.assert_close(state, s_ref)
+    torch.testing.assert_close(y, y_ref)
+    with pytest.raises(ValueError, match="float32"):
+        ssd_step(s0.bfloat16(), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], inplace=True)
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 64])
+def test_chunked_scan_with_bf16_readouts_stays_close(chunk):
+    x, dt, A, B, C, s0 = _ssd_inputs(l=45, g=2)
+    xb, Bb, Cb = x.bfloat16(), B.bfloat16(), C.bfloat16()
+    y_ref, s_ref = ssd_naive(xb, dt, A, Bb, Cb, s0)
+    y, s = ssd_chunked(xb, dt, A, Bb, Cb, chunk, s0, matmul_dtype=torch.bfloat16)
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-4)  # the state never sees bf16
+    scale = y_ref.abs().max()
+    assert (y - y_ref).abs().max() <= 2e-2 * scale
+
+
+def test_chunked_scan_result_does_not_depend_on_chunk_length():
+    x, dt, A, B, C, s0 = _ssd_inputs(l=70, g=2)
+    y8, s8 = ssd_chunked(x, dt, A, B, C, 8, s0)
+    y64, s64 = ssd_chunked(x, dt, A, B, C, 64, s0)
+    torch.testing.assert_close(y8, y64, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(s8, s64, atol=2e-5, rtol=1e-4)

@@ -40,7 +40,7 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token: x [B, D], state [B, K-1, D] -> (y [B, D], new state [B, K-1, D])."""
     window = torch.cat((state.to(x.dtype), x[:, None]), dim=1)  # [B, K, D]
-    y = torch.einsum("bkd,dk->bd", window, weight)
+    y = (window * weight.t()).sum(1)
     if bias is not None:
         y = y + bias
     return y, window[:, 1:]
