@@ -24,8 +24,10 @@ class TrainConfig:
     # model
     model: str = "tiny"  # a preset name of bamba.config.PRESETS
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    # data: "synthetic" (seeded random documents, for tests and smoke runs) or "shards"
-    # (pre-tokenized shards of bamba.data at data_path); data_options go to the loader.
+    # data: "synthetic" (seeded random documents, for tests and smoke runs), "shards"
+    # (`bamba tokenize` output directories at data_path, comma-separated: one dataset each) or
+    # "text" (raw files tokenized on the fly with `tokenizer`); data_options go to the loader
+    # (weights, num_workers, shuffle_buffer, mask_boundary, text_field).
     data: str = "synthetic"
     data_path: str | None = None
     data_options: dict[str, Any] = field(default_factory=dict)
@@ -83,10 +85,10 @@ class TrainConfig:
                              f"({self.warmup_steps})")
         if self.model not in PRESETS:
             raise ValueError(f"unknown model preset {self.model!r}; known: {', '.join(sorted(PRESETS))}")
-        if self.data not in ("synthetic", "shards"):
-            raise ValueError(f"data must be 'synthetic' or 'shards', got {self.data!r}")
-        if self.data == "shards" and not self.data_path:
-            raise ValueError("data='shards' needs data_path")
+        if self.data not in ("synthetic", "shards", "text"):
+            raise ValueError(f"data must be 'synthetic', 'shards' or 'text', got {self.data!r}")
+        if self.data != "synthetic" and not self.data_path:
+            raise ValueError(f"data={self.data!r} needs data_path")
         if self.peak_tflops <= 0:
             raise ValueError(f"peak_tflops must be > 0, got {self.peak_tflops}")
         if self.threads is not None and self.threads <= 0:

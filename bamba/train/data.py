@@ -4,6 +4,8 @@ A ``BatchSource`` is an iterator of batches ``{"input_ids", "labels", "seq_idx"}
 [B, L] int64; ``labels`` already aligned with the positions, -100 where no loss is taken;
 ``seq_idx`` the document id of every token of a packed row) with ``state_dict()`` /
 ``load_state_dict()`` so a resumed run sees exactly the batches an uninterrupted one would.
+``load_state_dict`` takes this rank's state, or (at a new world size) the list of every old
+rank's state, as ``bamba.data.loader`` does. Extra keys (``position_ids``, ``doc_keys``) may ride along.
 """
 
 from __future__ import annotations
@@ -82,7 +84,69 @@ class SyntheticSource:
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows, "seed": self.seed}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """One rank's state or every rank's: they are the same (the stream is global)."""
+        if isinstance(state, list):
+            state = state[0]
         if state.get("seed") != self.seed:
             raise ValueError(f"data state is for seed {state.get('seed')}, this run uses {self.seed}")
         self.rows = int(state["rows"])
+
+
+class LoaderSource:
+    """``bamba.data.loader.StatefulLoader`` as a ``BatchSource``: the DataLoader iterator is
+    opened lazily, so a state loaded before the first batch is the one the workers start from."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self._it: Iterator[Batch] | None = None
+
+    def __iter__(self) -> "LoaderSource":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = iter(self.loader)
+        return next(self._it)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """One rank's state, or the list of every rank's (rescaling to a new world size)."""
+        self.loader.load_state_dict(state)
+        self._it = None
+
+    def tokens_seen(self) -> dict[str, int]:
+        return self.loader.tokens_seen()
+
+
+def build_loader_source(kind: str, paths: list[str], options: dict[str, Any], *, seq_len: int,
+                        batch_size: int, seed: int, rank: int, world_size: int,
+                        tokenizer: str | None = None) -> LoaderSource:
+    """The real loader over pre-tokenized shard directories (``kind="shards"``, one dataset per
+    path) or raw text files tokenized on the fly (``kind="text"``, one dataset of all paths).
+
+    ``options``: weights (one per dataset), num_workers, shuffle_buffer, mask_boundary,
+    text_field (text only)."""
+    from bamba.data.documents import ShardDocuments, TextDocuments
+    from bamba.data.loader import build_loader
+
+    allowed = {"weights", "num_workers", "shuffle_buffer", "mask_boundary", "text_field"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown data_options key {unknown[0]!r}; known: {', '.join(sorted(allowed))}")
+    if kind == "shards":
+        sources: list[Any] = [ShardDocuments(p) for p in paths]
+    elif kind == "text":
+        if tokenizer is None:
+            raise ValueError("data='text' (on-the-fly tokenization) needs tokenizer")
+        sources = [TextDocuments(paths, tokenizer, text_field=options.get("text_field", "text"))]
+    else:
+        raise ValueError(f"unknown data kind {kind!r}")
+    loader = build_loader(sources, seq_len=seq_len, batch_size=batch_size,
+                          weights=options.get("weights"), seed=seed, rank=rank,
+                          world_size=world_size, num_workers=options.get("num_workers", 0),
+                          shuffle_buffer=options.get("shuffle_buffer", 0),
+                          mask_boundary=options.get("mask_boundary", True))
+    return LoaderSource(loader)

@@ -22,7 +22,7 @@ from bamba.model import BambaLM, init_weights
 from bamba.train import parallel
 from bamba.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from bamba.train.config import TrainConfig
-from bamba.train.data import Batch, BatchSource, SyntheticSource
+from bamba.train.data import Batch, BatchSource, SyntheticSource, build_loader_source
 from bamba.train.loss import lm_loss_sums
 from bamba.train.metrics import MetricsLog, flops_per_token, mfu, plot_loss, progress_bar
 from bamba.train.optim import build_optimizer, set_lr
@@ -52,10 +52,11 @@ def build_source(cfg: TrainConfig, vocab_size: int, info: parallel.DistInfo) -> 
     if cfg.data == "synthetic":
         return SyntheticSource(vocab_size=vocab_size, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                rank=info.rank, world_size=info.world_size, seed=cfg.seed)
-    if cfg.data == "shards":
-        from bamba.train.data import build_shard_source
-
-        return build_shard_source(cfg, info.rank, info.world_size)
+    if cfg.data in ("shards", "text"):
+        paths = [p.strip() for p in (cfg.data_path or "").split(",") if p.strip()]
+        return build_loader_source(cfg.data, paths, cfg.data_options, seq_len=cfg.seq_len,
+                                   batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,
+                                   world_size=info.world_size, tokenizer=cfg.tokenizer)
     raise ValueError(f"unknown data kind {cfg.data!r}")
 
 
@@ -70,18 +71,14 @@ def build_model(cfg: TrainConfig, info: parallel.DistInfo) -> BambaLM:
 
 
 def restore_source(source: BatchSource, train_state: dict[str, Any], info: parallel.DistInfo) -> None:
-    """Load this rank's loader state; at a new world size hand the loader every saved rank's
-    state (``load_rescaled``) when it supports it, else rank 0's (the synthetic source's state
-    is world-independent)."""
+    """Same world size: this rank's loader and RNG state. Another world size: the loader gets
+    every old rank's state and re-splits what is left (RNG streams start from the seed)."""
     saved = [r["data"] for r in train_state["ranks"]]
     if train_state["world_size"] == info.world_size:
         source.load_state_dict(saved[info.rank])
-    elif hasattr(source, "load_rescaled"):
-        source.load_rescaled(saved)
-    else:
-        source.load_state_dict(saved[0])
-    if train_state["world_size"] == info.world_size:
         set_rng_state(train_state["ranks"][info.rank]["rng"])
+    else:
+        source.load_state_dict(saved)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -102,7 +99,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
             model.set_requires_gradient_sync(i == len(batches) - 1)
         batch = {k: v.to(info.device) for k, v in batch.items()}
         with _autocast(cfg, info.device):
-            logits = model(batch["input_ids"], seq_idx=batch["seq_idx"])
+            logits = model(batch["input_ids"], seq_idx=batch["seq_idx"],
+                           positions=batch.get("position_ids"))
         sums = lm_loss_sums(logits, batch["labels"], cfg.z_loss)
         (sums.total * scale).backward()
         ce_sum += float(sums.ce)
