@@ -197,3 +197,15 @@ def test_on_the_fly_over_only_empty_files_raises(tmp_path, tok_dir):
     loader = build_loader([TextDocuments([tmp_path / "e"], tok_dir)], seq_len=8, batch_size=1)
     with pytest.raises(ValueError, match="no tokens"):
         next(iter(loader))
+
+
+def test_directory_listing_is_sorted_and_excludes(tmp_path):
+    from bamba.data.sources import list_input_files
+
+    corpus = write_corpus(tmp_path / "corpus")
+    names = [p.relative_to(corpus).as_posix() for p in list_input_files([corpus])]
+    assert names == ["a.txt", "b.py", "bad.py", "c.jsonl", "d.parquet", "empty.txt", "sub/e.txt"]
+    assert "sub/e.txt" not in [p.relative_to(corpus).as_posix()
+                               for p in list_input_files([corpus], exclude=("sub/*",))]
+    with pytest.raises(ValueError, match="unsupported input"):
+        list_input_files([corpus / "notes.md"])

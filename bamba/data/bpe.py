@@ -26,7 +26,8 @@ def iter_texts(files: Sequence[Path], text_field: str, stats: ReadStats) -> Iter
 
 
 def train_bpe(inputs: Sequence[str | os.PathLike], vocab_size: int, out: str | os.PathLike, *,
-              text_field: str = "text", min_frequency: int = 2) -> ReadStats:
+              text_field: str = "text", min_frequency: int = 2,
+              exclude: Sequence[str] = ()) -> ReadStats:
     """Train a byte-level BPE tokenizer on ``inputs`` and save it in ``out``."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -36,7 +37,7 @@ def train_bpe(inputs: Sequence[str | os.PathLike], vocab_size: int, out: str | o
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + specials), "
                          f"got {vocab_size}")
-    files = list_input_files(inputs)
+    files = list_input_files(inputs, exclude)
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()

@@ -16,13 +16,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="directory for tokenizer.json")
     parser.add_argument("--text-field", default="text", help="JSONL field / parquet column")
     parser.add_argument("--min-frequency", type=int, default=2)
+    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                        help="skip files whose path below a directory input matches (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
     from bamba.data.bpe import train_bpe
 
     stats = train_bpe(args.inputs, args.vocab_size, args.out, text_field=args.text_field,
-                      min_frequency=args.min_frequency)
+                      min_frequency=args.min_frequency, exclude=args.exclude)
     log.info("trained on %d documents (skipped %d empty, %d not UTF-8); saved to %s",
              stats.documents, stats.empty, stats.invalid_utf8, args.out)
     return 0

@@ -67,8 +67,9 @@ class TextDocuments:
     """
 
     def __init__(self, inputs: Sequence[str | os.PathLike], tokenizer_dir: str | os.PathLike, *,
-                 name: str = "text", text_field: str = "text", append_eos: bool = True) -> None:
-        self.files = list_input_files(inputs)
+                 name: str = "text", text_field: str = "text", append_eos: bool = True,
+                 exclude: Sequence[str] = ()) -> None:
+        self.files = list_input_files(inputs, exclude)
         if not self.files:
             raise ValueError(f"no .txt/.py/.jsonl/.parquet files in {' '.join(map(str, inputs))}")
         self.name, self.text_field, self.append_eos = name, text_field, append_eos
@@ -102,7 +103,7 @@ class TextDocuments:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            log.warning("skipping %s slot %d: not valid UTF-8", self.files[f], slot)
+            log.debug("skipping %s slot %d: not valid UTF-8", self.files[f], slot)
             return None
         try:
             value = json.loads(text).get(self.text_field)

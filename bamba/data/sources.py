@@ -11,6 +11,7 @@ deliberately mis-encoded test files.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -37,16 +38,22 @@ class ReadStats:
         self.invalid_utf8 += other.invalid_utf8
 
 
-def list_input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and directories into a deterministic list of supported files."""
+def list_input_files(inputs: Sequence[str | os.PathLike], exclude: Sequence[str] = ()) -> list[Path]:
+    """Expand files and directories into a deterministic list of supported files.
+
+    ``exclude`` holds glob patterns matched against paths relative to a directory input
+    (e.g. ``site-packages/*``).
+    """
     files: list[Path] = []
     for raw in inputs:
         path = Path(raw)
         if not path.exists():
             raise FileNotFoundError(f"no such file or directory: {path}")
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES]
-            files.extend(sorted(found, key=lambda p: p.relative_to(path).as_posix()))
+            found = {p.relative_to(path).as_posix(): p for p in path.rglob("*")
+                     if p.suffix in SUFFIXES and p.is_file()}
+            files.extend(found[rel] for rel in sorted(found)
+                         if not any(fnmatch.fnmatch(rel, pat) for pat in exclude))
         elif path.suffix in SUFFIXES:
             files.append(path)
         else:
@@ -74,7 +81,7 @@ def _decode(raw: bytes, where: str, strict: bool, stats: ReadStats) -> str | Non
     except UnicodeDecodeError as exc:
         if strict:
             raise ValueError(f"{where} is not valid UTF-8 (byte {exc.start})") from None
-        log.warning("skipping %s: not valid UTF-8 (byte %d)", where, exc.start)
+        log.debug("skipping %s: not valid UTF-8 (byte %d)", where, exc.start)
         stats.invalid_utf8 += 1
         return None
     return _keep(text, stats)

@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 class TokenizeOptions:
     tokenizer_dir: Path
     out: Path
-    docs_per_shard: int = 2048
+    docs_per_shard: int = 256
     text_field: str = "text"
     append_eos: bool = True
     strict_utf8: bool = False
     workers: int = 1
+    exclude: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,7 @@ def _manifest(plan: dict[str, Any], entries: list[dict[str, Any] | None], tok: A
 def tokenize_corpus(inputs: Sequence[str | os.PathLike], opts: TokenizeOptions,
                     progress: bool = False) -> dict[str, Any]:
     """Tokenize ``inputs`` into ``opts.out``; return the manifest. Resumes a previous run."""
-    files = list_input_files(inputs)
+    files = list_input_files(inputs, opts.exclude)
     if not files:
         raise ValueError(f"no {', '.join(('.txt', '.py', '.jsonl', '.parquet'))} files in "
                          f"{' '.join(map(str, inputs))}")
