@@ -1,0 +1,208 @@
+"""Plain generation with the contiguous hybrid cache: one cache row per prompt.
+
+Each prompt is prefilled alone into its own row (prompts differ in length; only the last
+position's logits are computed), then all unfinished rows decode together, one token per step,
+each at its own position. A row that stops (EOS or its length limit) leaves the decode batch.
+The serving engine (``bamba.engine``) does continuous batching; this is the simple, exact path
+behind ``bamba generate`` and the reference the engine is tested against.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from bamba.cache import ContiguousCache
+from bamba.model import BambaLM
+from bamba.sampling import SamplingBatch, sample
+
+log = logging.getLogger(__name__)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class GenerationConfig:
+    """How to continue prompts. temperature 0 is greedy; top_k 0 and top_p 1 switch those
+    filters off. With a seed, prompt i samples from its own generator seeded ``seed + i``.
+    eos_token_ids None means the model config's EOS ids."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    eos_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.eos_token_ids is not None:
+            if any(not _is_int(t) or t < 0 for t in self.eos_token_ids):
+                raise ValueError(f"eos_token_ids must be non-negative integers, "
+                                 f"got {self.eos_token_ids!r}")
+            self.eos_token_ids = list(self.eos_token_ids)
+
+    def sampling_batch(self, rows: int) -> SamplingBatch:
+        seeds = None if self.seed is None else [self.seed + i for i in range(rows)]
+        return SamplingBatch.build(rows, temperature=self.temperature, top_k=self.top_k,
+                                   top_p=self.top_p, seeds=seeds)
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's continuation and how long it took.
+
+    The first new token comes from the prefill's logits, so decode_steps is len(token_ids) - 1;
+    decode_seconds is the wall time of the batched steps this row took part in.
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (an EOS id) or "length" (max_new_tokens)
+    prompt_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_steps(self) -> int:
+        return max(len(self.token_ids) - 1, 0)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def _check_prompts(model: BambaLM, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    cfg = model.config
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+        if len(prompt) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens "
+                             f"({max_new_tokens}) exceeds the model's context of "
+                             f"{cfg.max_position_embeddings} tokens")
+
+
+class _Batch:
+    """The decode state of one ``generate`` call: cache rows, positions, sampling, results."""
+
+    def __init__(self, model: BambaLM, prompts: Sequence[Sequence[int]], config: GenerationConfig):
+        _check_prompts(model, prompts, config.max_new_tokens)
+        self.model, self.config, self.prompts = model, config, prompts
+        eos = model.config.eos_token_ids if config.eos_token_ids is None else config.eos_token_ids
+        self.stop_ids = frozenset() if config.ignore_eos else frozenset(eos)
+        self.cache = ContiguousCache(model.config, len(prompts),
+                                     max(len(p) for p in prompts) + config.max_new_tokens,
+                                     model.dtype, device=model.device)
+        self.sampling = config.sampling_batch(len(prompts))
+        self.results = [GenerationResult(prompt_tokens=len(p)) for p in prompts]
+        self.active: list[int] = []
+        self._rows_sampling: SamplingBatch | None = None
+
+    def _accept(self, row: int, token: int) -> None:
+        result = self.results[row]
+        result.token_ids.append(token)
+        if token in self.stop_ids:
+            result.finish_reason = "stop"
+        elif len(result.token_ids) >= self.config.max_new_tokens:
+            result.finish_reason = "length"
+
+    def prefill(self, row: int) -> int:
+        """Run prompt ``row`` into its cache row; return its first new token."""
+        start = time.perf_counter()
+        ids = torch.tensor([list(self.prompts[row])], dtype=torch.long, device=self.model.device)
+        logits = self.model(ids, cache=self.cache.bind([row]), logits_to_keep=1)[:, -1]
+        token = int(sample(logits, self.sampling.select([row]))[0])
+        self.results[row].prefill_seconds = time.perf_counter() - start
+        self._accept(row, token)
+        return token
+
+    def step(self) -> list[tuple[int, int]]:
+        """One decode step for every active row: [(row, token)] in row order."""
+        start = time.perf_counter()
+        rows = self.active
+        device = self.model.device
+        last = torch.tensor([[self.results[r].token_ids[-1]] for r in rows], device=device)
+        positions = torch.tensor([[len(self.prompts[r]) + len(self.results[r].token_ids) - 1]
+                                  for r in rows], device=device)
+        logits = self.model(last, positions=positions, cache=self.cache.bind(rows))[:, -1]
+        assert self._rows_sampling is not None
+        tokens = sample(logits, self._rows_sampling).tolist()
+        elapsed = time.perf_counter() - start
+        for r, token in zip(rows, tokens, strict=True):
+            self.results[r].decode_seconds += elapsed
+            self._accept(r, token)
+        self._set_active([r for r in rows if self.results[r].finish_reason is None])
+        return list(zip(rows, tokens, strict=True))
+
+    def _set_active(self, rows: list[int]) -> None:
+        if rows != self.active:
+            self.active = rows
+            self._rows_sampling = self.sampling.select(rows) if rows else None
+
+    def run(self) -> Iterator[tuple[int, int]]:
+        """Prefill every prompt, then decode until all rows stop: yields (row, token)."""
+        for row in range(len(self.prompts)):
+            yield row, self.prefill(row)
+        self._set_active([r for r, res in enumerate(self.results) if res.finish_reason is None])
+        while self.active:
+            yield from self.step()
+
+
+@torch.inference_mode()
+def generate(model: BambaLM, prompts: Sequence[Sequence[int]],
+             config: GenerationConfig | None = None) -> list[GenerationResult]:
+    """Continue each prompt (a list of token ids); one result per prompt, in order."""
+    batch = _Batch(model, prompts, config or GenerationConfig())
+    for _ in batch.run():
+        pass
+    return batch.results
+
+
+class GenerationStream:
+    """Tokens of one prompt as they are decoded; ``result`` is complete once iteration ends.
+
+    for token in (stream := GenerationStream(model, ids, config)): ...
+    """
+
+    def __init__(self, model: BambaLM, prompt: Sequence[int],
+                 config: GenerationConfig | None = None):
+        self._batch = _Batch(model, [prompt], config or GenerationConfig())
+        self.result = self._batch.results[0]
+
+    def __iter__(self) -> Iterator[int]:
+        # inference_mode must cover each resumption of the generator, not only its creation
+        steps = self._batch.run()
+        while True:
+            with torch.inference_mode():
+                item = next(steps, None)
+            if item is None:
+                return
+            yield item[1]

@@ -1,0 +1,96 @@
+"""``bamba generate`` end to end through ``bamba.cli.main``: the streamed text is the decoded
+greedy continuation of the Python API, speeds go to stderr, user errors are one line."""
+
+import pytest
+import torch
+
+from bamba.checkpoint import from_pretrained, save_pretrained
+from bamba.cli import main
+from bamba.config import preset
+from bamba.default_model import byte_tokenizer, load_default
+from bamba.generation import GenerationConfig, generate
+from bamba.model import BambaLM, init_weights
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _api_text(model, tokenizer, prompt, max_new_tokens):
+    eos = sorted(set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids))
+    result = generate(model, [tokenizer.encode(prompt)],
+                      GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos))[0]
+    return tokenizer.decode(result.token_ids)
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("bamba generate: error:")
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_default_model_streams_greedy_text_and_says_it_is_untrained(capsys):
+    assert main(["generate", "--prompt", "Hello, Bamba", "--max-new-tokens", "8",
+                 "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    model, tokenizer = load_default()
+    assert out == _api_text(model, tokenizer, "Hello, Bamba", 8) + "\n"
+    assert "prefill: 12 tokens" in err and "decode: 7 tokens" in err and "tok/s" in err
+    assert "UNTRAINED" in err and "noise" in err
+    assert torch.get_num_threads() == 1
+
+
+def test_default_model_in_bfloat16_with_sampling(capsys):
+    argv = ["generate", "--prompt", "abc", "--max-new-tokens", "5", "--dtype", "bfloat16",
+            "--threads", "1", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95",
+            "--seed", "7"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "bfloat16" in first.err and "decode: 4 tokens" in first.err
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first.out  # seeded
+
+
+@pytest.fixture
+def checkpoint_dir(tmp_path):
+    config = preset("tiny", vocab_size=257, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=4, attn_layer_indices=[1], num_attention_heads=4,
+                    mamba_n_heads=2, mamba_d_state=16, bos_token_id=None, eos_token_id=256,
+                    pad_token_id=None, initializer_range=0.2)
+    model = init_weights(BambaLM(config), seed=1)
+    return save_pretrained(model, tmp_path / "ckpt", tokenizer=byte_tokenizer())
+
+
+def test_saved_checkpoint_runs(checkpoint_dir, capsys):
+    assert main(["generate", "--model", str(checkpoint_dir), "--prompt", "The cat",
+                 "--max-new-tokens", "10", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    model = from_pretrained(checkpoint_dir)
+    assert out == _api_text(model, byte_tokenizer(), "The cat", 10) + "\n"
+    assert "prefill: 7 tokens" in err and "UNTRAINED" not in err
+
+
+def test_checkpoint_without_tokenizer_is_one_line(checkpoint_dir, capsys):
+    (checkpoint_dir / "tokenizer.json").unlink()
+    assert main(["generate", "--model", str(checkpoint_dir), "--prompt", "x"]) == 2
+    _one_line_error(capsys, "tokenizer")
+
+
+def test_missing_model_dir_is_one_line(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    _one_line_error(capsys, "nope", "no such checkpoint directory")
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--dtype", "float16"], "--dtype"), (["--prompt", ""], "--prompt is empty"),
+    (["--threads", "0"], "--threads"), (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--top-p", "1.5"], "top_p"), (["--max-new-tokens", "9000"], "context of 8192"),
+])
+def test_bad_arguments_are_one_line(extra, fragment, capsys):
+    assert main(["generate", "--prompt", "hi", *extra]) == 2
+    _one_line_error(capsys, fragment)
