@@ -45,6 +45,15 @@ def test_hybrid_matches_transformers_across_group_counts(make_hf_checkpoint, gro
     check_parity(make_hf_checkpoint("hybrid", mamba_n_groups=groups), batch=3, length=21)
 
 
+def test_time_step_limits_clamp_like_transformers_in_prefill(make_hf_checkpoint, tmp_path):
+    directory = make_hf_checkpoint("hybrid", time_step_limit=(0.05, 0.4))
+    model = from_pretrained(directory)
+    assert model.config.time_step_limit == (0.05, 0.4)
+    check_parity(directory, batch=2, length=19)
+    save_pretrained(model, tmp_path / "resaved")
+    assert load_hf(tmp_path / "resaved").config.time_step_limit in ((0.05, 0.4), [0.05, 0.4])
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_tied_and_untied_embeddings_match(make_hf_checkpoint, tied):
     directory = make_hf_checkpoint("hybrid", tie_word_embeddings=tied)
