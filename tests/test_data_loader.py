@@ -135,6 +135,18 @@ def test_exact_resume(workers):
     assert_same_batches(head + take(resumed, total - cut), reference)
 
 
+def test_exact_resume_of_every_rank_from_the_list_of_states():
+    reference = [take(make(rank=r, world=2, workers=2), 9) for r in range(2)]
+    firsts = [make(rank=r, world=2, workers=2) for r in range(2)]
+    heads = [take(f, 4) for f in firsts]
+    states = [roundtrip(f.state_dict()) for f in firsts]
+    for r in range(2):
+        resumed = make(rank=r, world=2, workers=2)
+        resumed.load_state_dict(states)  # the checkpoint's list: each rank finds its own
+        assert_same_batches(heads[r] + take(resumed, 5), reference[r])
+    assert not torch.equal(reference[0][0]["input_ids"], reference[1][0]["input_ids"])
+
+
 def test_iterating_again_continues():
     reference = take(make(), 10)
     loader = make()
@@ -214,6 +226,18 @@ def test_rescale_twice():
     check_epoch0_complete(rows + more + last)
 
 
+def test_states_saved_and_read_from_a_checkpoint_directory(tmp_path):
+    from bamba.data.loader import read_states, write_state
+
+    _, states = run_ranks(2, 0, batches=2)
+    for st in states:
+        write_state(tmp_path, st)
+    assert read_states(tmp_path) == states
+    loader = make(world=3)
+    loader.load_state_dict(read_states(tmp_path))
+    assert loader.state_dict()["layout"]["generation"] == 1
+
+
 def test_rescale_needs_all_ranks():
     _, states = run_ranks(2, 0, batches=2)
     loader = make(world=3)
@@ -255,10 +279,21 @@ def test_dataset_smaller_than_consumers():
         build_loader([ListDocuments("x", 0, [3, 4])], seq_len=SEQ, batch_size=1, world_size=3)
 
 
-def test_empty_data_raises_instead_of_hanging():
-    loader = build_loader([ListDocuments("x", 0, [0, 0, 0])], seq_len=SEQ, batch_size=1)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_empty_data_raises_instead_of_hanging(workers):
+    loader = build_loader([ListDocuments("x", 0, [0, 0, 0])], seq_len=SEQ, batch_size=1,
+                          num_workers=workers)
     with pytest.raises(ValueError, match="no tokens"):
         take(loader, 1)
+
+
+def test_missing_dataset_directory(tmp_path):
+    from bamba.data.documents import ShardDocuments, TextDocuments
+
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        ShardDocuments(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        TextDocuments([tmp_path / "nothing"], tmp_path)
 
 
 def test_long_documents_are_split_not_dropped():

@@ -23,7 +23,9 @@ and doc_keys (B, L+1).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bamba.data.cursor import View, rescale_views
 from bamba.data.documents import DocumentSource
 from bamba.data.packing import pack_batch
+from bamba.data.shards import read_json, write_json
 from bamba.data.stream import Consumer, ConsumerState, Layout, check_weights
 
 log = logging.getLogger(__name__)
@@ -190,6 +193,21 @@ class StatefulLoader:
 
     def tokens_seen(self) -> dict[str, int]:
         return self.dataset.tokens_seen()
+
+
+def write_state(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Save one rank's loader state as ``loader-rank{R}.json`` in a checkpoint directory."""
+    path = Path(directory) / f"loader-rank{state['rank']:05d}.json"
+    write_json(path, state)
+    return path
+
+
+def read_states(directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """All ranks' loader states from a checkpoint directory (for ``load_state_dict``)."""
+    paths = sorted(Path(directory).glob("loader-rank*.json"))
+    if not paths:
+        raise FileNotFoundError(f"no loader-rank*.json in {directory}")
+    return [read_json(p) for p in paths]
 
 
 def build_loader(sources: Sequence[DocumentSource], *, seq_len: int, batch_size: int,

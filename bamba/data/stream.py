@@ -3,8 +3,11 @@
 A consumer (one DataLoader worker of one rank) turns documents into rows of ``seq_len + 1``
 tokens. Its whole state is small and explicit (``ConsumerState``): its place in every dataset
 (see cursor.py), its RNG counters, the document references waiting in its shuffle buffer, and
-the tokens already drawn but not yet emitted (``pending``: the partially packed row). A document
-key packs (dataset, epoch, index) into one int64: dataset << 56 | epoch << 40 | index.
+the tokens already drawn but not yet emitted (``pending``: the partially packed row, recorded as
+(document key, first token, end token) references — sources are immutable and tokenization is
+deterministic, so the references restore exactly the same tokens while keeping the state small
+even when a very long document is being split). A document key packs (dataset, epoch, index)
+into one int64: dataset << 56 | epoch << 40 | index.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from bamba.data.documents import DocumentSource
 from bamba.data.permute import Permutation, mix_key, randbelow, uniform
 
 _MIX, _SHUFFLE = 1, 2
+_INDEX_MASK = (1 << 40) - 1
 
 
 def doc_key(dataset: int, epoch: int, index: int) -> int:
@@ -73,20 +77,20 @@ class ConsumerState:
     draws: int = 0                   # dataset-choice RNG counter
     shuffles: int = 0                # shuffle-buffer RNG counter
     buffer: list[int] = dataclasses.field(default_factory=list)   # document keys waiting
-    pending: list[tuple[int, list[int]]] = dataclasses.field(default_factory=list)  # (key, tokens)
+    pending: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (key, start, end)
     tokens_seen: list[int] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"cid": self.cid, "places": [list(p) for p in self.places], "draws": self.draws,
                 "shuffles": self.shuffles, "buffer": list(self.buffer),
-                "pending": [[k, list(map(int, t))] for k, t in self.pending],
+                "pending": [list(p) for p in self.pending],
                 "tokens_seen": list(self.tokens_seen)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConsumerState:
         return cls(int(d["cid"]), [list(map(int, p)) for p in d["places"]], int(d["draws"]),
                    int(d["shuffles"]), list(map(int, d["buffer"])),
-                   [(int(k), list(map(int, t))) for k, t in d["pending"]],
+                   [(int(k), int(a), int(b)) for k, a, b in d["pending"]],
                    list(map(int, d["tokens_seen"])))
 
     @classmethod
@@ -106,7 +110,8 @@ class Consumer:
         self._perms: dict[tuple[int, int], Permutation] = {}
         self._mix_key = mix_key(layout.seed, layout.generation, state.cid, _MIX)
         self._shuffle_key = mix_key(layout.seed, layout.generation, state.cid, _SHUFFLE)
-        self._pending_len = sum(len(t) for _, t in state.pending)
+        self._pending_len = sum(b - a for _, a, b in state.pending)
+        self._cache: dict[int, np.ndarray] = {}  # tokens of the pending documents
         # Consecutive empty documents tolerated before declaring the data empty (no hang).
         self._empty_limit = sum(len(s) for s in sources) + shuffle_buffer + 1
 
@@ -145,15 +150,22 @@ class Consumer:
         empty = 0
         while self._pending_len < self.row_len:
             key = self._next_document()
-            tokens = self.sources[key >> 56].tokens(key & ((1 << 40) - 1))
+            tokens = self._tokens(key)
             if len(tokens) == 0:
                 empty += 1
                 if empty > self._empty_limit:
                     raise ValueError(f"{empty} documents in a row had no tokens: the data is empty")
                 continue
             empty = 0
-            self.state.pending.append((key, [int(t) for t in tokens]))
+            self.state.pending.append((key, 0, len(tokens)))
             self._pending_len += len(tokens)
+
+    def _tokens(self, key: int) -> np.ndarray:
+        tokens = self._cache.get(key)
+        if tokens is None:
+            tokens = np.asarray(self.sources[key >> 56].tokens(key & _INDEX_MASK), dtype=np.int64)
+            self._cache[key] = tokens
+        return tokens
 
     def next_row(self) -> tuple[np.ndarray, np.ndarray]:
         """The next ``seq_len + 1`` tokens and their document keys (documents split as needed)."""
@@ -161,17 +173,18 @@ class Consumer:
         tokens, keys, need = [], [], self.row_len
         pending = self.state.pending
         while need:
-            key, toks = pending[0]
-            take = min(need, len(toks))
-            tokens.extend(toks[:take])
-            keys.extend([key] * take)
-            if take == len(toks):
+            key, start, end = pending[0]
+            take = min(need, end - start)
+            tokens.append(self._tokens(key)[start:start + take])
+            keys.append(np.full(take, key, dtype=np.int64))
+            if start + take == end:
                 pending.pop(0)
+                self._cache.pop(key, None)
             else:
-                pending[0] = (key, toks[take:])
+                pending[0] = (key, start + take, end)
             need -= take
         self._pending_len -= self.row_len
-        keys_arr = np.asarray(keys, dtype=np.int64)
+        keys_arr = np.concatenate(keys)
         counts = np.bincount(key_dataset(keys_arr), minlength=len(self.sources))
         self.state.tokens_seen = [a + int(b) for a, b in zip(self.state.tokens_seen, counts)]
-        return np.asarray(tokens, dtype=np.int64), keys_arr
+        return np.concatenate(tokens), keys_arr
