@@ -182,23 +182,24 @@ def run_ranks(world, workers, batches, states=None, weights=(0.7, 0.3)):
     return rows, out_states
 
 
-def epoch0_documents(rows):
-    """Concatenate, per epoch-0 document, its tokens in emission order."""
+def epoch_documents(rows, epoch):
+    """Concatenate, per document of ``epoch``, its tokens in emission order."""
     docs = defaultdict(list)
     for tokens, keys in rows:
         for t, k in zip(tokens, keys):
-            if (k >> 40) & 0xFFFF == 0:
+            if (k >> 40) & 0xFFFF == epoch:
                 docs[k].append(t)
     return docs
 
 
-def check_epoch0_complete(rows):
+def check_epoch0_complete(rows, epoch=0):
+    """Every document of the epoch appears exactly once, whole, its tokens in order."""
     data = corpus()
-    docs = epoch0_documents(rows)
+    docs = epoch_documents(rows, epoch)
     for d, source in enumerate(data):
         for i in range(len(source)):
-            got = docs.pop(doc_key(d, 0, i), [])
-            assert got == source.docs[i].tolist(), f"dataset {d} document {i}"
+            got = docs.pop(doc_key(d, epoch, i), [])
+            assert got == source.docs[i].tolist(), f"dataset {d} document {i} epoch {epoch}"
     assert not docs
 
 
@@ -217,6 +218,15 @@ def test_rescale_check_detects_a_naive_restart():
     more, _ = run_ranks(3, 0, batches=60)  # restart from scratch: repeats documents
     with pytest.raises(AssertionError):
         check_epoch0_complete(rows + more)
+
+
+def test_rescale_across_an_epoch_boundary():
+    rows, states = run_ranks(2, 2, batches=14)
+    views = [{c["places"][d][0] for s in states for c in s["consumers"]} for d in range(2)]
+    assert views[0] == views[1] == {0, 1}  # consumers are split between epochs 0 and 1
+    more, _ = run_ranks(3, 0, batches=110, states=states)
+    check_epoch0_complete(rows + more, epoch=0)
+    check_epoch0_complete(rows + more, epoch=1)
 
 
 def test_rescale_twice():
