@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -110,12 +110,19 @@ def _check_prompts(model: BambaLM, prompts: Sequence[Sequence[int]], max_new_tok
                              f"{cfg.max_position_embeddings} tokens")
 
 
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, ContiguousCache], torch.Tensor]
+"""(tokens [B, 1], positions [B, 1], cache bound to all its rows) -> next-token logits [B, V];
+e.g. ``bamba.compile.CompiledDecode``."""
+
+
 class _Batch:
     """The decode state of one ``generate`` call: cache rows, positions, sampling, results."""
 
-    def __init__(self, model: BambaLM, prompts: Sequence[Sequence[int]], config: GenerationConfig):
+    def __init__(self, model: BambaLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                 decode_step: DecodeStep | None = None):
         _check_prompts(model, prompts, config.max_new_tokens)
         self.model, self.config, self.prompts = model, config, prompts
+        self.decode_step = decode_step
         eos = model.config.eos_token_ids if config.eos_token_ids is None else config.eos_token_ids
         self.stop_ids = frozenset() if config.ignore_eos else frozenset(eos)
         self.cache = ContiguousCache(model.config, len(prompts),
@@ -123,8 +130,10 @@ class _Batch:
                                      model.dtype, device=model.device)
         self.sampling = config.sampling_batch(len(prompts))
         self.results = [GenerationResult(prompt_tokens=len(p)) for p in prompts]
+        # Decode inputs of the active rows, kept between steps (rebuilt when a row leaves).
         self.active: list[int] = []
-        self._rows_sampling: SamplingBatch | None = None
+        self._rows_sampling = self.sampling
+        self._last = self._positions = torch.empty(0, 1, dtype=torch.long)
 
     def _accept(self, row: int, token: int) -> None:
         result = self.results[row]
@@ -144,28 +153,38 @@ class _Batch:
         self._accept(row, token)
         return token
 
+    def _set_active(self, rows: list[int]) -> None:
+        """Bind the cache and rebuild the decode inputs for these rows."""
+        self.active = rows
+        self._rows_sampling = self.sampling.select(rows) if rows else self.sampling
+        self.cache.bind(rows)
+        device = self.model.device
+        self._last = torch.tensor([[self.results[r].token_ids[-1]] for r in rows], device=device)
+        self._positions = torch.tensor(
+            [[len(self.prompts[r]) + len(self.results[r].token_ids) - 1] for r in rows],
+            device=device)
+
     def step(self) -> list[tuple[int, int]]:
         """One decode step for every active row: [(row, token)] in row order."""
         start = time.perf_counter()
         rows = self.active
-        device = self.model.device
-        last = torch.tensor([[self.results[r].token_ids[-1]] for r in rows], device=device)
-        positions = torch.tensor([[len(self.prompts[r]) + len(self.results[r].token_ids) - 1]
-                                  for r in rows], device=device)
-        logits = self.model(last, positions=positions, cache=self.cache.bind(rows))[:, -1]
-        assert self._rows_sampling is not None
-        tokens = sample(logits, self._rows_sampling).tolist()
+        if self.decode_step is not None and len(rows) == len(self.prompts):
+            logits = self.decode_step(self._last, self._positions, self.cache)
+        else:
+            logits = self.model(self._last, positions=self._positions, cache=self.cache)[:, -1]
+        next_tokens = sample(logits, self._rows_sampling)
+        tokens = next_tokens.tolist()
         elapsed = time.perf_counter() - start
         for r, token in zip(rows, tokens, strict=True):
             self.results[r].decode_seconds += elapsed
             self._accept(r, token)
-        self._set_active([r for r in rows if self.results[r].finish_reason is None])
+        still = [r for r in rows if self.results[r].finish_reason is None]
+        if still == rows:
+            self._last = next_tokens[:, None]
+            self._positions = self._positions + 1
+        else:
+            self._set_active(still)
         return list(zip(rows, tokens, strict=True))
-
-    def _set_active(self, rows: list[int]) -> None:
-        if rows != self.active:
-            self.active = rows
-            self._rows_sampling = self.sampling.select(rows) if rows else None
 
     def run(self) -> Iterator[tuple[int, int]]:
         """Prefill every prompt, then decode until all rows stop: yields (row, token)."""
@@ -178,9 +197,14 @@ class _Batch:
 
 @torch.inference_mode()
 def generate(model: BambaLM, prompts: Sequence[Sequence[int]],
-             config: GenerationConfig | None = None) -> list[GenerationResult]:
-    """Continue each prompt (a list of token ids); one result per prompt, in order."""
-    batch = _Batch(model, prompts, config or GenerationConfig())
+             config: GenerationConfig | None = None,
+             decode_step: DecodeStep | None = None) -> list[GenerationResult]:
+    """Continue each prompt (a list of token ids); one result per prompt, in order.
+
+    decode_step: an optional replacement for the eager decode forward (e.g. a compiled one),
+    used while every row of the batch is still decoding.
+    """
+    batch = _Batch(model, prompts, config or GenerationConfig(), decode_step)
     for _ in batch.run():
         pass
     return batch.results
@@ -193,8 +217,8 @@ class GenerationStream:
     """
 
     def __init__(self, model: BambaLM, prompt: Sequence[int],
-                 config: GenerationConfig | None = None):
-        self._batch = _Batch(model, [prompt], config or GenerationConfig())
+                 config: GenerationConfig | None = None, decode_step: DecodeStep | None = None):
+        self._batch = _Batch(model, [prompt], config or GenerationConfig(), decode_step)
         self.result = self._batch.results[0]
 
     def __iter__(self) -> Iterator[int]:

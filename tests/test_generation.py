@@ -11,6 +11,14 @@ PROMPTS = [[5, 9, 2], list(range(10, 21)),
            [7, 3, 60, 44, 1, 8, 8, 9, 30, 31, 2, 5, 6, 7, 50, 51, 3]]  # 3, 11 and 17 tokens
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threads only add overhead
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(attn_layers=(1, 3), seed=0) -> BambaLM:
     torch.manual_seed(seed)
     config = BambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
@@ -32,7 +40,6 @@ def _greedy_without_cache(model, prompt, steps):
 @pytest.mark.parametrize("attn_layers", [(1, 3), (), (0, 1, 2, 3)],
                          ids=["hybrid", "all-mamba", "all-attention"])
 def test_greedy_equals_full_recompute(attn_layers):
-    torch.set_num_threads(1)
     model = _model(attn_layers)
     results = generate(model, PROMPTS, GenerationConfig(max_new_tokens=12))
     for prompt, result in zip(PROMPTS, results, strict=True):
@@ -117,3 +124,20 @@ def test_context_limit_and_bad_prompts_raise():
 def test_generation_config_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GenerationConfig(**kwargs)
+
+
+def test_custom_decode_step_is_used_while_the_whole_batch_decodes():
+    model = _model()
+    free = generate(model, PROMPTS, GenerationConfig(max_new_tokens=12))
+    eos = free[1].token_ids[3]
+    config = GenerationConfig(max_new_tokens=12, eos_token_ids=[eos])
+    calls = []
+
+    def decode_step(tokens, positions, cache):
+        calls.append(tokens.shape[0])
+        return model(tokens, positions=positions, cache=cache)[:, -1]
+
+    results = generate(model, PROMPTS, config, decode_step=decode_step)
+    assert [r.token_ids for r in results] == [r.token_ids for r in generate(model, PROMPTS, config)]
+    first_stop = min(len(r.token_ids) for r in results)  # decode steps before a row left
+    assert calls == [len(PROMPTS)] * (first_stop - 1)
