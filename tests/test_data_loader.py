@@ -248,6 +248,18 @@ def test_states_saved_and_read_from_a_checkpoint_directory(tmp_path):
     assert loader.state_dict()["layout"]["generation"] == 1
 
 
+def test_state_of_another_dataset_is_refused():
+    first = make()
+    take(first, 2)
+    state = roundtrip(first.state_dict())
+    other = build_loader([ListDocuments("a", 0, [5] * 61), ListDocuments("b", 1, [5] * 37)],
+                         seq_len=SEQ, batch_size=2, seed=3)
+    with pytest.raises(ValueError, match="saved with 60"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        make(seed=4).load_state_dict(state)
+
+
 def test_rescale_needs_all_ranks():
     _, states = run_ranks(2, 0, batches=2)
     loader = make(world=3)

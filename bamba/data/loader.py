@@ -142,6 +142,10 @@ class PackedDataset(IterableDataset):
             raise ValueError(f"loader state is for datasets {s['datasets']}, not {self.names}")
         if s["layout"]["seed"] != self.seed:
             raise ValueError(f"loader state has seed {s['layout']['seed']}, loader {self.seed}")
+        for source, views in zip(self.sources, s["layout"]["views"]):
+            if views[0]["n"] != len(source):
+                raise ValueError(f"dataset {source.name!r} has {len(source)} documents; the loader "
+                                 f"state was saved with {views[0]['n']}")
 
     def _restore(self, s: dict[str, Any]) -> None:
         self.layout = Layout.from_dict(s["layout"])

@@ -132,7 +132,8 @@ class Consumer:
         self.state.places[d] = [vi, k + 1]
         perm = self._perms.get((d, view.epoch))
         if perm is None:  # the order of an epoch depends on (seed, dataset, epoch) only
-            perm = self._perms[d, view.epoch] = Permutation(view.n, mix_key(self.layout.seed, d, view.epoch))
+            perm = Permutation(view.n, mix_key(self.layout.seed, d, view.epoch))
+            self._perms[d, view.epoch] = perm
         return doc_key(d, view.epoch, perm(view.position(c + k * n_cons)))
 
     def _next_document(self) -> int:
