@@ -213,6 +213,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor | None,
     k = torch.full((rows,), vocab, dtype=torch.long) if top_k is None else \
         torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
     p = torch.ones(rows) if top_p is None else top_p.float()
+    k, p = k.to(logits.device), p.to(logits.device)
     active = (k < vocab) | (p < 1)
     if not bool(active.any()):
         return logits

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from bamba import sampling
 from bamba.sampling import (SamplingBatch, apply_penalties, compute_logprobs, filtered_logits,
                             min_p_filter, sample, sample_from_logits, token_counts,
                             top_k_top_p_filter)
@@ -54,6 +55,21 @@ def test_top_p_applies_after_top_k_renormalisation():
     # top_k 2 leaves 0.625 / 0.375; top_p 0.6 then keeps only the first
     out = top_k_top_p_filter(probs.log(), torch.tensor([2]), torch.tensor([0.6]))
     assert (~torch.isinf(out[0])).tolist() == [True, False, False, False]
+
+
+def test_top_p_candidate_shortcut_equals_full_sort(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    scales = torch.tensor([0.01, 0.3, 1.0, 4.0, 12.0, 2.0, 0.5, 8.0])[:, None]
+    logits = torch.randn(8, 1000, generator=gen) * scales  # flat rows need the full sort
+    top_k = torch.tensor([0, 0, 40, 0, 700, 5, 0, 0])
+    top_p = torch.tensor([0.9, 0.5, 0.8, 1.0, 0.95, 0.99, 1.0, 0.7])
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 16)
+    fast = top_k_top_p_filter(logits, top_k, top_p)
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 1000)
+    full = top_k_top_p_filter(logits, top_k, top_p)
+    assert torch.equal(torch.isinf(fast), torch.isinf(full))
+    assert torch.equal(fast[6], logits[6])  # no filter on this row
+    assert int((~torch.isinf(fast[2])).sum()) <= 40 and int((~torch.isinf(fast[0])).sum()) > 16
 
 
 def test_min_p_keeps_tokens_above_fraction_of_max():
