@@ -66,8 +66,8 @@ class PackedDataset(IterableDataset):
                  mask_boundary: bool = True) -> None:
         super().__init__()
         names = [s.name for s in sources]
-        if not sources or len(set(names)) != len(names):
-            raise ValueError(f"need at least one dataset, with distinct names; got {names}")
+        if not 0 < len(sources) < 128 or len(set(names)) != len(names):
+            raise ValueError(f"need 1 to 127 datasets with distinct names; got {names}")
         if seq_len < 1 or batch_size < 1 or shuffle_buffer < 0 or num_workers < 0:
             raise ValueError("seq_len and batch_size must be >= 1, shuffle_buffer and "
                              "num_workers >= 0")

@@ -28,9 +28,10 @@ _INDEX_MASK = (1 << 40) - 1
 
 
 def doc_key(dataset: int, epoch: int, index: int) -> int:
-    if not (dataset < 128 and epoch < 1 << 16 and index < 1 << 40):
-        raise ValueError(f"document key out of range: dataset {dataset} epoch {epoch} index {index}")
-    return dataset << 56 | epoch << 40 | index
+    """One int64 naming a document draw; the epoch is kept modulo 2^16 (it only labels)."""
+    if not (dataset < 128 and index < 1 << 40):
+        raise ValueError(f"document key out of range: dataset {dataset} index {index}")
+    return dataset << 56 | (epoch & 0xFFFF) << 40 | index
 
 
 def key_dataset(keys: np.ndarray) -> np.ndarray:
