@@ -19,11 +19,12 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
-def _api_text(model, tokenizer, prompt, max_new_tokens):
+def _api_greedy(model, tokenizer, prompt, max_new_tokens):
+    """(decoded text, decode steps) of the Python API's greedy continuation."""
     eos = sorted(set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids))
     result = generate(model, [tokenizer.encode(prompt)],
                       GenerationConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos))[0]
-    return tokenizer.decode(result.token_ids)
+    return tokenizer.decode(result.token_ids), result.decode_steps
 
 
 def _one_line_error(capsys, *fragments):
@@ -38,9 +39,9 @@ def test_default_model_streams_greedy_text_and_says_it_is_untrained(capsys):
     assert main(["generate", "--prompt", "Hello, Bamba", "--max-new-tokens", "8",
                  "--threads", "1"]) == 0
     out, err = capsys.readouterr()
-    model, tokenizer = load_default()
-    assert out == _api_text(model, tokenizer, "Hello, Bamba", 8) + "\n"
-    assert "prefill: 12 tokens" in err and "decode: 7 tokens" in err and "tok/s" in err
+    text, steps = _api_greedy(*load_default(), "Hello, Bamba", 8)
+    assert out == text + "\n"
+    assert "prefill: 12 tokens" in err and f"decode: {steps} tokens" in err and "tok/s" in err
     assert "UNTRAINED" in err and "noise" in err
     assert torch.get_num_threads() == 1
 
@@ -51,7 +52,7 @@ def test_default_model_in_bfloat16_with_sampling(capsys):
             "--seed", "7"]
     assert main(argv) == 0
     first = capsys.readouterr()
-    assert "bfloat16" in first.err and "decode: 4 tokens" in first.err
+    assert "bfloat16" in first.err and "prefill: 3 tokens" in first.err
     assert main(argv) == 0
     assert capsys.readouterr().out == first.out  # seeded
 
@@ -71,7 +72,7 @@ def test_saved_checkpoint_runs(checkpoint_dir, capsys):
                  "--max-new-tokens", "10", "--threads", "1"]) == 0
     out, err = capsys.readouterr()
     model = from_pretrained(checkpoint_dir)
-    assert out == _api_text(model, byte_tokenizer(), "The cat", 10) + "\n"
+    assert out == _api_greedy(model, byte_tokenizer(), "The cat", 10)[0] + "\n"
     assert "prefill: 7 tokens" in err and "UNTRAINED" not in err
 
 
@@ -94,3 +95,27 @@ def test_missing_model_dir_is_one_line(tmp_path, capsys):
 def test_bad_arguments_are_one_line(extra, fragment, capsys):
     assert main(["generate", "--prompt", "hi", *extra]) == 2
     _one_line_error(capsys, fragment)
+
+
+def test_embedded_default_is_deterministic_and_warns(caplog):
+    with caplog.at_level("WARNING", logger="bamba.default_model"):
+        model, tokenizer = load_default()
+    assert "UNTRAINED" in caplog.text
+    again, _ = load_default()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  again.state_dict().values(), strict=True))
+    assert model.config.vocab_size == tokenizer.vocab_size == 257
+    assert model.config.eos_token_ids == [tokenizer.eos_token_id] == [256]
+    bf16, _ = load_default(torch.bfloat16)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.model.layers[0].mamba.A_log.dtype == torch.float32
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tokenizer = byte_tokenizer()
+    text = "naïve café — 🙂\n\t<b>x</b>  "
+    ids = tokenizer.encode(text)
+    assert ids == list(text.encode("utf-8"))  # token i is byte i, no BOS
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.encode("a<|endoftext|>") == [97, 256]
+    assert tokenizer.decode([97, 256]) == "a"
