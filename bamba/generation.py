@@ -9,7 +9,6 @@ behind ``bamba generate`` and the reference the engine is tested against.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ import torch
 from bamba.cache import ContiguousCache
 from bamba.model import BambaLM
 from bamba.sampling import SamplingBatch, sample
-
-log = logging.getLogger(__name__)
 
 
 def _is_int(value: object) -> bool:
