@@ -9,8 +9,9 @@ request; the scheduler decides what to do about it. No tensors live here (the ru
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -81,14 +82,18 @@ def plan_pools(config: BambaConfig, memory_bytes: int, block_size: int, dtype: t
 
 
 class PagePool:
-    """Integer pages with reference counts, a free list and an LRU of cached, unused pages."""
+    """Integer pages with reference counts, a free list and an LRU of cached, unused pages.
+
+    Free pages are handed out lowest id first, so running sequences tend to hold a compact range
+    of state slots (the runner then reads a batch's states as one slice instead of a gather).
+    """
 
     def __init__(self, num_pages: int, name: str):
         if num_pages <= 0:
             raise ValueError(f"{name} pool needs at least one page, got {num_pages}")
         self.name = name
         self.num_pages = num_pages
-        self._free: deque[int] = deque(range(num_pages))
+        self._free = list(range(num_pages))  # a heap
         self._refs = [0] * num_pages
         self._key_of: dict[int, Hashable] = {}
         self._page_of: dict[Hashable, int] = {}
@@ -115,7 +120,7 @@ class PagePool:
         pages = []
         for _ in range(n):
             if self._free:
-                page = self._free.popleft()
+                page = heapq.heappop(self._free)
             else:
                 page, _ = self._lru.popitem(last=False)
                 del self._page_of[self._key_of.pop(page)]
@@ -136,7 +141,7 @@ class PagePool:
                 if page in self._key_of:
                     self._lru[page] = None
                 else:
-                    self._free.append(page)
+                    heapq.heappush(self._free, page)
 
     def register(self, page: int, key: Hashable) -> bool:
         """Give an in-use page a cache key; False if the key or the page already has one."""
@@ -160,7 +165,7 @@ class PagePool:
     def clear_cache(self) -> None:
         """Forget every cached key; unused cached pages become free."""
         for page in list(self._lru):
-            self._free.append(page)
+            heapq.heappush(self._free, page)
         self._lru.clear()
         self._key_of.clear()
         self._page_of.clear()

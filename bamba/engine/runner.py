@@ -26,18 +26,26 @@ class PagedBatchCache:
         self.runner = runner
         device = runner.model.device
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        # Consecutive ascending slots are read and written as one slice (no gather, no scatter).
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self.span = slice(slots[0], slots[0] + len(slots)) if contiguous else None
         width = max(len(t) for t in block_tables)
         # Short tables are padded with block 0: positions past a row's length are masked out.
         self.tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
                                    dtype=torch.long, device=device)  # [B, blocks]
 
     def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.runner.conv[layer_idx][self.slots], self.runner.ssm[layer_idx][self.slots]
+        conv_pool, ssm_pool = self.runner.conv[layer_idx], self.runner.ssm[layer_idx]
+        if self.span is not None:
+            return conv_pool[self.span], ssm_pool[self.span]
+        return conv_pool[self.slots], ssm_pool[self.slots]
 
     def set_mamba_state(self, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
-        conv_pool, ssm_pool = self.runner.conv[layer_idx], self.runner.ssm[layer_idx]
-        conv_pool.index_copy_(0, self.slots, conv.to(conv_pool.dtype))
-        ssm_pool.index_copy_(0, self.slots, ssm.to(ssm_pool.dtype))
+        for pool, new in ((self.runner.conv[layer_idx], conv), (self.runner.ssm[layer_idx], ssm)):
+            if self.span is None:
+                pool.index_copy_(0, self.slots, new.to(pool.dtype))
+            elif new.data_ptr() != pool[self.span].data_ptr():  # updated in place: nothing to do
+                pool[self.span].copy_(new)
 
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +100,7 @@ class ModelRunner:
                 self.copy_state(chunk.restore_from, chunk.slot)
             elif chunk.reset_state:
                 self.zero_state(chunk.slot)
-        decode = [c for c in chunks if len(c.token_ids) == 1]
+        decode = sorted((c for c in chunks if len(c.token_ids) == 1), key=lambda c: c.slot)
         logits: dict[int, torch.Tensor] = {}
         if decode:
             logits.update(self._forward(decode))
