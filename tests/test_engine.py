@@ -265,3 +265,22 @@ def test_bad_requests_raise_value_error(model: BambaLM) -> None:
     out = llm.generate([list(range(3, 30))], greedy(100))[0].outputs[0]
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
     assert_pools_full(llm)
+
+
+def test_llm_from_checkpoint_with_text_prompts_and_stop_strings(make_hf_checkpoint) -> None:
+    directory = make_hf_checkpoint("hybrid")
+    llm = LLM(str(directory), memory_gb=0.001, block_size=4, max_num_batched_tokens=8)
+    prompt = "State space models keep"
+    ids = llm.tokenizer.encode(prompt)
+    out = llm.generate(prompt, greedy(12))[0]
+    tokens = out.outputs[0].token_ids
+    assert out.prompt == prompt and out.prompt_token_ids == ids
+    assert tokens == reference_greedy(llm.model, ids, 12)
+    text = out.outputs[0].text
+    assert text == llm.tokenizer.decode(tokens)
+    stop = text[3:6]
+    assert stop.strip() and text.find(stop) == 3
+    cut = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                stop=[stop]))[0].outputs[0]
+    assert cut.text == text[:3] and cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert_pools_full(llm)
