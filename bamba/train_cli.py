@@ -6,6 +6,10 @@ For several processes: ``torchrun --nproc-per-node N -m bamba.train CONFIG.yaml 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bamba.train.trainer import TrainResult
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +22,11 @@ def run(args: argparse.Namespace) -> int:
     from bamba.train.config import load_config
     from bamba.train.trainer import train
 
-    result = train(load_config(args.config, args.overrides))
+    return report(train(load_config(args.config, args.overrides)))
+
+
+def report(result: "TrainResult") -> int:
+    """Print the last loss, throughput and export directory of a finished run."""
     if result.losses:
         last = max(result.losses)
         print(f"step {last}: loss {result.losses[last]:.4f}, {result.tokens_per_s:.0f} tokens/s")

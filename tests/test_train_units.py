@@ -76,7 +76,7 @@ def test_config_yaml_and_overrides(tmp_path: Path) -> None:
     ("--beta2=1", "beta2 must be in"),
     ("--warmup_steps=1000", "decay_steps (100) must be >= warmup_steps (1000)"),
     ("--model=huge", "unknown model preset 'huge'"),
-    ("--data=web", "data must be 'synthetic', 'shards' or 'text'"),
+    ("--data=web", "data must be one of synthetic, shards, text, sft; got 'web'"),
     ("--data=shards", "data='shards' needs data_path"),
     ("--grad_clip=-1", "grad_clip must be >= 0"),
     ("--colour=red", "unknown config key 'colour'"),

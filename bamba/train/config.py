@@ -19,15 +19,20 @@ import yaml
 from bamba.config import PRESETS, BambaConfig, preset
 
 
+DATA_KINDS = ("synthetic", "shards", "text", "sft")
+
+
 @dataclass
 class TrainConfig:
     # model
     model: str = "tiny"  # a preset name of bamba.config.PRESETS
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # an HF-layout checkpoint to start from (fine-tuning)
     # data: "synthetic" (seeded random documents, for tests and smoke runs), "shards"
     # (`bamba tokenize` output directories at data_path, comma-separated: one dataset each) or
     # "text" (raw files tokenized on the fly with `tokenizer`); data_options go to the loader
-    # (weights, num_workers, shuffle_buffer, mask_boundary, text_field).
+    # (weights, num_workers, shuffle_buffer, mask_boundary, text_field); "sft": chat or
+    # prompt/completion JSONL at data_path, loss on assistant tokens only (bamba.train.sft).
     data: str = "synthetic"
     data_path: str | None = None
     data_options: dict[str, Any] = field(default_factory=dict)
@@ -85,8 +90,12 @@ class TrainConfig:
                              f"({self.warmup_steps})")
         if self.model not in PRESETS:
             raise ValueError(f"unknown model preset {self.model!r}; known: {', '.join(sorted(PRESETS))}")
-        if self.data not in ("synthetic", "shards", "text"):
-            raise ValueError(f"data must be 'synthetic', 'shards' or 'text', got {self.data!r}")
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"data must be one of {', '.join(DATA_KINDS)}; got {self.data!r}")
+        if self.data in ("text", "sft") and not (self.tokenizer or self.init_from):
+            raise ValueError(f"data={self.data!r} needs tokenizer (or init_from with a tokenizer)")
+        if self.init_from and self.model_overrides:
+            raise ValueError("model_overrides cannot change the architecture of init_from")
         if self.data != "synthetic" and not self.data_path:
             raise ValueError(f"data={self.data!r} needs data_path")
         if self.peak_tflops <= 0:
@@ -99,6 +108,10 @@ class TrainConfig:
         return self.steps if self.decay_steps is None else self.decay_steps
 
     def model_config(self) -> BambaConfig:
+        if self.init_from:
+            from bamba.checkpoint import load_config as load_model_config
+
+            return load_model_config(self.init_from)
         try:
             return preset(self.model, **self.model_overrides)
         except TypeError as exc:  # an unknown field name

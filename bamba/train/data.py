@@ -29,13 +29,34 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class SyntheticSource:
-    """Packed rows of learnable documents; global row ``g`` is a pure function of (seed, g).
+class RowStream:
+    """One global stream of packed rows, row ``g`` a pure function of ``g`` (``row(g)``).
 
-    Each step every rank takes ``batch_size`` consecutive rows of one global stream (rank r
-    takes rows ``rows + r*B .. rows + (r+1)*B``), so the state is one number, the same on every
-    rank, and a resume at another world size continues the stream with no row (so no document)
-    repeated or skipped. A document is an arithmetic progression mod the vocabulary (learnable),
+    Each step every rank takes ``batch_size`` consecutive rows (rank r takes rows
+    ``rows + r*B .. rows + (r+1)*B``), so the state is one number, the same on every rank, and
+    a resume at another world size continues the stream with no row repeated or skipped.
+    """
+
+    def __init__(self, batch_size: int, rank: int, world_size: int) -> None:
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.rows = 0  # global rows consumed by all ranks
+
+    def row(self, g: int) -> Batch:
+        raise NotImplementedError
+
+    def __iter__(self) -> "RowStream":
+        return self
+
+    def __next__(self) -> Batch:
+        first = self.rows + self.rank * self.batch_size
+        rows = [self.row(g) for g in range(first, first + self.batch_size)]
+        self.rows += self.batch_size * self.world_size
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+class SyntheticSource(RowStream):
+    """Packed rows of learnable documents; global row ``g`` is a pure function of (seed, g).
+    A document is an arithmetic progression mod the vocabulary (learnable),
     3..L tokens long; its global id is ``(row, index in row)``.
     """
 
@@ -47,18 +68,8 @@ class SyntheticSource:
             raise ValueError(f"vocab_size must be > {self.FIRST_TOKEN + 1}, got {vocab_size}")
         if seq_len < 3:
             raise ValueError(f"seq_len must be >= 3, got {seq_len}")
-        self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.rows = 0  # global rows consumed by all ranks
-
-    def __iter__(self) -> "SyntheticSource":
-        return self
-
-    def __next__(self) -> Batch:
-        first = self.rows + self.rank * self.batch_size
-        rows = [self.row(g) for g in range(first, first + self.batch_size)]
-        self.rows += self.batch_size * self.world_size
-        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+        super().__init__(batch_size, rank, world_size)
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
 
     def documents(self, g: int) -> list[torch.Tensor]:
         """The documents packed into global row ``g``."""

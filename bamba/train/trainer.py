@@ -52,6 +52,15 @@ def build_source(cfg: TrainConfig, vocab_size: int, info: parallel.DistInfo) -> 
     if cfg.data == "synthetic":
         return SyntheticSource(vocab_size=vocab_size, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+    if cfg.data == "sft":
+        from bamba.checkpoint import load_tokenizer
+        from bamba.train.sft import SFTSource, load_examples
+
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return SFTSource(load_examples(cfg.data_path, tokenizer), seq_len=cfg.seq_len,
+                         batch_size=cfg.batch_size, pad_id=pad, rank=info.rank,
+                         world_size=info.world_size, seed=cfg.seed)
     if cfg.data in ("shards", "text"):
         paths = [p.strip() for p in (cfg.data_path or "").split(",") if p.strip()]
         return build_loader_source(cfg.data, paths, cfg.data_options, seq_len=cfg.seq_len,
@@ -61,8 +70,15 @@ def build_source(cfg: TrainConfig, vocab_size: int, info: parallel.DistInfo) -> 
 
 
 def build_model(cfg: TrainConfig, info: parallel.DistInfo) -> BambaLM:
-    """Same seeded init on every rank, then activation checkpointing and FSDP2 if distributed."""
-    model = init_weights(BambaLM(cfg.model_config()), seed=cfg.seed).to(info.device)
+    """Seeded init (the same on every rank) or ``init_from``'s weights, then activation
+    checkpointing and FSDP2 if distributed."""
+    if cfg.init_from:
+        from bamba.checkpoint import from_pretrained
+
+        model = from_pretrained(cfg.init_from, dtype=torch.float32, device=info.device)
+        model.train()
+    else:
+        model = init_weights(BambaLM(cfg.model_config()), seed=cfg.seed).to(info.device)
     if cfg.activation_checkpointing:
         parallel.apply_activation_checkpointing(model)
     if info.distributed:
@@ -203,7 +219,8 @@ class Trainer:
 
             plain = BambaLM(self.model.config)
             plain.load_state_dict(full)
-            tokenizer = load_tokenizer(self.cfg.tokenizer) if self.cfg.tokenizer else None
+            source = self.cfg.tokenizer or self.cfg.init_from
+            tokenizer = load_tokenizer(source) if source else None
             target = save_pretrained(plain, self.out_dir / "hf", tokenizer=tokenizer)
             plot_loss(self.metrics.path, self.out_dir / "loss.png")
         parallel.barrier()
