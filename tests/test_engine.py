@@ -57,12 +57,14 @@ def assert_pools_full(llm: LLM) -> None:
     assert not llm.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("layout", ["hybrid", "mamba", "attention"])
-def test_greedy_equals_model_for_mixed_batch(layout: str) -> None:
+@pytest.mark.parametrize("layout, budget", [("hybrid", 16), ("hybrid", 4096), ("mamba", 16),
+                                            ("attention", 16)])
+def test_greedy_equals_model_for_mixed_batch(layout: str, budget: int) -> None:
+    """Decode rows batched with prefill chunks (equal-length chunks share one call)."""
     model = tiny_model(layout)
-    llm = LLM(model, memory_gb=0.001, block_size=4, max_num_batched_tokens=16)
-    batch = prompts((5, 17, 1, 30, 9))
-    lengths = [6, 3, 8, 5, 7]
+    llm = LLM(model, memory_gb=0.001, block_size=4, max_num_batched_tokens=budget)
+    batch = prompts((5, 17, 1, 30, 9, 17))
+    lengths = [6, 3, 8, 5, 7, 4]
     outs = llm.generate(batch, [greedy(n) for n in lengths])
     for prompt, n, out in zip(batch, lengths, outs, strict=True):
         assert out.outputs[0].token_ids == reference_greedy(model, prompt, n)

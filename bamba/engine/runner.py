@@ -6,8 +6,8 @@ conv states in [num_slots, K-1, conv_dim] (model dtype) and SSM states in [num_s
 ``InferenceCache`` for one forward call over these pools: each row brings its block table and
 its state slot.
 
-A step runs every one-token chunk (decode) as one batched call [B, 1], and each longer prefill
-chunk as its own call [1, L] (rows of one call share L).
+A step runs every one-token chunk (decode) as one batched call [B, 1], and the prefill chunks
+in one call per distinct length [n, L] (rows of one call share L).
 """
 
 from __future__ import annotations
@@ -100,13 +100,12 @@ class ModelRunner:
                 self.copy_state(chunk.restore_from, chunk.slot)
             elif chunk.reset_state:
                 self.zero_state(chunk.slot)
-        decode = sorted((c for c in chunks if len(c.token_ids) == 1), key=lambda c: c.slot)
+        groups: dict[int, list[ScheduledChunk]] = {}  # rows of one model call share a length
+        for chunk in sorted(chunks, key=lambda c: c.slot):
+            groups.setdefault(len(chunk.token_ids), []).append(chunk)
         logits: dict[int, torch.Tensor] = {}
-        if decode:
-            logits.update(self._forward(decode))
-        for chunk in chunks:
-            if len(chunk.token_ids) > 1:
-                logits.update(self._forward([chunk]))
+        for rows in groups.values():
+            logits.update(self._forward(rows))
         for chunk in chunks:
             if chunk.snapshot_to is not None:
                 self.copy_state(chunk.slot, chunk.snapshot_to)
