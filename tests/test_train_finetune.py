@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def test_pretrain_export_then_finetune(tokenizer_dir, tmp_path: Path, capsys) ->
     base.model_overrides = MODEL
     exported = train(base).export_dir
     assert (exported / "tokenizer.json").is_file()
+    _assert_transformers_agrees(exported)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "pre" / "loss.png").stat().st_size > 1000
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in
                             [CHAT, {"prompt": "add 2 and 2", "completion": " 4"}] * 4))
@@ -105,3 +109,15 @@ def test_pretrain_export_then_finetune(tokenizer_dir, tmp_path: Path, capsys) ->
     start = from_pretrained(exported)
     assert model.config == start.config
     assert not torch.equal(model.lm_head.weight, start.lm_head.weight)  # it trained
+
+
+def _assert_transformers_agrees(directory: Path) -> None:
+    """The trainer's export loads in transformers and gives bamba's logits."""
+    transformers = pytest.importorskip("transformers")
+    from bamba.checkpoint import from_pretrained
+
+    ids = torch.randint(3, 300, (1, 24))
+    ours = from_pretrained(directory)(ids)
+    theirs = transformers.BambaForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours, theirs(ids).logits, atol=1e-4, rtol=1e-4)

@@ -215,3 +215,26 @@ def test_keep_last_and_optimizer_roundtrip(tmp_path: Path) -> None:
             assert torch.equal(a[key], b[key]), key
     with pytest.raises(ValueError, match="not a complete training checkpoint"):
         ckpt.load(tmp_path, fresh, fresh_opt)
+
+
+# ---- the loop in process ---------------------------------------------------------------------
+def _losses(tmp_path: Path, name: str, *overrides: str) -> dict[int, float]:
+    from bamba.train.trainer import train
+
+    cfg = load_config(None, [f"--out_dir={tmp_path / name}", "--steps=3", "--warmup_steps=1",
+                             "--seq_len=32", "--batch_size=2", "--progress=false", "--export=false",
+                             "--bf16=false", *overrides])
+    cfg.model_overrides = SMALL
+    return train(cfg).losses
+
+
+def test_activation_checkpointing_and_accumulation_keep_the_math(tmp_path: Path) -> None:
+    plain = _losses(tmp_path, "plain")
+    recomputed = _losses(tmp_path, "ac", "--activation_checkpointing=true")
+    assert plain.keys() == recomputed.keys() == {1, 2, 3}
+    for step in plain:
+        assert abs(plain[step] - recomputed[step]) < 1e-6
+    # 2 micro-batches of 1 row = 1 micro-batch of 2 rows (token-weighted mean over the step)
+    accumulated = _losses(tmp_path, "accum", "--batch_size=1", "--grad_accum=2")
+    for step in plain:
+        assert abs(plain[step] - accumulated[step]) < 1e-5
