@@ -82,9 +82,10 @@ def test_torchrun_two_processes_on_shards_resumed_in_one(shards, tmp_path) -> No
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config(shards[0], tmp_path / "run")))
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "bamba.train", str(path), "--steps=4", "--decay_steps=6"]
+           "-m", "bamba.train", str(path), "--steps=4", "--decay_steps=6", "--export=true"]
     done = subprocess.run(two, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
+    _assert_export_matches_checkpoint(tmp_path / "run", step=4)
     one = [sys.executable, "-m", "bamba.train", str(path), f"--batch_size={2 * ROWS}"]
     done = subprocess.run(one, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -97,3 +98,20 @@ def test_torchrun_two_processes_on_shards_resumed_in_one(shards, tmp_path) -> No
     assert state["world_size"] == 1 and data["layout"]["generation"] == 1  # rescaled once
     rows = 4 * 2 * ROWS + 2 * 2 * ROWS  # every row delivered, before and after the rescale
     assert sum(data["tokens_seen"].values()) == rows * (SEQ + 1)
+
+
+def _assert_export_matches_checkpoint(run: Path, step: int) -> None:
+    """The HF export gathered from the FSDP shards equals the DCP checkpoint of that step."""
+    from bamba.checkpoint import from_pretrained
+    from bamba.train.checkpoint import Checkpointer
+    from bamba.train.optim import build_optimizer
+
+    exported = from_pretrained(run / "hf")
+    fresh = from_pretrained(run / "hf")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    Checkpointer(run / "checkpoints").load(run / "checkpoints" / f"step_{step:08d}", fresh,
+                                           build_optimizer(fresh, lr=1e-3))
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[name]), name
