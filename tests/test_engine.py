@@ -136,6 +136,22 @@ def test_resume_uses_snapshot_not_only_kv(model: BambaLM) -> None:
     assert llm.stats().prefix_cache_hit_rate == 0.0  # no boundary <= 10 had a snapshot
 
 
+def test_shared_prefix_resumes_from_the_last_snapshot_interval(model: BambaLM) -> None:
+    """States are saved every snapshot_interval tokens of a prompt, so a later prompt that
+    shares 21 tokens resumes at 16 (the last mark before it diverges), not at 0."""
+    llm = LLM(model, memory_gb=0.001, block_size=4, snapshot_interval=8,
+              max_num_batched_tokens=4096)
+    first = prompts((40,), seed=13)[0]
+    llm.generate([first], greedy(2))
+    second = first[:21] + prompts((9,), seed=14)[0]
+    llm.prefix.reset_stats()
+    out = llm.generate([second], greedy(5))[0]
+    assert llm.prefix.hit_tokens == 16
+    assert out.outputs[0].token_ids == reference_greedy(model, second, 5)
+    with pytest.raises(ValueError, match="snapshot_interval"):
+        LLM(model, memory_gb=0.001, snapshot_interval=0)
+
+
 def test_preemption_under_tiny_kv_budget(model: BambaLM) -> None:
     llm = LLM(model, memory_gb=64_000 / 1e9, block_size=4, max_num_batched_tokens=64,
               max_num_seqs=8, enable_prefix_caching=False)

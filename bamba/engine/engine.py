@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from bamba.engine.cache import PagePool, plan_pools
 from bamba.engine.params import CompletionOutput, RequestOutput, SamplingParams
 from bamba.engine.prefix_cache import PrefixCache
 from bamba.engine.runner import ModelRunner
-from bamba.engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from bamba.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from bamba.engine.sequence import SequenceOutput, sample_rows
 from bamba.model import BambaLM
 
@@ -81,6 +82,8 @@ class LLM:
 
     model: a ``BambaLM``, or a checkpoint directory / hub id loaded with ``from_pretrained``
     (its tokenizer too). memory_gb: bytes (10^9) for KV blocks and state slots together.
+    snapshot_interval: with prefix caching, Mamba states are saved every this many prompt
+    tokens (rounded up to whole blocks) and at the prompt's last full block.
     """
 
     def __init__(self, model: BambaLM | str | os.PathLike, tokenizer: object | None = None, *,
@@ -88,7 +91,7 @@ class LLM:
                  block_size: int = 16, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  state_dtype: str | torch.dtype = torch.float32, max_model_len: int | None = None,
-                 seed: int = 0):
+                 snapshot_interval: int = 256, seed: int = 0):
         model, tokenizer = _load(model, tokenizer, dtype)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -108,8 +111,9 @@ class LLM:
         has_mamba = bool(cfg.mamba_layer_indices)
         self.prefix = PrefixCache(self.blocks, self.slots, block_size, has_mamba) \
             if enable_prefix_caching else None
-        self.scheduler = Scheduler(self.blocks, self.slots, self.prefix, block_size,
-                                   max_num_seqs, max_num_batched_tokens, has_mamba)
+        interval = math.ceil(snapshot_interval / block_size) * block_size
+        self.scheduler = Scheduler(self.blocks, self.slots, self.prefix, SchedulerConfig(
+            block_size, max_num_seqs, max_num_batched_tokens, has_mamba, interval))
         self.runner = ModelRunner(model, plan, block_size, self.state_dtype)
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[int, _Request] = {}

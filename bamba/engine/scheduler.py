@@ -66,17 +66,34 @@ class SchedulerOutput:
         return sum(len(c.token_ids) for c in self.chunks)
 
 
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one step. snapshot_interval: when caching a hybrid, prefill chunks are cut at
+    multiples of it (tokens, a multiple of block_size) so Mamba states are saved there."""
+
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    has_mamba: bool
+    snapshot_interval: int
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        if self.snapshot_interval < 1 or self.snapshot_interval % self.block_size:
+            raise ValueError(f"snapshot_interval {self.snapshot_interval} must be a positive "
+                             f"multiple of block_size {self.block_size}")
+
+
 class Scheduler:
     def __init__(self, blocks: PagePool, slots: PagePool, prefix: PrefixCache | None,
-                 block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 has_mamba: bool):
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+                 config: SchedulerConfig):
         self.blocks, self.slots, self.prefix = blocks, slots, prefix
-        self.block_size = block_size
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.has_mamba = has_mamba
+        self.config = config
+        self.block_size = config.block_size
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.has_mamba = config.has_mamba
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[int, Sequence] = {}
@@ -148,15 +165,17 @@ class Scheduler:
         return SchedulerOutput(chunks, preempted)
 
     def _chunk_len(self, seq: Sequence, budget: int) -> int:
-        """How many tokens to run: all that remain, within the budget; when caching a hybrid,
-        prefill chunks end on block boundaries (and at the last one) so states can be saved."""
+        """How many tokens to run: all that remain, within the budget. When caching a hybrid,
+        prefill chunks end on block boundaries, at every snapshot interval and at the last full
+        block, so the Mamba state can be saved there for later prefixes."""
         total = len(seq.token_ids)
         start = seq.num_computed
         end = min(total, start + budget)
         if self.prefix is not None and self.has_mamba and total - start > 1:
-            bs = self.block_size
+            bs, interval = self.block_size, self.config.snapshot_interval
             if end < total and end // bs * bs > start:
                 end = end // bs * bs
+            end = min(end, (start // interval + 1) * interval)
             last = total // bs * bs
             if start < last < end:
                 end = last
