@@ -302,3 +302,12 @@ def test_llm_from_checkpoint_with_text_prompts_and_stop_strings(make_hf_checkpoi
                                                 stop=[stop]))[0].outputs[0]
     assert cut.text == text[:3] and cut.finish_reason == "stop" and cut.stop_reason == stop
     assert_pools_full(llm)
+
+
+def test_dtype_cast_keeps_ssm_parameters_float32() -> None:
+    llm = LLM(tiny_model(), dtype="bfloat16", memory_gb=0.001, block_size=4)
+    assert llm.model.dtype == torch.bfloat16
+    mixer = llm.model.model.layers[0].mamba
+    assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_bias.dtype == torch.float32
+    assert next(iter(llm.runner.keys.values())).dtype == torch.bfloat16
+    assert len(llm.generate([[5, 6, 7]], greedy(3))[0].outputs[0].token_ids) == 3
