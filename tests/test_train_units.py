@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from bamba.config import preset
 from bamba.model import BambaLM, init_weights
@@ -238,3 +239,37 @@ def test_activation_checkpointing_and_accumulation_keep_the_math(tmp_path: Path)
     accumulated = _losses(tmp_path, "accum", "--batch_size=1", "--grad_accum=2")
     for step in plain:
         assert abs(plain[step] - accumulated[step]) < 1e-5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--data=shards", "--data_path=/nonexistent/shards"], "no manifest.json in /nonexistent/shards"),
+    (["--data=sft", "--data_path=BAD", "--tokenizer=TOK"], "BAD:2: not a JSON object"),
+    (["--data=sft", "--data_path=/nonexistent/chat.jsonl", "--tokenizer=TOK"],
+     "/nonexistent/chat.jsonl: no such fine-tuning file"),
+    (["--data=text", "--data_path=EMPTY", "--tokenizer=TOK"], "no .txt/.py/.jsonl/.parquet files"),
+    (["--data=text", "--data_path=TEXT", "--tokenizer=TOK", "--data_options.weights=[-1]"],
+     "weights must be finite and >= 0"),
+    (["--data=text", "--data_path=TEXT", "--tokenizer=TOK", "--data_options.workers=2"],
+     "unknown data_options key 'workers'"),
+])
+def test_bad_data_gives_one_line_errors(overrides, message, tmp_path: Path, capsys) -> None:
+    from bamba.data.bpe import train_bpe
+    from bamba.train.__main__ import main
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n[1, 2]\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("some text to train on\n" * 20)
+    if any("TOK" in o for o in overrides):
+        train_bpe([tmp_path / "text" / "a.txt"], 300, tmp_path / "tok")
+    paths = {"BAD": tmp_path / "bad.jsonl", "EMPTY": tmp_path / "empty", "TEXT": tmp_path / "text",
+             "TOK": tmp_path / "tok"}
+    args = [f"--out_dir={tmp_path / 'run'}", "--steps=1", "--warmup_steps=0", "--progress=false"]
+    for item in overrides:
+        key, value = item.split("=", 1)
+        args.append(f"{key}={paths.get(value, value)}")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model_overrides": SMALL}))
+    assert main([str(tmp_path / "c.yaml"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bamba.train: error: ") and "\n" not in err
+    assert message.replace("BAD", str(paths["BAD"])) in err
