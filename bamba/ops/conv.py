@@ -18,14 +18,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if state is None:
         state = x.new_zeros(b, k - 1, d)
     window = torch.cat((state.to(x.dtype), x), dim=1)  # [B, K-1+L, D]
-    y = window[:, k - 1:] * weight[:, k - 1]  # the current input's tap
-    for back in range(1, k):
-        tap = window[:, k - 1 - back:k - 1 - back + l] * weight[:, k - 1 - back]
+    current = window[:, k - 1:]  # the current input's tap, plus the bias, in one pass
+    y = current * weight[:, k - 1] if bias is None else torch.addcmul(bias, current, weight[:, k - 1])
+    for back in range(1, k):  # accumulate in place: one pass per tap
+        tap = window[:, k - 1 - back:k - 1 - back + l]
         if seq_idx is not None:
             tap = tap * _same_document(seq_idx, back)[..., None].to(tap.dtype)
-        y = y + tap
-    if bias is not None:
-        y = y + bias
+        y = y.addcmul_(tap, weight[:, k - 1 - back])
     return y, window[:, -(k - 1):].clone() if k > 1 else window[:, :0]
 
 
