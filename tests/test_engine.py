@@ -73,6 +73,31 @@ def test_greedy_equals_model_for_mixed_batch(layout: str, budget: int) -> None:
     assert_pools_full(llm)
 
 
+def test_steps_mix_decode_and_prefill_within_the_token_budget(model: BambaLM) -> None:
+    llm = LLM(model, memory_gb=0.001, block_size=4, max_num_batched_tokens=10)
+    seen = []
+    schedule = llm.scheduler.schedule
+
+    def record():
+        out = schedule()
+        seen.append(out)
+        return out
+
+    llm.scheduler.schedule = record
+    batch = prompts((3, 25, 40))
+    llm.add_request(batch[0], greedy(12))
+    llm.step()
+    for p in batch[1:]:
+        llm.add_request(p, greedy(4))  # join while the first one decodes
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert all(0 < out.num_tokens <= 10 for out in seen)
+    mixed = [out for out in seen if any(c.sample and len(c.token_ids) == 1 for c in out.chunks)
+             and any(len(c.token_ids) > 1 for c in out.chunks)]
+    assert mixed, "no step mixed a decode token with a prefill chunk"
+    assert_pools_full(llm)
+
+
 def test_chunked_prefill_equals_one_shot(model: BambaLM) -> None:
     batch = prompts((37, 23, 50))
     results = []
