@@ -219,13 +219,13 @@ def test_keep_last_and_optimizer_roundtrip(tmp_path: Path) -> None:
 
 
 # ---- the loop in process ---------------------------------------------------------------------
-def _losses(tmp_path: Path, name: str, *overrides: str) -> dict[int, float]:
+def _losses(tmp_path: Path, name: str, *overrides: str, **model) -> dict[int, float]:
     from bamba.train.trainer import train
 
     cfg = load_config(None, [f"--out_dir={tmp_path / name}", "--steps=3", "--warmup_steps=1",
                              "--seq_len=32", "--batch_size=2", "--progress=false", "--export=false",
                              "--bf16=false", *overrides])
-    cfg.model_overrides = SMALL
+    cfg.model_overrides = {**SMALL, **model}
     return train(cfg).losses
 
 
@@ -273,3 +273,9 @@ def test_bad_data_gives_one_line_errors(overrides, message, tmp_path: Path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("bamba.train: error: ") and "\n" not in err
     assert message.replace("BAD", str(paths["BAD"])) in err
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
+    _losses(tmp_path, "run")
+    with pytest.raises(ValueError, match="holds a different model"):
+        _losses(tmp_path, "run", "--steps=4", vocab_size=128)

@@ -20,7 +20,8 @@ from torch import nn
 
 from bamba.model import BambaLM, init_weights
 from bamba.train import parallel
-from bamba.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from bamba.train.checkpoint import (TRAIN_STATE, Checkpointer, latest_checkpoint, rng_state,
+                                    set_rng_state)
 from bamba.train.config import TrainConfig
 from bamba.train.data import Batch, BatchSource, SyntheticSource, build_loader_source
 from bamba.train.loss import lm_loss_sums
@@ -159,6 +160,10 @@ class Trainer:
         if path is None:
             torch.manual_seed(self.cfg.seed + self.info.rank)
             return
+        saved = torch.load(path / TRAIN_STATE, weights_only=True)["meta"].get("model_config")
+        if saved is not None and saved != self.model.config.to_hf_dict():
+            raise ValueError(f"{path} holds a different model than this config; use another "
+                             "out_dir or --resume=false")
         state = self.checkpointer.load(path, self.model, self.optimizer)
         restore_source(self.source, state, self.info)
         self.step = int(state["step"])
