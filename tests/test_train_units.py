@@ -249,6 +249,8 @@ def test_activation_checkpointing_and_accumulation_keep_the_math(tmp_path: Path)
     (["--data=text", "--data_path=EMPTY", "--tokenizer=TOK"], "no .txt/.py/.jsonl/.parquet files"),
     (["--data=text", "--data_path=TEXT", "--tokenizer=TOK", "--data_options.weights=[-1]"],
      "weights must be finite and >= 0"),
+    (["--data=text", "--data_path=TEXT", "--tokenizer=TOK", "--model_overrides.vocab_size=200"],
+     "the data has token id"),  # 300-token tokenizer, 200-token model
     (["--data=text", "--data_path=TEXT", "--tokenizer=TOK", "--data_options.workers=2"],
      "unknown data_options key 'workers'"),
 ])
@@ -265,7 +267,7 @@ def test_bad_data_gives_one_line_errors(overrides, message, tmp_path: Path, caps
     paths = {"BAD": tmp_path / "bad.jsonl", "EMPTY": tmp_path / "empty", "TEXT": tmp_path / "text",
              "TOK": tmp_path / "tok"}
     args = [f"--out_dir={tmp_path / 'run'}", "--steps=1", "--warmup_steps=0", "--progress=false"]
-    for item in overrides:
+    for item in overrides:  # dotted model overrides apply on top of the YAML's SMALL
         key, value = item.split("=", 1)
         args.append(f"{key}={paths.get(value, value)}")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model_overrides": SMALL}))
@@ -279,3 +281,16 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
     _losses(tmp_path, "run")
     with pytest.raises(ValueError, match="holds a different model"):
         _losses(tmp_path, "run", "--steps=4", vocab_size=128)
+
+
+def test_clip_returns_the_norm_before_clipping() -> None:
+    from bamba.train.trainer import _clip
+
+    layer = torch.nn.Linear(3, 4)
+    layer.weight.grad = torch.full((4, 3), 2.0)
+    layer.bias.grad = torch.zeros(4)
+    norm = _clip(layer, max_norm=1.0)
+    assert norm == pytest.approx(2.0 * math.sqrt(12))
+    assert float(torch.linalg.vector_norm(layer.weight.grad)) == pytest.approx(1.0, rel=1e-5)
+    assert _clip(layer, max_norm=0.0) == pytest.approx(1.0, rel=1e-5)  # 0: measure only
+    assert float(torch.linalg.vector_norm(layer.weight.grad)) == pytest.approx(1.0, rel=1e-5)

@@ -98,6 +98,17 @@ def restore_source(source: BatchSource, train_state: dict[str, Any], info: paral
         source.load_state_dict(saved)
 
 
+def check_batch(batch: Batch, vocab_size: int, seq_len: int) -> None:
+    """Catch a tokenizer/model mismatch with a clear message (not an index error deep inside)."""
+    ids = batch["input_ids"]
+    if ids.shape[-1] != seq_len:
+        raise ValueError(f"the data gives rows of {ids.shape[-1]} tokens, seq_len is {seq_len}")
+    top = int(ids.max())
+    if top >= vocab_size:
+        raise ValueError(f"the data has token id {top} but the model's vocab_size is {vocab_size}: "
+                         "tokenizer and model disagree")
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
     if not cfg.bf16:
         return contextlib.nullcontext()
@@ -185,6 +196,8 @@ class Trainer:
             lr = self.schedule(self.step)
             set_lr(self.optimizer, lr)
             batches = [next(self.source) for _ in range(cfg.grad_accum)]
+            for batch in batches:
+                check_batch(batch, self.model.config.vocab_size, cfg.seq_len)
             stats = train_step(self.model, self.optimizer, batches, cfg, self.info)
             elapsed = time.perf_counter() - began
             busy += elapsed
