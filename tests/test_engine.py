@@ -177,9 +177,10 @@ def test_shared_prefix_resumes_from_the_last_snapshot_interval(model: BambaLM) -
         LLM(model, memory_gb=0.001, snapshot_interval=0)
 
 
-def test_preemption_under_tiny_kv_budget(model: BambaLM) -> None:
+@pytest.mark.parametrize("caching", [False, True])
+def test_preemption_under_tiny_kv_budget(model: BambaLM, caching: bool) -> None:
     llm = LLM(model, memory_gb=64_000 / 1e9, block_size=4, max_num_batched_tokens=64,
-              max_num_seqs=8, enable_prefix_caching=False)
+              max_num_seqs=8, enable_prefix_caching=caching, snapshot_interval=8)
     assert llm.plan.num_blocks < 40
     batch = prompts((20, 25, 14, 30), seed=3)
     outs = llm.generate(batch, greedy(10))
