@@ -294,3 +294,11 @@ def test_clip_returns_the_norm_before_clipping() -> None:
     assert float(torch.linalg.vector_norm(layer.weight.grad)) == pytest.approx(1.0, rel=1e-5)
     assert _clip(layer, max_norm=0.0) == pytest.approx(1.0, rel=1e-5)  # 0: measure only
     assert float(torch.linalg.vector_norm(layer.weight.grad)) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-demo", "stdlib-demo", "tiny-finetune"])
+def test_example_configs_validate(name: str) -> None:
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    assert cfg.steps > cfg.warmup_steps
+    if not cfg.init_from:
+        assert cfg.model_config().vocab_size > 0
