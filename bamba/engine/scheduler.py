@@ -194,19 +194,18 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Give a waiting sequence its slot, cached prefix and first blocks; the tokens of its
         first chunk, or 0 (and nothing held) when a pool is short."""
-        slots = self.slots.allocate(1)
-        if slots is None:
-            return 0
-        seq.slot = slots[0]
         hit = PrefixHit(0, [], None)
-        if self.prefix is not None:
+        if self.prefix is not None:  # match first: the hit's pages are then safe from eviction
             reusable = (len(seq.token_ids) - 1) // self.block_size
             seq.hashes = block_hashes(seq.token_ids, self.block_size, reusable, seq.hashes)
             hit = self.prefix.match(seq.hashes[:reusable])
         seq.block_ids, seq.restore_from = list(hit.block_ids), hit.snapshot_slot
         seq.num_computed, seq.num_registered = hit.num_tokens, len(hit.block_ids)
+        slots = self.slots.allocate(1)
+        if slots is not None:
+            seq.slot = slots[0]
         n = self._chunk_len(seq, budget)
-        if not self._ensure_blocks(seq, n):
+        if slots is None or not self._ensure_blocks(seq, n):
             self._release(seq)
             return 0
         if self.prefix is not None:
