@@ -131,7 +131,10 @@ class Mamba2Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, cache: InferenceCache | None,
                 seq_idx: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = hidden.shape
-        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.n_heads], -1)
+        # Everything between in_proj and out_proj runs in float32: the scan wants it, and on a
+        # CPU bf16 elementwise ops are slower than float32 ones (each converts per element).
+        z, xbc, dt = self.in_proj(hidden).float().split(
+            [self.d_inner, self.conv_dim, self.n_heads], -1)
         conv_w = self.conv1d.weight[:, 0]  # [D, K]
         conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None \
             else (None, None)

@@ -93,7 +93,7 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Ten
     # 2. Diagonal blocks: y_l = sum_s (C_l·B_s) decay[l, s] x_s dt_s; groups broadcast to heads.
     cb = (Cm @ Bf.to(md).transpose(-1, -2)).masked_fill(~causal, 0.0)  # [B, C, G, Q(l), Q(s)]
     scores = decay_t.view(b, c, g, r, q, q).transpose(-1, -2) * cb[:, :, :, None]
-    xdt = x.to(md) * dt[..., None].to(md)  # [B, C, Q, H, P]
+    xdt = (x.float() * dt[..., None]).to(md)  # [B, C, Q, H, P]
     y = scores.view(b, c, h, q, q).to(md) @ xdt.transpose(2, 3)  # [B, C, H, Q, P]
 
     # 3. Each chunk's own contribution to the state at its last step, kept transposed
