@@ -214,11 +214,13 @@ class Trainer:
             result.export_dir = self.export()
         return result
 
-    def _log(self, stats: StepStats, lr: float, tokens_per_s: float, bar) -> None:
+    def _log(self, stats: StepStats, lr: float, tokens_per_s: float, bar: Any) -> None:
+        """One JSONL record (rank 0; ``tokens_per_s`` counts every position, ``loss_tokens``
+        the positions with a label) and the progress bar's loss / tokens/s / MFU."""
         util = mfu(tokens_per_s, self.flops_token, self.cfg.peak_tflops)
         if self.info.is_main and self.step % self.cfg.log_every == 0:
             self.metrics.write({"step": self.step, "loss": stats.loss, "lr": lr,
-                                "grad_norm": stats.grad_norm, "tokens": stats.tokens,
+                                "grad_norm": stats.grad_norm, "loss_tokens": stats.tokens,
                                 "tokens_per_s": tokens_per_s, "mfu": util,
                                 "world_size": self.info.world_size})
         bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{tokens_per_s:.0f}", mfu=f"{util:.1%}",
