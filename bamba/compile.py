@@ -1,4 +1,4 @@
-"""Optional compilation of the decode step with torch.compile (inductor), for batch-1 speed.
+"""Optional compilation of decode steps and fixed-length prefills with torch.compile (inductor).
 
 At batch 1 decode streams every weight once per token. Eager ``F.linear`` reaches ~8 GB/s on
 the reference CPU; inductor with ``freezing`` (weights become constants, prepacked for the
@@ -6,13 +6,15 @@ matmul library) about twice that, and mode "max-autotune" (generated GEMM kernel
 the price of a longer first compile (inductor caches compiled graphs on disk). Compiling also
 removes the per-op Python overhead of 32 layers × ~30 small ops.
 
-The compiled step has static shapes: a fixed batch and a fixed cache length. Attention reads
-the whole preallocated key/value buffer and masks positions after the query (the position is
-a tensor, so a new position does not recompile). The cache tensors are inputs of the compiled
-graph, not constants, so any ``ContiguousCache`` of the same shape reuses it.
+A compiled step has static shapes: a fixed batch, token count (1 for decode, the prompt
+length for prefill) and cache length. Attention reads the whole preallocated key/value buffer
+and masks positions after each query (positions are a tensor, so a new position does not
+recompile). The cache tensors are inputs of the compiled graph, not constants, so any
+``ContiguousCache`` of the same shape reuses it. For prefill, compiling fuses the scan's
+elementwise work; each new prompt length compiles again, so it pays only for repeated lengths.
 
-    decode = CompiledDecode(model, mode="default")
-    logits = decode(tokens, positions, cache)   # tokens, positions [B, 1] -> logits [B, V]
+    step = CompiledForward(model, mode="default")
+    logits = step(tokens, positions, cache)   # tokens, positions [B, L] -> last logits [B, V]
 
 Nothing here runs unless called: compilation stays opt-in and off in unit tests.
 """
@@ -58,9 +60,9 @@ class _StaticCache:
         return keys, values
 
 
-class _DecodeStep(torch.nn.Module):
-    """One token per row through the model; the module that gets compiled (compiling a module,
-    not a function taking it, lets inductor freeze its parameters into constants)."""
+class _Step(torch.nn.Module):
+    """Tokens through the model, logits of the last one: the module that gets compiled
+    (compiling a module, not a function taking it, lets inductor freeze its parameters)."""
 
     def __init__(self, model: BambaLM):
         super().__init__()
@@ -70,7 +72,7 @@ class _DecodeStep(torch.nn.Module):
                 conv: dict[int, torch.Tensor], ssm: dict[int, torch.Tensor],
                 keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]) -> torch.Tensor:
         cache = _StaticCache(conv, ssm, keys, values)
-        return self.model(tokens, positions=positions, cache=cache)[:, -1]
+        return self.model(tokens, positions=positions, cache=cache, logits_to_keep=1)[:, -1]
 
 
 def inductor_options(mode: str, freezing: bool = True) -> dict[str, object]:
@@ -90,32 +92,34 @@ def _whole_batch(cache: ContiguousCache, batch: int) -> bool:
     return rows == batch and cache.rows.tolist() == list(range(rows))
 
 
-class CompiledDecode:
-    """A compiled decode step for one model: ``decode(tokens, positions, cache)`` -> logits
-    [B, V] for a ``ContiguousCache`` whose bound rows are all of its rows, in order.
+class CompiledForward:
+    """Compiled forward passes for one model: ``step(tokens, positions, cache)`` -> the last
+    position's logits [B, V], for tokens and positions [B, L] and a ``ContiguousCache`` bound
+    to all of its rows, in order.
 
-    The first call for a new (batch, cache length, dtype) compiles; ``compile_seconds`` records
-    the time spent in such calls. Call it under ``torch.inference_mode()`` or ``no_grad()``
-    (freezing needs inference). The model's weights must not change afterwards (they are
-    frozen into the compiled graph).
+    The first call for a new (batch, length, cache length, dtype) compiles; ``compiles`` and
+    ``compile_seconds`` record the time spent in such calls. Call it under
+    ``torch.inference_mode()`` or ``no_grad()`` (freezing needs inference). The model's weights
+    must not change afterwards (they are frozen into the compiled graph).
     """
 
     def __init__(self, model: BambaLM, mode: str = "default", freezing: bool = True):
         self.model, self.mode = model, mode
         self.options = inductor_options(mode, freezing)
         self._fn: Callable[..., torch.Tensor] = torch.compile(
-            _DecodeStep(model), dynamic=False, fullgraph=True)
+            _Step(model), dynamic=False, fullgraph=True)
         self._shapes: set[tuple] = set()
-        self.compile_seconds = 0.0
+        self.compiles: list[tuple[int, int, float]] = []  # (batch, length, seconds) per compile
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor,
                  cache: ContiguousCache) -> torch.Tensor:
-        if tokens.shape != positions.shape or tokens.dim() != 2 or tokens.shape[1] != 1:
-            raise ValueError(f"tokens and positions must both be [batch, 1], got "
+        if tokens.shape != positions.shape or tokens.dim() != 2:
+            raise ValueError(f"tokens and positions must both be [batch, length], got "
                              f"{tuple(tokens.shape)} and {tuple(positions.shape)}")
         if not _whole_batch(cache, tokens.shape[0]):
-            raise ValueError("compiled decode needs the cache bound to all of its rows, in order")
-        shape = (tokens.shape[0], cache.max_len, self.model.dtype, torch.is_inference_mode_enabled())
+            raise ValueError("a compiled step needs the cache bound to all of its rows, in order")
+        shape = (*tokens.shape, cache.max_len, self.model.dtype,
+                 torch.is_inference_mode_enabled())
         first = shape not in self._shapes
         start = time.perf_counter()
         # Inductor reads freezing before torch.compile's own options apply: patch the config
@@ -123,8 +127,18 @@ class CompiledDecode:
         with torch._inductor.config.patch(self.options):
             logits = self._fn(tokens, positions, cache.conv, cache.ssm, cache.keys, cache.values)
         if first:
+            seconds = time.perf_counter() - start
             self._shapes.add(shape)
-            self.compile_seconds += time.perf_counter() - start
-            log.info("compiled decode step (mode %s) for batch %d, cache length %d in %.1f s",
-                     self.mode, shape[0], shape[1], time.perf_counter() - start)
+            self.compiles.append((shape[0], shape[1], seconds))
+            log.info("compiled a step (mode %s) for batch %d, length %d, cache length %d "
+                     "in %.1f s", self.mode, *shape[:3], seconds)
         return logits
+
+    @property
+    def compile_seconds(self) -> float:
+        """Wall time of the calls that compiled (compiling plus one run)."""
+        return sum(seconds for *_, seconds in self.compiles)
+
+
+# The name bamba.generation's ``DecodeStep`` hook refers to: a CompiledForward serves it as is.
+CompiledDecode = CompiledForward

@@ -87,8 +87,8 @@ def test_bf16_model_stays_close_to_float32():
 
 
 @pytest.mark.slow
-def test_compiled_decode_matches_eager_decode():
-    from bamba.compile import CompiledDecode
+def test_compiled_prefill_and_decode_match_eager():
+    from bamba.compile import CompiledForward
 
     config = BambaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -97,10 +97,12 @@ def test_compiled_decode_matches_eager_decode():
     model = init_weights(BambaLM(config), seed=0).eval()
     ids = random_ids(2, 20, seed=5, vocab=256)
     eager_cache, compiled_cache = (ContiguousCache(config, 2, 32, torch.float32) for _ in "ab")
-    decode = CompiledDecode(model, "default")
+    decode = CompiledForward(model, "default")
     with torch.inference_mode():
-        tok = model(ids, cache=eager_cache)[:, -1:].argmax(-1)
-        model(ids, cache=compiled_cache)
+        eager = model(ids, cache=eager_cache)[:, -1]
+        compiled = decode(ids, torch.arange(20).expand(2, -1), compiled_cache)
+        assert _max_diff(compiled, eager) <= 1e-4, "prefill"
+        tok = eager.argmax(-1, keepdim=True)
         for t in range(20, 26):
             pos = torch.full((2, 1), t)
             eager = model(tok, positions=pos, cache=eager_cache)[:, -1]

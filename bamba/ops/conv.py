@@ -19,7 +19,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         state = x.new_zeros(b, k - 1, d)
     window = torch.cat((state.to(x.dtype), x), dim=1)  # [B, K-1+L, D]
     current = window[:, k - 1:]  # the current input's tap, plus the bias, in one pass
-    y = current * weight[:, k - 1] if bias is None else torch.addcmul(bias, current, weight[:, k - 1])
+    y = current * weight[:, k - 1] if bias is None \
+        else torch.addcmul(bias, current, weight[:, k - 1])
     for back in range(1, k):  # accumulate in place: one pass per tap
         tap = window[:, k - 1 - back:k - 1 - back + l]
         if seq_idx is not None:
