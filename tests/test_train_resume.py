@@ -116,6 +116,24 @@ def test_sigkill_then_resume_is_exact(reference, tmp_path: Path) -> None:
     assert data_rows(final) == [12 * 2 * 2]  # steps x micro-batches x rows: none re-read
 
 
+def test_sigterm_checkpoints_then_resume_is_exact(reference, tmp_path: Path) -> None:
+    """Preemption: SIGTERM makes the run finish its step, checkpoint it and exit cleanly."""
+    config = write_config(tmp_path, ckpt_every=0)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    proc = subprocess.Popen(command(config), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (metrics.exists() and read_metrics(metrics)):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped at step" in err
+    [(step, _)] = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert step == max(read_metrics(metrics)) < CONFIG["steps"]
+    run(config)
+    assert_same_losses(losses(config), reference)
+
+
 KILL_IN_SAVE = """
 import os, signal, sys
 from bamba.train.checkpoint import Checkpointer

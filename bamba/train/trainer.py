@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss, this process's steps
     tokens_per_s: float = 0.0  # mean over this process's steps
     export_dir: Path | None = None
+    stopped: bool = False  # ended early by SIGTERM (checkpointed; run again to continue)
 
 
 @dataclass
@@ -149,6 +152,35 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
+class StopSignal:
+    """Preemption: SIGTERM asks the run to finish its step, checkpoint and return (instead of
+    dying mid-step). Installed only in the main thread, restored on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: stopping after this step with a checkpoint")
+        self.requested = True
+
+    def agreed(self, info: parallel.DistInfo) -> bool:
+        """True on every rank if any rank was asked to stop (ranks must stop at the same step)."""
+        if not info.distributed:
+            return self.requested
+        (votes,) = parallel.all_reduce_sum([float(self.requested)], info.device)
+        return votes > 0
+
+
 class Trainer:
     """Holds the pieces of a run; ``run()`` trains to ``cfg.steps`` and exports."""
 
@@ -179,6 +211,12 @@ class Trainer:
         restore_source(self.source, state, self.info)
         self.step = int(state["step"])
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Positions per optimizer step over all ranks (what tokens/s counts)."""
+        cfg = self.cfg
+        return cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.info.world_size
+
     def save(self) -> None:
         local = {"data": self.source.state_dict(), "rng": rng_state()}
         meta = {"config": self.cfg.to_dict(), "model_config": self.model.config.to_hf_dict()}
@@ -188,8 +226,20 @@ class Trainer:
         self.resume()
         result = TrainResult(out_dir=self.out_dir, start_step=self.step, final_step=self.step)
         cfg = self.cfg
-        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.info.world_size
         bar = progress_bar(cfg.steps, self.step, cfg.progress and self.info.is_main)
+        with StopSignal() as stop:
+            busy = self._loop(result, bar, stop)
+        bar.close()
+        result.final_step = self.step
+        steps_run = self.step - result.start_step
+        result.tokens_per_s = self.tokens_per_step * steps_run / busy if busy else 0.0
+        if cfg.export and not result.stopped:
+            result.export_dir = self.export()
+        return result
+
+    def _loop(self, result: TrainResult, bar: Any, stop: StopSignal) -> float:
+        """Train until ``cfg.steps`` or an agreed stop; returns the seconds spent in steps."""
+        cfg = self.cfg
         busy = 0.0
         while self.step < cfg.steps:
             began = time.perf_counter()
@@ -203,16 +253,15 @@ class Trainer:
             busy += elapsed
             self.step += 1
             result.losses[self.step] = stats.loss
-            self._log(stats, lr, tokens_per_step / elapsed, bar)
-            if self.step == cfg.steps or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+            self._log(stats, lr, self.tokens_per_step / elapsed, bar)
+            result.stopped = stop.agreed(self.info)
+            due = cfg.ckpt_every and self.step % cfg.ckpt_every == 0
+            if self.step == cfg.steps or due or result.stopped:
                 self.save()
-        bar.close()
-        result.final_step = self.step
-        steps_run = self.step - result.start_step
-        result.tokens_per_s = tokens_per_step * steps_run / busy if busy else 0.0
-        if cfg.export:
-            result.export_dir = self.export()
-        return result
+            if result.stopped:
+                log.info("stopped at step %d; run again to continue", self.step)
+                break
+        return busy
 
     def _log(self, stats: StepStats, lr: float, tokens_per_s: float, bar: Any) -> None:
         """One JSONL record (rank 0; ``tokens_per_s`` counts every position, ``loss_tokens``
