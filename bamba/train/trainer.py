@@ -27,7 +27,8 @@ from bamba.train.checkpoint import (TRAIN_STATE, Checkpointer, latest_checkpoint
 from bamba.train.config import TrainConfig
 from bamba.train.data import Batch, BatchSource, SyntheticSource, build_loader_source
 from bamba.train.loss import lm_loss_sums
-from bamba.train.metrics import MetricsLog, flops_per_token, mfu, plot_loss, progress_bar
+from bamba.train.metrics import (MetricsLog, flops_per_token, mfu, plot_loss, progress_bar,
+                                 quiet_logging)
 from bamba.train.optim import build_optimizer, set_lr
 from bamba.train.schedule import Schedule
 
@@ -226,8 +227,9 @@ class Trainer:
         self.resume()
         result = TrainResult(out_dir=self.out_dir, start_step=self.step, final_step=self.step)
         cfg = self.cfg
-        bar = progress_bar(cfg.steps, self.step, cfg.progress and self.info.is_main)
-        with StopSignal() as stop:
+        show = cfg.progress and self.info.is_main
+        bar = progress_bar(cfg.steps, self.step, show)
+        with StopSignal() as stop, quiet_logging(show):
             busy = self._loop(result, bar, stop)
         bar.close()
         result.final_step = self.step
