@@ -13,31 +13,14 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from bamba.engine import LLM, EngineStats, RequestOutput, SamplingParams
+from bamba.engine import LLM, RequestOutput, SamplingParams
+from bamba.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
 ACCEPTED = "accepted"  # first item on a request's queue once the engine took it
-
-
-@dataclass
-class ServerMetrics:
-    """Counters kept by the engine thread (read, never written, by request handlers)."""
-
-    stats: EngineStats | None = None
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    finished: dict[str, int] = field(default_factory=dict)
-    ttft_sum: float = 0.0
-    ttft_count: int = 0
-    recent: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) per step
-
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        now = time.monotonic()
-        points = [(t, n) for t, n in self.recent if now - t <= window]
-        return sum(n for _, n in points) / window if points else 0.0
 
 
 @dataclass
@@ -59,6 +42,10 @@ class AsyncEngine:
         self._ids = 0
         self._thread = threading.Thread(target=self._loop, name="bamba-engine", daemon=True)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
     def start(self) -> "AsyncEngine":
         self._thread.start()
         return self
@@ -74,11 +61,18 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Submit a request; raises ValueError at once if the engine refuses it, then yields
-        outputs until it finishes. Leaving early (client gone) aborts it."""
+        """Submit a request; raises ValueError at once if the engine refuses it (RuntimeError
+        if the engine is not running), then yields outputs until it finishes. Leaving early
+        (client gone) aborts it."""
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
         self._send(("add", request_id, prompt, params, sink))
-        first = await sink.queue.get()
+        try:
+            first = await sink.queue.get()
+        except asyncio.CancelledError:  # the caller gave up before the engine answered
+            self.abort(request_id)
+            raise
         if isinstance(first, Exception):
             raise first
         return self._stream(request_id, sink)
@@ -116,11 +110,18 @@ class AsyncEngine:
                 outputs = self.llm.step()
             except Exception as exc:  # a bug in a step must not kill the server's engine
                 log.exception("engine step failed")
-                self._fail_all(exc)
+                self._fail_all(RuntimeError(f"the engine failed: {exc}"))
                 continue
             self._deliver(outputs)
-            self.metrics.stats = self.llm.stats()
-        self._fail_all(RuntimeError("server is shutting down"))
+        stopped = RuntimeError("the server is shutting down")
+        self._fail_all(stopped)
+        while True:  # answer requests that arrived too late to be added
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _post(command[4], stopped)
 
     def _drain(self) -> None:
         while True:
@@ -132,11 +133,11 @@ class AsyncEngine:
                 self._add(*command[1:])
             elif command[0] == "abort":
                 if self.llm.abort(command[1]):
-                    self._count_finish("abort")
+                    self.metrics.record_finish("abort")
                 self._sinks.pop(command[1], None)
             else:
                 raise AssertionError(f"unknown engine command {command[0]!r}")
-        self.metrics.stats = self.llm.stats()
+        self.metrics.set_stats(self.llm.stats())
 
     def _add(self, request_id: str, prompt: str | list[int], params: SamplingParams,
              sink: _Sink) -> None:
@@ -144,6 +145,11 @@ class AsyncEngine:
             self.llm.add_request(prompt, params, request_id)
         except ValueError as exc:
             _post(sink, exc)
+            return
+        except Exception as exc:  # never let one request's bad luck end the engine thread
+            log.exception("adding request %s failed", request_id)
+            self.llm.abort(request_id)
+            _post(sink, RuntimeError(f"the engine could not take the request: {exc}"))
             return
         self._sinks[request_id] = sink
         _post(sink, ACCEPTED)
@@ -157,21 +163,15 @@ class AsyncEngine:
             new_tokens += tokens - (sink.seen_tokens if sink else 0)
             if sink is not None:
                 if sink.seen_tokens == 0 and tokens:
-                    self.metrics.ttft_sum += now - sink.arrival
-                    self.metrics.ttft_count += 1
-                    self.metrics.prompt_tokens += len(out.prompt_token_ids)
+                    self.metrics.record_first_token(now - sink.arrival,
+                                                    len(out.prompt_token_ids))
                 sink.seen_tokens = tokens
                 _post(sink, out)
             if out.finished:
                 self._sinks.pop(out.request_id, None)
                 for o in out.outputs:
-                    self._count_finish(o.finish_reason or "unknown")
-        self.metrics.generation_tokens += new_tokens
-        self.metrics.recent = [(t, n) for t, n in self.metrics.recent if now - t <= 60]
-        self.metrics.recent.append((now, new_tokens))
-
-    def _count_finish(self, reason: str) -> None:
-        self.metrics.finished[reason] = self.metrics.finished.get(reason, 0) + 1
+                    self.metrics.record_finish(o.finish_reason or "unknown")
+        self.metrics.record_step(new_tokens, self.llm.stats())
 
     def _fail_all(self, exc: Exception) -> None:
         for request_id, sink in list(self._sinks.items()):

@@ -1,77 +1,128 @@
-"""OpenAI request bodies (validated by pydantic) and the response payloads we build from
-engine outputs. Unknown fields are ignored, as OpenAI's own server tolerates them."""
+"""OpenAI request bodies (pydantic, strict types) and the payloads built from engine outputs.
+
+Types are strict: a string where a number belongs, a float where an integer belongs or a bool
+where a number belongs is a 400, never coerced. ``null`` means "the default". Unknown fields
+are ignored, as OpenAI's server does; known fields we cannot honour (echo, suffix, logit_bias,
+tools, best_of) are refused with a 400 rather than silently dropped. Sampling ranges are
+checked by ``SamplingParams`` itself, whose message names the field.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from bamba.engine import CompletionOutput, RequestOutput, SamplingParams
 
-# The chat template used when the tokenizer has none (documented in the README/--help).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+MAX_N = 128  # samples per request (OpenAI's limit)
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1 - MAX_N  # sample i uses seed + i, and torch seeds are 64-bit
+MAX_TOKEN_ID = 2**31 - 1
+
+Decode = Callable[[list[int]], str]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool | None = None
 
 
 class _Sampling(BaseModel):
-    model: str
-    max_tokens: StrictInt | None = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: StrictInt = 0
-    min_p: float = 0.0
-    n: StrictInt = 1
-    stream: StrictBool = False
-    stop: str | list[str] | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    seed: StrictInt | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    ignore_eos: StrictBool = False
+    model_config = ConfigDict(strict=True, extra="ignore")
 
-    def sampling_params(self, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError for out-of-range values (a 400 for the client)."""
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
-        return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, seed=self.seed, max_tokens=self.max_tokens, stop=self.stop,
-            stop_token_ids=self.stop_token_ids, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos,
-            repetition_penalty=self.repetition_penalty, logprobs=logprobs)
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_ID)
+    min_p: float | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, max_length=16)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+
+    def sampling_params(self, logprobs: int | None,
+                        max_tokens_default: int | None) -> SamplingParams:
+        """Raises ValueError (naming the field first) for unsupported or out-of-range values."""
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of is not supported (it must equal n)")
+        if any(t < 0 or t > MAX_TOKEN_ID for t in self.stop_token_ids or []):
+            raise ValueError(f"stop_token_ids must be integers in [0, {MAX_TOKEN_ID}]")
+        given = {k: v for k, v in {
+            "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "ignore_eos": self.ignore_eos,
+            "repetition_penalty": self.repetition_penalty,
+            "include_stop_str_in_output": self.include_stop_str_in_output}.items()
+            if v is not None}
+        max_tokens = self.max_tokens if self.max_tokens is not None else max_tokens_default
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **given)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[StrictInt] | list[str]
-    logprobs: StrictInt | None = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
+    suffix: str | None = None
 
     def single_prompt(self) -> str | list[int]:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                raise ValueError("only one prompt per request is supported")
-            return self.prompt[0]
-        return self.prompt
+        """The one prompt of this request (a text or token ids); ValueError otherwise."""
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ValueError("prompt: only one prompt per request is supported")
+            prompt = prompt[0]
+        if not prompt:
+            raise ValueError("prompt: the prompt is empty")
+        return prompt
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Any] | None = None
 
-    def chat_logprobs(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
+    def chat_sampling_params(self) -> SamplingParams:
+        if self.tools:
+            raise ValueError("tools are not supported")
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self.sampling_params((self.top_logprobs or 0) if self.logprobs else None, None)
 
 
+# ---- responses ---------------------------------------------------------------------------
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -83,11 +134,14 @@ def usage(out: RequestOutput) -> dict[str, int]:
             "total_tokens": len(out.prompt_token_ids) + completion}
 
 
-def _finish(o: CompletionOutput) -> str | None:
-    return o.finish_reason if o.finish_reason in (None, "stop", "length") else "stop"
+def finish_reason(o: CompletionOutput) -> str | None:
+    """OpenAI's reasons: "stop" (EOS, stop string or token) or "length"."""
+    if o.finish_reason in (None, "stop", "length"):
+        return o.finish_reason
+    raise AssertionError(f"finish reason {o.finish_reason!r} has no OpenAI equivalent")
 
 
-def completion_logprobs(o: CompletionOutput, decode: Any, start: int = 0) -> dict | None:
+def completion_logprobs(o: CompletionOutput, decode: Decode, start: int = 0) -> dict | None:
     if o.logprobs is None:
         return None
     entries = o.logprobs[start:]
@@ -97,7 +151,7 @@ def completion_logprobs(o: CompletionOutput, decode: Any, start: int = 0) -> dic
             "text_offset": []}
 
 
-def chat_logprobs(o: CompletionOutput, decode: Any, start: int = 0) -> dict | None:
+def chat_logprobs(o: CompletionOutput, decode: Decode, start: int = 0) -> dict | None:
     if o.logprobs is None:
         return None
     return {"content": [
@@ -107,39 +161,50 @@ def chat_logprobs(o: CompletionOutput, decode: Any, start: int = 0) -> dict | No
         for e in o.logprobs[start:]]}
 
 
-def completion_response(out: RequestOutput, model: str, rid: str, decode: Any) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": o.index, "text": o.text, "finish_reason": _finish(o),
-                         "logprobs": completion_logprobs(o, decode)} for o in out.outputs],
-            "usage": usage(out)}
+def _envelope(rid: str, kind: str, model: str, choices: list[dict]) -> dict[str, Any]:
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model,
+            "choices": choices}
 
 
-def chat_response(out: RequestOutput, model: str, rid: str, decode: Any) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": o.index, "finish_reason": _finish(o),
-                         "message": {"role": "assistant", "content": o.text},
-                         "logprobs": chat_logprobs(o, decode)} for o in out.outputs],
-            "usage": usage(out)}
+def completion_response(out: RequestOutput, model: str, rid: str, decode: Decode) -> dict:
+    choices = [{"index": o.index, "text": o.text, "finish_reason": finish_reason(o),
+                "logprobs": completion_logprobs(o, decode)} for o in out.outputs]
+    return {**_envelope(rid, "text_completion", model, choices), "usage": usage(out)}
 
 
-def stream_chunks(out: RequestOutput, model: str, rid: str, chat: bool, first: bool,
-                  decode: Any) -> list[dict]:
-    """The SSE payloads for what is new in one engine output (one per changed sample)."""
+def chat_response(out: RequestOutput, model: str, rid: str, decode: Decode) -> dict:
+    choices = [{"index": o.index, "finish_reason": finish_reason(o),
+                "message": {"role": "assistant", "content": o.text},
+                "logprobs": chat_logprobs(o, decode)} for o in out.outputs]
+    return {**_envelope(rid, "chat.completion", model, choices), "usage": usage(out)}
+
+
+def stream_chunks(out: RequestOutput, model: str, rid: str, chat: bool, started: set[int],
+                  decode: Decode) -> list[dict]:
+    """The SSE payloads for what is new in one engine output (one per changed sample).
+    ``started`` holds the indices of samples already announced (chat sends the role first)."""
     chunks = []
     for o in out.outputs:
-        if not (o.new_text or o.finished or first or o.new_token_ids):
+        first = o.index not in started
+        if not (o.new_text or o.new_token_ids or o.finished or first):
             continue
+        started.add(o.index)
         start = len(o.token_ids) - len(o.new_token_ids)
         if chat:
             delta: dict[str, Any] = {"content": o.new_text}
             if first:
                 delta["role"] = "assistant"
-            choice = {"index": o.index, "delta": delta, "finish_reason": _finish(o),
+            choice = {"index": o.index, "delta": delta, "finish_reason": finish_reason(o),
                       "logprobs": chat_logprobs(o, decode, start)}
         else:
-            choice = {"index": o.index, "text": o.new_text, "finish_reason": _finish(o),
+            choice = {"index": o.index, "text": o.new_text, "finish_reason": finish_reason(o),
                       "logprobs": completion_logprobs(o, decode, start)}
-        chunks.append({"id": rid, "object": "chat.completion.chunk" if chat else
-                       "text_completion", "created": int(time.time()), "model": model,
-                       "choices": [choice]})
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        chunks.append(_envelope(rid, kind, model, [choice]))
     return chunks
+
+
+def usage_chunk(out: RequestOutput, model: str, rid: str, chat: bool) -> dict:
+    """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {**_envelope(rid, kind, model, []), "usage": usage(out)}

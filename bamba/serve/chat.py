@@ -1,0 +1,65 @@
+"""Chat messages -> one prompt string, through the tokenizer's chat template.
+
+A tokenizer without a template gets ``DEFAULT_CHAT_TEMPLATE``: each message becomes
+``<|role|>\\ncontent\\n`` and the prompt ends with ``<|assistant|>\\n`` (the model then writes
+the assistant's turn). Templates are rendered by jinja2's sandbox, compiled once per template.
+Message content may be a string or a list of OpenAI ``{"type": "text", "text": ...}`` parts,
+which are joined; other part types (images, audio) are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str) -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template)
+
+
+def message_text(content: str | list[dict[str, Any]] | None) -> str:
+    """The text of one message's content (a string or a list of text parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(f"only text content parts are supported, got {part.get('type')!r}")
+        pieces.append(part["text"])
+    return "".join(pieces)
+
+
+def _raise(message: str) -> None:
+    """What Hugging Face chat templates call to refuse a conversation."""
+    raise ValueError(message)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The prompt text for ``messages`` (dicts with "role" and "content").
+
+    The template usually writes the BOS token itself; when the tokenizer also adds one on
+    encoding, the rendered leading BOS is dropped so the prompt does not start with two.
+    Raises ValueError when the template fails on these messages.
+    """
+    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    special = {k: v for k, v in getattr(tokenizer, "special", {}).items() if v is not None}
+    turns = [{**m, "content": message_text(m.get("content"))} for m in messages]
+    try:
+        text = _compile(template).render(messages=turns, add_generation_prompt=True,
+                                         raise_exception=_raise, **special)
+    except Exception as exc:  # jinja raises many types (TemplateError, raise_exception(...))
+        raise ValueError(f"the chat template failed on these messages: {exc}") from None
+    bos = special.get("bos_token")
+    if bos and getattr(tokenizer, "add_bos_token", False) and text.startswith(bos):
+        text = text[len(bos):]
+    return text

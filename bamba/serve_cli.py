@@ -1,0 +1,78 @@
+"""``bamba serve DIR_OR_ID``: an OpenAI-compatible HTTP server, on 127.0.0.1 by default.
+
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics. Chat prompts use
+the tokenizer's chat template; without one, each message renders as ``<|role|>\\ncontent\\n``
+and the prompt ends with ``<|assistant|>\\n`` (``bamba.serve.chat.DEFAULT_CHAT_TEMPLATE``).
+With ``--api-key`` (or $BAMBA_API_KEY) every /v1/ route needs ``Authorization: Bearer KEY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="DIR_OR_ID", help="checkpoint directory or hub id")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model id clients send (default: the path's last part)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' (default: $BAMBA_API_KEY)")
+    parser.add_argument("--dtype", default="bfloat16", help="weights: float32 or bfloat16")
+    parser.add_argument("--state-dtype", default="float32",
+                        help="Mamba state slots: float32 (default) or bfloat16")
+    parser.add_argument("--memory-gb", type=float, default=2.0,
+                        help="GB (10^9 bytes) for KV blocks and state slots together")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--max-num-seqs", type=int, default=64,
+                        help="sequences decoded together at most")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="tokens (prefill chunks + decodes) per engine step")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length (default: the model's)")
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from bamba.serve.app import build_app
+        from bamba.serve.async_engine import AsyncEngine
+    except ImportError as exc:
+        raise ValueError(f"bamba serve needs the serve extra (pip install 'bamba[serve]'): "
+                         f"{exc}") from None
+    import torch
+
+    from bamba.engine import LLM
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype,
+              memory_gb=args.memory_gb, block_size=args.block_size,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching)
+    name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
+    api_key = args.api_key or os.environ.get("BAMBA_API_KEY") or None
+    engine = AsyncEngine(llm).start()
+    log.info("serving %r on http://%s:%d (API key %s)", name, args.host, args.port,
+             "required" if api_key else "off")
+    try:
+        uvicorn.run(build_app(engine, name, api_key), host=args.host, port=args.port,
+                    log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0
