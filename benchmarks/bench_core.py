@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,8 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", default="default", choices=("none", *MODES),
                    help="torch.compile mode for bamba's decode step ('none' to skip)")
-    p.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=True,
-                   help="also compile the prefill (static prompt length) when compiling")
+    p.add_argument("--compile-prefill-dtypes", default="",
+                   help="dtypes for which the prefill is compiled too (static prompt length; "
+                        "its compile takes minutes)")
     p.add_argument("--compile-dtypes", default="bfloat16",
                    help="dtypes for which the compiled decode step is measured")
     p.add_argument("--quick", action="store_true",
@@ -55,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.preset, args.prompt, args.decode, args.repeats = "tiny", 32, 8, 1
         args.compile = "none"
-    for name in args.dtypes.split(",") + args.compile_dtypes.split(","):
+    args.compile_dtypes = [d for d in args.compile_dtypes.split(",") if d]
+    args.compile_prefill_dtypes = [d for d in args.compile_prefill_dtypes.split(",") if d]
+    for name in args.dtypes.split(",") + args.compile_dtypes + args.compile_prefill_dtypes:
         if name not in DTYPES:
             raise SystemExit(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
     return args
@@ -90,6 +94,8 @@ def bench_bamba(directory: Path, dtype: torch.dtype, args: argparse.Namespace,
     model = from_pretrained(directory, dtype=dtype)
     length = args.prompt + args.decode
     compiled = CompiledForward(model, compile_mode) if compile_mode != "none" else None
+    compile_prefill = compiled is not None and str(dtype).removeprefix("torch.") \
+        in args.compile_prefill_dtypes
 
     def forward(tokens: torch.Tensor, positions: torch.Tensor, cache: ContiguousCache,
                 use_compiled: bool) -> torch.Tensor:
@@ -101,7 +107,7 @@ def bench_bamba(directory: Path, dtype: torch.dtype, args: argparse.Namespace,
         cache = ContiguousCache(model.config, 1, length, dtype)
         start = time.perf_counter()
         positions = torch.arange(args.prompt).expand(1, -1)
-        tok = forward(ids, positions, cache, args.compile_prefill).argmax(-1, keepdim=True)
+        tok = forward(ids, positions, cache, compile_prefill).argmax(-1, keepdim=True)
         mid = time.perf_counter()
         path = [int(tok)]
         for i in range(steps):
@@ -116,7 +122,7 @@ def bench_bamba(directory: Path, dtype: torch.dtype, args: argparse.Namespace,
     return {"prefill_tok_s": _median_rate(args.prompt, [r[0] for r in runs]),
             "decode_tok_s": _median_rate(args.decode, [r[1] for r in runs]),
             "compile_mode": compile_mode,
-            "compiled_prefill": compiled is not None and args.compile_prefill,
+            "compiled_prefill": compile_prefill,
             "compile_seconds": compiled.compile_seconds if compiled else 0.0,
             "compiles": [{"tokens": length, "seconds": seconds}
                          for _, length, seconds in (compiled.compiles if compiled else [])],
@@ -172,7 +178,7 @@ def bench_dtype(dirs: dict[str, Path], name: str, args: argparse.Namespace,
     rows = {}
     for arch in ("hybrid", "twin"):
         rows[f"bamba_{arch}"] = bench_bamba(dirs[arch], dtype, args, ids, "none")
-        if args.compile != "none" and name in args.compile_dtypes.split(","):
+        if args.compile != "none" and name in args.compile_dtypes:
             rows[f"bamba_{arch}_compiled"] = bench_bamba(dirs[arch], dtype, args, ids, args.compile)
         rows[f"transformers_{arch}"] = bench_transformers(dirs[arch], dtype, args, ids)
     for key, row in rows.items():
@@ -217,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                    "decode_tokens": args.decode, "hybrid": config.to_hf_dict(),
                    "parameters": sum(t.numel() for t in from_pretrained_shapes(config))},
         "repeats": args.repeats, "statistic": "median",
-        "compile": {"mode": args.compile, "dtypes": args.compile_dtypes.split(","),
-                    "inductor": "freezing=True, static shapes (batch, cache length)"},
+        "compile": {"mode": args.compile, "decode_dtypes": args.compile_dtypes,
+                    "prefill_dtypes": args.compile_prefill_dtypes,
+                    "inductor": "freezing=True, static shapes (batch, tokens, cache length)"},
+        "command": "python benchmarks/bench_core.py " + " ".join(sys.argv[1:] if argv is None
+                                                                  else argv),
         "results": results,
     }
     print_table(report)
