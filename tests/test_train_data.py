@@ -115,3 +115,22 @@ def _assert_export_matches_checkpoint(run: Path, step: int) -> None:
                                            build_optimizer(fresh, lr=1e-3))
     for name, value in exported.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[name]), name
+
+
+def test_resume_on_shards_in_new_process_is_exact(shards, tmp_path) -> None:
+    """Exact resume through the real loader (shuffle buffer, 1 DataLoader worker)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    got = {}
+    for name, stops in (("straight", [6]), ("resumed", [4, 6])):
+        path = tmp_path / f"{name}.yaml"
+        raw = config(shards[0], tmp_path / name)
+        raw["data_options"] = {**raw["data_options"], "num_workers": 1}
+        path.write_text(yaml.safe_dump(raw))
+        for steps in stops:
+            cmd = [sys.executable, "-m", "bamba.train", str(path), f"--steps={steps}",
+                   "--decay_steps=6"]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, done.stderr[-3000:]
+        got[name] = {s: r["loss"] for s, r in read_metrics(tmp_path / name / "metrics.jsonl").items()}
+    assert sorted(got["straight"]) == [1, 2, 3, 4, 5, 6]
+    assert got["resumed"] == got["straight"]

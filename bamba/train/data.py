@@ -4,8 +4,9 @@ A ``BatchSource`` is an iterator of batches ``{"input_ids", "labels", "seq_idx"}
 [B, L] int64; ``labels`` already aligned with the positions, -100 where no loss is taken;
 ``seq_idx`` the document id of every token of a packed row) with ``state_dict()`` /
 ``load_state_dict()`` so a resumed run sees exactly the batches an uninterrupted one would.
-``load_state_dict`` takes this rank's state, or (at a new world size) the list of every old
-rank's state, as ``bamba.data.loader`` does. Extra keys (``position_ids``, ``doc_keys``) may ride along.
+``load_state_dict`` takes one rank's state or the list of every rank's state of the run that
+saved it (the trainer passes the list; the source picks its own or re-splits, as
+``bamba.data.loader`` does). Extra keys (``position_ids``, ``doc_keys``) may ride along.
 """
 
 from __future__ import annotations

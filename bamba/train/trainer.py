@@ -92,14 +92,12 @@ def build_model(cfg: TrainConfig, info: parallel.DistInfo) -> BambaLM:
 
 
 def restore_source(source: BatchSource, train_state: dict[str, Any], info: parallel.DistInfo) -> None:
-    """Same world size: this rank's loader and RNG state. Another world size: the loader gets
-    every old rank's state and re-splits what is left (RNG streams start from the seed)."""
-    saved = [r["data"] for r in train_state["ranks"]]
+    """Give the loader every saved rank's state: it takes its own when the layout (ranks,
+    workers) is unchanged, and re-splits what is left otherwise. RNG state is per rank, so it
+    is restored only at the same world size (new ranks keep their seeded streams)."""
+    source.load_state_dict([r["data"] for r in train_state["ranks"]])
     if train_state["world_size"] == info.world_size:
-        source.load_state_dict(saved[info.rank])
         set_rng_state(train_state["ranks"][info.rank]["rng"])
-    else:
-        source.load_state_dict(saved)
 
 
 def check_batch(batch: Batch, vocab_size: int, seq_len: int) -> None:
