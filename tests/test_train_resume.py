@@ -187,3 +187,14 @@ def test_two_processes_sigkill_resume_and_rescale_to_one(tmp_path: Path) -> None
     assert_same_losses(got, want, tol=2e-3)
     final = complete_checkpoints(tmp_path / "one" / "run" / "checkpoints")[-1][1]
     assert data_rows(final) == [8 * 4]  # every global row read exactly once
+
+
+def test_fsdp_two_processes_match_one_process(tmp_path: Path) -> None:
+    """FSDP2 x2 with 2 micro-batches of 1 row = 1 process with 2 micro-batches of 2 rows (the
+    same rows): sharded gradients, accumulation without sync, global token weighting (fp32)."""
+    changes = dict(steps=4, ckpt_every=0, bf16=False, grad_accum=2)
+    two = write_config(tmp_path / "two", batch_size=1, **changes)
+    one = write_config(tmp_path / "one", batch_size=2, **changes)
+    run(two, nproc=2)
+    run(one)
+    assert_same_losses(losses(two), losses(one), tol=1e-5)
