@@ -341,7 +341,8 @@ def failing_runner(server) -> Iterator[list[int]]:
     runner.execute = real
 
 
-def test_engine_failure_fails_only_that_request(server, failing_runner: list[int]) -> None:
+def test_engine_failure_fails_only_that_request(server, failing_runner: list[int],
+                                                 error_log: ErrorLog) -> None:
     base, engine = server
     wait_idle(engine)
     c = client(base)
@@ -360,6 +361,7 @@ def test_engine_failure_fails_only_that_request(server, failing_runner: list[int
         list(c.completions.create(model=NAME, prompt=[5, POISON, 7], max_tokens=10,
                                   stream=True, extra_body={"ignore_eos": True}))
     assert len(failing_runner) == 3
+    assert any("injected failure" in str(r.exc_info) for r in error_log.records)  # logged
     wait_idle(engine)  # the failed requests' blocks and slots are back
     ok = c.completions.create(model=NAME, prompt=[5, 6, 7], max_tokens=10,
                               extra_body={"ignore_eos": True})
@@ -435,9 +437,21 @@ def test_load_100_concurrent_streams_with_cancellations(server, error_log: Error
                                      timeout=60) as http:
             return await asyncio.gather(*(_one(http, i, i in cancelled) for i in range(n)))
 
+    peak, done = [0], threading.Event()
+
+    def watch() -> None:  # how many requests the engine holds at once
+        while not done.wait(0.01):
+            s = engine.metrics.stats
+            peak[0] = max(peak[0], s.num_running + s.num_waiting)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     start = time.monotonic()
     results = asyncio.run(main())
-    assert time.monotonic() - start < 60
+    elapsed = time.monotonic() - start
+    done.set()
+    watcher.join()
+    assert elapsed < 60 and peak[0] >= 100, (elapsed, peak)
     assert [results[i] for i in sorted(cancelled)] == ["cancelled"] * len(cancelled)
     others = [r for i, r in enumerate(results) if i not in cancelled]
     assert others == ["done:length:True"] * (n - len(cancelled)), results

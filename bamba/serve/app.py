@@ -31,6 +31,7 @@ from bamba.serve.protocol import (ChatRequest, CompletionRequest, chat_response,
 log = logging.getLogger(__name__)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
 DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
+_FIELDS = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
 
 
 class APIError(Exception):
@@ -46,8 +47,7 @@ def _bad_value(exc: ValueError) -> APIError:
     """A 400 for a ValueError whose message starts with the offending field's name."""
     message = str(exc)
     head = message.split(maxsplit=1)[0].rstrip(":") if message else ""
-    param = head if head.replace("_", "").isalpha() and head.islower() else None
-    return APIError(400, message, param=param)
+    return APIError(400, message, param=head if head in _FIELDS else None)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

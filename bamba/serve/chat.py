@@ -34,7 +34,8 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str:
     pieces = []
     for part in content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"only text content parts are supported, got {part.get('type')!r}")
+            raise ValueError(f"messages: only text content parts are supported, "
+                             f"got {part.get('type')!r}")
         pieces.append(part["text"])
     return "".join(pieces)
 
@@ -58,7 +59,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
         text = _compile(template).render(messages=turns, add_generation_prompt=True,
                                          raise_exception=_raise, **special)
     except Exception as exc:  # jinja raises many types (TemplateError, raise_exception(...))
-        raise ValueError(f"the chat template failed on these messages: {exc}") from None
+        raise ValueError(f"messages: the chat template failed on them: {exc}") from None
     bos = special.get("bos_token")
     if bos and getattr(tokenizer, "add_bos_token", False) and text.startswith(bos):
         text = text[len(bos):]
