@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-prompt-len", type=int, default=128)
     p.add_argument("--gen-max-tokens", type=int, default=64)
     p.add_argument("--gen-repeats", type=int, default=2)
+    p.add_argument("--gen-bf16-state-batches", type=_ints, default=[32],
+                   help="engine runs repeated with a bfloat16 Mamba state (the state traffic "
+                        "bounds batch-32 decode)")
     p.add_argument("--hf-batch", type=int, default=8)
     p.add_argument("--hf-repeats", type=int, default=1)
     # prefix
@@ -261,11 +264,12 @@ class StepLog:
         return sum(n for _, n in decode) / sum(s for s, _ in decode) if decode else float("nan")
 
 
-def engine_generate(model: BambaLM, args: argparse.Namespace, batch: int) -> dict:
+def engine_generate(model: BambaLM, args: argparse.Namespace, batch: int,
+                    state_dtype: str) -> dict:
     n = args.gen_prompts_b1 if batch == 1 else args.gen_prompts
     prompts = random_prompts(n, args.gen_prompt_len, model.config.vocab_size, args.seed)
     length = args.gen_prompt_len + args.gen_max_tokens
-    state = getattr(torch, args.state_dtype)
+    state = getattr(torch, state_dtype)
     llm = LLM(model, max_num_seqs=batch, enable_prefix_caching=False, state_dtype=state,
               memory_gb=budget_gb(model, batch, length, state), max_model_len=length + 16)
     params = SamplingParams(temperature=0, max_tokens=args.gen_max_tokens, ignore_eos=True)
@@ -281,8 +285,8 @@ def engine_generate(model: BambaLM, args: argparse.Namespace, batch: int) -> dic
         runs.append({"seconds": seconds, "output_tokens": tokens, "tok_s": tokens / seconds,
                      "decode_only_tok_s": log.decode_tok_s(), "steps": len(log.records),
                      "load_average": load_average()})
-    return {"batch": batch, "prompts": n, "prompt_len": args.gen_prompt_len,
-            "max_tokens": args.gen_max_tokens,
+    return {"batch": batch, "state_dtype": state_dtype, "prompts": n,
+            "prompt_len": args.gen_prompt_len, "max_tokens": args.gen_max_tokens,
             "tok_s": statistics.median(r["tok_s"] for r in runs),
             "decode_only_tok_s": statistics.median(r["decode_only_tok_s"] for r in runs),
             "runs": runs}
@@ -314,15 +318,18 @@ def hf_generate(directory: Path, args: argparse.Namespace, vocab: int) -> dict:
 def bench_batched(args: argparse.Namespace, dirs: dict[str, Path], cfg: BambaConfig) -> dict:
     model = load(dirs["hybrid"])
     engine = []
-    for b in args.gen_batches:
-        engine.append(engine_generate(model, args, b))
-        print(f"engine b={b}: {engine[-1]['tok_s']:.1f} output tok/s "
+    runs = [(b, args.state_dtype) for b in args.gen_batches]
+    runs += [(b, "bfloat16") for b in args.gen_bf16_state_batches if args.state_dtype != "bfloat16"]
+    for b, state in runs:
+        engine.append(engine_generate(model, args, b, state))
+        print(f"engine b={b} state {state}: {engine[-1]['tok_s']:.1f} output tok/s "
               f"(decode-only {engine[-1]['decode_only_tok_s']:.1f})", flush=True)
     del model
     gc.collect()
     hf = hf_generate(dirs["hybrid"], args, cfg.vocab_size)
     print(f"transformers b={args.hf_batch}: {hf['tok_s']:.1f} output tok/s", flush=True)
-    same = next((e for e in engine if e["batch"] == args.hf_batch), None)
+    same = next((e for e in engine if e["batch"] == args.hf_batch
+                 and e["state_dtype"] == args.state_dtype), None)
     return {"model": "hybrid", "state_dtype": args.state_dtype, "compiled": False,
             "compile_note": "LLM/ModelRunner has no compile option: engine runs eager "
                             "(bamba.compile serves ContiguousCache, not the paged pools)",
@@ -425,7 +432,8 @@ def summary(data: dict) -> str:
                      f"twin {r['twin']['tok_s']:.1f} tok/s")
     if "batched" in data:
         for e in data["batched"]["engine"]:
-            lines.append(f"engine b={e['batch']}: {e['tok_s']:.1f} tok/s "
+            lines.append(f"engine b={e['batch']} state {e.get('state_dtype')}: "
+                         f"{e['tok_s']:.1f} tok/s "
                          f"(decode-only {e['decode_only_tok_s']:.1f})")
         lines.append(f"transformers b={data['batched']['transformers']['batch']}: "
                      f"{data['batched']['transformers']['tok_s']:.1f} tok/s")
