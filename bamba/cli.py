@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("bamba.analyze_cli", "arithmetic-intensity model: FLOPs, bytes, predicted decode speed-up"),
     "train": ("bamba.train_cli", "pretrain from a YAML config (torchrun -m bamba.train for several processes)"),
     "finetune": ("bamba.finetune_cli", "fine-tune a checkpoint on chat or prompt/completion JSONL"),
+    "demo": ("bamba.demo_cli", "offline demo: train a small hybrid on the stdlib's source, complete code"),
     "serve": ("bamba.serve_cli", "OpenAI-compatible HTTP server (continuous batching engine)"),
 }
 

@@ -1,13 +1,20 @@
 """The embedded default model, used when no ``--model`` is given.
 
-For now it is the "tiny" preset with random weights (fixed seed) and a byte-level tokenizer
-built in memory: it needs no download and no training, and its text is noise. ``load_default``
-is the single place to change when a trained checkpoint ships inside the package.
+``load_default`` is the single place that decides it:
+
+- the checkpoint ``bamba demo`` trained (``$BAMBA_DEMO_DIR`` or ``~/.cache/bamba/demo``, then
+  ``train/hf``) when it exists: a tiny hybrid that writes Python-like text;
+- otherwise the "tiny" preset with random weights (fixed seed) and a byte-level tokenizer built
+  in memory: no download, no training, its text is noise, and it says so.
+
+No trained weights ship inside the package (they would be several MB in git); the demo trains
+them in minutes on the machine itself.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as Backend
@@ -57,8 +64,23 @@ def default_config() -> BambaConfig:
     return preset("tiny", vocab_size=257, bos_token_id=None, eos_token_id=256, pad_token_id=None)
 
 
+def trained_default() -> Path | None:
+    """The demo's exported checkpoint if there is one."""
+    from bamba.demo import trained_checkpoint
+
+    path = trained_checkpoint()
+    return path if (path / "config.json").is_file() else None
+
+
 def load_default(dtype: torch.dtype = torch.float32) -> tuple[BambaLM, Tokenizer]:
-    """(model, tokenizer) of the embedded default; warns that it is untrained."""
+    """(model, tokenizer) of the embedded default: the demo's checkpoint, else the random
+    tiny model (with a warning that it is untrained)."""
+    trained = trained_default()
+    if trained is not None:
+        from bamba.checkpoint import from_pretrained, load_tokenizer
+
+        log.info("embedded default: the checkpoint `bamba demo` trained, %s", trained)
+        return from_pretrained(trained, dtype=dtype), load_tokenizer(trained)
     log.warning(NOTICE)
     model = init_weights(BambaLM(default_config()), seed=DEFAULT_SEED).eval().to(dtype)
     for name, param in model.named_parameters():

@@ -11,8 +11,8 @@ DTYPES = ("float32", "bfloat16")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR_OR_ID",
-                        help="checkpoint directory or hub id (default: the embedded tiny model, "
-                             "untrained: its text is noise)")
+                        help="checkpoint directory or hub id (default: the tiny model `bamba demo` "
+                             "trained, else an untrained tiny model whose text is noise)")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -81,8 +81,8 @@ def _report(result: Any, dtype: str, threads: int, embedded: bool) -> str:
     line = (f"prefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tok/s"
             f" | decode: {result.decode_steps} tokens, {result.decode_tokens_per_second:.1f} tok/s"
             f" | {dtype}, {threads} threads, finish: {result.finish_reason}")
-    if embedded:
-        from bamba.default_model import NOTICE
+    from bamba.default_model import NOTICE, trained_default
 
+    if embedded and trained_default() is None:
         line += f"\nnote: {NOTICE}"
     return line

@@ -40,6 +40,13 @@ def _torch_threads_and_seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_demo_checkpoint(tmp_path_factory: pytest.TempPathFactory,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded default must not depend on a `bamba demo` run on this machine."""
+    monkeypatch.setenv("BAMBA_DEMO_DIR", str(tmp_path_factory.getbasetemp() / "no-demo"))
+
+
 def hf_config(kind: str, **overrides: Any) -> Any:
     """A transformers BambaConfig / LlamaConfig of the given kind."""
     from transformers import BambaConfig, LlamaConfig
