@@ -162,9 +162,9 @@ def bench_context(args: argparse.Namespace, dirs: dict[str, Path], cfg: BambaCon
                                            "load_average": load_average()}}
                 print(f"context {name} b={b} s={s}: {measured[(b, s)][name]['step_s']:.4f} s/step",
                       flush=True)
-        if args.profile_batch:
-            mid = contexts[len(contexts) // 2]
-            profiles[name] = profile_step(step, args.profile_batch, mid)
+        if args.profile_batch:  # shortest context (weights, states) and a long one (KV)
+            profiles[name] = [profile_step(step, args.profile_batch, s)
+                              for s in sorted({contexts[0], contexts[len(contexts) // 2]})]
         del step
         gc.collect()
     points = []

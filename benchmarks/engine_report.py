@@ -39,12 +39,17 @@ def context_tables(s: dict) -> list[str]:
                    f"| {g['twin']['tok_s']:.1f} | {g['hybrid']['per_token_latency_ms']:.1f} | "
                    f"{g['twin']['per_token_latency_ms']:.1f} | {g['measured_ratio']:.2f} | "
                    f"{g['predicted_ratio']:.2f} | {100 * g['fraction_of_predicted']:.0f}% |")
-    for name, prof in s.get("profile", {}).items():
-        ops = ", ".join(f"{o['op'].removeprefix('aten::')} {100 * o['share']:.0f}%"
-                        for o in prof["top_ops"][:6])
-        out += ["", f"Profile, {name}, batch {prof['batch']}, context {prof['context']} "
-                f"({prof['total_self_cpu_ms_per_step']:.0f} ms self CPU per step): {ops}"]
+    for name, profs in s.get("profile", {}).items():
+        for prof in profs if isinstance(profs, list) else [profs]:
+            out += _profile_line(name, prof)
     return out
+
+
+def _profile_line(name: str, prof: dict) -> list[str]:
+    ops = ", ".join(f"{o['op'].removeprefix('aten::')} {100 * o['share']:.0f}%"
+                    for o in prof["top_ops"][:6])
+    return ["", f"Profile, {name}, batch {prof['batch']}, context {prof['context']} "
+            f"({prof['total_self_cpu_ms_per_step']:.0f} ms self CPU per step): {ops}"]
 
 
 def long_table(s: dict) -> list[str]:
