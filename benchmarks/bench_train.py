@@ -1,0 +1,184 @@
+"""Training benchmark: bamba's training step vs a plain transformers training loop, in one run.
+
+For each case (the demo model = preset "tiny", and the bench hybrid = preset "bench" at a shorter
+sequence so a step fits this CPU's time), both implementations start from the SAME weights
+(ours copied into transformers.BambaForCausalLM built from ``config.to_hf_dict()``), see the SAME
+random token batches and take the same kind of step:
+  bf16 autocast forward, next-token cross-entropy in fp32, backward, clip to 1.0, AdamW
+  (lr 3e-4, betas 0.9/0.95, weight decay 0.1), zero_grad.
+bamba's step is ``bamba.train.trainer.train_step`` (the trainer's own code, optimizer from
+``build_optimizer``); transformers' is ``model(input_ids, labels=...).loss.backward()`` with
+torch's AdamW. Measurements alternate (A B, B A, ...) so machine load hits both alike; each
+repeat times --steps steps after --warmup steps; the median over repeats is reported, with
+MFU = tokens/s x training FLOPs per token / --peak-tflops. Writes benchmarks/results/train.json.
+
+    python benchmarks/bench_train.py                  # both cases
+    python benchmarks/bench_train.py --quick          # demo shape, 1 step: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+
+from bamba.config import preset
+from bamba.model import BambaLM, init_weights
+from bamba.train.config import TrainConfig
+from bamba.train.metrics import flops_per_token, mfu
+from bamba.train.optim import build_optimizer
+from bamba.train.parallel import DistInfo
+from bamba.train.trainer import train_step
+
+RESULTS = Path(__file__).parent / "results" / "train.json"
+# case -> (preset, seq_len, batch): the demo's shape, and the bench hybrid at 256 x 2 (its
+# 4K x 8 training shape would take minutes per step on 2 cores).
+CASES = {"demo": ("tiny", 256, 8), "bench": ("bench", 256, 2)}
+LR, BETAS, WD, CLIP = 3e-4, (0.9, 0.95), 0.1, 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="demo,bench", help=f"comma-separated of {', '.join(CASES)}")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, default=0.41, help="bf16 peak of this CPU")
+    p.add_argument("--quick", action="store_true", help="demo case, 1 repeat of 1 step")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def batches(vocab: int, seq_len: int, batch: int, count: int, seed: int = 0) -> list[dict]:
+    """Random token rows; labels are the next token (the last position is ignored)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen)
+        out.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone(), "next": ids,
+                    "seq_idx": torch.zeros(batch, seq_len, dtype=torch.int32)})  # one document a row
+    return out
+
+
+def bamba_stepper(model: BambaLM, seq_len: int, batch: int) -> Callable[[dict], None]:
+    cfg = TrainConfig(seq_len=seq_len, batch_size=batch, lr=LR, weight_decay=WD,
+                      beta1=BETAS[0], beta2=BETAS[1], grad_clip=CLIP, bf16=True)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    opt = build_optimizer(model, lr=LR, weight_decay=WD, betas=BETAS)
+
+    def step(b: dict) -> None:
+        train_step(model, opt, [{k: b[k] for k in ("input_ids", "labels", "seq_idx")}], cfg, info)
+
+    return step
+
+
+def hf_stepper(model: Any) -> Callable[[dict], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD)
+
+    def step(b: dict) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            # transformers shifts the labels itself: give it the unshifted row
+            loss = model(input_ids=b["next"][:, :-1], labels=b["next"][:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def hf_config(config: Any) -> Any:
+    """transformers' config from ``config.to_hf_dict()``, read as config.json is read (the dict
+    spells an infinite time-step limit the way JSON files do)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config.to_hf_dict()))
+        return transformers.AutoConfig.from_pretrained(tmp)
+
+
+def build_pair(name: str) -> tuple[Any, BambaLM, Any]:
+    preset_name, _, _ = CASES[name]
+    config = preset(preset_name)
+    ours = init_weights(BambaLM(config), seed=0).train()
+    theirs = transformers.BambaForCausalLM(hf_config(config))
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "rotary" not in m]:
+        raise RuntimeError(f"weights do not map: missing {missing}, unexpected {unexpected}")
+    return config, ours, theirs.train()
+
+
+def time_steps(step: Callable[[dict], None], data: list[dict], steps: int) -> float:
+    began = time.perf_counter()
+    for b in data[:steps]:
+        step(b)
+    return time.perf_counter() - began
+
+
+def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    _, seq_len, batch = CASES[name]
+    config, ours, theirs = build_pair(name)
+    steppers = {"bamba": bamba_stepper(ours, seq_len, batch), "transformers": hf_stepper(theirs)}
+    data = batches(config.vocab_size, seq_len, batch, max(args.steps, args.warmup))
+    for step in steppers.values():
+        time_steps(step, data, args.warmup)
+    tokens = args.steps * seq_len * batch
+    speeds: dict[str, list[float]] = {k: [] for k in steppers}
+    for r in range(args.repeats):
+        order = list(steppers) if r % 2 == 0 else list(reversed(steppers))
+        for impl in order:
+            speeds[impl].append(tokens / time_steps(steppers[impl], data, args.steps))
+        print(f"{name} repeat {r}: " + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in speeds.items()),
+              flush=True)
+    flops = flops_per_token(config, seq_len)
+    result = {"preset": CASES[name][0], "seq_len": seq_len, "batch_size": batch,
+              "parameters": sum(p.numel() for p in ours.parameters()),
+              "train_flops_per_token": flops}
+    for impl, values in speeds.items():
+        med = statistics.median(values)
+        result[impl] = {"tokens_per_s": med, "mfu": mfu(med, flops, args.peak_tflops),
+                        "samples": values}
+    result["speedup"] = result["bamba"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.cases, args.repeats, args.steps, args.warmup = "demo", 1, 1, 1
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for n in names:
+        if n not in CASES:
+            raise SystemExit(f"unknown case {n!r}; known: {', '.join(CASES)}")
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    results = {n: run_case(n, args) for n in names}
+    report = {"benchmark": "training step tokens/s, bamba vs transformers (same weights, data, "
+                           "optimizer, bf16 autocast)",
+              "cases": results, "threads": args.threads, "repeats": args.repeats,
+              "steps_per_repeat": args.steps, "warmup_steps": args.warmup,
+              "peak_tflops": args.peak_tflops, "dtype": "bf16 autocast, fp32 weights/optimizer",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, args.output)
+    for n, r in results.items():
+        print(f"{n:6s} {r['preset']:6s} {r['batch_size']}x{r['seq_len']}: bamba "
+              f"{r['bamba']['tokens_per_s']:.0f} tok/s (MFU {r['bamba']['mfu']:.1%}), transformers "
+              f"{r['transformers']['tokens_per_s']:.0f} tok/s -> {r['speedup']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
