@@ -32,7 +32,7 @@ from bamba.model import BambaLM
 
 log = logging.getLogger(__name__)
 
-MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class _StaticCache:
@@ -118,6 +118,9 @@ class CompiledForward:
                              f"{tuple(tokens.shape)} and {tuple(positions.shape)}")
         if not _whole_batch(cache, tokens.shape[0]):
             raise ValueError("a compiled step needs the cache bound to all of its rows, in order")
+        if int(positions.max()) >= cache.max_len:
+            raise ValueError(f"position {int(positions.max())} is beyond the cache length "
+                             f"{cache.max_len}")
         shape = (*tokens.shape, cache.max_len, self.model.dtype,
                  torch.is_inference_mode_enabled())
         first = shape not in self._shapes

@@ -181,6 +181,9 @@ def bench_dtype(dirs: dict[str, Path], name: str, args: argparse.Namespace,
         if args.compile != "none" and name in args.compile_dtypes:
             rows[f"bamba_{arch}_compiled"] = bench_bamba(dirs[arch], dtype, args, ids, args.compile)
         rows[f"transformers_{arch}"] = bench_transformers(dirs[arch], dtype, args, ids)
+        for key in [k for k in rows if arch in k]:
+            print(f"{name} {key}: prefill {rows[key]['prefill_tok_s']:.1f} tok/s, decode "
+                  f"{rows[key]['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
     for key, row in rows.items():
         ref = rows["transformers_" + ("twin" if "twin" in key else "hybrid")]
         row["prefill_vs_transformers"] = row["prefill_tok_s"] / ref["prefill_tok_s"]

@@ -112,3 +112,25 @@ def test_compiled_prefill_and_decode_match_eager():
         with pytest.raises(ValueError, match="all of its rows"):
             decode(tok[:1], pos[:1], compiled_cache.bind([1]))
     assert decode.compile_seconds > 0
+
+
+def test_compiled_forward_rejects_bad_calls_before_compiling():
+    from bamba.compile import CompiledForward, inductor_options
+
+    config = BambaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1],
+                         mamba_n_heads=2, mamba_d_head=32, mamba_d_state=8)
+    model = BambaLM(config).eval()
+    step = CompiledForward(model)
+    cache = ContiguousCache(config, 2, 8, torch.float32)
+    tok = torch.zeros(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="batch, length"):
+        step(tok, torch.zeros(2, 2, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="all of its rows"):
+        step(tok[:1], tok[:1], cache.bind([0]))
+    with pytest.raises(ValueError, match="beyond the cache length 8"):
+        step(tok, torch.full((2, 1), 8), cache.bind([0, 1]))
+    with pytest.raises(ValueError, match="compile mode"):
+        inductor_options("fastest")
+    assert inductor_options("max-autotune")["freezing"] is True
+    assert step.compiles == [] and step.compile_seconds == 0.0

@@ -46,7 +46,7 @@ def ssd_naive(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tenso
 
 def _segment_decay_t(a: torch.Tensor) -> torch.Tensor:
     """[..., Q] log-decays -> [..., Q(s), Q(l)]: out[s, l] = exp(a[s+1] + ... + a[l]) for s < l,
-    1 for s == l, and exp(0) = 1 above the diagonal too (callers mask it with a zero factor).
+    and exp(0) = 1 for s >= l (callers zero the s > l half through the factor they multiply).
 
     Transposed so the cumulative sum runs along contiguous memory. Summing a masked copy (rather
     than subtracting two cumulative sums) keeps it exact when the sums are large and close.
