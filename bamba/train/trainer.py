@@ -86,6 +86,8 @@ def build_model(cfg: TrainConfig, info: parallel.DistInfo) -> BambaLM:
         model = init_weights(BambaLM(cfg.model_config()), seed=cfg.seed).to(info.device)
     if cfg.activation_checkpointing:
         parallel.apply_activation_checkpointing(model)
+    if cfg.compile:
+        model.compile()  # in place: state_dict keys, FSDP and checkpoints see the same module
     if info.distributed:
         parallel.shard_model(model)
     return model
