@@ -1,6 +1,6 @@
 """The model runner: owns the paged KV storage and the state pools, and runs the model on a step.
 
-Per attention layer, keys and values live in [num_blocks, block_size, Hkv, D]; per Mamba layer,
+Per attention layer, keys and values live in [Hkv, num_blocks, block_size, D]; per Mamba layer,
 conv states in [num_slots, K-1, conv_dim] (model dtype) and SSM states in [num_slots, H, P, N]
 (``state_dtype``, float32 by default). ``PagedBatchCache`` implements the model's
 ``InferenceCache`` for one forward call over these pools: each row brings its block table and
@@ -11,6 +11,8 @@ in one call per distinct length [n, L] (rows of one call share L).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -33,6 +35,7 @@ class PagedBatchCache:
         # Short tables are padded with block 0: positions past a row's length are masked out.
         self.tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
                                    dtype=torch.long, device=device)  # [B, blocks]
+        self._rows: tuple[int, torch.Tensor] | None = None
 
     def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         conv_pool, ssm_pool = self.runner.conv[layer_idx], self.runner.ssm[layer_idx]
@@ -49,17 +52,37 @@ class PagedBatchCache:
 
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v; gather every row's keys and values up to the batch's longest row.
+
+        The result is a [B, T, Hkv, D] view of a contiguous head-major [Hkv, B, T, D] buffer
+        (one ``index_select`` of token rows per pool, indices computed once per call, no dtype
+        conversion), which attention reads without a copy. The buffer is the runner's scratch:
+        valid until the next call.
+        """
         bs = self.runner.block_size
         keys, values = self.runner.keys[layer_idx], self.runner.values[layer_idx]
         blocks = self.tables.gather(1, positions // bs)  # [B, L]
         offsets = positions % bs
-        keys[blocks, offsets] = k.to(keys.dtype)
-        values[blocks, offsets] = v.to(values.dtype)
+        keys[:, blocks, offsets] = k.permute(2, 0, 1, 3).to(keys.dtype)  # [Hkv, B, L, D]
+        values[:, blocks, offsets] = v.permute(2, 0, 1, 3).to(values.dtype)
         end = int(positions.max()) + 1
-        used = self.tables[:, :-(-end // bs)]  # [B, blocks covering 0..end-1]
-        b, n = used.shape
-        shape = (b, n * bs, keys.shape[2], keys.shape[3])
-        return keys[used].view(shape)[:, :end], values[used].view(shape)[:, :end]
+        rows = self._token_rows(end)
+        hkv, _, _, d = keys.shape
+        b = self.tables.shape[0]
+        out_k, out_v = self.runner.scratch((hkv, rows.numel(), d), keys.dtype)
+        torch.index_select(keys.view(hkv, -1, d), 1, rows, out=out_k)
+        torch.index_select(values.view(hkv, -1, d), 1, rows, out=out_v)
+        return out_k.view(hkv, b, end, d).permute(1, 2, 0, 3), \
+            out_v.view(hkv, b, end, d).permute(1, 2, 0, 3)
+
+    def _token_rows(self, end: int) -> torch.Tensor:
+        """[B * end] page rows (block * block_size + offset) of positions 0..end-1 of every row;
+        the same for every layer of the call, so computed once."""
+        if self._rows is None or self._rows[0] != end:
+            bs = self.runner.block_size
+            pos = torch.arange(end, device=self.tables.device)
+            self._rows = end, (self.tables[:, pos // bs] * bs + pos % bs).reshape(-1)
+        return self._rows[1]
 
 
 class ModelRunner:
@@ -69,7 +92,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         dtype, device = model.dtype, model.device
-        kv_shape = (plan.num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # Head-major pages: one gather of token rows yields [Hkv, B, T, D] for attention.
+        kv_shape = (cfg.num_key_value_heads, plan.num_blocks, block_size, cfg.head_dim)
         # Zeros, not empty: padded rows read unused pages, which must hold finite numbers.
         self.keys = {i: torch.zeros(kv_shape, dtype=dtype, device=device)
                      for i in cfg.attn_layer_indices}
@@ -81,6 +105,17 @@ class ModelRunner:
                      for i in cfg.mamba_layer_indices}
         self.ssm = {i: torch.zeros(ssm_shape, dtype=state_dtype, device=device)
                     for i in cfg.mamba_layer_indices}
+        self._scratch: tuple[torch.Tensor, ...] | None = None
+
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Two contiguous buffers (gathered keys, values) of this shape, carved from storage that
+        is kept between steps and grown by a quarter when too small."""
+        numel = math.prod(shape)
+        if self._scratch is None or self._scratch[0].numel() < numel or \
+                self._scratch[0].dtype != dtype:
+            self._scratch = tuple(torch.empty(numel + numel // 4, dtype=dtype,
+                                              device=self.model.device) for _ in range(2))
+        return tuple(buf[:numel].view(shape) for buf in self._scratch)
 
     def copy_state(self, src: int, dst: int) -> None:
         for i in self.conv:
