@@ -79,3 +79,11 @@ def test_head_count_mismatch_is_a_value_error():
     k = torch.randn(1, 4, 4, 8)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         attn.attention(q, k, k, None)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_decode_with_every_key_visible_skips_nothing(dtype, tol):
+    q, k, v, mask = ragged_case(1, 1, dtype, seed=3)  # one row: its query sees all keys
+    assert mask.all()
+    torch.testing.assert_close(attn.attention(q, k, v, mask).double(), reference(q, k, v, mask),
+                               atol=tol, rtol=tol)

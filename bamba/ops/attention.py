@@ -59,7 +59,9 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qh = q.reshape(b, l, hkv, g, d).permute(2, 0, 3, 1, 4).reshape(hkv, b, g * l, d)
     kh, vh = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # [Hkv, B, T, D] (views)
     scores = torch.matmul(qh, kh.transpose(-1, -2)).float().mul_(d ** -0.5)  # [Hkv, B, G*L, T]
-    scores = scores.view(hkv, b, g, l, t).masked_fill_(~mask[:, 0][None, :, None], float("-inf"))
+    scores = scores.view(hkv, b, g, l, t)
+    if not bool(mask.all()):  # decode of equal-length rows sees every key: nothing to mask
+        scores.masked_fill_(~mask[:, 0][None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(hkv, b, g * l, t)
     out = torch.matmul(probs, vh)  # [Hkv, B, G*L, D]
     return out.view(hkv, b, g, l, d).permute(1, 3, 0, 2, 4).reshape(b, l, h, d).to(q.dtype)
