@@ -55,23 +55,20 @@ class Timing:
     warmup: int = 1
 
 
-def fill_(tensor: torch.Tensor, gen: torch.Generator, tile_rows: int = 64) -> None:
-    """Random normal values everywhere, generated for a tile of rows and copied along dim 0
-    (a full randn of several GB would take longer than the benchmark)."""
-    rows = tensor.shape[0]
-    tile = torch.randn((min(rows, tile_rows), *tensor.shape[1:]), generator=gen)
-    tile = tile.to(tensor.dtype)
-    for start in range(0, rows, tile.shape[0]):
-        end = min(rows, start + tile.shape[0])
-        tensor[start:end].copy_(tile[: end - start])
+def fill_(tensor: torch.Tensor, gen: torch.Generator, tile: int = 1 << 20) -> None:
+    """Random normal values everywhere: ``tile`` values are generated once and copied along
+    the flattened tensor (a full randn of several GB would take longer than the benchmark).
+    Works whatever the pool layout (the runner's KV pages are head-major)."""
+    flat = tensor.view(-1)
+    values = torch.randn(min(flat.numel(), tile), generator=gen).to(tensor.dtype)
+    for start in range(0, flat.numel(), values.numel()):
+        end = min(flat.numel(), start + values.numel())
+        flat[start:end].copy_(values[: end - start])
 
 
-def _fill_states(conv: dict, ssm: dict, keys: dict, values: dict, gen: torch.Generator,
-                 kv_rows: int | None = None) -> None:
-    for pool in (*conv.values(), *ssm.values()):
+def _fill_states(conv: dict, ssm: dict, keys: dict, values: dict, gen: torch.Generator) -> None:
+    for pool in (*conv.values(), *ssm.values(), *keys.values(), *values.values()):
         fill_(pool, gen)
-    for pool in (*keys.values(), *values.values()):
-        fill_(pool[:kv_rows] if kv_rows is not None else pool, gen)
 
 
 def budget_gb(model: BambaLM, batch: int, context: int, state_dtype: torch.dtype,
@@ -101,9 +98,8 @@ class EngineSteps:
         self.tables = [self.llm.blocks.allocate(blocks_per_row) for _ in range(max_batch)]
         assert self.slots is not None and all(t is not None for t in self.tables)
         runner = self.llm.runner
-        used = max(max(t) for t in self.tables) + 1
         _fill_states(runner.conv, runner.ssm, runner.keys, runner.values,
-                     torch.Generator().manual_seed(seed), kv_rows=used)
+                     torch.Generator().manual_seed(seed))
         self.vocab = cfg.vocab_size
 
     def __call__(self, batch: int, context: int) -> None:

@@ -43,7 +43,7 @@ def test_generation_rows_match_prediction_when_time_is_bytes():
 
 def test_fill_covers_every_row():
     t = torch.zeros(130, 3, dtype=torch.bfloat16)
-    fill_(t, torch.Generator().manual_seed(0), tile_rows=64)
+    fill_(t, torch.Generator().manual_seed(0), tile=64)
     assert bool((t != 0).any(dim=1).all())
 
 
