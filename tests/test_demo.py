@@ -40,7 +40,7 @@ def test_quick_demo_writes_every_stage(quick_run) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in hf.iterdir()}
     assert report.train["steps"] == 3 and report.train["seq_len"] == 64
     assert report.train["final_loss"] > 0 and report.train["median_tokens_per_s"] > 0
-    assert len(report.completion_ids) == 20 or report.completion_ids[-1] in (0,)
+    assert len(report.completion_ids) == 20 or report.completion_ids[-1] == 0  # 0: eos
 
 
 def test_transformers_gives_the_same_greedy_continuation(quick_run) -> None:
@@ -55,7 +55,8 @@ def test_transformers_gives_the_same_greedy_continuation(quick_run) -> None:
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=len(ours), do_sample=False)
     assert out[0, ids.shape[1]:].tolist() == ours
-    assert tokenizer.decode(ours) == demo.complete(hf_dir, PROMPT, 20)[0]
+    text = demo.complete(hf_dir, PROMPT, 20)[0]
+    assert tokenizer.decode(ours, skip_special_tokens=True) == text
 
 
 def test_rerun_skips_finished_stages(quick_run) -> None:
