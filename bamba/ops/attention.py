@@ -60,7 +60,9 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kh, vh = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # [Hkv, B, T, D] (views)
     scores = torch.matmul(qh, kh.transpose(-1, -2)).float().mul_(d ** -0.5)  # [Hkv, B, G*L, T]
     scores = scores.view(hkv, b, g, l, t)
-    if not bool(mask.all()):  # decode of equal-length rows sees every key: nothing to mask
+    # Decode of equal-length rows sees every key: skip the mask (a data-dependent branch, so a
+    # compiled graph always applies it).
+    if torch.compiler.is_compiling() or not bool(mask.all()):
         scores.masked_fill_(~mask[:, 0][None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(hkv, b, g * l, t)
     out = torch.matmul(probs, vh)  # [Hkv, B, G*L, D]
