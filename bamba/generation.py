@@ -9,6 +9,7 @@ behind ``bamba generate`` and the reference the engine is tested against.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,15 +18,7 @@ import torch
 
 from bamba.cache import ContiguousCache
 from bamba.model import BambaLM
-from bamba.sampling import SamplingBatch, sample
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+from bamba.sampling import SamplingBatch, require_int, require_number, sample
 
 
 @dataclass
@@ -43,20 +36,15 @@ class GenerationConfig:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        require_int(self.max_new_tokens, "max_new_tokens", 1)
+        require_number(self.temperature, "temperature", 0.0, math.inf)
+        require_int(self.top_k, "top_k", 0)
+        require_number(self.top_p, "top_p", 0.0, 1.0, low_open=True)
+        if self.seed is not None:
+            require_int(self.seed, "seed", -2**63)
         if self.eos_token_ids is not None:
-            if any(not _is_int(t) or t < 0 for t in self.eos_token_ids):
-                raise ValueError(f"eos_token_ids must be non-negative integers, "
-                                 f"got {self.eos_token_ids!r}")
+            for token in self.eos_token_ids:
+                require_int(token, "eos_token_ids entry", 0)
             self.eos_token_ids = list(self.eos_token_ids)
 
     def sampling_batch(self, rows: int) -> SamplingBatch:

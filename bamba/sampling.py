@@ -29,6 +29,23 @@ import torch
 PerRow = float | int | Sequence[float] | Sequence[int] | torch.Tensor
 
 
+
+def require_int(value: object, name: str, low: int) -> None:
+    """ValueError naming ``name`` unless value is an int (not a bool) >= low."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def require_number(value: object, name: str, low: float, high: float, low_open: bool = False) -> None:
+    """ValueError naming ``name`` unless value is a finite number in [low, high] (or (low, high])."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {high}], "
+                         f"got {value!r}")
+
 def make_generators(seeds: Sequence[int | None]) -> list[torch.Generator | None]:
     """One CPU generator per seed (None: the row draws from torch's global generator)."""
     return [None if s is None else torch.Generator().manual_seed(int(s)) for s in seeds]

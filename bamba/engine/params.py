@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from bamba.sampling import require_int, require_number
+
 
 @dataclass
 class SamplingParams:
@@ -44,43 +46,28 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range or mistyped field."""
-        _integer(self.n, "n", 1)
-        _integer(self.top_k, "top_k", 0)
+        require_int(self.n, "n", 1)
+        require_int(self.top_k, "top_k", 0)
         if self.max_tokens is not None:
-            _integer(self.max_tokens, "max_tokens", 1)
+            require_int(self.max_tokens, "max_tokens", 1)
         if self.logprobs is not None:
-            _integer(self.logprobs, "logprobs", 0)
+            require_int(self.logprobs, "logprobs", 0)
         if self.seed is not None:
-            _integer(self.seed, "seed", 0)
-        _number(self.temperature, "temperature", 0.0, math.inf)
-        _number(self.top_p, "top_p", 0.0, 1.0, low_open=True)
-        _number(self.min_p, "min_p", 0.0, 1.0)
-        _number(self.repetition_penalty, "repetition_penalty", 0.0, math.inf, low_open=True)
-        _number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
-        _number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
+            require_int(self.seed, "seed", 0)
+        require_number(self.temperature, "temperature", 0.0, math.inf)
+        require_number(self.top_p, "top_p", 0.0, 1.0, low_open=True)
+        require_number(self.min_p, "min_p", 0.0, 1.0)
+        require_number(self.repetition_penalty, "repetition_penalty", 0.0, math.inf, low_open=True)
+        require_number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
+        require_number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("stop must be a non-empty string or a list of them")
         for token in self.stop_token_ids:
-            _integer(token, "stop_token_ids entry", 0)
+            require_int(token, "stop_token_ids entry", 0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def _integer(value: object, name: str, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _number(value: object, name: str, low: float, high: float, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {high}], "
-                         f"got {value!r}")
 
 
 @dataclass(frozen=True)
