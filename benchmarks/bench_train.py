@@ -8,17 +8,22 @@ random token batches and take the same kind of step:
   (lr 3e-4, betas 0.9/0.95, weight decay 0.1), zero_grad.
 bamba's step is ``bamba.train.trainer.train_step`` (the trainer's own code, optimizer from
 ``build_optimizer``); transformers' is ``model(input_ids, labels=...).loss.backward()`` with
-torch's AdamW. Measurements alternate (A B, B A, ...) so machine load hits both alike; each
-repeat times --steps steps after --warmup steps; the median over repeats is reported, with
+torch's AdamW. With --compile a third row, "bamba compiled", runs the same step on a copy of
+the model compiled in place (``TrainConfig.compile``: ``compile_layers``); its compile time is
+spent in the warm-up steps, reported separately (``compile_seconds``) and not counted in its
+tokens/s. Measurements rotate the order (A B C, C B A, ...) so machine load hits all alike;
+each repeat times --steps steps after --warmup steps; the median over repeats is reported, with
 MFU = tokens/s x training FLOPs per token / --peak-tflops. Writes benchmarks/results/train.json.
 
     python benchmarks/bench_train.py                  # both cases
+    python benchmarks/bench_train.py --compile        # plus bamba with compile: true
     python benchmarks/bench_train.py --quick          # demo shape, 1 step: a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -37,7 +42,7 @@ from bamba.train.config import TrainConfig
 from bamba.train.metrics import flops_per_token, mfu
 from bamba.train.optim import build_optimizer
 from bamba.train.parallel import DistInfo
-from bamba.train.trainer import train_step
+from bamba.train.trainer import compile_layers, train_step
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 # case -> (preset, seq_len, batch): the demo's shape, and the bench hybrid at 256 x 2 (its
@@ -54,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=0.41, help="bf16 peak of this CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="also time bamba with compile: true (compile time excluded, reported)")
     p.add_argument("--quick", action="store_true", help="demo case, 1 repeat of 1 step")
     p.add_argument("--output", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -118,18 +125,28 @@ def build_pair(name: str) -> tuple[Any, BambaLM, Any]:
 
 def time_steps(step: Callable[[dict], None], data: list[dict], steps: int) -> float:
     began = time.perf_counter()
-    for b in data[:steps]:
-        step(b)
+    for i in range(steps):
+        step(data[i % len(data)])
     return time.perf_counter() - began
+
+
+def build_steppers(name: str, compiled: bool) -> tuple[Any, BambaLM, dict[str, Callable]]:
+    """The implementations of a case, all from the same initial weights."""
+    _, seq_len, batch = CASES[name]
+    config, ours, theirs = build_pair(name)
+    steppers = {"bamba": bamba_stepper(ours, seq_len, batch), "transformers": hf_stepper(theirs)}
+    if compiled:
+        twin = copy.deepcopy(ours)
+        compile_layers(twin)  # what build_model does for TrainConfig.compile
+        steppers["bamba compiled"] = bamba_stepper(twin, seq_len, batch)
+    return config, ours, steppers
 
 
 def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     _, seq_len, batch = CASES[name]
-    config, ours, theirs = build_pair(name)
-    steppers = {"bamba": bamba_stepper(ours, seq_len, batch), "transformers": hf_stepper(theirs)}
+    config, ours, steppers = build_steppers(name, args.compile)
     data = batches(config.vocab_size, seq_len, batch, max(args.steps, args.warmup))
-    for step in steppers.values():
-        time_steps(step, data, args.warmup)
+    warmup = {k: time_steps(step, data, args.warmup) for k, step in steppers.items()}
     tokens = args.steps * seq_len * batch
     speeds: dict[str, list[float]] = {k: [] for k in steppers}
     for r in range(args.repeats):
@@ -139,14 +156,17 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"{name} repeat {r}: " + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in speeds.items()),
               flush=True)
     flops = flops_per_token(config, seq_len)
-    result = {"preset": CASES[name][0], "seq_len": seq_len, "batch_size": batch,
-              "parameters": sum(p.numel() for p in ours.parameters()),
-              "train_flops_per_token": flops}
+    result: dict[str, Any] = {"preset": CASES[name][0], "seq_len": seq_len, "batch_size": batch,
+                              "parameters": sum(p.numel() for p in ours.parameters()),
+                              "train_flops_per_token": flops}
     for impl, values in speeds.items():
         med = statistics.median(values)
         result[impl] = {"tokens_per_s": med, "mfu": mfu(med, flops, args.peak_tflops),
-                        "samples": values}
-    result["speedup"] = result["bamba"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+                        "samples": values, "warmup_seconds": warmup[impl],
+                        "speedup": med / statistics.median(speeds["transformers"])}
+        if impl == "bamba compiled":  # warm-up time beyond what its steps take once compiled
+            result[impl]["compile_seconds"] = warmup[impl] - args.warmup * seq_len * batch / med
+    result["speedup"] = result["bamba"]["speedup"]
     return result
 
 
@@ -165,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                            "optimizer, bf16 autocast)",
               "cases": results, "threads": args.threads, "repeats": args.repeats,
               "steps_per_repeat": args.steps, "warmup_steps": args.warmup,
+              "compile_note": "bamba compiled = the same train_step on a copy of the model after "
+                              "compile_layers (TrainConfig.compile: each decoder layer compiled in place); compilation happens in its "
+                              "warm-up steps: compile_seconds = warm-up time minus its steps at "
+                              "the measured speed; tokens/s excludes it" if args.compile else None,
               "peak_tflops": args.peak_tflops, "dtype": "bf16 autocast, fp32 weights/optimizer",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -174,9 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, args.output)
     for n, r in results.items():
-        print(f"{n:6s} {r['preset']:6s} {r['batch_size']}x{r['seq_len']}: bamba "
-              f"{r['bamba']['tokens_per_s']:.0f} tok/s (MFU {r['bamba']['mfu']:.1%}), transformers "
-              f"{r['transformers']['tokens_per_s']:.0f} tok/s -> {r['speedup']:.2f}x")
+        line = (f"{n:6s} {r['preset']:6s} {r['batch_size']}x{r['seq_len']}: bamba "
+                f"{r['bamba']['tokens_per_s']:.0f} tok/s (MFU {r['bamba']['mfu']:.1%}), transformers "
+                f"{r['transformers']['tokens_per_s']:.0f} tok/s -> {r['speedup']:.2f}x")
+        if "bamba compiled" in r:
+            c = r["bamba compiled"]
+            line += (f"; compiled {c['tokens_per_s']:.0f} tok/s (MFU {c['mfu']:.1%}, compile "
+                     f"{c['compile_seconds']:.0f} s) -> {c['speedup']:.2f}x")
+        print(line)
     return 0
 
 

@@ -52,9 +52,10 @@ class TrainConfig:
     z_loss: float = 0.0
     bf16: bool = True  # bf16 autocast for the forward pass (weights and optimizer stay fp32)
     activation_checkpointing: bool = False
-    # torch.compile the model's forward (inductor; backward through AOTAutograd). In a probe on
-    # the tiny model (1 thread, 8x256, machine loaded) steps ran 1.8x faster, after a first
-    # step that compiled for minutes: worth it for long runs only. Parameter names unchanged.
+    # torch.compile each decoder layer in place (trainer.compile_layers: inductor, backward
+    # through AOTAutograd; parameter names unchanged). The first step compiles (tens of seconds
+    # on a cold inductor cache, seconds on a warm one); benchmarks/bench_train.py --compile
+    # measures the steps after it.
     compile: bool = False
     seed: int = 0
     # run directory, checkpoints, logs, export
