@@ -9,7 +9,7 @@ random token batches and take the same kind of step:
 bamba's step is ``bamba.train.trainer.train_step`` (the trainer's own code, optimizer from
 ``build_optimizer``); transformers' is ``model(input_ids, labels=...).loss.backward()`` with
 torch's AdamW. With --compile a third row, "bamba compiled", runs the same step on a copy of
-the model compiled in place (``TrainConfig.compile``: ``compile_layers``); its compile time is
+the model compiled in place with the compiled loss (what ``TrainConfig.compile`` runs); its compile time is
 spent in the warm-up steps, reported separately (``compile_seconds``) and not counted in its
 tokens/s. Measurements rotate the order (A B C, C B A, ...) so machine load hits all alike;
 each repeat times --steps steps after --warmup steps; the median over repeats is reported, with
@@ -77,9 +77,12 @@ def batches(vocab: int, seq_len: int, batch: int, count: int, seed: int = 0) -> 
     return out
 
 
-def bamba_stepper(model: BambaLM, seq_len: int, batch: int) -> Callable[[dict], None]:
+def bamba_stepper(model: BambaLM, seq_len: int, batch: int,
+                  compiled: bool = False) -> Callable[[dict], None]:
+    """The trainer's step; ``compiled``: the model was compiled by ``compile_layers`` and the
+    step uses the trainer's compiled loss (what ``compile: true`` runs)."""
     cfg = TrainConfig(seq_len=seq_len, batch_size=batch, lr=LR, weight_decay=WD,
-                      beta1=BETAS[0], beta2=BETAS[1], grad_clip=CLIP, bf16=True)
+                      beta1=BETAS[0], beta2=BETAS[1], grad_clip=CLIP, bf16=True, compile=compiled)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     opt = build_optimizer(model, lr=LR, weight_decay=WD, betas=BETAS)
 
@@ -138,7 +141,7 @@ def build_steppers(name: str, compiled: bool) -> tuple[Any, BambaLM, dict[str, C
     if compiled:
         twin = copy.deepcopy(ours)
         compile_layers(twin)  # what build_model does for TrainConfig.compile
-        steppers["bamba compiled"] = bamba_stepper(twin, seq_len, batch)
+        steppers["bamba compiled"] = bamba_stepper(twin, seq_len, batch, compiled=True)
     return config, ours, steppers
 
 

@@ -26,7 +26,7 @@ from bamba.train.checkpoint import (TRAIN_STATE, Checkpointer, latest_checkpoint
                                     set_rng_state)
 from bamba.train.config import TrainConfig
 from bamba.train.data import Batch, BatchSource, SyntheticSource, build_loader_source
-from bamba.train.loss import lm_loss_sums
+from bamba.train.loss import compiled_loss_terms, lm_loss_sums, loss_terms
 from bamba.train.metrics import (MetricsLog, flops_per_token, mfu, plot_loss, progress_bar,
                                  quiet_logging)
 from bamba.train.optim import build_optimizer, set_lr
@@ -138,6 +138,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
     (global_tokens,) = parallel.all_reduce_sum([local_tokens], info.device)
     scale = info.world_size / max(global_tokens, 1.0)  # FSDP averages gradients over ranks
     ce_sum = 0.0
+    terms = compiled_loss_terms() if cfg.compile else loss_terms
     for i, batch in enumerate(batches):
         if info.distributed:  # reduce-scatter once per step, after the last micro-batch
             model.set_requires_gradient_sync(i == len(batches) - 1)
@@ -145,7 +146,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list
         with _autocast(cfg, info.device):
             logits = model(batch["input_ids"], seq_idx=batch["seq_idx"],
                            positions=batch.get("position_ids"))
-        sums = lm_loss_sums(logits, batch["labels"], cfg.z_loss)
+        sums = lm_loss_sums(logits, batch["labels"], cfg.z_loss, terms)
         (sums.total * scale).backward()
         ce_sum += float(sums.ce)
     grad_norm = _clip(model, cfg.grad_clip)
