@@ -51,18 +51,8 @@ class ContiguousCache:
         return len(self.rows) == self._all_rows and bool(
             (self.rows == torch.arange(self._all_rows, device=self.rows.device)).all())
 
-    def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._whole():
-            return self.conv[layer_idx], self.ssm[layer_idx]
-        return self.conv[layer_idx][self.rows], self.ssm[layer_idx][self.rows]
-
-    def set_mamba_state(self, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
-        if self._whole():
-            self.conv[layer_idx].copy_(conv)
-            self.ssm[layer_idx].copy_(ssm)
-        else:
-            self.conv[layer_idx].index_copy_(0, self.rows, conv.to(self.conv[layer_idx].dtype))
-            self.ssm[layer_idx].index_copy_(0, self.rows, ssm.to(self.ssm[layer_idx].dtype))
+    def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.conv[layer_idx], self.ssm[layer_idx], None if self._whole() else self.rows
 
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

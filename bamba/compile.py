@@ -43,13 +43,8 @@ class _StaticCache:
                  keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor]):
         self.conv, self.ssm, self.keys, self.values = conv, ssm, keys, values
 
-    def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.conv[layer_idx], self.ssm[layer_idx]
-
-    def set_mamba_state(self, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
-        self.conv[layer_idx].copy_(conv)
-        if ssm is not self.ssm[layer_idx]:  # the float32 step already updated it in place
-            self.ssm[layer_idx].copy_(ssm)
+    def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return self.conv[layer_idx], self.ssm[layer_idx], None
 
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,22 +87,38 @@ def _whole_batch(cache: ContiguousCache, batch: int) -> bool:
     return rows == batch and cache.rows.tolist() == list(range(rows))
 
 
+class CompiledModule:
+    """``torch.compile`` of a module with inductor ``mode`` and freezing, patched around every
+    call (inductor reads freezing before torch.compile's own options apply, and compiling
+    happens inside the first call for each shape). ``dynamic`` as in ``torch.compile``.
+    Call it under ``torch.inference_mode()`` or ``no_grad()`` (freezing needs inference); the
+    module's weights must not change afterwards (they are frozen into the compiled graph)."""
+
+    def __init__(self, module: torch.nn.Module, mode: str = "default", freezing: bool = True,
+                 dynamic: bool = False):
+        self.mode = mode
+        self.options = inductor_options(mode, freezing)
+        self._fn: Callable[..., torch.Tensor] = torch.compile(module, dynamic=dynamic,
+                                                              fullgraph=True)
+
+    def __call__(self, *args: object) -> torch.Tensor:
+        with torch._inductor.config.patch(self.options):
+            return self._fn(*args)
+
+
 class CompiledForward:
     """Compiled forward passes for one model: ``step(tokens, positions, cache)`` -> the last
     position's logits [B, V], for tokens and positions [B, L] and a ``ContiguousCache`` bound
     to all of its rows, in order.
 
     The first call for a new (batch, length, cache length, dtype) compiles; ``compiles`` and
-    ``compile_seconds`` record the time spent in such calls. Call it under
-    ``torch.inference_mode()`` or ``no_grad()`` (freezing needs inference). The model's weights
-    must not change afterwards (they are frozen into the compiled graph).
+    ``compile_seconds`` record the time spent in such calls. Same usage rules as
+    ``CompiledModule``.
     """
 
     def __init__(self, model: BambaLM, mode: str = "default", freezing: bool = True):
         self.model, self.mode = model, mode
-        self.options = inductor_options(mode, freezing)
-        self._fn: Callable[..., torch.Tensor] = torch.compile(
-            _Step(model), dynamic=False, fullgraph=True)
+        self._fn = CompiledModule(_Step(model), mode, freezing)
         self._shapes: set[tuple] = set()
         self.compiles: list[tuple[int, int, float]] = []  # (batch, length, seconds) per compile
 
@@ -125,10 +136,7 @@ class CompiledForward:
                  torch.is_inference_mode_enabled())
         first = shape not in self._shapes
         start = time.perf_counter()
-        # Inductor reads freezing before torch.compile's own options apply: patch the config
-        # around the call (compiling happens inside the first call for each shape).
-        with torch._inductor.config.patch(self.options):
-            logits = self._fn(tokens, positions, cache.conv, cache.ssm, cache.keys, cache.values)
+        logits = self._fn(tokens, positions, cache.conv, cache.ssm, cache.keys, cache.values)
         if first:
             seconds = time.perf_counter() - start
             self._shapes.add(shape)

@@ -20,20 +20,21 @@ from torch import nn
 
 from bamba.config import BambaConfig
 from bamba.ops.attention import attention, causal_mask
-from bamba.ops.conv import causal_conv1d, causal_conv1d_step
+from bamba.ops.conv import causal_conv1d
+from bamba.ops.mixer import (MixerShape, MixerWeights, mamba_decode_step, read_rows, time_steps,
+                             write_rows)
 from bamba.ops.norm import gated_rms_norm, rms_norm
 from bamba.ops.rope import apply_rope, rope_cos_sin
-from bamba.ops.ssd import ssd_chunked, ssd_step
+from bamba.ops.ssd import ssd_chunked
 
 
 class InferenceCache(Protocol):
     """What the model needs from an inference cache for the rows of the current batch."""
 
-    def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conv state [B, K-1, conv_dim], SSM state [B, H, P, N] float32) before this call."""
-
-    def set_mamba_state(self, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
-        """Store the states after this call."""
+    def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(conv pool [S, K-1, conv_dim], SSM pool [S, H, P, N], rows): this batch's states are
+        ``pool[rows]`` (rows: [B] int64), or the pools themselves, in batch order, when rows is
+        None. The model reads them and writes the advanced states back in place."""
 
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,45 +128,47 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.n_heads))
         self.norm = RMSNorm(self.d_inner, config.rms_norm_eps)  # weight only; applied gated
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
+        self.shape = MixerShape(self.n_heads, self.head_dim, self.n_groups, self.d_state,
+                                tuple(self.time_step_limit), self.eps)
+        # One token's work between the projections; bamba.compile.fuse_decode_kernels swaps in
+        # a compiled version of the same function.
+        self.decode_kernel = mamba_decode_step
 
     def forward(self, hidden: torch.Tensor, cache: InferenceCache | None,
                 seq_idx: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = hidden.shape
+        zxbcdt = self.in_proj(hidden)
+        if cache is not None and l == 1:  # decode: the states advance in place in their pools
+            y = self.decode_kernel(zxbcdt[:, 0], *cache.mamba_pools(self.layer_idx),
+                                   self.weights(), self.shape)
+            return self.out_proj(y.to(hidden.dtype)[:, None])
         # Everything between in_proj and out_proj runs in float32: the scan wants it, and on a
         # CPU bf16 elementwise ops are slower than float32 ones (each converts per element).
-        z, xbc, dt = self.in_proj(hidden).float().split(
-            [self.d_inner, self.conv_dim, self.n_heads], -1)
-        conv_w = self.conv1d.weight[:, 0]  # [D, K]
-        conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None \
-            else (None, None)
-        decode = cache is not None and l == 1
-        if decode:
-            xbc, conv_state = causal_conv1d_step(xbc[:, 0], conv_w, self.conv1d.bias, conv_state)
-            xbc = xbc[:, None]
-        else:
-            xbc, conv_state = causal_conv1d(xbc, conv_w, self.conv1d.bias, conv_state, seq_idx)
-        xbc = F.silu(xbc)
-        x, B, C = xbc.split([self.d_inner, self.n_groups * self.d_state,
-                             self.n_groups * self.d_state], -1)
+        z, xbc, dt = zxbcdt.float().split([self.d_inner, self.conv_dim, self.n_heads], -1)
+        conv_pool, ssm_pool, rows = cache.mamba_pools(self.layer_idx) if cache is not None \
+            else (None, None, None)
+        xbc, conv_state = causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                        None if cache is None else read_rows(conv_pool, rows),
+                                        seq_idx)
+        x, B, C = F.silu(xbc).split([self.d_inner, self.n_groups * self.d_state,
+                                     self.n_groups * self.d_state], -1)
         x = x.reshape(b, l, self.n_heads, self.head_dim)
-        B = B.reshape(b, l, self.n_groups, self.d_state)
-        C = C.reshape(b, l, self.n_groups, self.d_state)
-        # softplus and exp in float32: dt spans orders of magnitude and feeds an exponential.
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
-        A = -torch.exp(self.A_log.float())
-        if decode:  # the cache's float32 state is updated in place: no state copy per token
-            inplace = ssm_state.dtype == torch.float32 and not ssm_state.requires_grad
-            y, ssm_state = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], inplace)
-            y = y[:, None]
-        else:
-            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.scan_chunk, ssm_state, seq_idx,
-                                       _matmul_dtype(hidden.dtype))
+        y, ssm_state = ssd_chunked(
+            x, time_steps(dt, self.dt_bias, self.time_step_limit), -torch.exp(self.A_log.float()),
+            B.reshape(b, l, self.n_groups, self.d_state), C.reshape(b, l, self.n_groups, self.d_state),
+            self.scan_chunk, None if cache is None else read_rows(ssm_pool, rows), seq_idx,
+            _matmul_dtype(hidden.dtype))
         if cache is not None:
-            cache.set_mamba_state(self.layer_idx, conv_state, ssm_state)
-        y = y + self.D.float()[:, None] * x.float()  # D skip on x before dt scaling
+            write_rows(conv_pool, rows, conv_state)
+            write_rows(ssm_pool, rows, ssm_state)
+        y = y + self.D.float()[:, None] * x  # D skip on x before dt scaling
         y = gated_rms_norm(y.reshape(b, l, self.d_inner), z, self.norm.weight, self.eps,
                            self.d_inner // self.n_groups)
         return self.out_proj(y.to(hidden.dtype))
+
+    def weights(self) -> MixerWeights:
+        return MixerWeights(self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, self.A_log,
+                            self.D, self.norm.weight)
 
 
 class DecoderLayer(nn.Module):

@@ -4,8 +4,20 @@ import torch
 
 from bamba.config import preset
 from bamba.engine.cache import PoolPlan
-from bamba.engine.runner import ModelRunner, PagedBatchCache
+from bamba.engine.runner import ModelRunner, PagedBatchCache, page_rows
 from bamba.model import BambaLM
+
+
+def _cache(runner: ModelRunner, tables: list[list[int]], positions: list[int],
+           scratch: bool) -> PagedBatchCache:
+    """The cache of one decode call: row j writes position positions[j]."""
+    end = max(positions) + 1
+    width = -(-end // runner.block_size)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    write = page_rows(padded, [[p] for p in positions], runner.block_size)
+    read = page_rows(padded, [range(end)] * len(tables), runner.block_size)
+    return PagedBatchCache(runner.pools, None, torch.tensor(write), torch.tensor(read),
+                           runner.scratch if scratch else None)
 
 
 def test_gather_returns_each_rows_keys_in_order_for_ragged_rows() -> None:
@@ -22,7 +34,7 @@ def test_gather_returns_each_rows_keys_in_order_for_ragged_rows() -> None:
     # Fill the pages through update_kv one position at a time (ragged: row 1 stops early).
     for pos in range(max(lengths)):
         live = [i for i, n in enumerate(lengths) if pos < n]
-        cache = PagedBatchCache(runner, [0, 1][:len(live)], [tables[i] for i in live])
+        cache = _cache(runner, [tables[i] for i in live], [pos] * len(live), scratch=pos % 2 == 0)
         kv = torch.stack([history[i][pos] for i in live])[:, None]  # [B, 1, 2, Hkv, D]
         positions = torch.full((len(live), 1), pos)
         keys, values = cache.update_kv(layer, kv[:, :, 0], kv[:, :, 1], positions)
@@ -31,7 +43,7 @@ def test_gather_returns_each_rows_keys_in_order_for_ragged_rows() -> None:
             torch.testing.assert_close(keys[j], history[i][:pos + 1, 0])
             torch.testing.assert_close(values[j], history[i][:pos + 1, 1])
     # Both rows at once: row 1's keys beyond its length come from padding and stay finite.
-    cache = PagedBatchCache(runner, [0, 1], tables)
+    cache = _cache(runner, tables, [10, 3], scratch=True)
     kv = torch.randn(2, 1, 2, hkv, d, generator=gen)
     keys, values = cache.update_kv(layer, kv[:, :, 0], kv[:, :, 1], torch.tensor([[10], [3]]))
     torch.testing.assert_close(keys[0, :10], history[0][:, 0])

@@ -20,6 +20,7 @@ import torch
 from bamba.engine.cache import PagePool, plan_pools
 from bamba.engine.params import CompletionOutput, RequestOutput, SamplingParams
 from bamba.engine.prefix_cache import PrefixCache
+from bamba.compile import inductor_options
 from bamba.engine.runner import ModelRunner
 from bamba.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from bamba.engine.sequence import SequenceOutput, sample_rows
@@ -84,6 +85,9 @@ class LLM:
     (its tokenizer too). memory_gb: bytes (10^9) for KV blocks and state slots together.
     snapshot_interval: with prefix caching, Mamba states are saved every this many prompt
     tokens (rounded up to whole blocks) and at the prompt's last full block.
+    compile_mode: None (eager) or a ``bamba.compile.MODES`` entry: decode steps run through
+    one inductor-compiled graph for every batch size and context (the first decode step
+    compiles it, about a minute on the reference CPU; inductor caches it on disk).
     """
 
     def __init__(self, model: BambaLM | str | os.PathLike, tokenizer: object | None = None, *,
@@ -91,7 +95,9 @@ class LLM:
                  block_size: int = 16, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  state_dtype: str | torch.dtype = torch.float32, max_model_len: int | None = None,
-                 snapshot_interval: int = 256, seed: int = 0):
+                 snapshot_interval: int = 256, seed: int = 0, compile_mode: str | None = None):
+        if compile_mode is not None:
+            inductor_options(compile_mode)  # a bad mode fails here, before the model loads
         model, tokenizer = _load(model, tokenizer, dtype)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -114,7 +120,7 @@ class LLM:
         interval = math.ceil(snapshot_interval / block_size) * block_size
         self.scheduler = Scheduler(self.blocks, self.slots, self.prefix, SchedulerConfig(
             block_size, max_num_seqs, max_num_batched_tokens, has_mamba, interval))
-        self.runner = ModelRunner(model, plan, block_size, self.state_dtype)
+        self.runner = ModelRunner(model, plan, block_size, self.state_dtype, compile_mode)
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[int, _Request] = {}
         self._seq_ids = itertools.count()

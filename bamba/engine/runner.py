@@ -13,109 +13,136 @@ in one call per distinct length [n, L] (rows of one call share L).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
+from bamba.compile import CompiledModule
 from bamba.engine.cache import PoolPlan
 from bamba.engine.scheduler import ScheduledChunk
 from bamba.model import BambaLM
 
 
 class PagedBatchCache:
-    """``InferenceCache`` over the runner's pools for the rows of one forward call."""
+    """``InferenceCache`` over the runner's pools for the rows of one forward call.
 
-    def __init__(self, runner: "ModelRunner", slots: list[int], block_tables: list[list[int]]):
-        self.runner = runner
-        device = runner.model.device
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
-        # Consecutive ascending slots are read and written as one slice (no gather, no scatter).
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        self.span = slice(slots[0], slots[0] + len(slots)) if contiguous else None
-        width = max(len(t) for t in block_tables)
-        # Short tables are padded with block 0: positions past a row's length are masked out.
-        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
-                                   dtype=torch.long, device=device)  # [B, blocks]
-        self._rows: tuple[int, torch.Tensor] | None = None
+    Everything it needs arrives as tensors computed before the call (no Python value is read
+    back from a tensor), so the same code runs eagerly and inside a compiled graph:
+    ``slots`` [B] are the rows' state slots (None: the state pools are already this batch's
+    rows, in order), ``write_rows`` [B, L] the page rows (block * block_size + offset) of the
+    tokens written by this call, ``read_rows`` [B, T] those of positions 0..T-1 of every row.
+    """
 
-    def mamba_state(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        conv_pool, ssm_pool = self.runner.conv[layer_idx], self.runner.ssm[layer_idx]
-        if self.span is not None:
-            return conv_pool[self.span], ssm_pool[self.span]
-        return conv_pool[self.slots], ssm_pool[self.slots]
+    def __init__(self, pools: StatePools, slots: torch.Tensor | None, write_rows: torch.Tensor,
+                 read_rows: torch.Tensor, scratch: Callable[[int, tuple[int, ...]], torch.Tensor] | None
+                 = None):
+        self.pools, self.slots = pools, slots
+        self.write_rows, self.read_rows, self.scratch = write_rows, read_rows, scratch
 
-    def set_mamba_state(self, layer_idx: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
-        for pool, new in ((self.runner.conv[layer_idx], conv), (self.runner.ssm[layer_idx], ssm)):
-            if self.span is None:
-                pool.index_copy_(0, self.slots, new.to(pool.dtype))
-            elif new.data_ptr() != pool[self.span].data_ptr():  # updated in place: nothing to do
-                pool[self.span].copy_(new)
+    def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.pools.conv[layer_idx], self.pools.ssm[layer_idx], self.slots
 
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v; gather every row's keys and values up to the batch's longest row.
 
         The result is a [B, T, Hkv, D] view of a contiguous head-major [Hkv, B, T, D] buffer
-        (one ``index_select`` of token rows per pool, indices computed once per call, no dtype
-        conversion), which attention reads without a copy. The buffer is the runner's scratch:
-        valid until the next call.
+        (one ``index_select`` of token rows per pool, no dtype conversion), which attention
+        reads without a copy. Eagerly the buffer is the runner's scratch: valid until the next
+        call.
         """
-        bs = self.runner.block_size
-        keys, values = self.runner.keys[layer_idx], self.runner.values[layer_idx]
-        blocks = self.tables.gather(1, positions // bs)  # [B, L]
-        offsets = positions % bs
-        keys[:, blocks, offsets] = k.permute(2, 0, 1, 3).to(keys.dtype)  # [Hkv, B, L, D]
-        values[:, blocks, offsets] = v.permute(2, 0, 1, 3).to(values.dtype)
-        end = int(positions.max()) + 1
-        rows = self._token_rows(end)
-        hkv, _, _, d = keys.shape
-        b = self.tables.shape[0]
-        out_k, out_v = self.runner.scratch((hkv, rows.numel(), d), keys.dtype)
-        torch.index_select(keys.view(hkv, -1, d), 1, rows, out=out_k)
-        torch.index_select(values.view(hkv, -1, d), 1, rows, out=out_v)
-        return out_k.view(hkv, b, end, d).permute(1, 2, 0, 3), \
-            out_v.view(hkv, b, end, d).permute(1, 2, 0, 3)
+        keys, values = self.pools.keys[layer_idx], self.pools.values[layer_idx]
+        hkv, d = keys.shape[0], keys.shape[-1]
+        b, t = self.read_rows.shape
+        written, read = self.write_rows.reshape(-1), self.read_rows.reshape(-1)
+        gathered = []
+        for pages, new in ((keys, k), (values, v)):
+            flat = pages.view(hkv, -1, d)
+            flat[:, written] = new.permute(2, 0, 1, 3).reshape(hkv, -1, d).to(flat.dtype)
+            out = None if self.scratch is None else \
+                self.scratch(len(gathered), (hkv, read.numel(), d))
+            gathered.append(torch.index_select(flat, 1, read, out=out))
+        return tuple(g.view(hkv, b, t, d).permute(1, 2, 0, 3) for g in gathered)
 
-    def _token_rows(self, end: int) -> torch.Tensor:
-        """[B * end] page rows (block * block_size + offset) of positions 0..end-1 of every row;
-        the same for every layer of the call, so computed once."""
-        if self._rows is None or self._rows[0] != end:
-            bs = self.runner.block_size
-            pos = torch.arange(end, device=self.tables.device)
-            self._rows = end, (self.tables[:, pos // bs] * bs + pos % bs).reshape(-1)
-        return self._rows[1]
+
+class StatePools(NamedTuple):
+    """The runner's storage, per layer: conv and SSM states (Mamba), keys and values pages
+    (attention)."""
+    conv: dict[int, torch.Tensor]
+    ssm: dict[int, torch.Tensor]
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+
+
+class PagedStep(nn.Module):
+    """Tokens through the model over the paged pools; the last position's logits [B, V]. The
+    module ``torch.compile`` compiles for decode (a module, so inductor can freeze weights)."""
+
+    def __init__(self, model: BambaLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
+                write_rows: torch.Tensor, read_rows: torch.Tensor, pools: StatePools,
+                scratch: Callable[[int, tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
+        cache = PagedBatchCache(pools, slots, write_rows, read_rows, scratch)
+        return self.model(tokens, positions=positions, cache=cache, logits_to_keep=1)[:, -1]
+
+
+def page_rows(tables: list[list[int]], positions: list[list[int]] | list[range],
+              block_size: int) -> list[list[int]]:
+    """Page rows (block * block_size + offset) of the given positions of each row."""
+    return [[table[p // block_size] * block_size + p % block_size for p in row]
+            for table, row in zip(tables, positions)]
 
 
 class ModelRunner:
+    """Owns the pools and runs the model on the chunks of a step.
+
+    ``compile_mode`` (one of ``bamba.compile.MODES``) compiles the decode calls (all rows one
+    token) with inductor, once for every batch size and context length (dynamic shapes); the
+    first decode call pays the compile (about a minute on the reference CPU, cached on disk
+    by inductor afterwards). Prefill chunks always run eagerly.
+    """
+
     def __init__(self, model: BambaLM, plan: PoolPlan, block_size: int,
-                 state_dtype: torch.dtype):
+                 state_dtype: torch.dtype, compile_mode: str | None = None):
         cfg = model.config
         self.model = model
         self.block_size = block_size
         dtype, device = model.dtype, model.device
         # Head-major pages: one gather of token rows yields [Hkv, B, T, D] for attention.
         kv_shape = (cfg.num_key_value_heads, plan.num_blocks, block_size, cfg.head_dim)
-        # Zeros, not empty: padded rows read unused pages, which must hold finite numbers.
-        self.keys = {i: torch.zeros(kv_shape, dtype=dtype, device=device)
-                     for i in cfg.attn_layer_indices}
-        self.values = {i: torch.zeros(kv_shape, dtype=dtype, device=device)
-                       for i in cfg.attn_layer_indices}
         conv_shape = (plan.num_slots, cfg.mamba_d_conv - 1, cfg.conv_dim)
         ssm_shape = (plan.num_slots, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state)
-        self.conv = {i: torch.zeros(conv_shape, dtype=dtype, device=device)
-                     for i in cfg.mamba_layer_indices}
-        self.ssm = {i: torch.zeros(ssm_shape, dtype=state_dtype, device=device)
-                    for i in cfg.mamba_layer_indices}
-        self._scratch: tuple[torch.Tensor, ...] | None = None
+        # Zeros, not empty: padded rows read unused pages, which must hold finite numbers.
+        self.pools = StatePools(
+            conv={i: torch.zeros(conv_shape, dtype=dtype, device=device)
+                  for i in cfg.mamba_layer_indices},
+            ssm={i: torch.zeros(ssm_shape, dtype=state_dtype, device=device)
+                 for i in cfg.mamba_layer_indices},
+            keys={i: torch.zeros(kv_shape, dtype=dtype, device=device)
+                  for i in cfg.attn_layer_indices},
+            values={i: torch.zeros(kv_shape, dtype=dtype, device=device)
+                    for i in cfg.attn_layer_indices})
+        self.conv, self.ssm, self.keys, self.values = self.pools
+        self.step = PagedStep(model)
+        self.compiled_decode = None if compile_mode is None else \
+            CompiledModule(self.step, compile_mode, dynamic=True)
+        self._scratch: list[torch.Tensor] = []
 
-    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """Two contiguous buffers (gathered keys, values) of this shape, carved from storage that
-        is kept between steps and grown by a quarter when too small."""
-        numel = math.prod(shape)
-        if self._scratch is None or self._scratch[0].numel() < numel or \
-                self._scratch[0].dtype != dtype:
-            self._scratch = tuple(torch.empty(numel + numel // 4, dtype=dtype,
-                                              device=self.model.device) for _ in range(2))
-        return tuple(buf[:numel].view(shape) for buf in self._scratch)
+    def scratch(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Contiguous buffer number ``index`` (0: gathered keys, 1: values) of this shape in the
+        model's dtype, carved from storage kept between steps, grown by a quarter when short."""
+        numel, dtype = math.prod(shape), self.model.dtype
+        while len(self._scratch) <= index:
+            self._scratch.append(torch.empty(0, dtype=dtype, device=self.model.device))
+        if self._scratch[index].numel() < numel or self._scratch[index].dtype != dtype:
+            self._scratch[index] = torch.empty(numel + numel // 4, dtype=dtype,
+                                               device=self.model.device)
+        return self._scratch[index][:numel].view(shape)
 
     def copy_state(self, src: int, dst: int) -> None:
         for i in self.conv:
@@ -148,11 +175,29 @@ class ModelRunner:
 
     def _forward(self, rows: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
         """One model call for rows of equal length."""
-        device = self.model.device
-        ids = torch.tensor([c.token_ids for c in rows], dtype=torch.long, device=device)
-        length = ids.shape[1]
-        positions = torch.tensor([[c.start + j for j in range(length)] for c in rows],
-                                 dtype=torch.long, device=device)
-        cache = PagedBatchCache(self, [c.slot for c in rows], [c.block_ids for c in rows])
-        out = self.model(ids, positions=positions, cache=cache, logits_to_keep=1)  # [B, 1, V]
-        return {c.seq_id: out[j, -1].float() for j, c in enumerate(rows)}
+        device, bs = self.model.device, self.block_size
+        length = len(rows[0].token_ids)
+        positions = [range(c.start, c.start + length) for c in rows]
+        end = max(c.start for c in rows) + length
+        width = -(-end // bs)
+        # Short tables are padded with block 0: positions past a row's length are masked out.
+        tables = [c.block_ids + [0] * (width - len(c.block_ids)) for c in rows]
+
+        def tensor(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        ids, pos = tensor([c.token_ids for c in rows]), tensor([list(p) for p in positions])
+        write, read = (tensor(page_rows(tables, p, bs))
+                       for p in (positions, [range(end)] * len(rows)))
+        slots = [c.slot for c in rows]
+        if length == 1 and self.compiled_decode is not None:
+            out = self.compiled_decode(ids, pos, tensor(slots), write, read, self.pools)
+        elif slots == list(range(slots[0], slots[0] + len(slots))):
+            # Consecutive ascending slots: the states are one slice (no gather, no scatter).
+            span = slice(slots[0], slots[0] + len(slots))
+            pools = self.pools._replace(conv={i: t[span] for i, t in self.conv.items()},
+                                        ssm={i: t[span] for i, t in self.ssm.items()})
+            out = self.step(ids, pos, None, write, read, pools, self.scratch)
+        else:
+            out = self.step(ids, pos, tensor(slots), write, read, self.pools, self.scratch)
+        return {c.seq_id: out[j].float() for j, c in enumerate(rows)}

@@ -1,0 +1,110 @@
+"""The Mamba2 mixer's work between in_proj and out_proj, as pure functions over state pools.
+
+Inference states live in pools (one row per sequence or slot): conv states [S, K-1, conv_dim]
+and SSM states [S, H, P, N]. A batch's states are ``pool[rows]`` for a LongTensor ``rows``, or
+the pools themselves (in batch order) when ``rows`` is None. ``mamba_decode_step`` reads them,
+advances them by one token and writes them back in place, so one function covers the contiguous
+cache of ``generate``, the engine's state slots and a compiled step.
+
+The SSM state update, the heaviest part of a batched decode step, goes through
+``bamba.native``'s kernel when it is available (one pass over each state, float32 or bf16
+storage, float32 arithmetic), else through ``bamba.ops.ssd.ssd_step``. The rest is plain
+tensor code that torch.compile fuses when the whole step is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from bamba import native
+from bamba.ops.conv import causal_conv1d_step
+from bamba.ops.norm import gated_rms_norm
+from bamba.ops.ssd import ssd_step
+
+
+class MixerShape(NamedTuple):
+    """The static sizes and constants of one Mamba2 mixer."""
+    n_heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+    time_step_limit: tuple[float, float]
+    eps: float
+
+    @property
+    def d_inner(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+
+class MixerWeights(NamedTuple):
+    """The mixer's parameters used between in_proj and out_proj."""
+    conv_weight: torch.Tensor  # [conv_dim, K]
+    conv_bias: torch.Tensor | None  # [conv_dim]
+    dt_bias: torch.Tensor  # [H]
+    A_log: torch.Tensor  # [H]
+    D: torch.Tensor  # [H]
+    norm_weight: torch.Tensor  # [d_inner]
+
+
+def read_rows(pool: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The batch's rows of a state pool (the pool itself when ``rows`` is None)."""
+    return pool if rows is None else pool.index_select(0, rows)
+
+
+def write_rows(pool: torch.Tensor, rows: torch.Tensor | None, new: torch.Tensor) -> None:
+    """Store the batch's new states into the pool."""
+    if rows is None:
+        pool.copy_(new)
+    else:
+        pool.index_copy_(0, rows, new.to(pool.dtype))
+
+
+def time_steps(dt: torch.Tensor, dt_bias: torch.Tensor,
+               limit: tuple[float, float]) -> torch.Tensor:
+    """dt = clamp(softplus(dt + dt_bias), limit) in float32 (it feeds an exponential)."""
+    return F.softplus(dt.float() + dt_bias.float()).clamp(*limit)
+
+
+def _native_pool(pool: torch.Tensor) -> bool:
+    """Whether ``bamba.native``'s one-pass kernel can update this state pool."""
+    return pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16) \
+        and pool.is_contiguous() and not pool.requires_grad and native.ssd_step_available()
+
+
+def mamba_decode_step(zxbcdt: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
+                      rows: torch.Tensor | None, w: MixerWeights,
+                      shape: MixerShape) -> torch.Tensor:
+    """One token through the mixer's middle: in_proj output [B, 2·d_inner + 2·G·N + H] ->
+    gated, normalised y [B, d_inner] (float32), ready for out_proj. The batch's conv and SSM
+    states (``pool[rows]``) are advanced in place."""
+    b = zxbcdt.shape[0]
+    d_inner, gn = shape.d_inner, shape.n_groups * shape.d_state
+    z, xbc, dt = zxbcdt.float().split([d_inner, shape.conv_dim, shape.n_heads], -1)
+    xbc, conv_state = causal_conv1d_step(xbc, w.conv_weight, w.conv_bias,
+                                         read_rows(conv_pool, rows))
+    write_rows(conv_pool, rows, conv_state)
+    x, B, C = F.silu(xbc).split([d_inner, gn, gn], -1)
+    x = x.view(b, shape.n_heads, shape.head_dim)
+    dt = time_steps(dt, w.dt_bias, shape.time_step_limit)
+    A = -torch.exp(w.A_log.float())
+    B, C = B.view(b, shape.n_groups, shape.d_state), C.view(b, shape.n_groups, shape.d_state)
+    if _native_pool(ssm_pool):  # one pass over each state, in place
+        if rows is None:
+            rows = torch.arange(b, device=ssm_pool.device)
+        y = torch.ops.bamba.ssd_step_pool(ssm_pool, rows, x, dt, A, B, C)
+    else:
+        state = read_rows(ssm_pool, rows)
+        inplace = rows is None and state.dtype == torch.float32 and not state.requires_grad
+        y, state = ssd_step(state, x, dt, A, B, C, inplace)
+        if not inplace:
+            write_rows(ssm_pool, rows, state)
+    y = y + w.D.float()[:, None] * x  # D skip on x before dt scaling
+    return gated_rms_norm(y.reshape(b, d_inner), z, w.norm_weight, shape.eps,
+                          d_inner // shape.n_groups)

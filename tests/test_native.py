@@ -1,0 +1,89 @@
+"""The native one-pass SSM decode kernel against the torch reference (bamba.ops.ssd.ssd_step)."""
+
+import pytest
+import torch
+
+from bamba import native
+from bamba.config import preset
+from bamba.cache import ContiguousCache
+from bamba.model import BambaLM, init_weights
+from bamba.ops.ssd import ssd_step
+
+pytestmark = pytest.mark.skipif(not native.ssd_step_available(),
+                                reason="no C compiler: the native kernel is not built")
+
+
+def _inputs(b: int, h: int, p: int, n: int, g: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, p, generator=gen), torch.rand(b, h, generator=gen),
+            -torch.rand(h, generator=gen) * 2, torch.randn(b, g, n, generator=gen),
+            torch.randn(b, g, n, generator=gen))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_kernel_updates_only_its_rows_and_matches_reference(dtype, groups) -> None:
+    slots, b, h, p, n = 9, 5, 4, 8, 16
+    pool = torch.randn(slots, h, p, n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    rows = torch.tensor([7, 0, 3, 8, 2])
+    x, dt, A, B, C = _inputs(b, h, p, n, groups)
+    y_ref, state_ref = ssd_step(pool[rows].float(), x, dt, A, B, C)
+    before = pool.clone()
+    y = torch.ops.bamba.ssd_step_pool(pool, rows, x, dt, A, B, C)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+    tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(pool[rows].float(), state_ref.to(dtype).float(), **tol)
+    untouched = torch.ones(slots, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+def test_bad_inputs_raise_one_line_errors() -> None:
+    pool = torch.zeros(3, 2, 4, 8)
+    x, dt, A, B, C = _inputs(2, 2, 4, 8, 1)
+    with pytest.raises(ValueError, match="rows must lie"):
+        torch.ops.bamba.ssd_step_pool(pool, torch.tensor([0, 3]), x, dt, A, B, C)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        torch.ops.bamba.ssd_step_pool(pool, torch.tensor([0, 1]), x[:, :1], dt, A, B, C)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.bamba.ssd_step_pool(pool.half(), torch.tensor([0, 1]), x, dt, A, B, C)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_model_decode_equal_with_and_without_the_kernel(monkeypatch, state_dtype) -> None:
+    cfg = preset("tiny")
+    model = init_weights(BambaLM(cfg), seed=0).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
+
+    def decode(rows: list[int]) -> torch.Tensor:
+        cache = ContiguousCache(cfg, 4, 16, torch.float32, state_dtype).bind(rows)
+        with torch.no_grad():
+            model(prompt, cache=cache)
+            pos = torch.full((3, 1), 7)
+            return torch.cat([model(prompt[:, :1] + i, positions=pos + i, cache=cache)
+                              for i in range(3)], dim=1)
+
+    native_out = decode([2, 0, 3])
+    monkeypatch.setattr(native, "ssd_step_available", lambda: False)
+    torch_out = decode([2, 0, 3])
+    torch.testing.assert_close(native_out, torch_out, rtol=1e-4, atol=1e-4)
+    assert torch.equal(decode([0, 1, 2]), decode([0, 1, 2]))  # torch path, whole-cache rows
+
+
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("BAMBA_CACHE", str(tmp_path))
+    first = native.build()
+    assert first.parent == tmp_path / "kernels" and first.exists()
+    assert native.build() == first
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp left behind
+
+
+def test_bamba_native_0_disables_the_kernel(monkeypatch) -> None:
+    monkeypatch.setenv("BAMBA_NATIVE", "0")
+    native._library.cache_clear()
+    try:
+        assert not native.ssd_step_available()
+    finally:
+        monkeypatch.delenv("BAMBA_NATIVE")
+        native._library.cache_clear()
+    assert native.ssd_step_available()
