@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.41, help="bf16 peak of this CPU")
     p.add_argument("--compile", action="store_true",
                    help="also time bamba with compile: true (compile time excluded, reported)")
+    p.add_argument("--inductor-cache", default=None,
+                   help="inductor cache directory for --compile (default: a fresh one, cold)")
     p.add_argument("--quick", action="store_true", help="demo case, 1 repeat of 1 step")
     p.add_argument("--output", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -173,6 +176,20 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def inductor_cache(compiled: bool, directory: str | None) -> tuple[str | None, str | None]:
+    """Compile from a cold cache (a fresh temporary directory, what a first run sees) unless
+    --inductor-cache names one. Returns how compile_seconds was measured and the directory to
+    remove afterwards (None: nothing made)."""
+    if not compiled:
+        return None, None
+    if directory:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+        return f"{directory} (may be warm)", None
+    made = tempfile.mkdtemp(prefix="bench_train_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = made
+    return "cold: a fresh temporary directory", made
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
@@ -182,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         if n not in CASES:
             raise SystemExit(f"unknown case {n!r}; known: {', '.join(CASES)}")
     torch.set_num_threads(args.threads)
+    cache, made = inductor_cache(args.compile, args.inductor_cache)
     load_before = os.getloadavg()
-    results = {n: run_case(n, args) for n in names}
+    try:
+        results = {n: run_case(n, args) for n in names}
+    finally:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
     report = {"benchmark": "training step tokens/s, bamba vs transformers (same weights, data, "
                            "optimizer, bf16 autocast)",
               "cases": results, "threads": args.threads, "repeats": args.repeats,
@@ -192,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                               "compile_layers (TrainConfig.compile: each decoder layer compiled in place); compilation happens in its "
                               "warm-up steps: compile_seconds = warm-up time minus its steps at "
                               "the measured speed; tokens/s excludes it" if args.compile else None,
+              "inductor_cache": cache,
               "peak_tflops": args.peak_tflops, "dtype": "bf16 autocast, fp32 weights/optimizer",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
