@@ -86,6 +86,7 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@torch.compiler.assume_constant_result  # a compiled graph bakes in the answer, not the build
 def ssd_step_available() -> bool:
     """True when the native kernel is built and loaded (and not disabled by BAMBA_NATIVE=0)."""
     return _library() is not None
