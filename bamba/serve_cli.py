@@ -38,6 +38,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="context length (default: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    from bamba.compile import MODES
+
+    parser.add_argument("--compile", default="none", choices=("none", *MODES),
+                        help="compile decode steps with inductor (the first one takes about a "
+                             "minute; then faster batched decode)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
 
@@ -64,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype,
               memory_gb=args.memory_gb, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching)
+              max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+              compile_mode=None if args.compile == "none" else args.compile)
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
     api_key = args.api_key or os.environ.get("BAMBA_API_KEY") or None
     engine = AsyncEngine(llm).start()

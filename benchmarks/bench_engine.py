@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-bf16-state-batches", type=_ints, default=[32],
                    help="engine runs repeated with a bfloat16 Mamba state (the state traffic "
                         "bounds batch-32 decode)")
+    p.add_argument("--gen-compile", type=lambda t: t.split(","), default=["none", "default"],
+                   help="comma-separated engine compile modes for the batched section")
     p.add_argument("--hf-batch", type=int, default=8)
     p.add_argument("--hf-repeats", type=int, default=1)
     # prefix
@@ -108,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.long_context, args.long_batches = 256, [1, 4]
         args.gen_batches, args.gen_prompts, args.gen_prompts_b1 = [1, 4], 4, 2
         args.gen_prompt_len, args.gen_max_tokens, args.gen_repeats, args.hf_batch = 16, 8, 1, 4
-        args.prefix_len, args.prefix_requests = 128, 2
+        args.prefix_len, args.prefix_requests, args.gen_compile = 128, 2, ["none"]
     return args
 
 
@@ -265,15 +267,18 @@ class StepLog:
 
 
 def engine_generate(model: BambaLM, args: argparse.Namespace, batch: int,
-                    state_dtype: str) -> dict:
+                    state_dtype: str, compile_mode: str) -> dict:
     n = args.gen_prompts_b1 if batch == 1 else args.gen_prompts
     prompts = random_prompts(n, args.gen_prompt_len, model.config.vocab_size, args.seed)
     length = args.gen_prompt_len + args.gen_max_tokens
     state = getattr(torch, state_dtype)
     llm = LLM(model, max_num_seqs=batch, enable_prefix_caching=False, state_dtype=state,
-              memory_gb=budget_gb(model, batch, length, state), max_model_len=length + 16)
+              memory_gb=budget_gb(model, batch, length, state), max_model_len=length + 16,
+              compile_mode=None if compile_mode == "none" else compile_mode)
     params = SamplingParams(temperature=0, max_tokens=args.gen_max_tokens, ignore_eos=True)
+    start = time.perf_counter()  # warm-up; with compile_mode, the (shared) decode compile
     llm.generate(prompts[:batch], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    warmup_seconds = time.perf_counter() - start
     log = StepLog(llm)
     runs = []
     for _ in range(args.gen_repeats):
@@ -285,7 +290,8 @@ def engine_generate(model: BambaLM, args: argparse.Namespace, batch: int,
         runs.append({"seconds": seconds, "output_tokens": tokens, "tok_s": tokens / seconds,
                      "decode_only_tok_s": log.decode_tok_s(), "steps": len(log.records),
                      "load_average": load_average()})
-    return {"batch": batch, "state_dtype": state_dtype, "prompts": n,
+    return {"batch": batch, "state_dtype": state_dtype, "compile": compile_mode,
+            "warmup_seconds": warmup_seconds, "prompts": n,
             "prompt_len": args.gen_prompt_len, "max_tokens": args.gen_max_tokens,
             "tok_s": statistics.median(r["tok_s"] for r in runs),
             "decode_only_tok_s": statistics.median(r["decode_only_tok_s"] for r in runs),
@@ -320,24 +326,28 @@ def bench_batched(args: argparse.Namespace, dirs: dict[str, Path], cfg: BambaCon
     engine = []
     runs = [(b, args.state_dtype) for b in args.gen_batches]
     runs += [(b, "bfloat16") for b in args.gen_bf16_state_batches if args.state_dtype != "bfloat16"]
-    for b, state in runs:
-        engine.append(engine_generate(model, args, b, state))
-        print(f"engine b={b} state {state}: {engine[-1]['tok_s']:.1f} output tok/s "
-              f"(decode-only {engine[-1]['decode_only_tok_s']:.1f})", flush=True)
+    for mode in args.gen_compile:
+        for b, state in runs:
+            engine.append(engine_generate(model, args, b, state, mode))
+            print(f"engine b={b} state {state} compile {mode}: {engine[-1]['tok_s']:.1f} output "
+                  f"tok/s (decode-only {engine[-1]['decode_only_tok_s']:.1f}; warm-up "
+                  f"{engine[-1]['warmup_seconds']:.0f} s)", flush=True)
     del model
     gc.collect()
     hf = hf_generate(dirs["hybrid"], args, cfg.vocab_size)
     print(f"transformers b={args.hf_batch}: {hf['tok_s']:.1f} output tok/s", flush=True)
-    same = next((e for e in engine if e["batch"] == args.hf_batch
-                 and e["state_dtype"] == args.state_dtype), None)
-    return {"model": "hybrid", "state_dtype": args.state_dtype, "compiled": False,
-            "compile_note": "LLM/ModelRunner has no compile option: engine runs eager "
-                            "(bamba.compile serves ContiguousCache, not the paged pools)",
+    speedups = {f"{e['compile']}/{e['state_dtype']}": e["tok_s"] / hf["tok_s"] for e in engine
+                if e["batch"] == args.hf_batch}
+    return {"model": "hybrid", "state_dtype": args.state_dtype,
+            "compile_note": "compile = LLM(compile_mode=...): decode steps through one inductor "
+                            "graph (freezing, dynamic shapes) shared by every engine on the model;"
+                            " its compile happens in the first engine's warm-up (warmup_seconds)"
+                            " and is excluded from tok_s; prefill chunks run eagerly",
             "throughput_note": "tok_s = all output tokens / wall time of LLM.generate (prefill "
                                "included); decode_only_tok_s = sampled tokens / time of steps "
                                "whose chunks are all one token",
             "engine": engine, "transformers": hf,
-            "speedup_vs_transformers": same["tok_s"] / hf["tok_s"] if same else None}
+            "speedup_vs_transformers": speedups}
 
 
 # ---- prefix cache ------------------------------------------------------------------------
@@ -432,7 +442,8 @@ def summary(data: dict) -> str:
                      f"twin {r['twin']['tok_s']:.1f} tok/s")
     if "batched" in data:
         for e in data["batched"]["engine"]:
-            lines.append(f"engine b={e['batch']} state {e.get('state_dtype')}: "
+            lines.append(f"engine b={e['batch']} state {e.get('state_dtype')} compile "
+                         f"{e.get('compile', 'none')}: "
                          f"{e['tok_s']:.1f} tok/s "
                          f"(decode-only {e['decode_only_tok_s']:.1f})")
         lines.append(f"transformers b={data['batched']['transformers']['batch']}: "

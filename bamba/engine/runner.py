@@ -91,6 +91,15 @@ class PagedStep(nn.Module):
         return self.model(tokens, positions=positions, cache=cache, logits_to_keep=1)[:, -1]
 
 
+def compiled_decode(model: BambaLM, mode: str) -> CompiledModule:
+    """The model's compiled ``PagedStep`` for ``mode``, made once per model and kept on it, so
+    every engine over the same model shares one compilation (dynamic shapes: any pool size)."""
+    per_mode = model.__dict__.setdefault("_compiled_paged_steps", {})
+    if mode not in per_mode:
+        per_mode[mode] = CompiledModule(PagedStep(model), mode, dynamic=True)
+    return per_mode[mode]
+
+
 def page_rows(tables: list[list[int]], positions: list[list[int]] | list[range],
               block_size: int) -> list[list[int]]:
     """Page rows (block * block_size + offset) of the given positions of each row."""
@@ -129,8 +138,8 @@ class ModelRunner:
                     for i in cfg.attn_layer_indices})
         self.conv, self.ssm, self.keys, self.values = self.pools
         self.step = PagedStep(model)
-        self.compiled_decode = None if compile_mode is None else \
-            CompiledModule(self.step, compile_mode, dynamic=True)
+        self.decode_graph = None if compile_mode is None else \
+            compiled_decode(model, compile_mode)
         self._scratch: list[torch.Tensor] = []
 
     def scratch(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -190,8 +199,8 @@ class ModelRunner:
         write, read = (tensor(page_rows(tables, p, bs))
                        for p in (positions, [range(end)] * len(rows)))
         slots = [c.slot for c in rows]
-        if length == 1 and self.compiled_decode is not None:
-            out = self.compiled_decode(ids, pos, tensor(slots), write, read, self.pools)
+        if length == 1 and self.decode_graph is not None:
+            out = self.decode_graph(ids, pos, tensor(slots), write, read, self.pools)
         elif slots == list(range(slots[0], slots[0] + len(slots))):
             # Consecutive ascending slots: the states are one slice (no gather, no scatter).
             span = slice(slots[0], slots[0] + len(slots))
