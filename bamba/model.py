@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bamba import native
 from bamba.config import BambaConfig
 from bamba.ops.attention import attention, causal_mask
 from bamba.ops.conv import causal_conv1d
@@ -42,6 +43,16 @@ class InferenceCache(Protocol):
         0..T-1 of every row ([B, T, Hkv, D]), T = 1 + the largest position written."""
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` whose few-row bf16 inference calls (decode) go through ``bamba.native``'s
+    weight-streaming kernel when it is built for this CPU; ``F.linear`` otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.use_linear_kernel(x, self.weight):
+            return torch.ops.bamba.linear_bf16(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -58,9 +69,9 @@ class MLP(nn.Module):
     def __init__(self, config: BambaConfig):
         super().__init__()
         h, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, f, bias=bias)
-        self.up_proj = nn.Linear(h, f, bias=bias)
-        self.down_proj = nn.Linear(f, h, bias=bias)
+        self.gate_proj = Linear(h, f, bias=bias)
+        self.up_proj = Linear(h, f, bias=bias)
+        self.down_proj = Linear(f, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -75,10 +86,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads,
                                                   config.num_key_value_heads, config.head_dim)
         h, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 positions: torch.Tensor, cache: InferenceCache | None,
@@ -118,7 +129,7 @@ class Mamba2Mixer(nn.Module):
         self.scan_chunk = min(self.chunk_size, 64)
         self.time_step_limit = config.time_step_limit
         self.eps = config.rms_norm_eps
-        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.n_heads,
+        self.in_proj = Linear(config.hidden_size, self.d_inner + self.conv_dim + self.n_heads,
                                  bias=config.mamba_proj_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.mamba_d_conv,
                                 groups=self.conv_dim, padding=config.mamba_d_conv - 1,
@@ -127,7 +138,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(self.n_heads))
         self.norm = RMSNorm(self.d_inner, config.rms_norm_eps)  # weight only; applied gated
-        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
+        self.out_proj = Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
         self.shape = MixerShape(self.n_heads, self.head_dim, self.n_groups, self.d_state,
                                 tuple(self.time_step_limit), self.eps)
         # One token's work between the projections; bamba.compile.fuse_decode_kernels swaps in
@@ -222,7 +233,7 @@ class BambaLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

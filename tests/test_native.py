@@ -87,3 +87,52 @@ def test_bamba_native_0_disables_the_kernel(monkeypatch) -> None:
         monkeypatch.delenv("BAMBA_NATIVE")
         native._library.cache_clear()
     assert native.ssd_step_available()
+
+
+needs_bf16_dot = pytest.mark.skipif(not native.linear_available(),
+                                    reason="the bf16 linear kernel needs AVX-512 BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_kernel_matches_torch_linear(rows: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 96, generator=gen).bfloat16()
+    weight = torch.randn(40, 96, generator=gen).bfloat16()
+    b = torch.randn(40, generator=gen).bfloat16() if bias else None
+    assert native.use_linear_kernel(x, weight)
+    y = torch.ops.bamba.linear_bf16(x, weight, b)
+    ref = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+    assert y.shape == (rows, 1, 40) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=5e-2)
+
+
+def test_linear_kernel_is_only_chosen_where_it_applies() -> None:
+    w = torch.zeros(8, 64, dtype=torch.bfloat16)
+    assert not native.use_linear_kernel(torch.zeros(5, 64, dtype=torch.bfloat16), w)  # rows
+    assert not native.use_linear_kernel(torch.zeros(1, 64), w.float())  # float32
+    assert not native.use_linear_kernel(torch.zeros(1, 48, dtype=torch.bfloat16),
+                                        torch.zeros(8, 48, dtype=torch.bfloat16))  # width
+    grad_w = w.clone().requires_grad_()
+    assert not native.use_linear_kernel(torch.zeros(1, 64, dtype=torch.bfloat16), grad_w)
+    with torch.no_grad():
+        assert native.use_linear_kernel(torch.zeros(1, 64, dtype=torch.bfloat16), grad_w) == \
+            native.linear_available()
+
+
+@needs_bf16_dot
+def test_bf16_model_decode_close_with_and_without_the_linear_kernel(monkeypatch) -> None:
+    cfg = preset("tiny")
+    model = init_weights(BambaLM(cfg), seed=0).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+
+    def step_logits() -> torch.Tensor:
+        cache = ContiguousCache(cfg, 2, 8, torch.bfloat16)
+        with torch.inference_mode():
+            model(prompt, cache=cache)
+            return model(prompt[:, :1], positions=torch.full((2, 1), 6), cache=cache).float()
+
+    with_kernel = step_logits()
+    monkeypatch.setattr(native, "linear_available", lambda: False)
+    torch.testing.assert_close(with_kernel, step_logits(), rtol=0.05, atol=0.05)

@@ -29,8 +29,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("ssd_step.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.[ch]")))  # kernels and shared headers
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 
 
 def cache_dir() -> Path:
@@ -48,24 +48,28 @@ def _machine_key() -> str:
     return f"{platform.machine()} {model.strip()}"
 
 
-def build(source: Path = SOURCE) -> Path:
-    """Compile ``source`` into a shared library in the cache (once per source, flags and
-    machine); return its path. Raises RuntimeError if no compiler is found or it fails."""
+def build(sources: tuple[Path, ...] = SOURCES) -> Path:
+    """Compile the C ``sources`` into one shared library in the cache (once per sources,
+    flags and machine); return its path. Raises RuntimeError if no compiler is found or it
+    fails."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
-    text = source.read_bytes()
-    key = hashlib.sha256(text + " ".join(FLAGS).encode() + _machine_key().encode()).hexdigest()
-    target = cache_dir() / f"{source.stem}-{key[:16]}.so"
+    digest = hashlib.sha256(" ".join(FLAGS).encode() + _machine_key().encode())
+    for source in sources:
+        digest.update(source.name.encode() + source.read_bytes())
+    target = cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(partial), "-lm"],
+        units = [str(s) for s in sources if s.suffix == ".c"]
+        result = subprocess.run([compiler, *FLAGS, *units, "-o", str(partial), "-lm"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {source.name} failed: {result.stderr.strip()[:500]}")
+            raise RuntimeError(f"compiling {', '.join(Path(u).name for u in units)} failed: "
+                               f"{result.stderr.strip()[:500]}")
         os.replace(partial, target)
     return target
 
@@ -77,12 +81,15 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as err:
-        log.warning("native SSD kernel unavailable, using torch ops: %s", err)
+        log.warning("native kernels unavailable, using torch ops: %s", err)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.bamba_ssd_step_pool.argtypes = [ptr, ctypes.c_int, ptr, i64, i64, i64, i64, i64,
                                         ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.bamba_ssd_step_pool.restype = ctypes.c_int
+    lib.bamba_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.bamba_linear_bf16.restype = ctypes.c_int
+    lib.bamba_linear_bf16_supported.restype = ctypes.c_int
     return lib
 
 
@@ -126,3 +133,47 @@ def ssd_step_pool(pool: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, dt: t
 @ssd_step_pool.register_fake
 def _(pool, rows, x, dt, A, B, C):
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+MAX_LINEAR_ROWS = 4  # measured: from 8 rows on torch's matmul is as fast
+
+
+@torch.compiler.assume_constant_result
+def linear_available() -> bool:
+    """True when the bf16 few-row linear kernel is built for this CPU (AVX-512 BF16)."""
+    lib = _library()
+    return lib is not None and bool(lib.bamba_linear_bf16_supported())
+
+
+def use_linear_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear_bf16`` serves x @ weight.T: bf16 CPU tensors without autograd, at most
+    ``MAX_LINEAR_ROWS`` rows, an input width that is a multiple of 32, the kernel built."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
+        and not grad and weight.is_contiguous() \
+        and x.numel() // x.shape[-1] <= MAX_LINEAR_ROWS and x.shape[-1] % 32 == 0 \
+        and linear_available()
+
+
+@torch.library.custom_op("bamba::linear_bf16", mutates_args=(), device_types="cpu")
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ weight.T (+ bias) in bf16 for a few rows (see ``use_linear_kernel``), streaming
+    the weight once with float32 accumulation. Same contract as ``F.linear``."""
+    lib = _library()
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).contiguous()
+    n = weight.shape[0]
+    if weight.shape != (n, k) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"linear_bf16: weight {tuple(weight.shape)} does not match input width {k}")
+    y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
+    bias_ptr = None if bias is None else bias.to(torch.bfloat16).contiguous().data_ptr()
+    if lib is None or lib.bamba_linear_bf16(rows.data_ptr(), weight.data_ptr(), bias_ptr,
+                                            y.data_ptr(), rows.shape[0], n, k,
+                                            torch.get_num_threads()) != 0:
+        raise RuntimeError(f"linear_bf16: unsupported here ({rows.shape[0]} rows, width {k})")
+    return y.view(*x.shape[:-1], n)
+
+
+@linear_bf16.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
