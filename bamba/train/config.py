@@ -53,10 +53,11 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast for the forward pass (weights and optimizer stay fp32)
     activation_checkpointing: bool = False
     # torch.compile each decoder layer in place, and the loss (trainer.compile_layers; inductor,
-    # backward through AOTAutograd; parameter names unchanged). Steps of the tiny model ran 1.4x
-    # faster than eager (benchmarks/bench_train.py --compile), but the first step compiles for
-    # about a minute on a cold inductor cache (seconds on a warm one): on 2 cores that pays off
-    # after ~200 steps of 8x256 tokens, so it is off by default (the 150-step demo included).
+    # backward through AOTAutograd; parameter names unchanged). Steps of the tiny model at 8x256
+    # ran 1.35x faster than eager (4087 vs 3037 tok/s, 2 threads, benchmarks/bench_train.py
+    # --compile), but the first step compiles for 40-60 s on a cold inductor cache (seconds on a
+    # warm one): that pays off after ~230 such steps, so it is off by default (the 150-step
+    # demo included).
     compile: bool = False
     seed: int = 0
     # run directory, checkpoints, logs, export
