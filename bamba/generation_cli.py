@@ -22,6 +22,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads (default: torch's choice)")
+    parser.add_argument("--compile", default="none", metavar="MODE",
+                        help="compile the decode step with inductor: default or max-autotune "
+                             "(a minute or more before the first token; faster decode after)")
 
 
 def _dtype(name: str) -> Any:
@@ -60,13 +63,18 @@ def run(args: argparse.Namespace) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     GenerationConfig(**options)  # bad values fail before the model loads
+    if args.compile != "none":
+        from bamba.compile import inductor_options
+
+        inductor_options(args.compile)
     model, tokenizer, embedded = _load(args.model, dtype)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt encodes to no tokens")
     eos = sorted(set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids))
     config = GenerationConfig(**options, eos_token_ids=eos)
-    stream = GenerationStream(model, prompt, config)
+    decode_step = _compiled_step(model, args.compile, len(prompt) + args.max_new_tokens)
+    stream = GenerationStream(model, prompt, config, decode_step)
     detok = IncrementalDetokenizer(tokenizer, prompt)
     for token in stream:
         sys.stdout.write(detok.add(token))
@@ -75,6 +83,25 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     print(_report(stream.result, args.dtype, torch.get_num_threads(), embedded), file=sys.stderr)
     return 0
+
+
+def _compiled_step(model: Any, mode: str, cache_len: int) -> Any:
+    """None for ``--compile none``; else a compiled decode step, compiled now (outside the
+    timed decode) for this run's cache shape."""
+    if mode == "none":
+        return None
+    import torch
+
+    from bamba.cache import ContiguousCache
+    from bamba.compile import CompiledDecode
+
+    step = CompiledDecode(model, mode)
+    cache = ContiguousCache(model.config, 1, cache_len, model.dtype, device=model.device)
+    zeros = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        step(zeros, zeros, cache)
+    print(f"compiled the decode step ({mode}) in {step.compile_seconds:.0f} s", file=sys.stderr)
+    return step
 
 
 def _report(result: Any, dtype: str, threads: int, embedded: bool) -> str:

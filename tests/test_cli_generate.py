@@ -91,6 +91,7 @@ def test_missing_model_dir_is_one_line(tmp_path, capsys):
     (["--dtype", "float16"], "--dtype"), (["--prompt", ""], "--prompt is empty"),
     (["--threads", "0"], "--threads"), (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--top-p", "1.5"], "top_p"), (["--max-new-tokens", "9000"], "context of 8192"),
+    (["--compile", "fast"], "compile mode 'fast'"),
 ])
 def test_bad_arguments_are_one_line(extra, fragment, capsys):
     assert main(["generate", "--prompt", "hi", *extra]) == 2

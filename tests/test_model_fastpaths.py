@@ -134,3 +134,12 @@ def test_compiled_forward_rejects_bad_calls_before_compiling():
         inductor_options("fastest")
     assert inductor_options("max-autotune")["freezing"] is True
     assert step.compiles == [] and step.compile_seconds == 0.0
+
+
+@pytest.mark.slow
+def test_generate_cli_with_compiled_decode(capsys) -> None:
+    from bamba.cli import main
+
+    assert main(["generate", "--prompt", "Hello", "--max-new-tokens", "6", "--compile",
+                 "default"]) == 0
+    assert "compiled the decode step (default)" in capsys.readouterr().err
