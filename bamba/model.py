@@ -49,7 +49,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if native.use_linear_kernel(x, self.weight):
-            return torch.ops.bamba.linear_bf16(x, self.weight, self.bias)
+            return torch.ops.bamba.linear_rows(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -121,7 +121,9 @@ def test_linear_and_scan_flops_match_torch_flop_counter():
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(ids, logits_to_keep=1)  # no cache: the CPU attention kernel is not counted
     counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
-    assert counts["aten.mm"] == az.linear_flops(config, b * s, logit_tokens=b)
+    # the LM head's 2 rows may run in bamba.native's few-row kernel (it registers its FLOPs)
+    linear = counts["aten.mm"] + counts.get("bamba.linear_rows", 0)
+    assert linear == az.linear_flops(config, b * s, logit_tokens=b)
     terms = az.ssd_prefill_terms(config, s)
     # every scan step is a batched matmul except the elementwise chunk-to-chunk pass
     assert counts["aten.bmm"] == 3 * b * (sum(terms.values()) - terms["state_pass"])
@@ -132,7 +134,8 @@ def test_linear_and_scan_flops_match_torch_flop_counter():
         with FlopCounterMode(display=False) as counter:
             model(ids[:, -1:], positions=torch.full((b, 1), s - 1), cache=cache)
     counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
-    assert counts["aten.mm"] == az.linear_flops(config, b, logit_tokens=b)
+    decode_linear = counts.get("aten.mm", 0) + counts.get("bamba.linear_rows", 0)
+    assert decode_linear == az.linear_flops(config, b, logit_tokens=b)
 
 
 def test_decode_bytes_are_affine_in_context_and_crossover_is_tight():

@@ -93,25 +93,30 @@ needs_bf16_dot = pytest.mark.skipif(not native.linear_available(),
                                     reason="the bf16 linear kernel needs AVX-512 BF16")
 
 
-@needs_bf16_dot
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 3, 4])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_kernel_matches_torch_linear(rows: int, bias: bool) -> None:
+def test_linear_kernel_matches_torch_linear(dtype, rows: int, bias: bool) -> None:
+    if not native.linear_available(dtype):
+        pytest.skip(f"no {dtype} linear kernel on this CPU")
     gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 1, 96, generator=gen).bfloat16()
-    weight = torch.randn(40, 96, generator=gen).bfloat16()
-    b = torch.randn(40, generator=gen).bfloat16() if bias else None
+    x = torch.randn(rows, 1, 96, generator=gen).to(dtype)
+    weight = torch.randn(40, 96, generator=gen).to(dtype)
+    b = torch.randn(40, generator=gen).to(dtype) if bias else None
     assert native.use_linear_kernel(x, weight)
-    y = torch.ops.bamba.linear_bf16(x, weight, b)
-    ref = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
-    assert y.shape == (rows, 1, 40) and y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=5e-2)
+    y = torch.ops.bamba.linear_rows(x, weight, b)
+    ref = torch.nn.functional.linear(x.double(), weight.double(),
+                                     None if b is None else b.double())
+    assert y.shape == (rows, 1, 40) and y.dtype == dtype
+    tol = {"rtol": 1e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y.double(), ref, **tol)
 
 
 def test_linear_kernel_is_only_chosen_where_it_applies() -> None:
     w = torch.zeros(8, 64, dtype=torch.bfloat16)
     assert not native.use_linear_kernel(torch.zeros(5, 64, dtype=torch.bfloat16), w)  # rows
-    assert not native.use_linear_kernel(torch.zeros(1, 64), w.float())  # float32
+    assert not native.use_linear_kernel(torch.zeros(1, 64), w)  # mixed dtypes
+    assert not native.use_linear_kernel(torch.zeros(1, 64).half(), w.half())  # float16
     assert not native.use_linear_kernel(torch.zeros(1, 48, dtype=torch.bfloat16),
                                         torch.zeros(8, 48, dtype=torch.bfloat16))  # width
     grad_w = w.clone().requires_grad_()
@@ -134,5 +139,5 @@ def test_bf16_model_decode_close_with_and_without_the_linear_kernel(monkeypatch)
             return model(prompt[:, :1], positions=torch.full((2, 1), 6), cache=cache).float()
 
     with_kernel = step_logits()
-    monkeypatch.setattr(native, "linear_available", lambda: False)
+    monkeypatch.setattr(native, "linear_available", lambda dtype=None: False)
     torch.testing.assert_close(with_kernel, step_logits(), rtol=0.05, atol=0.05)

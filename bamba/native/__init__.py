@@ -4,12 +4,14 @@
 (read once, written once), which bounds a batched decode step on a CPU; the same update in
 torch ops reads and writes the state several times. It is exposed as the torch operator
 ``torch.ops.bamba.ssd_step_pool`` (it mutates the pool), so eager code and torch.compile graphs
-call it alike.
+call it alike. ``linear.c`` is a linear layer for 1-4 rows (decode) in bf16 (AVX-512 BF16) or
+float32 (AVX-512) that streams the weights once: ``torch.ops.bamba.linear_rows``.
 
 The shared library is built once per source and machine into ``$BAMBA_CACHE`` (default
 ``~/.cache/bamba``)/kernels, written atomically. Without a C compiler, or with
-``BAMBA_NATIVE=0``, ``ssd_step_available()`` is False and callers use the pure torch path
-(``bamba.ops.ssd.ssd_step``), which tests hold the kernel equal to.
+``BAMBA_NATIVE=0``, ``ssd_step_available()`` and ``linear_available()`` are False and callers
+use the torch path (``bamba.ops.ssd.ssd_step``, ``F.linear``), which tests hold the kernels
+equal to.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -26,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +91,10 @@ def _library() -> ctypes.CDLL | None:
     lib.bamba_ssd_step_pool.argtypes = [ptr, ctypes.c_int, ptr, i64, i64, i64, i64, i64,
                                         ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.bamba_ssd_step_pool.restype = ctypes.c_int
-    lib.bamba_linear_bf16.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-    lib.bamba_linear_bf16.restype = ctypes.c_int
-    lib.bamba_linear_bf16_supported.restype = ctypes.c_int
+    for name in ("bamba_linear_bf16", "bamba_linear_f32"):
+        getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_int
+    lib.bamba_linear_supported.restype = ctypes.c_int
     return lib
 
 
@@ -136,44 +141,57 @@ def _(pool, rows, x, dt, A, B, C):
 
 
 MAX_LINEAR_ROWS = 4  # measured: from 8 rows on torch's matmul is as fast
+# dtype -> (bit of bamba_linear_supported, input width multiple, C function)
+_LINEAR = {torch.bfloat16: (1, 32, "bamba_linear_bf16"), torch.float32: (2, 16, "bamba_linear_f32")}
 
 
 @torch.compiler.assume_constant_result
-def linear_available() -> bool:
-    """True when the bf16 few-row linear kernel is built for this CPU (AVX-512 BF16)."""
+def linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when the few-row linear kernel for ``dtype`` is built for this CPU (bf16 needs
+    AVX-512 BF16, float32 AVX-512)."""
     lib = _library()
-    return lib is not None and bool(lib.bamba_linear_bf16_supported())
+    return lib is not None and dtype in _LINEAR and \
+        bool(lib.bamba_linear_supported() & _LINEAR[dtype][0])
 
 
 def use_linear_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear_bf16`` serves x @ weight.T: bf16 CPU tensors without autograd, at most
-    ``MAX_LINEAR_ROWS`` rows, an input width that is a multiple of 32, the kernel built."""
+    """Whether ``linear_rows`` serves x @ weight.T: bf16 or float32 CPU tensors of one dtype
+    without autograd, at most ``MAX_LINEAR_ROWS`` rows, an input width the kernel's vectors
+    divide, the kernel built."""
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
+    return x.dtype == weight.dtype and x.dtype in _LINEAR and x.device.type == "cpu" \
         and not grad and weight.is_contiguous() \
-        and x.numel() // x.shape[-1] <= MAX_LINEAR_ROWS and x.shape[-1] % 32 == 0 \
-        and linear_available()
+        and x.numel() // x.shape[-1] <= MAX_LINEAR_ROWS \
+        and x.shape[-1] % _LINEAR[x.dtype][1] == 0 and linear_available(x.dtype)
 
 
-@torch.library.custom_op("bamba::linear_bf16", mutates_args=(), device_types="cpu")
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ weight.T (+ bias) in bf16 for a few rows (see ``use_linear_kernel``), streaming
-    the weight once with float32 accumulation. Same contract as ``F.linear``."""
+@torch.library.custom_op("bamba::linear_rows", mutates_args=(), device_types="cpu")
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ weight.T (+ bias) for a few rows (see ``use_linear_kernel``), streaming the
+    weight once with float32 accumulation. Same contract as ``F.linear``."""
     lib = _library()
-    k = x.shape[-1]
+    k, n = x.shape[-1], weight.shape[0]
     rows = x.reshape(-1, k).contiguous()
-    n = weight.shape[0]
-    if weight.shape != (n, k) or (bias is not None and bias.shape != (n,)):
-        raise ValueError(f"linear_bf16: weight {tuple(weight.shape)} does not match input width {k}")
-    y = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
-    bias_ptr = None if bias is None else bias.to(torch.bfloat16).contiguous().data_ptr()
-    if lib is None or lib.bamba_linear_bf16(rows.data_ptr(), weight.data_ptr(), bias_ptr,
-                                            y.data_ptr(), rows.shape[0], n, k,
-                                            torch.get_num_threads()) != 0:
-        raise RuntimeError(f"linear_bf16: unsupported here ({rows.shape[0]} rows, width {k})")
+    if weight.shape != (n, k) or (bias is not None and bias.shape != (n,)) or \
+            weight.dtype != x.dtype:
+        raise ValueError(f"linear_rows: weight {tuple(weight.shape)} {weight.dtype} does not "
+                         f"match input width {k} {x.dtype}")
+    y = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    bias_ptr = None if bias is None else bias.to(x.dtype).contiguous().data_ptr()
+    fn = None if lib is None or x.dtype not in _LINEAR else getattr(lib, _LINEAR[x.dtype][2])
+    if fn is None or fn(rows.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(),
+                        rows.shape[0], n, k, torch.get_num_threads()) != 0:
+        raise RuntimeError(f"linear_rows: unsupported here ({rows.shape[0]} rows, width {k}, "
+                           f"{x.dtype})")
     return y.view(*x.shape[:-1], n)
 
 
-@linear_bf16.register_fake
+@linear_rows.register_fake
 def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@register_flop_formula(torch.ops.bamba.linear_rows)
+def _linear_rows_flops(x_shape, weight_shape, bias_shape=None, *args, **kwargs) -> int:
+    """For torch's FlopCounterMode: 2 x rows x out x in, as for the matmul it replaces."""
+    return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
