@@ -21,11 +21,18 @@
 
 enum { MAX_ROWS = 8 };
 
+/* One feature-block function per element type, applied to blocks of 16 output features. */
+typedef void (*Features)(const void *x, const void *W, const void *bias, void *y, int64_t M,
+                         int64_t N, int64_t K, int64_t begin, int64_t end);
+
+
 #ifdef HAVE_BF16_DOT
-__attribute__((noinline)) static void features(const uint16_t *x, const uint16_t *W,
-                                               const uint16_t *bias, uint16_t *y, int64_t M,
-                                               int64_t N, int64_t K, int64_t begin,
-                                               int64_t end) {
+__attribute__((noinline)) static void features_bf16(const void *xv, const void *Wv,
+                                                    const void *biasv, void *yv, int64_t M,
+                                                    int64_t N, int64_t K, int64_t begin,
+                                                    int64_t end) {
+    const uint16_t *x = xv, *W = Wv, *bias = biasv;
+    uint16_t *y = yv;
     for (int64_t n = begin; n < end; n++) {
         const uint16_t *w = W + n * K;
         __m512 acc[MAX_ROWS];
@@ -42,10 +49,12 @@ __attribute__((noinline)) static void features(const uint16_t *x, const uint16_t
 #endif
 
 #ifdef HAVE_AVX512
-__attribute__((noinline)) static void features_f32(const float *x, const float *W,
-                                                   const float *bias, float *y, int64_t M,
+__attribute__((noinline)) static void features_f32(const void *xv, const void *Wv,
+                                                   const void *biasv, void *yv, int64_t M,
                                                    int64_t N, int64_t K, int64_t begin,
                                                    int64_t end) {
+    const float *x = xv, *W = Wv, *bias = biasv;
+    float *y = yv;
     for (int64_t n = begin; n < end; n++) {
         const float *w = W + n * K;
         __m512 acc[MAX_ROWS];
@@ -61,29 +70,11 @@ __attribute__((noinline)) static void features_f32(const float *x, const float *
 }
 #endif
 
-int bamba_linear_f32(const float *x, const float *W, const float *bias, float *y, int64_t M,
-                     int64_t N, int64_t K, int threads) {
-#ifdef HAVE_AVX512
-    if (M < 1 || M > MAX_ROWS || K % 16 != 0) return -1;
+static int over_blocks(Features features, int64_t width_multiple, const void *x, const void *W,
+                       const void *bias, void *y, int64_t M, int64_t N, int64_t K,
+                       int threads) {
+    if (features == NULL || M < 1 || M > MAX_ROWS || K % width_multiple != 0) return -1;
     enum { BLOCK = 16 };
-    const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < blocks; i++) {
-        const int64_t end = (i + 1) * BLOCK < N ? (i + 1) * BLOCK : N;
-        features_f32(x, W, bias, y, M, N, K, i * BLOCK, end);
-    }
-    return 0;
-#else
-    (void)x; (void)W; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)threads;
-    return -1;
-#endif
-}
-
-int bamba_linear_bf16(const uint16_t *x, const uint16_t *W, const uint16_t *bias, uint16_t *y,
-                      int64_t M, int64_t N, int64_t K, int threads) {
-#ifdef HAVE_BF16_DOT
-    if (M < 1 || M > MAX_ROWS || K % 32 != 0) return -1;
-    enum { BLOCK = 16 }; /* output features per work item */
     const int64_t blocks = (N + BLOCK - 1) / BLOCK;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < blocks; i++) {
@@ -91,10 +82,26 @@ int bamba_linear_bf16(const uint16_t *x, const uint16_t *W, const uint16_t *bias
         features(x, W, bias, y, M, N, K, i * BLOCK, end);
     }
     return 0;
+}
+
+int bamba_linear_f32(const float *x, const float *W, const float *bias, float *y, int64_t M,
+                     int64_t N, int64_t K, int threads) {
+#ifdef HAVE_AVX512
+    Features f = features_f32;
 #else
-    (void)x; (void)W; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)threads;
-    return -1;
+    Features f = NULL;
 #endif
+    return over_blocks(f, 16, x, W, bias, y, M, N, K, threads);
+}
+
+int bamba_linear_bf16(const uint16_t *x, const uint16_t *W, const uint16_t *bias, uint16_t *y,
+                      int64_t M, int64_t N, int64_t K, int threads) {
+#ifdef HAVE_BF16_DOT
+    Features f = features_bf16;
+#else
+    Features f = NULL;
+#endif
+    return over_blocks(f, 32, x, W, bias, y, M, N, K, threads);
 }
 
 /* Bit 0: the bf16 kernel is built; bit 1: the float32 kernel is. */
