@@ -13,11 +13,11 @@ def _cache(runner: ModelRunner, tables: list[list[int]], positions: list[int],
     """The cache of one decode call: row j writes position positions[j]."""
     end = max(positions) + 1
     width = -(-end // runner.block_size)
-    padded = [t + [0] * (width - len(t)) for t in tables]
-    write = page_rows(padded, [[p] for p in positions], runner.block_size)
-    read = page_rows(padded, [range(end)] * len(tables), runner.block_size)
-    return PagedBatchCache(runner.pools, None, torch.tensor(write), torch.tensor(read),
-                           runner.scratch if scratch else None)
+    padded = [(t + [0] * width)[:width] for t in tables]
+    blocks = torch.tensor(padded)
+    write = page_rows(blocks, torch.tensor(positions)[:, None], runner.block_size)
+    read = page_rows(blocks, torch.arange(end).expand(len(tables), end), runner.block_size)
+    return PagedBatchCache(runner.pools, None, write, read, runner.scratch if scratch else None)
 
 
 def test_gather_returns_each_rows_keys_in_order_for_ragged_rows() -> None:

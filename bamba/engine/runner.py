@@ -100,11 +100,10 @@ def compiled_decode(model: BambaLM, mode: str) -> CompiledModule:
     return per_mode[mode]
 
 
-def page_rows(tables: list[list[int]], positions: list[list[int]] | list[range],
-              block_size: int) -> list[list[int]]:
-    """Page rows (block * block_size + offset) of the given positions of each row."""
-    return [[table[p // block_size] * block_size + p % block_size for p in row]
-            for table, row in zip(tables, positions)]
+def page_rows(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Page rows (block * block_size + offset) of ``positions`` [B, L] under block ``tables``
+    [B, W]."""
+    return tables.gather(1, positions // block_size) * block_size + positions % block_size
 
 
 class ModelRunner:
@@ -189,15 +188,17 @@ class ModelRunner:
         positions = [range(c.start, c.start + length) for c in rows]
         end = max(c.start for c in rows) + length
         width = -(-end // bs)
-        # Short tables are padded with block 0: positions past a row's length are masked out.
-        tables = [c.block_ids + [0] * (width - len(c.block_ids)) for c in rows]
+        # Tables cut or padded (with block 0) to the blocks of positions 0..end-1: positions past
+        # a row's length are masked out.
+        tables = [(c.block_ids + [0] * width)[:width] for c in rows]
 
         def tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        ids, pos = tensor([c.token_ids for c in rows]), tensor([list(p) for p in positions])
-        write, read = (tensor(page_rows(tables, p, bs))
-                       for p in (positions, [range(end)] * len(rows)))
+        ids, pos, blocks = (tensor(v) for v in ([c.token_ids for c in rows],
+                                                [list(p) for p in positions], tables))
+        write = page_rows(blocks, pos, bs)
+        read = page_rows(blocks, torch.arange(end, device=device).expand(len(rows), end), bs)
         slots = [c.slot for c in rows]
         if length == 1 and self.decode_graph is not None:
             out = self.decode_graph(ids, pos, tensor(slots), write, read, self.pools)
