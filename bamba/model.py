@@ -164,10 +164,11 @@ class Mamba2Mixer(nn.Module):
         x, B, C = F.silu(xbc).split([self.d_inner, self.n_groups * self.d_state,
                                      self.n_groups * self.d_state], -1)
         x = x.reshape(b, l, self.n_heads, self.head_dim)
+        groups = (b, l, self.n_groups, self.d_state)
         y, ssm_state = ssd_chunked(
             x, time_steps(dt, self.dt_bias, self.time_step_limit), -torch.exp(self.A_log.float()),
-            B.reshape(b, l, self.n_groups, self.d_state), C.reshape(b, l, self.n_groups, self.d_state),
-            self.scan_chunk, None if cache is None else read_rows(ssm_pool, rows), seq_idx,
+            B.reshape(groups), C.reshape(groups), self.scan_chunk,
+            None if cache is None else read_rows(ssm_pool, rows), seq_idx,
             _matmul_dtype(hidden.dtype))
         if cache is not None:
             write_rows(conv_pool, rows, conv_state)

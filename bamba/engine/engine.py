@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from bamba.compile import inductor_options
 from bamba.engine.cache import PagePool, plan_pools
 from bamba.engine.params import CompletionOutput, RequestOutput, SamplingParams
 from bamba.engine.prefix_cache import PrefixCache
-from bamba.compile import inductor_options
 from bamba.engine.runner import ModelRunner
 from bamba.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from bamba.engine.sequence import SequenceOutput, sample_rows

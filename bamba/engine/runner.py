@@ -25,6 +25,10 @@ from bamba.engine.scheduler import ScheduledChunk
 from bamba.model import BambaLM
 
 
+Scratch = Callable[[int, tuple[int, ...]], torch.Tensor]
+"""(buffer index, shape) -> a reusable contiguous buffer of that shape (``ModelRunner.scratch``)."""
+
+
 class PagedBatchCache:
     """``InferenceCache`` over the runner's pools for the rows of one forward call.
 
@@ -36,8 +40,7 @@ class PagedBatchCache:
     """
 
     def __init__(self, pools: StatePools, slots: torch.Tensor | None, write_rows: torch.Tensor,
-                 read_rows: torch.Tensor, scratch: Callable[[int, tuple[int, ...]], torch.Tensor] | None
-                 = None):
+                 read_rows: torch.Tensor, scratch: Scratch | None = None):
         self.pools, self.slots = pools, slots
         self.write_rows, self.read_rows, self.scratch = write_rows, read_rows, scratch
 
@@ -86,7 +89,7 @@ class PagedStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
                 write_rows: torch.Tensor, read_rows: torch.Tensor, pools: StatePools,
-                scratch: Callable[[int, tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
+                scratch: Scratch | None = None) -> torch.Tensor:
         cache = PagedBatchCache(pools, slots, write_rows, read_rows, scratch)
         return self.model(tokens, positions=positions, cache=cache, logits_to_keep=1)[:, -1]
 
@@ -139,18 +142,17 @@ class ModelRunner:
         self.step = PagedStep(model)
         self.decode_graph = None if compile_mode is None else \
             compiled_decode(model, compile_mode)
-        self._scratch: list[torch.Tensor] = []
+        self._scratch: dict[int, torch.Tensor] = {}
 
     def scratch(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Contiguous buffer number ``index`` (0: gathered keys, 1: values) of this shape in the
         model's dtype, carved from storage kept between steps, grown by a quarter when short."""
-        numel, dtype = math.prod(shape), self.model.dtype
-        while len(self._scratch) <= index:
-            self._scratch.append(torch.empty(0, dtype=dtype, device=self.model.device))
-        if self._scratch[index].numel() < numel or self._scratch[index].dtype != dtype:
-            self._scratch[index] = torch.empty(numel + numel // 4, dtype=dtype,
-                                               device=self.model.device)
-        return self._scratch[index][:numel].view(shape)
+        numel = math.prod(shape)
+        buffer = self._scratch.get(index)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._scratch[index] = torch.empty(
+                numel + numel // 4, dtype=self.model.dtype, device=self.model.device)
+        return buffer[:numel].view(shape)
 
     def copy_state(self, src: int, dst: int) -> None:
         for i in self.conv:
@@ -185,7 +187,6 @@ class ModelRunner:
         """One model call for rows of equal length."""
         device, bs = self.model.device, self.block_size
         length = len(rows[0].token_ids)
-        positions = [range(c.start, c.start + length) for c in rows]
         end = max(c.start for c in rows) + length
         width = -(-end // bs)
         # Tables cut or padded (with block 0) to the blocks of positions 0..end-1: positions past
@@ -195,8 +196,9 @@ class ModelRunner:
         def tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        ids, pos, blocks = (tensor(v) for v in ([c.token_ids for c in rows],
-                                                [list(p) for p in positions], tables))
+        ids, starts, blocks = (tensor(v) for v in ([c.token_ids for c in rows],
+                                                   [c.start for c in rows], tables))
+        pos = starts[:, None] + torch.arange(length, device=device)
         write = page_rows(blocks, pos, bs)
         read = page_rows(blocks, torch.arange(end, device=device).expand(len(rows), end), bs)
         slots = [c.slot for c in rows]
