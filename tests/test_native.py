@@ -55,19 +55,19 @@ def test_model_decode_equal_with_and_without_the_kernel(monkeypatch, state_dtype
     model = init_weights(BambaLM(cfg), seed=0).eval()
     prompt = torch.randint(0, cfg.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
 
-    def decode(rows: list[int]) -> torch.Tensor:
-        cache = ContiguousCache(cfg, 4, 16, torch.float32, state_dtype).bind(rows)
+    def decode(rows: list[int], cache_rows: int = 4) -> torch.Tensor:
+        cache = ContiguousCache(cfg, cache_rows, 16, torch.float32, state_dtype).bind(rows)
         with torch.no_grad():
             model(prompt, cache=cache)
             pos = torch.full((3, 1), 7)
             return torch.cat([model(prompt[:, :1] + i, positions=pos + i, cache=cache)
                               for i in range(3)], dim=1)
 
-    native_out = decode([2, 0, 3])
+    # scattered slots of a larger cache, and a cache used whole (its pools in batch order)
+    native_out, native_whole = decode([2, 0, 3]), decode([0, 1, 2], cache_rows=3)
     monkeypatch.setattr(native, "ssd_step_available", lambda: False)
-    torch_out = decode([2, 0, 3])
-    torch.testing.assert_close(native_out, torch_out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(decode([0, 1, 2]), decode([0, 1, 2]))  # torch path, whole-cache rows
+    torch.testing.assert_close(native_out, decode([2, 0, 3]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(native_whole, decode([0, 1, 2], cache_rows=3), rtol=1e-4, atol=1e-4)
 
 
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch) -> None:
