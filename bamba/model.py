@@ -21,12 +21,9 @@ from torch import nn
 from bamba import native
 from bamba.config import BambaConfig
 from bamba.ops.attention import attention, causal_mask
-from bamba.ops.conv import causal_conv1d
-from bamba.ops.mixer import (MixerShape, MixerWeights, mamba_decode_step, read_rows, time_steps,
-                             write_rows)
-from bamba.ops.norm import gated_rms_norm, rms_norm
+from bamba.ops.mixer import MixerShape, MixerWeights, mamba_decode_step, mamba_prefill
+from bamba.ops.norm import rms_norm
 from bamba.ops.rope import apply_rope, rope_cos_sin
-from bamba.ops.ssd import ssd_chunked
 
 
 class InferenceCache(Protocol):
@@ -141,41 +138,18 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = Linear(self.d_inner, config.hidden_size, bias=config.mamba_proj_bias)
         self.shape = MixerShape(self.n_heads, self.head_dim, self.n_groups, self.d_state,
                                 tuple(self.time_step_limit), self.eps)
-        # One token's work between the projections; bamba.compile.fuse_decode_kernels swaps in
-        # a compiled version of the same function.
-        self.decode_kernel = mamba_decode_step
 
     def forward(self, hidden: torch.Tensor, cache: InferenceCache | None,
                 seq_idx: torch.Tensor | None) -> torch.Tensor:
         b, l, _ = hidden.shape
         zxbcdt = self.in_proj(hidden)
         if cache is not None and l == 1:  # decode: the states advance in place in their pools
-            y = self.decode_kernel(zxbcdt[:, 0], *cache.mamba_pools(self.layer_idx),
+            y = mamba_decode_step(zxbcdt[:, 0], *cache.mamba_pools(self.layer_idx),
                                    self.weights(), self.shape)
             return self.out_proj(y.to(hidden.dtype)[:, None])
-        # Everything between in_proj and out_proj runs in float32: the scan wants it, and on a
-        # CPU bf16 elementwise ops are slower than float32 ones (each converts per element).
-        z, xbc, dt = zxbcdt.float().split([self.d_inner, self.conv_dim, self.n_heads], -1)
-        conv_pool, ssm_pool, rows = cache.mamba_pools(self.layer_idx) if cache is not None \
-            else (None, None, None)
-        xbc, conv_state = causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias,
-                                        None if cache is None else read_rows(conv_pool, rows),
-                                        seq_idx)
-        x, B, C = F.silu(xbc).split([self.d_inner, self.n_groups * self.d_state,
-                                     self.n_groups * self.d_state], -1)
-        x = x.reshape(b, l, self.n_heads, self.head_dim)
-        groups = (b, l, self.n_groups, self.d_state)
-        y, ssm_state = ssd_chunked(
-            x, time_steps(dt, self.dt_bias, self.time_step_limit), -torch.exp(self.A_log.float()),
-            B.reshape(groups), C.reshape(groups), self.scan_chunk,
-            None if cache is None else read_rows(ssm_pool, rows), seq_idx,
-            _matmul_dtype(hidden.dtype))
-        if cache is not None:
-            write_rows(conv_pool, rows, conv_state)
-            write_rows(ssm_pool, rows, ssm_state)
-        y = y + self.D.float()[:, None] * x  # D skip on x before dt scaling
-        y = gated_rms_norm(y.reshape(b, l, self.d_inner), z, self.norm.weight, self.eps,
-                           self.d_inner // self.n_groups)
+        y = mamba_prefill(zxbcdt, cache.mamba_pools(self.layer_idx) if cache is not None
+                          else None, self.weights(), self.shape, seq_idx, self.scan_chunk,
+                          _matmul_dtype(hidden.dtype))
         return self.out_proj(y.to(hidden.dtype))
 
     def weights(self) -> MixerWeights:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from bamba import native
-from bamba.ops.conv import causal_conv1d_step
+from bamba.ops.conv import causal_conv1d, causal_conv1d_step
 from bamba.ops.norm import gated_rms_norm
-from bamba.ops.ssd import ssd_step
+from bamba.ops.ssd import ssd_chunked, ssd_step
 
 
 class MixerShape(NamedTuple):
@@ -107,4 +107,37 @@ def mamba_decode_step(zxbcdt: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: t
             write_rows(ssm_pool, rows, state)
     y = y + w.D.float()[:, None] * x  # D skip on x before dt scaling
     return gated_rms_norm(y.reshape(b, d_inner), z, w.norm_weight, shape.eps,
+                          d_inner // shape.n_groups)
+
+
+def mamba_prefill(zxbcdt: torch.Tensor,
+                  pools: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+                  w: MixerWeights, shape: MixerShape, seq_idx: torch.Tensor | None,
+                  scan_chunk: int, matmul_dtype: torch.dtype) -> torch.Tensor:
+    """A sequence (or chunk) through the mixer's middle: in_proj output [B, L, ...] -> gated,
+    normalised y [B, L, d_inner] (float32). With ``pools`` (conv pool, SSM pool, rows) the scan
+    starts from the batch's states and stores the final ones back; without, it starts from zero
+    (training, or a forward pass without cache). ``seq_idx`` restarts conv and scan at each
+    document of a packed row."""
+    b, l, _ = zxbcdt.shape
+    d_inner, gn = shape.d_inner, shape.n_groups * shape.d_state
+    # Everything between in_proj and out_proj runs in float32: the scan wants it, and on a
+    # CPU bf16 elementwise ops are slower than float32 ones (each converts per element).
+    z, xbc, dt = zxbcdt.float().split([d_inner, shape.conv_dim, shape.n_heads], -1)
+    conv_pool, ssm_pool, rows = pools if pools is not None else (None, None, None)
+    xbc, conv_state = causal_conv1d(xbc, w.conv_weight, w.conv_bias,
+                                    None if pools is None else read_rows(conv_pool, rows),
+                                    seq_idx)
+    x, B, C = F.silu(xbc).split([d_inner, gn, gn], -1)
+    x = x.reshape(b, l, shape.n_heads, shape.head_dim)
+    groups = (b, l, shape.n_groups, shape.d_state)
+    y, ssm_state = ssd_chunked(
+        x, time_steps(dt, w.dt_bias, shape.time_step_limit), -torch.exp(w.A_log.float()),
+        B.reshape(groups), C.reshape(groups), scan_chunk,
+        None if pools is None else read_rows(ssm_pool, rows), seq_idx, matmul_dtype)
+    if pools is not None:
+        write_rows(conv_pool, rows, conv_state)
+        write_rows(ssm_pool, rows, ssm_state)
+    y = y + w.D.float()[:, None] * x  # D skip on x before dt scaling
+    return gated_rms_norm(y.reshape(b, l, d_inner), z, w.norm_weight, shape.eps,
                           d_inner // shape.n_groups)
