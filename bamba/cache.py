@@ -33,10 +33,13 @@ class ContiguousCache:
                        for i in config.attn_layer_indices}
         self.rows = torch.arange(rows, device=device)
         self._all_rows = rows
+        self._whole = True  # rows are every row in order: the pools serve as they are
 
     def bind(self, rows: torch.Tensor | list[int]) -> "ContiguousCache":
         """Select which rows the next forward passes read and write (in batch order)."""
         self.rows = torch.as_tensor(rows, dtype=torch.long, device=self.rows.device)
+        self._whole = len(self.rows) == self._all_rows and bool(
+            (self.rows == torch.arange(self._all_rows, device=self.rows.device)).all())
         return self
 
     def reset(self, rows: torch.Tensor | list[int]) -> None:
@@ -47,12 +50,8 @@ class ContiguousCache:
             self.conv[i][rows] = 0
             self.ssm[i][rows] = 0
 
-    def _whole(self) -> bool:
-        return len(self.rows) == self._all_rows and bool(
-            (self.rows == torch.arange(self._all_rows, device=self.rows.device)).all())
-
     def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self.conv[layer_idx], self.ssm[layer_idx], None if self._whole() else self.rows
+        return self.conv[layer_idx], self.ssm[layer_idx], None if self._whole else self.rows
 
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +61,6 @@ class ContiguousCache:
         rows = self.rows[:, None].expand_as(positions)
         self.keys[layer_idx][rows, positions] = k
         self.values[layer_idx][rows, positions] = v
-        if self._whole():
+        if self._whole:
             return self.keys[layer_idx][:, :end], self.values[layer_idx][:, :end]
         return self.keys[layer_idx][self.rows, :end], self.values[layer_idx][self.rows, :end]

@@ -11,6 +11,7 @@ paged cache (KV blocks + state slots) satisfies the same protocol.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from bamba import native
 from bamba.config import BambaConfig
+from bamba.native import layer_ops
 from bamba.ops.attention import attention, causal_mask
 from bamba.ops.mixer import MixerShape, MixerWeights, mamba_decode_step, mamba_prefill
 from bamba.ops.norm import rms_norm
@@ -172,17 +174,58 @@ class DecoderLayer(nn.Module):
             raise ValueError(f"unknown layer type {self.layer_type!r}")
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = MLP(config)
+        self.step_dims = self._native_dims()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 positions: torch.Tensor, cache: InferenceCache | None,
                 seq_idx: torch.Tensor | None) -> torch.Tensor:
+        native_step = cache is not None and self._native_step_fits(x)
+        if native_step and self.layer_type == "mamba":
+            return self._native_mamba_step(x, cache)
         h = self.input_layernorm(x)
         if self.layer_type == "mamba":
             h = self.mamba(h, cache, seq_idx)
         else:
             h = self.self_attn(h, rope, positions, cache, seq_idx)
         x = x + h
+        if native_step:
+            return layer_ops.ffn_step(x.view(x.shape[0], -1), self._ffn_tensors(),
+                                      self.step_dims, self.pre_ff_layernorm.eps)[:, None]
         return x + self.feed_forward(self.pre_ff_layernorm(x))
+
+    # One decode token through the whole layer in one native call (bamba.native.layer_ops):
+    # for a few rows of bf16/float32 inference on a CPU with the kernels built.
+
+    def _native_dims(self) -> layer_ops.LayerDims:
+        ff, h = self.feed_forward, self.input_layernorm.weight.shape[0]
+        if self.layer_type != "mamba":
+            return layer_ops.LayerDims(h, 0, 0, 0, 0, 0, 1, 0, ff.gate_proj.out_features)
+        m = self.mamba
+        return layer_ops.LayerDims(h, m.d_inner, m.conv_dim, m.conv1d.kernel_size[0],
+                                   m.n_heads, m.head_dim, m.n_groups, m.d_state,
+                                   ff.gate_proj.out_features)
+
+    def _native_step_fits(self, x: torch.Tensor) -> bool:
+        return x.shape[1] == 1 and x.shape[0] <= layer_ops.MAX_ROWS and \
+            x.device.type == "cpu" and not torch.is_grad_enabled() and \
+            x.dtype == self.input_layernorm.weight.dtype and layer_ops.fits(x.dtype, self.step_dims)
+
+    def _ffn_tensors(self) -> list[torch.Tensor | None]:
+        ff = self.feed_forward
+        return [self.pre_ff_layernorm.weight, ff.gate_proj.weight, ff.gate_proj.bias,
+                ff.up_proj.weight, ff.up_proj.bias, ff.down_proj.weight, ff.down_proj.bias]
+
+    def _native_mamba_step(self, x: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        m, b = self.mamba, x.shape[0]
+        conv_pool, ssm_pool, rows = cache.mamba_pools(m.layer_idx)
+        if rows is None:
+            rows = _arange(b)
+        tensors = [self.input_layernorm.weight, m.in_proj.weight, m.in_proj.bias,
+                   m.conv1d.weight, m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight,
+                   m.out_proj.weight, m.out_proj.bias, *self._ffn_tensors()]
+        out = layer_ops.mamba_layer_step(x.view(b, -1), conv_pool, ssm_pool, rows, tensors,
+                                         self.step_dims, m.eps, m.time_step_limit)
+        return out[:, None]
 
 
 class Backbone(nn.Module):
@@ -252,6 +295,12 @@ class BambaLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+
+@functools.cache
+def _arange(n: int) -> torch.Tensor:
+    """0..n-1 (the rows of a batch whose state pools are in batch order), made once per n."""
+    return torch.arange(n)
 
 
 def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:

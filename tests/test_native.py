@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bamba import native
+from bamba.native import layer_ops
 from bamba.config import preset
 from bamba.cache import ContiguousCache
 from bamba.model import BambaLM, init_weights
@@ -64,6 +65,7 @@ def test_model_decode_equal_with_and_without_the_kernel(monkeypatch, state_dtype
                               for i in range(3)], dim=1)
 
     # scattered slots of a larger cache, and a cache used whole (its pools in batch order)
+    monkeypatch.setattr(layer_ops, "fits", lambda *args: False)  # the per-op decode path
     native_out, native_whole = decode([2, 0, 3]), decode([0, 1, 2], cache_rows=3)
     monkeypatch.setattr(native, "ssd_step_available", lambda: False)
     torch.testing.assert_close(native_out, decode([2, 0, 3]), rtol=1e-4, atol=1e-4)
@@ -94,7 +96,7 @@ needs_bf16_dot = pytest.mark.skipif(not native.linear_available(),
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3, 8, 12])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_kernel_matches_torch_linear(dtype, rows: int, bias: bool) -> None:
     if not native.linear_available(dtype):
@@ -103,7 +105,7 @@ def test_linear_kernel_matches_torch_linear(dtype, rows: int, bias: bool) -> Non
     x = torch.randn(rows, 1, 96, generator=gen).to(dtype)
     weight = torch.randn(40, 96, generator=gen).to(dtype)
     b = torch.randn(40, generator=gen).to(dtype) if bias else None
-    assert native.use_linear_kernel(x, weight)
+    assert native.use_linear_kernel(x, weight) == (rows <= native.MAX_LINEAR_ROWS)
     y = torch.ops.bamba.linear_rows(x, weight, b)
     ref = torch.nn.functional.linear(x.double(), weight.double(),
                                      None if b is None else b.double())
@@ -114,7 +116,7 @@ def test_linear_kernel_matches_torch_linear(dtype, rows: int, bias: bool) -> Non
 
 def test_linear_kernel_is_only_chosen_where_it_applies() -> None:
     w = torch.zeros(8, 64, dtype=torch.bfloat16)
-    assert not native.use_linear_kernel(torch.zeros(5, 64, dtype=torch.bfloat16), w)  # rows
+    assert not native.use_linear_kernel(torch.zeros(9, 64, dtype=torch.bfloat16), w)  # rows
     assert not native.use_linear_kernel(torch.zeros(1, 64), w)  # mixed dtypes
     assert not native.use_linear_kernel(torch.zeros(1, 64).half(), w.half())  # float16
     assert not native.use_linear_kernel(torch.zeros(1, 48, dtype=torch.bfloat16),
@@ -138,6 +140,7 @@ def test_bf16_model_decode_close_with_and_without_the_linear_kernel(monkeypatch)
             model(prompt, cache=cache)
             return model(prompt[:, :1], positions=torch.full((2, 1), 6), cache=cache).float()
 
+    monkeypatch.setattr(layer_ops, "fits", lambda *args: False)  # the per-op decode path
     with_kernel = step_logits()
     monkeypatch.setattr(native, "linear_available", lambda dtype=None: False)
     torch.testing.assert_close(with_kernel, step_logits(), rtol=0.05, atol=0.05)

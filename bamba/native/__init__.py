@@ -4,8 +4,9 @@
 (read once, written once), which bounds a batched decode step on a CPU; the same update in
 torch ops reads and writes the state several times. It is exposed as the torch operator
 ``torch.ops.bamba.ssd_step_pool`` (it mutates the pool), so eager code and torch.compile graphs
-call it alike. ``linear.c`` is a linear layer for 1-4 rows (decode) in bf16 (AVX-512 BF16) or
+call it alike. ``linear.c`` is a linear layer for 1-8 rows (decode) in bf16 (AVX-512 BF16) or
 float32 (AVX-512) that streams the weights once: ``torch.ops.bamba.linear_rows``.
+``layer_step.c`` runs a whole decoder layer for one decode token (see ``layer_ops``).
 
 The shared library is built once per source and machine into ``$BAMBA_CACHE`` (default
 ``~/.cache/bamba``)/kernels, written atomically. Without a C compiler, or with
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
+
+from bamba.native import layer_ops
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ def _library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int
     lib.bamba_linear_supported.restype = ctypes.c_int
+    layer_ops.declare(lib)
     return lib
 
 
@@ -140,7 +144,7 @@ def _(pool, rows, x, dt, A, B, C):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-MAX_LINEAR_ROWS = 4  # measured: from 8 rows on torch's matmul is as fast
+MAX_LINEAR_ROWS = 8  # measured (benchmarks/bench_native.py): from 16 rows on torch's matmul wins
 # dtype -> (bit of bamba_linear_supported, input width multiple, C function)
 _LINEAR = {torch.bfloat16: (1, 32, "bamba_linear_bf16"), torch.float32: (2, 16, "bamba_linear_f32")}
 

@@ -1,0 +1,240 @@
+/* One decode token through a whole decoder layer, for a few rows, in one OpenMP region.
+ *
+ * At batch 1-8 a decode step is a string of small operations: a Mamba layer is ~20 torch ops,
+ * each paying dispatch and thread start-up, around 5 linear layers that stream their weights.
+ * Here the layer runs as stages separated by barriers inside one parallel region:
+ *
+ *   Mamba layer (bamba_mamba_layer_step), per row m of x [M, hidden]:
+ *     h = rmsnorm(x) * input_norm;  zxbcdt = in_proj(h) = [z | xBC | dt]
+ *     xBC = silu(conv1d over (conv state, xBC));  the conv state shifts by one
+ *     dt = clamp(softplus(dt + dt_bias));  S = exp(dt A) S + dt x B^T;  y = S C + D x
+ *     y = grouped_rmsnorm(y * silu(z)) * norm;  x = x + out_proj(y)
+ *   then the feed-forward block (bamba_ffn_step, also used alone after attention):
+ *     h = rmsnorm(x) * pre_ff_norm;  x = x + down(silu(gate(h)) * up(h))
+ *
+ * Values are rounded to the model dtype where the torch modules round them (each linear
+ * output, each norm output, each residual sum), so a bf16 model gives what its torch path
+ * gives up to the order of float32 sums. The small tensors (norm weights, conv, dt_bias, A_log,
+ * D) may be float32 in a bf16 layer (checkpoints keep A_log, D and dt_bias so). States: conv pool rows [K-1, conv_dim] and SSM pool
+ * rows [H, P, N], float32 or bf16 each, selected by `rows` (the SSM update is ssd_head.h's). Weights are bf16 or float32
+ * (all of one dtype, the model's), contiguous.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "dot_rows.h"
+#include "ssd_head.h"
+
+/* The tensors of one layer, in the order the Python side passes them (absent = NULL). */
+enum {
+    IN_NORM, IN_PROJ, IN_PROJ_BIAS, CONV_W, CONV_B, DT_BIAS, A_LOG, D_SKIP, GATE_NORM, OUT_PROJ,
+    OUT_PROJ_BIAS, FF_NORM, GATE, GATE_BIAS, UP, UP_BIAS, DOWN, DOWN_BIAS, N_TENSORS
+};
+/* Its sizes. */
+enum { HIDDEN, D_INNER, CONV_DIM, CONV_K, HEADS, HEAD_DIM, GROUPS, D_STATE, FFN, N_DIMS };
+
+typedef struct {
+    const void *const *t; /* N_TENSORS pointers */
+    const int64_t *d;     /* N_DIMS sizes */
+    int bf16;             /* weights and activations (x) in bf16, else float32 */
+    int64_t f32_mask;     /* bit i: tensor i is float32 in a bf16 layer (norms, conv, A_log...) */
+    float eps, dt_min, dt_max;
+} Layer;
+
+/* Element i of one of the layer's small tensors (norm weights, conv, dt_bias, A_log, D). */
+static inline float param(const Layer *L, int which, int64_t i) {
+    return load_value(L->t[which], i, L->bf16 && !((L->f32_mask >> which) & 1));
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+static inline float round_to(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+static float mean_square(const float *v, int64_t n) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; i++) acc += (double)v[i] * v[i];
+    return (float)(acc / n);
+}
+
+/* out = weight * round(x * rsqrt(mean(x^2) + eps)), stored in the layer dtype (as rms_norm). */
+static void rms_norm_row(const Layer *L, const float *x, int weight, void *out, int64_t n) {
+    const float scale = 1.0f / sqrtf(mean_square(x, n) + L->eps);
+    for (int64_t i = 0; i < n; i++) {
+        const float v = round_to(x[i] * scale, L->bf16) * param(L, weight, i);
+        store_value(out, i, v, L->bf16);
+    }
+}
+
+/* y [M, L.n] (float32, rounded like the layer dtype) = x [M, L.k] W^T, split between threads. */
+static void linear_shared(const Layer *L, const LinearWeights *W, const void *x, int64_t M,
+                          float *y) {
+    int64_t begin, end;
+    my_share(W->n, &begin, &end);
+    linear_features(W, L->bf16, x, M, y, W->n, 0, L->bf16, begin, end);
+}
+
+typedef struct { /* per-call buffers, float32 unless noted */
+    float *resid;    /* [M, hidden] the residual stream */
+    void *normed;    /* [M, max(hidden, ffn)] layer dtype: a linear layer's input */
+    float *proj;     /* [M, in_proj width] */
+    float *y;        /* [M, d_inner] */
+    float *gate_up;  /* [M, 2 ffn] */
+} Scratch;
+
+/* The feed-forward half, inside a parallel region; reads and updates s->resid. */
+static void ffn_stage(const Layer *L, int64_t M, Scratch *s) {
+    const int64_t D = L->d[HIDDEN], F = L->d[FFN], size = L->bf16 ? 2 : 4;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        rms_norm_row(L, s->resid + m * D, FF_NORM, (char *)s->normed + m * D * size, D);
+    const LinearWeights gate = {L->t[GATE], L->t[GATE_BIAS], F, D},
+                        up = {L->t[UP], L->t[UP_BIAS], F, D};
+    { /* gate and up share one split of their 2F features, their outputs side by side */
+        int64_t begin, end;
+        my_share(2 * F, &begin, &end);
+        if (begin < F)
+            linear_features(&gate, L->bf16, s->normed, M, s->gate_up, 2 * F, 0, L->bf16, begin,
+                            end < F ? end : F);
+        if (end > F)
+            linear_features(&up, L->bf16, s->normed, M, s->gate_up + F, 2 * F, 0, L->bf16,
+                            (begin > F ? begin : F) - F, end - F);
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * F; i++) { /* silu(gate) * up, each rounded like the torch ops */
+        const int64_t m = i / F, f = i % F;
+        const float g = round_to(silu(s->gate_up[m * 2 * F + f]), L->bf16);
+        store_value(s->normed, i, g * s->gate_up[m * 2 * F + F + f], L->bf16);
+    }
+    const LinearWeights down = {L->t[DOWN], L->t[DOWN_BIAS], D, F};
+    linear_shared(L, &down, s->normed, M, s->proj);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * D; i++) s->resid[i] = round_to(s->resid[i] + s->proj[i], L->bf16);
+}
+
+/* conv step + silu for channel c of row m; shifts that row's conv state. */
+static void conv_channel(const Layer *L, int64_t m, int64_t c, void *conv_pool, int conv_bf16,
+                         const int64_t *rows, float *xbc) {
+    const int64_t K = L->d[CONV_K], C = L->d[CONV_DIM];
+    const int64_t base = rows[m] * (K - 1) * C + c;
+    float acc = L->t[CONV_B] ? param(L, CONV_B, c) : 0.0f;
+    for (int64_t k = 0; k < K - 1; k++)
+        acc += load_value(conv_pool, base + k * C, conv_bf16) * param(L, CONV_W, c * K + k);
+    acc += xbc[c] * param(L, CONV_W, c * K + K - 1);
+    for (int64_t k = 0; k + 1 < K - 1; k++)
+        store_value(conv_pool, base + k * C, load_value(conv_pool, base + (k + 1) * C, conv_bf16), conv_bf16);
+    if (K > 1) store_value(conv_pool, base + (K - 2) * C, xbc[c], conv_bf16);
+    xbc[c] = silu(acc);
+}
+
+/* SSM step for head h of row m: updates the state, writes y = S C + D x gated by silu(z). */
+static void ssm_head(const Layer *L, int64_t m, int64_t h, void *ssm_pool, int ssm_bf16,
+                     const int64_t *rows, const float *zx, float *y) {
+    const int64_t Din = L->d[D_INNER], H = L->d[HEADS], P = L->d[HEAD_DIM], N = L->d[D_STATE],
+                  G = L->d[GROUPS], g = h / (H / G), conv_dim = L->d[CONV_DIM];
+    const float *z = zx, *xbc = zx + Din, *x = xbc + h * P, *B = xbc + Din + g * N,
+                *Cv = xbc + Din + G * N + g * N;
+    float dt = softplus(xbc[conv_dim + h] + param(L, DT_BIAS, h));
+    dt = fminf(fmaxf(dt, L->dt_min), L->dt_max);
+    const float decay = expf(-dt * expf(param(L, A_LOG, h)));
+    const float D = param(L, D_SKIP, h);
+    const int64_t state = (rows[m] * H + h) * P * N;
+    float *yh = y + h * P;
+    if (ssm_bf16)
+        head_bf16((uint16_t *)ssm_pool + state, P, N, decay, dt, x, B, Cv, yh);
+    else
+        head_f32((float *)ssm_pool + state, P, N, decay, dt, x, B, Cv, yh);
+    for (int64_t p = 0; p < P; p++) yh[p] = (yh[p] + D * x[p]) * silu(z[h * P + p]);
+}
+
+/* The mixer half, inside a parallel region; reads and updates s->resid. */
+static void mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool, int conv_bf16,
+                        void *ssm_pool, int ssm_bf16, const int64_t *rows) {
+    const int64_t D = L->d[HIDDEN], Din = L->d[D_INNER], C = L->d[CONV_DIM], H = L->d[HEADS],
+                  G = L->d[GROUPS], width = Din + C + H, size = L->bf16 ? 2 : 4;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        rms_norm_row(L, s->resid + m * D, IN_NORM, (char *)s->normed + m * D * size, D);
+    const LinearWeights in_proj = {L->t[IN_PROJ], L->t[IN_PROJ_BIAS], width, D};
+    linear_shared(L, &in_proj, s->normed, M, s->proj);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * C; i++)
+        conv_channel(L, i / C, i % C, conv_pool, conv_bf16, rows, s->proj + (i / C) * width + Din);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * H; i++)
+        ssm_head(L, i / H, i % H, ssm_pool, ssm_bf16, rows, s->proj + (i / H) * width,
+                 s->y + (i / H) * Din);
+    const int64_t group = Din / G;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * G; i++) { /* grouped RMS norm, then the norm weight */
+        const int64_t m = i / G, g = i % G;
+        const float *v = s->y + m * Din + g * group;
+        const float scale = 1.0f / sqrtf(mean_square(v, group) + L->eps);
+        for (int64_t j = 0; j < group; j++) {
+            const float w = param(L, GATE_NORM, g * group + j);
+            store_value(s->normed, m * Din + g * group + j, w * (v[j] * scale), L->bf16);
+        }
+    }
+    const LinearWeights out_proj = {L->t[OUT_PROJ], L->t[OUT_PROJ_BIAS], D, Din};
+    linear_shared(L, &out_proj, s->normed, M, s->proj);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * D; i++) s->resid[i] = round_to(s->resid[i] + s->proj[i], L->bf16);
+}
+
+static int check(const Layer *L, int mixer) {
+    const int64_t *d = L->d;
+    if (!linear_supported(L->bf16, d[HIDDEN]) || !linear_supported(L->bf16, d[FFN])) return -1;
+    if (mixer && (!linear_supported(L->bf16, d[D_INNER]) || d[HEADS] % d[GROUPS] != 0 ||
+                  d[D_INNER] != d[HEADS] * d[HEAD_DIM] || d[D_INNER] % d[GROUPS] != 0 ||
+                  d[CONV_DIM] != d[D_INNER] + 2 * d[GROUPS] * d[D_STATE] || d[CONV_K] < 1))
+        return -1;
+    return 0;
+}
+
+static int run(const Layer *L, int mixer, const void *x, void *out, int64_t M, void *conv_pool,
+               int conv_bf16, void *ssm_pool, int ssm_bf16, const int64_t *rows, int threads) {
+    if (M < 1 || check(L, mixer) != 0) return -1;
+    const int64_t *d = L->d;
+    const int64_t widest = d[D_INNER] + d[CONV_DIM] + d[HEADS];
+    int64_t act = d[FFN] > d[D_INNER] ? d[FFN] : d[D_INNER];
+    act = act > d[HIDDEN] ? act : d[HIDDEN];
+    const int64_t proj = (mixer && widest > d[HIDDEN]) ? widest : d[HIDDEN];
+    float *buf = malloc(sizeof(float) * M * (d[HIDDEN] + act + proj + d[D_INNER] + 2 * d[FFN]));
+    if (buf == NULL) return -2;
+    Scratch s = {buf, buf + M * d[HIDDEN], buf + M * (d[HIDDEN] + act), NULL, NULL};
+    s.y = s.proj + M * proj;
+    s.gate_up = s.y + M * d[D_INNER];
+    for (int64_t i = 0; i < M * d[HIDDEN]; i++) s.resid[i] = load_value(x, i, L->bf16);
+#pragma omp parallel num_threads(threads)
+    {
+        if (mixer) mixer_stage(L, M, &s, conv_pool, conv_bf16, ssm_pool, ssm_bf16, rows);
+        ffn_stage(L, M, &s);
+    }
+    for (int64_t i = 0; i < M * d[HIDDEN]; i++) store_value(out, i, s.resid[i], L->bf16);
+    free(buf);
+    return 0;
+}
+
+/* A Mamba decoder layer for M rows: x [M, hidden] -> out [M, hidden]; the conv and SSM states
+ * of pool rows `rows` advance in place. Returns 0, -1 if unsupported here, -2 out of memory. */
+int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int bf16,
+                           int64_t f32_mask, float eps, float dt_min, float dt_max, const void *x, void *out,
+                           int64_t M, void *conv_pool, int conv_bf16, void *ssm_pool,
+                           int ssm_bf16, const int64_t *rows, int threads) {
+    const Layer L = {tensors, dims, bf16, f32_mask, eps, dt_min, dt_max};
+    return run(&L, 1, x, out, M, conv_pool, conv_bf16, ssm_pool, ssm_bf16, rows, threads);
+}
+
+/* The feed-forward block alone (after an attention mixer): x -> x + mlp(rmsnorm(x)). */
+int bamba_ffn_step(const void *const *tensors, const int64_t *dims, int bf16, int64_t f32_mask,
+                   float eps,
+                   const void *x, void *out, int64_t M, int threads) {
+    const void *all[N_TENSORS] = {0}; /* the feed-forward tensors are the list's last ones */
+    for (int i = FF_NORM; i < N_TENSORS; i++) all[i] = tensors[i - FF_NORM];
+    const Layer L = {all, dims, bf16, f32_mask << FF_NORM, eps, 0.0f, 0.0f};
+    return run(&L, 0, x, out, M, NULL, 0, NULL, 0, NULL, threads);
+}
