@@ -93,19 +93,28 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 positions: torch.Tensor, cache: InferenceCache | None,
                 seq_idx: torch.Tensor | None) -> torch.Tensor:
-        b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, l, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, l, self.n_kv, self.head_dim)
+        attended = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope, positions,
+                               cache, seq_idx)
+        return self.o_proj(attended)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+               cache: InferenceCache | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """Projected q [B, L, H·D], k and v [B, L, Hkv·D] -> attention output [B, L, H·D]
+        (rope applied, keys and values stored in and read from the cache), before o_proj."""
+        b, l, _ = q.shape
+        q = q.view(b, l, self.n_heads, self.head_dim)
+        k = k.view(b, l, self.n_kv, self.head_dim)
+        v = v.view(b, l, self.n_kv, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:  # a whole sequence (or packed row: causal and within each document)
             mask = None if seq_idx is None else \
-                causal_mask(torch.arange(l, device=x.device).expand(b, l), l, seq_idx)
+                causal_mask(torch.arange(l, device=q.device).expand(b, l), l, seq_idx)
         else:
             k, v = cache.update_kv(self.layer_idx, k, v, positions)
             mask = causal_mask(positions, k.shape[1])
         out = attention(q, k, v, mask)  # [B, L, H, D]
-        return self.o_proj(out.reshape(b, l, self.n_heads * self.head_dim))
+        return out.reshape(b, l, self.n_heads * self.head_dim)
 
 
 class Mamba2Mixer(nn.Module):
@@ -179,18 +188,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 positions: torch.Tensor, cache: InferenceCache | None,
                 seq_idx: torch.Tensor | None) -> torch.Tensor:
-        native_step = cache is not None and self._native_step_fits(x)
-        if native_step and self.layer_type == "mamba":
-            return self._native_mamba_step(x, cache)
+        if cache is not None and self._native_step_fits(x):
+            if self.layer_type == "mamba":
+                return self._native_mamba_step(x, cache)
+            return self._native_attention_step(x, rope, positions, cache)
         h = self.input_layernorm(x)
         if self.layer_type == "mamba":
             h = self.mamba(h, cache, seq_idx)
         else:
             h = self.self_attn(h, rope, positions, cache, seq_idx)
         x = x + h
-        if native_step:
-            return layer_ops.ffn_step(x.view(x.shape[0], -1), self._ffn_tensors(),
-                                      self.step_dims, self.pre_ff_layernorm.eps)[:, None]
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
     # One decode token through the whole layer in one native call (bamba.native.layer_ops):
@@ -199,7 +206,9 @@ class DecoderLayer(nn.Module):
     def _native_dims(self) -> layer_ops.LayerDims:
         ff, h = self.feed_forward, self.input_layernorm.weight.shape[0]
         if self.layer_type != "mamba":
-            return layer_ops.LayerDims(h, 0, 0, 0, 0, 0, 1, 0, ff.gate_proj.out_features)
+            a = self.self_attn
+            return layer_ops.LayerDims(h, 0, 0, 0, a.n_heads, a.head_dim, a.n_kv, 0,
+                                       ff.gate_proj.out_features)
         m = self.mamba
         return layer_ops.LayerDims(h, m.d_inner, m.conv_dim, m.conv1d.kernel_size[0],
                                    m.n_heads, m.head_dim, m.n_groups, m.d_state,
@@ -214,6 +223,21 @@ class DecoderLayer(nn.Module):
         ff = self.feed_forward
         return [self.pre_ff_layernorm.weight, ff.gate_proj.weight, ff.gate_proj.bias,
                 ff.up_proj.weight, ff.up_proj.bias, ff.down_proj.weight, ff.down_proj.bias]
+
+    def _native_attention_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                               positions: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        a, b, eps = self.self_attn, x.shape[0], self.input_layernorm.eps
+        x = x.view(b, -1)
+        qkv = layer_ops.attention_in_step(
+            x, [self.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+                a.k_proj.bias, a.v_proj.weight, a.v_proj.bias], self.step_dims, eps)
+        kv_width = a.n_kv * a.head_dim
+        q, k, v = qkv[:, None].split([a.n_heads * a.head_dim, kv_width, kv_width], dim=-1)
+        attended = a.attend(q, k, v, rope, positions, cache, None)
+        out = layer_ops.attention_out_step(x, attended.view(b, -1),
+                                           [a.o_proj.weight, a.o_proj.bias, *self._ffn_tensors()],
+                                           self.step_dims, eps)
+        return out[:, None]
 
     def _native_mamba_step(self, x: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
         m, b = self.mamba, x.shape[0]

@@ -135,7 +135,8 @@ def test_linear_and_scan_flops_match_torch_flop_counter():
             model(ids[:, -1:], positions=torch.full((b, 1), s - 1), cache=cache)
     counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
     decode_linear = sum(counts.get(op, 0) for op in (  # torch ops, or bamba.native's kernels
-        "aten.mm", "bamba.linear_rows", "bamba.mamba_layer_step", "bamba.ffn_step"))
+        "aten.mm", "bamba.linear_rows", "bamba.mamba_layer_step", "bamba.attention_in_step",
+        "bamba.attention_out_step"))
     assert decode_linear == az.linear_flops(config, b, logit_tokens=b)
 
 

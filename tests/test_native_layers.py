@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not native.linear_available(torch.float32),
 VARIANTS = {  # the tiny preset, and one with every optional piece switched the other way
     "tiny": {},
     "groups-biases": dict(mamba_n_groups=2, mamba_conv_bias=False, mamba_proj_bias=True,
-                          mlp_bias=True, time_step_limit=(0.01, 0.5)),
+                          mlp_bias=True, attention_bias=True, time_step_limit=(0.01, 0.5)),
 }
 
 

@@ -2,12 +2,14 @@
 
 ``torch.ops.bamba.mamba_layer_step`` runs a Mamba decoder layer (norm, in_proj, conv, SSM
 update, gated norm, out_proj, residual, then the feed-forward block) for a few rows in one
-native call; ``torch.ops.bamba.ffn_step`` runs the feed-forward block alone (after an attention
-mixer). Eager callers go through ``mamba_layer_step``/``ffn_step`` here, which call the library
-directly (no dispatcher on the hot path); inside torch.compile they are the registered ops.
+native call. An attention layer runs in two: ``attention_in_step`` (norm, q, k, v projections)
+and, after rope and attention over the cache in torch, ``attention_out_step`` (o_proj, residual,
+feed-forward block). Eager callers go through the functions here, which call the library
+directly (no dispatcher on the hot path); inside torch.compile, or under a dispatch mode such
+as FlopCounterMode, they call the registered ops.
 
-The layer's tensors come as one list in the order of ``MAMBA_TENSORS`` (``FFN_TENSORS`` are
-its last six), None for an absent bias; its sizes as ``LayerDims``.
+A layer's tensors come as one list in the order of ``MAMBA_TENSORS``, ``ATTENTION_IN_TENSORS``
+or ``ATTENTION_OUT_TENSORS``, None for an absent bias; its sizes as ``LayerDims``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from torch.utils.flop_counter import register_flop_formula
 MAMBA_TENSORS = ("input_norm", "in_proj", "in_proj_bias", "conv_weight", "conv_bias",
                  "dt_bias", "A_log", "D", "gate_norm", "out_proj", "out_proj_bias")
 FFN_TENSORS = ("pre_ff_norm", "gate", "gate_bias", "up", "up_bias", "down", "down_bias")
+ATTENTION_IN_TENSORS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias")
+ATTENTION_OUT_TENSORS = ("o", "o_bias") + FFN_TENSORS
 MAX_ROWS = 16  # measured (bench shape, bf16): at 32 rows torch's matmuls win (115 vs 149 ms)
 
 
 class LayerDims(NamedTuple):
-    """The sizes layer_step.c needs, in its order (mixer sizes are 0 for ``ffn_step``)."""
+    """The sizes layer_step.c needs, in its order. An attention layer has d_inner, conv_dim,
+    conv_kernel and d_state 0, heads query heads and groups KV heads of head_dim."""
     hidden: int
     d_inner: int
     conv_dim: int
@@ -48,7 +53,8 @@ def _library():
 # Tensors that must be in the layer's dtype (linear weights and biases); the others (norm
 # weights, conv, dt_bias, A_log, D) may also be float32 in a bf16 layer.
 _LINEAR_PARTS = frozenset(("in_proj", "in_proj_bias", "out_proj", "out_proj_bias", "gate",
-                           "gate_bias", "up", "up_bias", "down", "down_bias"))
+                           "gate_bias", "up", "up_bias", "down", "down_bias", "q", "q_bias",
+                           "k", "k_bias", "v", "v_bias", "o", "o_bias"))
 
 
 def _float32_mask(x: torch.Tensor, tensors: list[torch.Tensor | None],
@@ -121,30 +127,52 @@ def _mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.
         x.data_ptr(), out.data_ptr(), x.shape[0], conv_pool.data_ptr(),
         _state_pool(conv_pool, "conv"), ssm_pool.data_ptr(), _state_pool(ssm_pool, "SSM"),
         rows.data_ptr(), torch.get_num_threads())
-    if status != 0:
-        raise RuntimeError(f"mamba_layer_step: unsupported here (status {status})")
+    _status("mamba_layer_step", status)
     return out
 
 
-def _ffn_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims: list[int],
-              eps: float) -> torch.Tensor:
-    pointers, sizes, mask = _prepared(x, tensors, dims, FFN_TENSORS)
-    if x.shape[1] != dims[0]:
-        raise ValueError(f"ffn step: x {tuple(x.shape)} does not fit hidden size {dims[0]}")
-    out = torch.empty_like(x)
-    status = _library().bamba_ffn_step(
+def _attention_in_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims: list[int],
+                       eps: float) -> torch.Tensor:
+    pointers, sizes, mask = _prepared(x, tensors, dims, ATTENTION_IN_TENSORS)
+    d = LayerDims(*dims)
+    if x.shape[1] != d.hidden:
+        raise ValueError(f"attention step: x {tuple(x.shape)} does not fit hidden {d.hidden}")
+    qkv = x.new_empty(x.shape[0], (d.heads + 2 * d.groups) * d.head_dim)
+    _status("attention_in_step", _library().bamba_attention_in_step(
         pointers, sizes, int(x.dtype == torch.bfloat16), mask, eps, x.data_ptr(),
-        out.data_ptr(), x.shape[0], torch.get_num_threads())
-    if status != 0:
-        raise RuntimeError(f"ffn_step: unsupported here (status {status})")
+        qkv.data_ptr(), x.shape[0], torch.get_num_threads()))
+    return qkv
+
+
+def _attention_out_step(x: torch.Tensor, attn: torch.Tensor,
+                        tensors: list[torch.Tensor | None], dims: list[int],
+                        eps: float) -> torch.Tensor:
+    pointers, sizes, mask = _prepared(x, tensors, dims, ATTENTION_OUT_TENSORS)
+    d = LayerDims(*dims)
+    attn = attn.contiguous()
+    if x.shape[1] != d.hidden or attn.shape != (x.shape[0], d.heads * d.head_dim) or \
+            attn.dtype != x.dtype:
+        raise ValueError(f"attention step: x {tuple(x.shape)} or attention output "
+                         f"{tuple(attn.shape)} {attn.dtype} do not fit the layer's {d}")
+    out = torch.empty_like(x)
+    _status("attention_out_step", _library().bamba_attention_out_step(
+        pointers, sizes, int(x.dtype == torch.bfloat16), mask, eps, x.data_ptr(),
+        attn.data_ptr(), out.data_ptr(), x.shape[0], torch.get_num_threads()))
     return out
+
+
+def _status(name: str, status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"{name}: unsupported here (status {status})")
 
 
 mamba_op = torch.library.custom_op("bamba::mamba_layer_step",
                                    mutates_args=("conv_pool", "ssm_pool"),
                                    device_types="cpu")(_mamba_layer_step)
-ffn_op = torch.library.custom_op("bamba::ffn_step", mutates_args=(),
-                                 device_types="cpu")(_ffn_step)
+attention_in_op = torch.library.custom_op("bamba::attention_in_step", mutates_args=(),
+                                          device_types="cpu")(_attention_in_step)
+attention_out_op = torch.library.custom_op("bamba::attention_out_step", mutates_args=(),
+                                           device_types="cpu")(_attention_out_step)
 
 
 @mamba_op.register_fake
@@ -152,8 +180,14 @@ def _(x, conv_pool, ssm_pool, rows, tensors, dims, eps, dt_min, dt_max):
     return torch.empty_like(x)
 
 
-@ffn_op.register_fake
+@attention_in_op.register_fake
 def _(x, tensors, dims, eps):
+    d = LayerDims(*dims)
+    return x.new_empty(x.shape[0], (d.heads + 2 * d.groups) * d.head_dim)
+
+
+@attention_out_op.register_fake
+def _(x, attn, tensors, dims, eps):
     return torch.empty_like(x)
 
 
@@ -173,31 +207,39 @@ def mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.T
     return mamba_op(*args) if _through_dispatcher() else _mamba_layer_step(*args)
 
 
-def ffn_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims: LayerDims,
-             eps: float) -> torch.Tensor:
-    """x [rows, hidden] -> x + mlp(rmsnorm(x))."""
+def attention_in_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims: LayerDims,
+                      eps: float) -> torch.Tensor:
+    """x [rows, hidden] -> [rows, (heads + 2 kv heads) head_dim]: q, k, v of rmsnorm(x)."""
     args = (x, tensors, list(dims), eps)
-    return ffn_op(*args) if _through_dispatcher() else _ffn_step(*args)
+    return attention_in_op(*args) if _through_dispatcher() else _attention_in_step(*args)
 
 
-def _linear_flops(rows: int, dims: list[int], mixer: bool) -> int:
-    """2 x rows x the layer's linear weights: what aten.mm would count for the same matmuls
-    (torch's counter counts no elementwise work, so neither is the SSM update)."""
-    d = LayerDims(*dims)
-    weights = 3 * d.hidden * d.ffn
-    if mixer:
-        weights += d.hidden * (2 * d.d_inner + d.conv_dim + d.heads)
-    return 2 * rows * weights
+def attention_out_step(x: torch.Tensor, attn: torch.Tensor, tensors: list[torch.Tensor | None],
+                       dims: LayerDims, eps: float) -> torch.Tensor:
+    """h = x + o_proj(attn) -> h + mlp(rmsnorm(h)); x [rows, hidden], attn [rows, heads·D]."""
+    args = (x, attn, tensors, list(dims), eps)
+    return attention_out_op(*args) if _through_dispatcher() else _attention_out_step(*args)
 
+
+# For torch's FlopCounterMode: 2 x rows x the linear weights the op multiplies, what aten.mm
+# would count for the same matmuls (the counter counts no elementwise work, nor the SSM update).
 
 @register_flop_formula(torch.ops.bamba.mamba_layer_step)
 def _(x_shape, *args, **kwargs) -> int:
-    return _linear_flops(x_shape[0], args[4], mixer=True)
+    d = LayerDims(*args[4])
+    return 2 * x_shape[0] * d.hidden * (2 * d.d_inner + d.conv_dim + d.heads + 3 * d.ffn)
 
 
-@register_flop_formula(torch.ops.bamba.ffn_step)
+@register_flop_formula(torch.ops.bamba.attention_in_step)
 def _(x_shape, *args, **kwargs) -> int:
-    return _linear_flops(x_shape[0], args[1], mixer=False)
+    d = LayerDims(*args[1])
+    return 2 * x_shape[0] * d.hidden * (d.heads + 2 * d.groups) * d.head_dim
+
+
+@register_flop_formula(torch.ops.bamba.attention_out_step)
+def _(x_shape, *args, **kwargs) -> int:
+    d = LayerDims(*args[2])
+    return 2 * x_shape[0] * d.hidden * (d.heads * d.head_dim + 3 * d.ffn)
 
 
 @functools.cache
@@ -207,7 +249,7 @@ def fits(dtype: torch.dtype, dims: LayerDims) -> bool:
     from bamba.native import linear_available
 
     width = 32 if dtype == torch.bfloat16 else 16
-    widths = [dims.hidden, dims.ffn] + ([dims.d_inner] if dims.d_inner else [])
+    widths = [dims.hidden, dims.ffn, dims.d_inner or dims.heads * dims.head_dim]
     return dtype in (torch.bfloat16, torch.float32) and linear_available(dtype) and \
         all(w % width == 0 for w in widths)
 
@@ -218,5 +260,7 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.bamba_mamba_layer_step.argtypes = [ptr, ptr, i32, i64, f32, f32, f32, ptr, ptr, i64,
                                            ptr, i32, ptr, i32, ptr, i32]
     lib.bamba_mamba_layer_step.restype = i32
-    lib.bamba_ffn_step.argtypes = [ptr, ptr, i32, i64, f32, ptr, ptr, i64, i32]
-    lib.bamba_ffn_step.restype = i32
+    lib.bamba_attention_in_step.argtypes = [ptr, ptr, i32, i64, f32, ptr, ptr, i64, i32]
+    lib.bamba_attention_in_step.restype = i32
+    lib.bamba_attention_out_step.argtypes = [ptr, ptr, i32, i64, f32, ptr, ptr, ptr, i64, i32]
+    lib.bamba_attention_out_step.restype = i32

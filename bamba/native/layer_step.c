@@ -9,8 +9,12 @@
  *     xBC = silu(conv1d over (conv state, xBC));  the conv state shifts by one
  *     dt = clamp(softplus(dt + dt_bias));  S = exp(dt A) S + dt x B^T;  y = S C + D x
  *     y = grouped_rmsnorm(y * silu(z)) * norm;  x = x + out_proj(y)
- *   then the feed-forward block (bamba_ffn_step, also used alone after attention):
+ *   then the feed-forward block:
  *     h = rmsnorm(x) * pre_ff_norm;  x = x + down(silu(gate(h)) * up(h))
+ *   An attention layer runs in two calls around the attention itself (rope, KV cache and
+ *   softmax stay in torch, whatever the cache layout):
+ *     bamba_attention_in_step:  qkv = [q | k | v](rmsnorm(x) * input_norm)
+ *     bamba_attention_out_step: x = x + o_proj(attn), then the feed-forward block
  *
  * Values are rounded to the model dtype where the torch modules round them (each linear
  * output, each norm output, each residual sum), so a bf16 model gives what its torch path
@@ -29,9 +33,11 @@
 /* The tensors of one layer, in the order the Python side passes them (absent = NULL). */
 enum {
     IN_NORM, IN_PROJ, IN_PROJ_BIAS, CONV_W, CONV_B, DT_BIAS, A_LOG, D_SKIP, GATE_NORM, OUT_PROJ,
-    OUT_PROJ_BIAS, FF_NORM, GATE, GATE_BIAS, UP, UP_BIAS, DOWN, DOWN_BIAS, N_TENSORS
+    OUT_PROJ_BIAS, FF_NORM, GATE, GATE_BIAS, UP, UP_BIAS, DOWN, DOWN_BIAS, /* a Mamba layer */
+    Q, Q_BIAS, K_PROJ, K_BIAS, V_PROJ, V_BIAS, O_PROJ, O_BIAS, /* an attention layer's */
+    N_TENSORS
 };
-/* Its sizes. */
+/* Its sizes (an attention layer: HEADS query heads, GROUPS KV heads of HEAD_DIM, mixer 0s). */
 enum { HIDDEN, D_INNER, CONV_DIM, CONV_K, HEADS, HEAD_DIM, GROUPS, D_STATE, FFN, N_DIMS };
 
 typedef struct {
@@ -66,12 +72,26 @@ static void rms_norm_row(const Layer *L, const float *x, int weight, void *out, 
     }
 }
 
-/* y [M, L.n] (float32, rounded like the layer dtype) = x [M, L.k] W^T, split between threads. */
+/* Linear layers on one input x [M, k], outputs side by side in y [M, sum of n] (layer dtype
+ * when y_bf16 matches it, else float32 rounded like the layer dtype), all their features split
+ * between the threads in one share each. No barrier. */
+static void linears_shared(const Layer *L, const LinearWeights *ws, int count, const void *x,
+                           int64_t M, void *y, int y_bf16) {
+    int64_t total = 0, begin, end, offset = 0;
+    for (int i = 0; i < count; i++) total += ws[i].n;
+    my_share(total, &begin, &end);
+    for (int i = 0; i < count; offset += ws[i].n, i++) {
+        const int64_t lo = begin > offset ? begin : offset;
+        const int64_t hi = end < offset + ws[i].n ? end : offset + ws[i].n;
+        if (lo < hi)
+            linear_features(&ws[i], L->bf16, x, M, (char *)y + offset * (y_bf16 ? 2 : 4), total,
+                            y_bf16, L->bf16, lo - offset, hi - offset);
+    }
+}
+
 static void linear_shared(const Layer *L, const LinearWeights *W, const void *x, int64_t M,
                           float *y) {
-    int64_t begin, end;
-    my_share(W->n, &begin, &end);
-    linear_features(W, L->bf16, x, M, y, W->n, 0, L->bf16, begin, end);
+    linears_shared(L, W, 1, x, M, y, 0);
 }
 
 typedef struct { /* per-call buffers, float32 unless noted */
@@ -88,18 +108,9 @@ static void ffn_stage(const Layer *L, int64_t M, Scratch *s) {
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++)
         rms_norm_row(L, s->resid + m * D, FF_NORM, (char *)s->normed + m * D * size, D);
-    const LinearWeights gate = {L->t[GATE], L->t[GATE_BIAS], F, D},
-                        up = {L->t[UP], L->t[UP_BIAS], F, D};
-    { /* gate and up share one split of their 2F features, their outputs side by side */
-        int64_t begin, end;
-        my_share(2 * F, &begin, &end);
-        if (begin < F)
-            linear_features(&gate, L->bf16, s->normed, M, s->gate_up, 2 * F, 0, L->bf16, begin,
-                            end < F ? end : F);
-        if (end > F)
-            linear_features(&up, L->bf16, s->normed, M, s->gate_up + F, 2 * F, 0, L->bf16,
-                            (begin > F ? begin : F) - F, end - F);
-    }
+    const LinearWeights gate_up[2] = {{L->t[GATE], L->t[GATE_BIAS], F, D},
+                                      {L->t[UP], L->t[UP_BIAS], F, D}};
+    linears_shared(L, gate_up, 2, s->normed, M, s->gate_up, 0);
 #pragma omp barrier
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * F; i++) { /* silu(gate) * up, each rounded like the torch ops */
@@ -185,56 +196,136 @@ static void mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool, 
     for (int64_t i = 0; i < M * D; i++) s->resid[i] = round_to(s->resid[i] + s->proj[i], L->bf16);
 }
 
-static int check(const Layer *L, int mixer) {
+/* The residual stream plus an attention layer's output projection, inside a parallel region:
+ * s->resid += o_proj(attn), attn [M, HEADS * HEAD_DIM] in the layer dtype. */
+static void attention_out_stage(const Layer *L, int64_t M, Scratch *s, const void *attn) {
+    const int64_t D = L->d[HIDDEN];
+    const LinearWeights o = {L->t[O_PROJ], L->t[O_BIAS], D, L->d[HEADS] * L->d[HEAD_DIM]};
+    linear_shared(L, &o, attn, M, s->proj);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * D; i++) s->resid[i] = round_to(s->resid[i] + s->proj[i], L->bf16);
+}
+
+/* rmsnorm(x) then the q, k and v projections, into qkv [M, (HEADS + 2 GROUPS) HEAD_DIM]. */
+static void attention_in_stage(const Layer *L, int64_t M, Scratch *s, void *qkv) {
+    const int64_t D = L->d[HIDDEN], Dh = L->d[HEAD_DIM], size = L->bf16 ? 2 : 4;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        rms_norm_row(L, s->resid + m * D, IN_NORM, (char *)s->normed + m * D * size, D);
+    const LinearWeights qkv_w[3] = {{L->t[Q], L->t[Q_BIAS], L->d[HEADS] * Dh, D},
+                                    {L->t[K_PROJ], L->t[K_BIAS], L->d[GROUPS] * Dh, D},
+                                    {L->t[V_PROJ], L->t[V_BIAS], L->d[GROUPS] * Dh, D}};
+    linears_shared(L, qkv_w, 3, s->normed, M, qkv, L->bf16);
+}
+
+typedef enum { MAMBA_LAYER, ATTENTION_IN, ATTENTION_OUT } Part;
+
+static int check(const Layer *L, Part part) {
     const int64_t *d = L->d;
     if (!linear_supported(L->bf16, d[HIDDEN]) || !linear_supported(L->bf16, d[FFN])) return -1;
-    if (mixer && (!linear_supported(L->bf16, d[D_INNER]) || d[HEADS] % d[GROUPS] != 0 ||
-                  d[D_INNER] != d[HEADS] * d[HEAD_DIM] || d[D_INNER] % d[GROUPS] != 0 ||
-                  d[CONV_DIM] != d[D_INNER] + 2 * d[GROUPS] * d[D_STATE] || d[CONV_K] < 1))
+    if (part == MAMBA_LAYER &&
+        (!linear_supported(L->bf16, d[D_INNER]) || d[HEADS] % d[GROUPS] != 0 ||
+         d[D_INNER] != d[HEADS] * d[HEAD_DIM] || d[D_INNER] % d[GROUPS] != 0 ||
+         d[CONV_DIM] != d[D_INNER] + 2 * d[GROUPS] * d[D_STATE] || d[CONV_K] < 1))
         return -1;
+    if (part == ATTENTION_OUT && !linear_supported(L->bf16, d[HEADS] * d[HEAD_DIM])) return -1;
     return 0;
 }
 
-static int run(const Layer *L, int mixer, const void *x, void *out, int64_t M, void *conv_pool,
-               int conv_bf16, void *ssm_pool, int ssm_bf16, const int64_t *rows, int threads) {
-    if (M < 1 || check(L, mixer) != 0) return -1;
-    const int64_t *d = L->d;
+typedef struct { /* what one call works on besides the layer */
+    const void *x;     /* [M, hidden] the layer's input (the residual stream) */
+    const void *attn;  /* ATTENTION_OUT: [M, heads * head_dim] attention output */
+    void *out;         /* [M, hidden], or ATTENTION_IN: [M, (heads + 2 kv heads) head_dim] */
+    int64_t M;
+    void *conv_pool, *ssm_pool;  /* MAMBA_LAYER: state pools and their dtypes */
+    int conv_bf16, ssm_bf16;
+    const int64_t *rows;
+} Call;
+
+static int run(const Layer *L, Part part, const Call *c, int threads) {
+    const int64_t *d = L->d, M = c->M;
+    if (M < 1 || check(L, part) != 0) return -1;
     const int64_t widest = d[D_INNER] + d[CONV_DIM] + d[HEADS];
     int64_t act = d[FFN] > d[D_INNER] ? d[FFN] : d[D_INNER];
     act = act > d[HIDDEN] ? act : d[HIDDEN];
-    const int64_t proj = (mixer && widest > d[HIDDEN]) ? widest : d[HIDDEN];
+    const int64_t proj = (part == MAMBA_LAYER && widest > d[HIDDEN]) ? widest : d[HIDDEN];
     float *buf = malloc(sizeof(float) * M * (d[HIDDEN] + act + proj + d[D_INNER] + 2 * d[FFN]));
     if (buf == NULL) return -2;
     Scratch s = {buf, buf + M * d[HIDDEN], buf + M * (d[HIDDEN] + act), NULL, NULL};
     s.y = s.proj + M * proj;
     s.gate_up = s.y + M * d[D_INNER];
-    for (int64_t i = 0; i < M * d[HIDDEN]; i++) s.resid[i] = load_value(x, i, L->bf16);
+    for (int64_t i = 0; i < M * d[HIDDEN]; i++) s.resid[i] = load_value(c->x, i, L->bf16);
 #pragma omp parallel num_threads(threads)
     {
-        if (mixer) mixer_stage(L, M, &s, conv_pool, conv_bf16, ssm_pool, ssm_bf16, rows);
-        ffn_stage(L, M, &s);
+        if (part == ATTENTION_IN) {
+            attention_in_stage(L, M, &s, c->out);
+        } else {
+            if (part == MAMBA_LAYER)
+                mixer_stage(L, M, &s, c->conv_pool, c->conv_bf16, c->ssm_pool, c->ssm_bf16,
+                            c->rows);
+            else
+                attention_out_stage(L, M, &s, c->attn);
+            ffn_stage(L, M, &s);
+        }
     }
-    for (int64_t i = 0; i < M * d[HIDDEN]; i++) store_value(out, i, s.resid[i], L->bf16);
+    if (part != ATTENTION_IN)
+        for (int64_t i = 0; i < M * d[HIDDEN]; i++) store_value(c->out, i, s.resid[i], L->bf16);
     free(buf);
     return 0;
 }
 
-/* A Mamba decoder layer for M rows: x [M, hidden] -> out [M, hidden]; the conv and SSM states
- * of pool rows `rows` advance in place. Returns 0, -1 if unsupported here, -2 out of memory. */
-int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int bf16,
-                           int64_t f32_mask, float eps, float dt_min, float dt_max, const void *x, void *out,
-                           int64_t M, void *conv_pool, int conv_bf16, void *ssm_pool,
-                           int ssm_bf16, const int64_t *rows, int threads) {
-    const Layer L = {tensors, dims, bf16, f32_mask, eps, dt_min, dt_max};
-    return run(&L, 1, x, out, M, conv_pool, conv_bf16, ssm_pool, ssm_bf16, rows, threads);
+/* Copy a call's tensor list (in the order of `first`..) into a full N_TENSORS array. */
+static void place(const void **all, const void *const *tensors, const int *slots, int count) {
+    for (int i = 0; i < N_TENSORS; i++) all[i] = NULL;
+    for (int i = 0; i < count; i++) all[slots[i]] = tensors[i];
 }
 
-/* The feed-forward block alone (after an attention mixer): x -> x + mlp(rmsnorm(x)). */
-int bamba_ffn_step(const void *const *tensors, const int64_t *dims, int bf16, int64_t f32_mask,
-                   float eps,
-                   const void *x, void *out, int64_t M, int threads) {
-    const void *all[N_TENSORS] = {0}; /* the feed-forward tensors are the list's last ones */
-    for (int i = FF_NORM; i < N_TENSORS; i++) all[i] = tensors[i - FF_NORM];
-    const Layer L = {all, dims, bf16, f32_mask << FF_NORM, eps, 0.0f, 0.0f};
-    return run(&L, 0, x, out, M, NULL, 0, NULL, 0, NULL, threads);
+static int64_t place_mask(int64_t mask, const int *slots, int count) {
+    int64_t out = 0;
+    for (int i = 0; i < count; i++) out |= ((mask >> i) & 1) << slots[i];
+    return out;
+}
+
+/* A Mamba decoder layer for M rows: x [M, hidden] -> out [M, hidden]; the conv and SSM states
+ * of pool rows `rows` advance in place. Tensors in enum order IN_NORM..DOWN_BIAS. Returns 0,
+ * -1 if unsupported here, -2 out of memory. */
+int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int bf16,
+                           int64_t f32_mask, float eps, float dt_min, float dt_max,
+                           const void *x, void *out, int64_t M, void *conv_pool, int conv_bf16,
+                           void *ssm_pool, int ssm_bf16, const int64_t *rows, int threads) {
+    const void *all[N_TENSORS];
+    int slots[DOWN_BIAS + 1];
+    for (int i = 0; i <= DOWN_BIAS; i++) slots[i] = i;
+    place(all, tensors, slots, DOWN_BIAS + 1);
+    const Layer L = {all, dims, bf16, f32_mask, eps, dt_min, dt_max};
+    const Call c = {x, NULL, out, M, conv_pool, ssm_pool, conv_bf16, ssm_bf16, rows};
+    return run(&L, MAMBA_LAYER, &c, threads);
+}
+
+/* An attention layer's first half: qkv [M, (heads + 2 kv heads) head_dim] = the q, k and v
+ * projections of rmsnorm(x). Tensors: input norm, q, q bias, k, k bias, v, v bias. */
+int bamba_attention_in_step(const void *const *tensors, const int64_t *dims, int bf16,
+                            int64_t f32_mask, float eps, const void *x, void *qkv, int64_t M,
+                            int threads) {
+    static const int slots[] = {IN_NORM, Q, Q_BIAS, K_PROJ, K_BIAS, V_PROJ, V_BIAS};
+    const void *all[N_TENSORS];
+    place(all, tensors, slots, 7);
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 7), eps, 0.0f, 0.0f};
+    const Call c = {x, NULL, qkv, M, NULL, NULL, 0, 0, NULL};
+    return run(&L, ATTENTION_IN, &c, threads);
+}
+
+/* An attention layer's second half: h = x + o_proj(attn), out = h + mlp(rmsnorm(h)).
+ * Tensors: o, o bias, pre-ff norm, gate, gate bias, up, up bias, down, down bias. */
+int bamba_attention_out_step(const void *const *tensors, const int64_t *dims, int bf16,
+                             int64_t f32_mask, float eps, const void *x, const void *attn,
+                             void *out, int64_t M, int threads) {
+    static const int slots[] = {O_PROJ, O_BIAS, FF_NORM, GATE, GATE_BIAS, UP, UP_BIAS, DOWN,
+                                DOWN_BIAS};
+    const void *all[N_TENSORS];
+    place(all, tensors, slots, 9);
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 9), eps, 0.0f, 0.0f};
+    const Call c = {x, attn, out, M, NULL, NULL, 0, 0, NULL};
+    return run(&L, ATTENTION_OUT, &c, threads);
 }
