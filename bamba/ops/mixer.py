@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bamba import native
+from bamba.native import prefill_ops
 from bamba.ops.conv import causal_conv1d, causal_conv1d_step
 from bamba.ops.norm import gated_rms_norm
 from bamba.ops.ssd import ssd_chunked, ssd_step
@@ -115,16 +116,23 @@ def mamba_prefill(zxbcdt: torch.Tensor,
                   w: MixerWeights, shape: MixerShape, seq_idx: torch.Tensor | None,
                   scan_chunk: int, matmul_dtype: torch.dtype) -> torch.Tensor:
     """A sequence (or chunk) through the mixer's middle: in_proj output [B, L, ...] -> gated,
-    normalised y [B, L, d_inner] (float32). With ``pools`` (conv pool, SSM pool, rows) the scan
+    normalised y [B, L, d_inner] (float32, or see below). With ``pools`` (conv pool, SSM pool, rows) the scan
     starts from the batch's states and stores the final ones back; without, it starts from zero
     (training, or a forward pass without cache). ``seq_idx`` restarts conv and scan at each
-    document of a packed row."""
+    document of a packed row.
+
+    Without autograd or ``seq_idx`` this runs in ``bamba.native.prefill_ops`` when it is built
+    (three native passes instead of ~40 torch ops); y then comes in zxbcdt's dtype (bf16 for a
+    bf16 model: the cast the caller makes before out_proj anyway)."""
+    sizes = (shape.n_heads, shape.head_dim, shape.n_groups, shape.d_state)
+    if prefill_ops.usable(zxbcdt, seq_idx, w, sizes):
+        return _prefill_native(zxbcdt, pools, w, shape, scan_chunk, matmul_dtype)
+    conv_pool, ssm_pool, rows = pools if pools is not None else (None, None, None)
     b, l, _ = zxbcdt.shape
     d_inner, gn = shape.d_inner, shape.n_groups * shape.d_state
     # Everything between in_proj and out_proj runs in float32: the scan wants it, and on a
     # CPU bf16 elementwise ops are slower than float32 ones (each converts per element).
     z, xbc, dt = zxbcdt.float().split([d_inner, shape.conv_dim, shape.n_heads], -1)
-    conv_pool, ssm_pool, rows = pools if pools is not None else (None, None, None)
     xbc, conv_state = causal_conv1d(xbc, w.conv_weight, w.conv_bias,
                                     None if pools is None else read_rows(conv_pool, rows),
                                     seq_idx)
@@ -141,3 +149,20 @@ def mamba_prefill(zxbcdt: torch.Tensor,
     y = y + w.D.float()[:, None] * x  # D skip on x before dt scaling
     return gated_rms_norm(y.reshape(b, l, d_inner), z, w.norm_weight, shape.eps,
                           d_inner // shape.n_groups)
+
+
+def _prefill_native(zxbcdt: torch.Tensor,
+                    pools: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
+                    w: MixerWeights, shape: MixerShape, scan_chunk: int,
+                    matmul_dtype: torch.dtype) -> torch.Tensor:
+    """``mamba_prefill`` through ``torch.ops.bamba.mixer_prefill`` (see ``prefill_ops.usable``)."""
+    conv_pool, ssm_pool, rows = pools if pools is not None else (None, None, None)
+    y, conv_state, ssm_state = torch.ops.bamba.mixer_prefill(
+        zxbcdt, None if pools is None else read_rows(conv_pool, rows),
+        None if pools is None else read_rows(ssm_pool, rows), *w,
+        [shape.n_heads, shape.head_dim, shape.n_groups, shape.d_state, scan_chunk,
+         int(matmul_dtype == torch.bfloat16)], [*shape.time_step_limit, shape.eps])
+    if pools is not None:
+        write_rows(conv_pool, rows, conv_state)
+        write_rows(ssm_pool, rows, ssm_state)
+    return y
