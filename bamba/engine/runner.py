@@ -115,7 +115,9 @@ class ModelRunner:
     ``compile_mode`` (one of ``bamba.compile.MODES``) compiles the decode calls (all rows one
     token) with inductor, once for every batch size and context length (dynamic shapes); the
     first decode call pays the compile (about a minute on the reference CPU, cached on disk
-    by inductor afterwards). Prefill chunks always run eagerly.
+    by inductor afterwards). Prefill chunks always run eagerly, and so do decode calls of at
+    most ``model.native_decode_rows()`` rows, whose layers run through bamba.native's layer
+    steps (faster there than any compiled graph of torch ops).
     """
 
     def __init__(self, model: BambaLM, plan: PoolPlan, block_size: int,
@@ -142,6 +144,7 @@ class ModelRunner:
         self.step = PagedStep(model)
         self.decode_graph = None if compile_mode is None else \
             compiled_decode(model, compile_mode)
+        self.native_rows = model.native_decode_rows()
         self._scratch: dict[int, torch.Tensor] = {}
 
     def scratch(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -202,7 +205,7 @@ class ModelRunner:
         write = page_rows(blocks, pos, bs)
         read = page_rows(blocks, torch.arange(end, device=device).expand(len(rows), end), bs)
         slots = [c.slot for c in rows]
-        if length == 1 and self.decode_graph is not None:
+        if length == 1 and self.decode_graph is not None and len(rows) > self.native_rows:
             out = self.decode_graph(ids, pos, tensor(slots), write, read, self.pools)
         elif slots == list(range(slots[0], slots[0] + len(slots))):
             # Consecutive ascending slots: the states are one slice (no gather, no scatter).

@@ -144,7 +144,7 @@ def _(pool, rows, x, dt, A, B, C):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-MAX_LINEAR_ROWS = 8  # measured (benchmarks/bench_native.py): from 16 rows on torch's matmul wins
+MAX_LINEAR_ROWS = 8  # beyond, oneDNN's matmul catches up (few-row kernels are bandwidth-bound)
 # dtype -> (bit of bamba_linear_supported, input width multiple, C function)
 _LINEAR = {torch.bfloat16: (1, 32, "bamba_linear_bf16"), torch.float32: (2, 16, "bamba_linear_f32")}
 
