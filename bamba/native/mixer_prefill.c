@@ -190,29 +190,37 @@ ALWAYS_INLINE void block_bf16(int mr, int nv, int64_t K, const uint16_t *A, int6
         for (int v = 0; v < nv; v++) _mm512_storeu_ps(C + i * ldc + 16 * v, acc[i][v]);
 }
 
+/* With `causal`, A[i, k] is zero for k > i: row block i stops at k = i + 3 (K even for bf16). */
+static int64_t depth(int64_t K, int64_t i, int mr, int causal, int64_t multiple) {
+    const int64_t k = causal ? (i + mr + multiple - 1) / multiple * multiple : K;
+    return k < K ? k : K;
+}
+
 static void gemm_f32(int64_t M, int64_t K, int64_t cols, const float *A, int64_t lda,
-                     const float *B, int64_t ldb, float *C, int64_t ldc) {
+                     const float *B, int64_t ldb, float *C, int64_t ldc, int causal) {
     for (int64_t i = 0; i < M; i += 4)
         for (int64_t j = 0; j < cols; j += 64) {
             const int mr = M - i < 4 ? (int)(M - i) : 4;
             const int nv = cols - j < 64 ? (int)((cols - j) / 16) : 4;
+            const int64_t k = depth(K, i, mr, causal, 1);
             if (mr == 4 && nv == 4)
-                block_f32(4, 4, K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
+                block_f32(4, 4, k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
             else
-                block_f32(mr, nv, K, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
+                block_f32(mr, nv, k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
         }
 }
 
 static void gemm_bf16(int64_t M, int64_t K, int64_t cols, const uint16_t *A, int64_t lda,
-                      const uint16_t *Bp, float *C, int64_t ldc) {
+                      const uint16_t *Bp, float *C, int64_t ldc, int causal) {
     for (int64_t i = 0; i < M; i += 4)
         for (int64_t j = 0; j < cols; j += 64) {
             const int mr = M - i < 4 ? (int)(M - i) : 4;
             const int nv = cols - j < 64 ? (int)((cols - j) / 16) : 4;
+            const int64_t k = depth(K, i, mr, causal, 2);
             if (mr == 4 && nv == 4)
-                block_bf16(4, 4, K, A + i * lda, lda, Bp + 2 * j, cols, C + i * ldc + j, ldc);
+                block_bf16(4, 4, k, A + i * lda, lda, Bp + 2 * j, cols, C + i * ldc + j, ldc);
             else
-                block_bf16(mr, nv, K, A + i * lda, lda, Bp + 2 * j, cols, C + i * ldc + j, ldc);
+                block_bf16(mr, nv, k, A + i * lda, lda, Bp + 2 * j, cols, C + i * ldc + j, ldc);
         }
 }
 
@@ -330,9 +338,9 @@ static void scan_chunk(const ScanJob *j, const Scratch *w, int64_t b, int64_t h,
     if (c > 0 || j->has_state) {  /* the entering state, read out with C, decayed to step l */
         if (j->bf16) {
             pack_pairs(w->st, P, N, N, P, NULL, w->spk);
-            gemm_bf16(q, N, P, j->cbf + item * Qv * N, N, w->spk, y, ldy);
+            gemm_bf16(q, N, P, j->cbf + item * Qv * N, N, w->spk, y, ldy, 0);
         } else {
-            gemm_f32(q, N, P, row_x(j, b, t0) + c_off, j->conv_dim, w->st, P, y, ldy);
+            gemm_f32(q, N, P, row_x(j, b, t0) + c_off, j->conv_dim, w->st, P, y, ldy, 0);
         }
         for (int64_t l = 0; l < q; l++) {
             const __m512 e = _mm512_set1_ps(expf(w->acum[l]));
@@ -345,10 +353,10 @@ static void scan_chunk(const ScanJob *j, const Scratch *w, int64_t b, int64_t h,
     for (int64_t s = 0; s < q; s++) w->suf[s] = expf(w->suf[s]) * w->dts[s];  /* to the end */
     if (j->bf16) {
         pack_pairs(x, j->conv_dim, q, kq, P, NULL, w->xpk);
-        gemm_bf16(q, kq, P, (const uint16_t *)w->w, Qv, w->xpk, y, ldy);
+        gemm_bf16(q, kq, P, (const uint16_t *)w->w, Qv, w->xpk, y, ldy, 1);
         pack_pairs(x, j->conv_dim, q, kq, P, w->suf, w->xpk);
     } else {
-        gemm_f32(q, q, P, w->w, Qv, x, j->conv_dim, y, ldy);
+        gemm_f32(q, q, P, w->w, Qv, x, j->conv_dim, y, ldy, 1);
         for (int64_t s = 0; s < q; s++)
             for (int64_t p = 0; p < P; p += 16)
                 _mm512_storeu_ps(w->xs + s * P + p, _mm512_mul_ps(
@@ -358,9 +366,9 @@ static void scan_chunk(const ScanJob *j, const Scratch *w, int64_t b, int64_t h,
     for (int64_t i = 0; i < N * P; i += 16)
         _mm512_storeu_ps(w->st + i, _mm512_mul_ps(_mm512_loadu_ps(w->st + i), d));
     if (j->bf16)
-        gemm_bf16(N, kq, P, (const uint16_t *)j->bt + item * N * Qv, Qv, w->xpk, w->st, P);
+        gemm_bf16(N, kq, P, (const uint16_t *)j->bt + item * N * Qv, Qv, w->xpk, w->st, P, 0);
     else
-        gemm_f32(N, q, P, (const float *)j->bt + item * N * Qv, Qv, w->xs, P, w->st, P);
+        gemm_f32(N, q, P, (const float *)j->bt + item * N * Qv, Qv, w->xs, P, w->st, P, 0);
 }
 
 static void scan_head(const ScanJob *j, const Scratch *w, int64_t item) {
