@@ -48,6 +48,19 @@ def run(zx: torch.Tensor, shape: MixerShape, w: MixerWeights, states: bool, chun
     return y.float(), conv, ssm
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of the calls that reach the native kernel (it still runs)."""
+    calls: list[int] = []
+    original = torch.ops.bamba.mixer_prefill
+
+    def counted(*args):
+        calls.append(args[0].shape[1])
+        return original(*args)
+    monkeypatch.setattr(mixer.torch.ops.bamba, "mixer_prefill", counted)
+    return calls
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -126,18 +139,54 @@ def test_model_with_native_prefill_matches_transformers(make_hf_checkpoint, leng
         assert_logits_close(model(ids), hf_logits(load_hf(directory), ids))
 
 
-def test_chunked_prefill_with_native_kernel_matches_one_shot(make_hf_checkpoint, monkeypatch):
+def test_chunked_prefill_with_native_kernel_matches_one_shot(make_hf_checkpoint,
+                                                             kernel_calls):
     directory = make_hf_checkpoint("hybrid", **HYBRID16)
     ids = random_ids(2, 37, seed=4)
     model = from_pretrained(directory)
-    calls = []
-    original = torch.ops.bamba.mixer_prefill
-
-    def counted(*args):
-        calls.append(args[0].shape[1])
-        return original(*args)
-    monkeypatch.setattr(mixer.torch.ops.bamba, "mixer_prefill", counted)
     with torch.no_grad():
         one_shot = model(ids)
     assert_logits_close(run_in_pieces(model, ids, [5, 8, 13, 11]), one_shot)
-    assert 5 in calls and 37 in calls  # the kernel served both the pieces and the whole
+    assert 5 in kernel_calls and 37 in kernel_calls  # it served the pieces and the whole
+
+
+def test_pool_rows_and_bf16_pools_match_torch_path(monkeypatch):
+    """States read from and written to chosen rows of pools (the engine's slots), bf16 pools."""
+    shape, w = make_mixer(4, 16, 2, 16, seed=3)
+    zx = torch.randn(2, 21, 2 * 64 + 64 + 4, generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([3, 0])
+    results = []
+    for native in (True, False):
+        gen = torch.Generator().manual_seed(5)
+        conv = torch.randn(4, 3, shape.conv_dim, generator=gen).bfloat16()
+        ssm = torch.randn(4, 4, 16, 16, generator=gen).bfloat16()
+        with monkeypatch.context() as m:
+            if not native:
+                m.setattr(prefill_ops, "usable", lambda *args: False)
+            with torch.no_grad():
+                y = mamba_prefill(zx, (conv, ssm, rows), w, shape, None, 8, torch.float32)
+        results.append((y, conv, ssm))
+    (y, conv, ssm), (y_ref, conv_ref, ssm_ref) = results
+    assert rel(y, y_ref) < 1e-5
+    assert torch.equal(conv, conv_ref) and torch.equal(ssm[[1, 2]], ssm_ref[[1, 2]])
+    assert rel(ssm.float(), ssm_ref.float()) < 1e-2  # one bf16 rounding apart at most
+
+
+def test_engine_with_native_prefill_equals_the_plain_model(kernel_calls):
+    """Chunked prefill into state slots, batched with decode rows, through the kernel."""
+    from test_engine import greedy, prompts, reference_greedy
+
+    from bamba.config import BambaConfig
+    from bamba.engine import LLM
+    from bamba.model import BambaLM, init_weights
+    cfg = BambaConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1],
+                      mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2,
+                      mamba_chunk_size=8, initializer_range=0.2, max_position_embeddings=512)
+    model = init_weights(BambaLM(cfg), seed=0).eval()
+    llm = LLM(model, memory_gb=0.001, block_size=4, max_num_batched_tokens=16)
+    batch = prompts((5, 17, 30))
+    outs = llm.generate(batch, [greedy(4)] * 3)
+    assert kernel_calls
+    for prompt, out in zip(batch, outs, strict=True):
+        assert out.outputs[0].token_ids == reference_greedy(model, prompt, 4)
