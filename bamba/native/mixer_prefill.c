@@ -21,7 +21,8 @@
 
 #include "bf16.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__)
 #include <immintrin.h>
 #define PREFILL_SIMD 1
 #endif
@@ -55,9 +56,43 @@ ALWAYS_INLINE __m512 vexp(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 1 / d for d >= 1: 14-bit estimate and one Newton step (cheaper than a division). */
+ALWAYS_INLINE __m512 vrecip(__m512 d) {
+    const __m512 r = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
 ALWAYS_INLINE __m512 vsilu(__m512 v) {
     const __m512 e = vexp(_mm512_sub_ps(_mm512_setzero_ps(), v));
-    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    return _mm512_mul_ps(v, vrecip(_mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+}
+
+/* log(1 + u) for u in [0, 1]: log(w) by its atanh series on w's mantissa in [0.75, 1.5),
+ * times u / (w - 1), which undoes the rounding of w = 1 + u (u when w rounds to 1). */
+ALWAYS_INLINE __m512 vlog1p(__m512 u) {
+    const __m512 one = _mm512_set1_ps(1.0f), w = _mm512_add_ps(one, u);
+    const __m512 m = _mm512_getmant_ps(w, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+    const __m512 e = _mm512_getexp_ps(_mm512_mul_ps(w, _mm512_set1_ps(1.0f / 0.75f)));
+    const __m512 s = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
+    const __m512 s2 = _mm512_mul_ps(s, s);
+    __m512 p = _mm512_set1_ps(1.0f / 9.0f);
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 7.0f));
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 5.0f));
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 3.0f));
+    p = _mm512_fmadd_ps(p, s2, one);
+    const __m512 log_w = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147180559945309f),
+                                         _mm512_mul_ps(_mm512_add_ps(s, s), p));
+    const __m512 dw = _mm512_sub_ps(w, one);
+    const __mmask16 exact = _mm512_cmp_ps_mask(dw, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    return _mm512_mask_blend_ps(exact, _mm512_mul_ps(log_w, _mm512_div_ps(u, dw)), u);
+}
+
+/* torch's softplus (threshold 20): log(1 + exp(v)) = max(v, 0) + log1p(exp(-|v|)). */
+ALWAYS_INLINE __m512 vsoftplus(__m512 v) {
+    const __m512 a = _mm512_abs_ps(v);
+    const __m512 sp = _mm512_add_ps(_mm512_max_ps(v, _mm512_setzero_ps()),
+                                    vlog1p(vexp(_mm512_sub_ps(_mm512_setzero_ps(), a))));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(20.0f), _CMP_GT_OQ), sp, v);
 }
 
 /* 16 values of a float32 or bfloat16 array as float32. */
@@ -67,8 +102,11 @@ ALWAYS_INLINE __m512 vload(const void *base, int bf16, int64_t i) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-ALWAYS_INLINE float sload(const void *base, int bf16, int64_t i) {
-    return bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+/* The lanes of `m` of a float32 or bfloat16 array as float32 (others zero). */
+ALWAYS_INLINE __m512 vload_masked(const void *base, int bf16, int64_t i, __mmask16 m) {
+    if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)base + i);
+    const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 ALWAYS_INLINE __m256i vbf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
@@ -84,6 +122,8 @@ static void *scratch(size_t bytes) {
 }
 
 /* ---------------- conv + silu + dt ---------------- */
+
+#define MAX_KERNEL 16
 
 typedef struct {
     const void *zx;
@@ -101,21 +141,41 @@ ALWAYS_INLINE __m512 conv_input(const ConvJob *j, int64_t b, int64_t t, int64_t 
     return _mm512_loadu_ps(j->state + (b * (j->kernel - 1) + j->kernel - 1 + t) * j->conv_dim + c);
 }
 
-static void conv_row(const ConvJob *j, int64_t b, int64_t t) {
-    const int64_t K = j->kernel, D = j->conv_dim;
-    float *out = j->xbc + (b * j->len + t) * D;
-    for (int64_t c = 0; c < D; c += 16) {
-        __m512 acc = j->bias ? _mm512_loadu_ps(j->bias + c) : _mm512_setzero_ps();
-        for (int64_t back = 0; back < K; back++)  /* current tap first, as the torch path */
-            acc = _mm512_fmadd_ps(conv_input(j, b, t - back, c),
-                                  _mm512_loadu_ps(j->wt + (K - 1 - back) * D + c), acc);
-        _mm512_storeu_ps(out + c, vsilu(acc));
+/* One block of 16 channels through the whole sequence: each input is loaded once and slides
+ * through `win`; taps are summed current first, as the torch path does. */
+ALWAYS_INLINE void conv_channels(const ConvJob *j, int64_t b, int64_t c, const int64_t K) {
+    const int64_t D = j->conv_dim;
+    __m512 win[MAX_KERNEL], w[MAX_KERNEL];
+    for (int64_t i = 0; i < K; i++) w[i] = _mm512_loadu_ps(j->wt + i * D + c);
+    for (int64_t i = 0; i < K - 1; i++) win[i] = conv_input(j, b, i - (K - 1), c);
+    const __m512 bias = j->bias ? _mm512_loadu_ps(j->bias + c) : _mm512_setzero_ps();
+    float *out = j->xbc + b * j->len * D + c;
+    for (int64_t t = 0; t < j->len; t++) {
+        win[K - 1] = conv_input(j, b, t, c);
+        __m512 acc = bias;
+        for (int64_t i = K - 1; i >= 0; i--) acc = _mm512_fmadd_ps(win[i], w[i], acc);
+        _mm512_storeu_ps(out + t * D, vsilu(acc));
+        for (int64_t i = 0; i < K - 1; i++) win[i] = win[i + 1];
     }
-    const int64_t row = (b * j->len + t) * j->width + j->d_inner + D;
-    for (int64_t h = 0; h < j->heads; h++) {
-        const float v = sload(j->zx, j->zx_bf16, row + h) + j->dt_bias[h];
-        const float sp = v > 20.0f ? v : log1pf(expf(v));  /* torch's softplus threshold */
-        j->dt[(b * j->len + t) * j->heads + h] = fminf(fmaxf(sp, j->dt_min), j->dt_max);
+}
+
+static void conv_block(const ConvJob *j, int64_t b, int64_t c) {
+    if (j->kernel == 4)  /* Mamba2's d_conv: unrolled, the window in registers */
+        conv_channels(j, b, c, 4);
+    else
+        conv_channels(j, b, c, j->kernel);
+}
+
+/* dt = clamp(softplus(dt + dt_bias)) for one row. */
+static void time_steps_row(const ConvJob *j, int64_t b, int64_t t) {
+    const int64_t row = (b * j->len + t) * j->width + j->d_inner + j->conv_dim, H = j->heads;
+    for (int64_t h = 0; h < H; h += 16) {
+        const __mmask16 m = (__mmask16)(H - h >= 16 ? 0xffff : (1u << (H - h)) - 1u);
+        const __m512 v = _mm512_add_ps(vload_masked(j->zx, j->zx_bf16, row + h, m),
+                                       _mm512_maskz_loadu_ps(m, j->dt_bias + h));
+        const __m512 sp = _mm512_min_ps(_mm512_max_ps(vsoftplus(v), _mm512_set1_ps(j->dt_min)),
+                                        _mm512_set1_ps(j->dt_max));
+        _mm512_mask_storeu_ps(j->dt + (b * j->len + t) * H + h, m, sp);
     }
 }
 
@@ -136,12 +196,18 @@ int bamba_prefill_conv(const void *zx, int zx_bf16, int64_t batch, int64_t len, 
                        const float *dt_bias, float dt_min, float dt_max, float *xbc, float *dt,
                        float *state_out, int threads) {
 #ifdef PREFILL_SIMD
-    if (conv_dim % 16 || kernel < 1 || width != d_inner + conv_dim + heads) return -1;
+    if (conv_dim % 16 || kernel < 1 || kernel > MAX_KERNEL || width != d_inner + conv_dim + heads)
+        return -1;
     const ConvJob j = {zx, zx_bf16, len, width, d_inner, conv_dim, heads, kernel, wt, bias, state,
                        dt_bias, dt_min, dt_max, xbc, dt};
-    const int64_t rows = batch * len;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) conv_row(&j, r / len, r % len);
+    const int64_t blocks = conv_dim / 16;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t i = 0; i < batch * blocks; i++) conv_block(&j, i / blocks, i % blocks * 16);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < batch * len; r++) time_steps_row(&j, r / len, r % len);
+    }
     conv_state_out(&j, batch, state_out);
     return 0;
 #else
