@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from bamba.native import attention_ops
 from bamba.ops import attention as attn
 
 
@@ -61,6 +62,7 @@ def test_matmul_path_reads_head_major_views():
 
 
 def test_dispatch_uses_matmul_only_for_short_masked_queries(monkeypatch):
+    monkeypatch.setattr(attention_ops, "usable", lambda *args: False)  # no native kernel
     calls = []
     real = attn.matmul_attention
     monkeypatch.setattr(attn, "matmul_attention", lambda *a: calls.append(1) or real(*a))
@@ -87,3 +89,33 @@ def test_decode_with_every_key_visible_skips_nothing(dtype, tol):
     assert mask.all()
     torch.testing.assert_close(attn.attention(q, k, v, mask).double(), reference(q, k, v, mask),
                                atol=tol, rtol=tol)
+
+
+needs_native = pytest.mark.skipif(not attention_ops.usable(*(torch.zeros(1, 1, 1, 8),) * 3),
+                                  reason="the native decode attention needs a C compiler")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_native_decode_attention_matches_the_reference(dtype, tol, head_major):
+    """Ragged rows, grouped heads, keys read in place from either layout (the contiguous
+    cache's [B, T, Hkv, D] or the engine's head-major pages)."""
+    q, k, v, mask = ragged_case(3, 1, dtype, seed=4)
+    if head_major:
+        k, v = (x.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3) for x in (k, v))
+    out = attention_ops.decode_attention(q, k, v, mask)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), reference(q, k, v, mask), atol=tol, rtol=tol)
+    assert attention_ops.usable(q, k, v)
+    torch.testing.assert_close(attn.attention(q, k, v, mask), out)  # attention() takes it
+
+
+@needs_native
+def test_native_decode_attention_rejects_what_does_not_fit():
+    q, k, v, mask = ragged_case(2, 1, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        attention_ops.decode_attention(q, k[:, :-1], v, mask)
+    assert not attention_ops.usable(q, k[..., ::2], v[..., ::2])  # head_dim strided
+    assert not attention_ops.usable(q.double(), k.double(), v.double())
+    assert not attention_ops.usable(q.requires_grad_(), k, v)

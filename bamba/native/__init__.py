@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from bamba.native import layer_ops
+from bamba.native import attention_ops, layer_ops
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def _library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = ctypes.c_int
     lib.bamba_linear_supported.restype = ctypes.c_int
     layer_ops.declare(lib)
+    attention_ops.declare(lib)
     return lib
 
 

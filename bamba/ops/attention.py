@@ -3,7 +3,9 @@
 Two formulations of the same softmax attention:
 
 * long queries (prefill) use ``F.scaled_dot_product_attention`` (the CPU flash kernel);
-* decode (L <= ``MATMUL_MAX_QUERY``) uses two batched matmuls, the query heads
+* decode (L <= ``MATMUL_MAX_QUERY``) uses bamba.native's decode attention when it is built
+  (keys and values read in place, float32 softmax: torch's bf16 matmul builds a new oneDNN
+  primitive for each new key length, ~0.6 ms a call), else two batched matmuls, the query heads
   of a KV group stacked as rows, so every KV head is read once for its whole group. On a CPU the
   flash kernel is up to 8x slower in bf16 there (batch 32, 4.6K keys, 1 thread; equal in fp32;
   from 4 queries on it is as fast or faster, hence the threshold). The scores
@@ -16,6 +18,8 @@ as the engine's paged gather returns them) are read without a copy.
 
 import torch
 import torch.nn.functional as F
+
+from bamba.native import attention_ops
 
 MATMUL_MAX_QUERY = 1  # longest query run through the matmul formulation (measured: see docstring)
 
@@ -42,6 +46,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads "
                          f"({k.shape[2]})")
     if mask is not None and q.shape[1] <= MATMUL_MAX_QUERY:
+        if attention_ops.usable(q, k, v):
+            return attention_ops.decode_attention(q, k, v, mask)
         return matmul_attention(q, k, v, mask)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, len, D]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,

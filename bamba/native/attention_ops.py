@@ -1,0 +1,78 @@
+"""Decode attention (one query token per row) over keys and values in place
+(``attention_step.c``), as the torch operator ``torch.ops.bamba.decode_attention``.
+
+Same contract as ``bamba.ops.attention.matmul_attention`` for one query token: q [B, 1, H, D],
+k and v [B, T, Hkv, D] with any row/time/head strides (head_dim contiguous), a boolean mask
+[B, 1, 1, T]; float32 softmax; the output [B, 1, H, D] in q's dtype. Eager callers go through
+``decode_attention`` (the library directly); torch.compile and dispatch modes see the op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+
+def _library():
+    from bamba.native import _library
+
+    return _library()
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these tensors: CPU, one dtype of bf16/float32, one query token,
+    head_dim contiguous, no autograd, the library built."""
+    from bamba.native import ssd_step_available  # True when the library is built and loaded
+
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return q.device.type == "cpu" and q.shape[1] == 1 and not grad and \
+        q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype and \
+        k.stride(-1) == 1 and v.stride(-1) == 1 and ssd_step_available()
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    b, l, h, d = q.shape
+    t, hkv = k.shape[1], k.shape[2]
+    if l != 1 or k.shape != (b, t, hkv, d) or v.shape != k.shape or h % hkv or \
+            mask.shape != (b, 1, 1, t) or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"decode attention: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, mask {tuple(mask.shape)} do not fit")
+    q = q.contiguous()
+    keep = mask.reshape(b, t).to(torch.uint8).contiguous()
+    out = torch.empty_like(q)
+    strides = [(ctypes.c_int64 * 3)(*(x.stride(i) for i in range(3))) for x in (k, v)]
+    status = _library().bamba_decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), keep.data_ptr(), out.data_ptr(), b, h, hkv, d,
+        t, strides[0], strides[1], int(q.dtype == torch.bfloat16), d ** -0.5,
+        torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"decode_attention failed (status {status})")
+    return out
+
+
+_op = torch.library.custom_op("bamba::decode_attention", mutates_args=(),
+                              device_types="cpu")(_decode_attention)
+
+
+@_op.register_fake
+def _(q, k, v, mask):
+    return torch.empty_like(q)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query token per row; see the module docstring."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return _op(q, k, v, mask)
+    return _decode_attention(q, k, v, mask)
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """Set the ctypes signature of attention_step.c's function."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.bamba_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
+                                           ptr, ptr, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    lib.bamba_decode_attention.restype = ctypes.c_int
