@@ -440,8 +440,11 @@ static void scan_chunk(const ScanJob *j, const Scratch *w, int64_t b, int64_t h,
 static void scan_head(const ScanJob *j, const Scratch *w, int64_t item) {
     const int64_t P = j->P, N = j->N, b = item / j->heads, h = item % j->heads;
     float *pool = j->state + item * P * N;  /* [P][N] outside, [N][P] while scanning */
-    for (int64_t p = 0; p < P; p++)
-        for (int64_t n = 0; n < N; n++) w->st[n * P + p] = pool[p * N + n];
+    if (!j->has_state)
+        memset(w->st, 0, (size_t)(N * P) * sizeof(float));
+    else
+        for (int64_t p = 0; p < P; p++)
+            for (int64_t n = 0; n < N; n++) w->st[n * P + p] = pool[p * N + n];
     for (int64_t c = 0; c < j->chunks; c++) scan_chunk(j, w, b, h, c);
     for (int64_t p = 0; p < P; p++)
         for (int64_t n = 0; n < N; n++) pool[p * N + n] = w->st[n * P + p];
@@ -486,7 +489,6 @@ int bamba_prefill_scan(const float *xbc, int64_t batch, int64_t len, int64_t con
         free(j.cb), free(j.bt), free(j.cbf);
         return -1;
     }
-    if (!has_state) memset(state, 0, (size_t)(batch * heads * head_dim * d_state) * sizeof(float));
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
