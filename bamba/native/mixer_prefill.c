@@ -12,7 +12,8 @@
  * products take bfloat16 operands with float32 accumulation (AVX-512 BF16 dot products), as
  * mamba_ssm's kernels do; otherwise they are float32 FMAs. Decays, dt and the state stay float32.
  * Work items are split over `threads` OpenMP threads. Functions return 0, or -1 when this build
- * (no AVX-512 BF16) or the shapes (head_dim and d_state multiples of 16) are not supported.
+ * (no AVX-512 BF16) or the shapes (head_dim and d_state multiples of 16) are not supported, or
+ * scratch memory could not be allocated (then outputs are incomplete: callers raise).
  */
 #include <math.h>
 #include <stdint.h>
@@ -489,17 +490,24 @@ int bamba_prefill_scan(const float *xbc, int64_t batch, int64_t len, int64_t con
         free(j.cb), free(j.bt), free(j.cbf);
         return -1;
     }
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < items; i++) prepare(&j, i);
         Scratch w = scratch_for(&j);
+        const int ok = w.st && w.w && w.xs && w.a && w.spk && w.xpk;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < batch * heads; i++) scan_head(&j, &w, i);
+        for (int64_t i = 0; i < batch * heads; i++)
+            if (ok) scan_head(&j, &w, i);
         free_scratch(&w);
     }
     free(j.cb), free(j.bt), free(j.cbf);
-    return 0;
+    return failed ? -1 : 0;
 #else
     return -1;
 #endif
@@ -550,14 +558,20 @@ int bamba_prefill_gate_norm(const float *y, const float *xbc, int64_t conv_dim, 
     if (head_dim % 16 || groups < 1 || d_inner % groups || (d_inner / groups) % 16) return -1;
     const NormJob j = {y, xbc, D, w, zx, zx_bf16, out_bf16, conv_dim, width, d_inner, head_dim,
                        groups, eps, out};
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *v = scratch((size_t)d_inner * sizeof(float));
+        if (!v) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) gate_norm_row(&j, r, v);
+        for (int64_t r = 0; r < rows; r++)
+            if (v) gate_norm_row(&j, r, v);
         free(v);
     }
-    return 0;
+    return failed ? -1 : 0;
 #else
     return -1;
 #endif

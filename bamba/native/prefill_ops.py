@@ -66,7 +66,8 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 def _check(rc: int, what: str) -> None:
     if rc != 0:
-        raise RuntimeError(f"mixer_prefill: the native {what} kernel refused these shapes")
+        raise RuntimeError(f"mixer_prefill: the native {what} kernel failed (shapes it does "
+                           "not support, or out of memory)")
 
 
 @torch.library.custom_op("bamba::mixer_prefill", mutates_args=(), device_types="cpu")
