@@ -30,6 +30,7 @@ from bamba.cache import ContiguousCache
 from bamba.checkpoint import from_pretrained
 from bamba.compile import MODES, CompiledForward
 from bamba.config import BambaConfig, llama_twin, preset
+from bench_engine import StepClock  # noqa: E402 (a sibling script)
 
 RESULTS = Path(__file__).parent / "results" / "core.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -129,24 +130,13 @@ def bench_bamba(directory: Path, dtype: torch.dtype, args: argparse.Namespace,
             "load_average": os.getloadavg(), "tokens": runs[0][2]}
 
 
-class _StepClock(transformers.LogitsProcessor):
-    """Records the time at which generate asks for each new token's logits."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.times.append(time.perf_counter())
-        return scores
-
-
 def bench_transformers(directory: Path, dtype: torch.dtype, args: argparse.Namespace,
                        ids: torch.Tensor) -> dict:
     """Prefill = forward of the prompt with use_cache; decode = generate's later steps."""
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
     def run(steps: int) -> tuple[float, float, list[int]]:
-        clock = _StepClock()
+        clock = StepClock()
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
                              do_sample=False, use_cache=True, pad_token_id=0,
