@@ -190,3 +190,22 @@ def test_engine_with_native_prefill_equals_the_plain_model(kernel_calls):
     assert kernel_calls
     for prompt, out in zip(batch, outs, strict=True):
         assert out.outputs[0].token_ids == reference_greedy(model, prompt, 4)
+
+
+def test_bamba_native_0_sends_prefill_to_the_torch_path(monkeypatch):
+    from bamba import native
+    shape, w = make_mixer(2, 16, 1, 16)
+    zx = torch.randn(1, 9, 2 * 32 + 32 + 2)
+    monkeypatch.setenv("BAMBA_NATIVE", "0")
+    native._library.cache_clear()
+    try:
+        assert not prefill_ops.available()
+        with torch.no_grad():
+            assert not prefill_ops.usable(zx, None, w, (2, 16, 1, 16))
+            y = mamba_prefill(zx, None, w, shape, None, 8, torch.float32)
+    finally:
+        monkeypatch.delenv("BAMBA_NATIVE")
+        native._library.cache_clear()
+    assert prefill_ops.available()
+    with torch.no_grad():
+        assert rel(mamba_prefill(zx, None, w, shape, None, 8, torch.float32), y) < 1e-5

@@ -21,14 +21,21 @@ from bamba import native
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-@functools.cache
 def _lib() -> ctypes.CDLL | None:
+    """The shared library when it carries these kernels for this CPU (follows
+    ``bamba.native._library``, so BAMBA_NATIVE=0 and its cache_clear() apply here too)."""
     lib = native._library()
-    if lib is None or not hasattr(lib, "bamba_prefill_supported"):
-        return None
+    return lib if lib is not None and _declare(lib) else None
+
+
+@functools.cache
+def _declare(lib: ctypes.CDLL) -> bool:
+    """Set the kernels' ctypes signatures once per loaded library; False if not built here."""
+    if not hasattr(lib, "bamba_prefill_supported"):
+        return False
     lib.bamba_prefill_supported.restype = ctypes.c_int
     if not lib.bamba_prefill_supported():
-        return None
+        return False
     i32, i64, ptr, f32 = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.bamba_prefill_conv.argtypes = [ptr, i32, i64, i64, i64, i64, i64, i64, i64, ptr, ptr,
                                        ptr, ptr, f32, f32, ptr, ptr, ptr, i32]
@@ -38,7 +45,7 @@ def _lib() -> ctypes.CDLL | None:
                                             ptr, ptr, f32, ptr, i32, i32]
     for name in ("bamba_prefill_conv", "bamba_prefill_scan", "bamba_prefill_gate_norm"):
         getattr(lib, name).restype = ctypes.c_int
-    return lib
+    return True
 
 
 @torch.compiler.assume_constant_result
