@@ -66,7 +66,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 CASES = [(1, 64, 2, 16, 1, 16, 16), (2, 37, 4, 16, 2, 32, 16), (1, 100, 4, 32, 1, 16, 64),
-         (1, 5, 2, 16, 1, 16, 16), (1, 70, 4, 16, 1, 32, 64)]
+         (1, 5, 2, 16, 1, 16, 16), (1, 70, 4, 16, 1, 32, 64),
+         (2, 300, 4, 16, 2, 16, 256)]  # long chunks: decays summed without cancellation
 
 
 @pytest.mark.parametrize("states", [False, True])

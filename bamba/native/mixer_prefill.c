@@ -6,8 +6,8 @@
  *   bamba_prefill_gate_norm  D skip, silu(z) gate, grouped RMSNorm, weight, cast.
  *
  * Scan, per head, chunk by chunk (Q steps; a[s] = dt[s]·A, cumulative sums within the chunk):
- *   y[l]  = exp(acum[l]) · C[l]·S  +  sum_{s<=l} (C[l]·B[s]) exp(acum[l]-acum[s]) dt[s] x[s]
- *   S    <- exp(acum[Q-1]) · S  +  sum_s exp(acum[Q-1]-acum[s]) dt[s] x[s] ⊗ B[s]
+ *   y[l]  = exp(acum[l]) · C[l]·S  +  sum_{s<=l} (C[l]·B[s]) exp(a[s+1]+..+a[l]) dt[s] x[s]
+ *   S    <- exp(acum[Q-1]) · S  +  sum_s exp(a[s+1]+..+a[Q-1]) dt[s] x[s] ⊗ B[s]
  * The state S is kept float32 (transposed, [N, P], while scanning). With `bf16` the three
  * products take bfloat16 operands with float32 accumulation (AVX-512 BF16 dot products), as
  * mamba_ssm's kernels do; otherwise they are float32 FMAs. Decays, dt and the state stay float32.
@@ -375,22 +375,30 @@ static void decays(const ScanJob *j, const Scratch *w, int64_t b, int64_t h, int
     for (int64_t s = q - 2; s >= 0; s--) w->suf[s] = w->suf[s + 1] + w->a[s + 1];
 }
 
-/* W[l, s] = C[l]·B[s] exp(acum[l] - acum[s]) dt[s] for s <= l, else 0. */
+/* W[l, s] = C[l]·B[s] exp(a[s+1] + ... + a[l]) dt[s] for s <= l, else 0. The segment sums run
+ * down the rows, 16 columns at a time (not acum[l] - acum[s]: no cancellation in long chunks). */
 static void diagonal_weights(const ScanJob *j, const Scratch *w, const float *cb, int64_t q) {
     const int64_t Qv = j->Qv;
-    for (int64_t l = 0; l < q; l++)
-        for (int64_t s = 0; s < Qv; s += 16) {
-            const __mmask16 keep = (__mmask16)(s > l ? 0 : l - s >= 15 ? 0xffff :
-                                               (1u << (l - s + 1)) - 1u);
-            const __m512 decay = vexp(_mm512_sub_ps(_mm512_set1_ps(w->acum[l]),
-                                                    _mm512_loadu_ps(w->acum + s)));
-            const __m512 v = _mm512_maskz_mul_ps(keep, _mm512_mul_ps(
-                _mm512_loadu_ps(cb + l * Qv + s), decay), _mm512_loadu_ps(w->dts + s));
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t s = 0; s < Qv; s += 16) {
+        const __m512i column = _mm512_add_epi32(_mm512_set1_epi32((int)s), iota);
+        __m512 seg = _mm512_setzero_ps();  /* lane i: a[s+i+1] + ... + a[l] once l >= s+i */
+        for (int64_t l = 0; l < q; l++) {
+            __m512 v = _mm512_setzero_ps();
+            if (l >= s) {
+                const __m512i row = _mm512_set1_epi32((int)l);
+                seg = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(column, row),
+                                           _mm512_add_ps(seg, _mm512_set1_ps(w->a[l])),
+                                           _mm512_setzero_ps());
+                v = _mm512_maskz_mul_ps(_mm512_cmple_epi32_mask(column, row), _mm512_mul_ps(
+                    _mm512_loadu_ps(cb + l * Qv + s), vexp(seg)), _mm512_loadu_ps(w->dts + s));
+            }
             if (j->bf16)
                 _mm256_storeu_si256((__m256i *)((uint16_t *)w->w + l * Qv + s), vbf16(v));
             else
                 _mm512_storeu_ps(w->w + l * Qv + s, v);
         }
+    }
 }
 
 static void scan_chunk(const ScanJob *j, const Scratch *w, int64_t b, int64_t h, int64_t c) {
