@@ -420,7 +420,8 @@ static void scan_chunk(const ScanJob *j, const Scratch *w, int64_t b, int64_t h,
         for (int64_t l = 0; l < q; l++) {
             const __m512 e = _mm512_set1_ps(expf(w->acum[l]));
             for (int64_t p = 0; p < P; p += 16)
-                _mm512_storeu_ps(y + l * ldy + p, _mm512_mul_ps(_mm512_loadu_ps(y + l * ldy + p), e));
+                _mm512_storeu_ps(y + l * ldy + p,
+                                 _mm512_mul_ps(_mm512_loadu_ps(y + l * ldy + p), e));
         }
     }
     diagonal_weights(j, w, j->cb + item * Qv * Qv, q);
@@ -540,7 +541,8 @@ static void gate_norm_row(const NormJob *j, int64_t r, float *v) {
             const __m512 skip = _mm512_fmadd_ps(_mm512_set1_ps(j->D[c / j->head_dim]),
                                                 _mm512_loadu_ps(j->xbc + r * j->conv_dim + c),
                                                 _mm512_loadu_ps(j->y + r * j->d_inner + c));
-            const __m512 val = _mm512_mul_ps(skip, vsilu(vload(j->zx, j->zx_bf16, r * j->width + c)));
+            const __m512 gate = vsilu(vload(j->zx, j->zx_bf16, r * j->width + c));
+            const __m512 val = _mm512_mul_ps(skip, gate);
             _mm512_storeu_ps(v + c, val);
             sq = _mm512_fmadd_ps(val, val, sq);
         }

@@ -92,36 +92,54 @@ def mixer_prefill(zxbcdt: torch.Tensor, conv_state: torch.Tensor | None,
         raise RuntimeError("the native prefill kernels are unavailable (see available())")
     h, p, g, n, chunk, bf16_matmul = dims
     zx = zxbcdt.detach().contiguous()
-    b, l, width = zx.shape
-    d_inner, k = h * p, conv_weight.shape[-1]
-    conv_dim, zx_bf16, threads = d_inner + 2 * g * n, int(zx.dtype == torch.bfloat16), \
-        torch.get_num_threads()
-    xbc, dt = zx.new_empty(b, l, conv_dim, dtype=torch.float32), zx.new_empty(b, l, h,
-                                                                              dtype=torch.float32)
-    conv_out = zx.new_empty(b, k - 1, conv_dim, dtype=torch.float32)
-    wt = _f32(conv_weight.reshape(conv_dim, k).t())
-    bias = None if conv_bias is None else _f32(conv_bias)
-    cs = None if conv_state is None else _f32(conv_state)
-    dtb, skip, nw = _f32(dt_bias), _f32(D), _f32(norm_weight)  # held: the kernels read them
-    _check(lib.bamba_prefill_conv(
-        zx.data_ptr(), zx_bf16, b, l, width, d_inner, conv_dim, h, k, wt.data_ptr(),
-        None if bias is None else bias.data_ptr(), None if cs is None else cs.data_ptr(),
-        dtb.data_ptr(), consts[0], consts[1], xbc.data_ptr(), dt.data_ptr(),
-        conv_out.data_ptr(), threads), "conv")
-    state = zx.new_empty(b, h, p, n, dtype=torch.float32)
+    xbc, dt, conv_out = _conv_pass(lib, zx, conv_state, conv_weight, conv_bias, dt_bias, h,
+                                   h * p + 2 * g * n, consts)
+    state = zx.new_empty(zx.shape[0], h, p, n, dtype=torch.float32)
     if ssm_state is not None:
         state.copy_(ssm_state)
     A = -torch.exp(A_log.detach().float())
-    y = zx.new_empty(b, l, d_inner, dtype=torch.float32)
+    y = zx.new_empty(*zx.shape[:2], h * p, dtype=torch.float32)
     _check(lib.bamba_prefill_scan(
-        xbc.data_ptr(), b, l, conv_dim, h, p, g, n, dt.data_ptr(), A.data_ptr(), state.data_ptr(),
-        int(ssm_state is not None), y.data_ptr(), chunk, bf16_matmul, threads), "scan")
+        xbc.data_ptr(), zx.shape[0], zx.shape[1], xbc.shape[-1], h, p, g, n, dt.data_ptr(),
+        A.data_ptr(), state.data_ptr(), int(ssm_state is not None), y.data_ptr(), chunk,
+        bf16_matmul, torch.get_num_threads()), "scan")
+    return _norm_pass(lib, zx, xbc, y, D, norm_weight, p, g, consts[2]), conv_out, state
+
+
+def _conv_pass(lib: ctypes.CDLL, zx: torch.Tensor, conv_state: torch.Tensor | None,
+               conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, dt_bias: torch.Tensor,
+               h: int, conv_dim: int, consts: list[float]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, B, C after conv + silu [B, L, conv_dim], dt [B, L, H], new conv state (float32)."""
+    b, l, width = zx.shape
+    k = conv_weight.shape[-1]
+    xbc = zx.new_empty(b, l, conv_dim, dtype=torch.float32)
+    dt = zx.new_empty(b, l, h, dtype=torch.float32)
+    conv_out = zx.new_empty(b, k - 1, conv_dim, dtype=torch.float32)
+    # float32 copies held in locals while the kernel reads them
+    wt, dtb = _f32(conv_weight.reshape(conv_dim, k).t()), _f32(dt_bias)
+    bias = None if conv_bias is None else _f32(conv_bias)
+    cs = None if conv_state is None else _f32(conv_state)
+    _check(lib.bamba_prefill_conv(
+        zx.data_ptr(), int(zx.dtype == torch.bfloat16), b, l, width, width - conv_dim - h,
+        conv_dim, h, k, wt.data_ptr(), None if bias is None else bias.data_ptr(),
+        None if cs is None else cs.data_ptr(), dtb.data_ptr(), consts[0], consts[1],
+        xbc.data_ptr(), dt.data_ptr(), conv_out.data_ptr(), torch.get_num_threads()), "conv")
+    return xbc, dt, conv_out
+
+
+def _norm_pass(lib: ctypes.CDLL, zx: torch.Tensor, xbc: torch.Tensor, y: torch.Tensor,
+               D: torch.Tensor, norm_weight: torch.Tensor, p: int, g: int,
+               eps: float) -> torch.Tensor:
+    """(y + D x) silu(z), RMS-normalised per group, times the weight, in zx's dtype."""
+    skip, nw = _f32(D), _f32(norm_weight)
     out = torch.empty_like(y, dtype=zx.dtype)
+    bf16 = int(zx.dtype == torch.bfloat16)
     _check(lib.bamba_prefill_gate_norm(
-        y.data_ptr(), xbc.data_ptr(), conv_dim, zx.data_ptr(), zx_bf16, width, b * l, d_inner, p,
-        g, skip.data_ptr(), nw.data_ptr(), consts[2], out.data_ptr(), zx_bf16,
-        threads), "gate-norm")
-    return out, conv_out, state
+        y.data_ptr(), xbc.data_ptr(), xbc.shape[-1], zx.data_ptr(), bf16, zx.shape[-1],
+        y.shape[0] * y.shape[1], y.shape[-1], p, g, skip.data_ptr(), nw.data_ptr(), eps,
+        out.data_ptr(), bf16, torch.get_num_threads()), "gate-norm")
+    return out
 
 
 @mixer_prefill.register_fake

@@ -116,10 +116,10 @@ def mamba_prefill(zxbcdt: torch.Tensor,
                   w: MixerWeights, shape: MixerShape, seq_idx: torch.Tensor | None,
                   scan_chunk: int, matmul_dtype: torch.dtype) -> torch.Tensor:
     """A sequence (or chunk) through the mixer's middle: in_proj output [B, L, ...] -> gated,
-    normalised y [B, L, d_inner] (float32, or see below). With ``pools`` (conv pool, SSM pool, rows) the scan
-    starts from the batch's states and stores the final ones back; without, it starts from zero
-    (training, or a forward pass without cache). ``seq_idx`` restarts conv and scan at each
-    document of a packed row.
+    normalised y [B, L, d_inner] (float32, or see below). With ``pools`` (conv pool, SSM pool,
+    rows) the scan starts from the batch's states and stores the final ones back; without, it
+    starts from zero (training, or a forward pass without cache). ``seq_idx`` restarts conv and
+    scan at each document of a packed row.
 
     Without autograd or ``seq_idx`` this runs in ``bamba.native.prefill_ops`` when it is built
     (three native passes instead of ~40 torch ops); y then comes in zxbcdt's dtype (bf16 for a
