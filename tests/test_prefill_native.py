@@ -210,3 +210,18 @@ def test_bamba_native_0_sends_prefill_to_the_torch_path(monkeypatch):
     assert prefill_ops.available()
     with torch.no_grad():
         assert rel(mamba_prefill(zx, None, w, shape, None, 8, torch.float32), y) < 1e-5
+
+
+def test_dispatch_modes_see_the_torch_ops_and_the_op_has_a_flop_formula():
+    from torch.utils.flop_counter import FlopCounterMode
+    shape, w = make_mixer(2, 16, 1, 16)
+    zx = torch.randn(1, 9, 2 * 32 + 32 + 2)
+    sizes = (2, 16, 1, 16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        assert not prefill_ops.usable(zx, None, w, sizes)
+        mamba_prefill(zx, None, w, shape, None, 8, torch.float32)
+        torch.ops.bamba.mixer_prefill(zx, None, None, *w, [2, 16, 1, 16, 8, 0], [0.0, 1.0, 1e-5])
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    # 2 chunks of 8: C·Bᵀ 2·16·8·16, diagonal 2·16·8·32, chunk states and read-out 2·2·16·512
+    assert counts["bamba.mixer_prefill"] == 4096 + 8192 + 32768
+    assert counts["aten.bmm"] == counts["bamba.mixer_prefill"]  # as the torch path counts

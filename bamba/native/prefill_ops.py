@@ -15,6 +15,8 @@ import ctypes
 import functools
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils.flop_counter import register_flop_formula
 
 from bamba import native
 
@@ -58,13 +60,15 @@ def usable(zxbcdt: torch.Tensor, seq_idx: torch.Tensor | None,
            params: tuple[torch.Tensor | None, ...], sizes: tuple[int, int, int, int]) -> bool:
     """Whether ``mixer_prefill`` serves this call: CPU, float32 or bf16, no document ids, no
     autograd, ``sizes`` = (heads, head_dim, groups, d_state) with head_dim, d_state and
-    d_inner/groups multiples of 16, and the kernels built."""
+    d_inner/groups multiples of 16, and the kernels built. Eager code under a dispatch mode
+    (FlopCounterMode...) keeps the torch ops, which such modes can see into."""
     h, p, g, n = sizes
     grad = torch.is_grad_enabled() and (zxbcdt.requires_grad or
                                         any(t is not None and t.requires_grad for t in params))
     return seq_idx is None and not grad and zxbcdt.device.type == "cpu" \
         and zxbcdt.dtype in DTYPES and zxbcdt.shape[1] > 0 and p % 16 == 0 and n % 16 == 0 \
-        and (h * p // g) % 16 == 0 and available()
+        and (h * p // g) % 16 == 0 and available() \
+        and (torch.compiler.is_compiling() or not is_in_torch_dispatch_mode())
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -152,3 +156,13 @@ def _(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, 
     return (zxbcdt.new_empty(b, l, h * p), zxbcdt.new_empty(b, conv_weight.shape[-1] - 1,
                                                             conv_dim, dtype=f32),
             zxbcdt.new_empty(b, h, p, n, dtype=f32))
+
+
+@register_flop_formula(torch.ops.bamba.mixer_prefill)
+def _mixer_prefill_flops(zx_shape, *args, dims=None, **kwargs) -> int:
+    """For FlopCounterMode (in compiled graphs): the scan's matmuls as the torch path counts
+    them (C·Bᵀ, diagonal blocks, chunk states, state read-out; the last chunk whole)."""
+    h, p, g, n, chunk = (dims if dims is not None else args[-2])[:5]
+    b, l = zx_shape[:2]
+    padded = -(-l // chunk) * chunk
+    return 2 * b * padded * (chunk * g * n + chunk * h * p + 2 * h * p * n)
