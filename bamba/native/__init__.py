@@ -6,7 +6,10 @@ torch ops reads and writes the state several times. It is exposed as the torch o
 ``torch.ops.bamba.ssd_step_pool`` (it mutates the pool), so eager code and torch.compile graphs
 call it alike. ``linear.c`` is a linear layer for 1-8 rows (decode) in bf16 (AVX-512 BF16) or
 float32 (AVX-512) that streams the weights once: ``torch.ops.bamba.linear_rows``.
-``layer_step.c`` runs a whole decoder layer for one decode token (see ``layer_ops``).
+``layer_step.c`` runs a whole decoder layer for one decode token, a few rows at a time, in one
+OpenMP region (``layer_ops``); ``attention_step.c`` is decode attention over keys and values in
+place (``attention_ops``); ``mixer_prefill.c`` is the Mamba2 mixer's prefill between the
+projections, chunked scan included (``prefill_ops``).
 
 The shared library is built once per source and machine into ``$BAMBA_CACHE`` (default
 ``~/.cache/bamba``)/kernels, written atomically. Without a C compiler, or with
