@@ -60,15 +60,28 @@ def _pair(monkeypatch, cfg_name: str, dtype: torch.dtype, state_dtype: torch.dty
 def test_float32_layer_step_matches_the_torch_path(monkeypatch, cfg_name, state_dtype) -> None:
     (fused, fused_cache), (ref, ref_cache) = _pair(monkeypatch, cfg_name, torch.float32,
                                                    state_dtype, rows=[3, 0, 2], cache_rows=5)
+    _assert_same_states(fused, fused_cache, ref, ref_cache, state_dtype, untouched=(1, 4))
+
+
+def test_many_rows_take_the_tiled_linears(monkeypatch) -> None:
+    """From 9 rows the layer's linears run in 4 x 4 tiles (dot_rows.h); 13 rows leave a
+    partial tile of rows."""
+    rows = [12, 0, 5, 3, 9, 1, 7, 14, 2, 11, 4, 8, 6]
+    (fused, fused_cache), (ref, ref_cache) = _pair(monkeypatch, "groups-biases", torch.float32,
+                                                   torch.float32, rows=rows, cache_rows=16)
+    _assert_same_states(fused, fused_cache, ref, ref_cache, torch.float32, untouched=(10, 13))
+
+
+def _assert_same_states(fused, fused_cache, ref, ref_cache, state_dtype, untouched):
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
     tol = {"rtol": 1e-5, "atol": 1e-5} if state_dtype == torch.float32 else \
         {"rtol": 2e-2, "atol": 2e-2}
     for i in fused_cache.ssm:
         torch.testing.assert_close(fused_cache.ssm[i].float(), ref_cache.ssm[i].float(), **tol)
         torch.testing.assert_close(fused_cache.conv[i], ref_cache.conv[i], rtol=1e-5, atol=1e-5)
-        for untouched in (1, 4):  # rows outside the batch stay zero
-            assert not fused_cache.ssm[i][untouched].any()
-            assert not fused_cache.conv[i][untouched].any()
+        for row in untouched:  # rows outside the batch stay zero
+            assert not fused_cache.ssm[i][row].any()
+            assert not fused_cache.conv[i][row].any()
 
 
 @pytest.mark.skipif(not native.linear_available(torch.bfloat16),

@@ -26,9 +26,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "dot_rows.h"
 #include "ssd_head.h"
+#include "vmath.h"
 
 /* The tensors of one layer, in the order the Python side passes them (absent = NULL). */
 enum {
@@ -53,7 +55,7 @@ static inline float param(const Layer *L, int which, int64_t i) {
     return load_value(L->t[which], i, L->bf16 && !((L->f32_mask >> which) & 1));
 }
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+enum { SILU_PIECE = 256 }; /* elements per work item of the vector silu passes */
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 static inline float round_to(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
 
@@ -100,6 +102,7 @@ typedef struct { /* per-call buffers, float32 unless noted */
     float *proj;     /* [M, in_proj width] */
     float *y;        /* [M, d_inner] */
     float *gate_up;  /* [M, 2 ffn] */
+    float *taps;     /* [conv_k + 1, conv_dim]: conv weights tap-major, then the bias (or 0) */
 } Scratch;
 
 /* The feed-forward half, inside a parallel region; reads and updates s->resid. */
@@ -112,11 +115,16 @@ static void ffn_stage(const Layer *L, int64_t M, Scratch *s) {
                                       {L->t[UP], L->t[UP_BIAS], F, D}};
     linears_shared(L, gate_up, 2, s->normed, M, s->gate_up, 0);
 #pragma omp barrier
+    const int64_t pieces = (F + SILU_PIECE - 1) / SILU_PIECE;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * F; i++) { /* silu(gate) * up, each rounded like the torch ops */
-        const int64_t m = i / F, f = i % F;
-        const float g = round_to(silu(s->gate_up[m * 2 * F + f]), L->bf16);
-        store_value(s->normed, i, g * s->gate_up[m * 2 * F + F + f], L->bf16);
+    for (int64_t i = 0; i < M * pieces; i++) { /* silu(gate) * up, rounded like the torch ops */
+        const int64_t m = i / pieces, f0 = (i % pieces) * SILU_PIECE;
+        const int64_t n = F - f0 < SILU_PIECE ? F - f0 : SILU_PIECE;
+        float *gate = s->gate_up + m * 2 * F + f0;
+        silu_vec(gate, gate, n);
+        for (int64_t f = 0; f < n; f++)
+            store_value(s->normed, m * F + f0 + f, round_to(gate[f], L->bf16) * gate[F + f],
+                        L->bf16);
     }
     const LinearWeights down = {L->t[DOWN], L->t[DOWN_BIAS], D, F};
     linear_shared(L, &down, s->normed, M, s->proj);
@@ -125,19 +133,36 @@ static void ffn_stage(const Layer *L, int64_t M, Scratch *s) {
     for (int64_t i = 0; i < M * D; i++) s->resid[i] = round_to(s->resid[i] + s->proj[i], L->bf16);
 }
 
-/* conv step + silu for channel c of row m; shifts that row's conv state. */
-static void conv_channel(const Layer *L, int64_t m, int64_t c, void *conv_pool, int conv_bf16,
-                         const int64_t *rows, float *xbc) {
+/* The conv weights [C, K] as float32 taps [K, C] (contiguous per tap), then the bias [C]. */
+static void conv_taps(const Layer *L, float *taps) {
     const int64_t K = L->d[CONV_K], C = L->d[CONV_DIM];
-    const int64_t base = rows[m] * (K - 1) * C + c;
-    float acc = L->t[CONV_B] ? param(L, CONV_B, c) : 0.0f;
-    for (int64_t k = 0; k < K - 1; k++)
-        acc += load_value(conv_pool, base + k * C, conv_bf16) * param(L, CONV_W, c * K + k);
-    acc += xbc[c] * param(L, CONV_W, c * K + K - 1);
-    for (int64_t k = 0; k + 1 < K - 1; k++)
-        store_value(conv_pool, base + k * C, load_value(conv_pool, base + (k + 1) * C, conv_bf16), conv_bf16);
-    if (K > 1) store_value(conv_pool, base + (K - 2) * C, xbc[c], conv_bf16);
-    xbc[c] = silu(acc);
+    for (int64_t c = 0; c < C; c++) {
+        for (int64_t k = 0; k < K; k++) taps[k * C + c] = param(L, CONV_W, c * K + k);
+        taps[K * C + c] = L->t[CONV_B] ? param(L, CONV_B, c) : 0.0f;
+    }
+}
+
+/* The conv step (before silu) for channels [c0, c0 + n) of row m, in place in xbc (the row's
+ * [conv_dim] inputs); shifts that row's conv state by one token. */
+static void conv_piece(const Layer *L, const float *taps, int64_t m, int64_t c0, int64_t n,
+                       void *conv_pool, int conv_bf16, const int64_t *rows, float *xbc) {
+    const int64_t K = L->d[CONV_K], C = L->d[CONV_DIM], size = conv_bf16 ? 2 : 4;
+    char *state = (char *)conv_pool + (rows[m] * (K - 1) * C + c0) * size; /* tap 0 */
+    float acc[SILU_PIECE];
+    for (int64_t c = 0; c < n; c++) acc[c] = taps[K * C + c0 + c] + xbc[c0 + c] * taps[(K - 1) * C + c0 + c];
+    for (int64_t k = 0; k < K - 1; k++) {
+        const float *w = taps + k * C + c0;
+        const char *row = state + k * C * size;
+        if (conv_bf16) {
+            for (int64_t c = 0; c < n; c++) acc[c] += bf16_to_float(((const uint16_t *)row)[c]) * w[c];
+        } else {
+            for (int64_t c = 0; c < n; c++) acc[c] += ((const float *)row)[c] * w[c];
+        }
+    }
+    for (int64_t k = 0; k + 1 < K - 1; k++) memcpy(state + k * C * size, state + (k + 1) * C * size, n * size);
+    if (K > 1)
+        for (int64_t c = 0; c < n; c++) store_value(state + (K - 2) * C * size, c, xbc[c0 + c], conv_bf16);
+    for (int64_t c = 0; c < n; c++) xbc[c0 + c] = acc[c];
 }
 
 /* SSM step for head h of row m: updates the state, writes y = S C + D x gated by silu(z). */
@@ -157,7 +182,12 @@ static void ssm_head(const Layer *L, int64_t m, int64_t h, void *ssm_pool, int s
         head_bf16((uint16_t *)ssm_pool + state, P, N, decay, dt, x, B, Cv, yh);
     else
         head_f32((float *)ssm_pool + state, P, N, decay, dt, x, B, Cv, yh);
-    for (int64_t p = 0; p < P; p++) yh[p] = (yh[p] + D * x[p]) * silu(z[h * P + p]);
+    for (int64_t p0 = 0; p0 < P; p0 += 64) { /* D skip, then the silu(z) gate */
+        const int64_t n = P - p0 < 64 ? P - p0 : 64;
+        float gate[64];
+        silu_vec(z + h * P + p0, gate, n);
+        for (int64_t p = 0; p < n; p++) yh[p0 + p] = (yh[p0 + p] + D * x[p0 + p]) * gate[p];
+    }
 }
 
 /* The mixer half, inside a parallel region; reads and updates s->resid. */
@@ -171,9 +201,15 @@ static void mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool, 
     const LinearWeights in_proj = {L->t[IN_PROJ], L->t[IN_PROJ_BIAS], width, D};
     linear_shared(L, &in_proj, s->normed, M, s->proj);
 #pragma omp barrier
+    const int64_t pieces = (C + SILU_PIECE - 1) / SILU_PIECE;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * C; i++)
-        conv_channel(L, i / C, i % C, conv_pool, conv_bf16, rows, s->proj + (i / C) * width + Din);
+    for (int64_t i = 0; i < M * pieces; i++) { /* conv, then silu, a piece of a row each */
+        const int64_t m = i / pieces, c0 = (i % pieces) * SILU_PIECE;
+        const int64_t n = C - c0 < SILU_PIECE ? C - c0 : SILU_PIECE;
+        float *xbc = s->proj + m * width + Din;
+        conv_piece(L, s->taps, m, c0, n, conv_pool, conv_bf16, rows, xbc);
+        silu_vec(xbc + c0, xbc + c0, n);
+    }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * H; i++)
         ssm_head(L, i / H, i % H, ssm_pool, ssm_bf16, rows, s->proj + (i / H) * width,
@@ -250,11 +286,15 @@ static int run(const Layer *L, Part part, const Call *c, int threads) {
     int64_t act = d[FFN] > d[D_INNER] ? d[FFN] : d[D_INNER];
     act = act > d[HIDDEN] ? act : d[HIDDEN];
     const int64_t proj = (part == MAMBA_LAYER && widest > d[HIDDEN]) ? widest : d[HIDDEN];
-    float *buf = malloc(sizeof(float) * M * (d[HIDDEN] + act + proj + d[D_INNER] + 2 * d[FFN]));
+    const int64_t taps = (d[CONV_K] + 1) * d[CONV_DIM];
+    float *buf = malloc(sizeof(float) *
+                        (M * (d[HIDDEN] + act + proj + d[D_INNER] + 2 * d[FFN]) + taps));
     if (buf == NULL) return -2;
-    Scratch s = {buf, buf + M * d[HIDDEN], buf + M * (d[HIDDEN] + act), NULL, NULL};
+    Scratch s = {buf, buf + M * d[HIDDEN], buf + M * (d[HIDDEN] + act), NULL, NULL, NULL};
     s.y = s.proj + M * proj;
     s.gate_up = s.y + M * d[D_INNER];
+    s.taps = s.gate_up + M * 2 * d[FFN];
+    if (part == MAMBA_LAYER) conv_taps(L, s.taps);
     for (int64_t i = 0; i < M * d[HIDDEN]; i++) s.resid[i] = load_value(c->x, i, L->bf16);
 #pragma omp parallel num_threads(threads)
     {
