@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "vmath.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
     defined(__AVX512VL__)
@@ -38,35 +39,6 @@ int bamba_prefill_supported(void) {
 
 #ifdef PREFILL_SIMD
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-/* exp on 16 lanes: 2^n · e^r with |r| <= ln2/2, degree-7 Taylor polynomial (~1 ulp). */
-ALWAYS_INLINE __m512 vexp(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* 1 / d for d >= 1: 14-bit estimate and one Newton step (cheaper than a division). */
-ALWAYS_INLINE __m512 vrecip(__m512 d) {
-    const __m512 r = _mm512_rcp14_ps(d);
-    return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
-}
-
-ALWAYS_INLINE __m512 vsilu(__m512 v) {
-    const __m512 e = vexp(_mm512_sub_ps(_mm512_setzero_ps(), v));
-    return _mm512_mul_ps(v, vrecip(_mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-}
 
 /* log(1 + u) for u in [0, 1]: log(w) by its atanh series on w's mantissa in [0.75, 1.5),
  * times u / (w - 1), which undoes the rounding of w = 1 + u (u when w rounds to 1). */
