@@ -156,7 +156,7 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(hidden)
         if cache is not None and l == 1:  # decode: the states advance in place in their pools
             y = mamba_decode_step(zxbcdt[:, 0], *cache.mamba_pools(self.layer_idx),
-                                   self.weights(), self.shape)
+                                  self.weights(), self.shape)
             return self.out_proj(y.to(hidden.dtype)[:, None])
         y = mamba_prefill(zxbcdt, cache.mamba_pools(self.layer_idx) if cache is not None
                           else None, self.weights(), self.shape, seq_idx, self.scan_chunk,
