@@ -62,7 +62,8 @@ static void head(const Job *j, int64_t item, float *scores, float *acc) {
             total += p;
             if (j->bf16) {
 #pragma omp simd
-                for (int64_t d = 0; d < j->D; d++) acc[d] += p * bf16_to_float(((const uint16_t *)vt)[d]);
+                for (int64_t d = 0; d < j->D; d++)
+                    acc[d] += p * bf16_to_float(((const uint16_t *)vt)[d]);
             } else {
 #pragma omp simd
                 for (int64_t d = 0; d < j->D; d++) acc[d] += p * ((const float *)vt)[d];

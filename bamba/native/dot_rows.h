@@ -69,7 +69,8 @@ static inline void store_value(void *p, int64_t i, float v, int bf16) {
 static inline __m512 dot_step(__m512 acc, const void *x, const void *w, int bf16) {
 #ifdef HAVE_BF16_DOT
     if (bf16)
-        return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x), (__m512bh)_mm512_loadu_si512(w));
+        return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x),
+                                (__m512bh)_mm512_loadu_si512(w));
 #endif
     return _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(w), acc);
 }
@@ -111,10 +112,11 @@ static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
     const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
     /* lanes of ab: a0+a2 b0+b2 a1+a3 b1+b3 per 128-bit block; likewise cd */
-    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44),
+                                      _mm512_shuffle_ps(ab, cd, 0xEE));
     /* per block: a b c d partial sums; add the four 128-bit blocks */
-    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), high);
     return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 

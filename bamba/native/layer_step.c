@@ -19,8 +19,9 @@
  * Values are rounded to the model dtype where the torch modules round them (each linear
  * output, each norm output, each residual sum), so a bf16 model gives what its torch path
  * gives up to the order of float32 sums. The small tensors (norm weights, conv, dt_bias, A_log,
- * D) may be float32 in a bf16 layer (checkpoints keep A_log, D and dt_bias so). States: conv pool rows [K-1, conv_dim] and SSM pool
- * rows [H, P, N], float32 or bf16 each, selected by `rows` (the SSM update is ssd_head.h's). Weights are bf16 or float32
+ * D) may be float32 in a bf16 layer (checkpoints keep A_log, D and dt_bias so). States: conv
+ * pool rows [K-1, conv_dim] and SSM pool rows [H, P, N], float32 or bf16 each, selected by
+ * `rows` (the SSM update is ssd_head.h's). Weights are bf16 or float32
  * (all of one dtype, the model's), contiguous.
  */
 #include <math.h>
@@ -57,7 +58,9 @@ static inline float param(const Layer *L, int which, int64_t i) {
 
 enum { SILU_PIECE = 256 }; /* elements per work item of the vector silu passes */
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
-static inline float round_to(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+static inline float round_to(float v, int bf16) {
+    return bf16 ? bf16_to_float(float_to_bf16(v)) : v;
+}
 
 static float mean_square(const float *v, int64_t n) {
     double acc = 0.0;
@@ -149,19 +152,23 @@ static void conv_piece(const Layer *L, const float *taps, int64_t m, int64_t c0,
     const int64_t K = L->d[CONV_K], C = L->d[CONV_DIM], size = conv_bf16 ? 2 : 4;
     char *state = (char *)conv_pool + (rows[m] * (K - 1) * C + c0) * size; /* tap 0 */
     float acc[SILU_PIECE];
-    for (int64_t c = 0; c < n; c++) acc[c] = taps[K * C + c0 + c] + xbc[c0 + c] * taps[(K - 1) * C + c0 + c];
+    for (int64_t c = 0; c < n; c++) /* bias, then the current input's tap */
+        acc[c] = taps[K * C + c0 + c] + xbc[c0 + c] * taps[(K - 1) * C + c0 + c];
     for (int64_t k = 0; k < K - 1; k++) {
         const float *w = taps + k * C + c0;
         const char *row = state + k * C * size;
         if (conv_bf16) {
-            for (int64_t c = 0; c < n; c++) acc[c] += bf16_to_float(((const uint16_t *)row)[c]) * w[c];
+            for (int64_t c = 0; c < n; c++)
+                acc[c] += bf16_to_float(((const uint16_t *)row)[c]) * w[c];
         } else {
             for (int64_t c = 0; c < n; c++) acc[c] += ((const float *)row)[c] * w[c];
         }
     }
-    for (int64_t k = 0; k + 1 < K - 1; k++) memcpy(state + k * C * size, state + (k + 1) * C * size, n * size);
+    for (int64_t k = 0; k + 1 < K - 1; k++)
+        memcpy(state + k * C * size, state + (k + 1) * C * size, n * size);
     if (K > 1)
-        for (int64_t c = 0; c < n; c++) store_value(state + (K - 2) * C * size, c, xbc[c0 + c], conv_bf16);
+        for (int64_t c = 0; c < n; c++)
+            store_value(state + (K - 2) * C * size, c, xbc[c0 + c], conv_bf16);
     for (int64_t c = 0; c < n; c++) xbc[c0 + c] = acc[c];
 }
 

@@ -1,6 +1,7 @@
 /* The linear layer of `torch.ops.bamba.linear_rows`: y = x W^T (+ bias) for a few rows, in bf16
  * or float32, streaming the weights once (see dot_rows.h). Output features are split
- * between `threads` OpenMP threads. bf16 output is rounded to nearest even, as torch's bf16 linear does.
+ * between `threads` OpenMP threads. bf16 output is rounded to nearest even, as torch's bf16
+ * linear does.
  * Returns 0, or -1 when this build or shape is not supported (callers fall back to torch).
  */
 #include <stdint.h>
