@@ -21,7 +21,7 @@ from torch import nn
 
 from bamba import native
 from bamba.config import BambaConfig
-from bamba.native import layer_ops
+from bamba.native import elementwise_ops, layer_ops
 from bamba.ops.attention import attention, causal_mask
 from bamba.ops.mixer import MixerShape, MixerWeights, mamba_decode_step, mamba_prefill
 from bamba.ops.norm import rms_norm
@@ -73,7 +73,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(f, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if elementwise_ops.usable(gate, up):  # one native pass for CPU inference
+            return self.down_proj(elementwise_ops.silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Attention(nn.Module):

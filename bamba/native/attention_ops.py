@@ -12,7 +12,8 @@ from __future__ import annotations
 import ctypes
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from bamba.native.dispatch import through_dispatcher
 
 
 def _library():
@@ -65,7 +66,7 @@ def _(q, k, v, mask):
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query token per row; see the module docstring."""
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+    if through_dispatcher():
         return _op(q, k, v, mask)
     return _decode_attention(q, k, v, mask)
 

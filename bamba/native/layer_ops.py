@@ -19,7 +19,8 @@ import functools
 from typing import NamedTuple
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from bamba.native.dispatch import through_dispatcher
 from torch.utils.flop_counter import register_flop_formula
 
 MAMBA_TENSORS = ("input_norm", "in_proj", "in_proj_bias", "conv_weight", "conv_bias",
@@ -191,34 +192,27 @@ def _(x, attn, tensors, dims, eps):
     return torch.empty_like(x)
 
 
-def _through_dispatcher() -> bool:
-    """Whether to call the registered op rather than the library: inside torch.compile, or
-    under a dispatch mode (FlopCounterMode...) that must see the op. The op costs ~100 us a
-    call more, so the eager hot path skips it."""
-    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
-
-
 def mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
                      rows: torch.Tensor, tensors: list[torch.Tensor | None], dims: LayerDims,
                      eps: float, time_step_limit: tuple[float, float]) -> torch.Tensor:
     """x [rows, hidden] -> the layer's output; ``conv_pool[rows]`` and ``ssm_pool[rows]``
     advance by one token in place."""
     args = (x, conv_pool, ssm_pool, rows, tensors, list(dims), eps, *time_step_limit)
-    return mamba_op(*args) if _through_dispatcher() else _mamba_layer_step(*args)
+    return mamba_op(*args) if through_dispatcher() else _mamba_layer_step(*args)
 
 
 def attention_in_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims: LayerDims,
                       eps: float) -> torch.Tensor:
     """x [rows, hidden] -> [rows, (heads + 2 kv heads) head_dim]: q, k, v of rmsnorm(x)."""
     args = (x, tensors, list(dims), eps)
-    return attention_in_op(*args) if _through_dispatcher() else _attention_in_step(*args)
+    return attention_in_op(*args) if through_dispatcher() else _attention_in_step(*args)
 
 
 def attention_out_step(x: torch.Tensor, attn: torch.Tensor, tensors: list[torch.Tensor | None],
                        dims: LayerDims, eps: float) -> torch.Tensor:
     """h = x + o_proj(attn) -> h + mlp(rmsnorm(h)); x [rows, hidden], attn [rows, heads·D]."""
     args = (x, attn, tensors, list(dims), eps)
-    return attention_out_op(*args) if _through_dispatcher() else _attention_out_step(*args)
+    return attention_out_op(*args) if through_dispatcher() else _attention_out_step(*args)
 
 
 # For torch's FlopCounterMode: 2 x rows x the linear weights the op multiplies, what aten.mm
