@@ -109,9 +109,14 @@ def _library() -> ctypes.CDLL | None:
 
 
 @torch.compiler.assume_constant_result  # a compiled graph bakes in the answer, not the build
-def ssd_step_available() -> bool:
-    """True when the native kernel is built and loaded (and not disabled by BAMBA_NATIVE=0)."""
+def library_available() -> bool:
+    """True when the native library is built and loaded (and not disabled by BAMBA_NATIVE=0)."""
     return _library() is not None
+
+
+def ssd_step_available() -> bool:
+    """True when the one-pass SSM step kernel can run (it is in every build of the library)."""
+    return library_available()
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,12 @@ def _library():
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel takes these tensors: CPU, one dtype of bf16/float32, one query token,
     head_dim contiguous, no autograd, the library built."""
-    from bamba.native import ssd_step_available  # True when the library is built and loaded
+    from bamba.native import library_available
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return q.device.type == "cpu" and q.shape[1] == 1 and not grad and \
         q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype and \
-        k.stride(-1) == 1 and v.stride(-1) == 1 and ssd_step_available()
+        k.stride(-1) == 1 and v.stride(-1) == 1 and library_available()
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

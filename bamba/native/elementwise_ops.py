@@ -21,13 +21,13 @@ def _library():
 
 def usable(*tensors: torch.Tensor) -> bool:
     """CPU tensors of one dtype (bf16 or float32), contiguous, no autograd, library built."""
-    from bamba.native import ssd_step_available  # True when the library is built and loaded
+    from bamba.native import library_available
 
     first = tensors[0]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return first.device.type == "cpu" and first.dtype in (torch.bfloat16, torch.float32) and \
         not grad and all(t.dtype == first.dtype and t.is_contiguous() for t in tensors) and \
-        ssd_step_available()
+        library_available()
 
 
 def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
