@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from bamba.config import BambaConfig
+from bamba.native.decode_ops import KVLayout
 
 
 class ContiguousCache:
@@ -53,11 +54,28 @@ class ContiguousCache:
     def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.conv[layer_idx], self.ssm[layer_idx], None if self._whole else self.rows
 
-    def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
-                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_pages(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, KVLayout]:
+        """Keys, values and their layout for the native decode step: token row
+        ``row * max_len + position``."""
+        keys = self.keys[layer_idx]
+        return keys, self.values[layer_idx], KVLayout(keys.stride(2), keys.stride(1))
+
+    def token_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token rows of the tokens at ``positions`` [B, 1] and of positions 0..T-1 of every row
+        (T = 1 + the largest position), as ``kv_pages`` lays them out."""
+        end = self._end(positions)
+        base = self.rows * self.max_len
+        return base + positions[:, -1], base[:, None] + torch.arange(end)
+
+    def _end(self, positions: torch.Tensor) -> int:
         end = int(positions.max()) + 1
         if end > self.max_len:
             raise ValueError(f"position {end - 1} is beyond the cache length {self.max_len}")
+        return end
+
+    def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._end(positions)
         rows = self.rows[:, None].expand_as(positions)
         self.keys[layer_idx][rows, positions] = k
         self.values[layer_idx][rows, positions] = v

@@ -18,10 +18,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from bamba import native
 from bamba.config import BambaConfig
-from bamba.native import elementwise_ops, layer_ops
+from bamba.native import decode_ops, elementwise_ops, layer_ops
 from bamba.ops.attention import attention, causal_mask
 from bamba.ops.mixer import MixerShape, MixerWeights, mamba_decode_step, mamba_prefill
 from bamba.ops.norm import rms_norm
@@ -267,6 +268,9 @@ _ATTENTION_IN = (("input_layernorm", "weight"), ("self_attn", "q_proj", "weight"
 _ATTENTION_OUT = (("self_attn", "o_proj", "weight"), ("self_attn", "o_proj", "bias")) + _FFN
 
 
+_ATTENTION_LAYER = _ATTENTION_IN + _ATTENTION_OUT  # decode_ops.ATTENTION_LAYER_TENSORS
+
+
 def _parameters(module: nn.Module, paths: tuple[tuple[str, ...], ...]) -> list:
     """The parameters (None for an absent bias) at ``paths``, read from the modules' own
     dicts: nn.Module.__getattr__ costs ~0.5 us a lookup, ~20 us a layer per decode token."""
@@ -305,6 +309,11 @@ class BambaLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # What the native decode step needs to know of the layers (fixed by the config).
+        self.layer_kinds = [layer.layer_type == "attention" for layer in self.model.layers]
+        self.kind_dims = {kind: next((layer.step_dims for layer in self.model.layers
+                                      if (layer.layer_type == "attention") == kind), None)
+                          for kind in (False, True)}
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: InferenceCache | None = None, seq_idx: torch.Tensor | None = None,
@@ -329,16 +338,59 @@ class BambaLM(nn.Module):
         cfg = self.config
         rope = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, x.dtype) \
             if cfg.attn_layer_indices else None
-        for layer in self.model.layers:
-            x = layer(x, rope, positions, cache, seq_idx)
+        out = self._native_decode(x, rope, positions, cache) \
+            if cache is not None and self._native_decode_fits(x, cache) else None
+        if out is not None:
+            x = out
+        else:
+            for layer in self.model.layers:
+                x = layer(x, rope, positions, cache, seq_idx)
         return self.model.final_layernorm(x)
+
+    # One decode token through every layer in one native call (bamba.native.decode_ops): at
+    # batch 1 the per-layer Python and torch glue cost ~4 ms of a 16 ms step.
+
+    def _native_decode_fits(self, x: torch.Tensor, cache: InferenceCache) -> bool:
+        return hasattr(cache, "token_rows") and x.shape[1] == 1 and \
+            x.shape[0] <= layer_ops.MAX_ROWS and x.device.type == "cpu" and \
+            not torch.is_grad_enabled() and not torch.compiler.is_compiling() and \
+            not is_in_torch_dispatch_mode() and self._kinds_fit(x.dtype) and \
+            not _has_hooks(self.model.layers)
+
+    def _kinds_fit(self, dtype: torch.dtype) -> bool:
+        """Whether layer_step.c takes both kinds of layer (their sizes) in ``dtype``."""
+        return all(layer_ops.fits(dtype, dims) for dims in self.kind_dims.values() if dims)
+
+    def _native_decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                       positions: torch.Tensor, cache: InferenceCache) -> torch.Tensor | None:
+        """The layers' output, or None when their tensors do not suit the native step."""
+        b, cfg, layers, kinds = x.shape[0], self.config, self.model.layers, self.layer_kinds
+        storage, slots, kv = [], None, decode_ops.KVLayout(0, 0)
+        for i, attention in enumerate(kinds):
+            if attention:
+                keys, values, kv = cache.kv_pages(i)
+                storage.append(decode_ops.LayerStorage(keys, values))
+            else:
+                conv, ssm, slots = cache.mamba_pools(i)
+                storage.append(decode_ops.LayerStorage(conv, ssm))
+        write_rows, read_rows = cache.token_rows(positions) if any(kinds) else \
+            (positions[:, 0], positions)
+        cos, sin = (t.view(b, -1) for t in rope) if rope is not None else (x, x)
+        rows = decode_ops.StepRows(_arange(b) if slots is None else slots, positions[:, 0],
+                                   cos, sin, write_rows, read_rows)
+        tensors = [_parameters(layer, _ATTENTION_LAYER if k else _MAMBA_LAYER)
+                   for layer, k in zip(layers, kinds)]
+        mamba, attention = self.kind_dims[False], self.kind_dims[True]
+        out = decode_ops.decode_layers(
+            x.view(b, -1), tensors, kinds, storage, rows, mamba or _NO_LAYER,
+            attention or _NO_LAYER, kv, cfg.rms_norm_eps, cfg.time_step_limit)
+        return None if out is None else out[:, None]
 
     def native_decode_rows(self) -> int:
         """The largest batch whose eager decode steps run every layer through bamba.native's
         layer steps (0 when they do not apply: no kernels, another device or dtype)."""
-        fits = self.device.type == "cpu" and all(
-            layer.input_layernorm.weight.dtype == self.dtype and
-            layer_ops.fits(self.dtype, layer.step_dims) for layer in self.model.layers)
+        fits = self.device.type == "cpu" and self._kinds_fit(self.dtype) and all(
+            layer.input_layernorm.weight.dtype == self.dtype for layer in self.model.layers)
         return layer_ops.MAX_ROWS if fits else 0
 
     def save_pretrained(self, directory: str, **kwargs) -> None:
@@ -354,6 +406,16 @@ class BambaLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+
+_NO_LAYER = layer_ops.LayerDims(*[0] * 9)  # the sizes of a kind of layer the model lacks
+
+
+def _has_hooks(layers: nn.ModuleList) -> bool:
+    """Whether a forward hook would see the decoder layers' calls (the fused decode skips them)."""
+    return bool(nn.modules.module._global_forward_hooks or
+                nn.modules.module._global_forward_pre_hooks or
+                any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers))
 
 
 @functools.cache

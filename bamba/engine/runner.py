@@ -23,6 +23,7 @@ from bamba.compile import CompiledModule
 from bamba.engine.cache import PoolPlan
 from bamba.engine.scheduler import ScheduledChunk
 from bamba.model import BambaLM
+from bamba.native.decode_ops import KVLayout
 
 
 Scratch = Callable[[int, tuple[int, ...]], torch.Tensor]
@@ -46,6 +47,16 @@ class PagedBatchCache:
 
     def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.pools.conv[layer_idx], self.pools.ssm[layer_idx], self.slots
+
+    def kv_pages(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, KVLayout]:
+        """An attention layer's pages [Hkv, blocks, block_size, D] and their layout for the
+        native decode step (token row = block * block_size + offset)."""
+        keys = self.pools.keys[layer_idx]
+        return keys, self.pools.values[layer_idx], KVLayout(keys.stride(0), keys.stride(2))
+
+    def token_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page rows of this call's one token per row [B] and of every row's positions [B, T]."""
+        return self.write_rows[:, -1], self.read_rows
 
     def update_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ torch ops reads and writes the state several times. It is exposed as the torch o
 call it alike. ``linear.c`` is a linear layer for 1-8 rows (decode) in bf16 (AVX-512 BF16) or
 float32 (AVX-512) that streams the weights once: ``torch.ops.bamba.linear_rows``.
 ``layer_step.c`` runs a whole decoder layer for one decode token, a few rows at a time, in one
-OpenMP region (``layer_ops``); ``attention_step.c`` is decode attention over keys and values in
+OpenMP region (``layer_ops``), and every layer of a model in one call (``decode_ops``: rope,
+the cache write and attention included); ``attention_step.c`` is decode attention over keys and values in
 place (``attention_ops``); ``mixer_prefill.c`` is the Mamba2 mixer's prefill between the
 projections, chunked scan included (``prefill_ops``); ``elementwise.c`` the SwiGLU product and
 RMS norm of a prefill in one pass each (``elementwise_ops``).
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from bamba.native import attention_ops, elementwise_ops, layer_ops
+from bamba.native import attention_ops, decode_ops, elementwise_ops, layer_ops
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def _library() -> ctypes.CDLL | None:
     lib.bamba_linear_supported.restype = ctypes.c_int
     layer_ops.declare(lib)
     attention_ops.declare(lib)
+    decode_ops.declare(lib)
     elementwise_ops.declare(lib)
     return lib
 

@@ -15,6 +15,9 @@
  *   softmax stay in torch, whatever the cache layout):
  *     bamba_attention_in_step:  qkv = [q | k | v](rmsnorm(x) * input_norm)
  *     bamba_attention_out_step: x = x + o_proj(attn), then the feed-forward block
+ *   bamba_decode_layers runs every layer of a model in one call, attention layers with rope,
+ *   the cache write and attention_head.h's attention in between (caches addressed by token
+ *   rows, so a contiguous cache and paged blocks alike).
  *
  * Values are rounded to the model dtype where the torch modules round them (each linear
  * output, each norm output, each residual sum), so a bf16 model gives what its torch path
@@ -29,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_head.h"
 #include "dot_rows.h"
 #include "ssd_head.h"
 #include "vmath.h"
@@ -375,4 +379,126 @@ int bamba_attention_out_step(const void *const *tensors, const int64_t *dims, in
     const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 9), eps, 0.0f, 0.0f};
     const Call c = {x, attn, out, M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_OUT, &c, threads);
+}
+
+/* ---- every layer of a model for one decode token (bamba_decode_layers) ---------------------
+ * What the Python side sets once per model and cache: per layer its tensors (N_TENSORS slots in
+ * enum order) and float32 mask, and its storage: the conv and SSM pools of a Mamba layer, the
+ * keys and values of an attention layer, token rows kv_token_stride elements apart and heads
+ * kv_head_stride apart (so both a contiguous [rows, T, Hkv, D] cache and [Hkv, pages, D]
+ * pages fit). Field order and types mirror decode_ops.DecodeModel. */
+typedef struct {
+    int64_t n_layers;
+    const int64_t *attention;    /* [n_layers]: 1 for an attention layer */
+    const void *const *tensors;  /* [n_layers * N_TENSORS] */
+    const int64_t *f32_masks;    /* [n_layers] */
+    const int64_t *mamba_dims, *attention_dims; /* N_DIMS each */
+    void *const *pool_a;         /* [n_layers]: conv pool, or keys */
+    void *const *pool_b;         /* [n_layers]: SSM pool, or values */
+    int64_t conv_bf16, ssm_bf16, bf16, kv_head_stride, kv_token_stride;
+    float eps, dt_min, dt_max, attention_scale;
+} DecodeModel;
+
+typedef struct { /* one call's rows */
+    int64_t M, T, rotary_dim;
+    const int64_t *slots;      /* [M] state pool rows */
+    const int64_t *lengths;    /* [M] keys each row sees after this token (position + 1) */
+    const void *cos, *sin;     /* [M, rotary_dim], layer dtype */
+    const int64_t *write_rows; /* [M] token rows this token's keys and values go to */
+    const int64_t *read_rows;  /* [M, T] token rows of positions 0..T-1 */
+} DecodeRows;
+
+/* Rotate the first rotary_dim channels of a head ("rotate half"), rounded as apply_rope's
+ * torch ops round: each product and the sum in the layer dtype. */
+static void rope_head(void *head, const void *cos, const void *sin, int64_t R, int bf16,
+                      float *tmp) {
+    const int64_t half = R / 2;
+    for (int64_t j = 0; j < R; j++) {
+        const float x = load_value(head, j, bf16);
+        const float rotated = j < half ? -load_value(head, j + half, bf16)
+                                       : load_value(head, j - half, bf16);
+        tmp[j] = round_to(round_to(x * load_value(cos, j, bf16), bf16) +
+                          round_to(rotated * load_value(sin, j, bf16), bf16), bf16);
+    }
+    for (int64_t j = 0; j < R; j++) store_value(head, j, tmp[j], bf16);
+}
+
+/* Rope on q and k, then this token's k and v into the layer's storage. */
+static void place_keys(const DecodeModel *P, int64_t layer, const DecodeRows *r, void *qkv) {
+    const int64_t *d = P->attention_dims, H = d[HEADS], G = d[GROUPS], Dh = d[HEAD_DIM];
+    const int64_t size = P->bf16 ? 2 : 4, width = (H + 2 * G) * Dh;
+    float tmp[r->rotary_dim > 0 ? r->rotary_dim : 1];
+    for (int64_t m = 0; m < r->M; m++) {
+        char *row = (char *)qkv + m * width * size;
+        const char *cos = (const char *)r->cos + m * r->rotary_dim * size;
+        const char *sin = (const char *)r->sin + m * r->rotary_dim * size;
+        for (int64_t h = 0; h < H + G; h++)
+            if (r->rotary_dim > 0) rope_head(row + h * Dh * size, cos, sin, r->rotary_dim,
+                                             (int)P->bf16, tmp);
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t at = (g * P->kv_head_stride + r->write_rows[m] * P->kv_token_stride);
+            memcpy((char *)P->pool_a[layer] + at * size, row + (H + g) * Dh * size, Dh * size);
+            memcpy((char *)P->pool_b[layer] + at * size, row + (H + G + g) * Dh * size,
+                   Dh * size);
+        }
+    }
+}
+
+/* An attention layer for one token per row: src -> dst [M, hidden]. qkv and attn are
+ * [M, (H + 2 G) Dh] and [M, H Dh] buffers of the layer dtype. */
+static int attention_layer(const DecodeModel *P, int64_t layer, const DecodeRows *r,
+                           const void *src, void *dst, void *qkv, void *attn, int threads) {
+    const int64_t *d = P->attention_dims, H = d[HEADS], G = d[GROUPS], Dh = d[HEAD_DIM];
+    const Layer L = {P->tensors + layer * N_TENSORS, d, (int)P->bf16, P->f32_masks[layer],
+                     P->eps, 0.0f, 0.0f};
+    const Call in = {src, NULL, qkv, r->M, NULL, NULL, 0, 0, NULL};
+    int status = run(&L, ATTENTION_IN, &in, threads);
+    if (status != 0) return status;
+    place_keys(P, layer, r, qkv);
+    const AttentionJob j = {qkv, P->pool_a[layer], P->pool_b[layer], NULL, r->lengths,
+                            r->read_rows, attn, r->M, H, G, Dh, r->T, (H + 2 * G) * Dh,
+                            0, P->kv_token_stride, P->kv_head_stride,
+                            0, P->kv_token_stride, P->kv_head_stride, (int)P->bf16,
+                            P->attention_scale};
+    float *buf = malloc(sizeof(float) * (size_t)threads * (r->T + Dh));
+    if (buf == NULL) return -2;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = buf + (size_t)omp_get_thread_num() * (r->T + Dh);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < r->M * H; item++)
+            attention_head(&j, item, scores, scores + r->T);
+    }
+    free(buf);
+    const Call out = {src, attn, dst, r->M, NULL, NULL, 0, 0, NULL};
+    return run(&L, ATTENTION_OUT, &out, threads);
+}
+
+/* Every layer for one decode token per row: x -> out [M, hidden] (layer dtype), the states
+ * and caches advanced in place; equal to the per-layer calls with rope and attention in
+ * between. `spare` [M, hidden] holds intermediate outputs (x, out and spare apart). Returns 0,
+ * -1 if unsupported here, -2 out of memory. */
+int bamba_decode_layers(const DecodeModel *P, const void *x, void *out, void *spare,
+                        const DecodeRows *r, int threads) {
+    const int64_t *a = P->attention_dims, size = P->bf16 ? 2 : 4;
+    void *qkv = malloc(size * r->M * (a[HEADS] + 2 * a[GROUPS] + a[HEADS]) * a[HEAD_DIM] + 1);
+    if (qkv == NULL) return -2;
+    void *attn = (char *)qkv + size * r->M * (a[HEADS] + 2 * a[GROUPS]) * a[HEAD_DIM];
+    const void *src = x;
+    int status = 0;
+    for (int64_t i = 0; i < P->n_layers && status == 0; i++) {
+        void *dst = (P->n_layers - 1 - i) % 2 == 0 ? out : spare; /* the last layer: out */
+        if (P->attention[i]) {
+            status = attention_layer(P, i, r, src, dst, qkv, attn, threads);
+        } else {
+            const Layer L = {P->tensors + i * N_TENSORS, P->mamba_dims, (int)P->bf16,
+                             P->f32_masks[i], P->eps, P->dt_min, P->dt_max};
+            const Call c = {src, NULL, dst, r->M, P->pool_a[i], P->pool_b[i],
+                            (int)P->conv_bf16, (int)P->ssm_bf16, r->slots};
+            status = run(&L, MAMBA_LAYER, &c, threads);
+        }
+        src = dst;
+    }
+    free(qkv);
+    return status;
 }

@@ -1,0 +1,230 @@
+"""Every decoder layer of a model for one decode token in one native call (``layer_step.c``'s
+``bamba_decode_layers``): Mamba layers as ``layer_ops.mamba_layer_step``, attention layers as
+``attention_in_step``, rope, the cache write, decode attention and ``attention_out_step``.
+
+The per-layer path costs a few milliseconds of Python and torch glue per token at batch 1
+(module calls, argument checks, rope and cache ops), all of it running with cold caches after
+the layers stream their weights; here that glue runs once per step. Eager CPU inference only:
+torch.compile graphs and dispatch modes take the per-layer ops.
+
+The caller describes each layer by its tensors in the order of ``MAMBA_LAYER_TENSORS`` or
+``ATTENTION_LAYER_TENSORS`` (None for an absent bias), and its storage as ``LayerStorage``; rows
+arrive as ``StepRows``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import torch
+
+from bamba.native.layer_ops import (ATTENTION_IN_TENSORS, ATTENTION_OUT_TENSORS, FFN_TENSORS,
+                                    MAMBA_TENSORS, LayerDims, _float32_mask, _state_pool,
+                                    _status)
+
+MAMBA_LAYER_TENSORS = MAMBA_TENSORS + FFN_TENSORS
+ATTENTION_LAYER_TENSORS = ATTENTION_IN_TENSORS + ATTENTION_OUT_TENSORS
+# layer_step.c's enum order: every tensor of either kind of layer.
+_SLOTS = MAMBA_LAYER_TENSORS + ("q", "q_bias", "k", "k_bias", "v", "v_bias", "o", "o_bias")
+_ATTENTION_SLOTS = [_SLOTS.index(name) for name in ATTENTION_LAYER_TENSORS]
+
+
+def _in_slots(tensors: list[torch.Tensor | None], attention: bool) -> list:
+    """A layer's tensors at their places in layer_step.c's enum (None elsewhere)."""
+    if not attention:
+        return list(tensors) + [None] * (len(_SLOTS) - len(tensors))
+    slots: list[torch.Tensor | None] = [None] * len(_SLOTS)
+    for slot, tensor in zip(_ATTENTION_SLOTS, tensors):
+        slots[slot] = tensor
+    return slots
+
+
+class LayerStorage(NamedTuple):
+    """A layer's state: conv and SSM pools ([slots, K-1, conv_dim], [slots, H, P, N]) of a
+    Mamba layer, or key and value storage of an attention layer, where token row r of KV head
+    g starts at element g * head_stride + r * token_stride (both layers alike)."""
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+class KVLayout(NamedTuple):
+    """Where an attention layer's keys and values lie: see ``LayerStorage``."""
+    head_stride: int
+    token_stride: int
+
+
+class StepRows(NamedTuple):
+    """One decode call's rows: state pool rows [M], positions [M] of the new tokens, rope
+    cos/sin [M, rotary_dim] in the model dtype, token rows [M] the new keys go to, token rows
+    [M, T] of positions 0..T-1 (T > every position)."""
+    slots: torch.Tensor
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    write_rows: torch.Tensor
+    read_rows: torch.Tensor
+
+
+class DecodeModel(ctypes.Structure):
+    _fields_ = [("n_layers", ctypes.c_int64), ("attention", ctypes.c_void_p),
+                ("tensors", ctypes.c_void_p), ("f32_masks", ctypes.c_void_p),
+                ("mamba_dims", ctypes.c_void_p), ("attention_dims", ctypes.c_void_p),
+                ("pool_a", ctypes.c_void_p), ("pool_b", ctypes.c_void_p),
+                ("conv_bf16", ctypes.c_int64), ("ssm_bf16", ctypes.c_int64),
+                ("bf16", ctypes.c_int64), ("kv_head_stride", ctypes.c_int64),
+                ("kv_token_stride", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("dt_min", ctypes.c_float), ("dt_max", ctypes.c_float),
+                ("attention_scale", ctypes.c_float)]
+
+
+class DecodeRows(ctypes.Structure):
+    _fields_ = [("M", ctypes.c_int64), ("T", ctypes.c_int64), ("rotary_dim", ctypes.c_int64),
+                ("slots", ctypes.c_void_p), ("lengths", ctypes.c_void_p),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("write_rows", ctypes.c_void_p), ("read_rows", ctypes.c_void_p)]
+
+
+def _library():
+    from bamba.native import _library
+
+    return _library()
+
+
+def _int64_array(values) -> ctypes.Array:
+    values = list(values)
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _pointer_array(tensors) -> ctypes.Array:
+    addresses = [None if t is None else t.data_ptr() for t in tensors]
+    return (ctypes.c_void_p * len(addresses))(*addresses)
+
+
+def _check_storage(kinds: list[bool], storage: list[LayerStorage], mamba: LayerDims,
+                   dtype: torch.dtype) -> tuple[int, int]:
+    """One-line errors for storage that does not fit; returns the conv and SSM pool dtypes
+    (1 = bf16)."""
+    conv = [s for s, att in zip(storage, kinds) if not att]
+    for (a, b), att in zip(storage, kinds):
+        if att:
+            if a.dtype != dtype or b.dtype != dtype or a.shape != b.shape or \
+                    not a.is_contiguous() or not b.is_contiguous() or a.device.type != "cpu":
+                raise ValueError(f"decode step: keys {tuple(a.shape)} {a.dtype} and values "
+                                 f"{tuple(b.shape)} {b.dtype} must be alike, contiguous, of "
+                                 f"the model dtype")
+        elif a.shape[1:] != (mamba.conv_kernel - 1, mamba.conv_dim) or \
+                b.shape[1:] != (mamba.heads, mamba.head_dim, mamba.d_state) or \
+                not a.is_contiguous() or not b.is_contiguous():
+            raise ValueError(f"decode step: conv pool {tuple(a.shape)} or SSM pool "
+                             f"{tuple(b.shape)} does not fit the layers' {mamba} (contiguous)")
+    if not conv:
+        return 0, 0
+    dtypes = {(a.dtype, b.dtype) for a, b in conv}
+    if len(dtypes) != 1:
+        raise ValueError(f"decode step: the state pools must share dtypes, got {dtypes}")
+    return _state_pool(conv[0].a, "conv"), _state_pool(conv[0].b, "SSM")
+
+
+_PLANS: dict[tuple, tuple] = {}  # (tensor and storage addresses, layouts, sizes) -> C structs
+
+
+def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
+          storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
+          eps: float, time_step_limit: tuple[float, float]) -> tuple | None:
+    """The DecodeModel of these layers and their storage, checked and built the first time
+    these addresses, dtypes and sizes are seen (the per-token call only looks it up); None
+    when an input norm's dtype is not x's (the per-layer path then rounds as torch does)."""
+    key = (tuple(None if t is None else (t.data_ptr(), t.dtype, t.is_contiguous())
+                 for tensors in layers for t in tensors),
+           tuple((a.data_ptr(), a.dtype, a.shape, b.data_ptr(), b.dtype, b.shape)
+                 for a, b in storage), tuple(kinds), mamba, attention, kv, eps,
+           tuple(time_step_limit), x.dtype)
+    if key in _PLANS:
+        return _PLANS[key]
+    if len(_PLANS) > 64:  # weights or caches re-allocated many times over: start afresh
+        _PLANS.clear()
+    if any(tensors[0] is None or tensors[0].dtype != x.dtype for tensors in layers):
+        _PLANS[key] = None  # an input norm of another dtype: the torch path rounds otherwise
+        return None
+    layers = [_in_slots(tensors, attention) for tensors, attention in zip(layers, kinds)]
+    masks = [_float32_mask(x, tensors, _SLOTS) for tensors in layers]
+    conv_bf16, ssm_bf16 = _check_storage(kinds, storage, mamba, x.dtype)
+    arrays = (_int64_array(map(int, kinds)),
+              _pointer_array([t for tensors in layers for t in tensors]), _int64_array(masks),
+              _int64_array(mamba), _int64_array(attention),
+              _pointer_array(s.a for s in storage), _pointer_array(s.b for s in storage))
+    model = DecodeModel(len(layers), *(ctypes.addressof(a) for a in arrays), conv_bf16,
+                        ssm_bf16, int(x.dtype == torch.bfloat16), kv.head_stride,
+                        kv.token_stride, eps, *time_step_limit,
+                        attention.head_dim ** -0.5 if attention.head_dim else 0.0)
+    plan = _PLANS[key] = (model, arrays, storage)  # the arrays and storage outlive the struct
+    return plan
+
+
+def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
+                  storage: list[LayerStorage], rows: StepRows, mamba: LayerDims,
+                  attention: LayerDims, kv: KVLayout, eps: float,
+                  time_step_limit: tuple[float, float]) -> torch.Tensor | None:
+    """x [M, hidden] (the embedded tokens) -> the last layer's output [M, hidden]; every
+    Mamba state and attention cache of ``storage`` advances by one token in place. None (and
+    nothing done) when an input norm is not of x's dtype.
+    ``kinds[i]`` is True for an attention layer; ``mamba`` and ``attention`` are the sizes of
+    the two kinds of layers (zeros for a kind the model lacks)."""
+    if x.dim() != 2 or len(layers) != len(kinds) or len(storage) != len(kinds):
+        raise ValueError(f"decode step: x {tuple(x.shape)}, {len(layers)} layers, "
+                         f"{len(kinds)} kinds and {len(storage)} storages do not fit")
+    plan = _plan(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit)
+    if plan is None:
+        return None
+    model = plan[0]
+    m = x.shape[0]
+    slots, positions = (rows.slots.to(torch.int64).contiguous(),
+                        rows.positions.to(torch.int64).contiguous())
+    write_rows, read_rows = (rows.write_rows.to(torch.int64).contiguous(),
+                             rows.read_rows.to(torch.int64).contiguous())
+    cos, sin = rows.cos.to(x.dtype).contiguous(), rows.sin.to(x.dtype).contiguous()
+    if slots.shape != (m,) or positions.shape != (m,) or write_rows.shape != (m,) or \
+            read_rows.dim() != 2 or read_rows.shape[0] != m or cos.shape != sin.shape or \
+            (any(kinds) and (cos.dim() != 2 or cos.shape[0] != m)):
+        raise ValueError(f"decode step: rows {[tuple(t.shape) for t in rows]} do not fit "
+                         f"{m} rows")
+    _check_rows(slots, positions, write_rows, read_rows, storage, kinds, attention, kv)
+    lengths = positions + 1
+    call = DecodeRows(m, read_rows.shape[1], cos.shape[-1] if any(kinds) else 0,
+                      slots.data_ptr(), lengths.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                      write_rows.data_ptr(), read_rows.data_ptr())
+    out, spare = torch.empty_like(x), torch.empty_like(x)
+    _status("decode_layers", _library().bamba_decode_layers(
+        ctypes.byref(model), x.data_ptr(), out.data_ptr(), spare.data_ptr(), ctypes.byref(call),
+        torch.get_num_threads()))
+    return out
+
+
+def _check_rows(slots: torch.Tensor, positions: torch.Tensor, write_rows: torch.Tensor,
+                read_rows: torch.Tensor, storage: list[LayerStorage], kinds: list[bool],
+                attention: LayerDims, kv: KVLayout) -> None:
+    """Every index the kernel follows lies inside its storage (one-line errors)."""
+    pools = [s for s, att in zip(storage, kinds) if not att]
+    if pools:
+        low, high = (int(v) for v in torch.aminmax(slots))
+        if low < 0 or high >= min(min(p.a.shape[0], p.b.shape[0]) for p in pools):
+            raise ValueError("decode step: slots must index the state pools")
+    keys = [s.a for s, att in zip(storage, kinds) if att]
+    if keys:
+        low, high = (int(v) for v in torch.aminmax(positions))
+        if low < 0 or high >= read_rows.shape[1]:
+            raise ValueError(f"decode step: positions must lie in 0..{read_rows.shape[1] - 1}")
+        low, high = (int(v) for v in torch.aminmax(torch.cat((write_rows, read_rows.view(-1)))))
+        end = (attention.groups - 1) * kv.head_stride + high * kv.token_stride + \
+            attention.head_dim
+        if low < 0 or end > min(k.numel() for k in keys):
+            raise ValueError(f"decode step: token rows {low}..{high} lie outside the keys and "
+                             f"values ({tuple(keys[0].shape)}, {kv})")
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """Set the ctypes signature of bamba_decode_layers."""
+    ptr = ctypes.c_void_p
+    lib.bamba_decode_layers.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.bamba_decode_layers.restype = ctypes.c_int

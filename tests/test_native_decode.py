@@ -1,0 +1,153 @@
+"""The whole-model native decode step (bamba.native.decode_ops) against the per-layer native
+path it replaces: the same logits (bit for bit in bf16), states and caches; taken only where
+it applies; bad storage and rows give one-line errors."""
+
+import pytest
+import torch
+
+from bamba import native
+from bamba.cache import ContiguousCache
+from bamba.config import preset
+from bamba.model import BambaLM, init_weights
+from bamba.native import decode_ops
+
+pytestmark = pytest.mark.skipif(not native.linear_available(torch.float32),
+                                reason="the native decode step needs AVX-512 and a C compiler")
+
+VARIANTS = {
+    "tiny": {},  # rope on half of each head
+    "groups-biases-full-rope": dict(mamba_n_groups=2, mamba_proj_bias=True, mlp_bias=True,
+                                    attention_bias=True, partial_rotary_factor=1.0),
+    "all-mamba": dict(attn_layer_indices=[]),
+    "all-attention": dict(attn_layer_indices=list(range(8))),
+}
+
+
+def _model(variant: str, dtype: torch.dtype) -> BambaLM:
+    cfg = preset("tiny", **VARIANTS[variant])
+    model = init_weights(BambaLM(cfg), seed=0).to(dtype).eval()
+    with torch.no_grad():  # init leaves biases at zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+    return model
+
+
+def _decode(model: BambaLM, rows: list[int], cache_rows: int, state_dtype: torch.dtype,
+            steps: int = 5) -> tuple[torch.Tensor, ContiguousCache]:
+    """Prompts of different lengths per row (so rows sit at different positions), then
+    ``steps`` decode steps; the logits of the steps."""
+    cfg, b = model.config, len(rows)
+    tokens = torch.randint(0, cfg.vocab_size, (b, 12), generator=torch.Generator().manual_seed(1))
+    lengths = [4 + 2 * i for i in range(b)]
+    cache = ContiguousCache(cfg, cache_rows, 24, model.dtype, state_dtype)
+    logits = []
+    with torch.inference_mode():
+        for i, row in enumerate(rows):  # prefill each row alone
+            cache.bind([row])
+            model(tokens[i:i + 1, :lengths[i]], cache=cache)
+        cache.bind(rows)
+        positions = torch.tensor(lengths)[:, None]
+        for step in range(steps):
+            logits.append(model(tokens[:, step:step + 1], positions=positions + step,
+                                cache=cache))
+    return torch.cat(logits, dim=1).float(), cache
+
+
+def _both(monkeypatch, variant: str, dtype: torch.dtype, state_dtype: torch.dtype):
+    """(fused, per-layer) decodes of the same model and rows; asserts the fused one ran."""
+    model = _model(variant, dtype)
+    calls = []
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = [3, 0, 2]
+    fused = _decode(model, rows, 5, state_dtype)
+    assert len(calls) == 5
+    monkeypatch.setattr(BambaLM, "_native_decode_fits", lambda self, x, cache: False)
+    per_layer = _decode(model, rows, 5, state_dtype)
+    assert len(calls) == 5
+    return fused, per_layer
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_float32_decode_step_matches_the_per_layer_path(monkeypatch, variant) -> None:
+    (fused, fused_cache), (ref, ref_cache) = _both(monkeypatch, variant, torch.float32,
+                                                   torch.float32)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    for pools in ("ssm", "conv", "keys", "values"):
+        for i, pool in getattr(fused_cache, pools).items():
+            torch.testing.assert_close(pool, getattr(ref_cache, pools)[i], rtol=1e-5, atol=1e-5)
+            assert not pool[1].any() and not pool[4].any()  # rows outside the batch untouched
+
+
+@pytest.mark.skipif(not native.linear_available(torch.bfloat16),
+                    reason="the bf16 decode step needs AVX-512 BF16")
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_decode_step_equals_the_per_layer_path_bit_for_bit(monkeypatch, variant,
+                                                                 state_dtype) -> None:
+    """Same kernels, same rounding points (rope included): identical numbers."""
+    (fused, fused_cache), (ref, ref_cache) = _both(monkeypatch, variant, torch.bfloat16,
+                                                   state_dtype)
+    assert torch.equal(fused, ref)
+    for pools in ("ssm", "conv", "keys", "values"):
+        for i, pool in getattr(fused_cache, pools).items():
+            assert torch.equal(pool, getattr(ref_cache, pools)[i])
+
+
+def test_hooks_and_caches_without_token_rows_take_the_per_layer_path(monkeypatch) -> None:
+    model = _model("tiny", torch.float32)
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: pytest.fail("the fused step ran"))
+    seen = []
+    handle = model.model.layers[1].register_forward_hook(lambda *args: seen.append(1))
+    _decode(model, [0], 1, torch.float32, steps=2)
+    assert len(seen) == 1 + 2  # the prefill and both decode steps reached the hooked layer
+    handle.remove()
+
+    class Plain(ContiguousCache):  # an InferenceCache without the native layout
+        token_rows = property(lambda self: (_ for _ in ()).throw(AttributeError))
+
+    cache = Plain(model.config, 1, 8, torch.float32)
+    with torch.inference_mode():
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+        model(torch.zeros(1, 1, dtype=torch.long), positions=torch.tensor([[2]]), cache=cache)
+
+
+def test_bad_rows_and_storage_raise_one_line_errors() -> None:
+    from bamba.model import _ATTENTION_LAYER, _MAMBA_LAYER, _parameters
+
+    model = _model("tiny", torch.float32)
+    cfg, layers = model.config, model.model.layers
+    cache = ContiguousCache(cfg, 2, 4, torch.float32)
+    token = torch.zeros(2, 1, dtype=torch.long)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="beyond the cache length 4"):
+            model(token, positions=torch.tensor([[1], [4]]), cache=cache)
+        cache.keys[3] = cache.keys[3].to(torch.bfloat16)  # layer 3 is an attention layer
+        with pytest.raises(ValueError, match="keys .* must be alike, contiguous, of the model"):
+            model(token, positions=torch.tensor([[1], [2]]), cache=cache)
+        cache.keys[3] = cache.keys[3].float()
+
+        x = torch.zeros(2, cfg.hidden_size)
+        cos = torch.ones(2, cfg.rotary_dim)
+        tensors = [_parameters(layers[0], _MAMBA_LAYER), _parameters(layers[3], _ATTENTION_LAYER)]
+        storage = [decode_ops.LayerStorage(cache.conv[0], cache.ssm[0]),
+                   decode_ops.LayerStorage(*cache.kv_pages(3)[:2])]
+        kv = cache.kv_pages(3)[2]
+
+        def step(slots, write_rows, read_rows):
+            rows = decode_ops.StepRows(torch.tensor(slots), torch.tensor([0, 1]), cos, cos,
+                                       torch.tensor(write_rows), torch.tensor(read_rows))
+            return decode_ops.decode_layers(x, tensors, [False, True], storage, rows,
+                                            layers[0].step_dims, layers[3].step_dims, kv,
+                                            cfg.rms_norm_eps, (0.0, float("inf")))
+
+        assert step([0, 1], [0, 5], [[0, 1], [4, 5]]).shape == x.shape
+        with pytest.raises(ValueError, match="slots must index the state pools"):
+            step([0, 2], [0, 5], [[0, 1], [4, 5]])
+        with pytest.raises(ValueError, match="token rows 0..8 lie outside the keys"):
+            step([0, 1], [0, 8], [[0, 1], [4, 5]])
+        with pytest.raises(ValueError, match="positions must lie in 0..0"):
+            step([0, 1], [0, 5], [[0], [4]])
