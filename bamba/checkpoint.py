@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from bamba.arena import WeightArena
 from bamba.config import BambaConfig
 from bamba.model import BambaLM
 from bamba.tokenizer import Tokenizer
@@ -217,12 +218,18 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     with torch.device("meta"):
         model = BambaLM(config)
     plan = _plan(model, entries, shards[0] if weight_map is None else directory / INDEX_NAME)
+
+    def target(name: str, tensor: torch.Tensor | None = None) -> torch.dtype:
+        return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
+
+    # On a CPU the weights load straight into one huge-page buffer (bamba.arena).
+    arena = WeightArena.for_model(model, target) if torch.device(device).type == "cpu" else None
     for shard in shards:
         with _open(shard) as f:
             for key in (k for k in f.keys() if k in plan):
-                ours = plan[key]
-                target = torch.float32 if ours.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
-                _assign(model, ours, f.get_tensor(key).to(device=device, dtype=target))
+                ours, tensor = plan[key], f.get_tensor(key)
+                _assign(model, ours, arena.place(ours, tensor) if arena is not None else
+                        tensor.to(device=device, dtype=target(ours)))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # A buffer the model computes at construction (not in state_dict) cannot come from a file.
