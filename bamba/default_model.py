@@ -20,6 +20,7 @@ import torch
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers
 
+from bamba.arena import pack_weights
 from bamba.checkpoint import FP32_PARAMS
 from bamba.config import BambaConfig, preset
 from bamba.model import BambaLM, init_weights
@@ -86,4 +87,4 @@ def load_default(dtype: torch.dtype = torch.float32) -> tuple[BambaLM, Tokenizer
     for name, param in model.named_parameters():
         if name.rsplit(".", 1)[-1] in FP32_PARAMS:  # as from_pretrained: they feed exp/softplus
             param.data = param.data.float()
-    return model, byte_tokenizer()
+    return pack_weights(model), byte_tokenizer()

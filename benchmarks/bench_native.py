@@ -1,10 +1,15 @@
-"""Decode-step benchmark of bamba.native's layer kernels against the per-op torch path.
+"""Decode-step benchmark of bamba.native's decode kernels against the per-op torch path.
 
-For each dtype and batch size: the median time of one greedy decode step of the whole model
-(random weights, ContiguousCache, float32 SSM state) with the native layer steps
-(``bamba.native.layer_ops``) and with them switched off (torch ops, with the few-row linear
-kernel where it applies), interleaved in one process. This is what sets
-``layer_ops.MAX_ROWS``. Writes benchmarks/results/native.json and prints a table.
+For each dtype and batch size: the median time of one decode step of the whole model (random
+weights in one huge-page buffer, ContiguousCache, float32 SSM state) three ways, interleaved
+in one process:
+
+* model:  every layer in one native call (``bamba.native.decode_ops``, what the model runs);
+* layers: one native call per layer (``layer_ops``), rope, cache and attention in torch;
+* torch:  the per-op torch path (with the few-row linear kernel where it applies).
+
+This is what sets ``layer_ops.MAX_ROWS``. Writes benchmarks/results/native.json and prints a
+table.
 
     python benchmarks/bench_native.py                 # bench shape, bf16 + fp32
     python benchmarks/bench_native.py --quick         # tiny shape: a smoke test
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bamba.arena import pack_weights
 from bamba.cache import ContiguousCache
 from bamba.config import preset
 from bamba.model import BambaLM, init_weights
@@ -45,12 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def step_seconds(model: BambaLM, batch: int, steps: int, native: bool) -> float:
+PATHS = ("model", "layers", "torch")
+
+
+def step_seconds(model: BambaLM, batch: int, steps: int, path: str) -> float:
     """Mean seconds per decode step over ``steps`` steps after a 2-step warm-up."""
-    fits, max_rows = layer_ops.fits, layer_ops.MAX_ROWS
-    if native:  # beyond MAX_ROWS too, to show where the threshold lies
+    fits, max_rows, fused = layer_ops.fits, layer_ops.MAX_ROWS, BambaLM._native_decode_fits
+    if path != "torch":  # beyond MAX_ROWS too, to show where the threshold lies
         layer_ops.MAX_ROWS = max(batch, max_rows)
-    else:
+    if path == "layers":
+        BambaLM._native_decode_fits = lambda *args: False
+    if path == "torch":
         layer_ops.fits = lambda *args: False
     try:
         cache = ContiguousCache(model.config, batch, steps + 2, model.dtype)
@@ -65,6 +76,7 @@ def step_seconds(model: BambaLM, batch: int, steps: int, native: bool) -> float:
             return (time.perf_counter() - start) / steps
     finally:
         layer_ops.fits, layer_ops.MAX_ROWS = fits, max_rows
+        BambaLM._native_decode_fits = fused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,27 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     config = preset(args.preset)
     rows = []
     for name in args.dtypes.split(","):
-        model = init_weights(BambaLM(config), seed=0).to(getattr(torch, name)).eval()
+        model = pack_weights(init_weights(BambaLM(config), seed=0).to(getattr(torch, name)).eval())
         for batch in (int(b) for b in args.batches.split(",")):
-            times: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(args.repeats):  # interleaved, so drift hits both alike
-                for native in (True, False):
-                    times[native].append(step_seconds(model, batch, args.steps, native))
-            native_s, torch_s = (statistics.median(times[k]) for k in (True, False))
-            rows.append({"dtype": name, "batch": batch, "native_ms": native_s * 1e3,
-                         "torch_ms": torch_s * 1e3, "native_tok_s": batch / native_s,
-                         "torch_tok_s": batch / torch_s, "speedup": torch_s / native_s,
+            times: dict[str, list[float]] = {path: [] for path in PATHS}
+            for _ in range(args.repeats):  # interleaved, so drift hits all alike
+                for path in PATHS:
+                    times[path].append(step_seconds(model, batch, args.steps, path))
+            ms = {path: statistics.median(times[path]) * 1e3 for path in PATHS}
+            rows.append({"dtype": name, "batch": batch,
+                         **{f"{path}_ms": ms[path] for path in PATHS},
+                         **{f"{path}_tok_s": batch / ms[path] * 1e3 for path in PATHS},
+                         "model_vs_layers": ms["layers"] / ms["model"],
+                         "model_vs_torch": ms["torch"] / ms["model"],
                          "native_used": batch <= layer_ops.MAX_ROWS})
-            r = rows[-1]
-            print(f"{name:9s} b={batch:3d}  native {r['native_ms']:7.2f} ms "
-                  f"({r['native_tok_s']:7.1f} tok/s)  torch {r['torch_ms']:7.2f} ms "
-                  f"({r['torch_tok_s']:7.1f} tok/s)  x{r['speedup']:.2f}", flush=True)
+            print(f"{name:9s} b={batch:3d}  " + "  ".join(
+                f"{path} {ms[path]:7.2f} ms ({batch / ms[path] * 1e3:7.1f} tok/s)"
+                for path in PATHS) + f"  x{rows[-1]['model_vs_torch']:.2f} vs torch", flush=True)
     result = {"preset": args.preset, "threads": args.threads, "steps": args.steps,
               "repeats": args.repeats, "max_rows": layer_ops.MAX_ROWS,
-              "note": "native = bamba.native layer steps (whole layers per call); torch = the "
-                      "per-op path (few-row linear kernel up to 8 rows). Above max_rows the model "
-                      "takes the torch path; 'native' is forced there only to show where the "
-                      "threshold lies.",
+              "note": "model = every layer in one native call (bamba.native.decode_ops); layers = "
+                      "one native call per layer; torch = the per-op path (few-row linear "
+                      "kernel up to 8 rows). Above max_rows the model takes the torch path; the "
+                      "native paths are forced there only to show where the threshold lies.",
               "load_average": os.getloadavg(), "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = args.output.with_suffix(".tmp")

@@ -218,8 +218,10 @@ class ModelRunner:
         slots = [c.slot for c in rows]
         if length == 1 and self.decode_graph is not None and len(rows) > self.native_rows:
             out = self.decode_graph(ids, pos, tensor(slots), write, read, self.pools)
-        elif slots == list(range(slots[0], slots[0] + len(slots))):
-            # Consecutive ascending slots: the states are one slice (no gather, no scatter).
+        elif (length > 1 or len(rows) > self.native_rows) and \
+                slots == list(range(slots[0], slots[0] + len(slots))):
+            # Consecutive ascending slots: the states are one slice (no gather, no scatter;
+            # the native decode step reads the slots where they are).
             span = slice(slots[0], slots[0] + len(slots))
             pools = self.pools._replace(conv={i: t[span] for i, t in self.conv.items()},
                                         ssm={i: t[span] for i, t in self.ssm.items()})
