@@ -4,7 +4,7 @@
  * read where they lie (any row, time and head strides; head_dim contiguous): the contiguous
  * cache of `generate` and the engine's head-major pages alike. torch's bf16 matmul builds a new
  * oneDNN primitive for every new key length, ~0.6 ms a call here, which made attention a fifth
- * of a decode step. Work items (b, h) are split over `threads` OpenMP threads.
+ * of a decode step. Work items (row, KV head) are split over `threads` OpenMP threads.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,14 +21,14 @@ int bamba_decode_attention(const void *q, const void *k, const void *v, const ui
     const AttentionJob j = {q, k, v, mask, NULL, NULL, out, B, H, Hkv, D, T, H * D,
                             k_strides[0], k_strides[1], k_strides[2],
                             v_strides[0], v_strides[1], v_strides[2], bf16, scale};
-    float *buf = malloc(sizeof(float) * (size_t)threads * (T + D));
+    const int64_t per_thread = attention_scratch(&j);
+    float *buf = malloc(sizeof(float) * (size_t)threads * per_thread);
     if (buf == NULL) return -2;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = buf + (size_t)omp_get_thread_num() * (T + D);
+        float *scratch = buf + (size_t)omp_get_thread_num() * per_thread;
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < B * H; item++)
-            attention_head(&j, item, scores, scores + T);
+        for (int64_t item = 0; item < B * Hkv; item++) attention_group(&j, item, scratch);
     }
     free(buf);
     return 0;
