@@ -228,4 +228,5 @@ class ModelRunner:
             out = self.step(ids, pos, None, write, read, pools, self.scratch)
         else:
             out = self.step(ids, pos, tensor(slots), write, read, self.pools, self.scratch)
-        return {c.seq_id: out[j].float() for j, c in enumerate(rows)}
+        logits = out.float()  # one conversion for the batch; rows are views of it
+        return {c.seq_id: logits[j] for j, c in enumerate(rows)}

@@ -104,7 +104,7 @@ def sample_rows(rows: list[SequenceOutput], logits: torch.Tensor,
     tokens = sample(logits, batch, counts, seen)
     wanted = [p.logprobs for p in params]
     if all(w is None for w in wanted):
-        return [(int(t), None) for t in tokens]
+        return [(t, None) for t in tokens.tolist()]
     lp = compute_logprobs(logits, tokens, max(w or 0 for w in wanted))
     out: list[tuple[int, TokenLogprob | None]] = []
     for j, (token, w) in enumerate(zip(tokens.tolist(), wanted, strict=True)):
