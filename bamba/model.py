@@ -42,6 +42,14 @@ class InferenceCache(Protocol):
         """Write k, v [B, L, Hkv, D] at positions [B, L]; return keys/values for positions
         0..T-1 of every row ([B, T, Hkv, D]), T = 1 + the largest position written."""
 
+    # A cache may also offer the two methods below; then a decode step of at most
+    # layer_ops.MAX_ROWS rows runs every layer in one native call (bamba.native.decode_ops),
+    # which writes and reads keys and values in place:
+    #   kv_pages(layer_idx) -> (keys, values, KVLayout): an attention layer's storage, token
+    #       row r of KV head g at element g * head_stride + r * token_stride;
+    #   token_rows(positions [B, 1]) -> (write [B], read [B, T]): the token rows of this
+    #       token and of positions 0..T-1 of every row.
+
 
 class Linear(nn.Linear):
     """``nn.Linear`` whose few-row bf16 inference calls (decode) go through ``bamba.native``'s

@@ -86,10 +86,17 @@ class SequenceOutput:
                                 new_text, new_ids)
 
 
+def _plain_greedy(p: SamplingParams) -> bool:
+    return p.temperature == 0 and p.repetition_penalty == 1 and p.presence_penalty == 0 and \
+        p.frequency_penalty == 0 and p.logprobs is None
+
+
 def sample_rows(rows: list[SequenceOutput], logits: torch.Tensor,
                 vocab_size: int) -> list[tuple[int, TokenLogprob | None]]:
     """Next token (and logprobs, when asked) for each row of logits [B, V]."""
     params = [r.params for r in rows]
+    if all(_plain_greedy(p) for p in params):  # what `sample` does for them, minus its set-up
+        return [(t, None) for t in logits.argmax(dim=-1).tolist()]
     batch = SamplingBatch.build(
         len(rows), temperature=[p.temperature for p in params], top_k=[p.top_k for p in params],
         top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
