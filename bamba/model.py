@@ -369,6 +369,20 @@ class BambaLM(nn.Module):
         """Whether layer_step.c takes both kinds of layer (their sizes) in ``dtype``."""
         return all(layer_ops.fits(dtype, dims) for dims in self.kind_dims.values() if dims)
 
+    def _layer_tensors(self) -> list[list[torch.Tensor | None]]:
+        """Every layer's parameters in decode_ops' order, looked up again only after some module
+        registered a parameter, buffer or submodule (``_REGISTRATIONS``): the walk costs ~0.4 ms
+        a token with the caches cold from streaming the weights. Tensors replaced in place
+        (``.data``, ``.to``) keep their Parameter objects; decode_ops sees their new addresses.
+        Deleting a parameter or setting it to None registers nothing: the torch path would then
+        fail on the missing weight, this one would still read the old one."""
+        cached = self.__dict__.get("_decode_tensors")
+        if cached is None or cached[0] != _REGISTRATIONS[0]:
+            tensors = [_parameters(layer, _ATTENTION_LAYER if k else _MAMBA_LAYER)
+                       for layer, k in zip(self.model.layers, self.layer_kinds)]
+            cached = self.__dict__["_decode_tensors"] = (_REGISTRATIONS[0], tensors)
+        return cached[1]
+
     def _native_decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                        positions: torch.Tensor, cache: InferenceCache) -> torch.Tensor | None:
         """The layers' output, or None when their tensors do not suit the native step."""
@@ -386,11 +400,9 @@ class BambaLM(nn.Module):
         cos, sin = (t.view(b, -1) for t in rope) if rope is not None else (x, x)
         rows = decode_ops.StepRows(_arange(b) if slots is None else slots, positions[:, 0],
                                    cos, sin, write_rows, read_rows)
-        tensors = [_parameters(layer, _ATTENTION_LAYER if k else _MAMBA_LAYER)
-                   for layer, k in zip(layers, kinds)]
         mamba, attention = self.kind_dims[False], self.kind_dims[True]
         out = decode_ops.decode_layers(
-            x.view(b, -1), tensors, kinds, storage, rows, mamba or _NO_LAYER,
+            x.view(b, -1), self._layer_tensors(), kinds, storage, rows, mamba or _NO_LAYER,
             attention or _NO_LAYER, kv, cfg.rms_norm_eps, cfg.time_step_limit)
         return None if out is None else out[:, None]
 
@@ -417,6 +429,20 @@ class BambaLM(nn.Module):
 
 
 _NO_LAYER = layer_ops.LayerDims(*[0] * 9)  # the sizes of a kind of layer the model lacks
+
+# Counts parameter, buffer and submodule registrations in any nn.Module (torch's global
+# registration hooks): a model's cached parameter lists stay valid while it does not move.
+_REGISTRATIONS = [0]
+
+
+def _count_registration(*args) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+for _register in (nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook,
+                  nn.modules.module.register_module_module_registration_hook):
+    _register(_count_registration)
 
 
 def _has_hooks(layers: nn.ModuleList) -> bool:

@@ -151,3 +151,26 @@ def test_bad_rows_and_storage_raise_one_line_errors() -> None:
             step([0, 1], [0, 8], [[0, 1], [4, 5]])
         with pytest.raises(ValueError, match="positions must lie in 0..0"):
             step([0, 1], [0, 5], [[0], [4]])
+
+
+@pytest.mark.parametrize("how", ["parameter", "data", "module"])
+def test_replaced_weights_are_seen(monkeypatch, how) -> None:
+    """The step reads each weight where it lies now: a new Parameter, new .data or a new
+    submodule after some decode steps changes the next logits as the per-layer path says."""
+    model = _model("tiny", torch.float32)
+    _decode(model, [0], 1, torch.float32, steps=2)  # the step has run and cached its tensors
+    up = model.model.layers[2].feed_forward.up_proj
+    new = torch.randn(up.weight.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        if how == "parameter":
+            up.weight = torch.nn.Parameter(new)
+        elif how == "data":
+            up.weight.data = new
+        else:
+            replacement = type(up)(up.in_features, up.out_features, bias=False)
+            replacement.weight.data = new
+            model.model.layers[2].feed_forward.up_proj = replacement
+    fused, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    monkeypatch.setattr(BambaLM, "_native_decode_fits", lambda self, x, cache: False)
+    per_layer, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)

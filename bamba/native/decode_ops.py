@@ -15,6 +15,7 @@ arrive as ``StepRows``.
 from __future__ import annotations
 
 import ctypes
+import operator
 from typing import NamedTuple
 
 import torch
@@ -127,16 +128,17 @@ def _check_storage(kinds: list[bool], storage: list[LayerStorage], mamba: LayerD
 
 
 _PLANS: dict[tuple, tuple] = {}  # (tensor and storage addresses, layouts, sizes) -> C structs
-
-
+_DTYPE = operator.attrgetter("dtype")
 def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
           storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
           eps: float, time_step_limit: tuple[float, float]) -> tuple | None:
     """The DecodeModel of these layers and their storage, checked and built the first time
     these addresses, dtypes and sizes are seen (the per-token call only looks it up); None
     when an input norm's dtype is not x's (the per-layer path then rounds as torch does)."""
-    key = (tuple(None if t is None else (t.data_ptr(), t.dtype, t.is_contiguous())
-                 for tensors in layers for t in tensors),
+    present = [t for tensors in layers for t in tensors if t is not None]
+    key = (tuple(map(torch.Tensor.data_ptr, present)), tuple(map(_DTYPE, present)),
+           tuple(map(torch.Tensor.is_contiguous, present)),  # map: no Python loop per tensor
+           tuple(t is None for tensors in layers for t in tensors),
            tuple((a.data_ptr(), a.dtype, a.shape, b.data_ptr(), b.dtype, b.shape)
                  for a, b in storage), tuple(kinds), mamba, attention, kv, eps,
            tuple(time_step_limit), x.dtype)
@@ -158,7 +160,7 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
                         ssm_bf16, int(x.dtype == torch.bfloat16), kv.head_stride,
                         kv.token_stride, eps, *time_step_limit,
                         attention.head_dim ** -0.5 if attention.head_dim else 0.0)
-    plan = _PLANS[key] = (model, arrays, storage)  # the arrays and storage outlive the struct
+    plan = _PLANS[key] = (model, arrays)  # the arrays outlive the struct; addresses are the key's
     return plan
 
 
