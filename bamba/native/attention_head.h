@@ -11,7 +11,9 @@
 #ifndef BAMBA_ATTENTION_HEAD_H
 #define BAMBA_ATTENTION_HEAD_H
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "bf16.h"
 #include "vmath.h"
@@ -216,5 +218,20 @@ static void attention_group(const AttentionJob *j, int64_t item, float *scratch)
                 ((float *)out)[d] = acc[h * D + d] * norm;
         }
     }
+}
+/* attention_group over every (row, KV head) of the job, split over `threads` OpenMP threads,
+ * each with its own scratch. Returns 0, or -2 when out of memory. */
+static int attention_all(const AttentionJob *j, int threads) {
+    const int64_t per_thread = attention_scratch(j);
+    float *buf = malloc(sizeof(float) * (size_t)threads * per_thread);
+    if (buf == NULL) return -2;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scratch = buf + (size_t)omp_get_thread_num() * per_thread;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < j->B * j->Hkv; item++) attention_group(j, item, scratch);
+    }
+    free(buf);
+    return 0;
 }
 #endif

@@ -7,9 +7,6 @@
  * of a decode step. Work items (row, KV head) are split over `threads` OpenMP threads.
  */
 #include <stdint.h>
-#include <stdlib.h>
-
-#include <omp.h>
 
 #include "attention_head.h"
 
@@ -21,15 +18,5 @@ int bamba_decode_attention(const void *q, const void *k, const void *v, const ui
     const AttentionJob j = {q, k, v, mask, NULL, NULL, out, B, H, Hkv, D, T, H * D,
                             k_strides[0], k_strides[1], k_strides[2],
                             v_strides[0], v_strides[1], v_strides[2], bf16, scale};
-    const int64_t per_thread = attention_scratch(&j);
-    float *buf = malloc(sizeof(float) * (size_t)threads * per_thread);
-    if (buf == NULL) return -2;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scratch = buf + (size_t)omp_get_thread_num() * per_thread;
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < B * Hkv; item++) attention_group(&j, item, scratch);
-    }
-    free(buf);
-    return 0;
+    return attention_all(&j, threads);
 }

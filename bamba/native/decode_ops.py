@@ -129,6 +129,8 @@ def _check_storage(kinds: list[bool], storage: list[LayerStorage], mamba: LayerD
 
 _PLANS: dict[tuple, tuple] = {}  # (tensor and storage addresses, layouts, sizes) -> C structs
 _DTYPE = operator.attrgetter("dtype")
+
+
 def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
           storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
           eps: float, time_step_limit: tuple[float, float]) -> tuple | None:

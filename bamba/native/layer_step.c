@@ -460,16 +460,8 @@ static int attention_layer(const DecodeModel *P, int64_t layer, const DecodeRows
                             0, P->kv_token_stride, P->kv_head_stride,
                             0, P->kv_token_stride, P->kv_head_stride, (int)P->bf16,
                             P->attention_scale};
-    const int64_t per_thread = attention_scratch(&j);
-    float *buf = malloc(sizeof(float) * (size_t)threads * per_thread);
-    if (buf == NULL) return -2;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scratch = buf + (size_t)omp_get_thread_num() * per_thread;
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < r->M * G; item++) attention_group(&j, item, scratch);
-    }
-    free(buf);
+    status = attention_all(&j, threads);
+    if (status != 0) return status;
     const Call out = {src, attn, dst, r->M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_OUT, &out, threads);
 }
