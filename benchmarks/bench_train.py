@@ -11,9 +11,17 @@ bamba's step is ``bamba.train.trainer.train_step`` (the trainer's own code, opti
 torch's AdamW. With --compile a third row, "bamba compiled", runs the same step on a copy of
 the model compiled in place with the compiled loss (what ``TrainConfig.compile`` runs); its compile time is
 spent in the warm-up steps, reported separately (``compile_seconds``) and not counted in its
-tokens/s. Measurements rotate the order (A B C, C B A, ...) so machine load hits all alike;
-each repeat times --steps steps after --warmup steps; the median over repeats is reported, with
-MFU = tokens/s x training FLOPs per token / --peak-tflops. Writes benchmarks/results/train.json.
+tokens/s.
+
+The trainer keeps freed memory in the process (``bamba.train.memory``, process-wide and
+irreversible), so the run has two phases: first the plain transformers loop with glibc's
+default allocator (the goal's baseline, "transformers"), then, after the trainer's setting,
+bamba's rows and the transformers loop again ("transformers, retained memory": what the same
+setting gives it), in rotating order (A B C, C B A, ...) so machine load hits all alike. Each
+repeat times --steps steps after --warmup steps; the median over repeats is reported, with
+MFU = tokens/s x training FLOPs per token / --peak-tflops; ``speedup`` is over the plain loop,
+``speedup_vs_retained`` over the loop with the same allocator. Writes
+benchmarks/results/train.json.
 
     python benchmarks/bench_train.py                  # both cases
     python benchmarks/bench_train.py --compile        # plus bamba with compile: true
@@ -41,6 +49,7 @@ from bamba.config import preset
 from bamba.model import BambaLM, init_weights
 from bamba.train.config import TrainConfig
 from bamba.train.metrics import flops_per_token, mfu
+from bamba.train.memory import retain_freed_memory
 from bamba.train.optim import build_optimizer
 from bamba.train.parallel import DistInfo
 from bamba.train.trainer import compile_layers, train_step
@@ -136,11 +145,16 @@ def time_steps(step: Callable[[dict], None], data: list[dict], steps: int) -> fl
     return time.perf_counter() - began
 
 
+PLAIN = "transformers"  # the goal's baseline: a plain loop, glibc's default allocator
+RETAINED = "transformers, retained memory"  # the same loop with the trainer's allocator setting
+
+
 def build_steppers(name: str, compiled: bool) -> tuple[Any, BambaLM, dict[str, Callable]]:
     """The implementations of a case, all from the same initial weights."""
     _, seq_len, batch = CASES[name]
     config, ours, theirs = build_pair(name)
-    steppers = {"bamba": bamba_stepper(ours, seq_len, batch), "transformers": hf_stepper(theirs)}
+    steppers = {"bamba": bamba_stepper(ours, seq_len, batch), PLAIN: hf_stepper(theirs),
+                RETAINED: hf_stepper(copy.deepcopy(theirs))}
     if compiled:
         twin = copy.deepcopy(ours)
         compile_layers(twin)  # what build_model does for TrainConfig.compile
@@ -148,32 +162,66 @@ def build_steppers(name: str, compiled: bool) -> tuple[Any, BambaLM, dict[str, C
     return config, ours, steppers
 
 
-def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    _, seq_len, batch = CASES[name]
-    config, ours, steppers = build_steppers(name, args.compile)
-    data = batches(config.vocab_size, seq_len, batch, max(args.steps, args.warmup))
-    warmup = {k: time_steps(step, data, args.warmup) for k, step in steppers.items()}
-    tokens = args.steps * seq_len * batch
-    speeds: dict[str, list[float]] = {k: [] for k in steppers}
-    for r in range(args.repeats):
-        order = list(steppers) if r % 2 == 0 else list(reversed(steppers))
-        for impl in order:
-            speeds[impl].append(tokens / time_steps(steppers[impl], data, args.steps))
-        print(f"{name} repeat {r}: " + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in speeds.items()),
-              flush=True)
-    flops = flops_per_token(config, seq_len)
-    result: dict[str, Any] = {"preset": CASES[name][0], "seq_len": seq_len, "batch_size": batch,
-                              "parameters": sum(p.numel() for p in ours.parameters()),
-                              "train_flops_per_token": flops}
-    for impl, values in speeds.items():
-        med = statistics.median(values)
-        result[impl] = {"tokens_per_s": med, "mfu": mfu(med, flops, args.peak_tflops),
-                        "samples": values, "warmup_seconds": warmup[impl],
-                        "speedup": med / statistics.median(speeds["transformers"])}
-        if impl == "bamba compiled":  # warm-up time beyond what its steps take once compiled
-            result[impl]["compile_seconds"] = warmup[impl] - args.warmup * seq_len * batch / med
-    result["speedup"] = result["bamba"]["speedup"]
-    return result
+class Case:
+    """One case's implementations, warm-up times and speed samples."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.name, self.args = name, args
+        _, self.seq_len, self.batch = CASES[name]
+        self.config, self.ours, self.steppers = build_steppers(name, args.compile)
+        self.data = batches(self.config.vocab_size, self.seq_len, self.batch,
+                            max(args.steps, args.warmup))
+        self.warmup: dict[str, float] = {}
+        self.speeds: dict[str, list[float]] = {k: [] for k in self.steppers}
+
+    def measure(self, impls: list[str]) -> None:
+        """Warm ``impls`` up, then time them in rotating order (A B C, C B A, ...) so machine
+        load hits all alike."""
+        args = self.args
+        for impl in impls:
+            self.warmup[impl] = time_steps(self.steppers[impl], self.data, args.warmup)
+        tokens = args.steps * self.seq_len * self.batch
+        for r in range(args.repeats):
+            for impl in impls if r % 2 == 0 else list(reversed(impls)):
+                self.speeds[impl].append(tokens / time_steps(self.steppers[impl], self.data,
+                                                             args.steps))
+            print(f"{self.name} repeat {r}: " + ", ".join(
+                f"{k} {self.speeds[k][-1]:.0f} tok/s" for k in impls), flush=True)
+
+    def result(self) -> dict[str, Any]:
+        args, flops = self.args, flops_per_token(self.config, self.seq_len)
+        out: dict[str, Any] = {"preset": CASES[self.name][0], "seq_len": self.seq_len,
+                               "batch_size": self.batch,
+                               "parameters": sum(p.numel() for p in self.ours.parameters()),
+                               "train_flops_per_token": flops}
+        plain, retained = (statistics.median(self.speeds[k]) for k in (PLAIN, RETAINED))
+        for impl, values in self.speeds.items():
+            med = statistics.median(values)
+            out[impl] = {"tokens_per_s": med, "mfu": mfu(med, flops, args.peak_tflops),
+                         "samples": values, "warmup_seconds": self.warmup[impl],
+                         "speedup": med / plain, "speedup_vs_retained": med / retained}
+            if impl == "bamba compiled":  # warm-up time beyond what its steps take once compiled
+                out[impl]["compile_seconds"] = (self.warmup[impl] - args.warmup * self.seq_len
+                                                * self.batch / med)
+        out["speedup"] = out["bamba"]["speedup"]
+        return out
+
+
+def run_cases(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Two phases, because the allocator setting is process-wide and cannot be undone:
+    1. the plain transformers loop with glibc's defaults (what a user's script gets);
+    2. ``retain_freed_memory()`` (what ``bamba train`` applies), then bamba's rows and the
+       transformers loop again under the same setting, in rotation."""
+    cases = [Case(n, args) for n in names]
+    for case in cases:
+        case.measure([PLAIN])
+    applied = retain_freed_memory()
+    for case in cases:
+        case.measure([k for k in case.steppers if k != PLAIN])
+    results = {c.name: c.result() for c in cases}
+    for r in results.values():
+        r["retained_memory_applied"] = applied
+    return results
 
 
 def inductor_cache(compiled: bool, directory: str | None) -> tuple[str | None, str | None]:
@@ -202,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     cache, made = inductor_cache(args.compile, args.inductor_cache)
     load_before = os.getloadavg()
     try:
-        results = {n: run_case(n, args) for n in names}
+        results = run_cases(names, args)
     finally:
         if made:
             shutil.rmtree(made, ignore_errors=True)
@@ -226,11 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     for n, r in results.items():
         line = (f"{n:6s} {r['preset']:6s} {r['batch_size']}x{r['seq_len']}: bamba "
                 f"{r['bamba']['tokens_per_s']:.0f} tok/s (MFU {r['bamba']['mfu']:.1%}), transformers "
-                f"{r['transformers']['tokens_per_s']:.0f} tok/s -> {r['speedup']:.2f}x")
+                f"{r[PLAIN]['tokens_per_s']:.0f} tok/s -> {r['speedup']:.2f}x (retained memory: "
+                f"{r[RETAINED]['tokens_per_s']:.0f} tok/s -> {r['bamba']['speedup_vs_retained']:.2f}x)")
         if "bamba compiled" in r:
             c = r["bamba compiled"]
             line += (f"; compiled {c['tokens_per_s']:.0f} tok/s (MFU {c['mfu']:.1%}, compile "
-                     f"{c['compile_seconds']:.0f} s) -> {c['speedup']:.2f}x")
+                     f"{c['compile_seconds']:.0f} s) -> {c['speedup']:.2f}x / "
+                     f"{c['speedup_vs_retained']:.2f}x")
         print(line)
     return 0
 

@@ -27,6 +27,7 @@ from bamba.train.checkpoint import (TRAIN_STATE, Checkpointer, latest_checkpoint
 from bamba.train.config import TrainConfig
 from bamba.train.data import Batch, BatchSource, SyntheticSource, build_loader_source
 from bamba.train.loss import compiled_loss_terms, lm_loss_sums, loss_terms
+from bamba.train.memory import retain_freed_memory
 from bamba.train.metrics import (MetricsLog, flops_per_token, mfu, plot_loss, progress_bar,
                                  quiet_logging)
 from bamba.train.optim import build_optimizer, set_lr
@@ -315,6 +316,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run ``cfg`` in this process (joining the torchrun group if there is one)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.retain_memory:
+        retain_freed_memory()
     info = parallel.init_distributed()
     clean = False
     try:
