@@ -96,20 +96,21 @@ needs_bf16_dot = pytest.mark.skipif(not native.linear_available(),
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, 8, 12])
+@pytest.mark.parametrize("rows", [1, 3, 5, 6, 7, 8, 12])  # row walk; tiles with partial row groups
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_kernel_matches_torch_linear(dtype, rows: int, bias: bool) -> None:
+    """42 features: tiles of 4 weight rows, then the row walk for the last 2."""
     if not native.linear_available(dtype):
         pytest.skip(f"no {dtype} linear kernel on this CPU")
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 1, 96, generator=gen).to(dtype)
-    weight = torch.randn(40, 96, generator=gen).to(dtype)
-    b = torch.randn(40, generator=gen).to(dtype) if bias else None
+    weight = torch.randn(42, 96, generator=gen).to(dtype)
+    b = torch.randn(42, generator=gen).to(dtype) if bias else None
     assert native.use_linear_kernel(x, weight) == (rows <= native.MAX_LINEAR_ROWS)
     y = torch.ops.bamba.linear_rows(x, weight, b)
     ref = torch.nn.functional.linear(x.double(), weight.double(),
                                      None if b is None else b.double())
-    assert y.shape == (rows, 1, 40) and y.dtype == dtype
+    assert y.shape == (rows, 1, 42) and y.dtype == dtype
     tol = {"rtol": 1e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(y.double(), ref, **tol)
 

@@ -5,11 +5,15 @@
  * front to back (one sequential stream, which the hardware prefetcher follows best), and each
  * weight vector loaded is multiplied against every input row (up to 8, held in L1) with float32
  * accumulation: 32 bf16 pairs per instruction (AVX-512 BF16 `vdpbf16ps`) or 16 float32 FMAs.
- * From 3 rows on the arithmetic per byte outruns the prefetcher, so the loop also prefetches
- * 2 KiB ahead (measured: 15 -> 9.4 ms for the bench model's Mamba layers at 4 rows). From 9
- * rows the work is compute-bound and goes in tiles of 4 weight rows x 4 input rows (each
- * vector loaded serves 4 products: the bench model's Mamba-layer linears at 16 rows 27.6 ->
- * 20.5 ms, at 32 rows 60 -> 35 ms; at 4-8 rows the row walk is as fast or faster).
+ * From 3 rows on the arithmetic per byte outruns the hardware prefetcher, so the loop also
+ * prefetches 8 KiB ahead into L2 (measured: 15 -> 9.4 ms for the bench model's Mamba layers at
+ * 4 rows with 2 KiB into L1; 8 KiB into L2 took the bench model's whole bf16 decode step at 4
+ * rows from 15.8 to 13.7 ms). From 5 rows the work goes in tiles of 4 weight rows x 4 input
+ * rows (each vector loaded serves 4 products), prefetching 8 tiles ahead into L2: with the
+ * weights streaming from DRAM, one tile ahead into L1 left the cores waiting (a probe of the
+ * in_proj shape at 32 rows: 330 -> 380 GFLOP/s of the ~420 peak; at 8 rows 158 -> 285, i.e.
+ * 20 -> 35 GB/s). Whole bf16 decode step of the bench model, alternating runs: 8 rows
+ * 25.5/21.5 -> 19.3/17.0 ms, 32 rows 63.8/61.8 -> 64.0/57.7 ms.
  */
 #ifndef BAMBA_DOT_ROWS_H
 #define BAMBA_DOT_ROWS_H
@@ -25,7 +29,7 @@
 #define HAVE_BF16_DOT 1
 #endif
 
-enum { ROW_GROUP = 8, PREFETCH_BYTES = 2048, TILE = 4, TILE_FROM_ROWS = 9 };
+enum { ROW_GROUP = 8, PREFETCH_BYTES = 8192, TILE = 4, TILE_FROM_ROWS = 5, TILE_PREFETCH_TILES = 8 };
 
 /* A weight matrix [n, k] (row-major, contiguous) and its optional bias [n], of one dtype. */
 typedef struct {
@@ -86,8 +90,8 @@ static inline __attribute__((always_inline)) void row_dots(const char *const *x,
     int64_t b = 0;
     for (; b + 2 * step <= bytes; b += 2 * step) {
         if (R >= 3) {
-            _mm_prefetch(w + b + PREFETCH_BYTES, _MM_HINT_T0);
-            _mm_prefetch(w + b + PREFETCH_BYTES + step, _MM_HINT_T0);
+            _mm_prefetch(w + b + PREFETCH_BYTES, _MM_HINT_T1);
+            _mm_prefetch(w + b + PREFETCH_BYTES + step, _MM_HINT_T1);
         }
         for (int r = 0; r < R; r++) {
             even[r] = dot_step(even[r], x[r] + b, w + b, bf16);
@@ -134,7 +138,7 @@ static inline __attribute__((always_inline)) void tile_dots(const char *const *x
         __m512i wv[TILE];
         for (int j = 0; j < TILE; j++) {
             wv[j] = _mm512_loadu_si512(w + j * row_bytes + b);
-            _mm_prefetch(w + (j + TILE) * row_bytes + b, _MM_HINT_T0);
+            _mm_prefetch(w + (j + TILE * TILE_PREFETCH_TILES) * row_bytes + b, _MM_HINT_T1);
         }
         for (int r = 0; r < R; r++) {
             const __m512i xv = _mm512_loadu_si512(x[r] + b);
