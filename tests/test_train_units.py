@@ -19,6 +19,7 @@ from bamba.train.loss import lm_loss_sums
 from bamba.train.metrics import flops_per_token, linear_params
 from bamba.train.optim import build_optimizer, decays
 from bamba.train.schedule import Schedule, lr_at
+from bamba.train.trainer import clip_and_step
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, attn_layer_indices=[1],
              mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16,
@@ -283,17 +284,34 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
         _losses(tmp_path, "run", "--steps=4", vocab_size=128)
 
 
-def test_clip_returns_the_norm_before_clipping() -> None:
-    from bamba.train.trainer import _clip
-
+def _clipped_step(fused: bool, max_norm: float,
+                  grad: float = 2.0) -> tuple[float, torch.nn.Linear, torch.optim.AdamW]:
+    torch.manual_seed(0)
     layer = torch.nn.Linear(3, 4)
-    layer.weight.grad = torch.full((4, 3), 2.0)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=fused)
+    layer.weight.grad = torch.full((4, 3), grad)
     layer.bias.grad = torch.zeros(4)
-    norm = _clip(layer, max_norm=1.0)
+    return clip_and_step(layer, opt, max_norm, distributed=False), layer, opt
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_clip_returns_the_norm_before_clipping_and_leaves_grads_clipped(fused: bool) -> None:
+    norm, layer, opt = _clipped_step(fused, max_norm=1.0)
+    assert not hasattr(opt, "grad_scale")  # the divisor does not outlive the step
     assert norm == pytest.approx(2.0 * math.sqrt(12))
     assert float(torch.linalg.vector_norm(layer.weight.grad)) == pytest.approx(1.0, rel=1e-5)
-    assert _clip(layer, max_norm=0.0) == pytest.approx(1.0, rel=1e-5)  # 0: measure only
-    assert float(torch.linalg.vector_norm(layer.weight.grad)) == pytest.approx(1.0, rel=1e-5)
+    norm, layer, _ = _clipped_step(fused, max_norm=0.0)  # 0: measure only
+    assert norm == pytest.approx(2.0 * math.sqrt(12))
+    assert float(torch.linalg.vector_norm(layer.weight.grad)) == pytest.approx(norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1.0, 100.0])
+def test_clip_folded_into_the_fused_step_equals_clipping_first(max_norm: float) -> None:
+    """The fused AdamW's grad_scale divisor gives the step of clip_grad_norm_ + step."""
+    _, folded, _ = _clipped_step(True, max_norm, grad=0.7)
+    _, plain, _ = _clipped_step(False, max_norm, grad=0.7)
+    for a, b in zip(folded.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["tiny-demo", "stdlib-demo", "tiny-finetune"])
