@@ -14,13 +14,14 @@ spent in the warm-up steps, reported separately (``compile_seconds``) and not co
 tokens/s.
 
 The trainer keeps freed memory in the process (``bamba.train.memory``, process-wide and
-irreversible), so the run has two phases: first the plain transformers loop with glibc's
-default allocator (the goal's baseline, "transformers"), then, after the trainer's setting,
-bamba's rows and the transformers loop again ("transformers, retained memory": what the same
-setting gives it), in rotating order (A B C, C B A, ...) so machine load hits all alike. Each
-repeat times --steps steps after --warmup steps; the median over repeats is reported, with
-MFU = tokens/s x training FLOPs per token / --peak-tflops; ``speedup`` is over the plain loop,
-``speedup_vs_retained`` over the loop with the same allocator. Writes
+irreversible), and this process applies the same setting. The goal's baseline, the plain
+transformers loop with glibc's default allocator ("transformers"), therefore runs in a spawned
+child process of its own; beside it, "transformers, retained memory" is the same loop in this
+process (what the trainer's setting gives it). All rows are timed in rotating order
+(A B C D, D C B A, ...) so machine load hits all alike; the child waits on a pipe while the
+others run. Each repeat times --steps steps after --warmup steps; the median over repeats is
+reported, with MFU = tokens/s x training FLOPs per token / --peak-tflops; ``speedup`` is over
+the plain loop, ``speedup_vs_retained`` over the loop with the same allocator. Writes
 benchmarks/results/train.json.
 
     python benchmarks/bench_train.py                  # both cases
@@ -32,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -148,18 +151,63 @@ def time_steps(step: Callable[[dict], None], data: list[dict], steps: int) -> fl
 PLAIN = "transformers"  # the goal's baseline: a plain loop, glibc's default allocator
 RETAINED = "transformers, retained memory"  # the same loop with the trainer's allocator setting
 
+Timer = Callable[[int], float]  # steps -> seconds
 
-def build_steppers(name: str, compiled: bool) -> tuple[Any, BambaLM, dict[str, Callable]]:
-    """The implementations of a case, all from the same initial weights."""
+
+def local_timers(name: str, compiled: bool, data: list[dict]) -> tuple[Any, BambaLM, dict[str, Timer]]:
+    """The implementations run in this process, all from the same initial weights."""
     _, seq_len, batch = CASES[name]
     config, ours, theirs = build_pair(name)
-    steppers = {"bamba": bamba_stepper(ours, seq_len, batch), PLAIN: hf_stepper(theirs),
-                RETAINED: hf_stepper(copy.deepcopy(theirs))}
+    steppers = {"bamba": bamba_stepper(ours, seq_len, batch), RETAINED: hf_stepper(theirs)}
     if compiled:
         twin = copy.deepcopy(ours)
         compile_layers(twin)  # what build_model does for TrainConfig.compile
         steppers["bamba compiled"] = bamba_stepper(twin, seq_len, batch, compiled=True)
-    return config, ours, steppers
+    timers = {k: functools.partial(time_steps, step, data) for k, step in steppers.items()}
+    return config, ours, timers
+
+
+def _serve_plain_loop(conn: Any, name: str, threads: int, count: int) -> None:
+    """Child process: the plain transformers loop, timing ``n`` steps per request (None ends)."""
+    try:
+        torch.set_num_threads(threads)
+        config, _, theirs = build_pair(name)
+        _, seq_len, batch = CASES[name]
+        step, data = hf_stepper(theirs), batches(config.vocab_size, seq_len, batch, count)
+        conn.send("ready")
+        while (steps := conn.recv()) is not None:
+            conn.send(time_steps(step, data, steps))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(f"error: {type(e).__name__}: {e}")
+
+
+class PlainLoop:
+    """The plain transformers loop in a fresh process of its own (spawned: glibc's default
+    allocator whatever this process set), timed on request so that it takes its turn in the
+    rotation like the rows run here. Same seeded weights and batches as the parent's."""
+
+    def __init__(self, name: str, threads: int, count: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve_plain_loop, args=(child, name, threads, count),
+                                daemon=True)
+        self.proc.start()
+        child.close()
+        self._reply()
+
+    def _reply(self) -> Any:
+        got = self.conn.recv()
+        if isinstance(got, str) and got.startswith("error:"):
+            raise RuntimeError(f"plain transformers loop: {got[7:]}")
+        return got
+
+    def __call__(self, steps: int) -> float:
+        self.conn.send(steps)
+        return self._reply()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=60)
 
 
 class Case:
@@ -168,25 +216,28 @@ class Case:
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         self.name, self.args = name, args
         _, self.seq_len, self.batch = CASES[name]
-        self.config, self.ours, self.steppers = build_steppers(name, args.compile)
-        self.data = batches(self.config.vocab_size, self.seq_len, self.batch,
-                            max(args.steps, args.warmup))
+        count = max(args.steps, args.warmup)
+        preset_config = preset(CASES[name][0])
+        data = batches(preset_config.vocab_size, self.seq_len, self.batch, count)
+        self.plain = PlainLoop(name, args.threads, count)
+        self.config, self.ours, local = local_timers(name, args.compile, data)
+        self.timers: dict[str, Timer] = {"bamba": local.pop("bamba"), PLAIN: self.plain, **local}
         self.warmup: dict[str, float] = {}
-        self.speeds: dict[str, list[float]] = {k: [] for k in self.steppers}
+        self.speeds: dict[str, list[float]] = {k: [] for k in self.timers}
 
-    def measure(self, impls: list[str]) -> None:
-        """Warm ``impls`` up, then time them in rotating order (A B C, C B A, ...) so machine
-        load hits all alike."""
-        args = self.args
+    def measure(self) -> None:
+        """Warm every implementation up, then time them in rotating order (A B C D, D C B A,
+        ...) so machine load hits all alike."""
+        args, impls = self.args, list(self.timers)
         for impl in impls:
-            self.warmup[impl] = time_steps(self.steppers[impl], self.data, args.warmup)
+            self.warmup[impl] = self.timers[impl](args.warmup)
         tokens = args.steps * self.seq_len * self.batch
         for r in range(args.repeats):
             for impl in impls if r % 2 == 0 else list(reversed(impls)):
-                self.speeds[impl].append(tokens / time_steps(self.steppers[impl], self.data,
-                                                             args.steps))
+                self.speeds[impl].append(tokens / self.timers[impl](args.steps))
             print(f"{self.name} repeat {r}: " + ", ".join(
                 f"{k} {self.speeds[k][-1]:.0f} tok/s" for k in impls), flush=True)
+        self.plain.close()
 
     def result(self) -> dict[str, Any]:
         args, flops = self.args, flops_per_token(self.config, self.seq_len)
@@ -203,24 +254,22 @@ class Case:
             if impl == "bamba compiled":  # warm-up time beyond what its steps take once compiled
                 out[impl]["compile_seconds"] = (self.warmup[impl] - args.warmup * self.seq_len
                                                 * self.batch / med)
+        out[PLAIN]["process"] = "a spawned child process with glibc's default allocator"
         out["speedup"] = out["bamba"]["speedup"]
         return out
 
 
 def run_cases(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Two phases, because the allocator setting is process-wide and cannot be undone:
-    1. the plain transformers loop with glibc's defaults (what a user's script gets);
-    2. ``retain_freed_memory()`` (what ``bamba train`` applies), then bamba's rows and the
-       transformers loop again under the same setting, in rotation."""
-    cases = [Case(n, args) for n in names]
-    for case in cases:
-        case.measure([PLAIN])
+    """``retain_freed_memory()`` (what ``bamba train`` applies) in this process, then each case
+    in rotation, the plain loop in a child process of its own."""
     applied = retain_freed_memory()
-    for case in cases:
-        case.measure([k for k in case.steppers if k != PLAIN])
-    results = {c.name: c.result() for c in cases}
-    for r in results.values():
-        r["retained_memory_applied"] = applied
+    results = {}
+    for name in names:
+        case = Case(name, args)
+        case.measure()
+        results[name] = case.result()
+        results[name]["retained_memory_applied"] = applied
+        del case
     return results
 
 

@@ -54,10 +54,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # torch.compile each decoder layer in place, and the loss (trainer.compile_layers; inductor,
     # backward through AOTAutograd; parameter names unchanged). Steps of the tiny model at 8x256
-    # ran 1.35x faster than eager (4087 vs 3037 tok/s, 2 threads, benchmarks/bench_train.py
-    # --compile), but the first step compiles for 40-60 s on a cold inductor cache (seconds on a
-    # warm one): that pays off after ~230 such steps, so it is off by default (the 150-step
-    # demo included).
+    # ran 1.29x faster than eager (4167 vs 3241 tok/s; the bench model 1.19x, 266 vs 223; 2
+    # threads, benchmarks/bench_train.py --compile), but the first step compiles for 40-60 s on
+    # a cold inductor cache (seconds on a warm one): that pays off after ~300 tiny-model steps,
+    # so it is off by default (the 150-step demo included).
     compile: bool = False
     seed: int = 0
     # run directory, checkpoints, logs, export

@@ -1,0 +1,24 @@
+"""benchmarks/bench_train.py --quick: every row measured, the plain loop in its own process.
+
+Run as a subprocess: the benchmark changes its process's allocator (``retain_freed_memory``),
+which must not leak into the test process.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+
+
+def test_quick_run_measures_every_row_with_the_plain_loop_apart(tmp_path) -> None:
+    out = tmp_path / "train.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--output", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    demo = json.loads(out.read_text())["cases"]["demo"]
+    rows = ("bamba", "transformers", "transformers, retained memory")
+    assert all(demo[r]["tokens_per_s"] > 0 and len(demo[r]["samples"]) == 1 for r in rows)
+    assert demo["transformers"]["speedup"] == 1.0
+    assert "child process" in demo["transformers"]["process"]
+    assert demo["speedup"] == demo["bamba"]["tokens_per_s"] / demo["transformers"]["tokens_per_s"]
