@@ -154,7 +154,8 @@ RETAINED = "transformers, retained memory"  # the same loop with the trainer's a
 Timer = Callable[[int], float]  # steps -> seconds
 
 
-def local_timers(name: str, compiled: bool, data: list[dict]) -> tuple[Any, BambaLM, dict[str, Timer]]:
+def local_timers(name: str, compiled: bool,
+                 data: list[dict]) -> tuple[Any, BambaLM, dict[str, Timer]]:
     """The implementations run in this process, all from the same initial weights."""
     _, seq_len, batch = CASES[name]
     config, ours, theirs = build_pair(name)

@@ -100,12 +100,13 @@ def compile_layers(model: BambaLM) -> None:
     Layers of one kind share their compiled graphs (parameters are graph inputs), so inductor
     compiles one Mamba and one attention layer, forward and backward, whatever the depth: a
     fraction of whole-model compile time, for the same step time. In place, so state_dict keys,
-    activation checkpointing, FSDP2 units and checkpoints see the same modules. The graphs'
-    kernel launches go through a C++ wrapper instead of Python (``cpp_wrapper``): 1-2% of a
-    bench-model step on this CPU, in alternating runs.
+    activation checkpointing, FSDP2 units and checkpoints see the same modules. On a CPU the
+    graphs' kernel launches go through a C++ wrapper instead of Python (``cpp_wrapper``): 1-2%
+    of a bench-model step here, in alternating runs (GPU graphs keep inductor's default).
     """
+    on_cpu = next(model.parameters()).device.type == "cpu"
     for layer in model.model.layers:
-        layer.compile(options={"cpp_wrapper": True})
+        layer.compile(options={"cpp_wrapper": True} if on_cpu else None)
 
 
 def restore_source(source: BatchSource, train_state: dict[str, Any], info: parallel.DistInfo) -> None:
