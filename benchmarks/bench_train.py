@@ -155,10 +155,12 @@ Timer = Callable[[int], float]  # steps -> seconds
 
 
 def local_timers(name: str, compiled: bool,
-                 data: list[dict]) -> tuple[Any, BambaLM, dict[str, Timer]]:
-    """The implementations run in this process, all from the same initial weights."""
+                 count: int) -> tuple[Any, BambaLM, dict[str, Timer]]:
+    """The implementations run in this process, all from the same initial weights, timed on
+    the same ``count`` seeded batches as the child's plain loop."""
     _, seq_len, batch = CASES[name]
     config, ours, theirs = build_pair(name)
+    data = batches(config.vocab_size, seq_len, batch, count)
     steppers = {"bamba": bamba_stepper(ours, seq_len, batch), RETAINED: hf_stepper(theirs)}
     if compiled:
         twin = copy.deepcopy(ours)
@@ -218,10 +220,8 @@ class Case:
         self.name, self.args = name, args
         _, self.seq_len, self.batch = CASES[name]
         count = max(args.steps, args.warmup)
-        preset_config = preset(CASES[name][0])
-        data = batches(preset_config.vocab_size, self.seq_len, self.batch, count)
         self.plain = PlainLoop(name, args.threads, count)
-        self.config, self.ours, local = local_timers(name, args.compile, data)
+        self.config, self.ours, local = local_timers(name, args.compile, count)
         self.timers: dict[str, Timer] = {"bamba": local.pop("bamba"), PLAIN: self.plain, **local}
         self.warmup: dict[str, float] = {}
         self.speeds: dict[str, list[float]] = {k: [] for k in self.timers}
