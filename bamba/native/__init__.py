@@ -11,7 +11,8 @@ OpenMP region (``layer_ops``), and every layer of a model in one call (``decode_
 the cache write and attention included); ``attention_step.c`` is decode attention over keys and values in
 place (``attention_ops``); ``mixer_prefill.c`` is the Mamba2 mixer's prefill between the
 projections, chunked scan included (``prefill_ops``); ``elementwise.c`` the SwiGLU product and
-RMS norm of a prefill in one pass each (``elementwise_ops``).
+RMS norm of a prefill in one pass each (``elementwise_ops``); ``conv_train.c`` the mixer's causal
+conv + silu and its backward, with document resets, for training (``train_ops``).
 
 The shared library is built once per source and machine into ``$BAMBA_CACHE`` (default
 ``~/.cache/bamba``)/kernels, written atomically. Without a C compiler, or with
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from bamba.native import attention_ops, decode_ops, elementwise_ops, layer_ops
+from bamba.native import attention_ops, decode_ops, elementwise_ops, layer_ops, train_ops
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def _library() -> ctypes.CDLL | None:
     attention_ops.declare(lib)
     decode_ops.declare(lib)
     elementwise_ops.declare(lib)
+    train_ops.declare(lib)
     return lib
 
 

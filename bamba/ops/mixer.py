@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bamba import native
-from bamba.native import prefill_ops
+from bamba.native import prefill_ops, train_ops
 from bamba.ops.conv import causal_conv1d, causal_conv1d_step
 from bamba.ops.norm import gated_rms_norm
 from bamba.ops.ssd import ssd_chunked, ssd_step
@@ -123,7 +123,8 @@ def mamba_prefill(zxbcdt: torch.Tensor,
 
     Without autograd or ``seq_idx`` this runs in ``bamba.native.prefill_ops`` when it is built
     (three native passes instead of ~40 torch ops); y then comes in zxbcdt's dtype (bf16 for a
-    bf16 model: the cast the caller makes before out_proj anyway)."""
+    bf16 model: the cast the caller makes before out_proj anyway). Otherwise, without ``pools``
+    (training), the conv + silu and its backward run in ``bamba.native.train_ops``."""
     sizes = (shape.n_heads, shape.head_dim, shape.n_groups, shape.d_state)
     if prefill_ops.usable(zxbcdt, seq_idx, w, sizes):
         return _prefill_native(zxbcdt, pools, w, shape, scan_chunk, matmul_dtype)
@@ -133,10 +134,14 @@ def mamba_prefill(zxbcdt: torch.Tensor,
     # Everything between in_proj and out_proj runs in float32: the scan wants it, and on a
     # CPU bf16 elementwise ops are slower than float32 ones (each converts per element).
     z, xbc, dt = zxbcdt.float().split([d_inner, shape.conv_dim, shape.n_heads], -1)
-    xbc, conv_state = causal_conv1d(xbc, w.conv_weight, w.conv_bias,
-                                    None if pools is None else read_rows(conv_pool, rows),
-                                    seq_idx)
-    x, B, C = F.silu(xbc).split([d_inner, gn, gn], -1)
+    if pools is None and train_ops.usable(xbc, w.conv_weight):  # training: native fwd + bwd
+        xbc = torch.ops.bamba.conv_silu(xbc, w.conv_weight, w.conv_bias, seq_idx)
+    else:
+        xbc, conv_state = causal_conv1d(xbc, w.conv_weight, w.conv_bias,
+                                        None if pools is None else read_rows(conv_pool, rows),
+                                        seq_idx)
+        xbc = F.silu(xbc)
+    x, B, C = xbc.split([d_inner, gn, gn], -1)
     x = x.reshape(b, l, shape.n_heads, shape.head_dim)
     groups = (b, l, shape.n_groups, shape.d_state)
     y, ssm_state = ssd_chunked(
