@@ -76,6 +76,37 @@ def test_dispatch_uses_matmul_only_for_short_masked_queries(monkeypatch):
     assert calls == [1]
 
 
+def packed_training_case(length: int, seed: int = 0):
+    """Packed rows (two documents each) with leaves that need gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, length, h, 16, generator=gen) for h in (8, 2, 2))
+    seq_idx = (torch.arange(length) >= length // 3).long().expand(2, length)
+    mask = attn.causal_mask(torch.arange(length).expand(2, length), length, seq_idx)
+    return q, k, v, mask
+
+
+def test_training_on_short_rows_takes_the_matmul_path_with_the_same_gradients(monkeypatch):
+    calls = []
+    real = attn.matmul_attention
+    monkeypatch.setattr(attn, "matmul_attention", lambda *a: calls.append(1) or real(*a))
+    for length in (attn.TRAIN_MATMUL_MAX_LEN, attn.TRAIN_MATMUL_MAX_LEN + 1):
+        q, k, v, mask = packed_training_case(length)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attn.attention(*leaves, mask)
+        assert calls == [1], length  # the short row only
+        torch.testing.assert_close(out.double(), reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+        out.square().sum().backward()
+        flash = [t.clone().requires_grad_() for t in (q, k, v)]
+        qf, kf, vf = (t.transpose(1, 2) for t in flash)
+        torch.nn.functional.scaled_dot_product_attention(
+            qf, kf, vf, attn_mask=mask, enable_gqa=True).transpose(1, 2).square().sum().backward()
+        for a, b in zip(leaves, flash, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # inference keeps the flash kernel
+        attn.attention(*packed_training_case(8)[:3], packed_training_case(8)[3])
+    assert calls == [1]
+
+
 def test_head_count_mismatch_is_a_value_error():
     q = torch.randn(1, 1, 6, 8)
     k = torch.randn(1, 4, 4, 8)

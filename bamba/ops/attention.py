@@ -3,6 +3,8 @@
 Two formulations of the same softmax attention:
 
 * long queries (prefill) use ``F.scaled_dot_product_attention`` (the CPU flash kernel);
+* training on rows of at most ``TRAIN_MATMUL_MAX_LEN`` tokens uses the matmul formulation below
+  (its compiled backward is faster there);
 * decode (L <= ``MATMUL_MAX_QUERY``) uses bamba.native's decode attention when it is built
   (keys and values read in place, float32 softmax: torch's bf16 matmul builds a new oneDNN
   primitive for each new key length, ~0.6 ms a call), else two batched matmuls, the query heads
@@ -22,6 +24,10 @@ import torch.nn.functional as F
 from bamba.native import attention_ops
 
 MATMUL_MAX_QUERY = 1  # longest query run through the matmul formulation (measured: see docstring)
+# Training (autograd) on short packed rows: the matmul formulation's forward and backward, compiled,
+# beat the flash kernel with a mask up to 256 tokens (demo model's step 264 -> 247 ms, bench
+# model's 1049 -> 1034 ms at 8 x 256 and 2 x 256); from 512 tokens the flash kernel wins.
+TRAIN_MATMUL_MAX_LEN = 256
 
 
 def causal_mask(q_positions: torch.Tensor, key_len: int,
@@ -48,6 +54,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if mask is not None and q.shape[1] <= MATMUL_MAX_QUERY:
         if attention_ops.usable(q, k, v):
             return attention_ops.decode_attention(q, k, v, mask)
+        return matmul_attention(q, k, v, mask)
+    if mask is not None and k.shape[1] <= TRAIN_MATMUL_MAX_LEN and torch.is_grad_enabled() \
+            and q.requires_grad:
         return matmul_attention(q, k, v, mask)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, len, D]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
