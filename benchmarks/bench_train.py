@@ -20,7 +20,8 @@ child process of its own; beside it, "transformers, retained memory" is the same
 process (what the trainer's setting gives it). All rows are timed in rotating order
 (A B C D, D C B A, ...) so machine load hits all alike; the child waits on a pipe while the
 others run. Each repeat times --steps steps after --warmup steps; the median over repeats is
-reported, with MFU = tokens/s x training FLOPs per token / --peak-tflops; ``speedup`` is over
+reported, with MFU = tokens/s x training FLOPs per token / --peak-tflops (default: this
+process's measured bf16 matmul peak); ``speedup`` is over
 the plain loop, ``speedup_vs_retained`` over the loop with the same allocator. Writes
 benchmarks/results/train.json.
 
@@ -71,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--peak-tflops", type=float, default=0.41, help="bf16 peak of this CPU")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="bf16 peak of this CPU for MFU (default: measured, see matmul_peak_tflops)")
     p.add_argument("--compile", action="store_true",
                    help="also time bamba with compile: true (compile time excluded, reported)")
     p.add_argument("--inductor-cache", default=None,
@@ -79,6 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="demo case, 1 repeat of 1 step")
     p.add_argument("--output", type=Path, default=RESULTS)
     return p.parse_args(argv)
+
+
+def matmul_peak_tflops(size: int = 2048, repeats: int = 10) -> float:
+    """The best bf16 matmul rate this process reaches (size³, at its thread count): the
+    attainable peak MFU is quoted against, measured because the host's rate varies."""
+    a, b = (torch.randn(size, size, dtype=torch.bfloat16) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - began)
+    return 2 * size ** 3 / best / 1e12
 
 
 def batches(vocab: int, seq_len: int, batch: int, count: int, seed: int = 0) -> list[dict]:
@@ -297,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         if n not in CASES:
             raise SystemExit(f"unknown case {n!r}; known: {', '.join(CASES)}")
     torch.set_num_threads(args.threads)
+    peak_source = "given (--peak-tflops)"
+    if args.peak_tflops is None:
+        args.peak_tflops = matmul_peak_tflops()
+        peak_source = "measured: best 2048^3 bf16 matmul in this process"
     cache, made = inductor_cache(args.compile, args.inductor_cache)
     load_before = os.getloadavg()
     try:
@@ -313,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                               "warm-up steps: compile_seconds = warm-up time minus its steps at "
                               "the measured speed; tokens/s excludes it" if args.compile else None,
               "inductor_cache": cache,
-              "peak_tflops": args.peak_tflops, "dtype": "bf16 autocast, fp32 weights/optimizer",
+              "peak_tflops": args.peak_tflops, "peak_source": peak_source, "dtype": "bf16 autocast, fp32 weights/optimizer",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg()}
