@@ -69,7 +69,9 @@ class TrainConfig:
     progress: bool = True
     export: bool = True  # write the HF layout to out_dir/hf at the end
     tokenizer: str | None = None  # tokenizer.json or a directory, copied into the export
-    peak_tflops: float = 0.41  # hardware peak for MFU (this 2-core CPU: ~0.41 TFLOP/s bf16)
+    # hardware peak for MFU: set it for your machine (2 cores of this host: 0.90 TFLOP/s bf16 by
+    # the best 2048³ matmul, benchmarks/bench_train.py; an earlier host 0.41)
+    peak_tflops: float = 0.9
     threads: int | None = None  # torch intra-op threads per process (None: leave as is)
     # keep freed memory in the process for the next step instead of handing it back to the
     # kernel (glibc; bamba.train.memory): ~10% faster CPU steps, resident memory stays at a
