@@ -123,3 +123,20 @@ def test_bamba_native_0_sends_training_to_the_torch_path(monkeypatch):
         native._library.cache_clear()
     assert train_ops.available()
     assert mixer.train_ops is train_ops
+
+
+def test_a_compiled_training_forward_and_backward_call_the_kernels():
+    """What ``compile: true`` traces keeps the native op and its backward (aot_eager: the same
+    graphs without inductor's code generation)."""
+    shape, w = make_mixer(2, 16, 1, 16)
+    params = [t.clone().requires_grad_() for t in w]
+    weights = type(w)(*params)
+    zx = torch.randn(2, 21, 2 * 32 + 32 + 2, requires_grad=True)
+    seq_idx = torch.tensor([[0] * 9 + [1] * 12, [0] * 21])
+    step = torch.compile(lambda z: mamba_prefill(z, None, weights, shape, seq_idx, 8,
+                                                 torch.float32).sum(), backend="aot_eager")
+    with torch.profiler.profile() as prof:
+        step(zx).backward()
+    names = {e.name for e in prof.events()}
+    assert {"bamba::conv_silu", "bamba::conv_silu_backward"} <= names
+    assert zx.grad is not None and all(p.grad is not None for p in params)
