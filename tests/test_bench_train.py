@@ -22,3 +22,18 @@ def test_quick_run_measures_every_row_with_the_plain_loop_apart(tmp_path) -> Non
     assert demo["transformers"]["speedup"] == 1.0
     assert "child process" in demo["transformers"]["process"]
     assert demo["speedup"] == demo["bamba"]["tokens_per_s"] / demo["transformers"]["tokens_per_s"]
+
+
+PARTS = SCRIPT.with_name("bench_train_parts.py")
+
+
+def test_parts_benchmark_times_both_implementations_of_each_part(tmp_path) -> None:
+    out = tmp_path / "parts.json"
+    subprocess.run([sys.executable, str(PARTS), "--repeats", "1", "--threads", "1",
+                    "--output", str(out)], check=True, capture_output=True, text=True,
+                   timeout=600)
+    report = json.loads(out.read_text())
+    assert set(report["conv"]) == {"demo", "bench"}
+    assert all(set(r["ms"]) == {"native op", "torch ops"} and min(r["ms"].values()) > 0
+               for r in report["conv"].values())
+    assert all(set(r["ms"]) == {"matmul", "flash"} for r in report["attention"].values())
