@@ -140,3 +140,14 @@ def test_a_compiled_training_forward_and_backward_call_the_kernels():
     names = {e.name for e in prof.events()}
     assert {"bamba::conv_silu", "bamba::conv_silu_backward"} <= names
     assert zx.grad is not None and all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3])
+def test_rows_shorter_than_the_kernel(length):
+    gen = torch.Generator().manual_seed(length)
+    x, w, b = torch.randn(2, length, 32, generator=gen), torch.randn(32, 4, generator=gen), \
+        torch.randn(32, generator=gen)
+    seq_idx = torch.zeros(2, length, dtype=torch.int32)
+    for g, r in zip(conv_and_grads(True, x, w, b, seq_idx), conv_and_grads(False, x, w, b, seq_idx),
+                    strict=True):
+        assert rel(g, r) < 2e-6

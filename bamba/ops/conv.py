@@ -32,7 +32,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _same_document(seq_idx: torch.Tensor, back: int) -> torch.Tensor:
     """[B, L] true where position t-back belongs to the same document as t (state counts as the
     document of position 0)."""
-    earlier = torch.cat((seq_idx[:, :1].expand(-1, back), seq_idx[:, :-back]), dim=1)
+    l = seq_idx.shape[1]
+    earlier = torch.cat((seq_idx[:, :1].expand(-1, min(back, l)), seq_idx[:, :max(l - back, 0)]),
+                        dim=1)
     return earlier == seq_idx
 
 
