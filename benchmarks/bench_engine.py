@@ -40,7 +40,8 @@ from bamba.model import BambaLM, init_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_decode import (FILL_NOTE, EngineSteps, ModelSteps, Timing, budget_gb,  # noqa: E402
-                           generation_rows, load_average, predictions, profile_step, time_steps)
+                           generation_rows, load_average, predictions, profile_step,
+                           time_alternating)
 
 RESULTS = Path(__file__).parent / "results"
 SECTIONS = ("context", "long", "batched", "prefix")
@@ -155,20 +156,21 @@ def bench_context(args: argparse.Namespace, dirs: dict[str, Path], cfg: BambaCon
     timing = Timing(args.steps, args.repeats)
     measured: dict[tuple[int, int], dict] = {}
     profiles = {}
-    for name in ("hybrid", "twin"):
-        step = _steps(load(dirs[name]), args, max(args.batches), contexts[-1])
-        for b in args.batches:
-            for s in contexts:
-                measured[(b, s)] = {**measured.get((b, s), {}),
-                                    name: {**time_steps(step, b, s, timing),
-                                           "load_average": load_average()}}
-                print(f"context {name} b={b} s={s}: {measured[(b, s)][name]['step_s']:.4f} s/step",
-                      flush=True)
-        if args.profile_batch:  # shortest context (weights, states) and a long one (KV)
-            profiles[name] = [profile_step(step, args.profile_batch, s)
-                              for s in sorted({contexts[0], contexts[len(contexts) // 2]})]
-        del step
-        gc.collect()
+    steps = {name: _steps(load(dirs[name]), args, max(args.batches), contexts[-1])
+             for name in ("hybrid", "twin")}
+    for b in args.batches:
+        for s in contexts:
+            timed = time_alternating(steps, b, s, timing)
+            measured[(b, s)] = {name: {**t, "load_average": load_average()}
+                                for name, t in timed.items()}
+            print(f"context b={b} s={s}: hybrid {timed['hybrid']['step_s']:.4f}, twin "
+                  f"{timed['twin']['step_s']:.4f} s/step", flush=True)
+    if args.profile_batch:  # shortest context (weights, states) and a long one (KV)
+        profiles = {name: [profile_step(step, args.profile_batch, s)
+                           for s in sorted({contexts[0], contexts[len(contexts) // 2]})]
+                    for name, step in steps.items()}
+    del steps
+    gc.collect()
     points = []
     for (b, s), m in sorted(measured.items()):
         ratio = m["twin"]["step_s"] / m["hybrid"]["step_s"]
@@ -215,14 +217,14 @@ def full_generations(args: argparse.Namespace, dirs: dict[str, Path]) -> list[di
 def bench_long(args: argparse.Namespace, dirs: dict[str, Path], cfg: BambaConfig) -> dict:
     timing = Timing(args.steps, args.repeats)
     rows = {}
-    for name in ("hybrid", "twin"):
-        step = _steps(load(dirs[name]), args, max(args.long_batches), args.long_context)
-        for b in args.long_batches:
-            t = time_steps(step, b, args.long_context, timing)
-            rows.setdefault(b, {})[name] = {**t, "tok_s": b / t["step_s"],
-                                            "load_average": load_average()}
-        del step
-        gc.collect()
+    steps = {name: _steps(load(dirs[name]), args, max(args.long_batches), args.long_context)
+             for name in ("hybrid", "twin")}
+    for b in args.long_batches:
+        timed = time_alternating(steps, b, args.long_context, timing)
+        rows[b] = {name: {**t, "tok_s": b / t["step_s"], "load_average": load_average()}
+                   for name, t in timed.items()}
+    del steps
+    gc.collect()
     out = []
     for b, r in sorted(rows.items()):
         out.append({"batch": b, "context": args.long_context, **r,

@@ -42,7 +42,8 @@ FILL_NOTE = ("Decode steps are timed at each context length on caches filled wit
              "of the right shape and dtype (KV blocks, conv and SSM states) instead of a prefill: "
              "a decode step's cost depends on shapes, not values. Whole-generation figures "
              "integrate the measured step cost over context (trapezoid rule over the measured "
-             "contexts; prefill excluded).")
+             "contexts; prefill excluded). Both models are loaded at once and, at each point, "
+             "their repeats alternate (hybrid twin, twin hybrid, ...).")
 StepFn = Callable[[int, int], None]  # (batch, context) -> runs one decode step
 
 
@@ -140,15 +141,25 @@ class ModelSteps:
 
 def time_steps(step: StepFn, batch: int, context: int, timing: Timing) -> dict:
     """Median over repeats of the mean step time (seconds) at (batch, context)."""
-    for _ in range(timing.warmup):
-        step(batch, context)
-    means = []
-    for _ in range(timing.repeats):
-        start = time.perf_counter()
-        for _ in range(timing.steps):
+    return time_alternating({"step": step}, batch, context, timing)["step"]
+
+
+def time_alternating(steps: dict[str, StepFn], batch: int, context: int,
+                     timing: Timing) -> dict[str, dict]:
+    """``time_steps`` for several models at one point, their repeats taken in alternation
+    (A B, B A, ...) so that a change in the machine's speed during the point hits all alike."""
+    for step in steps.values():
+        for _ in range(timing.warmup):
             step(batch, context)
-        means.append((time.perf_counter() - start) / timing.steps)
-    return {"step_s": statistics.median(means), "repeat_step_s": means}
+    means: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(timing.repeats):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            start = time.perf_counter()
+            for _ in range(timing.steps):
+                steps[name](batch, context)
+            means[name].append((time.perf_counter() - start) / timing.steps)
+    return {name: {"step_s": statistics.median(m), "repeat_step_s": m}
+            for name, m in means.items()}
 
 
 def trapezoid(xs: list[int], ys: list[float], end: int) -> float:

@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from engine_decode import (EngineSteps, Timing, fill_, generation_rows,  # noqa: E402
-                           predicted_generation_ratio, time_steps, trapezoid)
+                           predicted_generation_ratio, time_alternating, time_steps, trapezoid)
 from engine_report import render  # noqa: E402
 
 from bamba.analyze import Precision, decode_cost  # noqa: E402
@@ -56,3 +56,13 @@ def test_engine_steps_run_on_tiny_and_report_renders():
     assert len(out["repeat_step_s"]) == 2 and out["step_s"] > 0
     assert not torch.equal(before, step.llm.runner.ssm[0][step.slots[0]])  # state was updated
     assert render({}) == ""
+
+
+def test_alternating_timing_swaps_the_order_every_repeat():
+    calls = []
+    steps = {name: (lambda b, s, name=name: calls.append(name)) for name in ("hybrid", "twin")}
+    out = time_alternating(steps, 1, 8, Timing(steps=2, repeats=3, warmup=1))
+    assert calls == ["hybrid", "twin"] + ["hybrid"] * 2 + ["twin"] * 4 + ["hybrid"] * 4 + \
+        ["twin"] * 2
+    assert set(out) == {"hybrid", "twin"}
+    assert all(len(t["repeat_step_s"]) == 3 for t in out.values())
