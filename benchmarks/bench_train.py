@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                               "warm-up steps: compile_seconds = warm-up time minus its steps at "
                               "the measured speed; tokens/s excludes it" if args.compile else None,
               "inductor_cache": cache,
-              "peak_tflops": args.peak_tflops, "peak_source": peak_source, "dtype": "bf16 autocast, fp32 weights/optimizer",
+              "peak_tflops": args.peak_tflops, "peak_source": peak_source,
+              "dtype": "bf16 autocast, fp32 weights/optimizer",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg()}

@@ -19,8 +19,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -32,23 +31,20 @@ from bamba.native import train_ops
 from bamba.ops.attention import causal_mask, matmul_attention
 from bamba.ops.conv import causal_conv1d
 
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_decode import Timing, time_alternating  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "train_parts.json"
 # name -> (preset, batch, seq_len): bench_train.py's training shapes
 SHAPES = {"demo": ("tiny", 8, 256), "bench": ("bench", 2, 256)}
 
 
 def time_pair(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median ms of each callable, timed in alternation after two warm-up calls each."""
-    for fn in fns.values():
-        fn()
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            began = time.perf_counter()
-            fns[name]()
-            times[name].append((time.perf_counter() - began) * 1e3)
-    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+    """Median ms of each callable, timed in alternation after two warm-up calls each (the
+    engine benchmark's ``time_alternating``, one call a repeat)."""
+    timed = time_alternating({k: (lambda _b, _s, fn=fn: fn()) for k, fn in fns.items()}, 0, 0,
+                             Timing(steps=1, repeats=repeats, warmup=2))
+    return {k: round(t["step_s"] * 1e3, 3) for k, t in timed.items()}
 
 
 def fwd_bwd(fn: Callable[..., torch.Tensor], *leaves: torch.Tensor) -> Callable[[], None]:

@@ -15,7 +15,6 @@
  * Functions return 0, or -1 without AVX-512 or when D is not a multiple of 16 or K > 8.
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "vmath.h"
 
@@ -37,12 +36,17 @@ typedef struct {
     const int64_t *seq;
 } ConvIn;
 
-/* Input block c at time s of row b, or zero before the sequence or in another document than t. */
+/* Whether time s of row b feeds time t: inside the sequence and in t's document. */
+static inline __attribute__((always_inline)) int feeds(const ConvIn *in, int64_t b, int64_t t,
+                                                       int64_t s) {
+    return s >= 0 && (!in->seq || in->seq[b * in->len + s] == in->seq[b * in->len + t]);
+}
+
+/* Input block c at time s of row b, or zero where it does not feed time t. */
 static inline __attribute__((always_inline)) __m512 tap(const ConvIn *in, int64_t b, int64_t t,
                                                         int64_t s, int64_t c) {
-    if (s < 0) return _mm512_setzero_ps();
-    if (in->seq && in->seq[b * in->len + s] != in->seq[b * in->len + t]) return _mm512_setzero_ps();
-    return _mm512_loadu_ps(in->x + b * in->sxb + s * in->sxt + c);
+    return feeds(in, b, t, s) ? _mm512_loadu_ps(in->x + b * in->sxb + s * in->sxt + c)
+                              : _mm512_setzero_ps();
 }
 
 /* The pre-activation of channels c..c+15 at time t. */
@@ -94,10 +98,10 @@ static inline __attribute__((always_inline)) void backward_block(
                 gb = _mm512_add_ps(gb, g);
                 for (int64_t i = 0; i < K; i++) {
                     const int64_t s = t - (K - 1) + i;
-                    const __m512 xs = tap(in, b, t, s, c);
-                    gw[i] = _mm512_fmadd_ps(g, xs, gw[i]);
-                    if (s >= 0 && (!in->seq || in->seq[b * L + s] == in->seq[b * L + t]))
-                        pending[i] = _mm512_fmadd_ps(g, w[i], pending[i]);
+                    if (!feeds(in, b, t, s)) continue;
+                    gw[i] = _mm512_fmadd_ps(g, _mm512_loadu_ps(in->x + b * in->sxb + s * in->sxt + c),
+                                            gw[i]);
+                    pending[i] = _mm512_fmadd_ps(g, w[i], pending[i]);
                 }
             }
             const int64_t done = t - (K - 1);

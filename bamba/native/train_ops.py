@@ -5,7 +5,7 @@ for training and other cache-free forward passes.
 None, seq_idx)[0])`` for float32 x [B, L, D] (rows may be strided: a slice of in_proj's output),
 weight [D, K]; its gradient is ``torch.ops.bamba.conv_silu_backward`` (one pass: the
 pre-activation is recomputed, not stored). Forward + backward at the demo shape, compiled:
-2.4 ms a layer against 6.6 ms for inductor's code of the torch ops (the weight gradient reduced
+2.3 ms a layer against 6.7 ms for inductor's code of the torch ops (the weight gradient reduced
 over batch and time, the taps' shifted slices; benchmarks/bench_train_parts.py); a whole demo
 training step ~5% faster. ``usable`` says when a call can take the kernels; otherwise callers
 use the torch ops, which tests hold these equal to. (A native gated RMS norm was tried the same

@@ -26,9 +26,9 @@ from bamba.native import attention_ops
 MATMUL_MAX_QUERY = 1  # longest query run through the matmul formulation (measured: see docstring)
 # Training (autograd) on short packed rows: the matmul formulation's forward and backward, compiled,
 # beat the flash kernel with a document mask at 256 tokens (benchmarks/bench_train_parts.py:
-# 7.3 vs 12.8 ms at the demo shape, 3.6 vs 6.3 at the bench one; the demo step 264 -> 247 ms).
-# At 512 the flash kernel wins for the demo model (21 vs 26 ms) though not for the bench model,
-# and the scores grow with the square of the length: longer rows keep the flash kernel.
+# 6.5 vs 11.5 ms at the demo shape, 3.7 vs 6.1 at the bench one; the demo step 264 -> 247 ms).
+# At 512 two runs disagreed for the demo model (12.6 vs 19.7 ms, and 25.8 vs 21.5), and the
+# scores grow with the square of the length: longer rows keep the flash kernel until measured.
 TRAIN_MATMUL_MAX_LEN = 256
 
 
