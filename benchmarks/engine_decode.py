@@ -139,15 +139,11 @@ class ModelSteps:
         self.model(tokens, positions=positions, cache=cache, logits_to_keep=1)
 
 
-def time_steps(step: StepFn, batch: int, context: int, timing: Timing) -> dict:
-    """Median over repeats of the mean step time (seconds) at (batch, context)."""
-    return time_alternating({"step": step}, batch, context, timing)["step"]
-
-
 def time_alternating(steps: dict[str, StepFn], batch: int, context: int,
                      timing: Timing) -> dict[str, dict]:
-    """``time_steps`` for several models at one point, their repeats taken in alternation
-    (A B, B A, ...) so that a change in the machine's speed during the point hits all alike."""
+    """Median over repeats of the mean step time (seconds) of each model at (batch, context),
+    their repeats taken in alternation (A B, B A, ...) so that a change in the machine's speed
+    during the point hits all alike."""
     for step in steps.values():
         for _ in range(timing.warmup):
             step(batch, context)

@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from engine_decode import (EngineSteps, Timing, fill_, generation_rows,  # noqa: E402
-                           predicted_generation_ratio, time_alternating, time_steps, trapezoid)
+                           predicted_generation_ratio, time_alternating, trapezoid)
 from engine_report import render  # noqa: E402
 
 from bamba.analyze import Precision, decode_cost  # noqa: E402
@@ -52,7 +52,7 @@ def test_engine_steps_run_on_tiny_and_report_renders():
     model = init_weights(BambaLM(preset("tiny")), seed=0).to(torch.bfloat16)
     step = EngineSteps(model, max_batch=2, max_context=40, state_dtype=torch.float32)
     before = step.llm.runner.ssm[0][step.slots[0]].clone()
-    out = time_steps(step, 2, 33, Timing(steps=1, repeats=2, warmup=0))
+    out = time_alternating({"step": step}, 2, 33, Timing(steps=1, repeats=2, warmup=0))["step"]
     assert len(out["repeat_step_s"]) == 2 and out["step_s"] > 0
     assert not torch.equal(before, step.llm.runner.ssm[0][step.slots[0]])  # state was updated
     assert render({}) == ""
