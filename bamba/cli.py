@@ -25,13 +25,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option whose help text does not already name its
+    default; options without a value (flags, None) and positionals are left as they are."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        no_value = action.default is None or action.default is False \
+            or action.default == argparse.SUPPRESS
+        if "default" in text or no_value or not action.option_strings or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``verb``'s module is imported (to add its arguments)."""
     parser = argparse.ArgumentParser(prog="bamba", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        verb_parser = sub.add_parser(name, help=help_text, description=help_text)
+        verb_parser = sub.add_parser(name, help=help_text, description=help_text,
+                                     formatter_class=DefaultsHelpFormatter)
         verb_parser.set_defaults(_module=module)
         if name == verb:
             importlib.import_module(module).configure(verb_parser)
