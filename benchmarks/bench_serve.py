@@ -197,9 +197,9 @@ def offline(directory: Path, batch: list[list[int]], args: argparse.Namespace,
             concurrency: int) -> dict[str, float]:
     """The same requests through ``LLM.generate`` in this process, at most ``concurrency``
     sequences at a time: the engine without HTTP. It runs on a worker thread, as the server's
-    engine does: on this loaded 2-core machine, torch's 2-thread kernels called from the main
-    thread were measured ~15x slower than from a worker thread (OpenMP spinning), which would
-    make the comparison meaningless."""
+    engine does, so that both sides drive torch's OpenMP threads from the same kind of thread
+    (on a loaded machine the main thread's spinning made them far slower: benchmarks/README.md,
+    Server)."""
     from bamba.engine import LLM, SamplingParams
 
     torch.set_num_threads(args.threads)

@@ -66,3 +66,16 @@ def test_alternating_timing_swaps_the_order_every_repeat():
         ["twin"] * 2
     assert set(out) == {"hybrid", "twin"}
     assert all(len(t["repeat_step_s"]) == 3 for t in out.values())
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "benchmarks"
+                                         / "results").glob("engine*.json")), ids=lambda p: p.name)
+def test_report_renders_every_committed_engine_result(path):
+    import json
+
+    data = json.loads(path.read_text())
+    text = render(data)
+    for section in data:  # every section the file holds gets its heading
+        heading = {"context": "### Hybrid vs twin", "long": "### Long context",
+                   "batched": "### Batched generation", "prefix": "### Prefix cache"}[section]
+        assert heading in text
