@@ -73,7 +73,10 @@ class ChatSession:
         pieces: list[str] = []
         try:
             while self.last_finish_reason is None and not interrupted():
-                for output in self.llm.step():
+                outputs = self.llm.step()
+                if not outputs and not self.llm.scheduler.has_work():
+                    raise RuntimeError("engine idle with an unfinished reply")
+                for output in outputs:
                     completion = output.outputs[0]
                     self.last_finish_reason = completion.finish_reason
                     if completion.new_text:
