@@ -132,8 +132,8 @@ class _Batch:
         vocab = model.config.vocab_size
         self._counts = self._seen = None
         if self.sampling.any_penalty:
-            self._counts = torch.zeros(len(prompts), vocab)
-            self._seen = token_counts(prompts, vocab) > 0
+            self._counts = torch.zeros(len(prompts), vocab, device=model.device)
+            self._seen = token_counts(prompts, vocab, model.device) > 0
         # Decode inputs of the active rows, kept between steps (rebuilt when a row leaves).
         self.active: list[int] = []
         self._rows_sampling = self.sampling

@@ -26,7 +26,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, max_new_tokens: int
     """Sampling and stopping options (vLLM/OpenAI semantics, see ``bamba.sampling``)."""
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                         help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=temperature,
+    parser.add_argument("--temperature", type=float, default=temperature, metavar="T",
                         help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, metavar="K",
                         help="keep the K most likely tokens; 0 = off")
