@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("bamba.data.bpe_cli", "train a byte-level BPE tokenizer on text files"),
     "tokenize": ("bamba.data.tokenize_cli", "text/JSONL/parquet files -> Arrow shards of token ids"),
     "generate": ("bamba.generation_cli", "generate a continuation of a prompt"),
+    "chat": ("bamba.chat_cli", "chat with a model in the terminal (chat template, streamed replies)"),
     "analyze": ("bamba.analyze_cli", "arithmetic-intensity model: FLOPs, bytes, predicted decode speed-up"),
     "train": ("bamba.train_cli", "pretrain from a YAML config (torchrun -m bamba.train for several processes)"),
     "finetune": ("bamba.finetune_cli", "fine-tune a checkpoint on chat or prompt/completion JSONL"),

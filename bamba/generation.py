@@ -18,19 +18,25 @@ import torch
 
 from bamba.cache import ContiguousCache
 from bamba.model import BambaLM
-from bamba.sampling import SamplingBatch, require_int, require_number, sample
+from bamba.sampling import SamplingBatch, require_int, require_number, sample, token_counts
 
 
 @dataclass
 class GenerationConfig:
-    """How to continue prompts. temperature 0 is greedy; top_k 0 and top_p 1 switch those
-    filters off. With a seed, prompt i samples from its own generator seeded ``seed + i``.
+    """How to continue prompts. temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch
+    those filters off; penalties at their neutral values (1, 0, 0) do nothing, and follow the
+    engine's ``SamplingParams`` (repetition over prompt and output, presence and frequency over
+    the output). With a seed, prompt i samples from its own generator seeded ``seed + i``.
     eos_token_ids None means the model config's EOS ids."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     eos_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -40,6 +46,10 @@ class GenerationConfig:
         require_number(self.temperature, "temperature", 0.0, math.inf)
         require_int(self.top_k, "top_k", 0)
         require_number(self.top_p, "top_p", 0.0, 1.0, low_open=True)
+        require_number(self.min_p, "min_p", 0.0, 1.0)
+        require_number(self.repetition_penalty, "repetition_penalty", 0.0, math.inf, low_open=True)
+        require_number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
+        require_number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
         if self.seed is not None:
             require_int(self.seed, "seed", -2**63)
         if self.eos_token_ids is not None:
@@ -50,7 +60,10 @@ class GenerationConfig:
     def sampling_batch(self, rows: int) -> SamplingBatch:
         seeds = None if self.seed is None else [self.seed + i for i in range(rows)]
         return SamplingBatch.build(rows, temperature=self.temperature, top_k=self.top_k,
-                                   top_p=self.top_p, seeds=seeds)
+                                   top_p=self.top_p, min_p=self.min_p,
+                                   repetition_penalty=self.repetition_penalty,
+                                   presence_penalty=self.presence_penalty,
+                                   frequency_penalty=self.frequency_penalty, seeds=seeds)
 
 
 @dataclass
@@ -115,6 +128,12 @@ class _Batch:
                                      model.dtype, device=model.device)
         self.sampling = config.sampling_batch(len(prompts))
         self.results = [GenerationResult(prompt_tokens=len(p)) for p in prompts]
+        # Penalty state per row: output token counts and "seen in prompt or output".
+        vocab = model.config.vocab_size
+        self._counts = self._seen = None
+        if self.sampling.any_penalty:
+            self._counts = torch.zeros(len(prompts), vocab, device=model.device)
+            self._seen = token_counts(prompts, vocab, model.device) > 0
         # Decode inputs of the active rows, kept between steps (rebuilt when a row leaves).
         self.active: list[int] = []
         self._rows_sampling = self.sampling
@@ -123,17 +142,26 @@ class _Batch:
     def _accept(self, row: int, token: int) -> None:
         result = self.results[row]
         result.token_ids.append(token)
+        if self._counts is not None:
+            self._counts[row, token] += 1
+            self._seen[row, token] = True
         if token in self.stop_ids:
             result.finish_reason = "stop"
         elif len(result.token_ids) >= self.config.max_new_tokens:
             result.finish_reason = "length"
+
+    def _sample(self, logits: torch.Tensor, rows: list[int], sampling: SamplingBatch
+                ) -> torch.Tensor:
+        if self._counts is None:
+            return sample(logits, sampling)
+        return sample(logits, sampling, self._counts[rows], self._seen[rows])
 
     def prefill(self, row: int) -> int:
         """Run prompt ``row`` into its cache row; return its first new token."""
         start = time.perf_counter()
         ids = torch.tensor([list(self.prompts[row])], dtype=torch.long, device=self.model.device)
         logits = self.model(ids, cache=self.cache.bind([row]), logits_to_keep=1)[:, -1]
-        token = int(sample(logits, self.sampling.select([row]))[0])
+        token = int(self._sample(logits, [row], self.sampling.select([row]))[0])
         self.results[row].prefill_seconds = time.perf_counter() - start
         self._accept(row, token)
         return token
@@ -157,7 +185,7 @@ class _Batch:
             logits = self.decode_step(self._last, self._positions, self.cache)
         else:
             logits = self.model(self._last, positions=self._positions, cache=self.cache)[:, -1]
-        next_tokens = sample(logits, self._rows_sampling)
+        next_tokens = self._sample(logits, rows, self._rows_sampling)
         tokens = next_tokens.tolist()
         elapsed = time.perf_counter() - start
         for r, token in zip(rows, tokens, strict=True):
@@ -205,11 +233,19 @@ class GenerationStream:
                  config: GenerationConfig | None = None, decode_step: DecodeStep | None = None):
         self._batch = _Batch(model, [prompt], config or GenerationConfig(), decode_step)
         self.result = self._batch.results[0]
+        self._ended = False
+
+    def finish(self, reason: str = "stop") -> None:
+        """End early with this finish reason (e.g. the caller found a stop string in the
+        text): iteration ends before the next decode step."""
+        self._ended = True
+        if self.result.finish_reason is None:
+            self.result.finish_reason = reason
 
     def __iter__(self) -> Iterator[int]:
         # inference_mode must cover each resumption of the generator, not only its creation
         steps = self._batch.run()
-        while True:
+        while not self._ended:
             with torch.inference_mode():
                 item = next(steps, None)
             if item is None:

@@ -6,20 +6,20 @@ import argparse
 import sys
 from typing import Any
 
-DTYPES = ("float32", "bfloat16")
+from bamba.inference_cli import (add_model_options, add_sampling_options, load_model,
+                                 sampling_values, set_threads)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR_OR_ID",
                         help="checkpoint directory or hub id (default: the tiny model `bamba demo` "
                              "trained, else an untrained tiny model whose text is noise)")
-    parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="text to continue; - reads it from stdin")
+    parser.add_argument("--prompt-file", default=None, metavar="PATH",
+                        help="read the text to continue from this UTF-8 file")
+    add_sampling_options(parser, max_new_tokens=64, temperature=0.0)
+    add_model_options(parser)
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads (default: torch's choice)")
     parser.add_argument("--compile", default="none", metavar="MODE",
@@ -27,62 +27,105 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(a minute or more before the first token; faster decode after)")
 
 
-def _dtype(name: str) -> Any:
-    import torch
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt text from exactly one source: --prompt TEXT, --prompt - (stdin), --prompt-file."""
+    if prompt is not None and prompt_file is not None:
+        raise ValueError("give --prompt or --prompt-file, not both")
+    if prompt is None and prompt_file is None:
+        raise ValueError("no prompt: give --prompt TEXT, --prompt - (stdin) or --prompt-file PATH")
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompt-file {prompt_file}: not UTF-8 text") from None
+        except IsADirectoryError:
+            raise ValueError(f"--prompt-file {prompt_file}: is a directory") from None
+        source = f"--prompt-file {prompt_file}"
+    elif prompt == "-":
+        text, source = sys.stdin.read(), "the prompt from stdin"
+    else:
+        text, source = prompt, "--prompt"
+    if not text:
+        raise ValueError(f"{source} is empty")
+    return text
 
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return getattr(torch, name)
 
+class StopText:
+    """Stop strings over streamed text: ``feed`` returns the text safe to show (text that could
+    begin a stop string is held back) and whether a stop string ended the output; the stop
+    string itself is never shown (OpenAI/vLLM semantics)."""
 
-def _load(model_ref: str | None, dtype: Any) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, is_embedded_default)."""
-    if model_ref is None:
-        from bamba.default_model import load_default
+    def __init__(self, stops: list[str] | None):
+        self.stops = [s for s in stops or [] if s]
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self.shown = 0
+        self.stopped: str | None = None
 
-        return *load_default(dtype), True
-    from bamba.checkpoint import from_pretrained, load_tokenizer
+    def feed(self, new: str) -> str:
+        from bamba.engine.detok import find_stop
 
-    tokenizer = load_tokenizer(model_ref)  # first: a missing tokenizer fails before the weights
-    return from_pretrained(model_ref, dtype=dtype), tokenizer, False
+        if self.stopped is not None:
+            return ""
+        start = len(self.text)
+        self.text += new
+        hit = find_stop(self.text, self.stops, start) if self.stops and new else None
+        end = max(len(self.text) - self.holdback, self.shown)
+        if hit is not None:
+            end, self.stopped = hit
+        out = self.text[self.shown:end]
+        self.shown = end
+        return out
+
+    def rest(self) -> str:
+        """At the end of the output: whatever was held back."""
+        out = "" if self.stopped is not None else self.text[self.shown:]
+        self.shown = len(self.text)
+        return out
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from bamba.dtypes import dtype_name, parse_dtype
     from bamba.engine.detok import IncrementalDetokenizer
     from bamba.generation import GenerationConfig, GenerationStream
 
-    if not args.prompt:
-        raise ValueError("--prompt is empty")
-    dtype = _dtype(args.dtype)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    text = read_prompt(args.prompt, args.prompt_file)
+    dtype = parse_dtype(args.dtype, "--dtype")
+    set_threads(args.threads)
+    if args.stop is not None and not all(args.stop):
+        raise ValueError("--stop must not be empty")
+    options = dict(max_new_tokens=args.max_new_tokens, **sampling_values(args))
     GenerationConfig(**options)  # bad values fail before the model loads
     if args.compile != "none":
         from bamba.compile import inductor_options
 
         inductor_options(args.compile)
-    model, tokenizer, embedded = _load(args.model, dtype)
-    prompt = tokenizer.encode(args.prompt)
+    model, tokenizer, embedded = load_model(args.model, args.tokenizer, dtype)
+    prompt = tokenizer.encode(text)
     if not prompt:
-        raise ValueError("--prompt encodes to no tokens")
+        raise ValueError("the prompt encodes to no tokens")
     eos = sorted(set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids))
     config = GenerationConfig(**options, eos_token_ids=eos)
     decode_step = _compiled_step(model, args.compile, len(prompt) + args.max_new_tokens)
     stream = GenerationStream(model, prompt, config, decode_step)
     detok = IncrementalDetokenizer(tokenizer, prompt)
+    stops = StopText(args.stop)
     for token in stream:
-        sys.stdout.write(detok.add(token))
-        sys.stdout.flush()
-    sys.stdout.write(detok.flush() + "\n")
-    sys.stdout.flush()
-    print(_report(stream.result, args.dtype, torch.get_num_threads(), embedded), file=sys.stderr)
+        _write(stops.feed(detok.add(token)))
+        if stops.stopped is not None:
+            stream.finish("stop")
+    _write(stops.feed(detok.flush()) + stops.rest() + "\n")
+    print(_report(stream.result, dtype_name(dtype), torch.get_num_threads(), embedded),
+          file=sys.stderr)
     return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _compiled_step(model: Any, mode: str, cache_len: int) -> Any:

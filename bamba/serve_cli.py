@@ -24,7 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the model id clients send (default: the path's last part)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (default: $BAMBA_API_KEY)")
-    parser.add_argument("--dtype", default="bfloat16", help="weights: float32 or bfloat16")
+    from bamba.inference_cli import add_model_options
+
+    add_model_options(parser)
     parser.add_argument("--state-dtype", default="float32",
                         help="Mamba state slots: float32 (default) or bfloat16")
     parser.add_argument("--memory-gb", type=float, default=2.0,
@@ -66,7 +68,12 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype,
+    from bamba.dtypes import parse_dtype
+    from bamba.inference_cli import checkpoint_tokenizer
+
+    dtype = parse_dtype(args.dtype, "--dtype")
+    tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)  # before the weights load
+    llm = LLM(args.model, tokenizer, dtype=dtype, state_dtype=args.state_dtype,
               memory_gb=args.memory_gb, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,

@@ -30,12 +30,10 @@ from bamba.cache import ContiguousCache
 from bamba.checkpoint import from_pretrained
 from bamba.compile import MODES, CompiledForward
 from bamba.config import BambaConfig, llama_twin, preset
+from bamba.dtypes import dtype_name, parse_dtype
 from bench_engine import StepClock  # noqa: E402 (a sibling script)
 
 RESULTS = Path(__file__).parent / "results" / "core.json"
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="bench", help="config preset for the hybrid model")
@@ -58,12 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.preset, args.prompt, args.decode, args.repeats = "tiny", 32, 8, 1
         args.compile = "none"
-    args.compile_dtypes = [d for d in args.compile_dtypes.split(",") if d]
-    args.compile_prefill_dtypes = [d for d in args.compile_prefill_dtypes.split(",") if d]
-    for name in args.dtypes.split(",") + args.compile_dtypes + args.compile_prefill_dtypes:
-        if name not in DTYPES:
-            raise SystemExit(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    try:
+        args.dtypes = _dtype_names(args.dtypes, "--dtypes")
+        args.compile_dtypes = _dtype_names(args.compile_dtypes, "--compile-dtypes")
+        args.compile_prefill_dtypes = _dtype_names(args.compile_prefill_dtypes,
+                                                   "--compile-prefill-dtypes")
+    except ValueError as exc:
+        p.error(str(exc))
     return args
+
+
+def _dtype_names(text: str, option: str) -> list[str]:
+    """Canonical names of a comma-separated dtype list (the package's one dtype parser)."""
+    return [dtype_name(d, option) for d in text.split(",") if d]
 
 
 def machine_info(threads: int) -> dict:
@@ -164,7 +169,7 @@ def _same_path(a: list[int], b: list[int]) -> int:
 
 def bench_dtype(dirs: dict[str, Path], name: str, args: argparse.Namespace,
                 ids: torch.Tensor) -> dict:
-    dtype = DTYPES[name]
+    dtype = parse_dtype(name)
     rows = {}
     for arch in ("hybrid", "twin"):
         rows[f"bamba_{arch}"] = bench_bamba(dirs[arch], dtype, args, ids, "none")
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         dirs = {arch: Path(tmp) / arch for arch in configs}
         for arch, cfg in configs.items():
             write_checkpoint(cfg, dirs[arch])
-        results = {name: bench_dtype(dirs, name, args, ids) for name in args.dtypes.split(",")}
+        results = {name: bench_dtype(dirs, name, args, ids) for name in args.dtypes}
     report = {
         "machine": machine_info(args.threads),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from bamba.compile import inductor_options
+from bamba.dtypes import parse_dtype
 from bamba.engine.cache import PagePool, plan_pools
 from bamba.engine.params import CompletionOutput, RequestOutput, SamplingParams
 from bamba.engine.prefix_cache import PrefixCache
@@ -27,18 +28,6 @@ from bamba.engine.sequence import SequenceOutput, sample_rows
 from bamba.model import BambaLM
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(value: str | torch.dtype, name: str = "dtype") -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in _DTYPES:
-        raise ValueError(f"{name} {value!r} is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[value]
-
 
 @dataclass(frozen=True)
 class EngineStats:

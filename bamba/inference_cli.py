@@ -1,0 +1,95 @@
+"""Options the inference verbs share (``generate``, ``chat``, ``serve``), so they accept the same
+names with the same defaults: weights dtype, a tokenizer override, sampling; and loading the
+tokenizer before the weights, so a checkpoint without one fails fast and says what to do."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from bamba.dtypes import DEFAULT_DTYPE, DTYPE_HELP
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "seed")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --tokenizer."""
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, help=f"weights: {DTYPE_HELP}")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
+                        help="tokenizer directory or hub id (default: the checkpoint's own; "
+                             "needed when it was saved without one)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, *, max_new_tokens: int,
+                         temperature: float) -> None:
+    """Sampling and stopping options (vLLM/OpenAI semantics, see ``bamba.sampling``)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                        help="tokens to generate at most")
+    parser.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                        help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="keep the K most likely tokens; 0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="keep the most likely tokens up to this mass; 1 = off")
+    parser.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                        help="drop tokens less likely than P times the most likely; 0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                        help="divide the logits of tokens already in prompt or output by R "
+                             "(> 1 repeats less); 1 = off")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
+                        help="subtract X from tokens already in the output, in [-2, 2]; 0 = off")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                        help="subtract X times a token's count in the output, in [-2, 2]; 0 = off")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="stop before this text (not printed); repeat for several")
+
+
+def sampling_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options by the field names ``GenerationConfig`` and ``SamplingParams`` share."""
+    return {name: getattr(args, name) for name in SAMPLING_FIELDS}
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's thread count from --threads (None: torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def checkpoint_tokenizer(model_ref: str, tokenizer_ref: str | None) -> Any:
+    """The --tokenizer given, else the checkpoint's own; a checkpoint saved without one fails
+    here (before its weights load) naming --tokenizer."""
+    from bamba.checkpoint import load_tokenizer, resolve_checkpoint
+    from bamba.tokenizer import TOKENIZER_FILE
+
+    if tokenizer_ref is not None:
+        return load_tokenizer(tokenizer_ref)
+    directory = resolve_checkpoint(model_ref)
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: no tokenizer ({TOKENIZER_FILE} not found); "
+                                f"pass --tokenizer DIR_OR_ID")
+    return load_tokenizer(directory)
+
+
+def load_model(model_ref: str | None, tokenizer_ref: str | None, dtype: Any
+               ) -> tuple[Any, Any, bool]:
+    """(model, tokenizer, is_embedded_default); no ``model_ref`` means the embedded default."""
+    if model_ref is None:
+        from bamba.default_model import load_default
+
+        model, tokenizer = load_default(dtype)
+        if tokenizer_ref is not None:
+            from bamba.checkpoint import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer_ref)
+        return model, tokenizer, True
+    from bamba.checkpoint import from_pretrained
+
+    tokenizer = checkpoint_tokenizer(model_ref, tokenizer_ref)
+    return from_pretrained(model_ref, dtype=dtype), tokenizer, False
