@@ -33,6 +33,9 @@ from bamba.config import BambaConfig, llama_twin, preset
 from bamba.dtypes import dtype_name, parse_dtype
 from bench_engine import StepClock  # noqa: E402 (a sibling script)
 
+sys.path.insert(0, str(Path(__file__).parent))
+from host import describe_host, write_json  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "core.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             write_checkpoint(cfg, dirs[arch])
         results = {name: bench_dtype(dirs, name, args, ids) for name in args.dtypes}
     report = {
-        "machine": machine_info(args.threads),
+        "machine": machine_info(args.threads), "host": describe_host(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "wall_seconds": time.time() - started,
         "shapes": {"preset": args.preset, "batch": 1, "prompt_tokens": args.prompt,
@@ -229,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     print_table(report)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = args.output.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_path, args.output)
+    write_json(args.output, report)
     print(f"wrote {args.output} (load average {report['load_average_before']} -> "
           f"{report['load_average_after']})")
     return 0

@@ -34,6 +34,9 @@ from typing import Any
 import httpx
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from host import describe_host, write_json  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 NAME = "bench"
 
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bamba serve under concurrent streaming load",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "load_average_at_start": os.getloadavg()},
+        "host": describe_host(),
         "settings": {"dtype": args.dtype, "server_threads": args.threads,
                      "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                      "memory_gb": args.memory_gb, "sampling": "greedy, ignore_eos",
@@ -269,10 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     report["server_vs_offline_tok_per_s"] = round(
         served["output_tok_per_s"] / report["offline_engine"]["output_tok_per_s"], 3)
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

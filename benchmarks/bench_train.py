@@ -42,6 +42,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +58,8 @@ from bamba.train.memory import retain_freed_memory
 from bamba.train.optim import build_optimizer
 from bamba.train.parallel import DistInfo
 from bamba.train.trainer import compile_layers, train_step
+sys.path.insert(0, str(Path(__file__).parent))
+from host import describe_host, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 # case -> (preset, seq_len, batch): the demo's shape, and the bench hybrid at 256 x 2 (its
@@ -73,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="bf16 peak of this CPU for MFU (default: measured, see matmul_peak_tflops)")
+                   help="bf16 peak of this CPU for MFU (default: measured, see host.py)")
     p.add_argument("--compile", action="store_true",
                    help="also time bamba with compile: true (compile time excluded, reported)")
     p.add_argument("--inductor-cache", default=None,
@@ -81,18 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="demo case, 1 repeat of 1 step")
     p.add_argument("--output", type=Path, default=RESULTS)
     return p.parse_args(argv)
-
-
-def matmul_peak_tflops(size: int = 2048, repeats: int = 10) -> float:
-    """The best bf16 matmul rate this process reaches (size³, at its thread count): the
-    attainable peak MFU is quoted against, measured because the host's rate varies."""
-    a, b = (torch.randn(size, size, dtype=torch.bfloat16) for _ in range(2))
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - began)
-    return 2 * size ** 3 / best / 1e12
 
 
 def batches(vocab: int, seq_len: int, batch: int, count: int, seed: int = 0) -> list[dict]:
@@ -311,10 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         if n not in CASES:
             raise SystemExit(f"unknown case {n!r}; known: {', '.join(CASES)}")
     torch.set_num_threads(args.threads)
+    host = describe_host(quick=args.quick)
     peak_source = "given (--peak-tflops)"
     if args.peak_tflops is None:
-        args.peak_tflops = matmul_peak_tflops()
-        peak_source = "measured: best 2048^3 bf16 matmul in this process"
+        args.peak_tflops = host["bf16_matmul_tflops"]
+        peak_source = "measured: best bf16 matmul in this process (host.bf16_matmul_tflops)"
     cache, made = inductor_cache(args.compile, args.inductor_cache)
     load_before = os.getloadavg()
     try:
@@ -331,15 +323,12 @@ def main(argv: list[str] | None = None) -> int:
                               "warm-up steps: compile_seconds = warm-up time minus its steps at "
                               "the measured speed; tokens/s excludes it" if args.compile else None,
               "inductor_cache": cache,
-              "peak_tflops": args.peak_tflops, "peak_source": peak_source,
+              "peak_tflops": args.peak_tflops, "peak_source": peak_source, "host": host,
               "dtype": "bf16 autocast, fp32 weights/optimizer",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg()}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.output)
+    write_json(args.output, report)
     for n, r in results.items():
         line = (f"{n:6s} {r['preset']:6s} {r['batch_size']}x{r['seq_len']}: bamba "
                 f"{r['bamba']['tokens_per_s']:.0f} tok/s (MFU {r['bamba']['mfu']:.1%}), transformers "

@@ -16,7 +16,6 @@ median of --repeats is reported in ms. Writes benchmarks/results/train_parts.jso
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,6 +32,7 @@ from bamba.ops.conv import causal_conv1d
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_decode import Timing, time_alternating  # noqa: E402
+from host import describe_host, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "train_parts.json"
 # name -> (preset, batch, seq_len): bench_train.py's training shapes
@@ -104,17 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not train_ops.available():
         raise SystemExit("the native training kernels are not built for this CPU")
-    report = {"benchmark": "training parts, compiled forward + backward, ms (median)",
+    host = describe_host()
+    report = {"benchmark": "training parts, compiled forward + backward, ms (median)", "host": host,
               "conv": {n: conv_case(n, args.repeats) for n in SHAPES},
               "attention": {f"{n} {s}": attention_case(n, s, args.repeats)
                             for n in SHAPES for s in (256, 512)},
               "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_after": os.getloadavg()}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.output)
+    write_json(args.output, report)
     for n, r in report["conv"].items():
         print(f"conv {n} {r['shape']}: {r['ms']}")
     for n, r in report["attention"].items():
