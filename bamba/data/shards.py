@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from bamba.files import plain_mode
+
 MANIFEST = "manifest.json"
 FORMAT = "bamba-shards-v1"
 
@@ -26,7 +28,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary data files
+        os.fchmod(fd, plain_mode())  # mkstemp makes 0600; these are ordinary data files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
