@@ -112,3 +112,10 @@ def _yaml(tmp_path: Path) -> Path:
                                 "progress": False, "bf16": False,
                                 "out_dir": str(tmp_path / "run")}))
     return path
+
+
+@pytest.mark.parametrize("name", ["tiny-demo", "stdlib-demo"])
+def test_shipped_configs_take_a_short_run(name: str) -> None:
+    config = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    assert load_config(config, ["--steps", "5"]).warmup == 5
+    assert load_config(config).warmup == 10

@@ -177,7 +177,8 @@ class Checkpointer:
             with _quiet_dcp():
                 dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
         except CheckpointException as exc:  # DCP gathers every rank's failure into one
-            raise UnreadableCheckpoint(f"{path}: unreadable checkpoint ({_first_failure(exc)})") from None
+            raise UnreadableCheckpoint(f"{path}: unreadable checkpoint "
+                                       f"({_first_failure(exc)})") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         log.info("resumed from %s (step %d, written by %d processes)", path,

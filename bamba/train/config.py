@@ -56,8 +56,8 @@ class TrainConfig:
     steps: int = _key(100, "optimizer steps of the run")
     lr: float = _key(3e-4, "peak learning rate")
     min_lr: float = _key(1e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int | None = _key(None, f"steps of quadratic warm-up (null: {DEFAULT_WARMUP}, or fewer if "
-                                    "the decay ends sooner)")
+    warmup_steps: int | None = _key(None, f"steps of quadratic warm-up (null: {DEFAULT_WARMUP}, "
+                                    "or fewer if the decay ends sooner)")
     decay_steps: int | None = _key(None, "step where the cosine reaches min_lr (null: steps)")
     weight_decay: float = _key(0.1, "AdamW weight decay (not on norms, biases, embeddings)")
     beta1: float = _key(0.9, "AdamW beta1")
