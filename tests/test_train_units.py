@@ -317,6 +317,6 @@ def test_clip_folded_into_the_fused_step_equals_clipping_first(max_norm: float) 
 @pytest.mark.parametrize("name", ["tiny-demo", "stdlib-demo", "tiny-finetune"])
 def test_example_configs_validate(name: str) -> None:
     cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
-    assert cfg.steps > cfg.warmup_steps
+    assert cfg.steps > cfg.warmup
     if not cfg.init_from:
         assert cfg.model_config().vocab_size > 0
