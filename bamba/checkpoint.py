@@ -31,6 +31,7 @@ from torch import nn
 
 from bamba.arena import WeightArena
 from bamba.config import BambaConfig
+from bamba.files import give_plain_modes
 from bamba.model import BambaLM
 from bamba.tokenizer import Tokenizer
 from bamba.tokenizer import load_tokenizer as _load_local_tokenizer
@@ -351,6 +352,7 @@ def save_pretrained(model: BambaLM, directory: str | os.PathLike,
         if tokenizer is not None:
             _save_tokenizer(tokenizer, staging)
         _write_json(staging / CONFIG_NAME, hf_config_dict(model))
+        give_plain_modes(staging)  # mkdtemp and safetensors create 0700 / 0600
         _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

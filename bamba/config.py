@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ class BambaConfig:
     model_type: str = "bamba"
 
     def __post_init__(self) -> None:
+        check_field_types(self, "config field ")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not one of {MODEL_TYPES}")
         if self.model_type == "llama":
@@ -92,6 +95,9 @@ class BambaConfig:
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives an odd "
                              f"or empty rotary width for head_dim {self.head_dim}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"config field {name} must be > 0, got {getattr(self, name)!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         low, high = self.time_step_limit
@@ -137,19 +143,21 @@ class BambaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be a mapping, got {rope!r}")
         if rope.get("rope_type", "default") not in ("default", None):
             raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported yet")
-        kwargs["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        kwargs["rope_theta"] = _as_float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
         # transformers hard-codes 0.5 for Bamba; Llama rotates the whole head.
         default_factor = 0.5 if model_type == "bamba" else 1.0
-        kwargs["partial_rotary_factor"] = float(rope.get("partial_rotary_factor", default_factor))
+        kwargs["partial_rotary_factor"] = _as_float(rope.get("partial_rotary_factor", default_factor))
         if model_type == "llama":  # no Mamba layers: keep the unused Mamba sizes consistent
             d_inner = kwargs.get("mamba_expand", 2) * kwargs.get("hidden_size", 4096)
             kwargs.setdefault("mamba_d_head", math.gcd(d_inner, 64))
             kwargs.setdefault("mamba_n_heads", d_inner // kwargs["mamba_d_head"])
         if model_type == "bamba" and kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = raw.get("num_attention_heads", 32)
-        if "time_step_limit" in kwargs:
+        if isinstance(kwargs.get("time_step_limit"), list):  # else left for the type check
             kwargs["time_step_limit"] = tuple(_decode_float(v) for v in kwargs["time_step_limit"])
         for key in ("attn_layer_indices",):
             if kwargs.get(key) is None:
@@ -204,11 +212,73 @@ class BambaConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _decode_float(value: Any) -> float:
-    """transformers writes infinity as {"__float__": "Infinity"}; older files use a bare number."""
-    if isinstance(value, dict) and "__float__" in value:
+def _decode_float(value: Any) -> Any:
+    """transformers writes infinity as {"__float__": "Infinity"}; older files use a bare number
+    (anything else is returned as it is, for the type check to name)."""
+    if isinstance(value, dict) and value.get("__float__") in ("Infinity", "-Infinity", "NaN"):
         return float(value["__float__"])
-    return float(value)
+    return value
+
+
+# ---- field types: one check for every dataclass config of the package ------------------------
+def check_field_types(obj: Any, prefix: str = "", infinite: tuple[str, ...] = ("time_step_limit",),
+                      ) -> None:
+    """ValueError naming the first field of dataclass ``obj`` whose value does not match its
+    annotation, or a float field (other than those in ``infinite``) that is NaN or infinite."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not matches_type(value, hints[f.name]):
+            raise ValueError(f"{prefix}{f.name} must be {type_name(hints[f.name])}, got {value!r}")
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers) \
+                and (f.name not in infinite or any(v != v for v in numbers)):
+            raise ValueError(f"{prefix}{f.name} must be a finite number, got {value!r}")
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """``isinstance`` for the annotations configs use (unions, lists, fixed tuples, dicts);
+    an int is a float, a bool is neither, a list or tuple is either."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(matches_type, value, args))
+        return not args or all(matches_type(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return hint is Any or isinstance(value, hint)
+
+
+def type_name(hint: Any) -> str:
+    """How an annotation reads in an error message ("int or null", "a list of int")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return f"a list of {len(args)} {type_name(args[0])}"
+    if origin in (list, tuple) and args:
+        return f"a list of {type_name(args[0])}"
+    if origin is dict:
+        return "a mapping"
+    return getattr(origin or hint, "__name__", str(hint))
+
+
+def _as_float(value: Any) -> Any:
+    """A number as a float; anything else unchanged (for the type check to name)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if is_number else value
 
 
 def _encode_float(value: float) -> Any:

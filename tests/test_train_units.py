@@ -107,7 +107,7 @@ def test_cli_reports_bad_config_in_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "c.yaml").write_text("steps: -3\n")
     assert main([str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "bamba.train: error: steps must be > 0, got -3"
+    assert err == "bamba train: error: steps must be > 0, got -3"
 
 
 # ---- optimizer and loss ----------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_bad_data_gives_one_line_errors(overrides, message, tmp_path: Path, caps
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"model_overrides": SMALL}))
     assert main([str(tmp_path / "c.yaml"), *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("bamba.train: error: ") and "\n" not in err
+    assert err.startswith("bamba train: error: ") and "\n" not in err
     assert message.replace("BAD", str(paths["BAD"])) in err
 
 
@@ -317,6 +317,6 @@ def test_clip_folded_into_the_fused_step_equals_clipping_first(max_norm: float) 
 @pytest.mark.parametrize("name", ["tiny-demo", "stdlib-demo", "tiny-finetune"])
 def test_example_configs_validate(name: str) -> None:
     cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
-    assert cfg.steps > cfg.warmup_steps
+    assert cfg.steps > cfg.warmup
     if not cfg.init_from:
         assert cfg.model_config().vocab_size > 0

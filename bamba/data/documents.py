@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bamba.data.shards import ShardReader, load_manifest
+from bamba.data.shards import MANIFEST, ShardReader, load_manifest
 from bamba.data.sources import WHOLE_FILE, ReadStats, count_documents, list_input_files, read_documents
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ class ShardDocuments:
         entries = [e for e in manifest["shards"] if e["documents"] > 0]
         self.name = name or directory.name
         self.readers = [ShardReader(directory / e["file"]) for e in entries]
+        for entry, reader in zip(entries, self.readers):
+            if len(reader) != entry["documents"]:
+                raise ValueError(f"{directory / MANIFEST}: shard {entry['file']} holds "
+                                 f"{len(reader)} documents, the manifest says {entry['documents']}")
         self.starts = np.cumsum([0] + [e["documents"] for e in entries]).tolist()
         self.num_tokens = int(manifest["tokens"])
         self.tokenizer = manifest["tokenizer"]

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from bamba.files import plain_mode
+
 MANIFEST = "manifest.json"
 FORMAT = "bamba-shards-v1"
 
@@ -26,7 +28,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary data files
+        os.fchmod(fd, plain_mode())  # mkstemp makes 0600; these are ordinary data files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -78,8 +80,12 @@ class ShardReader:
     def _open(self) -> None:
         import pyarrow as pa
 
-        source = pa.memory_map(str(self.path), "r")
-        column = pa.ipc.open_file(source).read_all().column("tokens").combine_chunks()
+        try:
+            source = pa.memory_map(str(self.path), "r")
+            column = pa.ipc.open_file(source).read_all().column("tokens").combine_chunks()
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{self.path}: not a readable shard ({first})") from None
         self._offsets = column.offsets.to_numpy()
         self._values = column.values.to_numpy()
 
@@ -98,13 +104,48 @@ class ShardReader:
 
 
 def load_manifest(directory: Path) -> dict[str, Any]:
-    """Read and check a dataset directory's manifest."""
+    """Read and check a dataset directory's manifest: its format, that it is complete, that
+    every shard entry names a file of ``directory`` and that the counts add up."""
     path = Path(directory) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"no {MANIFEST} in {directory} (run `bamba tokenize` first)")
-    manifest = read_json(path)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}")
+    try:
+        manifest = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else manifest
+        raise ValueError(f"{path}: unknown format {found!r}")
     if not manifest.get("complete"):
         raise ValueError(f"{path}: tokenization did not finish (rerun `bamba tokenize` to resume)")
+    entries = manifest.get("shards")
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: shards must be a list")
+    for entry in entries:
+        check_entry(path, entry)
+    for key in ("documents", "tokens"):
+        total = sum(e[key] for e in entries)
+        if manifest.get(key) != total:
+            raise ValueError(f"{path}: {key} is {manifest.get(key)!r} but its shards hold {total}")
     return manifest
+
+
+def check_entry(manifest: Path, entry: Any) -> None:
+    """ValueError unless ``entry`` is a shard entry whose file is a plain name (no directory
+    part: a manifest cannot point outside its own directory) with whole counts."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{manifest}: shard entry {entry!r} is not a mapping")
+    name = entry.get("file")
+    if not is_plain_name(name):
+        raise ValueError(f"{manifest}: shard file {name!r} is not a file name inside "
+                         f"{manifest.parent}")
+    for key in ("documents", "tokens"):
+        value = entry.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{manifest}: shard {name} has {key} {value!r}")
+
+
+def is_plain_name(name: Any) -> bool:
+    """A file name with no directory part that is not hidden (".", "..", ".x")."""
+    return (isinstance(name, str) and name != "" and not name.startswith(".")
+            and "/" not in name and "\\" not in name and "\0" not in name)

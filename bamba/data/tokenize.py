@@ -118,7 +118,8 @@ def _previous(out: Path, plan: dict[str, Any], n_shards: int) -> list[dict[str, 
         raise ValueError(f"{out} holds a different tokenization (inputs, tokenizer or options "
                          "changed); choose another --out or delete it")
     done = old.get("shards", [None] * n_shards)
-    return [e if e is not None and (out / e["file"]).exists() else None for e in done]
+    return [e if isinstance(e, dict) and shard_io.is_plain_name(e.get("file"))
+            and (out / e["file"]).exists() else None for e in done]
 
 
 def _manifest(plan: dict[str, Any], entries: list[dict[str, Any] | None], tok: Any) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""``python -m bamba.train CONFIG.yaml [--key=value ...]`` (what torchrun launches)."""
+"""``python -m bamba.train CONFIG.yaml [--key=value ...]`` (what torchrun launches): the same
+arguments, help and one-line errors as ``bamba train``, with each log line naming its rank
+(only rank 0 logs below WARNING)."""
 
 from __future__ import annotations
 
@@ -6,28 +8,15 @@ import logging
 import os
 import sys
 
-from bamba.train.config import load_config
-from bamba.train.trainer import train
-
 
 def main(argv: list[str] | None = None) -> int:
+    from bamba.cli import main as cli_main
+
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        result = train(load_config(argv[0], argv[1:]))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"bamba.train: error: {exc}", file=sys.stderr)
-        return 2
-    if rank == 0 and result.losses:
-        last = max(result.losses)
-        logging.getLogger("bamba.train").info("step %d: loss %.4f, %.0f tokens/s", last,
-                                              result.losses[last], result.tokens_per_s)
-    return 0
+    return cli_main(["train", *argv])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ Every rank writes into ``step_N.tmp``; when all have finished (barrier) rank 0 r
 ``step_N``: a crash at any point before the rename leaves the previous checkpoint the newest
 complete one. DCP stores the model and optimizer as global tensors, so a checkpoint written by
 N processes loads in M. ``train_state.pt`` holds only tensors, numbers, strings, lists and dicts
-and is read with ``torch.load(weights_only=True)`` (no unpickling of arbitrary objects).
+and is read with ``torch.load(weights_only=True)``; DCP's files are read through
+``bamba.train.safe_dcp`` (allow-listed metadata, checked byte ranges): nothing read from a
+checkpoint directory can run code. A checkpoint that fails to read raises ValueError, and
+``Checkpointer.load_latest`` then falls back to the previous one.
 """
 
 from __future__ import annotations
@@ -19,24 +22,61 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from bamba.train.parallel import barrier
+from bamba.train.safe_dcp import SafeLoadPlanner, SafeReader
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"step_(\d{8})")
 TRAIN_STATE = "train_state.pt"
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint whose files are missing, corrupt or not what DCP and we write."""
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """``train_state.pt`` of the checkpoint at ``path`` (tensors and plain data only), checked
+    for the keys a resume uses."""
+    file = path / TRAIN_STATE
+    if not (path / ".metadata").is_file() or not file.is_file():
+        raise UnreadableCheckpoint(f"{path}: not a complete training checkpoint")
+    try:
+        state = torch.load(file, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise UnreadableCheckpoint(f"{file}: unreadable ({_first_line(exc)})") from None
+    ok = (isinstance(state, dict) and isinstance(state.get("step"), int)
+          and isinstance(state.get("world_size"), int) and isinstance(state.get("ranks"), list)
+          and len(state["ranks"]) == state["world_size"] and isinstance(state.get("meta"), dict))
+    if not ok:
+        raise UnreadableCheckpoint(f"{file}: not a training state (step, world_size, ranks, meta)")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _first_failure(exc: CheckpointException) -> str:
+    """The first rank's error of a DCP failure, in one line."""
+    for error, _ in exc.failures.values():
+        return _first_line(error)
+    return _first_line(exc)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -130,18 +170,40 @@ class Checkpointer:
         """Restore model and optimizer in place (at any world size); returns the train state
         (``step``, ``world_size``, ``ranks`` = the per-rank local states, ``meta``)."""
         path = Path(path)
-        if not (path / ".metadata").is_file() or not (path / TRAIN_STATE).is_file():
-            raise ValueError(f"{path}: not a complete training checkpoint")
+        train_state = read_train_state(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        with _quiet_dcp():
-            dcp.load(state, checkpoint_id=path)
+        try:
+            with _quiet_dcp():
+                dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+        except CheckpointException as exc:  # DCP gathers every rank's failure into one
+            raise UnreadableCheckpoint(f"{path}: unreadable checkpoint "
+                                       f"({_first_failure(exc)})") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        train_state = torch.load(path / TRAIN_STATE, weights_only=True)
         log.info("resumed from %s (step %d, written by %d processes)", path,
                  train_state["step"], train_state["world_size"])
         return train_state
+
+    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    check: Callable[[Path, dict[str, Any]], None] | None = None,
+                    ) -> dict[str, Any] | None:
+        """Load the newest checkpoint that reads (None if there is none), warning about each
+        newer one that does not. ``check(path, train_state)`` may refuse a checkpoint with a
+        ValueError before it is loaded (that error propagates: no fall-back)."""
+        found = complete_checkpoints(self.root)
+        for i in range(len(found) - 1, -1, -1):
+            path = found[i][1]
+            try:
+                if check is not None:
+                    check(path, read_train_state(path))
+                return self.load(path, model, optimizer)
+            except UnreadableCheckpoint as exc:
+                if i == 0:
+                    raise UnreadableCheckpoint(f"{exc}; no older checkpoint to fall back to "
+                                               "(remove it or pass --resume=false)") from None
+                log.warning("%s; falling back to the previous checkpoint %s", exc, found[i - 1][1])
+        return None
 
     def _write_train_state(self, directory: Path, state: dict[str, Any]) -> None:
         part = directory / (TRAIN_STATE + ".part")

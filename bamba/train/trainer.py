@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -22,8 +23,8 @@ from torch import nn
 
 from bamba.model import BambaLM, init_weights
 from bamba.train import parallel
-from bamba.train.checkpoint import (TRAIN_STATE, Checkpointer, latest_checkpoint, rng_state,
-                                    set_rng_state)
+from bamba.train.budget import check_memory, local_process_count
+from bamba.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from bamba.train.config import TrainConfig
 from bamba.train.data import Batch, BatchSource, SyntheticSource, build_loader_source
 from bamba.train.loss import compiled_loss_terms, lm_loss_sums, loss_terms
@@ -188,6 +189,17 @@ def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: 
     return float(norm)
 
 
+def check_finite(stats: StepStats, step: int, checkpoints: Path) -> None:
+    """ValueError (before anything is saved) when a step's loss or gradient norm is NaN/inf:
+    the weights are no longer worth keeping; the last checkpoint is the last good state."""
+    if math.isfinite(stats.loss) and math.isfinite(stats.grad_norm):
+        return
+    last = latest_checkpoint(checkpoints)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+    raise ValueError(f"step {step}: loss {stats.loss}, gradient norm {stats.grad_norm}; "
+                     f"stopped without saving this state ({kept}; lower lr or raise warmup_steps)")
+
+
 class StopSignal:
     """Preemption: SIGTERM asks the run to finish its step, checkpoint and return (instead of
     dying mid-step). Installed only in the main thread, restored on exit."""
@@ -223,10 +235,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, info: parallel.DistInfo) -> None:
         self.cfg, self.info = cfg, info
         self.out_dir = Path(cfg.out_dir)
+        check_memory(cfg.model_config(), cfg.batch_size, cfg.seq_len, info.world_size,
+                     local_process_count(info.world_size))
         self.model = build_model(cfg, info)
         self.optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          betas=(cfg.beta1, cfg.beta2))
-        self.schedule = Schedule(peak=cfg.lr, warmup=cfg.warmup_steps, total=cfg.decay_end,
+        self.schedule = Schedule(peak=cfg.lr, warmup=cfg.warmup, total=cfg.decay_end,
                                  floor=cfg.min_lr)
         self.source = build_source(cfg, self.model.config.vocab_size, info)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", cfg.keep_last)
@@ -235,17 +249,20 @@ class Trainer:
         self.step = 0
 
     def resume(self) -> None:
-        path = latest_checkpoint(self.checkpointer.root) if self.cfg.resume else None
-        if path is None:
+        state = None
+        if self.cfg.resume:
+            state = self.checkpointer.load_latest(self.model, self.optimizer, self._same_model)
+        if state is None:
             torch.manual_seed(self.cfg.seed + self.info.rank)
             return
-        saved = torch.load(path / TRAIN_STATE, weights_only=True)["meta"].get("model_config")
+        restore_source(self.source, state, self.info)
+        self.step = int(state["step"])
+
+    def _same_model(self, path: Path, train_state: dict[str, Any]) -> None:
+        saved = train_state["meta"].get("model_config")
         if saved is not None and saved != self.model.config.to_hf_dict():
             raise ValueError(f"{path} holds a different model than this config; use another "
                              "out_dir or --resume=false")
-        state = self.checkpointer.load(path, self.model, self.optimizer)
-        restore_source(self.source, state, self.info)
-        self.step = int(state["step"])
 
     @property
     def tokens_per_step(self) -> int:
@@ -291,6 +308,7 @@ class Trainer:
             self.step += 1
             result.losses[self.step] = stats.loss
             self._log(stats, lr, self.tokens_per_step / elapsed, bar)
+            check_finite(stats, self.step, self.checkpointer.root)
             result.stopped = stop.agreed(self.info)
             due = cfg.ckpt_every and self.step % cfg.ckpt_every == 0
             if self.step == cfg.steps or due or result.stopped:
