@@ -19,10 +19,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from bamba.cores import choose_threads
     from bamba.train.config import load_config
     from bamba.train.trainer import train
 
-    return report(train(load_config(args.config, args.overrides)))
+    cfg = load_config(args.config, args.overrides)
+    return report(train(replace(cfg, threads=choose_threads(cfg.threads))))
 
 
 def report(result: "TrainResult") -> int:
