@@ -6,9 +6,9 @@ rerun goes straight to generation, and an interrupted run continues where it sto
 1. ``train_bpe``: a byte-level BPE tokenizer on the stdlib's ``.py`` files (no tests, no
    site-packages) -> ``ROOT/tokenizer``;
 2. ``tokenize_corpus``: Arrow shards -> ``ROOT/shards`` (resumable by itself);
-3. ``bamba.train.trainer.train`` with the demo config (``bamba/configs/stdlib-demo.yaml``, package
-   data) ->
-   ``ROOT/train`` (checkpoints, metrics.jsonl, loss.png) and the HF layout ``ROOT/train/hf``;
+3. ``bamba.train.trainer.train`` with the demo config (``bamba/configs/stdlib-demo.yaml``,
+   package data) -> ``ROOT/train`` (checkpoints, metrics.jsonl, loss.png) and the HF layout
+   ``ROOT/train/hf``;
 4. ``bamba.generation.generate``: a greedy completion of a Python prompt.
 
 ROOT defaults to ``$BAMBA_DEMO_DIR`` or ``~/.cache/bamba/demo``; ``bamba.default_model`` loads
