@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# verbs that size their thread pools with bamba.cores (measured before torch loads)
+ADAPTS_THREADS = frozenset({"demo", "train", "finetune"})
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" to every option whose help text does not already name its
     default; options without a value (flags, None) and positionals are left as they are."""
@@ -56,6 +60,10 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb in ADAPTS_THREADS and not {"-h", "--help"} & set(argv):
+        from bamba.cores import prepare
+
+        prepare()
     args = build_parser(verb).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -6,16 +6,20 @@ rerun goes straight to generation, and an interrupted run continues where it sto
 1. ``train_bpe``: a byte-level BPE tokenizer on the stdlib's ``.py`` files (no tests, no
    site-packages) -> ``ROOT/tokenizer``;
 2. ``tokenize_corpus``: Arrow shards -> ``ROOT/shards`` (resumable by itself);
-3. ``bamba.train.trainer.train`` with the demo config (``configs/stdlib-demo.yaml``) ->
-   ``ROOT/train`` (checkpoints, metrics.jsonl, loss.png) and the HF layout ``ROOT/train/hf``;
+3. ``bamba.train.trainer.train`` with the demo config (``bamba/configs/stdlib-demo.yaml``,
+   package data) -> ``ROOT/train`` (checkpoints, metrics.jsonl, loss.png) and the HF layout
+   ``ROOT/train/hf``;
 4. ``bamba.generation.generate``: a greedy completion of a Python prompt.
 
 ROOT defaults to ``$BAMBA_DEMO_DIR`` or ``~/.cache/bamba/demo``; ``bamba.default_model`` loads
-``ROOT/train/hf`` as the embedded default once it exists.
+``ROOT/train/hf`` as the embedded default once it exists. A run on another corpus (``corpus``,
+``max_files``) or vocabulary size works in a directory of its own below ROOT (``work_dir``), so
+it never collides with the default run's tokenizer and shards.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import os
@@ -46,9 +50,17 @@ def trained_checkpoint(root: Path | None = None) -> Path:
     return (demo_dir() if root is None else root) / "train" / "hf"
 
 
+def packaged_config(name: str) -> Path:
+    """A file of ``bamba/configs`` (package data, so installed wheels have it too)."""
+    path = importlib.resources.files("bamba.configs") / name
+    if not isinstance(path, Path) or not path.is_file():
+        raise FileNotFoundError(f"{name}: not among the package's configs ({path})")
+    return path
+
+
 def default_config_path() -> Path:
-    """configs/stdlib-demo.yaml of the source tree (the package is installed editable)."""
-    return Path(__file__).resolve().parents[1] / "configs" / CONFIG_NAME
+    """The demo's training config, ``stdlib-demo.yaml`` of the installed package."""
+    return packaged_config(CONFIG_NAME)
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,17 @@ class DemoOptions:
     workers: int = 2
     prompt: str = "def fibonacci(n):"
     max_new_tokens: int = 48
+
+    def work_dir(self) -> Path:
+        """Where this run's stages write: ``root`` for the default corpus and vocabulary, else a
+        directory below it named after what differs (e.g. ``root/first-50-files``)."""
+        parts = [] if self.corpus is None else [self.corpus.expanduser().resolve().name]
+        if self.max_files is not None:
+            parts.append(f"first-{self.max_files}-files")
+        vocab = _vocab_size(self)
+        if vocab != _vocab_size(DemoOptions(root=self.root, config=self.config)):
+            parts.append(f"vocab-{vocab}")
+        return self.root / "-".join(parts) if parts else self.root
 
 
 @dataclass
@@ -109,15 +132,19 @@ def ensure_shards(files: Sequence[Path], tokenizer: Path, out: Path, workers: in
 
 def train_config(opts: DemoOptions, tokenizer: Path, shards: Path) -> Any:
     """The demo config with this run's paths, the tokenizer's special ids and the overrides."""
+    from dataclasses import replace
+
+    from bamba.cores import choose_threads
     from bamba.tokenizer import load_tokenizer
     from bamba.train.config import load_config
 
     tok = load_tokenizer(tokenizer)
     paths = ["--data=shards", f"--data_path={shards}", f"--tokenizer={tokenizer}",
-             f"--out_dir={opts.root / 'train'}", "--model_overrides.bos_token_id=null",
+             f"--out_dir={opts.work_dir() / 'train'}", "--model_overrides.bos_token_id=null",
              f"--model_overrides.eos_token_id={tok.eos_token_id}",
              f"--model_overrides.pad_token_id={tok.pad_token_id}"]
-    return load_config(opts.config, [*paths, *opts.overrides])
+    cfg = load_config(opts.config, [*paths, *opts.overrides])
+    return replace(cfg, threads=choose_threads(cfg.threads))
 
 
 def ensure_trained(cfg: Any) -> tuple[dict[str, Any], bool]:
@@ -179,7 +206,10 @@ def complete(model_dir: Path, prompt: str, max_new_tokens: int) -> tuple[str, li
 def run_demo(opts: DemoOptions) -> DemoReport:
     """All four stages; each is timed and skipped when its output exists."""
     report = DemoReport()
-    tok_dir, shard_dir = opts.root / "tokenizer", opts.root / "shards"
+    work = opts.work_dir()
+    if work != opts.root:
+        log.info("another corpus or vocabulary than the default run's: working in %s", work)
+    tok_dir, shard_dir = work / "tokenizer", work / "shards"
     stage = time.perf_counter()
     files = corpus_files(opts.corpus, opts.max_files)
     report.corpus_files = len(files)
@@ -193,7 +223,7 @@ def run_demo(opts: DemoOptions) -> DemoReport:
     _stage(report, "train", trained, stage)
     stage = time.perf_counter()
     report.completion, report.completion_ids = complete(
-        trained_checkpoint(opts.root), opts.prompt, opts.max_new_tokens)
+        trained_checkpoint(work), opts.prompt, opts.max_new_tokens)
     _stage(report, "generate", True, stage)
     return report
 

@@ -14,20 +14,25 @@ from pathlib import Path
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", type=Path, default=None,
                         help="work directory (default: $BAMBA_DEMO_DIR or ~/.cache/bamba/demo; "
-                             "`bamba generate` without --model uses DIR/train/hf of the default)")
+                             "`bamba generate` without --model uses DIR/train/hf of the default); "
+                             "a run on another corpus or vocabulary size works in a subdirectory")
     parser.add_argument("--config", type=Path, default=None,
-                        help="training config (default: configs/stdlib-demo.yaml)")
+                        help="training config (default: stdlib-demo.yaml of the installed "
+                             "package, bamba/configs/)")
     parser.add_argument("--prompt", default="def fibonacci(n):", help="text to complete")
-    parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N")
+    parser.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
+                        help="tokens to generate (greedy; fewer if the model ends the text)")
     parser.add_argument("--max-files", type=int, default=None, metavar="N",
-                        help="use only the first N stdlib files (a quick run)")
+                        help="use only the first N stdlib files (a quick run, in DIR/first-N-files)")
     parser.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a training config field (repeatable), e.g. --set steps=50")
+                        help="override a training config field (repeatable), e.g. --set steps=50; "
+                             "`bamba train --help` lists the fields")
 
 
 def run(args: argparse.Namespace) -> int:
-    from bamba.demo import DemoOptions, default_config_path, demo_dir, run_demo
+    from bamba.demo import (DemoOptions, default_config_path, demo_dir, run_demo,
+                            trained_checkpoint)
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -49,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
           f"{train['median_tokens_per_s']:.0f} tokens/s")
     stages = ", ".join(f"{name} {secs:.0f} s" + (" (kept)" if name in report.skipped else "")
                        for name, secs in report.seconds.items())
-    print(f"time: {total:.0f} s ({stages}) | checkpoint: {opts.root / 'train' / 'hf'}")
+    print(f"time: {total:.0f} s ({stages}) | checkpoint: {trained_checkpoint(opts.work_dir())}")
     return 0

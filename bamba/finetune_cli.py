@@ -11,6 +11,9 @@ from bamba.train_cli import configure as configure  # same arguments as `bamba t
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from bamba.cores import choose_threads
     from bamba.train.config import load_config
     from bamba.train_cli import report
     from bamba.train.trainer import train
@@ -18,4 +21,4 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, ["--data=sft", *args.overrides])
     if not cfg.init_from:
         raise ValueError("bamba finetune needs init_from (an HF-layout checkpoint directory)")
-    return report(train(cfg))
+    return report(train(replace(cfg, threads=choose_threads(cfg.threads))))

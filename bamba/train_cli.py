@@ -35,10 +35,14 @@ def _with_raw_epilog(formatter: type[argparse.HelpFormatter]) -> type[argparse.H
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from bamba.cores import choose_threads
     from bamba.train.config import load_config
     from bamba.train.trainer import train
 
-    return report(train(load_config(args.config, args.overrides)))
+    cfg = load_config(args.config, args.overrides)
+    return report(train(replace(cfg, threads=choose_threads(cfg.threads))))
 
 
 def report(result: "TrainResult") -> int:

@@ -6,5 +6,5 @@
 # the stages already done; afterwards `bamba generate` without --model uses the trained model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+bash scripts/install.sh demo
 .venv/bin/bamba demo "$@"

@@ -9,12 +9,16 @@ tests see non-trivial values, and saves it (with a tokenizer) into a fresh temp 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# Tests pin their thread counts: no adapting them to the machine's load (test_cores tests that).
+os.environ.setdefault("BAMBA_ADAPT_THREADS", "0")
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 = the configs' pad/bos/eos
 TOKENIZER_TEXTS = [

@@ -32,11 +32,13 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, demo.Demo
 
 def test_quick_demo_writes_every_stage(quick_run) -> None:
     root, report = quick_run
+    work = quick_options(root).work_dir()
+    assert work == root / "first-6-files"  # not the default corpus: a directory of its own
     assert report.corpus_files == 6 and report.corpus_tokens > 0
     assert report.skipped == []
-    assert (root / "tokenizer" / "tokenizer.json").exists()
-    assert json.loads((root / "shards" / "manifest.json").read_text())["complete"]
-    hf = demo.trained_checkpoint(root)
+    assert (work / "tokenizer" / "tokenizer.json").exists()
+    assert json.loads((work / "shards" / "manifest.json").read_text())["complete"]
+    hf = demo.trained_checkpoint(work)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in hf.iterdir()}
     assert report.train["steps"] == 3 and report.train["seq_len"] == 64
     assert report.train["final_loss"] > 0 and report.train["median_tokens_per_s"] > 0
@@ -47,7 +49,7 @@ def test_transformers_gives_the_same_greedy_continuation(quick_run) -> None:
     from transformers import AutoTokenizer, BambaForCausalLM
 
     root, report = quick_run
-    hf_dir = demo.trained_checkpoint(root)
+    hf_dir = demo.trained_checkpoint(quick_options(root).work_dir())
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = BambaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -75,7 +77,8 @@ def test_more_steps_resume_the_run(quick_run, tmp_path: Path) -> None:
     shutil.copytree(root, copy)
     more = demo.run_demo(quick_options(copy, overrides=(*QUICK, "--steps=4")))
     assert "train" not in more.skipped and more.train["steps"] == 4
-    rows = [json.loads(x) for x in (copy / "train" / "metrics.jsonl").read_text().splitlines()]
+    metrics = quick_options(copy).work_dir() / "train" / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # step 4 continued the checkpoint of step 3
 
 
@@ -83,7 +86,7 @@ def test_embedded_default_uses_the_demo_checkpoint(quick_run, monkeypatch, caplo
     from bamba.default_model import load_default
 
     root, report = quick_run
-    monkeypatch.setenv(demo.DEMO_DIR_ENV, str(root))
+    monkeypatch.setenv(demo.DEMO_DIR_ENV, str(quick_options(root).work_dir()))
     with caplog.at_level("WARNING", logger="bamba.default_model"):
         model, tokenizer = load_default()
     assert "UNTRAINED" not in caplog.text
@@ -110,6 +113,60 @@ def test_bad_options_are_one_line_errors(tmp_path: Path, capsys) -> None:
     assert "no such config" in capsys.readouterr().err
     assert main(["demo", "--dir", str(tmp_path), "--max-files", "0"]) == 2
     assert "max_files" in capsys.readouterr().err
+
+
+def test_other_corpus_options_after_a_run_use_their_own_dir(quick_run) -> None:
+    """The README's `--max-files 50` example after a default run: before, the shards of the
+    earlier run made it fail ("holds a different tokenization")."""
+    root, report = quick_run
+    other = demo.run_demo(quick_options(root, max_files=5))
+    assert other.corpus_files == 5 and other.skipped == []
+    assert (root / "first-5-files" / "train" / "hf" / "tokenizer.json").exists()
+    again = demo.run_demo(quick_options(root))  # the first run's outputs are untouched
+    assert again.skipped == ["tokenizer", "tokenize", "train"]
+
+
+def test_vocabulary_size_changes_the_work_dir(tmp_path: Path) -> None:
+    default = quick_options(tmp_path, max_files=None)
+    assert default.work_dir() == tmp_path
+    bigger = quick_options(tmp_path, max_files=None,
+                           overrides=(*QUICK, "--model_overrides.vocab_size=512"))
+    assert bigger.work_dir() == tmp_path / "vocab-512"
+
+
+def test_a_clashing_tokenization_names_no_missing_option(quick_run) -> None:
+    """The error once told demo users to "choose another --out", an option the demo lacks."""
+    root, _ = quick_run
+    work = quick_options(root).work_dir()
+    files = demo.corpus_files(max_files=3)
+    with pytest.raises(ValueError, match="different tokenization") as err:
+        demo.ensure_shards(files, work / "tokenizer", work / "shards", workers=1)
+    assert "--out" not in str(err.value)
+
+
+def test_config_is_package_data() -> None:
+    import bamba
+
+    path = demo.default_config_path()
+    assert path.is_file() and path.parent == Path(bamba.__file__).parent / "configs"
+    with pytest.raises(FileNotFoundError, match="not among"):
+        demo.packaged_config("nothing.yaml")
+
+
+def test_loss_png_or_one_line_naming_the_extra(quick_run, tmp_path: Path, monkeypatch,
+                                               caplog) -> None:
+    import sys
+
+    from bamba.train.metrics import plot_loss
+
+    metrics = quick_options(quick_run[0]).work_dir() / "train" / "metrics.jsonl"
+    pytest.importorskip("matplotlib")
+    assert plot_loss(metrics, tmp_path / "loss.png") and (tmp_path / "loss.png").stat().st_size
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with caplog.at_level("WARNING", logger="bamba.train.metrics"):
+        assert plot_loss(metrics, tmp_path / "none.png") is None
+    assert len(caplog.records) == 1 and "bamba[demo]" in caplog.text
+    assert not (tmp_path / "none.png").exists()
 
 
 @pytest.mark.slow

@@ -12,10 +12,12 @@ log = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help=".txt/.py (one document per file), .jsonl, .parquet, or directories")
-    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--vocab-size", type=int, required=True,
+                        help="ids in the vocabulary, special tokens included")
     parser.add_argument("--out", required=True, type=Path, help="directory for tokenizer.json")
     parser.add_argument("--text-field", default="text", help="JSONL field / parquet column")
-    parser.add_argument("--min-frequency", type=int, default=2)
+    parser.add_argument("--min-frequency", type=int, default=2,
+                        help="a pair must occur this often to be merged")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="skip files whose path below a directory input matches (repeatable)")
 

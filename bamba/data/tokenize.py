@@ -116,7 +116,7 @@ def _previous(out: Path, plan: dict[str, Any], n_shards: int) -> list[dict[str, 
     old = shard_io.read_json(path)
     if old.get("plan") != plan:
         raise ValueError(f"{out} holds a different tokenization (inputs, tokenizer or options "
-                         "changed); choose another --out or delete it")
+                         "changed); write to another directory or delete this one")
     done = old.get("shards", [None] * n_shards)
     return [e if isinstance(e, dict) and shard_io.is_plain_name(e.get("file"))
             and (out / e["file"]).exists() else None for e in done]

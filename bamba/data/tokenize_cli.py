@@ -15,7 +15,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory or its tokenizer.json")
     parser.add_argument("--out", required=True, type=Path, help="output directory (shards + manifest)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
-    parser.add_argument("--docs-per-shard", type=int, default=256)
+    parser.add_argument("--docs-per-shard", type=int, default=256,
+                        help="documents per Arrow shard (the unit of parallel work and resume)")
     parser.add_argument("--text-field", default="text", help="JSONL field / parquet column")
     parser.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the eos token (default: yes)")

@@ -89,14 +89,15 @@ def quiet_logging(enabled: bool) -> contextlib.AbstractContextManager:
 
 
 def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
-    """Loss against step as a PNG (None if matplotlib, of the ``bench`` extra, is missing)."""
+    """Loss against step as a PNG (None if matplotlib, of the ``demo`` extra, is missing)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("matplotlib not installed: no loss-curve PNG")
+        log.warning("matplotlib is not installed, so no %s (pip install 'bamba[demo]')",
+                    Path(png_path).name)
         return None
     records = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(6, 4))
