@@ -136,7 +136,7 @@ def train_config(opts: DemoOptions, tokenizer: Path, shards: Path) -> Any:
 
     from bamba.cores import choose_threads
     from bamba.tokenizer import load_tokenizer
-    from bamba.train.config import load_config
+    from bamba.train.train_config import load_config
 
     tok = load_tokenizer(tokenizer)
     paths = ["--data=shards", f"--data_path={shards}", f"--tokenizer={tokenizer}",
@@ -230,7 +230,7 @@ def run_demo(opts: DemoOptions) -> DemoReport:
 
 def _vocab_size(opts: DemoOptions) -> int:
     """The model's vocabulary size under the config and overrides (the tokenizer's target)."""
-    from bamba.train.config import load_config
+    from bamba.train.train_config import load_config
 
     return load_config(opts.config, list(opts.overrides)).model_config().vocab_size
 

@@ -52,7 +52,7 @@ import transformers
 
 from bamba.config import preset
 from bamba.model import BambaLM, init_weights
-from bamba.train.config import TrainConfig
+from bamba.train.train_config import TrainConfig
 from bamba.train.metrics import flops_per_token, mfu
 from bamba.train.memory import retain_freed_memory
 from bamba.train.optim import build_optimizer

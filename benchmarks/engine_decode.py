@@ -33,7 +33,7 @@ from bamba.analyze import (Precision, appendix_decode_speedup, appendix_shape, d
 from bamba.cache import ContiguousCache
 from bamba.config import BambaConfig, llama_twin
 from bamba.engine import LLM
-from bamba.engine.cache import kv_bytes_per_block, state_bytes_per_slot
+from bamba.engine.page_pool import kv_bytes_per_block, state_bytes_per_slot
 from bamba.engine.scheduler import ScheduledChunk
 from bamba.model import BambaLM
 

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from bamba.chat_cli import ChatSession, _ctrl_c_flag, chat_loop
+from bamba.cli.chat import ChatSession, _ctrl_c_flag, chat_loop
 from bamba.cli import build_parser, main
 from bamba.default_model import byte_tokenizer
 from bamba.engine import LLM, SamplingParams
@@ -23,10 +23,10 @@ def _chat(directory, lines, capsys, monkeypatch, caplog, *extra):
     """(stdout, stderr, rendered prompts) of ``bamba chat`` reading ``lines`` from a pipe."""
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="bamba.chat_cli"):
+    with caplog.at_level(logging.DEBUG, logger="bamba.cli.chat"):
         assert main(["chat", str(directory), *GREEDY, *extra]) == 0
     out, err = capsys.readouterr()
-    prompts = [r.args[-1] for r in caplog.records if r.name == "bamba.chat_cli"]
+    prompts = [r.args[-1] for r in caplog.records if r.name == "bamba.cli.chat"]
     return out, err, prompts
 
 

@@ -72,7 +72,7 @@ BUSY_MACHINE = """
         print("torch loaded at prepare:", "torch" in sys.modules)
         return prepare()
     cores.prepare = watched_prepare
-    import bamba.train_cli as train_cli
+    import bamba.cli.train as train_cli
     def fake_run(args):  # what the train verb sees, without training
         import torch
         print("wait policy:", os.environ.get("OMP_WAIT_POLICY"),

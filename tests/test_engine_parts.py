@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bamba.config import preset
-from bamba.engine.cache import PagePool, kv_bytes_per_block, plan_pools, state_bytes_per_slot
+from bamba.engine.page_pool import PagePool, kv_bytes_per_block, plan_pools, state_bytes_per_slot
 from bamba.engine.detok import IncrementalDetokenizer, find_stop
 from bamba.engine.params import SamplingParams
 from bamba.engine.prefix_cache import PrefixCache, block_hashes

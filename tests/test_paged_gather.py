@@ -3,7 +3,7 @@
 import torch
 
 from bamba.config import preset
-from bamba.engine.cache import PoolPlan
+from bamba.engine.page_pool import PoolPlan
 from bamba.engine.runner import ModelRunner, PagedBatchCache, page_rows
 from bamba.model import BambaLM
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bamba.train.config import load_config
+from bamba.train.train_config import load_config
 from bamba.train.trainer import train
 
 SMALL = ("--model_overrides.hidden_size=64", "--model_overrides.intermediate_size=128",

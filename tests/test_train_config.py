@@ -12,7 +12,7 @@ import pytest
 
 from bamba.cli import main as cli_main
 from bamba.config import BambaConfig, preset
-from bamba.train.config import TrainConfig, load_config
+from bamba.train.train_config import TrainConfig, load_config
 
 from test_train_units import SMALL
 

@@ -21,8 +21,8 @@ from bamba.data.bpe import train_bpe  # noqa: E402
 from bamba.data.documents import ShardDocuments  # noqa: E402
 from bamba.data.stream import doc_key  # noqa: E402
 from bamba.data.tokenize import TokenizeOptions, tokenize_corpus  # noqa: E402
-from bamba.train.checkpoint import TRAIN_STATE, complete_checkpoints  # noqa: E402
-from bamba.train.config import TrainConfig  # noqa: E402
+from bamba.train.dcp_checkpoint import TRAIN_STATE, complete_checkpoints  # noqa: E402
+from bamba.train.train_config import TrainConfig  # noqa: E402
 from bamba.train.metrics import read_metrics  # noqa: E402
 from bamba.train.parallel import DistInfo  # noqa: E402
 from bamba.train.trainer import build_source, restore_source  # noqa: E402
@@ -103,7 +103,7 @@ def test_torchrun_two_processes_on_shards_resumed_in_one(shards, tmp_path) -> No
 def _assert_export_matches_checkpoint(run: Path, step: int) -> None:
     """The HF export gathered from the FSDP shards equals the DCP checkpoint of that step."""
     from bamba.checkpoint import from_pretrained
-    from bamba.train.checkpoint import Checkpointer
+    from bamba.train.dcp_checkpoint import Checkpointer
     from bamba.train.optim import build_optimizer
 
     exported = from_pretrained(run / "hf")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
-from bamba.train.checkpoint import Checkpointer, UnreadableCheckpoint, complete_checkpoints
+from bamba.train.dcp_checkpoint import Checkpointer, UnreadableCheckpoint, complete_checkpoints
 from bamba.train.safe_dcp import SafeLoadPlanner, SafeReader
 
 from test_train_units import SMALL, _model_and_optimizer
@@ -80,7 +80,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path: Path, cap
     (newest, older) = [p for _, p in complete_checkpoints(tmp_path / "run" / "checkpoints")][::-1]
     marker = tmp_path / "pwned"
     (newest / ".metadata").write_bytes(pickle.dumps(MakesDirectory(marker)))
-    with caplog.at_level(logging.WARNING, logger="bamba.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="bamba.train.dcp_checkpoint"):
         assert _main(tmp_path, "--steps=3") == 0
     assert f"falling back to the previous checkpoint {older}" in caplog.text
     assert not marker.exists()
@@ -146,7 +146,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path: Path, monkeypatch, capsy
 
 
 def test_non_finite_hyperparameters_are_refused() -> None:
-    from bamba.train.config import load_config
+    from bamba.train.train_config import load_config
 
     for override in ("--lr=.inf", "--lr=.nan", "--weight_decay=-.inf", "--peak_tflops=.inf"):
         with pytest.raises(ValueError, match="must be a finite number"):

@@ -84,8 +84,8 @@ def test_packing_keeps_examples_whole_and_masks_padding() -> None:
 
 def test_pretrain_export_then_finetune(tokenizer_dir, tmp_path: Path, capsys) -> None:
     from bamba.checkpoint import from_pretrained
-    from bamba.finetune_cli import run as finetune
-    from bamba.train.config import load_config
+    from bamba.cli.finetune import run as finetune
+    from bamba.train.train_config import load_config
     from bamba.train.trainer import train
 
     base = load_config(None, [f"--out_dir={tmp_path / 'pre'}", "--steps=2", "--warmup_steps=1",

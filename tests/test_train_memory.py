@@ -47,7 +47,7 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
 
 
 def test_train_config_keeps_memory_by_default() -> None:
-    from bamba.train.config import TrainConfig
+    from bamba.train.train_config import TrainConfig
 
     assert TrainConfig().retain_memory is True
     assert TrainConfig(retain_memory=False).retain_memory is False

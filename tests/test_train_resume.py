@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from bamba.train.checkpoint import TRAIN_STATE, complete_checkpoints
+from bamba.train.dcp_checkpoint import TRAIN_STATE, complete_checkpoints
 from bamba.train.metrics import read_metrics
 
 CONFIG = dict(
@@ -136,7 +136,7 @@ def test_sigterm_checkpoints_then_resume_is_exact(reference, tmp_path: Path) -> 
 
 KILL_IN_SAVE = """
 import os, signal, sys
-from bamba.train.checkpoint import Checkpointer
+from bamba.train.dcp_checkpoint import Checkpointer
 from bamba.train.__main__ import main
 
 publish = Checkpointer._publish

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bamba.engine.cache import PagePool
+from bamba.engine.page_pool import PagePool
 
 
 def block_hashes(token_ids: list[int], block_size: int, num_blocks: int,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bamba.compile import CompiledModule
-from bamba.engine.cache import PoolPlan
+from bamba.engine.page_pool import PoolPlan
 from bamba.engine.scheduler import ScheduledChunk
 from bamba.model import BambaLM
 from bamba.native.decode_ops import KVLayout

@@ -14,7 +14,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from bamba.engine.cache import PagePool
+from bamba.engine.page_pool import PagePool
 from bamba.engine.prefix_cache import PrefixCache, PrefixHit, block_hashes
 
 

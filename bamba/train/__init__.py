@@ -7,7 +7,7 @@ Entry points::
     bamba finetune CONFIG.yaml --init_from=HF_DIR --data_path=chat.jsonl
 
 In Python: ``train(load_config(path, overrides))`` (``bamba.train.trainer`` /
-``bamba.train.config``). A run directory holds ``checkpoints/step_N`` (resumed automatically,
+``bamba.train.train_config``). A run directory holds ``checkpoints/step_N`` (resumed automatically,
 at any world size), ``metrics.jsonl``, ``loss.png`` and the HF-layout export ``hf/``.
 Modules: schedule (LR as a pure function of the step), optim (AdamW groups), loss (CE + z-loss),
 config (TrainConfig), data (the BatchSource protocol, synthetic rows, the bamba.data loader),

@@ -24,8 +24,8 @@ from torch import nn
 from bamba.model import BambaLM, init_weights
 from bamba.train import parallel
 from bamba.train.budget import check_memory, local_process_count
-from bamba.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
-from bamba.train.config import TrainConfig
+from bamba.train.dcp_checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from bamba.train.train_config import TrainConfig
 from bamba.train.data import Batch, BatchSource, SyntheticSource, build_loader_source
 from bamba.train.loss import compiled_loss_terms, lm_loss_sums, loss_terms
 from bamba.train.memory import retain_freed_memory

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from bamba.inference_cli import (add_model_options, add_sampling_options, load_model,
+from bamba.cli.inference_options import (add_model_options, add_sampling_options, load_model,
                                  sampling_values, set_threads)
 
 

@@ -14,15 +14,15 @@ import sys
 
 # verb -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train-tokenizer": ("bamba.data.bpe_cli", "train a byte-level BPE tokenizer on text files"),
-    "tokenize": ("bamba.data.tokenize_cli", "text/JSONL/parquet files -> Arrow shards of token ids"),
-    "generate": ("bamba.generation_cli", "generate a continuation of a prompt"),
-    "chat": ("bamba.chat_cli", "chat with a model in the terminal (chat template, streamed replies)"),
-    "analyze": ("bamba.analyze_cli", "arithmetic-intensity model: FLOPs, bytes, predicted decode speed-up"),
-    "train": ("bamba.train_cli", "pretrain from a YAML config (torchrun -m bamba.train for several processes)"),
-    "finetune": ("bamba.finetune_cli", "fine-tune a checkpoint on chat or prompt/completion JSONL"),
-    "demo": ("bamba.demo_cli", "offline demo: train a small hybrid on the stdlib's source, complete code"),
-    "serve": ("bamba.serve_cli", "OpenAI-compatible HTTP server (continuous batching engine)"),
+    "train-tokenizer": ("bamba.cli.train_tokenizer", "train a byte-level BPE tokenizer on text files"),
+    "tokenize": ("bamba.cli.tokenize", "text/JSONL/parquet files -> Arrow shards of token ids"),
+    "generate": ("bamba.cli.generate", "generate a continuation of a prompt"),
+    "chat": ("bamba.cli.chat", "chat with a model in the terminal (chat template, streamed replies)"),
+    "analyze": ("bamba.cli.analyze", "arithmetic-intensity model: FLOPs, bytes, predicted decode speed-up"),
+    "train": ("bamba.cli.train", "pretrain from a YAML config (torchrun -m bamba.train for several processes)"),
+    "finetune": ("bamba.cli.finetune", "fine-tune a checkpoint on chat or prompt/completion JSONL"),
+    "demo": ("bamba.cli.demo", "offline demo: train a small hybrid on the stdlib's source, complete code"),
+    "serve": ("bamba.cli.serve", "OpenAI-compatible HTTP server (continuous batching engine)"),
 }
 
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import argparse
 
-from bamba.train_cli import configure as configure  # same arguments as `bamba train`
+from bamba.cli.train import configure as configure  # same arguments as `bamba train`
 
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from bamba.cores import choose_threads
-    from bamba.train.config import load_config
-    from bamba.train_cli import report
+    from bamba.train.train_config import load_config
+    from bamba.cli.train import report
     from bamba.train.trainer import train
 
     cfg = load_config(args.config, ["--data=sft", *args.overrides])

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bamba.inference_cli import (add_model_options, add_sampling_options, checkpoint_tokenizer,
+from bamba.cli.inference_options import (add_model_options, add_sampling_options, checkpoint_tokenizer,
                                  sampling_values, set_threads)
 
 log = logging.getLogger(__name__)

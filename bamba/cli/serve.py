@@ -24,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the model id clients send (default: the path's last part)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (default: $BAMBA_API_KEY)")
-    from bamba.inference_cli import add_model_options
+    from bamba.cli.inference_options import add_model_options
 
     add_model_options(parser)
     parser.add_argument("--state-dtype", default="float32",
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     from bamba.dtypes import parse_dtype
-    from bamba.inference_cli import checkpoint_tokenizer
+    from bamba.cli.inference_options import checkpoint_tokenizer
 
     dtype = parse_dtype(args.dtype, "--dtype")
     tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)  # before the weights load

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from bamba.train.config import keys_help
+    from bamba.train.train_config import keys_help
 
     parser.add_argument("config", help="training config (YAML); see configs/")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--key=value",
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from bamba.cores import choose_threads
-    from bamba.train.config import load_config
+    from bamba.train.train_config import load_config
     from bamba.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)

@@ -1,0 +1,7 @@
+"""``python -m bamba.cli ...``: the ``bamba`` command."""
+
+import sys
+
+from bamba.cli import main
+
+sys.exit(main())
