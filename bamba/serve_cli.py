@@ -4,6 +4,7 @@ Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics. Ch
 the tokenizer's chat template; without one, each message renders as ``<|role|>\\ncontent\\n``
 and the prompt ends with ``<|assistant|>\\n`` (``bamba.serve.chat.DEFAULT_CHAT_TEMPLATE``).
 With ``--api-key`` (or $BAMBA_API_KEY) every /v1/ route needs ``Authorization: Bearer KEY``.
+The address is bound before the model loads, so a busy port fails at once.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", default="none", choices=("none", *MODES),
                         help="compile decode steps with inductor (the first one takes about a "
                              "minute; then faster batched decode)")
+    parser.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
+                        help="larger request bodies are refused with 413")
+    parser.add_argument("--max-connections", type=int, default=512,
+                        help="connections (and requests) served at once; beyond, 503")
+    parser.add_argument("--head-timeout", type=float, default=10.0,
+                        help="seconds a connection has to send a request's headers")
+    parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                        help="seconds an idle keep-alive connection stays open")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
 
@@ -53,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
         from bamba.serve.app import build_app
         from bamba.serve.async_engine import AsyncEngine
+        from bamba.serve.http import bind, limit_log_rate, uvicorn_config
     except ImportError as exc:
         raise ValueError(f"bamba serve needs the serve extra (pip install 'bamba[serve]'): "
                          f"{exc}") from None
@@ -66,19 +76,36 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype,
-              memory_gb=args.memory_gb, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-              compile_mode=None if args.compile == "none" else args.compile)
-    name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
-    api_key = args.api_key or os.environ.get("BAMBA_API_KEY") or None
-    engine = AsyncEngine(llm).start()
-    log.info("serving %r on http://%s:%d (API key %s)", name, args.host, args.port,
-             "required" if api_key else "off")
+    for option, value in (("--max-request-bytes", args.max_request_bytes),
+                          ("--max-connections", args.max_connections),
+                          ("--head-timeout", args.head_timeout),
+                          ("--keep-alive-timeout", args.keep_alive_timeout)):
+        if not value > 0:
+            raise ValueError(f"{option} must be positive, got {value}")
+    sock = bind(args.host, args.port)  # a busy port fails now, not after the model loads
     try:
-        uvicorn.run(build_app(engine, name, api_key), host=args.host, port=args.port,
-                    log_level=args.log_level, timeout_graceful_shutdown=5)
+        llm = LLM(args.model, dtype=args.dtype, state_dtype=args.state_dtype,
+                  memory_gb=args.memory_gb, block_size=args.block_size,
+                  max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_model_len=args.max_model_len,
+                  enable_prefix_caching=not args.no_prefix_caching,
+                  compile_mode=None if args.compile == "none" else args.compile)
+        name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
+        api_key = args.api_key or os.environ.get("BAMBA_API_KEY") or None
+        engine = AsyncEngine(llm).start()
+        try:
+            app = build_app(engine, name, api_key, args.max_request_bytes)
+            config = uvicorn_config(app, head_timeout=args.head_timeout,
+                                    keep_alive_timeout=args.keep_alive_timeout,
+                                    max_connections=args.max_connections,
+                                    log_level=args.log_level, timeout_graceful_shutdown=5)
+            limit_log_rate()
+            log.info("serving %r on http://%s:%d (API key %s)", name, args.host, args.port,
+                     "required" if api_key else "off")
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            engine.shutdown()
     finally:
-        engine.shutdown()
+        sock.close()
     return 0

@@ -128,10 +128,14 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def usage(out: RequestOutput) -> dict[str, int]:
-    completion = sum(len(o.token_ids) for o in out.outputs)
-    return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": completion,
-            "total_tokens": len(out.prompt_token_ids) + completion}
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def output_usage(out: RequestOutput) -> dict[str, int]:
+    """Usage of a whole (cumulative) output."""
+    return usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))
 
 
 def finish_reason(o: CompletionOutput) -> str | None:
@@ -169,20 +173,21 @@ def _envelope(rid: str, kind: str, model: str, choices: list[dict]) -> dict[str,
 def completion_response(out: RequestOutput, model: str, rid: str, decode: Decode) -> dict:
     choices = [{"index": o.index, "text": o.text, "finish_reason": finish_reason(o),
                 "logprobs": completion_logprobs(o, decode)} for o in out.outputs]
-    return {**_envelope(rid, "text_completion", model, choices), "usage": usage(out)}
+    return {**_envelope(rid, "text_completion", model, choices), "usage": output_usage(out)}
 
 
 def chat_response(out: RequestOutput, model: str, rid: str, decode: Decode) -> dict:
     choices = [{"index": o.index, "finish_reason": finish_reason(o),
                 "message": {"role": "assistant", "content": o.text},
                 "logprobs": chat_logprobs(o, decode)} for o in out.outputs]
-    return {**_envelope(rid, "chat.completion", model, choices), "usage": usage(out)}
+    return {**_envelope(rid, "chat.completion", model, choices), "usage": output_usage(out)}
 
 
 def stream_chunks(out: RequestOutput, model: str, rid: str, chat: bool, started: set[int],
                   decode: Decode) -> list[dict]:
-    """The SSE payloads for what is new in one engine output (one per changed sample).
-    ``started`` holds the indices of samples already announced (chat sends the role first)."""
+    """The SSE payloads for what is new in one engine output (one per changed sample; a delta
+    output's logprobs are all new). ``started`` holds the indices of samples already announced
+    (chat sends the role first)."""
     chunks = []
     for o in out.outputs:
         first = o.index not in started
@@ -204,7 +209,7 @@ def stream_chunks(out: RequestOutput, model: str, rid: str, chat: bool, started:
     return chunks
 
 
-def usage_chunk(out: RequestOutput, model: str, rid: str, chat: bool) -> dict:
+def usage_chunk(counts: dict[str, int], model: str, rid: str, chat: bool) -> dict:
     """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    return {**_envelope(rid, kind, model, []), "usage": usage(out)}
+    return {**_envelope(rid, kind, model, []), "usage": counts}
