@@ -246,6 +246,9 @@ class LLM:
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         else:
             params = [params if params is not None else SamplingParams()] * len(prompts)
+        if any(p.output_kind != "cumulative" for p in params):
+            raise ParameterError("generate returns whole outputs: output_kind must be "
+                                 "'cumulative'", "output_kind")
         ids = []
         try:
             for prompt, p in zip(prompts, params, strict=True):

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
 DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 MAX_REQUEST_BYTES = 8 * 2**20  # request bodies beyond this get a 413
-_FIELDS = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
 
 
 class APIError(Exception):
@@ -51,12 +50,10 @@ class APIError(Exception):
 
 
 def _bad_value(exc: ValueError) -> APIError:
-    """A 400 for a ParameterError, or a ValueError whose message starts with the field."""
-    message = str(exc)
+    """A 400 for a refused request: a ParameterError names its param (and maybe a code)."""
     if isinstance(exc, ParameterError):
-        return APIError(400, message, param=exc.param, code=exc.code)
-    head = message.split(maxsplit=1)[0].rstrip(":") if message else ""
-    return APIError(400, message, param=head if head in _FIELDS else None)
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
+    return APIError(400, str(exc))
 
 
 def _install_error_handlers(app: FastAPI) -> None:

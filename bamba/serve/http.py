@@ -93,7 +93,7 @@ class RateLimit(logging.Filter):
         self._seen: dict[str, tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key, now = str(record.msg), time.monotonic()
+        key, now = str(record.msg).split("\n", 1)[0], time.monotonic()  # asyncio adds details
         last, held = self._seen.get(key, (-float("inf"), 0))
         if now - last < self.interval:
             self._seen[key] = (last, held + 1)

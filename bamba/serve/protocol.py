@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bamba.engine import CompletionOutput, RequestOutput, SamplingParams
+from bamba.sampling import ParameterError
 
 MAX_N = 128  # samples per request (OpenAI's limit)
 MAX_LOGPROBS = 20
@@ -55,13 +56,14 @@ class _Sampling(BaseModel):
 
     def sampling_params(self, logprobs: int | None,
                         max_tokens_default: int | None) -> SamplingParams:
-        """Raises ValueError (naming the field first) for unsupported or out-of-range values."""
+        """Raises ParameterError (naming the field) for unsupported or out-of-range values."""
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise ParameterError("logit_bias is not supported", "logit_bias")
         if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ValueError("best_of is not supported (it must equal n)")
+            raise ParameterError("best_of is not supported (it must equal n)", "best_of")
         if any(t < 0 or t > MAX_TOKEN_ID for t in self.stop_token_ids or []):
-            raise ValueError(f"stop_token_ids must be integers in [0, {MAX_TOKEN_ID}]")
+            raise ParameterError(f"stop_token_ids must be integers in [0, {MAX_TOKEN_ID}]",
+                                 "stop_token_ids")
         given = {k: v for k, v in {
             "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
@@ -85,18 +87,18 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
     def single_prompt(self) -> str | list[int]:
-        """The one prompt of this request (a text or token ids); ValueError otherwise."""
+        """The one prompt of this request (a text or token ids); ParameterError otherwise."""
         if self.echo:
-            raise ValueError("echo is not supported")
+            raise ParameterError("echo is not supported", "echo")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise ParameterError("suffix is not supported", "suffix")
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise ValueError("prompt: only one prompt per request is supported")
+                raise ParameterError("prompt: only one prompt per request is supported", "prompt")
             prompt = prompt[0]
         if not prompt:
-            raise ValueError("prompt: the prompt is empty")
+            raise ParameterError("prompt: the prompt is empty", "prompt")
         return prompt
 
 
@@ -116,7 +118,7 @@ class ChatRequest(_Sampling):
 
     def chat_sampling_params(self) -> SamplingParams:
         if self.tools:
-            raise ValueError("tools are not supported")
+            raise ParameterError("tools are not supported", "tools")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self.sampling_params((self.top_logprobs or 0) if self.logprobs else None, None)
