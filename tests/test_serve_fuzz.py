@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +19,7 @@ from schemathesis.generation.modes import GenerationMode  # noqa: E402
 from bamba.engine import LLM  # noqa: E402
 from bamba.serve.app import build_app  # noqa: E402
 from bamba.serve.async_engine import AsyncEngine  # noqa: E402
-from conftest import build_tokenizer, hf_model  # noqa: E402
+from serve_helpers import save_tiny_checkpoint  # noqa: E402
 
 NAME = "tiny"
 QUICK, LONG = 25, 400  # examples per operation
@@ -28,9 +27,7 @@ QUICK, LONG = 25, 400  # examples per operation
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsyncEngine]:
-    directory: Path = tmp_path_factory.mktemp("fuzz") / "ckpt"
-    hf_model("hybrid").save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
+    directory = save_tiny_checkpoint(tmp_path_factory.mktemp("fuzz") / "ckpt")
     # a short context keeps the worst generated case (n=128 samples to the end) cheap
     llm = LLM(str(directory), memory_gb=0.002, block_size=4, max_num_seqs=32,
               max_num_batched_tokens=128, max_model_len=48)

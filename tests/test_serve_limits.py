@@ -5,7 +5,6 @@ contained, and every other request, /health, and the KV blocks and state slots a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
@@ -19,48 +18,24 @@ import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-import uvicorn  # noqa: E402
 
 from bamba.engine import LLM, SamplingParams  # noqa: E402
 from bamba.serve.app import build_app  # noqa: E402
 from bamba.serve.async_engine import AsyncEngine, FellBehind  # noqa: E402
-from bamba.serve.http import RateLimit, uvicorn_config  # noqa: E402
-from conftest import build_tokenizer, hf_model  # noqa: E402
+from bamba.serve.http import RateLimit  # noqa: E402
+from serve_helpers import running, save_tiny_checkpoint  # noqa: E402
 
 NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("limits") / "ckpt"
-    hf_model("hybrid").save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
-    return directory
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("limits") / "ckpt")
 
 
 def make_llm(checkpoint: Path) -> LLM:
     return LLM(str(checkpoint), memory_gb=0.002, block_size=4, max_num_seqs=16,
                max_num_batched_tokens=128, max_model_len=96)
-
-
-@contextlib.contextmanager
-def running(app: Any, **options: Any) -> Iterator[str]:
-    """Serve ``app`` with ``uvicorn_config(app, **options)`` on a free 127.0.0.1 port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn_config(app, log_level="warning", **options))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
