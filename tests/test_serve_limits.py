@@ -303,3 +303,20 @@ def test_repeated_log_messages_are_rate_limited() -> None:
     assert [r.getMessage() for r in records] == [
         "socket.accept() out of system resource", "something else",
         "socket.accept() out of system resource (999 more like it held back)"]
+
+
+def test_connections_beyond_the_limit_get_503(served) -> None:
+    _, engine = served
+    with running(build_app(engine, NAME), max_connections=3) as base:
+        port = int(base.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            time.sleep(0.2)  # let the server take them
+            assert httpx.get(base + "/health", timeout=5).status_code == 503
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 5
+        while httpx.get(base + "/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
