@@ -5,6 +5,7 @@ bounded for CI; the ``slow`` one tries many more cases."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from schemathesis.generation.modes import GenerationMode  # noqa: E402
 
 from bamba.engine import LLM  # noqa: E402
@@ -51,6 +53,10 @@ def check_case(case: Any, engine: AsyncEngine) -> None:
         case.body["model"] = NAME  # otherwise nearly every body stops at "unknown model"
     response = case.call()
     assert response.status_code < 500, (case.body, response.text)
+    _wait_free(engine)
+
+
+def _wait_free(engine: AsyncEngine) -> None:
     deadline = time.monotonic() + 30
     while engine.llm.has_unfinished_requests() or not _pools_free(engine):
         assert time.monotonic() < deadline, engine.llm.stats()
@@ -83,6 +89,44 @@ def fuzz(api_schema: Any, engine: AsyncEngine, examples: int) -> int:
 
         one()
     return ran
+
+
+# magnitudes spread evenly over float64's exponents (float32 overflows above 3.4e38 and rounds
+# to 0 below 1.4e-45), plus whatever hypothesis's own floats try (NaN, infinities, edges)
+ANY_MAGNITUDE = st.builds(lambda m, e: m * 10.0 ** e, st.floats(-10, 10),
+                          st.integers(-320, 307)) | st.floats()
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                "frequency_penalty")
+
+
+def test_sampling_values_of_any_magnitude_never_5xx(app: Any, engine: AsyncEngine) -> None:
+    """Schema-driven cases rarely pair one extreme number with an otherwise valid body; this
+    does: every float field, any magnitude, NaN and infinities (Python's JSON carries them)."""
+    from starlette.testclient import TestClient
+
+    with TestClient(app) as client:
+
+        @given(values=st.dictionaries(st.sampled_from(FLOAT_FIELDS), ANY_MAGNITUDE, min_size=1,
+                                      max_size=2),
+               chat=st.booleans(), stream=st.booleans())
+        @settings(deadline=None, derandomize=True, database=None, max_examples=QUICK * 4,
+                  suppress_health_check=list(HealthCheck))
+        def one(values: dict[str, float], chat: bool, stream: bool) -> None:
+            body: dict[str, Any] = {"model": NAME, "max_tokens": 3, "stream": stream, **values}
+            if chat:
+                body["messages"] = [{"role": "user", "content": "hi"}]
+            else:
+                body["prompt"] = "State space"
+            r = client.post("/v1/chat/completions" if chat else "/v1/completions",
+                            content=json.dumps(body),  # NaN and Infinity as Python writes them
+                            headers={"Content-Type": "application/json"})
+            assert r.status_code in (200, 400), (body, r.text)
+            assert "error" not in r.text or r.status_code == 400, (body, r.text)
+            if r.status_code == 400:
+                assert r.json()["error"]["param"] in values
+            _wait_free(engine)
+
+        one()
 
 
 def healthy(app: Any) -> bool:
