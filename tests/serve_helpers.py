@@ -24,10 +24,12 @@ def save_tiny_checkpoint(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running(app: Any, **options: Any) -> Iterator[str]:
+def running(app: Any, send_buffer: int | None = None, **options: Any) -> Iterator[str]:
     """Serve ``app`` with ``uvicorn_config(app, **options)`` on a free 127.0.0.1 port; yields
-    its base URL."""
+    its base URL. ``send_buffer``: the kernel's send buffer (bytes) of every connection."""
     sock = socket.socket()
+    if send_buffer is not None:  # accepted sockets inherit it from the listening one
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn_config(app, log_level="warning", **options))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -320,3 +320,31 @@ def test_connections_beyond_the_limit_get_503(served) -> None:
         while httpx.get(base + "/health", timeout=5).status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_an_http_client_that_stops_reading_has_its_request_aborted(checkpoint: Path) -> None:
+    """Small socket buffers on both ends: the stream's writes block soon, its events pile up
+    in the request's mailbox, and the engine aborts the request instead of finishing it."""
+    engine = AsyncEngine(make_llm(checkpoint), max_pending_outputs=4).start()
+    body = {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 90, "n": 8, "logprobs": 5,
+            "ignore_eos": True, "stream": True}
+    payload = json.dumps(body).encode()
+    try:
+        with running(build_app(engine, NAME), send_buffer=4096) as base:
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+            try:
+                client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                               b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(payload), payload))  # and never read the answer
+                deadline = time.monotonic() + 60
+                while engine.metrics.finished.get("abort", 0) == 0:
+                    assert time.monotonic() < deadline, engine.metrics.finished
+                    time.sleep(0.05)
+                wait_idle(engine)
+                assert "length" not in engine.metrics.finished  # no sample ran to its end
+            finally:
+                client.close()
+    finally:
+        engine.shutdown()
