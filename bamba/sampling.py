@@ -20,6 +20,7 @@ none of them does no sort.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -29,22 +30,44 @@ import torch
 PerRow = float | int | Sequence[float] | Sequence[int] | torch.Tensor
 
 
+class ParameterError(ValueError):
+    """A request's value is refused: ``param`` names the field (OpenAI's error "param"),
+    ``code`` is an optional machine-readable reason (e.g. "context_length_exceeded")."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to float32, as the sampling tensors hold it (inf when it overflows)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
 
 def require_int(value: object, name: str, low: int) -> None:
-    """ValueError naming ``name`` unless value is an int (not a bool) >= low."""
+    """ParameterError naming ``name`` unless value is an int (not a bool) >= low."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}", name)
 
 
-def require_number(value: object, name: str, low: float, high: float, low_open: bool = False) -> None:
-    """ValueError naming ``name`` unless value is a finite number in [low, high] (or (low, high])."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
+def require_number(value: object, name: str, low: float, high: float,
+                   low_open: bool = False) -> None:
+    """ParameterError naming ``name`` unless value is a finite number in [low, high] (or
+    (low, high]), both as given and rounded to float32 (1e39 is finite only as a float64)."""
+
+    def inside(v: float) -> bool:
+        return math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    as_float = float(value) if ok and abs(value) < 1e308 else math.inf
+    if not (ok and inside(as_float) and inside(as_float32(as_float))):
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {high}], "
-                         f"got {value!r}")
+        raise ParameterError(f"{name} must be a finite number in {bracket}{low}, {high}] "
+                             f"(float32), got {value!r}", name)
+
 
 def make_generators(seeds: Sequence[int | None]) -> list[torch.Generator | None]:
     """One CPU generator per seed (None: the row draws from torch's global generator)."""

@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,12 +18,11 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
-import uvicorn  # noqa: E402
 
 from bamba.engine import LLM  # noqa: E402
 from bamba.serve.app import build_app  # noqa: E402
 from bamba.serve.async_engine import AsyncEngine  # noqa: E402
-from conftest import build_tokenizer, hf_model  # noqa: E402
+from serve_helpers import running, save_tiny_checkpoint  # noqa: E402
 
 NAME = "tiny-bamba"
 KEY = "secret"
@@ -46,27 +43,13 @@ class ErrorLog(logging.Handler):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, AsyncEngine]]:
-    directory: Path = tmp_path_factory.mktemp("serve") / "ckpt"
-    hf_model("hybrid").save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
+    directory = save_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt")
     llm = LLM(str(directory), memory_gb=0.002, block_size=4, max_num_seqs=128,
               max_num_batched_tokens=256, max_model_len=96)
     engine = AsyncEngine(llm).start()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(build_app(engine, NAME, KEY), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running(build_app(engine, NAME, KEY)) as base:
+        yield base, engine
     engine.shutdown()
-    sock.close()
 
 
 @pytest.fixture

@@ -75,3 +75,17 @@ def test_bamba_serve_bad_options_are_one_line_errors(make_hf_checkpoint: Callabl
     assert "--port" in capsys.readouterr().err
     assert main(["serve", str(directory), "--dtype", "int3"]) == 2
     assert "dtype" in capsys.readouterr().err
+
+
+def test_busy_port_is_refused_before_the_model_loads(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # the checkpoint does not exist: the port must be what is reported, before loading
+        assert main(["serve", str(tmp_path / "missing"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bamba serve: error: cannot listen on 127.0.0.1:") and "\n" not in err
+    assert main(["serve", str(tmp_path / "missing"), "--max-request-bytes", "0"]) == 2
+    assert "--max-request-bytes" in capsys.readouterr().err

@@ -4,6 +4,7 @@ Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics. Ch
 the tokenizer's chat template; without one, each message renders as ``<|role|>\\ncontent\\n``
 and the prompt ends with ``<|assistant|>\\n`` (``bamba.serve.chat.DEFAULT_CHAT_TEMPLATE``).
 With ``--api-key`` (or $BAMBA_API_KEY) every /v1/ route needs ``Authorization: Bearer KEY``.
+The address is bound before the model loads, so a busy port fails at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="DIR_OR_ID", help="checkpoint directory or hub id")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients send (default: the path's last part)")
     parser.add_argument("--api-key", default=None,
@@ -38,15 +39,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tokens (prefill chunks + decodes) per engine step")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length (default: the model's)")
-    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="do not reuse KV blocks and Mamba states of shared prompt prefixes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     from bamba.compile import MODES
 
     parser.add_argument("--compile", default="none", choices=("none", *MODES),
                         help="compile decode steps with inductor (the first one takes about a "
                              "minute; then faster batched decode)")
+    parser.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
+                        help="larger request bodies are refused with 413")
+    parser.add_argument("--max-connections", type=int, default=512,
+                        help="connections (and requests) served at once; beyond, 503")
+    parser.add_argument("--head-timeout", type=float, default=10.0,
+                        help="seconds a connection has to send a request's headers")
+    parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                        help="seconds an idle keep-alive connection stays open")
     parser.add_argument("--log-level", default="info",
-                        choices=["critical", "error", "warning", "info", "debug"])
+                        choices=["critical", "error", "warning", "info", "debug"],
+                        help="log level of the server and its HTTP layer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,11 +66,14 @@ def run(args: argparse.Namespace) -> int:
 
         from bamba.serve.app import build_app
         from bamba.serve.async_engine import AsyncEngine
+        from bamba.serve.http import bind, limit_log_rate, uvicorn_config
     except ImportError as exc:
         raise ValueError(f"bamba serve needs the serve extra (pip install 'bamba[serve]'): "
                          f"{exc}") from None
     import torch
 
+    from bamba.cli.inference_options import checkpoint_tokenizer
+    from bamba.dtypes import parse_dtype
     from bamba.engine import LLM
 
     if not 0 < args.port < 65536:
@@ -68,24 +82,38 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    from bamba.dtypes import parse_dtype
-    from bamba.cli.inference_options import checkpoint_tokenizer
-
+    for option, value in (("--max-request-bytes", args.max_request_bytes),
+                          ("--max-connections", args.max_connections),
+                          ("--head-timeout", args.head_timeout),
+                          ("--keep-alive-timeout", args.keep_alive_timeout)):
+        if not value > 0:
+            raise ValueError(f"{option} must be positive, got {value}")
     dtype = parse_dtype(args.dtype, "--dtype")
-    tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)  # before the weights load
-    llm = LLM(args.model, tokenizer, dtype=dtype, state_dtype=args.state_dtype,
-              memory_gb=args.memory_gb, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-              compile_mode=None if args.compile == "none" else args.compile)
-    name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
-    api_key = args.api_key or os.environ.get("BAMBA_API_KEY") or None
-    engine = AsyncEngine(llm).start()
-    log.info("serving %r on http://%s:%d (API key %s)", name, args.host, args.port,
-             "required" if api_key else "off")
+    sock = bind(args.host, args.port)  # a busy port fails now, not after the model loads
     try:
-        uvicorn.run(build_app(engine, name, api_key), host=args.host, port=args.port,
-                    log_level=args.log_level, timeout_graceful_shutdown=5)
+        tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)  # before the weights load
+        llm = LLM(args.model, tokenizer, dtype=dtype, state_dtype=args.state_dtype,
+                  memory_gb=args.memory_gb, block_size=args.block_size,
+                  max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_model_len=args.max_model_len,
+                  enable_prefix_caching=not args.no_prefix_caching,
+                  compile_mode=None if args.compile == "none" else args.compile)
+        name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
+        api_key = args.api_key or os.environ.get("BAMBA_API_KEY") or None
+        engine = AsyncEngine(llm).start()
+        try:
+            app = build_app(engine, name, api_key, args.max_request_bytes)
+            config = uvicorn_config(app, head_timeout=args.head_timeout,
+                                    keep_alive_timeout=args.keep_alive_timeout,
+                                    max_connections=args.max_connections,
+                                    log_level=args.log_level, timeout_graceful_shutdown=5)
+            limit_log_rate()
+            log.info("serving %r on http://%s:%d (API key %s)", name, args.host, args.port,
+                     "required" if api_key else "off")
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            engine.shutdown()
     finally:
-        engine.shutdown()
+        sock.close()
     return 0

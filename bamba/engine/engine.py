@@ -22,10 +22,12 @@ from bamba.dtypes import parse_dtype
 from bamba.engine.page_pool import PagePool, plan_pools
 from bamba.engine.params import CompletionOutput, RequestOutput, SamplingParams
 from bamba.engine.prefix_cache import PrefixCache
+from bamba.engine.prompts import encode_prompt, max_token_bytes
 from bamba.engine.runner import ModelRunner
 from bamba.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from bamba.engine.sequence import SequenceOutput, sample_rows
 from bamba.model import BambaLM
+from bamba.sampling import ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ class LLM:
         self.plan = plan
         # A lone sequence must always fit in the KV pool, or preemption could not help it.
         self.max_model_len = min(wanted_len, plan.num_blocks * block_size)
+        token_bytes = None if tokenizer is None else max_token_bytes(tokenizer)
+        self._prompt_byte_limit = None if token_bytes is None else token_bytes * self.max_model_len
         self.blocks = PagePool(plan.num_blocks, "KV block")
         self.slots = PagePool(plan.num_slots, "state slot")
         has_mamba = bool(cfg.mamba_layer_indices)
@@ -126,13 +130,10 @@ class LLM:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        text, ids = self._encode(prompt)
+        text, ids = self.encode_prompt(prompt)
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+            raise ParameterError("stop strings need a tokenizer", "stop")
         room = self.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the context of "
-                             f"{self.max_model_len} tokens")
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         request_id = request_id if request_id is not None else str(next(self._request_ids))
         if request_id in self._requests:
@@ -148,6 +149,13 @@ class LLM:
             self.scheduler.add(seq)
         self._requests[request_id] = request
         return request_id
+
+    def encode_prompt(self, prompt: str | list[int],
+                      param: str = "prompt") -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt, checked as ``add_request`` checks it
+        (``ParameterError`` naming ``param``); only reads, so any thread may call it."""
+        return encode_prompt(prompt, self.tokenizer, self.config.vocab_size, self.max_model_len,
+                             self._prompt_byte_limit, param)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its memory; False if it is unknown or already finished."""
@@ -189,15 +197,14 @@ class LLM:
             return []
         owners = [self._seq_owner[i] for i in logits]
         rows = [owner.seqs_by_id(i) for owner, i in zip(owners, logits, strict=True)]
-        try:
-            tokens = sample_rows(rows, torch.stack(list(logits.values())),
-                                 self.config.vocab_size)
-        except Exception:
-            log.exception("sampling failed; failing %d sequences", len(rows))
-            return self._fail([s.seq.seq_id for s in rows])
-        changed: dict[str, _Request] = {}
-        for owner, s, (token, logprob) in zip(owners, rows, tokens, strict=True):
-            s.append(token, logprob, self.max_model_len)
+        drawn = sample_rows(rows, torch.stack(list(logits.values())), self.config.vocab_size)
+        failed = [s.seq.seq_id for s, d in zip(rows, drawn, strict=True)
+                  if isinstance(d, Exception)]
+        changed = {r.request_id: r for r in self._fail(failed)}
+        for owner, s, result in zip(owners, rows, drawn, strict=True):
+            if isinstance(result, Exception):
+                continue
+            s.append(*result, self.max_model_len)
             if s.finished:
                 self._drop(s.seq.seq_id)
             changed[owner.request_id] = owner
@@ -228,6 +235,9 @@ class LLM:
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         else:
             params = [params if params is not None else SamplingParams()] * len(prompts)
+        if any(p.output_kind != "cumulative" for p in params):
+            raise ParameterError("generate returns whole outputs: output_kind must be "
+                                 "'cumulative'", "output_kind")
         ids = []
         try:
             for prompt, p in zip(prompts, params, strict=True):
@@ -259,24 +269,6 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         self.blocks.clear_cache()
         self.slots.clear_cache()
-
-    def _encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; pass token ids instead")
-            ids = self.tokenizer.encode(prompt)
-            text = prompt
-        elif isinstance(prompt, (list, tuple)):
-            ids, text = list(prompt), None
-        else:
-            raise ValueError(f"a prompt must be a string or a list of token ids, "
-                             f"got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.config.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        return text, ids
 
     def _eos_ids(self) -> list[int]:
         ids = set(self.config.eos_token_ids)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from bamba.sampling import require_int, require_number
+from bamba.sampling import ParameterError, require_int, require_number
+
+# Bounds that keep the float32 sampling arithmetic finite: logits divided by a temperature below
+# MIN_TEMPERATURE (other than 0, greedy) or scaled by a repetition penalty outside
+# [1 / MAX_PENALTY_SCALE, MAX_PENALTY_SCALE] can overflow to inf and turn a row into NaNs.
+MIN_TEMPERATURE = 1e-4
+MAX_PENALTY_SCALE = 1e4
+OUTPUT_KINDS = ("cumulative", "delta")
 
 
 @dataclass
@@ -16,6 +23,8 @@ class SamplingParams:
     their neutral values (1, 0, 0) do nothing. ``seed`` makes the request reproducible whatever
     else is batched with it (sample i of n uses seed + i). ``max_tokens`` None means up to the
     context length. ``logprobs`` n returns the chosen token's logprob and the n most likely.
+    ``output_kind`` "cumulative": each output holds everything so far; "delta": only what is
+    new since the previous output (what a streaming server sends on; see ``merge_delta``).
     """
 
     n: int = 1
@@ -34,6 +43,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -55,19 +65,39 @@ class SamplingParams:
         if self.seed is not None:
             require_int(self.seed, "seed", 0)
         require_number(self.temperature, "temperature", 0.0, math.inf)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ParameterError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, "
+                                 f"got {self.temperature!r}", "temperature")
         require_number(self.top_p, "top_p", 0.0, 1.0, low_open=True)
         require_number(self.min_p, "min_p", 0.0, 1.0)
-        require_number(self.repetition_penalty, "repetition_penalty", 0.0, math.inf, low_open=True)
+        require_number(self.repetition_penalty, "repetition_penalty", 1 / MAX_PENALTY_SCALE,
+                       MAX_PENALTY_SCALE)
         require_number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
         require_number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError("stop must be a non-empty string or a list of them")
+            raise ParameterError("stop must be a non-empty string or a list of them", "stop")
+        if not all(is_utf8(s) for s in self.stop):
+            raise ParameterError("stop strings must be valid Unicode (no lone surrogates)",
+                                 "stop")
         for token in self.stop_token_ids:
             require_int(token, "stop_token_ids entry", 0)
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ParameterError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got "
+                                 f"{self.output_kind!r}", "output_kind")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8 (JSON's "\\ud800" decodes to a lone surrogate, which
+    does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -105,3 +135,22 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+
+
+def merge_delta(into: RequestOutput, delta: RequestOutput) -> None:
+    """Fold a later "delta" output of the same request into ``into`` (in place): texts, token
+    ids and logprobs are appended, finish reasons and ``finished`` taken from ``delta``."""
+    samples = {o.index: o for o in into.outputs}
+    for o in delta.outputs:
+        mine = samples.get(o.index)
+        if mine is None:
+            into.outputs.append(o)
+            continue
+        mine.text += o.text
+        mine.token_ids.extend(o.token_ids)
+        mine.new_text += o.new_text
+        mine.new_token_ids.extend(o.new_token_ids)
+        if mine.logprobs is not None and o.logprobs is not None:
+            mine.logprobs.extend(o.logprobs)
+        mine.finish_reason, mine.stop_reason = o.finish_reason, o.stop_reason
+    into.finished = delta.finished

@@ -3,12 +3,17 @@ the batched call into ``bamba.sampling`` for the rows that sample in a step."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from bamba.engine.detok import IncrementalDetokenizer, find_stop
 from bamba.engine.params import CompletionOutput, SamplingParams, TokenLogprob
 from bamba.engine.scheduler import Sequence
 from bamba.sampling import SamplingBatch, compute_logprobs, sample, token_counts
+
+log = logging.getLogger(__name__)
+Drawn = tuple[int, TokenLogprob | None]
 
 
 class SequenceOutput:
@@ -74,12 +79,18 @@ class SequenceOutput:
             self.finish_reason, self.stop_reason = reason, stop_reason
 
     def report(self) -> CompletionOutput:
-        """Cumulative output, plus what is new since the previous report."""
+        """What is new since the previous report, with the cumulative output too unless the
+        request asked for deltas only (then text, token_ids and logprobs are the new part)."""
         visible = self.text if self.finished else \
             self.text[:max(len(self.text) - self._holdback, self._reported_chars)]
+        start = self._reported_tokens
         new_text = visible[self._reported_chars:]
-        new_ids = self.output_ids[self._reported_tokens:]
+        new_ids = self.output_ids[start:]
         self._reported_chars, self._reported_tokens = len(visible), len(self.output_ids)
+        if self.params.output_kind == "delta":
+            logprobs = None if self.logprobs is None else self.logprobs[start:]
+            return CompletionOutput(self.index, new_text, new_ids, self.finish_reason,
+                                    self.stop_reason, logprobs, new_text, list(new_ids))
         return CompletionOutput(self.index, visible, list(self.output_ids), self.finish_reason,
                                 self.stop_reason,
                                 None if self.logprobs is None else list(self.logprobs),
@@ -92,8 +103,25 @@ def _plain_greedy(p: SamplingParams) -> bool:
 
 
 def sample_rows(rows: list[SequenceOutput], logits: torch.Tensor,
-                vocab_size: int) -> list[tuple[int, TokenLogprob | None]]:
-    """Next token (and logprobs, when asked) for each row of logits [B, V]."""
+                vocab_size: int) -> list[Drawn | Exception]:
+    """Next token (and logprobs, when asked) for each row of logits [B, V], or the exception
+    that row raised: when the batch fails, each row is sampled alone, so one row's bad values
+    fail that row only (every stage works row by row, so no row's values reach another)."""
+    try:
+        return list(_sample_batch(rows, logits, vocab_size))
+    except Exception:
+        log.exception("sampling %d rows together failed; sampling them one by one", len(rows))
+    drawn: list[Drawn | Exception] = []
+    for j, row in enumerate(rows):
+        try:
+            drawn.extend(_sample_batch([row], logits[j:j + 1], vocab_size))
+        except Exception as exc:
+            drawn.append(exc)
+    return drawn
+
+
+def _sample_batch(rows: list[SequenceOutput], logits: torch.Tensor,
+                  vocab_size: int) -> list[Drawn]:
     params = [r.params for r in rows]
     if all(_plain_greedy(p) for p in params):  # what `sample` does for them, minus its set-up
         return [(t, None) for t in logits.argmax(dim=-1).tolist()]
@@ -113,7 +141,7 @@ def sample_rows(rows: list[SequenceOutput], logits: torch.Tensor,
     if all(w is None for w in wanted):
         return [(t, None) for t in tokens.tolist()]
     lp = compute_logprobs(logits, tokens, max(w or 0 for w in wanted))
-    out: list[tuple[int, TokenLogprob | None]] = []
+    out: list[Drawn] = []
     for j, (token, w) in enumerate(zip(tokens.tolist(), wanted, strict=True)):
         if w is None:
             out.append((token, None))

@@ -1,11 +1,14 @@
 """OpenAI-compatible HTTP API over an ``AsyncEngine``: /v1/completions, /v1/chat/completions,
-/v1/models, /health, /metrics (Prometheus text).
+/v1/models, /health, /metrics (Prometheus text), /openapi.json (the request schemas).
 
 Bad input never reaches the engine as an exception: malformed JSON, wrong types, unknown models,
 out-of-range values and over-long prompts are answered with a 4xx and an OpenAI-style error body
-(``{"error": {"message", "type", "param", "code"}}``). A request the engine fails gets a 500
-with such a body (or, when streaming, an ``error`` event) and nothing else is disturbed. A
-client that goes away aborts its request, which frees its KV blocks and state slot.
+(``{"error": {"message", "type", "param", "code"}}``); the engine's own checks raise
+``ParameterError``, which carries the param and code. Bodies over ``max_request_bytes`` get a
+413. Prompts are rendered and tokenized on worker threads, never on the event loop. A request
+the engine fails gets a 500 with such a body (or, when streaming, an ``error`` event) and
+nothing else is disturbed. A client that goes away aborts its request, which frees its KV
+blocks and state slot.
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 
 from bamba.engine import RequestOutput, SamplingParams
+from bamba.engine.params import merge_delta
+from bamba.sampling import ParameterError
 from bamba.serve.async_engine import AsyncEngine
 from bamba.serve.chat import render_chat
 from bamba.serve.protocol import (ChatRequest, CompletionRequest, chat_response,
-                                  completion_response, error_body, stream_chunks, usage_chunk)
+                                  completion_response, error_body, stream_chunks, usage,
+                                  usage_chunk)
 
 log = logging.getLogger(__name__)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
 DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
-_FIELDS = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
+MAX_REQUEST_BYTES = 8 * 2**20  # request bodies beyond this get a 413
 
 
 class APIError(Exception):
@@ -44,10 +50,10 @@ class APIError(Exception):
 
 
 def _bad_value(exc: ValueError) -> APIError:
-    """A 400 for a ValueError whose message starts with the offending field's name."""
-    message = str(exc)
-    head = message.split(maxsplit=1)[0].rstrip(":") if message else ""
-    return APIError(400, message, param=head if head in _FIELDS else None)
+    """A 400 for a refused request: a ParameterError names its param (and maybe a code)."""
+    if isinstance(exc, ParameterError):
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
+    return APIError(400, str(exc))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -74,15 +80,19 @@ def _install_error_handlers(app: FastAPI) -> None:
                             status_code=500)
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app serving ``engine`` under the id ``model_name``; with ``api_key``,
     every /v1/ route needs ``Authorization: Bearer <api_key>``."""
-    app = FastAPI(title="bamba", docs_url=None, redoc_url=None, openapi_url=None)
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    app = FastAPI(title="bamba", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     _install_error_handlers(app)
     server = _Server(engine, model_name)
 
     if api_key:
         app.add_middleware(_RequireKey, api_key=api_key)
+    app.add_middleware(_LimitBody, limit=max_request_bytes)
 
     @app.get("/health")
     async def health() -> Response:
@@ -105,8 +115,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     async def completions(body: CompletionRequest, request: Request) -> Response:
         server.check_model(body.model)
         try:
-            prompt = server.prompt_ids(body.single_prompt(), "prompt")
             params = body.sampling_params(body.logprobs, COMPLETION_MAX_TOKENS)
+            prompt = await asyncio.to_thread(server.encode, body.single_prompt(), "prompt")
         except ValueError as exc:
             raise _bad_value(exc) from None
         return await server.respond(request, body, prompt, params, chat=False)
@@ -118,8 +128,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             raise APIError(400, "this model has no tokenizer: use /v1/completions with token ids")
         try:
             params = body.chat_sampling_params()
-            text = render_chat(server.tokenizer, [m.model_dump() for m in body.messages])
-            prompt = server.prompt_ids(text, "messages")
+            prompt = await asyncio.to_thread(server.encode_chat,
+                                             [m.model_dump() for m in body.messages])
         except ValueError as exc:
             raise _bad_value(exc) from None
         return await server.respond(request, body, prompt, params, chat=True)
@@ -145,6 +155,38 @@ class _RequireKey:
         await self.app(scope, receive, send)
 
 
+class _LimitBody:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413, whether it declares its
+    length or streams in chunks (then it is cut off once it has sent too much)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            await JSONResponse(self._body(), status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # answered by the HTTPException handler
+                raise HTTPException(413, self._body()["error"]["message"])
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _body(self) -> dict[str, Any]:
+        return error_body(f"the request body exceeds {self.limit} bytes",
+                          code="request_too_large")
+
+
 class _Server:
     """What the routes share: the engine, the model's id, its tokenizer and context length."""
 
@@ -161,24 +203,12 @@ class _Server:
             raise APIError(404, f"model {name!r} does not exist (serving {self.model_name!r})",
                            param="model", code="model_not_found")
 
-    def prompt_ids(self, prompt: str | list[int], param: str) -> list[int]:
-        """Token ids of a prompt, checked against the vocabulary and the context length."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{param}: this model has no tokenizer; send token ids")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = prompt
-        vocab, limit = self.engine.llm.config.vocab_size, self.engine.llm.max_model_len
-        if not ids:
-            raise ValueError(f"{param}: the prompt is empty")
-        if any(t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"{param}: token ids must be in [0, {vocab})")
-        if len(ids) >= limit:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is "
-                           f"{limit} tokens and must leave room for one generated token",
-                           param=param, code="context_length_exceeded")
-        return ids
+    def encode(self, prompt: str | list[int], param: str) -> list[int]:
+        """Checked token ids of a prompt (the engine's checks; run it off the event loop)."""
+        return self.engine.llm.encode_prompt(prompt, param)[1]
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.encode(render_chat(self.tokenizer, messages), "messages")
 
     async def respond(self, request: Request, body: Any, prompt: list[int],
                       params: SamplingParams, chat: bool) -> Response:
@@ -190,7 +220,7 @@ class _Server:
         except RuntimeError as exc:
             raise APIError(503, str(exc), "server_error") from None
         if body.stream:
-            events = self._sse(stream, rid, chat, body.include_usage)
+            events = self._sse(stream, rid, chat, body.include_usage, len(prompt))
             return StreamingResponse(events, media_type="text/event-stream")
         final = await _collect_unless_gone(request, stream)
         if final is None:  # the client is gone: nobody reads this
@@ -199,20 +229,22 @@ class _Server:
         return JSONResponse(build(final, self.model_name, rid, self.decode))
 
     async def _sse(self, stream: AsyncIterator[RequestOutput], rid: str, chat: bool,
-                   include_usage: bool) -> AsyncIterator[str]:
-        """Server-sent events; the engine failing this request ends it with an error event.
-        Being cancelled (the client went away) closes ``stream``, which aborts the request."""
+                   include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
+        """Server-sent events, one per delta output; the engine failing this request ends it
+        with an error event. Being cancelled (the client went away) closes ``stream``, which
+        aborts the request."""
         started: set[int] = set()
-        last = None
+        generated = 0
         try:
             async for out in stream:
-                last = out
                 _raise_if_failed(out)
+                generated += sum(len(o.token_ids) for o in out.outputs)
                 for chunk in stream_chunks(out, self.model_name, rid, chat, started,
                                            self.decode):
                     yield f"data: {json.dumps(chunk)}\n\n"
-            if include_usage and last is not None:
-                yield f"data: {json.dumps(usage_chunk(last, self.model_name, rid, chat))}\n\n"
+            if include_usage:
+                counts = usage(prompt_tokens, generated)
+                yield f"data: {json.dumps(usage_chunk(counts, self.model_name, rid, chat))}\n\n"
         except (APIError, RuntimeError) as exc:
             body = exc.body if isinstance(exc, APIError) else error_body(str(exc), "server_error")
             yield f"data: {json.dumps(body)}\n\n"
@@ -232,14 +264,18 @@ def _raise_if_failed(out: RequestOutput) -> None:
 
 async def _collect_unless_gone(request: Request,
                                stream: AsyncIterator[RequestOutput]) -> RequestOutput | None:
-    """The finished output, or None when the client disconnected first (which aborts the
-    request: cancelling the consumer closes ``stream``). Raises APIError if the engine failed."""
+    """The finished output (the stream's deltas folded), or None when the client disconnected
+    first (which aborts the request: cancelling the consumer closes ``stream``). Raises
+    APIError if the engine failed."""
 
     async def consume() -> RequestOutput | None:
         final = None
         try:
             async for out in stream:
-                final = out
+                if final is None:
+                    final = out
+                else:
+                    merge_delta(final, out)
         finally:
             await stream.aclose()
         return final

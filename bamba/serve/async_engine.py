@@ -1,43 +1,119 @@
 """The engine on its own thread, driven from asyncio.
 
 One thread owns the ``LLM`` and is the only one to call it: it takes commands (add, abort) from
-a queue, runs steps while there is work, and hands each request's outputs to the asyncio queue
-of the coroutine that waits for them. Counters for /metrics are updated on the same thread.
+a queue, runs steps while there is work, and hands each request's outputs to the mailbox of the
+coroutine that waits for them. Outputs are deltas (only what is new), and a mailbox holds at
+most one: while its coroutine has not taken it, newer deltas are folded into it. A coroutine
+that falls more than ``max_pending_outputs`` steps behind (its client does not read) has its
+request aborted, which frees its KV blocks and state slot. Counters for /metrics are updated on
+the engine thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from bamba.engine import LLM, RequestOutput, SamplingParams
+from bamba.engine.params import merge_delta
 from bamba.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+MAX_PENDING_OUTPUTS = 256  # engine steps a request's reader may fall behind before its abort
+T = TypeVar("T")
 
-ACCEPTED = "accepted"  # first item on a request's queue once the engine took it
+
+class FellBehind(RuntimeError):
+    """The request's reader took its outputs too slowly; the request was aborted."""
 
 
-@dataclass
-class _Sink:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    arrival: float
-    seen_tokens: int = 0
+class _Mailbox:
+    """One request's outputs on their way from the engine thread to its coroutine: whether the
+    engine accepted it, at most one pending (coalesced) delta output, then maybe an error."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.arrival = loop, time.monotonic()
+        self.seen_tokens = 0  # engine thread only (metrics)
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._accepted = False
+        self._pending: RequestOutput | None = None
+        self._pending_steps = 0
+        self._error: Exception | None = None
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def accept(self) -> None:
+        with self._lock:
+            self._accepted = True
+        self._notify()
+
+    def put(self, out: RequestOutput) -> int:
+        """Hand over a delta output; returns how many steps' outputs wait untaken."""
+        with self._lock:
+            if self._pending is None:
+                self._pending = out
+            else:
+                merge_delta(self._pending, out)
+            self._pending_steps += 1
+            waiting = self._pending_steps
+        self._notify()
+        return waiting
+
+    def fail(self, exc: Exception) -> None:
+        """End the request with ``exc`` (after whatever output is still pending)."""
+        with self._lock:
+            self._error = exc
+        self._notify()
+
+    def _notify(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the request's event loop is closed: nobody is listening
+            log.debug("dropped a notification for a closed event loop")
+
+    # ---- the request's coroutine --------------------------------------------------------------
+    async def accepted(self) -> None:
+        """Return once the engine took the request; raise what it refused it with."""
+        await self._until(lambda: True if self._accepted else self._raise_error())
+
+    async def take(self) -> RequestOutput:
+        """The next output (all deltas since the last take, folded); raises the error that
+        ended the request once nothing is pending."""
+        return await self._until(self._take_pending)
+
+    def _take_pending(self) -> RequestOutput | None:
+        out, self._pending, self._pending_steps = self._pending, None, 0
+        return out if out is not None else self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    async def _until(self, check: Callable[[], T | None]) -> T:
+        while True:
+            self._ready.clear()
+            with self._lock:
+                result = check()
+            if result is not None:
+                return result
+            await self._ready.wait()
 
 
 class AsyncEngine:
-    def __init__(self, llm: LLM):
-        self.llm = llm
+    def __init__(self, llm: LLM, max_pending_outputs: int = MAX_PENDING_OUTPUTS):
+        if max_pending_outputs < 1:
+            raise ValueError(f"max_pending_outputs must be >= 1, got {max_pending_outputs}")
+        self.llm, self.max_pending_outputs = llm, max_pending_outputs
         self.metrics = ServerMetrics(stats=llm.stats())
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._sinks: dict[str, _Sink] = {}
+        self._sinks: dict[str, _Mailbox] = {}
         self._stopping = False
         self._ids = 0
         self._thread = threading.Thread(target=self._loop, name="bamba-engine", daemon=True)
@@ -62,29 +138,30 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Submit a request; raises ValueError at once if the engine refuses it (RuntimeError
-        if the engine is not running), then yields outputs until it finishes. Leaving early
-        (client gone) aborts it."""
+        if the engine is not running), then yields delta outputs (``merge_delta`` folds them)
+        until it finishes. Leaving early (client gone) aborts it."""
         if not self.alive:
             raise RuntimeError("the engine is not running")
-        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
+        if params.output_kind != "delta":
+            params = dataclasses.replace(params, output_kind="delta")
+        sink = _Mailbox(asyncio.get_running_loop())
         self._send(("add", request_id, prompt, params, sink))
         try:
-            first = await sink.queue.get()
+            await sink.accepted()
         except asyncio.CancelledError:  # the caller gave up before the engine answered
             self.abort(request_id)
             raise
-        if isinstance(first, Exception):
-            raise first
         return self._stream(request_id, sink)
 
-    async def _stream(self, request_id: str, sink: _Sink) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, sink: _Mailbox) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
-                output = await sink.queue.get()
-                if isinstance(output, Exception):
+                try:
+                    output = await sink.take()
+                except Exception:
                     finished = True
-                    raise output
+                    raise
                 finished = output.finished
                 yield output
         finally:
@@ -121,7 +198,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _post(command[4], stopped)
+                command[4].fail(stopped)
 
     def _drain(self) -> None:
         while True:
@@ -140,49 +217,52 @@ class AsyncEngine:
         self.metrics.set_stats(self.llm.stats())
 
     def _add(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-             sink: _Sink) -> None:
+             sink: _Mailbox) -> None:
         try:
             self.llm.add_request(prompt, params, request_id)
         except ValueError as exc:
-            _post(sink, exc)
+            sink.fail(exc)
             return
         except Exception as exc:  # never let one request's bad luck end the engine thread
             log.exception("adding request %s failed", request_id)
             self.llm.abort(request_id)
-            _post(sink, RuntimeError(f"the engine could not take the request: {exc}"))
+            sink.fail(RuntimeError(f"the engine could not take the request: {exc}"))
             return
         self._sinks[request_id] = sink
-        _post(sink, ACCEPTED)
+        sink.accept()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         new_tokens = 0
         now = time.monotonic()
         for out in outputs:
-            sink = self._sinks.get(out.request_id)
             tokens = sum(len(o.token_ids) for o in out.outputs)
-            new_tokens += tokens - (sink.seen_tokens if sink else 0)
+            new_tokens += tokens
+            sink = self._sinks.get(out.request_id)
             if sink is not None:
                 if sink.seen_tokens == 0 and tokens:
                     self.metrics.record_first_token(now - sink.arrival,
                                                     len(out.prompt_token_ids))
-                sink.seen_tokens = tokens
-                _post(sink, out)
+                sink.seen_tokens += tokens
+                waiting = sink.put(out)
+                if not out.finished and waiting > self.max_pending_outputs:
+                    self._drop_slow_reader(out.request_id, sink)
             if out.finished:
                 self._sinks.pop(out.request_id, None)
                 for o in out.outputs:
                     self.metrics.record_finish(o.finish_reason or "unknown")
         self.metrics.record_step(new_tokens, self.llm.stats())
 
+    def _drop_slow_reader(self, request_id: str, sink: _Mailbox) -> None:
+        log.warning("request %s: its reader fell %d outputs behind; aborting it", request_id,
+                    self.max_pending_outputs)
+        if self.llm.abort(request_id):
+            self.metrics.record_finish("abort")
+        self._sinks.pop(request_id, None)
+        sink.fail(FellBehind(f"the client read its stream too slowly (more than "
+                             f"{self.max_pending_outputs} outputs behind); request aborted"))
+
     def _fail_all(self, exc: Exception) -> None:
         for request_id, sink in list(self._sinks.items()):
             self.llm.abort(request_id)
-            _post(sink, exc)
+            sink.fail(exc)
         self._sinks.clear()
-
-
-def _post(sink: _Sink, item: object) -> None:
-    """Put an item on a request's asyncio queue from the engine thread."""
-    try:
-        sink.loop.call_soon_threadsafe(sink.queue.put_nowait, item)
-    except RuntimeError:  # the request's event loop is closed: nobody is listening
-        log.debug("dropped an output for a closed event loop")

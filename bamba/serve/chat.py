@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from bamba.sampling import ParameterError
+
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -34,8 +36,8 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str:
     pieces = []
     for part in content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"messages: only text content parts are supported, "
-                             f"got {part.get('type')!r}")
+            raise ParameterError(f"messages: only text content parts are supported, "
+                                 f"got {part.get('type')!r}", "messages")
         pieces.append(part["text"])
     return "".join(pieces)
 
@@ -50,7 +52,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
 
     The template usually writes the BOS token itself; when the tokenizer also adds one on
     encoding, the rendered leading BOS is dropped so the prompt does not start with two.
-    Raises ValueError when the template fails on these messages.
+    Raises ParameterError when the template fails on these messages.
     """
     template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     special = {k: v for k, v in getattr(tokenizer, "special", {}).items() if v is not None}
@@ -59,7 +61,8 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
         text = _compile(template).render(messages=turns, add_generation_prompt=True,
                                          raise_exception=_raise, **special)
     except Exception as exc:  # jinja raises many types (TemplateError, raise_exception(...))
-        raise ValueError(f"messages: the chat template failed on them: {exc}") from None
+        raise ParameterError(f"messages: the chat template failed on them: {exc}",
+                             "messages") from None
     bos = special.get("bos_token")
     if bos and getattr(tokenizer, "add_bos_token", False) and text.startswith(bos):
         text = text[len(bos):]

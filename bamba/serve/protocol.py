@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bamba.engine import CompletionOutput, RequestOutput, SamplingParams
+from bamba.sampling import ParameterError
 
 MAX_N = 128  # samples per request (OpenAI's limit)
 MAX_LOGPROBS = 20
@@ -55,13 +56,14 @@ class _Sampling(BaseModel):
 
     def sampling_params(self, logprobs: int | None,
                         max_tokens_default: int | None) -> SamplingParams:
-        """Raises ValueError (naming the field first) for unsupported or out-of-range values."""
+        """Raises ParameterError (naming the field) for unsupported or out-of-range values."""
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+            raise ParameterError("logit_bias is not supported", "logit_bias")
         if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ValueError("best_of is not supported (it must equal n)")
+            raise ParameterError("best_of is not supported (it must equal n)", "best_of")
         if any(t < 0 or t > MAX_TOKEN_ID for t in self.stop_token_ids or []):
-            raise ValueError(f"stop_token_ids must be integers in [0, {MAX_TOKEN_ID}]")
+            raise ParameterError(f"stop_token_ids must be integers in [0, {MAX_TOKEN_ID}]",
+                                 "stop_token_ids")
         given = {k: v for k, v in {
             "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
@@ -85,18 +87,18 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
     def single_prompt(self) -> str | list[int]:
-        """The one prompt of this request (a text or token ids); ValueError otherwise."""
+        """The one prompt of this request (a text or token ids); ParameterError otherwise."""
         if self.echo:
-            raise ValueError("echo is not supported")
+            raise ParameterError("echo is not supported", "echo")
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise ParameterError("suffix is not supported", "suffix")
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
-                raise ValueError("prompt: only one prompt per request is supported")
+                raise ParameterError("prompt: only one prompt per request is supported", "prompt")
             prompt = prompt[0]
         if not prompt:
-            raise ValueError("prompt: the prompt is empty")
+            raise ParameterError("prompt: the prompt is empty", "prompt")
         return prompt
 
 
@@ -116,7 +118,7 @@ class ChatRequest(_Sampling):
 
     def chat_sampling_params(self) -> SamplingParams:
         if self.tools:
-            raise ValueError("tools are not supported")
+            raise ParameterError("tools are not supported", "tools")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self.sampling_params((self.top_logprobs or 0) if self.logprobs else None, None)
@@ -128,10 +130,14 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def usage(out: RequestOutput) -> dict[str, int]:
-    completion = sum(len(o.token_ids) for o in out.outputs)
-    return {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": completion,
-            "total_tokens": len(out.prompt_token_ids) + completion}
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def output_usage(out: RequestOutput) -> dict[str, int]:
+    """Usage of a whole (cumulative) output."""
+    return usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))
 
 
 def finish_reason(o: CompletionOutput) -> str | None:
@@ -169,20 +175,21 @@ def _envelope(rid: str, kind: str, model: str, choices: list[dict]) -> dict[str,
 def completion_response(out: RequestOutput, model: str, rid: str, decode: Decode) -> dict:
     choices = [{"index": o.index, "text": o.text, "finish_reason": finish_reason(o),
                 "logprobs": completion_logprobs(o, decode)} for o in out.outputs]
-    return {**_envelope(rid, "text_completion", model, choices), "usage": usage(out)}
+    return {**_envelope(rid, "text_completion", model, choices), "usage": output_usage(out)}
 
 
 def chat_response(out: RequestOutput, model: str, rid: str, decode: Decode) -> dict:
     choices = [{"index": o.index, "finish_reason": finish_reason(o),
                 "message": {"role": "assistant", "content": o.text},
                 "logprobs": chat_logprobs(o, decode)} for o in out.outputs]
-    return {**_envelope(rid, "chat.completion", model, choices), "usage": usage(out)}
+    return {**_envelope(rid, "chat.completion", model, choices), "usage": output_usage(out)}
 
 
 def stream_chunks(out: RequestOutput, model: str, rid: str, chat: bool, started: set[int],
                   decode: Decode) -> list[dict]:
-    """The SSE payloads for what is new in one engine output (one per changed sample).
-    ``started`` holds the indices of samples already announced (chat sends the role first)."""
+    """The SSE payloads for what is new in one engine output (one per changed sample; a delta
+    output's logprobs are all new). ``started`` holds the indices of samples already announced
+    (chat sends the role first)."""
     chunks = []
     for o in out.outputs:
         first = o.index not in started
@@ -204,7 +211,7 @@ def stream_chunks(out: RequestOutput, model: str, rid: str, chat: bool, started:
     return chunks
 
 
-def usage_chunk(out: RequestOutput, model: str, rid: str, chat: bool) -> dict:
+def usage_chunk(counts: dict[str, int], model: str, rid: str, chat: bool) -> dict:
     """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    return {**_envelope(rid, kind, model, []), "usage": usage(out)}
+    return {**_envelope(rid, kind, model, []), "usage": counts}
