@@ -71,7 +71,7 @@ def test_commands_and_errors_keep_the_conversation_going(
                               "--memory-gb", "0.0003")
     assert "/reset" in err and "/exit" in err and "Ctrl-C" in err  # /help
     assert "unknown command /nope" in err and "/reset takes no arguments" in err
-    assert "bamba chat: error:" in err and "no room in the context" in err
+    assert "bamba chat: error:" in err and "must leave room for one generated token" in err
     assert len(prompts) == 1 and prompts[0].endswith("<|user|>\nok\n<|assistant|>\n")
     assert "xxx" not in prompts[0]  # the refused turn did not join the history
 
