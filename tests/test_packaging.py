@@ -68,12 +68,20 @@ def test_demo_install_brings_pyarrow_and_matplotlib() -> None:
 
 
 BLOCKED_DEMO = """
-    import importlib.abc, sys
+    import importlib.abc, importlib.machinery, sys
     BLOCKED = set(sys.argv[1].split(","))
-    class Block(importlib.abc.MetaPathFinder):
+    class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        # A spec without an origin whose loading fails: importing a blocked package raises
+        # ModuleNotFoundError, while a probe that only reads the spec's origin (torch._dynamo
+        # asks find_spec about optional packages) sees no installed file.
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"No module named {name!r} (not in the demo's install)")
+                return importlib.machinery.ModuleSpec(name, self)
+        def create_module(self, spec):
+            raise ModuleNotFoundError(f"No module named {spec.name!r} (not in the demo's install)",
+                                      name=spec.name)
+        def exec_module(self, module):
+            raise AssertionError("unreachable: create_module raised")
     sys.meta_path.insert(0, Block())
     import bamba
     assert bamba.__file__.startswith(sys.argv[2]), bamba.__file__
