@@ -94,3 +94,24 @@ def test_cli_chooses_passive_waiting_before_torch_loads() -> None:
 def test_opt_out_and_user_wait_policy_are_kept() -> None:
     assert "wait policy: None threads: 2" in _run(BUSY_MACHINE, BAMBA_ADAPT_THREADS="0")
     assert "wait policy: active threads: 1" in _run(BUSY_MACHINE, OMP_WAIT_POLICY="active")
+
+
+INFERENCE_ON_A_BUSY_MACHINE = """
+    import sys
+    from bamba import cores
+    cores.measure_load = lambda seconds=0.25: cores.CoreLoad(busy=2.0, cores=2)
+    from bamba.cli.inference_options import set_threads
+    import torch
+    set_threads(None)
+    print("threads:", torch.get_num_threads())
+    set_threads(2)
+    print("threads:", torch.get_num_threads())
+"""
+
+
+def test_generate_chat_and_serve_threads_adapt_to_a_busy_machine() -> None:
+    from bamba.cli import ADAPTS_THREADS
+
+    assert {"generate", "chat", "serve"} <= ADAPTS_THREADS
+    out = _run(INFERENCE_ON_A_BUSY_MACHINE)
+    assert out.count("threads: 1") == 2 and "using 1 thread instead of 2" in out

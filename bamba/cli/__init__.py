@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 # verbs that size their thread pools with bamba.cores (measured before torch loads)
-ADAPTS_THREADS = frozenset({"demo", "train", "finetune"})
+ADAPTS_THREADS = frozenset({"demo", "train", "finetune", "generate", "chat", "serve"})
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -40,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="GB (10^9 bytes) for the KV blocks and state slots of the "
                              "conversation and its cached earlier turns")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch threads (default: torch's choice)")
+                        help="torch threads (default: one per core, fewer on busy cores)")
 
 
 class ChatSession:

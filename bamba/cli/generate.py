@@ -21,7 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_sampling_options(parser, max_new_tokens=64, temperature=0.0)
     add_model_options(parser)
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch threads (default: torch's choice)")
+                        help="torch threads (default: one per core, fewer on busy cores)")
     parser.add_argument("--compile", default="none", metavar="MODE",
                         help="compile the decode step with inductor: default or max-autotune "
                              "(a minute or more before the first token; faster decode after)")

@@ -52,11 +52,15 @@ def sampling_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def set_threads(threads: int | None) -> None:
-    """torch's thread count from --threads (None: torch's choice)."""
+    """torch's thread count from --threads (None: one per core), fewer when other processes
+    keep the cores busy (``bamba.cores``, which says so in one line)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    from bamba.cores import choose_threads
+
+    threads = choose_threads(threads)
     if threads is None:
         return
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
     import torch
 
     torch.set_num_threads(threads)

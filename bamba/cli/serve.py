@@ -41,7 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="context length (default: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse KV blocks and Mamba states of shared prompt prefixes")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: one per core, fewer on busy cores)")
     from bamba.compile import MODES
 
     parser.add_argument("--compile", default="none", choices=("none", *MODES),
@@ -70,18 +71,13 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ValueError(f"bamba serve needs the serve extra (pip install 'bamba[serve]'): "
                          f"{exc}") from None
-    import torch
-
-    from bamba.cli.inference_options import checkpoint_tokenizer
+    from bamba.cli.inference_options import checkpoint_tokenizer, set_threads
     from bamba.dtypes import parse_dtype
     from bamba.engine import LLM
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     for option, value in (("--max-request-bytes", args.max_request_bytes),
                           ("--max-connections", args.max_connections),
                           ("--head-timeout", args.head_timeout),
