@@ -2,11 +2,10 @@
 
 A decode step streams every weight once; from 4 KiB pages the CPU walks page tables for every
 4 KiB of a weight stream (twice under a hypervisor), and its prefetchers stop at every page
-edge. In 2 MiB pages, measured on the reference machine: a plain read of 400 MB went from ~29
-to ~32 GB/s, and the bench model's bf16 decode step from 16.1 to 15.2 ms (median of 14
-interleaved runs). Linux gives anonymous memory huge pages where ``madvise(MADV_HUGEPAGE)``
-asks for them (``/sys/kernel/mm/transparent_hugepage/enabled`` = always or madvise); elsewhere
-the buffer is ordinary memory and everything works the same.
+edge; 2 MiB pages remove most of both (benchmarks/README.md#model-core). Linux gives
+anonymous memory huge pages where ``madvise(MADV_HUGEPAGE)`` asks for them
+(``/sys/kernel/mm/transparent_hugepage/enabled`` = always or madvise); elsewhere the buffer is
+ordinary memory and everything works the same.
 
 ``WeightArena`` lays out a model's parameters and buffers in module order (the order a forward
 pass reads them), each 64-byte aligned; ``place`` copies a tensor into its slot.

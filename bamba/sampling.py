@@ -211,7 +211,7 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.
     return logits / torch.where(t > 0, t, torch.ones_like(t))[:, None]
 
 
-# A full sort of the vocabulary is by far the dearest step (~75 ms for 32 x 32000 on one core),
+# A full sort of the vocabulary is by far the dearest step (rows x vocab log vocab),
 # so top_p first looks among the most likely TOP_P_CANDIDATES tokens (a partial top-k) and sorts
 # the whole row only when the nucleus does not end among them.
 TOP_P_CANDIDATES = 256
@@ -311,7 +311,7 @@ def sample_from_logits(logits: torch.Tensor, generators: Sequence[torch.Generato
     """
     shifted = logits.float() - logits.float().max(dim=-1, keepdim=True).values
     # Probabilities below e^-80 (relative to the largest) become exact zeros: they would be
-    # float32 denormals, which make the cumulative sum ~10x slower, and cannot matter.
+    # float32 denormals, which make the cumulative sum much slower, and cannot matter.
     probs = shifted.masked_fill_(shifted < -80.0, -math.inf).exp_()
     cdf = probs.cumsum(dim=-1)  # masked tokens add exact zeros: flat steps never drawn
     target = uniforms(generators, skip).to(logits.device, cdf.dtype) * cdf[:, -1]

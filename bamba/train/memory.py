@@ -4,8 +4,8 @@ A training step frees and re-allocates the same large temporaries every time (ac
 logits and their gradients, the embedding's dense gradient). glibc serves blocks above a
 threshold (128 KiB, growing to 32 MiB) with a fresh ``mmap`` and returns them with ``munmap``,
 and trims the heap top when it frees: each step then faults in and zeroes hundreds of
-thousands of new pages in the kernel. On the bench hybrid (2 cores, 512 tokens a step) that was
-~400 000 page faults and ~1 s of kernel time per three steps, ~12% of the step.
+thousands of new pages in the kernel, a noticeable part of a CPU step
+(benchmarks/README.md#training).
 
 ``retain_freed_memory`` turns both off (``M_MMAP_MAX = 0``: every block comes from the heap;
 ``M_TRIM_THRESHOLD`` = the maximum: the heap is never shrunk). Freed blocks are then reused by

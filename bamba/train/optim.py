@@ -40,8 +40,8 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float = 0.1,
     """AdamW over ``param_groups``; the trainer sets each group's ``lr`` every step.
 
     The fused implementation (one kernel over all parameters; CPU, CUDA, and DTensor shards
-    under FSDP2) when every parameter is floating point on one of those devices: on this CPU
-    it steps the tiny model in a third of the per-parameter loop's time (7 vs 22 ms).
+    under FSDP2) when every parameter is floating point on one of those devices: one pass over
+    all parameters instead of a loop of small kernels per parameter.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")

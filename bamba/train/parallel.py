@@ -52,7 +52,7 @@ def init_distributed() -> DistInfo:
 
 def teardown(clean: bool = True) -> None:
     """Leave the process group. Every rank passes a barrier first on a clean exit: without it
-    gloo aborted at exit in ~1 run of 5 on this machine. After an error, skip the barrier (the
+    gloo can abort at exit ("terminate called without an active exception"). After an error, skip the barrier (the
     other ranks may never reach it) and let torchrun stop them."""
     if not dist.is_initialized():
         return

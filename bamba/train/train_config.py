@@ -68,10 +68,9 @@ class TrainConfig:
                       "fp32)")
     activation_checkpointing: bool = _key(False, "recompute each layer in the backward pass "
                                           "(less memory, ~1/3 more compute)")
-    # Each decoder layer compiled in place (trainer.compile_layers). Tiny-model steps at 8x256
-    # ran 1.29x faster than eager (bench model 1.19x; benchmarks/bench_train.py --compile), but
-    # the first step compiles for 40-60 s on a cold inductor cache: it pays off after ~300
-    # tiny-model steps, so it is off by default (the 150-step demo included).
+    # Each decoder layer compiled in place (trainer.compile_layers): faster steps
+    # (benchmarks/README.md#training), but the first step compiles for about a minute on a cold
+    # inductor cache, which a short run (the demo's) does not win back: off by default.
     compile: bool = _key(False, "torch.compile each decoder layer and the loss (the first "
                          "step compiles for about a minute)")
     seed: int = _key(0, "seed of the initial weights and the synthetic data")
@@ -84,12 +83,12 @@ class TrainConfig:
     progress: bool = _key(True, "show a progress bar")
     export: bool = _key(True, "write the HF layout to out_dir/hf at the end")
     tokenizer: str | None = _key(None, "tokenizer.json or a directory, copied into the export")
-    # 2 cores of this host: 0.90 TFLOP/s bf16 by the best 2048³ matmul (benchmarks/bench_train.py)
+    # benchmarks/host.py measures a machine's bf16 matmul peak (describe_host)
     peak_tflops: float = _key(0.9, "the hardware's peak TFLOP/s, for MFU (set it for your "
                               "machine)")
     threads: int | None = _key(None, "torch intra-op threads per process (null: leave as is)")
     retain_memory: bool = _key(True, "keep freed memory in the process for the next step "
-                               "(glibc; ~10% faster CPU steps, resident memory stays at a "
+                               "(glibc: no page faults per step; resident memory stays at a "
                                "step's peak)")
 
     def __post_init__(self) -> None:

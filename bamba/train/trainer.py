@@ -102,8 +102,8 @@ def compile_layers(model: BambaLM) -> None:
     compiles one Mamba and one attention layer, forward and backward, whatever the depth: a
     fraction of whole-model compile time, for the same step time. In place, so state_dict keys,
     activation checkpointing, FSDP2 units and checkpoints see the same modules. On a CPU the
-    graphs' kernel launches go through a C++ wrapper instead of Python (``cpp_wrapper``): 1-2%
-    of a bench-model step here, in alternating runs (GPU graphs keep inductor's default).
+    graphs' kernel launches go through a C++ wrapper instead of Python (``cpp_wrapper``), which
+    saves the launches' Python overhead (GPU graphs keep inductor's default).
     """
     on_cpu = next(model.parameters()).device.type == "cpu"
     for layer in model.model.layers:
