@@ -9,7 +9,6 @@ behind ``bamba generate`` and the reference the engine is tested against.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import torch
 
 from bamba.cache import ContiguousCache
 from bamba.model import BambaLM
-from bamba.sampling import SamplingBatch, require_int, require_number, sample, token_counts
+from bamba.sampling import SamplingBatch, check_sampling_values, require_int, sample, token_counts
 
 
 @dataclass
@@ -43,13 +42,9 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         require_int(self.max_new_tokens, "max_new_tokens", 1)
-        require_number(self.temperature, "temperature", 0.0, math.inf)
-        require_int(self.top_k, "top_k", 0)
-        require_number(self.top_p, "top_p", 0.0, 1.0, low_open=True)
-        require_number(self.min_p, "min_p", 0.0, 1.0)
-        require_number(self.repetition_penalty, "repetition_penalty", 0.0, math.inf, low_open=True)
-        require_number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
-        require_number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
+        check_sampling_values(self.temperature, self.top_k, self.top_p, self.min_p,
+                              self.repetition_penalty, self.presence_penalty,
+                              self.frequency_penalty)
         if self.seed is not None:
             require_int(self.seed, "seed", -2**63)
         if self.eos_token_ids is not None:

@@ -69,6 +69,31 @@ def require_number(value: object, name: str, low: float, high: float,
                              f"(float32), got {value!r}", name)
 
 
+# Bounds that keep the float32 sampling arithmetic finite: logits divided by a temperature below
+# MIN_TEMPERATURE (other than 0, greedy) or scaled by a repetition penalty outside
+# [1 / MAX_PENALTY_SCALE, MAX_PENALTY_SCALE] can overflow to inf and turn a row into NaNs.
+MIN_TEMPERATURE = 1e-4
+MAX_PENALTY_SCALE = 1e4
+
+
+def check_sampling_values(temperature: object, top_k: object, top_p: object, min_p: object,
+                          repetition_penalty: object, presence_penalty: object,
+                          frequency_penalty: object) -> None:
+    """ParameterError naming the first sampling value out of its range (the one set of rules
+    for ``generate``'s GenerationConfig and the engine's SamplingParams)."""
+    require_number(temperature, "temperature", 0.0, math.inf)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ParameterError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, "
+                             f"got {temperature!r}", "temperature")
+    require_int(top_k, "top_k", 0)
+    require_number(top_p, "top_p", 0.0, 1.0, low_open=True)
+    require_number(min_p, "min_p", 0.0, 1.0)
+    require_number(repetition_penalty, "repetition_penalty", 1 / MAX_PENALTY_SCALE,
+                   MAX_PENALTY_SCALE)
+    require_number(presence_penalty, "presence_penalty", -2.0, 2.0)
+    require_number(frequency_penalty, "frequency_penalty", -2.0, 2.0)
+
+
 def make_generators(seeds: Sequence[int | None]) -> list[torch.Generator | None]:
     """One CPU generator per seed (None: the row draws from torch's global generator)."""
     return [None if s is None else torch.Generator().manual_seed(int(s)) for s in seeds]

@@ -141,3 +141,14 @@ def test_custom_decode_step_is_used_while_the_whole_batch_decodes():
     assert [r.token_ids for r in results] == [r.token_ids for r in generate(model, PROMPTS, config)]
     first_stop = min(len(r.token_ids) for r in results)  # decode steps before a row left
     assert calls == [len(PROMPTS)] * (first_stop - 1)
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 1e-9), ("repetition_penalty", 1e39),
+                                          ("top_p", 1e-46), ("presence_penalty", 3.0)])
+def test_generate_and_the_engine_refuse_the_same_sampling_values(field: str, value: float) -> None:
+    from bamba.engine import SamplingParams
+    from bamba.generation import GenerationConfig
+
+    for build in (GenerationConfig, SamplingParams):
+        with pytest.raises(ValueError, match=field):
+            build(**{field: value})

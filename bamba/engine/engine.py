@@ -20,7 +20,7 @@ import torch
 from bamba.compile import inductor_options
 from bamba.dtypes import parse_dtype
 from bamba.engine.page_pool import PagePool, plan_pools
-from bamba.engine.params import CompletionOutput, RequestOutput, SamplingParams
+from bamba.engine.params import RequestOutput, SamplingParams
 from bamba.engine.prefix_cache import PrefixCache
 from bamba.engine.prompts import encode_prompt, max_token_bytes
 from bamba.engine.runner import ModelRunner

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from bamba.sampling import ParameterError, require_int, require_number
-
-# Bounds that keep the float32 sampling arithmetic finite: logits divided by a temperature below
-# MIN_TEMPERATURE (other than 0, greedy) or scaled by a repetition penalty outside
-# [1 / MAX_PENALTY_SCALE, MAX_PENALTY_SCALE] can overflow to inf and turn a row into NaNs.
-MIN_TEMPERATURE = 1e-4
-MAX_PENALTY_SCALE = 1e4
+from bamba.sampling import ParameterError, check_sampling_values, require_int
 OUTPUT_KINDS = ("cumulative", "delta")
 
 
@@ -57,23 +50,15 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range or mistyped field."""
         require_int(self.n, "n", 1)
-        require_int(self.top_k, "top_k", 0)
         if self.max_tokens is not None:
             require_int(self.max_tokens, "max_tokens", 1)
         if self.logprobs is not None:
             require_int(self.logprobs, "logprobs", 0)
         if self.seed is not None:
             require_int(self.seed, "seed", 0)
-        require_number(self.temperature, "temperature", 0.0, math.inf)
-        if 0 < self.temperature < MIN_TEMPERATURE:
-            raise ParameterError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, "
-                                 f"got {self.temperature!r}", "temperature")
-        require_number(self.top_p, "top_p", 0.0, 1.0, low_open=True)
-        require_number(self.min_p, "min_p", 0.0, 1.0)
-        require_number(self.repetition_penalty, "repetition_penalty", 1 / MAX_PENALTY_SCALE,
-                       MAX_PENALTY_SCALE)
-        require_number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
-        require_number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
+        check_sampling_values(self.temperature, self.top_k, self.top_p, self.min_p,
+                              self.repetition_penalty, self.presence_penalty,
+                              self.frequency_penalty)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ParameterError("stop must be a non-empty string or a list of them", "stop")
         if not all(is_utf8(s) for s in self.stop):
