@@ -17,11 +17,12 @@ import torch
 
 from bamba.cache import ContiguousCache
 from bamba.model import BambaLM
-from bamba.sampling import SamplingBatch, check_sampling_values, require_int, sample, token_counts
+from bamba.sampling import (SamplingBatch, SamplingValues, require_int, sample,
+                            token_counts)
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(SamplingValues):
     """How to continue prompts. temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch
     those filters off; penalties at their neutral values (1, 0, 0) do nothing, and follow the
     engine's ``SamplingParams`` (repetition over prompt and output, presence and frequency over
@@ -30,21 +31,13 @@ class GenerationConfig:
 
     max_new_tokens: int = 64
     temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     seed: int | None = None
     eos_token_ids: list[int] | None = None
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         require_int(self.max_new_tokens, "max_new_tokens", 1)
-        check_sampling_values(self.temperature, self.top_k, self.top_p, self.min_p,
-                              self.repetition_penalty, self.presence_penalty,
-                              self.frequency_penalty)
+        self.check_sampling_values()
         if self.seed is not None:
             require_int(self.seed, "seed", -2**63)
         if self.eos_token_ids is not None:

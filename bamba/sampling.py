@@ -76,22 +76,34 @@ MIN_TEMPERATURE = 1e-4
 MAX_PENALTY_SCALE = 1e4
 
 
-def check_sampling_values(temperature: object, top_k: object, top_p: object, min_p: object,
-                          repetition_penalty: object, presence_penalty: object,
-                          frequency_penalty: object) -> None:
-    """ParameterError naming the first sampling value out of its range (the one set of rules
-    for ``generate``'s GenerationConfig and the engine's SamplingParams)."""
-    require_number(temperature, "temperature", 0.0, math.inf)
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise ParameterError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, "
-                             f"got {temperature!r}", "temperature")
-    require_int(top_k, "top_k", 0)
-    require_number(top_p, "top_p", 0.0, 1.0, low_open=True)
-    require_number(min_p, "min_p", 0.0, 1.0)
-    require_number(repetition_penalty, "repetition_penalty", 1 / MAX_PENALTY_SCALE,
-                   MAX_PENALTY_SCALE)
-    require_number(presence_penalty, "presence_penalty", -2.0, 2.0)
-    require_number(frequency_penalty, "frequency_penalty", -2.0, 2.0)
+@dataclass
+class SamplingValues:
+    """What shapes a row's next-token distribution, with the one set of rules for its values
+    (``generate``'s GenerationConfig and the engine's SamplingParams both extend it).
+    temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off; penalties
+    at their neutral values (1, 0, 0) do nothing."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def check_sampling_values(self) -> None:
+        """ParameterError naming the first value out of its range."""
+        require_number(self.temperature, "temperature", 0.0, math.inf)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ParameterError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, "
+                                 f"got {self.temperature!r}", "temperature")
+        require_int(self.top_k, "top_k", 0)
+        require_number(self.top_p, "top_p", 0.0, 1.0, low_open=True)
+        require_number(self.min_p, "min_p", 0.0, 1.0)
+        require_number(self.repetition_penalty, "repetition_penalty", 1 / MAX_PENALTY_SCALE,
+                       MAX_PENALTY_SCALE)
+        require_number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
+        require_number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
 
 
 def make_generators(seeds: Sequence[int | None]) -> list[torch.Generator | None]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bamba.sampling import ParameterError, check_sampling_values, require_int
+from bamba.sampling import ParameterError, SamplingValues, require_int
 OUTPUT_KINDS = ("cumulative", "delta")
 
 
 @dataclass
-class SamplingParams:
+class SamplingParams(SamplingValues):
     """Per-request sampling and stopping rules (vLLM/OpenAI semantics).
 
     temperature 0 is greedy; top_k 0 (or -1) and top_p 1 switch those filters off; penalties at
@@ -21,13 +21,6 @@ class SamplingParams:
     """
 
     n: int = 1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16
     ignore_eos: bool = False
@@ -56,9 +49,7 @@ class SamplingParams:
             require_int(self.logprobs, "logprobs", 0)
         if self.seed is not None:
             require_int(self.seed, "seed", 0)
-        check_sampling_values(self.temperature, self.top_k, self.top_p, self.min_p,
-                              self.repetition_penalty, self.presence_penalty,
-                              self.frequency_penalty)
+        self.check_sampling_values()
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ParameterError("stop must be a non-empty string or a list of them", "stop")
         if not all(is_utf8(s) for s in self.stop):
