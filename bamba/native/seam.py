@@ -89,7 +89,8 @@ class MLP(_Counted, reference.MLP):
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor) -> torch.Tensor:
+    """``matmul_attention`` over the cache in place where the kernel fits."""
     if dispatch.decode_attention_fits(q, k, v):
         return attention_ops.decode_attention(q, k, v, mask)
     return attention_math.matmul_attention(q, k, v, mask)
