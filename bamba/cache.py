@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from bamba.config import BambaConfig
-from bamba.native.decode_ops import KVLayout
+from bamba.cache_protocol import KVLayout
 
 
 class ContiguousCache:

@@ -32,7 +32,7 @@ from torch import nn
 from bamba.arena import WeightArena
 from bamba.config import BambaConfig
 from bamba.files import give_plain_modes
-from bamba.model import BambaLM
+from bamba.model import FP32_PARAMS, BambaLM
 from bamba.tokenizer import Tokenizer
 from bamba.tokenizer import load_tokenizer as _load_local_tokenizer
 
@@ -47,8 +47,6 @@ SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 HUB_PATTERNS = (CONFIG_NAME, GENERATION_CONFIG_NAME, "*.safetensors", INDEX_NAME, "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# Small per-head parameters that feed exp/softplus stay float32 whatever the weight dtype.
-FP32_PARAMS = ("A_log", "D", "dt_bias")
 # Buffers some checkpoints carry that our model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
 # Llama checkpoint name <-> ours (ours equal BambaForCausalLM's).

@@ -21,9 +21,8 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers
 
 from bamba.arena import pack_weights
-from bamba.checkpoint import FP32_PARAMS
 from bamba.config import BambaConfig, preset
-from bamba.model import BambaLM, init_weights
+from bamba.model import BambaLM, cast, init_weights
 from bamba.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -83,8 +82,5 @@ def load_default(dtype: torch.dtype = torch.float32) -> tuple[BambaLM, Tokenizer
         log.info("embedded default: the checkpoint `bamba demo` trained, %s", trained)
         return from_pretrained(trained, dtype=dtype), load_tokenizer(trained)
     log.warning(NOTICE)
-    model = init_weights(BambaLM(default_config()), seed=DEFAULT_SEED).eval().to(dtype)
-    for name, param in model.named_parameters():
-        if name.rsplit(".", 1)[-1] in FP32_PARAMS:  # as from_pretrained: they feed exp/softplus
-            param.data = param.data.float()
+    model = cast(init_weights(BambaLM(default_config()), seed=DEFAULT_SEED).eval(), dtype)
     return pack_weights(model), byte_tokenizer()

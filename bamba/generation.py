@@ -17,6 +17,7 @@ import torch
 
 from bamba.cache import ContiguousCache
 from bamba.model import BambaLM
+from bamba.native import accelerate
 from bamba.sampling import (SamplingBatch, SamplingValues, require_int, sample,
                             token_counts)
 
@@ -107,7 +108,7 @@ class _Batch:
     def __init__(self, model: BambaLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
                  decode_step: DecodeStep | None = None):
         _check_prompts(model, prompts, config.max_new_tokens)
-        self.model, self.config, self.prompts = model, config, prompts
+        self.model, self.config, self.prompts = accelerate(model), config, prompts
         self.decode_step = decode_step
         eos = model.config.eos_token_ids if config.eos_token_ids is None else config.eos_token_ids
         self.stop_ids = frozenset() if config.ignore_eos else frozenset(eos)
@@ -200,7 +201,8 @@ class _Batch:
 def generate(model: BambaLM, prompts: Sequence[Sequence[int]],
              config: GenerationConfig | None = None,
              decode_step: DecodeStep | None = None) -> list[GenerationResult]:
-    """Continue each prompt (a list of token ids); one result per prompt, in order.
+    """Continue each prompt (a list of token ids); one result per prompt, in order. The
+    native kernels are installed on ``model`` first (``bamba.native.accelerate``).
 
     decode_step: an optional replacement for the eager decode forward (e.g. a compiled one),
     used while every row of the batch is still decoding.

@@ -8,7 +8,7 @@ in one process:
 * layers: one native call per layer (``layer_ops``), rope, cache and attention in torch;
 * torch:  the per-op torch path (with the few-row linear kernel where it applies).
 
-This is what sets ``layer_ops.MAX_ROWS``. Writes benchmarks/results/native.json and prints a
+This is what sets ``dispatch.MAX_ROWS``. Writes benchmarks/results/native.json and prints a
 table.
 
     python benchmarks/bench_native.py                 # bench shape, bf16 + fp32
@@ -18,9 +18,9 @@ table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +30,10 @@ from bamba.arena import pack_weights
 from bamba.cache import ContiguousCache
 from bamba.config import preset
 from bamba.model import BambaLM, init_weights
-from bamba.native import layer_ops
+from bamba.native import accelerate, dispatch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from host import describe_host, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "native.json"
 
@@ -56,13 +59,13 @@ PATHS = ("model", "layers", "torch")
 
 def step_seconds(model: BambaLM, batch: int, steps: int, path: str) -> float:
     """Mean seconds per decode step over ``steps`` steps after a 2-step warm-up."""
-    fits, max_rows, fused = layer_ops.fits, layer_ops.MAX_ROWS, BambaLM._native_decode_fits
+    fits, max_rows, fused = dispatch.layer_fits, dispatch.MAX_ROWS, dispatch.decode_step_fits
     if path != "torch":  # beyond MAX_ROWS too, to show where the threshold lies
-        layer_ops.MAX_ROWS = max(batch, max_rows)
+        dispatch.MAX_ROWS = max(batch, max_rows)
     if path == "layers":
-        BambaLM._native_decode_fits = lambda *args: False
+        dispatch.decode_step_fits = lambda *args: False
     if path == "torch":
-        layer_ops.fits = lambda *args: False
+        dispatch.layer_fits = lambda *args: False
     try:
         cache = ContiguousCache(model.config, batch, steps + 2, model.dtype)
         tokens = torch.randint(0, model.config.vocab_size, (batch, 1),
@@ -75,8 +78,8 @@ def step_seconds(model: BambaLM, batch: int, steps: int, path: str) -> float:
                 model(tokens, positions=torch.full((batch, 1), i), cache=cache)
             return (time.perf_counter() - start) / steps
     finally:
-        layer_ops.fits, layer_ops.MAX_ROWS = fits, max_rows
-        BambaLM._native_decode_fits = fused
+        dispatch.layer_fits, dispatch.MAX_ROWS = fits, max_rows
+        dispatch.decode_step_fits = fused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     config = preset(args.preset)
     rows = []
     for name in args.dtypes.split(","):
-        model = pack_weights(init_weights(BambaLM(config), seed=0).to(getattr(torch, name)).eval())
+        model = init_weights(BambaLM(config), seed=0).to(getattr(torch, name)).eval()
+        model = accelerate(pack_weights(model))
         for batch in (int(b) for b in args.batches.split(",")):
             times: dict[str, list[float]] = {path: [] for path in PATHS}
             for _ in range(args.repeats):  # interleaved, so drift hits all alike
@@ -97,21 +101,19 @@ def main(argv: list[str] | None = None) -> int:
                          **{f"{path}_tok_s": batch / ms[path] * 1e3 for path in PATHS},
                          "model_vs_layers": ms["layers"] / ms["model"],
                          "model_vs_torch": ms["torch"] / ms["model"],
-                         "native_used": batch <= layer_ops.MAX_ROWS})
+                         "native_used": batch <= dispatch.MAX_ROWS})
             print(f"{name:9s} b={batch:3d}  " + "  ".join(
                 f"{path} {ms[path]:7.2f} ms ({batch / ms[path] * 1e3:7.1f} tok/s)"
                 for path in PATHS) + f"  x{rows[-1]['model_vs_torch']:.2f} vs torch", flush=True)
     result = {"preset": args.preset, "threads": args.threads, "steps": args.steps,
-              "repeats": args.repeats, "max_rows": layer_ops.MAX_ROWS,
+              "repeats": args.repeats, "max_rows": dispatch.MAX_ROWS,
               "note": "model = every layer in one native call (bamba.native.decode_ops); layers = "
                       "one native call per layer; torch = the per-op path (few-row linear "
                       "kernel up to 8 rows). Above max_rows the model takes the torch path; the "
                       "native paths are forced there only to show where the threshold lies.",
-              "load_average": os.getloadavg(), "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.output.with_suffix(".tmp")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(partial, args.output)
+              "load_average": os.getloadavg(), "host": describe_host(quick=args.quick),
+              "rows": rows}
+    write_json(args.output, result)
     return 0
 
 

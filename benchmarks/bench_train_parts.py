@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bamba.config import preset
-from bamba.native import train_ops
+from bamba.native import dispatch
 from bamba.ops.attention import causal_mask, matmul_attention
 from bamba.ops.conv import causal_conv1d
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not train_ops.available():
+    if not dispatch.conv_train_available():
         raise SystemExit("the native training kernels are not built for this CPU")
     host = describe_host()
     report = {"benchmark": "training parts, compiled forward + backward, ms (median)", "host": host,

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from bamba.native import attention_ops
+from bamba.native import seam
+from bamba.native import attention_ops, dispatch
 from bamba.ops import attention as attn
 
 
@@ -62,7 +63,6 @@ def test_matmul_path_reads_head_major_views():
 
 
 def test_dispatch_uses_matmul_only_for_short_masked_queries(monkeypatch):
-    monkeypatch.setattr(attention_ops, "usable", lambda *args: False)  # no native kernel
     calls = []
     real = attn.matmul_attention
     monkeypatch.setattr(attn, "matmul_attention", lambda *a: calls.append(1) or real(*a))
@@ -122,7 +122,7 @@ def test_decode_with_every_key_visible_skips_nothing(dtype, tol):
                                atol=tol, rtol=tol)
 
 
-needs_native = pytest.mark.skipif(not attention_ops.usable(*(torch.zeros(1, 1, 1, 8),) * 3),
+needs_native = pytest.mark.skipif(not dispatch.decode_attention_fits(*(torch.zeros(1, 1, 1, 8),) * 3),
                                   reason="the native decode attention needs a C compiler")
 
 
@@ -138,8 +138,9 @@ def test_native_decode_attention_matches_the_reference(dtype, tol, head_major):
     out = attention_ops.decode_attention(q, k, v, mask)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k, v, mask), atol=tol, rtol=tol)
-    assert attention_ops.usable(q, k, v)
-    torch.testing.assert_close(attn.attention(q, k, v, mask), out)  # attention() takes it
+    assert dispatch.decode_attention_fits(q, k, v)
+    # what attention() runs in an accelerated model
+    torch.testing.assert_close(attn.attention(q, k, v, mask, seam.decode_attention), out)
 
 
 @needs_native
@@ -147,6 +148,6 @@ def test_native_decode_attention_rejects_what_does_not_fit():
     q, k, v, mask = ragged_case(2, 1, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
         attention_ops.decode_attention(q, k[:, :-1], v, mask)
-    assert not attention_ops.usable(q, k[..., ::2], v[..., ::2])  # head_dim strided
-    assert not attention_ops.usable(q.double(), k.double(), v.double())
-    assert not attention_ops.usable(q.requires_grad_(), k, v)
+    assert not dispatch.decode_attention_fits(q, k[..., ::2], v[..., ::2])  # head_dim strided
+    assert not dispatch.decode_attention_fits(q.double(), k.double(), v.double())
+    assert not dispatch.decode_attention_fits(q.requires_grad_(), k, v)

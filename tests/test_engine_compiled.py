@@ -6,7 +6,6 @@ compiles for a minute."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bamba.engine import LLM, SamplingParams
 from test_engine import assert_pools_full, prompts, tiny_model

@@ -3,14 +3,13 @@
 import pytest
 import torch
 
-from bamba import native
-from bamba.native import layer_ops
+from bamba.native import accelerate, dispatch, library
 from bamba.config import preset
 from bamba.cache import ContiguousCache
 from bamba.model import BambaLM, init_weights
 from bamba.ops.ssd import ssd_step
 
-pytestmark = pytest.mark.skipif(not native.ssd_step_available(),
+pytestmark = pytest.mark.skipif(not dispatch.ssd_step_available(),
                                 reason="no C compiler: the native kernel is not built")
 
 
@@ -53,7 +52,7 @@ def test_bad_inputs_raise_one_line_errors() -> None:
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_model_decode_equal_with_and_without_the_kernel(monkeypatch, state_dtype) -> None:
     cfg = preset("tiny")
-    model = init_weights(BambaLM(cfg), seed=0).eval()
+    model = accelerate(init_weights(BambaLM(cfg), seed=0).eval())
     prompt = torch.randint(0, cfg.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
 
     def decode(rows: list[int], cache_rows: int = 4) -> torch.Tensor:
@@ -65,33 +64,33 @@ def test_model_decode_equal_with_and_without_the_kernel(monkeypatch, state_dtype
                               for i in range(3)], dim=1)
 
     # scattered slots of a larger cache, and a cache used whole (its pools in batch order)
-    monkeypatch.setattr(layer_ops, "fits", lambda *args: False)  # the per-op decode path
+    monkeypatch.setattr(dispatch, "layer_fits", lambda *args: False)  # the per-op decode path
     native_out, native_whole = decode([2, 0, 3]), decode([0, 1, 2], cache_rows=3)
-    monkeypatch.setattr(native, "ssd_step_available", lambda: False)
+    monkeypatch.setattr(dispatch, "ssd_step_available", lambda: False)
     torch.testing.assert_close(native_out, decode([2, 0, 3]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(native_whole, decode([0, 1, 2], cache_rows=3), rtol=1e-4, atol=1e-4)
 
 
 def test_build_is_cached_and_atomic(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("BAMBA_CACHE", str(tmp_path))
-    first = native.build()
+    first = library.build()
     assert first.parent == tmp_path / "kernels" and first.exists()
-    assert native.build() == first
+    assert library.build() == first
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp left behind
 
 
 def test_bamba_native_0_disables_the_kernel(monkeypatch) -> None:
     monkeypatch.setenv("BAMBA_NATIVE", "0")
-    native._library.cache_clear()
+    library.load.cache_clear()
     try:
-        assert not native.ssd_step_available()
+        assert not dispatch.ssd_step_available()
     finally:
         monkeypatch.delenv("BAMBA_NATIVE")
-        native._library.cache_clear()
-    assert native.ssd_step_available()
+        library.load.cache_clear()
+    assert dispatch.ssd_step_available()
 
 
-needs_bf16_dot = pytest.mark.skipif(not native.linear_available(),
+needs_bf16_dot = pytest.mark.skipif(not dispatch.linear_available(),
                                     reason="the bf16 linear kernel needs AVX-512 BF16")
 
 
@@ -100,13 +99,13 @@ needs_bf16_dot = pytest.mark.skipif(not native.linear_available(),
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_kernel_matches_torch_linear(dtype, rows: int, bias: bool) -> None:
     """42 features: tiles of 4 weight rows, then the row walk for the last 2."""
-    if not native.linear_available(dtype):
+    if not dispatch.linear_available(dtype):
         pytest.skip(f"no {dtype} linear kernel on this CPU")
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 1, 96, generator=gen).to(dtype)
     weight = torch.randn(42, 96, generator=gen).to(dtype)
     b = torch.randn(42, generator=gen).to(dtype) if bias else None
-    assert native.use_linear_kernel(x, weight) == (rows <= native.MAX_LINEAR_ROWS)
+    assert dispatch.linear_fits(x, weight) == (rows <= dispatch.MAX_LINEAR_ROWS)
     y = torch.ops.bamba.linear_rows(x, weight, b)
     ref = torch.nn.functional.linear(x.double(), weight.double(),
                                      None if b is None else b.double())
@@ -117,22 +116,22 @@ def test_linear_kernel_matches_torch_linear(dtype, rows: int, bias: bool) -> Non
 
 def test_linear_kernel_is_only_chosen_where_it_applies() -> None:
     w = torch.zeros(8, 64, dtype=torch.bfloat16)
-    assert not native.use_linear_kernel(torch.zeros(9, 64, dtype=torch.bfloat16), w)  # rows
-    assert not native.use_linear_kernel(torch.zeros(1, 64), w)  # mixed dtypes
-    assert not native.use_linear_kernel(torch.zeros(1, 64).half(), w.half())  # float16
-    assert not native.use_linear_kernel(torch.zeros(1, 48, dtype=torch.bfloat16),
+    assert not dispatch.linear_fits(torch.zeros(9, 64, dtype=torch.bfloat16), w)  # rows
+    assert not dispatch.linear_fits(torch.zeros(1, 64), w)  # mixed dtypes
+    assert not dispatch.linear_fits(torch.zeros(1, 64).half(), w.half())  # float16
+    assert not dispatch.linear_fits(torch.zeros(1, 48, dtype=torch.bfloat16),
                                         torch.zeros(8, 48, dtype=torch.bfloat16))  # width
     grad_w = w.clone().requires_grad_()
-    assert not native.use_linear_kernel(torch.zeros(1, 64, dtype=torch.bfloat16), grad_w)
+    assert not dispatch.linear_fits(torch.zeros(1, 64, dtype=torch.bfloat16), grad_w)
     with torch.no_grad():
-        assert native.use_linear_kernel(torch.zeros(1, 64, dtype=torch.bfloat16), grad_w) == \
-            native.linear_available()
+        assert dispatch.linear_fits(torch.zeros(1, 64, dtype=torch.bfloat16), grad_w) == \
+            dispatch.linear_available()
 
 
 @needs_bf16_dot
 def test_bf16_model_decode_close_with_and_without_the_linear_kernel(monkeypatch) -> None:
     cfg = preset("tiny")
-    model = init_weights(BambaLM(cfg), seed=0).to(torch.bfloat16).eval()
+    model = accelerate(init_weights(BambaLM(cfg), seed=0).to(torch.bfloat16).eval())
     prompt = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
 
     def step_logits() -> torch.Tensor:
@@ -141,7 +140,7 @@ def test_bf16_model_decode_close_with_and_without_the_linear_kernel(monkeypatch)
             model(prompt, cache=cache)
             return model(prompt[:, :1], positions=torch.full((2, 1), 6), cache=cache).float()
 
-    monkeypatch.setattr(layer_ops, "fits", lambda *args: False)  # the per-op decode path
+    monkeypatch.setattr(dispatch, "layer_fits", lambda *args: False)  # the per-op decode path
     with_kernel = step_logits()
-    monkeypatch.setattr(native, "linear_available", lambda dtype=None: False)
+    monkeypatch.setattr(dispatch, "linear_available", lambda dtype=None: False)
     torch.testing.assert_close(with_kernel, step_logits(), rtol=0.05, atol=0.05)

@@ -5,13 +5,12 @@ it applies; bad storage and rows give one-line errors."""
 import pytest
 import torch
 
-from bamba import native
 from bamba.cache import ContiguousCache
 from bamba.config import preset
 from bamba.model import BambaLM, init_weights
-from bamba.native import decode_ops
+from bamba.native import accelerate, decode_ops, dispatch, plan
 
-pytestmark = pytest.mark.skipif(not native.linear_available(torch.float32),
+pytestmark = pytest.mark.skipif(not dispatch.linear_available(torch.float32),
                                 reason="the native decode step needs AVX-512 and a C compiler")
 
 VARIANTS = {
@@ -25,7 +24,7 @@ VARIANTS = {
 
 def _model(variant: str, dtype: torch.dtype) -> BambaLM:
     cfg = preset("tiny", **VARIANTS[variant])
-    model = init_weights(BambaLM(cfg), seed=0).to(dtype).eval()
+    model = accelerate(init_weights(BambaLM(cfg), seed=0).to(dtype).eval())
     with torch.no_grad():  # init leaves biases at zero: make them count
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -64,7 +63,7 @@ def _both(monkeypatch, variant: str, dtype: torch.dtype, state_dtype: torch.dtyp
     rows = [3, 0, 2]
     fused = _decode(model, rows, 5, state_dtype)
     assert len(calls) == 5
-    monkeypatch.setattr(BambaLM, "_native_decode_fits", lambda self, x, cache: False)
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
     per_layer = _decode(model, rows, 5, state_dtype)
     assert len(calls) == 5
     return fused, per_layer
@@ -81,7 +80,7 @@ def test_float32_decode_step_matches_the_per_layer_path(monkeypatch, variant) ->
             assert not pool[1].any() and not pool[4].any()  # rows outside the batch untouched
 
 
-@pytest.mark.skipif(not native.linear_available(torch.bfloat16),
+@pytest.mark.skipif(not dispatch.linear_available(torch.bfloat16),
                     reason="the bf16 decode step needs AVX-512 BF16")
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
@@ -116,8 +115,6 @@ def test_hooks_and_caches_without_token_rows_take_the_per_layer_path(monkeypatch
 
 
 def test_bad_rows_and_storage_raise_one_line_errors() -> None:
-    from bamba.model import _ATTENTION_LAYER, _MAMBA_LAYER, _parameters
-
     model = _model("tiny", torch.float32)
     cfg, layers = model.config, model.model.layers
     cache = ContiguousCache(cfg, 2, 4, torch.float32)
@@ -132,7 +129,7 @@ def test_bad_rows_and_storage_raise_one_line_errors() -> None:
 
         x = torch.zeros(2, cfg.hidden_size)
         cos = torch.ones(2, cfg.rotary_dim)
-        tensors = [_parameters(layers[0], _MAMBA_LAYER), _parameters(layers[3], _ATTENTION_LAYER)]
+        tensors = [plan.layer_tensors(layers[0]).whole(), plan.layer_tensors(layers[3]).whole()]
         storage = [decode_ops.LayerStorage(cache.conv[0], cache.ssm[0]),
                    decode_ops.LayerStorage(*cache.kv_pages(3)[:2])]
         kv = cache.kv_pages(3)[2]
@@ -171,6 +168,6 @@ def test_replaced_weights_are_seen(monkeypatch, how) -> None:
             replacement.weight.data = new
             model.model.layers[2].feed_forward.up_proj = replacement
     fused, _ = _decode(model, [0], 1, torch.float32, steps=2)
-    monkeypatch.setattr(BambaLM, "_native_decode_fits", lambda self, x, cache: False)
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
     per_layer, _ = _decode(model, [0], 1, torch.float32, steps=2)
     torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bamba.native import elementwise_ops
+from bamba.native import dispatch, elementwise_ops
 from bamba.ops import norm
 
-pytestmark = pytest.mark.skipif(not elementwise_ops.usable(torch.zeros(1)),
+pytestmark = pytest.mark.skipif(not dispatch.elementwise_fits(torch.zeros(1)),
                                 reason="the native kernels need a C compiler")
 
 
@@ -41,10 +41,10 @@ def test_rms_norm_matches_torch_and_is_what_the_model_uses(dtype) -> None:
 
 def test_autograd_and_mixed_dtypes_keep_the_torch_path() -> None:
     x = torch.randn(4, 32, requires_grad=True)
-    assert not elementwise_ops.usable(x, torch.ones(32))
-    assert not elementwise_ops.usable(torch.randn(4, 32), torch.ones(32).bfloat16())
-    assert not elementwise_ops.usable(torch.randn(4, 32).double())
-    assert not elementwise_ops.usable(torch.randn(4, 32).t())  # not contiguous
+    assert not dispatch.elementwise_fits(x, torch.ones(32))
+    assert not dispatch.elementwise_fits(torch.randn(4, 32), torch.ones(32).bfloat16())
+    assert not dispatch.elementwise_fits(torch.randn(4, 32).double())
+    assert not dispatch.elementwise_fits(torch.randn(4, 32).t())  # not contiguous
     norm.rms_norm(x, torch.ones(32), 1e-5).sum().backward()  # the torch path differentiates
     assert x.grad is not None
 

@@ -4,13 +4,12 @@ the model's per-op torch path: same logits, same states, only the batch's pool r
 import pytest
 import torch
 
-from bamba import native
 from bamba.cache import ContiguousCache
 from bamba.config import preset
 from bamba.model import BambaLM, init_weights
-from bamba.native import layer_ops
+from bamba.native import accelerate, dispatch
 
-pytestmark = pytest.mark.skipif(not native.linear_available(torch.float32),
+pytestmark = pytest.mark.skipif(not dispatch.linear_available(torch.float32),
                                 reason="the native layer step needs AVX-512 and a C compiler")
 
 VARIANTS = {  # the tiny preset, and one with every optional piece switched the other way
@@ -36,7 +35,7 @@ def _decode(model: BambaLM, prompt: torch.Tensor, rows: list[int], cache_rows: i
 def _pair(monkeypatch, cfg_name: str, dtype: torch.dtype, state_dtype: torch.dtype,
           rows: list[int], cache_rows: int, float32_heads: bool = False):
     cfg = preset("tiny", **VARIANTS[cfg_name])
-    model = init_weights(BambaLM(cfg), seed=0).to(dtype).eval()
+    model = accelerate(init_weights(BambaLM(cfg), seed=0).to(dtype).eval())
     if float32_heads:  # as from_pretrained leaves a bf16 model: A_log, D, dt_bias in float32
         for layer in model.model.layers:
             if layer.layer_type == "mamba":
@@ -49,9 +48,9 @@ def _pair(monkeypatch, cfg_name: str, dtype: torch.dtype, state_dtype: torch.dty
                     p.uniform_(-0.1, 0.1)
     prompt = torch.randint(0, cfg.vocab_size, (len(rows), 5),
                            generator=torch.Generator().manual_seed(1))
-    assert layer_ops.fits(dtype, model.model.layers[0].step_dims)
+    assert dispatch.layer_fits(dtype, model.model.layers[0].step_dims)
     fused = _decode(model, prompt, rows, cache_rows, state_dtype)
-    monkeypatch.setattr(layer_ops, "fits", lambda *args: False)
+    monkeypatch.setattr(dispatch, "layer_fits", lambda *args: False)
     return fused, _decode(model, prompt, rows, cache_rows, state_dtype)
 
 
@@ -84,7 +83,7 @@ def _assert_same_states(fused, fused_cache, ref, ref_cache, state_dtype, untouch
             assert not fused_cache.conv[i][row].any()
 
 
-@pytest.mark.skipif(not native.linear_available(torch.bfloat16),
+@pytest.mark.skipif(not dispatch.linear_available(torch.bfloat16),
                     reason="the bf16 layer step needs AVX-512 BF16")
 @pytest.mark.parametrize("cfg_name", sorted(VARIANTS))
 @pytest.mark.parametrize("float32_heads", [False, True])
@@ -98,21 +97,24 @@ def test_bf16_layer_step_rounds_where_the_torch_path_does(monkeypatch, cfg_name,
 
 def test_layer_step_is_only_used_where_it_applies() -> None:
     cfg = preset("tiny")
-    layer = init_weights(BambaLM(cfg), seed=0).eval().model.layers[0]
+    layer = accelerate(init_weights(BambaLM(cfg), seed=0).eval()).model.layers[0]
     x = torch.zeros(2, 1, cfg.hidden_size)
+
+    def fits(x: torch.Tensor) -> bool:
+        return dispatch.layer_step_fits(x, layer.input_layernorm.weight.dtype, layer.step_dims)
+
     with torch.no_grad():
-        assert layer._native_step_fits(x)
-        assert not layer._native_step_fits(torch.zeros(2, 3, cfg.hidden_size))  # prefill
-        assert not layer._native_step_fits(torch.zeros(layer_ops.MAX_ROWS + 1, 1,
-                                                       cfg.hidden_size))
-        assert not layer._native_step_fits(x.double())
-    assert not layer._native_step_fits(x)  # autograd on: training uses the torch path
-    assert not layer_ops.fits(torch.float32, layer.step_dims._replace(hidden=40))
+        assert fits(x)
+        assert not fits(torch.zeros(2, 3, cfg.hidden_size))  # prefill
+        assert not fits(torch.zeros(dispatch.MAX_ROWS + 1, 1, cfg.hidden_size))
+        assert not fits(x.double())
+    assert not fits(x)  # autograd on: training uses the torch path
+    assert not dispatch.layer_fits(torch.float32, layer.step_dims._replace(hidden=40))
 
 
 def test_bad_pools_and_rows_raise_one_line_errors() -> None:
     cfg = preset("tiny")
-    layer = init_weights(BambaLM(cfg), seed=0).eval().model.layers[0]
+    layer = accelerate(init_weights(BambaLM(cfg), seed=0).eval()).model.layers[0]
     cache = ContiguousCache(cfg, 2, 4, torch.float32)
     x = torch.zeros(2, 1, cfg.hidden_size)
     with torch.no_grad():

@@ -13,11 +13,12 @@ from conftest import hf_logits, load_hf, random_ids
 from test_parity import assert_logits_close, run_in_pieces
 
 from bamba.checkpoint import from_pretrained
-from bamba.native import prefill_ops
+from bamba.native import accelerate, dispatch, library
 from bamba.ops import mixer
-from bamba.ops.mixer import MixerShape, MixerWeights, mamba_prefill
+from bamba.native.seam import prefill_middle as mamba_prefill
+from bamba.ops.mixer import MixerShape, MixerWeights
 
-pytestmark = pytest.mark.skipif(not prefill_ops.available(),
+pytestmark = pytest.mark.skipif(not dispatch.prefill_available(),
                                 reason="native prefill kernels not built for this CPU")
 
 
@@ -42,7 +43,7 @@ def run(zx: torch.Tensor, shape: MixerShape, w: MixerWeights, states: bool, chun
     pools = (conv, ssm, None) if states else None
     with monkeypatch.context() as m:
         if not native:
-            m.setattr(prefill_ops, "usable", lambda *args: False)
+            m.setattr(dispatch, "prefill_fits", lambda *args: False)
         with torch.no_grad():
             y = mamba_prefill(zx, pools, w, shape, None, chunk, md)
     return y.float(), conv, ssm
@@ -112,12 +113,12 @@ def test_usable_only_without_autograd_documents_or_odd_sizes():
     zx = torch.randn(1, 9, 2 * 32 + 32 + 2)
     sizes = (2, 16, 1, 16)
     with torch.no_grad():
-        assert prefill_ops.usable(zx, None, w, sizes)
-        assert not prefill_ops.usable(zx, torch.zeros(1, 9, dtype=torch.long), w, sizes)
-        assert not prefill_ops.usable(zx, None, w, (2, 16, 1, 8))  # d_state not a multiple of 16
-        assert not prefill_ops.usable(zx.half(), None, w, sizes)
-        assert not prefill_ops.usable(zx[:, :0], None, w, sizes)
-    assert not prefill_ops.usable(zx.requires_grad_(), None, w, sizes)
+        assert dispatch.prefill_fits(zx, None, w, sizes)
+        assert not dispatch.prefill_fits(zx, torch.zeros(1, 9, dtype=torch.long), w, sizes)
+        assert not dispatch.prefill_fits(zx, None, w, (2, 16, 1, 8))  # d_state not a multiple of 16
+        assert not dispatch.prefill_fits(zx.half(), None, w, sizes)
+        assert not dispatch.prefill_fits(zx[:, :0], None, w, sizes)
+    assert not dispatch.prefill_fits(zx.requires_grad_(), None, w, sizes)
 
 
 def test_training_path_still_backpropagates_through_the_mixer():
@@ -135,7 +136,7 @@ HYBRID16 = dict(mamba_n_groups=2, mamba_d_state=16)  # sizes the kernel serves
 def test_model_with_native_prefill_matches_transformers(make_hf_checkpoint, length):
     directory = make_hf_checkpoint("hybrid", **HYBRID16)
     ids = random_ids(2, length, seed=length)
-    model = from_pretrained(directory)
+    model = accelerate(from_pretrained(directory))
     with torch.no_grad():
         assert_logits_close(model(ids), hf_logits(load_hf(directory), ids))
 
@@ -144,7 +145,7 @@ def test_chunked_prefill_with_native_kernel_matches_one_shot(make_hf_checkpoint,
                                                              kernel_calls):
     directory = make_hf_checkpoint("hybrid", **HYBRID16)
     ids = random_ids(2, 37, seed=4)
-    model = from_pretrained(directory)
+    model = accelerate(from_pretrained(directory))
     with torch.no_grad():
         one_shot = model(ids)
     assert_logits_close(run_in_pieces(model, ids, [5, 8, 13, 11]), one_shot)
@@ -163,7 +164,7 @@ def test_pool_rows_and_bf16_pools_match_torch_path(monkeypatch):
         ssm = torch.randn(4, 4, 16, 16, generator=gen).bfloat16()
         with monkeypatch.context() as m:
             if not native:
-                m.setattr(prefill_ops, "usable", lambda *args: False)
+                m.setattr(dispatch, "prefill_fits", lambda *args: False)
             with torch.no_grad():
                 y = mamba_prefill(zx, (conv, ssm, rows), w, shape, None, 8, torch.float32)
         results.append((y, conv, ssm))
@@ -194,20 +195,19 @@ def test_engine_with_native_prefill_equals_the_plain_model(kernel_calls):
 
 
 def test_bamba_native_0_sends_prefill_to_the_torch_path(monkeypatch):
-    from bamba import native
     shape, w = make_mixer(2, 16, 1, 16)
     zx = torch.randn(1, 9, 2 * 32 + 32 + 2)
     monkeypatch.setenv("BAMBA_NATIVE", "0")
-    native._library.cache_clear()
+    library.load.cache_clear()
     try:
-        assert not prefill_ops.available()
+        assert not dispatch.prefill_available()
         with torch.no_grad():
-            assert not prefill_ops.usable(zx, None, w, (2, 16, 1, 16))
+            assert not dispatch.prefill_fits(zx, None, w, (2, 16, 1, 16))
             y = mamba_prefill(zx, None, w, shape, None, 8, torch.float32)
     finally:
         monkeypatch.delenv("BAMBA_NATIVE")
-        native._library.cache_clear()
-    assert prefill_ops.available()
+        library.load.cache_clear()
+    assert dispatch.prefill_available()
     with torch.no_grad():
         assert rel(mamba_prefill(zx, None, w, shape, None, 8, torch.float32), y) < 1e-5
 
@@ -218,7 +218,7 @@ def test_dispatch_modes_see_the_torch_ops_and_the_op_has_a_flop_formula():
     zx = torch.randn(1, 9, 2 * 32 + 32 + 2)
     sizes = (2, 16, 1, 16)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        assert not prefill_ops.usable(zx, None, w, sizes)
+        assert not dispatch.prefill_fits(zx, None, w, sizes)
         mamba_prefill(zx, None, w, shape, None, 8, torch.float32)
         torch.ops.bamba.mixer_prefill(zx, None, None, *w, [2, 16, 1, 16, 8, 0], [0.0, 1.0, 1e-5])
     counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}

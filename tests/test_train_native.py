@@ -13,13 +13,11 @@ import torch
 import torch.nn.functional as F
 from test_prefill_native import make_mixer
 
-from bamba import native
-from bamba.native import train_ops
-from bamba.ops import mixer
+from bamba.native import dispatch, library
 from bamba.ops.conv import causal_conv1d
-from bamba.ops.mixer import mamba_prefill
+from bamba.native.seam import prefill_middle as mamba_prefill
 
-pytestmark = pytest.mark.skipif(not train_ops.available(),
+pytestmark = pytest.mark.skipif(not dispatch.conv_train_available(),
                                 reason="native training kernels not built for this CPU")
 
 DOCS = torch.tensor([[0] * 10 + [1] * 20 + [2] * 7, [5] * 37, [0] + [1] * 36])
@@ -79,11 +77,11 @@ def test_the_ops_pass_torch_library_checks():
 
 def test_usable_only_where_the_kernels_apply():
     w = torch.randn(32, 4)
-    assert train_ops.usable(torch.randn(2, 5, 32), w)
-    assert not train_ops.usable(torch.randn(2, 5, 32, dtype=torch.bfloat16), w)  # float32 only
-    assert not train_ops.usable(torch.randn(2, 5, 24), torch.randn(24, 4))  # width % 16
-    assert not train_ops.usable(torch.randn(2, 5, 32), torch.randn(32, 9))  # > MAX_KERNEL taps
-    assert not train_ops.usable(torch.randn(2, 32, 5).transpose(1, 2), w)  # strided channels
+    assert dispatch.conv_train_fits(torch.randn(2, 5, 32), w)
+    assert not dispatch.conv_train_fits(torch.randn(2, 5, 32, dtype=torch.bfloat16), w)  # float32 only
+    assert not dispatch.conv_train_fits(torch.randn(2, 5, 24), torch.randn(24, 4))  # width % 16
+    assert not dispatch.conv_train_fits(torch.randn(2, 5, 32), torch.randn(32, 9))  # > MAX_KERNEL taps
+    assert not dispatch.conv_train_fits(torch.randn(2, 32, 5).transpose(1, 2), w)  # strided channels
 
 
 def mixer_grads(zx: torch.Tensor, seq_idx: torch.Tensor) -> list[torch.Tensor]:
@@ -100,11 +98,11 @@ def test_mixer_training_step_is_unchanged_by_the_kernels(monkeypatch):
     zx = torch.randn(2, 21, 2 * 32 + 32 + 2, generator=torch.Generator().manual_seed(3))
     seq_idx = torch.tensor([[0] * 9 + [1] * 12, [0] * 21])
     calls = []
-    real = train_ops.usable
-    monkeypatch.setattr(train_ops, "usable", lambda *a: calls.append(1) or real(*a))
+    real = dispatch.conv_train_fits
+    monkeypatch.setattr(dispatch, "conv_train_fits", lambda *a: calls.append(1) or real(*a))
     with_kernels = mixer_grads(zx, seq_idx)
     assert calls and real(torch.randn(1, 1, 64), torch.randn(64, 4))
-    monkeypatch.setattr(train_ops, "usable", lambda *a: False)
+    monkeypatch.setattr(dispatch, "conv_train_fits", lambda *a: False)
     without = mixer_grads(zx, seq_idx)
     for g, r in zip(with_kernels, without, strict=True):
         assert rel(g, r) < 1e-5
@@ -112,17 +110,16 @@ def test_mixer_training_step_is_unchanged_by_the_kernels(monkeypatch):
 
 def test_bamba_native_0_sends_training_to_the_torch_path(monkeypatch):
     monkeypatch.setenv("BAMBA_NATIVE", "0")
-    native._library.cache_clear()
+    library.load.cache_clear()
     try:
-        assert not train_ops.available()
-        assert not train_ops.usable(torch.randn(2, 5, 32), torch.randn(32, 4))
+        assert not dispatch.conv_train_available()
+        assert not dispatch.conv_train_fits(torch.randn(2, 5, 32), torch.randn(32, 4))
         zx = torch.randn(1, 9, 2 * 32 + 32 + 2)
         assert mixer_grads(zx, torch.zeros(1, 9, dtype=torch.long))[1] is not None
     finally:
         monkeypatch.delenv("BAMBA_NATIVE")
-        native._library.cache_clear()
-    assert train_ops.available()
-    assert mixer.train_ops is train_ops
+        library.load.cache_clear()
+    assert dispatch.conv_train_available()
 
 
 def test_a_compiled_training_forward_and_backward_call_the_kernels():

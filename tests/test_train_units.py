@@ -13,7 +13,7 @@ import yaml
 from bamba.config import preset
 from bamba.model import BambaLM, init_weights
 from bamba.train.dcp_checkpoint import Checkpointer, complete_checkpoints, latest_checkpoint
-from bamba.train.train_config import TrainConfig, load_config
+from bamba.train.train_config import load_config
 from bamba.train.data import SyntheticSource
 from bamba.train.loss import lm_loss_sums
 from bamba.train.metrics import flops_per_token, linear_params

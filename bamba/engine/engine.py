@@ -26,7 +26,7 @@ from bamba.engine.prompts import encode_prompt, max_token_bytes
 from bamba.engine.runner import ModelRunner
 from bamba.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from bamba.engine.sequence import SequenceOutput, sample_rows
-from bamba.model import BambaLM
+from bamba.model import BambaLM, cast
 from bamba.sampling import ParameterError
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def _load(model: BambaLM | str | os.PathLike, tokenizer: object | None,
           dtype: str | torch.dtype | None) -> tuple[BambaLM, object | None]:
     if isinstance(model, BambaLM):
         if dtype is not None:
-            _cast(model, parse_dtype(dtype))
+            cast(model, parse_dtype(dtype))
         return model.eval(), tokenizer
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"model must be a BambaLM or a checkpoint path/id, got {type(model)}")
@@ -292,12 +292,3 @@ def _load(model: BambaLM | str | os.PathLike, tokenizer: object | None,
         tokenizer = load_tokenizer(model)
     return loaded, tokenizer
 
-
-@torch.no_grad()
-def _cast(model: BambaLM, dtype: torch.dtype) -> None:
-    """Cast in place as ``from_pretrained`` does: A_log, D and dt_bias stay float32."""
-    from bamba.checkpoint import FP32_PARAMS
-
-    for name, param in model.named_parameters():
-        if name.rsplit(".", 1)[-1] not in FP32_PARAMS:
-            param.data = param.data.to(dtype)

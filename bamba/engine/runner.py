@@ -23,7 +23,8 @@ from bamba.compile import CompiledModule
 from bamba.engine.page_pool import PoolPlan
 from bamba.engine.scheduler import ScheduledChunk
 from bamba.model import BambaLM
-from bamba.native.decode_ops import KVLayout
+from bamba.native import accelerate, decode_rows
+from bamba.cache_protocol import KVLayout
 
 
 Scratch = Callable[[int, tuple[int, ...]], torch.Tensor]
@@ -127,14 +128,15 @@ class ModelRunner:
     token) with inductor, once for every batch size and context length (dynamic shapes); the
     first decode call pays the compile (about a minute on the reference CPU, cached on disk
     by inductor afterwards). Prefill chunks always run eagerly, and so do decode calls of at
-    most ``model.native_decode_rows()`` rows, whose layers run through bamba.native's layer
-    steps (faster there than any compiled graph of torch ops).
+    most ``bamba.native.decode_rows(model)`` rows, whose layers run through bamba.native's
+    layer steps (faster there than any compiled graph of torch ops). The runner installs the
+    native kernels on the model (``bamba.native.accelerate``).
     """
 
     def __init__(self, model: BambaLM, plan: PoolPlan, block_size: int,
                  state_dtype: torch.dtype, compile_mode: str | None = None):
         cfg = model.config
-        self.model = model
+        self.model = accelerate(model)
         self.block_size = block_size
         dtype, device = model.dtype, model.device
         # Head-major pages: one gather of token rows yields [Hkv, B, T, D] for attention.
@@ -155,7 +157,7 @@ class ModelRunner:
         self.step = PagedStep(model)
         self.decode_graph = None if compile_mode is None else \
             compiled_decode(model, compile_mode)
-        self.native_rows = model.native_decode_rows()
+        self.native_rows = decode_rows(model)
         self._scratch: dict[int, torch.Tensor] = {}
 
     def scratch(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:

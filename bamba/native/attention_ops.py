@@ -13,24 +13,8 @@ import ctypes
 
 import torch
 
+from bamba.native import library
 from bamba.native.dispatch import through_dispatcher
-
-
-def _library():
-    from bamba.native import _library
-
-    return _library()
-
-
-def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel takes these tensors: CPU, one dtype of bf16/float32, one query token,
-    head_dim contiguous, no autograd, the library built."""
-    from bamba.native import library_available
-
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return q.device.type == "cpu" and q.shape[1] == 1 and not grad and \
-        q.dtype in (torch.bfloat16, torch.float32) and k.dtype == v.dtype == q.dtype and \
-        k.stride(-1) == 1 and v.stride(-1) == 1 and library_available()
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -45,7 +29,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     keep = mask.reshape(b, t).to(torch.uint8).contiguous()
     out = torch.empty_like(q)
     strides = [(ctypes.c_int64 * 3)(*(x.stride(i) for i in range(3))) for x in (k, v)]
-    status = _library().bamba_decode_attention(
+    status = library.load().bamba_decode_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), keep.data_ptr(), out.data_ptr(), b, h, hkv, d,
         t, strides[0], strides[1], int(q.dtype == torch.bfloat16), d ** -0.5,
         torch.get_num_threads())
@@ -69,11 +53,3 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if through_dispatcher():
         return _op(q, k, v, mask)
     return _decode_attention(q, k, v, mask)
-
-
-def declare(lib: ctypes.CDLL) -> None:
-    """Set the ctypes signature of attention_step.c's function."""
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.bamba_decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
-                                           ptr, ptr, ctypes.c_int, ctypes.c_float, ctypes.c_int]
-    lib.bamba_decode_attention.restype = ctypes.c_int

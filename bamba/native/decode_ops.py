@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from bamba.cache_protocol import KVLayout
+from bamba.native import library
 from bamba.native.layer_ops import (ATTENTION_IN_TENSORS, ATTENTION_OUT_TENSORS, FFN_TENSORS,
                                     MAMBA_TENSORS, LayerDims, _float32_mask, _state_pool,
                                     _status)
@@ -47,12 +49,6 @@ class LayerStorage(NamedTuple):
     g starts at element g * head_stride + r * token_stride (both layers alike)."""
     a: torch.Tensor
     b: torch.Tensor
-
-
-class KVLayout(NamedTuple):
-    """Where an attention layer's keys and values lie: see ``LayerStorage``."""
-    head_stride: int
-    token_stride: int
 
 
 class StepRows(NamedTuple):
@@ -84,12 +80,6 @@ class DecodeRows(ctypes.Structure):
                 ("slots", ctypes.c_void_p), ("lengths", ctypes.c_void_p),
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
                 ("write_rows", ctypes.c_void_p), ("read_rows", ctypes.c_void_p)]
-
-
-def _library():
-    from bamba.native import _library
-
-    return _library()
 
 
 def _int64_array(values) -> ctypes.Array:
@@ -199,7 +189,7 @@ def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kind
                       slots.data_ptr(), lengths.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                       write_rows.data_ptr(), read_rows.data_ptr())
     out, spare = torch.empty_like(x), torch.empty_like(x)
-    _status("decode_layers", _library().bamba_decode_layers(
+    _status("decode_layers", library.load().bamba_decode_layers(
         ctypes.byref(model), x.data_ptr(), out.data_ptr(), spare.data_ptr(), ctypes.byref(call),
         torch.get_num_threads()))
     return out
@@ -225,10 +215,3 @@ def _check_rows(slots: torch.Tensor, positions: torch.Tensor, write_rows: torch.
         if low < 0 or end > min(k.numel() for k in keys):
             raise ValueError(f"decode step: token rows {low}..{high} lie outside the keys and "
                              f"values ({tuple(keys[0].shape)}, {kv})")
-
-
-def declare(lib: ctypes.CDLL) -> None:
-    """Set the ctypes signature of bamba_decode_layers."""
-    ptr = ctypes.c_void_p
-    lib.bamba_decode_layers.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
-    lib.bamba_decode_layers.restype = ctypes.c_int

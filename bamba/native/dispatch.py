@@ -1,7 +1,31 @@
-"""When a native kernel's Python wrapper calls its registered torch op instead of the library."""
+"""The one place that decides whether a native kernel fits a call, and whether a kernel's
+Python wrapper calls its registered torch op or the library directly.
+
+Every check is here: the kernels need the library built for this CPU, tensors on the CPU in a
+dtype they take, no autograd (training keeps torch's ops, except for the conv kernel, which has
+a backward), and sizes their vector loops divide. The accelerated modules
+(``bamba.native.seam``) ask these functions before each kernel call and otherwise run the
+torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from bamba.native import library
+
+if TYPE_CHECKING:
+    from bamba.native.layer_ops import LayerDims
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+MAX_LINEAR_ROWS = 8  # beyond, oneDNN's matmul catches up (few-row kernels are bandwidth-bound)
+MAX_ROWS = 32  # decode rows of the layer steps (benchmarks/bench_native.py, bf16)
+# dtype -> (bit of bamba_linear_supported, input width multiple)
+_LINEAR = {torch.bfloat16: (1, 32), torch.float32: (2, 16)}
 
 
 def through_dispatcher() -> bool:
@@ -9,3 +33,147 @@ def through_dispatcher() -> bool:
     FlopCounterMode that must see the op. Otherwise eager callers go to the library directly:
     a Python custom op costs ~0.1 ms a call through the dispatcher."""
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
+# Availability: known once per process (a compiled graph bakes in the answer, not the build).
+
+@torch.compiler.assume_constant_result
+def library_available() -> bool:
+    """True when the native library is built and loaded (and not disabled by BAMBA_NATIVE=0)."""
+    return library.load() is not None
+
+
+def ssd_step_available() -> bool:
+    """True when the one-pass SSM step kernel can run (it is in every build of the library)."""
+    return library_available()
+
+
+@torch.compiler.assume_constant_result
+def linear_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when the few-row linear kernel for ``dtype`` is built for this CPU (bf16 needs
+    AVX-512 BF16, float32 AVX-512)."""
+    lib = library.load()
+    return lib is not None and dtype in _LINEAR and \
+        bool(lib.bamba_linear_supported() & _LINEAR[dtype][0])
+
+
+@torch.compiler.assume_constant_result
+def prefill_available() -> bool:
+    """True when the Mamba2 prefill kernels are built for this CPU (AVX-512 BF16)."""
+    lib = library.load()
+    return lib is not None and bool(lib.bamba_prefill_supported())
+
+
+@torch.compiler.assume_constant_result
+def conv_train_available() -> bool:
+    """True when the training conv kernels are built for this CPU (AVX-512)."""
+    lib = library.load()
+    return lib is not None and bool(lib.bamba_conv_train_supported())
+
+
+def _grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# Per call: does this kernel take these tensors?
+
+def linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x @ weight.T by the few-row kernel: bf16 or float32 CPU tensors of one dtype without
+    autograd, at most ``MAX_LINEAR_ROWS`` rows, an input width the kernel's vectors divide."""
+    return x.dtype == weight.dtype and x.dtype in _LINEAR and x.device.type == "cpu" \
+        and not _grad(x, weight) and weight.is_contiguous() \
+        and x.numel() // x.shape[-1] <= MAX_LINEAR_ROWS \
+        and x.shape[-1] % _LINEAR[x.dtype][1] == 0 and linear_available(x.dtype)
+
+
+def elementwise_fits(*tensors: torch.Tensor) -> bool:
+    """The SwiGLU product or RMS norm in one pass: CPU tensors of one dtype (bf16 or
+    float32), contiguous, no autograd."""
+    first = tensors[0]
+    return first.device.type == "cpu" and first.dtype in KERNEL_DTYPES and \
+        not _grad(*tensors) and all(t.dtype == first.dtype and t.is_contiguous()
+                                    for t in tensors) and library_available()
+
+
+def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Decode attention over the cache in place: CPU, one dtype of bf16/float32, one query
+    token, head_dim contiguous, no autograd."""
+    return q.device.type == "cpu" and q.shape[1] == 1 and not _grad(q, k, v) and \
+        q.dtype in KERNEL_DTYPES and k.dtype == v.dtype == q.dtype and \
+        k.stride(-1) == 1 and v.stride(-1) == 1 and library_available()
+
+
+def ssd_pool_fits(pool: torch.Tensor) -> bool:
+    """The one-pass SSM step over this state pool (CPU, float32 or bf16, contiguous)."""
+    return pool.device.type == "cpu" and pool.dtype in KERNEL_DTYPES \
+        and pool.is_contiguous() and not pool.requires_grad and ssd_step_available()
+
+
+def prefill_fits(zxbcdt: torch.Tensor, seq_idx: torch.Tensor | None,
+                 params: tuple[torch.Tensor | None, ...], sizes: tuple[int, int, int, int]) -> bool:
+    """The Mamba2 prefill kernels: CPU, float32 or bf16, no document ids, no autograd,
+    ``sizes`` = (heads, head_dim, groups, d_state) with head_dim, d_state and d_inner/groups
+    multiples of 16. Eager code under a dispatch mode (FlopCounterMode...) keeps the torch
+    ops, which such modes can see into."""
+    h, p, g, n = sizes
+    return seq_idx is None and not _grad(zxbcdt, *params) and zxbcdt.device.type == "cpu" \
+        and zxbcdt.dtype in KERNEL_DTYPES and zxbcdt.shape[1] > 0 and p % 16 == 0 \
+        and n % 16 == 0 and (h * p // g) % 16 == 0 and prefill_available() \
+        and (torch.compiler.is_compiling() or not is_in_torch_dispatch_mode())
+
+
+MAX_CONV_KERNEL = 8
+
+
+def conv_train_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The training conv + silu: float32 CPU input [B, L, D] with contiguous channels, D a
+    multiple of 16, a kernel of at most ``MAX_CONV_KERNEL`` taps."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3 \
+        and x.stride(-1) == 1 and x.shape[-1] % 16 == 0 \
+        and weight.shape == (x.shape[-1], weight.shape[-1]) \
+        and 1 <= weight.shape[-1] <= MAX_CONV_KERNEL and conv_train_available()
+
+
+@functools.cache
+def layer_fits(dtype: torch.dtype, dims: LayerDims) -> bool:
+    """Whether layer_step.c takes a layer of these sizes in this dtype on this build."""
+    width = 32 if dtype == torch.bfloat16 else 16
+    widths = [dims.hidden, dims.ffn, dims.d_inner or dims.heads * dims.head_dim]
+    return dtype in KERNEL_DTYPES and linear_available(dtype) and \
+        all(w % width == 0 for w in widths)
+
+
+def layer_step_fits(x: torch.Tensor, norm_dtype: torch.dtype, dims: LayerDims) -> bool:
+    """One decode token through a whole layer in one call: at most ``MAX_ROWS`` rows of eager
+    CPU inference in the layer's dtype. Not inside torch.compile: a graph calls a custom op
+    through the dispatcher (~0.1 ms a call), so compiled decode fuses the torch ops instead."""
+    return x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and \
+        not torch.is_grad_enabled() and not torch.compiler.is_compiling() and \
+        x.dtype == norm_dtype and layer_fits(x.dtype, dims)
+
+
+def decode_step_fits(x: torch.Tensor, cache: object, dims: tuple[LayerDims | None, ...],
+                     layers: torch.nn.ModuleList) -> bool:
+    """Every layer of a decode token in one call: as ``layer_step_fits``, for a cache that
+    addresses its keys by token rows, no dispatch mode, and no forward hooks on the layers
+    (the one call would skip them)."""
+    return hasattr(cache, "token_rows") and x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and \
+        x.device.type == "cpu" and not torch.is_grad_enabled() and \
+        not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() and \
+        all(layer_fits(x.dtype, d) for d in dims if d) and not _has_hooks(layers)
+
+
+def _has_hooks(layers: torch.nn.ModuleList) -> bool:
+    """Whether a forward hook would see the decoder layers' calls."""
+    module = torch.nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks or
+                any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers))
+
+
+def decode_rows(dtype: torch.dtype, device: torch.device, dims: tuple[LayerDims | None, ...],
+                norm_dtypes: list[torch.dtype]) -> int:
+    """How many rows a model's eager decode steps may run in one native call: ``MAX_ROWS``
+    for a CPU model whose layers the kernels take in its dtype, else 0."""
+    fits = device.type == "cpu" and all(layer_fits(dtype, d) for d in dims if d) and \
+        all(d == dtype for d in norm_dtypes)
+    return MAX_ROWS if fits else 0

@@ -6,28 +6,11 @@ points. Eager calls go to the library; torch.compile and dispatch modes see regi
 
 from __future__ import annotations
 
-import ctypes
 
 import torch
 
+from bamba.native import library
 from bamba.native.dispatch import through_dispatcher
-
-
-def _library():
-    from bamba.native import _library
-
-    return _library()
-
-
-def usable(*tensors: torch.Tensor) -> bool:
-    """CPU tensors of one dtype (bf16 or float32), contiguous, no autograd, library built."""
-    from bamba.native import library_available
-
-    first = tensors[0]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return first.device.type == "cpu" and first.dtype in (torch.bfloat16, torch.float32) and \
-        not grad and all(t.dtype == first.dtype and t.is_contiguous() for t in tensors) and \
-        library_available()
 
 
 def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -36,7 +19,7 @@ def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
                          f"{u.dtype} differ")
     g, u = g.contiguous(), u.contiguous()
     out = torch.empty_like(g)
-    _library().bamba_silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(),
+    library.load().bamba_silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(),
                               int(g.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
@@ -48,7 +31,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
                          f"x [..., {d}] {x.dtype}")
     x = x.contiguous()
     out = torch.empty_like(x)
-    status = _library().bamba_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(),
+    status = library.load().bamba_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(),
                                        out.data_ptr(), x.numel() // d, d, eps,
                                        int(x.dtype == torch.bfloat16), torch.get_num_threads())
     if status != 0:
@@ -80,12 +63,3 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x) over the last dim in one pass (see ``usable``)."""
     return _rms_norm_op(x, weight, eps) if through_dispatcher() else _rms_norm(x, weight, eps)
-
-
-def declare(lib: ctypes.CDLL) -> None:
-    """Set the ctypes signatures of elementwise.c's functions."""
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.bamba_silu_mul.argtypes = [ptr, ptr, ptr, i64, i32, i32]
-    lib.bamba_silu_mul.restype = None
-    lib.bamba_rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
-    lib.bamba_rms_norm.restype = i32

@@ -15,20 +15,20 @@ or ``ATTENTION_OUT_TENSORS``, None for an absent bias; its sizes as ``LayerDims`
 from __future__ import annotations
 
 import ctypes
-import functools
 from typing import NamedTuple
 
 import torch
 
-from bamba.native.dispatch import through_dispatcher
 from torch.utils.flop_counter import register_flop_formula
+
+from bamba.native import library
+from bamba.native.dispatch import through_dispatcher
 
 MAMBA_TENSORS = ("input_norm", "in_proj", "in_proj_bias", "conv_weight", "conv_bias",
                  "dt_bias", "A_log", "D", "gate_norm", "out_proj", "out_proj_bias")
 FFN_TENSORS = ("pre_ff_norm", "gate", "gate_bias", "up", "up_bias", "down", "down_bias")
 ATTENTION_IN_TENSORS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias")
 ATTENTION_OUT_TENSORS = ("o", "o_bias") + FFN_TENSORS
-MAX_ROWS = 32  # measured (benchmarks/bench_native.py, bf16): at 64 rows oneDNN is as fast
 
 
 class LayerDims(NamedTuple):
@@ -43,12 +43,6 @@ class LayerDims(NamedTuple):
     groups: int
     d_state: int
     ffn: int
-
-
-def _library():
-    from bamba.native import _library
-
-    return _library()
 
 
 # Tensors that must be in the layer's dtype (linear weights and biases); the others (norm
@@ -123,7 +117,7 @@ def _mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.
             max(indices) >= min(ssm_pool.shape[0], conv_pool.shape[0]):
         raise ValueError(f"layer step: rows must be [{x.shape[0]}] indices into the state pools")
     out = torch.empty_like(x)
-    status = _library().bamba_mamba_layer_step(
+    status = library.load().bamba_mamba_layer_step(
         pointers, sizes, int(x.dtype == torch.bfloat16), mask, eps, dt_min, dt_max,
         x.data_ptr(), out.data_ptr(), x.shape[0], conv_pool.data_ptr(),
         _state_pool(conv_pool, "conv"), ssm_pool.data_ptr(), _state_pool(ssm_pool, "SSM"),
@@ -139,7 +133,7 @@ def _attention_in_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims
     if x.shape[1] != d.hidden:
         raise ValueError(f"attention step: x {tuple(x.shape)} does not fit hidden {d.hidden}")
     qkv = x.new_empty(x.shape[0], (d.heads + 2 * d.groups) * d.head_dim)
-    _status("attention_in_step", _library().bamba_attention_in_step(
+    _status("attention_in_step", library.load().bamba_attention_in_step(
         pointers, sizes, int(x.dtype == torch.bfloat16), mask, eps, x.data_ptr(),
         qkv.data_ptr(), x.shape[0], torch.get_num_threads()))
     return qkv
@@ -156,7 +150,7 @@ def _attention_out_step(x: torch.Tensor, attn: torch.Tensor,
         raise ValueError(f"attention step: x {tuple(x.shape)} or attention output "
                          f"{tuple(attn.shape)} {attn.dtype} do not fit the layer's {d}")
     out = torch.empty_like(x)
-    _status("attention_out_step", _library().bamba_attention_out_step(
+    _status("attention_out_step", library.load().bamba_attention_out_step(
         pointers, sizes, int(x.dtype == torch.bfloat16), mask, eps, x.data_ptr(),
         attn.data_ptr(), out.data_ptr(), x.shape[0], torch.get_num_threads()))
     return out
@@ -234,27 +228,3 @@ def _(x_shape, *args, **kwargs) -> int:
 def _(x_shape, *args, **kwargs) -> int:
     d = LayerDims(*args[2])
     return 2 * x_shape[0] * d.hidden * (d.heads * d.head_dim + 3 * d.ffn)
-
-
-@functools.cache
-def fits(dtype: torch.dtype, dims: LayerDims) -> bool:
-    """Whether layer_step.c takes a layer of these sizes in this dtype on this build (known
-    once per process: the build does not change)."""
-    from bamba.native import linear_available
-
-    width = 32 if dtype == torch.bfloat16 else 16
-    widths = [dims.hidden, dims.ffn, dims.d_inner or dims.heads * dims.head_dim]
-    return dtype in (torch.bfloat16, torch.float32) and linear_available(dtype) and \
-        all(w % width == 0 for w in widths)
-
-
-def declare(lib: ctypes.CDLL) -> None:
-    """Set the ctypes signatures of layer_step.c's functions."""
-    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    lib.bamba_mamba_layer_step.argtypes = [ptr, ptr, i32, i64, f32, f32, f32, ptr, ptr, i64,
-                                           ptr, i32, ptr, i32, ptr, i32]
-    lib.bamba_mamba_layer_step.restype = i32
-    lib.bamba_attention_in_step.argtypes = [ptr, ptr, i32, i64, f32, ptr, ptr, i64, i32]
-    lib.bamba_attention_in_step.restype = i32
-    lib.bamba_attention_out_step.argtypes = [ptr, ptr, i32, i64, f32, ptr, ptr, ptr, i64, i32]
-    lib.bamba_attention_out_step.restype = i32

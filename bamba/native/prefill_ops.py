@@ -5,71 +5,19 @@ or float32) and runs, in three native passes, what ``bamba.ops.mixer.mamba_prefi
 torch ops: causal conv + silu and softplus'ed dt; the chunked SSD scan (float32 state; with
 ``bf16_matmul`` its products take bfloat16 operands with float32 accumulation); D skip, silu(z)
 gate and grouped RMSNorm. It returns y in in_proj's dtype, the new conv state and the new SSM
-state (float32). It has no autograd and no document ids: ``usable`` says when a call can take
-it; otherwise callers use the torch path, which tests hold it equal to.
+state (float32). It has no autograd and no document ids: ``bamba.native.dispatch.prefill_fits``
+says when a call can take it; otherwise callers use the torch path, which tests hold it equal
+to.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
-from bamba import native
-
-DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _lib() -> ctypes.CDLL | None:
-    """The shared library when it carries these kernels for this CPU (follows
-    ``bamba.native._library``, so BAMBA_NATIVE=0 and its cache_clear() apply here too)."""
-    lib = native._library()
-    return lib if lib is not None and _declare(lib) else None
-
-
-@functools.cache
-def _declare(lib: ctypes.CDLL) -> bool:
-    """Set the kernels' ctypes signatures once per loaded library; False if not built here."""
-    if not hasattr(lib, "bamba_prefill_supported"):
-        return False
-    lib.bamba_prefill_supported.restype = ctypes.c_int
-    if not lib.bamba_prefill_supported():
-        return False
-    i32, i64, ptr, f32 = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    lib.bamba_prefill_conv.argtypes = [ptr, i32, i64, i64, i64, i64, i64, i64, i64, ptr, ptr,
-                                       ptr, ptr, f32, f32, ptr, ptr, ptr, i32]
-    lib.bamba_prefill_scan.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr,
-                                       i32, ptr, i64, i32, i32]
-    lib.bamba_prefill_gate_norm.argtypes = [ptr, ptr, i64, ptr, i32, i64, i64, i64, i64, i64,
-                                            ptr, ptr, f32, ptr, i32, i32]
-    for name in ("bamba_prefill_conv", "bamba_prefill_scan", "bamba_prefill_gate_norm"):
-        getattr(lib, name).restype = ctypes.c_int
-    return True
-
-
-@torch.compiler.assume_constant_result
-def available() -> bool:
-    """True when the kernels are built for this CPU (AVX-512 BF16) and not disabled."""
-    return _lib() is not None
-
-
-def usable(zxbcdt: torch.Tensor, seq_idx: torch.Tensor | None,
-           params: tuple[torch.Tensor | None, ...], sizes: tuple[int, int, int, int]) -> bool:
-    """Whether ``mixer_prefill`` serves this call: CPU, float32 or bf16, no document ids, no
-    autograd, ``sizes`` = (heads, head_dim, groups, d_state) with head_dim, d_state and
-    d_inner/groups multiples of 16, and the kernels built. Eager code under a dispatch mode
-    (FlopCounterMode...) keeps the torch ops, which such modes can see into."""
-    h, p, g, n = sizes
-    grad = torch.is_grad_enabled() and (zxbcdt.requires_grad or
-                                        any(t is not None and t.requires_grad for t in params))
-    return seq_idx is None and not grad and zxbcdt.device.type == "cpu" \
-        and zxbcdt.dtype in DTYPES and zxbcdt.shape[1] > 0 and p % 16 == 0 and n % 16 == 0 \
-        and (h * p // g) % 16 == 0 and available() \
-        and (torch.compiler.is_compiling() or not is_in_torch_dispatch_mode())
-
+from bamba.native import dispatch, library
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
@@ -91,9 +39,9 @@ def mixer_prefill(zxbcdt: torch.Tensor, conv_state: torch.Tensor | None,
     eps]. conv_weight [conv_dim, K]; states as in ``bamba.ops.mixer`` (None: start from zero).
     Returns y [B, L, d_inner] (zxbcdt's dtype), conv state [B, K-1, conv_dim] and SSM state
     [B, H, P, N] (float32)."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("the native prefill kernels are unavailable (see available())")
+    if not dispatch.prefill_available():
+        raise RuntimeError("the native prefill kernels are unavailable here")
+    lib = library.load()
     h, p, g, n, chunk, bf16_matmul = dims
     zx = zxbcdt.detach().contiguous()
     xbc, dt, conv_out = _conv_pass(lib, zx, conv_state, conv_weight, conv_bias, dt_bias, h,

@@ -7,51 +7,20 @@ weight [D, K]; its gradient is ``torch.ops.bamba.conv_silu_backward`` (one pass:
 pre-activation is recomputed, not stored). Forward + backward at the demo shape, compiled:
 2.3 ms a layer against 6.7 ms for inductor's code of the torch ops (the weight gradient reduced
 over batch and time, the taps' shifted slices; benchmarks/bench_train_parts.py); a whole demo
-training step ~5% faster. ``usable`` says when a call can take the kernels; otherwise callers
-use the torch ops, which tests hold these equal to. (A native gated RMS norm was tried the same
-way and gained ~1% of a step: inductor's fused code for it is already bandwidth-bound.)
+training step ~5% faster. ``bamba.native.dispatch.conv_train_fits`` says when a call can take
+the kernels; otherwise callers use the torch ops, which tests hold these equal to. (A native
+gated RMS norm was tried the same way and gained ~1% of a step: inductor's fused code for it
+is already bandwidth-bound.)
 """
 
 from __future__ import annotations
 
-import ctypes
 
 import torch
 
+from bamba.native import dispatch, library
+
 DTYPE = torch.float32
-MAX_KERNEL = 8
-
-
-def _library() -> ctypes.CDLL | None:
-    from bamba.native import _library
-
-    lib = _library()
-    return lib if lib is not None and bool(lib.bamba_conv_train_supported()) else None
-
-
-def declare(lib: ctypes.CDLL) -> None:
-    """Set the ctypes signatures of conv_train.c's functions."""
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.bamba_conv_train_supported.restype = i32
-    lib.bamba_conv_silu_fwd.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i32]
-    lib.bamba_conv_silu_bwd.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr,
-                                        ptr, ptr, ptr, i32]
-    for name in ("bamba_conv_silu_fwd", "bamba_conv_silu_bwd"):
-        getattr(lib, name).restype = i32
-
-
-@torch.compiler.assume_constant_result
-def available() -> bool:
-    """True when the kernels are built for this CPU (AVX-512) and not disabled."""
-    return _library() is not None
-
-
-def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``conv_silu`` serves this call: float32 CPU input [B, L, D] with contiguous
-    channels, D a multiple of 16, a kernel of at most ``MAX_KERNEL`` taps, the library built."""
-    return x.device.type == "cpu" and x.dtype == DTYPE and x.dim() == 3 and x.stride(-1) == 1 \
-        and x.shape[-1] % 16 == 0 and weight.shape == (x.shape[-1], weight.shape[-1]) \
-        and 1 <= weight.shape[-1] <= MAX_KERNEL and available()
 
 
 def _operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -72,7 +41,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _check(rc: int, what: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     if rc != 0:
         raise RuntimeError(f"conv_silu {what}: unsupported here (x {tuple(x.shape)} {x.dtype}, "
-                           f"weight {tuple(weight.shape)}; see train_ops.usable)")
+                           f"weight {tuple(weight.shape)}; see dispatch.conv_train_fits)")
 
 
 @torch.library.custom_op("bamba::conv_silu", mutates_args=(), device_types="cpu")
@@ -80,9 +49,9 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               seq_idx: torch.Tensor | None) -> torch.Tensor:
     """silu(causal depthwise conv of x) [B, L, D] float32; taps stay inside each document of
     ``seq_idx`` [B, L] and start from a zero state."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native training kernels are unavailable (see train_ops.available())")
+    if not dispatch.conv_train_available():
+        raise RuntimeError("the native training kernels are unavailable here")
+    lib = library.load()
     xs, wt, b, seq = _operands(x, weight, bias, seq_idx)
     n, l, d = xs.shape
     y = torch.empty(n, l, d, dtype=DTYPE)
@@ -103,9 +72,9 @@ def conv_silu_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``conv_silu`` for its output gradient dy: (dx [B, L, D], dweight [D, K],
     dbias [D]) in float32 (dbias is computed even without a bias; callers drop it)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the native training kernels are unavailable (see train_ops.available())")
+    if not dispatch.conv_train_available():
+        raise RuntimeError("the native training kernels are unavailable here")
+    lib = library.load()
     xs, wt, b, seq = _operands(x, weight, bias, seq_idx)
     n, l, d = xs.shape
     dy = dy.to(DTYPE).contiguous()

@@ -5,9 +5,9 @@ Two formulations of the same softmax attention:
 * long queries (prefill) use ``F.scaled_dot_product_attention`` (the CPU flash kernel);
 * training on rows of at most ``TRAIN_MATMUL_MAX_LEN`` tokens uses the matmul formulation below
   (its compiled backward is faster there);
-* decode (L <= ``MATMUL_MAX_QUERY``) uses bamba.native's decode attention when it is built
-  (keys and values read in place, float32 softmax: torch's bf16 matmul builds a new oneDNN
-  primitive for each new key length, ~0.6 ms a call), else two batched matmuls, the query heads
+* decode (L <= ``MATMUL_MAX_QUERY``) uses ``decode`` when the caller passes one (the native
+  kernel reads keys and values in place: torch's bf16 matmul builds a new oneDNN primitive for
+  each new key length, ~0.6 ms a call), else two batched matmuls, the query heads
   of a KV group stacked as rows, so every KV head is read once for its whole group. On a CPU the
   flash kernel is up to 8x slower in bf16 there (batch 32, 4.6K keys, 1 thread; equal in fp32;
   from 4 queries on it is as fast or faster, hence the threshold). The scores
@@ -18,10 +18,10 @@ Keys and values laid out head-major in memory ([Hkv, B, T, D] behind a [B, T, Hk
 as the engine's paged gather returns them) are read without a copy.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-
-from bamba.native import attention_ops
 
 MATMUL_MAX_QUERY = 1  # longest query run through the matmul formulation (measured: see docstring)
 # Training (autograd) on short packed rows: the matmul formulation's forward and backward, compiled,
@@ -46,17 +46,19 @@ def causal_mask(q_positions: torch.Tensor, key_len: int,
     return mask[:, None]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | None) -> torch.Tensor:
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              decode: DecodeAttention | None = None) -> torch.Tensor:
     """Softmax attention. q: [B, L, H, D]; k, v: [B, T, Hkv, D]; mask [B, 1, L, T] or None
-    for plain causal with L == T. Returns [B, L, H, D] in q's dtype."""
+    for plain causal with L == T. Returns [B, L, H, D] in q's dtype. ``decode`` replaces
+    ``matmul_attention`` for masked short queries (same contract)."""
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads "
                          f"({k.shape[2]})")
     if mask is not None and q.shape[1] <= MATMUL_MAX_QUERY:
-        if attention_ops.usable(q, k, v):
-            return attention_ops.decode_attention(q, k, v, mask)
-        return matmul_attention(q, k, v, mask)
+        return (decode or matmul_attention)(q, k, v, mask)
     if mask is not None and k.shape[1] <= TRAIN_MATMUL_MAX_LEN and torch.is_grad_enabled() \
             and q.requires_grad:
         return matmul_attention(q, k, v, mask)

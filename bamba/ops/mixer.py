@@ -6,21 +6,20 @@ the pools themselves (in batch order) when ``rows`` is None. ``mamba_decode_step
 advances them by one token and writes them back in place, so one function covers the contiguous
 cache of ``generate``, the engine's state slots and a compiled step.
 
-The SSM state update, the heaviest part of a batched decode step, goes through
-``bamba.native``'s kernel when it is available (one pass over each state, float32 or bf16
-storage, float32 arithmetic), else through ``bamba.ops.ssd.ssd_step``. The rest is plain
-tensor code that torch.compile fuses when the whole step is compiled.
+The SSM state update, the heaviest part of a batched decode step, is ``ssd_pool_step`` over
+``bamba.ops.ssd.ssd_step`` unless the caller passes another (a kernel that makes one pass over
+each state, as ``bamba.native`` installs). The rest is plain tensor code that torch.compile
+fuses when the whole step is compiled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from bamba import native
-from bamba.native import prefill_ops, train_ops
 from bamba.ops.conv import causal_conv1d, causal_conv1d_step
 from bamba.ops.norm import gated_rms_norm
 from bamba.ops.ssd import ssd_chunked, ssd_step
@@ -73,18 +72,37 @@ def time_steps(dt: torch.Tensor, dt_bias: torch.Tensor,
     return F.softplus(dt.float() + dt_bias.float()).clamp(*limit)
 
 
-def _native_pool(pool: torch.Tensor) -> bool:
-    """Whether ``bamba.native``'s one-pass kernel can update this state pool."""
-    return pool.device.type == "cpu" and pool.dtype in (torch.float32, torch.bfloat16) \
-        and pool.is_contiguous() and not pool.requires_grad and native.ssd_step_available()
+# An SSM pool update: (pool, rows, x, dt, A, B, C) -> y, as ``ssd_pool_step``.
+PoolStep = Callable[..., torch.Tensor]
+# The training conv + silu: (x, weight, bias, seq_idx) -> silu(causal conv of x).
+ConvSilu = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+                    torch.Tensor]
+
+
+def ssd_pool_step(pool: torch.Tensor, rows: torch.Tensor | None, x: torch.Tensor,
+                  dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  C: torch.Tensor) -> torch.Tensor:
+    """Advance ``pool[rows]`` by one token (``ssd_step``) and store it back; y [B, H, P]."""
+    state = read_rows(pool, rows)
+    inplace = rows is None and state.dtype == torch.float32 and not state.requires_grad
+    y, state = ssd_step(state, x, dt, A, B, C, inplace)
+    if not inplace:
+        write_rows(pool, rows, state)
+    return y
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """silu(causal conv of x) from a zero state (a whole sequence or packed row)."""
+    return F.silu(causal_conv1d(x, weight, bias, None, seq_idx)[0])
 
 
 def mamba_decode_step(zxbcdt: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
-                      rows: torch.Tensor | None, w: MixerWeights,
-                      shape: MixerShape) -> torch.Tensor:
+                      rows: torch.Tensor | None, w: MixerWeights, shape: MixerShape,
+                      pool_step: PoolStep = ssd_pool_step) -> torch.Tensor:
     """One token through the mixer's middle: in_proj output [B, 2·d_inner + 2·G·N + H] ->
     gated, normalised y [B, d_inner] (float32), ready for out_proj. The batch's conv and SSM
-    states (``pool[rows]``) are advanced in place."""
+    states (``pool[rows]``) are advanced in place, the SSM ones by ``pool_step``."""
     b = zxbcdt.shape[0]
     d_inner, gn = shape.d_inner, shape.n_groups * shape.d_state
     z, xbc, dt = zxbcdt.float().split([d_inner, shape.conv_dim, shape.n_heads], -1)
@@ -96,16 +114,7 @@ def mamba_decode_step(zxbcdt: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: t
     dt = time_steps(dt, w.dt_bias, shape.time_step_limit)
     A = -torch.exp(w.A_log.float())
     B, C = B.view(b, shape.n_groups, shape.d_state), C.view(b, shape.n_groups, shape.d_state)
-    if _native_pool(ssm_pool):  # one pass over each state, in place
-        if rows is None:
-            rows = torch.arange(b, device=ssm_pool.device)
-        y = torch.ops.bamba.ssd_step_pool(ssm_pool, rows, x, dt, A, B, C)
-    else:
-        state = read_rows(ssm_pool, rows)
-        inplace = rows is None and state.dtype == torch.float32 and not state.requires_grad
-        y, state = ssd_step(state, x, dt, A, B, C, inplace)
-        if not inplace:
-            write_rows(ssm_pool, rows, state)
+    y = pool_step(ssm_pool, rows, x, dt, A, B, C)
     y = y + w.D.float()[:, None] * x  # D skip on x before dt scaling
     return gated_rms_norm(y.reshape(b, d_inner), z, w.norm_weight, shape.eps,
                           d_inner // shape.n_groups)
@@ -114,32 +123,25 @@ def mamba_decode_step(zxbcdt: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: t
 def mamba_prefill(zxbcdt: torch.Tensor,
                   pools: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
                   w: MixerWeights, shape: MixerShape, seq_idx: torch.Tensor | None,
-                  scan_chunk: int, matmul_dtype: torch.dtype) -> torch.Tensor:
+                  scan_chunk: int, matmul_dtype: torch.dtype,
+                  conv: ConvSilu | None = None) -> torch.Tensor:
     """A sequence (or chunk) through the mixer's middle: in_proj output [B, L, ...] -> gated,
-    normalised y [B, L, d_inner] (float32, or see below). With ``pools`` (conv pool, SSM pool,
+    normalised y [B, L, d_inner] (float32). With ``pools`` (conv pool, SSM pool,
     rows) the scan starts from the batch's states and stores the final ones back; without, it
     starts from zero (training, or a forward pass without cache). ``seq_idx`` restarts conv and
-    scan at each document of a packed row.
-
-    Without autograd or ``seq_idx`` this runs in ``bamba.native.prefill_ops`` when it is built
-    (three native passes instead of ~40 torch ops); y then comes in zxbcdt's dtype (bf16 for a
-    bf16 model: the cast the caller makes before out_proj anyway). Otherwise, without ``pools``
-    (training), the conv + silu and its backward run in ``bamba.native.train_ops``."""
-    sizes = (shape.n_heads, shape.head_dim, shape.n_groups, shape.d_state)
-    if prefill_ops.usable(zxbcdt, seq_idx, w, sizes):
-        return _prefill_native(zxbcdt, pools, w, shape, scan_chunk, matmul_dtype)
+    scan at each document of a packed row. Without ``pools`` (training) the conv + silu is
+    ``conv`` (default ``conv_silu``)."""
     conv_pool, ssm_pool, rows = pools if pools is not None else (None, None, None)
     b, l, _ = zxbcdt.shape
     d_inner, gn = shape.d_inner, shape.n_groups * shape.d_state
     # Everything between in_proj and out_proj runs in float32: the scan wants it, and on a
     # CPU bf16 elementwise ops are slower than float32 ones (each converts per element).
     z, xbc, dt = zxbcdt.float().split([d_inner, shape.conv_dim, shape.n_heads], -1)
-    if pools is None and train_ops.usable(xbc, w.conv_weight):  # training: native fwd + bwd
-        xbc = torch.ops.bamba.conv_silu(xbc, w.conv_weight, w.conv_bias, seq_idx)
+    if pools is None:
+        xbc = (conv or conv_silu)(xbc, w.conv_weight, w.conv_bias, seq_idx)
     else:
         xbc, conv_state = causal_conv1d(xbc, w.conv_weight, w.conv_bias,
-                                        None if pools is None else read_rows(conv_pool, rows),
-                                        seq_idx)
+                                        read_rows(conv_pool, rows), seq_idx)
         xbc = F.silu(xbc)
     x, B, C = xbc.split([d_inner, gn, gn], -1)
     x = x.reshape(b, l, shape.n_heads, shape.head_dim)
@@ -154,20 +156,3 @@ def mamba_prefill(zxbcdt: torch.Tensor,
     y = y + w.D.float()[:, None] * x  # D skip on x before dt scaling
     return gated_rms_norm(y.reshape(b, l, d_inner), z, w.norm_weight, shape.eps,
                           d_inner // shape.n_groups)
-
-
-def _prefill_native(zxbcdt: torch.Tensor,
-                    pools: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
-                    w: MixerWeights, shape: MixerShape, scan_chunk: int,
-                    matmul_dtype: torch.dtype) -> torch.Tensor:
-    """``mamba_prefill`` through ``torch.ops.bamba.mixer_prefill`` (see ``prefill_ops.usable``)."""
-    conv_pool, ssm_pool, rows = pools if pools is not None else (None, None, None)
-    y, conv_state, ssm_state = torch.ops.bamba.mixer_prefill(
-        zxbcdt, None if pools is None else read_rows(conv_pool, rows),
-        None if pools is None else read_rows(ssm_pool, rows), *w,
-        [shape.n_heads, shape.head_dim, shape.n_groups, shape.d_state, scan_chunk,
-         int(matmul_dtype == torch.bfloat16)], [*shape.time_step_limit, shape.eps])
-    if pools is not None:
-        write_rows(conv_pool, rows, conv_state)
-        write_rows(ssm_pool, rows, ssm_state)
-    return y

@@ -3,14 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from bamba.native import elementwise_ops
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / rms(x); statistics in float32, result cast back before the weight is applied.
-    One native pass for CPU inference (bamba.native.elementwise_ops), same rounding."""
-    if elementwise_ops.usable(x, weight):
-        return elementwise_ops.rms_norm(x, weight, eps)
+    """weight * x / rms(x); statistics in float32, result cast back before the weight is applied."""
     # F.rms_norm computes x * rsqrt(mean(x²) + eps) in one fused kernel (same values).
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 

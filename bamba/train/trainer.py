@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bamba.model import BambaLM, init_weights
+from bamba.native import accelerate
 from bamba.train import parallel
 from bamba.train.budget import check_memory, local_process_count
 from bamba.train.dcp_checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
@@ -86,6 +87,7 @@ def build_model(cfg: TrainConfig, info: parallel.DistInfo) -> BambaLM:
         model.train()
     else:
         model = init_weights(BambaLM(cfg.model_config()), seed=cfg.seed).to(info.device)
+    accelerate(model)  # the native training conv, before wrappers replace the layers
     if cfg.activation_checkpointing:
         parallel.apply_activation_checkpointing(model)
     if cfg.compile:

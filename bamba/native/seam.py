@@ -1,0 +1,309 @@
+"""The seam between the torch model and the native kernels: ``accelerate(model)`` swaps a
+``BambaLM``'s modules, in place, for subclasses whose kernel-seam methods (``bamba.model``) run
+a native kernel when ``bamba.native.dispatch`` says it fits the call, and the torch reference
+otherwise. Parameters, their names and the state dict stay as they are.
+
+What each swapped module adds:
+
+* ``nn.Linear``: the few-row (decode) linear kernel; ``kernel_weights()`` tells the layer and
+  model steps its format and tensors (only "dense" today; a quantized linear plugs in by
+  offering the same method with its packed weights and a format the kernels learn);
+* ``RMSNorm`` and ``MLP``: one pass for the norm and the SwiGLU product;
+* ``Attention``: decode attention over the cache in place;
+* ``Mamba2Mixer``: the one-pass SSM state update, the prefill kernels, the training conv;
+* ``DecoderLayer``: a decode token through the whole layer in one call (``layer_ops``);
+* ``BambaLM``: a decode token through every layer in one call (``decode_ops``), from a plan of
+  every layer's tensors that the model keeps and rebuilds after any of its modules registers a
+  parameter, buffer or submodule (the swapped modules count their registrations; nothing is
+  hooked into torch).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bamba import model as reference
+from bamba.cache_protocol import KVLayout
+from bamba.native import attention_ops, decode_ops, dispatch, elementwise_ops, layer_ops, plan
+from bamba.native import linear_ops, prefill_ops, ssd_ops, train_ops  # noqa: F401 (torch ops)
+from bamba.native.plan import DENSE, LinearWeights
+from bamba.ops import attention as attention_math
+from bamba.ops.mixer import (MixerShape, MixerWeights, conv_silu, mamba_decode_step,
+                             mamba_prefill, read_rows, ssd_pool_step, write_rows)
+
+_REGISTRATIONS = [0]  # parameters, buffers, submodules registered in swapped modules
+
+
+class _Counted(nn.Module):
+    """Counts registrations, so a model's plan of tensors knows when to look again."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, (torch.Tensor, nn.Module)) or value is None:
+            _REGISTRATIONS[0] += 1
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        _REGISTRATIONS[0] += 1
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        super().register_parameter(name, param)
+        _REGISTRATIONS[0] += 1
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None,
+                        persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        _REGISTRATIONS[0] += 1
+
+    def add_module(self, name: str, module: nn.Module | None) -> None:
+        super().add_module(name, module)
+        _REGISTRATIONS[0] += 1
+
+
+class Linear(_Counted, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.linear_fits(x, self.weight):
+            return torch.ops.bamba.linear_rows(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def kernel_weights(self) -> LinearWeights:
+        return LinearWeights(DENSE, self.weight, self.bias)
+
+
+class RMSNorm(_Counted, reference.RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.elementwise_fits(x, self.weight):
+            return elementwise_ops.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class MLP(_Counted, reference.MLP):
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if dispatch.elementwise_fits(gate, up):
+            return elementwise_ops.silu_mul(gate, up)
+        return super().swiglu(gate, up)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """``matmul_attention`` over the cache in place where the kernel fits."""
+    if dispatch.decode_attention_fits(q, k, v):
+        return attention_ops.decode_attention(q, k, v, mask)
+    return attention_math.matmul_attention(q, k, v, mask)
+
+
+class Attention(_Counted, reference.Attention):
+    def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+        return attention_math.attention(q, k, v, mask, decode_attention)
+
+
+def _ssd_pool_step(pool: torch.Tensor, rows: torch.Tensor | None, x: torch.Tensor,
+                   dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   C: torch.Tensor) -> torch.Tensor:
+    """``ssd_pool_step`` in one pass over each state, in place, where the kernel fits."""
+    if not dispatch.ssd_pool_fits(pool):
+        return ssd_pool_step(pool, rows, x, dt, A, B, C)
+    if rows is None:
+        rows = torch.arange(x.shape[0], device=pool.device)
+    return torch.ops.bamba.ssd_step_pool(pool, rows, x, dt, A, B, C)
+
+
+def _conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """The training conv + silu (forward and backward native) where the kernel fits."""
+    if dispatch.conv_train_fits(x, weight):
+        return torch.ops.bamba.conv_silu(x, weight, bias, seq_idx)
+    return conv_silu(x, weight, bias, seq_idx)
+
+
+def _prefill_kernel(zxbcdt: torch.Tensor, pools: tuple | None, w: MixerWeights,
+                    shape: MixerShape, scan_chunk: int, matmul_dtype: torch.dtype) -> torch.Tensor:
+    """``mamba_prefill`` in three native passes (``prefill_ops``); y in zxbcdt's dtype."""
+    conv_pool, ssm_pool, rows = pools if pools is not None else (None, None, None)
+    y, conv_state, ssm_state = torch.ops.bamba.mixer_prefill(
+        zxbcdt, None if pools is None else read_rows(conv_pool, rows),
+        None if pools is None else read_rows(ssm_pool, rows), *w,
+        [shape.n_heads, shape.head_dim, shape.n_groups, shape.d_state, scan_chunk,
+         int(matmul_dtype == torch.bfloat16)], [*shape.time_step_limit, shape.eps])
+    if pools is not None:
+        write_rows(conv_pool, rows, conv_state)
+        write_rows(ssm_pool, rows, ssm_state)
+    return y
+
+
+def prefill_middle(zxbcdt: torch.Tensor, pools: tuple | None, w: MixerWeights,
+                   shape: MixerShape, seq_idx: torch.Tensor | None, scan_chunk: int,
+                   matmul_dtype: torch.dtype) -> torch.Tensor:
+    """``bamba.ops.mixer.mamba_prefill`` with the kernels where they fit: the prefill kernels
+    (y then in zxbcdt's dtype), or the training conv."""
+    sizes = (shape.n_heads, shape.head_dim, shape.n_groups, shape.d_state)
+    if dispatch.prefill_fits(zxbcdt, seq_idx, w, sizes):
+        return _prefill_kernel(zxbcdt, pools, w, shape, scan_chunk, matmul_dtype)
+    return mamba_prefill(zxbcdt, pools, w, shape, seq_idx, scan_chunk, matmul_dtype, _conv_silu)
+
+
+class Mamba2Mixer(_Counted, reference.Mamba2Mixer):
+    def decode_middle(self, zxbcdt: torch.Tensor, pools: tuple) -> torch.Tensor:
+        return mamba_decode_step(zxbcdt, *pools, self.weights(), self.shape, _ssd_pool_step)
+
+    def prefill_middle(self, zxbcdt: torch.Tensor, pools: tuple | None,
+                       seq_idx: torch.Tensor | None) -> torch.Tensor:
+        return prefill_middle(zxbcdt, pools, self.weights(), self.shape, seq_idx,
+                              self.scan_chunk, reference.scan_matmul_dtype(zxbcdt.dtype))
+
+
+class DecoderLayer(_Counted, reference.DecoderLayer):
+    """One decode token through the whole layer in one native call (``layer_ops``)."""
+
+    def forward(self, x: torch.Tensor, rope: reference.Rope, positions: torch.Tensor,
+                cache: reference.InferenceCache | None,
+                seq_idx: torch.Tensor | None) -> torch.Tensor:
+        if cache is not None and dispatch.layer_step_fits(x, self.input_layernorm.weight.dtype,
+                                                          self.step_dims):
+            tensors = self.kernel_tensors()
+            if self.layer_type == "mamba" and tensors.mamba is not None:
+                return self._mamba_step(x, cache, tensors.mamba)
+            if self.layer_type == "attention" and tensors.whole() is not None:
+                return self._attention_step(x, rope, positions, cache, tensors)
+        return super().forward(x, rope, positions, cache, seq_idx)
+
+    @property
+    def step_dims(self) -> layer_ops.LayerDims:
+        dims = self.__dict__.get("_step_dims")
+        if dims is None:
+            dims = self.__dict__["_step_dims"] = plan.layer_dims(self)
+        return dims
+
+    def kernel_tensors(self) -> plan.LayerTensors:
+        """The layer's tensors, read again after a registration in a swapped module."""
+        cached = self.__dict__.get("_kernel_tensors")
+        if cached is None or cached[0] != _REGISTRATIONS[0]:
+            cached = self.__dict__["_kernel_tensors"] = (_REGISTRATIONS[0],
+                                                         plan.layer_tensors(self))
+        return cached[1]
+
+    def _attention_step(self, x: torch.Tensor, rope: reference.Rope, positions: torch.Tensor,
+                        cache: reference.InferenceCache,
+                        tensors: plan.LayerTensors) -> torch.Tensor:
+        a, b, eps = self.self_attn, x.shape[0], self.input_layernorm.eps
+        x = x.view(b, -1)
+        qkv = layer_ops.attention_in_step(x, tensors.attention_in, self.step_dims, eps)
+        kv_width = a.n_kv * a.head_dim
+        q, k, v = qkv[:, None].split([a.n_heads * a.head_dim, kv_width, kv_width], dim=-1)
+        attended = a.attend(q, k, v, rope, positions, cache, None)
+        out = layer_ops.attention_out_step(x, attended.view(b, -1), tensors.attention_out,
+                                           self.step_dims, eps)
+        return out[:, None]
+
+    def _mamba_step(self, x: torch.Tensor, cache: reference.InferenceCache,
+                    tensors: list) -> torch.Tensor:
+        m, b = self.mamba, x.shape[0]
+        conv_pool, ssm_pool, rows = cache.mamba_pools(m.layer_idx)
+        if rows is None:
+            rows = _arange(b)
+        out = layer_ops.mamba_layer_step(x.view(b, -1), conv_pool, ssm_pool, rows, tensors,
+                                         self.step_dims, m.eps, m.time_step_limit)
+        return out[:, None]
+
+
+class BambaLM(_Counted, reference.BambaLM):
+    """One decode token through every layer in one native call (``decode_ops``): at batch 1
+    the per-layer Python and torch glue cost ~4 ms of a 16 ms step."""
+
+    def decoder_layers(self, x: torch.Tensor, rope: reference.Rope | None,
+                       positions: torch.Tensor, cache: reference.InferenceCache | None,
+                       seq_idx: torch.Tensor | None) -> torch.Tensor:
+        if cache is not None:
+            steps = self.decode_plan()
+            if steps.tensors is not None and \
+                    dispatch.decode_step_fits(x, cache, steps.dims, self.model.layers):
+                out = self._decode(x, rope, positions, cache, steps)
+                if out is not None:
+                    return out
+        return super().decoder_layers(x, rope, positions, cache, seq_idx)
+
+    def decode_plan(self) -> plan.DecodePlan:
+        """Every layer's tensors, looked up again only after a registration in a swapped
+        module (the walk costs ~0.4 ms a token with the caches cold from streaming the
+        weights). Tensors replaced in place (``.data``, ``.to``) keep their Parameter
+        objects; decode_ops sees their new addresses."""
+        cached = self.__dict__.get("_decode_plan")
+        if cached is None or cached.generation != _REGISTRATIONS[0]:
+            cached = self.__dict__["_decode_plan"] = plan.DecodePlan.build(self.model.layers,
+                                                                           _REGISTRATIONS[0])
+        return cached
+
+    def _decode(self, x: torch.Tensor, rope: reference.Rope | None, positions: torch.Tensor,
+                cache: reference.InferenceCache, steps: plan.DecodePlan) -> torch.Tensor | None:
+        """The layers' output, or None when their tensors do not suit the native step."""
+        b, cfg = x.shape[0], self.config
+        storage, slots, kv = [], None, KVLayout(0, 0)
+        for i, attention in enumerate(steps.kinds):
+            if attention:
+                keys, values, kv = cache.kv_pages(i)
+                storage.append(decode_ops.LayerStorage(keys, values))
+            else:
+                conv, ssm, slots = cache.mamba_pools(i)
+                storage.append(decode_ops.LayerStorage(conv, ssm))
+        write_rows, read_rows = cache.token_rows(positions) if any(steps.kinds) else \
+            (positions[:, 0], positions)
+        cos, sin = (t.view(b, -1) for t in rope) if rope is not None else (x, x)
+        rows = decode_ops.StepRows(_arange(b) if slots is None else slots, positions[:, 0],
+                                   cos, sin, write_rows, read_rows)
+        mamba, attention = steps.dims
+        out = decode_ops.decode_layers(
+            x.view(b, -1), steps.tensors, steps.kinds, storage, rows, mamba or plan.NO_LAYER,
+            attention or plan.NO_LAYER, kv, cfg.rms_norm_eps, cfg.time_step_limit)
+        return None if out is None else out[:, None]
+
+
+@functools.cache
+def _arange(n: int) -> torch.Tensor:
+    """0..n-1 (the rows of a batch whose state pools are in batch order), made once per n."""
+    return torch.arange(n)
+
+
+def _counted(cls: type[nn.Module]) -> type[nn.Module]:
+    return type(cls.__name__, (_Counted, cls), {"__module__": __name__})
+
+
+# The exact class of each module a BambaLM holds -> its swapped class.
+SWAPS: dict[type, type] = {
+    nn.Linear: Linear, reference.RMSNorm: RMSNorm, reference.MLP: MLP,
+    reference.Attention: Attention, reference.Mamba2Mixer: Mamba2Mixer,
+    reference.DecoderLayer: DecoderLayer, reference.BambaLM: BambaLM,
+    **{cls: _counted(cls) for cls in (nn.Conv1d, nn.Embedding, nn.ModuleList,
+                                      reference.Backbone)},
+}
+_SWAPPED = frozenset(SWAPS.values())
+
+
+def accelerate(model: reference.BambaLM) -> reference.BambaLM:
+    """Install the native kernels on ``model`` in place and return it (a no-op the second
+    time). Modules of other classes (a subclass of the user's, a wrapper) stay as they are."""
+    for module in model.modules():
+        swapped = SWAPS.get(type(module))
+        if swapped is not None:
+            module.__class__ = swapped
+    _REGISTRATIONS[0] += 1
+    return model
+
+
+def is_accelerated(model: nn.Module) -> bool:
+    return type(model) in _SWAPPED
+
+
+def decode_rows(model: reference.BambaLM) -> int:
+    """The largest batch whose eager decode steps run every layer in one native call (0 when
+    they do not apply: a model not accelerated, no kernels, another device or dtype)."""
+    if not isinstance(model, BambaLM):
+        return 0
+    steps = model.decode_plan()
+    return dispatch.decode_rows(model.dtype, model.device, steps.dims,
+                                [layer.input_layernorm.weight.dtype for layer in model.model.layers]
+                                ) if steps.tensors is not None else 0
