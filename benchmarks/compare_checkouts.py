@@ -5,7 +5,8 @@ PYTHONPATH) in turn, in the order before, after, after, before, ... so a drift i
 speed hits both alike, then prints the median of each path's step time per checkout and their
 ratio. Arguments after ``--`` go to bench_native.py.
 
-    python benchmarks/compare_checkouts.py --before /work/main --after . --rounds 6 \\
+    git worktree add ../bamba-before HEAD~1   # the commit to compare against
+    python benchmarks/compare_checkouts.py --before ../bamba-before --after . --rounds 6 \\
         -- --dtypes bfloat16 --batches 1,8,32 --repeats 3
 """
 
