@@ -214,7 +214,7 @@ class _Server:
                       params: SamplingParams, chat: bool) -> Response:
         rid = self.engine.new_id("chatcmpl" if chat else "cmpl")
         try:
-            stream = await self.engine.generate(prompt, params, rid)
+            stream = await self.engine.generate(prompt, params, rid, final_only=not body.stream)
         except ValueError as exc:
             raise _bad_value(exc) from None
         except RuntimeError as exc:
