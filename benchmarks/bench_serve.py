@@ -121,18 +121,10 @@ def start_server(directory: Path, port: int, args: argparse.Namespace) -> subpro
            "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if k != "BAMBA_API_KEY"}
     proc = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("the server did not come up in 300 s")
+    why = llama_cpp.wait_healthy(proc, port)
+    if why is not None:
+        raise RuntimeError(f"bamba serve {why}")
+    return proc
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -115,20 +115,29 @@ def start(binary: Path, gguf: Path, port: int, threads: int, slots: int, slot_to
            "-c", str(slots * slot_tokens), "--no-webui"]
     log = open(gguf.with_suffix(".server.log"), "w")  # noqa: SIM115 (kept open for the child)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
+    why = wait_healthy(proc, port)
+    if why is not None:
+        tail = gguf.with_suffix(".server.log").read_text(errors="replace").strip()
+        raise PeerMissing(f"llama-server {why}: {tail.splitlines()[-1] if tail else 'no output'}")
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, seconds: float = 300) -> str | None:
+    """None once http://127.0.0.1:port/health answers 200, else why not (the server exited,
+    or is killed after ``seconds``)."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = gguf.with_suffix(".server.log").read_text(errors="replace").strip()
-            raise PeerMissing(f"llama-server exited with code {proc.returncode}: "
-                              f"{tail.splitlines()[-1] if tail else 'no output'}")
+            return f"exited with code {proc.returncode}"
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
+                return None
         except httpx.TransportError:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise PeerMissing("llama-server did not answer /health within 300 s")
+    proc.wait()
+    return f"did not answer /health within {seconds:g} s"
 
 
 def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> None:
