@@ -1,16 +1,27 @@
-"""Server benchmark: requests/s, output tok/s and time to first token under concurrent load.
+"""Server benchmark: `bamba serve` against its own offline engine and llama.cpp's llama-server.
 
-One run: writes a random-weight checkpoint (--preset, default the bench shape), starts
-``bamba serve`` on it in a subprocess on 127.0.0.1, and from this (separate) process keeps
-C streaming /v1/completions requests in flight for each concurrency C in --concurrency. Every
-request has its own random --prompt-token prompt (no prefix-cache hits) and generates exactly
---max-tokens tokens (ignore_eos). TTFT is measured by the client from sending the request to
-the first streamed token. For comparison, after the server is stopped, the same requests at the
-highest concurrency run through the offline engine (``LLM.generate``) in this process: the gap
-is the cost of HTTP, JSON and SSE. Writes benchmarks/results/serve.json and prints a table.
+One run writes a random-weight checkpoint (--preset, default the bench shape) and, from this
+(separate) process, sends the same client load to each side on 127.0.0.1, at every concurrency
+C in --concurrency (default 1 4 8 32): C streaming /v1/completions requests kept in flight,
+each with its own random --prompt-tokens prompt (token ids: no prefix-cache hits) generating
+exactly --max-tokens tokens (greedy, ignore_eos). Per level: output tok/s, time to first token
+(TTFT, from sending to the first streamed token) p50/p99 and inter-token latency (ITL, the gap
+between two streamed events of one request; one event is one token unless the reader fell
+behind) p50/p99 over all gaps. Concurrency 1 is also run non-streaming (seconds a request).
 
-    python benchmarks/bench_serve.py            # bench shape, bf16, 2 threads
-    python benchmarks/bench_serve.py --quick    # tiny shape, seconds: a smoke test
+Sides: ``bamba`` (``bamba serve`` in a subprocess, --threads torch threads); ``offline``
+(``LLM.generate`` in this process on a worker thread, as the server's engine runs: one request
+after another at concurrency 1, else the level's requests with max_num_seqs=C); ``llama.cpp``
+(``llama-server -np max(C) -t threads`` on a GGUF of the same weights made by llama.cpp's
+converter; benchmarks/llama_cpp.py finds or builds it, see there). If the peer cannot be found,
+built or loaded, bamba's side still runs and the JSON says why (``llama_cpp.missing``).
+
+    python benchmarks/bench_serve.py                      # bench shape, bf16, 2 threads
+    python benchmarks/bench_serve.py --llama-cpp off      # bamba and offline only
+    python benchmarks/bench_serve.py --quick --llama-cpp off   # tiny shape: a smoke test
+
+Re-runnable: the checkpoint and GGUF live in a temporary directory, llama.cpp's build in
+~/.cache/bamba/llama.cpp/<version> (reused). Writes benchmarks/results/serve.json (--out).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +47,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import llama_cpp  # noqa: E402
 from host import describe_host, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
@@ -43,20 +56,27 @@ NAME = "bench"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="bench")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--threads", type=int, default=2, help="server torch threads")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--preset", default="bench", help="model shape (bamba.config.preset)")
+    p.add_argument("--dtype", default="bfloat16", help="weights of both servers")
+    p.add_argument("--threads", type=int, default=2, help="threads of each server and offline")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 32],
+                   help="requests kept in flight, one level each")
     p.add_argument("--requests", type=int, default=None,
                    help="requests per level (default: max(8, 2 x concurrency))")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--memory-gb", type=float, default=1.0)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates")
+    p.add_argument("--memory-gb", type=float, default=1.0, help="bamba's KV blocks and slots")
+    p.add_argument("--llama-cpp", choices=("auto", "cached", "off"), default="auto",
+                   help="llama-server peer: auto finds or builds it, cached only uses "
+                        "$LLAMA_SERVER or an earlier build, off skips it")
     p.add_argument("--quick", action="store_true", help="tiny model, few requests")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS, help="JSON report")
     args = p.parse_args(argv)
     if args.quick:
-        args.preset, args.concurrency, args.max_tokens, args.prompt_tokens = "tiny", [1, 8], 16, 32
+        args.preset, args.concurrency, args.max_tokens, args.prompt_tokens = "tiny", [1, 4], 8, 16
+        args.requests = args.requests or 4
+    if min(args.concurrency) < 1 or args.max_tokens < 2 or args.prompt_tokens < 1:
+        p.error("--concurrency, --prompt-tokens must be >= 1 and --max-tokens >= 2")
     return args
 
 
@@ -101,18 +121,10 @@ def start_server(directory: Path, port: int, args: argparse.Namespace) -> subpro
            "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if k != "BAMBA_API_KEY"}
     proc = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("the server did not come up in 300 s")
+    why = llama_cpp.wait_healthy(proc, port)
+    if why is not None:
+        raise RuntimeError(f"bamba serve {why}")
+    return proc
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -130,39 +142,54 @@ def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
 
 
-async def one_request(http: httpx.AsyncClient, prompt: list[int], max_tokens: int
-                      ) -> dict[str, float]:
+async def one_request(http: httpx.AsyncClient, prompt: list[int], max_tokens: int,
+                      stream: bool) -> dict[str, Any]:
+    """One completion; its TTFT, latency and the gaps between its streamed events."""
     body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     sent = time.perf_counter()
-    first, tokens = None, 0
+    if not stream:
+        r = await http.post("/v1/completions", json=body)
+        if r.status_code != 200:
+            raise RuntimeError(f"status {r.status_code}: {r.text[:200]}")
+        return _result(sent, None, [], r.json()["usage"]["completion_tokens"], max_tokens)
+    events: list[float] = []
+    tokens = None
     async with http.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"status {r.status_code}: {await r.aread()!r}")
+            raise RuntimeError(f"status {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             payload = json.loads(line[6:])
             if "error" in payload:
-                raise RuntimeError(payload["error"]["message"])
+                raise RuntimeError(str(payload["error"])[:200])
             if payload.get("usage"):
                 tokens = payload["usage"]["completion_tokens"]
-            elif first is None:
-                first = time.perf_counter()
+            if payload.get("choices"):
+                events.append(time.perf_counter())
+    return _result(sent, events[0] if events else None, events,
+                   len(events) if tokens is None else tokens, max_tokens)
+
+
+def _result(sent: float, first: float | None, events: list[float], tokens: int,
+            max_tokens: int) -> dict[str, Any]:
     end = time.perf_counter()
-    if first is None or tokens != max_tokens:
-        raise RuntimeError(f"expected {max_tokens} streamed tokens, got {tokens}")
-    return {"ttft": first - sent, "latency": end - sent, "tokens": tokens,
-            "tpot": (end - first) / max(tokens - 1, 1)}
+    if tokens != max_tokens:
+        raise RuntimeError(f"expected {max_tokens} tokens, got {tokens}")
+    return {"ttft": None if first is None else first - sent, "latency": end - sent,
+            "tokens": tokens, "gaps": [b - a for a, b in zip(events, events[1:])]}
 
 
-async def load(base: str, batch: list[list[int]], concurrency: int, max_tokens: int
-               ) -> tuple[list[dict[str, float]], float]:
+async def load(base: str, batch: list[list[int]], concurrency: int, max_tokens: int,
+               stream: bool = True) -> tuple[list[dict[str, Any]], float]:
     gate = asyncio.Semaphore(concurrency)
 
-    async def gated(http: httpx.AsyncClient, prompt: list[int]) -> dict[str, float]:
+    async def gated(http: httpx.AsyncClient, prompt: list[int]) -> dict[str, Any]:
         async with gate:
-            return await one_request(http, prompt, max_tokens)
+            return await one_request(http, prompt, max_tokens, stream)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
@@ -177,17 +204,36 @@ def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def summarize(results: list[dict[str, float]], wall: float) -> dict[str, float]:
-    ttft = [r["ttft"] for r in results]
+def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "wall_s": round(wall, 3),
-            "requests_per_s": round(len(results) / wall, 3),
-            "output_tok_per_s": round(tokens / wall, 1),
-            "ttft_p50_s": round(percentile(ttft, 50), 4),
-            "ttft_p90_s": round(percentile(ttft, 90), 4),
-            "ttft_p99_s": round(percentile(ttft, 99), 4),
-            "latency_p50_s": round(statistics.median(r["latency"] for r in results), 4),
-            "tpot_median_ms": round(1000 * statistics.median(r["tpot"] for r in results), 2)}
+    summary = {"requests": len(results), "wall_s": round(wall, 3),
+               "output_tok_per_s": round(tokens / wall, 1),
+               "seconds_per_request": round(statistics.mean(r["latency"] for r in results), 4)}
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    gaps = [g for r in results for g in r["gaps"]]
+    if ttft:
+        summary.update(ttft_p50_s=round(percentile(ttft, 50), 4),
+                       ttft_p99_s=round(percentile(ttft, 99), 4))
+    if gaps:
+        summary.update(itl_p50_ms=round(1000 * percentile(gaps, 50), 2),
+                       itl_p99_ms=round(1000 * percentile(gaps, 99), 2))
+    return summary
+
+
+def run_levels(base: str, batches: dict[int, list[list[int]]], args: argparse.Namespace
+               ) -> list[dict[str, Any]]:
+    """Every level against one server (after a warm-up): streaming, and concurrency 1 also
+    non-streaming."""
+    warm = prompts(2, args.prompt_tokens, args.vocab, seed=99)
+    asyncio.run(load(base, warm, 2, args.max_tokens))
+    levels = []
+    for c, batch in batches.items():
+        for stream in (True, False) if c == 1 else (True,):
+            results, wall = asyncio.run(load(base, batch, c, args.max_tokens, stream))
+            level = {"concurrency": c, "stream": stream, **summarize(results, wall)}
+            levels.append(level)
+            print(json.dumps(level), flush=True)
+    return levels
 
 
 def metric(text: str, name: str) -> float:
@@ -195,83 +241,112 @@ def metric(text: str, name: str) -> float:
                 if line.split(" ")[0] == name)
 
 
-# ---- offline comparison ----------------------------------------------------------------------
-def offline(directory: Path, batch: list[list[int]], args: argparse.Namespace,
-            concurrency: int) -> dict[str, float]:
-    """The same requests through ``LLM.generate`` in this process, at most ``concurrency``
-    sequences at a time: the engine without HTTP. It runs on a worker thread, as the server's
-    engine does, so that both sides drive torch's OpenMP threads from the same kind of thread
-    (on a loaded machine the main thread's spinning made them far slower: benchmarks/README.md,
-    Server)."""
+# ---- sides -----------------------------------------------------------------------------------
+def bamba_side(directory: Path, batches: dict[int, list[list[int]]],
+               args: argparse.Namespace) -> dict[str, Any]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(directory, port, args)
+    try:
+        levels = run_levels(base, batches, args)
+        text = httpx.get(base + "/metrics").text
+        after = {name: metric(text, name) for name in (
+            "bamba_kv_blocks_in_use", "bamba_state_slots_in_use", "bamba_requests_running",
+            "bamba_generation_tokens_total", "bamba_preemptions_total")}
+    finally:
+        stop_server(proc)
+    return {"levels": levels, "server_metrics_after": after}
+
+
+def llama_cpp_side(directory: Path, batches: dict[int, list[list[int]]],
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """llama-server on a GGUF of the same weights, or {"missing": why}."""
+    try:
+        binary = llama_cpp.find_or_build(build=args.llama_cpp == "auto")
+        outtype = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(args.dtype)
+        if outtype is None:
+            raise llama_cpp.PeerMissing(f"no GGUF type for --dtype {args.dtype}")
+        gguf = llama_cpp.convert(directory, directory.parent / f"model-{outtype}.gguf", outtype)
+        port = free_port()
+        proc = llama_cpp.start(binary, gguf, port, args.threads, max(args.concurrency),
+                               args.prompt_tokens + args.max_tokens + 16)
+    except llama_cpp.PeerMissing as exc:
+        print(f"llama.cpp side skipped: {exc}", flush=True)
+        return {"missing": str(exc)}
+    try:
+        levels = run_levels(f"http://127.0.0.1:{port}", batches, args)
+    except RuntimeError as exc:
+        return {"missing": f"llama-server failed under load: {exc}"}
+    finally:
+        stop_server(proc)
+    return {"binary": str(binary), "version": llama_cpp.VERSION, "gguf_type": outtype,
+            "parallel_slots": max(args.concurrency), "levels": levels}
+
+
+def offline_side(directory: Path, batches: dict[int, list[list[int]]],
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """The same requests through ``LLM.generate`` on a worker thread (as the server's engine
+    runs): one after another at concurrency 1, else together with max_num_seqs=C."""
     from bamba.engine import LLM, SamplingParams
 
     torch.set_num_threads(args.threads)
-    llm = LLM(str(directory), dtype=args.dtype, memory_gb=args.memory_gb,
-              max_num_seqs=concurrency)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    levels = []
+    for c, batch in batches.items():
+        llm = LLM(str(directory), dtype=args.dtype, memory_gb=args.memory_gb, max_num_seqs=c)
+        calls: list[Callable[[], list]] = [lambda p=p: llm.generate(p, params) for p in batch] \
+            if c == 1 else [lambda: llm.generate(batch, params)]
+        wall, tokens = _on_worker_thread(llm, calls, params,
+                                         prompts(2, args.prompt_tokens, args.vocab, 99))
+        level = {"concurrency": c, "requests": len(batch), "wall_s": round(wall, 3),
+                 "output_tok_per_s": round(tokens / wall, 1),
+                 "seconds_per_request": round(wall / len(batch), 4) if c == 1 else None}
+        levels.append(level)
+        print(json.dumps({"offline": level}), flush=True)
+    return {"levels": levels}
+
+
+def _on_worker_thread(llm: Any, calls: list[Callable[[], list]], params: Any,
+                      warm: list[list[int]]) -> tuple[float, int]:
     timing: dict[str, Any] = {}
 
     def work() -> None:
-        llm.generate(batch[:2], params)  # warm-up
+        llm.generate(warm, params)
         llm.reset_prefix_cache()
         start = time.perf_counter()
-        timing["outputs"] = llm.generate(batch, params)
+        outputs = [o for call in calls for o in call()]
         timing["wall"] = time.perf_counter() - start
+        timing["tokens"] = sum(len(o.outputs[0].token_ids) for o in outputs)
 
     worker = threading.Thread(target=work)
     worker.start()
     worker.join()
-    wall, outputs = timing["wall"], timing["outputs"]
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"requests": len(batch), "wall_s": round(wall, 3),
-            "requests_per_s": round(len(batch) / wall, 3),
-            "output_tok_per_s": round(tokens / wall, 1)}
+    return timing["wall"], timing["tokens"]
 
 
+# ---- report ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
-        "benchmark": "bamba serve under concurrent streaming load",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "load_average_at_start": os.getloadavg()},
-        "host": describe_host(),
-        "settings": {"dtype": args.dtype, "server_threads": args.threads,
+        "benchmark": "bamba serve vs its offline engine vs llama-server, same client load",
+        "host": describe_host(quick=args.quick),
+        "settings": {"dtype": args.dtype, "threads": args.threads,
                      "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                      "memory_gb": args.memory_gb, "sampling": "greedy, ignore_eos",
-                     "client": "separate process, httpx asyncio, SSE"},
-        "levels": []}
+                     "client": "separate process, httpx asyncio, SSE",
+                     "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "ckpt"
         report["model"] = info = write_checkpoint(directory, args.preset)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start_server(directory, port, args)
-        batches = {}
-        try:
-            asyncio.run(load(base, prompts(2, args.prompt_tokens, info["vocab_size"], 99), 2,
-                             args.max_tokens))  # warm-up
-            for c in args.concurrency:
-                n = args.requests or max(8, 2 * c)
-                batches[c] = prompts(n, args.prompt_tokens, info["vocab_size"], seed=c)
-                results, wall = asyncio.run(load(base, batches[c], c, args.max_tokens))
-                level = {"concurrency": c, **summarize(results, wall)}
-                report["levels"].append(level)
-                print(json.dumps(level), flush=True)
-            text = httpx.get(base + "/metrics").text
-            report["server_metrics_after"] = {
-                name: metric(text, name) for name in (
-                    "bamba_kv_blocks_in_use", "bamba_state_slots_in_use",
-                    "bamba_requests_running", "bamba_time_to_first_token_seconds_count",
-                    "bamba_generation_tokens_total", "bamba_preemptions_total")}
-        finally:
-            stop_server(proc)
-        top = max(args.concurrency)
-        report["offline_engine"] = {"concurrency": top,
-                                    **offline(directory, batches[top], args, top)}
-    served = next(lv for lv in report["levels"] if lv["concurrency"] == top)
-    report["machine"]["load_average_at_end"] = os.getloadavg()
-    report["server_vs_offline_tok_per_s"] = round(
-        served["output_tok_per_s"] / report["offline_engine"]["output_tok_per_s"], 3)
+        args.vocab = info["vocab_size"]
+        batches = {c: prompts(args.requests or max(8, 2 * c), args.prompt_tokens, args.vocab,
+                              seed=c) for c in args.concurrency}
+        report["bamba"] = bamba_side(directory, batches, args)
+        report["offline"] = offline_side(directory, batches, args)
+        report["llama_cpp"] = llama_cpp_side(directory, batches, args) \
+            if args.llama_cpp != "off" else {"missing": "--llama-cpp off"}
+    report["settings"]["load_average_at_end"] = os.getloadavg()
     print_table(report)
     write_json(args.out, report)
     print(f"wrote {args.out}")
@@ -279,18 +354,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"\nmodel {report['model']['preset']} ({report['model']['parameters'] / 1e6:.1f}M "
-          f"params), {report['settings']}")
-    print(f"{'conc':>5} {'reqs':>5} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'p90':>7} "
-          f"{'p99':>7} {'TPOT ms':>8}")
-    for lv in report["levels"]:
-        print(f"{lv['concurrency']:>5} {lv['requests']:>5} {lv['requests_per_s']:>7.2f} "
-              f"{lv['output_tok_per_s']:>7.1f} {lv['ttft_p50_s']:>9.3f} {lv['ttft_p90_s']:>7.3f} "
-              f"{lv['ttft_p99_s']:>7.3f} {lv['tpot_median_ms']:>8.1f}")
-    off = report["offline_engine"]
-    print(f"offline LLM.generate at concurrency {off['concurrency']}: "
-          f"{off['output_tok_per_s']:.1f} tok/s, {off['requests_per_s']:.2f} req/s; "
-          f"server/offline = {report['server_vs_offline_tok_per_s']}")
+    model = report["model"]
+    print(f"\nmodel {model['preset']} ({model['parameters'] / 1e6:.1f}M params), "
+          f"{report['settings']['dtype']}, {report['settings']['threads']} threads")
+    offline = {lv["concurrency"]: lv for lv in report["offline"]["levels"]}
+    peer = {(lv["concurrency"], lv["stream"]): lv
+            for lv in report["llama_cpp"].get("levels", [])}
+    print(f"{'conc':>4} {'stream':>6} {'tok/s':>7} {'offline':>7} {'llama':>7} "
+          f"{'TTFT p50':>8} {'p99':>7} {'ITL p50':>7} {'p99':>7} {'llama ITL p50':>13}")
+    for lv in report["bamba"]["levels"]:
+        other = peer.get((lv["concurrency"], lv["stream"]), {})
+        print(f"{lv['concurrency']:>4} {str(lv['stream']):>6} {lv['output_tok_per_s']:>7.1f} "
+              f"{offline[lv['concurrency']]['output_tok_per_s']:>7.1f} "
+              f"{_cell(other.get('output_tok_per_s'), 7, '.1f')} "
+              f"{_cell(lv.get('ttft_p50_s'), 8, '.3f')} {_cell(lv.get('ttft_p99_s'), 7, '.3f')} "
+              f"{_cell(lv.get('itl_p50_ms'), 7, '.1f')} {_cell(lv.get('itl_p99_ms'), 7, '.1f')} "
+              f"{_cell(other.get('itl_p50_ms'), 13, '.1f')}")
+    if "missing" in report["llama_cpp"]:
+        print(f"llama.cpp: {report['llama_cpp']['missing']}")
+
+
+def _cell(value: float | None, width: int, spec: str) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
 if __name__ == "__main__":

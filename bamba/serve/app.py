@@ -36,7 +36,6 @@ from bamba.serve.protocol import (ChatRequest, CompletionRequest, chat_response,
 
 log = logging.getLogger(__name__)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
-DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 MAX_REQUEST_BYTES = 8 * 2**20  # request bodies beyond this get a 413
 
 
@@ -214,7 +213,7 @@ class _Server:
                       params: SamplingParams, chat: bool) -> Response:
         rid = self.engine.new_id("chatcmpl" if chat else "cmpl")
         try:
-            stream = await self.engine.generate(prompt, params, rid)
+            stream = await self.engine.generate(prompt, params, rid, final_only=not body.stream)
         except ValueError as exc:
             raise _bad_value(exc) from None
         except RuntimeError as exc:
@@ -281,8 +280,10 @@ async def _collect_unless_gone(request: Request,
         return final
 
     async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL)
+        # The body is read: the server's next message is the disconnect (no polling, which
+        # would wake the event loop on cores the engine needs).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(watch())
     try:

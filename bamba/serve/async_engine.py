@@ -6,7 +6,12 @@ coroutine that waits for them. Outputs are deltas (only what is new), and a mail
 most one: while its coroutine has not taken it, newer deltas are folded into it. A coroutine
 that falls more than ``max_pending_outputs`` steps behind (its client does not read) has its
 request aborted, which frees its KV blocks and state slot. Counters for /metrics are updated on
-the engine thread.
+the engine thread, once a step.
+
+Hand-offs to the event loop are the server's cost over the offline engine: each wakes a third
+thread on cores that the engine's OpenMP team keeps busy. So the engine thread wakes a coroutine
+only when it waits for something new (never twice for one wait), and a ``final_only`` request
+(a non-streaming response) only when it ends: one hand-off for a whole request.
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ class _Mailbox:
     """One request's outputs on their way from the engine thread to its coroutine: whether the
     engine accepted it, at most one pending (coalesced) delta output, then maybe an error."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.arrival = loop, time.monotonic()
+    def __init__(self, loop: asyncio.AbstractEventLoop, final_only: bool = False):
+        self.loop, self.arrival, self.final_only = loop, time.monotonic(), final_only
         self.seen_tokens = 0  # engine thread only (metrics)
         self._lock = threading.Lock()
         self._ready = asyncio.Event()
+        self._waiting = False  # the coroutine waits for a notification that is not yet sent
         self._accepted = False
         self._pending: RequestOutput | None = None
         self._pending_steps = 0
@@ -51,27 +57,42 @@ class _Mailbox:
     def accept(self) -> None:
         with self._lock:
             self._accepted = True
-        self._notify()
+            wake = self._claim_wake()
+        self._notify(wake)
 
     def put(self, out: RequestOutput) -> int:
-        """Hand over a delta output; returns how many steps' outputs wait untaken."""
+        """Hand over a delta output; returns how many steps' outputs wait untaken (0 for a
+        ``final_only`` mailbox, whose coroutine takes only the last one)."""
         with self._lock:
             if self._pending is None:
                 self._pending = out
             else:
                 merge_delta(self._pending, out)
-            self._pending_steps += 1
-            waiting = self._pending_steps
-        self._notify()
+            if self.final_only:
+                waiting = 0
+                wake = out.finished and self._claim_wake()
+            else:
+                self._pending_steps += 1
+                waiting = self._pending_steps
+                wake = self._claim_wake()
+        self._notify(wake)
         return waiting
 
     def fail(self, exc: Exception) -> None:
         """End the request with ``exc`` (after whatever output is still pending)."""
         with self._lock:
             self._error = exc
-        self._notify()
+            wake = self._claim_wake()
+        self._notify(wake)
 
-    def _notify(self) -> None:
+    def _claim_wake(self) -> bool:
+        """Whether to wake the coroutine (it waits, and nobody woke it yet); holds the lock."""
+        wake, self._waiting = self._waiting, False
+        return wake
+
+    def _notify(self, wake: bool) -> None:
+        if not wake:
+            return
         try:
             self.loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:  # the request's event loop is closed: nobody is listening
@@ -83,12 +104,16 @@ class _Mailbox:
         await self._until(lambda: True if self._accepted else self._raise_error())
 
     async def take(self) -> RequestOutput:
-        """The next output (all deltas since the last take, folded); raises the error that
-        ended the request once nothing is pending."""
+        """The next output (all deltas since the last take, folded; for a ``final_only``
+        mailbox, the whole finished output); raises the error that ended the request once
+        nothing is pending."""
         return await self._until(self._take_pending)
 
     def _take_pending(self) -> RequestOutput | None:
-        out, self._pending, self._pending_steps = self._pending, None, 0
+        out = self._pending
+        if out is not None and self.final_only and not out.finished and self._error is None:
+            return None
+        self._pending, self._pending_steps = None, 0
         return out if out is not None else self._raise_error()
 
     def _raise_error(self) -> None:
@@ -97,9 +122,11 @@ class _Mailbox:
 
     async def _until(self, check: Callable[[], T | None]) -> T:
         while True:
-            self._ready.clear()
             with self._lock:
                 result = check()
+                if result is None:
+                    self._ready.clear()
+                    self._waiting = True
             if result is not None:
                 return result
             await self._ready.wait()
@@ -136,15 +163,17 @@ class AsyncEngine:
         return f"{prefix}-{self._ids}-{time.time_ns() % 10**9}"
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, final_only: bool = False
+                       ) -> AsyncIterator[RequestOutput]:
         """Submit a request; raises ValueError at once if the engine refuses it (RuntimeError
         if the engine is not running), then yields delta outputs (``merge_delta`` folds them)
-        until it finishes. Leaving early (client gone) aborts it."""
+        until it finishes; with ``final_only``, one output holding everything (or what there
+        was before an error). Leaving early (client gone) aborts it."""
         if not self.alive:
             raise RuntimeError("the engine is not running")
         if params.output_kind != "delta":
             params = dataclasses.replace(params, output_kind="delta")
-        sink = _Mailbox(asyncio.get_running_loop())
+        sink = _Mailbox(asyncio.get_running_loop(), final_only)
         self._send(("add", request_id, prompt, params, sink))
         try:
             await sink.accepted()
@@ -201,11 +230,13 @@ class AsyncEngine:
                 command[4].fail(stopped)
 
     def _drain(self) -> None:
+        if self._commands.empty():
+            return
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
             if command[0] == "add":
                 self._add(*command[1:])
             elif command[0] == "abort":

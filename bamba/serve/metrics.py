@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from bamba.engine import EngineStats
@@ -29,7 +30,7 @@ class ServerMetrics:
     ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
     ttft_sum: float = 0.0
     ttft_count: int = 0
-    recent: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) per step
+    recent: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) a step
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_first_token(self, seconds: float, prompt_tokens: int) -> None:
@@ -45,7 +46,8 @@ class ServerMetrics:
         now = time.monotonic()
         with self.lock:
             self.generation_tokens += new_tokens
-            self.recent = [(t, n) for t, n in self.recent if now - t <= RATE_WINDOW]
+            while self.recent and now - self.recent[0][0] > RATE_WINDOW:
+                self.recent.popleft()
             self.recent.append((now, new_tokens))
             self.stats = stats
 
