@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bamba.arena import WeightArena
+from bamba.budget import check_model_fits
 from bamba.config import BambaConfig
 from bamba.files import give_plain_modes
 from bamba.model import FP32_PARAMS, BambaLM
@@ -212,6 +213,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     directory = resolve_checkpoint(path_or_id, revision)
     config = load_config(directory)
+    check_model_fits(config, dtype.itemsize)
     shards, weight_map = _shard_files(directory)
     entries = _scan(shards, weight_map)
     with torch.device("meta"):

@@ -469,3 +469,12 @@ def test_saving_back_into_the_directory_a_model_was_loaded_from(make_hf_checkpoi
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
     assert_same_weights(from_pretrained(directory), directory)
     assert (directory / "tokenizer.json").is_file()  # files that are not weights stay
+
+
+def test_a_config_of_absurd_size_fails_before_any_module_is_built(make_hf_checkpoint):
+    path = make_hf_checkpoint("hybrid", tokenizer=False)
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 1_000_000  # the weights file still holds the small model
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="num_hidden_layers=1000000.*of memory is available"):
+        from_pretrained(path)

@@ -110,7 +110,7 @@ def test_absurd_sizes_fail_before_allocating(override: str, message: str, tmp_pa
 def test_memory_estimate_counts_the_parameters_of_the_model() -> None:
     from bamba.config import preset
     from bamba.model import BambaLM
-    from bamba.train.budget import check_memory, parameter_count
+    from bamba.budget import check_memory, parameter_count
 
     for config in (preset("tiny", **SMALL), preset("bench"), preset("tiny", tie_word_embeddings=True)):
         with torch.device("meta"):

@@ -24,7 +24,7 @@ from torch import nn
 from bamba.model import BambaLM, init_weights
 from bamba.native import accelerate
 from bamba.train import parallel
-from bamba.train.budget import check_memory, local_process_count
+from bamba.budget import check_memory, local_process_count
 from bamba.train.dcp_checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from bamba.train.train_config import TrainConfig
 from bamba.train.data import Batch, BatchSource, SyntheticSource, build_loader_source

@@ -1,5 +1,5 @@
-"""Fail fast when a run cannot fit: the memory a training run needs, estimated from the configs
-before anything is allocated, against the memory the machine has available.
+"""Fail fast when a model or a run cannot fit: the memory it needs, estimated from the configs
+before anything is allocated (or a module built), against the memory the machine has available.
 
 The estimate is a lower bound (a run that passes may still need more): fp32 weights, their
 gradients and AdamW's two moments (16 bytes a parameter, sharded over the processes), plus per
@@ -80,6 +80,21 @@ def check_memory(config: BambaConfig, rows: int, seq_len: int, world_size: int =
                    f"seq_len={seq_len} tokens")
     raise ValueError(f"this run needs at least {_size(state + activations)} of memory "
                      f"({culprit}) but {_size(available)} is available")
+
+
+def check_model_fits(config: BambaConfig, bytes_per_parameter: int,
+                     available: int | None = None) -> None:
+    """ValueError when the weights alone of ``BambaLM(config)`` cannot fit in ``available``
+    bytes (default: ``available_memory()``): a config.json of absurd size fails here, before
+    its modules are built."""
+    available = available_memory() if available is None else available
+    params = parameter_count(config)
+    if available is not None and params * bytes_per_parameter > available:
+        raise ValueError(f"config.json describes {params:.3g} parameters "
+                         f"(num_hidden_layers={config.num_hidden_layers}, "
+                         f"hidden_size={config.hidden_size}, vocab_size={config.vocab_size}): "
+                         f"{_size(params * bytes_per_parameter)} of weights, but "
+                         f"{_size(available)} of memory is available")
 
 
 def local_process_count(world_size: int) -> int:
