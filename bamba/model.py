@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bamba.cache_protocol import InferenceCache
+from bamba.checkpoint_writer import save_pretrained
 from bamba.config import BambaConfig
 from bamba.ops.attention import attention, causal_mask
 from bamba.ops.mixer import MixerShape, MixerWeights, mamba_decode_step, mamba_prefill
@@ -252,8 +253,6 @@ class BambaLM(nn.Module):
 
     def save_pretrained(self, directory: str, **kwargs) -> None:
         """Write config.json + safetensors in the Hugging Face layout (see bamba.checkpoint)."""
-        from bamba.checkpoint import save_pretrained  # checkpoint imports this module
-
         save_pretrained(self, directory, **kwargs)
 
     @property

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import bamba
 import bamba.checkpoint as ckpt
+import bamba.checkpoint_writer as checkpoint_writer
 from bamba.checkpoint import (from_pretrained, load_tokenizer, parse_size, save_pretrained,
                               to_bamba_name, to_checkpoint_name)
 
@@ -214,7 +215,7 @@ def test_a_crash_while_saving_leaves_no_half_written_checkpoint(make_hf_checkpoi
             raise OSError("disk full")
         save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", crash_on_second_shard)
+    monkeypatch.setattr(checkpoint_writer, "save_file", crash_on_second_shard)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(model, tmp_path / "new", max_shard_size=20_000)
     assert not (tmp_path / "new").exists()
@@ -222,7 +223,7 @@ def test_a_crash_while_saving_leaves_no_half_written_checkpoint(make_hf_checkpoi
     save_pretrained(model, tmp_path / "old")
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
     calls.clear()
-    monkeypatch.setattr(ckpt, "save_file", crash_on_second_shard)
+    monkeypatch.setattr(checkpoint_writer, "save_file", crash_on_second_shard)
     with pytest.raises(OSError):
         save_pretrained(model, tmp_path / "old", max_shard_size=20_000)
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before

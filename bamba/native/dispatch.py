@@ -11,15 +11,26 @@ torch reference.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from bamba.native import library
 
-if TYPE_CHECKING:
-    from bamba.native.layer_ops import LayerDims
+class LayerDims(NamedTuple):
+    """The sizes layer_step.c needs, in its order. An attention layer has d_inner, conv_dim,
+    conv_kernel and d_state 0, heads query heads and groups KV heads of head_dim."""
+    hidden: int
+    d_inner: int
+    conv_dim: int
+    conv_kernel: int
+    heads: int
+    head_dim: int
+    groups: int
+    d_state: int
+    ffn: int
+
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 MAX_LINEAR_ROWS = 8  # beyond, oneDNN's matmul catches up (few-row kernels are bandwidth-bound)

@@ -15,34 +15,19 @@ or ``ATTENTION_OUT_TENSORS``, None for an absent bias; its sizes as ``LayerDims`
 from __future__ import annotations
 
 import ctypes
-from typing import NamedTuple
 
 import torch
 
 from torch.utils.flop_counter import register_flop_formula
 
 from bamba.native import library
-from bamba.native.dispatch import through_dispatcher
+from bamba.native.dispatch import LayerDims, through_dispatcher
 
 MAMBA_TENSORS = ("input_norm", "in_proj", "in_proj_bias", "conv_weight", "conv_bias",
                  "dt_bias", "A_log", "D", "gate_norm", "out_proj", "out_proj_bias")
 FFN_TENSORS = ("pre_ff_norm", "gate", "gate_bias", "up", "up_bias", "down", "down_bias")
 ATTENTION_IN_TENSORS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias")
 ATTENTION_OUT_TENSORS = ("o", "o_bias") + FFN_TENSORS
-
-
-class LayerDims(NamedTuple):
-    """The sizes layer_step.c needs, in its order. An attention layer has d_inner, conv_dim,
-    conv_kernel and d_state 0, heads query heads and groups KV heads of head_dim."""
-    hidden: int
-    d_inner: int
-    conv_dim: int
-    conv_kernel: int
-    heads: int
-    head_dim: int
-    groups: int
-    d_state: int
-    ffn: int
 
 
 # Tensors that must be in the layer's dtype (linear weights and biases); the others (norm

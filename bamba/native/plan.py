@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from bamba.native.layer_ops import LayerDims
+from bamba.native.dispatch import LayerDims
 
 DENSE = "dense"  # a weight [out, in] in the activations' dtype: what the kernels read today
 FORMATS = frozenset((DENSE,))  # the linear formats layer_step.c reads

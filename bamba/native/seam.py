@@ -173,7 +173,7 @@ class DecoderLayer(_Counted, reference.DecoderLayer):
         return super().forward(x, rope, positions, cache, seq_idx)
 
     @property
-    def step_dims(self) -> layer_ops.LayerDims:
+    def step_dims(self) -> dispatch.LayerDims:
         dims = self.__dict__.get("_step_dims")
         if dims is None:
             dims = self.__dict__["_step_dims"] = plan.layer_dims(self)

@@ -1,0 +1,191 @@
+"""Hugging Face checkpoints out: config.json, generation_config.json, safetensors (one file, or
+shards with an index), the tokenizer's files, and the tensor names both ways.
+
+It needs only the model object it is given (its config and state dict), never the model's
+module, so ``BambaLM.save_pretrained`` can use it while ``bamba.checkpoint`` (loading) imports
+the model. Saving writes everything into a temporary directory next to the target and moves it
+in with ``os.replace``; config.json arrives last, so a crash never leaves a directory that looks
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+
+from bamba.files import give_plain_modes
+from bamba.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from bamba.model import BambaLM
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# Llama checkpoint name <-> ours (ours equal BambaForCausalLM's).
+_LLAMA_RENAMES = ((".mlp.", ".feed_forward."),
+                  (".post_attention_layernorm.", ".pre_ff_layernorm."),
+                  ("model.norm.", "model.final_layernorm."))
+
+
+# ---- names ------------------------------------------------------------------------------------
+def to_bamba_name(name: str, model_type: str) -> str:
+    """A checkpoint tensor name as our module path."""
+    if model_type == "llama":
+        for theirs, ours in _LLAMA_RENAMES:
+            name = name.replace(theirs, ours, 1)
+    return name
+
+
+def to_checkpoint_name(name: str, model_type: str) -> str:
+    """Our module path as the tensor name transformers expects for ``model_type``."""
+    if model_type == "llama":
+        for theirs, ours in _LLAMA_RENAMES:
+            name = name.replace(ours, theirs, 1)
+    return name
+
+
+# ---- saving -----------------------------------------------------------------------------------
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "2GB" (10^9) or "500MiB" (2^20)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"max_shard_size {size!r} is not a size like 2GB, 500MB or 1GiB")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def export_state_dict(model: BambaLM) -> dict[str, torch.Tensor]:
+    """Checkpoint-named tensors (tied lm_head written once, as transformers does)."""
+    config = model.config
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        out[to_checkpoint_name(name, config.model_type)] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy packing in name order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    return shards
+
+
+def hf_config_dict(model: BambaLM) -> dict[str, Any]:
+    """config.json contents: the architecture plus the dtype the weights are stored in."""
+    config = model.config
+    raw = config.to_hf_dict()
+    raw["dtype"] = str(model.dtype).removeprefix("torch.")
+    if config.model_type == "bamba" and not config.attn_layer_indices:
+        raw["use_cache"] = False  # transformers' Bamba cache needs an attention layer
+    return raw
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_weights(directory: Path, tensors: dict[str, torch.Tensor], limit: int) -> None:
+    shards = _split_shards(tensors, limit)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=metadata)
+        return
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    _write_json(directory / INDEX_NAME, {"metadata": {"total_size": total},
+                                         "weight_map": weight_map})
+
+
+def save_pretrained(model: BambaLM, directory: str | os.PathLike,
+                    max_shard_size: int | str = "2GB", tokenizer: Any = None) -> Path:
+    """Write a checkpoint transformers' BambaForCausalLM / LlamaForCausalLM loads.
+
+    Files: config.json, generation_config.json, model.safetensors (or shards + index when
+    larger than ``max_shard_size``), and the tokenizer's files when one is given.
+    """
+    limit = parse_size(max_shard_size)
+    target = Path(directory).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_weights(staging, export_state_dict(model), limit)
+        config = model.config
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                      "pad_token_id": config.pad_token_id}
+        _write_json(staging / GENERATION_CONFIG_NAME,
+                    {k: v for k, v in generation.items() if v is not None})
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, staging)
+        _write_json(staging / CONFIG_NAME, hf_config_dict(model))
+        give_plain_modes(staging)  # mkdtemp and safetensors create 0700 / 0600
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("saved %s", target)
+    return target
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer.save(directory)
+    elif hasattr(tokenizer, "save_pretrained"):  # a transformers tokenizer
+        tokenizer.save_pretrained(str(directory))
+    else:
+        raise ValueError(f"tokenizer of type {type(tokenizer).__name__} cannot be saved")
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in (WEIGHTS_NAME, INDEX_NAME) or SHARD_PATTERN.fullmatch(name) is not None
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move the staged files into ``target``: a rename of the whole directory when it is new;
+    otherwise config.json goes first and returns last, and stale weight files are removed."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    (target / CONFIG_NAME).unlink(missing_ok=True)
+    for old in target.iterdir():
+        if _is_weight_file(old.name) and not (staging / old.name).exists():
+            old.unlink()
+    for new in sorted(staging.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+        os.replace(new, target / new.name)
