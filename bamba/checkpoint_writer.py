@@ -1,8 +1,8 @@
 """Hugging Face checkpoints out: config.json, generation_config.json, safetensors (one file, or
 shards with an index), the tokenizer's files, and the tensor names both ways.
 
-It needs only the model object it is given (its config and state dict), never the model's
-module, so ``BambaLM.save_pretrained`` can use it while ``bamba.checkpoint`` (loading) imports
+It needs only the model object it is given (a ``BambaLM``: its ``config``, ``dtype`` and state
+dict), never the model's module, so ``BambaLM.save_pretrained`` can use it while ``bamba.checkpoint`` (loading) imports
 the model. Saving writes everything into a temporary directory next to the target and moves it
 in with ``os.replace``; config.json arrives last, so a crash never leaves a directory that looks
 complete.
@@ -17,16 +17,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from bamba.files import give_plain_modes
 from bamba.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from bamba.model import BambaLM
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +76,7 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def export_state_dict(model: BambaLM) -> dict[str, torch.Tensor]:
+def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint-named tensors (tied lm_head written once, as transformers does)."""
     config = model.config
     out: dict[str, torch.Tensor] = {}
@@ -103,7 +101,7 @@ def _split_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str
     return shards
 
 
-def hf_config_dict(model: BambaLM) -> dict[str, Any]:
+def hf_config_dict(model: nn.Module) -> dict[str, Any]:
     """config.json contents: the architecture plus the dtype the weights are stored in."""
     config = model.config
     raw = config.to_hf_dict()
@@ -133,7 +131,7 @@ def _write_weights(directory: Path, tensors: dict[str, torch.Tensor], limit: int
                                          "weight_map": weight_map})
 
 
-def save_pretrained(model: BambaLM, directory: str | os.PathLike,
+def save_pretrained(model: nn.Module, directory: str | os.PathLike,
                     max_shard_size: int | str = "2GB", tokenizer: Any = None) -> Path:
     """Write a checkpoint transformers' BambaForCausalLM / LlamaForCausalLM loads.
 
