@@ -2,9 +2,8 @@
  *
  * The math is attention_head.h's, in float32 from bf16 or float32 tensors. Keys and values are
  * read where they lie (any row, time and head strides; head_dim contiguous): the contiguous
- * cache of `generate` and the engine's head-major pages alike. torch's bf16 matmul builds a new
- * oneDNN primitive for every new key length, ~0.6 ms a call here, which made attention a fifth
- * of a decode step. Work items (row, KV head) are split over `threads` OpenMP threads.
+ * cache of `generate` and the engine's head-major pages alike (torch's bf16 matmul builds a new
+ * oneDNN primitive for every new key length, a cost paid at every decode token). Work items (row, KV head) are split over `threads` OpenMP threads.
  */
 #include <stdint.h>
 

@@ -6,14 +6,10 @@
  * weight vector loaded is multiplied against every input row (up to 8, held in L1) with float32
  * accumulation: 32 bf16 pairs per instruction (AVX-512 BF16 `vdpbf16ps`) or 16 float32 FMAs.
  * From 3 rows on the arithmetic per byte outruns the hardware prefetcher, so the loop also
- * prefetches 8 KiB ahead into L2 (measured: 15 -> 9.4 ms for the bench model's Mamba layers at
- * 4 rows with 2 KiB into L1; 8 KiB into L2 took the bench model's whole bf16 decode step at 4
- * rows from 15.8 to 13.7 ms). From 5 rows the work goes in tiles of 4 weight rows x 4 input
+ * prefetches 8 KiB ahead into L2. From 5 rows the work goes in tiles of 4 weight rows x 4 input
  * rows (each vector loaded serves 4 products), prefetching 8 tiles ahead into L2: with the
- * weights streaming from DRAM, one tile ahead into L1 left the cores waiting (a probe of the
- * in_proj shape at 32 rows: 330 -> 380 GFLOP/s of the ~420 peak; at 8 rows 158 -> 285, i.e.
- * 20 -> 35 GB/s). Whole bf16 decode step of the bench model, alternating runs: 8 rows
- * 25.5/21.5 -> 19.3/17.0 ms, 32 rows 63.8/61.8 -> 64.0/57.7 ms.
+ * weights streaming from DRAM, prefetching less far left the cores waiting on memory. The
+ * measurements behind these distances are in benchmarks/README.md#native-decode-step.
  */
 #ifndef BAMBA_DOT_ROWS_H
 #define BAMBA_DOT_ROWS_H

@@ -4,13 +4,10 @@ for training and other cache-free forward passes.
 ``torch.ops.bamba.conv_silu(x, weight, bias, seq_idx)`` = ``silu(causal_conv1d(x, weight, bias,
 None, seq_idx)[0])`` for float32 x [B, L, D] (rows may be strided: a slice of in_proj's output),
 weight [D, K]; its gradient is ``torch.ops.bamba.conv_silu_backward`` (one pass: the
-pre-activation is recomputed, not stored). Forward + backward at the demo shape, compiled:
-2.3 ms a layer against 6.7 ms for inductor's code of the torch ops (the weight gradient reduced
-over batch and time, the taps' shifted slices; benchmarks/bench_train_parts.py); a whole demo
-training step ~5% faster. ``bamba.native.dispatch.conv_train_fits`` says when a call can take
-the kernels; otherwise callers use the torch ops, which tests hold these equal to. (A native
-gated RMS norm was tried the same way and gained ~1% of a step: inductor's fused code for it
-is already bandwidth-bound.)
+pre-activation is recomputed, not stored). It is faster than inductor's code of the same torch
+ops, whose weight gradient is reduced over batch and time from the taps' shifted slices
+(benchmarks/README.md#training-parts). ``bamba.native.dispatch.conv_train_fits`` says when a call
+can take the kernels; otherwise callers use the torch ops, which tests hold these equal to.
 """
 
 from __future__ import annotations

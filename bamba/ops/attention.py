@@ -7,10 +7,9 @@ Two formulations of the same softmax attention:
   (its compiled backward is faster there);
 * decode (L <= ``MATMUL_MAX_QUERY``) uses ``decode`` when the caller passes one (the native
   kernel reads keys and values in place: torch's bf16 matmul builds a new oneDNN primitive for
-  each new key length, ~0.6 ms a call), else two batched matmuls, the query heads
-  of a KV group stacked as rows, so every KV head is read once for its whole group. On a CPU the
-  flash kernel is up to 8x slower in bf16 there (batch 32, 4.6K keys, 1 thread; equal in fp32;
-  from 4 queries on it is as fast or faster, hence the threshold). The scores
+  each new key length), else two batched matmuls, the query heads of a KV group stacked as
+  rows, so every KV head is read once for its whole group; on a CPU the flash kernel is slower
+  than that for a single bf16 query and as fast from a few queries on. The scores
   are computed in the input dtype (as transformers' eager path does), then scaled, masked and
   soft-maxed in float32; the probabilities are cast back for the product with the values.
 
@@ -23,12 +22,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-MATMUL_MAX_QUERY = 1  # longest query run through the matmul formulation (measured: see docstring)
+MATMUL_MAX_QUERY = 1  # longest query run through the matmul formulation (see the docstring)
 # Training (autograd) on short packed rows: the matmul formulation's forward and backward, compiled,
-# beat the flash kernel with a document mask at 256 tokens (benchmarks/bench_train_parts.py:
-# 6.5 vs 11.5 ms at the demo shape, 3.7 vs 6.1 at the bench one; the demo step 264 -> 247 ms).
-# At 512 two runs disagreed for the demo model (12.6 vs 19.7 ms, and 25.8 vs 21.5), and the
-# scores grow with the square of the length: longer rows keep the flash kernel until measured.
+# beat the flash kernel with a document mask up to this length (benchmarks/bench_train_parts.py,
+# benchmarks/README.md#training-parts); its scores grow with the square of the length, so longer
+# rows keep the flash kernel.
 TRAIN_MATMUL_MAX_LEN = 256
 
 
