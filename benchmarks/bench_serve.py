@@ -219,13 +219,14 @@ def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return summary
 
 
-def run_levels(base: str, batches: dict[int, list[list[int]]], args: argparse.Namespace
-               ) -> list[dict[str, Any]]:
+def run_levels(base: str, batches: dict[int, list[list[int]]], args: argparse.Namespace,
+               levels: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every level against one server (after a warm-up): streaming, and concurrency 1 also
-    non-streaming."""
+    non-streaming. Each finished level is appended to ``levels`` as it ends, so a caller that
+    catches a failure keeps the levels measured before it."""
+    levels = [] if levels is None else levels
     warm = prompts(2, args.prompt_tokens, args.vocab, seed=99)
     asyncio.run(load(base, warm, 2, args.max_tokens))
-    levels = []
     for c, batch in batches.items():
         for stream in (True, False) if c == 1 else (True,):
             results, wall = asyncio.run(load(base, batch, c, args.max_tokens, stream))
@@ -272,10 +273,14 @@ def llama_cpp_side(directory: Path, batches: dict[int, list[list[int]]],
     except llama_cpp.PeerMissing as exc:
         print(f"llama.cpp side skipped: {exc}", flush=True)
         return {"missing": str(exc)}
+    levels: list[dict[str, Any]] = []
     try:
-        levels = run_levels(f"http://127.0.0.1:{port}", batches, args)
-    except RuntimeError as exc:
-        return {"missing": f"llama-server failed under load: {exc}"}
+        run_levels(f"http://127.0.0.1:{port}", batches, args, levels)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        log = gguf.with_suffix(".server.log").read_text(errors="replace").strip().splitlines()
+        print(f"llama-server failed under load: {exc!r}", flush=True)
+        return {"failed": f"llama-server failed under load: {exc!r}; its log ends: "
+                          f"{log[-3:] if log else 'no output'}", "levels": levels}
     finally:
         stop_server(proc)
     return {"binary": str(binary), "version": llama_cpp.VERSION, "gguf_type": outtype,
@@ -369,8 +374,9 @@ def print_table(report: dict[str, Any]) -> None:
               f"{_cell(lv.get('ttft_p50_s'), 8, '.3f')} {_cell(lv.get('ttft_p99_s'), 7, '.3f')} "
               f"{_cell(lv.get('itl_p50_ms'), 7, '.1f')} {_cell(lv.get('itl_p99_ms'), 7, '.1f')} "
               f"{_cell(other.get('itl_p50_ms'), 13, '.1f')}")
-    if "missing" in report["llama_cpp"]:
-        print(f"llama.cpp: {report['llama_cpp']['missing']}")
+    for why in ("missing", "failed"):
+        if why in report["llama_cpp"]:
+            print(f"llama.cpp: {report['llama_cpp'][why]}")
 
 
 def _cell(value: float | None, width: int, spec: str) -> str:

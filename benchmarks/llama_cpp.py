@@ -109,10 +109,13 @@ def convert(checkpoint: Path, out: Path, outtype: str, cache: Path | None = None
 def start(binary: Path, gguf: Path, port: int, threads: int, slots: int, slot_tokens: int
           ) -> subprocess.Popen:
     """``llama-server`` on 127.0.0.1:port with ``slots`` parallel sequences of
-    ``slot_tokens`` context each; returns once /health answers 200."""
+    ``slot_tokens`` context each (and as many HTTP threads); returns once /health answers 200."""
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(threads), "-tb", str(threads), "-np", str(slots),
-           "-c", str(slots * slot_tokens), "--no-webui"]
+           "-c", str(slots * slot_tokens), "--no-webui",
+           # one HTTP thread per client at least: with its default (one per core) a streaming
+           # client beyond the first few had its connection closed without a response
+           "--threads-http", str(slots + 8)]
     log = open(gguf.with_suffix(".server.log"), "w")  # noqa: SIM115 (kept open for the child)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     why = wait_healthy(proc, port)
