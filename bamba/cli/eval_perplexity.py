@@ -7,9 +7,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from bamba.cli.eval import (add_model_arguments, check_context, check_rope_loader, load_model,
-                            load_tokenizer, parse_rope_scaling, prepare, write_results)
+from bamba.cli.eval import (add_model_arguments, check_context, check_rope_loader,
+                            checkpoint_config, load_model, load_tokenizer, parse_rope_scaling,
+                            prepare, write_results)
 from bamba.eval.documents import FORMATS
+
+DEFAULT_CONTEXT = 4096
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="text", choices=FORMATS, help="what FILES hold")
     parser.add_argument("--text-key", default="text", metavar="KEY",
                         help="the field of a JSONL line that holds its text")
-    parser.add_argument("--context", type=int, default=4096, metavar="TOKENS",
-                        help="tokens the model sees at once (a window)")
+    parser.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                        help="tokens the model sees at once, a window (default: 4096, or the "
+                             "model's context if shorter)")
     parser.add_argument("--stride", type=int, default=None, metavar="TOKENS",
                         help="start a window every this many tokens; below --context the windows "
                              "overlap and every token after a document's first is scored once "
@@ -48,18 +52,21 @@ def run(args: argparse.Namespace) -> int:
 
     scaling = parse_rope_scaling(args.rope_scaling) if args.rope_scaling is not None else None
     prepare(args)
-    check_options(args.context, args.stride, args.buckets, args.batch_size)
     check_rope_loader([scaling])
-    tokenizer = None if args.format == "shards" else load_tokenizer(args)
-    model = load_model(args, scaling)
-    check_context(args.context, model.config.max_position_embeddings, f"--context {args.context}",
-                  scaling is not None)
-    encode = None if tokenizer is None else tokenizer.encode
-    documents = load_documents(args.files, args.format, encode, model.config.vocab_size,
+    config = checkpoint_config(args.model)
+    context = min(DEFAULT_CONTEXT, config.max_position_embeddings) if args.context is None \
+        else args.context
+    stride = check_options(context, args.stride, args.buckets, args.batch_size)
+    if scaling is None:
+        check_context(context, config.max_position_embeddings, f"--context {context}", False)
+    encode = None if args.format == "shards" else load_tokenizer(args).encode
+    documents = load_documents(args.files, args.format, encode, config.vocab_size,
                                args.text_key, args.max_documents)
+    model = load_model(args, scaling)
+    check_context(context, model.config.max_position_embeddings, f"--context {context}", True)
     with torch.inference_mode():
-        summary = perplexity(accelerate(model), documents, args.context, args.stride,
-                             args.buckets, args.batch_size)
+        summary = perplexity(accelerate(model), documents, context, stride, args.buckets,
+                             args.batch_size)
     result = {"task": "perplexity", "model": args.model, "dtype": args.dtype,
               "format": args.format, "files": args.files, **summary}
     path = write_results(args.out, "perplexity", result)
