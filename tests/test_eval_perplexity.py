@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from bamba.checkpoint import from_pretrained, load_tokenizer
 from bamba.cli import main
 from bamba.eval.perplexity import PositionLosses, perplexity, summarize, windows
+from eval_helpers import assert_one_line_error as _refused
+from eval_helpers import run_eval
 from conftest import load_hf
 
 TEXT = ("The hybrid model mixes Mamba2 layers with a few attention layers. State space models "
@@ -125,9 +127,7 @@ def test_buckets_weight_every_token_once():
 # ---- the command ------------------------------------------------------------------------------
 
 def _run(argv, capsys):
-    capsys.readouterr()
-    code = main(["eval", "perplexity", *argv, "--threads", "1"])
-    return code, capsys.readouterr()
+    return run_eval("perplexity", argv, capsys)
 
 
 def test_the_command_on_text_jsonl_and_shards(checkpoint, tmp_path, capsys):
@@ -183,14 +183,6 @@ def test_the_command_in_bfloat16_is_close_to_float32(checkpoint, tmp_path, capsy
     assert results["bf16"] == pytest.approx(results["fp32"], rel=0.02)
 
 
-def _one_line_error(code, cap, *fragments):
-    assert code == 2
-    err = cap.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("bamba eval: error:"), cap.err
-    for fragment in fragments:
-        assert fragment in err[0]
-
-
 def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text(TEXT)
@@ -214,9 +206,9 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, capsys):
         ([ckpt, str(text), "--rope-scaling", "{yarn}"], ["--rope-scaling", "not valid JSON"]),
     ]
     for argv, fragments in cases:
-        _one_line_error(*_run([*argv, *out], capsys), *fragments)
+        _refused(*_run([*argv, *out], capsys), *fragments)
     (tmp_path / "one.txt").write_text("x")
-    _one_line_error(*_run([ckpt, str(tmp_path / "one.txt"), *out], capsys), "fewer than 2")
+    _refused(*_run([ckpt, str(tmp_path / "one.txt"), *out], capsys), "fewer than 2")
     assert not (tmp_path / "o").exists()
 
 
@@ -228,5 +220,5 @@ def test_shard_ids_beyond_the_vocabulary_are_refused(checkpoint, tmp_path, capsy
         "format": FORMAT, "complete": True, "documents": 2, "tokens": tokens,
         "tokenizer": {"vocab_size": 10000},
         "shards": [{"file": "shard-00000.arrow", "documents": 2, "tokens": tokens}]})
-    _one_line_error(*_run([str(checkpoint), str(tmp_path / "s"), "--format", "shards", "--out",
+    _refused(*_run([str(checkpoint), str(tmp_path / "s"), "--format", "shards", "--out",
                            str(tmp_path / "o")], capsys), "token id 9999", "vocabulary of 320")

@@ -11,10 +11,11 @@ import re
 import pytest
 
 from bamba.checkpoint import from_pretrained, load_tokenizer
-from bamba.cli import main
 from bamba.default_model import byte_tokenizer
 from bamba.eval.phonebook import (MIN_ENTRIES, evaluate, extract_answer, is_correct,
                                   largest_fitting, make_samples, score)
+from eval_helpers import assert_one_line_error as _refused
+from eval_helpers import run_eval
 from conftest import build_tokenizer
 
 LINE = re.compile(r"^(.+): (\d{10})$")
@@ -126,9 +127,7 @@ def test_a_perfect_copier_scores_one_and_a_wrong_one_zero():
 # ---- the command ------------------------------------------------------------------------------
 
 def _run(argv, capsys):
-    capsys.readouterr()  # drop what making the checkpoint printed
-    code = main(["eval", "phonebook", *argv, "--threads", "1"])
-    return code, capsys.readouterr()
+    return run_eval("phonebook", argv, capsys)
 
 
 def test_the_command_writes_json_and_png_from_the_engine(make_hf_checkpoint, tmp_path, capsys):
@@ -174,30 +173,22 @@ def test_the_engine_answer_is_the_models_greedy_continuation(make_hf_checkpoint,
         assert example["output"] == tokenizer.decode(ids).split("\n")[0]
 
 
-def _one_line_error(code, cap, *fragments):
-    assert code == 2
-    err = cap.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("bamba eval: error:"), cap.err
-    for fragment in fragments:
-        assert fragment in err[0]
-
-
 def test_bad_input_is_one_line_and_exit_2(make_hf_checkpoint, tmp_path, capsys):
     ckpt = str(make_hf_checkpoint("hybrid"))  # max_position_embeddings 512
     out = ["--out", str(tmp_path / "o")]
-    _one_line_error(*_run([str(tmp_path / "nothing"), *out], capsys), "nothing")
-    _one_line_error(*_run([ckpt, "--lengths", "1024", *out], capsys),
+    _refused(*_run([str(tmp_path / "nothing"), *out], capsys), "nothing")
+    _refused(*_run([ckpt, "--lengths", "1024", *out], capsys),
                     "--lengths 1024", "context of 512 tokens", "--rope-scaling")
-    _one_line_error(*_run([ckpt, "--lengths", "500", *out], capsys), "context of 512")
-    _one_line_error(*_run([ckpt, "--rope-scaling", "{factor: 4}", *out], capsys),
+    _refused(*_run([ckpt, "--lengths", "500", *out], capsys), "context of 512")
+    _refused(*_run([ckpt, "--rope-scaling", "{factor: 4}", *out], capsys),
                     "--rope-scaling", "not valid JSON")
-    _one_line_error(*_run([ckpt, "--rope-scaling", "[4]", *out], capsys), "JSON object")
-    _one_line_error(*_run([ckpt, "--lengths", "20", *out], capsys), "too short")
-    _one_line_error(*_run([ckpt, "--lengths", "0", *out], capsys), "--lengths")
-    _one_line_error(*_run([ckpt, "--samples", "0", *out], capsys), "--samples")
+    _refused(*_run([ckpt, "--rope-scaling", "[4]", *out], capsys), "JSON object")
+    _refused(*_run([ckpt, "--lengths", "20", *out], capsys), "too short")
+    _refused(*_run([ckpt, "--lengths", "0", *out], capsys), "--lengths")
+    _refused(*_run([ckpt, "--samples", "0", *out], capsys), "--samples")
     (tmp_path / "file").write_text("x")
-    _one_line_error(*_run([ckpt, "--out", str(tmp_path / "file")], capsys), "not a directory")
-    _one_line_error(*_run([ckpt, "--rope-scaling", '{"rope_type": "no-such-type"}', *out],
+    _refused(*_run([ckpt, "--out", str(tmp_path / "file")], capsys), "not a directory")
+    _refused(*_run([ckpt, "--rope-scaling", '{"rope_type": "no-such-type"}', *out],
                           capsys), "rope")
     assert not (tmp_path / "o").exists()
 
@@ -211,7 +202,7 @@ def test_rope_scaling_settings_are_one_run_each_once_the_loader_takes_them(
             "--rope-scaling", "none", "--rope-scaling", '{"rope_type": "linear", "factor": 2}']
     code, cap = _run(argv, capsys)
     if "rope_scaling" not in inspect.signature(from_pretrained).parameters:
-        _one_line_error(code, cap, "--rope-scaling", "takes no rope_scaling")
+        _refused(code, cap, "--rope-scaling", "takes no rope_scaling")
         return
     assert code == 0, cap.err
     runs = json.loads((tmp_path / "phonebook.json").read_text())["runs"]

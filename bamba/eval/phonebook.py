@@ -133,8 +133,8 @@ def make_samples(target_tokens: int, samples: int, encode: Encode, seed: int
         raise ValueError(f"a phone book length must be >= 1 token, got {target_tokens}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    return [make_sample(target_tokens, encode, random.Random(f"phonebook:{seed}:{target_tokens}:{i}"))
-            for i in range(samples)]
+    seeds = (f"phonebook:{seed}:{target_tokens}:{n}" for n in range(samples))
+    return [make_sample(target_tokens, encode, random.Random(s)) for s in seeds]
 
 
 def extract_answer(output: str) -> str:
