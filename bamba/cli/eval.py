@@ -115,6 +115,11 @@ def prepare(args: argparse.Namespace) -> None:
     set_threads(args.threads)
 
 
+def short_name(model_ref: str) -> str:
+    """A checkpoint's name for a plot title: its last two path parts (a hub id as it is)."""
+    return "/".join(Path(model_ref).parts[-2:])
+
+
 def write_results(out: str, name: str, result: dict[str, Any]) -> Path:
     """``DIR/name.json``, written atomically; returns its path."""
     from bamba.data.shards import write_json

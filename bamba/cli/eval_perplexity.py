@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from bamba.cli.eval import (add_model_arguments, check_context, check_rope_loader,
                             checkpoint_config, load_model, load_tokenizer, parse_rope_scaling,
-                            prepare, write_results)
+                            prepare, short_name, write_results)
 from bamba.eval.documents import FORMATS
 
 DEFAULT_CONTEXT = 4096
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
               [("mean loss", [(b["start"] + b["end"] - 1) / 2 for b in buckets],
                 [b["nll"] for b in buckets])],
               xlabel="position in the document (tokens)", ylabel="mean loss (nats per token)",
-              title=f"{Path(args.model).name}: perplexity {summary['perplexity']:.3f} "
+              title=f"{short_name(args.model)}: perplexity {summary['perplexity']:.3f} "
                     f"(context {summary['context']}, stride {summary['stride']})")
     print(f"{summary['tokens']} tokens of {summary['documents']} documents: "
           f"loss {summary['nll']:.4f}, perplexity {summary['perplexity']:.3f}")

@@ -7,12 +7,11 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 from bamba.cli.eval import (add_model_arguments, check_context, check_rope_loader,
                             checkpoint_config, load_model, load_tokenizer, parse_rope_scaling,
-                            prepare, write_results)
+                            prepare, short_name, write_results)
 
 BLOCK_SIZE = 16
 
@@ -102,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
               [(r["label"], [x["length"] for x in r["lengths"]],
                 [x["accuracy"] for x in r["lengths"]]) for r in runs],
               xlabel="prompt length (tokens)", ylabel="accuracy (exact number)",
-              title=f"PhoneBook: {Path(args.model).name}", log2_x=True, ylim=(-0.02, 1.02))
+              title=f"PhoneBook: {short_name(args.model)}", log2_x=True, ylim=(-0.02, 1.02))
     print(f"wrote {path} and {path.with_suffix('.png').name}", file=sys.stderr)
     return 0

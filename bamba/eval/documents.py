@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 FORMATS = ("text", "jsonl", "shards")
 
 
@@ -43,13 +45,16 @@ def read_jsonl_texts(path: str, text_key: str) -> list[str]:
     return texts
 
 
-def read_shard_documents(path: str, vocab_size: int) -> list[list[int]]:
-    """The documents of a ``bamba tokenize`` output directory; their ids must fit the model."""
+def read_shard_documents(path: str, vocab_size: int, limit: int | None = None
+                         ) -> list[np.ndarray]:
+    """The first ``limit`` (None: all) documents of a ``bamba tokenize`` output directory;
+    their ids must fit the model."""
     from bamba.data.documents import ShardDocuments
 
     shards = ShardDocuments(_existing(path))
-    documents = [shards.tokens(i).tolist() for i in range(len(shards))]
-    largest = max((max(doc) for doc in documents if doc), default=None)
+    count = len(shards) if limit is None else min(limit, len(shards))
+    documents = [shards.tokens(i).astype(np.int64) for i in range(count)]
+    largest = max((int(doc.max()) for doc in documents if len(doc)), default=None)
     if largest is None:
         raise ValueError(f"{path} holds no tokens")
     if largest >= vocab_size:
@@ -60,7 +65,7 @@ def read_shard_documents(path: str, vocab_size: int) -> list[list[int]]:
 
 def load_documents(paths: Sequence[str], fmt: str, encode: Callable[[str], list[int]] | None,
                    vocab_size: int, text_key: str = "text", max_documents: int | None = None
-                   ) -> list[list[int]]:
+                   ) -> list[Sequence[int]]:
     """Token ids of every document of ``paths`` in order (at most ``max_documents``); ``encode``
     tokenizes the text formats."""
     if fmt not in FORMATS:
@@ -69,10 +74,11 @@ def load_documents(paths: Sequence[str], fmt: str, encode: Callable[[str], list[
         raise ValueError("no input files")
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max documents must be >= 1, got {max_documents}")
-    documents: list[list[int]] = []
+    documents: list[Sequence[int]] = []
     for path in paths:
         if fmt == "shards":
-            documents += read_shard_documents(path, vocab_size)
+            left = None if max_documents is None else max_documents - len(documents)
+            documents += read_shard_documents(path, vocab_size, left)
         else:
             assert encode is not None, "text formats need a tokenizer"
             texts = [read_text_file(path)] if fmt == "text" else read_jsonl_texts(path, text_key)

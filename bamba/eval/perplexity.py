@@ -65,7 +65,7 @@ def window_losses(model: Any, token_rows: Sequence[Sequence[int]], firsts: Seque
     width = max(len(row) for row in token_rows)
     ids = torch.zeros(len(token_rows), width, dtype=torch.long, device=model.device)
     for i, row in enumerate(token_rows):
-        ids[i, :len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        ids[i, :len(row)] = torch.as_tensor(np.asarray(row, dtype=np.int64))
     hidden = model.hidden_states(ids)
     losses = []
     for i, (row, first) in enumerate(zip(token_rows, firsts, strict=True)):
@@ -142,13 +142,16 @@ def perplexity(model: Any, documents: Sequence[Sequence[int]], context: int,
     if not plan:
         raise ValueError("nothing to score: every document has fewer than 2 tokens")
     totals = PositionLosses.zeros(max(len(doc) for doc in documents))
+    report_every = max(1, len(plan) // 10)
     for start in range(0, len(plan), batch_size):
         batch = plan[start:start + batch_size]
         rows = [documents[w.doc][w.begin:w.end] for w in batch]
         losses = window_losses(model, rows, [w.first - w.begin for w in batch])
         for window, loss in zip(batch, losses):
             totals.add(window.first, loss.double().cpu().numpy())
-        log.info("perplexity: %d/%d windows", min(start + batch_size, len(plan)), len(plan))
+        done = min(start + batch_size, len(plan))
+        if done // report_every != start // report_every or done == len(plan):
+            log.info("perplexity: %d/%d windows", done, len(plan))
     scored = {w.doc for w in plan}
     return {"documents": len(scored), "context": context, "stride": stride,
             **summarize(totals, buckets)}

@@ -32,8 +32,11 @@ def line_plot(path: str | os.PathLike, series: Sequence[Series], *, xlabel: str,
     for label, xs, ys in series:
         points = [(x, y) for x, y in zip(xs, ys) if y is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    if log2_x:
+    if log2_x:  # ticks at the lengths measured, written out
         ax.set_xscale("log", base=2)
+        ticks = sorted({x for _, xs, _ in series for x in xs})
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        ax.minorticks_off()
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
