@@ -23,11 +23,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("bamba.cli.finetune", "fine-tune a checkpoint on chat or prompt/completion JSONL"),
     "demo": ("bamba.cli.demo", "offline demo: train a small hybrid on the stdlib's source, complete code"),
     "serve": ("bamba.cli.serve", "OpenAI-compatible HTTP server (continuous batching engine)"),
+    "eval": ("bamba.cli.eval", "evaluate a model: PhoneBook retrieval, perplexity (JSON + PNG)"),
 }
 
 
 # verbs that size their thread pools with bamba.cores (measured before torch loads)
-ADAPTS_THREADS = frozenset({"demo", "train", "finetune", "generate", "chat", "serve"})
+ADAPTS_THREADS = frozenset({"demo", "train", "finetune", "generate", "chat", "serve", "eval"})
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
