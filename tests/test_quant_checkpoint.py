@@ -376,3 +376,18 @@ def test_unsupported_quantization_configs_are_named(change, fragment):
     with pytest.raises(ValueError, match=None) as info:
         parse_quantization_config(raw)
     assert fragment in str(info.value)
+
+
+def test_ignore_list_chooses_the_dense_layers(dense, tmp_path):
+    assert main(["quantize", str(dense), str(tmp_path / "all"), "--scheme", "int8", "--ignore", "",
+                 "--no-progress"]) == 0
+    assert isinstance(from_pretrained(tmp_path / "all").lm_head, QuantizedLinear)
+    assert main(["quantize", str(dense), str(tmp_path / "attn"), "--scheme", "int8",
+                 "--ignore", r"lm_head,re:.*\.mamba\.", "--no-progress"]) == 0
+    model = from_pretrained(tmp_path / "attn")
+    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, QuantizedLinear))}
+    assert kinds["in_proj"] is torch.nn.Linear and kinds["out_proj"] is torch.nn.Linear
+    assert kinds["q_proj"] is QuantizedLinear and kinds["lm_head"] is torch.nn.Linear
+    raw = json.loads((tmp_path / "attn" / "config.json").read_text())["quantization_config"]
+    assert raw["ignore"] == ["lm_head", r"re:.*\.mamba\."]

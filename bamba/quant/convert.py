@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,7 +65,7 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
     quantization = quantization_config_dict(scheme, ignore)
     with torch.device("meta"):
         model = BambaLM(config)
-    rename = lambda name: to_checkpoint_name(name, config.model_type)  # noqa: E731
+    rename = partial(to_checkpoint_name, model_type=config.model_type)
     targets = targeted_linears(model, parse_quantization_config(quantization), rename)
     files, plan = checked_tensors(directory, model)
     quantized = {rename(f"{name}.weight") for name in targets}
