@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("bamba.cli.demo", "offline demo: train a small hybrid on the stdlib's source, complete code"),
     "serve": ("bamba.cli.serve", "OpenAI-compatible HTTP server (continuous batching engine)"),
     "eval": ("bamba.cli.eval", "evaluate a model: PhoneBook retrieval, perplexity (JSON + PNG)"),
+    "quantize": ("bamba.cli.quantize", "quantize a checkpoint's linear layers to fp8, int8 or int4 (compressed-tensors)"),
 }
 
 
