@@ -28,7 +28,7 @@ from torch import nn
 
 from bamba.arena import WeightArena
 from bamba.budget import check_model_fits
-from bamba.config import BambaConfig
+from bamba.config import BambaConfig, with_rope_scaling
 from bamba.checkpoint_writer import (CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME,  # noqa: F401
                                      SHARD_PATTERN, WEIGHTS_NAME, export_state_dict,
                                      hf_config_dict, parse_size, save_pretrained,
@@ -222,16 +222,19 @@ def checked_tensors(directory: Path, model: BambaLM) -> tuple[dict[str, Path], d
 
 # ---- loading ----------------------------------------------------------------------------------
 def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", revision: str | None = None) -> BambaLM:
+                    device: str | torch.device = "cpu", revision: str | None = None,
+                    rope_scaling: dict[str, Any] | None = None) -> BambaLM:
     """Load a Hugging Face Bamba or Llama checkpoint (local directory or hub id) in eval mode.
 
     Floating-point weights are cast to ``dtype`` as they load, except the per-head
-    A_log, D and dt_bias, which stay float32 (they feed exp and softplus).
+    A_log, D and dt_bias, which stay float32 (they feed exp and softplus). ``rope_scaling``
+    (a ``rope_parameters`` dict, e.g. ``{"rope_type": "yarn", "factor": 4}``) replaces the
+    checkpoint's RoPE scaling.
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     directory = resolve_checkpoint(path_or_id, revision)
-    config = load_config(directory)
+    config = with_rope_scaling(load_config(directory), rope_scaling)
     quantization = load_quantization_config(directory)
     check_model_fits(config, dtype.itemsize, quantized_bits=None if quantization is None
                      else min(g.scheme.bits for g in quantization.groups))

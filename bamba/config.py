@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bamba.ops.rope import RopeSpec, check_rope_scaling, rope_type_of
+
 MODEL_TYPES = ("bamba", "llama")
 
 
@@ -44,6 +46,9 @@ class BambaConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.5
+    # transformers' rope_parameters without rope_theta and partial_rotary_factor: the scaling
+    # (rope_type and its fields, bamba.ops.rope), None for plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 262144
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -69,6 +74,11 @@ class BambaConfig:
             self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_scaling is not None:
+            scaling = {k: v for k, v in self.rope_scaling.items()
+                       if k not in ("rope_theta", "partial_rotary_factor")}
+            kind = rope_type_of(scaling)  # the legacy "type" stays, rope_type joins it
+            self.rope_scaling = None if kind == "default" else {"rope_type": kind, **scaling}
         self.validate()
 
     def validate(self) -> None:
@@ -98,6 +108,8 @@ class BambaConfig:
         for name in ("rms_norm_eps", "rope_theta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"config field {name} must be > 0, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling, self.rotary_dim)
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         low, high = self.time_step_limit
@@ -117,6 +129,17 @@ class BambaConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def rope_spec(self) -> RopeSpec:
+        return RopeSpec(self.rotary_dim, self.rope_theta, self.max_position_embeddings,
+                        self.rope_scaling)
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model allows: ``max_position_embeddings``, or what its RoPE
+        scaling extends the original context to (``RopeSpec.context_length``)."""
+        return self.rope_spec.context_length
 
     @property
     def layer_types(self) -> list[str]:
@@ -142,11 +165,11 @@ class BambaConfig:
             raise ValueError(f"model_type {model_type!r} is not supported (expected one of {MODEL_TYPES})")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        # transformers prefers the legacy rope_scaling when both are present.
+        rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
         if not isinstance(rope, dict):
             raise ValueError(f"rope_parameters must be a mapping, got {rope!r}")
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"rope_type {rope.get('rope_type')!r} is not supported yet")
+        kwargs["rope_scaling"] = rope or None
         kwargs["rope_theta"] = _as_float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
         # transformers hard-codes 0.5 for Bamba; Llama rotates the whole head.
         default_factor = 0.5 if model_type == "bamba" else 1.0
@@ -166,7 +189,8 @@ class BambaConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json transformers reads for this architecture."""
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        rope = {"rope_type": self.rope_spec.rope_type, **(self.rope_scaling or {}),
+                "rope_theta": self.rope_theta}
         common = {
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
@@ -283,6 +307,28 @@ def _as_float(value: Any) -> Any:
 
 def _encode_float(value: float) -> Any:
     return {"__float__": "Infinity"} if math.isinf(value) else value
+
+
+def with_rope_scaling(config: BambaConfig, scaling: dict[str, Any] | None) -> BambaConfig:
+    """``config`` with its RoPE scaling replaced by ``scaling`` (a ``rope_parameters`` dict;
+    its rope_theta and partial_rotary_factor, when given, replace the config's too); None
+    keeps the config's. ValueError names what is wrong with it."""
+    if scaling is None:
+        return config
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a JSON object, got {scaling!r}")
+    changes = {k: _as_float(scaling[k]) for k in ("rope_theta", "partial_rotary_factor")
+               if k in scaling}
+    return config.replace(rope_scaling=scaling, **changes)
+
+
+def context_hint(config: BambaConfig) -> str:
+    """Where a model's context limit comes from, for the message refusing a longer prompt."""
+    if config.rope_scaling is None:
+        return ' (max_position_embeddings; a rope_scaling such as {"rope_type": "yarn", ' \
+               '"factor": 4} extends it)'
+    spec = config.rope_spec
+    return f" (rope_type {spec.rope_type!r} over an original context of {spec.original_length})"
 
 
 def llama_twin(config: BambaConfig) -> BambaConfig:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bamba.cache import ContiguousCache
+from bamba.config import context_hint
 from bamba.model import BambaLM
 from bamba.native import accelerate
 from bamba.sampling import (SamplingBatch, SamplingValues, require_int, sample,
@@ -91,10 +92,10 @@ def _check_prompts(model: BambaLM, prompts: Sequence[Sequence[int]], max_new_tok
             raise ValueError(f"prompt {i} is empty")
         if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
             raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
-        if len(prompt) + max_new_tokens > cfg.max_position_embeddings:
+        if len(prompt) + max_new_tokens > cfg.context_length:
             raise ValueError(f"prompt {i} ({len(prompt)} tokens) + max_new_tokens "
                              f"({max_new_tokens}) exceeds the model's context of "
-                             f"{cfg.max_position_embeddings} tokens")
+                             f"{cfg.context_length} tokens{context_hint(cfg)}")
 
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, ContiguousCache], torch.Tensor]

@@ -207,6 +207,9 @@ class BambaLM(nn.Module):
       seq_idx [B, L]: document ids of a packed row; state, conv and attention reset at each
         new id (training on packed documents; no cache).
       logits_to_keep: compute logits for only the last n positions (0 = all).
+      rope_lengths [B, L]: the sequence length each token's length-dependent RoPE scaling
+        (dynamic NTK, LongRoPE) is chosen for; default: its row's last position + 1, as
+        transformers does. A chunked prefill passes the whole prompt's length.
     """
 
     def __init__(self, config: BambaConfig):
@@ -219,15 +222,17 @@ class BambaLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: InferenceCache | None = None, seq_idx: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        hidden = self.hidden_states(input_ids, positions=positions, cache=cache, seq_idx=seq_idx)
+                logits_to_keep: int = 0, rope_lengths: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, positions=positions, cache=cache, seq_idx=seq_idx,
+                                    rope_lengths=rope_lengths)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
-                      cache: InferenceCache | None = None,
-                      seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                      cache: InferenceCache | None = None, seq_idx: torch.Tensor | None = None,
+                      rope_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, L, hidden] (what the LM head and losses consume)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -238,7 +243,7 @@ class BambaLM(nn.Module):
             positions = _default_positions(b, l, seq_idx, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cfg = self.config
-        rope = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, x.dtype) \
+        rope = rope_cos_sin(positions, cfg.rope_spec, x.dtype, rope_lengths) \
             if cfg.attn_layer_indices else None
         return self.model.final_layernorm(self.decoder_layers(x, rope, positions, cache,
                                                               seq_idx))

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from bamba.cli.inference_options import (add_model_options, add_sampling_options, checkpoint_tokenizer,
-                                 sampling_values, set_threads)
+                                 rope_scaling_option, sampling_values, set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,10 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     params = SamplingParams(max_tokens=args.max_new_tokens, stop=args.stop,
                             **sampling_values(args))  # bad values fail before the model loads
+    rope_scaling = rope_scaling_option(args.rope_scaling)
     tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)
     llm = LLM(args.model, tokenizer, dtype=dtype, memory_gb=args.memory_gb, max_num_seqs=1,
-              enable_prefix_caching=True)
+              enable_prefix_caching=True, rope_scaling=rope_scaling)
     interactive = sys.stdin.isatty()
     if interactive:
         _say(f"chatting with {args.model} (context {llm.max_model_len} tokens); "

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from bamba.cli.inference_options import (add_model_options, add_sampling_options, load_model,
-                                 sampling_values, set_threads)
+                                         rope_scaling_option, sampling_values, set_threads)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         from bamba.compile import inductor_options
 
         inductor_options(args.compile)
-    model, tokenizer, embedded = load_model(args.model, args.tokenizer, dtype)
+    rope_scaling = rope_scaling_option(args.rope_scaling)
+    model, tokenizer, embedded = load_model(args.model, args.tokenizer, dtype, rope_scaling)
     prompt = tokenizer.encode(text)
     if not prompt:
         raise ValueError("the prompt encodes to no tokens")

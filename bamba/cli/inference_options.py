@@ -1,24 +1,52 @@
 """Options the inference verbs share (``generate``, ``chat``, ``serve``), so they accept the same
-names with the same defaults: weights dtype, a tokenizer override, sampling; and loading the
+names with the same defaults: weights dtype, a tokenizer override, a RoPE scaling override,
+sampling; and loading the
 tokenizer before the weights, so a checkpoint without one fails fast and says what to do."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from bamba.dtypes import DEFAULT_DTYPE, DTYPE_HELP
+from bamba.ops.rope import ROPE_TYPES, rope_type_of
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                    "presence_penalty", "frequency_penalty", "seed")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--dtype and --tokenizer."""
+    """--dtype, --tokenizer and --rope-scaling."""
     parser.add_argument("--dtype", default=DEFAULT_DTYPE, help=f"weights: {DTYPE_HELP}")
     parser.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
                         help="tokenizer directory or hub id (default: the checkpoint's own; "
                              "needed when it was saved without one)")
+    parser.add_argument("--rope-scaling", default=None, metavar="JSON",
+                        help="RoPE scaling of the attention layers as in config.json's "
+                             "rope_parameters, replacing the checkpoint's, e.g. "
+                             "'{\"rope_type\": \"yarn\", \"factor\": 4}' (types: "
+                             f"{', '.join(ROPE_TYPES[1:])}; the context grows by the factor); "
+                             "default: the checkpoint's")
+
+
+def rope_scaling_option(text: str | None) -> dict[str, Any] | None:
+    """--rope-scaling's JSON object (None when not given); ValueError names what is wrong
+    before the model loads (its fields are checked against the model as it loads)."""
+    if text is None:
+        return None
+    try:
+        scaling = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--rope-scaling: not valid JSON ({exc.msg} at column {exc.colno})"
+                         ) from None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"--rope-scaling: expected a JSON object, got {text!r}")
+    kind = rope_type_of(scaling)
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"--rope-scaling: unknown rope_type {kind!r}; known: "
+                         f"{', '.join(ROPE_TYPES)}")
+    return scaling
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, max_new_tokens: int,
@@ -81,13 +109,16 @@ def checkpoint_tokenizer(model_ref: str, tokenizer_ref: str | None) -> Any:
     return load_tokenizer(directory)
 
 
-def load_model(model_ref: str | None, tokenizer_ref: str | None, dtype: Any
-               ) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, is_embedded_default); no ``model_ref`` means the embedded default."""
+def load_model(model_ref: str | None, tokenizer_ref: str | None, dtype: Any,
+               rope_scaling: dict[str, Any] | None = None) -> tuple[Any, Any, bool]:
+    """(model, tokenizer, is_embedded_default); no ``model_ref`` means the embedded default;
+    ``rope_scaling`` replaces the model's RoPE scaling."""
     if model_ref is None:
+        from bamba.config import with_rope_scaling
         from bamba.default_model import load_default
 
         model, tokenizer = load_default(dtype)
+        model.config = with_rope_scaling(model.config, rope_scaling)
         if tokenizer_ref is not None:
             from bamba.checkpoint import load_tokenizer
 
@@ -96,4 +127,4 @@ def load_model(model_ref: str | None, tokenizer_ref: str | None, dtype: Any
     from bamba.checkpoint import from_pretrained
 
     tokenizer = checkpoint_tokenizer(model_ref, tokenizer_ref)
-    return from_pretrained(model_ref, dtype=dtype), tokenizer, False
+    return from_pretrained(model_ref, dtype=dtype, rope_scaling=rope_scaling), tokenizer, False

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ValueError(f"bamba serve needs the serve extra (pip install 'bamba[serve]'): "
                          f"{exc}") from None
-    from bamba.cli.inference_options import checkpoint_tokenizer, set_threads
+    from bamba.cli.inference_options import (checkpoint_tokenizer, rope_scaling_option,
+                                             set_threads)
     from bamba.dtypes import parse_dtype
     from bamba.engine import LLM
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         if not value > 0:
             raise ValueError(f"{option} must be positive, got {value}")
     dtype = parse_dtype(args.dtype, "--dtype")
+    rope_scaling = rope_scaling_option(args.rope_scaling)
     sock = bind(args.host, args.port)  # a busy port fails now, not after the model loads
     try:
         tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)  # before the weights load
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   max_model_len=args.max_model_len,
                   enable_prefix_caching=not args.no_prefix_caching,
-                  compile_mode=None if args.compile == "none" else args.compile)
+                  compile_mode=None if args.compile == "none" else args.compile,
+                  rope_scaling=rope_scaling)
         name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
         api_key = args.api_key or os.environ.get("BAMBA_API_KEY") or None
         engine = AsyncEngine(llm).start()

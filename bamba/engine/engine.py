@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from bamba.compile import inductor_options
+from bamba.config import with_rope_scaling
 from bamba.dtypes import parse_dtype
 from bamba.engine.page_pool import PagePool, plan_pools
 from bamba.engine.params import RequestOutput, SamplingParams
@@ -76,6 +77,8 @@ class LLM:
     (its tokenizer too). memory_gb: bytes (10^9) for KV blocks and state slots together.
     snapshot_interval: with prefix caching, Mamba states are saved every this many prompt
     tokens (rounded up to whole blocks) and at the prompt's last full block.
+    rope_scaling: a ``rope_parameters`` dict replacing the model's RoPE scaling (its
+    context grows with it; prefix caching is off for the length-dependent dynamic and longrope).
     compile_mode: None (eager) or a ``bamba.compile.MODES`` entry: decode steps run through
     one inductor-compiled graph for every batch size and context (the first decode step
     compiles it, about a minute on the reference CPU; inductor caches it on disk).
@@ -86,10 +89,11 @@ class LLM:
                  block_size: int = 16, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  state_dtype: str | torch.dtype = torch.float32, max_model_len: int | None = None,
-                 snapshot_interval: int = 256, seed: int = 0, compile_mode: str | None = None):
+                 snapshot_interval: int = 256, seed: int = 0, compile_mode: str | None = None,
+                 rope_scaling: dict | None = None):
         if compile_mode is not None:
             inductor_options(compile_mode)  # a bad mode fails here, before the model loads
-        model, tokenizer = _load(model, tokenizer, dtype)
+        model, tokenizer = _load(model, tokenizer, dtype, rope_scaling)
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if not memory_gb > 0:
@@ -97,7 +101,12 @@ class LLM:
         cfg = model.config
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         self.state_dtype = parse_dtype(state_dtype, "state_dtype")
-        wanted_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        wanted_len = min(max_model_len or cfg.context_length, cfg.context_length)
+        if enable_prefix_caching and cfg.rope_spec.length_dependent:
+            # Keys rotated for one prompt length are not those another length needs.
+            log.info("engine: no prefix caching with rope_type %r (its frequencies depend on "
+                     "the prompt's length)", cfg.rope_spec.rope_type)
+            enable_prefix_caching = False
         plan = plan_pools(cfg, int(memory_gb * 1e9), block_size, model.dtype, self.state_dtype,
                           max_num_seqs, wanted_len, enable_prefix_caching)
         self.plan = plan
@@ -278,16 +287,19 @@ class LLM:
 
 
 def _load(model: BambaLM | str | os.PathLike, tokenizer: object | None,
-          dtype: str | torch.dtype | None) -> tuple[BambaLM, object | None]:
+          dtype: str | torch.dtype | None, rope_scaling: dict | None
+          ) -> tuple[BambaLM, object | None]:
     if isinstance(model, BambaLM):
         if dtype is not None:
             cast(model, parse_dtype(dtype))
+        model.config = with_rope_scaling(model.config, rope_scaling)
         return model.eval(), tokenizer
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"model must be a BambaLM or a checkpoint path/id, got {type(model)}")
     from bamba.checkpoint import from_pretrained, load_tokenizer
 
-    loaded = from_pretrained(model, dtype=parse_dtype(dtype or torch.float32))
+    loaded = from_pretrained(model, dtype=parse_dtype(dtype or torch.float32),
+                             rope_scaling=rope_scaling)
     if tokenizer is None:
         tokenizer = load_tokenizer(model)
     return loaded, tokenizer

@@ -101,9 +101,11 @@ class PagedStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
                 write_rows: torch.Tensor, read_rows: torch.Tensor, pools: StatePools,
-                scratch: Scratch | None = None) -> torch.Tensor:
+                scratch: Scratch | None = None, rope_lengths: torch.Tensor | None = None
+                ) -> torch.Tensor:
         cache = PagedBatchCache(pools, slots, write_rows, read_rows, scratch)
-        return self.model(tokens, positions=positions, cache=cache, logits_to_keep=1)[:, -1]
+        return self.model(tokens, positions=positions, cache=cache, logits_to_keep=1,
+                          rope_lengths=rope_lengths)[:, -1]
 
 
 def compiled_decode(model: BambaLM, mode: str) -> CompiledModule:
@@ -158,6 +160,7 @@ class ModelRunner:
         self.decode_graph = None if compile_mode is None else \
             compiled_decode(model, compile_mode)
         self.native_rows = decode_rows(model)
+        self.length_dependent_rope = cfg.rope_spec.length_dependent
         self._scratch: dict[int, torch.Tensor] = {}
 
     def scratch(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -218,8 +221,13 @@ class ModelRunner:
         write = page_rows(blocks, pos, bs)
         read = page_rows(blocks, torch.arange(end, device=device).expand(len(rows), end), bs)
         slots = [c.slot for c in rows]
+        # A prompt's tokens see the whole prompt's length (as one transformers forward over it
+        # would), however it is chunked; later tokens their own.
+        lengths = torch.maximum(pos + 1, tensor([c.num_prompt_tokens for c in rows])[:, None]) \
+            if self.length_dependent_rope else None
         if length == 1 and self.decode_graph is not None and len(rows) > self.native_rows:
-            out = self.decode_graph(ids, pos, tensor(slots), write, read, self.pools)
+            out = self.decode_graph(ids, pos, tensor(slots), write, read, self.pools, None,
+                                    lengths)
         elif (length > 1 or len(rows) > self.native_rows) and \
                 slots == list(range(slots[0], slots[0] + len(slots))):
             # Consecutive ascending slots: the states are one slice (no gather, no scatter;
@@ -227,8 +235,9 @@ class ModelRunner:
             span = slice(slots[0], slots[0] + len(slots))
             pools = self.pools._replace(conv={i: t[span] for i, t in self.conv.items()},
                                         ssm={i: t[span] for i, t in self.ssm.items()})
-            out = self.step(ids, pos, None, write, read, pools, self.scratch)
+            out = self.step(ids, pos, None, write, read, pools, self.scratch, lengths)
         else:
-            out = self.step(ids, pos, tensor(slots), write, read, self.pools, self.scratch)
+            out = self.step(ids, pos, tensor(slots), write, read, self.pools, self.scratch,
+                            lengths)
         logits = out.float()  # one conversion for the batch; rows are views of it
         return {c.seq_id: logits[j] for j, c in enumerate(rows)}

@@ -54,6 +54,7 @@ class ScheduledChunk:
     restore_from: int | None  # copy this snapshot slot's state into ``slot`` first
     snapshot_to: int | None  # copy the state after the chunk into this slot
     sample: bool  # the chunk reaches the last known token: sample the next one
+    num_prompt_tokens: int = 0  # the request's prompt (a length-dependent RoPE scaling's length)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ class Scheduler:
             block_ids=list(seq.block_ids), slot=seq.slot,
             reset_state=start == 0 and seq.restore_from is None,
             restore_from=seq.restore_from, snapshot_to=self._snapshot_slot(seq, start, end),
-            sample=end == len(seq.token_ids))
+            sample=end == len(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens)
 
     def _snapshot_slot(self, seq: Sequence, start: int, end: int) -> int | None:
         """A slot for the state at ``end`` when it is a new block boundary of a prefill chunk."""
