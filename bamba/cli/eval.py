@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
-import json
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from bamba.cli.inference_options import add_model_options
 
     parser.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id")
-    add_model_options(parser)
+    add_model_options(parser, rope_scaling=False)  # each evaluation has its own
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads (default: one per core, fewer on busy cores)")
     parser.add_argument("--out", default="eval-results", metavar="DIR",
@@ -50,27 +48,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_rope_scaling(text: str) -> dict[str, Any] | None:
-    """A ``--rope-scaling`` value: a JSON object, or ``none`` / ``null`` for the checkpoint's
-    own RoPE."""
+    """A ``--rope-scaling`` value: ``none`` / ``null`` for the checkpoint's own RoPE, else what
+    generate and serve accept (``inference_options.rope_scaling_option``)."""
+    from bamba.cli.inference_options import rope_scaling_option
+
     if text.strip().lower() in ("none", "null"):
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--rope-scaling {text!r} is not valid JSON ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--rope-scaling must be a JSON object such as "
-                         f"'{{\"rope_type\": \"yarn\", \"factor\": 4}}', got {text!r}")
-    return value
-
-
-def check_rope_loader(scalings: list[dict[str, Any] | None]) -> None:
-    """Refuse a scaling before any work when this build's loader cannot apply it."""
-    from bamba.checkpoint import from_pretrained
-
-    if any(s is not None for s in scalings) and \
-            "rope_scaling" not in inspect.signature(from_pretrained).parameters:
-        raise ValueError("--rope-scaling: this build's from_pretrained takes no rope_scaling")
+    return rope_scaling_option(text)
 
 
 def checkpoint_config(model_ref: str) -> Any:
@@ -94,8 +78,8 @@ def load_model(args: argparse.Namespace, rope_scaling: dict[str, Any] | None = N
     from bamba.checkpoint import from_pretrained
     from bamba.dtypes import parse_dtype
 
-    extra = {} if rope_scaling is None else {"rope_scaling": rope_scaling}
-    return from_pretrained(args.model, dtype=parse_dtype(args.dtype, "--dtype"), **extra)
+    return from_pretrained(args.model, dtype=parse_dtype(args.dtype, "--dtype"),
+                           rope_scaling=rope_scaling)
 
 
 def load_tokenizer(args: argparse.Namespace) -> Any:

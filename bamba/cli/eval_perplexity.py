@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bamba.cli.eval import (add_model_arguments, check_context, check_rope_loader,
+from bamba.cli.eval import (add_model_arguments, check_context,
                             checkpoint_config, load_model, load_tokenizer, parse_rope_scaling,
                             prepare, short_name, write_results)
 from bamba.eval.documents import FORMATS
@@ -51,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
 
     scaling = parse_rope_scaling(args.rope_scaling) if args.rope_scaling is not None else None
     prepare(args)
-    check_rope_loader([scaling])
     config = checkpoint_config(args.model)
     context = min(DEFAULT_CONTEXT, config.max_position_embeddings) if args.context is None \
         else args.context

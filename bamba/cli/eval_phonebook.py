@@ -9,7 +9,7 @@ import math
 import sys
 from typing import Any
 
-from bamba.cli.eval import (add_model_arguments, check_context, check_rope_loader,
+from bamba.cli.eval import (add_model_arguments, check_context,
                             checkpoint_config, load_model, load_tokenizer, parse_rope_scaling,
                             prepare, short_name, write_results)
 
@@ -76,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
     lengths = _check_counts(args)
     scalings = [parse_rope_scaling(t) for t in args.rope_scaling or ["none"]]
     prepare(args)
-    check_rope_loader(scalings)
     needed = max(lengths) + args.max_new_tokens
     what = f"--lengths {max(lengths)} plus --max-new-tokens {args.max_new_tokens}"
     if None in scalings:

@@ -16,12 +16,14 @@ SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty
                    "presence_penalty", "frequency_penalty", "seed")
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--dtype, --tokenizer and --rope-scaling."""
+def add_model_options(parser: argparse.ArgumentParser, rope_scaling: bool = True) -> None:
+    """--dtype, --tokenizer and (unless the verb has its own) --rope-scaling."""
     parser.add_argument("--dtype", default=DEFAULT_DTYPE, help=f"weights: {DTYPE_HELP}")
     parser.add_argument("--tokenizer", default=None, metavar="DIR_OR_ID",
                         help="tokenizer directory or hub id (default: the checkpoint's own; "
                              "needed when it was saved without one)")
+    if not rope_scaling:
+        return
     parser.add_argument("--rope-scaling", default=None, metavar="JSON",
                         help="RoPE scaling of the attention layers as in config.json's "
                              "rope_parameters, replacing the checkpoint's, e.g. "
