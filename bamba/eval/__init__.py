@@ -1,0 +1,1 @@
+"""Evaluations of a model: lm-evaluation-harness tasks (``harness``) and the scoring they use."""
