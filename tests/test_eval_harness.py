@@ -29,12 +29,12 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from bamba.checkpoint import from_pretrained  # noqa: E402
 from bamba.cli import eval_harness  # noqa: E402
 from bamba.engine import LLM  # noqa: E402
 from bamba.eval.harness import BambaEvalLM  # noqa: E402
 from bamba.serve.app import build_app  # noqa: E402
 from bamba.serve.async_engine import AsyncEngine  # noqa: E402
+from scoring_helpers import forward_logprobs, plain_model  # noqa: E402
 from serve_helpers import running, save_tiny_checkpoint  # noqa: E402
 
 NAME = "tiny-bamba"
@@ -86,13 +86,7 @@ def lm(checkpoint: Path) -> BambaEvalLM:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> torch.nn.Module:
-    """The same weights on the plain torch path (no kernels, no engine)."""
-    return from_pretrained(checkpoint).eval()
-
-
-def forward_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([ids])).float(), dim=-1)[0]
+    return plain_model(checkpoint)
 
 
 def plain_score(model: torch.nn.Module, tokens: list[int], first: int) -> tuple[float, bool]:

@@ -14,10 +14,10 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from bamba.checkpoint import from_pretrained  # noqa: E402
 from bamba.engine import LLM, SamplingParams  # noqa: E402
 from bamba.serve.app import build_app  # noqa: E402
 from bamba.serve.async_engine import AsyncEngine  # noqa: E402
+from scoring_helpers import forward_logprobs, plain_model  # noqa: E402
 from serve_helpers import running, save_tiny_checkpoint  # noqa: E402
 
 NAME = "tiny-bamba"
@@ -43,14 +43,7 @@ def server(checkpoint: Path) -> Iterator[tuple[str, AsyncEngine]]:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> torch.nn.Module:
-    """The same weights on the plain torch path (no kernels, no engine)."""
-    return from_pretrained(checkpoint).eval()
-
-
-def forward_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    """log_softmax of one plain forward over ``ids`` [L, V]."""
-    with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([ids])).float(), dim=-1)[0]
+    return plain_model(checkpoint)
 
 
 def post(base: str, body: dict) -> httpx.Response:
@@ -137,6 +130,7 @@ def test_several_text_prompts_with_n_samples(server) -> None:
     ({"prompt": ["a", "b"], "stream": True}, "prompt"),
     ({"prompt": [[5, 6], []]}, "prompt"),
     ({"prompt": [[5, 6]] * 257}, "prompt"),
+    ({"prompt": [[5, 6]] * 3, "n": 100}, "prompt"),
     ({"prompt": [[5, 6], [5, 10**6]], "echo": True, "logprobs": 1}, "prompt"),
     ({"prompt": "hi", "echo": True, "logprobs": 21}, "logprobs"),
 ])

@@ -28,7 +28,7 @@ MAX_N = 128  # samples per request (OpenAI's limit)
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1 - MAX_N  # sample i uses seed + i, and torch seeds are 64-bit
 MAX_TOKEN_ID = 2**31 - 1
-MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_CHOICES = 256  # prompts x samples in one /v1/completions request
 
 Decode = Callable[[list[int]], str]
 
@@ -104,9 +104,9 @@ class CompletionRequest(_Sampling):
         prompts = list(prompt) if several else [prompt]
         if not all(prompts):
             raise ParameterError("prompt: the prompt is empty", "prompt")
-        if len(prompts) > MAX_PROMPTS:
-            raise ParameterError(f"prompt: at most {MAX_PROMPTS} prompts per request, got "
-                                 f"{len(prompts)}", "prompt")
+        if len(prompts) * (self.n or 1) > MAX_CHOICES:
+            raise ParameterError(f"prompt: {len(prompts)} prompts x n={self.n or 1} samples "
+                                 f"exceed {MAX_CHOICES} choices per request", "prompt")
         if self.stream and len(prompts) > 1:
             raise ParameterError("prompt: several prompts cannot be streamed", "prompt")
         return prompts
