@@ -258,7 +258,8 @@ class _Server:
             self._abort(ids)
             return _gone()
         echoed = None if not body.echo else \
-            [p if isinstance(p, str) else self.decode(ids) for p, ids in zip(prompts, encoded)]
+            [p if isinstance(p, str) else self.decode(tokens)
+             for p, tokens in zip(prompts, encoded, strict=True)]
         return JSONResponse(completion_response(finals, self.model_name, rid, self.decode,
                                                 echoed, body.logprobs is not None))
 
