@@ -3,5 +3,5 @@
 # pass -m slow to run only those). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh "test,serve,data"
+bash scripts/install.sh "test,serve,data,eval"
 .venv/bin/python -m pytest -q "$@"

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                   "PhoneBook retrieval accuracy per context length (through the engine)"),
     "perplexity": ("bamba.cli.eval_perplexity",
                    "perplexity of text, JSONL or token shards, overall and by position"),
+    "lm-eval": ("bamba.cli.eval_harness", "lm-evaluation-harness tasks on a bamba model, in process"),
 }
 
 

@@ -21,12 +21,12 @@ from bamba.compile import inductor_options
 from bamba.config import with_rope_scaling
 from bamba.dtypes import parse_dtype
 from bamba.engine.page_pool import PagePool, plan_pools
-from bamba.engine.params import RequestOutput, SamplingParams
+from bamba.engine.params import RequestOutput, SamplingParams, TokenLogprob
 from bamba.engine.prefix_cache import PrefixCache
 from bamba.engine.prompts import encode_prompt, max_token_bytes
 from bamba.engine.runner import ModelRunner
 from bamba.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
-from bamba.engine.sequence import SequenceOutput, sample_rows
+from bamba.engine.sequence import SequenceOutput, sample_rows, token_logprobs
 from bamba.model import BambaLM, cast
 from bamba.sampling import ParameterError
 
@@ -57,6 +57,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[SequenceOutput]
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first sample computes them
 
     @property
     def finished(self) -> bool:
@@ -67,7 +68,26 @@ class _Request:
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_ids,
-                             [s.report() for s in self.seqs], self.finished)
+                             [s.report() for s in self.seqs], self.finished,
+                             self.prompt_logprobs if self.prompt_logprobs_done else None)
+
+    @property
+    def prompt_logprobs_done(self) -> bool:
+        """Whether every prompt token has its entry (then the list no longer changes)."""
+        return self.prompt_logprobs is not None and \
+            len(self.prompt_logprobs) == len(self.prompt_ids)
+
+    def record_prompt_logprobs(self, start: int, logits: torch.Tensor) -> None:
+        """Fold in the logits [L, V] of prompt positions start.. (each predicts the next
+        prompt token); positions already recorded (a recomputed chunk) are skipped."""
+        assert self.prompt_logprobs is not None and self.params.prompt_logprobs is not None
+        first = len(self.prompt_logprobs) - 1  # the position whose logits come next
+        end = min(start + len(logits), len(self.prompt_ids) - 1)
+        if end <= first or start > first:
+            return
+        self.prompt_logprobs.extend(token_logprobs(
+            logits[first - start:end - start], self.prompt_ids[first + 1:end + 1],
+            self.params.prompt_logprobs))
 
 
 class LLM:
@@ -149,9 +169,13 @@ class LLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         eos = [] if params.ignore_eos else self._eos_ids()
         request = _Request(request_id, text, ids, params, [])
+        scoring = params.prompt_logprobs is not None
+        if scoring:
+            request.prompt_logprobs = [None]
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else self._rng.getrandbits(63)
-            seq = Sequence(next(self._seq_ids), list(ids), len(ids))
+            seq = Sequence(next(self._seq_ids), list(ids), len(ids),
+                           prompt_logits=scoring and index == 0)
             request.seqs.append(SequenceOutput(seq, index, params, max_tokens, eos, seed,
                                                self.tokenizer))
             self._seq_owner[seq.seq_id] = request
@@ -202,14 +226,25 @@ class LLM:
             self.scheduler.discard(out)
             return self._fail([c.seq_id for c in out.chunks])
         self.scheduler.update(out)
-        if not logits:
-            return []
-        owners = [self._seq_owner[i] for i in logits]
-        rows = [owner.seqs_by_id(i) for owner, i in zip(owners, logits, strict=True)]
-        drawn = sample_rows(rows, torch.stack(list(logits.values())), self.config.vocab_size)
+        starts = {c.seq_id: c.start for c in out.chunks}
+        for seq_id, every in logits.every.items():
+            self._seq_owner[seq_id].record_prompt_logprobs(starts[seq_id], every)
+        changed: dict[str, _Request] = {}
+        last = dict(logits.last)
+        for seq_id in [i for i in last if self._seq_owner[i].seqs_by_id(i).max_tokens == 0]:
+            del last[seq_id]  # scoring only: the prompt is done, nothing to generate
+            owner = self._seq_owner[seq_id]
+            owner.seqs_by_id(seq_id).finish("length")
+            self._drop(seq_id)
+            changed[owner.request_id] = owner
+        if not last:
+            return list(changed.values())
+        owners = [self._seq_owner[i] for i in last]
+        rows = [owner.seqs_by_id(i) for owner, i in zip(owners, last, strict=True)]
+        drawn = sample_rows(rows, torch.stack(list(last.values())), self.config.vocab_size)
         failed = [s.seq.seq_id for s, d in zip(rows, drawn, strict=True)
                   if isinstance(d, Exception)]
-        changed = {r.request_id: r for r in self._fail(failed)}
+        changed.update({r.request_id: r for r in self._fail(failed)})
         for owner, s, result in zip(owners, rows, drawn, strict=True):
             if isinstance(result, Exception):
                 continue

@@ -16,6 +16,10 @@ class SamplingParams(SamplingValues):
     their neutral values (1, 0, 0) do nothing. ``seed`` makes the request reproducible whatever
     else is batched with it (sample i of n uses seed + i). ``max_tokens`` None means up to the
     context length. ``logprobs`` n returns the chosen token's logprob and the n most likely.
+    ``prompt_logprobs`` n does the same for every prompt token after the first (the first has
+    none: ``None`` in its place); it needs the logits of every prompt position, so the prompt
+    is prefilled in full (no prefix-cache reuse), chunk by chunk; with it, ``max_tokens`` may
+    be 0 (score the prompt, generate nothing).
     ``output_kind`` "cumulative": each output holds everything so far; "delta": only what is
     new since the previous output (what a streaming server sends on; see ``merge_delta``).
     """
@@ -28,6 +32,7 @@ class SamplingParams(SamplingValues):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"
 
@@ -44,9 +49,11 @@ class SamplingParams(SamplingValues):
         """Raise ValueError naming the first out-of-range or mistyped field."""
         require_int(self.n, "n", 1)
         if self.max_tokens is not None:
-            require_int(self.max_tokens, "max_tokens", 1)
-        if self.logprobs is not None:
-            require_int(self.logprobs, "logprobs", 0)
+            scoring_only = self.prompt_logprobs is not None
+            require_int(self.max_tokens, "max_tokens", 0 if scoring_only else 1)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                require_int(getattr(self, name), name, 0)
         if self.seed is not None:
             require_int(self.seed, "seed", 0)
         self.check_sampling_values()
@@ -106,11 +113,15 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """``prompt_logprobs``: with ``SamplingParams.prompt_logprobs``, one entry per prompt token
+    (None for the first), complete in every output from the end of the prefill on."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def merge_delta(into: RequestOutput, delta: RequestOutput) -> None:
@@ -130,3 +141,5 @@ def merge_delta(into: RequestOutput, delta: RequestOutput) -> None:
             mine.logprobs.extend(o.logprobs)
         mine.finish_reason, mine.stop_reason = o.finish_reason, o.stop_reason
     into.finished = delta.finished
+    if delta.prompt_logprobs is not None:
+        into.prompt_logprobs = delta.prompt_logprobs

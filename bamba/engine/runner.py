@@ -7,7 +7,9 @@ conv states in [num_slots, K-1, conv_dim] (model dtype) and SSM states in [num_s
 its state slot.
 
 A step runs every one-token chunk (decode) as one batched call [B, 1], and the prefill chunks
-in one call per distinct length [n, L] (rows of one call share L).
+in one call per distinct length [n, L] (rows of one call share L). Chunks that ask for every
+position's logits (prompt logprobs) get calls of their own, so the others still pay for one
+position's LM head; their logits [L, V] live for one step (L is at most the step's budget).
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ class StatePools(NamedTuple):
 
 
 class PagedStep(nn.Module):
-    """Tokens through the model over the paged pools; the last position's logits [B, V]. The
-    module ``torch.compile`` compiles for decode (a module, so inductor can freeze weights)."""
+    """Tokens through the model over the paged pools; the last position's logits [B, V] (with
+    ``every_position``, all of them [B, L, V]). The module ``torch.compile`` compiles for
+    decode (a module, so inductor can freeze weights)."""
 
     def __init__(self, model: BambaLM):
         super().__init__()
@@ -101,9 +104,11 @@ class PagedStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
                 write_rows: torch.Tensor, read_rows: torch.Tensor, pools: StatePools,
-                scratch: Scratch | None = None, rope_lengths: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                scratch: Scratch | None = None, rope_lengths: torch.Tensor | None = None,
+                every_position: bool = False) -> torch.Tensor:
         cache = PagedBatchCache(pools, slots, write_rows, read_rows, scratch)
+        if every_position:
+            return self.model(tokens, positions=positions, cache=cache, rope_lengths=rope_lengths)
         return self.model(tokens, positions=positions, cache=cache, logits_to_keep=1,
                           rope_lengths=rope_lengths)[:, -1]
 
@@ -121,6 +126,13 @@ def page_rows(tables: torch.Tensor, positions: torch.Tensor, block_size: int) ->
     """Page rows (block * block_size + offset) of ``positions`` [B, L] under block ``tables``
     [B, W]."""
     return tables.gather(1, positions // block_size) * block_size + positions % block_size
+
+
+class StepLogits(NamedTuple):
+    """What a step returns: the last position's logits [V] of every chunk that samples, and
+    every position's [L, V] of the chunks that asked (``ScheduledChunk.all_logits``)."""
+    last: dict[int, torch.Tensor]
+    every: dict[int, torch.Tensor]
 
 
 class ModelRunner:
@@ -184,26 +196,32 @@ class ModelRunner:
             self.ssm[i][slot] = 0
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
-        """Run one step; the last-position logits [V] (float32) of every chunk that samples."""
+    def execute(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        """Run one step; the last-position logits [V] (float32) of every chunk that samples,
+        and every position's of the chunks with ``all_logits``."""
         for chunk in chunks:
             if chunk.restore_from is not None:
                 self.copy_state(chunk.restore_from, chunk.slot)
             elif chunk.reset_state:
                 self.zero_state(chunk.slot)
-        groups: dict[int, list[ScheduledChunk]] = {}  # rows of one model call share a length
+        # Rows of one model call share a length, and whether they keep every position.
+        groups: dict[tuple[int, bool], list[ScheduledChunk]] = {}
         for chunk in sorted(chunks, key=lambda c: c.slot):
-            groups.setdefault(len(chunk.token_ids), []).append(chunk)
+            groups.setdefault((len(chunk.token_ids), chunk.all_logits), []).append(chunk)
         logits: dict[int, torch.Tensor] = {}
         for rows in groups.values():
             logits.update(self._forward(rows))
         for chunk in chunks:
             if chunk.snapshot_to is not None:
                 self.copy_state(chunk.slot, chunk.snapshot_to)
-        return {c.seq_id: logits[c.seq_id] for c in chunks if c.sample}
+        every = {c.seq_id: logits[c.seq_id] for c in chunks if c.all_logits}
+        last = {c.seq_id: logits[c.seq_id][-1] if c.all_logits else logits[c.seq_id]
+                for c in chunks if c.sample}
+        return StepLogits(last, every)
 
     def _forward(self, rows: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
-        """One model call for rows of equal length."""
+        """One model call for rows of equal length: each row's last logits [V], or all its
+        logits [L, V] when the rows ask for every position (``all_logits``)."""
         device, bs = self.model.device, self.block_size
         length = len(rows[0].token_ids)
         end = max(c.start for c in rows) + length
@@ -225,7 +243,10 @@ class ModelRunner:
         # would), however it is chunked; later tokens their own.
         lengths = torch.maximum(pos + 1, tensor([c.num_prompt_tokens for c in rows])[:, None]) \
             if self.length_dependent_rope else None
-        if length == 1 and self.decode_graph is not None and len(rows) > self.native_rows:
+        if rows[0].all_logits:
+            out = self.step(ids, pos, tensor(slots), write, read, self.pools, self.scratch,
+                            lengths, every_position=True)
+        elif length == 1 and self.decode_graph is not None and len(rows) > self.native_rows:
             out = self.decode_graph(ids, pos, tensor(slots), write, read, self.pools, None,
                                     lengths)
         elif (length > 1 or len(rows) > self.native_rows) and \

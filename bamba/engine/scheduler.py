@@ -39,6 +39,7 @@ class Sequence:
     hashes: list[bytes] = field(default_factory=list)  # hash chain of full blocks seen so far
     num_registered: int = 0  # blocks already named in the prefix cache
     num_preemptions: int = 0
+    prompt_logits: bool = False  # prefill in full and keep the logits of every prompt position
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class ScheduledChunk:
     snapshot_to: int | None  # copy the state after the chunk into this slot
     sample: bool  # the chunk reaches the last known token: sample the next one
     num_prompt_tokens: int = 0  # the request's prompt (a length-dependent RoPE scaling's length)
+    all_logits: bool = False  # return the logits of every position (prompt logprobs)
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,9 @@ class Scheduler:
         """Give a waiting sequence its slot, cached prefix and first blocks; the tokens of its
         first chunk, or 0 (and nothing held) when a pool is short."""
         hit = PrefixHit(0, [], None)
-        if self.prefix is not None:  # match first: the hit's pages are then safe from eviction
+        # Match first: the hit's pages are then safe from eviction. A sequence that wants the
+        # logits of every prompt position computes them all, so it reuses nothing.
+        if self.prefix is not None and not seq.prompt_logits:
             reusable = (len(seq.token_ids) - 1) // self.block_size
             seq.hashes = block_hashes(seq.token_ids, self.block_size, reusable, seq.hashes)
             hit = self.prefix.match(seq.hashes[:reusable])
@@ -223,7 +227,8 @@ class Scheduler:
             block_ids=list(seq.block_ids), slot=seq.slot,
             reset_state=start == 0 and seq.restore_from is None,
             restore_from=seq.restore_from, snapshot_to=self._snapshot_slot(seq, start, end),
-            sample=end == len(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens)
+            sample=end == len(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
+            all_logits=seq.prompt_logits and start < seq.num_prompt_tokens - 1)
 
     def _snapshot_slot(self, seq: Sequence, start: int, end: int) -> int | None:
         """A slot for the state at ``end`` when it is a new block boundary of a prefill chunk."""

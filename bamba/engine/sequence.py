@@ -149,3 +149,11 @@ def _sample_batch(rows: list[SequenceOutput], logits: torch.Tensor,
         top = dict(zip(lp.top_ids[j, :w].tolist(), lp.top_logprobs[j, :w].tolist(), strict=True))
         out.append((token, TokenLogprob(token, float(lp.chosen[j]), top)))
     return out
+
+
+def token_logprobs(logits: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:
+    """Each target token's logprob under its row of ``logits`` [n, V], with the row's top_n."""
+    lp = compute_logprobs(logits, torch.tensor(targets, dtype=torch.long), top_n)
+    return [TokenLogprob(t, float(c), dict(zip(ids, lps, strict=True)))
+            for t, c, ids, lps in zip(targets, lp.chosen.tolist(), lp.top_ids.tolist(),
+                                      lp.top_logprobs.tolist(), strict=True)]

@@ -114,11 +114,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def completions(body: CompletionRequest, request: Request) -> Response:
         server.check_model(body.model)
         try:
-            params = body.sampling_params(body.logprobs, COMPLETION_MAX_TOKENS)
-            prompt = await asyncio.to_thread(server.encode, body.single_prompt(), "prompt")
+            params = body.completion_params(COMPLETION_MAX_TOKENS)
+            prompts = body.prompts()
+            encoded = await asyncio.to_thread(server.encode_all, prompts)
         except ValueError as exc:
             raise _bad_value(exc) from None
-        return await server.respond(request, body, prompt, params, chat=False)
+        if body.stream:  # one prompt, no echo (``prompts`` and ``completion_params`` say so)
+            return await server.respond(request, body, encoded[0], params, chat=False)
+        return await server.complete(request, body, prompts, encoded, params)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
@@ -206,6 +209,9 @@ class _Server:
         """Checked token ids of a prompt (the engine's checks; run it off the event loop)."""
         return self.engine.llm.encode_prompt(prompt, param)[1]
 
+    def encode_all(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        return [self.encode(p, "prompt") for p in prompts]
+
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.encode(render_chat(self.tokenizer, messages), "messages")
 
@@ -221,11 +227,45 @@ class _Server:
         if body.stream:
             events = self._sse(stream, rid, chat, body.include_usage, len(prompt))
             return StreamingResponse(events, media_type="text/event-stream")
-        final = await _collect_unless_gone(request, stream)
-        if final is None:  # the client is gone: nobody reads this
-            return JSONResponse(error_body("client closed the request", "cancelled"), 499)
-        build = chat_response if chat else completion_response
-        return JSONResponse(build(final, self.model_name, rid, self.decode))
+        finals = await _collect_unless_gone(request, [stream])
+        if finals is None:  # the client is gone: nobody reads this
+            return _gone()
+        if chat:
+            return JSONResponse(chat_response(finals[0], self.model_name, rid, self.decode))
+        return JSONResponse(completion_response(finals, self.model_name, rid, self.decode))
+
+    async def complete(self, request: Request, body: CompletionRequest,
+                       prompts: list[str | list[int]], encoded: list[list[int]],
+                       params: SamplingParams) -> Response:
+        """A whole (non-streamed) completion of one or several prompts, each its own engine
+        request; echoed prompts come back as sent (token ids as their decoded text)."""
+        rid = self.engine.new_id("cmpl")
+        ids = [f"{rid}-{i}" for i in range(len(encoded))]
+        streams = []
+        try:
+            for request_id, prompt in zip(ids, encoded, strict=True):
+                streams.append(await self.engine.generate(prompt, params, request_id,
+                                                          final_only=True))
+            finals = await _collect_unless_gone(request, streams)
+        except BaseException as exc:  # no prompt of a failed request runs on
+            self._abort(ids)
+            if isinstance(exc, ValueError):
+                raise _bad_value(exc) from None
+            if isinstance(exc, RuntimeError):
+                raise APIError(503, str(exc), "server_error") from None
+            raise
+        if finals is None:  # the client is gone: nobody reads this
+            self._abort(ids)
+            return _gone()
+        echoed = None if not body.echo else \
+            [p if isinstance(p, str) else self.decode(tokens)
+             for p, tokens in zip(prompts, encoded, strict=True)]
+        return JSONResponse(completion_response(finals, self.model_name, rid, self.decode,
+                                                echoed, body.logprobs is not None))
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort(request_id)
 
     async def _sse(self, stream: AsyncIterator[RequestOutput], rid: str, chat: bool,
                    include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
@@ -261,13 +301,17 @@ def _raise_if_failed(out: RequestOutput) -> None:
                        "server_error", code="engine_error")
 
 
-async def _collect_unless_gone(request: Request,
-                               stream: AsyncIterator[RequestOutput]) -> RequestOutput | None:
-    """The finished output (the stream's deltas folded), or None when the client disconnected
-    first (which aborts the request: cancelling the consumer closes ``stream``). Raises
-    APIError if the engine failed."""
+def _gone() -> JSONResponse:
+    return JSONResponse(error_body("client closed the request", "cancelled"), 499)
 
-    async def consume() -> RequestOutput | None:
+
+async def _collect_unless_gone(request: Request, streams: list[AsyncIterator[RequestOutput]]
+                               ) -> list[RequestOutput] | None:
+    """The finished outputs (each stream's deltas folded), or None when the client
+    disconnected first (which aborts the requests: cancelling the consumers closes their
+    streams). Raises APIError if the engine failed one of them."""
+
+    async def consume(stream: AsyncIterator[RequestOutput]) -> RequestOutput | None:
         final = None
         try:
             async for out in stream:
@@ -285,19 +329,23 @@ async def _collect_unless_gone(request: Request,
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(watch())
+    consumers = [asyncio.create_task(consume(s)) for s in streams]
+    gathered = asyncio.gather(*consumers)
+    watcher = asyncio.create_task(watch())
     try:
-        await asyncio.wait([consumer, watcher], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([gathered, watcher], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (consumer, watcher):
+        for task in (*consumers, watcher):
             task.cancel()
-        await asyncio.gather(consumer, watcher, return_exceptions=True)
-    if not consumer.done() or consumer.cancelled():
+        await asyncio.gather(*consumers, watcher, return_exceptions=True)
+    if not gathered.done() or gathered.cancelled():
         return None
     try:
-        final = consumer.result()
+        finals = gathered.result()
     except RuntimeError as exc:  # the engine failed or is shutting down
         raise APIError(500, str(exc), "server_error", code="engine_error") from None
-    if final is not None:
+    for final in finals:
+        if final is None:
+            return None
         _raise_if_failed(final)
-    return final
+    return finals

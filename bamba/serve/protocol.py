@@ -2,9 +2,15 @@
 
 Types are strict: a string where a number belongs, a float where an integer belongs or a bool
 where a number belongs is a 400, never coerced. ``null`` means "the default". Unknown fields
-are ignored, as OpenAI's server does; known fields we cannot honour (echo, suffix, logit_bias,
-tools, best_of) are refused with a 400 rather than silently dropped. Sampling ranges are
-checked by ``SamplingParams`` itself, whose message names the field.
+are ignored, as OpenAI's server does; known fields we cannot honour (suffix, logit_bias,
+tools, best_of, echo when streaming) are refused with a 400 rather than silently dropped.
+Sampling ranges are checked by ``SamplingParams`` itself, whose message names the field.
+
+/v1/completions takes the legacy API's prompts: a text, token ids, or a list of either (one
+engine request each; choice ``index`` = prompt index * n + sample index). ``echo`` puts the
+prompt before each completion, and with ``logprobs`` N its tokens too: their logprobs (None
+for the first) and top N, then the generated tokens', as ``{tokens, token_logprobs,
+top_logprobs, text_offset}``; ``max_tokens`` 0 is allowed with echo (score the prompt only).
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bamba.engine import CompletionOutput, RequestOutput, SamplingParams
+from bamba.engine import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from bamba.sampling import ParameterError
 
 MAX_N = 128  # samples per request (OpenAI's limit)
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1 - MAX_N  # sample i uses seed + i, and torch seeds are 64-bit
 MAX_TOKEN_ID = 2**31 - 1
+MAX_CHOICES = 256  # prompts x samples in one /v1/completions request
 
 Decode = Callable[[list[int]], str]
 
@@ -54,8 +61,8 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
 
-    def sampling_params(self, logprobs: int | None,
-                        max_tokens_default: int | None) -> SamplingParams:
+    def sampling_params(self, logprobs: int | None, max_tokens_default: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """Raises ParameterError (naming the field) for unsupported or out-of-range values."""
         if self.logit_bias:
             raise ParameterError("logit_bias is not supported", "logit_bias")
@@ -73,7 +80,8 @@ class _Sampling(BaseModel):
             "include_stop_str_in_output": self.include_stop_str_in_output}.items()
             if v is not None}
         max_tokens = self.max_tokens if self.max_tokens is not None else max_tokens_default
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **given)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs, **given)
 
     @property
     def include_usage(self) -> bool:
@@ -82,24 +90,40 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
     suffix: str | None = None
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt of this request (a text or token ids); ParameterError otherwise."""
-        if self.echo:
-            raise ParameterError("echo is not supported", "echo")
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request (texts or token ids); ParameterError if one is empty,
+        there are too many, or several are to be streamed."""
+        prompt = self.prompt
+        several = isinstance(prompt, list) and bool(prompt) and \
+            isinstance(prompt[0], (str, list))
+        prompts = list(prompt) if several else [prompt]
+        if not all(prompts):
+            raise ParameterError("prompt: the prompt is empty", "prompt")
+        if len(prompts) * (self.n or 1) > MAX_CHOICES:
+            raise ParameterError(f"prompt: {len(prompts)} prompts x n={self.n or 1} samples "
+                                 f"exceed {MAX_CHOICES} choices per request", "prompt")
+        if self.stream and len(prompts) > 1:
+            raise ParameterError("prompt: several prompts cannot be streamed", "prompt")
+        return prompts
+
+    def completion_params(self, max_tokens_default: int) -> SamplingParams:
+        """The engine's parameters: with echo and logprobs (or max_tokens 0), the prompt's
+        logprobs too. ParameterError naming the field for what cannot be served."""
         if self.suffix:
             raise ParameterError("suffix is not supported", "suffix")
-        prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ParameterError("prompt: only one prompt per request is supported", "prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise ParameterError("prompt: the prompt is empty", "prompt")
-        return prompt
+        if self.echo and self.stream:
+            raise ParameterError("echo cannot be streamed", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise ParameterError("max_tokens must be >= 1 (0 only with echo: score the "
+                                 "prompt)", "max_tokens")
+        scoring = self.echo and (self.logprobs is not None or self.max_tokens == 0)
+        return self.sampling_params(self.logprobs, max_tokens_default,
+                                    (self.logprobs or 0) if scoring else None)
 
 
 class ChatMessage(BaseModel):
@@ -153,8 +177,32 @@ def completion_logprobs(o: CompletionOutput, decode: Decode, start: int = 0) -> 
     entries = o.logprobs[start:]
     return {"tokens": [decode([e.token_id]) for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{decode([t]): lp for t, lp in e.top.items()} for e in entries],
+            "top_logprobs": [_top(e, decode) for e in entries],
             "text_offset": []}
+
+
+def echo_logprobs(out: RequestOutput, o: CompletionOutput, decode: Decode) -> dict:
+    """The legacy logprobs of an echoed prompt and its completion ``o``: every prompt token
+    (the first without a logprob), then the generated ones; offsets into prompt + text."""
+    assert out.prompt_logprobs is not None, "an echo with logprobs computes the prompt's"
+    prompt = out.prompt_logprobs
+    tokens = [decode([t]) for t in out.prompt_token_ids]
+    tokens += [decode([e.token_id]) for e in o.logprobs or []]
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    generated = o.logprobs or []
+    return {"tokens": tokens,
+            "token_logprobs": [None if e is None else e.logprob for e in prompt]
+            + [e.logprob for e in generated],
+            "top_logprobs": [None if e is None else _top(e, decode) for e in prompt]
+            + [_top(e, decode) for e in generated],
+            "text_offset": offsets}
+
+
+def _top(entry: TokenLogprob, decode: Decode) -> dict[str, float]:
+    return {decode([t]): lp for t, lp in entry.top.items()}
 
 
 def chat_logprobs(o: CompletionOutput, decode: Decode, start: int = 0) -> dict | None:
@@ -172,10 +220,22 @@ def _envelope(rid: str, kind: str, model: str, choices: list[dict]) -> dict[str,
             "choices": choices}
 
 
-def completion_response(out: RequestOutput, model: str, rid: str, decode: Decode) -> dict:
-    choices = [{"index": o.index, "text": o.text, "finish_reason": finish_reason(o),
-                "logprobs": completion_logprobs(o, decode)} for o in out.outputs]
-    return {**_envelope(rid, "text_completion", model, choices), "usage": output_usage(out)}
+def completion_response(outs: list[RequestOutput], model: str, rid: str, decode: Decode,
+                        echoed: list[str] | None = None, logprobs: bool = False) -> dict:
+    """The response to one or several prompts (``outs`` in prompt order); ``echoed``: the
+    prompts' texts, put before each completion (with their logprobs when ``logprobs``)."""
+    choices, counts = [], usage(0, 0)
+    for i, out in enumerate(outs):
+        for o in out.outputs:
+            choice = {"index": i * len(out.outputs) + o.index, "text": o.text,
+                      "finish_reason": finish_reason(o),
+                      "logprobs": completion_logprobs(o, decode)}
+            if echoed is not None:
+                choice["text"] = echoed[i] + o.text
+                choice["logprobs"] = echo_logprobs(out, o, decode) if logprobs else None
+            choices.append(choice)
+        counts = {k: counts[k] + v for k, v in output_usage(out).items()}
+    return {**_envelope(rid, "text_completion", model, choices), "usage": counts}
 
 
 def chat_response(out: RequestOutput, model: str, rid: str, decode: Decode) -> dict:
