@@ -157,8 +157,8 @@ def test_float16_is_refused_by_every_verb(verb, dtype, checkpoint_dir, capsys): 
 
 
 @pytest.mark.parametrize("verb", VERBS)
-def test_checkpoint_without_tokenizer_names_the_override(verb, checkpoint_dir, tmp_path,
-                                                        monkeypatch, capsys):  # noqa: F811
+def test_checkpoint_without_tokenizer_names_the_override(verb, checkpoint_dir, tmp_path,  # noqa: F811
+                                                        monkeypatch, capsys):
     (checkpoint_dir / "tokenizer.json").unlink()
     argv = [str(checkpoint_dir) if a == "CKPT" else a for a in VERBS[verb]]
     if verb == "generate":
