@@ -3,7 +3,8 @@
 - llm-compressor's files (tests/fixtures/llmcompressor/, made by
   scripts/make_llmcompressor_fixture.sh: a tiny random Bamba quantized by llm-compressor's
   ``oneshot`` with FP8_DYNAMIC, W4A16 and W8A16) load in bamba with their weights still
-  quantized, and give the float32 logits and greedy tokens transformers recorded for them.
+  quantized, and give the float32 logits and greedy tokens transformers recorded for them;
+  saved back by bamba, they still give transformers those logits.
 - transformers (with the ``compressed-tensors`` package) reads what ``bamba quantize`` writes
   (fp8, int8, int4): each weight as it decompresses it is the source weight within the format's
   rounding, and its logits and greedy tokens are ours.
@@ -28,7 +29,7 @@ from safetensors.torch import load_file
 from test_parity import ATOL, assert_logits_close
 from torch import nn
 
-from bamba.checkpoint import from_pretrained
+from bamba.checkpoint import from_pretrained, save_pretrained
 from bamba.cli import main as bamba_main
 from bamba.generation import GenerationConfig, generate
 from bamba.quant.linear import QuantizedLinear
@@ -112,6 +113,29 @@ def test_llmcompressor_checkpoint_gives_transformers_greedy_tokens(name):
     continuation = expected["greedy_ids"][:, prompts.shape[1]:]
     model = from_pretrained(FIXTURES / name)
     assert bamba_greedy(model, prompts, continuation.shape[1]) == continuation.tolist()
+
+
+def load_hf_weight_only(directory: Path) -> nn.Module:
+    """transformers' float32 model of a compressed-tensors checkpoint, activations unquantized
+    (as the fixtures' expected logits were recorded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    for group in config.quantization_config["config_groups"].values():
+        group["input_activations"] = None
+    return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", LLMCOMPRESSOR)
+def test_llmcompressor_checkpoint_saved_by_bamba_reads_back_in_transformers(name, tmp_path):
+    expected = load_file(FIXTURES / name / "expected_logits.safetensors")
+    save_pretrained(from_pretrained(FIXTURES / name, dtype=torch.bfloat16), tmp_path)
+    stored, saved = file_tensors(FIXTURES / name), file_tensors(tmp_path)
+    for prefix in quantized_prefixes(stored):
+        for key in (k for k in stored if k.startswith(f"{prefix}.")):
+            assert same_bits(saved[key], stored[key]), key
+    hf = load_hf_weight_only(tmp_path)
+    assert_logits_close(hf_logits(hf, expected["input_ids"]), expected["logits"])
 
 
 # ---- our checkpoints in transformers ---------------------------------------------------------
