@@ -29,14 +29,17 @@ from safetensors.torch import load_file
 from test_parity import ATOL, assert_logits_close
 from torch import nn
 
+from bamba.cache import ContiguousCache
 from bamba.checkpoint import from_pretrained, save_pretrained
 from bamba.cli import main as bamba_main
 from bamba.generation import GenerationConfig, generate
+from bamba.native import accelerate
 from bamba.quant.linear import QuantizedLinear
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llmcompressor"
 LLMCOMPRESSOR = {"fp8_dynamic": "fp8", "w4a16": "int4", "w8a16": "int8"}
-# bf16 activations against transformers' float32: 0.07-0.09 measured on the fixtures (this random
+# bf16 activations against transformers' float32: 0.07-0.09 measured on the fixtures, torch
+# reference or native kernels, prefill or decode (this random
 # model is sensitive: rounding its weights to bf16 alone moves logits by 0.04); a wrong scale,
 # group or packing order moves them by O(1) (logit std 1.15).
 BF16_ATOL = 0.25
@@ -94,13 +97,27 @@ def test_llmcompressor_checkpoint_gives_transformers_logits(name):
         assert_logits_close(model(expected["input_ids"]), expected["logits"])
 
 
+@torch.no_grad()
+def prefill_then_decode(model: nn.Module, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of ``ids``: the first ``prefill`` tokens in one call, then one token a call, all
+    through a cache in the model's dtype."""
+    b, total = ids.shape
+    dtype = model.lm_head.weight.dtype
+    cache = ContiguousCache(model.config, rows=b, max_len=total, dtype=dtype)
+    out = []
+    for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, total))]:
+        positions = torch.arange(start, end).expand(b, end - start)
+        out.append(model(ids[:, start:end], positions=positions, cache=cache).float())
+    return torch.cat(out, dim=1)
+
+
 @pytest.mark.parametrize("name", LLMCOMPRESSOR)
 def test_llmcompressor_checkpoint_in_bf16_stays_near_transformers_logits(name):
-    """bf16, the dtype these files are made for (and the one the native kernels take)."""
+    """bf16, the dtype these files are made for, with the native kernels installed: prefill
+    and token-by-token decode."""
     expected = load_file(FIXTURES / name / "expected_logits.safetensors")
-    model = from_pretrained(FIXTURES / name, dtype=torch.bfloat16)
-    with torch.no_grad():
-        logits = model(expected["input_ids"]).float()
+    model = accelerate(from_pretrained(FIXTURES / name, dtype=torch.bfloat16))
+    logits = prefill_then_decode(model, expected["input_ids"], prefill=7)
     diff = (logits - expected["logits"]).abs().max().item()
     assert diff <= BF16_ATOL, f"max abs logit difference {diff:.3g} > {BF16_ATOL}"
 
