@@ -39,9 +39,9 @@ from bamba.quant.linear import QuantizedLinear
 FIXTURES = Path(__file__).parent / "fixtures" / "llmcompressor"
 LLMCOMPRESSOR = {"fp8_dynamic": "fp8", "w4a16": "int4", "w8a16": "int8"}
 # bf16 activations against transformers' float32: 0.07-0.09 measured on the fixtures, torch
-# reference or native kernels, prefill or decode (this random
-# model is sensitive: rounding its weights to bf16 alone moves logits by 0.04); a wrong scale,
-# group or packing order moves them by O(1) (logit std 1.15).
+# reference or native kernels, prefill or decode (this random model is sensitive: rounding its
+# weights to bf16 alone moves logits by 0.04); a wrong scale, group or packing order moves them
+# by O(1) (logit std 1.15).
 BF16_ATOL = 0.25
 # Shapes of our own checkpoints: every linear's in_features divisible by GROUP.
 GROUP = 32
