@@ -1,0 +1,176 @@
+"""Make the llm-compressor fixtures of tests/fixtures/llmcompressor/ (run by
+scripts/make_llmcompressor_fixture.sh, which says which interpreter runs which stage).
+
+``quantize OUT`` (in llm-compressor's own virtual environment): a tiny random transformers
+``BambaForCausalLM`` in bf16, quantized data-free (round to nearest, no calibration data) by
+llm-compressor's ``oneshot`` with each scheme of ``SCHEMES``, saved compressed to ``OUT/<name>``.
+
+``record OUT`` (in the project's environment: its transformers reads compressed-tensors
+checkpoints through the ``compressed-tensors`` package): for each ``OUT/<name>``, the float32
+logits transformers gives for seeded random token ids and its greedy continuation, written to
+``OUT/<name>/expected_logits.safetensors``:
+  - ``logits``: the quantized weights, activations not quantized (what bamba runs: weights
+    stay quantized, activations in the model dtype). compressed-tensors decompresses each
+    weight to q * scale in float32 on the first forward. By default it also rounds each
+    linear's input to fp8 per token for FP8_DYNAMIC: the README gives how far that moves the
+    logits;
+  - ``greedy_ids``: prompt + greedy tokens of the ``logits`` model. The prompt is the first
+    seeded random one whose every greedy step has a top-2 logit margin of ``MIN_MARGIN`` or
+    more, so a test may hold other code to the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+SEED = 0
+SCHEMES = {"fp8_dynamic": "FP8_DYNAMIC", "w4a16": "W4A16", "w8a16": "W8A16"}
+# hidden 128 and the MLP/Mamba widths are multiples of 128: W4A16/W8A16 quantize in groups of 128.
+CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
+              attn_layer_indices=[2], num_attention_heads=4, num_key_value_heads=2,
+              mamba_n_heads=8, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1,
+              mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, rms_norm_eps=1e-5,
+              max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+PROMPT_SHAPE = (2, 12)
+NEW_TOKENS = 6
+MIN_MARGIN = 0.05  # logits; float32 parity of bamba with transformers is ~1e-4
+KEPT_FILES = ("config.json", "model.safetensors", "recipe.yaml")
+
+
+def random_bamba(directory: Path) -> None:
+    """Save a seeded random bf16 BambaForCausalLM, with non-constant A_log, dt_bias, D, norms."""
+    from transformers import BambaConfig, BambaForCausalLM
+
+    torch.manual_seed(SEED)
+    model = BambaForCausalLM(BambaConfig(**CONFIG)).eval()
+    gen = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith("A_log"):
+                param.copy_(noise.abs().mul(1.5).add(0.2))
+            elif name.endswith("dt_bias"):
+                param.copy_(noise * 0.5 - 1.0)
+            elif name.endswith(".D"):
+                param.copy_(noise)
+            elif "norm" in name:
+                param.copy_(1.0 + 0.2 * noise)
+    model.to(torch.bfloat16).save_pretrained(directory)
+
+
+def quantize(out: Path) -> None:
+    """Quantize the random model with each scheme; keep only the files the tests read."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import BambaForCausalLM
+
+    base = out / "_base"
+    random_bamba(base)
+    for name, scheme in SCHEMES.items():
+        model = BambaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+        oneshot(model=model, recipe=recipe, tie_word_embeddings=False)
+        saved = out / f"_{name}"
+        model.save_pretrained(saved, save_compressed=True)
+        target = out / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in KEPT_FILES:
+            shutil.copyfile(saved / file, target / file)
+        shutil.rmtree(saved)
+    shutil.rmtree(base)
+    (out / "versions.json").write_text(json.dumps(
+        {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")}))
+
+
+def load(directory: Path, quantize_activations: bool):
+    """transformers' model of a checkpoint in float32; the weights dequantize exactly (q * scale
+    in float32), the activations round as the scheme says unless quantize_activations is False."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    if not quantize_activations:
+        for group in config.quantization_config["config_groups"].values():
+            group["input_activations"] = None
+    return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor) -> torch.Tensor | None:
+    """Greedy continuation without a cache (full forward each step); None when a step's top-2
+    margin is under MIN_MARGIN."""
+    for _ in range(NEW_TOKENS):
+        top = model(ids, use_cache=False).logits[:, -1].topk(2)
+        if (top.values[:, 0] - top.values[:, 1]).min().item() < MIN_MARGIN:
+            return None
+        ids = torch.cat([ids, top.indices[:, :1]], dim=1)
+    return ids
+
+
+def clear_prompt(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first seeded random prompt whose greedy path keeps MIN_MARGIN, and that path."""
+    for seed in range(SEED, SEED + 100):
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, CONFIG["vocab_size"], PROMPT_SHAPE, generator=gen)
+        path = greedy(model, ids)
+        if path is not None:
+            return ids, path
+    raise SystemExit(f"no prompt among 100 seeds keeps a top-2 margin of {MIN_MARGIN}")
+
+
+@torch.no_grad()
+def record(out: Path) -> None:
+    from safetensors.torch import save_file
+
+    maker = json.loads((out / "versions.json").read_text())
+    recorder = {p: version(p) for p in ("compressed-tensors", "transformers", "torch")}
+    gaps = {}
+    for name in SCHEMES:
+        directory = out / name
+        weight_only = load(directory, quantize_activations=False)
+        ids, path = clear_prompt(weight_only)
+        tensors = {"input_ids": ids, "logits": weight_only(ids, use_cache=False).logits,
+                   "greedy_ids": path}
+        as_written = load(directory, quantize_activations=True)(ids, use_cache=False).logits
+        gaps[name] = (as_written - tensors["logits"]).abs().max().item(), tensors["logits"].std().item()
+        save_file({k: v.contiguous() for k, v in tensors.items()},
+                  str(directory / "expected_logits.safetensors"),
+                  metadata={"recorded_with": json.dumps(recorder)})
+    lines = [f"- `{name}/`: llm-compressor `oneshot` with `QuantizationModifier(targets=\"Linear\", "
+             f"scheme=\"{scheme}\", ignore=[\"lm_head\"])`, data-free, on a seeded random bf16 "
+             "BambaForCausalLM (scripts/llmcompressor_fixture.py CONFIG). Quantizing the "
+             f"activations as the scheme says moves the logits by at most {gaps[name][0]:.3g} "
+             f"(their std: {gaps[name][1]:.3g})." for name, scheme in SCHEMES.items()]
+    (out / "README.md").write_text(
+        "# llm-compressor fixtures\n\nMade by `scripts/make_llmcompressor_fixture.sh` "
+        f"with {', '.join(f'{k} {v}' for k, v in maker.items())}; expected logits recorded by "
+        f"{', '.join(f'{k} {v}' for k, v in recorder.items())} (float32). Layers quantized: "
+        f"{', '.join(quantized_layers(out / next(iter(SCHEMES))))}; lm_head, embeddings, norms, conv, A_log, D, "
+        "dt_bias stay bf16.\n\n" + "\n".join(lines) + "\n")
+    (out / "versions.json").unlink()
+
+
+def quantized_layers(directory: Path) -> list[str]:
+    """The kinds of layer a checkpoint quantizes (e.g. "mamba.in_proj"), from its scale tensors."""
+    from safetensors import safe_open
+
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return sorted({".".join(k.split(".")[-3:-1]) for k in f.keys() if k.endswith(".weight_scale")})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=["quantize", "record"])
+    parser.add_argument("out", type=Path, help="the fixtures directory")
+    args = parser.parse_args()
+    (quantize if args.stage == "quantize" else record)(args.out)
+
+
+if __name__ == "__main__":
+    main()
