@@ -26,7 +26,7 @@ import torch
 from conftest import hf_logits, hf_model, load_hf, random_ids
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_parity import ATOL, assert_logits_close
+from test_parity import assert_logits_close
 from torch import nn
 
 from bamba.cache import ContiguousCache
