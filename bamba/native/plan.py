@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from bamba.linear_protocol import DENSE, LinearWeights
+from bamba.native import dispatch
 from bamba.native.dispatch import LayerDims
 
-FORMATS = frozenset((DENSE,))  # the linear formats layer_step.c reads
+FORMATS = frozenset((DENSE, "fp8", "int8", "int4"))  # the linear formats layer_step.c reads
 
 Tensors = list[torch.Tensor | None]
 
@@ -25,13 +26,15 @@ def linear_weights(linear: nn.Module) -> LinearWeights:
 
 
 def _linears(*linears: nn.Module) -> Tensors | None:
-    """Weight and bias of each linear, or None when one's format is not one the kernels read."""
+    """Weight, bias and scales (None when dense) of each linear, or None when one's format,
+    or its quantized layout, is not one the layer steps read."""
     found: Tensors = []
     for linear in linears:
         w = linear_weights(linear)
-        if w.format not in FORMATS:
+        if w.format not in FORMATS or (w.format != DENSE and
+                                       not dispatch.quant_step_fits(w, linear.in_features)):
             return None
-        found += [w.weight, w.bias]
+        found += [w.weight, w.bias, None if w.format == DENSE else w.scales]
     return found
 
 
@@ -60,8 +63,8 @@ def layer_tensors(layer: nn.Module) -> LayerTensors:
         ends = _linears(m.in_proj, m.out_proj)
         if ends is None or ffn is None:
             return LayerTensors(None, None, None)
-        return LayerTensors([layer.input_layernorm.weight, *ends[:2], m.conv1d.weight,
-                             m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight, *ends[2:],
+        return LayerTensors([layer.input_layernorm.weight, *ends[:3], m.conv1d.weight,
+                             m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight, *ends[3:],
                              *ffn], None, None)
     a = layer.self_attn
     qkv, o = _linears(a.q_proj, a.k_proj, a.v_proj), _linears(a.o_proj)
