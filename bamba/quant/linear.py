@@ -27,7 +27,9 @@ class QuantizedLinear(nn.Module):
     in the model's dtype, as ``nn.Linear``'s."""
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme,
-                 bias: bool = False, scale_dtype: torch.dtype = torch.bfloat16) -> None:
+                 bias: bool = False, scale_dtype: torch.dtype = torch.bfloat16,
+                 per_tensor: bool = False) -> None:
+        """Zeroed tensors of the scheme's shapes; one scale [1] when ``per_tensor``."""
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -40,7 +42,8 @@ class QuantizedLinear(nn.Module):
         else:
             self.register_buffer("weight", torch.zeros(n, k, dtype=FP8))
         self.register_buffer("weight_scale",
-                             torch.ones(scale_shape(scheme, n, k), dtype=scale_dtype))
+                             torch.ones((1,) if per_tensor else scale_shape(scheme, n, k),
+                                        dtype=scale_dtype))
         self.bias = nn.Parameter(torch.zeros(n, dtype=scale_dtype), requires_grad=False) \
             if bias else None
 
@@ -58,7 +61,7 @@ class QuantizedLinear(nn.Module):
             n, k = (int(v) for v in tensors["weight_shape"])
         else:
             n, k = tensors["weight"].shape
-        layer = cls(k, n, scheme, bias is not None, scale.dtype)
+        layer = cls(k, n, scheme, bias is not None, scale.dtype, per_tensor=scale.dim() < 2)
         for name in scheme.tensor_names():
             setattr(layer, name, tensors[name])
         if bias is not None:
