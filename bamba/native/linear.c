@@ -69,6 +69,7 @@ void bamba_quant_dequantize(const void *W, int format, const void *scales, int s
     {
         int64_t begin, end;
         my_share(n_end - n_begin, &begin, &end);
-        dequantize_rows(&L, n_begin + begin, n_begin + end, (char *)out + begin * K * (out_bf16 ? 2 : 4), out_bf16);
+        dequantize_rows(&L, n_begin + begin, n_begin + end,
+                        (char *)out + begin * K * (out_bf16 ? 2 : 4), out_bf16);
     }
 }

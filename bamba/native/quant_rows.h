@@ -23,6 +23,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Inputs a row's width must be a multiple of (every format's chunk divides it). */
 enum { QUANT_K_MULTIPLE = 128 };
@@ -266,25 +267,35 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
  * nearest even, or float32), in input order: for a prefill's matmul, a tile at a time. */
 static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_end, void *out,
                             int out_bf16) {
-    const int64_t k = L->k;
-    float fp8[256];
-    for (int b = 0; b < 256; b++) { /* e4m3: s eeee mmm, bias 7, subnormals at e = 0 */
+    const int64_t k = L->k, group = L->group;
+    float values[256]; /* stored byte -> value: e4m3 (s eeee mmm, bias 7, subnormals at e = 0),
+                          or q + 128 */
+    for (int b = 0; b < 256; b++) {
         const int e = (b >> 3) & 15, m = b & 7;
         const float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
-        fp8[b] = b & 128 ? -v : v;
+        values[b] = L->format == FORMAT_FP8 ? (b & 128 ? -v : v) : (float)(b - 128);
     }
+    enum { MAX_PIECE = 1024, SMALL_PIECE = 32 }; /* inputs of one scale converted at a time */
+    const int64_t piece = group <= MAX_PIECE ? group : SMALL_PIECE; /* divides the group */
+    float row[MAX_PIECE];
     for (int64_t n = n_begin; n < n_end; n++) {
         const uint8_t *w = (const uint8_t *)L->weight + n * quant_row_bytes(L->format, k);
-        const int64_t row = (n - n_begin) * k;
-        for (int64_t i = 0; i < k; i++) {
-            float q;
+        for (int64_t g0 = 0; g0 < k; g0 += piece) {
+            const float scale = quant_scale(L, n, g0 / group);
             if (L->format == FORMAT_INT4)
-                q = (float)(((w[i / 2] >> (4 * (i & 1))) & 15) - 8);
-            else if (L->format == FORMAT_INT8)
-                q = (float)(w[i] - 128);
+                for (int64_t i = 0; i < piece; i += 2) {
+                    const uint8_t b = w[(g0 + i) / 2];
+                    row[i] = (float)((b & 15) - 8) * scale;
+                    row[i + 1] = (float)((b >> 4) - 8) * scale;
+                }
             else
-                q = fp8[w[i]];
-            store_value(out, row + i, q * quant_scale(L, n, i / L->group), out_bf16);
+                for (int64_t i = 0; i < piece; i++) row[i] = values[w[g0 + i]] * scale;
+            const int64_t at = (n - n_begin) * k + g0;
+            if (out_bf16)
+                for (int64_t i = 0; i < piece; i++)
+                    ((uint16_t *)out)[at + i] = float_to_bf16(row[i]);
+            else
+                memcpy((float *)out + at, row, piece * sizeof(float));
         }
     }
 }
