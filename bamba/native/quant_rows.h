@@ -89,7 +89,7 @@ static uint16_t *thread_rows(int64_t count) {
 
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
 typedef struct { /* what a call's chunk loop needs of the format, set up once */
-    __m512i low, high; /* vpermw tables: nibble -> bf16 value */
+    __m512i low, high; /* vpermw tables: nibble -> bf16 value (int4's, int8's high nibble) */
     __m512i lanes;     /* float32 lane -> scale index within a chunk (groups smaller than it) */
     int64_t chunk, groups_per_chunk; /* groups_per_chunk 0: a chunk lies inside one group */
 } QuantTables;
@@ -103,8 +103,8 @@ static inline __m512i bf16_table(float scale, float offset) {
 static QuantTables quant_tables(const LinearWeights *L) {
     QuantTables t;
     t.chunk = quant_chunk(L->format);
-    t.low = bf16_table(1.0f, L->format == FORMAT_INT4 ? -8.0f : 0.0f);
-    t.high = bf16_table(16.0f, -128.0f);
+    t.low = bf16_table(1.0f, -8.0f);
+    t.high = bf16_table(16.0f, -256.0f);
     t.groups_per_chunk = L->group % t.chunk == 0 ? 0 : t.chunk / L->group;
     int32_t lanes[16];
     for (int i = 0; i < 16; i++)
@@ -143,13 +143,21 @@ static inline __attribute__((always_inline)) void dequantize_chunk(int format, c
         return;
     }
     const __m512i words = _mm512_loadu_si512(w);
-    /* int4: word j holds inputs 4j..4j+3 in its nibbles; int8: inputs 2j (low byte) and 2j + 1,
-     * each as low nibble + 16 x high nibble - 128 */
-    const __m512i odd = format == FORMAT_INT4 ? t->low : t->high;
-    v[0] = _mm512_permutexvar_epi16(words, t->low);
-    v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), odd);
-    v[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), t->low);
-    v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), odd);
+    if (format == FORMAT_INT4) { /* word j holds inputs 4j..4j+3 in its nibbles */
+        v[0] = _mm512_permutexvar_epi16(words, t->low);
+        v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), t->low);
+        v[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), t->low);
+        v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), t->low);
+        return;
+    }
+    /* int8: word j holds inputs 2j (low byte) and 2j + 1, each q + 128 = 16 h + l, taken as
+     * (128 + l) + (16 h - 256): bf16 0x4300 | l is 128 + l, a table gives 16 h - 256 */
+    const __m512i nibble = _mm512_set1_epi16(15), magic = _mm512_set1_epi16(0x4300);
+    const __m512i odd = _mm512_srli_epi16(words, 8);
+    v[0] = _mm512_ternarylogic_epi32(words, nibble, magic, 0xEA); /* (a & b) | c */
+    v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), t->high);
+    v[2] = _mm512_ternarylogic_epi32(odd, nibble, magic, 0xEA);
+    v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), t->high);
 }
 
 /* One input row's dot products with a dequantized chunk added to a and b (two chains): 16
