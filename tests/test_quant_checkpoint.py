@@ -368,8 +368,11 @@ def test_the_budget_counts_quantized_bytes(dense):
     (lambda q: q["config_groups"]["group_0"]["weights"].__setitem__("strategy", "block"),
      "strategy 'block' is not supported"),
     (lambda q: q["config_groups"]["group_0"].__setitem__("weights", None), "activation-only"),
+    (lambda q: q.__setitem__("format", "mixed-precision"),
+     "config_groups.group_0.format 'mixed-precision' is not supported"),
 ])
 def test_unsupported_quantization_configs_are_named(change, fragment):
+    """(A "mixed-precision" config needs each group's format.)"""
     raw = quantization_config_dict(QuantScheme("int4", 128), ["lm_head"])
     parse_quantization_config(raw)
     change(raw)
@@ -391,3 +394,15 @@ def test_ignore_list_chooses_the_dense_layers(dense, tmp_path):
     assert kinds["q_proj"] is QuantizedLinear and kinds["lm_head"] is torch.nn.Linear
     raw = json.loads((tmp_path / "attn" / "config.json").read_text())["quantization_config"]
     assert raw["ignore"] == ["lm_head", r"re:.*\.mamba\."]
+
+
+def test_mixed_precision_configs_take_each_groups_format():
+    raw = quantization_config_dict(QuantScheme("int4", 128), ["lm_head"])
+    fp8 = quantization_config_dict(QuantScheme("fp8"), [])["config_groups"]["group_0"]
+    raw["config_groups"]["group_0"] |= {"targets": ["re:.*mlp.*"], "format": "pack-quantized"}
+    raw["config_groups"]["group_1"] = fp8 | {"format": "float-quantized"}
+    raw["format"] = "mixed-precision"
+    parsed = parse_quantization_config(raw)
+    assert parsed.group_for("model.layers.0.mlp.up_proj", ("Linear",)).scheme.name == "int4"
+    assert parsed.group_for("model.layers.0.self_attn.q_proj", ("Linear",)).scheme.name == "fp8"
+    assert parsed.group_for("lm_head", ("Linear",)) is None

@@ -19,6 +19,7 @@ QUANT_METHOD = "compressed-tensors"
 FLOAT_FORMAT = "float-quantized"
 PACKED_FORMAT = "pack-quantized"
 FORMATS = (FLOAT_FORMAT, PACKED_FORMAT)
+MIXED_FORMAT = "mixed-precision"  # each config group names its own format
 STATUS_COMPRESSED = "compressed"
 # (weights type, num_bits) -> our scheme name
 _SCHEME_OF = {("float", 8): "fp8", ("int", 8): "int8", ("int", 4): "int4"}
@@ -35,7 +36,8 @@ class QuantGroup:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """A parsed ``quantization_config``; ``raw`` is what config.json holds (written back as is)."""
+    """A parsed ``quantization_config``; ``raw`` is what config.json holds (written back as is);
+    ``format`` "mixed-precision" when each group names its own."""
     format: str
     groups: tuple[QuantGroup, ...]
     ignore: tuple[str, ...]
@@ -90,9 +92,9 @@ def parse_quantization_config(raw: Any) -> QuantConfig:
         raise ValueError(f"quantization_config quant_method {raw.get('quant_method')!r} is not "
                          f"supported (expected {QUANT_METHOD!r})")
     fmt = raw.get("format")
-    if fmt not in FORMATS:
+    if fmt not in (*FORMATS, MIXED_FORMAT):
         raise ValueError(f"quantization_config format {fmt!r} is not supported (expected one "
-                         f"of {', '.join(FORMATS)})")
+                         f"of {', '.join((*FORMATS, MIXED_FORMAT))})")
     status = raw.get("quantization_status", STATUS_COMPRESSED)
     if status != STATUS_COMPRESSED:
         raise ValueError(f"quantization_config quantization_status {status!r} is not supported "
@@ -113,6 +115,10 @@ def _parse_group(name: str, group: Any, fmt: str) -> QuantGroup:
     where = f"quantization_config config_groups.{name}"
     if not isinstance(group, dict):
         raise ValueError(f"{where} must be an object")
+    fmt = group.get("format") or fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"{where}.format {fmt!r} is not supported (expected one of "
+                         f"{', '.join(FORMATS)})")
     targets = group.get("targets")
     if not isinstance(targets, list) or not targets or \
             not all(isinstance(t, str) for t in targets):
