@@ -207,3 +207,16 @@ def test_a_layout_the_steps_cannot_read_sends_its_layer_to_the_per_op_path(monke
     assert plan.layer_tensors(model.model.layers[1]).whole() is not None
     monkeypatch.setattr(decode_ops, "decode_layers", lambda *a, **k: pytest.fail("fused step"))
     _decode(model, steps=2)
+
+
+def test_a_quantized_bias_of_another_dtype_keeps_its_layer_off_the_steps() -> None:
+    """A float32 model whose quantized linear kept a bf16 bias (scales and bias in the
+    checkpoint's dtype): that layer runs op by op, the others in the layer steps."""
+    reference = quantize_model(_model(torch.float32), make_scheme("int8"))
+    down = reference.model.layers[1].feed_forward.down_proj
+    down.bias = nn.Parameter(down.bias.detach().bfloat16(), requires_grad=False)
+    model = accelerate(copy.deepcopy(reference))
+    assert plan.layer_tensors(model.model.layers[1]).whole() is None
+    assert plan.layer_tensors(model.model.layers[0]).whole() is not None
+    fused, ref = _decode(model, steps=2), _decode(reference, steps=2)
+    assert (fused - ref).abs().max().item() <= 3e-2 * ref.abs().max().item()

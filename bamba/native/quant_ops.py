@@ -91,17 +91,13 @@ def step_code(layout: QuantLayout) -> int | None:
     return layout.code | layout.scales_bf16 << 2 | kind << 3
 
 
-def _bytes(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 def _call_rows(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.reshape(-1, layout.k).contiguous()
     y = torch.empty(rows.shape[0], layout.n, dtype=x.dtype)
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     status = library.load().bamba_quant_linear(
-        rows.data_ptr(), int(x.dtype == torch.bfloat16), _bytes(layout.weight), layout.code,
-        _bytes(layout.scales), layout.scales_bf16, layout.group, layout.scale_stride,
+        rows.data_ptr(), int(x.dtype == torch.bfloat16), layout.weight.data_ptr(), layout.code,
+        layout.scales.data_ptr(), layout.scales_bf16, layout.group, layout.scale_stride,
         None if bias is None else bias.data_ptr(), y.data_ptr(), rows.shape[0], layout.n,
         layout.k, torch.get_num_threads())
     if status != 0:
@@ -147,7 +143,7 @@ def dequantize_tile(layout: QuantLayout, begin: int, end: int,
     float32): q * scale rounded once."""
     out = torch.empty(end - begin, layout.k, dtype=dtype)
     library.load().bamba_quant_dequantize(
-        _bytes(layout.weight), layout.code, _bytes(layout.scales), layout.scales_bf16,
+        layout.weight.data_ptr(), layout.code, layout.scales.data_ptr(), layout.scales_bf16,
         layout.group, layout.scale_stride, begin, end, layout.k, out.data_ptr(),
         int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
