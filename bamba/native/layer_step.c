@@ -397,8 +397,8 @@ int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int 
 /* An attention layer's first half: qkv [M, (heads + 2 kv heads) head_dim] = the q, k and v
  * projections of rmsnorm(x). Tensors: input norm, then weight, bias and scales of q, k, v. */
 int bamba_attention_in_step(const void *const *tensors, const int64_t *dims, int bf16,
-                            int64_t f32_mask, int64_t formats, float eps, const void *x, void *qkv, int64_t M,
-                            int threads) {
+                            int64_t f32_mask, int64_t formats, float eps, const void *x,
+                            void *qkv, int64_t M, int threads) {
     static const int slots[] = {IN_NORM, Q, Q_BIAS, Q_SCALES, K_PROJ, K_BIAS, K_SCALES,
                                 V_PROJ, V_BIAS, V_SCALES};
     const void *all[N_TENSORS];
@@ -411,8 +411,8 @@ int bamba_attention_in_step(const void *const *tensors, const int64_t *dims, int
 /* An attention layer's second half: h = x + o_proj(attn), out = h + mlp(rmsnorm(h)).
  * Tensors: o's weight, bias and scales, pre-ff norm, then gate's, up's and down's. */
 int bamba_attention_out_step(const void *const *tensors, const int64_t *dims, int bf16,
-                             int64_t f32_mask, int64_t formats, float eps, const void *x, const void *attn,
-                             void *out, int64_t M, int threads) {
+                             int64_t f32_mask, int64_t formats, float eps, const void *x,
+                             const void *attn, void *out, int64_t M, int threads) {
     static const int slots[] = {O_PROJ, O_BIAS, O_SCALES, FF_NORM, GATE, GATE_BIAS, GATE_SCALES,
                                 UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES};
     const void *all[N_TENSORS];

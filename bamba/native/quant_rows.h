@@ -119,7 +119,8 @@ static inline __m512 chunk_scales(const LinearWeights *L, const QuantTables *t, 
                                   int64_t c) {
     const int64_t first = c * t->groups_per_chunk;
     const __mmask16 mask = (__mmask16)((1u << t->groups_per_chunk) - 1);
-    const char *at = (const char *)L->scales + (n * L->scale_stride + first) * (L->scales_bf16 ? 2 : 4);
+    const char *at = (const char *)L->scales +
+                     (n * L->scale_stride + first) * (L->scales_bf16 ? 2 : 4);
     const __m512 s = L->scales_bf16
         ? _mm512_castsi512_ps(_mm512_slli_epi32(
               _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, at)), 16))
