@@ -7,6 +7,9 @@ torch until then. The C sources here are built once per machine into one shared 
 
 * ``linear.c``: a linear layer for a few rows (decode) that streams the weights once
   (``linear_ops``);
+* ``quant_rows.h`` (through ``linear.c``): the same over fp8, int8 and int4 weights in the
+  compressed-tensors layout, dequantized in registers, and weight tiles dequantized for a
+  prefill's matmul (``quant_ops``);
 * ``ssd_step.c``: the Mamba2 SSM state update of one token in one pass over each state
   (``ssd_ops``);
 * ``layer_step.c``: a whole decoder layer for one decode token in one OpenMP region

@@ -24,12 +24,12 @@ from bamba.cache_protocol import KVLayout
 from bamba.native import library
 from bamba.native.layer_ops import (ATTENTION_IN_TENSORS, ATTENTION_OUT_TENSORS, FFN_TENSORS,
                                     MAMBA_TENSORS, LayerDims, _float32_mask, _state_pool,
-                                    _status)
+                                    _status, linear_formats)
 
 MAMBA_LAYER_TENSORS = MAMBA_TENSORS + FFN_TENSORS
 ATTENTION_LAYER_TENSORS = ATTENTION_IN_TENSORS + ATTENTION_OUT_TENSORS
 # layer_step.c's enum order: every tensor of either kind of layer.
-_SLOTS = MAMBA_LAYER_TENSORS + ("q", "q_bias", "k", "k_bias", "v", "v_bias", "o", "o_bias")
+_SLOTS = MAMBA_LAYER_TENSORS + ATTENTION_IN_TENSORS[1:] + ATTENTION_OUT_TENSORS[:3]
 _ATTENTION_SLOTS = [_SLOTS.index(name) for name in ATTENTION_LAYER_TENSORS]
 
 
@@ -66,6 +66,7 @@ class StepRows(NamedTuple):
 class DecodeModel(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int64), ("attention", ctypes.c_void_p),
                 ("tensors", ctypes.c_void_p), ("f32_masks", ctypes.c_void_p),
+                ("formats", ctypes.c_void_p),
                 ("mamba_dims", ctypes.c_void_p), ("attention_dims", ctypes.c_void_p),
                 ("pool_a", ctypes.c_void_p), ("pool_b", ctypes.c_void_p),
                 ("conv_bf16", ctypes.c_int64), ("ssm_bf16", ctypes.c_int64),
@@ -143,9 +144,12 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
         return None
     layers = [_in_slots(tensors, attention) for tensors, attention in zip(layers, kinds)]
     masks = [_float32_mask(x, tensors, _SLOTS) for tensors in layers]
+    formats = [linear_formats(tensors, _SLOTS, attention if att else mamba)
+               for tensors, att in zip(layers, kinds)]
     conv_bf16, ssm_bf16 = _check_storage(kinds, storage, mamba, x.dtype)
     arrays = (_int64_array(map(int, kinds)),
               _pointer_array([t for tensors in layers for t in tensors]), _int64_array(masks),
+              _int64_array(formats),
               _int64_array(mamba), _int64_array(attention),
               _pointer_array(s.a for s in storage), _pointer_array(s.b for s in storage))
     model = DecodeModel(len(layers), *(ctypes.addressof(a) for a in arrays), conv_bf16,

@@ -16,7 +16,9 @@ from typing import NamedTuple
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from bamba.native import library
+from bamba.linear_protocol import LinearWeights
+from bamba.native import library, quant_ops
+from bamba.native.quant_ops import QuantLayout
 
 class LayerDims(NamedTuple):
     """The sizes layer_step.c needs, in its order. An attention layer has d_inner, conv_dim,
@@ -95,6 +97,26 @@ def linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not _grad(x, weight) and weight.is_contiguous() \
         and x.numel() // x.shape[-1] <= MAX_LINEAR_ROWS \
         and x.shape[-1] % _LINEAR[x.dtype][1] == 0 and linear_available(x.dtype)
+
+
+def quant_linear_fits(x: torch.Tensor, weights: LinearWeights) -> QuantLayout | None:
+    """A quantized linear by the native kernels: its layout when they take it (format, input
+    width a multiple of 128, group size, bf16 or float32 scales) for bf16 or float32 CPU input
+    without autograd, else None. At most ``MAX_LINEAR_ROWS`` rows stream the weights
+    (``quant_ops.quant_linear_rows``, which compiled graphs call as an op); more dequantize
+    tiles for torch's matmul, eagerly only."""
+    if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or _grad(x, weights.bias) or \
+            (x.numel() // max(x.shape[-1], 1) > MAX_LINEAR_ROWS and
+             torch.compiler.is_compiling()):
+        return None
+    layout = quant_ops.quant_layout(weights, x.shape[-1])
+    return layout if layout is not None and quant_ops.supported(layout) else None
+
+
+def quant_step_fits(weights: LinearWeights, in_features: int) -> bool:
+    """Whether the layer and model decode steps read this quantized linear."""
+    layout = quant_ops.quant_layout(weights, in_features)
+    return layout is not None and quant_ops.step_code(layout) is not None
 
 
 def elementwise_fits(*tensors: torch.Tensor) -> bool:

@@ -27,10 +27,19 @@
 
 enum { ROW_GROUP = 8, PREFETCH_BYTES = 8192, TILE = 4, TILE_FROM_ROWS = 5, TILE_PREFETCH_TILES = 8 };
 
-/* A weight matrix [n, k] (row-major, contiguous) and its optional bias [n], of one dtype. */
+/* How a weight matrix is stored: dense in the activations' dtype, or quantized (quant_rows.h). */
+enum { FORMAT_DENSE, FORMAT_FP8, FORMAT_INT8, FORMAT_INT4 };
+
+/* A weight matrix [n, k] (row-major, contiguous) and its optional bias [n] in the activations'
+ * dtype. Quantized formats add their scales [n, scale_stride] (float32, or bf16 when
+ * scales_bf16), one per `group` inputs; {weight, bias, n, k} alone is a dense matrix. */
 typedef struct {
     const void *weight, *bias;
     int64_t n, k;
+    int format;
+    const void *scales;
+    int scales_bf16;
+    int64_t group, scale_stride;
 } LinearWeights;
 
 /* Whether this build's kernels take rows of width k in this dtype. */
@@ -170,12 +179,19 @@ __attribute__((noinline)) static void dots(const char *const *x, const char *w, 
 }
 #endif
 
+#include "quant_rows.h"
+
 /* Features [n_begin, n_end) of y = x W^T + bias for M rows of x ([M, k], the weight's dtype).
  * y [M, ldy] is stored in bf16 when y_bf16, else in float32 (rounded to bf16 first when
- * `round_bf16`, so a float32 buffer holds what a bf16 layer would output). */
+ * `round_bf16`, so a float32 buffer holds what a bf16 layer would output). Quantized weights
+ * (L->format) go to quant_rows.h's kernel; `bf16` is then x's dtype. */
 static void linear_features(const LinearWeights *L, int bf16, const void *x, int64_t M, void *y,
                             int64_t ldy, int y_bf16, int round_bf16, int64_t n_begin,
                             int64_t n_end) {
+    if (L->format != FORMAT_DENSE) {
+        quant_features(L, bf16, x, M, y, ldy, y_bf16, round_bf16, n_begin, n_end);
+        return;
+    }
 #ifdef HAVE_AVX512
     const int64_t K = L->k, row_bytes = K * (bf16 ? 2 : 4);
     int64_t n = n_begin;

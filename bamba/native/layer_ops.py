@@ -9,7 +9,9 @@ directly (no dispatcher on the hot path); inside torch.compile, or under a dispa
 as FlopCounterMode, they call the registered ops.
 
 A layer's tensors come as one list in the order of ``MAMBA_TENSORS``, ``ATTENTION_IN_TENSORS``
-or ``ATTENTION_OUT_TENSORS``, None for an absent bias; its sizes as ``LayerDims``.
+or ``ATTENTION_OUT_TENSORS``, None for an absent bias, and each linear's scales after its bias
+(None for a dense weight; quantized weights in the layouts of ``quant_ops``); its sizes as
+``LayerDims``.
 """
 
 from __future__ import annotations
@@ -20,21 +22,34 @@ import torch
 
 from torch.utils.flop_counter import register_flop_formula
 
-from bamba.native import library
+from bamba.linear_protocol import LinearWeights
+from bamba.native import library, quant_ops
 from bamba.native.dispatch import LayerDims, through_dispatcher
 
-MAMBA_TENSORS = ("input_norm", "in_proj", "in_proj_bias", "conv_weight", "conv_bias",
-                 "dt_bias", "A_log", "D", "gate_norm", "out_proj", "out_proj_bias")
-FFN_TENSORS = ("pre_ff_norm", "gate", "gate_bias", "up", "up_bias", "down", "down_bias")
-ATTENTION_IN_TENSORS = ("input_norm", "q", "q_bias", "k", "k_bias", "v", "v_bias")
-ATTENTION_OUT_TENSORS = ("o", "o_bias") + FFN_TENSORS
+
+def _linear(name: str) -> tuple[str, ...]:
+    """A linear's weight, bias and scales (None for a dense weight) in a layer's tensors."""
+    return name, f"{name}_bias", f"{name}_scales"
 
 
-# Tensors that must be in the layer's dtype (linear weights and biases); the others (norm
-# weights, conv, dt_bias, A_log, D) may also be float32 in a bf16 layer.
-_LINEAR_PARTS = frozenset(("in_proj", "in_proj_bias", "out_proj", "out_proj_bias", "gate",
-                           "gate_bias", "up", "up_bias", "down", "down_bias", "q", "q_bias",
-                           "k", "k_bias", "v", "v_bias", "o", "o_bias"))
+MAMBA_TENSORS = ("input_norm", *_linear("in_proj"), "conv_weight", "conv_bias", "dt_bias",
+                 "A_log", "D", "gate_norm", *_linear("out_proj"))
+FFN_TENSORS = ("pre_ff_norm", *_linear("gate"), *_linear("up"), *_linear("down"))
+ATTENTION_IN_TENSORS = ("input_norm", *_linear("q"), *_linear("k"), *_linear("v"))
+ATTENTION_OUT_TENSORS = _linear("o") + FFN_TENSORS
+
+# The linears in the order of their fields in layer_step.c's formats word, and which of
+# LayerDims' sizes is each one's input width.
+LINEARS = ("in_proj", "out_proj", "gate", "up", "down", "q", "k", "v", "o")
+_INPUT_WIDTH = {"in_proj": "hidden", "out_proj": "d_inner", "gate": "hidden", "up": "hidden",
+                "down": "ffn", "q": "hidden", "k": "hidden", "v": "hidden"}
+FORMAT_BITS = 6
+_QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int32: "int"}
+
+# Tensors that must be in the layer's dtype (dense linear weights and biases); the others (norm
+# weights, conv, dt_bias, A_log, D) may also be float32 in a bf16 layer. Quantized weights and
+# their scales are checked by ``linear_formats``.
+_LINEAR_PARTS = frozenset(name for linear in LINEARS for name in _linear(linear)[:2])
 
 
 def _float32_mask(x: torch.Tensor, tensors: list[torch.Tensor | None],
@@ -47,7 +62,7 @@ def _float32_mask(x: torch.Tensor, tensors: list[torch.Tensor | None],
         raise ValueError(f"layer step: expected {len(names)} tensors, got {len(tensors)}")
     mask = 0
     for i, (name, t) in enumerate(zip(names, tensors)):
-        if t is None:
+        if t is None or name.endswith("_scales") or (name in LINEARS and t.dtype in _QUANT_DTYPES):
             continue
         allowed = (x.dtype,) if name in _LINEAR_PARTS else (x.dtype, torch.float32)
         if t.dtype not in allowed or not t.is_contiguous() or t.device.type != "cpu":
@@ -57,24 +72,53 @@ def _float32_mask(x: torch.Tensor, tensors: list[torch.Tensor | None],
     return mask
 
 
+def _input_width(name: str, dims: LayerDims) -> int:
+    return dims.heads * dims.head_dim if name == "o" else getattr(dims, _INPUT_WIDTH[name])
+
+
+def linear_formats(tensors: list[torch.Tensor | None], names: tuple[str, ...],
+                   dims: LayerDims) -> int:
+    """layer_step.c's formats word of a layer's linears (0 when all are dense); ValueError
+    naming a quantized linear the kernels do not read."""
+    word, by_name = 0, dict(zip(names, tensors))
+    for index, name in enumerate(LINEARS):
+        weight, scales = by_name.get(name), by_name.get(f"{name}_scales")
+        if weight is None or scales is None:
+            continue
+        k = _input_width(name, dims)
+        kind = _QUANT_DTYPES.get(weight.dtype)
+        if kind == "int":
+            kind = "int4" if weight.dim() == 2 and weight.shape[1] * 8 == k else "int8"
+        layout = None if kind is None else \
+            quant_ops.quant_layout(LinearWeights(kind, weight, None, scales), k)
+        code = None if layout is None else quant_ops.step_code(layout)
+        if code is None:
+            raise ValueError(f"layer step: {name} ({weight.dtype} {tuple(weight.shape)}, scales "
+                             f"{tuple(scales.shape)} {scales.dtype}) is not a quantized weight "
+                             f"of width {k} the kernels read")
+        word |= code << (FORMAT_BITS * index)
+    return word
+
+
 _PREPARED: dict[tuple, tuple] = {}  # (addresses and layouts, dims, x dtype) -> C arrays, mask
 
 
 def _prepared(x: torch.Tensor, tensors: list[torch.Tensor | None], dims: list[int],
               names: tuple[str, ...]) -> tuple:
-    """The C arrays of the layer's tensor addresses and sizes, and its float32 mask; the
-    tensors are checked the first time these addresses and dtypes are seen (the per-token
-    call skips it)."""
+    """The C arrays of the layer's tensor addresses and sizes, its float32 mask and formats
+    word; the tensors are checked the first time these addresses and dtypes are seen (the
+    per-token call skips it)."""
     key = (tuple(None if t is None else (t.data_ptr(), t.dtype, t.is_contiguous())
                  for t in tensors), tuple(dims), x.dtype)
     entry = _PREPARED.get(key)
     if entry is None:
         mask = _float32_mask(x, tensors, names)
+        formats = linear_formats(tensors, names, LayerDims(*dims))
         if len(_PREPARED) > 4096:  # weights re-allocated many times over: start afresh
             _PREPARED.clear()
         addresses = (None if t is None else t.data_ptr() for t in tensors)
         entry = ((ctypes.c_void_p * len(tensors))(*addresses),
-                 (ctypes.c_int64 * len(dims))(*dims), mask)
+                 (ctypes.c_int64 * len(dims))(*dims), mask, formats)
         _PREPARED[key] = entry
     elif x.dim() != 2 or not x.is_contiguous():
         _float32_mask(x, tensors, names)  # raises the one-line error
@@ -90,7 +134,7 @@ def _state_pool(pool: torch.Tensor, name: str) -> int:
 def _mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
                       rows: torch.Tensor, tensors: list[torch.Tensor | None], dims: list[int],
                       eps: float, dt_min: float, dt_max: float) -> torch.Tensor:
-    pointers, sizes, mask = _prepared(x, tensors, dims, MAMBA_TENSORS + FFN_TENSORS)
+    pointers, sizes, mask, formats = _prepared(x, tensors, dims, MAMBA_TENSORS + FFN_TENSORS)
     rows = rows.to(torch.int64).contiguous()
     d = LayerDims(*dims)
     if x.shape[1] != d.hidden or conv_pool.shape[1:] != (d.conv_kernel - 1, d.conv_dim) or \
@@ -103,7 +147,7 @@ def _mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.
         raise ValueError(f"layer step: rows must be [{x.shape[0]}] indices into the state pools")
     out = torch.empty_like(x)
     status = library.load().bamba_mamba_layer_step(
-        pointers, sizes, int(x.dtype == torch.bfloat16), mask, eps, dt_min, dt_max,
+        pointers, sizes, int(x.dtype == torch.bfloat16), mask, formats, eps, dt_min, dt_max,
         x.data_ptr(), out.data_ptr(), x.shape[0], conv_pool.data_ptr(),
         _state_pool(conv_pool, "conv"), ssm_pool.data_ptr(), _state_pool(ssm_pool, "SSM"),
         rows.data_ptr(), torch.get_num_threads())
@@ -113,13 +157,13 @@ def _mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.
 
 def _attention_in_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims: list[int],
                        eps: float) -> torch.Tensor:
-    pointers, sizes, mask = _prepared(x, tensors, dims, ATTENTION_IN_TENSORS)
+    pointers, sizes, mask, formats = _prepared(x, tensors, dims, ATTENTION_IN_TENSORS)
     d = LayerDims(*dims)
     if x.shape[1] != d.hidden:
         raise ValueError(f"attention step: x {tuple(x.shape)} does not fit hidden {d.hidden}")
     qkv = x.new_empty(x.shape[0], (d.heads + 2 * d.groups) * d.head_dim)
     _status("attention_in_step", library.load().bamba_attention_in_step(
-        pointers, sizes, int(x.dtype == torch.bfloat16), mask, eps, x.data_ptr(),
+        pointers, sizes, int(x.dtype == torch.bfloat16), mask, formats, eps, x.data_ptr(),
         qkv.data_ptr(), x.shape[0], torch.get_num_threads()))
     return qkv
 
@@ -127,7 +171,7 @@ def _attention_in_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims
 def _attention_out_step(x: torch.Tensor, attn: torch.Tensor,
                         tensors: list[torch.Tensor | None], dims: list[int],
                         eps: float) -> torch.Tensor:
-    pointers, sizes, mask = _prepared(x, tensors, dims, ATTENTION_OUT_TENSORS)
+    pointers, sizes, mask, formats = _prepared(x, tensors, dims, ATTENTION_OUT_TENSORS)
     d = LayerDims(*dims)
     attn = attn.contiguous()
     if x.shape[1] != d.hidden or attn.shape != (x.shape[0], d.heads * d.head_dim) or \
@@ -136,7 +180,7 @@ def _attention_out_step(x: torch.Tensor, attn: torch.Tensor,
                          f"{tuple(attn.shape)} {attn.dtype} do not fit the layer's {d}")
     out = torch.empty_like(x)
     _status("attention_out_step", library.load().bamba_attention_out_step(
-        pointers, sizes, int(x.dtype == torch.bfloat16), mask, eps, x.data_ptr(),
+        pointers, sizes, int(x.dtype == torch.bfloat16), mask, formats, eps, x.data_ptr(),
         attn.data_ptr(), out.data_ptr(), x.shape[0], torch.get_num_threads()))
     return out
 

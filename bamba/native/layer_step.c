@@ -24,8 +24,9 @@
  * gives up to the order of float32 sums. The small tensors (norm weights, conv, dt_bias, A_log,
  * D) may be float32 in a bf16 layer (checkpoints keep A_log, D and dt_bias so). States: conv
  * pool rows [K-1, conv_dim] and SSM pool rows [H, P, N], float32 or bf16 each, selected by
- * `rows` (the SSM update is ssd_head.h's). Weights are bf16 or float32
- * (all of one dtype, the model's), contiguous.
+ * `rows` (the SSM update is ssd_head.h's). Weights are bf16 or float32 (all of one dtype,
+ * the model's), contiguous, or quantized (fp8, int8, int4 with their scales: quant_rows.h),
+ * each linear in its own format.
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,11 +40,16 @@
 
 /* The tensors of one layer, in the order the Python side passes them (absent = NULL). */
 enum {
-    IN_NORM, IN_PROJ, IN_PROJ_BIAS, CONV_W, CONV_B, DT_BIAS, A_LOG, D_SKIP, GATE_NORM, OUT_PROJ,
-    OUT_PROJ_BIAS, FF_NORM, GATE, GATE_BIAS, UP, UP_BIAS, DOWN, DOWN_BIAS, /* a Mamba layer */
-    Q, Q_BIAS, K_PROJ, K_BIAS, V_PROJ, V_BIAS, O_PROJ, O_BIAS, /* an attention layer's */
+    IN_NORM, IN_PROJ, IN_PROJ_BIAS, IN_PROJ_SCALES, CONV_W, CONV_B, DT_BIAS, A_LOG, D_SKIP,
+    GATE_NORM, OUT_PROJ, OUT_PROJ_BIAS, OUT_PROJ_SCALES, FF_NORM, GATE, GATE_BIAS, GATE_SCALES,
+    UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES, /* a Mamba layer */
+    Q, Q_BIAS, Q_SCALES, K_PROJ, K_BIAS, K_SCALES, V_PROJ, V_BIAS, V_SCALES, O_PROJ, O_BIAS,
+    O_SCALES, /* an attention layer's */
     N_TENSORS
 };
+/* The linear layers, in the order of their fields in a layer's `formats` word. */
+static const int LINEAR_SLOTS[] = {IN_PROJ, OUT_PROJ, GATE, UP, DOWN, Q, K_PROJ, V_PROJ, O_PROJ};
+enum { N_LINEARS = 9, FORMAT_BITS = 6 };
 /* Its sizes (an attention layer: HEADS query heads, GROUPS KV heads of HEAD_DIM, mixer 0s). */
 enum { HIDDEN, D_INNER, CONV_DIM, CONV_K, HEADS, HEAD_DIM, GROUPS, D_STATE, FFN, N_DIMS };
 
@@ -52,8 +58,23 @@ typedef struct {
     const int64_t *d;     /* N_DIMS sizes */
     int bf16;             /* weights and activations (x) in bf16, else float32 */
     int64_t f32_mask;     /* bit i: tensor i is float32 in a bf16 layer (norms, conv, A_log...) */
+    int64_t formats;      /* FORMAT_BITS per linear (LINEAR_SLOTS order): format | scales bf16
+                             << 2 | scale kind << 3 (0: one scale, 1: per row, g > 1: groups of
+                             16 << (g - 1) inputs) */
     float eps, dt_min, dt_max;
 } Layer;
+
+/* The linear layer whose weight is tensor `which` (bias and scales follow it), [n, k]. */
+static LinearWeights linear_of(const Layer *L, int which, int64_t n, int64_t k) {
+    int index = 0;
+    while (LINEAR_SLOTS[index] != which) index++;
+    const int64_t code = (L->formats >> (FORMAT_BITS * index)) & ((1 << FORMAT_BITS) - 1);
+    const int64_t kind = code >> 3, group = kind < 2 ? k : (int64_t)16 << (kind - 1);
+    const LinearWeights w = {L->t[which], L->t[which + 1], n, k, (int)(code & 3),
+                             L->t[which + 2], (int)((code >> 2) & 1), group,
+                             kind == 0 ? 0 : kind == 1 ? 1 : k / group};
+    return w;
+}
 
 /* Element i of one of the layer's small tensors (norm weights, conv, dt_bias, A_log, D). */
 static inline float param(const Layer *L, int which, int64_t i) {
@@ -118,8 +139,7 @@ static void ffn_stage(const Layer *L, int64_t M, Scratch *s) {
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++)
         rms_norm_row(L, s->resid + m * D, FF_NORM, (char *)s->normed + m * D * size, D);
-    const LinearWeights gate_up[2] = {{L->t[GATE], L->t[GATE_BIAS], F, D},
-                                      {L->t[UP], L->t[UP_BIAS], F, D}};
+    const LinearWeights gate_up[2] = {linear_of(L, GATE, F, D), linear_of(L, UP, F, D)};
     linears_shared(L, gate_up, 2, s->normed, M, s->gate_up, 0);
 #pragma omp barrier
     const int64_t pieces = (F + SILU_PIECE - 1) / SILU_PIECE;
@@ -133,7 +153,7 @@ static void ffn_stage(const Layer *L, int64_t M, Scratch *s) {
             store_value(s->normed, m * F + f0 + f, round_to(gate[f], L->bf16) * gate[F + f],
                         L->bf16);
     }
-    const LinearWeights down = {L->t[DOWN], L->t[DOWN_BIAS], D, F};
+    const LinearWeights down = linear_of(L, DOWN, D, F);
     linear_shared(L, &down, s->normed, M, s->proj);
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -209,7 +229,7 @@ static void mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool, 
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++)
         rms_norm_row(L, s->resid + m * D, IN_NORM, (char *)s->normed + m * D * size, D);
-    const LinearWeights in_proj = {L->t[IN_PROJ], L->t[IN_PROJ_BIAS], width, D};
+    const LinearWeights in_proj = linear_of(L, IN_PROJ, width, D);
     linear_shared(L, &in_proj, s->normed, M, s->proj);
 #pragma omp barrier
     const int64_t pieces = (C + SILU_PIECE - 1) / SILU_PIECE;
@@ -236,7 +256,7 @@ static void mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool, 
             store_value(s->normed, m * Din + g * group + j, w * (v[j] * scale), L->bf16);
         }
     }
-    const LinearWeights out_proj = {L->t[OUT_PROJ], L->t[OUT_PROJ_BIAS], D, Din};
+    const LinearWeights out_proj = linear_of(L, OUT_PROJ, D, Din);
     linear_shared(L, &out_proj, s->normed, M, s->proj);
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -247,7 +267,7 @@ static void mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool, 
  * s->resid += o_proj(attn), attn [M, HEADS * HEAD_DIM] in the layer dtype. */
 static void attention_out_stage(const Layer *L, int64_t M, Scratch *s, const void *attn) {
     const int64_t D = L->d[HIDDEN];
-    const LinearWeights o = {L->t[O_PROJ], L->t[O_BIAS], D, L->d[HEADS] * L->d[HEAD_DIM]};
+    const LinearWeights o = linear_of(L, O_PROJ, D, L->d[HEADS] * L->d[HEAD_DIM]);
     linear_shared(L, &o, attn, M, s->proj);
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -260,16 +280,36 @@ static void attention_in_stage(const Layer *L, int64_t M, Scratch *s, void *qkv)
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++)
         rms_norm_row(L, s->resid + m * D, IN_NORM, (char *)s->normed + m * D * size, D);
-    const LinearWeights qkv_w[3] = {{L->t[Q], L->t[Q_BIAS], L->d[HEADS] * Dh, D},
-                                    {L->t[K_PROJ], L->t[K_BIAS], L->d[GROUPS] * Dh, D},
-                                    {L->t[V_PROJ], L->t[V_BIAS], L->d[GROUPS] * Dh, D}};
+    const LinearWeights qkv_w[3] = {linear_of(L, Q, L->d[HEADS] * Dh, D),
+                                    linear_of(L, K_PROJ, L->d[GROUPS] * Dh, D),
+                                    linear_of(L, V_PROJ, L->d[GROUPS] * Dh, D)};
     linears_shared(L, qkv_w, 3, s->normed, M, qkv, L->bf16);
 }
 
 typedef enum { MAMBA_LAYER, ATTENTION_IN, ATTENTION_OUT } Part;
 
+/* Whether the part's quantized linears (input widths k) are ones the kernels take. */
+static int quant_linears_ok(const Layer *L, Part part) {
+    const int64_t *d = L->d;
+    const int mamba[] = {IN_PROJ, OUT_PROJ}, in[] = {Q, K_PROJ, V_PROJ}, out[] = {O_PROJ};
+    const int64_t mamba_k[] = {d[HIDDEN], d[D_INNER]}, in_k[] = {d[HIDDEN], d[HIDDEN], d[HIDDEN]},
+                  out_k[] = {d[HEADS] * d[HEAD_DIM]};
+    const int ffn[] = {GATE, UP, DOWN};
+    const int64_t ffn_k[] = {d[HIDDEN], d[HIDDEN], d[FFN]};
+    const int *slots = part == MAMBA_LAYER ? mamba : part == ATTENTION_IN ? in : out;
+    const int64_t *ks = part == MAMBA_LAYER ? mamba_k : part == ATTENTION_IN ? in_k : out_k;
+    const int count = part == MAMBA_LAYER ? 2 : part == ATTENTION_IN ? 3 : 1;
+    for (int i = 0; i < count + (part == ATTENTION_IN ? 0 : 3); i++) {
+        const int which = i < count ? slots[i] : ffn[i - count];
+        const LinearWeights w = linear_of(L, which, 1, i < count ? ks[i] : ffn_k[i - count]);
+        if (w.format != FORMAT_DENSE && !quant_supported(w.format, w.k, w.group)) return 0;
+    }
+    return 1;
+}
+
 static int check(const Layer *L, Part part) {
     const int64_t *d = L->d;
+    if (!quant_linears_ok(L, part)) return -1;
     if (!linear_supported(L->bf16, d[HIDDEN]) || !linear_supported(L->bf16, d[FFN])) return -1;
     if (part == MAMBA_LAYER &&
         (!linear_supported(L->bf16, d[D_INNER]) || d[HEADS] % d[GROUPS] != 0 ||
@@ -326,7 +366,7 @@ static int run(const Layer *L, Part part, const Call *c, int threads) {
     return 0;
 }
 
-/* Copy a call's tensor list (in the order of `first`..) into a full N_TENSORS array. */
+/* Copy a call's tensor list (in the order of `slots`) into a full N_TENSORS array. */
 static void place(const void **all, const void *const *tensors, const int *slots, int count) {
     for (int i = 0; i < N_TENSORS; i++) all[i] = NULL;
     for (int i = 0; i < count; i++) all[slots[i]] = tensors[i];
@@ -339,44 +379,45 @@ static int64_t place_mask(int64_t mask, const int *slots, int count) {
 }
 
 /* A Mamba decoder layer for M rows: x [M, hidden] -> out [M, hidden]; the conv and SSM states
- * of pool rows `rows` advance in place. Tensors in enum order IN_NORM..DOWN_BIAS. Returns 0,
+ * of pool rows `rows` advance in place. Tensors in enum order IN_NORM..DOWN_SCALES. Returns 0,
  * -1 if unsupported here, -2 out of memory. */
 int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int bf16,
-                           int64_t f32_mask, float eps, float dt_min, float dt_max,
+                           int64_t f32_mask, int64_t formats, float eps, float dt_min, float dt_max,
                            const void *x, void *out, int64_t M, void *conv_pool, int conv_bf16,
                            void *ssm_pool, int ssm_bf16, const int64_t *rows, int threads) {
     const void *all[N_TENSORS];
-    int slots[DOWN_BIAS + 1];
-    for (int i = 0; i <= DOWN_BIAS; i++) slots[i] = i;
-    place(all, tensors, slots, DOWN_BIAS + 1);
-    const Layer L = {all, dims, bf16, f32_mask, eps, dt_min, dt_max};
+    int slots[DOWN_SCALES + 1];
+    for (int i = 0; i <= DOWN_SCALES; i++) slots[i] = i;
+    place(all, tensors, slots, DOWN_SCALES + 1);
+    const Layer L = {all, dims, bf16, f32_mask, formats, eps, dt_min, dt_max};
     const Call c = {x, NULL, out, M, conv_pool, ssm_pool, conv_bf16, ssm_bf16, rows};
     return run(&L, MAMBA_LAYER, &c, threads);
 }
 
 /* An attention layer's first half: qkv [M, (heads + 2 kv heads) head_dim] = the q, k and v
- * projections of rmsnorm(x). Tensors: input norm, q, q bias, k, k bias, v, v bias. */
+ * projections of rmsnorm(x). Tensors: input norm, then weight, bias and scales of q, k, v. */
 int bamba_attention_in_step(const void *const *tensors, const int64_t *dims, int bf16,
-                            int64_t f32_mask, float eps, const void *x, void *qkv, int64_t M,
-                            int threads) {
-    static const int slots[] = {IN_NORM, Q, Q_BIAS, K_PROJ, K_BIAS, V_PROJ, V_BIAS};
+                            int64_t f32_mask, int64_t formats, float eps, const void *x,
+                            void *qkv, int64_t M, int threads) {
+    static const int slots[] = {IN_NORM, Q, Q_BIAS, Q_SCALES, K_PROJ, K_BIAS, K_SCALES,
+                                V_PROJ, V_BIAS, V_SCALES};
     const void *all[N_TENSORS];
-    place(all, tensors, slots, 7);
-    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 7), eps, 0.0f, 0.0f};
+    place(all, tensors, slots, 10);
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 10), formats, eps, 0.0f, 0.0f};
     const Call c = {x, NULL, qkv, M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_IN, &c, threads);
 }
 
 /* An attention layer's second half: h = x + o_proj(attn), out = h + mlp(rmsnorm(h)).
- * Tensors: o, o bias, pre-ff norm, gate, gate bias, up, up bias, down, down bias. */
+ * Tensors: o's weight, bias and scales, pre-ff norm, then gate's, up's and down's. */
 int bamba_attention_out_step(const void *const *tensors, const int64_t *dims, int bf16,
-                             int64_t f32_mask, float eps, const void *x, const void *attn,
-                             void *out, int64_t M, int threads) {
-    static const int slots[] = {O_PROJ, O_BIAS, FF_NORM, GATE, GATE_BIAS, UP, UP_BIAS, DOWN,
-                                DOWN_BIAS};
+                             int64_t f32_mask, int64_t formats, float eps, const void *x,
+                             const void *attn, void *out, int64_t M, int threads) {
+    static const int slots[] = {O_PROJ, O_BIAS, O_SCALES, FF_NORM, GATE, GATE_BIAS, GATE_SCALES,
+                                UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES};
     const void *all[N_TENSORS];
-    place(all, tensors, slots, 9);
-    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 9), eps, 0.0f, 0.0f};
+    place(all, tensors, slots, 13);
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 13), formats, eps, 0.0f, 0.0f};
     const Call c = {x, attn, out, M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_OUT, &c, threads);
 }
@@ -392,6 +433,7 @@ typedef struct {
     const int64_t *attention;    /* [n_layers]: 1 for an attention layer */
     const void *const *tensors;  /* [n_layers * N_TENSORS] */
     const int64_t *f32_masks;    /* [n_layers] */
+    const int64_t *formats;      /* [n_layers]: Layer.formats */
     const int64_t *mamba_dims, *attention_dims; /* N_DIMS each */
     void *const *pool_a;         /* [n_layers]: conv pool, or keys */
     void *const *pool_b;         /* [n_layers]: SSM pool, or values */
@@ -450,7 +492,7 @@ static int attention_layer(const DecodeModel *P, int64_t layer, const DecodeRows
                            const void *src, void *dst, void *qkv, void *attn, int threads) {
     const int64_t *d = P->attention_dims, H = d[HEADS], G = d[GROUPS], Dh = d[HEAD_DIM];
     const Layer L = {P->tensors + layer * N_TENSORS, d, (int)P->bf16, P->f32_masks[layer],
-                     P->eps, 0.0f, 0.0f};
+                     P->formats[layer], P->eps, 0.0f, 0.0f};
     const Call in = {src, NULL, qkv, r->M, NULL, NULL, 0, 0, NULL};
     int status = run(&L, ATTENTION_IN, &in, threads);
     if (status != 0) return status;
@@ -484,7 +526,7 @@ int bamba_decode_layers(const DecodeModel *P, const void *x, void *out, void *sp
             status = attention_layer(P, i, r, src, dst, qkv, attn, threads);
         } else {
             const Layer L = {P->tensors + i * N_TENSORS, P->mamba_dims, (int)P->bf16,
-                             P->f32_masks[i], P->eps, P->dt_min, P->dt_max};
+                             P->f32_masks[i], P->formats[i], P->eps, P->dt_min, P->dt_max};
             const Call c = {src, NULL, dst, r->M, P->pool_a[i], P->pool_b[i],
                             (int)P->conv_bf16, (int)P->ssm_bf16, r->slots};
             status = run(&L, MAMBA_LAYER, &c, threads);

@@ -35,3 +35,41 @@ int bamba_linear_bf16(const uint16_t *x, const uint16_t *W, const uint16_t *bias
 int bamba_linear_supported(void) {
     return (linear_supported(1, 32) ? 1 : 0) | (linear_supported(0, 16) ? 2 : 0);
 }
+
+/* y [M, N] = x W^T (+ bias) for a few rows over quantized weights (quant_rows.h), x, bias and
+ * y bf16 when x_bf16, else float32. Returns 0, or -1 when this build or shape is not
+ * supported. */
+int bamba_quant_linear(const void *x, int x_bf16, const void *W, int format, const void *scales,
+                       int scales_bf16, int64_t group, int64_t scale_stride, const void *bias,
+                       void *y, int64_t M, int64_t N, int64_t K, int threads) {
+    if (M < 1 || !quant_supported(format, K, group)) return -1;
+    const LinearWeights L = {W, bias, N, K, format, scales, scales_bf16, group, scale_stride};
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t begin, end;
+        my_share(N, &begin, &end);
+        quant_features(&L, x_bf16, x, M, y, N, x_bf16, 0, begin, end);
+    }
+    return 0;
+}
+
+/* Whether bamba_quant_linear takes this format, width and group size on this build. */
+int bamba_quant_supported(int format, int64_t K, int64_t group) {
+    return quant_supported(format, K, group);
+}
+
+/* Weight rows [n_begin, n_end) of quantized weights (as bamba_quant_linear's) dequantized into
+ * out [n_end - n_begin, K], bf16 when out_bf16, else float32 (a prefill's weight tile). */
+void bamba_quant_dequantize(const void *W, int format, const void *scales, int scales_bf16,
+                            int64_t group, int64_t scale_stride, int64_t n_begin, int64_t n_end,
+                            int64_t K, void *out, int out_bf16, int threads) {
+    const LinearWeights L = {W, NULL, n_end - n_begin, K, format, scales, scales_bf16, group,
+                             scale_stride};
+#pragma omp parallel num_threads(threads)
+    {
+        int64_t begin, end;
+        my_share(n_end - n_begin, &begin, &end);
+        dequantize_rows(&L, n_begin + begin, n_begin + end,
+                        (char *)out + begin * K * (out_bf16 ? 2 : 4), out_bf16);
+    }
+}

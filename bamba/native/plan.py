@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from bamba.linear_protocol import DENSE, LinearWeights
+from bamba.native import dispatch
 from bamba.native.dispatch import LayerDims
 
-FORMATS = frozenset((DENSE,))  # the linear formats layer_step.c reads
+FORMATS = frozenset((DENSE, "fp8", "int8", "int4"))  # the linear formats layer_step.c reads
 
 Tensors = list[torch.Tensor | None]
 
@@ -24,14 +25,18 @@ def linear_weights(linear: nn.Module) -> LinearWeights:
     return offered() if offered is not None else LinearWeights(DENSE, linear.weight, linear.bias)
 
 
-def _linears(*linears: nn.Module) -> Tensors | None:
-    """Weight and bias of each linear, or None when one's format is not one the kernels read."""
+def _linears(dtype: torch.dtype, *linears: nn.Module) -> Tensors | None:
+    """Weight, bias and scales (None when dense) of each linear, or None when one's format,
+    its quantized layout, or a quantized linear's bias dtype (not the layer's ``dtype``) is
+    not what the layer steps read."""
     found: Tensors = []
     for linear in linears:
         w = linear_weights(linear)
-        if w.format not in FORMATS:
+        if w.format not in FORMATS or (w.format != DENSE and (
+                not dispatch.quant_step_fits(w, linear.in_features) or
+                (w.bias is not None and w.bias.dtype != dtype))):
             return None
-        found += [w.weight, w.bias]
+        found += [w.weight, w.bias, None if w.format == DENSE else w.scales]
     return found
 
 
@@ -52,19 +57,19 @@ class LayerTensors(NamedTuple):
 
 
 def layer_tensors(layer: nn.Module) -> LayerTensors:
-    ff = layer.feed_forward
-    ffn = _linears(ff.gate_proj, ff.up_proj, ff.down_proj)
+    ff, dtype = layer.feed_forward, layer.input_layernorm.weight.dtype
+    ffn = _linears(dtype, ff.gate_proj, ff.up_proj, ff.down_proj)
     ffn = None if ffn is None else [layer.pre_ff_layernorm.weight, *ffn]
     if layer.layer_type == "mamba":
         m = layer.mamba
-        ends = _linears(m.in_proj, m.out_proj)
+        ends = _linears(dtype, m.in_proj, m.out_proj)
         if ends is None or ffn is None:
             return LayerTensors(None, None, None)
-        return LayerTensors([layer.input_layernorm.weight, *ends[:2], m.conv1d.weight,
-                             m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight, *ends[2:],
+        return LayerTensors([layer.input_layernorm.weight, *ends[:3], m.conv1d.weight,
+                             m.conv1d.bias, m.dt_bias, m.A_log, m.D, m.norm.weight, *ends[3:],
                              *ffn], None, None)
     a = layer.self_attn
-    qkv, o = _linears(a.q_proj, a.k_proj, a.v_proj), _linears(a.o_proj)
+    qkv, o = _linears(dtype, a.q_proj, a.k_proj, a.v_proj), _linears(dtype, a.o_proj)
     return LayerTensors(None, None if qkv is None else [layer.input_layernorm.weight, *qkv],
                         None if o is None or ffn is None else o + ffn)
 

@@ -6,8 +6,10 @@ otherwise. Parameters, their names and the state dict stay as they are.
 What each swapped module adds:
 
 * ``nn.Linear``: the few-row (decode) linear kernel; ``kernel_weights()`` tells the layer and
-  model steps its format and tensors (only "dense" today; a quantized linear plugs in by
-  offering the same method with its packed weights and a format the kernels learn);
+  model steps its format and tensors;
+* ``QuantizedLinear`` (fp8, int8, int4): the few-row kernel over its quantized weights, and
+  dequantized tiles for torch's matmul at prefill; the layer and model steps read its
+  ``kernel_weights()`` too;
 * ``RMSNorm`` and ``MLP``: one pass for the norm and the SwiGLU product;
 * ``Attention``: decode attention over the cache in place;
 * ``Mamba2Mixer``: the one-pass SSM state update, the prefill kernels, the training conv;
@@ -29,7 +31,8 @@ from torch import nn
 from bamba import model as reference
 from bamba.cache_protocol import KVLayout
 from bamba.native import attention_ops, decode_ops, dispatch, elementwise_ops, layer_ops, plan
-from bamba.native import linear_ops, prefill_ops, ssd_ops, train_ops  # noqa: F401 (torch ops)
+from bamba.native import linear_ops, prefill_ops, quant_ops, ssd_ops, train_ops  # noqa: F401
+from bamba.quant import linear as quant_linear
 from bamba.native.plan import DENSE, LinearWeights
 from bamba.ops import attention as attention_math
 from bamba.ops.mixer import (MixerShape, MixerWeights, conv_silu, mamba_decode_step,
@@ -72,6 +75,19 @@ class Linear(_Counted, nn.Linear):
 
     def kernel_weights(self) -> LinearWeights:
         return LinearWeights(DENSE, self.weight, self.bias)
+
+
+class QuantizedLinear(_Counted, quant_linear.QuantizedLinear):
+    """The few-row kernel streaming the quantized weights (decode), dequantized tiles for
+    torch's matmul (prefill), the torch reference where neither fits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = dispatch.quant_linear_fits(x, self.kernel_weights())
+        if layout is None:
+            return super().forward(x)
+        if x.numel() // x.shape[-1] <= dispatch.MAX_LINEAR_ROWS:
+            return quant_ops.quant_linear_rows(x, layout, self.bias, dispatch.through_dispatcher())
+        return quant_ops.quant_linear_tiles(x, layout, self.bias)
 
 
 class RMSNorm(_Counted, reference.RMSNorm):
@@ -274,7 +290,8 @@ def _counted(cls: type[nn.Module]) -> type[nn.Module]:
 
 # The exact class of each module a BambaLM holds -> its swapped class.
 SWAPS: dict[type, type] = {
-    nn.Linear: Linear, reference.RMSNorm: RMSNorm, reference.MLP: MLP,
+    nn.Linear: Linear, quant_linear.QuantizedLinear: QuantizedLinear,
+    reference.RMSNorm: RMSNorm, reference.MLP: MLP,
     reference.Attention: Attention, reference.Mamba2Mixer: Mamba2Mixer,
     reference.DecoderLayer: DecoderLayer, reference.BambaLM: BambaLM,
     **{cls: _counted(cls) for cls in (nn.Conv1d, nn.Embedding, nn.ModuleList,

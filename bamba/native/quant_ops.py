@@ -1,0 +1,165 @@
+"""Linear layers over quantized weights (fp8, int8, int4 in the compressed-tensors layout) by the
+native kernels of ``quant_rows.h``: ``quant_linear_rows`` for a few rows (decode: the weights
+streamed and dequantized in registers) and ``quant_linear_tiles`` for many (prefill: a tile of
+output features at a time dequantized to the activations' dtype for torch's matmul, so the
+extra memory is one tile, never a dense copy of the weight).
+
+``quant_layout`` reads a linear's ``LinearWeights`` into what the kernels take, or None when
+they do not take it (then the layer's torch reference runs)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from bamba.linear_protocol import LinearWeights
+from bamba.native import library
+
+FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3}  # dot_rows.h's FORMAT_* enum
+_BITS = {"fp8": 8, "int8": 8, "int4": 4}
+SCALE_DTYPES = (torch.bfloat16, torch.float32)
+TILE_FEATURES = 512  # output features dequantized at a time for a prefill matmul
+
+
+class QuantLayout(NamedTuple):
+    """A quantized weight [n, k] as the kernels read it: ``weight`` its stored tensor, one scale
+    of ``scales`` per ``group`` inputs, ``scale_stride`` scales a row (0: one for all)."""
+    format: str
+    weight: torch.Tensor
+    scales: torch.Tensor
+    n: int
+    k: int
+    group: int
+    scale_stride: int
+
+    @property
+    def code(self) -> int:
+        return FORMAT_CODES[self.format]
+
+    @property
+    def scales_bf16(self) -> int:
+        return int(self.scales.dtype == torch.bfloat16)
+
+
+def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
+    """The kernels' view of a quantized linear of width ``k``, or None when its tensors are
+    not what they read (another format or scale dtype, shapes that do not fit, not
+    contiguous)."""
+    if w.format not in FORMAT_CODES or w.scales is None:
+        return None
+    weight, scales = w.weight, w.scales
+    stored = torch.float8_e4m3fn if w.format == "fp8" else torch.int32
+    n = weight.shape[0] if weight.dim() == 2 else -1
+    width = k if w.format == "fp8" else k * _BITS[w.format] // 32
+    if weight.dtype != stored or weight.shape != (n, width) or not weight.is_contiguous() or \
+            scales.dtype not in SCALE_DTYPES or not scales.is_contiguous() or \
+            weight.device.type != "cpu" or k <= 0:
+        return None
+    if scales.numel() == 1:  # one scale for the whole matrix
+        return QuantLayout(w.format, weight, scales, n, k, k, 0)
+    if scales.dim() != 2 or scales.shape[0] != n or k % scales.shape[1]:
+        return None
+    return QuantLayout(w.format, weight, scales, n, k, k // scales.shape[1], scales.shape[1])
+
+
+def supported(layout: QuantLayout) -> bool:
+    """Whether this build's kernels take the layout's format, width and group size."""
+    return _supported(layout.code, layout.k, layout.group)
+
+
+@functools.cache
+def _supported(code: int, k: int, group: int) -> bool:
+    lib = library.load()
+    return lib is not None and bool(lib.bamba_quant_supported(code, k, group))
+
+
+# layer_step.c's scale kinds: 0 one scale, 1 one a row, g > 1 groups of 16 << (g - 1) inputs
+_GROUP_KINDS = {16 << (kind - 1): kind for kind in range(2, 8)}
+
+
+def step_code(layout: QuantLayout) -> int | None:
+    """The layout's field of layer_step.c's formats word, or None when the layer steps do not
+    take it (a group size they cannot encode, or one the kernels do not take)."""
+    kind = 0 if layout.scale_stride == 0 else 1 if layout.group == layout.k \
+        else _GROUP_KINDS.get(layout.group)
+    if kind is None or not supported(layout):
+        return None
+    return layout.code | layout.scales_bf16 << 2 | kind << 3
+
+
+def _call_rows(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.reshape(-1, layout.k).contiguous()
+    y = torch.empty(rows.shape[0], layout.n, dtype=x.dtype)
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    status = library.load().bamba_quant_linear(
+        rows.data_ptr(), int(x.dtype == torch.bfloat16), layout.weight.data_ptr(), layout.code,
+        layout.scales.data_ptr(), layout.scales_bf16, layout.group, layout.scale_stride,
+        None if bias is None else bias.data_ptr(), y.data_ptr(), rows.shape[0], layout.n,
+        layout.k, torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"quant_linear_rows: unsupported here ({layout.format}, width "
+                           f"{layout.k}, group {layout.group})")
+    return y.view(*x.shape[:-1], layout.n)
+
+
+@torch.library.custom_op("bamba::quant_linear_rows", mutates_args=(), device_types="cpu")
+def _quant_linear_op(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None, format: str) -> torch.Tensor:
+    layout = quant_layout(LinearWeights(format, weight, bias, scales), x.shape[-1])
+    if layout is None:
+        raise ValueError(f"quant_linear_rows: {format} weight {tuple(weight.shape)} "
+                         f"{weight.dtype} with scales {tuple(scales.shape)} does not fit "
+                         f"input width {x.shape[-1]}")
+    return _call_rows(x, layout, bias)
+
+
+@_quant_linear_op.register_fake
+def _(x, weight, scales, bias, format):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@register_flop_formula(torch.ops.bamba.quant_linear_rows)
+def _quant_flops(x_shape, weight_shape, *args, **kwargs) -> int:
+    """For torch's FlopCounterMode: 2 x rows x out x in, as for the matmul it replaces."""
+    return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * x_shape[-1]
+
+
+def quant_linear_rows(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None,
+                      through_dispatcher: bool) -> torch.Tensor:
+    """y = x W^T (+ bias) for a few rows (``dispatch.quant_linear_fits``), the weights streamed
+    once and dequantized in registers; float32 accumulation (float32 x is rounded to bf16)."""
+    if through_dispatcher:
+        return _quant_linear_op(x, layout.weight, layout.scales, bias, layout.format)
+    return _call_rows(x, layout, bias)
+
+
+def dequantize_tile(layout: QuantLayout, begin: int, end: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Weight rows [begin, end) as a dense [end - begin, k] tensor of ``dtype`` (bf16 or
+    float32): q * scale rounded once."""
+    out = torch.empty(end - begin, layout.k, dtype=dtype)
+    library.load().bamba_quant_dequantize(
+        layout.weight.data_ptr(), layout.code, layout.scales.data_ptr(), layout.scales_bf16,
+        layout.group, layout.scale_stride, begin, end, layout.k, out.data_ptr(),
+        int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+def quant_linear_tiles(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None,
+                       tile: int = TILE_FEATURES) -> torch.Tensor:
+    """y = x W^T (+ bias) for many rows: ``tile`` output features at a time dequantized to x's
+    dtype (bf16 or float32) and multiplied by torch's matmul."""
+    rows = x.reshape(-1, layout.k)
+    y = torch.empty(rows.shape[0], layout.n, dtype=x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    for begin in range(0, layout.n, tile):
+        end = min(begin + tile, layout.n)
+        weight = dequantize_tile(layout, begin, end, x.dtype).t()
+        y[:, begin:end] = torch.mm(rows, weight) if bias is None else \
+            torch.addmm(bias[begin:end], rows, weight)
+    return y.view(*x.shape[:-1], layout.n)
+

@@ -1,0 +1,311 @@
+/* Linear layers for a few rows over quantized weights, read in the compressed-tensors layout
+ * and dequantized in registers (no dense copy of the weights anywhere):
+ *
+ *   fp8:  float8_e4m3fn bytes [n, k];
+ *   int8: bytes [n, k] holding q + 128 (the int32 words of `weight_packed`, little-endian);
+ *   int4: bytes [n, k / 2], byte i holding element 2i (q + 8) in its low nibble and 2i + 1 in
+ *         its high one;
+ *
+ * w = q * scale, one float32 or bf16 scale per `group` inputs of a row (`scale_stride` scales
+ * a row; 0: one scale for the whole matrix).
+ *
+ * Each thread walks its weight rows in chunks of CHUNK(format) inputs, turns a chunk into bf16
+ * vectors with a few integer instructions (a `vpermw` table lookup per nibble for the ints, an
+ * fp16 re-bias and `vcvtph2ps` for fp8) and multiplies them with `vdpbf16ps` against every input
+ * row, then adds the chunk's dot products times its scales (one scale per group of lanes) to
+ * float32 accumulators. The dequantized vectors come out in an order of the chunk's inputs that
+ * is cheap to produce, so the input rows are first copied, in bf16, into that order
+ * (`prepare_rows`, once per call and thread: k values a row against n x k weights). Float32
+ * inputs are rounded to bf16 there; the weights' quantization error is far larger.
+ */
+#ifndef BAMBA_QUANT_ROWS_H
+#define BAMBA_QUANT_ROWS_H
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Inputs a row's width must be a multiple of (every format's chunk divides it). */
+enum { QUANT_K_MULTIPLE = 128 };
+
+static inline int64_t quant_chunk(int format) {
+    return format == FORMAT_INT4 ? 128 : format == FORMAT_INT8 ? 64 : 32;
+}
+
+static inline int64_t quant_row_bytes(int format, int64_t k) {
+    return format == FORMAT_INT4 ? k / 2 : k;
+}
+
+/* Whether the kernels take this format at width k with `group` inputs per scale: a chunk's 16
+ * float32 lanes each cover chunk / 16 inputs, so a group spans whole lanes or whole chunks. */
+static inline int quant_supported(int format, int64_t k, int64_t group) {
+#if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
+    const int64_t chunk = quant_chunk(format);
+    if (format < FORMAT_FP8 || format > FORMAT_INT4 || group < 1 || k % QUANT_K_MULTIPLE != 0 ||
+        k % group != 0)
+        return 0;
+    return group % chunk == 0 || (chunk % group == 0 && group % (chunk / 16) == 0);
+#else
+    (void)format, (void)k, (void)group;
+    return 0;
+#endif
+}
+
+static inline float quant_scale(const LinearWeights *L, int64_t n, int64_t group_index) {
+    return load_value(L->scales, n * L->scale_stride + group_index, L->scales_bf16);
+}
+
+/* Input position (within its chunk) of element e of a chunk's dequantized vectors. */
+static inline int64_t chunk_position(int format, int64_t e) {
+    if (format == FORMAT_INT4) return 4 * (e % 32) + e / 32; /* vector q lane j: 4j + q */
+    if (format == FORMAT_INT8) return 2 * (e % 32) + e / 32; /* vector h lane j: 2j + h */
+    return e;
+}
+
+/* x [M, k] (bf16 or float32) as bf16 rows in the chunk order of `format`, into xp [M, k]. */
+static void prepare_rows(int format, const void *x, int x_bf16, int64_t M, int64_t k,
+                         uint16_t *xp) {
+    const int64_t chunk = quant_chunk(format);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < k; c += chunk)
+            for (int64_t e = 0; e < chunk; e++) {
+                const int64_t i = m * k + c + chunk_position(format, e);
+                xp[m * k + c + e] = x_bf16 ? ((const uint16_t *)x)[i]
+                                           : float_to_bf16(((const float *)x)[i]);
+            }
+}
+
+/* This thread's buffer of at least `count` bf16 values (kept for its next calls), or NULL. */
+static uint16_t *thread_rows(int64_t count) {
+    static __thread uint16_t *buffer;
+    static __thread int64_t capacity;
+    if (count > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (size_t)((count + 31) / 32 * 64));
+        capacity = buffer ? count : 0;
+    }
+    return buffer;
+}
+
+#if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
+typedef struct { /* what a call's chunk loop needs of the format, set up once */
+    __m512i low, high; /* vpermw tables: nibble -> bf16 value (int4's, int8's high nibble) */
+    __m512i lanes;     /* float32 lane -> scale index within a chunk (groups smaller than it) */
+    int64_t chunk, groups_per_chunk; /* groups_per_chunk 0: a chunk lies inside one group */
+} QuantTables;
+
+static inline __m512i bf16_table(float scale, float offset) {
+    uint16_t t[32];
+    for (int i = 0; i < 32; i++) t[i] = float_to_bf16((float)(i & 15) * scale + offset);
+    return _mm512_loadu_si512(t);
+}
+
+static QuantTables quant_tables(const LinearWeights *L) {
+    QuantTables t;
+    t.chunk = quant_chunk(L->format);
+    t.low = bf16_table(1.0f, -8.0f);
+    t.high = bf16_table(16.0f, -256.0f);
+    t.groups_per_chunk = L->group % t.chunk == 0 ? 0 : t.chunk / L->group;
+    int32_t lanes[16];
+    for (int i = 0; i < 16; i++)
+        lanes[i] = t.groups_per_chunk ? (int32_t)(i * t.groups_per_chunk / 16) : 0;
+    t.lanes = _mm512_loadu_si512(lanes);
+    return t;
+}
+
+/* The scales of chunk c of row n (groups smaller than a chunk), one per float32 lane of the
+ * chunk's dot products. */
+static inline __m512 chunk_scales(const LinearWeights *L, const QuantTables *t, int64_t n,
+                                  int64_t c) {
+    const int64_t first = c * t->groups_per_chunk;
+    const __mmask16 mask = (__mmask16)((1u << t->groups_per_chunk) - 1);
+    const char *at = (const char *)L->scales +
+                     (n * L->scale_stride + first) * (L->scales_bf16 ? 2 : 4);
+    const __m512 s = L->scales_bf16
+        ? _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, at)), 16))
+        : _mm512_maskz_loadu_ps(mask, at);
+    return _mm512_permutexvar_ps(t->lanes, s);
+}
+
+/* A chunk's weights as bf16 vectors v[0..3] (fp8: v[0] only, values 2^-8 of the weights). */
+static inline __attribute__((always_inline)) void dequantize_chunk(int format, const char *w,
+                                                                    const QuantTables *t,
+                                                                    __m512i v[4]) {
+    if (format == FORMAT_FP8) {
+        /* e4m3 -> fp16 bits: the byte sign-extended, shifted so its exponent and mantissa
+         * land in fp16's (fp16's bias is 8 more: values 2^-8 of e4m3's, subnormals too) */
+        const __m512i h = _mm512_and_si512(
+            _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w)), 7),
+            _mm512_set1_epi16((short)0xBF80));
+        const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+        const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+        v[0] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        return;
+    }
+    const __m512i words = _mm512_loadu_si512(w);
+    if (format == FORMAT_INT4) { /* word j holds inputs 4j..4j+3 in its nibbles */
+        v[0] = _mm512_permutexvar_epi16(words, t->low);
+        v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), t->low);
+        v[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), t->low);
+        v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), t->low);
+        return;
+    }
+    /* int8: word j holds inputs 2j (low byte) and 2j + 1, each q + 128 = 16 h + l, taken as
+     * (128 + l) + (16 h - 256): bf16 0x4300 | l is 128 + l, a table gives 16 h - 256 */
+    const __m512i nibble = _mm512_set1_epi16(15), magic = _mm512_set1_epi16(0x4300);
+    const __m512i odd = _mm512_srli_epi16(words, 8);
+    v[0] = _mm512_ternarylogic_epi32(words, nibble, magic, 0xEA); /* (a & b) | c */
+    v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), t->high);
+    v[2] = _mm512_ternarylogic_epi32(odd, nibble, magic, 0xEA);
+    v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), t->high);
+}
+
+/* One input row's dot products with a dequantized chunk added to a and b (two chains): 16
+ * float32 lanes, each over chunk / 16 inputs. xp: the row's chunk in chunk order. */
+static inline __attribute__((always_inline)) void chunk_dot(int format, const uint16_t *xp,
+                                                            const __m512i v[4], __m512 *a,
+                                                            __m512 *b) {
+    if (format == FORMAT_FP8) {
+        *a = _mm512_dpbf16_ps(*a, (__m512bh)_mm512_loadu_si512(xp), (__m512bh)v[0]);
+        return;
+    }
+    const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 32);
+    if (format == FORMAT_INT8) { /* inputs 2j with v[0], v[1]; 2j + 1 with v[2], v[3] */
+        *a = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*a, (__m512bh)x0, (__m512bh)v[0]), (__m512bh)x1,
+                              (__m512bh)v[2]);
+        *b = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*b, (__m512bh)x0, (__m512bh)v[1]), (__m512bh)x1,
+                              (__m512bh)v[3]);
+        return;
+    }
+    const __m512i x2 = _mm512_loadu_si512(xp + 64), x3 = _mm512_loadu_si512(xp + 96);
+    *a = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*a, (__m512bh)x0, (__m512bh)v[0]), (__m512bh)x2,
+                          (__m512bh)v[2]);
+    *b = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*b, (__m512bh)x1, (__m512bh)v[1]), (__m512bh)x3,
+                          (__m512bh)v[3]);
+}
+
+/* out[r] = x_r . w_n for R input rows (compile-time after inlining) of xp, k apart. Chunks
+ * of one group accumulate unscaled, then add to acc times their scale; groups smaller than a
+ * chunk scale each chunk's lanes. */
+static inline __attribute__((always_inline)) void quant_row_dots(const LinearWeights *L,
+                                                                  const QuantTables *t,
+                                                                  const int format,
+                                                                  const uint16_t *xp, int64_t n,
+                                                                  const int R, float *out) {
+    const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
+    const int64_t bytes = quant_row_bytes(format, chunk);
+    const int64_t per_group = t->groups_per_chunk ? 1 : L->group / chunk; /* chunks */
+    const char *w = (const char *)L->weight + n * quant_row_bytes(format, k);
+    __m512 acc[ROW_GROUP];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0, g = 0; c < chunks; g++) {
+        __m512 a[ROW_GROUP], b[ROW_GROUP];
+        for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
+        for (const int64_t end = c + per_group; c < end; c++) {
+            _mm_prefetch(w + c * bytes + PREFETCH_BYTES, _MM_HINT_T1);
+            __m512i v[4];
+            dequantize_chunk(format, w + c * bytes, t, v);
+            for (int r = 0; r < R; r++) chunk_dot(format, xp + r * k + c * chunk, v, &a[r], &b[r]);
+        }
+        const __m512 s = t->groups_per_chunk
+            ? chunk_scales(L, t, n, g) : _mm512_set1_ps(quant_scale(L, n, g));
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(a[r], b[r]), s, acc[r]);
+    }
+    const float unit = format == FORMAT_FP8 ? 256.0f : 1.0f; /* fp8's vectors were 2^-8 */
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) * unit;
+}
+
+#define QUANT_ROWS(F)                                                                 \
+    switch (R) {                                                                      \
+    case 1: quant_row_dots(L, t, F, xp, n, 1, out); break;                            \
+    case 2: quant_row_dots(L, t, F, xp, n, 2, out); break;                            \
+    case 3: quant_row_dots(L, t, F, xp, n, 3, out); break;                            \
+    case 4: quant_row_dots(L, t, F, xp, n, 4, out); break;                            \
+    case 5: quant_row_dots(L, t, F, xp, n, 5, out); break;                            \
+    case 6: quant_row_dots(L, t, F, xp, n, 6, out); break;                            \
+    case 7: quant_row_dots(L, t, F, xp, n, 7, out); break;                            \
+    default: quant_row_dots(L, t, F, xp, n, 8, out); break;                           \
+    }
+
+/* One unrolled body per format and row count. */
+__attribute__((noinline)) static void quant_dots(const LinearWeights *L, const QuantTables *t,
+                                                 const uint16_t *xp, int64_t n, int R,
+                                                 float *out) {
+    if (L->format == FORMAT_INT4) {
+        QUANT_ROWS(FORMAT_INT4)
+    } else if (L->format == FORMAT_INT8) {
+        QUANT_ROWS(FORMAT_INT8)
+    } else {
+        QUANT_ROWS(FORMAT_FP8)
+    }
+}
+#undef QUANT_ROWS
+#endif
+
+/* Features [n_begin, n_end) of y = x W^T + bias for M rows of x ([M, k], bf16 when x_bf16,
+ * else float32), as linear_features (dot_rows.h) stores them. */
+static void quant_features(const LinearWeights *L, int x_bf16, const void *x, int64_t M,
+                           void *y, int64_t ldy, int y_bf16, int round_bf16, int64_t n_begin,
+                           int64_t n_end) {
+#if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
+    uint16_t *xp = thread_rows(M * L->k);
+    const QuantTables t = quant_tables(L);
+    if (xp != NULL) prepare_rows(L->format, x, x_bf16, M, L->k, xp);
+    for (int64_t n = n_begin; n < n_end; n++) {
+        const float bias = L->bias ? load_value(L->bias, n, x_bf16) : 0.0f;
+        for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
+            const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
+            float out[ROW_GROUP];
+            if (xp != NULL)
+                quant_dots(L, &t, xp + m0 * L->k, n, R, out);
+            for (int r = 0; r < R; r++) { /* out of memory for k inputs: NaN, not a guess */
+                float v = xp != NULL ? out[r] + bias : NAN;
+                if (round_bf16) v = bf16_to_float(float_to_bf16(v));
+                store_value(y, (m0 + r) * ldy + n, v, y_bf16);
+            }
+        }
+    }
+#else
+    (void)L, (void)x_bf16, (void)x, (void)M, (void)y, (void)ldy, (void)y_bf16, (void)round_bf16;
+    (void)n_begin, (void)n_end;
+#endif
+}
+
+/* Weight rows [n_begin, n_end) dequantized into out [n_end - n_begin, k] (bf16, rounded to
+ * nearest even, or float32), in input order: for a prefill's matmul, a tile at a time. */
+static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_end, void *out,
+                            int out_bf16) {
+    const int64_t k = L->k, group = L->group;
+    float values[256]; /* stored byte -> value: e4m3 (s eeee mmm, bias 7, subnormals at e = 0),
+                          or q + 128 */
+    for (int b = 0; b < 256; b++) {
+        const int e = (b >> 3) & 15, m = b & 7;
+        const float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+        values[b] = L->format == FORMAT_FP8 ? (b & 128 ? -v : v) : (float)(b - 128);
+    }
+    enum { MAX_PIECE = 1024, SMALL_PIECE = 32 }; /* inputs of one scale converted at a time */
+    const int64_t piece = group <= MAX_PIECE ? group : SMALL_PIECE; /* divides the group */
+    float row[MAX_PIECE];
+    for (int64_t n = n_begin; n < n_end; n++) {
+        const uint8_t *w = (const uint8_t *)L->weight + n * quant_row_bytes(L->format, k);
+        for (int64_t g0 = 0; g0 < k; g0 += piece) {
+            const float scale = quant_scale(L, n, g0 / group);
+            if (L->format == FORMAT_INT4)
+                for (int64_t i = 0; i < piece; i += 2) {
+                    const uint8_t b = w[(g0 + i) / 2];
+                    row[i] = (float)((b & 15) - 8) * scale;
+                    row[i + 1] = (float)((b >> 4) - 8) * scale;
+                }
+            else
+                for (int64_t i = 0; i < piece; i++) row[i] = values[w[g0 + i]] * scale;
+            const int64_t at = (n - n_begin) * k + g0;
+            if (out_bf16)
+                for (int64_t i = 0; i < piece; i++)
+                    ((uint16_t *)out)[at + i] = float_to_bf16(row[i]);
+            else
+                memcpy((float *)out + at, row, piece * sizeof(float));
+        }
+    }
+}
+#endif

@@ -1,0 +1,222 @@
+"""The native kernels over quantized linears (fp8, int8, int4) against the torch reference
+(``QuantizedLinear.forward``): the few-row kernel and the prefill tiles, the layer and model
+decode steps of quantized models (dense lm_head, formats mixed per layer), and the torch path
+for what the kernels do not take."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bamba.cache import ContiguousCache
+from bamba.config import preset
+from bamba.model import BambaLM, init_weights
+from bamba.native import accelerate, decode_ops, dispatch, plan, quant_ops, seam
+from bamba.quant.apply import quantize_model
+from bamba.quant.formats import make_scheme
+from bamba.quant.linear import QuantizedLinear
+
+pytestmark = pytest.mark.skipif(
+    not dispatch.linear_available(torch.bfloat16) or not quant_ops._supported(3, 128, 128),
+    reason="the quantized kernels need AVX-512 BF16 and a C compiler")
+
+GROUPS = [32, 64, 128, None]  # None: one scale per output channel
+
+
+def _layer(fmt: str, group: int | None, bias: bool, dtype: torch.dtype, k: int = 256,
+           n: int = 88) -> QuantizedLinear:
+    dense = nn.Linear(k, n, bias=bias).to(dtype)
+    with torch.no_grad():
+        dense.weight.normal_(0, 0.05)
+        if bias:
+            dense.bias.uniform_(-0.5, 0.5)
+    return QuantizedLinear.from_linear(dense, make_scheme(fmt, group))
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Within ``tol`` of the reference's largest magnitude (float32 x is rounded to bf16 by the
+    few-row kernel; bf16 outputs round once more)."""
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    scale = ref.float().abs().max().item()
+    err = (ours.float() - ref.float()).abs().max().item()
+    assert err <= tol * scale, f"max error {err:.3g} vs {tol} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+def test_native_linear_equals_the_reference(monkeypatch, fmt, group, bias, dtype) -> None:
+    reference = _layer(fmt, group, bias, dtype)
+    native = accelerate(copy.deepcopy(nn.Sequential(reference)))[0]
+    assert type(native) is seam.QuantizedLinear
+    calls = {"rows": 0, "tiles": 0}
+    for name in calls:
+        real = getattr(quant_ops, f"quant_linear_{name}")
+        monkeypatch.setattr(quant_ops, f"quant_linear_{name}",
+                            lambda *a, _real=real, _name=name, **k:
+                            calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **k))
+    for rows in (1, 3, 8, 40):
+        x = torch.randn(rows, 256, dtype=dtype)
+        with torch.inference_mode():
+            ours, ref = native(x), reference(x)
+        tight = rows > dispatch.MAX_LINEAR_ROWS and dtype == torch.float32
+        _close(ours, ref, 1e-5 if tight else 1.5e-2)
+    assert calls == {"rows": 3, "tiles": 1}
+
+
+def test_one_scale_for_the_whole_matrix_and_float32_scales() -> None:
+    """fp8 with a per-tensor scale ([1]) and int4 with float32 scales in a bf16 layer."""
+    w = torch.randn(64, 128) * 0.1
+    scale = w.abs().max() / 448
+    fp8 = QuantizedLinear.from_tensors({"weight": (w / scale).to(torch.float8_e4m3fn),
+                                        "weight_scale": scale.reshape(1)}, make_scheme("fp8"))
+    int4 = _layer("int4", 32, True, torch.float32, k=128, n=64)
+    int4.bias.data = int4.bias.data.bfloat16()
+    for reference in (fp8, int4):
+        native = accelerate(copy.deepcopy(nn.Sequential(reference)))[0]
+        x = torch.randn(2, 128, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            _close(native(x), reference(x), 1.5e-2)
+
+
+def test_widths_the_kernels_do_not_take_run_the_torch_reference(monkeypatch) -> None:
+    """An input width not a multiple of 128, and a group size smaller than the kernels' lanes,
+    fall back to the torch reference."""
+    monkeypatch.setattr(quant_ops, "quant_linear_rows", lambda *a, **k: pytest.fail("kernel"))
+    monkeypatch.setattr(quant_ops, "quant_linear_tiles", lambda *a, **k: pytest.fail("kernel"))
+    for reference in (_layer("int8", 32, True, torch.bfloat16, k=96),
+                      _layer("int4", 4, False, torch.bfloat16, k=128)):
+        native = accelerate(copy.deepcopy(nn.Sequential(reference)))[0]
+        x = torch.randn(2, reference.in_features, dtype=torch.bfloat16)
+        assert dispatch.quant_linear_fits(x, native.kernel_weights()) is None
+        with torch.inference_mode():
+            torch.testing.assert_close(native(x), reference(x), rtol=0, atol=0)
+
+
+def test_the_tile_matmul_needs_no_dense_copy_of_the_weight(monkeypatch) -> None:
+    """Prefill dequantizes a tile of output features at a time."""
+    layer = _layer("int4", 64, False, torch.bfloat16, k=256, n=1100)
+    layout = dispatch.quant_linear_fits(torch.zeros(1, 256, dtype=torch.bfloat16),
+                                        layer.kernel_weights())
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    tiles = []
+    real = quant_ops.dequantize_tile
+
+    def counted(layout, begin, end, dtype):
+        tiles.append(end - begin)
+        return real(layout, begin, end, dtype)
+
+    monkeypatch.setattr(quant_ops, "dequantize_tile", counted)
+    out = quant_ops.quant_linear_tiles(x, layout, None)
+    assert max(tiles) == quant_ops.TILE_FEATURES and sum(tiles) == 1100
+    _close(out, layer(x), 1e-2)
+
+
+# Whole models: the tiny hybrid (widths 256, 512, 768: all multiples of 128).
+
+def _model(dtype: torch.dtype) -> BambaLM:
+    model = init_weights(BambaLM(preset("tiny", mlp_bias=True)), seed=0).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+    return model
+
+
+def _mixed(model: BambaLM) -> BambaLM:
+    """Every linear but lm_head quantized, the scheme changing from linear to linear."""
+    schemes = [make_scheme("int4", 64), make_scheme("int8"), make_scheme("fp8"),
+               make_scheme("int4"), make_scheme("int8", 32), make_scheme("int4", 128)]
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name != "lm_head"]
+    for i, (name, linear) in enumerate(linears):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr,
+                QuantizedLinear.from_linear(linear, schemes[i % len(schemes)]))
+    return model
+
+
+def _decode(model: BambaLM, rows: int = 3, steps: int = 4) -> torch.Tensor:
+    cfg = model.config
+    tokens = torch.randint(0, cfg.vocab_size, (rows, 10),
+                           generator=torch.Generator().manual_seed(1))
+    cache = ContiguousCache(cfg, rows, 16, model.dtype)
+    logits = []
+    with torch.inference_mode():
+        model(tokens[:, :6], cache=cache)
+        for step in range(steps):
+            logits.append(model(tokens[:, 6 + step:7 + step],
+                                positions=torch.full((rows, 1), 6 + step), cache=cache))
+    return torch.cat(logits, dim=1).float()
+
+
+def _fused_calls(monkeypatch) -> list:
+    calls: list = []
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_of_a_mixed_quantized_model_equal_its_torch_path(monkeypatch, dtype) -> None:
+    reference = _mixed(_model(dtype))
+    model = accelerate(copy.deepcopy(reference))
+    assert model.decode_plan().tensors is not None
+    calls = _fused_calls(monkeypatch)
+    fused = _decode(model)
+    assert len(calls) == 4
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
+    per_layer = _decode(model)  # each layer in one call (layer_ops)
+    monkeypatch.setattr(dispatch, "layer_fits", lambda *args: False)
+    per_op = _decode(model)  # the native linears one by one
+    torch_path = _decode(reference)
+    assert len(calls) == 4
+    scale = torch_path.abs().max().item()
+    torch.testing.assert_close(fused, per_layer, rtol=0, atol=1e-5 * scale if
+                               dtype == torch.float32 else 2e-2 * scale)
+    for ours in (fused, per_op):
+        assert (ours - torch_path).abs().max().item() <= 3e-2 * scale
+
+
+def test_an_int4_model_with_a_dense_lm_head_takes_the_whole_model_step(monkeypatch) -> None:
+    reference = quantize_model(_model(torch.bfloat16), make_scheme("int4", 128))
+    assert isinstance(reference.lm_head, nn.Linear)
+    assert not any(isinstance(m, nn.Linear) for name, m in reference.named_modules()
+                   if name != "lm_head")
+    model = accelerate(copy.deepcopy(reference))
+    steps = model.decode_plan()
+    assert steps.tensors is not None and all(t is not None for t in steps.tensors)
+    assert any(t is not None and t.dtype == torch.int32 for t in steps.tensors[0])
+    calls = _fused_calls(monkeypatch)
+    fused, ref = _decode(model), _decode(reference)
+    assert len(calls) == 4
+    assert (fused - ref).abs().max().item() <= 3e-2 * ref.abs().max().item()
+
+
+def test_a_layout_the_steps_cannot_read_sends_its_layer_to_the_per_op_path(monkeypatch) -> None:
+    """int4 with groups of 16 inputs: the few-row kernel takes it, the layer steps do not."""
+    model = _model(torch.bfloat16)
+    ff = model.model.layers[2].feed_forward
+    ff.up_proj = QuantizedLinear.from_linear(ff.up_proj, make_scheme("int4", 16))
+    model = accelerate(model)
+    assert plan.layer_tensors(model.model.layers[2]).whole() is None
+    assert model.decode_plan().tensors is None
+    assert plan.layer_tensors(model.model.layers[1]).whole() is not None
+    monkeypatch.setattr(decode_ops, "decode_layers", lambda *a, **k: pytest.fail("fused step"))
+    _decode(model, steps=2)
+
+
+def test_a_quantized_bias_of_another_dtype_keeps_its_layer_off_the_steps() -> None:
+    """A float32 model whose quantized linear kept a bf16 bias (scales and bias in the
+    checkpoint's dtype): that layer runs op by op, the others in the layer steps."""
+    reference = quantize_model(_model(torch.float32), make_scheme("int8"))
+    down = reference.model.layers[1].feed_forward.down_proj
+    down.bias = nn.Parameter(down.bias.detach().bfloat16(), requires_grad=False)
+    model = accelerate(copy.deepcopy(reference))
+    assert plan.layer_tensors(model.model.layers[1]).whole() is None
+    assert plan.layer_tensors(model.model.layers[0]).whole() is not None
+    fused, ref = _decode(model, steps=2), _decode(reference, steps=2)
+    assert (fused - ref).abs().max().item() <= 3e-2 * ref.abs().max().item()
