@@ -12,6 +12,9 @@ the same sdist (its ``gguf-py`` on the path). The converter knows a BPE tokenize
 pre-tokenizer only by the hash of its output on a test text, so it refuses any tokenizer trained
 for a benchmark ("BPE pre-tokenizer was not recognized"); ours splits text as GPT-2 does
 (byte-level, GPT-2's regex), so it is told "gpt-2". Prompts are sent as token ids anyway.
+For a ``llama`` checkpoint (the all-attention twin) the converter tries SentencePiece first and
+fails on the missing ``sentencepiece`` module before looking for a ``tokenizer.model``; told
+that there is none, it takes its BPE path as for the hybrid.
 
 Every failure raises ``PeerMissing`` with one line saying why, so the benchmark can record it.
 """
@@ -39,6 +42,12 @@ CONVERT = """import runpy, sys
 sys.path.insert(0, sys.argv[1])
 from conversion.base import TextModel
 TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sentencepiece = TextModel._set_vocab_sentencepiece
+def no_sentencepiece_model(self, *args, **kwargs):
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError("no tokenizer.model")
+    return sentencepiece(self, *args, **kwargs)
+TextModel._set_vocab_sentencepiece = no_sentencepiece_model
 sys.argv = [sys.argv[1] + "/convert_hf_to_gguf.py", *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
