@@ -35,17 +35,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_cpp  # noqa: E402
 from host import describe_host, write_json  # noqa: E402
+from measure import (bamba_cli, best, decode_seconds, llama_ggufs, prefill_seconds,  # noqa: E402
+                     rss_mb, run_child, run_llama_bench, write_random)
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
 SCHEMES = ("bf16", "fp8", "int8", "int4")
@@ -86,19 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- one checkpoint, in its own process ----------------------------------------------------------
-def rss_mb() -> float:
-    """This process's resident memory (VmRSS) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def measure(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Resident memory, prefill and decode speed of one checkpoint (run in a child process)."""
     import torch
 
-    from bamba.cache import ContiguousCache
     from bamba.checkpoint import from_pretrained
     from bamba.native import accelerate
 
@@ -106,68 +97,28 @@ def measure(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
     baseline = rss_mb()
     model = accelerate(from_pretrained(directory, dtype=torch.bfloat16).eval())
     loaded = rss_mb()
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-
-    def prefill_seconds() -> float:
-        cache = ContiguousCache(model.config, 1, args.prompt_tokens, model.dtype)
-        tokens = torch.randint(0, vocab, (1, args.prompt_tokens), generator=gen)
-        start = time.perf_counter()
-        model(tokens, positions=torch.arange(args.prompt_tokens)[None], cache=cache)
-        return time.perf_counter() - start
-
-    def decode_seconds(batch: int) -> float:
-        cache = ContiguousCache(model.config, batch, args.steps + 2, model.dtype)
-        tokens = torch.randint(0, vocab, (batch, 1), generator=gen)
-        times = []
-        for i in range(args.steps + 2):
-            start = time.perf_counter()
-            model(tokens, positions=torch.full((batch, 1), i), cache=cache)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[2:])
-
-    with torch.inference_mode():
-        prefill = statistics.median(prefill_seconds() for _ in range(3))
-        decode = {b: decode_seconds(b) for b in (1, 8)}
+    prefill = statistics.median(prefill_seconds(model, args.prompt_tokens, seed)
+                                for seed in range(3))
+    decode = {b: decode_seconds(model, b, args.steps) for b in (1, 8)}
     return {"rss_mb": round(rss_mb(), 1), "rss_model_mb": round(loaded - baseline, 1),
             "prefill_tok_s": round(args.prompt_tokens / prefill, 1),
             "decode_b1_tok_s": round(1 / decode[1], 1), "decode_b8_tok_s": round(8 / decode[8], 1)}
 
 
 def measure_in_child(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--measure", str(directory), "--threads", str(args.threads),
-           "--steps", str(args.steps), "--prompt-tokens", str(args.prompt_tokens)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring {directory.name} failed: {done.stderr.strip()[-400:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child([sys.executable, __file__, "--measure", str(directory), "--threads",
+                      str(args.threads), "--steps", str(args.steps), "--prompt-tokens",
+                      str(args.prompt_tokens)])
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def bamba_cli(*argv: str) -> None:
-    cmd = [sys.executable, "-m", "bamba.cli", *argv]
-    env = {**os.environ, "BAMBA_ADAPT_THREADS": "0"}
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"bamba {' '.join(argv[:2])} failed: {done.stderr.strip()[-400:]}")
-
-
-def write_random(directory: Path, shape: str) -> dict[str, Any]:
+def write_shape(directory: Path, shape: str) -> dict[str, Any]:
     """A random-weight bf16 checkpoint of the shape, with bench_serve's small tokenizer."""
-    import torch
-
-    from bamba.checkpoint import save_pretrained
     from bamba.config import preset
-    from bamba.model import BambaLM, init_weights
-    from bench_serve import small_tokenizer
 
     name, overrides = SHAPES[shape]
     config = preset(name, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
-    model = init_weights(BambaLM(config), seed=0).to(torch.bfloat16)
-    save_pretrained(model, directory, tokenizer=small_tokenizer())
-    return {"preset": name, "overrides": overrides, "hidden_size": config.hidden_size,
-            "layers": config.num_hidden_layers, "attention_layers": list(config.attn_layer_indices),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {"preset": name, "overrides": overrides, **write_random(directory, config)}
 
 
 def quantized(source: Path, scheme: str, args: argparse.Namespace) -> Path:
@@ -186,34 +137,13 @@ def disk_mb(directory: Path) -> float:
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------
-def llama_ggufs(source: Path, work: Path) -> dict[str, Path]:
-    """llama.cpp's BF16 conversion of ``source`` and its Q8_0 / Q4_0 quantizations of it."""
-    bf16 = llama_cpp.convert(source, work / f"{source.name}-BF16.gguf", "bf16")
-    quantize = llama_cpp.find_or_build(tool="llama-quantize")
-    files = {"BF16": bf16}
-    for kind in ("Q8_0", "Q4_0"):
-        out = work / f"{source.name}-{kind}.gguf"
-        if not out.is_file():
-            llama_cpp._run([str(quantize), str(bf16), str(out), kind], out.with_suffix(".log"),
-                           1800)
-        files[kind] = out
-    return files
-
-
 def llama_bench(gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
     """llama-bench's prefill (--prompt-tokens) and batch-1 decode (64 tokens) of one GGUF."""
-    binary = llama_cpp.find_or_build(tool="llama-bench")
-    cmd = [str(binary), "-m", str(gguf), "-t", str(args.threads), "-p", str(args.prompt_tokens),
-           "-n", "64", "-r", "3", "-o", "json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise llama_cpp.PeerMissing(f"llama-bench exited {done.returncode}: "
-                                    f"{done.stderr.strip()[-300:]}")
-    rows = json.loads(done.stdout)
-    speed = {("prefill" if r["n_prompt"] else "decode_b1"): r["avg_ts"] for r in rows}
+    rows, _ = run_llama_bench(gguf, args.threads, ["-p", str(args.prompt_tokens), "-n", "64",
+                                                   "-r", "3"])
     return {"size_mb": round(gguf.stat().st_size / 1e6, 1),
-            "prefill_tok_s": round(speed["prefill"], 1),
-            "decode_b1_tok_s": round(speed["decode_b1"], 1)}
+            "prefill_tok_s": round(rows[(args.prompt_tokens, 0, 0)]["tok_s"], 1),
+            "decode_b1_tok_s": round(rows[(0, 64, 0)]["tok_s"], 1)}
 
 
 # ---- quality -----------------------------------------------------------------------------------
@@ -239,15 +169,9 @@ def perplexity(directory: Path, args: argparse.Namespace, out: Path) -> float:
 
 
 # ---- the run -----------------------------------------------------------------------------------
-def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per figure, the best round (highest speed, lowest memory)."""
-    keys = runs[0].keys()
-    return {k: (min if "mb" in k else max)(r[k] for r in runs) for k in keys}
-
-
 def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     source = work / f"{shape}-bf16"
-    info = write_random(source, shape)
+    info = write_shape(source, shape)
     dirs = {s: quantized(source, s, args) for s in args.schemes}
     ggufs: dict[str, Path] = {}
     missing = None
