@@ -36,19 +36,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_cpp  # noqa: E402
-from host import describe_host, write_json  # noqa: E402
-from measure import (apply_quick, bamba_cli, best, decode_seconds, llama_ggufs,  # noqa: E402
-                     prefill_seconds, rss_mb, run_batched_bench, run_child, run_llama_bench,
-                     write_random)
+from measure import (add_common_options, bamba_cli, best, decode_seconds,  # noqa: E402
+                     llama_ggufs, parse_quick, prefill_seconds, rss_mb, run_batched_bench,
+                     run_benchmark, run_child, run_llama_bench, write_random)
 
 RESULTS = Path(__file__).parent / "results" / "llamacpp.json"
 MODELS = ("hybrid", "twin")
@@ -58,7 +55,8 @@ QUICK = {"preset": "tiny", "prompts": [64, 256], "batches": [1, 4], "decode_cont
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="bench", help="model shape (bamba.config.preset)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
                    help="the hybrid and/or its all-attention twin")
@@ -73,19 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps")
     p.add_argument("--repeats", type=int, default=3, help="prefill repeats within a round")
     p.add_argument("--rounds", type=int, default=2, help="rotations over the sides")
-    p.add_argument("--threads", type=int, default=2, help="threads of each side")
-    p.add_argument("--llama-cpp", choices=("auto", "cached", "off"), default="auto",
-                   help="llama.cpp peer: auto finds or builds it, cached only uses an earlier "
-                        "build, off skips it")
-    p.add_argument("--workdir", type=Path, help="keep checkpoints and GGUFs here "
-                                                "(default: a temporary directory)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny shape, short prompts, batches 1 and 4, one round")
-    p.add_argument("--output", type=Path, default=RESULTS, help="JSON report")
-    p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-checkpoint child
-    args = p.parse_args(argv)
-    if args.quick:
-        apply_quick(p, args, QUICK)
+    add_common_options(p, RESULTS, "tiny shape, short prompts, batches 1 and 4, one round")
+    args = parse_quick(p, argv, QUICK)
     numbers = [*args.prompts, *args.batches, args.steps, args.repeats, args.rounds,
                args.threads, args.group_size]
     if min(numbers) < 1 or args.decode_context < 0:
@@ -245,23 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args)))
         return 0
-    import torch
-
-    torch.set_num_threads(args.threads)
-    report: dict[str, Any] = {
-        "benchmark": "bamba vs llama.cpp on the same weights: prefill and decode per batch",
-        "host": describe_host(quick=args.quick),
-        "settings": {k: str(v) for k, v in vars(args).items() if k != "measure"},
-        "llama_cpp_version": llama_cpp.VERSION}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        report.update(run(work, args))
-    report["load_average_after"] = os.getloadavg()
-    print_table(report)
-    write_json(args.output, report)
-    print(f"wrote {args.output}")
-    return 0
+    return run_benchmark(args, "bamba vs llama.cpp on the same weights: prefill and decode per "
+                               "batch", run, print_table, llama_cpp_version=llama_cpp.VERSION)
 
 
 def print_table(report: dict[str, Any]) -> None:

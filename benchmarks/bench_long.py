@@ -54,19 +54,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_cpp  # noqa: E402
-from host import describe_host, write_json  # noqa: E402
-from measure import (ChildTimeout, apply_quick, best, llama_ggufs, rss_mb,  # noqa: E402
-                     run_child, run_llama_bench, write_random)
+from measure import (ChildTimeout, add_common_options, best, llama_ggufs,  # noqa: E402
+                     parse_quick, rss_mb, run_benchmark, run_child, run_llama_bench,
+                     write_random)
 
 RESULTS = Path(__file__).parent / "results" / "long.json"
 MODELS = ("hybrid", "twin")
@@ -75,7 +73,8 @@ QUICK = {"preset": "tiny", "lengths": [1024, 2048], "decode_tokens": 8, "chunk":
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="bench", help="model shape (bamba.config.preset)")
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072],
                    help="prompt lengths in tokens, one request each")
@@ -89,21 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the hybrid and/or its all-attention twin")
     p.add_argument("--twin-max-seconds", type=float, default=3600.0,
                    help="time budget of one twin case (each side)")
-    p.add_argument("--threads", type=int, default=2, help="threads of each side")
     p.add_argument("--rounds", type=int, default=1, help="rotations over the cases")
-    p.add_argument("--llama-cpp", choices=("auto", "cached", "off"), default="auto",
-                   help="llama.cpp peer: auto finds or builds it, cached only uses an earlier "
-                        "build, off skips it")
-    p.add_argument("--workdir", type=Path, help="keep checkpoints and GGUFs here "
-                                                "(default: a temporary directory)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny shape, 1K and 2K tokens, 8 decoded, 512-token chunks")
-    p.add_argument("--output", type=Path, default=RESULTS, help="JSON report")
-    p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-case child
-    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        apply_quick(p, args, QUICK)
+    add_common_options(p, RESULTS, "tiny shape, 1K and 2K tokens, 8 decoded, 512-token chunks")
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)  # of the measuring child
+    args = parse_quick(p, argv, QUICK)
     if min(args.lengths) < 1 or args.decode_tokens < 1 or args.chunk < 1 or args.rounds < 1:
         p.error("--lengths, --decode-tokens, --chunk and --rounds must be >= 1")
     if args.twin_max_seconds <= 0:
@@ -378,28 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.length, args)))
         return 0
-    import torch
-
-    torch.set_num_threads(args.threads)
-    report: dict[str, Any] = {
-        "benchmark": "long context: one request, prefill then decode, hybrid vs twin vs "
-                     "llama.cpp, each case in its own process",
-        "host": describe_host(quick=args.quick),
-        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("measure", "length")},
-        "notes": ["max_position_embeddings is raised to cover the longest prompt; only the "
-                  "attention layers (RoPE) read positions, the Mamba layers need nothing",
-                  "memory figures are MB above the child's baseline (torch and bamba "
-                  "imported); llama.cpp's peak_mb is its whole process, the mapped GGUF "
-                  "included"]}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.workdir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        report.update(run(work, args))
-    report["load_average_after"] = os.getloadavg()
-    print_table(report)
-    write_json(args.output, report)
-    print(f"wrote {args.output}")
-    return 0
+    return run_benchmark(
+        args, "long context: one request, prefill then decode, hybrid vs twin vs llama.cpp, "
+              "each case in its own process", run, print_table,
+        notes=["max_position_embeddings is raised to cover the longest prompt; only the "
+               "attention layers (RoPE) read positions, the Mamba layers need nothing",
+               "memory figures are MB above the child's baseline (torch and bamba imported); "
+               "llama.cpp's peak_mb is its whole process, the mapped GGUF included"])
 
 
 def print_table(report: dict[str, Any]) -> None:

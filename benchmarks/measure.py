@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -21,10 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import llama_cpp
+from host import describe_host, write_json
+
+
+CHILD_OPTIONS = ("measure", "length")  # the hidden options of a script's measuring child
 
 
 class ChildTimeout(RuntimeError):
@@ -247,12 +253,54 @@ def run_batched_bench(gguf: Path, threads: int, options: list[str],
                                 f"{[k for k in expect if k not in rows]} in {tries} runs")
 
 
-# ---- options -----------------------------------------------------------------------------------
-def apply_quick(parser: Any, args: Any, quick: dict[str, Any]) -> None:
-    """--quick's smaller settings, for every option left at its default (given ones stay)."""
-    for name, value in quick.items():
-        if getattr(args, name) == parser.get_default(name):
-            setattr(args, name, value)
+# ---- options and the run -------------------------------------------------------------------------
+def add_common_options(parser: Any, output: Path, quick: str) -> None:
+    """The options every script facing llama.cpp takes: --threads, --llama-cpp, --workdir,
+    --quick (``quick`` says what it shrinks), --output (default ``output``), and the hidden
+    --measure of its measuring child."""
+    parser.add_argument("--threads", type=int, default=2, help="threads of each side")
+    parser.add_argument("--llama-cpp", choices=("auto", "cached", "off"), default="auto",
+                        help="llama.cpp peer: auto finds or builds it, cached only uses an "
+                             "earlier build, off skips it")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep checkpoints and GGUFs here, else in a temporary directory")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--output", type=Path, default=output, help="JSON report")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+
+
+def parse_quick(parser: Any, argv: list[str] | None, quick: dict[str, Any]) -> Any:
+    """Parse ``argv``; with --quick, its smaller settings for every option left at its default
+    (options given explicitly stay)."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in quick.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    return args
+
+
+def run_benchmark(args: Any, title: str, run: Callable[[Path, Any], dict[str, Any]],
+                  show: Callable[[dict[str, Any]], None], **extra: Any) -> int:
+    """The parent's whole run: torch at --threads, the host described, ``run(work, args)`` in
+    --workdir (else a temporary directory), its results, the settings, ``extra`` and the load
+    average after it shown by ``show`` and written to --output."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {
+        "benchmark": title, "host": describe_host(quick=args.quick),
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in CHILD_OPTIONS},
+        **extra}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        report.update(run(work, args))
+    report["load_average_after"] = os.getloadavg()
+    show(report)
+    write_json(args.output, report)
+    print(f"wrote {args.output}")
+    return 0
 
 
 # ---- rounds -----------------------------------------------------------------------------------
