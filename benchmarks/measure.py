@@ -6,10 +6,15 @@
   model's decode step through a contiguous cache, as bench_native.py times it), and
   ``run_child`` to start such a child and read the JSON line it prints last;
 * llama.cpp's side: ``run_tool`` (a binary's output, wall time and peak resident memory),
-  ``parse_llama_bench`` / ``parse_batched_bench`` (their JSON and JSONL outputs);
+  ``parse_llama_bench`` / ``parse_batched_bench`` (their JSON and JSONL outputs),
+  ``run_llama_bench`` / ``run_batched_bench`` (both together; the latter run again when it
+  loses its rows);
 * the same weights for both: ``write_random`` (a random-weight checkpoint with bench_serve's
   small tokenizer), ``bamba_cli`` (``bamba quantize`` and the like), ``llama_ggufs``
-  (llama.cpp's own conversion and quantizations of that checkpoint), ``best`` (the best round).
+  (llama.cpp's own conversion and quantizations of that checkpoint);
+* the scripts' frame: ``add_common_options`` and ``parse_quick`` (options, --quick's smaller
+  defaults), ``run_benchmark`` (the parent's run and its JSON report), ``best`` (the best
+  round of each figure).
 """
 
 from __future__ import annotations
