@@ -80,14 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- checkpoint ------------------------------------------------------------------------------
-def write_checkpoint(directory: Path, preset_name: str) -> dict[str, Any]:
-    """A random-weight model of the preset's shape, with a small byte-level BPE tokenizer."""
+def small_tokenizer() -> Any:
+    """A small byte-level BPE tokenizer (prompts are sent as token ids anyway)."""
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from bamba.checkpoint import save_pretrained
-    from bamba.config import preset
-    from bamba.model import BambaLM, init_weights
     from bamba.tokenizer import Tokenizer
 
     backend = Backend(models.BPE())
@@ -97,10 +94,18 @@ def write_checkpoint(directory: Path, preset_name: str) -> dict[str, Any]:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     backend.train_from_iterator(["state space models and attention layers"], trainer=trainer)
-    tokenizer = Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def write_checkpoint(directory: Path, preset_name: str) -> dict[str, Any]:
+    """A random-weight model of the preset's shape, with a small byte-level BPE tokenizer."""
+    from bamba.checkpoint import save_pretrained
+    from bamba.config import preset
+    from bamba.model import BambaLM, init_weights
+
     config = preset(preset_name, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = init_weights(BambaLM(config), seed=0)
-    save_pretrained(model, directory, tokenizer=tokenizer)
+    save_pretrained(model, directory, tokenizer=small_tokenizer())
     return {"preset": preset_name, "parameters": sum(p.numel() for p in model.parameters()),
             "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
             "attention_layers": list(config.attn_layer_indices), "vocab_size": config.vocab_size}

@@ -1,16 +1,20 @@
-"""llama.cpp's ``llama-server`` as a peer for benchmarks/bench_serve.py, on the same weights.
+"""llama.cpp's binaries (llama-server, llama-bench, llama-quantize) as peers, on the same weights.
 
-``find_or_build()`` returns a ``llama-server`` binary: $LLAMA_SERVER if set, else the one built
-before in ``~/.cache/bamba/llama.cpp/<version>/build/bin``, else it builds one there: the
+``find_or_build(tool=)`` returns a llama.cpp binary (``llama-server`` by default; $LLAMA_SERVER
+if set), else the one built before in ``~/.cache/bamba/llama.cpp/<version>/build/bin``, else it
+builds that target there: the
 ``llama-cpp-python`` sdist from PyPI (``pip download --no-binary :all:``) carries llama.cpp's
-source in vendor/llama.cpp; cmake, Release, CPU only, ``-DGGML_NATIVE=ON``, target
-``llama-server`` (about 20-40 minutes on 2 cores; the log is build.log next to it).
+source in vendor/llama.cpp; cmake, Release, CPU only, ``-DGGML_NATIVE=ON`` (the first target
+about 20-40 minutes on 2 cores, a further one a few; the log is build.log next to it).
 
 ``convert(checkpoint, out)`` writes a GGUF with llama.cpp's own ``convert_hf_to_gguf.py`` from
 the same sdist (its ``gguf-py`` on the path). The converter knows a BPE tokenizer's
 pre-tokenizer only by the hash of its output on a test text, so it refuses any tokenizer trained
 for a benchmark ("BPE pre-tokenizer was not recognized"); ours splits text as GPT-2 does
 (byte-level, GPT-2's regex), so it is told "gpt-2". Prompts are sent as token ids anyway.
+For a ``llama`` checkpoint (the all-attention twin) the converter tries SentencePiece first and
+fails on the missing ``sentencepiece`` module before looking for a ``tokenizer.model``; told
+that there is none, it takes its BPE path as for the hybrid.
 
 Every failure raises ``PeerMissing`` with one line saying why, so the benchmark can record it.
 """
@@ -38,6 +42,12 @@ CONVERT = """import runpy, sys
 sys.path.insert(0, sys.argv[1])
 from conversion.base import TextModel
 TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sentencepiece = TextModel._set_vocab_sentencepiece
+def no_sentencepiece_model(self, *args, **kwargs):
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError("no tokenizer.model")
+    return sentencepiece(self, *args, **kwargs)
+TextModel._set_vocab_sentencepiece = no_sentencepiece_model
 sys.argv = [sys.argv[1] + "/convert_hf_to_gguf.py", *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -70,25 +80,28 @@ def source_dir(cache: Path | None = None) -> Path:
     return source
 
 
-def find_or_build(cache: Path | None = None, build: bool = True) -> Path:
-    """The ``llama-server`` binary ($LLAMA_SERVER, the cached build, or a new build)."""
+def find_or_build(cache: Path | None = None, build: bool = True,
+                  tool: str = "llama-server") -> Path:
+    """The binary of a llama.cpp ``tool`` (llama-server, llama-bench, llama-quantize, ...):
+    $LLAMA_SERVER for the server if set, the cached build, or a new build of that target."""
     cache = cache or CACHE
-    if os.environ.get("LLAMA_SERVER"):
+    if tool == "llama-server" and os.environ.get("LLAMA_SERVER"):
         binary = Path(os.environ["LLAMA_SERVER"])
         if not os.access(binary, os.X_OK):
             raise PeerMissing(f"$LLAMA_SERVER={binary} is not an executable file")
         return binary
-    binary = cache / "build" / "bin" / "llama-server"
+    binary = cache / "build" / "bin" / tool
     if os.access(binary, os.X_OK):
         return binary
     if not build:
-        raise PeerMissing(f"no llama-server in {binary.parent} and building is off")
+        raise PeerMissing(f"no {tool} in {binary.parent} and building is off")
     if shutil.which("cmake") is None or shutil.which("c++") is None:
-        raise PeerMissing("building llama-server needs cmake and a C++ compiler")
+        raise PeerMissing(f"building {tool} needs cmake and a C++ compiler")
     source, log = source_dir(cache), cache / "build.log"
-    _run(["cmake", "-S", str(source), "-B", str(cache / "build"), *CMAKE_OPTIONS], log, 600)
+    if not (cache / "build" / "CMakeCache.txt").is_file():
+        _run(["cmake", "-S", str(source), "-B", str(cache / "build"), *CMAKE_OPTIONS], log, 600)
     _run(["cmake", "--build", str(cache / "build"), "--config", "Release", "--target",
-          "llama-server", "-j", str(os.cpu_count() or 1)], log, 4 * 3600)
+          tool, "-j", str(os.cpu_count() or 1)], log, 4 * 3600)
     if not os.access(binary, os.X_OK):
         raise PeerMissing(f"the build finished without {binary} (see {log})")
     return binary

@@ -1,0 +1,240 @@
+"""Quantized checkpoints against bf16: size, memory, speed and quality, with llama.cpp beside.
+
+For each model shape (--shapes: ``bench``, the Bamba-9B layout at hidden 512, ~173M parameters;
+``1b``, the same layout at hidden 1536, ~1.1B) a random-weight bf16 checkpoint is written and
+``bamba quantize`` makes its fp8, int8 and int4 versions (the CLI a user runs). Each checkpoint
+is then measured in a fresh process of its own (so resident memory is its own), the schemes in
+rotation for --rounds rounds (drift hits all alike; the best round is kept):
+
+* size on disk (the safetensors files), resident memory after loading (VmRSS, and above the
+  process's baseline before loading: the model's own);
+* prefill: one --prompt-token prompt in one forward pass (tok/s, median of 3);
+* decode: batch 1 and 8, the model's decode step through a contiguous cache (tok/s, median of
+  --steps steps after a warm-up): what ``bamba generate`` and the engine run per token.
+
+Quality needs trained weights: the demo's model (``bamba demo``, trained on the Python standard
+library's source, --trained DIR, or trained here into the work directory) is quantized the same
+ways and its perplexity measured by ``bamba eval perplexity`` on held-out text, the standard
+library's own tests (``Lib/test``, which training excludes).
+
+llama.cpp (--llama-cpp auto): the same bf16 checkpoint converted by llama.cpp's own converter,
+quantized by its ``llama-quantize`` to Q8_0 and Q4_0, measured by ``llama-bench`` (prefill
+--prompt-tokens, decode at batch 1) in the same rounds; benchmarks/llama_cpp.py finds or builds
+the binaries.
+
+    python benchmarks/bench_quant.py                        # both shapes, llama.cpp, quality
+    python benchmarks/bench_quant.py --shapes bench --llama-cpp off --quality off
+    python benchmarks/bench_quant.py --quick                # tiny shape: a smoke test
+
+Writes benchmarks/results/quant.json (--output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llama_cpp  # noqa: E402
+from host import describe_host, write_json  # noqa: E402
+from measure import (bamba_cli, best, decode_seconds, llama_ggufs, prefill_seconds,  # noqa: E402
+                     rss_mb, run_child, run_llama_bench, write_random)
+
+RESULTS = Path(__file__).parent / "results" / "quant.json"
+SCHEMES = ("bf16", "fp8", "int8", "int4")
+LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> llama.cpp's peer
+# The shapes: presets of bamba.config with overrides.
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny": ("tiny", {}),
+    "bench": ("bench", {}),
+    "1b": ("bench", dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12,
+                         num_key_value_heads=4, mamba_n_heads=48)),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["bench", "1b"], choices=sorted(SHAPES))
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="rotations over the schemes")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--llama-cpp", choices=("auto", "off"), default="auto")
+    p.add_argument("--quality", choices=("on", "off"), default="on",
+                   help="perplexity of the trained demo model per scheme")
+    p.add_argument("--trained", type=Path, help="a trained checkpoint (else the demo trains one)")
+    p.add_argument("--ppl-tokens", type=int, default=65536,
+                   help="held-out tokens scored (Lib/test files in name order)")
+    p.add_argument("--workdir", type=Path, help="keep checkpoints here (default: a temp dir)")
+    p.add_argument("--quick", action="store_true", help="tiny shape, 1 round, no llama.cpp")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-checkpoint child
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shapes, args.rounds, args.steps, args.llama_cpp = ["tiny"], 1, 4, "off"
+        args.prompt_tokens, args.ppl_tokens = 128, 4096
+    return args
+
+
+# ---- one checkpoint, in its own process ----------------------------------------------------------
+def measure(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Resident memory, prefill and decode speed of one checkpoint (run in a child process)."""
+    import torch
+
+    from bamba.checkpoint import from_pretrained
+    from bamba.native import accelerate
+
+    torch.set_num_threads(args.threads)
+    baseline = rss_mb()
+    model = accelerate(from_pretrained(directory, dtype=torch.bfloat16).eval())
+    loaded = rss_mb()
+    prefill = statistics.median(prefill_seconds(model, args.prompt_tokens, seed)
+                                for seed in range(3))
+    decode = {b: decode_seconds(model, b, args.steps) for b in (1, 8)}
+    return {"rss_mb": round(rss_mb(), 1), "rss_model_mb": round(loaded - baseline, 1),
+            "prefill_tok_s": round(args.prompt_tokens / prefill, 1),
+            "decode_b1_tok_s": round(1 / decode[1], 1), "decode_b8_tok_s": round(8 / decode[8], 1)}
+
+
+def measure_in_child(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
+    return run_child([sys.executable, __file__, "--measure", str(directory), "--threads",
+                      str(args.threads), "--steps", str(args.steps), "--prompt-tokens",
+                      str(args.prompt_tokens)])
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+def write_shape(directory: Path, shape: str) -> dict[str, Any]:
+    """A random-weight bf16 checkpoint of the shape, with bench_serve's small tokenizer."""
+    from bamba.config import preset
+
+    name, overrides = SHAPES[shape]
+    config = preset(name, bos_token_id=1, eos_token_id=2, pad_token_id=0, **overrides)
+    return {"preset": name, "overrides": overrides, **write_random(directory, config)}
+
+
+def quantized(source: Path, scheme: str, args: argparse.Namespace) -> Path:
+    """``bamba quantize`` of ``source`` (the bf16 checkpoint itself for bf16)."""
+    if scheme == "bf16":
+        return source
+    out = source.parent / f"{source.name}-{scheme}"
+    if not (out / "config.json").is_file():
+        extra = ["--group-size", str(args.group_size)] if scheme == "int4" else []
+        bamba_cli("quantize", str(source), str(out), "--scheme", scheme, *extra)
+    return out
+
+
+def disk_mb(directory: Path) -> float:
+    return round(sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 1e6, 1)
+
+
+# ---- llama.cpp ---------------------------------------------------------------------------------
+def llama_bench(gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """llama-bench's prefill (--prompt-tokens) and batch-1 decode (64 tokens) of one GGUF."""
+    rows, _ = run_llama_bench(gguf, args.threads, ["-p", str(args.prompt_tokens), "-n", "64",
+                                                   "-r", "3"])
+    return {"size_mb": round(gguf.stat().st_size / 1e6, 1),
+            "prefill_tok_s": round(rows[(args.prompt_tokens, 0, 0)]["tok_s"], 1),
+            "decode_b1_tok_s": round(rows[(0, 64, 0)]["tok_s"], 1)}
+
+
+# ---- quality -----------------------------------------------------------------------------------
+def held_out_files() -> list[Path]:
+    """The standard library's tests: Python source that the demo's training excludes."""
+    tests = Path(sysconfig.get_paths()["stdlib"]) / "test"
+    return sorted(tests.glob("test_*.py"))
+
+
+def trained_checkpoint(args: argparse.Namespace, work: Path) -> Path:
+    if args.trained is not None:
+        return args.trained
+    demo = work / "demo"
+    bamba_cli("demo", "--dir", str(demo), "--prompt", "import os")
+    return demo / "hf"
+
+
+def perplexity(directory: Path, args: argparse.Namespace, out: Path) -> float:
+    files = held_out_files()
+    bamba_cli("eval", "perplexity", str(directory), *map(str, files), "--context", "256",
+              "--max-tokens", str(args.ppl_tokens), "--dtype", "bfloat16", "--out", str(out))
+    return json.loads((out / "perplexity.json").read_text())["perplexity"]
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    source = work / f"{shape}-bf16"
+    info = write_shape(source, shape)
+    dirs = {s: quantized(source, s, args) for s in args.schemes}
+    ggufs: dict[str, Path] = {}
+    missing = None
+    if args.llama_cpp == "auto":
+        try:
+            ggufs = llama_ggufs(source, work)
+        except llama_cpp.PeerMissing as exc:
+            missing = str(exc)
+    runs: dict[str, list] = {s: [] for s in [*args.schemes, *ggufs]}
+    for round_ in range(args.rounds):
+        for scheme in args.schemes:
+            runs[scheme].append(measure_in_child(dirs[scheme], args))
+            print(json.dumps({"shape": shape, "round": round_, scheme: runs[scheme][-1]}),
+                  flush=True)
+        for kind, gguf in ggufs.items():
+            runs[kind].append(llama_bench(gguf, args))
+            print(json.dumps({"shape": shape, "round": round_, kind: runs[kind][-1]}), flush=True)
+    bamba = {s: {"disk_mb": disk_mb(dirs[s]), **best(runs[s])} for s in args.schemes}
+    base = bamba.get("bf16")
+    for s, row in bamba.items():
+        if base is not None:
+            row["disk_vs_bf16"] = round(row["disk_mb"] / base["disk_mb"], 3)
+            row["decode_b1_vs_bf16"] = round(row["decode_b1_tok_s"] / base["decode_b1_tok_s"], 2)
+            row["prefill_vs_bf16"] = round(row["prefill_tok_s"] / base["prefill_tok_s"], 2)
+        peer = LLAMA_TYPES.get(s)
+        if peer in ggufs:
+            row[f"decode_b1_vs_llama_{peer}"] = round(
+                row["decode_b1_tok_s"] / best(runs[peer])["decode_b1_tok_s"], 2)
+    return {"model": info, "bamba": bamba,
+            "llama_cpp": {k: best(runs[k]) for k in ggufs} if ggufs else {"missing": missing}}
+
+
+def run_quality(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    source = trained_checkpoint(args, work)
+    rows = {}
+    for scheme in args.schemes:
+        directory = quantized(source, scheme, args) if scheme != "bf16" else source
+        rows[scheme] = {"perplexity": round(perplexity(directory, args, work / f"ppl-{scheme}"),
+                                            4)}
+    if "bf16" in rows:
+        for row in rows.values():
+            row["vs_bf16"] = round(row["perplexity"] / rows["bf16"]["perplexity"] - 1, 4)
+    return {"checkpoint": "given" if args.trained else "bamba demo (trained here)",
+            "held_out": "Lib/test/test_*.py", "tokens": args.ppl_tokens, "schemes": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.measure is not None:
+        print(json.dumps(measure(args.measure, args)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result: dict[str, Any] = {"benchmark": "quant", "host": describe_host(quick=args.quick),
+                                  "settings": {k: str(v) for k, v in vars(args).items()}}
+        result["shapes"] = {shape: run_shape(shape, work, args) for shape in args.shapes}
+        if args.quality == "on":
+            result["quality"] = run_quality(work, args)
+        result["load_average_after"] = os.getloadavg()
+    write_json(args.output, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
