@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quality", choices=("on", "off"), default="on",
                    help="perplexity of the trained demo model per scheme")
     p.add_argument("--trained", type=Path, help="a trained checkpoint (else the demo trains one)")
-    p.add_argument("--ppl-tokens", type=int, default=65536,
-                   help="held-out tokens scored (Lib/test files in name order)")
+    p.add_argument("--ppl-files", type=int, default=60,
+                   help="held-out files scored (Lib/test/test_*.py in name order)")
     p.add_argument("--workdir", type=Path, help="keep checkpoints here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 round, no llama.cpp")
     p.add_argument("--output", type=Path, default=RESULTS)
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.rounds, args.steps, args.llama_cpp = ["tiny"], 1, 4, "off"
-        args.prompt_tokens, args.ppl_tokens = 128, 4096
+        args.prompt_tokens, args.ppl_files = 128, 4
     return args
 
 
@@ -162,10 +162,11 @@ def trained_checkpoint(args: argparse.Namespace, work: Path) -> Path:
 
 
 def perplexity(directory: Path, args: argparse.Namespace, out: Path) -> float:
-    files = held_out_files()
+    files = held_out_files()[:args.ppl_files]
     bamba_cli("eval", "perplexity", str(directory), *map(str, files), "--context", "256",
-              "--max-tokens", str(args.ppl_tokens), "--dtype", "bfloat16", "--out", str(out))
-    return json.loads((out / "perplexity.json").read_text())["perplexity"]
+              "--dtype", "bfloat16", "--out", str(out))
+    result = json.loads((out / "perplexity.json").read_text())
+    return result["perplexity"], result["tokens"]
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -209,13 +210,13 @@ def run_quality(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     rows = {}
     for scheme in args.schemes:
         directory = quantized(source, scheme, args) if scheme != "bf16" else source
-        rows[scheme] = {"perplexity": round(perplexity(directory, args, work / f"ppl-{scheme}"),
-                                            4)}
+        ppl, tokens = perplexity(directory, args, work / f"ppl-{scheme}")
+        rows[scheme] = {"perplexity": round(ppl, 4), "tokens": tokens}
     if "bf16" in rows:
         for row in rows.values():
             row["vs_bf16"] = round(row["perplexity"] / rows["bf16"]["perplexity"] - 1, 4)
     return {"checkpoint": "given" if args.trained else "bamba demo (trained here)",
-            "held_out": "Lib/test/test_*.py", "tokens": args.ppl_tokens, "schemes": rows}
+            "held_out": f"the first {args.ppl_files} of Lib/test/test_*.py", "schemes": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
