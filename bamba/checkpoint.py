@@ -57,11 +57,17 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = Non
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"{path}: is a file, expected a checkpoint directory")
+        raise ValueError(f"{path}: is a file, expected a checkpoint directory or a GGUF file")
     text = str(path_or_id)
     if not _HUB_ID.fullmatch(text):
         raise FileNotFoundError(f"{text}: no such checkpoint directory")
     return _download(text, revision)
+
+
+def _is_gguf(path_or_id: str | os.PathLike) -> bool:
+    from bamba.gguf.reader import is_gguf
+
+    return is_gguf(path_or_id)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -180,13 +186,18 @@ def _plan(model: BambaLM, entries: dict[str, _Entry], where: Path) -> dict[str, 
 # ---- loading ----------------------------------------------------------------------------------
 def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", revision: str | None = None) -> BambaLM:
-    """Load a Hugging Face Bamba or Llama checkpoint (local directory or hub id) in eval mode.
+    """Load a Hugging Face Bamba or Llama checkpoint (local directory or hub id), or a GGUF
+    file (``*.gguf`` or GGUF magic; see ``bamba.gguf.reader``), in eval mode.
 
     Floating-point weights are cast to ``dtype`` as they load, except the per-head
     A_log, D and dt_bias, which stay float32 (they feed exp and softplus).
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    if _is_gguf(path_or_id):
+        from bamba.gguf.reader import load_gguf_model
+
+        return load_gguf_model(path_or_id, dtype=dtype, device=device)
     directory = resolve_checkpoint(path_or_id, revision)
     config = load_config(directory)
     check_model_fits(config, dtype.itemsize)
@@ -205,7 +216,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
         with _open(shard) as f:
             for key in (k for k in f.keys() if k in plan):
                 ours, tensor = plan[key], f.get_tensor(key)
-                _assign(model, ours, arena.place(ours, tensor) if arena is not None else
+                assign_tensor(model, ours, arena.place(ours, tensor) if arena is not None else
                         tensor.to(device=device, dtype=target(ours)))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -216,7 +227,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     return model.eval()
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(getattr(module, leaf), nn.Parameter):
@@ -226,7 +237,12 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_tokenizer(path_or_id: str | os.PathLike, revision: str | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint directory or hub id (see ``bamba.tokenizer``)."""
+    """The tokenizer of a checkpoint directory or hub id (see ``bamba.tokenizer``), or the one
+    a GGUF file carries."""
+    if _is_gguf(path_or_id):
+        from bamba.gguf.reader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path_or_id)
     return _load_local_tokenizer(resolve_checkpoint(path_or_id, revision))
 
 
