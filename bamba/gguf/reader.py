@@ -77,6 +77,15 @@ def open_gguf(path: str | os.PathLike) -> Any:
     return reader
 
 
+def architecture(reader: Any, path: Path) -> str:
+    """``general.architecture``; ValueError unless it is one bamba runs."""
+    arch = field_value(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r} is not one bamba runs "
+                         f"({', '.join(ARCHITECTURES)})")
+    return arch
+
+
 def field_value(reader: Any, key: str, default: Any = None) -> Any:
     field = reader.get_field(key)
     return default if field is None else field.contents()
@@ -93,10 +102,7 @@ def read_model_file(path: str | os.PathLike) -> GGUFModel:
     """Open ``path`` and derive its configuration (ValueError naming what does not fit)."""
     path = Path(path)
     reader = open_gguf(path)
-    arch = field_value(reader, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{path}: architecture {arch!r} is not one bamba runs "
-                         f"({', '.join(ARCHITECTURES)})")
+    arch = architecture(reader, path)
     try:
         config, interleaved = _config(reader, path, arch)
     except (TypeError, ValueError) as exc:
@@ -130,9 +136,10 @@ def _config(reader: Any, path: Path, arch: str) -> tuple[BambaConfig, int]:
         pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id"))
     rope_dims = key("rope.dimension_count", head_dim)
     interleaved = field_value(reader, ROTARY_KEY)
-    if arch == LLAMA_ARCH:
-        kv_heads = kv
-        first_attention = 0
+    if arch == LLAMA_ARCH:  # no Mamba layers: unused Mamba sizes kept consistent, as config.json's
+        kv_heads, first_attention = kv, 0
+        d_head = math.gcd(2 * hidden, 64)
+        fields.update(mamba_expand=2, mamba_d_head=d_head, mamba_n_heads=2 * hidden // d_head)
     else:
         kv_list = kv if isinstance(kv, list) else [kv] * layers
         if len(kv_list) != layers:
@@ -215,9 +222,9 @@ def tensor_plan(model_file: GGUFModel, model: torch.nn.Module) -> dict[str, str]
         if name not in expected:
             raise ValueError(f"{path}: unexpected tensor {name} {where}")
         shape = tuple(int(n) for n in reversed(tensor.shape))
-        if shape != expected[name][1]:
-            raise ValueError(f"{path}: tensor {name} has shape {list(shape)}, the metadata "
-                             f"gives {list(expected[name][1])}")
+        if shape != expected[name][1]:  # named in GGUF's order (innermost first), as its tools do
+            raise ValueError(f"{path}: tensor {name} has shape {shape[::-1]}, the metadata "
+                             f"gives {expected[name][1][::-1]}")
         if tensor.tensor_type.name not in TENSOR_TYPES:
             raise ValueError(f"{path}: tensor {name} is {tensor.tensor_type.name}; bamba reads "
                              f"{', '.join(TENSOR_TYPES)}")
@@ -242,6 +249,7 @@ def load_vocab(path: str | os.PathLike) -> GGUFVocab:
     """The tokenizer keys of a GGUF file (model ``gpt2`` with the GPT-2 split only)."""
     path = Path(path)
     reader = open_gguf(path)
+    architecture(reader, path)  # a file of another model fails as such, tokenizer or not
     model = field_value(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"{path}: tokenizer model {model!r} is not supported "
