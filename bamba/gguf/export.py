@@ -21,8 +21,8 @@ import torch
 
 from bamba.config import BambaConfig
 from bamba.files import plain_mode
-from bamba.gguf.layout import (CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY, gguf_name, gguf_shape,
-                               keeps_float32, to_gguf)
+from bamba.gguf.layout import (CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY, gguf_name,
+                               gguf_shape, keeps_float32, to_gguf)
 from bamba.gguf.vocab import vocab_of, write_vocab
 from bamba.tokenizer import Tokenizer
 

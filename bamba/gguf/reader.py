@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from bamba.config import BambaConfig
-from bamba.gguf.layout import (ARCHITECTURES, CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY, from_gguf,
-                               gguf_name, gguf_shape)
+from bamba.gguf.layout import (ARCHITECTURES, CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY,
+                               from_gguf, gguf_name, gguf_shape)
 from bamba.gguf.vocab import PRE_TOKENIZER, GGUFVocab, tokenizer_from
 from bamba.tokenizer import Tokenizer
 
@@ -156,7 +156,8 @@ def _config(reader: Any, path: Path, arch: str) -> tuple[BambaConfig, int]:
             attn_layer_indices=attention, mamba_n_heads=n_heads,
             mamba_d_head=inner // max(n_heads, 1), mamba_expand=inner // max(hidden, 1),
             mamba_n_groups=key("ssm.group_count"), mamba_d_state=key("ssm.state_size"),
-            mamba_d_conv=key("ssm.conv_kernel"), mamba_chunk_size=field_value(reader, CHUNK_KEY, 256),
+            mamba_d_conv=key("ssm.conv_kernel"),
+            mamba_chunk_size=field_value(reader, CHUNK_KEY, 256),
             mamba_conv_bias=any(n.endswith("ssm_conv1d.bias") for n in names))
         if inner != fields["mamba_expand"] * hidden:
             raise ValueError(f"{arch}.ssm.inner_size {inner} is not a multiple of the "
@@ -265,7 +266,8 @@ def load_vocab(path: str | os.PathLike) -> GGUFVocab:
     special = {name: field_value(reader, f"tokenizer.ggml.{key}_token_id")
                for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"),
                                  ("unk", "unknown"))}
-    return GGUFVocab(list(tokens), list(types), list(field_value(reader, "tokenizer.ggml.merges", [])),
+    merges = field_value(reader, "tokenizer.ggml.merges", [])
+    return GGUFVocab(list(tokens), list(types), list(merges),
                      {k: v for k, v in special.items() if v is not None},
                      bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)),
                      bool(field_value(reader, "tokenizer.ggml.add_eos_token", False)),
