@@ -216,7 +216,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
         with _open(shard) as f:
             for key in (k for k in f.keys() if k in plan):
                 ours, tensor = plan[key], f.get_tensor(key)
-                assign_tensor(model, ours, arena.place(ours, tensor) if arena is not None else
+                _assign(model, ours, arena.place(ours, tensor) if arena is not None else
                         tensor.to(device=device, dtype=target(ours)))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -227,7 +227,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     return model.eval()
 
 
-def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(getattr(module, leaf), nn.Parameter):

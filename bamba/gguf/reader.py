@@ -289,7 +289,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     (A_log, D and dt_bias stay float32, as ``from_pretrained`` keeps them)."""
     from bamba.arena import WeightArena
     from bamba.budget import check_model_fits
-    from bamba.checkpoint import assign_tensor
+    from bamba.checkpoint import _assign
     from bamba.model import FP32_PARAMS, BambaLM
 
     model_file = read_model_file(path)
@@ -306,7 +306,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     for tensor in model_file.reader.tensors:
         ours = plan[tensor.name]
         value = from_gguf(ours, dequantized(tensor), config, model_file.interleaved)
-        assign_tensor(model, ours, arena.place(ours, value) if arena is not None else
+        _assign(model, ours, arena.place(ours, value) if arena is not None else
                       value.to(device=device, dtype=target(ours)))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
