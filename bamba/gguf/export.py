@@ -46,38 +46,37 @@ def check_exportable(config: BambaConfig) -> None:
                          f"{config.time_step_limit} cannot be exported")
 
 
+# (GGUFWriter.add_<method>, BambaConfig field)
+_COMMON_KEYS = (("block_count", "num_hidden_layers"), ("context_length", "max_position_embeddings"),
+                ("embedding_length", "hidden_size"), ("feed_forward_length", "intermediate_size"),
+                ("head_count", "num_attention_heads"), ("rope_freq_base", "rope_theta"),
+                ("layer_norm_rms_eps", "rms_norm_eps"), ("vocab_size", "vocab_size"),
+                ("rope_dimension_count", "rotary_dim"))
+_SSM_KEYS = (("ssm_conv_kernel", "mamba_d_conv"), ("ssm_state_size", "mamba_d_state"),
+             ("ssm_group_count", "mamba_n_groups"), ("ssm_inner_size", "d_inner"),
+             ("ssm_time_step_rank", "mamba_n_heads"))
+
+
 def _architecture_keys(writer: Any, config: BambaConfig) -> None:
-    arch = writer.arch
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(config.rotary_dim)
+    for method, field in _COMMON_KEYS:
+        getattr(writer, f"add_{method}")(getattr(config, field))
     writer.add_uint32(ROTARY_KEY, config.rotary_dim)
     if config.head_dim * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-    if arch == LLAMA_ARCH:
+    if writer.arch == LLAMA_ARCH:
         writer.add_head_count_kv(config.num_key_value_heads)
         return
     attention = set(config.attn_layer_indices)
     writer.add_head_count_kv([config.num_key_value_heads if i in attention else 0
                               for i in range(config.num_hidden_layers)])
-    writer.add_ssm_conv_kernel(config.mamba_d_conv)
-    writer.add_ssm_state_size(config.mamba_d_state)
-    writer.add_ssm_group_count(config.mamba_n_groups)
-    writer.add_ssm_inner_size(config.d_inner)
-    writer.add_ssm_time_step_rank(config.mamba_n_heads)
+    for method, field in _SSM_KEYS:
+        getattr(writer, f"add_{method}")(getattr(config, field))
     writer.add_uint32(CHUNK_KEY, config.mamba_chunk_size)
     writer.add_rope_scaling_finetuned(True)  # granitehybrid's switch for rope (Bamba has it)
     # Granite's multipliers at Bamba's identity values
-    writer.add_embedding_scale(1.0)
-    writer.add_residual_scale(1.0)
-    writer.add_logit_scale(1.0)
+    for method in ("add_embedding_scale", "add_residual_scale", "add_logit_scale"):
+        getattr(writer, method)(1.0)
     writer.add_attention_scale(1.0 / math.sqrt(config.head_dim))
 
 
