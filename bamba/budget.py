@@ -23,13 +23,16 @@ def parameter_count(config: BambaConfig) -> int:
     """Parameters of ``BambaLM(config)``, from the sizes alone (one count per layer kind)."""
     from bamba.analyze import layer_params
 
-    n_attention = len(config.attn_layer_indices)
-    layers = {"attention": n_attention, "mamba": config.num_hidden_layers - n_attention}
     per_layer = sum(count * sum(layer_params(config, kind).values())
-                    for kind, count in layers.items() if count)
+                    for kind, count in _layer_counts(config).items() if count)
     embeddings = config.vocab_size * config.hidden_size
     head = 0 if config.tie_word_embeddings else embeddings
     return embeddings + head + per_layer + config.hidden_size  # + the final norm
+
+
+def _layer_counts(config: BambaConfig) -> dict[str, int]:
+    n_attention = len(config.attn_layer_indices)
+    return {"attention": n_attention, "mamba": config.num_hidden_layers - n_attention}
 
 
 def activation_bytes(config: BambaConfig, rows: int, seq_len: int) -> int:
@@ -82,18 +85,40 @@ def check_memory(config: BambaConfig, rows: int, seq_len: int, world_size: int =
                      f"({culprit}) but {_size(available)} is available")
 
 
+def linear_weight_count(config: BambaConfig) -> int:
+    """Elements of the linear layers' weight matrices (every layer's and an untied lm_head)."""
+    from bamba.analyze import layer_params, matmul_weights
+
+    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return head + sum(count * matmul_weights(layer_params(config, kind))
+                      for kind, count in _layer_counts(config).items() if count)
+
+
+def weight_bytes(config: BambaConfig, bytes_per_parameter: int,
+                 quantized_bits: int | None = None) -> int:
+    """Bytes of ``BambaLM(config)``'s weights; with ``quantized_bits``, a lower bound for a
+    quantized checkpoint: every linear weight at that width, scales not counted."""
+    params = parameter_count(config)
+    if quantized_bits is None:
+        return params * bytes_per_parameter
+    linear = linear_weight_count(config)
+    return (params - linear) * bytes_per_parameter + linear * quantized_bits // 8
+
+
 def check_model_fits(config: BambaConfig, bytes_per_parameter: int,
-                     available: int | None = None) -> None:
-    """ValueError when the weights alone of ``BambaLM(config)`` cannot fit in ``available``
-    bytes (default: ``available_memory()``): a config.json of absurd size fails here, before
-    its modules are built."""
+                     available: int | None = None, quantized_bits: int | None = None) -> None:
+    """ValueError when the weights alone of ``BambaLM(config)`` (linear weights of
+    ``quantized_bits`` when given) cannot fit in ``available`` bytes (default:
+    ``available_memory()``): a config.json of absurd size fails here, before its modules are
+    built."""
     available = available_memory() if available is None else available
     params = parameter_count(config)
-    if available is not None and params * bytes_per_parameter > available:
+    needed = weight_bytes(config, bytes_per_parameter, quantized_bits)
+    if available is not None and needed > available:
         raise ValueError(f"config.json describes {params:.3g} parameters "
                          f"(num_hidden_layers={config.num_hidden_layers}, "
                          f"hidden_size={config.hidden_size}, vocab_size={config.vocab_size}): "
-                         f"{_size(params * bytes_per_parameter)} of weights, but "
+                         f"{_size(needed)} of weights, but "
                          f"{_size(available)} of memory is available")
 
 

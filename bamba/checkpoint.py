@@ -32,8 +32,11 @@ from bamba.config import BambaConfig
 from bamba.checkpoint_writer import (CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME,  # noqa: F401
                                      SHARD_PATTERN, WEIGHTS_NAME, export_state_dict,
                                      hf_config_dict, parse_size, save_pretrained,
-                                     to_bamba_name, to_checkpoint_name)
+                                     to_bamba_name, to_checkpoint_name, write_checkpoint)
 from bamba.model import FP32_PARAMS, BambaLM
+from bamba.quant.apply import place_empty
+from bamba.quant.config import QuantConfig, parse_quantization_config
+from bamba.quant.linear import QuantizedLinear
 from bamba.tokenizer import Tokenizer
 from bamba.tokenizer import load_tokenizer as _load_local_tokenizer
 
@@ -45,7 +48,13 @@ HUB_PATTERNS = (CONFIG_NAME, GENERATION_CONFIG_NAME, "*.safetensors", INDEX_NAME
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Buffers some checkpoints carry that our model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                 "F64": torch.float64}
+# What a quantized checkpoint holds besides: fp8 weights, packed int words, their shapes.
+_QUANTIZED_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.int32: "I32", torch.int64: "I64"}
+_ANY_FLOAT = "a floating-point dtype"
+# Static activation scales of a compressed-tensors scheme: activations run unquantized here.
+_ACTIVATION_SCALES = (".input_scale", ".output_scale")
 
 
 
@@ -92,15 +101,28 @@ def load_config(directory: str | os.PathLike) -> BambaConfig:
     return BambaConfig.from_json_file(path)
 
 
+def load_quantization_config(directory: str | os.PathLike) -> QuantConfig | None:
+    """config.json's ``quantization_config`` (compressed-tensors), checked; None when absent."""
+    path = Path(directory) / CONFIG_NAME
+    raw = json.loads(path.read_text())  # valid JSON: load_config read it first
+    if raw.get("quantization_config") is None:
+        return None
+    try:
+        return parse_quantization_config(raw["quantization_config"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 # ---- reading safetensors headers ----------------------------------------------------------------
 @dataclass(frozen=True)
 class _Entry:
     file: Path
     shape: tuple[int, ...]
+    dtype: str
 
 
 @contextlib.contextmanager
-def _open(path: Path) -> Iterator[Any]:
+def open_safetensors(path: Path) -> Iterator[Any]:
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except SafetensorError as exc:
@@ -138,19 +160,23 @@ def _shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
-def _scan(shards: list[Path], weight_map: dict[str, str] | None) -> dict[str, _Entry]:
-    """Every tensor's file and shape, from the headers alone."""
+def _scan(shards: list[Path], weight_map: dict[str, str] | None,
+          quantized: bool = False) -> dict[str, _Entry]:
+    """Every tensor's file, shape and dtype, from the headers alone (floating-point only, or
+    also the quantized formats' dtypes when ``quantized``: ``_plan`` checks which tensor)."""
     entries: dict[str, _Entry] = {}
     for shard in shards:
-        with _open(shard) as f:
+        with open_safetensors(shard) as f:
             for key in f.keys():
                 if key in entries:
                     raise ValueError(f"{shard}: tensor {key} is also in {entries[key].file.name}")
                 piece = f.get_slice(key)
-                if piece.get_dtype() not in _FLOAT_DTYPES:
-                    raise ValueError(f"{shard}: tensor {key} has dtype {piece.get_dtype()}, "
+                dtype = piece.get_dtype()
+                if dtype not in _FLOAT_DTYPES and not (quantized and dtype in
+                                                       _QUANTIZED_DTYPES.values()):
+                    raise ValueError(f"{shard}: tensor {key} has dtype {dtype}, "
                                      f"expected a floating-point dtype")
-                entries[key] = _Entry(shard, tuple(piece.get_shape()))
+                entries[key] = _Entry(shard, tuple(piece.get_shape()), dtype)
     for key, name in (weight_map or {}).items():
         if key not in entries or entries[key].file.name != name:
             raise ValueError(f"{shards[0].parent / INDEX_NAME}: maps {key} to {name}, "
@@ -159,21 +185,29 @@ def _scan(shards: list[Path], weight_map: dict[str, str] | None) -> dict[str, _E
 
 
 def _plan(model: BambaLM, entries: dict[str, _Entry], where: Path) -> dict[str, str]:
-    """checkpoint name -> our name for every tensor to load; raises on any mismatch."""
+    """checkpoint name -> our name for every tensor to load; raises on any mismatch (names,
+    shapes, and the exact dtype of quantized weights: fp8, packed int32, int64 shapes)."""
     config = model.config
-    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    state = model.state_dict(keep_vars=True)
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    quantized = getattr(model, "quantization_config", None) is not None
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     plan: dict[str, str] = {}
     for key, entry in entries.items():
         ours = to_bamba_name(key, config.model_type)
-        if key.endswith(_IGNORED_SUFFIXES) or (ours == "lm_head.weight" and config.tie_word_embeddings):
+        if key.endswith(_IGNORED_SUFFIXES) or (ours == "lm_head.weight" and config.tie_word_embeddings) \
+                or (quantized and key.endswith(_ACTIVATION_SCALES)):
             continue
         if ours not in expected:
             raise ValueError(f"{entry.file}: unexpected tensor {key} for this config")
-        if entry.shape != expected[ours]:
+        if entry.shape != expected[ours] and not (entry.shape == () and expected[ours] == (1,)):
             raise ValueError(f"{entry.file}: tensor {key} has shape {list(entry.shape)}, "
                              f"expected {list(expected[ours])}")
+        want = _QUANTIZED_DTYPES.get(state[ours].dtype, _ANY_FLOAT)
+        if (_ANY_FLOAT if entry.dtype in _FLOAT_DTYPES else entry.dtype) != want:
+            raise ValueError(f"{entry.file}: tensor {key} has dtype {entry.dtype}, "
+                             f"expected {want}")
         plan[key] = ours
     missing = sorted(set(expected) - set(plan.values()))
     if missing:
@@ -181,6 +215,15 @@ def _plan(model: BambaLM, entries: dict[str, _Entry], where: Path) -> dict[str, 
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise ValueError(f"{where}: missing tensors {shown}")
     return plan
+
+
+def checked_tensors(directory: Path, model: BambaLM) -> tuple[dict[str, Path], dict[str, str]]:
+    """For every tensor to load into ``model`` (built on meta from the checkpoint's config):
+    checkpoint name -> its file, and checkpoint name -> our name; every header checked first."""
+    shards, weight_map = _shard_files(directory)
+    entries = _scan(shards, weight_map, getattr(model, "quantization_config", None) is not None)
+    plan = _plan(model, entries, shards[0] if weight_map is None else directory / INDEX_NAME)
+    return {key: entries[key].file for key in plan}, plan
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -200,24 +243,36 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
         return load_gguf_model(path_or_id, dtype=dtype, device=device)
     directory = resolve_checkpoint(path_or_id, revision)
     config = load_config(directory)
-    check_model_fits(config, dtype.itemsize)
+    quantization = load_quantization_config(directory)
+    check_model_fits(config, dtype.itemsize, quantized_bits=None if quantization is None
+                     else min(g.scheme.bits for g in quantization.groups))
     shards, weight_map = _shard_files(directory)
-    entries = _scan(shards, weight_map)
+    entries = _scan(shards, weight_map, quantized=quantization is not None)
     with torch.device("meta"):
         model = BambaLM(config)
-    plan = _plan(model, entries, shards[0] if weight_map is None else directory / INDEX_NAME)
+        if quantization is not None:
+            _place_quantized(model, quantization, entries, dtype)
+    where = shards[0] if weight_map is None else directory / INDEX_NAME
+    plan = _plan(model, entries, where)
+    keep = _quantized_tensor_names(model)
 
-    def target(name: str, tensor: torch.Tensor | None = None) -> torch.dtype:
+    def target(name: str, tensor: torch.Tensor) -> torch.dtype:
+        if name in keep:  # quantized weights and their scales load as they are stored
+            return tensor.dtype
         return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
 
+    targets = {name: target(name, t) for name, t in model.state_dict(keep_vars=True).items()}
     # On a CPU the weights load straight into one huge-page buffer (bamba.arena).
     arena = WeightArena.for_model(model, target) if torch.device(device).type == "cpu" else None
     for shard in shards:
-        with _open(shard) as f:
+        with open_safetensors(shard) as f:
             for key in (k for k in f.keys() if k in plan):
                 ours, tensor = plan[key], f.get_tensor(key)
+                tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor
                 _assign(model, ours, arena.place(ours, tensor) if arena is not None else
-                        tensor.to(device=device, dtype=target(ours)))
+                        tensor.to(device=device, dtype=targets[ours]))
+    if quantization is not None:
+        _check_packed_shapes(model, where)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # A buffer the model computes at construction (not in state_dict) cannot come from a file.
@@ -225,6 +280,38 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     assert not left, f"not materialised after loading: {left}"
     log.info("loaded %s (%d tensors, %d files, dtype %s)", directory, len(plan), len(shards), dtype)
     return model.eval()
+
+
+def _place_quantized(model: BambaLM, quantization: QuantConfig, entries: dict[str, _Entry],
+                     dtype: torch.dtype) -> None:
+    """Empty ``QuantizedLinear`` modules where the config quantizes, scales in the dtype the
+    checkpoint stores them in."""
+    model_type = model.config.model_type
+
+    def scale_dtype(name: str) -> torch.dtype:
+        entry = entries.get(to_checkpoint_name(f"{name}.weight_scale", model_type))
+        return _FLOAT_DTYPES.get(entry.dtype, dtype) if entry is not None else dtype
+
+    place_empty(model, quantization, lambda n: to_checkpoint_name(n, model_type), scale_dtype)
+    model.quantization_config = quantization.raw
+    log.info("quantized checkpoint: %s, %s", quantization.format,
+             ", ".join(sorted({g.scheme.name for g in quantization.groups})))
+
+
+def _quantized_tensor_names(model: nn.Module) -> set[str]:
+    return {f"{name}.{leaf}" for name, module in model.named_modules()
+            if isinstance(module, QuantizedLinear) for leaf in module.scheme.tensor_names()}
+
+
+def _check_packed_shapes(model: BambaLM, where: Path) -> None:
+    """Each packed layer's ``weight_shape`` holds the (out, in) its words and scales have."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear) and module.scheme.packed:
+            held = module.weight_shape.tolist()
+            if held != [module.out_features, module.in_features]:
+                key = to_checkpoint_name(f"{name}.weight_shape", model.config.model_type)
+                raise ValueError(f"{where}: tensor {key} holds {held}, expected "
+                                 f"{[module.out_features, module.in_features]}")
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,9 @@ def hf_config_dict(model: nn.Module) -> dict[str, Any]:
     config = model.config
     raw = config.to_hf_dict()
     raw["dtype"] = str(model.dtype).removeprefix("torch.")
+    quantization = getattr(model, "quantization_config", None)
+    if quantization is not None:
+        raw["quantization_config"] = quantization
     if config.model_type == "bamba" and not config.attn_layer_indices:
         raw["use_cache"] = False  # transformers' Bamba cache needs an attention layer
     return raw
@@ -136,8 +140,29 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike,
     """Write a checkpoint transformers' BambaForCausalLM / LlamaForCausalLM loads.
 
     Files: config.json, generation_config.json, model.safetensors (or shards + index when
-    larger than ``max_shard_size``), and the tokenizer's files when one is given.
+    larger than ``max_shard_size``), and the tokenizer's files when one is given. A quantized
+    model (``bamba.quant``) is written in the compressed-tensors layout it holds.
     """
+    config = model.config
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "pad_token_id": config.pad_token_id}
+
+    def extra_files(staging: Path) -> None:
+        _write_json(staging / GENERATION_CONFIG_NAME,
+                    {k: v for k, v in generation.items() if v is not None})
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, staging)
+
+    return write_checkpoint(directory, export_state_dict(model), hf_config_dict(model),
+                            max_shard_size, extra_files)
+
+
+def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                     config: dict[str, Any], max_shard_size: int | str = "2GB",
+                     extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write ``tensors`` (safetensors, sharded above ``max_shard_size``), whatever
+    ``extra_files(staging)`` adds, and config.json (last) into a temporary directory next to
+    ``directory``, then move them in."""
     limit = parse_size(max_shard_size)
     target = Path(directory).expanduser()
     if target.exists() and not target.is_dir():
@@ -145,15 +170,10 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike,
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_weights(staging, export_state_dict(model), limit)
-        config = model.config
-        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                      "pad_token_id": config.pad_token_id}
-        _write_json(staging / GENERATION_CONFIG_NAME,
-                    {k: v for k, v in generation.items() if v is not None})
-        if tokenizer is not None:
-            _save_tokenizer(tokenizer, staging)
-        _write_json(staging / CONFIG_NAME, hf_config_dict(model))
+        _write_weights(staging, tensors, limit)
+        if extra_files is not None:
+            extra_files(staging)
+        _write_json(staging / CONFIG_NAME, config)
         give_plain_modes(staging)  # mkdtemp and safetensors create 0700 / 0600
         _publish(staging, target)
     finally:

@@ -257,11 +257,12 @@ class BambaLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' dtype: the embeddings' (an lm_head may hold quantized weights)."""
+        return self.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
 
 def scan_matmul_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -10,20 +10,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from bamba.linear_protocol import DENSE, LinearWeights
 from bamba.native.dispatch import LayerDims
 
-DENSE = "dense"  # a weight [out, in] in the activations' dtype: what the kernels read today
 FORMATS = frozenset((DENSE,))  # the linear formats layer_step.c reads
-
-
-class LinearWeights(NamedTuple):
-    """What the kernels read of a linear layer: its format and its tensors in that format
-    (``scales`` for the quantized formats to come)."""
-    format: str
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    scales: torch.Tensor | None = None
-
 
 Tensors = list[torch.Tensor | None]
 

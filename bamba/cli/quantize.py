@@ -1,0 +1,50 @@
+"""``bamba quantize``: a checkpoint's linear layers to fp8, int8 or int4 (compressed-tensors)."""
+
+from __future__ import annotations
+
+import argparse
+
+SCHEMES = ("fp8", "int8", "int4")
+DEFAULT_INT4_GROUP = 128
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SRC", help="dense checkpoint directory or hub id")
+    parser.add_argument("target", metavar="DST", help="directory to write the quantized checkpoint to")
+    parser.add_argument("--scheme", required=True, choices=SCHEMES,
+                        help="weight format: fp8 (float8_e4m3fn, a scale per output channel), "
+                             "int8 or int4 (symmetric, packed into int32 words); activations "
+                             "stay in the model's dtype")
+    parser.add_argument("--group-size", type=int, default=None, metavar="N",
+                        help="inputs sharing one scale (32, 64, 128, ...; int8/int4 only); "
+                             f"default: {DEFAULT_INT4_GROUP} for int4, one scale per output "
+                             "channel for int8 and fp8")
+    parser.add_argument("--ignore", default="lm_head", metavar="NAMES",
+                        help="comma-separated linear layers to keep unquantized: checkpoint "
+                             "module names or re:REGEX (empty quantizes every linear)")
+    parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                        help="split the safetensors file above this size")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def group_size_for(scheme: str, group_size: int | None) -> int | None:
+    """The group size a scheme gets: int4 defaults to 128; fp8 has one scale per channel."""
+    if scheme == "fp8" and group_size is not None:
+        raise ValueError("--group-size applies to int8 and int4; fp8 has one scale per "
+                         "output channel")
+    if group_size is not None and group_size <= 0:
+        raise ValueError(f"--group-size must be positive, got {group_size}")
+    return DEFAULT_INT4_GROUP if scheme == "int4" and group_size is None else group_size
+
+
+def run(args: argparse.Namespace) -> int:
+    from bamba.quant.convert import quantize_checkpoint
+    from bamba.quant.formats import make_scheme
+
+    scheme = make_scheme(args.scheme, group_size_for(args.scheme, args.group_size))
+    ignore = [name.strip() for name in args.ignore.split(",") if name.strip()]
+    path = quantize_checkpoint(args.source, args.target, scheme, ignore,
+                               max_shard_size=args.max_shard_size, progress=not args.no_progress)
+    print(f"wrote {path} ({scheme.name}"
+          f"{'' if scheme.group_size is None else f', group size {scheme.group_size}'})")
+    return 0

@@ -1,0 +1,22 @@
+"""What fast paths read of a linear layer: its weight format and its tensors in that format.
+Shared by the quantized layers (``bamba.quant``) and the kernels (``bamba.native``), which must
+not import each other past the seam."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+DENSE = "dense"  # a weight [out, in] in the activations' dtype
+
+
+class LinearWeights(NamedTuple):
+    """A linear's format ("dense", "fp8", "int8", "int4") and tensors: ``weight`` is the dense
+    or fp8 weight [N, K] or the packed int32 words [N, K * bits / 32]; ``scales`` [N, G] (one
+    per output channel when G == 1, else one per group of K // G inputs) for the quantized
+    formats."""
+    format: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scales: torch.Tensor | None = None

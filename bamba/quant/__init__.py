@@ -1,0 +1,2 @@
+"""Quantized weights: the compressed-tensors formats (``formats``), the quantized linear layer
+(``linear``)."""

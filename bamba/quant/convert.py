@@ -1,0 +1,98 @@
+"""``bamba quantize``: a dense checkpoint in, a compressed-tensors one out, tensor by tensor.
+
+The source's tensors are read one at a time from its memory-mapped safetensors files, in
+decoder-layer order; each targeted linear weight is quantized as it is read, everything else
+kept as stored. Only the output is held in memory (at most about the source's size), and the
+checkpoint is written into a temporary directory and moved into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bamba.checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, checked_tensors, load_config,
+                              open_safetensors, resolve_checkpoint, to_checkpoint_name,
+                              write_checkpoint)
+from bamba.model import BambaLM
+from bamba.quant.apply import targeted_linears
+from bamba.quant.config import parse_quantization_config, quantization_config_dict
+from bamba.quant.formats import QuantScheme, quantize
+
+log = logging.getLogger(__name__)
+
+# Files a quantized checkpoint keeps from its source, besides config.json and the weights.
+COPIED_FILES = (GENERATION_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _units(names: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """The tensor names grouped by decoder layer (in layer order), then the rest."""
+    layers: dict[int, list[str]] = {}
+    rest: list[str] = []
+    for name in sorted(names):
+        match = _LAYER.match(name)
+        (layers.setdefault(int(match.group(1)), []) if match else rest).append(name)
+    return [(f"layer {i}", layers[i]) for i in sorted(layers)] + ([("rest", rest)] if rest else [])
+
+
+def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
+                        scheme: QuantScheme, ignore: Iterable[str] = ("lm_head",),
+                        max_shard_size: int | str = "2GB", progress: bool = True) -> Path:
+    """Write ``source`` quantized with ``scheme`` to ``target`` (every linear but ``ignore``,
+    compressed-tensors matching on checkpoint names). ValueError, before anything is written,
+    for a source that is already quantized or a group size that does not divide a layer."""
+    directory = resolve_checkpoint(source)
+    config = load_config(directory)
+    raw_config = json.loads((directory / CONFIG_NAME).read_text())
+    if raw_config.get("quantization_config") is not None:
+        fmt = raw_config["quantization_config"].get("format") \
+            if isinstance(raw_config["quantization_config"], dict) else None
+        raise ValueError(f"{directory}: is already quantized (quantization_config format "
+                         f"{fmt!r}); quantize its dense source instead")
+    out_dir = Path(target).expanduser()
+    if out_dir.resolve() == directory.resolve():
+        raise ValueError(f"{out_dir}: the destination must differ from the source")
+    quantization = quantization_config_dict(scheme, ignore)
+    with torch.device("meta"):
+        model = BambaLM(config)
+    rename = partial(to_checkpoint_name, model_type=config.model_type)
+    targets = targeted_linears(model, parse_quantization_config(quantization), rename)
+    files, plan = checked_tensors(directory, model)
+    quantized = {rename(f"{name}.weight") for name in targets}
+    tensors = _convert(files, quantized, scheme, progress)
+    log.info("quantized %d linear layers to %s", len(quantized), scheme.name)
+
+    def copy_files(staging: Path) -> None:
+        for name in COPIED_FILES:
+            if (directory / name).is_file():
+                shutil.copyfile(directory / name, staging / name)
+
+    return write_checkpoint(out_dir, tensors, {**raw_config, "quantization_config": quantization},
+                            max_shard_size, copy_files)
+
+
+def _convert(files: dict[str, Path], quantized: set[str], scheme: QuantScheme,
+             progress: bool) -> dict[str, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    out: dict[str, torch.Tensor] = {}
+    for _, names in tqdm(_units(files), unit="layer", disable=not progress, dynamic_ncols=True):
+        for name in names:
+            with open_safetensors(files[name]) as f:
+                tensor = f.get_tensor(name)
+            if name in quantized:
+                prefix = name.removesuffix("weight")
+                out.update({prefix + k: v for k, v in quantize(tensor, scheme).items()})
+            else:
+                out[name] = tensor
+    return out

@@ -1,0 +1,168 @@
+"""Weight quantization in the compressed-tensors layout (what llm-compressor writes and vLLM
+reads), as pure tensor functions.
+
+Symmetric, no zero point: w ~= q * scale, one scale per output channel or per group of
+``group_size`` inputs, scale = absmax / (448 for fp8, (2^bits - 1) / 2 for ints), as
+compressed-tensors computes it. Tensors (in memory == on disk):
+
+- fp8: ``weight`` float8_e4m3fn [N, K], ``weight_scale`` [N, 1] (or [N, K // g]).
+- int8 / int4: ``weight_packed`` int32 [N, ceil(K * bits / 32)], ``weight_shape`` int64 (N, K),
+  ``weight_scale`` [N, K // group_size] or [N, 1]. Element j of a row is stored unsigned
+  (q + 2^(bits-1)) at bit j * bits of the row's words (compressed-tensors' ``pack_to_int32``).
+
+Scales take the weight's dtype (llm-compressor writes the model's dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+SCHEME_NAMES = ("fp8", "int8", "int4")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WORD_BITS = 32
+
+
+class QuantScheme(NamedTuple):
+    """A weight format: ``name`` in SCHEME_NAMES, ``group_size`` None for one scale per output
+    channel."""
+    name: str
+    group_size: int | None = None
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.name == "int4" else 8
+
+    @property
+    def packed(self) -> bool:
+        """True for the int formats (``weight_packed``), False for fp8 (``weight``)."""
+        return self.name != "fp8"
+
+    def tensor_names(self) -> tuple[str, ...]:
+        return ("weight_packed", "weight_shape", "weight_scale") if self.packed \
+            else ("weight", "weight_scale")
+
+
+def make_scheme(name: str, group_size: int | None = None) -> QuantScheme:
+    """A checked scheme (ValueError naming what is wrong)."""
+    if name not in SCHEME_NAMES:
+        raise ValueError(f"unknown quantization scheme {name!r}; expected one of "
+                         f"{', '.join(SCHEME_NAMES)}")
+    if group_size is not None and group_size <= 0:
+        raise ValueError(f"group size must be positive, got {group_size}")
+    return QuantScheme(name, group_size)
+
+
+def qmax(scheme: QuantScheme) -> float:
+    """The value absmax maps to: 448 for fp8, half the int range (7.5, 127.5) for ints, as
+    compressed-tensors' ``calculate_qparams`` has it (so +absmax clamps to 2^(b-1) - 1)."""
+    return FP8_MAX if not scheme.packed else (2 ** scheme.bits - 1) / 2
+
+
+def scale_shape(scheme: QuantScheme, out_features: int, in_features: int) -> tuple[int, int]:
+    groups = 1 if scheme.group_size is None else in_features // scheme.group_size
+    return out_features, groups
+
+
+def packed_width(in_features: int, bits: int) -> int:
+    return math.ceil(in_features * bits / WORD_BITS)
+
+
+def _grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """[N, K] viewed as [N, groups, K // groups]."""
+    return weight.reshape(weight.shape[0], groups, weight.shape[1] // groups)
+
+
+def compute_scale(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """absmax / qmax per output channel or group: [N, G] in the weight's dtype (float16 for
+    other dtypes), zeros replaced by that dtype's eps."""
+    n, k = weight.shape
+    if scheme.group_size is not None and k % scheme.group_size:
+        raise ValueError(f"group size {scheme.group_size} does not divide in_features {k}")
+    groups = scale_shape(scheme, n, k)[1]
+    dtype = weight.dtype if weight.dtype in SCALE_DTYPES else torch.float16
+    absmax = _grouped(weight.float(), groups).abs().amax(dim=-1)
+    scale = (absmax / qmax(scheme)).to(dtype)
+    return torch.where(scale == 0, torch.finfo(dtype).eps, scale).to(dtype)
+
+
+def _broadcast_scale(scale: torch.Tensor, n: int) -> torch.Tensor:
+    """A [N, G], [N], [1] or scalar scale as float32 [N or 1, G]."""
+    scale = scale.float()
+    if scale.dim() == 2:
+        return scale
+    return scale.reshape(1, 1) if scale.numel() == 1 else scale.reshape(n, 1)
+
+
+def quantize_values(weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Round weight / scale (float32) to the format: float8_e4m3fn, or int8 holding the int
+    values (round to nearest even, clamped to [-2^(b-1), 2^(b-1) - 1])."""
+    n, k = weight.shape
+    scale = _broadcast_scale(scale, n)
+    scaled = (_grouped(weight.float(), scale.shape[1]) / scale.unsqueeze(-1)).reshape(n, k)
+    if not scheme.packed:
+        return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    low = -(1 << (scheme.bits - 1))
+    return scaled.clamp(low, -low - 1).round().to(torch.int8)
+
+
+def quantize(weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """A dense weight [N, K] as the scheme's tensors (names as on disk)."""
+    if weight.dim() != 2:
+        raise ValueError(f"can only quantize a 2-D weight, got shape {tuple(weight.shape)}")
+    weight = weight.detach()
+    scale = compute_scale(weight, scheme)
+    q = quantize_values(weight, scale, scheme)
+    if not scheme.packed:
+        return {"weight": q, "weight_scale": scale}
+    return {"weight_packed": pack_ints(q, scheme.bits),
+            "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
+            "weight_scale": scale}
+
+
+def quantized_values(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
+    """The stored values as float32 [N, K] (fp8 widened, ints unpacked), before scaling."""
+    if not scheme.packed:
+        return tensors["weight"].float()
+    k = int(tensors["weight_shape"][1])
+    return unpack_ints(tensors["weight_packed"], scheme.bits, k).float()
+
+
+def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K] in ``dtype``: q * scale, computed in float32 (exact for these
+    formats), rounded once to ``dtype``."""
+    values = quantized_values(tensors, scheme)
+    n, k = values.shape
+    scale = _broadcast_scale(tensors["weight_scale"], n)
+    return (_grouped(values, scale.shape[1]) * scale.unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
+def pack_ints(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 values [N, K] in [-2^(b-1), 2^(b-1)) packed into int32 [N, ceil(K * b / 32)]:
+    element j stored as q + 2^(b-1) at bit (j % (32 // b)) * b of word j // (32 // b)."""
+    if WORD_BITS % bits:
+        raise ValueError(f"packing supports bit widths dividing 32, got {bits}")
+    per_word = WORD_BITS // bits
+    n, k = q.shape
+    unsigned = (q.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
+    unsigned = torch.nn.functional.pad(unsigned, (0, -k % per_word))
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (unsigned.reshape(n, -1, per_word) << shifts).sum(dim=-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack_ints(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """The inverse of ``pack_ints``: int8 [N, k]."""
+    if WORD_BITS % bits:
+        raise ValueError(f"packing supports bit widths dividing 32, got {bits}")
+    per_word = WORD_BITS // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    values = fields.reshape(packed.shape[0], -1)[:, :k] - (1 << (bits - 1))
+    return values.to(torch.int8)
