@@ -98,6 +98,33 @@ def test_quantized_export_keeps_greedy_tokens(memorised, tmp_path, file_type):
     assert _greedy(back, sequence[:8], 24) == expected
 
 
+@pytest.mark.parametrize("file_type, scheme", [("q8_0", "int8"), ("q4_0", "int4")])
+def test_quantized_linears_load_exactly_as_our_int_formats(memorised, tmp_path, file_type,
+                                                           scheme):
+    """Every Q8_0 / Q4_0 linear becomes a group-32 QuantizedLinear whose weight is exactly what
+    gguf.quants dequantizes; save_pretrained writes it as compressed-tensors."""
+    from bamba.gguf.layout import from_gguf, gguf_name
+    from bamba.quant.linear import QuantizedLinear
+
+    source, model, _ = memorised
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", file_type)
+    back = from_pretrained(out)
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    layers = {n: m for n, m in back.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(layers) == 4 * 3 + 2 * 2 + 2 * 4 + 1  # MLPs, Mamba in/out, attention, head
+    for name, layer in layers.items():
+        assert layer.scheme.name == scheme and layer.scheme.group_size == 32
+        stored = tensors[gguf_name(f"{name}.weight")]
+        values = gguf.quants.dequantize(stored.data, stored.tensor_type)
+        expected = from_gguf(f"{name}.weight", torch.from_numpy(values.copy()), back.config,
+                             back.config.rotary_dim)
+        assert torch.equal(layer.dequantized_weight(torch.float32), expected), name
+    back.save_pretrained(tmp_path / "ct")
+    ids = random_ids(1, 16)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "ct")(ids), back(ids))
+
+
 def test_tokenizer_round_trips_through_gguf_metadata(make_hf_checkpoint, tmp_path):
     source = make_hf_checkpoint("hybrid")
     tokenizer = load_tokenizer(source)

@@ -285,31 +285,63 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A ``BambaLM`` from a GGUF file, in eval mode; weights dequantized into ``dtype``
-    (A_log, D and dt_bias stay float32, as ``from_pretrained`` keeps them)."""
+    """A ``BambaLM`` from a GGUF file, in eval mode. Linear weights stored as Q8_0 / Q4_0 load
+    exactly as our int8 / int4 group-32 ``QuantizedLinear`` (when the file uses one of the two);
+    every other tensor is dequantized into ``dtype`` (A_log, D and dt_bias stay float32, as
+    ``from_pretrained`` keeps them)."""
     from bamba.arena import WeightArena
     from bamba.budget import check_model_fits
     from bamba.checkpoint import _assign
+    from bamba.gguf.quantized import (SCHEMES, block_values, is_quantized_buffer,
+                                      linear_tensors, place_quantized)
     from bamba.model import FP32_PARAMS, BambaLM
 
     model_file = read_model_file(path)
     config = model_file.config
-    check_model_fits(config, dtype.itemsize)
     with torch.device("meta"):
         model = BambaLM(config)
     plan = tensor_plan(model_file, model)
+    types = {t.name: t.tensor_type.name for t in model_file.reader.tensors}
+    quantized = {ours: types[name] for name, ours in plan.items()
+                 if types[name] in SCHEMES and _is_linear_weight(model, ours)}
+    if len(set(quantized.values())) > 1:
+        log.info("%s mixes Q8_0 and Q4_0 linears: all are dequantized", model_file.path)
+        quantized = {}
+    check_model_fits(config, dtype.itemsize, quantized_bits=8 if quantized else None)
+    if quantized:
+        with torch.device("meta"):
+            place_quantized(model, quantized)
 
-    def target(name: str, tensor: torch.Tensor | None = None) -> torch.dtype:
+    def target(name: str, tensor: torch.Tensor) -> torch.dtype:
+        if is_quantized_buffer(name):
+            return tensor.dtype
         return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
 
     arena = WeightArena.for_model(model, target) if torch.device(device).type == "cpu" else None
+
+    def load(name: str, value: torch.Tensor) -> None:
+        _assign(model, name, arena.place(name, value) if arena is not None else
+                value.to(device=device, dtype=target(name, value)))
+
     for tensor in model_file.reader.tensors:
         ours = plan[tensor.name]
-        value = from_gguf(ours, dequantized(tensor), config, model_file.interleaved)
-        _assign(model, ours, arena.place(ours, value) if arena is not None else
-                      value.to(device=device, dtype=target(ours)))
+        if ours not in quantized:
+            load(ours, from_gguf(ours, dequantized(tensor), config, model_file.interleaved))
+            continue
+        rows, cols = (int(n) for n in reversed(tensor.shape))
+        q, scale = (from_gguf(ours, t, config, model_file.interleaved) for t in
+                    block_values(tensor.data, quantized[ours], rows, cols))
+        module = ours.removesuffix(".weight")
+        for buffer, value in linear_tensors(q, scale, quantized[ours]).items():
+            load(f"{module}.{buffer}", value)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    log.info("loaded %s (%s, %d tensors, dtype %s)", model_file.path,
-             model_file.value("general.architecture"), len(plan), dtype)
+    log.info("loaded %s (%s, %d tensors, dtype %s%s)", model_file.path,
+             model_file.value("general.architecture"), len(plan), dtype,
+             f", {len(quantized)} linears {next(iter(quantized.values()))}" if quantized else "")
     return model.eval()
+
+
+def _is_linear_weight(model: torch.nn.Module, name: str) -> bool:
+    module, _, leaf = name.rpartition(".")
+    return leaf == "weight" and isinstance(model.get_submodule(module), torch.nn.Linear)
