@@ -134,48 +134,64 @@ def _config(reader: Any, path: Path, arch: str) -> tuple[BambaConfig, int]:
         bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=field_value(reader, "tokenizer.ggml.eos_token_id"),
         pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id"))
-    rope_dims = key("rope.dimension_count", head_dim)
-    interleaved = field_value(reader, ROTARY_KEY)
     if arch == LLAMA_ARCH:  # no Mamba layers: unused Mamba sizes kept consistent, as config.json's
         kv_heads, first_attention = kv, 0
         d_head = math.gcd(2 * hidden, 64)
         fields.update(mamba_expand=2, mamba_d_head=d_head, mamba_n_heads=2 * hidden // d_head)
     else:
-        kv_list = kv if isinstance(kv, list) else [kv] * layers
-        if len(kv_list) != layers:
-            raise ValueError(f"{arch}.attention.head_count_kv has {len(kv_list)} entries "
-                             f"for {layers} blocks")
-        attention = [i for i, n in enumerate(kv_list) if n]
-        if len({kv_list[i] for i in attention}) > 1:
-            raise ValueError(f"{arch}.attention.head_count_kv differs between attention layers")
-        kv_heads = kv_list[attention[0]] if attention else heads
-        first_attention = attention[0] if attention else None
         _check_hybrid(reader, arch, head_dim)
-        inner, n_heads = key("ssm.inner_size"), key("ssm.time_step_rank")
-        fields.update(
-            attn_layer_indices=attention, mamba_n_heads=n_heads,
-            mamba_d_head=inner // max(n_heads, 1), mamba_expand=inner // max(hidden, 1),
-            mamba_n_groups=key("ssm.group_count"), mamba_d_state=key("ssm.state_size"),
-            mamba_d_conv=key("ssm.conv_kernel"),
-            mamba_chunk_size=field_value(reader, CHUNK_KEY, 256),
-            mamba_conv_bias=any(n.endswith("ssm_conv1d.bias") for n in names))
-        if inner != fields["mamba_expand"] * hidden:
-            raise ValueError(f"{arch}.ssm.inner_size {inner} is not a multiple of the "
-                             f"embedding length {hidden}")
-    if interleaved is None:  # written by llama.cpp's converter: whole heads interleaved
-        interleaved = head_dim
-        if arch == HYBRID_ARCH:  # transformers' Bamba rotates half of each head, whatever n_rot
-            rope_dims = head_dim // 2
-        elif rope_dims != head_dim:
-            raise ValueError(f"{arch}.rope.dimension_count {rope_dims} < head size {head_dim} "
-                             "with whole heads interleaved has no bamba equivalent")
-    elif interleaved != rope_dims:
-        raise ValueError(f"{ROTARY_KEY} {interleaved} differs from "
-                         f"{arch}.rope.dimension_count {rope_dims}")
+        kv_heads, first_attention = _hybrid_fields(fields, key, names, kv)
+        fields["mamba_chunk_size"] = field_value(reader, CHUNK_KEY, 256)
+    rope_dims, interleaved = _rotary(arch, key("rope.dimension_count", head_dim),
+                                     field_value(reader, ROTARY_KEY), head_dim)
     probe = "" if first_attention is None else f"blk.{first_attention}.attn_q.bias"
     fields.update(num_key_value_heads=kv_heads, partial_rotary_factor=rope_dims / head_dim,
                   attention_bias=probe in names, mlp_bias="blk.0.ffn_gate.bias" in names)
     return BambaConfig(**fields), interleaved
+
+
+def _hybrid_fields(fields: dict[str, Any], key: Any, names: set[str], kv: Any
+                   ) -> tuple[int, int | None]:
+    """Add a granitehybrid file's layer types and Mamba sizes to ``fields``; returns (KV heads,
+    first attention layer or None)."""
+    layers, hidden = fields["num_hidden_layers"], fields["hidden_size"]
+    kv_list = kv if isinstance(kv, list) else [kv] * layers
+    if len(kv_list) != layers:
+        raise ValueError(f"{HYBRID_ARCH}.attention.head_count_kv has {len(kv_list)} entries "
+                         f"for {layers} blocks")
+    attention = [i for i, n in enumerate(kv_list) if n]
+    if len({kv_list[i] for i in attention}) > 1:
+        raise ValueError(f"{HYBRID_ARCH}.attention.head_count_kv differs between attention "
+                         "layers")
+    inner, n_heads = key("ssm.inner_size"), key("ssm.time_step_rank")
+    if not hidden or inner % hidden:
+        raise ValueError(f"{HYBRID_ARCH}.ssm.inner_size {inner} is not a multiple of the "
+                         f"embedding length {hidden}")
+    fields.update(
+        attn_layer_indices=attention, mamba_n_heads=n_heads,
+        mamba_d_head=inner // max(n_heads, 1), mamba_expand=inner // hidden,
+        mamba_n_groups=key("ssm.group_count"), mamba_d_state=key("ssm.state_size"),
+        mamba_d_conv=key("ssm.conv_kernel"),
+        mamba_conv_bias=any(n.endswith("ssm_conv1d.bias") for n in names))
+    return (kv_list[attention[0]], attention[0]) if attention else (fields["num_attention_heads"],
+                                                                   None)
+
+
+def _rotary(arch: str, rope_dims: int, interleaved: int | None, head_dim: int
+            ) -> tuple[int, int]:
+    """(rotary width, leading q/k channels stored interleaved) of a file."""
+    if interleaved is not None:  # ours
+        if interleaved != rope_dims:
+            raise ValueError(f"{ROTARY_KEY} {interleaved} differs from "
+                             f"{arch}.rope.dimension_count {rope_dims}")
+        return rope_dims, interleaved
+    # written by llama.cpp's converter: whole heads interleaved
+    if arch == HYBRID_ARCH:  # transformers' Bamba rotates half of each head, whatever n_rot says
+        return head_dim // 2, head_dim
+    if rope_dims != head_dim:
+        raise ValueError(f"{arch}.rope.dimension_count {rope_dims} < head size {head_dim} with "
+                         "whole heads interleaved has no bamba equivalent")
+    return rope_dims, head_dim
 
 
 def _decimal(value: float) -> float:
