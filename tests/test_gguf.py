@@ -177,6 +177,18 @@ def _export_with(config_changes: dict, make_hf_checkpoint, path: Path) -> Path:
     return export_gguf(model, load_tokenizer(source), path, "f32")
 
 
+def test_export_refuses_what_llama_cpp_cannot_run_and_writes_nothing(make_hf_checkpoint,
+                                                                     tmp_path, capsys):
+    source = make_hf_checkpoint("hybrid", mamba_expand=4, mamba_d_head=32)
+    out = tmp_path / "m.gguf"
+    capsys.readouterr()
+    assert main(["export-gguf", str(source), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "bamba export-gguf: error: llama.cpp's granitehybrid runs mamba_expand 2 only, " \
+        "got 4"
+    assert list(tmp_path.iterdir()) == [source]
+
+
 def test_an_architecture_we_do_not_run_is_named(tmp_path, capsys):
     path = tmp_path / "other.gguf"
     writer = gguf.GGUFWriter(path, "mamba2")
