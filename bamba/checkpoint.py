@@ -66,11 +66,17 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = Non
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"{path}: is a file, expected a checkpoint directory")
+        raise ValueError(f"{path}: is a file, expected a checkpoint directory or a GGUF file")
     text = str(path_or_id)
     if not _HUB_ID.fullmatch(text):
         raise FileNotFoundError(f"{text}: no such checkpoint directory")
     return _download(text, revision)
+
+
+def _is_gguf(path_or_id: str | os.PathLike) -> bool:
+    from bamba.gguf.reader import is_gguf
+
+    return is_gguf(path_or_id)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -224,7 +230,8 @@ def checked_tensors(directory: Path, model: BambaLM) -> tuple[dict[str, Path], d
 def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", revision: str | None = None,
                     rope_scaling: dict[str, Any] | None = None) -> BambaLM:
-    """Load a Hugging Face Bamba or Llama checkpoint (local directory or hub id) in eval mode.
+    """Load a Hugging Face Bamba or Llama checkpoint (local directory or hub id), or a GGUF
+    file (``*.gguf`` or GGUF magic; see ``bamba.gguf.reader``), in eval mode.
 
     Floating-point weights are cast to ``dtype`` as they load, except the per-head
     A_log, D and dt_bias, which stay float32 (they feed exp and softplus). ``rope_scaling``
@@ -233,6 +240,12 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    if _is_gguf(path_or_id):
+        from bamba.gguf.reader import load_gguf_model
+
+        model = load_gguf_model(path_or_id, dtype=dtype, device=device)
+        model.config = with_rope_scaling(model.config, rope_scaling)
+        return model
     directory = resolve_checkpoint(path_or_id, revision)
     config = with_rope_scaling(load_config(directory), rope_scaling)
     quantization = load_quantization_config(directory)
@@ -316,7 +329,12 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_tokenizer(path_or_id: str | os.PathLike, revision: str | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint directory or hub id (see ``bamba.tokenizer``)."""
+    """The tokenizer of a checkpoint directory or hub id (see ``bamba.tokenizer``), or the one
+    a GGUF file carries."""
+    if _is_gguf(path_or_id):
+        from bamba.gguf.reader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path_or_id)
     return _load_local_tokenizer(resolve_checkpoint(path_or_id, revision))
 
 

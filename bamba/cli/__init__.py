@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("bamba.cli.serve", "OpenAI-compatible HTTP server (continuous batching engine)"),
     "eval": ("bamba.cli.eval", "evaluate a model: PhoneBook retrieval, perplexity (JSON + PNG)"),
     "quantize": ("bamba.cli.quantize", "quantize a checkpoint's linear layers to fp8, int8 or int4 (compressed-tensors)"),
+    "export-gguf": ("bamba.cli.export_gguf", "write a checkpoint as a GGUF file for llama.cpp"),
 }
 
 

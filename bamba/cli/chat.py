@@ -31,7 +31,7 @@ HELP = "\n".join([*(f"  {name:7} {text}" for name, text in COMMANDS.items()),
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("while chatting: /reset forgets the conversation, /exit (or Ctrl-D) leaves, "
                      "/help lists these; Ctrl-C stops the reply being written")
-    parser.add_argument("model", metavar="CHECKPOINT", help="checkpoint directory or hub id")
+    parser.add_argument("model", metavar="CHECKPOINT", help="checkpoint directory, hub id or GGUF file")
     parser.add_argument("--system", default=None, metavar="TEXT",
                         help="system prompt: the first message of every conversation")
     add_sampling_options(parser, max_new_tokens=256, temperature=0.7)

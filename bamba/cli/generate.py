@@ -12,7 +12,8 @@ from bamba.cli.inference_options import (add_model_options, add_sampling_options
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR_OR_ID",
-                        help="checkpoint directory or hub id (default: the tiny model `bamba demo` "
+                        help="checkpoint directory, hub id or GGUF file (default: the tiny "
+                             "model `bamba demo` "
                              "trained, else an untrained tiny model whose text is noise)")
     parser.add_argument("--prompt", default=None, metavar="TEXT",
                         help="text to continue; - reads it from stdin")

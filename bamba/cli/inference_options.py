@@ -104,6 +104,10 @@ def checkpoint_tokenizer(model_ref: str, tokenizer_ref: str | None) -> Any:
 
     if tokenizer_ref is not None:
         return load_tokenizer(tokenizer_ref)
+    from bamba.gguf.reader import is_gguf
+
+    if is_gguf(model_ref):  # a GGUF file carries its tokenizer
+        return load_tokenizer(model_ref)
     directory = resolve_checkpoint(model_ref)
     if not (directory / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{directory}: no tokenizer ({TOKENIZER_FILE} not found); "

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="DIR_OR_ID", help="checkpoint directory or hub id")
+    parser.add_argument("model", metavar="DIR_OR_ID",
+                        help="checkpoint directory, hub id or GGUF file")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")

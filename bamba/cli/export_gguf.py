@@ -1,0 +1,31 @@
+"""``bamba export-gguf DIR OUT.gguf``: a checkpoint as one GGUF file for llama.cpp."""
+
+from __future__ import annotations
+
+import argparse
+
+from bamba.gguf.export import FILE_TYPES
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory or hub id (with its tokenizer)")
+    parser.add_argument("out", help="GGUF file to write (replaced atomically)")
+    parser.add_argument("--dtype", choices=FILE_TYPES, default="bf16",
+                        help="tensor type of the weight matrices; norms, the conv and the SSM "
+                             "scalars stay f32 as llama.cpp keeps them")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory or hub id when the checkpoint has none")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from bamba.checkpoint import from_pretrained, load_tokenizer
+    from bamba.gguf.export import export_gguf
+
+    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = from_pretrained(args.checkpoint, dtype=dtype)
+    path = export_gguf(model, tokenizer, args.out, args.dtype)
+    print(f"wrote {path} ({args.dtype})")
+    return 0

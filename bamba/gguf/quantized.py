@@ -1,0 +1,62 @@
+"""GGUF's Q8_0 and Q4_0 blocks as our own int8 / int4 group-32 formats (``bamba.quant``),
+exactly: a block is 32 weights sharing one float16 scale d, w = d * q with q an int8 (Q8_0) or
+a 4-bit u stored with offset 8, q = u - 8 in [-8, 7] (Q4_0: symmetric, as int4 is). The low
+nibbles of a Q4_0 block's 16 bytes hold its weights 0-15, the high nibbles 16-31.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bamba.checkpoint_writer import to_checkpoint_name
+from bamba.quant.apply import place_empty
+from bamba.quant.config import parse_quantization_config, quantization_config_dict
+from bamba.quant.formats import make_scheme, pack_ints
+
+GROUP = 32
+SCHEMES = {"Q8_0": "int8", "Q4_0": "int4"}
+BUFFERS = ("weight_packed", "weight_shape", "weight_scale")
+
+
+def block_values(raw: np.ndarray, type_name: str, rows: int, cols: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [rows, cols], scale float16 [rows, cols / 32]) of a Q8_0 or Q4_0 tensor's bytes."""
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // GROUP, -1)
+    scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
+    body = np.ascontiguousarray(blocks[..., 2:])
+    if type_name == "Q8_0":
+        q = body.view(np.int8)
+    else:
+        q = np.concatenate((body & 0x0F, body >> 4), axis=-1).astype(np.int8) - 8
+    return torch.from_numpy(q.reshape(rows, cols).copy()), torch.from_numpy(scale.copy())
+
+
+def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str) -> dict[str, torch.Tensor]:
+    """A ``QuantizedLinear``'s buffers (names as compressed-tensors has them) for q and scale."""
+    bits = make_scheme(SCHEMES[type_name], GROUP).bits
+    return {"weight_packed": pack_ints(q, bits),
+            "weight_shape": torch.tensor(q.shape, dtype=torch.int64), "weight_scale": scale}
+
+
+def place_quantized(model: nn.Module, quantized: dict[str, str]) -> None:
+    """Put empty ``QuantizedLinear`` modules (group 32, float16 scales), on the current default
+    device, in place of the linears whose weight ``quantized`` (our weight name -> GGUF type,
+    one type) holds; records the ``quantization_config`` ``save_pretrained`` writes."""
+    (type_name,) = set(quantized.values())
+    model_type = model.config.model_type
+    modules = {name.removesuffix(".weight") for name in quantized}
+    dense = [to_checkpoint_name(n, model_type) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and n not in modules]
+    raw = quantization_config_dict(make_scheme(SCHEMES[type_name], GROUP), dense)
+    place_empty(model, parse_quantization_config(raw),
+                lambda n: to_checkpoint_name(n, model_type), lambda n: torch.float16)
+    model.quantization_config = raw
+
+
+def is_quantized_buffer(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in BUFFERS
+

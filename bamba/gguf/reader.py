@@ -1,0 +1,363 @@
+"""GGUF files in: a ``granitehybrid`` (Bamba) or ``llama`` model from its metadata and tensors,
+and its tokenizer from the ``tokenizer.ggml.*`` keys.
+
+Tensors stored as F32, F16, BF16, Q8_0 or Q4_0 are dequantized (``gguf.quants``) into the dtype
+asked for. Every key and tensor header is checked against the configuration the metadata
+describes before any weight loads, so a file of another architecture, a truncated file, or a
+tensor set or shape the metadata does not predict fails with one line naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bamba.config import BambaConfig
+from bamba.gguf.layout import (ARCHITECTURES, CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY,
+                               from_gguf, gguf_name, gguf_shape)
+from bamba.gguf.vocab import PRE_TOKENIZER, GGUFVocab, tokenizer_from
+from bamba.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"GGUF"
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """A path named ``*.gguf``, or an existing file that starts with the GGUF magic."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+@dataclass
+class GGUFModel:
+    """An opened GGUF file and the configuration its metadata describes."""
+
+    path: Path
+    reader: Any  # gguf.GGUFReader
+    config: BambaConfig
+    interleaved: int  # leading q/k channels of each head stored as pairs
+
+    def value(self, key: str, default: Any = None) -> Any:
+        return field_value(self.reader, key, default)
+
+
+def open_gguf(path: str | os.PathLike) -> Any:
+    """A ``gguf.GGUFReader`` over ``path``; ValueError when it is not a whole GGUF file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        if f.read(4) != MAGIC:
+            raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as exc:  # the parser raises whatever numpy raises on short reads
+        raise ValueError(f"{path}: truncated or corrupt GGUF file "
+                         f"({type(exc).__name__}: {exc})") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ValueError(f"{path}: truncated: tensor {tensor.name} ends at byte "
+                             f"{tensor.data_offset + tensor.n_bytes}, the file has {size}")
+    return reader
+
+
+def architecture(reader: Any, path: Path) -> str:
+    """``general.architecture``; ValueError unless it is one bamba runs."""
+    arch = field_value(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r} is not one bamba runs "
+                         f"({', '.join(ARCHITECTURES)})")
+    return arch
+
+
+def field_value(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def _required(reader: Any, path: Path, key: str) -> Any:
+    value = field_value(reader, key)
+    if value is None:
+        raise ValueError(f"{path}: metadata key {key} is missing")
+    return value
+
+
+def read_model_file(path: str | os.PathLike) -> GGUFModel:
+    """Open ``path`` and derive its configuration (ValueError naming what does not fit)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    arch = architecture(reader, path)
+    try:
+        config, interleaved = _config(reader, path, arch)
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        raise ValueError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+    return GGUFModel(path, reader, config, interleaved)
+
+
+def _config(reader: Any, path: Path, arch: str) -> tuple[BambaConfig, int]:
+    def key(name: str, default: Any = None, required: bool = True) -> Any:
+        full = f"{arch}.{name}"
+        return _required(reader, path, full) if required and default is None \
+            else field_value(reader, full, default)
+
+    names = {t.name for t in reader.tensors}
+    hidden, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
+    head_dim = key("attention.key_length", hidden // max(heads, 1))
+    kv = key("attention.head_count_kv", heads)
+    vocab = key("vocab_size", 0, required=False) or len(field_value(
+        reader, "tokenizer.ggml.tokens", [])) or _rows(reader, "token_embd.weight", path)
+    fields: dict[str, Any] = dict(
+        model_type="llama" if arch == LLAMA_ARCH else "bamba", vocab_size=vocab,
+        hidden_size=hidden, intermediate_size=key("feed_forward_length"),
+        num_hidden_layers=layers, num_attention_heads=heads, head_dim=head_dim,
+        rms_norm_eps=_decimal(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=_decimal(key("rope.freq_base", 10000.0)),
+        max_position_embeddings=key("context_length"),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=field_value(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=field_value(reader, "tokenizer.ggml.padding_token_id"))
+    if arch == LLAMA_ARCH:  # no Mamba layers: unused Mamba sizes kept consistent, as config.json's
+        kv_heads, first_attention = kv, 0
+        d_head = math.gcd(2 * hidden, 64)
+        fields.update(mamba_expand=2, mamba_d_head=d_head, mamba_n_heads=2 * hidden // d_head)
+    else:
+        _check_hybrid(reader, arch, head_dim)
+        kv_heads, first_attention = _hybrid_fields(fields, key, names, kv)
+        fields["mamba_chunk_size"] = field_value(reader, CHUNK_KEY, 256)
+    rope_dims, interleaved = _rotary(arch, key("rope.dimension_count", head_dim),
+                                     field_value(reader, ROTARY_KEY), head_dim)
+    probe = "" if first_attention is None else f"blk.{first_attention}.attn_q.bias"
+    fields.update(num_key_value_heads=kv_heads, partial_rotary_factor=rope_dims / head_dim,
+                  attention_bias=probe in names, mlp_bias="blk.0.ffn_gate.bias" in names)
+    return BambaConfig(**fields), interleaved
+
+
+def _hybrid_fields(fields: dict[str, Any], key: Any, names: set[str], kv: Any
+                   ) -> tuple[int, int | None]:
+    """Add a granitehybrid file's layer types and Mamba sizes to ``fields``; returns (KV heads,
+    first attention layer or None)."""
+    layers, hidden = fields["num_hidden_layers"], fields["hidden_size"]
+    kv_list = kv if isinstance(kv, list) else [kv] * layers
+    if len(kv_list) != layers:
+        raise ValueError(f"{HYBRID_ARCH}.attention.head_count_kv has {len(kv_list)} entries "
+                         f"for {layers} blocks")
+    attention = [i for i, n in enumerate(kv_list) if n]
+    if len({kv_list[i] for i in attention}) > 1:
+        raise ValueError(f"{HYBRID_ARCH}.attention.head_count_kv differs between attention "
+                         "layers")
+    inner, n_heads = key("ssm.inner_size"), key("ssm.time_step_rank")
+    if not hidden or inner % hidden:
+        raise ValueError(f"{HYBRID_ARCH}.ssm.inner_size {inner} is not a multiple of the "
+                         f"embedding length {hidden}")
+    fields.update(
+        attn_layer_indices=attention, mamba_n_heads=n_heads,
+        mamba_d_head=inner // max(n_heads, 1), mamba_expand=inner // hidden,
+        mamba_n_groups=key("ssm.group_count"), mamba_d_state=key("ssm.state_size"),
+        mamba_d_conv=key("ssm.conv_kernel"),
+        mamba_conv_bias=any(n.endswith("ssm_conv1d.bias") for n in names))
+    return (kv_list[attention[0]], attention[0]) if attention else (fields["num_attention_heads"],
+                                                                   None)
+
+
+def _rotary(arch: str, rope_dims: int, interleaved: int | None, head_dim: int
+            ) -> tuple[int, int]:
+    """(rotary width, leading q/k channels stored interleaved) of a file."""
+    if interleaved is not None:  # ours
+        if interleaved != rope_dims:
+            raise ValueError(f"{ROTARY_KEY} {interleaved} differs from "
+                             f"{arch}.rope.dimension_count {rope_dims}")
+        return rope_dims, interleaved
+    # written by llama.cpp's converter: whole heads interleaved
+    if arch == HYBRID_ARCH:  # transformers' Bamba rotates half of each head, whatever n_rot says
+        return head_dim // 2, head_dim
+    if rope_dims != head_dim:
+        raise ValueError(f"{arch}.rope.dimension_count {rope_dims} < head size {head_dim} with "
+                         "whole heads interleaved has no bamba equivalent")
+    return rope_dims, head_dim
+
+
+def _decimal(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that reads back to it (1e-05, not
+    9.999999747378752e-06): the number the writer was given."""
+    import numpy as np
+
+    return float(str(np.float32(value)))
+
+
+def _check_hybrid(reader: Any, arch: str, head_dim: int) -> None:
+    """ValueError for the Granite 4.0 variants of the architecture (no rope, experts,
+    multipliers other than Bamba's identity values)."""
+    if field_value(reader, f"{arch}.rope.scaling.finetuned", True) is False:
+        raise ValueError(f"{arch} without rope (a Granite 4.0 hybrid) is not supported")
+    if field_value(reader, f"{arch}.expert_count", 0):
+        raise ValueError(f"{arch} with experts (a Granite 4.0 MoE hybrid) is not supported")
+    for name in ("embedding_scale", "residual_scale", "logit_scale"):
+        value = field_value(reader, f"{arch}.{name}", 0.0)
+        if value not in (0.0, 1.0):
+            raise ValueError(f"{arch}.{name} {value} is not supported (Bamba has none)")
+    scale = field_value(reader, f"{arch}.attention.scale", 0.0)
+    if scale and not math.isclose(scale, head_dim ** -0.5, rel_tol=1e-6):
+        raise ValueError(f"{arch}.attention.scale {scale} is not 1/sqrt(head size {head_dim})")
+
+
+def _rows(reader: Any, name: str, path: Path) -> int:
+    for tensor in reader.tensors:
+        if tensor.name == name:
+            return int(tensor.shape[-1])
+    raise ValueError(f"{path}: no vocab_size key, tokens or {name} to size the vocabulary")
+
+
+def tensor_plan(model_file: GGUFModel, model: torch.nn.Module) -> dict[str, str]:
+    """GGUF tensor name -> our name; ValueError on a missing, unexpected or misshapen tensor."""
+    config, path = model_file.config, model_file.path
+    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for ours, tensor in model.state_dict(keep_vars=True).items():
+        if ours == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        expected[gguf_name(ours)] = (ours, gguf_shape(ours, tuple(tensor.shape), config))
+    found = {t.name: t for t in model_file.reader.tensors}
+    where = f"({config.num_hidden_layers} blocks in the metadata)"
+    for name, tensor in found.items():
+        if name not in expected:
+            raise ValueError(f"{path}: unexpected tensor {name} {where}")
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        if shape != expected[name][1]:  # named in GGUF's order (innermost first), as its tools do
+            raise ValueError(f"{path}: tensor {name} has shape {shape[::-1]}, the metadata "
+                             f"gives {expected[name][1][::-1]}")
+        if tensor.tensor_type.name not in TENSOR_TYPES:
+            raise ValueError(f"{path}: tensor {name} is {tensor.tensor_type.name}; bamba reads "
+                             f"{', '.join(TENSOR_TYPES)}")
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise ValueError(f"{path}: tensor {missing[0]} is missing "
+                         f"({len(missing)} missing) {where}")
+    return {name: ours for name, (ours, _) in expected.items()}
+
+
+def dequantized(tensor: Any) -> torch.Tensor:
+    """A GGUF tensor as float32 in numpy dimension order."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    values = dequantize(np.asarray(tensor.data), tensor.tensor_type)
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a copy
+
+
+def load_vocab(path: str | os.PathLike) -> GGUFVocab:
+    """The tokenizer keys of a GGUF file (model ``gpt2`` with the GPT-2 split only)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    architecture(reader, path)  # a file of another model fails as such, tokenizer or not
+    model = field_value(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"{path}: tokenizer model {model!r} is not supported "
+                         "(only byte-level BPE, 'gpt2'); pass --tokenizer DIR")
+    pre = field_value(reader, "tokenizer.ggml.pre", "default")
+    if pre != PRE_TOKENIZER:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (only "
+                         f"{PRE_TOKENIZER!r}); pass --tokenizer DIR")
+    tokens = _required(reader, path, "tokenizer.ggml.tokens")
+    types = field_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
+    special = {name: field_value(reader, f"tokenizer.ggml.{key}_token_id")
+               for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"),
+                                 ("unk", "unknown"))}
+    merges = field_value(reader, "tokenizer.ggml.merges", [])
+    return GGUFVocab(list(tokens), list(types), list(merges),
+                     {k: v for k, v in special.items() if v is not None},
+                     bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)),
+                     bool(field_value(reader, "tokenizer.ggml.add_eos_token", False)),
+                     field_value(reader, "tokenizer.chat_template"))
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a GGUF file carries."""
+    try:
+        return tokenizer_from(load_vocab(path))
+    except ValueError as exc:
+        text = str(exc)
+        raise ValueError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+
+
+def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A ``BambaLM`` from a GGUF file, in eval mode. Linear weights stored as Q8_0 / Q4_0 load
+    exactly as our int8 / int4 group-32 ``QuantizedLinear`` (when the file uses one of the two);
+    every other tensor is dequantized into ``dtype`` (A_log, D and dt_bias stay float32, as
+    ``from_pretrained`` keeps them)."""
+    from bamba.arena import WeightArena
+    from bamba.budget import check_model_fits
+    from bamba.checkpoint import _assign
+    from bamba.gguf.quantized import (SCHEMES, block_values, is_quantized_buffer,
+                                      linear_tensors, place_quantized)
+    from bamba.model import FP32_PARAMS, BambaLM
+
+    model_file = read_model_file(path)
+    config = model_file.config
+    with torch.device("meta"):
+        model = BambaLM(config)
+    plan = tensor_plan(model_file, model)
+    types = {t.name: t.tensor_type.name for t in model_file.reader.tensors}
+    quantized = {ours: types[name] for name, ours in plan.items()
+                 if types[name] in SCHEMES and _is_linear_weight(model, ours)}
+    if len(set(quantized.values())) > 1:
+        log.info("%s mixes Q8_0 and Q4_0 linears: all are dequantized", model_file.path)
+        quantized = {}
+    check_model_fits(config, dtype.itemsize, quantized_bits=8 if quantized else None)
+    if quantized:
+        with torch.device("meta"):
+            place_quantized(model, quantized)
+
+    def target(name: str, tensor: torch.Tensor) -> torch.dtype:
+        if is_quantized_buffer(name):
+            return tensor.dtype
+        return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
+
+    arena = WeightArena.for_model(model, target) if torch.device(device).type == "cpu" else None
+
+    def load(name: str, value: torch.Tensor) -> None:
+        _assign(model, name, arena.place(name, value) if arena is not None else
+                value.to(device=device, dtype=target(name, value)))
+
+    for tensor in model_file.reader.tensors:
+        ours = plan[tensor.name]
+        if ours not in quantized:
+            load(ours, from_gguf(ours, dequantized(tensor), config, model_file.interleaved))
+            continue
+        rows, cols = (int(n) for n in reversed(tensor.shape))
+        q, scale = (from_gguf(ours, t, config, model_file.interleaved) for t in
+                    block_values(tensor.data, quantized[ours], rows, cols))
+        module = ours.removesuffix(".weight")
+        for buffer, value in linear_tensors(q, scale, quantized[ours]).items():
+            load(f"{module}.{buffer}", value)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    log.info("loaded %s (%s, %d tensors, dtype %s%s)", model_file.path,
+             model_file.value("general.architecture"), len(plan), dtype,
+             f", {len(quantized)} linears {next(iter(quantized.values()))}" if quantized else "")
+    return model.eval()
+
+
+def _is_linear_weight(model: torch.nn.Module, name: str) -> bool:
+    module, _, leaf = name.rpartition(".")
+    return leaf == "weight" and isinstance(model.get_submodule(module), torch.nn.Linear)

@@ -1,0 +1,258 @@
+"""GGUF both ways: our export read back gives the same model (identical logits in f32 and bf16,
+the same greedy tokens from q8_0 / q4_0), the tokenizer survives as GGUF metadata, files from
+llama.cpp's own converter load with the source checkpoint's logits, llama.cpp itself decodes our
+export greedily as bamba does (slow), and bad files fail with one line (exit 2 in the CLI)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from bamba.checkpoint import from_pretrained, load_tokenizer  # noqa: E402
+from bamba.cli import main  # noqa: E402
+from bamba.gguf.export import export_gguf  # noqa: E402
+from bamba.gguf.reader import is_gguf  # noqa: E402
+from conftest import (TOKENIZER_TEXTS, build_tokenizer, hf_logits, hf_model, load_hf,
+                      random_ids)  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import llama_cpp  # noqa: E402
+
+PROMPT = [5, 17, 42, 99, 150, 201, 7, 64]
+
+
+@torch.no_grad()
+def _greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def _types(path: Path) -> set[str]:
+    return {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "llama"])
+def test_f32_round_trip_gives_identical_logits_and_config(make_hf_checkpoint, tmp_path, kind):
+    source = make_hf_checkpoint(kind)
+    model, tokenizer = from_pretrained(source), load_tokenizer(source)
+    out = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    arch = gguf.GGUFReader(out).get_field("general.architecture").contents()
+    assert arch == ("llama" if kind == "llama" else "granitehybrid")
+    back = from_pretrained(out)
+    assert back.config == model.config.replace(initializer_range=back.config.initializer_range)
+    ids = random_ids(2, 24)
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+
+
+def test_bf16_round_trip_gives_identical_logits(make_hf_checkpoint, tmp_path):
+    source = make_hf_checkpoint("hybrid")
+    model = from_pretrained(source, dtype=torch.bfloat16)
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", "bf16")
+    assert "BF16" in _types(out)
+    back = from_pretrained(out, dtype=torch.bfloat16)
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory) -> tuple[Path, torch.nn.Module, list[int]]:
+    """A checkpoint trained until it continues one token sequence by heart (the greedy margins
+    of a trained model, which a random one lacks): (directory, model, sequence). Hidden 64 and
+    intermediate 128 make every matrix whole 32-weight blocks."""
+    source = tmp_path_factory.mktemp("memorised")
+    hf_model("hybrid", hidden_size=64, intermediate_size=128, mamba_d_head=32).save_pretrained(
+        source)
+    build_tokenizer().save_pretrained(source)
+    model = from_pretrained(source)
+    sequence = random_ids(1, 32, seed=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    model.train()
+    for _ in range(40):
+        logits = model(sequence[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits[0], sequence[0, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return source, model.eval(), sequence[0].tolist()
+
+
+@pytest.mark.parametrize("file_type", ["q8_0", "q4_0"])
+def test_quantized_export_keeps_greedy_tokens(memorised, tmp_path, file_type):
+    source, model, sequence = memorised
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", file_type)
+    assert _types(out) == {"F32", file_type.upper()}
+    back = from_pretrained(out)
+    with torch.no_grad():
+        assert not torch.equal(back(torch.tensor([sequence])), model(torch.tensor([sequence])))
+    expected = _greedy(model, sequence[:8], 24)
+    assert expected[:8] == sequence[8:16]  # it did memorise
+    assert _greedy(back, sequence[:8], 24) == expected
+
+
+@pytest.mark.parametrize("file_type, scheme", [("q8_0", "int8"), ("q4_0", "int4")])
+def test_quantized_linears_load_exactly_as_our_int_formats(memorised, tmp_path, file_type,
+                                                           scheme):
+    """Every Q8_0 / Q4_0 linear becomes a group-32 QuantizedLinear whose weight is exactly what
+    gguf.quants dequantizes; save_pretrained writes it as compressed-tensors."""
+    from bamba.gguf.layout import from_gguf, gguf_name
+    from bamba.quant.linear import QuantizedLinear
+
+    source, model, _ = memorised
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", file_type)
+    back = from_pretrained(out)
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    layers = {n: m for n, m in back.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(layers) == 4 * 3 + 2 * 2 + 2 * 4 + 1  # MLPs, Mamba in/out, attention, head
+    for name, layer in layers.items():
+        assert layer.scheme.name == scheme and layer.scheme.group_size == 32
+        stored = tensors[gguf_name(f"{name}.weight")]
+        values = gguf.quants.dequantize(stored.data, stored.tensor_type)
+        expected = from_gguf(f"{name}.weight", torch.from_numpy(values.copy()), back.config,
+                             back.config.rotary_dim)
+        assert torch.equal(layer.dequantized_weight(torch.float32), expected), name
+    back.save_pretrained(tmp_path / "ct")
+    ids = random_ids(1, 16)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "ct")(ids), back(ids))
+
+
+def test_tokenizer_round_trips_through_gguf_metadata(make_hf_checkpoint, tmp_path):
+    source = make_hf_checkpoint("hybrid")
+    tokenizer = load_tokenizer(source)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    out = export_gguf(from_pretrained(source), tokenizer, tmp_path / "m.gguf", "f32")
+    back = load_tokenizer(out)
+    for text in [*TOKENIZER_TEXTS, "<s>special</s> and  two  spaces\n\nlines"]:
+        assert back.encode(text) == tokenizer.encode(text)
+        assert back.decode(back.encode(text)) == tokenizer.decode(tokenizer.encode(text))
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (1, 2, 0)
+    assert back.chat_template == tokenizer.chat_template
+    tokens = gguf.GGUFReader(out).get_field("tokenizer.ggml.tokens").contents()
+    assert len(tokens) == 320 and tokens[-1] == "[PAD319]"  # padded to the model's vocabulary
+
+
+def test_gguf_magic_without_the_suffix_is_recognised(make_hf_checkpoint, tmp_path):
+    source = make_hf_checkpoint("hybrid")
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.bin", "f32")
+    assert is_gguf(out) and not is_gguf(source / "config.json")
+    assert from_pretrained(out).config.attn_layer_indices == [1, 3]
+
+
+def test_cli_exports_and_generates_from_the_file(make_hf_checkpoint, tmp_path, capsys):
+    source = make_hf_checkpoint("hybrid")
+    out = tmp_path / "m.gguf"
+    assert main(["export-gguf", str(source), str(out), "--dtype", "f32"]) == 0
+    assert capsys.readouterr().out == f"wrote {out} (f32)\n"
+    argv = ["generate", "--prompt", "State space", "--max-new-tokens", "6", "--threads", "1",
+            "--dtype", "float32"]
+    assert main([*argv, "--model", str(source)]) == 0
+    expected = capsys.readouterr().out
+    assert main([*argv, "--model", str(out)]) == 0
+    assert capsys.readouterr().out == expected
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+def _cli_error(path: Path, capsys) -> str:
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bamba generate: error:"), err
+    return err
+
+
+def _export_with(config_changes: dict, make_hf_checkpoint, path: Path) -> Path:
+    """An export whose metadata describes ``config_changes`` but whose tensors do not."""
+    source = make_hf_checkpoint("hybrid")
+    model = from_pretrained(source)
+    model.config = model.config.replace(**config_changes)
+    return export_gguf(model, load_tokenizer(source), path, "f32")
+
+
+def test_export_refuses_what_llama_cpp_cannot_run_and_writes_nothing(make_hf_checkpoint,
+                                                                     tmp_path, capsys):
+    source = make_hf_checkpoint("hybrid", mamba_expand=4, mamba_d_head=32)
+    out = tmp_path / "m.gguf"
+    capsys.readouterr()
+    assert main(["export-gguf", str(source), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "bamba export-gguf: error: llama.cpp's granitehybrid runs mamba_expand 2 only, " \
+        "got 4"
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_an_architecture_we_do_not_run_is_named(tmp_path, capsys):
+    path = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(path, "mamba2")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    assert "architecture 'mamba2' is not one bamba runs" in _cli_error(path, capsys)
+
+
+def test_a_truncated_file_is_named(make_hf_checkpoint, tmp_path, capsys):
+    source = make_hf_checkpoint("hybrid")
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf", "f32")
+    data = out.read_bytes()
+    for keep in (len(data) - 100, 2000):  # inside the tensor data, inside the metadata
+        out.write_bytes(data[:keep])
+        assert "truncated" in _cli_error(out, capsys)
+
+
+def test_tensors_the_metadata_does_not_predict_are_named(make_hf_checkpoint, tmp_path, capsys):
+    more = _export_with({"num_hidden_layers": 5}, make_hf_checkpoint, tmp_path / "a.gguf")
+    assert "tensor blk.4.attn_norm.weight is missing" in _cli_error(more, capsys)
+    fewer = _export_with({"num_hidden_layers": 3, "attn_layer_indices": [1]},
+                         make_hf_checkpoint, tmp_path / "b.gguf")
+    assert "unexpected tensor blk.3." in _cli_error(fewer, capsys)
+    wider = _export_with({"intermediate_size": 64}, make_hf_checkpoint, tmp_path / "c.gguf")
+    assert "ffn_gate.weight has shape (32, 48), the metadata gives (32, 64)" \
+        in _cli_error(wider, capsys)
+
+
+# ---- llama.cpp ---------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype, atol", [("f32", 1e-4), ("f16", 2e-2)])
+def test_llama_cpp_converter_output_loads_with_the_source_logits(make_hf_checkpoint, tmp_path,
+                                                                  outtype, atol):
+    """llama.cpp's convert_hf_to_gguf.py interleaves whole q/k heads and writes no chunk size:
+    the reader undoes the first and Bamba's rotary half comes from transformers' definition.
+    (Its Llama path needs sentencepiece, which the project does not install.)"""
+    source = make_hf_checkpoint("hybrid")
+    out = llama_cpp.convert(source, tmp_path / "conv.gguf", outtype)
+    assert outtype.upper() in _types(out)
+    ids = random_ids(2, 24)
+    with torch.no_grad():
+        ours = from_pretrained(out)(ids)
+    torch.testing.assert_close(ours, hf_logits(load_hf(source), ids), atol=atol, rtol=0)
+    assert load_tokenizer(out).encode(TOKENIZER_TEXTS[0]) == \
+        load_tokenizer(source).encode(TOKENIZER_TEXTS[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hybrid", "llama"])
+def test_llama_cpp_decodes_our_export_as_bamba_does(make_hf_checkpoint, tmp_path, kind):
+    import httpx
+
+    source = make_hf_checkpoint(kind)
+    model = from_pretrained(source)
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", "f32")
+    server = llama_cpp.start(llama_cpp.find_or_build(), out, 8917, 2, 1, 256)
+    try:
+        reply = httpx.post("http://127.0.0.1:8917/completion", timeout=120, json={
+            "prompt": PROMPT, "n_predict": 32, "temperature": 0, "top_k": 1,
+            "return_tokens": True, "cache_prompt": False}).json()
+    finally:
+        server.kill()
+        server.wait()
+    assert reply["tokens"] == _greedy(model, PROMPT, 32)
