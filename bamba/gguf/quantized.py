@@ -6,7 +6,6 @@ nibbles of a Q4_0 block's 16 bytes hold its weights 0-15, the high nibbles 16-31
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import torch
