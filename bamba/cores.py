@@ -18,9 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +127,27 @@ def choose_threads(requested: int | None) -> int | None:
                 "OpenMP waiting %s (%s=0 keeps the requested count)", load.busy, load.cores,
                 plan.threads, "" if plan.threads == 1 else "s", want, waiting, ADAPT_ENV)
     return plan.threads
+
+
+def in_passing_thread(work: Callable[[], T]) -> T:
+    """``work()`` run in a thread that ends when it returns (its result or exception comes back).
+
+    For loading a model that another thread will run: libgomp keeps a thread's OpenMP pool for
+    as long as that thread lives, and once the live pools hold more threads than the machine
+    has cores it stops spinning at barriers and sleeps instead, so a decode step (many barriers)
+    on the engine's thread ran ~1.5x slower when the main thread had loaded the model. A
+    thread that ends takes its pool with it."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="bamba-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

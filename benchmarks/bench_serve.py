@@ -296,13 +296,15 @@ def offline_side(directory: Path, batches: dict[int, list[list[int]]],
                  args: argparse.Namespace) -> dict[str, Any]:
     """The same requests through ``LLM.generate`` on a worker thread (as the server's engine
     runs): one after another at concurrency 1, else together with max_num_seqs=C."""
+    from bamba.cores import in_passing_thread
     from bamba.engine import LLM, SamplingParams
 
     torch.set_num_threads(args.threads)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     levels = []
     for c, batch in batches.items():
-        llm = LLM(str(directory), dtype=args.dtype, memory_gb=args.memory_gb, max_num_seqs=c)
+        llm = in_passing_thread(lambda c=c: LLM(str(directory), dtype=args.dtype,
+                                                memory_gb=args.memory_gb, max_num_seqs=c))
         calls: list[Callable[[], list]] = [lambda p=p: llm.generate(p, params) for p in batch] \
             if c == 1 else [lambda: llm.generate(batch, params)]
         wall, tokens = _on_worker_thread(llm, calls, params,

@@ -115,3 +115,15 @@ def test_generate_chat_and_serve_threads_adapt_to_a_busy_machine() -> None:
     assert {"generate", "chat", "serve"} <= ADAPTS_THREADS
     out = _run(INFERENCE_ON_A_BUSY_MACHINE)
     assert out.count("threads: 1") == 2 and "using 1 thread instead of 2" in out
+
+
+def test_in_passing_thread_returns_and_raises_from_a_thread_that_ends():
+    import threading
+
+    from bamba.cores import in_passing_thread
+
+    seen = []
+    assert in_passing_thread(lambda: seen.append(threading.current_thread()) or 7) == 7
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+    with pytest.raises(ValueError, match="bad"):
+        in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))

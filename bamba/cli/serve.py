@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{exc}") from None
     from bamba.cli.inference_options import (checkpoint_tokenizer, rope_scaling_option,
                                              set_threads)
+    from bamba.cores import in_passing_thread
     from bamba.dtypes import parse_dtype
     from bamba.engine import LLM
 
@@ -91,14 +92,18 @@ def run(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # a busy port fails now, not after the model loads
     try:
         tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)  # before the weights load
-        llm = LLM(args.model, tokenizer, dtype=dtype, state_dtype=args.state_dtype,
-                  memory_gb=args.memory_gb, block_size=args.block_size,
-                  max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens,
-                  max_model_len=args.max_model_len,
-                  enable_prefix_caching=not args.no_prefix_caching,
-                  compile_mode=None if args.compile == "none" else args.compile,
-                  rope_scaling=rope_scaling)
+        # loaded on a passing thread: the engine's thread then owns the only OpenMP pool
+        def load() -> LLM:
+            return LLM(args.model, tokenizer, dtype=dtype, state_dtype=args.state_dtype,
+                       memory_gb=args.memory_gb, block_size=args.block_size,
+                       max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_model_len=args.max_model_len,
+                       enable_prefix_caching=not args.no_prefix_caching,
+                       compile_mode=None if args.compile == "none" else args.compile,
+                       rope_scaling=rope_scaling)
+
+        llm = in_passing_thread(load)
         name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
         api_key = args.api_key or os.environ.get("BAMBA_API_KEY") or None
         engine = AsyncEngine(llm).start()
