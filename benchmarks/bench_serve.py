@@ -45,6 +45,8 @@ from typing import Any
 import httpx
 import torch
 
+from bamba.cores import in_passing_thread
+
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_cpp  # noqa: E402
 from host import describe_host, write_json  # noqa: E402
@@ -296,7 +298,6 @@ def offline_side(directory: Path, batches: dict[int, list[list[int]]],
                  args: argparse.Namespace) -> dict[str, Any]:
     """The same requests through ``LLM.generate`` on a worker thread (as the server's engine
     runs): one after another at concurrency 1, else together with max_num_seqs=C."""
-    from bamba.cores import in_passing_thread
     from bamba.engine import LLM, SamplingParams
 
     torch.set_num_threads(args.threads)
@@ -349,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                      "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "ckpt"
-        report["model"] = info = write_checkpoint(directory, args.preset)
+        report["model"] = info = in_passing_thread(  # no OpenMP pool left on this main thread
+            lambda: write_checkpoint(directory, args.preset))
         args.vocab = info["vocab_size"]
         batches = {c: prompts(args.requests or max(8, 2 * c), args.prompt_tokens, args.vocab,
                               seed=c) for c in args.concurrency}
