@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "benchmark": "bamba serve vs its offline engine vs llama-server, same client load",
-        "host": describe_host(quick=args.quick),
+        "host": in_passing_thread(lambda: describe_host(quick=args.quick)),
         "settings": {"dtype": args.dtype, "threads": args.threads,
                      "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                      "memory_gb": args.memory_gb, "sampling": "greedy, ignore_eos",
