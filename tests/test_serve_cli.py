@@ -89,3 +89,24 @@ def test_busy_port_is_refused_before_the_model_loads(tmp_path: Path,
     assert err.startswith("bamba serve: error: cannot listen on 127.0.0.1:") and "\n" not in err
     assert main(["serve", str(tmp_path / "missing"), "--max-request-bytes", "0"]) == 2
     assert "--max-request-bytes" in capsys.readouterr().err
+
+
+def test_the_model_loads_on_a_thread_that_ends_not_the_main_one(
+        make_hf_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """The engine's thread must own the only OpenMP pool: a model loaded on the main thread
+    left one there and the engine decoded ~1.5x slower (bamba.cores.in_passing_thread)."""
+    import threading
+
+    import bamba.engine
+
+    seen: list[threading.Thread] = []
+
+    def record(*args: object, **kwargs: object) -> None:
+        seen.append(threading.current_thread())
+        raise ValueError("stop after the load")
+
+    monkeypatch.setattr(bamba.engine, "LLM", record)
+    assert main(["serve", str(make_hf_checkpoint("hybrid")), "--port", str(_free_port())]) == 2
+    assert "stop after the load" in capsys.readouterr().err
+    assert seen and seen[0] is not threading.main_thread() and not seen[0].is_alive()
