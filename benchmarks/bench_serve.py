@@ -197,7 +197,10 @@ async def load(base: str, batch: list[list[int]], concurrency: int, max_tokens: 
         async with gate:
             return await one_request(http, prompt, max_tokens, stream)
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # A new connection a request (loopback: well under a millisecond): llama-server's HTTP
+    # library closes kept-alive connections on its own schedule, and a request sent on one it
+    # is closing comes back as "Server disconnected without sending a response".
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
         start = time.perf_counter()
         results = await asyncio.gather(*(gated(http, p) for p in batch))
@@ -236,7 +239,11 @@ def run_levels(base: str, batches: dict[int, list[list[int]]], args: argparse.Na
     asyncio.run(load(base, warm, 2, args.max_tokens))
     for c, batch in batches.items():
         for stream in (True, False) if c == 1 else (True,):
-            results, wall = asyncio.run(load(base, batch, c, args.max_tokens, stream))
+            # Prompts of their own for the non-streaming run: a server that caches prompts
+            # (both do) would otherwise skip the prefill of prompts it has just seen.
+            prompt_set = batch if stream else \
+                prompts(len(batch), args.prompt_tokens, args.vocab, seed=1000 + c)
+            results, wall = asyncio.run(load(base, prompt_set, c, args.max_tokens, stream))
             level = {"concurrency": c, "stream": stream, **summarize(results, wall)}
             levels.append(level)
             print(json.dumps(level), flush=True)
