@@ -33,6 +33,9 @@ from bamba.ops.rope import apply_rope, rope_cos_sin
 FP32_PARAMS = ("A_log", "D", "dt_bias")
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+# Query rows of one masked attention call over a cache: the mask of a call is [QUERY_BLOCK, T]
+# (bool, then the model dtype inside torch's kernel), ~100 MB at 128K keys, whatever the chunk.
+QUERY_BLOCK = 256
 
 
 class Segment(NamedTuple):
@@ -127,10 +130,15 @@ class Attention(nn.Module):
         if cache is None:  # a whole sequence (or packed row: causal and within each document)
             mask = None if seq_idx is None else \
                 causal_mask(torch.arange(l, device=q.device).expand(b, l), l, seq_idx)
+            out = self.softmax_attention(q, k, v, mask)  # [B, L, H, D]
         else:
             k, v = cache.update_kv(self.layer_idx, k, v, positions)
-            mask = causal_mask(positions, k.shape[1])
-        out = self.softmax_attention(q, k, v, mask)  # [B, L, H, D]
+            # Queries in blocks, each with its own mask [block, T]: a long prompt's chunk at a
+            # long context never holds a mask over all its queries and keys at once.
+            out = [self.softmax_attention(q[:, i:i + QUERY_BLOCK], k, v,
+                                          causal_mask(positions[:, i:i + QUERY_BLOCK], k.shape[1]))
+                   for i in range(0, l, QUERY_BLOCK)]
+            out = out[0] if len(out) == 1 else torch.cat(out, dim=1)
         return out.reshape(b, l, self.n_heads * self.head_dim)
 
     def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -12,9 +12,9 @@ memory is its own) through the engine (``bamba.engine.LLM``, one sequence, prefi
   first token. The engine's scheduler cuts the prompt into chunks of --chunk tokens
   (``max_num_batched_tokens``); each chunk's attention runs torch's CPU flash kernel against
   the keys gathered so far, so no [L, L] score matrix exists. What a chunk does build is a
-  boolean causal mask [chunk, T] per attention layer (T = keys so far), which the flash call
-  turns into an additive mask of the model dtype: about chunk x T x 3 bytes at the last chunk
-  (~0.8 GB at 128K with 2048-token chunks), recorded as ``transient_mask_mb`` beside the peak.
+  boolean causal mask per block of ``bamba.model.QUERY_BLOCK`` queries [block, T] (T = keys so
+  far), which the flash call turns into an additive mask of the model dtype: about block x T x 3
+  bytes at the last chunk (~100 MB at 128K), recorded as ``transient_mask_mb`` beside the peak.
   The runner also gathers one layer's keys and values (all positions so far) into buffers it
   keeps between steps (``gather_buffers_mb``, up to 1.25x the need: ~84 MB at 128K);
 * decode: the same request's next --decode-tokens tokens, one engine step each (tok/s from
@@ -103,17 +103,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- predictions --------------------------------------------------------------------------------
 def predicted_memory(config: Any, tokens: int, state_dtype: str, chunk: int) -> dict[str, float]:
     """``bamba analyze``'s bytes for one sequence of ``tokens`` tokens: weights, KV, state (MB).
-    Beside them, what the engine's prefill adds: the last chunk's masks (transient) and the
+    Beside them, what the engine's prefill adds: the last query block's mask (transient) and the
     runner's buffers for one layer's gathered keys and values (kept; at most 1.25x the need)."""
     from bamba.analyze import (Precision, kv_bytes_per_token, parameter_count,
                                state_bytes_per_sequence)
+    from bamba.model import QUERY_BLOCK
 
     precision = Precision(weights="bfloat16", kv="bfloat16", state=state_dtype)
     weights = parameter_count(config) * precision.weight_bytes
     kv = kv_bytes_per_token(config, precision) * tokens
     state = state_bytes_per_sequence(config, precision)
     attention = bool(config.attn_layer_indices)
-    mask = min(chunk, tokens) * tokens * (1 + precision.kv_bytes) if attention else 0
+    mask = min(QUERY_BLOCK, chunk, tokens) * tokens * (1 + precision.kv_bytes) if attention else 0
     gather = 2.5 * tokens * config.num_key_value_heads * config.head_dim * precision.kv_bytes \
         if attention else 0
     return {"weights_mb": round(weights / 1e6, 1), "kv_mb": round(kv / 1e6, 1),

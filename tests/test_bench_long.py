@@ -15,6 +15,7 @@ import bench_long  # noqa: E402
 
 from bamba.analyze import parameter_count  # noqa: E402
 from bamba.config import llama_twin, preset  # noqa: E402
+from bamba.model import QUERY_BLOCK  # noqa: E402
 
 
 def test_options_default_to_32k_and_128k_and_quick_keeps_given_ones() -> None:
@@ -40,7 +41,7 @@ def test_prediction_at_128k_is_weights_kv_and_state() -> None:
     assert twin["kv_mb"] == round(tokens * 16384 / 1e6, 1) and twin["state_mb"] == 0
     # 29 Mamba layers: conv state 3 x 1280 and SSM state 16 x 64 x 128, float32
     assert ours["state_mb"] == round(29 * (3 * 1280 + 16 * 64 * 128) * 4 / 1e6, 1)
-    assert ours["transient_mask_mb"] == round(2048 * tokens * 3 / 1e6, 1)
+    assert ours["transient_mask_mb"] == round(QUERY_BLOCK * tokens * 3 / 1e6, 1)
     assert ours["gather_buffers_mb"] == twin["gather_buffers_mb"] == \
         round(1.25 * 2 * tokens * 2 * 64 * 2 / 1e6, 1)
 

@@ -159,6 +159,25 @@ def test_a_step_of_decodes_and_a_prefill_chunk_is_one_model_pass(model: BambaLM)
     assert_pools_full(llm)
 
 
+def test_prompt_chunks_longer_than_a_query_block_equal_short_ones(
+        model: BambaLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention over the cache runs a chunk's queries in blocks (bounded masks): a chunk of
+    many blocks gives the tokens and logprobs of chunks within one block."""
+    import bamba.model
+
+    batch = prompts((45, 30))
+    want = LLM(model, memory_gb=0.001, block_size=4, max_num_batched_tokens=8,
+               enable_prefix_caching=False).generate(batch, greedy(5, logprobs=1))
+    monkeypatch.setattr(bamba.model, "QUERY_BLOCK", 4)
+    got = LLM(model, memory_gb=0.001, block_size=4, enable_prefix_caching=False
+              ).generate(batch, greedy(5, logprobs=1))
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        torch.testing.assert_close(torch.tensor([t.logprob for t in g.outputs[0].logprobs]),
+                                   torch.tensor([t.logprob for t in w.outputs[0].logprobs]),
+                                   atol=1e-4, rtol=0)
+
+
 def test_chunked_prefill_equals_one_shot(model: BambaLM) -> None:
     batch = prompts((37, 23, 50))
     results = []
