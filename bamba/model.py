@@ -15,7 +15,6 @@ the methods marked "kernel seam" below; a model built here runs torch ops only.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,28 +35,6 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 # Query rows of one masked attention call over a cache: the mask of a call is [QUERY_BLOCK, T]
 # (bool, then the model dtype inside torch's kernel), ~100 MB at 128K keys, whatever the chunk.
 QUERY_BLOCK = 256
-
-
-class Segment(NamedTuple):
-    """One part of a ragged step (``BambaLM.forward_segments``): the flattened tokens
-    ``start .. start + batch * length - 1`` are ``batch`` sequences of ``length`` tokens each,
-    at ``positions`` [batch, length], with their own cache (and, for a length-dependent RoPE
-    scaling, ``rope_lengths`` [batch, length])."""
-
-    start: int
-    batch: int
-    length: int
-    positions: torch.Tensor
-    cache: InferenceCache
-    rope_lengths: torch.Tensor | None = None
-
-    @property
-    def rows(self) -> slice:
-        return slice(self.start, self.start + self.batch * self.length)
-
-    def unflatten(self, flat: torch.Tensor) -> torch.Tensor:
-        """This segment's rows of ``flat`` [T, ...] as [batch, length, ...]."""
-        return flat[self.rows].view(self.batch, self.length, *flat.shape[1:])
 
 
 class RMSNorm(nn.Module):
@@ -106,16 +83,6 @@ class Attention(nn.Module):
         attended = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope, positions,
                                cache, seq_idx)
         return self.o_proj(attended)
-
-    def forward_segments(self, x: torch.Tensor, segments: list[tuple[Segment, Rope]]
-                         ) -> torch.Tensor:
-        """x [T, hidden] of a ragged step: projections over all T rows at once (the weights
-        read once), attention per segment over its own cache."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        attended = [self.attend(seg.unflatten(q), seg.unflatten(k), seg.unflatten(v), rope,
-                                seg.positions, seg.cache, None).flatten(0, 1)
-                    for seg, rope in segments]
-        return self.o_proj(torch.cat(attended))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope,
                positions: torch.Tensor, cache: InferenceCache | None,
@@ -181,26 +148,13 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cache: InferenceCache | None,
                 seq_idx: torch.Tensor | None) -> torch.Tensor:
-        y = self.middle(self.in_proj(hidden), cache, seq_idx)
-        return self.out_proj(y.to(hidden.dtype))
-
-    def forward_segments(self, x: torch.Tensor, segments: list[tuple[Segment, Rope]]
-                         ) -> torch.Tensor:
-        """x [T, hidden] of a ragged step: in_proj and out_proj over all T rows at once (the
-        weights read once), the conv and scan per segment over its own states."""
-        zxbcdt = self.in_proj(x)
-        ys = [self.middle(seg.unflatten(zxbcdt), seg.cache, None).flatten(0, 1)
-              for seg, _ in segments]
-        return self.out_proj(torch.cat(ys).to(x.dtype))
-
-    def middle(self, zxbcdt: torch.Tensor, cache: InferenceCache | None,
-               seq_idx: torch.Tensor | None) -> torch.Tensor:
-        """in_proj's output [B, L, ...] -> y [B, L, d_inner]: one decode step when L is 1
-        and a cache holds the states, else the chunked scan."""
+        zxbcdt = self.in_proj(hidden)
         pools = None if cache is None else cache.mamba_pools(self.layer_idx)
-        if pools is not None and zxbcdt.shape[1] == 1:  # decode: states advance in their pools
-            return self.decode_middle(zxbcdt[:, 0], pools)[:, None]
-        return self.prefill_middle(zxbcdt, pools, seq_idx)
+        if pools is not None and hidden.shape[1] == 1:  # decode: states advance in their pools
+            y = self.decode_middle(zxbcdt[:, 0], pools)[:, None]
+        else:
+            y = self.prefill_middle(zxbcdt, pools, seq_idx)
+        return self.out_proj(y.to(hidden.dtype))
 
     def decode_middle(self, zxbcdt: torch.Tensor, pools: tuple) -> torch.Tensor:  # kernel seam
         """in_proj's output [B, ...] of one token -> y [B, d_inner], the states advanced."""
@@ -241,14 +195,6 @@ class DecoderLayer(nn.Module):
         else:
             h = self.self_attn(h, rope, positions, cache, seq_idx)
         x = x + h
-        return x + self.feed_forward(self.pre_ff_layernorm(x))
-
-    def forward_segments(self, x: torch.Tensor, segments: list[tuple[Segment, Rope]]
-                         ) -> torch.Tensor:
-        """``forward`` over the flattened rows [T, hidden] of a ragged step."""
-        h = self.input_layernorm(x)
-        mixer = self.mamba if self.layer_type == "mamba" else self.self_attn
-        x = x + mixer.forward_segments(h, segments)
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
 
@@ -309,20 +255,6 @@ class BambaLM(nn.Module):
             if cfg.attn_layer_indices else None
         return self.model.final_layernorm(self.decoder_layers(x, rope, positions, cache,
                                                               seq_idx))
-
-    def forward_segments(self, input_ids: torch.Tensor, segments: list[Segment],
-                         logit_rows: torch.Tensor) -> torch.Tensor:
-        """A ragged step: ``input_ids`` [T] flattened from segments of different lengths (say
-        decoding rows of one token and a prefill chunk), each over its own cache, through the
-        model in one pass, so every linear layer reads its weights once for all T rows. Logits
-        [len(logit_rows), V] of the flattened rows ``logit_rows``."""
-        x = self.model.embed_tokens(input_ids)
-        cfg = self.config
-        with_rope = [(seg, rope_cos_sin(seg.positions, cfg.rope_spec, x.dtype, seg.rope_lengths)
-                      if cfg.attn_layer_indices else None) for seg in segments]
-        for layer in self.model.layers:
-            x = layer.forward_segments(x, with_rope)
-        return self.lm_head(self.model.final_layernorm(x[logit_rows]))
 
     def decoder_layers(self, x: torch.Tensor, rope: Rope | None, positions: torch.Tensor,
                        cache: InferenceCache | None,

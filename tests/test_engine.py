@@ -98,67 +98,6 @@ def test_steps_mix_decode_and_prefill_within_the_token_budget(model: BambaLM) ->
     assert_pools_full(llm)
 
 
-def test_newcomer_prompts_are_spread_over_steps_while_others_decode(model: BambaLM) -> None:
-    """While sequences decode, a step runs at most max(limit, decoders) prompt tokens; with
-    nothing decoding a prompt takes the whole budget. Tokens equal the model's either way."""
-    llm = LLM(model, memory_gb=0.001, block_size=4, max_num_batched_tokens=64,
-              prefill_tokens_while_decoding=4, enable_prefix_caching=False)
-    seen = []
-    schedule = llm.scheduler.schedule
-
-    def record():
-        out = schedule()
-        seen.append(out)
-        return out
-
-    llm.scheduler.schedule = record
-    batch = prompts((30, 9, 9, 25))
-    ids = [llm.add_request(p, greedy(10)) for p in batch[:3]]
-    llm.step()
-    assert seen[0].num_tokens == 48  # nothing decoded yet: all three prompts at once
-    first_three = {c.seq_id for c in seen[0].chunks}
-    ids.append(llm.add_request(batch[3], greedy(4)))
-    outs = {}
-    while llm.has_unfinished_requests():
-        for out in llm.step():
-            outs[out.request_id] = out
-    newcomer = [(out, c) for out in seen[1:] for c in out.chunks if c.seq_id not in first_three]
-    assert [len(c.token_ids) for _, c in newcomer][:7] == [4, 4, 4, 4, 4, 4, 1]
-    for out, _ in newcomer[:7]:  # beside it, the three decoders' one token each
-        assert sorted(len(c.token_ids) for c in out.chunks)[:3] == [1, 1, 1]
-        assert len(out.chunks) == 4
-    for request_id, prompt, n in zip(ids, batch, (10, 10, 10, 4), strict=True):
-        assert outs[request_id].outputs[0].token_ids == reference_greedy(model, prompt, n)
-    assert_pools_full(llm)
-
-
-def test_a_step_of_decodes_and_a_prefill_chunk_is_one_model_pass(model: BambaLM) -> None:
-    """Decoding rows and a prompt chunk of one step go through ``forward_segments`` once (each
-    weight read once), not through one model call per length."""
-    llm = LLM(model, memory_gb=0.001, block_size=4, prefill_tokens_while_decoding=8)
-    calls = []
-    for name in ("forward", "forward_segments"):
-        original = getattr(model, name)
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
-
-        setattr(model, name, counted)
-    try:
-        llm.add_request(prompts((6,))[0], greedy(5))
-        llm.step()
-        llm.add_request(prompts((20,), seed=2)[0], greedy(2))
-        calls.clear()
-        llm.step()
-        assert calls == ["forward_segments"]
-        while llm.has_unfinished_requests():
-            llm.step()
-    finally:
-        del model.forward, model.forward_segments
-    assert_pools_full(llm)
-
-
 def test_prompt_chunks_longer_than_a_query_block_equal_short_ones(
         model: BambaLM, monkeypatch: pytest.MonkeyPatch) -> None:
     """Attention over the cache runs a chunk's queries in blocks (bounded masks): a chunk of

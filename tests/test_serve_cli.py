@@ -75,8 +75,6 @@ def test_bamba_serve_bad_options_are_one_line_errors(make_hf_checkpoint: Callabl
     assert "--port" in capsys.readouterr().err
     assert main(["serve", str(directory), "--dtype", "int3"]) == 2
     assert "dtype" in capsys.readouterr().err
-    assert main(["serve", str(directory), "--prefill-tokens-while-decoding", "-1"]) == 2
-    assert "--prefill-tokens-while-decoding" in capsys.readouterr().err
 
 
 def test_busy_port_is_refused_before_the_model_loads(tmp_path: Path,

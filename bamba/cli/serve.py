@@ -38,11 +38,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together at most")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
                         help="tokens (prefill chunks + decodes) per engine step")
-    parser.add_argument("--prefill-tokens-while-decoding", type=int, default=None,
-                        help="prompt tokens a step runs beside decoding requests (at least one "
-                             "per decoder; default: the engine's, 16; 0: the step's whole "
-                             "budget): smaller keeps inter-token latency steady as requests "
-                             "arrive, larger gives newcomers their first token sooner")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length (default: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true",
@@ -67,15 +62,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="log level of the server and its HTTP layer")
 
 
-def prefill_option(value: int | None) -> dict:
-    """``--prefill-tokens-while-decoding`` as engine keywords (none: the engine's default)."""
-    if value is None:
-        return {}
-    if value < 0:
-        raise ValueError(f"--prefill-tokens-while-decoding must be >= 0, got {value}")
-    return {"prefill_tokens_while_decoding": value or None}
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -95,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     set_threads(args.threads)
-    prefill_option(args.prefill_tokens_while_decoding)  # a bad value fails before the load
     for option, value in (("--max-request-bytes", args.max_request_bytes),
                           ("--max-connections", args.max_connections),
                           ("--head-timeout", args.head_timeout),
@@ -113,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
                        memory_gb=args.memory_gb, block_size=args.block_size,
                        max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       **prefill_option(args.prefill_tokens_while_decoding),
                        max_model_len=args.max_model_len,
                        enable_prefix_caching=not args.no_prefix_caching,
                        compile_mode=None if args.compile == "none" else args.compile,

@@ -32,10 +32,6 @@ from bamba.sampling import ParameterError
 
 log = logging.getLogger(__name__)
 
-# Prompt tokens a step runs beside decoding sequences (at least one per decoder): with the bench
-# hybrid on 2 cores, such a step takes under twice a decode step (benchmarks/bench_serve.py).
-PREFILL_TOKENS_WHILE_DECODING = 16
-
 @dataclass(frozen=True)
 class EngineStats:
     """Counts for monitoring; 'free' pages include cached pages that may be evicted."""
@@ -99,9 +95,6 @@ class LLM:
 
     model: a ``BambaLM``, or a checkpoint directory / hub id loaded with ``from_pretrained``
     (its tokenizer too). memory_gb: bytes (10^9) for KV blocks and state slots together.
-    prefill_tokens_while_decoding: while sequences decode, a step runs at most this many prompt
-    tokens (or one per decoding sequence, when more), so a newcomer's prompt does not stall
-    the decoders' next tokens; None spends the whole ``max_num_batched_tokens`` on it.
     snapshot_interval: with prefix caching, Mamba states are saved every this many prompt
     tokens (rounded up to whole blocks) and at the prompt's last full block.
     rope_scaling: a ``rope_parameters`` dict replacing the model's RoPE scaling (its
@@ -114,9 +107,7 @@ class LLM:
     def __init__(self, model: BambaLM | str | os.PathLike, tokenizer: object | None = None, *,
                  dtype: str | torch.dtype | None = None, memory_gb: float = 1.0,
                  block_size: int = 16, max_num_seqs: int = 32,
-                 max_num_batched_tokens: int = 2048,
-                 prefill_tokens_while_decoding: int | None = PREFILL_TOKENS_WHILE_DECODING,
-                 enable_prefix_caching: bool = True,
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  state_dtype: str | torch.dtype = torch.float32, max_model_len: int | None = None,
                  snapshot_interval: int = 256, seed: int = 0, compile_mode: str | None = None,
                  rope_scaling: dict | None = None):
@@ -150,8 +141,7 @@ class LLM:
             if enable_prefix_caching else None
         interval = math.ceil(snapshot_interval / block_size) * block_size
         self.scheduler = Scheduler(self.blocks, self.slots, self.prefix, SchedulerConfig(
-            block_size, max_num_seqs, max_num_batched_tokens, has_mamba, interval,
-            prefill_tokens_while_decoding))
+            block_size, max_num_seqs, max_num_batched_tokens, has_mamba, interval))
         self.runner = ModelRunner(model, plan, block_size, self.state_dtype, compile_mode)
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[int, _Request] = {}

@@ -6,14 +6,10 @@ conv states in [num_slots, K-1, conv_dim] (model dtype) and SSM states in [num_s
 ``InferenceCache`` for one forward call over these pools: each row brings its block table and
 its state slot.
 
-A step groups its chunks by length: every one-token chunk (decode) in one group [B, 1], the
-prefill chunks in one group per distinct length [n, L]. A step of one group is one batched call
-(the decode path: native layer steps or a compiled graph); a step of several is one ragged pass
-(``BambaLM.forward_segments``) whose linear layers read their weights once for all groups, so a
-prefill chunk beside decoding rows costs its own compute, not a second read of every weight.
-Chunks that ask for every position's logits (prompt logprobs) get calls of their own, so the
-others still pay for one position's LM head; their logits [L, V] live for one step (L is at
-most the step's budget).
+A step runs every one-token chunk (decode) as one batched call [B, 1], and the prefill chunks
+in one call per distinct length [n, L] (rows of one call share L). Chunks that ask for every
+position's logits (prompt logprobs) get calls of their own, so the others still pay for one
+position's LM head; their logits [L, V] live for one step (L is at most the step's budget).
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ from torch import nn
 from bamba.compile import CompiledModule
 from bamba.engine.page_pool import PoolPlan
 from bamba.engine.scheduler import ScheduledChunk
-from bamba.model import BambaLM, Segment
+from bamba.model import BambaLM
 from bamba.native import accelerate, decode_rows
 from bamba.cache_protocol import KVLayout
 
@@ -132,19 +128,6 @@ def page_rows(tables: torch.Tensor, positions: torch.Tensor, block_size: int) ->
     return tables.gather(1, positions // block_size) * block_size + positions % block_size
 
 
-class CallInputs(NamedTuple):
-    """The tensors of one model call over rows of equal length: token ids and positions
-    [B, L], state slots (as ints and as a tensor [B]), page rows written [B, L] and read [B, T],
-    and the RoPE lengths of a length-dependent scaling (else None)."""
-    ids: torch.Tensor
-    positions: torch.Tensor
-    slots: list[int]
-    slot_ids: torch.Tensor
-    write: torch.Tensor
-    read: torch.Tensor
-    lengths: torch.Tensor | None
-
-
 class StepLogits(NamedTuple):
     """What a step returns: the last position's logits [V] of every chunk that samples, and
     every position's [L, V] of the chunks that asked (``ScheduledChunk.all_logits``)."""
@@ -221,17 +204,13 @@ class ModelRunner:
                 self.copy_state(chunk.restore_from, chunk.slot)
             elif chunk.reset_state:
                 self.zero_state(chunk.slot)
-        # Rows of one group share a length, and whether they keep every position.
+        # Rows of one model call share a length, and whether they keep every position.
         groups: dict[tuple[int, bool], list[ScheduledChunk]] = {}
         for chunk in sorted(chunks, key=lambda c: c.slot):
             groups.setdefault((len(chunk.token_ids), chunk.all_logits), []).append(chunk)
         logits: dict[int, torch.Tensor] = {}
-        ragged = [rows for (_, every), rows in groups.items() if not every]
-        if len(ragged) > 1:  # say decoding rows and a prefill chunk: one pass for all of them
-            logits.update(self._forward_ragged(ragged))
         for rows in groups.values():
-            if len(ragged) < 2 or rows[0].all_logits:
-                logits.update(self._forward(rows))
+            logits.update(self._forward(rows))
         for chunk in chunks:
             if chunk.snapshot_to is not None:
                 self.copy_state(chunk.slot, chunk.snapshot_to)
@@ -240,8 +219,9 @@ class ModelRunner:
                 for c in chunks if c.sample}
         return StepLogits(last, every)
 
-    def _inputs(self, rows: list[ScheduledChunk]) -> CallInputs:
-        """The tensors of one model call over rows of equal length."""
+    def _forward(self, rows: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
+        """One model call for rows of equal length: each row's last logits [V], or all its
+        logits [L, V] when the rows ask for every position (``all_logits``)."""
         device, bs = self.model.device, self.block_size
         length = len(rows[0].token_ids)
         end = max(c.start for c in rows) + length
@@ -258,41 +238,17 @@ class ModelRunner:
         pos = starts[:, None] + torch.arange(length, device=device)
         write = page_rows(blocks, pos, bs)
         read = page_rows(blocks, torch.arange(end, device=device).expand(len(rows), end), bs)
+        slots = [c.slot for c in rows]
         # A prompt's tokens see the whole prompt's length (as one transformers forward over it
         # would), however it is chunked; later tokens their own.
         lengths = torch.maximum(pos + 1, tensor([c.num_prompt_tokens for c in rows])[:, None]) \
             if self.length_dependent_rope else None
-        return CallInputs(ids, pos, [c.slot for c in rows], tensor([c.slot for c in rows]),
-                          write, read, lengths)
-
-    def _forward_ragged(self, groups: list[list[ScheduledChunk]]) -> dict[int, torch.Tensor]:
-        """One model pass over groups of different lengths (``BambaLM.forward_segments``):
-        every linear layer reads its weights once for the whole step. Each row's last logits."""
-        segments, ids, last_rows, start = [], [], [], 0
-        for rows in groups:
-            call = self._inputs(rows)
-            batch, length = call.ids.shape
-            cache = PagedBatchCache(self.pools, call.slot_ids, call.write, call.read,
-                                    self.scratch)
-            segments.append(Segment(start, batch, length, call.positions, cache, call.lengths))
-            ids.append(call.ids.reshape(-1))
-            last_rows.extend(start + (j + 1) * length - 1 for j in range(batch))
-            start += batch * length
-        rows_out = torch.tensor(last_rows, dtype=torch.long, device=self.model.device)
-        logits = self.model.forward_segments(torch.cat(ids), segments, rows_out).float()
-        chunks = [c for rows in groups for c in rows]
-        return {c.seq_id: logits[j] for j, c in enumerate(chunks)}
-
-    def _forward(self, rows: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
-        """One model call for rows of equal length: each row's last logits [V], or all its
-        logits [L, V] when the rows ask for every position (``all_logits``)."""
-        ids, pos, slots, slot_ids, write, read, lengths = self._inputs(rows)
-        length = ids.shape[1]
         if rows[0].all_logits:
-            out = self.step(ids, pos, slot_ids, write, read, self.pools, self.scratch,
+            out = self.step(ids, pos, tensor(slots), write, read, self.pools, self.scratch,
                             lengths, every_position=True)
         elif length == 1 and self.decode_graph is not None and len(rows) > self.native_rows:
-            out = self.decode_graph(ids, pos, slot_ids, write, read, self.pools, None, lengths)
+            out = self.decode_graph(ids, pos, tensor(slots), write, read, self.pools, None,
+                                    lengths)
         elif (length > 1 or len(rows) > self.native_rows) and \
                 slots == list(range(slots[0], slots[0] + len(slots))):
             # Consecutive ascending slots: the states are one slice (no gather, no scatter;
@@ -302,6 +258,7 @@ class ModelRunner:
                                         ssm={i: t[span] for i, t in self.ssm.items()})
             out = self.step(ids, pos, None, write, read, pools, self.scratch, lengths)
         else:
-            out = self.step(ids, pos, slot_ids, write, read, self.pools, self.scratch, lengths)
+            out = self.step(ids, pos, tensor(slots), write, read, self.pools, self.scratch,
+                            lengths)
         logits = out.float()  # one conversion for the batch; rows are views of it
         return {c.seq_id: logits[j] for j, c in enumerate(rows)}

@@ -2,10 +2,7 @@
 
 Every step spends at most ``max_num_batched_tokens``: running sequences first, in arrival order
 (one token for a decoding sequence, the next chunk of the prompt for one still prefilling), then
-waiting sequences while a state slot and enough KV blocks are free. While sequences decode, the
-prompts' chunks of a step hold at most ``prefill_tokens_while_decoding`` tokens (or one per
-decoding sequence, when those are more): a newcomer's prompt is spread over several steps so the
-decoders' next tokens are not held up by it (chunked prefill beside decoding, as in vLLM). When a running sequence
+waiting sequences while a state slot and enough KV blocks are free. When a running sequence
 needs a KV block and none is left, the latest arrival is preempted: its pages are released and
 it is recomputed later (prompt plus the tokens it had already produced). No tensors here.
 """
@@ -82,15 +79,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     has_mamba: bool
     snapshot_interval: int
-    prefill_tokens_while_decoding: int | None = None  # None: the whole budget
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
-        if self.prefill_tokens_while_decoding is not None and \
-                self.prefill_tokens_while_decoding < 1:
-            raise ValueError(f"prefill_tokens_while_decoding must be at least 1, got "
-                             f"{self.prefill_tokens_while_decoding}")
         if self.snapshot_interval < 1 or self.snapshot_interval % self.block_size:
             raise ValueError(f"snapshot_interval {self.snapshot_interval} must be a positive "
                              f"multiple of block_size {self.block_size}")
@@ -148,17 +140,12 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        prefill_budget = self._prefill_budget()
         chunks: list[ScheduledChunk] = []
         preempted: list[int] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            prefilling = _prefilling(seq)
-            if prefilling and prefill_budget <= 0:
-                i += 1
-                continue
-            n = self._chunk_len(seq, min(budget, prefill_budget) if prefilling else budget)
+            n = self._chunk_len(seq, budget)
             while not self._ensure_blocks(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -169,27 +156,16 @@ class Scheduler:
                 break
             chunks.append(self._make_chunk(seq, n))
             budget -= n
-            prefill_budget -= n if prefilling else 0
             i += 1
-        while (self.waiting and min(budget, prefill_budget) > 0 and not preempted
+        while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            n = self._admit(seq, min(budget, prefill_budget))
+            n = self._admit(seq, budget)
             if n == 0:
                 break
             chunks.append(self._make_chunk(seq, n))
             budget -= n
-            prefill_budget -= n
         return SchedulerOutput(chunks, preempted)
-
-    def _prefill_budget(self) -> int:
-        """Tokens this step may spend on prompts: all of the budget when nothing decodes, else
-        ``prefill_tokens_while_decoding`` or one per decoding sequence, the larger."""
-        limit = self.config.prefill_tokens_while_decoding
-        decoding = sum(not _prefilling(seq) for seq in self.running)
-        if limit is None or decoding == 0:
-            return self.max_num_batched_tokens
-        return max(limit, decoding)
 
     def _chunk_len(self, seq: Sequence, budget: int) -> int:
         """How many tokens to run: all that remain, within the budget. When caching a hybrid,
@@ -299,8 +275,3 @@ class Scheduler:
         for chunk in output.chunks:
             if chunk.snapshot_to is not None:
                 self.slots.release([chunk.snapshot_to])
-
-
-def _prefilling(seq: Sequence) -> bool:
-    """More than the last token still to run: a prompt (or a preempted sequence's recompute)."""
-    return len(seq.token_ids) - seq.num_computed > 1
