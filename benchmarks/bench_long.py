@@ -16,7 +16,8 @@ memory is its own) through the engine (``bamba.engine.LLM``, one sequence, prefi
   far), which the flash call turns into an additive mask of the model dtype: about block x T x 3
   bytes at the last chunk (~100 MB at 128K), recorded as ``transient_mask_mb`` beside the peak.
   The runner also gathers one layer's keys and values (all positions so far) into buffers it
-  keeps between steps (``gather_buffers_mb``, up to 1.25x the need: ~84 MB at 128K);
+  keeps between prefill steps and frees once decoding starts (``gather_buffers_mb``, up to
+  1.25x the need: ~84 MB at 128K);
 * decode: the same request's next --decode-tokens tokens, one engine step each (tok/s from
   the median step; the mean is recorded too), at context L .. L + decode;
 * memory: VmRSS after loading, and after decoding, and the peak (VmHWM), each above the child's

@@ -117,6 +117,23 @@ def test_prompt_chunks_longer_than_a_query_block_equal_short_ones(
                                    atol=1e-4, rtol=0)
 
 
+def test_gather_buffers_are_freed_once_decoding_reads_in_place(model: BambaLM) -> None:
+    """A prompt's gathered keys and values live in buffers kept between prefill steps; the
+    first step that does not gather (native decode reads the pages in place) frees them, so a
+    long prompt's buffers do not stay beside its KV cache while it decodes."""
+    llm = LLM(model, memory_gb=0.001, block_size=4, enable_prefix_caching=False)
+    llm.add_request(prompts((40,))[0], greedy(3))
+    llm.step()
+    assert llm.runner._scratch
+    llm.step()
+    if llm.runner._scratch_used:
+        pytest.skip("this build's decode gathers keys too (no native decode kernels)")
+    assert not llm.runner._scratch
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert_pools_full(llm)
+
+
 def test_chunked_prefill_equals_one_shot(model: BambaLM) -> None:
     batch = prompts((37, 23, 50))
     results = []

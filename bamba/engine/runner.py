@@ -174,10 +174,13 @@ class ModelRunner:
         self.native_rows = decode_rows(model)
         self.length_dependent_rope = cfg.rope_spec.length_dependent
         self._scratch: dict[int, torch.Tensor] = {}
+        self._scratch_used = False
 
     def scratch(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Contiguous buffer number ``index`` (0: gathered keys, 1: values) of this shape in the
-        model's dtype, carved from storage kept between steps, grown by a quarter when short."""
+        model's dtype, carved from storage kept between steps, grown by a quarter when short.
+        A step that needs none (decode reading keys and values in place) frees it."""
+        self._scratch_used = True
         numel = math.prod(shape)
         buffer = self._scratch.get(index)
         if buffer is None or buffer.numel() < numel:
@@ -199,6 +202,7 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> StepLogits:
         """Run one step; the last-position logits [V] (float32) of every chunk that samples,
         and every position's of the chunks with ``all_logits``."""
+        self._scratch_used = False
         for chunk in chunks:
             if chunk.restore_from is not None:
                 self.copy_state(chunk.restore_from, chunk.slot)
@@ -211,6 +215,8 @@ class ModelRunner:
         logits: dict[int, torch.Tensor] = {}
         for rows in groups.values():
             logits.update(self._forward(rows))
+        if not self._scratch_used:  # a long prompt's gather buffers go once decoding starts
+            self._scratch.clear()
         for chunk in chunks:
             if chunk.snapshot_to is not None:
                 self.copy_state(chunk.slot, chunk.snapshot_to)
