@@ -201,3 +201,17 @@ def test_rope_scaling_settings_are_one_run_each(make_hf_checkpoint, tmp_path, ca
     assert code == 0, cap.err
     runs = json.loads((tmp_path / "phonebook.json").read_text())["runs"]
     assert [r["rope_scaling"] for r in runs] == [None, {"rope_type": "linear", "factor": 2}]
+
+
+def test_a_scaling_extends_the_lengths_beyond_the_checkpoints_context(make_hf_checkpoint,
+                                                                      tmp_path, capsys):
+    """With --rope-scaling the limit is the scaled context (factor x the original), not the
+    checkpoint's max_position_embeddings: 700 tokens run on a 512-token model with yarn 2."""
+    ckpt = str(make_hf_checkpoint("hybrid"))  # max_position_embeddings 512
+    scaling = '{"rope_type": "yarn", "factor": 2, "original_max_position_embeddings": 512}'
+    code, cap = _run([ckpt, "--lengths", "700", "--samples", "1", "--out", str(tmp_path),
+                      "--dtype", "fp32", "--max-new-tokens", "4", "--rope-scaling", scaling],
+                     capsys)
+    assert code == 0, cap.err
+    _refused(*_run([ckpt, "--lengths", "1100", "--samples", "1", "--out", str(tmp_path),
+                    "--rope-scaling", scaling], capsys), "context of 1024 tokens")

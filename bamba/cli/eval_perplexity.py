@@ -52,16 +52,16 @@ def run(args: argparse.Namespace) -> int:
     scaling = parse_rope_scaling(args.rope_scaling) if args.rope_scaling is not None else None
     prepare(args)
     config = checkpoint_config(args.model)
-    context = min(DEFAULT_CONTEXT, config.max_position_embeddings) if args.context is None \
+    context = min(DEFAULT_CONTEXT, config.context_length) if args.context is None \
         else args.context
     stride = check_options(context, args.stride, args.buckets, args.batch_size)
     if scaling is None:
-        check_context(context, config.max_position_embeddings, f"--context {context}", False)
+        check_context(context, config.context_length, f"--context {context}", False)
     encode = None if args.format == "shards" else load_tokenizer(args).encode
     documents = load_documents(args.files, args.format, encode, config.vocab_size,
                                args.text_key, args.max_documents)
     model = load_model(args, scaling)
-    check_context(context, model.config.max_position_embeddings, f"--context {context}", True)
+    check_context(context, model.config.context_length, f"--context {context}", True)
     with torch.inference_mode():
         summary = perplexity(accelerate(model), documents, context, stride, args.buckets,
                              args.batch_size)

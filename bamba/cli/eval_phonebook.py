@@ -79,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
     needed = max(lengths) + args.max_new_tokens
     what = f"--lengths {max(lengths)} plus --max-new-tokens {args.max_new_tokens}"
     if None in scalings:
-        check_context(needed, checkpoint_config(args.model).max_position_embeddings, what, False)
+        check_context(needed, checkpoint_config(args.model).context_length, what, False)
     tokenizer = load_tokenizer(args)
     books = {n: make_samples(n, args.samples, tokenizer.encode, args.seed) for n in lengths}
     runs = []
     for scaling in scalings:
         model = load_model(args, scaling)
-        check_context(needed, model.config.max_position_embeddings, what, scaling is not None)
+        check_context(needed, model.config.context_length, what, scaling is not None)
         llm = build_engine(model, tokenizer, args.batch_size, needed)
         results = evaluate(books, engine_completer(llm, args.max_new_tokens), args.examples)
         runs.append({"rope_scaling": scaling, "label": _label(scaling), "lengths": results})
