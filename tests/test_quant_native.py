@@ -14,7 +14,7 @@ from bamba.config import preset
 from bamba.model import BambaLM, init_weights
 from bamba.native import accelerate, decode_ops, dispatch, plan, quant_ops, seam
 from bamba.quant.apply import quantize_model
-from bamba.quant.formats import make_scheme
+from bamba.quant.formats import int8_activations, make_scheme
 from bamba.quant.linear import QuantizedLinear
 
 pytestmark = pytest.mark.skipif(
@@ -64,6 +64,45 @@ def test_native_linear_equals_the_reference(monkeypatch, fmt, group, bias, dtype
         tight = rows > dispatch.MAX_LINEAR_ROWS and dtype == torch.float32
         _close(ours, ref, 1e-5 if tight else 1.5e-2)
     assert calls == {"rows": 3, "tiles": 1}
+
+
+@pytest.fixture
+def bf16_activations():
+    """The few-row kernels with bf16 activations for one test, int8 ones again after it."""
+    quant_ops.set_int8_activations(False)
+    yield
+    quant_ops.set_int8_activations(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", GROUPS)
+def test_int8_weights_at_few_rows_take_int8_activations(group, dtype) -> None:
+    """With int8 activations (where the CPU has VNNI) the few-row kernel computes exactly, up
+    to float32 summation order, x quantized per 32 inputs against the dequantized int8 weight at
+    1 to 3 rows; from 4 rows on it takes bf16 activations (the torch reference's numbers)."""
+    if not quant_ops.set_int8_activations(True):
+        pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
+    layer = _layer("int8", group, True, dtype)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), 256)
+    for rows in (1, 2, 3, 4, 8):
+        x = (torch.randn(rows, 256) * torch.logspace(-2, 1, 256)).to(dtype)  # uneven blocks
+        with torch.inference_mode():
+            ours = quant_ops.quant_linear_rows(x, layout, layer.bias, False)
+        seen = int8_activations(x) if rows <= 3 else x.bfloat16().float()
+        want = torch.nn.functional.linear(seen, layer.dequantized_weight(torch.float32),
+                                          layer.bias.float()).to(dtype)
+        _close(ours, want, 1e-5 if dtype == torch.float32 else 4e-3)
+
+
+def test_bf16_activations_can_be_chosen(bf16_activations) -> None:
+    """Switched off, the int8 kernel takes bf16 activations at one row too: the torch
+    reference's numbers up to bf16 rounding, far closer than int8 activations get."""
+    layer = _layer("int8", None, False, torch.float32)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), 256)
+    x = torch.randn(1, 256) * torch.logspace(-2, 1, 256)
+    with torch.inference_mode():
+        ours = quant_ops.quant_linear_rows(x, layout, None, False)
+    _close(ours, layer(x.bfloat16().float()), 1e-5)
 
 
 def test_one_scale_for_the_whole_matrix_and_float32_scales() -> None:

@@ -53,6 +53,19 @@ int bamba_quant_linear(const void *x, int x_bf16, const void *W, int format, con
     return 0;
 }
 
+int bamba_int8_activations = 1;
+
+/* Choose int8 activations against int8 weights at a few rows (1, where the build has AVX-512
+ * VNNI) or bf16 ones (0); returns whether int8 activations are now in use. */
+int bamba_quant_set_int8_activations(int on) {
+    bamba_int8_activations = on != 0;
+#ifdef HAVE_INT8_DOT
+    return bamba_int8_activations;
+#else
+    return 0;
+#endif
+}
+
 /* Whether bamba_quant_linear takes this format, width and group size on this build. */
 int bamba_quant_supported(int format, int64_t K, int64_t group) {
     return quant_supported(format, K, group);

@@ -243,21 +243,45 @@ __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const Q
 #undef QUANT_ROWS
 #endif
 
+#include "quant_int8_dot.h"
+
+/* Whether int8 weights meet int8 activations at a few rows (quant_int8_dot.h) where this
+ * build has the instructions; else they dequantize to bf16 against bf16 activations, as every
+ * other format does. One for the library (linear.c), set by bamba_quant_set_int8_activations. */
+extern int bamba_int8_activations;
+
 /* Features [n_begin, n_end) of y = x W^T + bias for M rows of x ([M, k], bf16 when x_bf16,
  * else float32), as linear_features (dot_rows.h) stores them. */
 static void quant_features(const LinearWeights *L, int x_bf16, const void *x, int64_t M,
                            void *y, int64_t ldy, int y_bf16, int round_bf16, int64_t n_begin,
                            int64_t n_end) {
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
-    uint16_t *xp = thread_rows(M * L->k);
+#ifdef HAVE_INT8_DOT
+    const int int8_dot = bamba_int8_activations && L->format == FORMAT_INT8 &&
+                         M <= INT8_DOT_MAX_ROWS;
+    const int64_t row_bytes = int8_dot ? int8_row_bytes(L->k) : 2 * L->k;
+#else
+    const int int8_dot = 0;
+    const int64_t row_bytes = 2 * L->k;
+#endif
+    uint16_t *xp = thread_rows((M * row_bytes + 1) / 2);
     const QuantTables t = quant_tables(L);
-    if (xp != NULL) prepare_rows(L->format, x, x_bf16, M, L->k, xp);
+    if (xp != NULL) {
+#ifdef HAVE_INT8_DOT
+        if (int8_dot) prepare_int8_rows(x, x_bf16, M, L->k, (char *)xp);
+#endif
+        if (!int8_dot) prepare_rows(L->format, x, x_bf16, M, L->k, xp);
+    }
     for (int64_t n = n_begin; n < n_end; n++) {
         const float bias = L->bias ? load_value(L->bias, n, x_bf16) : 0.0f;
         for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
             const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
             float out[ROW_GROUP];
-            if (xp != NULL)
+#ifdef HAVE_INT8_DOT
+            if (xp != NULL && int8_dot)
+                int8_dots(L, &t, (const char *)xp + m0 * row_bytes, n, R, out);
+#endif
+            if (xp != NULL && !int8_dot)
                 quant_dots(L, &t, xp + m0 * L->k, n, R, out);
             for (int r = 0; r < R; r++) { /* out of memory for k inputs: NaN, not a guess */
                 float v = xp != NULL ? out[r] + bias : NAN;

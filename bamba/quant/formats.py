@@ -142,6 +142,19 @@ def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
     return (_grouped(values, scale.shape[1]) * scale.unsqueeze(-1)).reshape(n, k).to(dtype)
 
 
+ACTIVATION_BLOCK = 32  # inputs per scale when activations are quantized to int8
+
+
+def int8_activations(x: torch.Tensor, block: int = ACTIVATION_BLOCK) -> torch.Tensor:
+    """x [..., K] as the native int8 / int4 decode kernels see it (float32): each block of
+    ``block`` inputs quantized to int8 with scale max |x| / 127, rounded half to even, and
+    scaled back (llama.cpp's Q8_0 activations). K must be a multiple of ``block``."""
+    values = x.float().reshape(*x.shape[:-1], -1, block)
+    scale = values.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(scale > 0, values / scale, torch.zeros_like(values)).round()
+    return (q * scale).reshape(x.shape)
+
+
 def pack_ints(q: torch.Tensor, bits: int) -> torch.Tensor:
     """int8 values [N, K] in [-2^(b-1), 2^(b-1)) packed into int32 [N, ceil(K * b / 32)]:
     element j stored as q + 2^(b-1) at bit (j % (32 // b)) * b of word j // (32 // b)."""
