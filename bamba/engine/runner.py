@@ -14,6 +14,9 @@ position's LM head; their logits [L, V] live for one step (L is at most the step
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -128,6 +131,28 @@ def page_rows(tables: torch.Tensor, positions: torch.Tensor, block_size: int) ->
     return tables.gather(1, positions // block_size) * block_size + positions % block_size
 
 
+# Gather buffers at least this large (a prompt of tens of thousands of tokens) freed: also hand
+# the C heap's free memory back to the OS, which a long prefill's freed activations occupy.
+TRIM_AFTER_BYTES = 64 << 20
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``; a no-op where the C
+    library has none): freed memory otherwise stays resident for the process's life."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 class StepLogits(NamedTuple):
     """What a step returns: the last position's logits [V] of every chunk that samples, and
     every position's [L, V] of the chunks that asked (``ScheduledChunk.all_logits``)."""
@@ -215,8 +240,11 @@ class ModelRunner:
         logits: dict[int, torch.Tensor] = {}
         for rows in groups.values():
             logits.update(self._forward(rows))
-        if not self._scratch_used:  # a long prompt's gather buffers go once decoding starts
+        if not self._scratch_used and self._scratch:  # decoding starts: the prefill's buffers go
+            freed = sum(t.numel() * t.element_size() for t in self._scratch.values())
             self._scratch.clear()
+            if freed >= TRIM_AFTER_BYTES:
+                release_free_heap()
         for chunk in chunks:
             if chunk.snapshot_to is not None:
                 self.copy_state(chunk.slot, chunk.snapshot_to)
