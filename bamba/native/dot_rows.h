@@ -73,6 +73,13 @@ static inline void store_value(void *p, int64_t i, float v, int bf16) {
         ((float *)p)[i] = v;
 }
 
+/* A layer's output value into y[i]: rounded to bf16 first when `round_bf16` (a float32 buffer
+ * then holds what a bf16 layer would output), stored in bf16 when y_bf16, else float32. */
+static inline void store_output(void *y, int64_t i, float v, int y_bf16, int round_bf16) {
+    if (round_bf16) v = bf16_to_float(float_to_bf16(v));
+    store_value(y, i, v, y_bf16);
+}
+
 #ifdef HAVE_AVX512
 /* One multiply-accumulate step of 32 bf16 pairs or 16 float32 ones. */
 static inline __m512 dot_step(__m512 acc, const void *x, const void *w, int bf16) {
@@ -204,11 +211,10 @@ static void linear_features(const LinearWeights *L, int bf16, const void *x, int
             for (int r = 0; r < R; r++) xr[r] = (const char *)x + (m0 + r) * row_bytes;
             tiles(xr, w, row_bytes, bf16, R, out);
             for (int r = 0; r < R; r++)
-                for (int j = 0; j < TILE; j++) {
-                    float v = out[r][j] + (L->bias ? load_value(L->bias, n + j, bf16) : 0.0f);
-                    if (round_bf16) v = bf16_to_float(float_to_bf16(v));
-                    store_value(y, (m0 + r) * ldy + n + j, v, y_bf16);
-                }
+                for (int j = 0; j < TILE; j++)
+                    store_output(y, (m0 + r) * ldy + n + j,
+                                 out[r][j] + (L->bias ? load_value(L->bias, n + j, bf16) : 0.0f),
+                                 y_bf16, round_bf16);
         }
     }
     for (; n < n_end; n++) {
@@ -220,11 +226,8 @@ static void linear_features(const LinearWeights *L, int bf16, const void *x, int
             float out[ROW_GROUP];
             for (int r = 0; r < R; r++) xr[r] = (const char *)x + (m0 + r) * row_bytes;
             dots(xr, w, K, bf16, R, out);
-            for (int r = 0; r < R; r++) {
-                float v = out[r] + bias;
-                if (round_bf16) v = bf16_to_float(float_to_bf16(v));
-                store_value(y, (m0 + r) * ldy + n, v, y_bf16);
-            }
+            for (int r = 0; r < R; r++)
+                store_output(y, (m0 + r) * ldy + n, out[r] + bias, y_bf16, round_bf16);
         }
     }
 #else

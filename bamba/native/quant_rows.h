@@ -283,11 +283,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
             if (xp != NULL && !int8_dot)
                 quant_dots(L, &t, xp + m0 * L->k, n, R, out);
-            for (int r = 0; r < R; r++) { /* out of memory for k inputs: NaN, not a guess */
-                float v = xp != NULL ? out[r] + bias : NAN;
-                if (round_bf16) v = bf16_to_float(float_to_bf16(v));
-                store_value(y, (m0 + r) * ldy + n, v, y_bf16);
-            }
+            for (int r = 0; r < R; r++) /* out of memory for k inputs: NaN, not a guess */
+                store_output(y, (m0 + r) * ldy + n, xp != NULL ? out[r] + bias : NAN, y_bf16,
+                             round_bf16);
         }
     }
 #else
