@@ -1,5 +1,5 @@
-"""benchmarks/bench_int8_activations.py times both settings per batch and writes its JSON (tiny
-preset); a trained checkpoint adds the decode-path quality of each."""
+"""benchmarks/bench_int8_activations.py times both settings per scheme and batch and writes its
+JSON (tiny preset); a trained checkpoint adds the decode-path quality of each."""
 
 import json
 import sys
@@ -22,11 +22,14 @@ def test_quick_run_measures_both_settings_and_leaves_int8_on(tmp_path, make_hf_c
     assert bench_int8_activations.main(["--quick", "--output", str(out), "--trained",
                                         str(trained), "--files", "1", "--tokens", "12"]) == 0
     result = json.loads(out.read_text())
-    rows = result["shapes"]["tiny"]["int8_weights"]
-    assert [r["batch"] for r in rows] == list(bench_int8_activations.BATCHES)
-    assert all(r["bf16_activations_tok_s"] > 0 and r["int8_activations_tok_s"] > 0 for r in rows)
     quality = result["quality"]
     assert quality["tokens"] == 11
-    for setting in ("int8_int8_activations", "int8_bf16_activations"):
-        assert abs(quality[setting]["vs_bf16"]) < 0.05 and quality[setting]["perplexity"] > 1
+    for scheme in ("int8", "int4"):
+        rows = result["shapes"]["tiny"][f"{scheme}_weights"]
+        assert [r["batch"] for r in rows] == list(bench_int8_activations.BATCHES)
+        assert all(r["bf16_activations_tok_s"] > 0 and r["int8_activations_tok_s"] > 0
+                   for r in rows)
+        for acts in ("int8", "bf16"):
+            setting = quality[f"{scheme}_{acts}_activations"]
+            assert abs(setting["vs_bf16"]) < 0.05 and setting["perplexity"] > 1
     assert quant_ops.set_int8_activations(True)

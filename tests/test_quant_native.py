@@ -76,16 +76,18 @@ def bf16_activations():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("group", GROUPS)
-def test_int8_weights_at_few_rows_take_int8_activations(group, dtype) -> None:
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype) -> None:
     """With int8 activations (where the CPU has VNNI) the few-row kernel computes exactly, up
-    to float32 summation order, x quantized per 32 inputs against the dequantized int8 weight at
-    1 to 3 rows; from 4 rows on it takes bf16 activations (the torch reference's numbers)."""
+    to float32 summation order, x quantized per 32 inputs against the dequantized int8 or int4
+    weight at 1 to 3 rows; from 4 rows on it takes bf16 activations (the torch reference's
+    numbers)."""
     if not quant_ops.set_int8_activations(True):
         pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
-    layer = _layer("int8", group, True, dtype)
-    layout = quant_ops.quant_layout(layer.kernel_weights(), 256)
+    layer = _layer(fmt, group, True, dtype, k=384)  # int4: three chunks of 128 inputs
+    layout = quant_ops.quant_layout(layer.kernel_weights(), 384)
     for rows in (1, 2, 3, 4, 8):
-        x = (torch.randn(rows, 256) * torch.logspace(-2, 1, 256)).to(dtype)  # uneven blocks
+        x = (torch.randn(rows, 384) * torch.logspace(-2, 1, 384)).to(dtype)  # uneven blocks
         with torch.inference_mode():
             ours = quant_ops.quant_linear_rows(x, layout, layer.bias, False)
         seen = int8_activations(x) if rows <= 3 else x.bfloat16().float()

@@ -1,20 +1,24 @@
-/* int8 weights against int8 activations: integer dot products (AVX-512 VNNI `vpdpbusd`, 64
- * unsigned-by-signed byte products an instruction) for the few-row kernel at 1 to
- * INT8_DOT_MAX_ROWS rows, where dequantizing int8 weights to bf16 costs more than streaming
- * them (benchmarks/README.md#quantization); int4, fp8 and more rows keep quant_rows.h's path.
+/* int8 and int4 weights against int8 activations: integer dot products (AVX-512 VNNI
+ * `vpdpbusd`, 64 unsigned-by-signed byte products an instruction) for the few-row kernel at 1
+ * to INT8_DOT_MAX_ROWS rows, where turning the weights into bf16 costs more than streaming them
+ * (benchmarks/README.md#quantization); fp8 and more rows keep quant_rows.h's path.
  *
  * The activations are quantized per call, as llama.cpp quantizes them for its Q8_0 dot
  * products: each block of 32 inputs of a row gets the scale s = max |x| / 127 and the values
  * q = round-half-even(x / s) in [-127, 127] (bamba.quant.formats.int8_activations is the
- * torch reference). The weights are read as stored (quant_rows.h): bytes holding q_w + 128,
- * unsigned, which is what `vpdpbusd` multiplies; the offset's products (128 times the sum of a
- * lane's activations) are subtracted by starting each lane's integer sum at minus them. A
- * chunk of 64 inputs gives 16 int32 lanes, lane i the exact dot product over inputs
- * 4i..4i+3, turned to float32 and multiplied by its block's scale, then by the weights'
- * (quant_rows.h's chunk and lanes, so `chunk_scales` serves groups of 32).
+ * torch reference). The weights are read as stored (quant_rows.h), unsigned, which is what
+ * `vpdpbusd` multiplies: int8 bytes hold q_w + 128, int4 nibbles q_w + 8 (a byte's low and
+ * high nibbles are masked into two vectors of bytes). The offset's products (128, or 8, times
+ * the sum of a lane's activations) are subtracted by starting each lane's integer sum at minus
+ * them. A chunk of 64 weight bytes (64 int8 inputs, 128 int4 ones) gives 16 int32 lanes, lane
+ * i the exact dot product over its inputs (int8: 4i..4i+3; int4: 8i..8i+7, the even ones
+ * against the low nibbles, the odd ones against the high), turned to float32 and multiplied by
+ * its block's scale, then by the weights' (quant_rows.h's chunk and lanes, so `chunk_scales`
+ * serves groups smaller than a chunk).
  *
  * Each input row is prepared once per call and thread (`prepare_int8_rows`): its k quantized
- * bytes, then per chunk 16 lane scales (float32) and 16 lane offsets (int32).
+ * bytes in the chunks' order (int4: a chunk's even inputs, then its odd ones), then per chunk
+ * 16 lane scales (float32) and 16 lane offsets (int32).
  */
 #ifndef BAMBA_QUANT_INT8_DOT_H
 #define BAMBA_QUANT_INT8_DOT_H
@@ -22,23 +26,28 @@
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define HAVE_INT8_DOT 1
 
-enum { ACT_BLOCK = 32, INT8_CHUNK = 64, INT8_DOT_MAX_ROWS = 3 };
+enum { ACT_BLOCK = 32, INT8_DOT_MAX_ROWS = 3, MAX_CHUNK = 128 };
 
 /* Bytes of one prepared row of width k: the quantized values, then per chunk 16 float32 lane
  * scales and 16 int32 lane offsets. */
-static inline int64_t int8_row_bytes(int64_t k) {
-    return k + k / INT8_CHUNK * 128;
+static inline int64_t int8_row_bytes(int format, int64_t k) {
+    return k + k / quant_chunk(format) * 128;
 }
 
-/* x [M, k] (bf16 or float32) quantized per block of 32 into xq [M, int8_row_bytes(k)]. */
-static void prepare_int8_rows(const void *x, int x_bf16, int64_t M, int64_t k, char *xq) {
+/* x [M, k] (bf16 or float32) quantized per block of 32 into xq [M, int8_row_bytes(k)], in
+ * the chunk order of `format` (FORMAT_INT8 or FORMAT_INT4). */
+static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, int64_t k,
+                              char *xq) {
+    const int64_t chunk = quant_chunk(format), per_lane = chunk / 16;
+    const int offset = format == FORMAT_INT4 ? -8 : -128;
     for (int64_t m = 0; m < M; m++) {
-        int8_t *values = (int8_t *)(xq + m * int8_row_bytes(k));
+        int8_t *values = (int8_t *)(xq + m * int8_row_bytes(format, k));
         char *lanes = (char *)values + k;
-        for (int64_t c = 0; c < k; c += INT8_CHUNK) {
-            float *scales = (float *)(lanes + c / INT8_CHUNK * 128);
+        for (int64_t c = 0; c < k; c += chunk) {
+            float *scales = (float *)(lanes + c / chunk * 128);
             int32_t *offsets = (int32_t *)(scales + 16);
-            for (int64_t b = 0; b < INT8_CHUNK; b += ACT_BLOCK) {
+            int8_t q[MAX_CHUNK]; /* the chunk's inputs in order */
+            for (int64_t b = 0; b < chunk; b += ACT_BLOCK) {
                 float v[ACT_BLOCK], most = 0.0f;
                 for (int i = 0; i < ACT_BLOCK; i++) {
                     v[i] = load_value(x, m * k + c + b + i, x_bf16);
@@ -46,40 +55,52 @@ static void prepare_int8_rows(const void *x, int x_bf16, int64_t M, int64_t k, c
                 }
                 const float s = most / 127.0f;
                 for (int i = 0; i < ACT_BLOCK; i++)
-                    values[c + b + i] = (int8_t)(s > 0.0f ? nearbyintf(v[i] / s) : 0.0f);
-                for (int64_t lane = b / 4; lane < (b + ACT_BLOCK) / 4; lane++) scales[lane] = s;
+                    q[b + i] = (int8_t)(s > 0.0f ? nearbyintf(v[i] / s) : 0.0f);
+                for (int64_t lane = b / per_lane; lane < (b + ACT_BLOCK) / per_lane; lane++)
+                    scales[lane] = s;
             }
+            for (int64_t i = 0; i < chunk; i++) /* int4: even inputs, then odd ones */
+                values[c + (format == FORMAT_INT4 ? (i % 2) * 64 + i / 2 : i)] = q[i];
             for (int lane = 0; lane < 16; lane++) {
-                const int8_t *q = values + c + 4 * lane;
-                offsets[lane] = -128 * (q[0] + q[1] + q[2] + q[3]);
+                int32_t sum = 0;
+                for (int64_t i = 0; i < per_lane; i++) sum += q[lane * per_lane + i];
+                offsets[lane] = offset * sum;
             }
         }
     }
 }
 
-/* out[r] = x_r . w_n for R prepared rows (compile-time after inlining), row_bytes apart. */
+/* out[r] = x_r . w_n for R prepared rows (compile-time after inlining, as the format),
+ * row_bytes apart. */
 static inline __attribute__((always_inline)) void int8_row_dots(const LinearWeights *L,
                                                                  const QuantTables *t,
+                                                                 const int format,
                                                                  const char *xq, int64_t n,
                                                                  const int R, float *out) {
-    const int64_t k = L->k, chunks = k / INT8_CHUNK, row_bytes = int8_row_bytes(k);
-    const int64_t per_group = t->groups_per_chunk ? 1 : L->group / INT8_CHUNK; /* chunks */
-    const char *w = (const char *)L->weight + n * k;
+    const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
+    const int64_t row_bytes = int8_row_bytes(format, k);
+    const int64_t per_group = t->groups_per_chunk ? 1 : L->group / chunk; /* chunks */
+    const char *w = (const char *)L->weight + n * quant_row_bytes(format, k);
+    const __m512i nibble = _mm512_set1_epi8(15);
     __m512 acc[INT8_DOT_MAX_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t c = 0, g = 0; c < chunks; g++) {
         __m512 sums[INT8_DOT_MAX_ROWS];
         for (int r = 0; r < R; r++) sums[r] = _mm512_setzero_ps();
         for (const int64_t end = c + per_group; c < end; c++) {
-            _mm_prefetch(w + c * INT8_CHUNK + PREFETCH_BYTES, _MM_HINT_T1);
-            const __m512i bytes = _mm512_loadu_si512(w + c * INT8_CHUNK);
+            _mm_prefetch(w + c * 64 + PREFETCH_BYTES, _MM_HINT_T1);
+            const __m512i bytes = _mm512_loadu_si512(w + c * 64); /* a chunk's weights */
+            const __m512i low = format == FORMAT_INT4 ? _mm512_and_si512(bytes, nibble) : bytes;
+            const __m512i high = format == FORMAT_INT4
+                ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
             const __m512 wscale = t->groups_per_chunk ? chunk_scales(L, t, n, c)
                                                       : _mm512_set1_ps(1.0f);
             for (int r = 0; r < R; r++) {
                 const char *row = xq + r * row_bytes, *lanes = row + k + c * 128;
-                const __m512i dot = _mm512_dpbusd_epi32(
-                    _mm512_loadu_si512(lanes + 64), bytes,
-                    _mm512_loadu_si512(row + c * INT8_CHUNK));
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(lanes + 64), low,
+                                                  _mm512_loadu_si512(row + c * chunk));
+                if (format == FORMAT_INT4)
+                    dot = _mm512_dpbusd_epi32(dot, high, _mm512_loadu_si512(row + c * chunk + 64));
                 __m512 scale = _mm512_loadu_ps((const float *)lanes);
                 if (t->groups_per_chunk) scale = _mm512_mul_ps(scale, wscale);
                 sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sums[r]);
@@ -95,14 +116,22 @@ static inline __attribute__((always_inline)) void int8_row_dots(const LinearWeig
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* One unrolled body per row count. */
+#define INT8_ROWS(F)                                                                  \
+    switch (R) {                                                                      \
+    case 1: int8_row_dots(L, t, F, xq, n, 1, out); break;                             \
+    case 2: int8_row_dots(L, t, F, xq, n, 2, out); break;                             \
+    default: int8_row_dots(L, t, F, xq, n, 3, out); break;                            \
+    }
+
+/* One unrolled body per format and row count. */
 __attribute__((noinline)) static void int8_dots(const LinearWeights *L, const QuantTables *t,
                                                 const char *xq, int64_t n, int R, float *out) {
-    switch (R) {
-    case 1: int8_row_dots(L, t, xq, n, 1, out); break;
-    case 2: int8_row_dots(L, t, xq, n, 2, out); break;
-    default: int8_row_dots(L, t, xq, n, 3, out); break;
+    if (L->format == FORMAT_INT4) {
+        INT8_ROWS(FORMAT_INT4)
+    } else {
+        INT8_ROWS(FORMAT_INT8)
     }
 }
+#undef INT8_ROWS
 #endif
 #endif

@@ -245,9 +245,9 @@ __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const Q
 
 #include "quant_int8_dot.h"
 
-/* Whether int8 weights meet int8 activations at a few rows (quant_int8_dot.h) where this
- * build has the instructions; else they dequantize to bf16 against bf16 activations, as every
- * other format does. One for the library (linear.c), set by bamba_quant_set_int8_activations. */
+/* Whether int8 and int4 weights meet int8 activations at a few rows (quant_int8_dot.h) where
+ * this build has the instructions; else they dequantize to bf16 against bf16 activations, as
+ * fp8 does. One for the library (linear.c), set by bamba_quant_set_int8_activations. */
 extern int bamba_int8_activations;
 
 /* Features [n_begin, n_end) of y = x W^T + bias for M rows of x ([M, k], bf16 when x_bf16,
@@ -257,9 +257,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
                            int64_t n_end) {
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
 #ifdef HAVE_INT8_DOT
-    const int int8_dot = bamba_int8_activations && L->format == FORMAT_INT8 &&
-                         M <= INT8_DOT_MAX_ROWS;
-    const int64_t row_bytes = int8_dot ? int8_row_bytes(L->k) : 2 * L->k;
+    const int int8_dot = bamba_int8_activations && M <= INT8_DOT_MAX_ROWS &&
+                         (L->format == FORMAT_INT8 || L->format == FORMAT_INT4);
+    const int64_t row_bytes = int8_dot ? int8_row_bytes(L->format, L->k) : 2 * L->k;
 #else
     const int int8_dot = 0;
     const int64_t row_bytes = 2 * L->k;
@@ -268,7 +268,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     const QuantTables t = quant_tables(L);
     if (xp != NULL) {
 #ifdef HAVE_INT8_DOT
-        if (int8_dot) prepare_int8_rows(x, x_bf16, M, L->k, (char *)xp);
+        if (int8_dot) prepare_int8_rows(L->format, x, x_bf16, M, L->k, (char *)xp);
 #endif
         if (!int8_dot) prepare_rows(L->format, x, x_bf16, M, L->k, xp);
     }
