@@ -8,6 +8,8 @@ exactly --max-tokens tokens (greedy, ignore_eos). Per level: output tok/s, time 
 (TTFT, from sending to the first streamed token) p50/p99 and inter-token latency (ITL, the gap
 between two streamed events of one request; one event is one token unless the reader fell
 behind) p50/p99 over all gaps. Concurrency 1 is also run non-streaming (seconds a request).
+The sides run in rotation for --rounds rounds (host drift hits all alike), each level keeping
+its best round; the report holds every round's tok/s, and the server's and client's CPU a token.
 
 Sides: ``bamba`` (``bamba serve`` in a subprocess, --threads torch threads); ``offline``
 (``LLM.generate`` in this process on a worker thread, as the server's engine runs: one request
@@ -31,6 +33,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import socket
 import statistics
 import subprocess
@@ -38,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,7 @@ from host import describe_host, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 NAME = "bench"
+REQUEST_TIMEOUT_S = 600
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates")
     p.add_argument("--memory-gb", type=float, default=1.0, help="bamba's KV blocks and slots")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rotations over the sides, each level keeping its best round (default 2,"
+                        " --quick 1)")
     p.add_argument("--llama-cpp", choices=("auto", "cached", "off"), default="auto",
                    help="llama-server peer: auto finds or builds it, cached only uses "
                         "$LLAMA_SERVER or an earlier build, off skips it")
@@ -76,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.preset, args.concurrency, args.max_tokens, args.prompt_tokens = "tiny", [1, 4], 8, 16
         args.requests = args.requests or 4
+    args.rounds = args.rounds or (1 if args.quick else 2)
     if min(args.concurrency) < 1 or args.max_tokens < 2 or args.prompt_tokens < 1:
         p.error("--concurrency, --prompt-tokens must be >= 1 and --max-tokens >= 2")
     return args
@@ -148,34 +156,78 @@ def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
 
 
-async def one_request(http: httpx.AsyncClient, prompt: list[int], max_tokens: int,
+async def post(port: int, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    """POST ``body`` as JSON to /v1/completions over a fresh HTTP/1.1 connection to
+    127.0.0.1:port; yield the response body's pieces as they arrive (chunked, by
+    Content-Length or until the server closes). RuntimeError for a status other than 200.
+
+    A raw asyncio client, not httpx: on two cores the client's CPU is taken from the server it
+    measures (httpx's streaming reader cost ~0.5 ms a streamed token here, this one a fraction
+    of it; each level records the client's CPU a token)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        payload = json.dumps(body).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+        await writer.drain()
+        status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip()
+                   for k, _, v in (line.partition(":") for line in lines if line)}
+        pieces = _chunks(reader) if "chunked" in headers.get("transfer-encoding", "") else \
+            _plain(reader, headers.get("content-length"))
+        status = int(status_line.split()[1])
+        if status != 200:
+            text = b"".join([piece async for piece in pieces])
+            raise RuntimeError(f"status {status}: {text[:200]!r}")
+        async for piece in pieces:
+            yield piece
+    finally:
+        writer.close()
+
+
+async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """A chunked body's chunks."""
+    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+        yield (await reader.readexactly(size + 2))[:-2]
+    await reader.readuntil(b"\r\n")  # the (empty) trailer
+
+
+async def _plain(reader: asyncio.StreamReader, length: str | None) -> AsyncIterator[bytes]:
+    if length is not None:
+        yield await reader.readexactly(int(length))
+        return
+    while piece := await reader.read(1 << 16):
+        yield piece
+
+
+async def one_request(port: int, prompt: list[int], max_tokens: int,
                       stream: bool) -> dict[str, Any]:
-    """One completion; its TTFT, latency and the gaps between its streamed events."""
+    """One completion; its TTFT, latency and the gaps between its streamed events (an event's
+    time: when the piece of the body holding it arrived)."""
     body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     sent = time.perf_counter()
     if not stream:
-        r = await http.post("/v1/completions", json=body)
-        if r.status_code != 200:
-            raise RuntimeError(f"status {r.status_code}: {r.text[:200]}")
-        return _result(sent, None, [], r.json()["usage"]["completion_tokens"], max_tokens)
+        answer = json.loads(b"".join([piece async for piece in post(port, body)]))
+        return _result(sent, None, [], answer["usage"]["completion_tokens"], max_tokens)
     events: list[float] = []
-    tokens = None
-    async with http.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"status {r.status_code}: {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    tokens, pending = None, b""
+    async for piece in post(port, body):
+        now = time.perf_counter()
+        *complete, pending = (pending + piece).split(b"\n\n")
+        for event in complete:
+            if not event.startswith(b"data: ") or event == b"data: [DONE]":
                 continue
-            payload = json.loads(line[6:])
+            payload = json.loads(event[6:])
             if "error" in payload:
                 raise RuntimeError(str(payload["error"])[:200])
             if payload.get("usage"):
                 tokens = payload["usage"]["completion_tokens"]
             if payload.get("choices"):
-                events.append(time.perf_counter())
+                events.append(now)
     return _result(sent, events[0] if events else None, events,
                    len(events) if tokens is None else tokens, max_tokens)
 
@@ -189,22 +241,30 @@ def _result(sent: float, first: float | None, events: list[float], tokens: int,
             "tokens": tokens, "gaps": [b - a for a, b in zip(events, events[1:])]}
 
 
-async def load(base: str, batch: list[list[int]], concurrency: int, max_tokens: int,
+async def load(port: int, batch: list[list[int]], concurrency: int, max_tokens: int,
                stream: bool = True) -> tuple[list[dict[str, Any]], float]:
+    """The batch's requests, ``concurrency`` in flight, each on a connection of its own
+    (loopback: well under a millisecond; llama-server's HTTP library closes kept-alive
+    connections on its own schedule, and a request sent on one it is closing fails)."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def gated(http: httpx.AsyncClient, prompt: list[int]) -> dict[str, Any]:
-        async with gate:
-            return await one_request(http, prompt, max_tokens, stream)
+    async def gated(prompt: list[int]) -> dict[str, Any]:
+        async with gate, asyncio.timeout(REQUEST_TIMEOUT_S):
+            return await one_request(port, prompt, max_tokens, stream)
 
-    # A new connection a request (loopback: well under a millisecond): llama-server's HTTP
-    # library closes kept-alive connections on its own schedule, and a request sent on one it
-    # is closing comes back as "Server disconnected without sending a response".
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(gated(http, p) for p in batch))
-        return list(results), time.perf_counter() - start
+    start = time.perf_counter()
+    results = await asyncio.gather(*(gated(p) for p in batch))
+    return list(results), time.perf_counter() - start
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), or of this one."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: int) -> float:
@@ -229,22 +289,29 @@ def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return summary
 
 
-def run_levels(base: str, batches: dict[int, list[list[int]]], args: argparse.Namespace,
+def run_levels(port: int, server_pid: int, batches: dict[int, list[list[int]]],
+               args: argparse.Namespace,
                levels: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Every level against one server (after a warm-up): streaming, and concurrency 1 also
-    non-streaming. Each finished level is appended to ``levels`` as it ends, so a caller that
-    catches a failure keeps the levels measured before it."""
+    non-streaming, with the server's and this client's CPU seconds a generated token. Each
+    finished level is appended to ``levels`` as it ends, so a caller that catches a failure
+    keeps the levels measured before it."""
     levels = [] if levels is None else levels
     warm = prompts(2, args.prompt_tokens, args.vocab, seed=99)
-    asyncio.run(load(base, warm, 2, args.max_tokens))
+    asyncio.run(load(port, warm, 2, args.max_tokens))
     for c, batch in batches.items():
         for stream in (True, False) if c == 1 else (True,):
             # Prompts of their own for the non-streaming run: a server that caches prompts
             # (both do) would otherwise skip the prefill of prompts it has just seen.
             prompt_set = batch if stream else \
                 prompts(len(batch), args.prompt_tokens, args.vocab, seed=1000 + c)
-            results, wall = asyncio.run(load(base, prompt_set, c, args.max_tokens, stream))
+            server, client = cpu_seconds(server_pid), cpu_seconds()
+            results, wall = asyncio.run(load(port, prompt_set, c, args.max_tokens, stream))
+            server, client = cpu_seconds(server_pid) - server, cpu_seconds() - client
             level = {"concurrency": c, "stream": stream, **summarize(results, wall)}
+            tokens = sum(r["tokens"] for r in results)
+            level.update(server_cpu_ms_per_token=round(1000 * server / tokens, 3),
+                         client_cpu_ms_per_token=round(1000 * client / tokens, 3))
             levels.append(level)
             print(json.dumps(level), flush=True)
     return levels
@@ -262,7 +329,7 @@ def bamba_side(directory: Path, batches: dict[int, list[list[int]]],
     base = f"http://127.0.0.1:{port}"
     proc = start_server(directory, port, args)
     try:
-        levels = run_levels(base, batches, args)
+        levels = run_levels(port, proc.pid, batches, args)
         text = httpx.get(base + "/metrics").text
         after = {name: metric(text, name) for name in (
             "bamba_kv_blocks_in_use", "bamba_state_slots_in_use", "bamba_requests_running",
@@ -280,7 +347,9 @@ def llama_cpp_side(directory: Path, batches: dict[int, list[list[int]]],
         outtype = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(args.dtype)
         if outtype is None:
             raise llama_cpp.PeerMissing(f"no GGUF type for --dtype {args.dtype}")
-        gguf = llama_cpp.convert(directory, directory.parent / f"model-{outtype}.gguf", outtype)
+        gguf = directory.parent / f"model-{outtype}.gguf"
+        if not gguf.is_file():  # converted in the first round, reused after
+            llama_cpp.convert(directory, gguf, outtype)
         port = free_port()
         proc = llama_cpp.start(binary, gguf, port, args.threads, max(args.concurrency),
                                args.prompt_tokens + args.max_tokens + 16)
@@ -289,8 +358,8 @@ def llama_cpp_side(directory: Path, batches: dict[int, list[list[int]]],
         return {"missing": str(exc)}
     levels: list[dict[str, Any]] = []
     try:
-        run_levels(f"http://127.0.0.1:{port}", batches, args, levels)
-    except (RuntimeError, httpx.HTTPError) as exc:
+        run_levels(port, proc.pid, batches, args, levels)
+    except (RuntimeError, OSError, EOFError, TimeoutError) as exc:
         log = gguf.with_suffix(".server.log").read_text(errors="replace").strip().splitlines()
         print(f"llama-server failed under load: {exc!r}", flush=True)
         return {"failed": f"llama-server failed under load: {exc!r}; its log ends: "
@@ -353,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"dtype": args.dtype, "threads": args.threads,
                      "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                      "memory_gb": args.memory_gb, "sampling": "greedy, ignore_eos",
-                     "client": "separate process, httpx asyncio, SSE",
+                     "client": "separate process, raw asyncio HTTP/1.1, SSE",
+                     "rounds": args.rounds,
                      "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "ckpt"
@@ -362,15 +432,41 @@ def main(argv: list[str] | None = None) -> int:
         args.vocab = info["vocab_size"]
         batches = {c: prompts(args.requests or max(8, 2 * c), args.prompt_tokens, args.vocab,
                               seed=c) for c in args.concurrency}
-        report["bamba"] = bamba_side(directory, batches, args)
-        report["offline"] = offline_side(directory, batches, args)
-        report["llama_cpp"] = llama_cpp_side(directory, batches, args) \
-            if args.llama_cpp != "off" else {"missing": "--llama-cpp off"}
+        sides: dict[str, Callable[[], dict[str, Any]]] = {
+            "bamba": lambda: bamba_side(directory, batches, args),
+            "offline": lambda: offline_side(directory, batches, args),
+            "llama_cpp": (lambda: llama_cpp_side(directory, batches, args))
+            if args.llama_cpp != "off" else (lambda: {"missing": "--llama-cpp off"})}
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+        for round_index in range(args.rounds):
+            for side, run in sides.items():
+                print(f"round {round_index + 1}/{args.rounds}: {side}", flush=True)
+                runs[side].append(run())
+        report.update({side: best_levels(results) for side, results in runs.items()})
     report["settings"]["load_average_at_end"] = os.getloadavg()
     print_table(report)
     write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
+
+
+def best_levels(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's rounds as one result: the last round's fields, each level (concurrency,
+    streaming) from the round where its output tok/s was highest, with every round's tok/s
+    beside it (``rounds_tok_per_s``)."""
+    result = dict(runs[-1])
+    if not any("levels" in run for run in runs):
+        return result
+    best: dict[tuple[int, bool], dict[str, Any]] = {}
+    seen: dict[tuple[int, bool], list[float]] = {}
+    for run in runs:
+        for level in run.get("levels", []):
+            key = level["concurrency"], level.get("stream", True)
+            seen.setdefault(key, []).append(level["output_tok_per_s"])
+            if key not in best or level["output_tok_per_s"] > best[key]["output_tok_per_s"]:
+                best[key] = level
+    result["levels"] = [{**level, "rounds_tok_per_s": seen[key]} for key, level in best.items()]
+    return result
 
 
 def print_table(report: dict[str, Any]) -> None:

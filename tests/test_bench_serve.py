@@ -1,6 +1,7 @@
 """The server benchmark end to end at its smallest (tiny model, bamba's side, a few requests),
 and how it records a llama.cpp peer it cannot find. Nothing here is timed."""
 
+import asyncio
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ def test_quick_run_reports_every_level_of_both_bamba_sides(tmp_path: Path,
     for (_, stream), lv in levels.items():
         assert lv["requests"] == 3 and lv["output_tok_per_s"] > 0
         assert ("itl_p99_ms" in lv and "ttft_p50_s" in lv) == stream
+        assert lv["server_cpu_ms_per_token"] > 0 and lv["client_cpu_ms_per_token"] > 0
     assert [lv["concurrency"] for lv in report["offline"]["levels"]] == [1, 4]
     assert report["bamba"]["server_metrics_after"]["bamba_kv_blocks_in_use"] == 0
     assert "no llama-server" in report["llama_cpp"]["missing"]
@@ -46,6 +48,19 @@ def test_peer_missing_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         llama_cpp.find_or_build(tmp_path)
 
 
+def test_each_level_keeps_its_best_round() -> None:
+    def level(c: int, stream: bool, tok_s: float) -> dict:
+        return {"concurrency": c, "stream": stream, "output_tok_per_s": tok_s, "itl_p50_ms": tok_s}
+
+    runs = [{"levels": [level(1, True, 60.0), level(1, False, 70.0), level(8, True, 200.0)]},
+            {"levels": [level(1, True, 65.0), level(1, False, 66.0)], "extra": 1}]
+    best = {(lv["concurrency"], lv["stream"]): lv for lv in bench_serve.best_levels(runs)["levels"]}
+    assert best[1, True]["itl_p50_ms"] == 65.0 and best[1, True]["rounds_tok_per_s"] == [60, 65]
+    assert best[1, False]["output_tok_per_s"] == 70.0 and best[8, True]["rounds_tok_per_s"] == [200]
+    assert bench_serve.best_levels(runs)["extra"] == 1
+    assert bench_serve.best_levels([{"missing": "no peer"}]) == {"missing": "no peer"}
+
+
 def test_percentiles_and_summary_of_streamed_requests() -> None:
     results = [{"ttft": 0.1, "latency": 1.0, "tokens": 4, "gaps": [0.01, 0.02, 0.03]},
                {"ttft": 0.3, "latency": 2.0, "tokens": 4, "gaps": [0.01, 0.01, 0.5]}]
@@ -54,3 +69,43 @@ def test_percentiles_and_summary_of_streamed_requests() -> None:
     assert summary["ttft_p50_s"] == pytest.approx(0.2)
     assert summary["itl_p50_ms"] == pytest.approx(15.0)
     assert summary["itl_p99_ms"] > 400
+
+
+async def _serve_once(response: bytes) -> tuple[asyncio.AbstractServer, int, list[bytes]]:
+    """A started HTTP server on 127.0.0.1 answering any request with ``response`` sent in
+    pieces of 7 bytes (chunk boundaries fall anywhere); returns it, its port and the list the
+    requests it gets go to."""
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        seen.append(head + await reader.readexactly(length))
+        for i in range(0, len(response), 7):
+            writer.write(response[i:i + 7])
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+def test_raw_client_reads_chunked_streams_and_refuses_errors() -> None:
+    events = b"".join(b'data: {"choices": [{"text": "%d"}]}\n\n' % i for i in range(3))
+    events += b'data: {"choices": [], "usage": {"completion_tokens": 3}}\n\ndata: [DONE]\n\n'
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                       for part in (events[:50], events[50:51], events[51:])) + b"0\r\n\r\n"
+    streamed = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    refused = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nbad request"
+
+    async def run(response: bytes) -> tuple[dict, list[bytes]]:
+        server, port, seen = await _serve_once(response)
+        async with server:
+            return await bench_serve.one_request(port, [5, 6], 3, stream=True), seen
+
+    result, seen = asyncio.run(run(streamed))
+    assert result["tokens"] == 3 and len(result["gaps"]) == 2 and result["ttft"] > 0
+    body = json.loads(seen[0].split(b"\r\n\r\n", 1)[1])
+    assert body["prompt"] == [5, 6] and body["stream"] and body["max_tokens"] == 3
+    with pytest.raises(RuntimeError, match="status 400: b'bad request'"):
+        asyncio.run(run(refused))
