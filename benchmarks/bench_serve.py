@@ -9,7 +9,8 @@ exactly --max-tokens tokens (greedy, ignore_eos). Per level: output tok/s, time 
 between two streamed events of one request; one event is one token unless the reader fell
 behind) p50/p99 over all gaps. Concurrency 1 is also run non-streaming (seconds a request).
 The sides run in rotation for --rounds rounds (host drift hits all alike), each level keeping
-its best round; the report holds every round's tok/s, and the server's and client's CPU a token.
+its best round; the report holds every round's tok/s, and the server's and client's CPU a token
+(and bamba's engine thread's time in and between steps a token, from its /metrics).
 
 Sides: ``bamba`` (``bamba serve`` in a subprocess, --threads torch threads); ``offline``
 (``LLM.generate`` in this process on a worker thread, as the server's engine runs: one request
@@ -57,6 +58,8 @@ from host import describe_host, write_json  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 NAME = "bench"
 REQUEST_TIMEOUT_S = 600
+# bamba serve's /metrics counters of its engine thread's time (inside steps, between them)
+ENGINE_COUNTERS = ("engine_step", "engine_between_steps")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -290,12 +293,13 @@ def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 
 
 def run_levels(port: int, server_pid: int, batches: dict[int, list[list[int]]],
-               args: argparse.Namespace,
-               levels: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+               args: argparse.Namespace, levels: list[dict[str, Any]] | None = None,
+               counters: Callable[[], dict[str, float]] | None = None) -> list[dict[str, Any]]:
     """Every level against one server (after a warm-up): streaming, and concurrency 1 also
-    non-streaming, with the server's and this client's CPU seconds a generated token. Each
-    finished level is appended to ``levels`` as it ends, so a caller that catches a failure
-    keeps the levels measured before it."""
+    non-streaming, with the server's and this client's CPU seconds a generated token, and
+    the growth of the server's ``counters`` (seconds) a generated token. Each finished level
+    is appended to ``levels`` as it ends, so a caller that catches a failure keeps the levels
+    measured before it."""
     levels = [] if levels is None else levels
     warm = prompts(2, args.prompt_tokens, args.vocab, seed=99)
     asyncio.run(load(port, warm, 2, args.max_tokens))
@@ -305,13 +309,17 @@ def run_levels(port: int, server_pid: int, batches: dict[int, list[list[int]]],
             # (both do) would otherwise skip the prefill of prompts it has just seen.
             prompt_set = batch if stream else \
                 prompts(len(batch), args.prompt_tokens, args.vocab, seed=1000 + c)
+            before = counters() if counters else {}
             server, client = cpu_seconds(server_pid), cpu_seconds()
             results, wall = asyncio.run(load(port, prompt_set, c, args.max_tokens, stream))
             server, client = cpu_seconds(server_pid) - server, cpu_seconds() - client
+            after = counters() if counters else {}
             level = {"concurrency": c, "stream": stream, **summarize(results, wall)}
             tokens = sum(r["tokens"] for r in results)
             level.update(server_cpu_ms_per_token=round(1000 * server / tokens, 3),
                          client_cpu_ms_per_token=round(1000 * client / tokens, 3))
+            level.update({f"{name}_ms_per_token": round(1000 * (after[name] - before[name])
+                                                        / tokens, 3) for name in after})
             levels.append(level)
             print(json.dumps(level), flush=True)
     return levels
@@ -329,7 +337,9 @@ def bamba_side(directory: Path, batches: dict[int, list[list[int]]],
     base = f"http://127.0.0.1:{port}"
     proc = start_server(directory, port, args)
     try:
-        levels = run_levels(port, proc.pid, batches, args)
+        levels = run_levels(port, proc.pid, batches, args, counters=lambda: {
+            name: metric(httpx.get(base + "/metrics").text, f"bamba_{name}_seconds_total")
+            for name in ENGINE_COUNTERS})
         text = httpx.get(base + "/metrics").text
         after = {name: metric(text, name) for name in (
             "bamba_kv_blocks_in_use", "bamba_state_slots_in_use", "bamba_requests_running",

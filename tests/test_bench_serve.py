@@ -33,6 +33,7 @@ def test_quick_run_reports_every_level_of_both_bamba_sides(tmp_path: Path,
         assert lv["requests"] == 3 and lv["output_tok_per_s"] > 0
         assert ("itl_p99_ms" in lv and "ttft_p50_s" in lv) == stream
         assert lv["server_cpu_ms_per_token"] > 0 and lv["client_cpu_ms_per_token"] > 0
+        assert lv["engine_step_ms_per_token"] > lv["engine_between_steps_ms_per_token"] > 0
     assert [lv["concurrency"] for lv in report["offline"]["levels"]] == [1, 4]
     assert report["bamba"]["server_metrics_after"]["bamba_kv_blocks_in_use"] == 0
     assert "no llama-server" in report["llama_cpp"]["missing"]

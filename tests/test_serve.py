@@ -298,6 +298,9 @@ def test_metrics_expose_pools_rates_and_ttft_histogram(server) -> None:
     assert _metric(text, "bamba_kv_blocks_total") == s.num_blocks
     assert _metric(text, "bamba_state_slots_total") == s.num_slots
     assert _metric(text, "bamba_generation_tokens_total") >= 3
+    assert _metric(text, "bamba_engine_step_seconds_total") > 0
+    assert 0 < _metric(text, "bamba_engine_between_steps_seconds_total") < \
+        _metric(text, "bamba_engine_step_seconds_total")
     buckets = [float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("bamba_time_to_first_token_seconds_bucket")]
     count = _metric(text, "bamba_time_to_first_token_seconds_count")

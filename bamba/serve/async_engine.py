@@ -206,18 +206,26 @@ class AsyncEngine:
 
     # ---- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
+        last_end = None  # when the previous step ended, if the engine has not idled since
         while not self._stopping:
             self._wake.clear()
             self._drain()
             if not self.llm.has_unfinished_requests():
+                last_end = None
                 self._wake.wait(0.5)
                 continue
+            start = time.perf_counter()
             try:
                 outputs = self.llm.step()
             except Exception as exc:  # a bug in a step must not kill the server's engine
                 log.exception("engine step failed")
                 self._fail_all(RuntimeError(f"the engine failed: {exc}"))
+                last_end = None
                 continue
+            end = time.perf_counter()
+            self.metrics.record_engine_time(end - start, 0.0 if last_end is None
+                                            else start - last_end)
+            last_end = end
             self._deliver(outputs)
         stopped = RuntimeError("the server is shutting down")
         self._fail_all(stopped)

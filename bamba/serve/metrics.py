@@ -31,6 +31,8 @@ class ServerMetrics:
     ttft_sum: float = 0.0
     ttft_count: int = 0
     recent: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tokens) a step
+    step_seconds: float = 0.0  # engine thread inside steps
+    between_steps_seconds: float = 0.0  # engine thread between two steps in a row
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_first_token(self, seconds: float, prompt_tokens: int) -> None:
@@ -50,6 +52,14 @@ class ServerMetrics:
                 self.recent.popleft()
             self.recent.append((now, new_tokens))
             self.stats = stats
+
+    def record_engine_time(self, step: float, between: float) -> None:
+        """A step's seconds, and those since the step before it when the engine ran them back
+        to back (handing outputs to the event loop, taking commands, waiting for the GIL):
+        the server's own cost beside the model's."""
+        with self.lock:
+            self.step_seconds += step
+            self.between_steps_seconds += between
 
     def record_finish(self, reason: str) -> None:
         with self.lock:
@@ -89,6 +99,11 @@ class ServerMetrics:
                      "Prompt tokens of requests that produced a first token.")
             _counter(out, "bamba_generation_tokens_total", self.generation_tokens,
                      "Tokens generated.")
+            _counter(out, "bamba_engine_step_seconds_total", self.step_seconds,
+                     "Engine thread seconds inside steps.")
+            _counter(out, "bamba_engine_between_steps_seconds_total", self.between_steps_seconds,
+                     "Engine thread seconds between back-to-back steps (handing outputs on, "
+                     "taking commands).")
             _gauge(out, "bamba_generation_tokens_per_second", rate,
                    f"Tokens generated per second over the last {RATE_WINDOW:g} s.")
             _help(out, "bamba_requests_finished_total", "counter", "Finished samples by reason.")
