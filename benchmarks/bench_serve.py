@@ -8,9 +8,11 @@ exactly --max-tokens tokens (greedy, ignore_eos). Per level: output tok/s, time 
 (TTFT, from sending to the first streamed token) p50/p99 and inter-token latency (ITL, the gap
 between two streamed events of one request; one event is one token unless the reader fell
 behind) p50/p99 over all gaps. Concurrency 1 is also run non-streaming (seconds a request).
-The sides run in rotation for --rounds rounds (host drift hits all alike), each level keeping
-its best round; the report holds every round's tok/s, and the server's and client's CPU a token
-(and bamba's engine thread's time in and between steps a token, from its /metrics).
+All sides stay up for the whole run and each level is measured --rounds times, the sides in
+rotating order within each round (host drift hits all alike: this host's speed moves by up to
+15% over minutes), on prompts new to every server each round; each level keeps its best round.
+The report holds every round's tok/s, and the server's and client's CPU a token (and bamba's
+engine thread's time in and between steps a token, from its /metrics).
 
 Sides: ``bamba`` (``bamba serve`` in a subprocess, --threads torch threads); ``offline``
 (``LLM.generate`` in this process on a worker thread, as the server's engine runs: one request
@@ -292,37 +294,23 @@ def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return summary
 
 
-def run_levels(port: int, server_pid: int, batches: dict[int, list[list[int]]],
-               args: argparse.Namespace, levels: list[dict[str, Any]] | None = None,
-               counters: Callable[[], dict[str, float]] | None = None) -> list[dict[str, Any]]:
-    """Every level against one server (after a warm-up): streaming, and concurrency 1 also
-    non-streaming, with the server's and this client's CPU seconds a generated token, and
-    the growth of the server's ``counters`` (seconds) a generated token. Each finished level
-    is appended to ``levels`` as it ends, so a caller that catches a failure keeps the levels
-    measured before it."""
-    levels = [] if levels is None else levels
-    warm = prompts(2, args.prompt_tokens, args.vocab, seed=99)
-    asyncio.run(load(port, warm, 2, args.max_tokens))
-    for c, batch in batches.items():
-        for stream in (True, False) if c == 1 else (True,):
-            # Prompts of their own for the non-streaming run: a server that caches prompts
-            # (both do) would otherwise skip the prefill of prompts it has just seen.
-            prompt_set = batch if stream else \
-                prompts(len(batch), args.prompt_tokens, args.vocab, seed=1000 + c)
-            before = counters() if counters else {}
-            server, client = cpu_seconds(server_pid), cpu_seconds()
-            results, wall = asyncio.run(load(port, prompt_set, c, args.max_tokens, stream))
-            server, client = cpu_seconds(server_pid) - server, cpu_seconds() - client
-            after = counters() if counters else {}
-            level = {"concurrency": c, "stream": stream, **summarize(results, wall)}
-            tokens = sum(r["tokens"] for r in results)
-            level.update(server_cpu_ms_per_token=round(1000 * server / tokens, 3),
-                         client_cpu_ms_per_token=round(1000 * client / tokens, 3))
-            level.update({f"{name}_ms_per_token": round(1000 * (after[name] - before[name])
-                                                        / tokens, 3) for name in after})
-            levels.append(level)
-            print(json.dumps(level), flush=True)
-    return levels
+def measure_level(port: int, server_pid: int, c: int, prompt_set: list[list[int]],
+                  stream: bool, args: argparse.Namespace,
+                  counters: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
+    """One level against a server: its summary, the server's and this client's CPU seconds a
+    generated token, and the growth of the server's ``counters`` (seconds) a token."""
+    before = counters() if counters else {}
+    server, client = cpu_seconds(server_pid), cpu_seconds()
+    results, wall = asyncio.run(load(port, prompt_set, c, args.max_tokens, stream))
+    server, client = cpu_seconds(server_pid) - server, cpu_seconds() - client
+    after = counters() if counters else {}
+    level = {"concurrency": c, "stream": stream, **summarize(results, wall)}
+    tokens = sum(r["tokens"] for r in results)
+    level.update(server_cpu_ms_per_token=round(1000 * server / tokens, 3),
+                 client_cpu_ms_per_token=round(1000 * client / tokens, 3))
+    level.update({f"{name}_ms_per_token": round(1000 * (after[name] - before[name]) / tokens, 3)
+                  for name in after})
+    return level
 
 
 def metric(text: str, name: str) -> float:
@@ -331,77 +319,97 @@ def metric(text: str, name: str) -> float:
 
 
 # ---- sides -----------------------------------------------------------------------------------
-def bamba_side(directory: Path, batches: dict[int, list[list[int]]],
-               args: argparse.Namespace) -> dict[str, Any]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start_server(directory, port, args)
-    try:
-        levels = run_levels(port, proc.pid, batches, args, counters=lambda: {
-            name: metric(httpx.get(base + "/metrics").text, f"bamba_{name}_seconds_total")
-            for name in ENGINE_COUNTERS})
-        text = httpx.get(base + "/metrics").text
-        after = {name: metric(text, name) for name in (
-            "bamba_kv_blocks_in_use", "bamba_state_slots_in_use", "bamba_requests_running",
-            "bamba_generation_tokens_total", "bamba_preemptions_total")}
-    finally:
-        stop_server(proc)
-    return {"levels": levels, "server_metrics_after": after}
+class BambaSide:
+    """``bamba serve`` in a subprocess, warmed up, loaded level by level."""
+
+    def __init__(self, directory: Path, args: argparse.Namespace):
+        self.args, self.port = args, free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = start_server(directory, self.port, args)
+        asyncio.run(load(self.port, prompts(2, args.prompt_tokens, args.vocab, seed=99), 2,
+                         args.max_tokens))
+
+    def level(self, c: int, prompt_set: list[list[int]], stream: bool) -> dict[str, Any]:
+        return measure_level(self.port, self.proc.pid, c, prompt_set, stream, self.args,
+                             counters=lambda: {name: metric(
+                                 httpx.get(self.base + "/metrics").text,
+                                 f"bamba_{name}_seconds_total") for name in ENGINE_COUNTERS})
+
+    def close(self) -> dict[str, Any]:
+        """Its pools after the load (all free again), then the server stopped."""
+        try:
+            text = httpx.get(self.base + "/metrics").text
+            return {"server_metrics_after": {name: metric(text, name) for name in (
+                "bamba_kv_blocks_in_use", "bamba_state_slots_in_use", "bamba_requests_running",
+                "bamba_generation_tokens_total", "bamba_preemptions_total")}}
+        finally:
+            stop_server(self.proc)
 
 
-def llama_cpp_side(directory: Path, batches: dict[int, list[list[int]]],
-                   args: argparse.Namespace) -> dict[str, Any]:
-    """llama-server on a GGUF of the same weights, or {"missing": why}."""
-    try:
+class LlamaSide:
+    """llama-server on a GGUF of the same weights made by llama.cpp's converter (raises
+    llama_cpp.PeerMissing when it cannot be found, built or loaded), warmed up."""
+
+    def __init__(self, directory: Path, args: argparse.Namespace):
         binary = llama_cpp.find_or_build(build=args.llama_cpp == "auto")
         outtype = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(args.dtype)
         if outtype is None:
             raise llama_cpp.PeerMissing(f"no GGUF type for --dtype {args.dtype}")
-        gguf = directory.parent / f"model-{outtype}.gguf"
-        if not gguf.is_file():  # converted in the first round, reused after
-            llama_cpp.convert(directory, gguf, outtype)
-        port = free_port()
-        proc = llama_cpp.start(binary, gguf, port, args.threads, max(args.concurrency),
-                               args.prompt_tokens + args.max_tokens + 16)
-    except llama_cpp.PeerMissing as exc:
-        print(f"llama.cpp side skipped: {exc}", flush=True)
-        return {"missing": str(exc)}
-    levels: list[dict[str, Any]] = []
-    try:
-        run_levels(port, proc.pid, batches, args, levels)
-    except (RuntimeError, OSError, EOFError, TimeoutError) as exc:
-        log = gguf.with_suffix(".server.log").read_text(errors="replace").strip().splitlines()
-        print(f"llama-server failed under load: {exc!r}", flush=True)
-        return {"failed": f"llama-server failed under load: {exc!r}; its log ends: "
-                          f"{log[-3:] if log else 'no output'}", "levels": levels}
-    finally:
-        stop_server(proc)
-    return {"binary": str(binary), "version": llama_cpp.VERSION, "gguf_type": outtype,
-            "parallel_slots": max(args.concurrency), "levels": levels}
+        self.gguf = llama_cpp.convert(directory, directory.parent / f"model-{outtype}.gguf",
+                                      outtype)
+        self.args, self.port = args, free_port()
+        self.proc = llama_cpp.start(binary, self.gguf, self.port, args.threads,
+                                    max(args.concurrency), args.prompt_tokens + args.max_tokens + 16)
+        self.info = {"binary": str(binary), "version": llama_cpp.VERSION, "gguf_type": outtype,
+                     "parallel_slots": max(args.concurrency)}
+        asyncio.run(load(self.port, prompts(2, args.prompt_tokens, args.vocab, seed=99), 2,
+                         args.max_tokens))
+
+    def level(self, c: int, prompt_set: list[list[int]], stream: bool) -> dict[str, Any]:
+        return measure_level(self.port, self.proc.pid, c, prompt_set, stream, self.args)
+
+    def failure(self, exc: Exception) -> str:
+        log = self.gguf.with_suffix(".server.log").read_text(errors="replace").strip()
+        return (f"llama-server failed under load: {exc!r}; its log ends: "
+                f"{log.splitlines()[-3:] if log else 'no output'}")
+
+    def close(self) -> dict[str, Any]:
+        stop_server(self.proc)
+        return dict(self.info)
 
 
-def offline_side(directory: Path, batches: dict[int, list[list[int]]],
-                 args: argparse.Namespace) -> dict[str, Any]:
-    """The same requests through ``LLM.generate`` on a worker thread (as the server's engine
-    runs): one after another at concurrency 1, else together with max_num_seqs=C."""
-    from bamba.engine import LLM, SamplingParams
+class OfflineSide:
+    """The same requests through ``LLM.generate`` in this process, on a worker thread (as the
+    server's engine runs): one after another at concurrency 1, else together with
+    max_num_seqs=C (an engine a concurrency, made on first use). Streaming does not apply."""
 
-    torch.set_num_threads(args.threads)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    levels = []
-    for c, batch in batches.items():
-        llm = in_passing_thread(lambda c=c: LLM(str(directory), dtype=args.dtype,
-                                                memory_gb=args.memory_gb, max_num_seqs=c))
-        calls: list[Callable[[], list]] = [lambda p=p: llm.generate(p, params) for p in batch] \
-            if c == 1 else [lambda: llm.generate(batch, params)]
-        wall, tokens = _on_worker_thread(llm, calls, params,
-                                         prompts(2, args.prompt_tokens, args.vocab, 99))
-        level = {"concurrency": c, "requests": len(batch), "wall_s": round(wall, 3),
-                 "output_tok_per_s": round(tokens / wall, 1),
-                 "seconds_per_request": round(wall / len(batch), 4) if c == 1 else None}
-        levels.append(level)
-        print(json.dumps({"offline": level}), flush=True)
-    return {"levels": levels}
+    def __init__(self, directory: Path, args: argparse.Namespace):
+        from bamba.engine import SamplingParams
+
+        self.directory, self.args, self.engines = directory, args, {}
+        self.params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+        torch.set_num_threads(args.threads)
+
+    def level(self, c: int, prompt_set: list[list[int]], stream: bool) -> dict[str, Any]:
+        from bamba.engine import LLM
+
+        if c not in self.engines:
+            self.engines[c] = in_passing_thread(lambda: LLM(
+                str(self.directory), dtype=self.args.dtype, memory_gb=self.args.memory_gb,
+                max_num_seqs=c))
+        llm = self.engines[c]
+        calls: list[Callable[[], list]] = \
+            [lambda p=p: llm.generate(p, self.params) for p in prompt_set] if c == 1 else \
+            [lambda: llm.generate(prompt_set, self.params)]
+        wall, tokens = _on_worker_thread(llm, calls, self.params, prompts(
+            2, self.args.prompt_tokens, self.args.vocab, 99))
+        return {"concurrency": c, "stream": stream, "requests": len(prompt_set),
+                "wall_s": round(wall, 3), "output_tok_per_s": round(tokens / wall, 1),
+                "seconds_per_request": round(wall / len(prompt_set), 4) if c == 1 else None}
+
+    def close(self) -> dict[str, Any]:
+        self.engines.clear()
+        return {}
 
 
 def _on_worker_thread(llm: Any, calls: list[Callable[[], list]], params: Any,
@@ -422,6 +430,34 @@ def _on_worker_thread(llm: Any, calls: list[Callable[[], list]], params: Any,
     return timing["wall"], timing["tokens"]
 
 
+def run_rotation(sides: dict[str, Any], counts: dict[int, int], args: argparse.Namespace,
+                 failed: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """Every level (each concurrency streaming, concurrency 1 also non-streaming) --rounds
+    times, every side once a round in rotating order, on prompts new to every server in each
+    round (both servers cache prompts). A side that fails under load leaves the rotation with
+    its reason in ``failed`` (bamba's sides are not allowed to). Returns each side's levels."""
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    sides = dict(sides)  # the rotation's own: a failed side leaves it, not the caller's
+    for c, count in counts.items():
+        for stream in (True, False) if c == 1 else (True,):
+            for round_index in range(args.rounds):
+                seed = 10_000 * c + 1000 * stream + round_index
+                prompt_set = prompts(count, args.prompt_tokens, args.vocab, seed)
+                names = list(sides)
+                for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+                    try:
+                        level = sides[name].level(c, prompt_set, stream)
+                    except (RuntimeError, OSError, EOFError, TimeoutError) as exc:
+                        if not isinstance(sides[name], LlamaSide):
+                            raise
+                        failed[name] = sides.pop(name).failure(exc)
+                        print(failed[name], flush=True)
+                        continue
+                    measured[name].append(level)
+                    print(json.dumps({name: level}), flush=True)
+    return measured
+
+
 # ---- report ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -433,26 +469,36 @@ def main(argv: list[str] | None = None) -> int:
                      "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                      "memory_gb": args.memory_gb, "sampling": "greedy, ignore_eos",
                      "client": "separate process, raw asyncio HTTP/1.1, SSE",
-                     "rounds": args.rounds,
-                     "load_average_at_start": os.getloadavg()}}
+                     "rounds": args.rounds, "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "ckpt"
         report["model"] = info = in_passing_thread(  # no OpenMP pool left on this main thread
             lambda: write_checkpoint(directory, args.preset))
         args.vocab = info["vocab_size"]
-        batches = {c: prompts(args.requests or max(8, 2 * c), args.prompt_tokens, args.vocab,
-                              seed=c) for c in args.concurrency}
-        sides: dict[str, Callable[[], dict[str, Any]]] = {
-            "bamba": lambda: bamba_side(directory, batches, args),
-            "offline": lambda: offline_side(directory, batches, args),
-            "llama_cpp": (lambda: llama_cpp_side(directory, batches, args))
-            if args.llama_cpp != "off" else (lambda: {"missing": "--llama-cpp off"})}
-        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-        for round_index in range(args.rounds):
-            for side, run in sides.items():
-                print(f"round {round_index + 1}/{args.rounds}: {side}", flush=True)
-                runs[side].append(run())
-        report.update({side: best_levels(results) for side, results in runs.items()})
+        counts = {c: args.requests or max(8, 2 * c) for c in args.concurrency}
+        sides: dict[str, Any] = {}
+        closed: dict[str, dict[str, Any]] = {}
+        failed: dict[str, str] = {}
+        try:
+            sides["bamba"] = BambaSide(directory, args)
+            sides["offline"] = OfflineSide(directory, args)
+            if args.llama_cpp == "off":
+                closed["llama_cpp"] = {"missing": "--llama-cpp off"}
+            else:
+                try:
+                    sides["llama_cpp"] = LlamaSide(directory, args)
+                except llama_cpp.PeerMissing as exc:
+                    print(f"llama.cpp side skipped: {exc}", flush=True)
+                    closed["llama_cpp"] = {"missing": str(exc)}
+            measured = run_rotation(sides, counts, args, failed)
+        finally:
+            for name, side in sides.items():
+                closed.setdefault(name, {}).update(side.close())
+        for name, levels in measured.items():
+            closed[name]["levels"] = best_levels(levels)
+        for name, why in failed.items():
+            closed[name]["failed"] = why
+        report.update({name: closed[name] for name in ("bamba", "offline", "llama_cpp")})
     report["settings"]["load_average_at_end"] = os.getloadavg()
     print_table(report)
     write_json(args.out, report)
@@ -460,30 +506,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def best_levels(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One side's rounds as one result: the last round's fields, each level (concurrency,
-    streaming) from the round where its output tok/s was highest, with every round's tok/s
-    beside it (``rounds_tok_per_s``)."""
-    result = dict(runs[-1])
-    if not any("levels" in run for run in runs):
-        return result
+def best_levels(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A side's measured levels, one per (concurrency, streaming): the round with the highest
+    output tok/s, with every round's tok/s beside it (``rounds_tok_per_s``)."""
     best: dict[tuple[int, bool], dict[str, Any]] = {}
     seen: dict[tuple[int, bool], list[float]] = {}
-    for run in runs:
-        for level in run.get("levels", []):
-            key = level["concurrency"], level.get("stream", True)
-            seen.setdefault(key, []).append(level["output_tok_per_s"])
-            if key not in best or level["output_tok_per_s"] > best[key]["output_tok_per_s"]:
-                best[key] = level
-    result["levels"] = [{**level, "rounds_tok_per_s": seen[key]} for key, level in best.items()]
-    return result
+    for level in levels:
+        key = level["concurrency"], level["stream"]
+        seen.setdefault(key, []).append(level["output_tok_per_s"])
+        if key not in best or level["output_tok_per_s"] > best[key]["output_tok_per_s"]:
+            best[key] = level
+    return [{**level, "rounds_tok_per_s": seen[key]} for key, level in best.items()]
 
 
 def print_table(report: dict[str, Any]) -> None:
     model = report["model"]
     print(f"\nmodel {model['preset']} ({model['parameters'] / 1e6:.1f}M params), "
           f"{report['settings']['dtype']}, {report['settings']['threads']} threads")
-    offline = {lv["concurrency"]: lv for lv in report["offline"]["levels"]}
+    offline = {(lv["concurrency"], lv["stream"]): lv for lv in report["offline"]["levels"]}
     peer = {(lv["concurrency"], lv["stream"]): lv
             for lv in report["llama_cpp"].get("levels", [])}
     print(f"{'conc':>4} {'stream':>6} {'tok/s':>7} {'offline':>7} {'llama':>7} "
@@ -491,7 +531,7 @@ def print_table(report: dict[str, Any]) -> None:
     for lv in report["bamba"]["levels"]:
         other = peer.get((lv["concurrency"], lv["stream"]), {})
         print(f"{lv['concurrency']:>4} {str(lv['stream']):>6} {lv['output_tok_per_s']:>7.1f} "
-              f"{offline[lv['concurrency']]['output_tok_per_s']:>7.1f} "
+              f"{offline[lv['concurrency'], lv['stream']]['output_tok_per_s']:>7.1f} "
               f"{_cell(other.get('output_tok_per_s'), 7, '.1f')} "
               f"{_cell(lv.get('ttft_p50_s'), 8, '.3f')} {_cell(lv.get('ttft_p99_s'), 7, '.3f')} "
               f"{_cell(lv.get('itl_p50_ms'), 7, '.1f')} {_cell(lv.get('itl_p99_ms'), 7, '.1f')} "

@@ -34,7 +34,8 @@ def test_quick_run_reports_every_level_of_both_bamba_sides(tmp_path: Path,
         assert ("itl_p99_ms" in lv and "ttft_p50_s" in lv) == stream
         assert lv["server_cpu_ms_per_token"] > 0 and lv["client_cpu_ms_per_token"] > 0
         assert lv["engine_step_ms_per_token"] > lv["engine_between_steps_ms_per_token"] > 0
-    assert [lv["concurrency"] for lv in report["offline"]["levels"]] == [1, 4]
+    assert [(lv["concurrency"], lv["stream"]) for lv in report["offline"]["levels"]] == \
+        [(1, True), (1, False), (4, True)]
     assert report["bamba"]["server_metrics_after"]["bamba_kv_blocks_in_use"] == 0
     assert "no llama-server" in report["llama_cpp"]["missing"]
     assert report["host"]["threads"] == 2
@@ -53,13 +54,11 @@ def test_each_level_keeps_its_best_round() -> None:
     def level(c: int, stream: bool, tok_s: float) -> dict:
         return {"concurrency": c, "stream": stream, "output_tok_per_s": tok_s, "itl_p50_ms": tok_s}
 
-    runs = [{"levels": [level(1, True, 60.0), level(1, False, 70.0), level(8, True, 200.0)]},
-            {"levels": [level(1, True, 65.0), level(1, False, 66.0)], "extra": 1}]
-    best = {(lv["concurrency"], lv["stream"]): lv for lv in bench_serve.best_levels(runs)["levels"]}
+    levels = [level(1, True, 60.0), level(1, True, 65.0), level(1, False, 70.0),
+              level(1, False, 66.0), level(8, True, 200.0)]
+    best = {(lv["concurrency"], lv["stream"]): lv for lv in bench_serve.best_levels(levels)}
     assert best[1, True]["itl_p50_ms"] == 65.0 and best[1, True]["rounds_tok_per_s"] == [60, 65]
     assert best[1, False]["output_tok_per_s"] == 70.0 and best[8, True]["rounds_tok_per_s"] == [200]
-    assert bench_serve.best_levels(runs)["extra"] == 1
-    assert bench_serve.best_levels([{"missing": "no peer"}]) == {"missing": "no peer"}
 
 
 def test_percentiles_and_summary_of_streamed_requests() -> None:
