@@ -136,6 +136,21 @@ def test_widths_the_kernels_do_not_take_run_the_torch_reference(monkeypatch) -> 
             torch.testing.assert_close(native(x), reference(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fmt, group", [("fp8", None), ("int8", None), ("int8", 32),
+                                        ("int4", 32), ("int4", 128), ("int4", None)])
+def test_prefill_tiles_are_the_reference_weights_exactly(fmt, group, dtype) -> None:
+    """A tile dequantized natively (sixteen weights a vector) is the reference's dense
+    weight bit for bit, every row from any first row on."""
+    layer = _layer(fmt, group, False, torch.bfloat16, k=384, n=40)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), 384)
+    want = layer.dequantized_weight(dtype)
+    torch.testing.assert_close(quant_ops.dequantize_tile(layout, 0, 40, dtype), want,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(quant_ops.dequantize_tile(layout, 7, 23, dtype), want[7:23],
+                               rtol=0, atol=0)
+
+
 def test_the_tile_matmul_needs_no_dense_copy_of_the_weight(monkeypatch) -> None:
     """Prefill dequantizes a tile of output features at a time."""
     layer = _layer("int4", 64, False, torch.bfloat16, k=256, n=1100)
