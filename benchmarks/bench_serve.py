@@ -3,8 +3,9 @@
 One run writes a random-weight checkpoint (--preset, default the bench shape) and, from this
 (separate) process, sends the same client load to each side on 127.0.0.1, at every concurrency
 C in --concurrency (default 1 4 8 32): C streaming /v1/completions requests kept in flight,
-each with its own random --prompt-tokens prompt (token ids: no prefix-cache hits) generating
-exactly --max-tokens tokens (greedy, ignore_eos). Per level: output tok/s, time to first token
+each with its own random --prompt-tokens prompt (token ids: no prefix-cache hits) generating a
+length drawn around --max-tokens (--output-spread; greedy, ignore_eos), so requests end at
+different times and newcomers' prompts are prefilled while others decode. Per level: output tok/s, time to first token
 (TTFT, from sending to the first streamed token) p50/p99 and inter-token latency (ITL, the gap
 between two streamed events of one request; one event is one token unless the reader fell
 behind) p50/p99 over all gaps. Concurrency 1 is also run non-streaming (seconds a request).
@@ -74,7 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None,
                    help="requests per level (default: max(8, 2 x concurrency))")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens each request generates")
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help="tokens a request generates, on average (see --output-spread)")
+    p.add_argument("--output-spread", type=float, default=0.5,
+                   help="each request generates a length drawn uniformly from max-tokens x "
+                        "(1 -/+ spread), the same for every side (0: all alike, so requests "
+                        "finish and arrive in waves)")
     p.add_argument("--memory-gb", type=float, default=1.0, help="bamba's KV blocks and slots")
     p.add_argument("--rounds", type=int, default=None,
                    help="rotations over the sides, each level keeping its best round (default 2,"
@@ -91,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if args.quick else 2)
     if min(args.concurrency) < 1 or args.max_tokens < 2 or args.prompt_tokens < 1:
         p.error("--concurrency, --prompt-tokens must be >= 1 and --max-tokens >= 2")
+    if not 0 <= args.output_spread < 1:
+        p.error("--output-spread must lie in [0, 1)")
     return args
 
 
@@ -159,6 +167,27 @@ def stop_server(proc: subprocess.Popen) -> None:
 def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(count)]
+
+
+Request = tuple[list[int], int]  # a prompt's token ids, the tokens to generate
+
+
+def requests(count: int, args: argparse.Namespace, seed: int) -> list[Request]:
+    """``count`` random prompts, each with its output length (--max-tokens, spread by
+    --output-spread, at least 2)."""
+    rng = random.Random(seed + 1)
+    low = max(2, round(args.max_tokens * (1 - args.output_spread)))
+    return [(prompt, rng.randint(low, max(low, longest_output(args))))
+            for prompt in prompts(count, args.prompt_tokens, args.vocab, seed)]
+
+
+def longest_output(args: argparse.Namespace) -> int:
+    return round(args.max_tokens * (1 + args.output_spread))
+
+
+def warm_up(port: int, args: argparse.Namespace) -> None:
+    asyncio.run(load(port, [(p, args.max_tokens) for p in prompts(
+        2, args.prompt_tokens, args.vocab, seed=99)], 2))
 
 
 async def post(port: int, body: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -246,19 +275,19 @@ def _result(sent: float, first: float | None, events: list[float], tokens: int,
             "tokens": tokens, "gaps": [b - a for a, b in zip(events, events[1:])]}
 
 
-async def load(port: int, batch: list[list[int]], concurrency: int, max_tokens: int,
+async def load(port: int, batch: list[Request], concurrency: int,
                stream: bool = True) -> tuple[list[dict[str, Any]], float]:
     """The batch's requests, ``concurrency`` in flight, each on a connection of its own
     (loopback: well under a millisecond; llama-server's HTTP library closes kept-alive
     connections on its own schedule, and a request sent on one it is closing fails)."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def gated(prompt: list[int]) -> dict[str, Any]:
+    async def gated(prompt: list[int], max_tokens: int) -> dict[str, Any]:
         async with gate, asyncio.timeout(REQUEST_TIMEOUT_S):
             return await one_request(port, prompt, max_tokens, stream)
 
     start = time.perf_counter()
-    results = await asyncio.gather(*(gated(p) for p in batch))
+    results = await asyncio.gather(*(gated(p, n) for p, n in batch))
     return list(results), time.perf_counter() - start
 
 
@@ -294,14 +323,14 @@ def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return summary
 
 
-def measure_level(port: int, server_pid: int, c: int, prompt_set: list[list[int]],
+def measure_level(port: int, server_pid: int, c: int, batch: list[Request],
                   stream: bool, args: argparse.Namespace,
                   counters: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
     """One level against a server: its summary, the server's and this client's CPU seconds a
     generated token, and the growth of the server's ``counters`` (seconds) a token."""
     before = counters() if counters else {}
     server, client = cpu_seconds(server_pid), cpu_seconds()
-    results, wall = asyncio.run(load(port, prompt_set, c, args.max_tokens, stream))
+    results, wall = asyncio.run(load(port, batch, c, stream))
     server, client = cpu_seconds(server_pid) - server, cpu_seconds() - client
     after = counters() if counters else {}
     level = {"concurrency": c, "stream": stream, **summarize(results, wall)}
@@ -326,11 +355,10 @@ class BambaSide:
         self.args, self.port = args, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = start_server(directory, self.port, args)
-        asyncio.run(load(self.port, prompts(2, args.prompt_tokens, args.vocab, seed=99), 2,
-                         args.max_tokens))
+        warm_up(self.port, args)
 
-    def level(self, c: int, prompt_set: list[list[int]], stream: bool) -> dict[str, Any]:
-        return measure_level(self.port, self.proc.pid, c, prompt_set, stream, self.args,
+    def level(self, c: int, batch: list[Request], stream: bool) -> dict[str, Any]:
+        return measure_level(self.port, self.proc.pid, c, batch, stream, self.args,
                              counters=lambda: {name: metric(
                                  httpx.get(self.base + "/metrics").text,
                                  f"bamba_{name}_seconds_total") for name in ENGINE_COUNTERS})
@@ -359,14 +387,14 @@ class LlamaSide:
                                       outtype)
         self.args, self.port = args, free_port()
         self.proc = llama_cpp.start(binary, self.gguf, self.port, args.threads,
-                                    max(args.concurrency), args.prompt_tokens + args.max_tokens + 16)
+                                    max(args.concurrency),
+                                    args.prompt_tokens + longest_output(args) + 16)
         self.info = {"binary": str(binary), "version": llama_cpp.VERSION, "gguf_type": outtype,
                      "parallel_slots": max(args.concurrency)}
-        asyncio.run(load(self.port, prompts(2, args.prompt_tokens, args.vocab, seed=99), 2,
-                         args.max_tokens))
+        warm_up(self.port, args)
 
-    def level(self, c: int, prompt_set: list[list[int]], stream: bool) -> dict[str, Any]:
-        return measure_level(self.port, self.proc.pid, c, prompt_set, stream, self.args)
+    def level(self, c: int, batch: list[Request], stream: bool) -> dict[str, Any]:
+        return measure_level(self.port, self.proc.pid, c, batch, stream, self.args)
 
     def failure(self, exc: Exception) -> str:
         log = self.gguf.with_suffix(".server.log").read_text(errors="replace").strip()
@@ -390,22 +418,23 @@ class OfflineSide:
         self.params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
         torch.set_num_threads(args.threads)
 
-    def level(self, c: int, prompt_set: list[list[int]], stream: bool) -> dict[str, Any]:
-        from bamba.engine import LLM
+    def level(self, c: int, batch: list[Request], stream: bool) -> dict[str, Any]:
+        from bamba.engine import LLM, SamplingParams
 
         if c not in self.engines:
             self.engines[c] = in_passing_thread(lambda: LLM(
                 str(self.directory), dtype=self.args.dtype, memory_gb=self.args.memory_gb,
                 max_num_seqs=c))
         llm = self.engines[c]
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in batch]
         calls: list[Callable[[], list]] = \
-            [lambda p=p: llm.generate(p, self.params) for p in prompt_set] if c == 1 else \
-            [lambda: llm.generate(prompt_set, self.params)]
+            [lambda p=p, q=q: llm.generate(p, q) for (p, _), q in zip(batch, params)] \
+            if c == 1 else [lambda: llm.generate([p for p, _ in batch], params)]
         wall, tokens = _on_worker_thread(llm, calls, self.params, prompts(
             2, self.args.prompt_tokens, self.args.vocab, 99))
-        return {"concurrency": c, "stream": stream, "requests": len(prompt_set),
+        return {"concurrency": c, "stream": stream, "requests": len(batch),
                 "wall_s": round(wall, 3), "output_tok_per_s": round(tokens / wall, 1),
-                "seconds_per_request": round(wall / len(prompt_set), 4) if c == 1 else None}
+                "seconds_per_request": round(wall / len(batch), 4) if c == 1 else None}
 
     def close(self) -> dict[str, Any]:
         self.engines.clear()
@@ -442,11 +471,11 @@ def run_rotation(sides: dict[str, Any], counts: dict[int, int], args: argparse.N
         for stream in (True, False) if c == 1 else (True,):
             for round_index in range(args.rounds):
                 seed = 10_000 * c + 1000 * stream + round_index
-                prompt_set = prompts(count, args.prompt_tokens, args.vocab, seed)
+                batch = requests(count, args, seed)
                 names = list(sides)
                 for name in names[round_index % len(names):] + names[:round_index % len(names)]:
                     try:
-                        level = sides[name].level(c, prompt_set, stream)
+                        level = sides[name].level(c, batch, stream)
                     except (RuntimeError, OSError, EOFError, TimeoutError) as exc:
                         if not isinstance(sides[name], LlamaSide):
                             raise
@@ -467,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": in_passing_thread(lambda: describe_host(quick=args.quick)),
         "settings": {"dtype": args.dtype, "threads": args.threads,
                      "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                     "output_spread": args.output_spread,
                      "memory_gb": args.memory_gb, "sampling": "greedy, ignore_eos",
                      "client": "separate process, raw asyncio HTTP/1.1, SSE",
                      "rounds": args.rounds, "load_average_at_start": os.getloadavg()}}

@@ -50,6 +50,17 @@ def test_peer_missing_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         llama_cpp.find_or_build(tmp_path)
 
 
+def test_output_lengths_spread_around_max_tokens_alike_for_every_side() -> None:
+    args = bench_serve.parse_args(["--max-tokens", "64", "--output-spread", "0.5"])
+    args.vocab = 1000
+    batch = bench_serve.requests(200, args, seed=3)
+    lengths = [n for _, n in batch]
+    assert min(lengths) >= 32 and max(lengths) <= 96 and len(set(lengths)) > 20
+    assert batch == bench_serve.requests(200, args, seed=3)  # every side gets the same
+    args.output_spread = 0.0
+    assert {n for _, n in bench_serve.requests(20, args, seed=3)} == {64}
+
+
 def test_each_level_keeps_its_best_round() -> None:
     def level(c: int, stream: bool, tok_s: float) -> dict:
         return {"concurrency": c, "stream": stream, "output_tok_per_s": tok_s, "itl_p50_ms": tok_s}
