@@ -34,8 +34,8 @@ static inline int64_t int8_row_bytes(int format, int64_t k) {
     return k + k / quant_chunk(format) * 128;
 }
 
-/* x [M, k] (bf16 or float32) quantized per block of 32 into xq [M, int8_row_bytes(k)], in
- * the chunk order of `format` (FORMAT_INT8 or FORMAT_INT4). */
+/* x [M, k] (bf16 or float32) quantized per block of 32 into xq [M, int8_row_bytes(format,
+ * k)], in the chunk order of `format` (FORMAT_INT8 or FORMAT_INT4). */
 static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, int64_t k,
                               char *xq) {
     const int64_t chunk = quant_chunk(format), per_lane = chunk / 16;

@@ -128,18 +128,21 @@ static inline __m512 chunk_scales(const LinearWeights *L, const QuantTables *t, 
     return _mm512_permutexvar_ps(t->lanes, s);
 }
 
+/* Sixteen e4m3 bytes as fp16 bits: each byte sign-extended, shifted so its exponent and
+ * mantissa land in fp16's (fp16's bias is 8 more: values 2^-8 of e4m3's, subnormals too). */
+static inline __m256i fp8_as_halves(const void *w) {
+    return _mm256_and_si256(
+        _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w)), 7),
+        _mm256_set1_epi16((short)0xBF80));
+}
+
 /* A chunk's weights as bf16 vectors v[0..3] (fp8: v[0] only, values 2^-8 of the weights). */
 static inline __attribute__((always_inline)) void dequantize_chunk(int format, const char *w,
                                                                     const QuantTables *t,
                                                                     __m512i v[4]) {
     if (format == FORMAT_FP8) {
-        /* e4m3 -> fp16 bits: the byte sign-extended, shifted so its exponent and mantissa
-         * land in fp16's (fp16's bias is 8 more: values 2^-8 of e4m3's, subnormals too) */
-        const __m512i h = _mm512_and_si512(
-            _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w)), 7),
-            _mm512_set1_epi16((short)0xBF80));
-        const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-        const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+        const __m512 lo = _mm512_cvtph_ps(fp8_as_halves(w));
+        const __m512 hi = _mm512_cvtph_ps(fp8_as_halves(w + 16));
         v[0] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
         return;
     }
@@ -296,7 +299,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
 /* Sixteen stored weights of a row from element e0 on as float32, not yet scaled: ints as q,
- * fp8 as 2^-8 of its value (dequantize_chunk's fp16 re-bias; the caller scales by 256 more). */
+ * fp8 as 2^-8 of its value (fp8_as_halves; the caller scales by 256 more). */
 static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
     if (format == FORMAT_INT4) { /* 8 bytes: low nibble first */
         const __m128i bytes = _mm_loadl_epi64((const __m128i *)(w + e0 / 2));
@@ -306,13 +309,11 @@ static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
         const __m512i q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
         return _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8)));
     }
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)(w + e0));
     if (format == FORMAT_INT8)
-        return _mm512_cvtepi32_ps(
-            _mm512_sub_epi32(_mm512_cvtepu8_epi32(bytes), _mm512_set1_epi32(128)));
-    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
-                                       _mm256_set1_epi16((short)0xBF80));
-    return _mm512_cvtph_ps(h);
+        return _mm512_cvtepi32_ps(_mm512_sub_epi32(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + e0))),
+            _mm512_set1_epi32(128)));
+    return _mm512_cvtph_ps(fp8_as_halves(w + e0));
 }
 #endif
 
