@@ -186,8 +186,9 @@ def test_engine_with_native_prefill_equals_the_plain_model(kernel_calls):
                       mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2,
                       mamba_chunk_size=8, initializer_range=0.2, max_position_embeddings=512)
     model = init_weights(BambaLM(cfg), seed=0).eval()
-    llm = LLM(model, memory_gb=0.001, block_size=4, max_num_batched_tokens=16)
-    batch = prompts((5, 17, 30))
+    # Steps of more tokens than the native decode step's rows take the prefill pass.
+    llm = LLM(model, memory_gb=0.001, block_size=4, max_num_batched_tokens=48)
+    batch = prompts((5, 40, 70))
     outs = llm.generate(batch, [greedy(4)] * 3)
     assert kernel_calls
     for prompt, out in zip(batch, outs, strict=True):

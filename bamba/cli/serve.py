@@ -16,6 +16,21 @@ import os
 log = logging.getLogger(__name__)
 
 
+def _mixed_step_tokens(text: str) -> int | str | None:
+    """--mixed-step-tokens: "auto", 0 (no limit) or a count of at least 2."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number, got {text!r}")
+    if value == 0:
+        return None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 or at least 2, got {value}")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="DIR_OR_ID",
                         help="checkpoint directory, hub id or GGUF file")
@@ -38,6 +53,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together at most")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
                         help="tokens (prefill chunks + decodes) per engine step")
+    parser.add_argument("--mixed-step-tokens", type=_mixed_step_tokens, default="auto",
+                        help="while sequences decode, a step holds at most this many tokens: "
+                             "a newcomer's prompt runs beside their tokens over several steps "
+                             "(auto: 16 where the native step runs; 0: no such limit)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length (default: the model's)")
     parser.add_argument("--no-prefix-caching", action="store_true",
@@ -101,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                        max_model_len=args.max_model_len,
                        enable_prefix_caching=not args.no_prefix_caching,
                        compile_mode=None if args.compile == "none" else args.compile,
-                       rope_scaling=rope_scaling)
+                       rope_scaling=rope_scaling, mixed_step_tokens=args.mixed_step_tokens)
 
         llm = in_passing_thread(load)
         name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))

@@ -32,6 +32,11 @@ from bamba.sampling import ParameterError
 
 log = logging.getLogger(__name__)
 
+# A step's tokens while sequences decode (``LLM(mixed_step_tokens="auto")``): 7 decoding rows
+# beside a 9-token prompt chunk cost ~1.6x a step of the 7 alone on the bench hybrid
+# (benchmarks/README.md#server).
+MIXED_STEP_TOKENS = 16
+
 @dataclass(frozen=True)
 class EngineStats:
     """Counts for monitoring; 'free' pages include cached pages that may be evicted."""
@@ -102,6 +107,11 @@ class LLM:
     compile_mode: None (eager) or a ``bamba.compile.MODES`` entry: decode steps run through
     one inductor-compiled graph for every batch size and context (the first decode step
     compiles it, about a minute on the reference CPU; inductor caches it on disk).
+    mixed_step_tokens: while sequences decode, a step holds at most this many tokens (prompt
+    chunks are cut to fit; the decoders alone may exceed it): a newcomer's prompt then runs
+    beside the others' tokens in one native call over several steps instead of stalling them
+    for a whole prefill pass. "auto": ``MIXED_STEP_TOKENS`` where that native call runs,
+    else None (prompt chunks bounded by max_num_batched_tokens alone).
     """
 
     def __init__(self, model: BambaLM | str | os.PathLike, tokenizer: object | None = None, *,
@@ -110,7 +120,7 @@ class LLM:
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  state_dtype: str | torch.dtype = torch.float32, max_model_len: int | None = None,
                  snapshot_interval: int = 256, seed: int = 0, compile_mode: str | None = None,
-                 rope_scaling: dict | None = None):
+                 rope_scaling: dict | None = None, mixed_step_tokens: int | str | None = "auto"):
         if compile_mode is not None:
             inductor_options(compile_mode)  # a bad mode fails here, before the model loads
         model, tokenizer = _load(model, tokenizer, dtype, rope_scaling)
@@ -140,9 +150,16 @@ class LLM:
         self.prefix = PrefixCache(self.blocks, self.slots, block_size, has_mamba) \
             if enable_prefix_caching else None
         interval = math.ceil(snapshot_interval / block_size) * block_size
-        self.scheduler = Scheduler(self.blocks, self.slots, self.prefix, SchedulerConfig(
-            block_size, max_num_seqs, max_num_batched_tokens, has_mamba, interval))
         self.runner = ModelRunner(model, plan, block_size, self.state_dtype, compile_mode)
+        if isinstance(mixed_step_tokens, str):
+            if mixed_step_tokens != "auto":
+                raise ValueError(f"mixed_step_tokens must be 'auto', None or a count, got "
+                                 f"{mixed_step_tokens!r}")
+            mixed_step_tokens = MIXED_STEP_TOKENS \
+                if self.runner.native_rows >= MIXED_STEP_TOKENS else None
+        self.scheduler = Scheduler(self.blocks, self.slots, self.prefix, SchedulerConfig(
+            block_size, max_num_seqs, max_num_batched_tokens, has_mamba, interval,
+            mixed_step_tokens))
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[int, _Request] = {}
         self._seq_ids = itertools.count()

@@ -6,10 +6,12 @@ conv states in [num_slots, K-1, conv_dim] (model dtype) and SSM states in [num_s
 ``InferenceCache`` for one forward call over these pools: each row brings its block table and
 its state slot.
 
-A step runs every one-token chunk (decode) as one batched call [B, 1], and the prefill chunks
-in one call per distinct length [n, L] (rows of one call share L). Chunks that ask for every
-position's logits (prompt logprobs) get calls of their own, so the others still pay for one
-position's LM head; their logits [L, V] live for one step (L is at most the step's budget).
+A step whose tokens fit the native decode step's rows runs as one call, a row per token (a
+prompt chunk's tokens adjacent rows on its state slot: ``_forward_as_rows``). Otherwise every
+one-token chunk (decode) runs as one batched call [B, 1], and the prefill chunks in one call
+per distinct length [n, L] (rows of one call share L). Chunks that ask for every position's
+logits (prompt logprobs) get calls of their own, so the others still pay for one position's
+LM head; their logits [L, V] live for one step (L is at most the step's budget).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from bamba.compile import CompiledModule
 from bamba.engine.page_pool import PoolPlan
 from bamba.engine.scheduler import ScheduledChunk
 from bamba.model import BambaLM
-from bamba.native import accelerate, decode_rows
+from bamba.native import NativeStepUnavailable, accelerate, decode_rows
 from bamba.cache_protocol import KVLayout
 
 
@@ -42,14 +44,18 @@ class PagedBatchCache:
     Everything it needs arrives as tensors computed before the call (no Python value is read
     back from a tensor), so the same code runs eagerly and inside a compiled graph:
     ``slots`` [B] are the rows' state slots (None: the state pools are already this batch's
-    rows, in order), ``write_rows`` [B, L] the page rows (block * block_size + offset) of the
+    rows, in order; with ``rows_share_slots``, adjacent rows may share one), ``write_rows`` [B, L] the page rows (block * block_size + offset) of the
     tokens written by this call, ``read_rows`` [B, T] those of positions 0..T-1 of every row.
     """
 
     def __init__(self, pools: StatePools, slots: torch.Tensor | None, write_rows: torch.Tensor,
-                 read_rows: torch.Tensor, scratch: Scratch | None = None):
+                 read_rows: torch.Tensor, scratch: Scratch | None = None,
+                 rows_share_slots: bool = False):
         self.pools, self.slots = pools, slots
         self.write_rows, self.read_rows, self.scratch = write_rows, read_rows, scratch
+        # Adjacent rows on one slot are one sequence's successive tokens: only the native
+        # one-call step takes that (bamba.native.seam raises NativeStepUnavailable otherwise).
+        self.rows_share_slots = rows_share_slots
 
     def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.pools.conv[layer_idx], self.pools.ssm[layer_idx], self.slots
@@ -233,13 +239,15 @@ class ModelRunner:
                 self.copy_state(chunk.restore_from, chunk.slot)
             elif chunk.reset_state:
                 self.zero_state(chunk.slot)
-        # Rows of one model call share a length, and whether they keep every position.
-        groups: dict[tuple[int, bool], list[ScheduledChunk]] = {}
-        for chunk in sorted(chunks, key=lambda c: c.slot):
-            groups.setdefault((len(chunk.token_ids), chunk.all_logits), []).append(chunk)
-        logits: dict[int, torch.Tensor] = {}
-        for rows in groups.values():
-            logits.update(self._forward(rows))
+        logits = self._forward_as_rows(chunks) if self._fits_one_call(chunks) else None
+        if logits is None:
+            # Rows of one model call share a length, and whether they keep every position.
+            groups: dict[tuple[int, bool], list[ScheduledChunk]] = {}
+            for chunk in sorted(chunks, key=lambda c: c.slot):
+                groups.setdefault((len(chunk.token_ids), chunk.all_logits), []).append(chunk)
+            logits = {}
+            for rows in groups.values():
+                logits.update(self._forward(rows))
         if not self._scratch_used and self._scratch:  # decoding starts: the prefill's buffers go
             freed = sum(t.numel() * t.element_size() for t in self._scratch.values())
             self._scratch.clear()
@@ -252,6 +260,49 @@ class ModelRunner:
         last = {c.seq_id: logits[c.seq_id][-1] if c.all_logits else logits[c.seq_id]
                 for c in chunks if c.sample}
         return StepLogits(last, every)
+
+    def _fits_one_call(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether a step with prompt chunks runs as one native call, a row per token: at most
+        ``native_rows`` tokens, none asking for every position's logits."""
+        return any(len(c.token_ids) > 1 for c in chunks) and \
+            sum(len(c.token_ids) for c in chunks) <= self.native_rows and \
+            not any(c.all_logits for c in chunks)
+
+    def _forward_as_rows(self, chunks: list[ScheduledChunk]) -> dict[int, torch.Tensor] | None:
+        """Every token of the step as a row of one native call (a chunk's tokens adjacent rows
+        on its slot, the state advancing token by token; the weights stream once for all):
+        the last logits [V] of each chunk, or None when the native step cannot run (nothing
+        done). A prompt chunk beside decoding rows then costs about its tokens' arithmetic
+        instead of a prefill pass of its own."""
+        device, bs = self.model.device, self.block_size
+        per_row = [(c, c.start + j, t) for c in chunks for j, t in enumerate(c.token_ids)]
+        end = max(position for _, position, _ in per_row) + 1
+        width = -(-end // bs)
+        tables = {c.seq_id: (c.block_ids + [0] * width)[:width] for c in chunks}
+
+        def tensor(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        ids = tensor([[t] for _, _, t in per_row])
+        pos = tensor([[p] for _, p, _ in per_row])
+        blocks = tensor([tables[c.seq_id] for c, _, _ in per_row])
+        write = page_rows(blocks, pos, bs)
+        read = page_rows(blocks, torch.arange(end, device=device).expand(len(per_row), end), bs)
+        slots = tensor([c.slot for c, _, _ in per_row])
+        lengths = torch.maximum(pos + 1, tensor([[c.num_prompt_tokens] for c, _, _ in per_row])) \
+            if self.length_dependent_rope else None
+        cache = PagedBatchCache(self.pools, slots, write, read, rows_share_slots=True)
+        try:
+            hidden = self.model.hidden_states(ids, positions=pos, cache=cache,
+                                              rope_lengths=lengths)
+        except NativeStepUnavailable:
+            return None
+        last, row = [], 0
+        for c in chunks:
+            row += len(c.token_ids)
+            last.append(row - 1)
+        logits = self.model.lm_head(hidden[last, -1]).float()
+        return {c.seq_id: logits[j] for j, c in enumerate(chunks)}
 
     def _forward(self, rows: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
         """One model call for rows of equal length: each row's last logits [V], or all its

@@ -72,17 +72,24 @@ class SchedulerOutput:
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Limits of one step. snapshot_interval: when caching a hybrid, prefill chunks are cut at
-    multiples of it (tokens, a multiple of block_size) so Mamba states are saved there."""
+    multiples of it (tokens, a multiple of block_size) so Mamba states are saved there.
+    mixed_step_tokens: in a step where sequences decode, prompt chunks are cut so that the
+    step holds at most this many tokens (while the decoders leave room), keeping a newcomer's
+    prefill from stalling the others' next tokens; None: only max_num_batched_tokens."""
 
     block_size: int
     max_num_seqs: int
     max_num_batched_tokens: int
     has_mamba: bool
     snapshot_interval: int
+    mixed_step_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        if self.mixed_step_tokens is not None and self.mixed_step_tokens < 2:
+            raise ValueError(f"mixed_step_tokens must be at least 2, got "
+                             f"{self.mixed_step_tokens}")
         if self.snapshot_interval < 1 or self.snapshot_interval % self.block_size:
             raise ValueError(f"snapshot_interval {self.snapshot_interval} must be a positive "
                              f"multiple of block_size {self.block_size}")
@@ -140,12 +147,17 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
+        prompt_budget = self._prompt_budget()
         chunks: list[ScheduledChunk] = []
         preempted: list[int] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = self._chunk_len(seq, budget)
+            decoding = len(seq.token_ids) - seq.num_computed == 1
+            n = self._chunk_len(seq, budget if decoding else min(budget, prompt_budget))
+            if n == 0:  # a prompt with no room left this step
+                i += 1
+                continue
             while not self._ensure_blocks(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -156,16 +168,28 @@ class Scheduler:
                 break
             chunks.append(self._make_chunk(seq, n))
             budget -= n
+            if not decoding:
+                prompt_budget -= n
             i += 1
-        while (self.waiting and budget > 0 and not preempted
+        while (self.waiting and min(budget, prompt_budget) > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            n = self._admit(seq, budget)
+            n = self._admit(seq, min(budget, prompt_budget))
             if n == 0:
                 break
             chunks.append(self._make_chunk(seq, n))
             budget -= n
+            prompt_budget -= n
         return SchedulerOutput(chunks, preempted)
+
+    def _prompt_budget(self) -> int | float:
+        """Prompt tokens this step may take: what ``mixed_step_tokens`` leaves beside the
+        decoding sequences, when any decode and leave room; else no limit of its own."""
+        limit = self.config.mixed_step_tokens
+        decoding = sum(len(s.token_ids) - s.num_computed == 1 for s in self.running)
+        if limit is None or decoding == 0 or decoding >= limit:
+            return math.inf
+        return limit - decoding
 
     def _chunk_len(self, seq: Sequence, budget: int) -> int:
         """How many tokens to run: all that remain, within the budget. When caching a hybrid,

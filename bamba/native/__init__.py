@@ -14,7 +14,7 @@ torch until then. The C sources here are built once per machine into one shared 
   (``ssd_ops``);
 * ``layer_step.c``: a whole decoder layer for one decode token in one OpenMP region
   (``layer_ops``), and every layer of a model in one call (``decode_ops``: rope, the cache
-  write and attention included);
+  write and attention included), where a prompt chunk's tokens may ride beside decoding rows;
 * ``attention_step.c``: decode attention over keys and values in place (``attention_ops``);
 * ``mixer_prefill.c``: the Mamba2 mixer's prefill between the projections (``prefill_ops``);
 * ``elementwise.c``: the SwiGLU product and RMS norm in one pass each (``elementwise_ops``);
@@ -25,6 +25,6 @@ Without a C compiler, or with ``BAMBA_NATIVE=0``, the library does not load and 
 keeps its torch path, which tests hold the kernels equal to.
 """
 
-from bamba.native.seam import accelerate, decode_rows, is_accelerated
+from bamba.native.seam import NativeStepUnavailable, accelerate, decode_rows, is_accelerated
 
-__all__ = ["accelerate", "decode_rows", "is_accelerated"]
+__all__ = ["NativeStepUnavailable", "accelerate", "decode_rows", "is_accelerated"]

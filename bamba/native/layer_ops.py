@@ -186,6 +186,9 @@ def _attention_out_step(x: torch.Tensor, attn: torch.Tensor,
 
 
 def _status(name: str, status: int) -> None:
+    if status == -3:
+        raise ValueError(f"{name}: rows on one state slot must be adjacent, at successive "
+                         f"positions")
     if status != 0:
         raise RuntimeError(f"{name}: unsupported here (status {status})")
 

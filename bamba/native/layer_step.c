@@ -131,7 +131,22 @@ typedef struct { /* per-call buffers, float32 unless noted */
     float *y;        /* [M, d_inner] */
     float *gate_up;  /* [M, 2 ffn] */
     float *taps;     /* [conv_k + 1, conv_dim]: conv weights tap-major, then the bias (or 0) */
+    int64_t *runs;   /* [n_runs + 1]: first row of each run of rows on one state slot, then M */
+    int64_t n_runs;
 } Scratch;
+
+/* The runs of rows on one state slot (``Scratch.runs``); -1 when a slot's rows are apart. */
+static int64_t slot_runs(const int64_t *rows, int64_t M, int64_t *runs) {
+    int64_t n = 0;
+    for (int64_t m = 0; m < M; m++) {
+        if (m > 0 && rows[m] == rows[m - 1]) continue;
+        for (int64_t j = 0; j < n; j++)
+            if (rows[runs[j]] == rows[m]) return -1;
+        runs[n++] = m;
+    }
+    runs[n] = M;
+    return n;
+}
 
 /* The feed-forward half, inside a parallel region; reads and updates s->resid. */
 static void ffn_stage(const Layer *L, int64_t M, Scratch *s) {
@@ -221,11 +236,15 @@ static void ssm_head(const Layer *L, int64_t m, int64_t h, void *ssm_pool, int s
     }
 }
 
-/* The mixer half, inside a parallel region; reads and updates s->resid. */
+/* The mixer half, inside a parallel region; reads and updates s->resid. Rows on one state
+ * slot (a run) are one sequence's successive tokens: the conv and SSM steps take a run's rows
+ * in order, the state staying in cache between them; work items go piece- and head-major so
+ * that each thread gets a share of every run. */
 static void mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool, int conv_bf16,
                         void *ssm_pool, int ssm_bf16, const int64_t *rows) {
     const int64_t D = L->d[HIDDEN], Din = L->d[D_INNER], C = L->d[CONV_DIM], H = L->d[HEADS],
                   G = L->d[GROUPS], width = Din + C + H, size = L->bf16 ? 2 : 4;
+    const int64_t n_runs = s->n_runs, *runs = s->runs;
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++)
         rms_norm_row(L, s->resid + m * D, IN_NORM, (char *)s->normed + m * D * size, D);
@@ -234,17 +253,21 @@ static void mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool, 
 #pragma omp barrier
     const int64_t pieces = (C + SILU_PIECE - 1) / SILU_PIECE;
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * pieces; i++) { /* conv, then silu, a piece of a row each */
-        const int64_t m = i / pieces, c0 = (i % pieces) * SILU_PIECE;
+    for (int64_t i = 0; i < n_runs * pieces; i++) { /* conv, then silu, a piece of a run each */
+        const int64_t r = i % n_runs, c0 = (i / n_runs) * SILU_PIECE;
         const int64_t n = C - c0 < SILU_PIECE ? C - c0 : SILU_PIECE;
-        float *xbc = s->proj + m * width + Din;
-        conv_piece(L, s->taps, m, c0, n, conv_pool, conv_bf16, rows, xbc);
-        silu_vec(xbc + c0, xbc + c0, n);
+        for (int64_t m = runs[r]; m < runs[r + 1]; m++) {
+            float *xbc = s->proj + m * width + Din;
+            conv_piece(L, s->taps, m, c0, n, conv_pool, conv_bf16, rows, xbc);
+            silu_vec(xbc + c0, xbc + c0, n);
+        }
     }
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * H; i++)
-        ssm_head(L, i / H, i % H, ssm_pool, ssm_bf16, rows, s->proj + (i / H) * width,
-                 s->y + (i / H) * Din);
+    for (int64_t i = 0; i < n_runs * H; i++) {
+        const int64_t r = i % n_runs, h = i / n_runs;
+        for (int64_t m = runs[r]; m < runs[r + 1]; m++)
+            ssm_head(L, m, h, ssm_pool, ssm_bf16, rows, s->proj + m * width, s->y + m * Din);
+    }
     const int64_t group = Din / G;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * G; i++) { /* grouped RMS norm, then the norm weight */
@@ -338,14 +361,23 @@ static int run(const Layer *L, Part part, const Call *c, int threads) {
     act = act > d[HIDDEN] ? act : d[HIDDEN];
     const int64_t proj = (part == MAMBA_LAYER && widest > d[HIDDEN]) ? widest : d[HIDDEN];
     const int64_t taps = (d[CONV_K] + 1) * d[CONV_DIM];
-    float *buf = malloc(sizeof(float) *
-                        (M * (d[HIDDEN] + act + proj + d[D_INNER] + 2 * d[FFN]) + taps));
+    int64_t floats = M * (d[HIDDEN] + act + proj + d[D_INNER] + 2 * d[FFN]) + taps;
+    floats += floats & 1; /* the runs after them 8-byte aligned */
+    float *buf = malloc(sizeof(float) * floats + sizeof(int64_t) * (M + 1));
     if (buf == NULL) return -2;
-    Scratch s = {buf, buf + M * d[HIDDEN], buf + M * (d[HIDDEN] + act), NULL, NULL, NULL};
+    Scratch s = {buf, buf + M * d[HIDDEN], buf + M * (d[HIDDEN] + act), NULL, NULL, NULL, NULL, 0};
     s.y = s.proj + M * proj;
     s.gate_up = s.y + M * d[D_INNER];
     s.taps = s.gate_up + M * 2 * d[FFN];
-    if (part == MAMBA_LAYER) conv_taps(L, s.taps);
+    s.runs = (int64_t *)(buf + floats);
+    if (part == MAMBA_LAYER) {
+        s.n_runs = slot_runs(c->rows, M, s.runs);
+        if (s.n_runs < 0) {
+            free(buf);
+            return -3;
+        }
+        conv_taps(L, s.taps);
+    }
     for (int64_t i = 0; i < M * d[HIDDEN]; i++) s.resid[i] = load_value(c->x, i, L->bf16);
 #pragma omp parallel num_threads(threads)
     {
@@ -379,8 +411,9 @@ static int64_t place_mask(int64_t mask, const int *slots, int count) {
 }
 
 /* A Mamba decoder layer for M rows: x [M, hidden] -> out [M, hidden]; the conv and SSM states
- * of pool rows `rows` advance in place. Tensors in enum order IN_NORM..DOWN_SCALES. Returns 0,
- * -1 if unsupported here, -2 out of memory. */
+ * of pool rows `rows` advance in place (adjacent rows on one pool row in order). Tensors in
+ * enum order IN_NORM..DOWN_SCALES. Returns 0, -1 if unsupported here, -2 out of memory, -3
+ * when rows on one pool row are apart. */
 int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int bf16,
                            int64_t f32_mask, int64_t formats, float eps, float dt_min, float dt_max,
                            const void *x, void *out, int64_t M, void *conv_pool, int conv_bf16,
@@ -508,13 +541,17 @@ static int attention_layer(const DecodeModel *P, int64_t layer, const DecodeRows
     return run(&L, ATTENTION_OUT, &out, threads);
 }
 
-/* Every layer for one decode token per row: x -> out [M, hidden] (layer dtype), the states
- * and caches advanced in place; equal to the per-layer calls with rope and attention in
- * between. `spare` [M, hidden] holds intermediate outputs (x, out and spare apart). Returns 0,
- * -1 if unsupported here, -2 out of memory. */
+/* Every layer for one token per row: x -> out [M, hidden] (layer dtype), the states and
+ * caches advanced in place; equal to the per-layer calls with rope and attention in between.
+ * Adjacent rows on one state slot are one sequence's successive tokens (a prompt chunk beside
+ * decoding rows; their keys are all written before any row attends). `spare` [M, hidden]
+ * holds intermediate outputs (x, out and spare apart). Returns 0, -1 if unsupported here, -2
+ * out of memory, -3 when a slot's rows are apart or not at successive positions. */
 int bamba_decode_layers(const DecodeModel *P, const void *x, void *out, void *spare,
                         const DecodeRows *r, int threads) {
     const int64_t *a = P->attention_dims, size = P->bf16 ? 2 : 4;
+    for (int64_t m = 1; m < r->M; m++) /* a slot's successive rows: successive positions */
+        if (r->slots[m] == r->slots[m - 1] && r->lengths[m] != r->lengths[m - 1] + 1) return -3;
     void *qkv = malloc(size * r->M * (a[HEADS] + 2 * a[GROUPS] + a[HEADS]) * a[HEAD_DIM] + 1);
     if (qkv == NULL) return -2;
     void *attn = (char *)qkv + size * r->M * (a[HEADS] + 2 * a[GROUPS]) * a[HEAD_DIM];

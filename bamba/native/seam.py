@@ -227,6 +227,10 @@ class DecoderLayer(_Counted, reference.DecoderLayer):
         return out[:, None]
 
 
+class NativeStepUnavailable(RuntimeError):
+    """The one-call native step cannot run this call (raised before any state changes)."""
+
+
 class BambaLM(_Counted, reference.BambaLM):
     """One decode token through every layer in one native call (``decode_ops``): at batch 1
     the per-layer Python and torch glue cost ~4 ms of a 16 ms step."""
@@ -241,6 +245,8 @@ class BambaLM(_Counted, reference.BambaLM):
                 out = self._decode(x, rope, positions, cache, steps)
                 if out is not None:
                     return out
+            if getattr(cache, "rows_share_slots", False):
+                raise NativeStepUnavailable("rows sharing a state slot need the native step")
         return super().decoder_layers(x, rope, positions, cache, seq_idx)
 
     def decode_plan(self) -> plan.DecodePlan:
