@@ -35,21 +35,24 @@ def _decoding(seq_id: int, scheduler: Scheduler) -> Sequence:
 
 
 def test_prompt_chunks_are_cut_to_fit_beside_decoders() -> None:
-    scheduler = _scheduler(mixed_step_tokens=6)
-    _decoding(0, scheduler)
-    _decoding(1, scheduler)
-    scheduler.add(Sequence(2, list(range(30)), 30))
-    scheduler.add(Sequence(3, list(range(30)), 30))
+    scheduler = _scheduler(mixed_step_tokens=8)
+    for seq_id in range(4):
+        _decoding(seq_id, scheduler)
+    scheduler.add(Sequence(4, list(range(30)), 30))
+    scheduler.add(Sequence(5, list(range(30)), 30))
     out = scheduler.schedule()
-    assert [len(c.token_ids) for c in out.chunks] == [1, 1, 4]  # 6 - 2 decoders
+    assert [len(c.token_ids) for c in out.chunks] == [1, 1, 1, 1, 4]  # 8 - 4 decoders
     scheduler.update(out)
-    for seq_id in (0, 1):
+    for seq_id in range(4):
         scheduler.seqs[seq_id].token_ids.append(5)  # the sampled tokens
     out = scheduler.schedule()  # the prefilling one takes the room; no room for a second
-    assert [len(c.token_ids) for c in out.chunks] == [1, 1, 4]
+    assert [len(c.token_ids) for c in out.chunks] == [1, 1, 1, 1, 4]
+    scheduler.add(Sequence(6, list(range(30)), 30))
+    scheduler.add(Sequence(7, list(range(30)), 30))  # 4 prompts in progress beside 4 decoders
+    assert [len(c.token_ids) for c in scheduler.schedule().chunks] == [1, 1, 1, 1, 4]
 
 
-def test_without_decoders_or_room_prompts_take_the_whole_budget() -> None:
+def test_without_decoders_room_or_majority_prompts_take_the_whole_budget() -> None:
     alone = _scheduler(mixed_step_tokens=6)
     alone.add(Sequence(0, list(range(30)), 30))
     assert [len(c.token_ids) for c in alone.schedule().chunks] == [30]
@@ -60,10 +63,18 @@ def test_without_decoders_or_room_prompts_take_the_whole_budget() -> None:
     crowded.add(Sequence(2, list(range(30)), 30))
     assert [len(c.token_ids) for c in crowded.schedule().chunks] == [1, 1, 30]
 
+    burst = _scheduler(mixed_step_tokens=16)  # 2 decoders, 3 newcomers
+    for seq_id in range(2):
+        _decoding(seq_id, burst)
+    for seq_id in range(2, 5):
+        burst.add(Sequence(seq_id, list(range(20)), 20))
+    assert [len(c.token_ids) for c in burst.schedule().chunks] == [1, 1, 20, 20, 20]
+
     uncapped = _scheduler(mixed_step_tokens=None)
-    _decoding(0, uncapped)
-    uncapped.add(Sequence(1, list(range(30)), 30))
-    assert [len(c.token_ids) for c in uncapped.schedule().chunks] == [1, 30]
+    for seq_id in range(4):
+        _decoding(seq_id, uncapped)
+    uncapped.add(Sequence(4, list(range(30)), 30))
+    assert [len(c.token_ids) for c in uncapped.schedule().chunks] == [1, 1, 1, 1, 30]
     with pytest.raises(ValueError, match="mixed_step_tokens must be at least 2"):
         _scheduler(mixed_step_tokens=1)
 
@@ -87,11 +98,19 @@ def _record_steps(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list
     return steps, calls
 
 
-def _join_while_decoding(llm: LLM, first: list[int], later: list[list[int]], n: int) -> list:
-    first_id = llm.add_request(first, greedy(n + 8, logprobs=1))
+def _join_while_decoding(llm: LLM, first: list[list[int]], later: list[list[int]],
+                         n: int) -> list:
+    """``first`` decoding, then each of ``later`` joining a few steps apart; the outputs in
+    that order."""
+    ids = [llm.add_request(p, greedy(n + 12, logprobs=1)) for p in first]
     llm.step()
-    ids = [first_id] + [llm.add_request(p, greedy(n, logprobs=1)) for p in later]
     outs = {}
+    for prompt in later:
+        ids.append(llm.add_request(prompt, greedy(n, logprobs=1)))
+        for _ in range(4):
+            for out in llm.step():
+                if out.finished:
+                    outs[out.request_id] = out
     while llm.has_unfinished_requests():
         for out in llm.step():
             if out.finished:
@@ -107,13 +126,13 @@ def test_mixed_steps_run_as_one_native_call_and_equal_the_model(
     llm = LLM(model, memory_gb=0.001, block_size=4, mixed_step_tokens=6,
               enable_prefix_caching=False)
     steps, calls = _record_steps(llm, monkeypatch)
-    batch = prompts((5, 23, 11))
-    outs = _join_while_decoding(llm, batch[0], batch[1:], 5)
+    batch = prompts((5, 7, 6, 23, 11))
+    outs = _join_while_decoding(llm, batch[:3], batch[3:], 5)
     for prompt, out in zip(batch, outs, strict=True):
         n = len(out.outputs[0].token_ids)
         assert out.outputs[0].token_ids == reference_greedy(model, prompt, n)
-    mixed = [s for s in steps if 1 in s and max(s) > 1]
-    assert mixed and all(sum(s) <= 6 for s in mixed)
+    capped = [s for s in steps if s.count(1) == 3 and max(s) > 1 and sum(s) == 6]
+    assert len(capped) >= 3  # the 23-token prompt, 3 tokens a step beside 3 decoders
     assert sorted(calls) == sorted(sum(s) for s in steps)  # every step: one call
     assert_pools_full(llm)
 
@@ -125,12 +144,12 @@ def test_mixed_steps_with_prefix_snapshots_and_logprobs_equal_uncapped_steps(
     tokens and logprobs equal those of whole-prompt steps (a torch prefill pass)."""
     model = tiny_model("hybrid")
     shared = prompts((12,), seed=3)[0]
-    batch = prompts((5, 9, 14), prefix=shared)
+    batch = prompts((5, 9, 3, 14, 10), prefix=shared)
 
     def run(mixed: int | None) -> list:
         llm = LLM(model, memory_gb=0.001, block_size=4, mixed_step_tokens=mixed,
                   snapshot_interval=8)
-        outs = _join_while_decoding(llm, batch[0], batch[1:], 6)
+        outs = _join_while_decoding(llm, batch[:3], batch[3:], 6)
         assert_pools_full(llm)
         return outs
 
@@ -152,8 +171,8 @@ def test_a_hooked_layer_sends_mixed_steps_to_the_grouped_path(
     handle = model.model.layers[0].register_forward_hook(lambda *args: seen.append(1))
     try:
         llm = LLM(model, memory_gb=0.001, block_size=4, mixed_step_tokens=6)
-        batch = prompts((5, 13))
-        outs = _join_while_decoding(llm, batch[0], batch[1:], 4)
+        batch = prompts((5, 4, 6, 13))
+        outs = _join_while_decoding(llm, batch[:3], batch[3:], 4)
     finally:
         handle.remove()
     assert seen

@@ -74,8 +74,9 @@ class SchedulerConfig:
     """Limits of one step. snapshot_interval: when caching a hybrid, prefill chunks are cut at
     multiples of it (tokens, a multiple of block_size) so Mamba states are saved there.
     mixed_step_tokens: in a step where sequences decode, prompt chunks are cut so that the
-    step holds at most this many tokens (while the decoders leave room), keeping a newcomer's
-    prefill from stalling the others' next tokens; None: only max_num_batched_tokens."""
+    step holds at most this many tokens (while the decoders leave room and are at least as
+    many as the prompts in progress), keeping a newcomer's prefill from stalling the others'
+    next tokens; None: only max_num_batched_tokens."""
 
     block_size: int
     max_num_seqs: int
@@ -184,10 +185,16 @@ class Scheduler:
 
     def _prompt_budget(self) -> int | float:
         """Prompt tokens this step may take: what ``mixed_step_tokens`` leaves beside the
-        decoding sequences, when any decode and leave room; else no limit of its own."""
+        decoding sequences while they leave room and are at least as many as the prompts in
+        progress (newcomers among decoders); else no limit of its own: a burst of newcomers
+        beside few decoders (a server's first requests) would otherwise trickle in a few
+        tokens a step, every step paying for the weights, while hardly anyone decodes."""
         limit = self.config.mixed_step_tokens
+        if limit is None:
+            return math.inf
         decoding = sum(len(s.token_ids) - s.num_computed == 1 for s in self.running)
-        if limit is None or decoding == 0 or decoding >= limit:
+        prompts = len(self.waiting) + len(self.running) - decoding
+        if decoding >= limit or decoding < prompts:
             return math.inf
         return limit - decoding
 
