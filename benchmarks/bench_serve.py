@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 32],
                    help="requests kept in flight, one level each")
     p.add_argument("--requests", type=int, default=None,
-                   help="requests per level (default: max(8, 2 x concurrency))")
+                   help="requests per level (default: max(8, 4 x concurrency): past the first "
+                        "wave, which arrives at once, into staggered arrivals)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length")
     p.add_argument("--max-tokens", type=int, default=64,
                    help="tokens a request generates, on average (see --output-spread)")
@@ -505,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         report["model"] = info = in_passing_thread(  # no OpenMP pool left on this main thread
             lambda: write_checkpoint(directory, args.preset))
         args.vocab = info["vocab_size"]
-        counts = {c: args.requests or max(8, 2 * c) for c in args.concurrency}
+        counts = {c: args.requests or max(8, 4 * c) for c in args.concurrency}
         sides: dict[str, Any] = {}
         closed: dict[str, dict[str, Any]] = {}
         failed: dict[str, str] = {}

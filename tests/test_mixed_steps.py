@@ -21,7 +21,7 @@ native = pytest.mark.skipif(not dispatch.linear_available(torch.float32),
 
 
 def _scheduler(mixed_step_tokens: int | None, budget: int = 64) -> Scheduler:
-    return Scheduler(PagePool(64, "KV block"), PagePool(8, "state slot"), None,
+    return Scheduler(PagePool(64, "KV block"), PagePool(16, "state slot"), None,
                      SchedulerConfig(4, 8, budget, True, 16, mixed_step_tokens))
 
 
@@ -50,6 +50,16 @@ def test_prompt_chunks_are_cut_to_fit_beside_decoders() -> None:
     scheduler.add(Sequence(6, list(range(30)), 30))
     scheduler.add(Sequence(7, list(range(30)), 30))  # 4 prompts in progress beside 4 decoders
     assert [len(c.token_ids) for c in scheduler.schedule().chunks] == [1, 1, 1, 1, 4]
+
+
+def test_prompts_that_cannot_be_admitted_do_not_lift_the_cut() -> None:
+    """A queue beyond max_num_seqs (8 here) is not a burst this step could take."""
+    scheduler = _scheduler(mixed_step_tokens=16)
+    for seq_id in range(7):
+        _decoding(seq_id, scheduler)
+    for seq_id in range(7, 17):
+        scheduler.add(Sequence(seq_id, list(range(30)), 30))
+    assert [len(c.token_ids) for c in scheduler.schedule().chunks] == [1] * 7 + [9]
 
 
 def test_without_decoders_room_or_majority_prompts_take_the_whole_budget() -> None:
