@@ -95,7 +95,8 @@ def closed_loop(llm: LLM, requests: list[tuple[list[int], int]], concurrency: in
                     add()
     wall = time.perf_counter() - start
     return {"output_tok_per_s": round(tokens / wall, 1), "steps": steps,
-            "ttft_p50_s": round(quantile(ttft, 0.5), 3), "ttft_p99_s": round(quantile(ttft, 0.99), 3),
+            "ttft_p50_s": round(quantile(ttft, 0.5), 3),
+            "ttft_p99_s": round(quantile(ttft, 0.99), 3),
             "itl_p50_ms": round(quantile(gaps, 0.5) * 1e3, 1),
             "itl_p99_ms": round(quantile(gaps, 0.99) * 1e3, 1),
             "itl_p99_over_p50": round(quantile(gaps, 0.99) / quantile(gaps, 0.5), 2)}
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmodel {args.preset}, bfloat16, {args.threads} threads (best round of {args.rounds})")
     print("conc mixed  tok/s  steps TTFT p50   p99  ITL p50    p99  p99/p50")
     for lv in report["levels"]:
-        print(f"{lv['concurrency']:4} {str(lv['mixed_step_tokens']):>5} {lv['output_tok_per_s']:6.1f}"
+        print(f"{lv['concurrency']:4} {str(lv['mixed_step_tokens']):>5}"
+              f" {lv['output_tok_per_s']:6.1f}"
               f" {lv['steps']:6} {lv['ttft_p50_s']:8.3f} {lv['ttft_p99_s']:5.3f}"
               f" {lv['itl_p50_ms']:8.1f} {lv['itl_p99_ms']:6.1f} {lv['itl_p99_over_p50']:8.2f}")
     write_json(args.out, report)

@@ -44,8 +44,9 @@ class PagedBatchCache:
     Everything it needs arrives as tensors computed before the call (no Python value is read
     back from a tensor), so the same code runs eagerly and inside a compiled graph:
     ``slots`` [B] are the rows' state slots (None: the state pools are already this batch's
-    rows, in order; with ``rows_share_slots``, adjacent rows may share one), ``write_rows`` [B, L] the page rows (block * block_size + offset) of the
-    tokens written by this call, ``read_rows`` [B, T] those of positions 0..T-1 of every row.
+    rows, in order; with ``rows_share_slots``, adjacent rows may share one), ``write_rows``
+    [B, L] the page rows (block * block_size + offset) of the tokens written by this call,
+    ``read_rows`` [B, T] those of positions 0..T-1 of every row.
     """
 
     def __init__(self, pools: StatePools, slots: torch.Tensor | None, write_rows: torch.Tensor,

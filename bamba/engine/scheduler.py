@@ -186,9 +186,10 @@ class Scheduler:
     def _prompt_budget(self) -> int | float:
         """Prompt tokens this step may take: what ``mixed_step_tokens`` leaves beside the
         decoding sequences while they leave room and are at least as many as the prompts in
-        progress or admissible now (newcomers among decoders); else no limit of its own: a burst of newcomers
-        beside few decoders (a server's first requests) would otherwise trickle in a few
-        tokens a step, every step paying for the weights, while hardly anyone decodes."""
+        progress or admissible now (newcomers among decoders); else no limit of its own: a
+        burst of newcomers beside few decoders (a server's first requests) would otherwise
+        trickle in a few tokens a step, every step paying for the weights, while hardly anyone
+        decodes."""
         limit = self.config.mixed_step_tokens
         if limit is None:
             return math.inf
