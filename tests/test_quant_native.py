@@ -96,6 +96,23 @@ def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype) -> Non
         _close(ours, want, 1e-5 if dtype == torch.float32 else 4e-3)
 
 
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_one_row_takes_four_weight_rows_at_a_time_with_the_same_numbers(fmt, group) -> None:
+    """At one row the kernel walks four weight rows at once (the rest one by one: 90 outputs
+    over two threads leave remainders); each output's arithmetic is the one-row-at-a-time
+    kernel's, which two input rows take: the first row's outputs are equal bit for bit."""
+    if not quant_ops.set_int8_activations(True):
+        pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
+    layer = _layer(fmt, group, True, torch.float32, k=384, n=90)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), 384)
+    x = torch.randn(2, 384) * torch.logspace(-2, 1, 384)
+    with torch.inference_mode():
+        one = quant_ops.quant_linear_rows(x[:1], layout, layer.bias, False)
+        two = quant_ops.quant_linear_rows(x, layout, layer.bias, False)
+    assert torch.equal(one[0], two[0])
+
+
 def test_bf16_activations_can_be_chosen(bf16_activations) -> None:
     """Switched off, the int8 kernel takes bf16 activations at one row too: the torch
     reference's numbers up to bf16 rounding, far closer than int8 activations get."""

@@ -116,6 +116,63 @@ static inline __attribute__((always_inline)) void int8_row_dots(const LinearWeig
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+/* out[j] = x . w_{n+j} for one prepared row and four weight rows: four independent chains and
+ * one call for four outputs (a short row, 4-12 chunks, otherwise spends a good part of its time
+ * starting and reducing). Each output's arithmetic is int8_row_dots' exactly. */
+static inline __attribute__((always_inline)) void int8_four_rows(const LinearWeights *L,
+                                                                  const QuantTables *t,
+                                                                  const int format,
+                                                                  const char *xq, int64_t n,
+                                                                  float *out) {
+    const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
+    const int64_t per_group = t->groups_per_chunk ? 1 : L->group / chunk; /* chunks */
+    const int64_t wrow = quant_row_bytes(format, k);
+    const char *w = (const char *)L->weight + n * wrow;
+    const __m512i nibble = _mm512_set1_epi8(15);
+    __m512 acc[4];
+    for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0, g = 0; c < chunks; g++) {
+        __m512 sums[4];
+        for (int j = 0; j < 4; j++) sums[j] = _mm512_setzero_ps();
+        for (const int64_t end = c + per_group; c < end; c++) {
+            const char *lanes = xq + k + c * 128;
+            const __m512i x_low = _mm512_loadu_si512(xq + c * chunk);
+            const __m512i x_high = format == FORMAT_INT4
+                ? _mm512_loadu_si512(xq + c * chunk + 64) : x_low;
+            const __m512i start = _mm512_loadu_si512(lanes + 64);
+            const __m512 x_scale = _mm512_loadu_ps((const float *)lanes);
+            for (int j = 0; j < 4; j++) {
+                const char *wc = w + j * wrow + c * 64;
+                _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
+                const __m512i bytes = _mm512_loadu_si512(wc);
+                const __m512i low = format == FORMAT_INT4 ? _mm512_and_si512(bytes, nibble)
+                                                          : bytes;
+                __m512i dot = _mm512_dpbusd_epi32(start, low, x_low);
+                if (format == FORMAT_INT4)
+                    dot = _mm512_dpbusd_epi32(
+                        dot, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble), x_high);
+                const __m512 scale = t->groups_per_chunk
+                    ? _mm512_mul_ps(x_scale, chunk_scales(L, t, n + j, c)) : x_scale;
+                sums[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sums[j]);
+            }
+        }
+        for (int j = 0; j < 4; j++)
+            acc[j] = t->groups_per_chunk
+                ? _mm512_add_ps(acc[j], sums[j])
+                : _mm512_fmadd_ps(sums[j], _mm512_set1_ps(quant_scale(L, n + j, g)), acc[j]);
+    }
+    for (int j = 0; j < 4; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+/* One body per format: four weight rows against one prepared row. */
+__attribute__((noinline)) static void int8_dots_four(const LinearWeights *L, const QuantTables *t,
+                                                     const char *xq, int64_t n, float *out) {
+    if (L->format == FORMAT_INT4)
+        int8_four_rows(L, t, FORMAT_INT4, xq, n, out);
+    else
+        int8_four_rows(L, t, FORMAT_INT8, xq, n, out);
+}
+
 #define INT8_ROWS(F)                                                                  \
     switch (R) {                                                                      \
     case 1: int8_row_dots(L, t, F, xq, n, 1, out); break;                             \

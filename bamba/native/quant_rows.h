@@ -275,7 +275,17 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
         if (!int8_dot) prepare_rows(L->format, x, x_bf16, M, L->k, xp);
     }
-    for (int64_t n = n_begin; n < n_end; n++) {
+    int64_t n = n_begin;
+#ifdef HAVE_INT8_DOT
+    for (; xp != NULL && int8_dot && M == 1 && n + 4 <= n_end; n += 4) { /* batch-1 decode */
+        float out[4];
+        int8_dots_four(L, &t, (const char *)xp, n, out);
+        for (int j = 0; j < 4; j++)
+            store_output(y, n + j, out[j] + (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f),
+                         y_bf16, round_bf16);
+    }
+#endif
+    for (; n < n_end; n++) {
         const float bias = L->bias ? load_value(L->bias, n, x_bf16) : 0.0f;
         for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
             const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
