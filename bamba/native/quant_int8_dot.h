@@ -26,7 +26,7 @@
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define HAVE_INT8_DOT 1
 
-enum { ACT_BLOCK = 32, INT8_DOT_MAX_ROWS = 3, MAX_CHUNK = 128 };
+enum { ACT_BLOCK = 32, INT8_DOT_MAX_ROWS = 3, INT8_TILE_WEIGHT_ROWS = 4, MAX_CHUNK = 128 };
 
 /* Bytes of one prepared row of width k: the quantized values, then per chunk 16 float32 lane
  * scales and 16 int32 lane offsets. */
@@ -70,114 +70,83 @@ static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, 
     }
 }
 
-/* out[r] = x_r . w_n for R prepared rows (compile-time after inlining, as the format),
- * row_bytes apart. */
-static inline __attribute__((always_inline)) void int8_row_dots(const LinearWeights *L,
-                                                                 const QuantTables *t,
-                                                                 const int format,
-                                                                 const char *xq, int64_t n,
-                                                                 const int R, float *out) {
+/* out[r * J + j] = x_r . w_{n+j} for R prepared rows (row_bytes apart) and J weight rows,
+ * both compile-time after inlining (as the format): each weight chunk loaded serves R rows,
+ * each row's activations J weight rows. One input row against four weight rows is batch-1
+ * decode: four independent chains and one call for four outputs (a short row, 4-12 chunks,
+ * otherwise spends a good part of its time starting and reducing). Each output's arithmetic
+ * is the same whatever R and J. */
+static inline __attribute__((always_inline)) void int8_tile(const LinearWeights *L,
+                                                             const QuantTables *t,
+                                                             const int format, const char *xq,
+                                                             int64_t n, const int R,
+                                                             const int J, float *out) {
     const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
     const int64_t row_bytes = int8_row_bytes(format, k);
-    const int64_t per_group = t->groups_per_chunk ? 1 : L->group / chunk; /* chunks */
-    const char *w = (const char *)L->weight + n * quant_row_bytes(format, k);
-    const __m512i nibble = _mm512_set1_epi8(15);
-    __m512 acc[INT8_DOT_MAX_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t c = 0, g = 0; c < chunks; g++) {
-        __m512 sums[INT8_DOT_MAX_ROWS];
-        for (int r = 0; r < R; r++) sums[r] = _mm512_setzero_ps();
-        for (const int64_t end = c + per_group; c < end; c++) {
-            _mm_prefetch(w + c * 64 + PREFETCH_BYTES, _MM_HINT_T1);
-            const __m512i bytes = _mm512_loadu_si512(w + c * 64); /* a chunk's weights */
-            const __m512i low = format == FORMAT_INT4 ? _mm512_and_si512(bytes, nibble) : bytes;
-            const __m512i high = format == FORMAT_INT4
-                ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
-            const __m512 wscale = t->groups_per_chunk ? chunk_scales(L, t, n, c)
-                                                      : _mm512_set1_ps(1.0f);
-            for (int r = 0; r < R; r++) {
-                const char *row = xq + r * row_bytes, *lanes = row + k + c * 128;
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(lanes + 64), low,
-                                                  _mm512_loadu_si512(row + c * chunk));
-                if (format == FORMAT_INT4)
-                    dot = _mm512_dpbusd_epi32(dot, high, _mm512_loadu_si512(row + c * chunk + 64));
-                __m512 scale = _mm512_loadu_ps((const float *)lanes);
-                if (t->groups_per_chunk) scale = _mm512_mul_ps(scale, wscale);
-                sums[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sums[r]);
-            }
-        }
-        if (t->groups_per_chunk)
-            for (int r = 0; r < R; r++) acc[r] = _mm512_add_ps(acc[r], sums[r]);
-        else {
-            const __m512 s = _mm512_set1_ps(quant_scale(L, n, g));
-            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(sums[r], s, acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-/* out[j] = x . w_{n+j} for one prepared row and four weight rows: four independent chains and
- * one call for four outputs (a short row, 4-12 chunks, otherwise spends a good part of its time
- * starting and reducing). Each output's arithmetic is int8_row_dots' exactly. */
-static inline __attribute__((always_inline)) void int8_four_rows(const LinearWeights *L,
-                                                                  const QuantTables *t,
-                                                                  const int format,
-                                                                  const char *xq, int64_t n,
-                                                                  float *out) {
-    const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
     const int64_t per_group = t->groups_per_chunk ? 1 : L->group / chunk; /* chunks */
     const int64_t wrow = quant_row_bytes(format, k);
     const char *w = (const char *)L->weight + n * wrow;
     const __m512i nibble = _mm512_set1_epi8(15);
-    __m512 acc[4];
-    for (int j = 0; j < 4; j++) acc[j] = _mm512_setzero_ps();
+    __m512 acc[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_ps();
     for (int64_t c = 0, g = 0; c < chunks; g++) {
-        __m512 sums[4];
-        for (int j = 0; j < 4; j++) sums[j] = _mm512_setzero_ps();
+        __m512 sums[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < J; j++) sums[r][j] = _mm512_setzero_ps();
         for (const int64_t end = c + per_group; c < end; c++) {
-            const char *lanes = xq + k + c * 128;
-            const __m512i x_low = _mm512_loadu_si512(xq + c * chunk);
-            const __m512i x_high = format == FORMAT_INT4
-                ? _mm512_loadu_si512(xq + c * chunk + 64) : x_low;
-            const __m512i start = _mm512_loadu_si512(lanes + 64);
-            const __m512 x_scale = _mm512_loadu_ps((const float *)lanes);
-            for (int j = 0; j < 4; j++) {
+            __m512i low[INT8_TILE_WEIGHT_ROWS], high[INT8_TILE_WEIGHT_ROWS];
+            __m512 wscale[INT8_TILE_WEIGHT_ROWS];
+            for (int j = 0; j < J; j++) { /* a chunk's weights: bytes, or two nibble halves */
                 const char *wc = w + j * wrow + c * 64;
                 _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
                 const __m512i bytes = _mm512_loadu_si512(wc);
-                const __m512i low = format == FORMAT_INT4 ? _mm512_and_si512(bytes, nibble)
-                                                          : bytes;
-                __m512i dot = _mm512_dpbusd_epi32(start, low, x_low);
-                if (format == FORMAT_INT4)
-                    dot = _mm512_dpbusd_epi32(
-                        dot, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble), x_high);
-                const __m512 scale = t->groups_per_chunk
-                    ? _mm512_mul_ps(x_scale, chunk_scales(L, t, n + j, c)) : x_scale;
-                sums[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sums[j]);
+                low[j] = format == FORMAT_INT4 ? _mm512_and_si512(bytes, nibble) : bytes;
+                high[j] = format == FORMAT_INT4
+                    ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
+                if (t->groups_per_chunk) wscale[j] = chunk_scales(L, t, n + j, c);
+            }
+            for (int r = 0; r < R; r++) {
+                const char *row = xq + r * row_bytes, *lanes = row + k + c * 128;
+                const __m512i x_low = _mm512_loadu_si512(row + c * chunk);
+                const __m512i x_high = format == FORMAT_INT4
+                    ? _mm512_loadu_si512(row + c * chunk + 64) : x_low;
+                const __m512i start = _mm512_loadu_si512(lanes + 64);
+                const __m512 x_scale = _mm512_loadu_ps((const float *)lanes);
+                for (int j = 0; j < J; j++) {
+                    __m512i dot = _mm512_dpbusd_epi32(start, low[j], x_low);
+                    if (format == FORMAT_INT4) dot = _mm512_dpbusd_epi32(dot, high[j], x_high);
+                    const __m512 scale = t->groups_per_chunk
+                        ? _mm512_mul_ps(x_scale, wscale[j]) : x_scale;
+                    sums[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sums[r][j]);
+                }
             }
         }
-        for (int j = 0; j < 4; j++)
-            acc[j] = t->groups_per_chunk
-                ? _mm512_add_ps(acc[j], sums[j])
-                : _mm512_fmadd_ps(sums[j], _mm512_set1_ps(quant_scale(L, n + j, g)), acc[j]);
+        for (int j = 0; j < J; j++) {
+            const __m512 s = _mm512_set1_ps(t->groups_per_chunk ? 1.0f : quant_scale(L, n + j, g));
+            for (int r = 0; r < R; r++)
+                acc[r][j] = t->groups_per_chunk ? _mm512_add_ps(acc[r][j], sums[r][j])
+                                                : _mm512_fmadd_ps(sums[r][j], s, acc[r][j]);
+        }
     }
-    for (int j = 0; j < 4; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < J; j++) out[r * J + j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
 /* One body per format: four weight rows against one prepared row. */
 __attribute__((noinline)) static void int8_dots_four(const LinearWeights *L, const QuantTables *t,
                                                      const char *xq, int64_t n, float *out) {
     if (L->format == FORMAT_INT4)
-        int8_four_rows(L, t, FORMAT_INT4, xq, n, out);
+        int8_tile(L, t, FORMAT_INT4, xq, n, 1, INT8_TILE_WEIGHT_ROWS, out);
     else
-        int8_four_rows(L, t, FORMAT_INT8, xq, n, out);
+        int8_tile(L, t, FORMAT_INT8, xq, n, 1, INT8_TILE_WEIGHT_ROWS, out);
 }
 
 #define INT8_ROWS(F)                                                                  \
     switch (R) {                                                                      \
-    case 1: int8_row_dots(L, t, F, xq, n, 1, out); break;                             \
-    case 2: int8_row_dots(L, t, F, xq, n, 2, out); break;                             \
-    default: int8_row_dots(L, t, F, xq, n, 3, out); break;                            \
+    case 1: int8_tile(L, t, F, xq, n, 1, 1, out); break;                              \
+    case 2: int8_tile(L, t, F, xq, n, 2, 1, out); break;                              \
+    default: int8_tile(L, t, F, xq, n, 3, 1, out); break;                             \
     }
 
 /* One unrolled body per format and row count. */
