@@ -34,38 +34,68 @@ static inline int64_t int8_row_bytes(int format, int64_t k) {
     return k + k / quant_chunk(format) * 128;
 }
 
+/* Sixteen inputs from x[i] on (bf16 or float32) as float32. */
+static inline __m512 sixteen_inputs(const void *x, int64_t i, int x_bf16) {
+    if (!x_bf16) return _mm512_loadu_ps((const float *)x + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* One block of 32 inputs from x[i] on quantized: the bytes q = round-half-even(x / s) into
+ * q[0..31], s = max |x| / 127 returned (q = 0 where s is 0). Division, not a reciprocal's
+ * product, and the default rounding mode: the torch reference's numbers exactly. */
+static inline float quantize_block(const void *x, int64_t i, int x_bf16, int8_t *q) {
+    const __m512 a = sixteen_inputs(x, i, x_bf16), b = sixteen_inputs(x, i + 16, x_bf16);
+    const float most = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float s = most / 127.0f;
+    if (!(s > 0.0f)) {
+        memset(q, 0, ACT_BLOCK);
+        return s;
+    }
+    const __m512 sv = _mm512_set1_ps(s);
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(a, sv))));
+    _mm_storeu_si128((__m128i *)(q + 16),
+                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(b, sv))));
+    return s;
+}
+
 /* x [M, k] (bf16 or float32) quantized per block of 32 into xq [M, int8_row_bytes(format,
  * k)], in the chunk order of `format` (FORMAT_INT8 or FORMAT_INT4). */
 static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, int64_t k,
                               char *xq) {
     const int64_t chunk = quant_chunk(format), per_lane = chunk / 16;
-    const int offset = format == FORMAT_INT4 ? -8 : -128;
+    const __m512i ones = _mm512_set1_epi8(1);
+    const __m512i offset = _mm512_set1_epi32(format == FORMAT_INT4 ? -8 : -128);
     for (int64_t m = 0; m < M; m++) {
         int8_t *values = (int8_t *)(xq + m * int8_row_bytes(format, k));
         char *lanes = (char *)values + k;
         for (int64_t c = 0; c < k; c += chunk) {
             float *scales = (float *)(lanes + c / chunk * 128);
-            int32_t *offsets = (int32_t *)(scales + 16);
-            int8_t q[MAX_CHUNK]; /* the chunk's inputs in order */
-            for (int64_t b = 0; b < chunk; b += ACT_BLOCK) {
-                float v[ACT_BLOCK], most = 0.0f;
-                for (int i = 0; i < ACT_BLOCK; i++) {
-                    v[i] = load_value(x, m * k + c + b + i, x_bf16);
-                    most = fmaxf(most, fabsf(v[i]));
-                }
-                const float s = most / 127.0f;
-                for (int i = 0; i < ACT_BLOCK; i++)
-                    q[b + i] = (int8_t)(s > 0.0f ? nearbyintf(v[i] / s) : 0.0f);
-                for (int64_t lane = b / per_lane; lane < (b + ACT_BLOCK) / per_lane; lane++)
-                    scales[lane] = s;
+            int8_t q[MAX_CHUNK] __attribute__((aligned(64))); /* the chunk's inputs in order */
+            float block_scale[MAX_CHUNK / ACT_BLOCK];
+            for (int64_t b = 0; b < chunk; b += ACT_BLOCK)
+                block_scale[b / ACT_BLOCK] = quantize_block(x, m * k + c + b, x_bf16, q + b);
+            for (int lane = 0; lane < 16; lane++)
+                scales[lane] = block_scale[lane * per_lane / ACT_BLOCK];
+            __m512i sums; /* each lane's inputs summed, as the kernel's dot products pair them */
+            if (format == FORMAT_INT4) { /* a chunk's even inputs, then its odd ones */
+                const __m512i first = _mm512_load_si512(q), second = _mm512_load_si512(q + 64);
+                const __m512i even = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm512_cvtepi16_epi8(first)),
+                    _mm512_cvtepi16_epi8(second), 1);
+                const __m512i odd = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_srai_epi16(first, 8))),
+                    _mm512_cvtepi16_epi8(_mm512_srai_epi16(second, 8)), 1);
+                _mm512_storeu_si512(values + c, even);
+                _mm512_storeu_si512(values + c + 64, odd);
+                sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
+                                                               even), ones, odd);
+            } else {
+                const __m512i all = _mm512_load_si512(q);
+                _mm512_storeu_si512(values + c, all);
+                sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, all);
             }
-            for (int64_t i = 0; i < chunk; i++) /* int4: even inputs, then odd ones */
-                values[c + (format == FORMAT_INT4 ? (i % 2) * 64 + i / 2 : i)] = q[i];
-            for (int lane = 0; lane < 16; lane++) {
-                int32_t sum = 0;
-                for (int64_t i = 0; i < per_lane; i++) sum += q[lane * per_lane + i];
-                offsets[lane] = offset * sum;
-            }
+            _mm512_storeu_si512(scales + 16, _mm512_mullo_epi32(offset, sums));
         }
     }
 }
