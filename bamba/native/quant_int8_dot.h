@@ -100,86 +100,104 @@ static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, 
     }
 }
 
+/* How a row's scales fall on its chunks, a compile-time parameter of the tile: several groups
+ * in a chunk (per-lane scales), a group per chunk (one scale, folded into the activations'),
+ * or a group of several chunks (integer sums scaled at the group's end). */
+enum { GROUPS_IN_CHUNK, GROUP_IS_CHUNK, GROUP_OF_CHUNKS };
+
+static inline int group_span(const LinearWeights *L, const QuantTables *t) {
+    return t->groups_per_chunk ? GROUPS_IN_CHUNK
+                               : L->group == t->chunk ? GROUP_IS_CHUNK : GROUP_OF_CHUNKS;
+}
+
 /* out[r * J + j] = x_r . w_{n+j} for R prepared rows (row_bytes apart) and J weight rows,
- * both compile-time after inlining (as the format): each weight chunk loaded serves R rows,
- * each row's activations J weight rows. One input row against four weight rows is batch-1
- * decode: four independent chains and one call for four outputs (a short row, 4-12 chunks,
- * otherwise spends a good part of its time starting and reducing). Each output's arithmetic
- * is the same whatever R and J. */
+ * all of format, span, R and J compile-time after inlining: each weight chunk loaded serves R
+ * rows, each row's activations J weight rows, in one flat loop over the chunks. One input row
+ * against four weight rows is batch-1 decode: four independent chains and one call for four
+ * outputs (a short row, 4-12 chunks, otherwise spends a good part of its time starting and
+ * reducing). Each output's arithmetic is the same whatever R and J. */
 static inline __attribute__((always_inline)) void int8_tile(const LinearWeights *L,
                                                              const QuantTables *t,
-                                                             const int format, const char *xq,
-                                                             int64_t n, const int R,
-                                                             const int J, float *out) {
+                                                             const int format, const int span,
+                                                             const char *xq, int64_t n,
+                                                             const int R, const int J,
+                                                             float *out) {
     const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
-    const int64_t row_bytes = int8_row_bytes(format, k);
-    const int64_t per_group = t->groups_per_chunk ? 1 : L->group / chunk; /* chunks */
-    const int64_t wrow = quant_row_bytes(format, k);
+    const int64_t row_bytes = int8_row_bytes(format, k), wrow = quant_row_bytes(format, k);
+    const int64_t per_group = span == GROUP_OF_CHUNKS ? L->group / chunk : 1; /* chunks */
     const char *w = (const char *)L->weight + n * wrow;
     const __m512i nibble = _mm512_set1_epi8(15);
-    __m512 acc[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
+    __m512 acc[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS], sums[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t c = 0, g = 0; c < chunks; g++) {
-        __m512 sums[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
-        for (int r = 0; r < R; r++)
-            for (int j = 0; j < J; j++) sums[r][j] = _mm512_setzero_ps();
-        for (const int64_t end = c + per_group; c < end; c++) {
-            __m512i low[INT8_TILE_WEIGHT_ROWS], high[INT8_TILE_WEIGHT_ROWS];
-            __m512 wscale[INT8_TILE_WEIGHT_ROWS];
-            for (int j = 0; j < J; j++) { /* a chunk's weights: bytes, or two nibble halves */
-                const char *wc = w + j * wrow + c * 64;
-                _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
-                const __m512i bytes = _mm512_loadu_si512(wc);
-                low[j] = format == FORMAT_INT4 ? _mm512_and_si512(bytes, nibble) : bytes;
-                high[j] = format == FORMAT_INT4
-                    ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
-                if (t->groups_per_chunk) wscale[j] = chunk_scales(L, t, n + j, c);
+        for (int j = 0; j < J; j++) acc[r][j] = sums[r][j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; c++) {
+        __m512i low[INT8_TILE_WEIGHT_ROWS], high[INT8_TILE_WEIGHT_ROWS];
+        __m512 wscale[INT8_TILE_WEIGHT_ROWS];
+        for (int j = 0; j < J; j++) { /* a chunk's weights: bytes, or two nibble halves */
+            const char *wc = w + j * wrow + c * 64;
+            _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
+            const __m512i bytes = _mm512_loadu_si512(wc);
+            low[j] = format == FORMAT_INT4 ? _mm512_and_si512(bytes, nibble) : bytes;
+            high[j] = format == FORMAT_INT4
+                ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
+            if (span == GROUPS_IN_CHUNK) wscale[j] = chunk_scales(L, t, n + j, c);
+            if (span == GROUP_IS_CHUNK) wscale[j] = _mm512_set1_ps(quant_scale(L, n + j, c));
+        }
+        for (int r = 0; r < R; r++) {
+            const char *row = xq + r * row_bytes, *lanes = row + k + c * 128;
+            const __m512i x_low = _mm512_loadu_si512(row + c * chunk);
+            const __m512i x_high = format == FORMAT_INT4
+                ? _mm512_loadu_si512(row + c * chunk + 64) : x_low;
+            const __m512i start = _mm512_loadu_si512(lanes + 64);
+            const __m512 x_scale = _mm512_loadu_ps((const float *)lanes);
+            for (int j = 0; j < J; j++) {
+                __m512i dot = _mm512_dpbusd_epi32(start, low[j], x_low);
+                if (format == FORMAT_INT4) dot = _mm512_dpbusd_epi32(dot, high[j], x_high);
+                if (span == GROUP_OF_CHUNKS)
+                    sums[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), x_scale, sums[r][j]);
+                else
+                    acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                                _mm512_mul_ps(x_scale, wscale[j]), acc[r][j]);
             }
-            for (int r = 0; r < R; r++) {
-                const char *row = xq + r * row_bytes, *lanes = row + k + c * 128;
-                const __m512i x_low = _mm512_loadu_si512(row + c * chunk);
-                const __m512i x_high = format == FORMAT_INT4
-                    ? _mm512_loadu_si512(row + c * chunk + 64) : x_low;
-                const __m512i start = _mm512_loadu_si512(lanes + 64);
-                const __m512 x_scale = _mm512_loadu_ps((const float *)lanes);
-                for (int j = 0; j < J; j++) {
-                    __m512i dot = _mm512_dpbusd_epi32(start, low[j], x_low);
-                    if (format == FORMAT_INT4) dot = _mm512_dpbusd_epi32(dot, high[j], x_high);
-                    const __m512 scale = t->groups_per_chunk
-                        ? _mm512_mul_ps(x_scale, wscale[j]) : x_scale;
-                    sums[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, sums[r][j]);
+        }
+        if (span == GROUP_OF_CHUNKS && (c + 1) % per_group == 0)
+            for (int j = 0; j < J; j++) {
+                const __m512 s = _mm512_set1_ps(quant_scale(L, n + j, c / per_group));
+                for (int r = 0; r < R; r++) {
+                    acc[r][j] = _mm512_fmadd_ps(sums[r][j], s, acc[r][j]);
+                    sums[r][j] = _mm512_setzero_ps();
                 }
             }
-        }
-        for (int j = 0; j < J; j++) {
-            const __m512 s = _mm512_set1_ps(t->groups_per_chunk ? 1.0f : quant_scale(L, n + j, g));
-            for (int r = 0; r < R; r++)
-                acc[r][j] = t->groups_per_chunk ? _mm512_add_ps(acc[r][j], sums[r][j])
-                                                : _mm512_fmadd_ps(sums[r][j], s, acc[r][j]);
-        }
     }
     for (int r = 0; r < R; r++)
         for (int j = 0; j < J; j++) out[r * J + j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
-/* One body per format: four weight rows against one prepared row. */
+#define INT8_SPANS(F, R, J)                                                           \
+    switch (group_span(L, t)) {                                                       \
+    case GROUPS_IN_CHUNK: int8_tile(L, t, F, GROUPS_IN_CHUNK, xq, n, R, J, out); break; \
+    case GROUP_IS_CHUNK: int8_tile(L, t, F, GROUP_IS_CHUNK, xq, n, R, J, out); break;   \
+    default: int8_tile(L, t, F, GROUP_OF_CHUNKS, xq, n, R, J, out); break;              \
+    }
+
+/* One body per format and span: four weight rows against one prepared row. */
 __attribute__((noinline)) static void int8_dots_four(const LinearWeights *L, const QuantTables *t,
                                                      const char *xq, int64_t n, float *out) {
-    if (L->format == FORMAT_INT4)
-        int8_tile(L, t, FORMAT_INT4, xq, n, 1, INT8_TILE_WEIGHT_ROWS, out);
-    else
-        int8_tile(L, t, FORMAT_INT8, xq, n, 1, INT8_TILE_WEIGHT_ROWS, out);
+    if (L->format == FORMAT_INT4) {
+        INT8_SPANS(FORMAT_INT4, 1, INT8_TILE_WEIGHT_ROWS)
+    } else {
+        INT8_SPANS(FORMAT_INT8, 1, INT8_TILE_WEIGHT_ROWS)
+    }
 }
 
 #define INT8_ROWS(F)                                                                  \
     switch (R) {                                                                      \
-    case 1: int8_tile(L, t, F, xq, n, 1, 1, out); break;                              \
-    case 2: int8_tile(L, t, F, xq, n, 2, 1, out); break;                              \
-    default: int8_tile(L, t, F, xq, n, 3, 1, out); break;                             \
+    case 1: INT8_SPANS(F, 1, 1) break;                                                \
+    case 2: INT8_SPANS(F, 2, 1) break;                                                \
+    default: INT8_SPANS(F, 3, 1) break;                                               \
     }
 
-/* One unrolled body per format and row count. */
+/* One unrolled body per format, span and row count. */
 __attribute__((noinline)) static void int8_dots(const LinearWeights *L, const QuantTables *t,
                                                 const char *xq, int64_t n, int R, float *out) {
     if (L->format == FORMAT_INT4) {
@@ -189,5 +207,6 @@ __attribute__((noinline)) static void int8_dots(const LinearWeights *L, const Qu
     }
 }
 #undef INT8_ROWS
+#undef INT8_SPANS
 #endif
 #endif
