@@ -139,6 +139,27 @@ def test_one_scale_for_the_whole_matrix_and_float32_scales() -> None:
             _close(native(x), reference(x), 1.5e-2)
 
 
+
+def test_every_fp8_value_is_read_exactly_by_the_few_row_kernel() -> None:
+    """The few-row kernel's e4m3 byte tables: each weight row holds every byte of one sign and
+    exponent field (subnormals at e = 0; the NaN bytes as zeros), so each output sums terms of
+    one sign and magnitude and a wrong table entry shows far above float32 rounding."""
+    codes = torch.arange(256, dtype=torch.int32)
+    exponent, sign = (codes >> 3) & 15, codes >> 7
+    rows = torch.stack([codes[(exponent == e) & (sign == s)].repeat(16)
+                        for s in (0, 1) for e in range(16)])  # [32, 128]
+    rows = torch.where((rows & 0x7F) == 0x7F, 0, rows)  # e4m3fn's NaNs
+    weight = rows.to(torch.uint8).view(torch.float8_e4m3fn)
+    fp8 = QuantizedLinear.from_tensors({"weight": weight, "weight_scale": torch.ones(32, 1)},
+                                       make_scheme("fp8"))
+    layout = quant_ops.quant_layout(fp8.kernel_weights(), 128)
+    x = (torch.rand(2, 128) + 0.5).bfloat16().float()  # positive, bf16 values: exact inputs
+    with torch.inference_mode():
+        ours = quant_ops.quant_linear_rows(x, layout, None, False).double()
+    values = weight.float().double()
+    want = x.double() @ values.T
+    assert torch.allclose(ours, want, rtol=1e-5, atol=0), (ours / want).tolist()
+
 def test_widths_the_kernels_do_not_take_run_the_torch_reference(monkeypatch) -> None:
     """An input width not a multiple of 128, and a group size smaller than the kernels' lanes,
     fall back to the torch reference."""

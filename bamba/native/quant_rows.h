@@ -10,8 +10,9 @@
  * a row; 0: one scale for the whole matrix).
  *
  * Each thread walks its weight rows in chunks of CHUNK(format) inputs, turns a chunk into bf16
- * vectors with a few integer instructions (a `vpermw` table lookup per nibble for the ints, an
- * fp16 re-bias and `vcvtph2ps` for fp8) and multiplies them with `vdpbf16ps` against every input
+ * vectors with a few integer instructions (a `vpermw` table lookup per nibble for the ints; for
+ * fp8 two `vpermi2b` lookups of a magnitude's bf16 high and low bytes, exact for every e4m3
+ * value, subnormals included, and the sign bit put back) and multiplies them with `vdpbf16ps` against every input
  * row, then adds the chunk's dot products times its scales (one scale per group of lanes) to
  * float32 accumulators. The dequantized vectors come out in an order of the chunk's inputs that
  * is cheap to produce, so the input rows are first copied, in bf16, into that order
@@ -29,7 +30,7 @@
 enum { QUANT_K_MULTIPLE = 128 };
 
 static inline int64_t quant_chunk(int format) {
-    return format == FORMAT_INT4 ? 128 : format == FORMAT_INT8 ? 64 : 32;
+    return format == FORMAT_INT4 ? 128 : 64;
 }
 
 static inline int64_t quant_row_bytes(int format, int64_t k) {
@@ -41,6 +42,9 @@ static inline int64_t quant_row_bytes(int format, int64_t k) {
 static inline int quant_supported(int format, int64_t k, int64_t group) {
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
     const int64_t chunk = quant_chunk(format);
+#ifndef __AVX512VBMI__
+    if (format == FORMAT_FP8) return 0; /* its byte tables need vpermi2b */
+#endif
     if (format < FORMAT_FP8 || format > FORMAT_INT4 || group < 1 || k % QUANT_K_MULTIPLE != 0 ||
         k % group != 0)
         return 0;
@@ -59,7 +63,14 @@ static inline float quant_scale(const LinearWeights *L, int64_t n, int64_t group
 static inline int64_t chunk_position(int format, int64_t e) {
     if (format == FORMAT_INT4) return 4 * (e % 32) + e / 32; /* vector q lane j: 4j + q */
     if (format == FORMAT_INT8) return 2 * (e % 32) + e / 32; /* vector h lane j: 2j + h */
-    return e;
+    return 16 * (e % 32 / 8) + 8 * (e / 32) + e % 8; /* fp8: bytes unpacked per 128 bits */
+}
+
+/* The value of an e4m3 byte (s eeee mmm, bias 7, subnormals at e = 0). */
+static inline float e4m3_value(int b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+    return b & 128 ? -v : v;
 }
 
 /* x [M, k] (bf16 or float32) as bf16 rows in the chunk order of `format`, into xp [M, k]. */
@@ -90,6 +101,7 @@ static uint16_t *thread_rows(int64_t count) {
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
 typedef struct { /* what a call's chunk loop needs of the format, set up once */
     __m512i low, high; /* vpermw tables: nibble -> bf16 value (int4's, int8's high nibble) */
+    __m512i fp8_high[2], fp8_low[2]; /* vpermi2b tables: e4m3 magnitude -> bf16 bytes */
     __m512i lanes;     /* float32 lane -> scale index within a chunk (groups smaller than it) */
     int64_t chunk, groups_per_chunk; /* groups_per_chunk 0: a chunk lies inside one group */
 } QuantTables;
@@ -105,6 +117,15 @@ static QuantTables quant_tables(const LinearWeights *L) {
     t.chunk = quant_chunk(L->format);
     t.low = bf16_table(1.0f, -8.0f);
     t.high = bf16_table(16.0f, -256.0f);
+    uint8_t high[128], low[128]; /* every e4m3 value is a bf16 one: 3 mantissa bits of 7 */
+    for (int b = 0; b < 128; b++) {
+        const uint16_t bits = float_to_bf16(e4m3_value(b));
+        high[b] = (uint8_t)(bits >> 8), low[b] = (uint8_t)bits;
+    }
+    for (int i = 0; i < 2; i++) {
+        t.fp8_high[i] = _mm512_loadu_si512(high + 64 * i);
+        t.fp8_low[i] = _mm512_loadu_si512(low + 64 * i);
+    }
     t.groups_per_chunk = L->group % t.chunk == 0 ? 0 : t.chunk / L->group;
     int32_t lanes[16];
     for (int i = 0; i < 16; i++)
@@ -136,17 +157,22 @@ static inline __m256i fp8_as_halves(const void *w) {
         _mm256_set1_epi16((short)0xBF80));
 }
 
-/* A chunk's weights as bf16 vectors v[0..3] (fp8: v[0] only, values 2^-8 of the weights). */
+/* A chunk's weights as bf16 vectors v[0..3] (fp8: v[0] and v[1]). */
 static inline __attribute__((always_inline)) void dequantize_chunk(int format, const char *w,
                                                                     const QuantTables *t,
                                                                     __m512i v[4]) {
-    if (format == FORMAT_FP8) {
-        const __m512 lo = _mm512_cvtph_ps(fp8_as_halves(w));
-        const __m512 hi = _mm512_cvtph_ps(fp8_as_halves(w + 16));
-        v[0] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    const __m512i words = _mm512_loadu_si512(w);
+#ifdef __AVX512VBMI__
+    if (format == FORMAT_FP8) { /* index bit 7 (the sign) is ignored by the lookups */
+        const __m512i high = _mm512_ternarylogic_epi32(
+            _mm512_permutex2var_epi8(t->fp8_high[0], words, t->fp8_high[1]), words,
+            _mm512_set1_epi8((char)0x80), 0xF8); /* a | (b & c) */
+        const __m512i low = _mm512_permutex2var_epi8(t->fp8_low[0], words, t->fp8_low[1]);
+        v[0] = _mm512_unpacklo_epi8(low, high);
+        v[1] = _mm512_unpackhi_epi8(low, high);
         return;
     }
-    const __m512i words = _mm512_loadu_si512(w);
+#endif
     if (format == FORMAT_INT4) { /* word j holds inputs 4j..4j+3 in its nibbles */
         v[0] = _mm512_permutexvar_epi16(words, t->low);
         v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), t->low);
@@ -169,11 +195,12 @@ static inline __attribute__((always_inline)) void dequantize_chunk(int format, c
 static inline __attribute__((always_inline)) void chunk_dot(int format, const uint16_t *xp,
                                                             const __m512i v[4], __m512 *a,
                                                             __m512 *b) {
+    const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 32);
     if (format == FORMAT_FP8) {
-        *a = _mm512_dpbf16_ps(*a, (__m512bh)_mm512_loadu_si512(xp), (__m512bh)v[0]);
+        *a = _mm512_dpbf16_ps(*a, (__m512bh)x0, (__m512bh)v[0]);
+        *b = _mm512_dpbf16_ps(*b, (__m512bh)x1, (__m512bh)v[1]);
         return;
     }
-    const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 32);
     if (format == FORMAT_INT8) { /* inputs 2j with v[0], v[1]; 2j + 1 with v[2], v[3] */
         *a = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*a, (__m512bh)x0, (__m512bh)v[0]), (__m512bh)x1,
                               (__m512bh)v[2]);
@@ -215,8 +242,7 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
             ? chunk_scales(L, t, n, g) : _mm512_set1_ps(quant_scale(L, n, g));
         for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(a[r], b[r]), s, acc[r]);
     }
-    const float unit = format == FORMAT_FP8 ? 256.0f : 1.0f; /* fp8's vectors were 2^-8 */
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]) * unit;
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 #define QUANT_ROWS(F)                                                                 \
@@ -335,13 +361,9 @@ static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
 static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_end, void *out,
                             int out_bf16) {
     const int64_t k = L->k, group = L->group;
-    float values[256]; /* stored byte -> value: e4m3 (s eeee mmm, bias 7, subnormals at e = 0),
-                          or q + 128 */
-    for (int b = 0; b < 256; b++) {
-        const int e = (b >> 3) & 15, m = b & 7;
-        const float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
-        values[b] = L->format == FORMAT_FP8 ? (b & 128 ? -v : v) : (float)(b - 128);
-    }
+    float values[256]; /* stored byte -> value: e4m3, or q + 128 */
+    for (int b = 0; b < 256; b++)
+        values[b] = L->format == FORMAT_FP8 ? e4m3_value(b) : (float)(b - 128);
     enum { MAX_PIECE = 1024, SMALL_PIECE = 32 }; /* inputs of one scale converted at a time */
     const int64_t piece = group <= MAX_PIECE ? group : SMALL_PIECE; /* divides the group */
     float row[MAX_PIECE];
