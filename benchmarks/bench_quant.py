@@ -156,9 +156,11 @@ def held_out_files() -> list[Path]:
 def trained_checkpoint(args: argparse.Namespace, work: Path) -> Path:
     if args.trained is not None:
         return args.trained
+    from bamba.demo import trained_checkpoint as exported
+
     demo = work / "demo"
     bamba_cli("demo", "--dir", str(demo), "--prompt", "import os")
-    return demo / "hf"
+    return exported(demo)
 
 
 def perplexity(directory: Path, args: argparse.Namespace, out: Path) -> float:

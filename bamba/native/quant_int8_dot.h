@@ -100,16 +100,6 @@ static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, 
     }
 }
 
-/* How a row's scales fall on its chunks, a compile-time parameter of the tile: several groups
- * in a chunk (per-lane scales), a group per chunk (one scale, folded into the activations'),
- * or a group of several chunks (integer sums scaled at the group's end). */
-enum { GROUPS_IN_CHUNK, GROUP_IS_CHUNK, GROUP_OF_CHUNKS };
-
-static inline int group_span(const LinearWeights *L, const QuantTables *t) {
-    return t->groups_per_chunk ? GROUPS_IN_CHUNK
-                               : L->group == t->chunk ? GROUP_IS_CHUNK : GROUP_OF_CHUNKS;
-}
-
 /* out[r * J + j] = x_r . w_{n+j} for R prepared rows (row_bytes apart) and J weight rows,
  * all of format, span, R and J compile-time after inlining: each weight chunk loaded serves R
  * rows, each row's activations J weight rows, in one flat loop over the chunks. One input row
@@ -127,10 +117,11 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
     const int64_t per_group = span == GROUP_OF_CHUNKS ? L->group / chunk : 1; /* chunks */
     const char *w = (const char *)L->weight + n * wrow;
     const __m512i nibble = _mm512_set1_epi8(15);
-    __m512 acc[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS], sums[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
+    __m512 acc[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
+    __m512 sums[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < J; j++) acc[r][j] = sums[r][j] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; c++) {
+    for (int64_t c = 0, left = per_group; c < chunks; c++) {
         __m512i low[INT8_TILE_WEIGHT_ROWS], high[INT8_TILE_WEIGHT_ROWS];
         __m512 wscale[INT8_TILE_WEIGHT_ROWS];
         for (int j = 0; j < J; j++) { /* a chunk's weights: bytes, or two nibble halves */
@@ -160,14 +151,15 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
                                                 _mm512_mul_ps(x_scale, wscale[j]), acc[r][j]);
             }
         }
-        if (span == GROUP_OF_CHUNKS && (c + 1) % per_group == 0)
-            for (int j = 0; j < J; j++) {
-                const __m512 s = _mm512_set1_ps(quant_scale(L, n + j, c / per_group));
-                for (int r = 0; r < R; r++) {
-                    acc[r][j] = _mm512_fmadd_ps(sums[r][j], s, acc[r][j]);
-                    sums[r][j] = _mm512_setzero_ps();
-                }
+        if (span != GROUP_OF_CHUNKS || --left) continue; /* no group ends here */
+        left = per_group;
+        for (int j = 0; j < J; j++) {
+            const __m512 s = _mm512_set1_ps(quant_scale(L, n + j, c / per_group));
+            for (int r = 0; r < R; r++) {
+                acc[r][j] = _mm512_fmadd_ps(sums[r][j], s, acc[r][j]);
+                sums[r][j] = _mm512_setzero_ps();
             }
+        }
     }
     for (int r = 0; r < R; r++)
         for (int j = 0; j < J; j++) out[r * J + j] = _mm512_reduce_add_ps(acc[r][j]);

@@ -215,46 +215,64 @@ static inline __attribute__((always_inline)) void chunk_dot(int format, const ui
                           (__m512bh)v[3]);
 }
 
-/* out[r] = x_r . w_n for R input rows (compile-time after inlining) of xp, k apart. Chunks
- * of one group accumulate unscaled, then add to acc times their scale; groups smaller than a
- * chunk scale each chunk's lanes. */
+/* How a row's scales fall on its chunks, a compile-time parameter of the chunk loops: several
+ * groups in a chunk (per-lane scales), a group per chunk, or a group of several chunks. */
+enum { GROUPS_IN_CHUNK, GROUP_IS_CHUNK, GROUP_OF_CHUNKS };
+
+static inline int group_span(const LinearWeights *L, const QuantTables *t) {
+    return t->groups_per_chunk ? GROUPS_IN_CHUNK
+                               : L->group == t->chunk ? GROUP_IS_CHUNK : GROUP_OF_CHUNKS;
+}
+
+/* out[r] = x_r . w_n for R input rows of xp, k apart, R, format and span compile-time after
+ * inlining, in one flat loop over the chunks. Chunks of one group accumulate unscaled, then
+ * add to acc times their scale; groups smaller than a chunk scale each chunk's lanes. */
 static inline __attribute__((always_inline)) void quant_row_dots(const LinearWeights *L,
                                                                   const QuantTables *t,
                                                                   const int format,
+                                                                  const int span,
                                                                   const uint16_t *xp, int64_t n,
                                                                   const int R, float *out) {
     const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
     const int64_t bytes = quant_row_bytes(format, chunk);
-    const int64_t per_group = t->groups_per_chunk ? 1 : L->group / chunk; /* chunks */
+    const int64_t per_group = span == GROUP_OF_CHUNKS ? L->group / chunk : 1; /* chunks */
     const char *w = (const char *)L->weight + n * quant_row_bytes(format, k);
-    __m512 acc[ROW_GROUP];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t c = 0, g = 0; c < chunks; g++) {
-        __m512 a[ROW_GROUP], b[ROW_GROUP];
-        for (int r = 0; r < R; r++) a[r] = b[r] = _mm512_setzero_ps();
-        for (const int64_t end = c + per_group; c < end; c++) {
-            _mm_prefetch(w + c * bytes + PREFETCH_BYTES, _MM_HINT_T1);
-            __m512i v[4];
-            dequantize_chunk(format, w + c * bytes, t, v);
-            for (int r = 0; r < R; r++) chunk_dot(format, xp + r * k + c * chunk, v, &a[r], &b[r]);
+    __m512 acc[ROW_GROUP], a[ROW_GROUP], b[ROW_GROUP];
+    for (int r = 0; r < R; r++) acc[r] = a[r] = b[r] = _mm512_setzero_ps();
+    for (int64_t c = 0, left = per_group; c < chunks; c++) {
+        _mm_prefetch(w + c * bytes + PREFETCH_BYTES, _MM_HINT_T1);
+        __m512i v[4];
+        dequantize_chunk(format, w + c * bytes, t, v);
+        for (int r = 0; r < R; r++) chunk_dot(format, xp + r * k + c * chunk, v, &a[r], &b[r]);
+        if (--left) continue; /* the group goes on */
+        left = per_group;
+        const __m512 s = span == GROUPS_IN_CHUNK
+            ? chunk_scales(L, t, n, c) : _mm512_set1_ps(quant_scale(L, n, c / per_group));
+        for (int r = 0; r < R; r++) {
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(a[r], b[r]), s, acc[r]);
+            a[r] = b[r] = _mm512_setzero_ps();
         }
-        const __m512 s = t->groups_per_chunk
-            ? chunk_scales(L, t, n, g) : _mm512_set1_ps(quant_scale(L, n, g));
-        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(_mm512_add_ps(a[r], b[r]), s, acc[r]);
     }
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+#define QUANT_SPANS(F, R)                                                             \
+    switch (group_span(L, t)) {                                                       \
+    case GROUPS_IN_CHUNK: quant_row_dots(L, t, F, GROUPS_IN_CHUNK, xp, n, R, out); break; \
+    case GROUP_IS_CHUNK: quant_row_dots(L, t, F, GROUP_IS_CHUNK, xp, n, R, out); break;   \
+    default: quant_row_dots(L, t, F, GROUP_OF_CHUNKS, xp, n, R, out); break;              \
+    }
+
 #define QUANT_ROWS(F)                                                                 \
     switch (R) {                                                                      \
-    case 1: quant_row_dots(L, t, F, xp, n, 1, out); break;                            \
-    case 2: quant_row_dots(L, t, F, xp, n, 2, out); break;                            \
-    case 3: quant_row_dots(L, t, F, xp, n, 3, out); break;                            \
-    case 4: quant_row_dots(L, t, F, xp, n, 4, out); break;                            \
-    case 5: quant_row_dots(L, t, F, xp, n, 5, out); break;                            \
-    case 6: quant_row_dots(L, t, F, xp, n, 6, out); break;                            \
-    case 7: quant_row_dots(L, t, F, xp, n, 7, out); break;                            \
-    default: quant_row_dots(L, t, F, xp, n, 8, out); break;                           \
+    case 1: QUANT_SPANS(F, 1) break;                                                  \
+    case 2: QUANT_SPANS(F, 2) break;                                                  \
+    case 3: QUANT_SPANS(F, 3) break;                                                  \
+    case 4: QUANT_SPANS(F, 4) break;                                                  \
+    case 5: QUANT_SPANS(F, 5) break;                                                  \
+    case 6: QUANT_SPANS(F, 6) break;                                                  \
+    case 7: QUANT_SPANS(F, 7) break;                                                  \
+    default: QUANT_SPANS(F, 8) break;                                                 \
     }
 
 /* One unrolled body per format and row count. */
@@ -270,6 +288,7 @@ __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const Q
     }
 }
 #undef QUANT_ROWS
+#undef QUANT_SPANS
 #endif
 
 #include "quant_int8_dot.h"
