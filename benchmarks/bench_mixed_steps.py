@@ -37,6 +37,7 @@ from bamba.model import BambaLM, cast, init_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from host import describe_host, write_json  # noqa: E402
+from measure import percentile  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "mixed_steps.json"
 
@@ -59,11 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.preset, args.concurrency, args.rounds = "tiny", [4], 1
         args.requests, args.prompt_tokens, args.max_tokens = 8, 24, 8
     return args
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def closed_loop(llm: LLM, requests: list[tuple[list[int], int]], concurrency: int
@@ -95,11 +91,11 @@ def closed_loop(llm: LLM, requests: list[tuple[list[int], int]], concurrency: in
                     add()
     wall = time.perf_counter() - start
     return {"output_tok_per_s": round(tokens / wall, 1), "steps": steps,
-            "ttft_p50_s": round(quantile(ttft, 0.5), 3),
-            "ttft_p99_s": round(quantile(ttft, 0.99), 3),
-            "itl_p50_ms": round(quantile(gaps, 0.5) * 1e3, 1),
-            "itl_p99_ms": round(quantile(gaps, 0.99) * 1e3, 1),
-            "itl_p99_over_p50": round(quantile(gaps, 0.99) / quantile(gaps, 0.5), 2)}
+            "ttft_p50_s": round(percentile(ttft, 50), 3),
+            "ttft_p99_s": round(percentile(ttft, 99), 3),
+            "itl_p50_ms": round(percentile(gaps, 50) * 1e3, 1),
+            "itl_p99_ms": round(percentile(gaps, 99) * 1e3, 1),
+            "itl_p99_over_p50": round(percentile(gaps, 99) / percentile(gaps, 50), 2)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

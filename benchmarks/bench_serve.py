@@ -57,6 +57,7 @@ from bamba.cores import in_passing_thread
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_cpp  # noqa: E402
 from host import describe_host, write_json  # noqa: E402
+from measure import percentile  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 NAME = "bench"
@@ -300,12 +301,6 @@ def cpu_seconds(pid: int | None = None) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values: list[float], q: int) -> float:
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@
   (llama.cpp's own conversion and quantizations of that checkpoint);
 * the scripts' frame: ``add_common_options`` and ``parse_quick`` (options, --quick's smaller
   defaults), ``run_benchmark`` (the parent's run and its JSON report), ``best`` (the best
-  round of each figure).
+  round of each figure), ``percentile`` (latency percentiles, one definition for all).
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ class ChildTimeout(RuntimeError):
 
 
 # ---- bamba's side, in a child process ---------------------------------------------------------
+def percentile(values: list[float], q: int) -> float:
+    """The q-th percentile of values (statistics' inclusive method: linear interpolation
+    between the order statistics; a single value is every percentile)."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
 def rss_mb(field: str = "VmRSS") -> float:
     """This process's resident memory in MB: ``VmRSS`` now, ``VmHWM`` its peak so far."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -20,6 +20,9 @@ def test_quick_run_reports_each_setting(tmp_path: Path) -> None:
         assert lv["itl_p99_ms"] >= lv["itl_p50_ms"] > 0 and lv["ttft_p99_s"] >= lv["ttft_p50_s"]
 
 
-def test_quantile_takes_the_value_at_or_below() -> None:
-    assert bench_mixed_steps.quantile([5.0, 1.0, 3.0, 2.0], 0.5) == 3.0
-    assert bench_mixed_steps.quantile([5.0, 1.0, 3.0, 2.0], 0.99) == 5.0
+def test_percentiles_are_bench_serves() -> None:
+    """One definition of p50/p99 for the in-process and the HTTP view (interpolated)."""
+    import bench_serve
+
+    assert bench_mixed_steps.percentile is bench_serve.percentile
+    assert bench_mixed_steps.percentile([5.0, 1.0, 3.0, 2.0], 50) == 2.5
