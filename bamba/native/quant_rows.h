@@ -77,13 +77,18 @@ static inline float e4m3_value(int b) {
 static void prepare_rows(int format, const void *x, int x_bf16, int64_t M, int64_t k,
                          uint16_t *xp) {
     const int64_t chunk = quant_chunk(format);
+    int16_t position[128]; /* once a call, not once an input */
+    for (int64_t e = 0; e < chunk; e++) position[e] = (int16_t)chunk_position(format, e);
     for (int64_t m = 0; m < M; m++)
-        for (int64_t c = 0; c < k; c += chunk)
-            for (int64_t e = 0; e < chunk; e++) {
-                const int64_t i = m * k + c + chunk_position(format, e);
-                xp[m * k + c + e] = x_bf16 ? ((const uint16_t *)x)[i]
-                                           : float_to_bf16(((const float *)x)[i]);
-            }
+        for (int64_t c = 0; c < k; c += chunk) {
+            const int64_t at = m * k + c;
+            if (x_bf16)
+                for (int64_t e = 0; e < chunk; e++)
+                    xp[at + e] = ((const uint16_t *)x)[at + position[e]];
+            else
+                for (int64_t e = 0; e < chunk; e++)
+                    xp[at + e] = float_to_bf16(((const float *)x)[at + position[e]]);
+        }
 }
 
 /* This thread's buffer of at least `count` bf16 values (kept for its next calls), or NULL. */
@@ -106,25 +111,32 @@ typedef struct { /* what a call's chunk loop needs of the format, set up once */
     int64_t chunk, groups_per_chunk; /* groups_per_chunk 0: a chunk lies inside one group */
 } QuantTables;
 
-static inline __m512i bf16_table(float scale, float offset) {
-    uint16_t t[32];
-    for (int i = 0; i < 32; i++) t[i] = float_to_bf16((float)(i & 15) * scale + offset);
-    return _mm512_loadu_si512(t);
+/* The formats' lookup tables, filled once when the library loads (a call's set-up only loads
+ * them): nibble -> bf16 value (int4's q + 8 -> q; int8's high nibble h -> 16 h - 256), and
+ * e4m3 magnitude -> its bf16 high and low bytes (every e4m3 value is a bf16 one: 3 mantissa
+ * bits of 7, subnormals included). */
+static uint16_t nibble_bf16[2][32];
+static uint8_t fp8_bf16_bytes[2][128];
+
+__attribute__((constructor)) static void fill_quant_tables(void) {
+    for (int i = 0; i < 32; i++) {
+        nibble_bf16[0][i] = float_to_bf16((float)(i & 15) - 8.0f);
+        nibble_bf16[1][i] = float_to_bf16((float)(i & 15) * 16.0f - 256.0f);
+    }
+    for (int b = 0; b < 128; b++) {
+        const uint16_t bits = float_to_bf16(e4m3_value(b));
+        fp8_bf16_bytes[0][b] = (uint8_t)(bits >> 8), fp8_bf16_bytes[1][b] = (uint8_t)bits;
+    }
 }
 
 static QuantTables quant_tables(const LinearWeights *L) {
     QuantTables t;
     t.chunk = quant_chunk(L->format);
-    t.low = bf16_table(1.0f, -8.0f);
-    t.high = bf16_table(16.0f, -256.0f);
-    uint8_t high[128], low[128]; /* every e4m3 value is a bf16 one: 3 mantissa bits of 7 */
-    for (int b = 0; b < 128; b++) {
-        const uint16_t bits = float_to_bf16(e4m3_value(b));
-        high[b] = (uint8_t)(bits >> 8), low[b] = (uint8_t)bits;
-    }
+    t.low = _mm512_loadu_si512(nibble_bf16[0]);
+    t.high = _mm512_loadu_si512(nibble_bf16[1]);
     for (int i = 0; i < 2; i++) {
-        t.fp8_high[i] = _mm512_loadu_si512(high + 64 * i);
-        t.fp8_low[i] = _mm512_loadu_si512(low + 64 * i);
+        t.fp8_high[i] = _mm512_loadu_si512(fp8_bf16_bytes[0] + 64 * i);
+        t.fp8_low[i] = _mm512_loadu_si512(fp8_bf16_bytes[1] + 64 * i);
     }
     t.groups_per_chunk = L->group % t.chunk == 0 ? 0 : t.chunk / L->group;
     int32_t lanes[16];
