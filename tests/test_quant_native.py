@@ -124,6 +124,26 @@ def test_bf16_activations_can_be_chosen(bf16_activations) -> None:
     _close(ours, layer(x.bfloat16().float()), 1e-5)
 
 
+def test_every_int8_value_is_read_exactly_by_the_bf16_activation_kernel() -> None:
+    """Batch rows (4: bf16 activations) over int8 weights holding every q in [-128, 127] (-128,
+    which llm-compressor's range allows, included): a row per sign and magnitude band, so
+    each output sums terms of one sign and size and a wrong table entry shows."""
+    q = torch.arange(-128, 128, dtype=torch.int64)
+    bands = [q[(q >= lo) & (q < lo + 16)] for lo in range(-128, 128, 16)]  # 16 rows of 16
+    rows = torch.stack([band.repeat(8) for band in bands]).to(torch.int8)  # [16, 128]
+    from bamba.quant.formats import pack_ints
+
+    int8 = QuantizedLinear.from_tensors(
+        {"weight_packed": pack_ints(rows, 8), "weight_shape": torch.tensor([16, 128]),
+         "weight_scale": torch.ones(16, 1)}, make_scheme("int8"))
+    layout = quant_ops.quant_layout(int8.kernel_weights(), 128)
+    x = (torch.rand(4, 128) + 0.5).bfloat16().float()  # positive, bf16 values: exact inputs
+    with torch.inference_mode():
+        ours = quant_ops.quant_linear_rows(x, layout, None, False).double()
+    want = x.double() @ rows.double().T
+    assert torch.allclose(ours, want, rtol=1e-5, atol=1e-3), (ours - want).abs().max()
+
+
 def test_one_scale_for_the_whole_matrix_and_float32_scales() -> None:
     """fp8 with a per-tensor scale ([1]) and int4 with float32 scales in a bf16 layer."""
     w = torch.randn(64, 128) * 0.1

@@ -43,7 +43,7 @@ static inline int quant_supported(int format, int64_t k, int64_t group) {
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
     const int64_t chunk = quant_chunk(format);
 #ifndef __AVX512VBMI__
-    if (format == FORMAT_FP8) return 0; /* its byte tables need vpermi2b */
+    if (format != FORMAT_INT4) return 0; /* byte tables need vpermi2b */
 #endif
     if (format < FORMAT_FP8 || format > FORMAT_INT4 || group < 1 || k % QUANT_K_MULTIPLE != 0 ||
         k % group != 0)
@@ -62,8 +62,7 @@ static inline float quant_scale(const LinearWeights *L, int64_t n, int64_t group
 /* Input position (within its chunk) of element e of a chunk's dequantized vectors. */
 static inline int64_t chunk_position(int format, int64_t e) {
     if (format == FORMAT_INT4) return 4 * (e % 32) + e / 32; /* vector q lane j: 4j + q */
-    if (format == FORMAT_INT8) return 2 * (e % 32) + e / 32; /* vector h lane j: 2j + h */
-    return 16 * (e % 32 / 8) + 8 * (e / 32) + e % 8; /* fp8: bytes unpacked per 128 bits */
+    return 16 * (e % 32 / 8) + 8 * (e / 32) + e % 8; /* bytes unpacked per 128 bits */
 }
 
 /* The value of an e4m3 byte (s eeee mmm, bias 7, subnormals at e = 0). */
@@ -105,38 +104,37 @@ static uint16_t *thread_rows(int64_t count) {
 
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
 typedef struct { /* what a call's chunk loop needs of the format, set up once */
-    __m512i low, high; /* vpermw tables: nibble -> bf16 value (int4's, int8's high nibble) */
-    __m512i fp8_high[2], fp8_low[2]; /* vpermi2b tables: e4m3 magnitude -> bf16 bytes */
+    __m512i low;       /* vpermw table: int4's nibble -> bf16 value */
+    __m512i byte_high[2], byte_low[2]; /* vpermi2b tables: magnitude -> bf16 bytes */
     __m512i lanes;     /* float32 lane -> scale index within a chunk (groups smaller than it) */
     int64_t chunk, groups_per_chunk; /* groups_per_chunk 0: a chunk lies inside one group */
 } QuantTables;
 
 /* The formats' lookup tables, filled once when the library loads (a call's set-up only loads
- * them): nibble -> bf16 value (int4's q + 8 -> q; int8's high nibble h -> 16 h - 256), and
- * e4m3 magnitude -> its bf16 high and low bytes (every e4m3 value is a bf16 one: 3 mantissa
- * bits of 7, subnormals included). */
-static uint16_t nibble_bf16[2][32];
-static uint8_t fp8_bf16_bytes[2][128];
+ * them): int4's nibble q + 8 -> bf16 q, and per byte format a magnitude's bf16 high and low
+ * bytes: e4m3's 7 magnitude bits, int8's |q| <= 127 (every e4m3 value and every integer up to
+ * 256 is a bf16 one). */
+static uint16_t nibble_bf16[32];
+static uint8_t magnitude_bf16[2][2][128]; /* [fp8, int8][high, low][magnitude] */
 
 __attribute__((constructor)) static void fill_quant_tables(void) {
-    for (int i = 0; i < 32; i++) {
-        nibble_bf16[0][i] = float_to_bf16((float)(i & 15) - 8.0f);
-        nibble_bf16[1][i] = float_to_bf16((float)(i & 15) * 16.0f - 256.0f);
-    }
-    for (int b = 0; b < 128; b++) {
-        const uint16_t bits = float_to_bf16(e4m3_value(b));
-        fp8_bf16_bytes[0][b] = (uint8_t)(bits >> 8), fp8_bf16_bytes[1][b] = (uint8_t)bits;
-    }
+    for (int i = 0; i < 32; i++) nibble_bf16[i] = float_to_bf16((float)(i & 15) - 8.0f);
+    for (int b = 0; b < 128; b++)
+        for (int f = 0; f < 2; f++) {
+            const uint16_t bits = float_to_bf16(f == 0 ? e4m3_value(b) : (float)b);
+            magnitude_bf16[f][0][b] = (uint8_t)(bits >> 8);
+            magnitude_bf16[f][1][b] = (uint8_t)bits;
+        }
 }
 
 static QuantTables quant_tables(const LinearWeights *L) {
     QuantTables t;
     t.chunk = quant_chunk(L->format);
-    t.low = _mm512_loadu_si512(nibble_bf16[0]);
-    t.high = _mm512_loadu_si512(nibble_bf16[1]);
+    t.low = _mm512_loadu_si512(nibble_bf16);
+    const int f = L->format == FORMAT_INT8;
     for (int i = 0; i < 2; i++) {
-        t.fp8_high[i] = _mm512_loadu_si512(fp8_bf16_bytes[0] + 64 * i);
-        t.fp8_low[i] = _mm512_loadu_si512(fp8_bf16_bytes[1] + 64 * i);
+        t.byte_high[i] = _mm512_loadu_si512(magnitude_bf16[f][0] + 64 * i);
+        t.byte_low[i] = _mm512_loadu_si512(magnitude_bf16[f][1] + 64 * i);
     }
     t.groups_per_chunk = L->group % t.chunk == 0 ? 0 : t.chunk / L->group;
     int32_t lanes[16];
@@ -169,22 +167,11 @@ static inline __m256i fp8_as_halves(const void *w) {
         _mm256_set1_epi16((short)0xBF80));
 }
 
-/* A chunk's weights as bf16 vectors v[0..3] (fp8: v[0] and v[1]). */
+/* A chunk's weights as bf16 vectors v[0..3] (fp8 and int8: v[0] and v[1]). */
 static inline __attribute__((always_inline)) void dequantize_chunk(int format, const char *w,
                                                                     const QuantTables *t,
                                                                     __m512i v[4]) {
     const __m512i words = _mm512_loadu_si512(w);
-#ifdef __AVX512VBMI__
-    if (format == FORMAT_FP8) { /* index bit 7 (the sign) is ignored by the lookups */
-        const __m512i high = _mm512_ternarylogic_epi32(
-            _mm512_permutex2var_epi8(t->fp8_high[0], words, t->fp8_high[1]), words,
-            _mm512_set1_epi8((char)0x80), 0xF8); /* a | (b & c) */
-        const __m512i low = _mm512_permutex2var_epi8(t->fp8_low[0], words, t->fp8_low[1]);
-        v[0] = _mm512_unpacklo_epi8(low, high);
-        v[1] = _mm512_unpackhi_epi8(low, high);
-        return;
-    }
-#endif
     if (format == FORMAT_INT4) { /* word j holds inputs 4j..4j+3 in its nibbles */
         v[0] = _mm512_permutexvar_epi16(words, t->low);
         v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), t->low);
@@ -192,14 +179,22 @@ static inline __attribute__((always_inline)) void dequantize_chunk(int format, c
         v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), t->low);
         return;
     }
-    /* int8: word j holds inputs 2j (low byte) and 2j + 1, each q + 128 = 16 h + l, taken as
-     * (128 + l) + (16 h - 256): bf16 0x4300 | l is 128 + l, a table gives 16 h - 256 */
-    const __m512i nibble = _mm512_set1_epi16(15), magic = _mm512_set1_epi16(0x4300);
-    const __m512i odd = _mm512_srli_epi16(words, 8);
-    v[0] = _mm512_ternarylogic_epi32(words, nibble, magic, 0xEA); /* (a & b) | c */
-    v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), t->high);
-    v[2] = _mm512_ternarylogic_epi32(odd, nibble, magic, 0xEA);
-    v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), t->high);
+#ifdef __AVX512VBMI__ /* a magnitude's bf16 bytes looked up (index bit 7 is ignored), the sign
+                         bit put back, the bytes paired per 128 bits */
+    const __m512i sign_bit = _mm512_set1_epi8((char)0x80);
+    __m512i magnitude = words, sign = words; /* fp8: s eeee mmm */
+    if (format == FORMAT_INT8) { /* q + 128: |q| <= 128, its sign */
+        sign = _mm512_xor_si512(words, sign_bit);
+        magnitude = _mm512_abs_epi8(sign);
+    }
+    __m512i high = _mm512_permutex2var_epi8(t->byte_high[0], magnitude, t->byte_high[1]);
+    if (format == FORMAT_INT8) /* |q| = 128 (bit 7) read entry 0: bf16 128 is 0x4300 */
+        high = _mm512_mask_mov_epi8(high, _mm512_movepi8_mask(magnitude), _mm512_set1_epi8(0x43));
+    high = _mm512_ternarylogic_epi32(high, sign, sign_bit, 0xF8); /* a | (b & c) */
+    const __m512i low = _mm512_permutex2var_epi8(t->byte_low[0], magnitude, t->byte_low[1]);
+    v[0] = _mm512_unpacklo_epi8(low, high);
+    v[1] = _mm512_unpackhi_epi8(low, high);
+#endif
 }
 
 /* One input row's dot products with a dequantized chunk added to a and b (two chains): 16
@@ -208,16 +203,9 @@ static inline __attribute__((always_inline)) void chunk_dot(int format, const ui
                                                             const __m512i v[4], __m512 *a,
                                                             __m512 *b) {
     const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 32);
-    if (format == FORMAT_FP8) {
+    if (format != FORMAT_INT4) { /* fp8, int8: 64 inputs */
         *a = _mm512_dpbf16_ps(*a, (__m512bh)x0, (__m512bh)v[0]);
         *b = _mm512_dpbf16_ps(*b, (__m512bh)x1, (__m512bh)v[1]);
-        return;
-    }
-    if (format == FORMAT_INT8) { /* inputs 2j with v[0], v[1]; 2j + 1 with v[2], v[3] */
-        *a = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*a, (__m512bh)x0, (__m512bh)v[0]), (__m512bh)x1,
-                              (__m512bh)v[2]);
-        *b = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*b, (__m512bh)x0, (__m512bh)v[1]), (__m512bh)x1,
-                              (__m512bh)v[3]);
         return;
     }
     const __m512i x2 = _mm512_loadu_si512(xp + 64), x3 = _mm512_loadu_si512(xp + 96);
