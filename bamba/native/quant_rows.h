@@ -13,11 +13,12 @@
  * vectors with a few integer instructions (int4: a `vpermw` table lookup per nibble; fp8 and
  * int8: two `vpermi2b` lookups of a magnitude's bf16 high and low bytes, exact for every e4m3
  * value, subnormals included, and every q, then the sign bit put back) and multiplies them
- * with `vdpbf16ps` against every input row, then adds the chunk's dot products times its scales (one scale per group of lanes) to
- * float32 accumulators. The dequantized vectors come out in an order of the chunk's inputs that
- * is cheap to produce, so the input rows are first copied, in bf16, into that order
- * (`prepare_rows`, once per call and thread: k values a row against n x k weights). Float32
- * inputs are rounded to bf16 there; the weights' quantization error is far larger.
+ * with `vdpbf16ps` against every input row, then adds the chunk's dot products times its
+ * scales (one scale per group of lanes) to float32 accumulators. The dequantized vectors come
+ * out in an order of the chunk's inputs that is cheap to produce, so the input rows are first
+ * copied, in bf16, into that order (`prepare_rows`, once per call and thread: k values a row
+ * against n x k weights). Float32 inputs are rounded to bf16 there; the weights' quantization
+ * error is far larger.
  */
 #ifndef BAMBA_QUANT_ROWS_H
 #define BAMBA_QUANT_ROWS_H
