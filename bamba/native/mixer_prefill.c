@@ -68,13 +68,6 @@ ALWAYS_INLINE __m512 vsoftplus(__m512 v) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(20.0f), _CMP_GT_OQ), sp, v);
 }
 
-/* 16 values of a float32 or bfloat16 array as float32. */
-ALWAYS_INLINE __m512 vload(const void *base, int bf16, int64_t i) {
-    if (!bf16) return _mm512_loadu_ps((const float *)base + i);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* The lanes of `m` of a float32 or bfloat16 array as float32 (others zero). */
 ALWAYS_INLINE __m512 vload_masked(const void *base, int bf16, int64_t i, __mmask16 m) {
     if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)base + i);

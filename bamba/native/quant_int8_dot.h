@@ -34,18 +34,11 @@ static inline int64_t int8_row_bytes(int format, int64_t k) {
     return k + k / quant_chunk(format) * 128;
 }
 
-/* Sixteen inputs from x[i] on (bf16 or float32) as float32. */
-static inline __m512 sixteen_inputs(const void *x, int64_t i, int x_bf16) {
-    if (!x_bf16) return _mm512_loadu_ps((const float *)x + i);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* One block of 32 inputs from x[i] on quantized: the bytes q = round-half-even(x / s) into
  * q[0..31], s = max |x| / 127 returned (q = 0 where s is 0). Division, not a reciprocal's
  * product, and the default rounding mode: the torch reference's numbers exactly. */
 static inline float quantize_block(const void *x, int64_t i, int x_bf16, int8_t *q) {
-    const __m512 a = sixteen_inputs(x, i, x_bf16), b = sixteen_inputs(x, i + 16, x_bf16);
+    const __m512 a = vload(x, x_bf16, i), b = vload(x, x_bf16, i + 16);
     const float most = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     const float s = most / 127.0f;
     if (!(s > 0.0f)) {

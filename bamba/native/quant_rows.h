@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vmath.h"
+
 /* Inputs a row's width must be a multiple of (every format's chunk divides it). */
 enum { QUANT_K_MULTIPLE = 128 };
 

@@ -1,5 +1,5 @@
-/* exp, reciprocal and silu on 16 float32 lanes (AVX-512), shared by the prefill and decode
- * kernels: silu over long vectors costs as much as the matmuls when done with scalar expf.
+/* Loads, exp, reciprocal and silu on 16 float32 lanes (AVX-512), shared by the prefill and
+ * decode kernels: silu over long vectors costs as much as the matmuls when done with scalar expf.
  * exp(x) = 2^n e^r with n = round(x / ln 2), |r| <= ln2 / 2, e^r by a degree-7 Taylor
  * polynomial (~1 ulp), 2^n by scalef. ``silu_vec`` falls back to scalar expf without AVX-512.
  */
@@ -9,6 +9,14 @@
 #include <stdint.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+/* 16 values of a float32 or bfloat16 array as float32. */
+static inline __attribute__((always_inline)) __m512 vload(const void *base, int bf16,
+                                                          int64_t i) {
+    if (!bf16) return _mm512_loadu_ps((const float *)base + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 static inline __attribute__((always_inline)) __m512 vexp(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
