@@ -326,9 +326,10 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     int64_t n = n_begin;
 #ifdef HAVE_INT8_DOT
     const int64_t J = INT8_TILE_WEIGHT_ROWS;
-    for (; xp != NULL && int8_dot && M == 1 && n + J <= n_end; n += J) { /* batch-1 decode */
+    for (; xp != NULL && int8_dot && M == 1 && L->format == FORMAT_INT4 && n + J <= n_end;
+         n += J) { /* int4's batch-1 decode */
         float out[INT8_TILE_WEIGHT_ROWS];
-        int8_dots_four(L, &t, (const char *)xp, n, out);
+        int4_dots_four(L, &t, (const char *)xp, n, out);
         for (int j = 0; j < J; j++)
             store_output(y, n + j, out[j] + (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f),
                          y_bf16, round_bf16);
