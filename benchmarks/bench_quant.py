@@ -12,6 +12,12 @@ rotation for --rounds rounds (drift hits all alike; the best round is kept):
 * decode: batch 1 and 8, the model's decode step through a contiguous cache (tok/s, median of
   --steps steps after a warm-up): what ``bamba generate`` and the engine run per token.
 
+This host's memory moves between slow and fast spells that last seconds to minutes (the same
+bf16 step ran 45-75 ms within one minute), so a ratio of two processes' figures carries their
+spells' luck. Batch-1 decode is therefore also measured with every scheme in one process, in
+turns of a few steps each (--cycles turns; the same spells hit all): the median step per scheme
+and, per turn, each scheme's speed-up over bf16's step of that turn, their median reported.
+
 Quality needs trained weights: the demo's model (``bamba demo``, trained on the Python standard
 library's source, --trained DIR, or trained here into the work directory) is quantized the same
 ways and its perplexity measured by ``bamba eval perplexity`` on held-out text, the standard
@@ -77,10 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="keep checkpoints here (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 round, no llama.cpp")
     p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--cycles", type=int, default=12,
+                   help="turns of the one-process batch-1 decode over all schemes")
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-checkpoint child
+    p.add_argument("--interleave", type=Path, nargs="+", help=argparse.SUPPRESS)  # all, one child
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.rounds, args.steps, args.llama_cpp = ["tiny"], 1, 4, "off"
+        args.cycles = 2
         args.prompt_tokens, args.ppl_files = 128, 4
     return args
 
@@ -103,6 +113,27 @@ def measure(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"rss_mb": round(rss_mb(), 1), "rss_model_mb": round(loaded - baseline, 1),
             "prefill_tok_s": round(args.prompt_tokens / prefill, 1),
             "decode_b1_tok_s": round(1 / decode[1], 1), "decode_b8_tok_s": round(8 / decode[8], 1)}
+
+
+TURN_STEPS = 8  # timed decode steps of one scheme's turn in the one-process measurement
+
+
+def interleaved_decode(directories: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """Batch-1 decode of every checkpoint in this process, in turns of TURN_STEPS steps
+    (--cycles turns each): per checkpoint its median step (tok/s) and the median over turns of
+    the first checkpoint's step divided by its own in the same turn."""
+    import torch
+
+    from bamba.checkpoint import from_pretrained
+    from bamba.native import accelerate
+
+    torch.set_num_threads(args.threads)
+    models = [accelerate(from_pretrained(d, dtype=torch.bfloat16).eval()) for d in directories]
+    turns = [[decode_seconds(m, 1, TURN_STEPS) for m in models] for _ in range(args.cycles)]
+    return {"tok_s": [round(1 / statistics.median(t[i] for t in turns), 1)
+                      for i in range(len(models))],
+            "vs_first": [round(statistics.median(t[0] / t[i] for t in turns), 2)
+                         for i in range(len(models))]}
 
 
 def measure_in_child(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -193,6 +224,15 @@ def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict[str, Any
             runs[kind].append(llama_bench(gguf, args))
             print(json.dumps({"shape": shape, "round": round_, kind: runs[kind][-1]}), flush=True)
     bamba = {s: {"disk_mb": disk_mb(dirs[s]), **best(runs[s])} for s in args.schemes}
+    if "bf16" in dirs and len(dirs) > 1:  # bf16 first: the ratios' base
+        order = ["bf16", *(s for s in args.schemes if s != "bf16")]
+        together = run_child([sys.executable, __file__, "--threads", str(args.threads),
+                              "--cycles", str(args.cycles), "--interleave",
+                              *(str(dirs[s]) for s in order)])
+        print(json.dumps({"shape": shape, "one_process_decode_b1": together}), flush=True)
+        for i, s in enumerate(order):
+            bamba[s]["decode_b1_one_process_tok_s"] = together["tok_s"][i]
+            bamba[s]["decode_b1_one_process_vs_bf16"] = together["vs_first"][i]
     base = bamba.get("bf16")
     for s, row in bamba.items():
         if base is not None:
@@ -225,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args)))
+        return 0
+    if args.interleave is not None:
+        print(json.dumps(interleaved_decode(args.interleave, args)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
