@@ -6,9 +6,12 @@ hidden 1536) it takes the shapes of every linear layer of the model but the lm_h
 weight per layer and linear, as in the model, random, in huge pages as a loaded model's are),
 in bf16 and quantized to fp8, int8 and int4 (groups of --group-size), and times one pass over
 all of them at each --rows (1 to 3: decode) through the native kernels
-(``bamba.native.quant_ops.quant_linear_rows``, the dense ``linear_rows``), the formats in
-rotation (--rounds; the median pass of --repeats per round, the best round kept). Reported: ms
-a pass, GB/s of the weights' bytes (scales included), the speed-up over bf16.
+(``bamba.native.quant_ops.quant_linear_rows``, the dense ``linear_ops.call_rows``), the formats in
+rotation (--rounds; the median pass of --repeats per round, the best round kept). Each linear
+is one call of the library, past torch's dispatcher: the OpenMP team's start, paid each call,
+still weighs on the bench shape's small linears, which the whole-model decode step runs inside
+one call. Reported: ms a pass, GB/s of the weights' bytes (scales included), the speed-up over
+bf16.
 
     python benchmarks/bench_quant_linears.py
     python benchmarks/bench_quant_linears.py --quick     # tiny shape: a smoke test
@@ -78,7 +81,7 @@ def passes(shapes: list[tuple[int, int]], group_size: int, rows: list[int]
     """Per format: the weights' bytes and, per row count, one pass over all the linears."""
     from bamba.linear_protocol import LinearWeights
     from bamba.native import quant_ops
-    from bamba.native.linear_ops import linear_rows
+    from bamba.native.linear_ops import call_rows
     from bamba.quant.formats import make_scheme, quantize
 
     generator = torch.Generator().manual_seed(0)
@@ -98,7 +101,7 @@ def passes(shapes: list[tuple[int, int]], group_size: int, rows: list[int]
             layouts[fmt].append(layout)
 
     def dense_pass(m: int) -> Callable[[], Any]:
-        return lambda: [linear_rows(inputs[m, w.shape[1]], w, None) for w in layouts["bf16"]]
+        return lambda: [call_rows(inputs[m, w.shape[1]], w, None) for w in layouts["bf16"]]
 
     def quant_pass(fmt: str, m: int) -> Callable[[], Any]:
         return lambda: [quant_ops.quant_linear_rows(inputs[m, q.k], q, None, False)

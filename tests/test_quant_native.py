@@ -80,9 +80,9 @@ def bf16_activations():
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype) -> None:
     """With int8 activations (where the CPU has VNNI) the few-row kernel computes exactly, up
-    to float32 summation order, x quantized per 32 inputs against the dequantized int8 or int4
-    weight at 1 to 3 rows; from 4 rows on it takes bf16 activations (the torch reference's
-    numbers)."""
+    to float32 summation order, x quantized per 32 inputs against the dequantized int4 weight
+    at 1 to 3 rows, the int8 weight at 1 or 2; from there on it takes bf16 activations (the
+    torch reference's numbers)."""
     if not quant_ops.set_int8_activations(True):
         pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
     layer = _layer(fmt, group, True, dtype, k=384)  # int4: three chunks of 128 inputs
@@ -91,7 +91,8 @@ def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype) -> Non
         x = (torch.randn(rows, 384) * torch.logspace(-2, 1, 384)).to(dtype)  # uneven blocks
         with torch.inference_mode():
             ours = quant_ops.quant_linear_rows(x, layout, layer.bias, False)
-        seen = int8_activations(x) if rows <= 3 else x.bfloat16().float()
+        seen = int8_activations(x) if rows <= (3 if fmt == "int4" else 2) else \
+            x.bfloat16().float()
         want = torch.nn.functional.linear(seen, layer.dequantized_weight(torch.float32),
                                           layer.bias.float()).to(dtype)
         _close(ours, want, 1e-5 if dtype == torch.float32 else 4e-3)
@@ -100,9 +101,10 @@ def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype) -> Non
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_one_row_takes_four_weight_rows_at_a_time_with_the_same_numbers(fmt, group) -> None:
-    """At one row the kernel walks four weight rows at once (the rest one by one: 90 outputs
-    over two threads leave remainders); each output's arithmetic is the one-row-at-a-time
-    kernel's, which two input rows take: the first row's outputs are equal bit for bit."""
+    """At one row the kernel walks four int4 weight rows at once (the rest one by one: 90
+    outputs over two threads leave remainders), int8 ones one by one; each output's arithmetic
+    is the one-row-at-a-time kernel's, which two input rows take: the first row's outputs are
+    equal bit for bit."""
     if not quant_ops.set_int8_activations(True):
         pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
     layer = _layer(fmt, group, True, torch.float32, k=384, n=90)

@@ -17,6 +17,11 @@ _FUNCTIONS = {torch.bfloat16: "bamba_linear_bf16", torch.float32: "bamba_linear_
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ weight.T (+ bias) for a few rows (see ``dispatch.linear_fits``), streaming the
     weight once with float32 accumulation. Same contract as ``F.linear``."""
+    return call_rows(x, weight, bias)
+
+
+def call_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear_rows`` without torch's dispatcher (eager callers that time the kernel alone)."""
     lib = library.load()
     k, n = x.shape[-1], weight.shape[0]
     rows = x.reshape(-1, k).contiguous()

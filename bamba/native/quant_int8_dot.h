@@ -1,6 +1,6 @@
 /* int8 and int4 weights against int8 activations: integer dot products (AVX-512 VNNI
  * `vpdpbusd`, 64 unsigned-by-signed byte products an instruction) for the few-row kernel at 1
- * to INT8_DOT_MAX_ROWS rows, where turning the weights into bf16 costs more than streaming them
+ * to `int8_dot_rows` rows, where turning the weights into bf16 costs more than streaming them
  * (benchmarks/README.md#quantization); fp8 and more rows keep quant_rows.h's path.
  *
  * The activations are quantized per call, as llama.cpp quantizes them for its Q8_0 dot
@@ -32,6 +32,14 @@ enum { ACT_BLOCK = 32, INT8_DOT_MAX_ROWS = 3, INT8_TILE_WEIGHT_ROWS = 4, MAX_CHU
  * scales and 16 int32 lane offsets. */
 static inline int64_t int8_row_bytes(int format, int64_t k) {
     return k + k / quant_chunk(format) * 128;
+}
+
+/* Input rows up to which a format's weights meet int8 activations: int4 INT8_DOT_MAX_ROWS, int8
+ * two. A prepared int8 row takes 3k bytes (int4's 2k): three of them for the ~1.1B shape's
+ * 4096-wide down projection outgrow L1, and all of its linears at 3 rows took 41 ms where bf16
+ * activations take 33 (benchmarks/README.md#quantization). */
+static inline int int8_dot_rows(int format) {
+    return format == FORMAT_INT4 ? INT8_DOT_MAX_ROWS : 2;
 }
 
 /* One block of 32 inputs from x[i] on quantized: the bytes q = round-half-even(x / s) into
@@ -175,23 +183,23 @@ __attribute__((noinline)) static void int4_dots_four(const LinearWeights *L, con
     INT8_SPANS(FORMAT_INT4, 1, INT8_TILE_WEIGHT_ROWS)
 }
 
-#define INT8_ROWS(F)                                                                  \
-    switch (R) {                                                                      \
-    case 1: INT8_SPANS(F, 1, 1) break;                                                \
-    case 2: INT8_SPANS(F, 2, 1) break;                                                \
-    default: INT8_SPANS(F, 3, 1) break;                                               \
-    }
-
-/* One unrolled body per format, span and row count. */
+/* One unrolled body per format, span and row count (int8: 1 or 2, int4: 1 to 3). */
 __attribute__((noinline)) static void int8_dots(const LinearWeights *L, const QuantTables *t,
                                                 const char *xq, int64_t n, int R, float *out) {
-    if (L->format == FORMAT_INT4) {
-        INT8_ROWS(FORMAT_INT4)
-    } else {
-        INT8_ROWS(FORMAT_INT8)
+    if (L->format == FORMAT_INT8) {
+        if (R == 1) {
+            INT8_SPANS(FORMAT_INT8, 1, 1)
+        } else {
+            INT8_SPANS(FORMAT_INT8, 2, 1)
+        }
+        return;
+    }
+    switch (R) {
+    case 1: INT8_SPANS(FORMAT_INT4, 1, 1) break;
+    case 2: INT8_SPANS(FORMAT_INT4, 2, 1) break;
+    default: INT8_SPANS(FORMAT_INT4, 3, 1) break;
     }
 }
-#undef INT8_ROWS
 #undef INT8_SPANS
 #endif
 #endif

@@ -67,12 +67,12 @@ def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
 
 
 def set_int8_activations(on: bool) -> bool:
-    """Whether the few-row kernel meets int8 and int4 weights, at 1 to 3 rows (decode), with
-    activations quantized to int8 per 32 inputs and integer dot products (``bamba.quant.
-    formats.int8_activations``, as llama.cpp's Q8_0 does; the default where the CPU has AVX-512
-    VNNI: faster there) or with bf16 activations (``on=False``: the torch reference's numbers
-    up to bf16 rounding). Returns whether int8 activations are now in use. fp8, more rows and
-    prefill tiles always take the activations as they are."""
+    """Whether the few-row kernel meets int4 weights at 1 to 3 rows and int8 ones at 1 or 2
+    (decode) with activations quantized to int8 per 32 inputs and integer dot products
+    (``bamba.quant.formats.int8_activations``, as llama.cpp's Q8_0 does; the default where the
+    CPU has AVX-512 VNNI: faster there) or with bf16 activations (``on=False``: the torch
+    reference's numbers up to bf16 rounding). Returns whether int8 activations are now in use.
+    fp8, more rows and prefill tiles always take the activations as they are."""
     lib = library.load()
     return lib is not None and bool(lib.bamba_quant_set_int8_activations(int(on)))
 

@@ -308,8 +308,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
                            int64_t n_end) {
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
 #ifdef HAVE_INT8_DOT
-    const int int8_dot = bamba_int8_activations && M <= INT8_DOT_MAX_ROWS &&
-                         (L->format == FORMAT_INT8 || L->format == FORMAT_INT4);
+    const int int8_dot = bamba_int8_activations &&
+                         (L->format == FORMAT_INT8 || L->format == FORMAT_INT4) &&
+                         M <= int8_dot_rows(L->format);
     const int64_t row_bytes = int8_dot ? int8_row_bytes(L->format, L->k) : 2 * L->k;
 #else
     const int int8_dot = 0;
