@@ -14,9 +14,10 @@ rotation for --rounds rounds (drift hits all alike; the best round is kept):
 
 This host's memory moves between slow and fast spells that last seconds to minutes (the same
 bf16 step ran 45-75 ms within one minute), so a ratio of two processes' figures carries their
-spells' luck. Batch-1 decode is therefore also measured with every scheme in one process, in
-turns of a few steps each (--cycles turns; the same spells hit all): the median step per scheme
-and, per turn, each scheme's speed-up over bf16's step of that turn, their median reported.
+spells' luck. Prefill and batch-1 decode are therefore also measured with every scheme in one
+process, in turns (--cycles turns of a prefill and 8 decode steps each; the same spells hit
+all): each scheme's median turn and, per turn, its speed-up over bf16's of that turn, their
+median reported.
 
 Quality needs trained weights: the demo's model (``bamba demo``, trained on the Python standard
 library's source, --trained DIR, or trained here into the work directory) is quantized the same
@@ -84,9 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 round, no llama.cpp")
     p.add_argument("--output", type=Path, default=RESULTS)
     p.add_argument("--cycles", type=int, default=12,
-                   help="turns of the one-process batch-1 decode over all schemes")
+                   help="turns of the one-process prefill and batch-1 decode over all schemes")
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-checkpoint child
-    p.add_argument("--interleave", type=Path, nargs="+", help=argparse.SUPPRESS)  # all, one child
+    p.add_argument("--one-process", type=Path, nargs="+", help=argparse.SUPPRESS)  # all, one child
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.rounds, args.steps, args.llama_cpp = ["tiny"], 1, 4, "off"
@@ -118,10 +119,11 @@ def measure(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
 TURN_STEPS = 8  # timed decode steps of one scheme's turn in the one-process measurement
 
 
-def interleaved_decode(directories: list[Path], args: argparse.Namespace) -> dict[str, Any]:
-    """Batch-1 decode of every checkpoint in this process, in turns of TURN_STEPS steps
-    (--cycles turns each): per checkpoint its median step (tok/s) and the median over turns of
-    the first checkpoint's step divided by its own in the same turn."""
+def one_process(directories: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """Every checkpoint in this process, in turns (--cycles each): a prefill of
+    --prompt-tokens and TURN_STEPS batch-1 decode steps. Per checkpoint and figure: tok/s of
+    its median turn, and the median over turns of the first checkpoint's time divided by its
+    own in the same turn."""
     import torch
 
     from bamba.checkpoint import from_pretrained
@@ -129,11 +131,16 @@ def interleaved_decode(directories: list[Path], args: argparse.Namespace) -> dic
 
     torch.set_num_threads(args.threads)
     models = [accelerate(from_pretrained(d, dtype=torch.bfloat16).eval()) for d in directories]
-    turns = [[decode_seconds(m, 1, TURN_STEPS) for m in models] for _ in range(args.cycles)]
-    return {"tok_s": [round(1 / statistics.median(t[i] for t in turns), 1)
-                      for i in range(len(models))],
-            "vs_first": [round(statistics.median(t[0] / t[i] for t in turns), 2)
-                         for i in range(len(models))]}
+    turns = [[(prefill_seconds(m, args.prompt_tokens, turn), decode_seconds(m, 1, TURN_STEPS))
+              for m in models] for turn in range(args.cycles)]
+
+    def figure(which: int, tokens: int) -> dict[str, list[float]]:
+        return {"tok_s": [round(tokens / statistics.median(t[i][which] for t in turns), 1)
+                          for i in range(len(models))],
+                "vs_first": [round(statistics.median(t[0][which] / t[i][which] for t in turns),
+                                   2) for i in range(len(models))]}
+
+    return {"prefill": figure(0, args.prompt_tokens), "decode_b1": figure(1, 1)}
 
 
 def measure_in_child(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -227,12 +234,14 @@ def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict[str, Any
     if "bf16" in dirs and len(dirs) > 1:  # bf16 first: the ratios' base
         order = ["bf16", *(s for s in args.schemes if s != "bf16")]
         together = run_child([sys.executable, __file__, "--threads", str(args.threads),
-                              "--cycles", str(args.cycles), "--interleave",
+                              "--cycles", str(args.cycles), "--prompt-tokens",
+                              str(args.prompt_tokens), "--one-process",
                               *(str(dirs[s]) for s in order)])
-        print(json.dumps({"shape": shape, "one_process_decode_b1": together}), flush=True)
-        for i, s in enumerate(order):
-            bamba[s]["decode_b1_one_process_tok_s"] = together["tok_s"][i]
-            bamba[s]["decode_b1_one_process_vs_bf16"] = together["vs_first"][i]
+        print(json.dumps({"shape": shape, "one_process": together}), flush=True)
+        for figure, values in together.items():
+            for i, s in enumerate(order):
+                bamba[s][f"{figure}_one_process_tok_s"] = values["tok_s"][i]
+                bamba[s][f"{figure}_one_process_vs_bf16"] = values["vs_first"][i]
     base = bamba.get("bf16")
     for s, row in bamba.items():
         if base is not None:
@@ -266,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args)))
         return 0
-    if args.interleave is not None:
-        print(json.dumps(interleaved_decode(args.interleave, args)))
+    if args.one_process is not None:
+        print(json.dumps(one_process(args.one_process, args)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
