@@ -14,10 +14,10 @@ rotation for --rounds rounds (drift hits all alike; the best round is kept):
 
 This host's memory moves between slow and fast spells that last seconds to minutes (the same
 bf16 step ran 45-75 ms within one minute), so a ratio of two processes' figures carries their
-spells' luck. Prefill and batch-1 decode are therefore also measured with every scheme in one
-process, in turns (--cycles turns of a prefill and 8 decode steps each; the same spells hit
-all): each scheme's median turn and, per turn, its speed-up over bf16's of that turn, their
-median reported.
+spells' luck. Batch-1 decode and prefill are therefore also measured with every scheme in one
+process, in turns (--cycles turns of 8 decode steps each, then as many of one prefill; the
+same spells hit all): each scheme's median turn and, per turn, its speed-up over bf16's of
+that turn, their median reported.
 
 Quality needs trained weights: the demo's model (``bamba demo``, trained on the Python standard
 library's source, --trained DIR, or trained here into the work directory) is quantized the same
@@ -120,10 +120,10 @@ TURN_STEPS = 8  # timed decode steps of one scheme's turn in the one-process mea
 
 
 def one_process(directories: list[Path], args: argparse.Namespace) -> dict[str, Any]:
-    """Every checkpoint in this process, in turns (--cycles each): a prefill of
-    --prompt-tokens and TURN_STEPS batch-1 decode steps. Per checkpoint and figure: tok/s of
-    its median turn, and the median over turns of the first checkpoint's time divided by its
-    own in the same turn."""
+    """Every checkpoint in this process, in turns (--cycles each) of TURN_STEPS batch-1 decode
+    steps, then in turns of a prefill of --prompt-tokens (a prefill's tiles just before would
+    move the decode steps' figures). Per checkpoint and figure: tok/s of its median turn, and
+    the median over turns of the first checkpoint's time divided by its own in the same turn."""
     import torch
 
     from bamba.checkpoint import from_pretrained
@@ -131,16 +131,17 @@ def one_process(directories: list[Path], args: argparse.Namespace) -> dict[str, 
 
     torch.set_num_threads(args.threads)
     models = [accelerate(from_pretrained(d, dtype=torch.bfloat16).eval()) for d in directories]
-    turns = [[(prefill_seconds(m, args.prompt_tokens, turn), decode_seconds(m, 1, TURN_STEPS))
-              for m in models] for turn in range(args.cycles)]
+    decode = [[decode_seconds(m, 1, TURN_STEPS) for m in models] for _ in range(args.cycles)]
+    prefill = [[prefill_seconds(m, args.prompt_tokens, turn) for m in models]
+               for turn in range(args.cycles)]
 
-    def figure(which: int, tokens: int) -> dict[str, list[float]]:
-        return {"tok_s": [round(tokens / statistics.median(t[i][which] for t in turns), 1)
+    def figure(turns: list[list[float]], tokens: int) -> dict[str, list[float]]:
+        return {"tok_s": [round(tokens / statistics.median(t[i] for t in turns), 1)
                           for i in range(len(models))],
-                "vs_first": [round(statistics.median(t[0][which] / t[i][which] for t in turns),
-                                   2) for i in range(len(models))]}
+                "vs_first": [round(statistics.median(t[0] / t[i] for t in turns), 2)
+                             for i in range(len(models))]}
 
-    return {"prefill": figure(0, args.prompt_tokens), "decode_b1": figure(1, 1)}
+    return {"decode_b1": figure(decode, 1), "prefill": figure(prefill, args.prompt_tokens)}
 
 
 def measure_in_child(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
