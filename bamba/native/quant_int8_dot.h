@@ -37,7 +37,7 @@ static inline int64_t int8_row_bytes(int format, int64_t k) {
 /* Input rows up to which a format's weights meet int8 activations: int4 INT8_DOT_MAX_ROWS, int8
  * two. A prepared int8 row takes 3k bytes (int4's 2k): three of them for the ~1.1B shape's
  * 4096-wide down projection outgrow L1, and all of its linears at 3 rows took 41 ms where bf16
- * activations take 33 (benchmarks/README.md#quantization). */
+ * activations take 33 (benchmarks/README.md#linears-alone). */
 static inline int int8_dot_rows(int format) {
     return format == FORMAT_INT4 ? INT8_DOT_MAX_ROWS : 2;
 }
@@ -108,7 +108,7 @@ static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, 
  * four outputs (a short row, 4-12 chunks, otherwise spends a good part of its time starting and
  * reducing). int8 weights at one row stay one weight row at a time: their four-row tile, four
  * interleaved streams of weight bytes, read 37 GB/s from memory where one row's stream reads 45
- * (all linears of the ~1.1B shape, benchmarks/README.md#quantization); int4's streams are half
+ * (all linears of the ~1.1B shape, benchmarks/README.md#linears-alone); int4's streams are half
  * as long, and its tile is as fast from memory and ~5% faster from cache. Each output's
  * arithmetic is the same whatever R and J. */
 static inline __attribute__((always_inline)) void int8_tile(const LinearWeights *L,
