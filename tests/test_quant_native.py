@@ -210,25 +210,33 @@ def test_prefill_tiles_are_the_reference_weights_exactly(fmt, group, dtype) -> N
                                rtol=0, atol=0)
     torch.testing.assert_close(quant_ops.dequantize_tile(layout, 7, 23, dtype), want[7:23],
                                rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"out must be a contiguous .* \[16, 384\]"):
+        quant_ops.dequantize_tile(layout, 7, 23, dtype, torch.empty(16, 383, dtype=dtype))
 
 
-def test_the_tile_matmul_needs_no_dense_copy_of_the_weight(monkeypatch) -> None:
-    """Prefill dequantizes a tile of output features at a time."""
+@pytest.mark.parametrize("tile_weights, want_tiles", [(256 * 512, [512, 512, 76]),
+                                                      (quant_ops.TILE_WEIGHTS, [1100])])
+def test_the_tile_matmul_needs_no_dense_copy_of_the_weight(monkeypatch, tile_weights,
+                                                           want_tiles) -> None:
+    """Prefill dequantizes at most ``tile_weights`` weights at a time, into one reused
+    buffer; a linear that fits is one tile."""
     layer = _layer("int4", 64, False, torch.bfloat16, k=256, n=1100)
     layout = dispatch.quant_linear_fits(torch.zeros(1, 256, dtype=torch.bfloat16),
                                         layer.kernel_weights())
     x = torch.randn(16, 256, dtype=torch.bfloat16)
-    tiles = []
+    tiles, buffers = [], set()
     real = quant_ops.dequantize_tile
 
-    def counted(layout, begin, end, dtype):
+    def counted(layout, begin, end, dtype, out):
         tiles.append(end - begin)
-        return real(layout, begin, end, dtype)
+        buffers.add(out.data_ptr())
+        return real(layout, begin, end, dtype, out)
 
     monkeypatch.setattr(quant_ops, "dequantize_tile", counted)
-    out = quant_ops.quant_linear_tiles(x, layout, None)
-    assert max(tiles) == quant_ops.TILE_FEATURES and sum(tiles) == 1100
-    _close(out, layer(x), 1e-2)
+    for _ in range(2):
+        out = quant_ops.quant_linear_tiles(x, layout, None, tile_weights)
+        _close(out, layer(x), 1e-2)
+    assert tiles == want_tiles * 2 and len(buffers) == 1
 
 
 # Whole models: the tiny hybrid (widths 256, 512, 768: all multiples of 128).

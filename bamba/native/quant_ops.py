@@ -1,8 +1,9 @@
 """Linear layers over quantized weights (fp8, int8, int4 in the compressed-tensors layout) by the
 native kernels of ``quant_rows.h``: ``quant_linear_rows`` for a few rows (decode: the weights
-streamed and dequantized in registers) and ``quant_linear_tiles`` for many (prefill: a tile of
-output features at a time dequantized to the activations' dtype for torch's matmul, so the
-extra memory is one tile, never a dense copy of the weight).
+streamed and dequantized in registers) and ``quant_linear_tiles`` for many (prefill: output
+features dequantized to the activations' dtype for torch's matmul, at most ``TILE_WEIGHTS`` at a
+time into one buffer each thread reuses, so the extra memory is one tile, never a dense copy of
+the model's weights).
 
 ``quant_layout`` reads a linear's ``LinearWeights`` into what the kernels take, or None when
 they do not take it (then the layer's torch reference runs)."""
@@ -11,18 +12,22 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from bamba.arena import huge_page_buffer
 from bamba.linear_protocol import LinearWeights
 from bamba.native import library
 
 FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3}  # dot_rows.h's FORMAT_* enum
 _BITS = {"fp8": 8, "int8": 8, "int4": 4}
 SCALE_DTYPES = (torch.bfloat16, torch.float32)
-TILE_FEATURES = 512  # output features dequantized at a time for a prefill matmul
+# weights dequantized at a time for a prefill matmul (32 MB in bf16): every linear of the ~1.1B
+# shape is one tile, so its matmul is torch's whole one (benchmarks/README.md#prefill)
+TILE_WEIGHTS = 1 << 24
 
 
 class QuantLayout(NamedTuple):
@@ -148,11 +153,28 @@ def quant_linear_rows(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor |
     return _call_rows(x, layout, bias)
 
 
-def dequantize_tile(layout: QuantLayout, begin: int, end: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+_tiles = threading.local()  # each thread's buffer of dequantized weights, by dtype
+
+
+def _tile_buffer(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reused [rows, k] buffer of ``dtype`` (grown to the largest tile asked,
+    in huge pages: a fresh allocation a tile cost ~10% of a quantized prefill in page faults)."""
+    buffers = _tiles.__dict__.setdefault("by_dtype", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < rows * k:
+        buffer = buffers[dtype] = huge_page_buffer(rows * k * dtype.itemsize).view(dtype)
+    return buffer[:rows * k].view(rows, k)
+
+
+def dequantize_tile(layout: QuantLayout, begin: int, end: int, dtype: torch.dtype,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Weight rows [begin, end) as a dense [end - begin, k] tensor of ``dtype`` (bf16 or
-    float32): q * scale rounded once."""
-    out = torch.empty(end - begin, layout.k, dtype=dtype)
+    float32): q * scale rounded once; written into ``out`` (contiguous) when given."""
+    if out is None:
+        out = torch.empty(end - begin, layout.k, dtype=dtype)
+    if not out.is_contiguous() or out.dtype != dtype or out.shape != (end - begin, layout.k):
+        raise ValueError(f"dequantize_tile: out must be a contiguous {dtype} "
+                         f"[{end - begin}, {layout.k}], not {out.dtype} {tuple(out.shape)}")
     library.load().bamba_quant_dequantize(
         layout.weight.data_ptr(), layout.code, layout.scales.data_ptr(), layout.scales_bf16,
         layout.group, layout.scale_stride, begin, end, layout.k, out.data_ptr(),
@@ -161,16 +183,22 @@ def dequantize_tile(layout: QuantLayout, begin: int, end: int,
 
 
 def quant_linear_tiles(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None,
-                       tile: int = TILE_FEATURES) -> torch.Tensor:
-    """y = x W^T (+ bias) for many rows: ``tile`` output features at a time dequantized to x's
-    dtype (bf16 or float32) and multiplied by torch's matmul."""
+                       tile_weights: int = TILE_WEIGHTS) -> torch.Tensor:
+    """y = x W^T (+ bias) for many rows: as many output features at a time as fit in
+    ``tile_weights`` weights dequantized to x's dtype (bf16 or float32) and multiplied by
+    torch's matmul; a linear that fits whole is one matmul."""
     rows = x.reshape(-1, layout.k)
-    y = torch.empty(rows.shape[0], layout.n, dtype=x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
-    for begin in range(0, layout.n, tile):
-        end = min(begin + tile, layout.n)
-        weight = dequantize_tile(layout, begin, end, x.dtype).t()
-        y[:, begin:end] = torch.mm(rows, weight) if bias is None else \
+    tile = max(1, min(layout.n, tile_weights // layout.k))
+    buffer = _tile_buffer(tile, layout.k, x.dtype)
+    tiles = [(begin, min(begin + tile, layout.n)) for begin in range(0, layout.n, tile)]
+    y = None if len(tiles) == 1 else torch.empty(rows.shape[0], layout.n, dtype=x.dtype)
+    for begin, end in tiles:
+        weight = dequantize_tile(layout, begin, end, x.dtype, buffer[:end - begin]).t()
+        part = torch.mm(rows, weight) if bias is None else \
             torch.addmm(bias[begin:end], rows, weight)
+        if y is None:
+            return part.view(*x.shape[:-1], layout.n)
+        y[:, begin:end] = part
     return y.view(*x.shape[:-1], layout.n)
 
