@@ -214,12 +214,12 @@ def test_prefill_tiles_are_the_reference_weights_exactly(fmt, group, dtype) -> N
         quant_ops.dequantize_tile(layout, 7, 23, dtype, torch.empty(16, 383, dtype=dtype))
 
 
-@pytest.mark.parametrize("tile_weights, want_tiles", [(256 * 512, [512, 512, 76]),
-                                                      (quant_ops.TILE_WEIGHTS, [1100])])
+@pytest.mark.parametrize("tile_weights, want_tiles", [(256 * 500, [448, 448, 204]),
+                                                      (256 * 1100, [1100]), (1, [64] * 17 + [12])])
 def test_the_tile_matmul_needs_no_dense_copy_of_the_weight(monkeypatch, tile_weights,
                                                            want_tiles) -> None:
-    """Prefill dequantizes at most ``tile_weights`` weights at a time, into one reused
-    buffer; a linear that fits is one tile."""
+    """Prefill dequantizes about ``tile_weights`` weights at a time (multiples of 64 output
+    features), into one reused buffer; a linear that fits is one tile."""
     layer = _layer("int4", 64, False, torch.bfloat16, k=256, n=1100)
     layout = dispatch.quant_linear_fits(torch.zeros(1, 256, dtype=torch.bfloat16),
                                         layer.kernel_weights())

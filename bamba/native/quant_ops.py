@@ -1,9 +1,9 @@
 """Linear layers over quantized weights (fp8, int8, int4 in the compressed-tensors layout) by the
 native kernels of ``quant_rows.h``: ``quant_linear_rows`` for a few rows (decode: the weights
 streamed and dequantized in registers) and ``quant_linear_tiles`` for many (prefill: output
-features dequantized to the activations' dtype for torch's matmul, at most ``TILE_WEIGHTS`` at a
+features dequantized to the activations' dtype for torch's matmul, about ``TILE_WEIGHTS`` at a
 time into one buffer each thread reuses, so the extra memory is one tile, never a dense copy of
-the model's weights).
+a weight).
 
 ``quant_layout`` reads a linear's ``LinearWeights`` into what the kernels take, or None when
 they do not take it (then the layer's torch reference runs)."""
@@ -26,8 +26,10 @@ FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3}  # dot_rows.h's FORMAT_* enum
 _BITS = {"fp8": 8, "int8": 8, "int4": 4}
 SCALE_DTYPES = (torch.bfloat16, torch.float32)
 # weights dequantized at a time for a prefill matmul (32 MB in bf16): every linear of the ~1.1B
-# shape is one tile, so its matmul is torch's whole one (benchmarks/README.md#prefill)
+# shape fits whole, one matmul each; tiles of 2M weights measured ~3% slower on its prefill
+# (benchmarks/README.md#quantization)
 TILE_WEIGHTS = 1 << 24
+TILE_FEATURE_MULTIPLE = 64  # a tile's output features, unless the linear fits whole
 
 
 class QuantLayout(NamedTuple):
@@ -185,11 +187,13 @@ def dequantize_tile(layout: QuantLayout, begin: int, end: int, dtype: torch.dtyp
 def quant_linear_tiles(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None,
                        tile_weights: int = TILE_WEIGHTS) -> torch.Tensor:
     """y = x W^T (+ bias) for many rows: as many output features at a time as fit in
-    ``tile_weights`` weights dequantized to x's dtype (bf16 or float32) and multiplied by
-    torch's matmul; a linear that fits whole is one matmul."""
+    ``tile_weights`` weights (a multiple of 64 features, at least 64) dequantized to x's dtype
+    (bf16 or float32) and multiplied by torch's matmul; a linear that fits is one matmul."""
     rows = x.reshape(-1, layout.k)
     bias = None if bias is None else bias.to(x.dtype)
-    tile = max(1, min(layout.n, tile_weights // layout.k))
+    tile = layout.n if layout.n * layout.k <= tile_weights else min(layout.n, max(
+        TILE_FEATURE_MULTIPLE,
+        tile_weights // layout.k // TILE_FEATURE_MULTIPLE * TILE_FEATURE_MULTIPLE))
     buffer = _tile_buffer(tile, layout.k, x.dtype)
     tiles = [(begin, min(begin + tile, layout.n)) for begin in range(0, layout.n, tile)]
     y = None if len(tiles) == 1 else torch.empty(rows.shape[0], layout.n, dtype=x.dtype)
