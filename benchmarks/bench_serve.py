@@ -13,7 +13,10 @@ All sides stay up for the whole run and each level is measured --rounds times, t
 rotating order within each round (host drift hits all alike: this host's speed moves by up to
 15% over minutes), on prompts new to every server each round; each level keeps its best round.
 The report holds every round's tok/s, and the server's and client's CPU a token (and bamba's
-engine thread's time in and between steps a token, from its /metrics).
+engine thread's time in and between steps a token, from its /metrics). The ratios to trust are
+``ratios``: per level, bamba's tok/s over the offline engine's and over llama-server's in each
+round (the sides measured back to back) and their median; a ratio of two best rounds carries
+two spells' luck.
 
 Sides: ``bamba`` (``bamba serve`` in a subprocess, --threads torch threads); ``offline``
 (``LLM.generate`` in this process on a worker thread, as the server's engine runs: one request
@@ -85,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "finish and arrive in waves)")
     p.add_argument("--memory-gb", type=float, default=1.0, help="bamba's KV blocks and slots")
     p.add_argument("--rounds", type=int, default=None,
-                   help="rotations over the sides, each level keeping its best round (default 2,"
-                        " --quick 1)")
+                   help="rotations over the sides, each level keeping its best round, the "
+                        "ratios their median (default 3, --quick 1)")
     p.add_argument("--llama-cpp", choices=("auto", "cached", "off"), default="auto",
                    help="llama-server peer: auto finds or builds it, cached only uses "
                         "$LLAMA_SERVER or an earlier build, off skips it")
@@ -96,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.preset, args.concurrency, args.max_tokens, args.prompt_tokens = "tiny", [1, 4], 8, 16
         args.requests = args.requests or 4
-    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     if min(args.concurrency) < 1 or args.max_tokens < 2 or args.prompt_tokens < 1:
         p.error("--concurrency, --prompt-tokens must be >= 1 and --max-tokens >= 2")
     if not 0 <= args.output_spread < 1:
@@ -522,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                 closed.setdefault(name, {}).update(side.close())
         for name, levels in measured.items():
             closed[name]["levels"] = best_levels(levels)
+        report["ratios"] = round_ratios(measured)
         for name, why in failed.items():
             closed[name]["failed"] = why
         report.update({name: closed[name] for name in ("bamba", "offline", "llama_cpp")})
@@ -536,13 +540,37 @@ def best_levels(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A side's measured levels, one per (concurrency, streaming): the round with the highest
     output tok/s, with every round's tok/s beside it (``rounds_tok_per_s``)."""
     best: dict[tuple[int, bool], dict[str, Any]] = {}
-    seen: dict[tuple[int, bool], list[float]] = {}
     for level in levels:
         key = level["concurrency"], level["stream"]
-        seen.setdefault(key, []).append(level["output_tok_per_s"])
         if key not in best or level["output_tok_per_s"] > best[key]["output_tok_per_s"]:
             best[key] = level
+    seen = _rounds_by_level(levels)
     return [{**level, "rounds_tok_per_s": seen[key]} for key, level in best.items()]
+
+
+def round_ratios(measured: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per level, bamba's output tok/s over each other side's in the same round (the sides ran
+    back to back in it), every round's and their median."""
+    by_side = {name: _rounds_by_level(levels) for name, levels in measured.items()}
+    ratios = []
+    for key, ours in by_side.get("bamba", {}).items():
+        level: dict[str, Any] = {"concurrency": key[0], "stream": key[1]}
+        for name in ("offline", "llama_cpp"):
+            theirs = by_side.get(name, {}).get(key, [])
+            rounds = [round(a / b, 3) for a, b in zip(ours, theirs) if b > 0]
+            if rounds:
+                level[f"vs_{name}"] = {"rounds": rounds,
+                                       "median": round(statistics.median(rounds), 3)}
+        ratios.append(level)
+    return ratios
+
+
+def _rounds_by_level(levels: list[dict[str, Any]]) -> dict[tuple[int, bool], list[float]]:
+    rounds: dict[tuple[int, bool], list[float]] = {}
+    for level in levels:
+        rounds.setdefault((level["concurrency"], level["stream"]), []).append(
+            level["output_tok_per_s"])
+    return rounds
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -552,16 +580,21 @@ def print_table(report: dict[str, Any]) -> None:
     offline = {(lv["concurrency"], lv["stream"]): lv for lv in report["offline"]["levels"]}
     peer = {(lv["concurrency"], lv["stream"]): lv
             for lv in report["llama_cpp"].get("levels", [])}
+    ratios = {(lv["concurrency"], lv["stream"]): lv for lv in report["ratios"]}
     print(f"{'conc':>4} {'stream':>6} {'tok/s':>7} {'offline':>7} {'llama':>7} "
-          f"{'TTFT p50':>8} {'p99':>7} {'ITL p50':>7} {'p99':>7} {'llama ITL p50':>13}")
+          f"{'TTFT p50':>8} {'p99':>7} {'ITL p50':>7} {'p99':>7} {'llama ITL p50':>13} "
+          f"{'median of rounds: vs offline':>28} {'vs llama':>8}")
     for lv in report["bamba"]["levels"]:
         other = peer.get((lv["concurrency"], lv["stream"]), {})
+        ratio = ratios.get((lv["concurrency"], lv["stream"]), {})
         print(f"{lv['concurrency']:>4} {str(lv['stream']):>6} {lv['output_tok_per_s']:>7.1f} "
               f"{offline[lv['concurrency'], lv['stream']]['output_tok_per_s']:>7.1f} "
               f"{_cell(other.get('output_tok_per_s'), 7, '.1f')} "
               f"{_cell(lv.get('ttft_p50_s'), 8, '.3f')} {_cell(lv.get('ttft_p99_s'), 7, '.3f')} "
               f"{_cell(lv.get('itl_p50_ms'), 7, '.1f')} {_cell(lv.get('itl_p99_ms'), 7, '.1f')} "
-              f"{_cell(other.get('itl_p50_ms'), 13, '.1f')}")
+              f"{_cell(other.get('itl_p50_ms'), 13, '.1f')} "
+              f"{_cell(ratio.get('vs_offline', {}).get('median'), 28, '.3f')} "
+              f"{_cell(ratio.get('vs_llama_cpp', {}).get('median'), 8, '.3f')}")
     for why in ("missing", "failed"):
         if why in report["llama_cpp"]:
             print(f"llama.cpp: {report['llama_cpp'][why]}")

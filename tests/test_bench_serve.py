@@ -39,6 +39,8 @@ def test_quick_run_reports_every_level_of_both_bamba_sides(tmp_path: Path,
     assert report["bamba"]["server_metrics_after"]["bamba_kv_blocks_in_use"] == 0
     assert "no llama-server" in report["llama_cpp"]["missing"]
     assert report["host"]["threads"] == 2
+    assert [(r["concurrency"], r["stream"], len(r["vs_offline"]["rounds"]))
+            for r in report["ratios"]] == [(1, True, 1), (1, False, 1), (4, True, 1)]
 
 
 def test_peer_missing_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,6 +72,22 @@ def test_each_level_keeps_its_best_round() -> None:
     best = {(lv["concurrency"], lv["stream"]): lv for lv in bench_serve.best_levels(levels)}
     assert best[1, True]["itl_p50_ms"] == 65.0 and best[1, True]["rounds_tok_per_s"] == [60, 65]
     assert best[1, False]["output_tok_per_s"] == 70.0 and best[8, True]["rounds_tok_per_s"] == [200]
+
+
+def test_ratios_pair_the_rounds_of_each_level() -> None:
+    """bamba over each side round by round (not best over best), and their median."""
+    def level(c: int, stream: bool, tok_s: float) -> dict:
+        return {"concurrency": c, "stream": stream, "output_tok_per_s": tok_s}
+
+    measured = {"bamba": [level(1, True, 60.0), level(1, True, 90.0), level(1, True, 66.0),
+                          level(8, True, 200.0)],
+                "offline": [level(1, True, 50.0), level(1, True, 100.0), level(1, True, 60.0),
+                            level(8, True, 100.0)],
+                "llama_cpp": []}
+    ratios = {(r["concurrency"], r["stream"]): r for r in bench_serve.round_ratios(measured)}
+    assert ratios[1, True]["vs_offline"] == {"rounds": [1.2, 0.9, 1.1], "median": 1.1}
+    assert ratios[8, True]["vs_offline"]["median"] == 2.0
+    assert "vs_llama_cpp" not in ratios[1, True]
 
 
 def test_percentiles_and_summary_of_streamed_requests() -> None:
