@@ -1,11 +1,5 @@
-"""One buffer in transparent huge pages for a model's weights (CPU inference).
-
-A decode step streams every weight once; from 4 KiB pages the CPU walks page tables for every
-4 KiB of a weight stream (twice under a hypervisor), and its prefetchers stop at every page
-edge; 2 MiB pages remove most of both (benchmarks/README.md#model-core). Linux gives
-anonymous memory huge pages where ``madvise(MADV_HUGEPAGE)`` asks for them
-(``/sys/kernel/mm/transparent_hugepage/enabled`` = always or madvise); elsewhere the buffer is
-ordinary memory and everything works the same.
+"""One buffer in transparent huge pages (``bamba.huge_pages``) for a model's weights (CPU
+inference): a decode step streams every weight once.
 
 ``WeightArena`` lays out a model's parameters and buffers in module order (the order a forward
 pass reads them), each 64-byte aligned; ``place`` copies a tensor into its slot.
@@ -15,30 +9,14 @@ pass reads them), each 64-byte aligned; ``place`` copies a tensor into its slot.
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-HUGE_PAGE = 2 << 20
+from bamba.huge_pages import huge_page_buffer
+
 ALIGN = 64
-
-
-def huge_page_buffer(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 tensor of ``nbytes`` in anonymous memory advised for huge pages
-    (2 MiB-aligned), or from torch's allocator where the platform has no such advice."""
-    if nbytes <= 0 or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return torch.empty(max(nbytes, 0), dtype=torch.uint8)
-    size = -(-(nbytes + HUGE_PAGE) // HUGE_PAGE) * HUGE_PAGE  # room to align the start
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # transparent huge pages compiled out: ordinary pages
-        pass
-    whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
-    start = -whole.data_ptr() % HUGE_PAGE
-    return whole[start:start + nbytes]
 
 
 class WeightArena:

@@ -70,7 +70,7 @@ def linear_shapes(shape: str) -> list[tuple[int, int]]:
 
 
 def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
-    from bamba.arena import huge_page_buffer
+    from bamba.huge_pages import huge_page_buffer
 
     slot = huge_page_buffer(tensor.numel() * tensor.element_size())
     return slot.view(tensor.dtype).view(tensor.shape).copy_(tensor)

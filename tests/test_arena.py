@@ -5,7 +5,8 @@ import mmap
 import pytest
 import torch
 
-from bamba.arena import HUGE_PAGE, WeightArena, huge_page_buffer, pack_weights
+from bamba.arena import WeightArena, pack_weights
+from bamba.huge_pages import HUGE_PAGE, huge_page_buffer
 from bamba.checkpoint import from_pretrained
 from bamba.config import preset
 from bamba.model import BambaLM, init_weights

@@ -13,7 +13,8 @@ import bamba
 
 ROOT = Path(bamba.__file__).parent
 SEAM = {"bamba.native", "bamba.native.seam"}  # what may reach the kernels and the model
-PROTOCOLS = {"bamba.cache_protocol", "bamba.linear_protocol"}  # what the kernels may import
+# what the kernels may import: the protocols, and memory that knows no model
+PROTOCOLS = {"bamba.cache_protocol", "bamba.linear_protocol", "bamba.huge_pages"}
 
 
 def _name(path: Path) -> str:
