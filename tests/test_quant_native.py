@@ -219,8 +219,9 @@ def test_prefill_tiles_are_the_reference_weights_exactly(fmt, group, dtype) -> N
 def test_the_tile_matmul_needs_no_dense_copy_of_the_weight(monkeypatch, tile_weights,
                                                            want_tiles) -> None:
     """Prefill dequantizes about ``tile_weights`` weights at a time (multiples of 64 output
-    features), into one reused buffer; a linear that fits is one tile."""
-    layer = _layer("int4", 64, False, torch.bfloat16, k=256, n=1100)
+    features, each tile's slice of the bias with it), into one reused buffer; a linear that
+    fits is one tile."""
+    layer = _layer("int4", 64, True, torch.bfloat16, k=256, n=1100)
     layout = dispatch.quant_linear_fits(torch.zeros(1, 256, dtype=torch.bfloat16),
                                         layer.kernel_weights())
     x = torch.randn(16, 256, dtype=torch.bfloat16)
@@ -234,7 +235,7 @@ def test_the_tile_matmul_needs_no_dense_copy_of_the_weight(monkeypatch, tile_wei
 
     monkeypatch.setattr(quant_ops, "dequantize_tile", counted)
     for _ in range(2):
-        out = quant_ops.quant_linear_tiles(x, layout, None, tile_weights)
+        out = quant_ops.quant_linear_tiles(x, layout, layer.bias, tile_weights)
         _close(out, layer(x), 1e-2)
     assert tiles == want_tiles * 2 and len(buffers) == 1
 
