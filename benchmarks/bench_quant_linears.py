@@ -5,7 +5,7 @@ this isolates the first. For each --shapes (bench_quant's: ``bench``, hidden 512
 hidden 1536) it takes the shapes of every linear layer of the model but the lm_head (one
 weight per layer and linear, as in the model, random, in huge pages as a loaded model's are),
 in bf16 and quantized to fp8, int8 and int4 (groups of --group-size), and times one pass over
-all of them at each --rows (1 to 3: decode) through the native kernels
+all of them at each --rows (1 to 3: one user's decode; 8: a batch) through the native kernels
 (``bamba.native.quant_ops.quant_linear_rows``, the dense ``linear_ops.call_rows``), the formats in
 rotation (--rounds; the median pass of --repeats per round, the best round kept). Each linear
 is one call of the library, past torch's dispatcher: the OpenMP team's start, paid each call,
@@ -42,7 +42,7 @@ FORMATS = ("bf16", "fp8", "int8", "int4")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["bench", "1b"], choices=sorted(SHAPES))
-    p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 3, 8])
     p.add_argument("--group-size", type=int, default=128, help="int4 group size")
     p.add_argument("--rounds", type=int, default=3, help="rotations over the formats")
     p.add_argument("--repeats", type=int, default=15, help="timed passes per round")

@@ -116,6 +116,36 @@ def test_one_row_takes_four_weight_rows_at_a_time_with_the_same_numbers(fmt, gro
     assert torch.equal(one[0], two[0])
 
 
+@pytest.mark.parametrize("fmt,k,group", [("int4", 384, 128), ("int4", 512, 256),
+                                         ("int4", 384, None), ("int8", 384, None),
+                                         ("fp8", 384, None)])
+def test_a_bf16_models_rows_take_two_weight_rows_at_a_time(bf16_activations, fmt, k,
+                                                           group) -> None:
+    """A bf16 model's rows (1 to 8) over int4 weights whose groups are whole chunks of 128,
+    and over fp8 and int8 ones with a scale per row, go two weight rows at a time (91 outputs
+    over two threads leave one over). int4 meets the weights the torch reference dequantizes
+    to, bf16(q * scale), not q * scale in float32: with inputs in {-1, 0, 1} every float32 sum
+    is exact, so its outputs equal the reference's bit for bit; int8 scales the exact integer
+    sum once; fp8's sums are float32 ones."""
+    layer = _layer(fmt, group, False, torch.bfloat16, k=k, n=91)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), k)
+    if fmt == "int4":
+        want = lambda x: (x.float() @ layer.dequantized_weight(torch.bfloat16).float().T)
+    else:  # the stored values times the row's scale
+        values = (layer.dequantized_weight(torch.float64) / layout.scales.double()).float()
+        want = lambda x: (x.float() @ values.T) * layout.scales.float().T
+    generator = torch.Generator().manual_seed(0)
+    for rows in range(1, 9):
+        x = torch.randint(-1, 2, (rows, k), generator=generator).bfloat16()
+        with torch.inference_mode():
+            ours = quant_ops.quant_linear_rows(x, layout, None, False)
+        if fmt == "fp8":
+            torch.testing.assert_close(ours.float(), want(x).bfloat16().float(), rtol=2 ** -8,
+                                       atol=0)
+        else:
+            assert torch.equal(ours, want(x).bfloat16()), rows
+
+
 def test_bf16_activations_can_be_chosen(bf16_activations) -> None:
     """Switched off, the int8 kernel takes bf16 activations at one row too: the torch
     reference's numbers up to bf16 rounding, far closer than int8 activations get."""

@@ -18,7 +18,9 @@
  * out in an order of the chunk's inputs that is cheap to produce, so the input rows are first
  * copied, in bf16, into that order (`prepare_rows`, once per call and thread: k values a row
  * against n x k weights). Float32 inputs are rounded to bf16 there; the weights' quantization
- * error is far larger.
+ * error is far larger. A bf16 model's rows over the usual layouts (int4 groups of whole chunks,
+ * fp8 and int8 scaled per row) take `paired_tile`: two weight rows at a time, one float32 sum
+ * per product pair, int4's group scales folded into its table.
  */
 #ifndef BAMBA_QUANT_ROWS_H
 #define BAMBA_QUANT_ROWS_H
@@ -292,6 +294,102 @@ __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const Q
 }
 #undef QUANT_ROWS
 #undef QUANT_SPANS
+
+/* Two weight rows at a time against R bf16 input rows (a bf16 model's rows that int8
+ * activations do not take), for the usual layouts: int4 groups of whole chunks, fp8 and int8
+ * one scale per row. Each input vector loaded serves both weight rows (quant_row_dots loads one
+ * per product, which bound it at 8 rows), and the products add straight into one float32 sum
+ * per input row and weight row with no scaling step per chunk: int4 folds each group's scale
+ * into its nibble table, bf16((q - 8) * s) -- the very weights the torch reference
+ * dequantizes to -- and fp8 and int8 scale the row's sum once at the end.
+ * out[r * J + j] = x_r . w_{n+j}; format, R and J compile-time after inlining. */
+static inline __attribute__((always_inline)) void paired_tile(const LinearWeights *L,
+                                                               const QuantTables *t,
+                                                               const int format,
+                                                               const uint16_t *xp, int64_t n,
+                                                               const int R, const int J,
+                                                               float *out) {
+    enum { MAX_J = 2 };
+    const int int4 = format == FORMAT_INT4, vectors = int4 ? 4 : 2;
+    const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
+    const int64_t per_group = int4 ? L->group / chunk : chunks, wrow = quant_row_bytes(format, k);
+    const char *w = (const char *)L->weight + n * wrow;
+    const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m512 acc[ROW_GROUP][MAX_J];
+    __m512i table[MAX_J];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < J; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t c = 0, left = 0; c < chunks; c++, left--) {
+        if (int4 && left == 0) { /* a group starts: its tables (vpermw reads 5 index bits) */
+            left = per_group;
+            for (int j = 0; j < J; j++) {
+                const __m512 scaled =
+                    _mm512_mul_ps(values, _mm512_set1_ps(quant_scale(L, n + j, c / per_group)));
+                table[j] = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(scaled));
+            }
+        }
+        __m512i v[MAX_J][4];
+        for (int j = 0; j < J; j++) {
+            const char *wc = w + j * wrow + c * 64;
+            _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
+            if (!int4) {
+                dequantize_chunk(format, wc, t, v[j]);
+                continue;
+            }
+            const __m512i words = _mm512_loadu_si512(wc); /* word i: inputs 4i..4i+3 */
+            for (int q = 0; q < 4; q++)
+                v[j][q] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4 * q), table[j]);
+        }
+        for (int r = 0; r < R; r++)
+            for (int q = 0; q < vectors; q++) {
+                const __m512bh x = (__m512bh)_mm512_loadu_si512(xp + r * k + c * chunk + 32 * q);
+                for (int j = 0; j < J; j++)
+                    acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, (__m512bh)v[j][q]);
+            }
+    }
+    for (int j = 0; j < J; j++) {
+        const float scale = int4 ? 1.0f : quant_scale(L, n + j, 0);
+        for (int r = 0; r < R; r++) out[r * J + j] = _mm512_reduce_add_ps(acc[r][j]) * scale;
+    }
+}
+
+/* Whether paired_tile takes this layout. */
+static inline int paired_layout(const LinearWeights *L, const QuantTables *t) {
+    return L->format == FORMAT_INT4 ? !t->groups_per_chunk : L->group == L->k;
+}
+
+#define PAIRED_ROWS(F, J)                                          \
+    switch (R) {                                                   \
+    case 1: paired_tile(L, t, F, xp, n, 1, J, out); break;         \
+    case 2: paired_tile(L, t, F, xp, n, 2, J, out); break;         \
+    case 3: paired_tile(L, t, F, xp, n, 3, J, out); break;         \
+    case 4: paired_tile(L, t, F, xp, n, 4, J, out); break;         \
+    case 5: paired_tile(L, t, F, xp, n, 5, J, out); break;         \
+    case 6: paired_tile(L, t, F, xp, n, 6, J, out); break;         \
+    case 7: paired_tile(L, t, F, xp, n, 7, J, out); break;         \
+    default: paired_tile(L, t, F, xp, n, 8, J, out); break;        \
+    }
+#define PAIRED_WEIGHT_ROWS(F)                                      \
+    if (J == 2) {                                                  \
+        PAIRED_ROWS(F, 2)                                          \
+    } else {                                                       \
+        PAIRED_ROWS(F, 1)                                          \
+    }
+
+/* One unrolled body per format, row count, and two weight rows or one (an odd share's last). */
+__attribute__((noinline)) static void paired_dots(const LinearWeights *L, const QuantTables *t,
+                                                  const uint16_t *xp, int64_t n, int R, int J,
+                                                  float *out) {
+    if (L->format == FORMAT_INT4) {
+        PAIRED_WEIGHT_ROWS(FORMAT_INT4)
+    } else if (L->format == FORMAT_INT8) {
+        PAIRED_WEIGHT_ROWS(FORMAT_INT8)
+    } else {
+        PAIRED_WEIGHT_ROWS(FORMAT_FP8)
+    }
+}
+#undef PAIRED_WEIGHT_ROWS
+#undef PAIRED_ROWS
 #endif
 
 #include "quant_int8_dot.h"
@@ -336,6 +434,23 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
                          y_bf16, round_bf16);
     }
 #endif
+    if (xp != NULL && !int8_dot && x_bf16 && paired_layout(L, &t)) {
+        for (; n < n_end; n += 2) { /* two weight rows at a time */
+            const int J = n + 2 <= n_end ? 2 : 1;
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
+                const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
+                float out[ROW_GROUP * 2];
+                paired_dots(L, &t, xp + m0 * L->k, n, R, J, out);
+                for (int r = 0; r < R; r++)
+                    for (int j = 0; j < J; j++)
+                        store_output(y, (m0 + r) * ldy + n + j,
+                                     out[r * J + j] +
+                                         (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f),
+                                     y_bf16, round_bf16);
+            }
+        }
+        return;
+    }
     for (; n < n_end; n++) {
         const float bias = L->bias ? load_value(L->bias, n, x_bf16) : 0.0f;
         for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
