@@ -347,10 +347,17 @@ static inline __attribute__((always_inline)) void paired_tile(const LinearWeight
                     acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, (__m512bh)v[j][q]);
             }
     }
-    for (int j = 0; j < J; j++) {
-        const float scale = int4 ? 1.0f : quant_scale(L, n + j, 0);
-        for (int r = 0; r < R; r++) out[r * J + j] = _mm512_reduce_add_ps(acc[r][j]) * scale;
-    }
+    int r = 0;
+    if (J == 2) /* two rows' sums at once: out[2r .. 2r + 3] */
+        for (; r + 2 <= R; r += 2)
+            _mm_storeu_ps(out + r * J, sum4(acc[r][0], acc[r][1], acc[r + 1][0], acc[r + 1][1]));
+    for (; r < R; r++)
+        for (int j = 0; j < J; j++) out[r * J + j] = _mm512_reduce_add_ps(acc[r][j]);
+    if (!int4) /* the row's one scale */
+        for (int j = 0; j < J; j++) {
+            const float scale = quant_scale(L, n + j, 0);
+            for (r = 0; r < R; r++) out[r * J + j] *= scale;
+        }
 }
 
 /* Whether paired_tile takes this layout. */
