@@ -19,8 +19,9 @@
  * copied, in bf16, into that order (`prepare_rows`, once per call and thread: k values a row
  * against n x k weights). Float32 inputs are rounded to bf16 there; the weights' quantization
  * error is far larger. A bf16 model's rows over the usual layouts (int4 groups of whole chunks,
- * fp8 and int8 scaled per row) take `paired_tile`: two weight rows at a time, one float32 sum
- * per product pair, int4's group scales folded into its table.
+ * fp8 and int8 scaled per row) take `paired_tile` instead, where int8 activations
+ * (quant_int8_dot.h) do not take them: two weight rows at a time, one float32 sum per pair,
+ * int4's group scales folded into its table.
  */
 #ifndef BAMBA_QUANT_ROWS_H
 #define BAMBA_QUANT_ROWS_H
