@@ -173,16 +173,21 @@ static inline __m256i fp8_as_halves(const void *w) {
         _mm256_set1_epi16((short)0xBF80));
 }
 
+/* int4 words (word j holds inputs 4j..4j+3 in its nibbles) as bf16 vectors v[0..3], vector q
+ * holding nibble q of every word: `table`'s entry for each nibble (vpermw reads 5 index bits,
+ * so a table holds its 16 entries twice). */
+static inline void nibble_lookup(__m512i words, __m512i table, __m512i v[4]) {
+    for (int q = 0; q < 4; q++)
+        v[q] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4 * q), table);
+}
+
 /* A chunk's weights as bf16 vectors v[0..3] (fp8 and int8: v[0] and v[1]). */
 static inline __attribute__((always_inline)) void dequantize_chunk(int format, const char *w,
                                                                     const QuantTables *t,
                                                                     __m512i v[4]) {
     const __m512i words = _mm512_loadu_si512(w);
-    if (format == FORMAT_INT4) { /* word j holds inputs 4j..4j+3 in its nibbles */
-        v[0] = _mm512_permutexvar_epi16(words, t->low);
-        v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), t->low);
-        v[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), t->low);
-        v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), t->low);
+    if (format == FORMAT_INT4) {
+        nibble_lookup(words, t->low, v);
         return;
     }
 #ifdef __AVX512VBMI__ /* a magnitude's bf16 bytes looked up (index bit 7 is ignored), the sign
@@ -337,9 +342,7 @@ static inline __attribute__((always_inline)) void paired_tile(const LinearWeight
                 dequantize_chunk(format, wc, t, v[j]);
                 continue;
             }
-            const __m512i words = _mm512_loadu_si512(wc); /* word i: inputs 4i..4i+3 */
-            for (int q = 0; q < 4; q++)
-                v[j][q] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4 * q), table[j]);
+            nibble_lookup(_mm512_loadu_si512(wc), table[j], v[j]);
         }
         for (int r = 0; r < R; r++)
             for (int q = 0; q < vectors; q++) {
