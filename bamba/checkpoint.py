@@ -36,7 +36,7 @@ from bamba.checkpoint_writer import (CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_
 from bamba.model import FP32_PARAMS, BambaLM
 from bamba.quant.apply import place_empty
 from bamba.quant.config import QuantConfig, parse_quantization_config
-from bamba.quant.linear import QuantizedLinear
+from bamba.quant.weights import QuantizedWeights
 from bamba.tokenizer import Tokenizer
 from bamba.tokenizer import load_tokenizer as _load_local_tokenizer
 
@@ -289,15 +289,16 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
 
 def _place_quantized(model: BambaLM, quantization: QuantConfig, entries: dict[str, _Entry],
                      dtype: torch.dtype) -> None:
-    """Empty ``QuantizedLinear`` modules where the config quantizes, scales in the dtype the
-    checkpoint stores them in."""
+    """Empty quantized modules where the config quantizes, scales in the dtype the
+    checkpoint stores them in, embeddings giving ``dtype``."""
     model_type = model.config.model_type
 
     def scale_dtype(name: str) -> torch.dtype:
         entry = entries.get(to_checkpoint_name(f"{name}.weight_scale", model_type))
         return _FLOAT_DTYPES.get(entry.dtype, dtype) if entry is not None else dtype
 
-    place_empty(model, quantization, lambda n: to_checkpoint_name(n, model_type), scale_dtype)
+    place_empty(model, quantization, lambda n: to_checkpoint_name(n, model_type), scale_dtype,
+                dtype)
     model.quantization_config = quantization.raw
     log.info("quantized checkpoint: %s, %s", quantization.format,
              ", ".join(sorted({g.scheme.name for g in quantization.groups})))
@@ -305,18 +306,18 @@ def _place_quantized(model: BambaLM, quantization: QuantConfig, entries: dict[st
 
 def _quantized_tensor_names(model: nn.Module) -> set[str]:
     return {f"{name}.{leaf}" for name, module in model.named_modules()
-            if isinstance(module, QuantizedLinear) for leaf in module.scheme.tensor_names()}
+            if isinstance(module, QuantizedWeights) for leaf in module.scheme.tensor_names()}
 
 
 def _check_packed_shapes(model: BambaLM, where: Path) -> None:
     """Each packed layer's ``weight_shape`` holds the (out, in) its words and scales have."""
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear) and module.scheme.packed:
+        if isinstance(module, QuantizedWeights) and module.scheme.packed:
             held = module.weight_shape.tolist()
-            if held != [module.out_features, module.in_features]:
+            if held != list(module.dense_shape):
                 key = to_checkpoint_name(f"{name}.weight_shape", model.config.model_type)
                 raise ValueError(f"{where}: tensor {key} holds {held}, expected "
-                                 f"{[module.out_features, module.in_features]}")
+                                 f"{list(module.dense_shape)}")
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -270,12 +270,14 @@ class BambaLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype: the embeddings' (an lm_head may hold quantized weights)."""
-        return self.model.embed_tokens.weight.dtype
+        """The activations' dtype: the embeddings' (an lm_head may hold quantized weights;
+        quantized embeddings name it as ``output_dtype``)."""
+        embed = self.model.embed_tokens
+        return embed.weight.dtype if isinstance(embed, nn.Embedding) else embed.output_dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.final_layernorm.weight.device
 
 
 def scan_matmul_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -55,8 +55,10 @@ from measure import (bamba_cli, best, decode_seconds, llama_ggufs, prefill_secon
                      rss_mb, run_child, run_llama_bench, write_random)
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
-SCHEMES = ("bf16", "fp8", "int8", "int4")
-LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> llama.cpp's peer
+SCHEMES = ("bf16", "fp8", "int8", "int4", "int4+8")
+# "int4+8": int4 linears with the lm_head and the token embeddings int8 (--lm-head int8
+# --embedding int8), as llama.cpp's Q4_0 files keep a wider output tensor (Q6_K).
+LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0", "int4+8": "Q4_0"}  # its peer
 # The shapes: presets of bamba.config with overrides.
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": ("tiny", {}),
@@ -166,8 +168,11 @@ def quantized(source: Path, scheme: str, args: argparse.Namespace) -> Path:
         return source
     out = source.parent / f"{source.name}-{scheme}"
     if not (out / "config.json").is_file():
-        extra = ["--group-size", str(args.group_size)] if scheme == "int4" else []
-        bamba_cli("quantize", str(source), str(out), "--scheme", scheme, *extra)
+        name, _, wide = scheme.partition("+")
+        extra = ["--group-size", str(args.group_size)] if name == "int4" else []
+        if wide:
+            extra += ["--lm-head", f"int{wide}", "--embedding", f"int{wide}"]
+        bamba_cli("quantize", str(source), str(out), "--scheme", name, *extra)
     return out
 
 

@@ -228,3 +228,22 @@ def test_our_checkpoint_gives_transformers_greedy_tokens(our_checkpoint):
     assert sum(map(len, theirs)) >= NEW_TOKENS, "too few greedy steps with a clear top token"
     ours = bamba_greedy(from_pretrained(target), prompts, NEW_TOKENS)
     assert [row[:len(t)] for row, t in zip(ours, theirs)] == theirs
+
+
+@pytest.mark.parametrize("head", ["int8", "fp8"])
+def test_transformers_reads_our_quantized_lm_head(tmp_path, head):
+    """`--lm-head` adds a config group naming lm_head (a "mixed-precision" config beside int4
+    linears when fp8): transformers quantizes the same module and gives our logits. (Quantized
+    embeddings, `--embedding`, transformers cannot load: its weight initialisation reads the
+    Embedding's ``weight``, which compressed-tensors has replaced; bamba alone reads those.)"""
+    source, target = tmp_path / "source", tmp_path / "quantized"
+    hf_model("hybrid", **OURS).to(torch.bfloat16).save_pretrained(source)
+    assert bamba_main(["quantize", str(source), str(target), "--scheme", "int4", "--group-size",
+                       str(GROUP), "--lm-head", head, "--no-progress"]) == 0
+    assert "lm_head" in quantized_prefixes(file_tensors(target))
+    ids = random_ids(2, 13)
+    ref = hf_logits(load_hf(target), ids)
+    ours = from_pretrained(target)
+    assert isinstance(ours.lm_head, QuantizedLinear)
+    with torch.no_grad():
+        assert_logits_close(ours(ids), ref)

@@ -19,9 +19,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="inputs sharing one scale (32, 64, 128, ...; int8/int4 only); "
                              f"default: {DEFAULT_INT4_GROUP} for int4, one scale per output "
                              "channel for int8 and fp8")
-    parser.add_argument("--ignore", default="lm_head", metavar="NAMES",
+    parser.add_argument("--ignore", default=None, metavar="NAMES",
                         help="comma-separated linear layers to keep unquantized: checkpoint "
-                             "module names or re:REGEX (empty quantizes every linear)")
+                             "module names or re:REGEX (empty quantizes every linear); "
+                             "default: lm_head, unless --lm-head gives it a scheme")
+    parser.add_argument("--lm-head", default=None, choices=SCHEMES, metavar="SCHEME",
+                        help="quantize the LM head in a scheme of its own (fp8, int8, or int4 "
+                             "in groups of --group-size, default 128; the others a scale a "
+                             "row), as llama.cpp's --output-tensor-type; default: kept dense")
+    parser.add_argument("--embedding", default=None, choices=SCHEMES, metavar="SCHEME",
+                        help="quantize the token embeddings too (schemes as --lm-head), as "
+                             "llama.cpp's --token-embedding-type; default: kept dense. Only "
+                             "bamba reads quantized embeddings (transformers cannot load them)")
     parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                         help="split the safetensors file above this size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -42,9 +51,26 @@ def run(args: argparse.Namespace) -> int:
     from bamba.quant.formats import make_scheme
 
     scheme = make_scheme(args.scheme, group_size_for(args.scheme, args.group_size))
-    ignore = [name.strip() for name in args.ignore.split(",") if name.strip()]
+    lm_head, embedding = (None if name is None else make_scheme(
+        name, group_size_for(name, args.group_size if name == "int4" else None))
+        for name in (args.lm_head, args.embedding))
+    ignore = ignore_list(args.ignore, lm_head is not None)
     path = quantize_checkpoint(args.source, args.target, scheme, ignore,
-                               max_shard_size=args.max_shard_size, progress=not args.no_progress)
+                               max_shard_size=args.max_shard_size, progress=not args.no_progress,
+                               lm_head=lm_head, embedding=embedding)
+    extras = "".join(f", {what} {s.name}" for what, s in (("lm_head", lm_head),
+                                                         ("embeddings", embedding)) if s)
     print(f"wrote {path} ({scheme.name}"
-          f"{'' if scheme.group_size is None else f', group size {scheme.group_size}'})")
+          f"{'' if scheme.group_size is None else f', group size {scheme.group_size}'}{extras})")
     return 0
+
+
+def ignore_list(names: str | None, lm_head_quantized: bool) -> list[str]:
+    """--ignore's entries (default: lm_head, unless --lm-head quantizes it, which an explicit
+    --ignore naming lm_head contradicts)."""
+    if names is None:
+        return [] if lm_head_quantized else ["lm_head"]
+    ignore = [name.strip() for name in names.split(",") if name.strip()]
+    if lm_head_quantized and "lm_head" in ignore:
+        raise ValueError("--lm-head quantizes the lm_head that --ignore keeps dense; drop one")
+    return ignore

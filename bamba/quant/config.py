@@ -21,6 +21,7 @@ PACKED_FORMAT = "pack-quantized"
 FORMATS = (FLOAT_FORMAT, PACKED_FORMAT)
 MIXED_FORMAT = "mixed-precision"  # each config group names its own format
 STATUS_COMPRESSED = "compressed"
+LM_HEAD = "lm_head"
 # (weights type, num_bits) -> our scheme name
 _SCHEME_OF = {("float", 8): "fp8", ("int", 8): "int8", ("int", 4): "int4"}
 
@@ -45,12 +46,20 @@ class QuantConfig:
 
     def group_for(self, name: str, class_names: Iterable[str]) -> QuantGroup | None:
         """The group quantizing module ``name`` (checkpoint naming) of the given classes, or
-        None when no group targets it or ``ignore`` names it."""
+        None when no group targets it or ``ignore`` names it. As in compressed-tensors, a
+        group naming the module exactly wins over one matching it by regex, and that over one
+        targeting its class."""
         classes = tuple(class_names)
         if any(matches(name, classes, entry) for entry in self.ignore):
             return None
-        return next((g for g in self.groups
-                     if any(matches(name, classes, t) for t in g.targets)), None)
+        ranked = [(_precedence(target, name), index) for index, group in enumerate(self.groups)
+                  for target in group.targets if matches(name, classes, target)]
+        return self.groups[min(ranked)[1]] if ranked else None
+
+
+def _precedence(target: str, name: str) -> int:
+    """0 for an exact name, 1 for a regex, 2 for a class name (compressed-tensors' order)."""
+    return 0 if target == name else 1 if target.startswith("re:") else 2
 
 
 def matches(name: str, class_names: tuple[str, ...], target: str) -> bool:
@@ -68,20 +77,38 @@ def weights_dict(scheme: QuantScheme) -> dict[str, Any]:
             "dynamic": False, "observer": "minmax"}
 
 
-def quantization_config_dict(scheme: QuantScheme, ignore: Iterable[str]) -> dict[str, Any]:
+def quantization_config_dict(scheme: QuantScheme, ignore: Iterable[str],
+                             lm_head: QuantScheme | None = None,
+                             embedding: QuantScheme | None = None) -> dict[str, Any]:
     """The ``quantization_config`` ``bamba quantize`` writes: weight-only (activations stay in
-    the model's dtype, ``input_activations: null``), every Linear but ``ignore``."""
+    the model's dtype, ``input_activations: null``), every Linear but ``ignore`` in
+    ``scheme``; with ``lm_head`` or ``embedding``, a group of its own for the LM head (by
+    name) or the token embeddings (class ``Embedding``). Groups of different formats make
+    a "mixed-precision" config, each group naming its format."""
+    groups = [(["Linear"], scheme)]
+    if lm_head is not None:
+        groups.append(([LM_HEAD], lm_head))
+    if embedding is not None:
+        groups.append((["Embedding"], embedding))
+    formats = {_format_of(s) for _, s in groups}
+    mixed = len(formats) > 1
     return {
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_dict(scheme),
-                                      "input_activations": None, "output_activations": None,
-                                      "format": None}},
+        "config_groups": {
+            f"group_{i}": {"targets": targets, "weights": weights_dict(s),
+                           "input_activations": None, "output_activations": None,
+                           "format": _format_of(s) if mixed else None}
+            for i, (targets, s) in enumerate(groups)},
         "quant_method": QUANT_METHOD,
         "kv_cache_scheme": None,
-        "format": PACKED_FORMAT if scheme.packed else FLOAT_FORMAT,
+        "format": MIXED_FORMAT if mixed else formats.pop(),
         "quantization_status": STATUS_COMPRESSED,
         "global_compression_ratio": None,
         "ignore": list(ignore),
     }
+
+
+def _format_of(scheme: QuantScheme) -> str:
+    return PACKED_FORMAT if scheme.packed else FLOAT_FORMAT
 
 
 def parse_quantization_config(raw: Any) -> QuantConfig:

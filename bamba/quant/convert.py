@@ -1,8 +1,8 @@
 """``bamba quantize``: a dense checkpoint in, a compressed-tensors one out, tensor by tensor.
 
 The source's tensors are read one at a time from its memory-mapped safetensors files, in
-decoder-layer order; each targeted linear weight is quantized as it is read, everything else
-kept as stored. Only the output is held in memory (at most about the source's size), and the
+decoder-layer order; each targeted weight (linears, and the embeddings if asked) is quantized
+as it is read, everything else kept as stored. Only the output is held in memory (at most about the source's size), and the
 checkpoint is written into a temporary directory and moved into place.
 """
 
@@ -23,7 +23,7 @@ from bamba.checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, checked_tenso
                               open_safetensors, resolve_checkpoint, to_checkpoint_name,
                               write_checkpoint)
 from bamba.model import BambaLM
-from bamba.quant.apply import targeted_linears
+from bamba.quant.apply import targeted_modules
 from bamba.quant.config import parse_quantization_config, quantization_config_dict
 from bamba.quant.formats import QuantScheme, quantize
 
@@ -47,10 +47,13 @@ def _units(names: Iterable[str]) -> list[tuple[str, list[str]]]:
 
 def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
                         scheme: QuantScheme, ignore: Iterable[str] = ("lm_head",),
-                        max_shard_size: int | str = "2GB", progress: bool = True) -> Path:
+                        max_shard_size: int | str = "2GB", progress: bool = True,
+                        lm_head: QuantScheme | None = None,
+                        embedding: QuantScheme | None = None) -> Path:
     """Write ``source`` quantized with ``scheme`` to ``target`` (every linear but ``ignore``,
-    compressed-tensors matching on checkpoint names). ValueError, before anything is written,
-    for a source that is already quantized or a group size that does not divide a layer."""
+    compressed-tensors matching on checkpoint names; the lm_head and the token embeddings
+    in schemes of their own when given). ValueError, before anything is written, for a
+    source that is already quantized or a group size that does not divide a layer."""
     directory = resolve_checkpoint(source)
     config = load_config(directory)
     raw_config = json.loads((directory / CONFIG_NAME).read_text())
@@ -62,15 +65,16 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
     out_dir = Path(target).expanduser()
     if out_dir.resolve() == directory.resolve():
         raise ValueError(f"{out_dir}: the destination must differ from the source")
-    quantization = quantization_config_dict(scheme, ignore)
+    quantization = quantization_config_dict(scheme, ignore, lm_head, embedding)
     with torch.device("meta"):
         model = BambaLM(config)
     rename = partial(to_checkpoint_name, model_type=config.model_type)
-    targets = targeted_linears(model, parse_quantization_config(quantization), rename)
+    targets = targeted_modules(model, parse_quantization_config(quantization), rename)
     files, plan = checked_tensors(directory, model)
-    quantized = {rename(f"{name}.weight") for name in targets}
-    tensors = _convert(files, quantized, scheme, progress)
-    log.info("quantized %d linear layers to %s", len(quantized), scheme.name)
+    quantized = {rename(f"{name}.weight"): group.scheme for name, group in targets.items()}
+    tensors = _convert(files, quantized, progress)
+    log.info("quantized %d layers (%s)", len(quantized),
+             ", ".join(sorted({s.name for s in quantized.values()})))
 
     def copy_files(staging: Path) -> None:
         for name in COPIED_FILES:
@@ -81,8 +85,9 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
                             max_shard_size, copy_files)
 
 
-def _convert(files: dict[str, Path], quantized: set[str], scheme: QuantScheme,
+def _convert(files: dict[str, Path], quantized: dict[str, QuantScheme],
              progress: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of ``files``; the weights ``quantized`` names in their schemes."""
     from tqdm.auto import tqdm
 
     out: dict[str, torch.Tensor] = {}
@@ -92,7 +97,7 @@ def _convert(files: dict[str, Path], quantized: set[str], scheme: QuantScheme,
                 tensor = f.get_tensor(name)
             if name in quantized:
                 prefix = name.removesuffix("weight")
-                out.update({prefix + k: v for k, v in quantize(tensor, scheme).items()})
+                out.update({prefix + k: v for k, v in quantize(tensor, quantized[name]).items()})
             else:
                 out[name] = tensor
     return out

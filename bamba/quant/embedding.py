@@ -1,0 +1,54 @@
+"""``QuantizedEmbedding``: token embeddings whose table stays quantized in memory (a scale per
+row, or per group of a row), as llama.cpp keeps ``token_embd`` in its Q8_0 / Q4_0 files. A
+lookup dequantizes only the rows it reads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bamba.quant.formats import QuantScheme, dequantize, quantize
+from bamba.quant.weights import QuantizedWeights
+
+
+class QuantizedEmbedding(QuantizedWeights):
+    """``embedding(ids)`` -> [..., embedding_dim] in ``output_dtype`` (the model's activations
+    dtype; it follows module casts as a floating-point parameter would)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme,
+                 scale_dtype: torch.dtype = torch.bfloat16, per_tensor: bool = False,
+                 output_dtype: torch.dtype | None = None) -> None:
+        super().__init__(num_embeddings, embedding_dim, scheme, scale_dtype, per_tensor)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.output_dtype = output_dtype or scale_dtype
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, scheme: QuantScheme) -> QuantizedEmbedding:
+        """``embedding``'s table quantized row by row (ValueError when the scheme's group size
+        does not divide embedding_dim)."""
+        tensors = quantize(embedding.weight, scheme)
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, scheme,
+                    tensors["weight_scale"].dtype, output_dtype=embedding.weight.dtype)
+        layer.load_tensors(tensors)
+        return layer
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.reshape(-1)
+        rows = {name: tensor if name == "weight_scale" and tensor.dim() < 2 else tensor[ids]
+                for name, tensor in self.quantized_tensors().items() if name != "weight_shape"}
+        if self.scheme.packed:
+            rows["weight_shape"] = torch.tensor([ids.numel(), self.embedding_dim])
+        values = dequantize(rows, self.scheme, self.output_dtype)
+        return values.view(*input_ids.shape, self.embedding_dim)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        super()._apply(fn, recurse)
+        self.output_dtype = fn(torch.empty(0, dtype=self.output_dtype)).dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, {self._scheme_repr()}, "
+                f"output_dtype={self.output_dtype}")

@@ -1,0 +1,71 @@
+"""``QuantizedWeights``: a module whose 2-D weight stays quantized in memory, its buffers named
+as compressed-tensors names them on disk; the base of ``QuantizedLinear`` and
+``QuantizedEmbedding``. Dequantizing is the torch reference (per call, never a cached dense
+copy)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bamba.quant.formats import FP8, QuantScheme, dequantize, packed_width, scale_shape
+
+
+class QuantizedWeights(nn.Module):
+    """A weight [rows, cols] held in ``scheme``'s tensors (``weight`` + ``weight_scale`` for
+    fp8, ``weight_packed`` + ``weight_shape`` + ``weight_scale`` for ints); zeros until loaded,
+    one scale [1] when ``per_tensor``."""
+
+    def __init__(self, rows: int, cols: int, scheme: QuantScheme,
+                 scale_dtype: torch.dtype = torch.bfloat16, per_tensor: bool = False) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.dense_shape = (rows, cols)
+        if scheme.packed:
+            self.register_buffer("weight_packed",
+                                 torch.zeros(rows, packed_width(cols, scheme.bits),
+                                             dtype=torch.int32))
+            self.register_buffer("weight_shape", torch.tensor([rows, cols], dtype=torch.int64))
+        else:
+            self.register_buffer("weight", torch.zeros(rows, cols, dtype=FP8))
+        self.register_buffer("weight_scale",
+                             torch.ones((1,) if per_tensor else scale_shape(scheme, rows, cols),
+                                        dtype=scale_dtype))
+
+    @staticmethod
+    def stored_shape(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> tuple[int, int]:
+        """(rows, cols) of the dense weight the scheme's ``tensors`` hold."""
+        if scheme.packed:
+            rows, cols = (int(v) for v in tensors["weight_shape"])
+            return rows, cols
+        rows, cols = tensors["weight"].shape
+        return rows, cols
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Hold ``tensors`` as they are (checked by the caller)."""
+        for name in self.scheme.tensor_names():
+            setattr(self, name, tensors[name])
+
+    def quantized_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.scheme.tensor_names()}
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """A fresh dense [rows, cols] weight in ``dtype`` (the reference path and tests)."""
+        return dequantize(self.quantized_tensors(), self.scheme, dtype)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """Module casts (``.to(dtype)``, ``.half()``) move the fp8 weight between devices but
+        leave its dtype: it goes through ``fn`` as bytes."""
+        fp8 = self._buffers.pop("weight", None)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if fp8 is not None:
+                self._buffers["weight"] = fn(fp8.view(torch.uint8)).view(FP8)
+        return self
+
+    def _scheme_repr(self) -> str:
+        group = "channel" if self.scheme.group_size is None else f"group {self.scheme.group_size}"
+        return f"scheme={self.scheme.name} ({group})"
