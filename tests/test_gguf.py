@@ -102,8 +102,10 @@ def test_quantized_export_keeps_greedy_tokens(memorised, tmp_path, file_type):
 def test_quantized_linears_load_exactly_as_our_int_formats(memorised, tmp_path, file_type,
                                                            scheme):
     """Every Q8_0 / Q4_0 linear becomes a group-32 QuantizedLinear whose weight is exactly what
-    gguf.quants dequantizes; save_pretrained writes it as compressed-tensors."""
+    gguf.quants dequantizes, and so does the token table a QuantizedEmbedding; save_pretrained
+    writes them as compressed-tensors."""
     from bamba.gguf.layout import from_gguf, gguf_name
+    from bamba.quant.embedding import QuantizedEmbedding
     from bamba.quant.linear import QuantizedLinear
 
     source, model, _ = memorised
@@ -119,10 +121,60 @@ def test_quantized_linears_load_exactly_as_our_int_formats(memorised, tmp_path, 
         expected = from_gguf(f"{name}.weight", torch.from_numpy(values.copy()), back.config,
                              back.config.rotary_dim)
         assert torch.equal(layer.dequantized_weight(torch.float32), expected), name
+    table = back.model.embed_tokens
+    stored = tensors["token_embd.weight"]
+    assert stored.tensor_type.name == file_type.upper() and isinstance(table, QuantizedEmbedding)
+    assert table.scheme.name == scheme and table.output_dtype == torch.float32
+    values = gguf.quants.dequantize(stored.data, stored.tensor_type)
+    assert torch.equal(table.dequantized_weight(torch.float32), torch.from_numpy(values.copy()))
     back.save_pretrained(tmp_path / "ct")
     ids = random_ids(1, 16)
     with torch.no_grad():
         assert torch.equal(from_pretrained(tmp_path / "ct")(ids), back(ids))
+
+
+def _assert_dequantized_as_gguf_does(model: torch.nn.Module, path: Path,
+                                     names: list[str]) -> None:
+    """Each GGUF tensor ``names`` holds is the model's parameter, as gguf-py dequantizes it."""
+    from bamba.gguf.layout import from_gguf
+    from bamba.gguf.reader import TENSOR_TYPES, read_model_file, tensor_plan
+
+    from bamba.model import BambaLM
+
+    file = read_model_file(path)
+    with torch.device("meta"):
+        plan = tensor_plan(file, BambaLM(model.config))  # GGUF name -> our dense name
+    for tensor in file.reader.tensors:
+        if tensor.name not in names:
+            continue
+        assert tensor.tensor_type.name in TENSOR_TYPES
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        expected = from_gguf(plan[tensor.name], torch.from_numpy(values.copy()), model.config,
+                             file.interleaved)
+        assert torch.equal(model.get_parameter(plan[tensor.name]), expected), tensor.name
+
+
+def test_legacy_block_types_beside_q8_0_are_dequantized(memorised, tmp_path, monkeypatch):
+    """A file mixing Q8_0 with other llama.cpp block types (here Q5_0 for the output tensor and
+    Q4_1 for a Mamba in_proj) loads: the Q8_0 linears stay quantized, the others dense."""
+    from gguf import GGMLQuantizationType as Q
+
+    from bamba.gguf import export as gguf_export
+    from bamba.quant.linear import QuantizedLinear
+
+    other = {"output.weight": Q.Q5_0, "blk.0.ssm_in.weight": Q.Q4_1}
+    real = gguf_export._tensor_type
+    monkeypatch.setattr(gguf_export, "_tensor_type",
+                        lambda name, shape, file_type: other.get(name) or
+                        real(name, shape, file_type))
+    source, model, _ = memorised
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "mixed.gguf", "q8_0")
+    assert {"Q5_0", "Q4_1", "Q8_0"} <= _types(out)
+    back = from_pretrained(out, dtype=torch.float32)
+    assert type(back.lm_head) is torch.nn.Linear
+    assert type(back.model.layers[0].mamba.in_proj) is torch.nn.Linear
+    assert isinstance(back.model.layers[2].mamba.in_proj, QuantizedLinear)  # layers 1, 3: attention
+    _assert_dequantized_as_gguf_does(back, out, list(other))
 
 
 def test_tokenizer_round_trips_through_gguf_metadata(make_hf_checkpoint, tmp_path):
@@ -256,3 +308,22 @@ def test_llama_cpp_decodes_our_export_as_bamba_does(make_hf_checkpoint, tmp_path
         server.kill()
         server.wait()
     assert reply["tokens"] == _greedy(model, PROMPT, 32)
+
+
+@pytest.mark.slow
+def test_llama_quantize_k_quant_files_load(tmp_path):
+    """llama.cpp's own Q4_K_M of our export (K-quants need rows of whole 256-weight blocks:
+    hidden 256) loads, each K-quant tensor as gguf-py dequantizes it."""
+    source = tmp_path / "source"
+    hf_model("hybrid", hidden_size=256, intermediate_size=512, mamba_d_head=128).save_pretrained(
+        source)
+    build_tokenizer().save_pretrained(source)
+    model = from_pretrained(source)
+    f32 = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", "f32")
+    out = tmp_path / "m-q4_k_m.gguf"
+    quantize = llama_cpp.find_or_build(tool="llama-quantize")
+    llama_cpp._run([str(quantize), str(f32), str(out), "Q4_K_M"], tmp_path / "q.log", 600)
+    k_quants = [t.name for t in gguf.GGUFReader(out).tensors if t.tensor_type.name.endswith("_K")]
+    assert k_quants, _types(out)
+    back = from_pretrained(out, dtype=torch.float32)
+    _assert_dequantized_as_gguf_does(back, out, k_quants)

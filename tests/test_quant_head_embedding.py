@@ -167,3 +167,24 @@ def test_tied_embeddings_cannot_be_quantized_apart_from_the_head():
     model = BambaLM(preset("tiny", tie_word_embeddings=True))
     with pytest.raises(ValueError, match="model.embed_tokens is tied to the lm_head"):
         quantize_model(model, QuantScheme("int8"), ["lm_head"], embedding=QuantScheme("int8"))
+
+
+def test_export_gguf_of_a_quantized_checkpoint_writes_its_dequantized_weights(checkpoints,
+                                                                              tmp_path):
+    pytest.importorskip("gguf")
+    from bamba.gguf.export import export_gguf
+    from bamba.quant.apply import dequantize_model
+
+    directory = checkpoints["int8-head-int4-embeddings"]
+    quantized = from_pretrained(directory)
+    with pytest.raises(ValueError, match="export_gguf takes a dense model"):
+        export_gguf(quantized, None, tmp_path / "x.gguf", "f32")
+    assert main(["export-gguf", str(directory), str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
+    back = from_pretrained(tmp_path / "m.gguf")
+    dense = dequantize_model(from_pretrained(directory), torch.float32)
+    assert not [m for m in dense.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want = quantized(ids)
+        assert torch.equal(dense(ids), want)
+        torch.testing.assert_close(back(ids), want, atol=1e-4, rtol=0)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from bamba.gguf.export import FILE_TYPES
 
+log = logging.getLogger(__name__)
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or hub id (with its tokenizer)")
+    parser.add_argument("checkpoint", help="checkpoint directory or hub id (with its "
+                                           "tokenizer); a quantized one is dequantized first")
     parser.add_argument("out", help="GGUF file to write (replaced atomically)")
     parser.add_argument("--dtype", choices=FILE_TYPES, default="bf16",
                         help="tensor type of the weight matrices; norms, the conv and the SSM "
@@ -26,6 +30,12 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = from_pretrained(args.checkpoint, dtype=dtype)
+    if getattr(model, "quantization_config", None) is not None:  # GGUF types of its own
+        from bamba.quant.apply import dequantize_model
+
+        log.info("%s is quantized: its weights are dequantized, then written as %s",
+                 args.checkpoint, args.dtype)
+        dequantize_model(model, dtype)
     path = export_gguf(model, tokenizer, args.out, args.dtype)
     print(f"wrote {path} ({args.dtype})")
     return 0

@@ -111,6 +111,9 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
     if file_type not in FILE_TYPES:
         raise ValueError(f"GGUF file type {file_type!r} is not one of {', '.join(FILE_TYPES)}")
     config: BambaConfig = model.config
+    if getattr(model, "quantization_config", None) is not None:
+        raise ValueError("export_gguf takes a dense model; this one is quantized "
+                         "(bamba.quant.apply.dequantize_model turns it dense)")
     check_exportable(config)
     vocab = vocab_of(tokenizer, config.vocab_size)
     if len(vocab.tokens) != config.vocab_size:

@@ -35,24 +35,30 @@ def block_values(raw: np.ndarray, type_name: str, rows: int, cols: int
 
 
 def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str) -> dict[str, torch.Tensor]:
-    """A ``QuantizedLinear``'s buffers (names as compressed-tensors has them) for q and scale."""
+    """A ``QuantizedLinear``'s or ``QuantizedEmbedding``'s buffers (names as compressed-tensors
+    has them) for q and scale."""
     bits = make_scheme(SCHEMES[type_name], GROUP).bits
     return {"weight_packed": pack_ints(q, bits),
             "weight_shape": torch.tensor(q.shape, dtype=torch.int64), "weight_scale": scale}
 
 
-def place_quantized(model: nn.Module, quantized: dict[str, str]) -> None:
+def place_quantized(model: nn.Module, quantized: dict[str, str], embedding: str | None = None,
+                    dtype: torch.dtype = torch.float32) -> None:
     """Put empty ``QuantizedLinear`` modules (group 32, float16 scales), on the current default
     device, in place of the linears whose weight ``quantized`` (our weight name -> GGUF type,
-    one type) holds; records the ``quantization_config`` ``save_pretrained`` writes."""
+    one type) holds, and a ``QuantizedEmbedding`` for the token embeddings stored as GGUF type
+    ``embedding`` (looking up rows in ``dtype``); records the ``quantization_config``
+    ``save_pretrained`` writes."""
     (type_name,) = set(quantized.values())
     model_type = model.config.model_type
     modules = {name.removesuffix(".weight") for name in quantized}
     dense = [to_checkpoint_name(n, model_type) for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n not in modules]
-    raw = quantization_config_dict(make_scheme(SCHEMES[type_name], GROUP), dense)
+    raw = quantization_config_dict(
+        make_scheme(SCHEMES[type_name], GROUP), dense,
+        embedding=None if embedding is None else make_scheme(SCHEMES[embedding], GROUP))
     place_empty(model, parse_quantization_config(raw),
-                lambda n: to_checkpoint_name(n, model_type), lambda n: torch.float16)
+                lambda n: to_checkpoint_name(n, model_type), lambda n: torch.float16, dtype)
     model.quantization_config = raw
 
 

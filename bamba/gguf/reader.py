@@ -1,8 +1,10 @@
 """GGUF files in: a ``granitehybrid`` (Bamba) or ``llama`` model from its metadata and tensors,
 and its tokenizer from the ``tokenizer.ggml.*`` keys.
 
-Tensors stored as F32, F16, BF16, Q8_0 or Q4_0 are dequantized (``gguf.quants``) into the dtype
-asked for. Every key and tensor header is checked against the configuration the metadata
+Tensors stored as F32, F16, BF16, llama.cpp's legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or
+its K-quants (Q2_K to Q6_K: a Q4_0 file's output tensor is Q6_K, a Q4_K_M file's are Q4_K and
+Q6_K) are dequantized (``gguf.quants``) into the dtype asked for (Q8_0 / Q4_0 linears and
+token tables stay quantized, ``load_gguf_model``). Every key and tensor header is checked against the configuration the metadata
 describes before any weight loads, so a file of another architecture, a truncated file, or a
 tensor set or shape the metadata does not predict fails with one line naming it.
 """
@@ -27,7 +29,8 @@ from bamba.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
-TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+                "Q4_K", "Q5_K", "Q6_K")
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -302,7 +305,8 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
 def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> torch.nn.Module:
     """A ``BambaLM`` from a GGUF file, in eval mode. Linear weights stored as Q8_0 / Q4_0 load
-    exactly as our int8 / int4 group-32 ``QuantizedLinear`` (when the file uses one of the two);
+    exactly as our int8 / int4 group-32 ``QuantizedLinear`` (when the file uses one of the two),
+    and then a Q8_0 / Q4_0 token table as a ``QuantizedEmbedding``;
     every other tensor is dequantized into ``dtype`` (A_log, D and dt_bias stay float32, as
     ``from_pretrained`` keeps them)."""
     from bamba.arena import WeightArena
@@ -323,10 +327,17 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if len(set(quantized.values())) > 1:
         log.info("%s mixes Q8_0 and Q4_0 linears: all are dequantized", model_file.path)
         quantized = {}
+    # The token table stays in its blocks too, beside quantized linears (llama.cpp's Q8_0 and
+    # Q4_0 files store it so), unless the lm_head shares it.
+    table = next(name for name, ours in plan.items() if ours == EMBEDDINGS)
+    embedding = types[table] if quantized and types[table] in SCHEMES and \
+        not config.tie_word_embeddings else None
     check_model_fits(config, dtype.itemsize, quantized_bits=8 if quantized else None)
     if quantized:
         with torch.device("meta"):
-            place_quantized(model, quantized)
+            place_quantized(model, quantized, embedding, dtype)
+        if embedding is not None:
+            quantized[EMBEDDINGS] = embedding
 
     def target(name: str, tensor: torch.Tensor) -> torch.dtype:
         if is_quantized_buffer(name):
@@ -354,8 +365,12 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         model.lm_head.weight = model.model.embed_tokens.weight
     log.info("loaded %s (%s, %d tensors, dtype %s%s)", model_file.path,
              model_file.value("general.architecture"), len(plan), dtype,
-             f", {len(quantized)} linears {next(iter(quantized.values()))}" if quantized else "")
+             f", {len(quantized)} matrices {'/'.join(sorted(set(quantized.values())))}"
+             if quantized else "")
     return model.eval()
+
+
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
 def _is_linear_weight(model: torch.nn.Module, name: str) -> bool:

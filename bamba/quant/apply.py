@@ -97,3 +97,24 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, ignore: Iterable[str] 
         _replace(model, name, quantized)
     model.quantization_config = raw
     return model
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every quantized module back to a dense ``nn.Linear`` / ``nn.Embedding`` holding its
+    dequantized weight in ``dtype``, in place (for tools that take dense weights, such as the
+    GGUF export); the recorded ``quantization_config`` goes with them."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            dense = nn.Linear(module.in_features, module.out_features,
+                              bias=module.bias is not None, device="meta")
+            if module.bias is not None:
+                dense.bias = nn.Parameter(module.bias.to(dtype), requires_grad=False)
+        elif isinstance(module, QuantizedEmbedding):
+            dense = nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
+        else:
+            continue
+        dense.weight = nn.Parameter(module.dequantized_weight(dtype), requires_grad=False)
+        _replace(model, name, dense)
+    model.__dict__.pop("quantization_config", None)
+    return model

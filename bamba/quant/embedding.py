@@ -37,10 +37,10 @@ class QuantizedEmbedding(QuantizedWeights):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.reshape(-1)
-        rows = {name: tensor if name == "weight_scale" and tensor.dim() < 2 else tensor[ids]
-                for name, tensor in self.quantized_tensors().items() if name != "weight_shape"}
-        if self.scheme.packed:
-            rows["weight_shape"] = torch.tensor([ids.numel(), self.embedding_dim])
+        # The rows' codes and scales (a per-tensor scale, and weight_shape, whose width is all
+        # unpacking reads, as they are).
+        rows = {name: tensor[ids] if tensor.dim() == 2 else tensor
+                for name, tensor in self.quantized_tensors().items()}
         values = dequantize(rows, self.scheme, self.output_dtype)
         return values.view(*input_ids.shape, self.embedding_dim)
 
