@@ -97,12 +97,13 @@ def linear_weight_count(config: BambaConfig) -> int:
 def weight_bytes(config: BambaConfig, bytes_per_parameter: int,
                  quantized_bits: int | None = None) -> int:
     """Bytes of ``BambaLM(config)``'s weights; with ``quantized_bits``, a lower bound for a
-    quantized checkpoint: every linear weight at that width, scales not counted."""
+    quantized checkpoint: every linear weight and the token table (which ``--embedding`` may
+    quantize too) at that width, scales not counted."""
     params = parameter_count(config)
     if quantized_bits is None:
         return params * bytes_per_parameter
-    linear = linear_weight_count(config)
-    return (params - linear) * bytes_per_parameter + linear * quantized_bits // 8
+    narrow = linear_weight_count(config) + config.vocab_size * config.hidden_size
+    return (params - narrow) * bytes_per_parameter + narrow * quantized_bits // 8
 
 
 def check_model_fits(config: BambaConfig, bytes_per_parameter: int,
