@@ -376,3 +376,18 @@ def test_a_quantized_bias_of_another_dtype_keeps_its_layer_off_the_steps() -> No
     assert plan.layer_tensors(model.model.layers[0]).whole() is not None
     fused, ref = _decode(model, steps=2), _decode(reference, steps=2)
     assert (fused - ref).abs().max().item() <= 3e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("fmt, group", [("int4", 128), ("int8", None), ("fp8", None)])
+def test_a_tile_past_the_caches_is_the_reference_weights_exactly(fmt, group) -> None:
+    """A bf16 tile of 4 MiB or more goes out in streaming stores: still the reference's
+    weights bit for bit, from an aligned first row or not."""
+    layer = _layer(fmt, group, False, torch.bfloat16, k=1024, n=2100)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), 1024)
+    want = layer.dequantized_weight(torch.bfloat16)
+    assert 2100 * 1024 * 2 >= 4 << 20
+    torch.testing.assert_close(quant_ops.dequantize_tile(layout, 0, 2100, torch.bfloat16),
+                               want, rtol=0, atol=0)
+    out = torch.empty(2051 * 1024 + 8, dtype=torch.bfloat16)[8:].view(2051, 1024)  # misaligned
+    torch.testing.assert_close(quant_ops.dequantize_tile(layout, 49, 2100, torch.bfloat16, out),
+                               want[49:], rtol=0, atol=0)
