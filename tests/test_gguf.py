@@ -177,6 +177,25 @@ def test_legacy_block_types_beside_q8_0_are_dequantized(memorised, tmp_path, mon
     _assert_dequantized_as_gguf_does(back, out, list(other))
 
 
+def test_a_one_group_mamba_norm_written_flat_loads(make_hf_checkpoint, tmp_path, monkeypatch):
+    """llama-quantize writes a one-group Mamba norm as [D] where the converter wrote [1, D]
+    (it drops trailing dimensions of size 1): the same elements, read alike."""
+    from bamba.gguf import export as gguf_export
+
+    source = make_hf_checkpoint("hybrid", mamba_n_groups=1)
+    real = gguf_export.gguf_shape
+    monkeypatch.setattr(gguf_export, "gguf_shape", lambda ours, shape, config: tuple(
+        n for n in real(ours, shape, config) if n != 1) if ours.endswith("mamba.norm.weight")
+        else real(ours, shape, config))
+    model = from_pretrained(source)
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "flat.gguf", "f32")
+    norm = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ssm_norm.weight")
+    assert len(norm.shape) == 1
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(out)(ids), model(ids))
+
+
 def test_tokenizer_round_trips_through_gguf_metadata(make_hf_checkpoint, tmp_path):
     source = make_hf_checkpoint("hybrid")
     tokenizer = load_tokenizer(source)
@@ -313,10 +332,11 @@ def test_llama_cpp_decodes_our_export_as_bamba_does(make_hf_checkpoint, tmp_path
 @pytest.mark.slow
 def test_llama_quantize_k_quant_files_load(tmp_path):
     """llama.cpp's own Q4_K_M of our export (K-quants need rows of whole 256-weight blocks:
-    hidden 256) loads, each K-quant tensor as gguf-py dequantizes it."""
+    hidden 256) loads, each K-quant tensor as gguf-py dequantizes it. With one Mamba group
+    (Bamba-9B's), llama-quantize writes the Mamba norm as [D], not [1, D]."""
     source = tmp_path / "source"
-    hf_model("hybrid", hidden_size=256, intermediate_size=512, mamba_d_head=128).save_pretrained(
-        source)
+    hf_model("hybrid", hidden_size=256, intermediate_size=512, mamba_d_head=128,
+             mamba_n_groups=1).save_pretrained(source)
     build_tokenizer().save_pretrained(source)
     model = from_pretrained(source)
     f32 = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", "f32")
@@ -325,5 +345,7 @@ def test_llama_quantize_k_quant_files_load(tmp_path):
     llama_cpp._run([str(quantize), str(f32), str(out), "Q4_K_M"], tmp_path / "q.log", 600)
     k_quants = [t.name for t in gguf.GGUFReader(out).tensors if t.tensor_type.name.endswith("_K")]
     assert k_quants, _types(out)
+    norm = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ssm_norm.weight")
+    assert len(norm.shape) == 1
     back = from_pretrained(out, dtype=torch.float32)
     _assert_dequantized_as_gguf_does(back, out, k_quants)

@@ -228,6 +228,12 @@ def _rows(reader: Any, name: str, path: Path) -> int:
     raise ValueError(f"{path}: no vocab_size key, tokens or {name} to size the vocabulary")
 
 
+def _same_layout(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Equal shapes, or equal but for dimensions of size 1, which leave the elements' order
+    alone (llama.cpp's converter writes a one-group Mamba norm as [D], not [1, D])."""
+    return shape == expected or [n for n in shape if n != 1] == [n for n in expected if n != 1]
+
+
 def tensor_plan(model_file: GGUFModel, model: torch.nn.Module) -> dict[str, str]:
     """GGUF tensor name -> our name; ValueError on a missing, unexpected or misshapen tensor."""
     config, path = model_file.config, model_file.path
@@ -242,7 +248,7 @@ def tensor_plan(model_file: GGUFModel, model: torch.nn.Module) -> dict[str, str]
         if name not in expected:
             raise ValueError(f"{path}: unexpected tensor {name} {where}")
         shape = tuple(int(n) for n in reversed(tensor.shape))
-        if shape != expected[name][1]:  # named in GGUF's order (innermost first), as its tools do
+        if not _same_layout(shape, expected[name][1]):  # named innermost first, as GGUF's tools do
             raise ValueError(f"{path}: tensor {name} has shape {shape[::-1]}, the metadata "
                              f"gives {expected[name][1][::-1]}")
         if tensor.tensor_type.name not in TENSOR_TYPES:
@@ -345,6 +351,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
 
     arena = WeightArena.for_model(model, target) if torch.device(device).type == "cpu" else None
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
 
     def load(name: str, value: torch.Tensor) -> None:
         _assign(model, name, arena.place(name, value) if arena is not None else
@@ -353,7 +360,8 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     for tensor in model_file.reader.tensors:
         ours = plan[tensor.name]
         if ours not in quantized:
-            load(ours, from_gguf(ours, dequantized(tensor), config, model_file.interleaved))
+            load(ours, from_gguf(ours, dequantized(tensor), config,
+                                 model_file.interleaved).reshape(shapes[ours]))
             continue
         rows, cols = (int(n) for n in reversed(tensor.shape))
         q, scale = (from_gguf(ours, t, config, model_file.interleaved) for t in
