@@ -391,3 +391,35 @@ def test_a_tile_past_the_caches_is_the_reference_weights_exactly(fmt, group) -> 
     out = torch.empty(2051 * 1024 + 8, dtype=torch.bfloat16)[8:].view(2051, 1024)  # misaligned
     torch.testing.assert_close(quant_ops.dequantize_tile(layout, 49, 2100, torch.bfloat16, out),
                                want[49:], rtol=0, atol=0)
+
+
+def _half_scales(model: nn.Module) -> nn.Module:
+    """The same model with every quantized linear's scales in float16 (bf16 scales convert
+    exactly), as GGUF's Q8_0 / Q4_0 blocks and float16 checkpoints store them."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.weight_scale = module.weight_scale.half()
+    return model
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+def test_float16_scales_are_read_natively_as_their_values(fmt, group) -> None:
+    """Every native path (few rows, int8 activations or not; prefill tiles) reads float16 scales
+    as the same numbers as bf16 ones: outputs bit for bit the same."""
+    bf16 = accelerate(nn.Sequential(_layer(fmt, group, True, torch.bfloat16)))[0]
+    half = _half_scales(copy.deepcopy(bf16))
+    assert dispatch.quant_linear_fits(torch.zeros(1, 256, dtype=torch.bfloat16),
+                                      half.kernel_weights()) is not None
+    for rows in (1, 2, 3, 4, 8, 40):
+        x = torch.randn(rows, 256, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            assert torch.equal(half(x), bf16(x)), rows
+
+
+def test_a_model_with_float16_scales_takes_the_whole_model_step_alike(monkeypatch) -> None:
+    model = accelerate(_mixed(_model(torch.bfloat16)))
+    half = _half_scales(copy.deepcopy(model))
+    assert half.decode_plan().tensors is not None
+    calls = _fused_calls(monkeypatch)
+    assert torch.equal(_decode(half), _decode(model)) and len(calls) == 8

@@ -29,16 +29,18 @@ enum { ROW_GROUP = 8, PREFETCH_BYTES = 8192, TILE = 4, TILE_FROM_ROWS = 5, TILE_
 
 /* How a weight matrix is stored: dense in the activations' dtype, or quantized (quant_rows.h). */
 enum { FORMAT_DENSE, FORMAT_FP8, FORMAT_INT8, FORMAT_INT4 };
+enum { SCALE_F32, SCALE_BF16, SCALE_F16 }; /* a quantized format's scale dtype */
 
 /* A weight matrix [n, k] (row-major, contiguous) and its optional bias [n] in the activations'
- * dtype. Quantized formats add their scales [n, scale_stride] (float32, or bf16 when
- * scales_bf16), one per `group` inputs; {weight, bias, n, k} alone is a dense matrix. */
+ * dtype. Quantized formats add their scales [n, scale_stride] (SCALE_F32, SCALE_BF16 or
+ * SCALE_F16: `scale_kind`), one per `group` inputs; {weight, bias, n, k} alone is a dense
+ * matrix. */
 typedef struct {
     const void *weight, *bias;
     int64_t n, k;
     int format;
     const void *scales;
-    int scales_bf16;
+    int scale_kind;
     int64_t group, scale_stride;
 } LinearWeights;
 

@@ -43,7 +43,7 @@ ATTENTION_OUT_TENSORS = _linear("o") + FFN_TENSORS
 LINEARS = ("in_proj", "out_proj", "gate", "up", "down", "q", "k", "v", "o")
 _INPUT_WIDTH = {"in_proj": "hidden", "out_proj": "d_inner", "gate": "hidden", "up": "hidden",
                 "down": "ffn", "q": "hidden", "k": "hidden", "v": "hidden"}
-FORMAT_BITS = 6
+FORMAT_BITS = 7
 _QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int32: "int"}
 
 # Tensors that must be in the layer's dtype (dense linear weights and biases); the others (norm

@@ -49,7 +49,7 @@ enum {
 };
 /* The linear layers, in the order of their fields in a layer's `formats` word. */
 static const int LINEAR_SLOTS[] = {IN_PROJ, OUT_PROJ, GATE, UP, DOWN, Q, K_PROJ, V_PROJ, O_PROJ};
-enum { N_LINEARS = 9, FORMAT_BITS = 6 };
+enum { N_LINEARS = 9, FORMAT_BITS = 7 };
 /* Its sizes (an attention layer: HEADS query heads, GROUPS KV heads of HEAD_DIM, mixer 0s). */
 enum { HIDDEN, D_INNER, CONV_DIM, CONV_K, HEADS, HEAD_DIM, GROUPS, D_STATE, FFN, N_DIMS };
 
@@ -58,9 +58,9 @@ typedef struct {
     const int64_t *d;     /* N_DIMS sizes */
     int bf16;             /* weights and activations (x) in bf16, else float32 */
     int64_t f32_mask;     /* bit i: tensor i is float32 in a bf16 layer (norms, conv, A_log...) */
-    int64_t formats;      /* FORMAT_BITS per linear (LINEAR_SLOTS order): format | scales bf16
-                             << 2 | scale kind << 3 (0: one scale, 1: per row, g > 1: groups of
-                             16 << (g - 1) inputs) */
+    int64_t formats;      /* FORMAT_BITS per linear (LINEAR_SLOTS order): format | scale dtype
+                             (SCALE_*) << 2 | scale kind << 4 (0: one scale, 1: per row, g > 1:
+                             groups of 16 << (g - 1) inputs) */
     float eps, dt_min, dt_max;
 } Layer;
 
@@ -69,9 +69,9 @@ static LinearWeights linear_of(const Layer *L, int which, int64_t n, int64_t k) 
     int index = 0;
     while (LINEAR_SLOTS[index] != which) index++;
     const int64_t code = (L->formats >> (FORMAT_BITS * index)) & ((1 << FORMAT_BITS) - 1);
-    const int64_t kind = code >> 3, group = kind < 2 ? k : (int64_t)16 << (kind - 1);
+    const int64_t kind = code >> 4, group = kind < 2 ? k : (int64_t)16 << (kind - 1);
     const LinearWeights w = {L->t[which], L->t[which + 1], n, k, (int)(code & 3),
-                             L->t[which + 2], (int)((code >> 2) & 1), group,
+                             L->t[which + 2], (int)((code >> 2) & 3), group,
                              kind == 0 ? 0 : kind == 1 ? 1 : k / group};
     return w;
 }

@@ -40,10 +40,10 @@ int bamba_linear_supported(void) {
  * y bf16 when x_bf16, else float32. Returns 0, or -1 when this build or shape is not
  * supported. */
 int bamba_quant_linear(const void *x, int x_bf16, const void *W, int format, const void *scales,
-                       int scales_bf16, int64_t group, int64_t scale_stride, const void *bias,
+                       int scale_kind, int64_t group, int64_t scale_stride, const void *bias,
                        void *y, int64_t M, int64_t N, int64_t K, int threads) {
     if (M < 1 || !quant_supported(format, K, group)) return -1;
-    const LinearWeights L = {W, bias, N, K, format, scales, scales_bf16, group, scale_stride};
+    const LinearWeights L = {W, bias, N, K, format, scales, scale_kind, group, scale_stride};
 #pragma omp parallel num_threads(threads)
     {
         int64_t begin, end;
@@ -75,10 +75,10 @@ int bamba_quant_supported(int format, int64_t K, int64_t group) {
  * out [n_end - n_begin, K], bf16 when out_bf16, else float32 (a prefill's weight tile). */
 enum { STREAM_TILE_BYTES = 4 << 20 };
 
-void bamba_quant_dequantize(const void *W, int format, const void *scales, int scales_bf16,
+void bamba_quant_dequantize(const void *W, int format, const void *scales, int scale_kind,
                             int64_t group, int64_t scale_stride, int64_t n_begin, int64_t n_end,
                             int64_t K, void *out, int out_bf16, int threads) {
-    const LinearWeights L = {W, NULL, n_end - n_begin, K, format, scales, scales_bf16, group,
+    const LinearWeights L = {W, NULL, n_end - n_begin, K, format, scales, scale_kind, group,
                              scale_stride};
     /* A tile of STREAM_TILE_BYTES or more is written past the caches (the ~1.1B shape's
      * 12.6 MB MLP and in_proj tiles: its prefill 0.97x bf16 against 0.92x with cached

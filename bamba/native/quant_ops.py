@@ -24,7 +24,7 @@ from bamba.native import library
 
 FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3}  # dot_rows.h's FORMAT_* enum
 _BITS = {"fp8": 8, "int8": 8, "int4": 4}
-SCALE_DTYPES = (torch.bfloat16, torch.float32)
+SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dot_rows.h's SCALE_*
 # weights dequantized at a time for a prefill matmul (32 MB in bf16): every linear of the ~1.1B
 # shape fits whole, one matmul each; tiles of 2M weights measured ~3% slower on its prefill
 # (benchmarks/README.md#quantization)
@@ -48,8 +48,8 @@ class QuantLayout(NamedTuple):
         return FORMAT_CODES[self.format]
 
     @property
-    def scales_bf16(self) -> int:
-        return int(self.scales.dtype == torch.bfloat16)
+    def scale_kind(self) -> int:
+        return SCALE_KINDS[self.scales.dtype]
 
 
 def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
@@ -63,7 +63,7 @@ def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
     n = weight.shape[0] if weight.dim() == 2 else -1
     width = k if w.format == "fp8" else k * _BITS[w.format] // 32
     if weight.dtype != stored or weight.shape != (n, width) or not weight.is_contiguous() or \
-            scales.dtype not in SCALE_DTYPES or not scales.is_contiguous() or \
+            scales.dtype not in SCALE_KINDS or not scales.is_contiguous() or \
             weight.device.type != "cpu" or k <= 0:
         return None
     if scales.numel() == 1:  # one scale for the whole matrix
@@ -106,7 +106,7 @@ def step_code(layout: QuantLayout) -> int | None:
         else _GROUP_KINDS.get(layout.group)
     if kind is None or not supported(layout):
         return None
-    return layout.code | layout.scales_bf16 << 2 | kind << 3
+    return layout.code | layout.scale_kind << 2 | kind << 4
 
 
 def _call_rows(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None) -> torch.Tensor:
@@ -115,7 +115,7 @@ def _call_rows(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None) 
     bias = None if bias is None else bias.to(x.dtype).contiguous()
     status = library.load().bamba_quant_linear(
         rows.data_ptr(), int(x.dtype == torch.bfloat16), layout.weight.data_ptr(), layout.code,
-        layout.scales.data_ptr(), layout.scales_bf16, layout.group, layout.scale_stride,
+        layout.scales.data_ptr(), layout.scale_kind, layout.group, layout.scale_stride,
         None if bias is None else bias.data_ptr(), y.data_ptr(), rows.shape[0], layout.n,
         layout.k, torch.get_num_threads())
     if status != 0:
@@ -179,7 +179,7 @@ def dequantize_tile(layout: QuantLayout, begin: int, end: int, dtype: torch.dtyp
         raise ValueError(f"dequantize_tile: out must be a contiguous {dtype} "
                          f"[{end - begin}, {layout.k}], not {out.dtype} {tuple(out.shape)}")
     library.load().bamba_quant_dequantize(
-        layout.weight.data_ptr(), layout.code, layout.scales.data_ptr(), layout.scales_bf16,
+        layout.weight.data_ptr(), layout.code, layout.scales.data_ptr(), layout.scale_kind,
         layout.group, layout.scale_stride, begin, end, layout.k, out.data_ptr(),
         int(dtype == torch.bfloat16), torch.get_num_threads())
     return out

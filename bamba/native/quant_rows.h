@@ -62,7 +62,9 @@ static inline int quant_supported(int format, int64_t k, int64_t group) {
 }
 
 static inline float quant_scale(const LinearWeights *L, int64_t n, int64_t group_index) {
-    return load_value(L->scales, n * L->scale_stride + group_index, L->scales_bf16);
+    const int64_t i = n * L->scale_stride + group_index;
+    if (L->scale_kind == SCALE_F16) return half_to_float(((const uint16_t *)L->scales)[i]);
+    return load_value(L->scales, i, L->scale_kind == SCALE_BF16);
 }
 
 /* Input position (within its chunk) of element e of a chunk's dequantized vectors. */
@@ -157,11 +159,12 @@ static inline __m512 chunk_scales(const LinearWeights *L, const QuantTables *t, 
     const int64_t first = c * t->groups_per_chunk;
     const __mmask16 mask = (__mmask16)((1u << t->groups_per_chunk) - 1);
     const char *at = (const char *)L->scales +
-                     (n * L->scale_stride + first) * (L->scales_bf16 ? 2 : 4);
-    const __m512 s = L->scales_bf16
+                     (n * L->scale_stride + first) * (L->scale_kind == SCALE_F32 ? 4 : 2);
+    const __m512 s = L->scale_kind == SCALE_BF16
         ? _mm512_castsi512_ps(_mm512_slli_epi32(
               _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, at)), 16))
-        : _mm512_maskz_loadu_ps(mask, at);
+        : L->scale_kind == SCALE_F16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, at))
+                                     : _mm512_maskz_loadu_ps(mask, at);
     return _mm512_permutexvar_ps(t->lanes, s);
 }
 
