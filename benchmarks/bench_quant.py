@@ -27,7 +27,9 @@ library's own tests (``Lib/test``, which training excludes).
 llama.cpp (--llama-cpp auto): the same bf16 checkpoint converted by llama.cpp's own converter,
 quantized by its ``llama-quantize`` to Q8_0 and Q4_0, measured by ``llama-bench`` (prefill
 --prompt-tokens, decode at batch 1) in the same rounds; benchmarks/llama_cpp.py finds or builds
-the binaries.
+the binaries. bamba also runs those Q8_0 / Q4_0 files themselves in the one-process turns
+(``bamba_on_llama_cpp_files``: the same bytes in two runtimes; their Q8_0 / Q4_0 blocks load as
+int8 / int4 group 32 with float16 scales, a Q4_0 file's Q6_K output matrix dequantized to bf16).
 
     python benchmarks/bench_quant.py                        # both shapes, llama.cpp, quality
     python benchmarks/bench_quant.py --shapes bench --llama-cpp off --quality off
@@ -237,17 +239,22 @@ def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict[str, Any
             runs[kind].append(llama_bench(gguf, args))
             print(json.dumps({"shape": shape, "round": round_, kind: runs[kind][-1]}), flush=True)
     bamba = {s: {"disk_mb": disk_mb(dirs[s]), **best(runs[s])} for s in args.schemes}
+    on_files: dict[str, dict[str, Any]] = {}  # bamba running llama.cpp's own GGUF files
     if "bf16" in dirs and len(dirs) > 1:  # bf16 first: the ratios' base
         order = ["bf16", *(s for s in args.schemes if s != "bf16")]
+        files = [k for k in ("Q8_0", "Q4_0") if k in ggufs]  # llama.cpp's files, read by bamba
         together = run_child([sys.executable, __file__, "--threads", str(args.threads),
                               "--cycles", str(args.cycles), "--prompt-tokens",
                               str(args.prompt_tokens), "--one-process",
-                              *(str(dirs[s]) for s in order)])
+                              *(str(dirs[s]) for s in order), *(str(ggufs[k]) for k in files)])
         print(json.dumps({"shape": shape, "one_process": together}), flush=True)
         for figure, values in together.items():
             for i, s in enumerate(order):
                 bamba[s][f"{figure}_one_process_tok_s"] = values["tok_s"][i]
                 bamba[s][f"{figure}_one_process_vs_bf16"] = values["vs_first"][i]
+            for i, k in enumerate(files, start=len(order)):
+                on_files.setdefault(k, {})[f"{figure}_one_process_tok_s"] = values["tok_s"][i]
+                on_files[k][f"{figure}_one_process_vs_bf16"] = values["vs_first"][i]
     base = bamba.get("bf16")
     for s, row in bamba.items():
         if base is not None:
@@ -258,7 +265,12 @@ def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict[str, Any
         if peer in ggufs:
             row[f"decode_b1_vs_llama_{peer}"] = round(
                 row["decode_b1_tok_s"] / best(runs[peer])["decode_b1_tok_s"], 2)
-    return {"model": info, "bamba": bamba,
+    for k, row in on_files.items():  # the same file, llama.cpp's llama-bench against bamba
+        theirs = best(runs[k])
+        for figure in ("decode_b1", "prefill"):
+            row[f"{figure}_vs_llama_cpp"] = round(
+                row[f"{figure}_one_process_tok_s"] / theirs[f"{figure}_tok_s"], 2)
+    return {"model": info, "bamba": bamba, "bamba_on_llama_cpp_files": on_files,
             "llama_cpp": {k: best(runs[k]) for k in ggufs} if ggufs else {"missing": missing}}
 
 
