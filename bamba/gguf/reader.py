@@ -4,9 +4,10 @@ and its tokenizer from the ``tokenizer.ggml.*`` keys.
 Tensors stored as F32, F16, BF16, llama.cpp's legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or
 its K-quants (Q2_K to Q6_K: a Q4_0 file's output tensor is Q6_K, a Q4_K_M file's are Q4_K and
 Q6_K) are dequantized (``gguf.quants``) into the dtype asked for (Q8_0 / Q4_0 linears and
-token tables stay quantized, ``load_gguf_model``). Every key and tensor header is checked against the configuration the metadata
-describes before any weight loads, so a file of another architecture, a truncated file, or a
-tensor set or shape the metadata does not predict fails with one line naming it.
+token tables stay quantized, ``load_gguf_model``). Every key and tensor header is checked
+against the configuration the metadata describes before any weight loads, so a file of another
+architecture, a truncated file, or a tensor set or shape the metadata does not predict fails
+with one line naming it.
 """
 
 from __future__ import annotations

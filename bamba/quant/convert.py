@@ -2,8 +2,9 @@
 
 The source's tensors are read one at a time from its memory-mapped safetensors files, in
 decoder-layer order; each targeted weight (linears, and the embeddings if asked) is quantized
-as it is read, everything else kept as stored. Only the output is held in memory (at most about the source's size), and the
-checkpoint is written into a temporary directory and moved into place.
+as it is read, everything else kept as stored. Only the output is held in memory (at most
+about the source's size), and the checkpoint is written into a temporary directory and moved
+into place.
 """
 
 from __future__ import annotations
