@@ -56,6 +56,7 @@ import httpx
 import torch
 
 from bamba.cores import in_passing_thread
+from bamba.serve.http import event_loop, http_protocol
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_cpp  # noqa: E402
@@ -87,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(1 -/+ spread), the same for every side (0: all alike, so requests "
                         "finish and arrive in waves)")
     p.add_argument("--memory-gb", type=float, default=1.0, help="bamba's KV blocks and slots")
+    p.add_argument("--http", choices=("auto", "httptools", "h11"), default="auto",
+                   help="bamba serve's HTTP implementation")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="bamba serve's event loop")
     p.add_argument("--rounds", type=int, default=None,
                    help="rotations over the sides, each level keeping its best round, the "
                         "ratios their median (default 3, --quick 1)")
@@ -150,7 +155,7 @@ def start_server(directory: Path, port: int, args: argparse.Namespace) -> subpro
     cmd = [sys.executable, "-m", "bamba.cli", "serve", str(directory), "--port", str(port),
            "--served-model-name", NAME, "--dtype", args.dtype, "--threads", str(args.threads),
            "--memory-gb", str(args.memory_gb), "--max-num-seqs", str(max(args.concurrency)),
-           "--log-level", "warning"]
+           "--http", args.http, "--loop", args.loop, "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if k != "BAMBA_API_KEY"}
     proc = subprocess.Popen(cmd, env=env)
     why = llama_cpp.wait_healthy(proc, port)
@@ -498,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                      "output_spread": args.output_spread,
                      "memory_gb": args.memory_gb, "sampling": "greedy, ignore_eos",
                      "client": "separate process, raw asyncio HTTP/1.1, SSE",
+                     "server_http": http_protocol(args.http), "server_loop": event_loop(args.loop),
                      "rounds": args.rounds, "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "ckpt"

@@ -63,6 +63,8 @@ def test_bamba_serve_subprocess_with_env_api_key(make_hf_checkpoint: Callable[..
         proc.terminate()
         _, stderr = proc.communicate(timeout=30)
     assert "http://127.0.0.1:" in stderr and "API key required" in stderr
+    # the C HTTP parser and event loop the serve extra installs are the ones running
+    assert "HTTP httptools, uvloop loop" in stderr
 
 
 def test_bamba_serve_bad_options_are_one_line_errors(make_hf_checkpoint: Callable[..., Path],
@@ -75,6 +77,25 @@ def test_bamba_serve_bad_options_are_one_line_errors(make_hf_checkpoint: Callabl
     assert "--port" in capsys.readouterr().err
     assert main(["serve", str(directory), "--dtype", "int3"]) == 2
     assert "dtype" in capsys.readouterr().err
+
+
+def test_missing_http_parser_or_loop_is_a_one_line_error(
+        make_hf_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    from bamba.serve import http
+
+    directory = str(make_hf_checkpoint("hybrid"))
+    monkeypatch.delitem(http.PROTOCOLS, "httptools", raising=False)
+    assert http.http_protocol("auto") == "h11"
+    assert main(["serve", directory, "--http", "httptools"]) == 2
+    assert "'httptools' is not available" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvloop" else real(name, *a))
+    assert main(["serve", directory, "--loop", "uvloop"]) == 2
+    assert "uvloop is not installed" in capsys.readouterr().err
 
 
 def test_busy_port_is_refused_before_the_model_loads(tmp_path: Path,

@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 from bamba.engine import LLM, SamplingParams  # noqa: E402
 from bamba.serve.app import build_app  # noqa: E402
 from bamba.serve.async_engine import AsyncEngine, FellBehind  # noqa: E402
-from bamba.serve.http import RateLimit  # noqa: E402
+from bamba.serve.http import PROTOCOLS, RateLimit  # noqa: E402
 from serve_helpers import running, save_tiny_checkpoint  # noqa: E402
 
 NAME = "tiny"
@@ -38,11 +38,12 @@ def make_llm(checkpoint: Path) -> LLM:
                max_num_batched_tokens=128, max_model_len=96)
 
 
-@pytest.fixture(scope="module")
-def served(checkpoint: Path) -> Iterator[tuple[str, AsyncEngine]]:
+@pytest.fixture(scope="module", params=sorted(PROTOCOLS))
+def served(checkpoint: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, AsyncEngine]]:
+    """The server over each HTTP implementation installed (httptools, h11)."""
     engine = AsyncEngine(make_llm(checkpoint)).start()
     app = build_app(engine, NAME, max_request_bytes=20_000)
-    with running(app, head_timeout=1.0) as base:
+    with running(app, head_timeout=1.0, http=request.param) as base:
         yield base, engine
     engine.shutdown()
 

@@ -63,7 +63,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def server(checkpoint: str) -> Iterator[tuple[str, AsyncEngine]]:
     engine = AsyncEngine(LLM(checkpoint, **LLM_OPTIONS)).start()
-    with running(build_app(engine, NAME)) as base:
+    # asyncio's loop, whose call_soon_threadsafe ``Counts`` can wrap (uvloop's is C); which
+    # loop runs does not change when the engine thread hands off
+    with running(build_app(engine, NAME), loop="asyncio") as base:
         yield base, engine
     engine.shutdown()
 

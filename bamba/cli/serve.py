@@ -76,6 +76,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seconds a connection has to send a request's headers")
     parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
                         help="seconds an idle keep-alive connection stays open")
+    parser.add_argument("--http", default="auto", choices=("auto", "httptools", "h11"),
+                        help="HTTP implementation (auto: httptools when installed, else h11)")
+    parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                        help="event loop (auto: uvloop when installed, else asyncio)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="log level of the server and its HTTP layer")
@@ -87,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
         from bamba.serve.app import build_app
         from bamba.serve.async_engine import AsyncEngine
-        from bamba.serve.http import bind, limit_log_rate, uvicorn_config
+        from bamba.serve.http import (bind, event_loop, http_protocol, limit_log_rate,
+                                       uvicorn_config)
     except ImportError as exc:
         raise ValueError(f"bamba serve needs the serve extra (pip install 'bamba[serve]'): "
                          f"{exc}") from None
@@ -106,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
                           ("--keep-alive-timeout", args.keep_alive_timeout)):
         if not value > 0:
             raise ValueError(f"{option} must be positive, got {value}")
+    http, loop = http_protocol(args.http), event_loop(args.loop)
     dtype = parse_dtype(args.dtype, "--dtype")
     rope_scaling = rope_scaling_option(args.rope_scaling)
     sock = bind(args.host, args.port)  # a busy port fails now, not after the model loads
@@ -130,11 +136,12 @@ def run(args: argparse.Namespace) -> int:
             app = build_app(engine, name, api_key, args.max_request_bytes)
             config = uvicorn_config(app, head_timeout=args.head_timeout,
                                     keep_alive_timeout=args.keep_alive_timeout,
-                                    max_connections=args.max_connections,
-                                    log_level=args.log_level, timeout_graceful_shutdown=5)
+                                    max_connections=args.max_connections, http=http,
+                                    loop=loop, log_level=args.log_level,
+                                    timeout_graceful_shutdown=5)
             limit_log_rate()
-            log.info("serving %r on http://%s:%d (API key %s)", name, args.host, args.port,
-                     "required" if api_key else "off")
+            log.info("serving %r on http://%s:%d (API key %s; HTTP %s, %s loop)", name,
+                     args.host, args.port, "required" if api_key else "off", http, loop)
             uvicorn.Server(config).run(sockets=[sock])
         finally:
             engine.shutdown()
