@@ -150,6 +150,26 @@ def test_bad_rows_and_storage_raise_one_line_errors() -> None:
             step([0, 1], [0, 5], [[0], [4]])
 
 
+def test_the_checked_plan_is_built_once_and_again_only_when_a_weight_moves(monkeypatch) -> None:
+    """The step's C structs are built on the first decode token and reused (the memo the
+    model's decode plan keeps) until a tensor lies elsewhere; then built once more."""
+    model = _model("tiny", torch.float32)
+    builds = []
+    real = decode_ops._build
+    monkeypatch.setattr(decode_ops, "_build", lambda *a: builds.append(1) or real(*a))
+    cache = ContiguousCache(model.config, 1, 24, model.dtype, torch.float32)
+    up = model.model.layers[2].feed_forward.up_proj
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]), cache=cache)
+        for position in range(3, 7):
+            model(torch.tensor([[9]]), positions=torch.tensor([[position]]), cache=cache)
+        assert len(builds) == 1
+        up.weight.data = up.weight.data.clone()  # the same Parameter, its tensor elsewhere
+        for position in range(7, 10):
+            model(torch.tensor([[9]]), positions=torch.tensor([[position]]), cache=cache)
+    assert len(builds) == 2
+
+
 @pytest.mark.parametrize("how", ["parameter", "data", "module"])
 def test_replaced_weights_are_seen(monkeypatch, how) -> None:
     """The step reads each weight where it lies now: a new Parameter, new .data or a new

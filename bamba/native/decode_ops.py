@@ -118,30 +118,68 @@ def _check_storage(kinds: list[bool], storage: list[LayerStorage], mamba: LayerD
     return _state_pool(conv[0].a, "conv"), _state_pool(conv[0].b, "SSM")
 
 
-_PLANS: dict[tuple, tuple] = {}  # (tensor and storage addresses, layouts, sizes) -> C structs
 _DTYPE = operator.attrgetter("dtype")
+
+
+class _Built(NamedTuple):
+    """A DecodeModel and what it was built from."""
+    layers: list  # the caller's list of layers' tensors (identity)
+    present: list[torch.Tensor]  # its tensors, None left out
+    layout: tuple[list, list, list]  # their addresses, dtypes and contiguity
+    storage: list[tuple]  # ``_storage_signature``
+    static: tuple  # layer kinds, sizes, eps, dtype
+    plan: tuple | None  # (DecodeModel, the arrays it points into), or None: not for the kernel
+
+
+class PlanMemo:
+    """Where a caller keeps the DecodeModel last built for its layers (the model's decode plan
+    holds one, so it goes with the model): the next call with the same list, its tensors where
+    they lay (address, dtype, contiguity) and the same storage reuses it, comparing lists
+    instead of building the model again. The list must not change in place while it is
+    remembered (pass a new one)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: _Built | None = None  # replaced whole, never changed: threads read it once
+
+
+def _layout(present: list[torch.Tensor]) -> tuple[list, list, list]:
+    # map: no Python loop per tensor (reading ~400 tensors' addresses after the weights'
+    # stream evicted them from the caches is most of a memo hit's cost)
+    return (list(map(torch.Tensor.data_ptr, present)), list(map(_DTYPE, present)),
+            list(map(torch.Tensor.is_contiguous, present)))
+
+
+def _storage_signature(storage: list[LayerStorage]) -> list[tuple]:
+    return [(a.data_ptr(), a.dtype, a.shape, b.data_ptr(), b.dtype, b.shape) for a, b in storage]
 
 
 def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
           storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
-          eps: float, time_step_limit: tuple[float, float]) -> tuple | None:
-    """The DecodeModel of these layers and their storage, checked and built the first time
-    these addresses, dtypes and sizes are seen (the per-token call only looks it up); None
-    when an input norm's dtype is not x's (the per-layer path then rounds as torch does)."""
-    present = [t for tensors in layers for t in tensors if t is not None]
-    key = (tuple(map(torch.Tensor.data_ptr, present)), tuple(map(_DTYPE, present)),
-           tuple(map(torch.Tensor.is_contiguous, present)),  # map: no Python loop per tensor
-           tuple(t is None for tensors in layers for t in tensors),
-           tuple((a.data_ptr(), a.dtype, a.shape, b.data_ptr(), b.dtype, b.shape)
-                 for a, b in storage), tuple(kinds), mamba, attention, kv, eps,
-           tuple(time_step_limit), x.dtype)
-    if key in _PLANS:
-        return _PLANS[key]
-    if len(_PLANS) > 64:  # weights or caches re-allocated many times over: start afresh
-        _PLANS.clear()
+          eps: float, time_step_limit: tuple[float, float], memo: PlanMemo | None) -> tuple | None:
+    """The DecodeModel of these layers and their storage, checked and built when ``memo``
+    does not hold one for them as they are now; None when an input norm's dtype is not x's
+    (the per-layer path then rounds as torch does)."""
+    static = (tuple(kinds), mamba, attention, kv, eps, tuple(time_step_limit), x.dtype)
+    last = None if memo is None else memo.last
+    if last is not None and last.layers is layers and last.static == static and \
+            _layout(last.present) == last.layout and _storage_signature(storage) == last.storage:
+        return last.plan
+    plan = _build(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit)
+    if memo is not None:
+        present = [t for tensors in layers for t in tensors if t is not None]
+        memo.last = _Built(layers, present, _layout(present), _storage_signature(storage),
+                           static, plan)
+    return plan
+
+
+def _build(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
+           storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
+           eps: float, time_step_limit: tuple[float, float]) -> tuple | None:
+    """``_plan`` without the memo: checks every tensor and storage, builds the C structs."""
     if any(tensors[0] is None or tensors[0].dtype != x.dtype for tensors in layers):
-        _PLANS[key] = None  # an input norm of another dtype: the torch path rounds otherwise
-        return None
+        return None  # an input norm of another dtype: the torch path rounds otherwise
     layers = [_in_slots(tensors, attention) for tensors, attention in zip(layers, kinds)]
     masks = [_float32_mask(x, tensors, _SLOTS) for tensors in layers]
     formats = [linear_formats(tensors, _SLOTS, attention if att else mamba)
@@ -156,23 +194,24 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
                         ssm_bf16, int(x.dtype == torch.bfloat16), kv.head_stride,
                         kv.token_stride, eps, *time_step_limit,
                         attention.head_dim ** -0.5 if attention.head_dim else 0.0)
-    plan = _PLANS[key] = (model, arrays)  # the arrays outlive the struct; addresses are the key's
-    return plan
+    return model, arrays  # the arrays outlive the struct
 
 
 def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
                   storage: list[LayerStorage], rows: StepRows, mamba: LayerDims,
                   attention: LayerDims, kv: KVLayout, eps: float,
-                  time_step_limit: tuple[float, float]) -> torch.Tensor | None:
+                  time_step_limit: tuple[float, float],
+                  memo: PlanMemo | None = None) -> torch.Tensor | None:
     """x [M, hidden] (the embedded tokens) -> the last layer's output [M, hidden]; every
     Mamba state and attention cache of ``storage`` advances by one token in place. None (and
     nothing done) when an input norm is not of x's dtype.
     ``kinds[i]`` is True for an attention layer; ``mamba`` and ``attention`` are the sizes of
-    the two kinds of layers (zeros for a kind the model lacks)."""
+    the two kinds of layers (zeros for a kind the model lacks); ``memo`` keeps the checked
+    plan of ``layers`` from one call to the next (without it every call checks and builds)."""
     if x.dim() != 2 or len(layers) != len(kinds) or len(storage) != len(kinds):
         raise ValueError(f"decode step: x {tuple(x.shape)}, {len(layers)} layers, "
                          f"{len(kinds)} kinds and {len(storage)} storages do not fit")
-    plan = _plan(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit)
+    plan = _plan(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit, memo)
     if plan is None:
         return None
     model = plan[0]

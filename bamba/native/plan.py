@@ -12,6 +12,7 @@ from torch import nn
 
 from bamba.linear_protocol import DENSE, LinearWeights
 from bamba.native import dispatch
+from bamba.native.decode_ops import PlanMemo
 from bamba.native.dispatch import LayerDims
 
 FORMATS = frozenset((DENSE, "fp8", "int8", "int4"))  # the linear formats layer_step.c reads
@@ -95,6 +96,7 @@ class DecodePlan(NamedTuple):
     kinds: list[bool]  # True for an attention layer
     dims: tuple[LayerDims | None, LayerDims | None]  # (Mamba, attention) layers' sizes
     tensors: list[Tensors] | None  # every layer's, or None when a layer's are unreadable
+    memo: PlanMemo  # the whole-model step's checked C structs for ``tensors``
 
     @classmethod
     def build(cls, layers: nn.ModuleList, generation: int) -> DecodePlan:
@@ -102,4 +104,4 @@ class DecodePlan(NamedTuple):
         dims = tuple(next((layer_dims(layer) for layer, k in zip(layers, kinds) if k == kind),
                           None) for kind in (False, True))
         tensors = [layer_tensors(layer).whole() for layer in layers]
-        return cls(generation, kinds, dims, None if None in tensors else tensors)
+        return cls(generation, kinds, dims, None if None in tensors else tensors, PlanMemo())

@@ -253,7 +253,8 @@ class BambaLM(_Counted, reference.BambaLM):
         """Every layer's tensors, looked up again only after a registration in a swapped
         module (the walk costs ~0.4 ms a token with the caches cold from streaming the
         weights). Tensors replaced in place (``.data``, ``.to``) keep their Parameter
-        objects; decode_ops sees their new addresses."""
+        objects; decode_ops sees their new addresses (the plan's memo compares them on every
+        token and rebuilds the step's C structs when one moved)."""
         cached = self.__dict__.get("_decode_plan")
         if cached is None or cached.generation != _REGISTRATIONS[0]:
             cached = self.__dict__["_decode_plan"] = plan.DecodePlan.build(self.model.layers,
@@ -280,7 +281,7 @@ class BambaLM(_Counted, reference.BambaLM):
         mamba, attention = steps.dims
         out = decode_ops.decode_layers(
             x.view(b, -1), steps.tensors, steps.kinds, storage, rows, mamba or plan.NO_LAYER,
-            attention or plan.NO_LAYER, kv, cfg.rms_norm_eps, cfg.time_step_limit)
+            attention or plan.NO_LAYER, kv, cfg.rms_norm_eps, cfg.time_step_limit, steps.memo)
         return None if out is None else out[:, None]
 
 
