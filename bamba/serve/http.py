@@ -2,8 +2,9 @@
 
 HTTP is parsed and written by httptools (C) when it is installed, else by h11 (pure Python),
 and the event loop is uvloop's when that is installed (uvicorn's ``auto``): with the engine's
-threads on every core, the event loop's work on each streamed token is time the engine waits
-for the GIL (asyncio and h11: ~0.4 ms a token on the bench model, uvloop: ~0.1 ms).
+threads on every core, the event loop's work on each streamed token competes with the engine
+(bench model: ~0.3 ms of loop CPU a token against ~0.4 with asyncio and h11, and the engine's
+wait for the GIL between steps ~0.1 ms against ~0.45).
 
 uvicorn closes a keep-alive connection that stays idle for ``timeout_keep_alive`` seconds, but
 not one that never completes a request head (it connects and sends nothing, or a few bytes):
