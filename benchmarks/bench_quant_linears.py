@@ -1,4 +1,4 @@
-"""Every linear layer of a model shape, alone: how fast the few-row kernels stream each format.
+"""Every linear layer of a model shape, alone: how fast the native kernels run each format.
 
 A decode step's time is its linears' plus the rest (the SSM state, the lm_head, norms, Python);
 this isolates the first. For each --shapes (bench_quant's: ``bench``, hidden 512; ``1b``,
@@ -6,12 +6,16 @@ hidden 1536) it takes the shapes of every linear layer of the model but the lm_h
 weight per layer and linear, as in the model, random, in huge pages as a loaded model's are),
 in bf16 and quantized to fp8, int8 and int4 (groups of --group-size), and times one pass over
 all of them at each --rows (1 to 3: one user's decode; 8: a batch) through the native kernels
-(``bamba.native.quant_ops.quant_linear_rows``, the dense ``linear_ops.call_rows``), the formats in
+(``bamba.native.quant_ops.quant_linear_rows``, the dense ``linear_ops.call_rows``), and at 512
+rows (a prefill chunk) through what a prefill takes (``quant_ops.quant_linear_many``: integer
+products for int8 and int4, dequantized tiles for fp8; torch's matmul for bf16) and, as
+``int8-tiles`` / ``int4-tiles``, the dequantized tiles for torch's matmul that int8 and int4
+take with int8 activations off; the formats in
 rotation (--rounds; the median pass of --repeats per round, the best round kept). Each linear
 is one call of the library, past torch's dispatcher: the OpenMP team's start, paid each call,
 still weighs on the bench shape's small linears, which the whole-model decode step runs inside
 one call. Reported: ms a pass, GB/s of the weights' bytes (scales included), the speed-up over
-bf16.
+bf16 (at prefill rows the weights' GB/s says little: those products are bound by arithmetic).
 
     python benchmarks/bench_quant_linears.py
     python benchmarks/bench_quant_linears.py --quick     # tiny shape: a smoke test
@@ -37,12 +41,13 @@ from host import describe_host, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "quant_linears.json"
 FORMATS = ("bf16", "fp8", "int8", "int4")
+TILES = ("int8-tiles", "int4-tiles")  # prefill rows only: the dequantized tiles' path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["bench", "1b"], choices=sorted(SHAPES))
-    p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 3, 8])
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 2, 3, 8, 512])
     p.add_argument("--group-size", type=int, default=128, help="int4 group size")
     p.add_argument("--rounds", type=int, default=3, help="rotations over the formats")
     p.add_argument("--repeats", type=int, default=15, help="timed passes per round")
@@ -80,7 +85,7 @@ def passes(shapes: list[tuple[int, int]], group_size: int, rows: list[int]
            ) -> dict[str, tuple[int, dict[int, Callable[[], Any]]]]:
     """Per format: the weights' bytes and, per row count, one pass over all the linears."""
     from bamba.linear_protocol import LinearWeights
-    from bamba.native import quant_ops
+    from bamba.native import dispatch, quant_ops
     from bamba.native.linear_ops import call_rows
     from bamba.quant.formats import make_scheme, quantize
 
@@ -101,10 +106,19 @@ def passes(shapes: list[tuple[int, int]], group_size: int, rows: list[int]
             layouts[fmt].append(layout)
 
     def dense_pass(m: int) -> Callable[[], Any]:
+        if m > dispatch.MAX_LINEAR_ROWS:
+            return lambda: [torch.mm(inputs[m, w.shape[1]], w.t()) for w in layouts["bf16"]]
         return lambda: [call_rows(inputs[m, w.shape[1]], w, None) for w in layouts["bf16"]]
 
     def quant_pass(fmt: str, m: int) -> Callable[[], Any]:
+        if m > dispatch.MAX_LINEAR_ROWS:
+            return lambda: [quant_ops.quant_linear_many(inputs[m, q.k], q, None)
+                            for q in layouts[fmt]]
         return lambda: [quant_ops.quant_linear_rows(inputs[m, q.k], q, None, False)
+                        for q in layouts[fmt]]
+
+    def tiles_pass(fmt: str, m: int) -> Callable[[], Any]:
+        return lambda: [quant_ops.quant_linear_tiles(inputs[m, q.k], q, None)
                         for q in layouts[fmt]]
 
     out = {"bf16": (sum(w.numel() * 2 for w in layouts["bf16"]),
@@ -113,6 +127,10 @@ def passes(shapes: list[tuple[int, int]], group_size: int, rows: list[int]
         size = sum(q.weight.numel() * q.weight.element_size()
                    + q.scales.numel() * q.scales.element_size() for q in layouts[fmt])
         out[fmt] = (size, {m: quant_pass(fmt, m) for m in rows})
+    many = [m for m in rows if m > dispatch.MAX_LINEAR_ROWS]
+    for name in TILES if many else ():
+        out[name] = (out[name.split("-")[0]][0],
+                     {m: tiles_pass(name.split("-")[0], m) for m in many})
     return out
 
 
@@ -133,11 +151,14 @@ def measure_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.rounds):
         for m in args.rows:
             for fmt, (_, fns) in by_format.items():
-                seconds = median_seconds(fns[m], args.repeats)
-                best[fmt, m] = min(best.get((fmt, m), seconds), seconds)
+                if m in fns:
+                    seconds = median_seconds(fns[m], args.repeats)
+                    best[fmt, m] = min(best.get((fmt, m), seconds), seconds)
     rows = []
     for m in args.rows:
         for fmt, (size, _) in by_format.items():
+            if (fmt, m) not in best:
+                continue
             seconds = best[fmt, m]
             rows.append({"rows": m, "format": fmt, "ms": round(1e3 * seconds, 3),
                          "gb_per_s": round(size / seconds / 1e9, 1),
@@ -161,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for shape in args.shapes:
             report["shapes"][shape] = measure_shape(shape, args)
             for r in report["shapes"][shape]["results"]:
-                print(f"{shape} rows {r['rows']} {r['format']:>4}: {r['ms']:8.3f} ms "
+                print(f"{shape} rows {r['rows']} {r['format']:>10}: {r['ms']:8.3f} ms "
                       f"{r['gb_per_s']:6.1f} GB/s {r['vs_bf16']:5.2f}x bf16")
         return report
 

@@ -28,14 +28,15 @@ def test_linear_shapes_are_the_models_but_the_lm_head():
 def test_quick_run_times_every_format_at_every_row_count(tmp_path):
     out = tmp_path / "linears.json"
     try:
-        assert bench_quant_linears.main(["--quick", "--rows", "1", "2", "--output",
+        assert bench_quant_linears.main(["--quick", "--rows", "1", "2", "40", "--output",
                                          str(out)]) == 0
     except SystemExit as exc:
         pytest.skip(str(exc))
     result = json.loads(out.read_text())["shapes"]["tiny"]
     rows = result["results"]
     assert {(r["rows"], r["format"]) for r in rows} == \
-        {(m, f) for m in (1, 2) for f in bench_quant_linears.FORMATS}
+        {(m, f) for m in (1, 2, 40) for f in bench_quant_linears.FORMATS} | \
+        {(40, f) for f in bench_quant_linears.TILES}  # the tiles' path at prefill rows only
     assert all(r["ms"] > 0 and r["gb_per_s"] > 0 for r in rows)
     size = {r["format"]: r["weight_mb"] for r in rows}
     assert size["int4"] < size["int8"] < size["bf16"]

@@ -48,7 +48,9 @@ def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
-def test_native_linear_equals_the_reference(monkeypatch, fmt, group, bias, dtype) -> None:
+def test_native_linear_equals_the_reference(monkeypatch, bf16_activations, fmt, group, bias,
+                                            dtype) -> None:
+    """With the activations as they are (int8 activations off), every row count."""
     reference = _layer(fmt, group, bias, dtype)
     native = accelerate(copy.deepcopy(nn.Sequential(reference)))[0]
     assert type(native) is seam.QuantizedLinear
@@ -96,6 +98,53 @@ def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype) -> Non
         want = torch.nn.functional.linear(seen, layer.dequantized_weight(torch.float32),
                                           layer.bias.float()).to(dtype)
         _close(ours, want, 1e-5 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_int_weights_at_many_rows_take_integer_products(monkeypatch, fmt, group, dtype) -> None:
+    """Past the few-row kernel (prefill), int8 and int4 weights meet the same int8 activations
+    in a matrix product of integer dot products (quant_gemm.h), never a dequantized tile: x
+    quantized per 32 inputs against the dequantized weight, up to float32 summation order, for
+    row counts that fill 16-row blocks and 48-row tiles or not, and past the 512 rows packed at
+    a time."""
+    if not quant_ops.set_int8_activations(True):
+        pytest.skip("no AVX-512 VNNI: prefill dequantizes tiles")
+    monkeypatch.setattr(quant_ops, "quant_linear_tiles", lambda *a, **k: pytest.fail("tile"))
+    layer = _layer(fmt, group, True, dtype, k=384, n=92)  # 92 outputs: 23 groups of 4, 2 threads
+    layout = quant_ops.quant_layout(layer.kernel_weights(), 384)
+    weight = layer.dequantized_weight(torch.float32)
+    for rows in (9, 16, 47, 48, 50, 530):
+        x = (torch.randn(rows, 384) * torch.logspace(-2, 1, 384)).to(dtype)  # uneven blocks
+        with torch.inference_mode():
+            ours = quant_ops.quant_linear_many(x, layout, layer.bias)
+        want = torch.nn.functional.linear(int8_activations(x), weight, layer.bias.float())
+        _close(ours, want.to(dtype), 1e-5 if dtype == torch.float32 else 8e-3)
+
+
+def test_many_rows_that_integer_products_do_not_take_dequantize_tiles(monkeypatch) -> None:
+    """fp8, groups of 16 inputs (not whole blocks of 32), output counts that are not a multiple
+    of 4 and int8 activations switched off all go to the dequantized tiles (bf16 activations:
+    the reference's numbers)."""
+    calls = []
+    real = quant_ops.quant_linear_tiles
+    monkeypatch.setattr(quant_ops, "quant_linear_tiles",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    cases = [("fp8", None, 88, True), ("int8", 16, 88, True), ("int4", 128, 90, True),
+             ("int4", 128, 88, False)]
+    for fmt, group, n, int8_on in cases:
+        layer = _layer(fmt, group, False, torch.float32, n=n)
+        layout = quant_ops.quant_layout(layer.kernel_weights(), 256)
+        x = torch.randn(40, 256)
+        quant_ops.set_int8_activations(int8_on)
+        try:
+            with torch.inference_mode():
+                ours = quant_ops.quant_linear_many(x, layout, None)
+        finally:
+            quant_ops.set_int8_activations(True)
+        _close(ours, layer(x), 1e-5)
+    assert len(calls) == len(cases)
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -32,6 +32,8 @@ SIGNATURES: dict[str, tuple[list | None, type | None]] = {
     "bamba_linear_supported": (None, _I32),
     "bamba_quant_linear": ([_PTR, _I32, _PTR, _I32, _PTR, _I32, _I64, _I64, _PTR, _PTR, _I64,
                             _I64, _I64, _I32], _I32),
+    "bamba_quant_gemm": ([_PTR, _I32, _PTR, _I32, _PTR, _I32, _I64, _I64, _PTR, _PTR, _I64,
+                          _I64, _I64, _I32], _I32),
     "bamba_quant_supported": ([_I32, _I64, _I64], _I32),
     "bamba_quant_set_int8_activations": ([_I32], _I32),
     "bamba_quant_dequantize": ([_PTR, _I32, _PTR, _I32, _I64, _I64, _I64, _I64, _I64, _PTR,

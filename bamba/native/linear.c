@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "dot_rows.h"
+#include "quant_gemm.h"
 
 static int linear(int bf16, const void *x, const void *W, const void *bias, void *y, int64_t M,
                   int64_t N, int64_t K, int threads) {
@@ -63,6 +64,67 @@ int bamba_quant_set_int8_activations(int on) {
     return bamba_int8_activations;
 #else
     return 0;
+#endif
+}
+
+#ifdef HAVE_INT8_DOT
+enum { GEMM_MAX_ROWS = 512 }; /* rows of x packed at a time (the weights packed once for each) */
+
+/* The calling thread's work buffer of at least `bytes` (kept for its next calls: a fresh one
+ * each call would fault its pages in again), or NULL. */
+static char *gemm_work(size_t bytes) {
+    static __thread char *buffer;
+    static __thread size_t capacity;
+    if (bytes > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        capacity = buffer ? bytes : 0;
+    }
+    return buffer;
+}
+#endif
+
+/* y [M, N] = x W^T (+ bias) for many rows over int8 or int4 weights against int8 activations
+ * (quant_gemm.h), x, bias and y bf16 when x_bf16, else float32. Returns 0; -1 when int8
+ * activations are off or this build or shape is not taken (the caller dequantizes tiles
+ * instead); -2 when memory for the packed activations or weights is not available. */
+int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const void *scales,
+                     int scale_kind, int64_t group, int64_t scale_stride, const void *bias,
+                     void *y, int64_t M, int64_t N, int64_t K, int threads) {
+#ifdef HAVE_INT8_DOT
+    if (!bamba_int8_activations || M < 1 || N < 1 || N % GEMM_WEIGHT_ROWS ||
+        !quant_gemm_supported(format, K, group) || threads < 1)
+        return -1;
+    const LinearWeights L = {W, bias, N, K, format, scales, scale_kind, group, scale_stride};
+    const int64_t offset = format == FORMAT_INT4 ? 8 : 128, most = GEMM_MAX_ROWS / 16;
+    const size_t panel_bytes = (size_t)GEMM_PANEL_ROWS * K,
+                 scale_bytes = (size_t)GEMM_PANEL_ROWS * (K / group) * sizeof(float);
+    const size_t per_thread = (panel_bytes + scale_bytes + 63) / 64 * 64;
+    char *work = gemm_work(threads * per_thread + most * gemm_rows_bytes(K));
+    if (work == NULL) return -2;
+    char *packed = work + threads * per_thread;
+    for (int64_t m0 = 0; m0 < M; m0 += GEMM_MAX_ROWS) { /* bounded memory for long inputs */
+        const int64_t rows = M - m0 < GEMM_MAX_ROWS ? M - m0 : GEMM_MAX_ROWS;
+        const char *xs = (const char *)x + m0 * K * (x_bf16 ? 2 : 4);
+        char *ys = (char *)y + m0 * N * (x_bf16 ? 2 : 4);
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < (rows + 15) / 16; b++)
+                pack_activations(xs, x_bf16, rows, K, (int)offset, packed, b);
+            int64_t begin, end;
+            my_share(N / GEMM_WEIGHT_ROWS, &begin, &end);
+            char *mine = work + omp_get_thread_num() * per_thread;
+            quant_gemm_features(&L, packed, rows, ys, x_bf16, begin * GEMM_WEIGHT_ROWS,
+                                end * GEMM_WEIGHT_ROWS, (uint8_t *)mine,
+                                (float *)(mine + panel_bytes));
+        }
+    }
+    return 0;
+#else
+    (void)x, (void)x_bf16, (void)W, (void)format, (void)scales, (void)scale_kind, (void)group;
+    (void)scale_stride, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)threads;
+    return -1;
 #endif
 }
 

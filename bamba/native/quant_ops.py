@@ -1,9 +1,11 @@
 """Linear layers over quantized weights (fp8, int8, int4 in the compressed-tensors layout) by the
-native kernels of ``quant_rows.h``: ``quant_linear_rows`` for a few rows (decode: the weights
-streamed and dequantized in registers) and ``quant_linear_tiles`` for many (prefill: output
-features dequantized to the activations' dtype for torch's matmul, about ``TILE_WEIGHTS`` at a
-time into one buffer each thread reuses, so the extra memory is one tile, never a dense copy of
-a weight).
+native kernels: ``quant_linear_rows`` for a few rows (``quant_rows.h``; decode: the weights
+streamed and dequantized in registers) and ``quant_linear_many`` for many (prefill): int8 and
+int4 weights against int8 activations in integer products (``quant_linear_gemm``,
+``quant_gemm.h``) where int8 activations are on, else output features dequantized to the
+activations' dtype for torch's matmul (``quant_linear_tiles``, fp8 always), about
+``TILE_WEIGHTS`` at a time into one buffer each thread reuses, so the extra memory is one tile,
+never a dense copy of a weight.
 
 ``quant_layout`` reads a linear's ``LinearWeights`` into what the kernels take, or None when
 they do not take it (then the layer's torch reference runs)."""
@@ -78,8 +80,10 @@ def set_int8_activations(on: bool) -> bool:
     (decode) with activations quantized to int8 per 32 inputs and integer dot products
     (``bamba.quant.formats.int8_activations``, as llama.cpp's Q8_0 does; the default where the
     CPU has AVX-512 VNNI: faster there) or with bf16 activations (``on=False``: the torch
-    reference's numbers up to bf16 rounding). Returns whether int8 activations are now in use.
-    fp8, more rows and prefill tiles always take the activations as they are."""
+    reference's numbers up to bf16 rounding), and whether many rows (prefill) meet them in
+    integer products (``quant_linear_gemm``) or dequantized tiles. Returns whether int8
+    activations are now in use. fp8 and int8 weights at 3 to 8 rows always take the
+    activations as they are."""
     lib = library.load()
     return lib is not None and bool(lib.bamba_quant_set_int8_activations(int(on)))
 
@@ -109,15 +113,23 @@ def step_code(layout: QuantLayout) -> int | None:
     return layout.code | layout.scale_kind << 2 | kind << 4
 
 
-def _call_rows(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None) -> torch.Tensor:
+def _call_linear(entry: str, x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None
+                 ) -> tuple[int, torch.Tensor]:
+    """The library's ``entry`` (bamba_quant_linear or bamba_quant_gemm, the same arguments) on
+    x's rows: its status and y [rows, n]."""
     rows = x.reshape(-1, layout.k).contiguous()
     y = torch.empty(rows.shape[0], layout.n, dtype=x.dtype)
     bias = None if bias is None else bias.to(x.dtype).contiguous()
-    status = library.load().bamba_quant_linear(
+    status = getattr(library.load(), entry)(
         rows.data_ptr(), int(x.dtype == torch.bfloat16), layout.weight.data_ptr(), layout.code,
         layout.scales.data_ptr(), layout.scale_kind, layout.group, layout.scale_stride,
         None if bias is None else bias.data_ptr(), y.data_ptr(), rows.shape[0], layout.n,
         layout.k, torch.get_num_threads())
+    return status, y
+
+
+def _call_rows(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None) -> torch.Tensor:
+    status, y = _call_linear("bamba_quant_linear", x, layout, bias)
     if status != 0:
         raise RuntimeError(f"quant_linear_rows: unsupported here ({layout.format}, width "
                            f"{layout.k}, group {layout.group})")
@@ -183,6 +195,31 @@ def dequantize_tile(layout: QuantLayout, begin: int, end: int, dtype: torch.dtyp
         layout.group, layout.scale_stride, begin, end, layout.k, out.data_ptr(),
         int(dtype == torch.bfloat16), torch.get_num_threads())
     return out
+
+
+def quant_linear_gemm(x: torch.Tensor, layout: QuantLayout,
+                      bias: torch.Tensor | None) -> torch.Tensor | None:
+    """y = x W^T (+ bias) for many rows of int8 or int4 weights against x quantized to int8 per
+    32 inputs (``bamba.quant.formats.int8_activations``), in integer products, float32
+    accumulation; None where the kernel does not take it (int8 activations off, fp8, groups
+    that are not whole blocks of 32 inputs, an output count that is not a multiple of 4)."""
+    if layout.format == "fp8" or x.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    status, y = _call_linear("bamba_quant_gemm", x, layout, bias)
+    if status == -1:
+        return None
+    if status != 0:
+        raise MemoryError(f"quant_linear_gemm: no memory to pack {y.shape[0]} rows of "
+                          f"width {layout.k}")
+    return y.view(*x.shape[:-1], layout.n)
+
+
+def quant_linear_many(x: torch.Tensor, layout: QuantLayout,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T (+ bias) for many rows: ``quant_linear_gemm`` where it takes the layout, else
+    ``quant_linear_tiles``."""
+    y = quant_linear_gemm(x, layout, bias)
+    return y if y is not None else quant_linear_tiles(x, layout, bias)
 
 
 def quant_linear_tiles(x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None,

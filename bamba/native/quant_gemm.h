@@ -1,0 +1,205 @@
+/* int8 and int4 weights against int8 activations for many rows (prefill): a matrix product of
+ * integer dot products (AVX-512 VNNI `vpdpbusd`, 64 byte products an instruction, twice the
+ * products of bf16's `vdpbf16ps`), the weights read as stored, never dequantized to a dense
+ * copy. The activations are quantized as the few-row kernel quantizes them (quant_int8_dot.h's
+ * `quantize_block`: per row, blocks of 32 inputs, s = max |x| / 127), so a row's outputs are
+ * the same numbers up to float32 summation order whichever kernel takes it, and the torch
+ * reference is bamba.quant.formats.int8_activations against the dequantized weight.
+ *
+ * Layout: 16 rows of x at a time, each vector's 16 int32 lanes one row (`pack_activations`:
+ * for every 4 inputs a 64-byte vector of the 16 rows' 4 bytes each, then per block of 32
+ * inputs the rows' scales and their offset terms). The weights go 4 rows at a time into a
+ * panel (`pack_weights`: for every 4 inputs the 4 rows' 4 bytes, unsigned as stored, int4's
+ * nibbles widened to bytes), and each 4-byte group is broadcast against the activation
+ * vectors. A tile of 3 x 16 rows by 4 weight rows holds 12 int32 sums that restart every block
+ * (each starts at minus the offset's products, as quant_int8_dot.h's lanes do) and 12 float32
+ * ones: sum += int32 dot x row scale (x weight scale where a row has several groups; one scale
+ * a row is applied once at the end). Each thread takes its share of weight rows, 64 at a time
+ * packed (L2), and walks every 48 rows of x over them.
+ *
+ * Measured on the quantization benchmark's linears at 512 rows (benchmarks/README.md
+ * #quantized-prefill): int8 1.6x and int4 (groups of 128) 1.5x torch's bf16 matmul.
+ */
+#ifndef BAMBA_QUANT_GEMM_H
+#define BAMBA_QUANT_GEMM_H
+
+#ifdef HAVE_INT8_DOT
+enum { GEMM_ROW_BLOCKS = 3, GEMM_WEIGHT_ROWS = 4, GEMM_PANEL_ROWS = 64, GEMM_K_MULTIPLE = 64 };
+
+/* Whether the product takes int8 / int4 weights of width k with `group` inputs a scale (one
+ * scale a row or a matrix, or whole blocks of 32). */
+static inline int quant_gemm_supported(int format, int64_t k, int64_t group) {
+    return (format == FORMAT_INT8 || format == FORMAT_INT4) && k > 0 &&
+           k % GEMM_K_MULTIPLE == 0 && group > 0 && k % group == 0 && group % ACT_BLOCK == 0;
+}
+
+/* Bytes of one packed block of 16 activation rows of width k: the values, then per block of
+ * 32 inputs 16 float32 scales and 16 int32 offset terms. */
+static inline int64_t gemm_rows_bytes(int64_t k) {
+    return 16 * k + k / ACT_BLOCK * 128;
+}
+
+/* Rows [16 b, 16 b + 16) of x [M, k] quantized into block b of xp (rows past M: zeros). */
+static void pack_activations(const void *x, int x_bf16, int64_t M, int64_t k, int offset,
+                             char *xp, int64_t b) {
+    char *base = xp + b * gemm_rows_bytes(k);
+    float *scales = (float *)(base + 16 * k);
+    int32_t *starts = (int32_t *)(base + 16 * k + k / ACT_BLOCK * 64);
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int i = 0; i < 16; i++) {
+        const int64_t m = b * 16 + i;
+        for (int64_t block = 0; block < k / ACT_BLOCK; block++) {
+            int8_t q[ACT_BLOCK] __attribute__((aligned(64)));
+            float s = 0.0f;
+            if (m < M)
+                s = quantize_block(x, m * k + block * ACT_BLOCK, x_bf16, q);
+            else
+                memset(q, 0, sizeof q);
+            const __m512i sum = _mm512_dpbusd_epi32(
+                _mm512_setzero_si512(), ones, _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)q)));
+            for (int step = 0; step < ACT_BLOCK / 4; step++) /* 4 inputs: one lane's bytes */
+                memcpy(base + ((block * 8 + step) * 16 + i) * 4, q + 4 * step, 4);
+            scales[block * 16 + i] = s;
+            starts[block * 16 + i] = -offset * _mm512_reduce_add_epi32(sum);
+        }
+    }
+}
+
+/* Weight rows n..n+3 as bytes [k / 4][4 rows][4 inputs] into `out` (4k bytes). */
+static void pack_weights(const LinearWeights *L, int64_t n, uint8_t *out) {
+    const int64_t k = L->k, row_bytes = quant_row_bytes(L->format, k);
+    for (int64_t c = 0; c < k; c += 64) { /* 64 inputs of each row: 16 groups of 4 */
+        __m512i v[GEMM_WEIGHT_ROWS];
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
+            const uint8_t *w = (const uint8_t *)L->weight + (n + j) * row_bytes;
+            if (L->format == FORMAT_INT4) { /* byte i: inputs 2i (low nibble), 2i + 1 */
+                const __m512i words =
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + c / 2)));
+                v[j] = _mm512_or_si512(
+                    _mm512_and_si512(words, _mm512_set1_epi16(0x000f)),
+                    _mm512_and_si512(_mm512_slli_epi16(words, 4), _mm512_set1_epi16(0x0f00)));
+            } else {
+                v[j] = _mm512_loadu_si512(w + c);
+            }
+        }
+        /* a 4 x 16 transpose of 4-byte groups: out vector q holds groups 4q..4q+3 of rows 0-3 */
+        const __m512i a = _mm512_unpacklo_epi32(v[0], v[1]), b = _mm512_unpacklo_epi32(v[2], v[3]);
+        const __m512i c2 = _mm512_unpackhi_epi32(v[0], v[1]), d = _mm512_unpackhi_epi32(v[2], v[3]);
+        const __m512i g0 = _mm512_unpacklo_epi64(a, b), g1 = _mm512_unpackhi_epi64(a, b);
+        const __m512i g2 = _mm512_unpacklo_epi64(c2, d), g3 = _mm512_unpackhi_epi64(c2, d);
+        const __m512i t0 = _mm512_shuffle_i32x4(g0, g1, 0x44), t1 = _mm512_shuffle_i32x4(g2, g3, 0x44);
+        const __m512i t2 = _mm512_shuffle_i32x4(g0, g1, 0xEE), t3 = _mm512_shuffle_i32x4(g2, g3, 0xEE);
+        uint8_t *o = out + c * GEMM_WEIGHT_ROWS;
+        _mm512_storeu_si512(o, _mm512_shuffle_i32x4(t0, t1, 0x88));
+        _mm512_storeu_si512(o + 64, _mm512_shuffle_i32x4(t0, t1, 0xDD));
+        _mm512_storeu_si512(o + 128, _mm512_shuffle_i32x4(t2, t3, 0x88));
+        _mm512_storeu_si512(o + 192, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+    }
+}
+
+/* out[i][j][l] = row 16 i + l of the R packed blocks at xb . weight row j of the panel `wp`,
+ * `scales` [4][groups] the rows' float32 scales; R and PER_ROW (one scale a row) compile-time
+ * after inlining. */
+static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, const char *xb,
+                                                            int64_t k, int64_t group,
+                                                            const float *scales, const int R,
+                                                            const int PER_ROW,
+                                                            float out[][GEMM_WEIGHT_ROWS][16]) {
+    const int64_t rows_bytes = gemm_rows_bytes(k), groups = k / group;
+    const int64_t blocks_per_group = group / ACT_BLOCK;
+    const char *x_scales = xb + 16 * k, *x_starts = xb + 16 * k + k / ACT_BLOCK * 64;
+    __m512 acc[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t block = 0;
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t left = blocks_per_group; left > 0; left--, block++) {
+            __m512i dot[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS];
+            for (int i = 0; i < R; i++) {
+                const __m512i start = _mm512_loadu_si512(x_starts + i * rows_bytes + block * 64);
+                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) dot[i][j] = start;
+            }
+            const char *xk = xb + block * 512;
+            const uint8_t *wk = wp + block * 8 * GEMM_WEIGHT_ROWS * 4;
+#pragma GCC unroll 8
+            for (int step = 0; step < ACT_BLOCK / 4; step++) {
+                __m512i xv[GEMM_ROW_BLOCKS];
+                for (int i = 0; i < R; i++) {
+                    xv[i] = _mm512_loadu_si512(xk + i * rows_bytes + step * 64);
+                    /* in a register: folded into each product it is loaded 4 times (~25%) */
+                    __asm__("" : "+v"(xv[i]));
+                }
+                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
+                    const __m512i w = _mm512_set1_epi32(
+                        *(const int32_t *)(wk + (step * GEMM_WEIGHT_ROWS + j) * 4));
+                    for (int i = 0; i < R; i++) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], w, xv[i]);
+                }
+            }
+            for (int i = 0; i < R; i++) {
+                const __m512 s = _mm512_loadu_ps((const float *)(x_scales + i * rows_bytes) +
+                                                 block * 16);
+                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++)
+                    acc[i][j] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(dot[i][j]),
+                        PER_ROW ? s : _mm512_mul_ps(s, _mm512_set1_ps(scales[j * groups + g])),
+                        acc[i][j]);
+            }
+        }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++)
+            _mm512_storeu_ps(out[i][j], PER_ROW ? _mm512_mul_ps(acc[i][j],
+                                                                _mm512_set1_ps(scales[j]))
+                                                : acc[i][j]);
+}
+
+/* One body per row count and scale layout. */
+__attribute__((noinline)) static void gemm_tiles(const uint8_t *wp, const char *xb, int64_t k,
+                                                 int64_t group, const float *scales, int R,
+                                                 float out[][GEMM_WEIGHT_ROWS][16]) {
+    const int per_row = group == k;
+    if (R == 3) {
+        if (per_row) gemm_tile(wp, xb, k, group, scales, 3, 1, out);
+        else gemm_tile(wp, xb, k, group, scales, 3, 0, out);
+    } else if (R == 2) {
+        if (per_row) gemm_tile(wp, xb, k, group, scales, 2, 1, out);
+        else gemm_tile(wp, xb, k, group, scales, 2, 0, out);
+    } else {
+        if (per_row) gemm_tile(wp, xb, k, group, scales, 1, 1, out);
+        else gemm_tile(wp, xb, k, group, scales, 1, 0, out);
+    }
+}
+
+/* Features [n_begin, n_end) (4 | n_end - n_begin) of y [M, n] = x W^T + bias from the packed
+ * activations xp (all ceil(M / 16) blocks), stored as linear_features stores them; `panel`
+ * 64 k bytes and `panel_scales` 64 k / group floats of this thread's. */
+static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t M, void *y,
+                                int y_bf16, int64_t n_begin, int64_t n_end, uint8_t *panel,
+                                float *panel_scales) {
+    const int64_t k = L->k, group = L->scale_stride == 0 ? k : L->group, groups = k / group;
+    const int64_t blocks = (M + 15) / 16;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += GEMM_PANEL_ROWS) {
+        const int64_t rows = n_end - n0 < GEMM_PANEL_ROWS ? n_end - n0 : GEMM_PANEL_ROWS;
+        for (int64_t j = 0; j < rows; j += GEMM_WEIGHT_ROWS) pack_weights(L, n0 + j, panel + j * k);
+        for (int64_t j = 0; j < rows; j++)
+            for (int64_t g = 0; g < groups; g++)
+                panel_scales[j * groups + g] = quant_scale(L, n0 + j, g);
+        for (int64_t b = 0; b < blocks; b += GEMM_ROW_BLOCKS) {
+            const int R = blocks - b < GEMM_ROW_BLOCKS ? (int)(blocks - b) : GEMM_ROW_BLOCKS;
+            for (int64_t j = 0; j < rows; j += GEMM_WEIGHT_ROWS) {
+                float out[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS][16];
+                gemm_tiles(panel + j * k, xp + b * gemm_rows_bytes(k), k, group,
+                           panel_scales + j * groups, R, out);
+                for (int jj = 0; jj < GEMM_WEIGHT_ROWS; jj++) {
+                    const int64_t n = n0 + j + jj;
+                    const float bias = L->bias ? load_value(L->bias, n, y_bf16) : 0.0f;
+                    for (int i = 0; i < R; i++)
+                        for (int l = 0; l < 16 && (b + i) * 16 + l < M; l++)
+                            store_output(y, ((b + i) * 16 + l) * L->n + n, out[i][jj][l] + bias,
+                                         y_bf16, 0);
+                }
+            }
+        }
+    }
+}
+#endif
+#endif
