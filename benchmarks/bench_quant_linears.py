@@ -11,7 +11,8 @@ rows (a prefill chunk) through what a prefill takes (``quant_ops.quant_linear_ma
 products for int8 and int4, dequantized tiles for fp8; torch's matmul for bf16) and, as
 ``int8-tiles`` / ``int4-tiles``, the dequantized tiles for torch's matmul that int8 and int4
 take with int8 activations off; the formats in
-rotation (--rounds; the median pass of --repeats per round, the best round kept). Each linear
+rotation (--rounds; the median pass of --repeats per round, of --prefill-repeats at prefill rows,
+whose passes take 0.3-3 s; the best round kept). Each linear
 is one call of the library, past torch's dispatcher: the OpenMP team's start, paid each call,
 still weighs on the bench shape's small linears, which the whole-model decode step runs inside
 one call. Reported: ms a pass, GB/s of the weights' bytes (scales included), the speed-up over
@@ -51,14 +52,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=128, help="int4 group size")
     p.add_argument("--rounds", type=int, default=3, help="rotations over the formats")
     p.add_argument("--repeats", type=int, default=15, help="timed passes per round")
+    p.add_argument("--prefill-repeats", type=int, default=3,
+                   help="timed passes per round at more rows than the few-row kernels take")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny shape, 1 round, few passes")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.rounds, args.repeats, args.group_size = ["tiny"], 1, 2, 16
-    if min(args.rows) < 1 or args.rounds < 1 or args.repeats < 1:
-        p.error("--rows, --rounds and --repeats must be >= 1")
+        args.prefill_repeats = 2
+    if min(args.rows) < 1 or min(args.rounds, args.repeats, args.prefill_repeats) < 1:
+        p.error("--rows, --rounds, --repeats and --prefill-repeats must be >= 1")
     return args
 
 
@@ -145,6 +149,8 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def measure_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
+    from bamba.native.dispatch import MAX_LINEAR_ROWS
+
     shapes = linear_shapes(shape)
     by_format = passes(shapes, args.group_size, args.rows)
     best: dict[tuple[str, int], float] = {}
@@ -152,7 +158,8 @@ def measure_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         for m in args.rows:
             for fmt, (_, fns) in by_format.items():
                 if m in fns:
-                    seconds = median_seconds(fns[m], args.repeats)
+                    seconds = median_seconds(fns[m], args.repeats if m <= MAX_LINEAR_ROWS
+                                             else args.prefill_repeats)
                     best[fmt, m] = min(best.get((fmt, m), seconds), seconds)
     rows = []
     for m in args.rows:
@@ -177,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                   "host": describe_host(quick=args.quick),
                   "settings": {"rows": args.rows, "group_size": args.group_size,
                                "rounds": args.rounds, "repeats": args.repeats,
+                               "prefill_repeats": args.prefill_repeats,
                                "threads": args.threads},
                   "shapes": {}}
         for shape in args.shapes:

@@ -65,6 +65,21 @@ static void pack_activations(const void *x, int x_bf16, int64_t M, int64_t k, in
     }
 }
 
+/* Four vectors of 16 four-byte lanes as their 4 x 16 transpose: t[q] holds lanes 4q..4q+3 of
+ * v[0], v[1], v[2], v[3], each lane's four in turn. */
+static inline void transpose_4x16(const __m512i v[4], __m512i t[4]) {
+    const __m512i a = _mm512_unpacklo_epi32(v[0], v[1]), b = _mm512_unpacklo_epi32(v[2], v[3]);
+    const __m512i c = _mm512_unpackhi_epi32(v[0], v[1]), d = _mm512_unpackhi_epi32(v[2], v[3]);
+    const __m512i g0 = _mm512_unpacklo_epi64(a, b), g1 = _mm512_unpackhi_epi64(a, b);
+    const __m512i g2 = _mm512_unpacklo_epi64(c, d), g3 = _mm512_unpackhi_epi64(c, d);
+    const __m512i h0 = _mm512_shuffle_i32x4(g0, g1, 0x44), h1 = _mm512_shuffle_i32x4(g2, g3, 0x44);
+    const __m512i h2 = _mm512_shuffle_i32x4(g0, g1, 0xEE), h3 = _mm512_shuffle_i32x4(g2, g3, 0xEE);
+    t[0] = _mm512_shuffle_i32x4(h0, h1, 0x88);
+    t[1] = _mm512_shuffle_i32x4(h0, h1, 0xDD);
+    t[2] = _mm512_shuffle_i32x4(h2, h3, 0x88);
+    t[3] = _mm512_shuffle_i32x4(h2, h3, 0xDD);
+}
+
 /* Weight rows n..n+3 as bytes [k / 4][4 rows][4 inputs] into `out` (4k bytes). */
 static void pack_weights(const LinearWeights *L, int64_t n, uint8_t *out) {
     const int64_t k = L->k, row_bytes = quant_row_bytes(L->format, k);
@@ -82,18 +97,10 @@ static void pack_weights(const LinearWeights *L, int64_t n, uint8_t *out) {
                 v[j] = _mm512_loadu_si512(w + c);
             }
         }
-        /* a 4 x 16 transpose of 4-byte groups: out vector q holds groups 4q..4q+3 of rows 0-3 */
-        const __m512i a = _mm512_unpacklo_epi32(v[0], v[1]), b = _mm512_unpacklo_epi32(v[2], v[3]);
-        const __m512i c2 = _mm512_unpackhi_epi32(v[0], v[1]), d = _mm512_unpackhi_epi32(v[2], v[3]);
-        const __m512i g0 = _mm512_unpacklo_epi64(a, b), g1 = _mm512_unpackhi_epi64(a, b);
-        const __m512i g2 = _mm512_unpacklo_epi64(c2, d), g3 = _mm512_unpackhi_epi64(c2, d);
-        const __m512i t0 = _mm512_shuffle_i32x4(g0, g1, 0x44), t1 = _mm512_shuffle_i32x4(g2, g3, 0x44);
-        const __m512i t2 = _mm512_shuffle_i32x4(g0, g1, 0xEE), t3 = _mm512_shuffle_i32x4(g2, g3, 0xEE);
-        uint8_t *o = out + c * GEMM_WEIGHT_ROWS;
-        _mm512_storeu_si512(o, _mm512_shuffle_i32x4(t0, t1, 0x88));
-        _mm512_storeu_si512(o + 64, _mm512_shuffle_i32x4(t0, t1, 0xDD));
-        _mm512_storeu_si512(o + 128, _mm512_shuffle_i32x4(t2, t3, 0x88));
-        _mm512_storeu_si512(o + 192, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+        __m512i t[4];
+        transpose_4x16(v, t);
+        for (int q = 0; q < 4; q++)
+            _mm512_storeu_si512(out + c * GEMM_WEIGHT_ROWS + 64 * q, t[q]);
     }
 }
 
@@ -169,6 +176,33 @@ __attribute__((noinline)) static void gemm_tiles(const uint8_t *wp, const char *
     }
 }
 
+/* y[m0 + l, n..n+3] = out[j][l] + bias[n + j] for the first `rows` of 16 rows (bf16 rounded to
+ * nearest even, or float32): a row's four outputs in one store. */
+static inline void store_tile(float out[GEMM_WEIGHT_ROWS][16], const void *bias, int64_t n,
+                              void *y, int64_t ldy, int64_t m0, int64_t rows, int y_bf16) {
+    __m512i v[GEMM_WEIGHT_ROWS], t[4];
+    for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
+        const __m512 b = _mm512_set1_ps(bias ? load_value(bias, n + j, y_bf16) : 0.0f);
+        v[j] = _mm512_castps_si512(_mm512_add_ps(_mm512_loadu_ps(out[j]), b));
+    }
+    transpose_4x16(v, t); /* t[q]: rows 4q..4q+3, four outputs each */
+    for (int q = 0; q < 4 && 4 * q < rows; q++) {
+        float row[16] __attribute__((aligned(64)));
+        uint16_t half[16] __attribute__((aligned(32)));
+        _mm512_store_si512(row, t[q]);
+        if (y_bf16)
+            _mm256_store_si256((__m256i *)half,
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(t[q])));
+        for (int64_t l = 4 * q; l < rows && l < 4 * q + 4; l++) {
+            const int64_t at = (m0 + l) * ldy + n;
+            if (y_bf16)
+                memcpy((uint16_t *)y + at, half + 4 * (l - 4 * q), 8);
+            else
+                memcpy((float *)y + at, row + 4 * (l - 4 * q), 16);
+        }
+    }
+}
+
 /* Features [n_begin, n_end) (4 | n_end - n_begin) of y [M, n] = x W^T + bias from the packed
  * activations xp (all ceil(M / 16) blocks), stored as linear_features stores them; `panel`
  * 64 k bytes and `panel_scales` 64 k / group floats of this thread's. */
@@ -189,14 +223,9 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
                 float out[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS][16];
                 gemm_tiles(panel + j * k, xp + b * gemm_rows_bytes(k), k, group,
                            panel_scales + j * groups, R, out);
-                for (int jj = 0; jj < GEMM_WEIGHT_ROWS; jj++) {
-                    const int64_t n = n0 + j + jj;
-                    const float bias = L->bias ? load_value(L->bias, n, y_bf16) : 0.0f;
-                    for (int i = 0; i < R; i++)
-                        for (int l = 0; l < 16 && (b + i) * 16 + l < M; l++)
-                            store_output(y, ((b + i) * 16 + l) * L->n + n, out[i][jj][l] + bias,
-                                         y_bf16, 0);
-                }
+                for (int i = 0; i < R; i++)
+                    store_tile(out[i], L->bias, n0 + j, y, L->n, (b + i) * 16,
+                               M - (b + i) * 16 < 16 ? M - (b + i) * 16 : 16, y_bf16);
             }
         }
     }
