@@ -17,8 +17,8 @@
  * a row is applied once at the end). Each thread takes its share of weight rows, 64 at a time
  * packed (L2), and walks every 48 rows of x over them.
  *
- * Measured on the quantization benchmark's linears at 512 rows (benchmarks/README.md
- * #quantized-prefill): int8 1.6x and int4 (groups of 128) 1.5x torch's bf16 matmul.
+ * All linears of the quantization benchmark's shapes at 512 rows (benchmarks/README.md
+ * #quantized-prefill): int8 1.46-1.64x and int4 (groups of 128) 1.38-1.48x torch's bf16 matmul.
  */
 #ifndef BAMBA_QUANT_GEMM_H
 #define BAMBA_QUANT_GEMM_H
