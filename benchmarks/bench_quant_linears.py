@@ -8,11 +8,11 @@ in bf16 and quantized to fp8, int8 and int4 (groups of --group-size), and times 
 all of them at each --rows (1 to 3: one user's decode; 8: a batch) through the native kernels
 (``bamba.native.quant_ops.quant_linear_rows``, the dense ``linear_ops.call_rows``), and at 512
 rows (a prefill chunk) through what a prefill takes (``quant_ops.quant_linear_many``: integer
-products for int8 and int4, dequantized tiles for fp8; torch's matmul for bf16) and, as
-``int8-tiles`` / ``int4-tiles``, the dequantized tiles for torch's matmul that int8 and int4
-take with int8 activations off; the formats in
-rotation (--rounds; the median pass of --repeats per round, of --prefill-repeats at prefill rows,
-whose passes take 0.3-3 s; the best round kept). Each linear
+products for int8 and int4, bf16 products over dequantized panels for fp8; torch's matmul for
+bf16) and, as ``fp8-tiles`` / ``int8-tiles`` / ``int4-tiles``, through the dequantized tiles
+for torch's matmul that they took before those products; the formats in rotation (--rounds;
+the median pass of --repeats per round, of --prefill-repeats at prefill rows, whose passes
+take 0.3-3 s; the best round kept). Each linear
 is one call of the library, past torch's dispatcher: the OpenMP team's start, paid each call,
 still weighs on the bench shape's small linears, which the whole-model decode step runs inside
 one call. Reported: ms a pass, GB/s of the weights' bytes (scales included), the speed-up over
@@ -42,7 +42,7 @@ from host import describe_host, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "quant_linears.json"
 FORMATS = ("bf16", "fp8", "int8", "int4")
-TILES = ("int8-tiles", "int4-tiles")  # prefill rows only: the dequantized tiles' path
+TILES = ("fp8-tiles", "int8-tiles", "int4-tiles")  # prefill rows only: the dequantized tiles
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -50,7 +50,8 @@ def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
 def test_native_linear_equals_the_reference(monkeypatch, bf16_activations, fmt, group, bias,
                                             dtype) -> None:
-    """With the activations as they are (int8 activations off), every row count."""
+    """With the activations as they are (int8 activations off), every row count: at 40 rows
+    dequantized tiles, but fp8 against bf16 x in bf16 products."""
     reference = _layer(fmt, group, bias, dtype)
     native = accelerate(copy.deepcopy(nn.Sequential(reference)))[0]
     assert type(native) is seam.QuantizedLinear
@@ -66,7 +67,7 @@ def test_native_linear_equals_the_reference(monkeypatch, bf16_activations, fmt, 
             ours, ref = native(x), reference(x)
         tight = rows > dispatch.MAX_LINEAR_ROWS and dtype == torch.float32
         _close(ours, ref, 1e-5 if tight else 1.5e-2)
-    assert calls == {"rows": 3, "tiles": 1}
+    assert calls == {"rows": 3, "tiles": 0 if fmt == "fp8" and dtype == torch.bfloat16 else 1}
 
 
 @pytest.fixture
@@ -123,10 +124,28 @@ def test_int_weights_at_many_rows_take_integer_products(monkeypatch, fmt, group,
         _close(ours, want.to(dtype), 1e-5 if dtype == torch.float32 else 8e-3)
 
 
-def test_many_rows_that_integer_products_do_not_take_dequantize_tiles(monkeypatch) -> None:
-    """fp8, groups of 16 inputs (not whole blocks of 32), output counts that are not a multiple
-    of 4 and int8 activations switched off all go to the dequantized tiles (bf16 activations:
-    the reference's numbers)."""
+@pytest.mark.parametrize("group", [32, 128, None])
+def test_fp8_weights_at_many_rows_take_bf16_products(monkeypatch, group) -> None:
+    """Past the few-row kernel, fp8 weights against bf16 x are dequantized a panel at a time to
+    the very bf16 weights of the torch reference and multiplied in bf16 products (float32
+    sums), never a dense tile: the reference's numbers up to summation order and bf16 output
+    rounding."""
+    monkeypatch.setattr(quant_ops, "quant_linear_tiles", lambda *a, **k: pytest.fail("tile"))
+    layer = _layer("fp8", group, True, torch.bfloat16, k=384, n=92)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), 384)
+    weight = layer.dequantized_weight(torch.bfloat16).float()
+    for rows in (9, 16, 47, 50, 530):
+        x = (torch.randn(rows, 384) * torch.logspace(-2, 1, 384)).bfloat16()
+        with torch.inference_mode():
+            ours = quant_ops.quant_linear_many(x, layout, layer.bias)
+        want = torch.nn.functional.linear(x.float(), weight, layer.bias.float())
+        _close(ours, want.bfloat16(), 8e-3)
+
+
+def test_many_rows_that_the_products_do_not_take_dequantize_tiles(monkeypatch) -> None:
+    """fp8 against float32 x, groups of 16 inputs (not whole blocks of 32), output counts that
+    are not a multiple of 4 and int8 activations switched off all go to the dequantized tiles
+    (the activations as they are: the reference's numbers)."""
     calls = []
     real = quant_ops.quant_linear_tiles
     monkeypatch.setattr(quant_ops, "quant_linear_tiles",

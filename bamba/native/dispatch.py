@@ -104,7 +104,8 @@ def quant_linear_fits(x: torch.Tensor, weights: LinearWeights) -> QuantLayout | 
     width a multiple of 128, group size, bf16 or float32 scales) for bf16 or float32 CPU input
     without autograd, else None. At most ``MAX_LINEAR_ROWS`` rows stream the weights
     (``quant_ops.quant_linear_rows``, which compiled graphs call as an op); more take
-    ``quant_ops.quant_linear_many`` (integer products or dequantized tiles), eagerly only."""
+    ``quant_ops.quant_linear_many`` (products over weight panels or dequantized tiles),
+    eagerly only."""
     if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES or _grad(x, weights.bias) or \
             (x.numel() // max(x.shape[-1], 1) > MAX_LINEAR_ROWS and
              torch.compiler.is_compiling()):

@@ -84,23 +84,24 @@ static char *gemm_work(size_t bytes) {
 }
 #endif
 
-/* y [M, N] = x W^T (+ bias) for many rows over int8 or int4 weights against int8 activations
- * (quant_gemm.h), x, bias and y bf16 when x_bf16, else float32. Returns 0; -1 when int8
- * activations are off or this build or shape is not taken (the caller dequantizes tiles
- * instead); -2 when memory for the packed activations or weights is not available. */
+/* y [M, N] = x W^T (+ bias) for many rows over quantized weights (quant_gemm.h): int8 or int4
+ * against int8 activations, fp8 against bf16 x; x, bias and y bf16 when x_bf16, else float32.
+ * Returns 0; -1 when this build, shape or format is not taken or, for int8 and int4, int8
+ * activations are off (the caller dequantizes tiles instead); -2 when memory for the packed
+ * activations or weights is not available. */
 int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const void *scales,
                      int scale_kind, int64_t group, int64_t scale_stride, const void *bias,
                      void *y, int64_t M, int64_t N, int64_t K, int threads) {
 #ifdef HAVE_INT8_DOT
-    if (!bamba_int8_activations || M < 1 || N < 1 || N % GEMM_WEIGHT_ROWS ||
-        !quant_gemm_supported(format, K, group) || threads < 1)
+    if ((!bamba_int8_activations && format != FORMAT_FP8) || M < 1 || N < 1 ||
+        N % GEMM_WEIGHT_ROWS || !quant_gemm_supported(format, K, group, x_bf16) || threads < 1)
         return -1;
     const LinearWeights L = {W, bias, N, K, format, scales, scale_kind, group, scale_stride};
     const int64_t offset = format == FORMAT_INT4 ? 8 : 128, most = GEMM_MAX_ROWS / 16;
-    const size_t panel_bytes = (size_t)GEMM_PANEL_ROWS * K,
+    const size_t panel_bytes = (size_t)gemm_panel_bytes(format, K),
                  scale_bytes = (size_t)GEMM_PANEL_ROWS * (K / group) * sizeof(float);
     const size_t per_thread = (panel_bytes + scale_bytes + 63) / 64 * 64;
-    char *work = gemm_work(threads * per_thread + most * gemm_rows_bytes(K));
+    char *work = gemm_work(threads * per_thread + most * gemm_rows_bytes(format, K));
     if (work == NULL) return -2;
     char *packed = work + threads * per_thread;
     for (int64_t m0 = 0; m0 < M; m0 += GEMM_MAX_ROWS) { /* bounded memory for long inputs */
@@ -110,13 +111,17 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
 #pragma omp parallel num_threads(threads)
         {
 #pragma omp for schedule(static)
-            for (int64_t b = 0; b < (rows + 15) / 16; b++)
-                pack_activations(xs, x_bf16, rows, K, (int)offset, packed, b);
+            for (int64_t b = 0; b < (rows + 15) / 16; b++) {
+                if (format == FORMAT_FP8)
+                    pack_bf16_activations((const uint16_t *)xs, rows, K, packed, b);
+                else
+                    pack_activations(xs, x_bf16, rows, K, (int)offset, packed, b);
+            }
             int64_t begin, end;
             my_share(N / GEMM_WEIGHT_ROWS, &begin, &end);
             char *mine = work + omp_get_thread_num() * per_thread;
             quant_gemm_features(&L, packed, rows, ys, x_bf16, begin * GEMM_WEIGHT_ROWS,
-                                end * GEMM_WEIGHT_ROWS, (uint8_t *)mine,
+                                end * GEMM_WEIGHT_ROWS, mine,
                                 (float *)(mine + panel_bytes));
         }
     }

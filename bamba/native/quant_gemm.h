@@ -1,24 +1,31 @@
-/* int8 and int4 weights against int8 activations for many rows (prefill): a matrix product of
- * integer dot products (AVX-512 VNNI `vpdpbusd`, 64 byte products an instruction, twice the
- * products of bf16's `vdpbf16ps`), the weights read as stored, never dequantized to a dense
- * copy. The activations are quantized as the few-row kernel quantizes them (quant_int8_dot.h's
- * `quantize_block`: per row, blocks of 32 inputs, s = max |x| / 127), so a row's outputs are
- * the same numbers up to float32 summation order whichever kernel takes it, and the torch
- * reference is bamba.quant.formats.int8_activations against the dequantized weight.
+/* Quantized weights for many rows (prefill) as a matrix product that reads the weights as
+ * stored, a panel at a time, never as a dense copy:
  *
- * Layout: 16 rows of x at a time, each vector's 16 int32 lanes one row (`pack_activations`:
- * for every 4 inputs a 64-byte vector of the 16 rows' 4 bytes each, then per block of 32
- * inputs the rows' scales and their offset terms). The weights go 4 rows at a time into a
- * panel (`pack_weights`: for every 4 inputs the 4 rows' 4 bytes, unsigned as stored, int4's
- * nibbles widened to bytes), and each 4-byte group is broadcast against the activation
- * vectors. A tile of 3 x 16 rows by 4 weight rows holds 12 int32 sums that restart every block
- * (each starts at minus the offset's products, as quant_int8_dot.h's lanes do) and 12 float32
- * ones: sum += int32 dot x row scale (x weight scale where a row has several groups; one scale
- * a row is applied once at the end). Each thread takes its share of weight rows, 64 at a time
- * packed (L2), and walks every 48 rows of x over them.
+ *   int8 and int4 against int8 activations in integer dot products (AVX-512 VNNI `vpdpbusd`,
+ *   64 byte products an instruction, twice the products of bf16's `vdpbf16ps`). The
+ *   activations are quantized as the few-row kernel quantizes them (quant_int8_dot.h's
+ *   `quantize_block`: per row, blocks of 32 inputs, s = max |x| / 127), so a row's outputs are
+ *   the same numbers up to float32 summation order whichever kernel takes it; the torch
+ *   reference is bamba.quant.formats.int8_activations against the dequantized weight.
+ *   fp8 against bf16 x in bf16 products (`vdpbf16ps`), each panel dequantized to the very
+ *   bf16 weights the torch reference multiplies.
+ *
+ * Layout: 16 rows of x at a time, each vector's 16 lanes one row (`pack_activations`: for every
+ * 4 inputs a 64-byte vector of the 16 rows' 4 bytes each, then per block of 32 inputs the rows'
+ * scales and their offset terms; `pack_bf16_activations`: for every 2 inputs the 16 rows' bf16
+ * pairs). The weights go 4 rows at a time into a panel (`pack_weights`: for every 4 inputs the
+ * 4 rows' 4 bytes, unsigned as stored, int4's nibbles widened to bytes; `pack_fp8_weights`: for
+ * every 2 inputs the 4 rows' bf16 pairs), and each 4-byte group is broadcast against the
+ * activation vectors. An integer tile of 3 x 16 rows by 4 weight rows holds 12 int32 sums that
+ * restart every block (each starts at minus the offset's products, as quant_int8_dot.h's lanes
+ * do) and 12 float32 ones: sum += int32 dot x row scale (x weight scale where a row has several
+ * groups; one scale a row is applied once at the end); a bf16 tile 12 float32 sums. Each thread
+ * takes its share of weight rows, 64 at a time packed (L2), and walks every 48 rows of x over
+ * them.
  *
  * All linears of the quantization benchmark's shapes at 512 rows (benchmarks/README.md
- * #quantized-prefill): int8 1.46-1.64x and int4 (groups of 128) 1.38-1.48x torch's bf16 matmul.
+ * #quantized-prefill): int8 1.46-1.64x and int4 (groups of 128) 1.38-1.48x torch's bf16 matmul;
+ * fp8 level with it.
  */
 #ifndef BAMBA_QUANT_GEMM_H
 #define BAMBA_QUANT_GEMM_H
@@ -26,23 +33,31 @@
 #ifdef HAVE_INT8_DOT
 enum { GEMM_ROW_BLOCKS = 3, GEMM_WEIGHT_ROWS = 4, GEMM_PANEL_ROWS = 64, GEMM_K_MULTIPLE = 64 };
 
-/* Whether the product takes int8 / int4 weights of width k with `group` inputs a scale (one
- * scale a row or a matrix, or whole blocks of 32). */
-static inline int quant_gemm_supported(int format, int64_t k, int64_t group) {
-    return (format == FORMAT_INT8 || format == FORMAT_INT4) && k > 0 &&
-           k % GEMM_K_MULTIPLE == 0 && group > 0 && k % group == 0 && group % ACT_BLOCK == 0;
+/* Whether the product takes weights of this format and width k with `group` inputs a scale
+ * (one scale a row or a matrix, or whole blocks of 32): int8 and int4 against int8 activations,
+ * fp8 against bf16 ones (x_bf16). */
+static inline int quant_gemm_supported(int format, int64_t k, int64_t group, int x_bf16) {
+    return (format == FORMAT_INT8 || format == FORMAT_INT4 || (format == FORMAT_FP8 && x_bf16)) &&
+           k > 0 && k % GEMM_K_MULTIPLE == 0 && group > 0 && k % group == 0 &&
+           group % ACT_BLOCK == 0;
 }
 
-/* Bytes of one packed block of 16 activation rows of width k: the values, then per block of
- * 32 inputs 16 float32 scales and 16 int32 offset terms. */
-static inline int64_t gemm_rows_bytes(int64_t k) {
-    return 16 * k + k / ACT_BLOCK * 128;
+/* Bytes of one packed block of 16 activation rows of width k: int8 and int4 weights' the
+ * values, then per block of 32 inputs 16 float32 scales and 16 int32 offset terms; fp8's the
+ * bf16 values in pairs. */
+static inline int64_t gemm_rows_bytes(int format, int64_t k) {
+    return format == FORMAT_FP8 ? 32 * k : 16 * k + k / ACT_BLOCK * 128;
+}
+
+/* Bytes of a panel's GEMM_PANEL_ROWS weight rows as the tiles read them (fp8: bf16). */
+static inline int64_t gemm_panel_bytes(int format, int64_t k) {
+    return GEMM_PANEL_ROWS * k * (format == FORMAT_FP8 ? 2 : 1);
 }
 
 /* Rows [16 b, 16 b + 16) of x [M, k] quantized into block b of xp (rows past M: zeros). */
 static void pack_activations(const void *x, int x_bf16, int64_t M, int64_t k, int offset,
                              char *xp, int64_t b) {
-    char *base = xp + b * gemm_rows_bytes(k);
+    char *base = xp + b * gemm_rows_bytes(FORMAT_INT8, k);
     float *scales = (float *)(base + 16 * k);
     int32_t *starts = (int32_t *)(base + 16 * k + k / ACT_BLOCK * 64);
     const __m512i ones = _mm512_set1_epi8(1);
@@ -104,6 +119,81 @@ static void pack_weights(const LinearWeights *L, int64_t n, uint8_t *out) {
     }
 }
 
+/* Rows [16 b, 16 b + 16) of bf16 x [M, k] into block b of xp as bf16 pairs: for every 2
+ * inputs a 64-byte vector of the 16 rows' pairs (rows past M: zeros); 4 rows at a time. */
+static void pack_bf16_activations(const uint16_t *x, int64_t M, int64_t k, char *xp, int64_t b) {
+    char *base = xp + b * gemm_rows_bytes(FORMAT_FP8, k);
+    for (int r0 = 0; r0 < 16; r0 += 4)
+        for (int64_t c = 0; c < k; c += 32) { /* 32 inputs: 16 pairs of each of 4 rows */
+            __m512i v[4], t[4];
+            for (int r = 0; r < 4; r++) {
+                const int64_t m = b * 16 + r0 + r;
+                v[r] = m < M ? _mm512_loadu_si512(x + m * k + c) : _mm512_setzero_si512();
+            }
+            transpose_4x16(v, t); /* t[q]: pairs 4q..4q+3 of the 4 rows */
+            for (int q = 0; q < 4; q++)
+                for (int p = 0; p < 4; p++) /* pair c / 2 + 4q + p: its 4 rows' 16 bytes */
+                    _mm_storeu_si128((__m128i *)(base + (c / 2 + 4 * q + p) * 64 + r0 * 4),
+                                     _mm512_extracti32x4_epi32(t[q], p));
+        }
+}
+
+/* fp8 weight rows n..n+3 dequantized to bf16 (q x scale rounded once, the tiles' and the torch
+ * reference's weights) as pairs [k / 2][4 rows][2] into `out` (8k bytes). */
+static void pack_fp8_weights(const LinearWeights *L, int64_t n, uint16_t *out) {
+    const int64_t k = L->k;
+    for (int64_t c = 0; c < k; c += 32) { /* 32 inputs of each row, in one scale's group */
+        __m512i v[GEMM_WEIGHT_ROWS], t[4];
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
+            const uint8_t *w = (const uint8_t *)L->weight + (n + j) * k;
+            const __m512 factor = _mm512_set1_ps(quant_scale(L, n + j, c / L->group) * 256.0f);
+            const __m256i low = (__m256i)_mm512_cvtneps_pbh(
+                _mm512_mul_ps(sixteen_values(FORMAT_FP8, w, c), factor));
+            const __m256i high = (__m256i)_mm512_cvtneps_pbh(
+                _mm512_mul_ps(sixteen_values(FORMAT_FP8, w, c + 16), factor));
+            v[j] = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+        }
+        transpose_4x16(v, t); /* t[q]: pairs 4q..4q+3 of the 4 rows, as the tiles read them */
+        for (int q = 0; q < 4; q++)
+            _mm512_storeu_si512(out + (c / 2 + 4 * q) * 2 * GEMM_WEIGHT_ROWS, t[q]);
+    }
+}
+
+/* out[i][j][l] = row 16 i + l of the R packed bf16 blocks at xb . row j of the bf16 panel `wp`
+ * (float32 sums of `vdpbf16ps` pairs); R compile-time after inlining. */
+static inline __attribute__((always_inline)) void gemm_bf16_tile(
+    const uint16_t *wp, const char *xb, int64_t k, const int R,
+    float out[][GEMM_WEIGHT_ROWS][16]) {
+    const int64_t rows_bytes = gemm_rows_bytes(FORMAT_FP8, k);
+    __m512 acc[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) acc[i][j] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int64_t p = 0; p < k / 2; p++) {
+        __m512i xv[GEMM_ROW_BLOCKS];
+        for (int i = 0; i < R; i++) {
+            xv[i] = _mm512_loadu_si512(xb + i * rows_bytes + p * 64);
+            __asm__("" : "+v"(xv[i])); /* in a register, as gemm_tile's */
+        }
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
+            const __m512i w = _mm512_set1_epi32(*(const int32_t *)(wp + (p * GEMM_WEIGHT_ROWS + j) * 2));
+            for (int i = 0; i < R; i++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w, (__m512bh)xv[i]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) _mm512_storeu_ps(out[i][j], acc[i][j]);
+}
+
+/* One body per row count. */
+__attribute__((noinline)) static void gemm_bf16_tiles(const uint16_t *wp, const char *xb,
+                                                      int64_t k, int R,
+                                                      float out[][GEMM_WEIGHT_ROWS][16]) {
+    if (R == 3) gemm_bf16_tile(wp, xb, k, 3, out);
+    else if (R == 2) gemm_bf16_tile(wp, xb, k, 2, out);
+    else gemm_bf16_tile(wp, xb, k, 1, out);
+}
+
 /* out[i][j][l] = row 16 i + l of the R packed blocks at xb . weight row j of the panel `wp`,
  * `scales` [4][groups] the rows' float32 scales; R and PER_ROW (one scale a row) compile-time
  * after inlining. */
@@ -112,7 +202,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, c
                                                             const float *scales, const int R,
                                                             const int PER_ROW,
                                                             float out[][GEMM_WEIGHT_ROWS][16]) {
-    const int64_t rows_bytes = gemm_rows_bytes(k), groups = k / group;
+    const int64_t rows_bytes = gemm_rows_bytes(FORMAT_INT8, k), groups = k / group;
     const int64_t blocks_per_group = group / ACT_BLOCK;
     const char *x_scales = xb + 16 * k, *x_starts = xb + 16 * k + k / ACT_BLOCK * 64;
     __m512 acc[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS];
@@ -207,22 +297,31 @@ static inline void store_tile(float out[GEMM_WEIGHT_ROWS][16], const void *bias,
  * activations xp (all ceil(M / 16) blocks), stored as linear_features stores them; `panel`
  * 64 k bytes and `panel_scales` 64 k / group floats of this thread's. */
 static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t M, void *y,
-                                int y_bf16, int64_t n_begin, int64_t n_end, uint8_t *panel,
+                                int y_bf16, int64_t n_begin, int64_t n_end, char *panel,
                                 float *panel_scales) {
     const int64_t k = L->k, group = L->scale_stride == 0 ? k : L->group, groups = k / group;
-    const int64_t blocks = (M + 15) / 16;
+    const int64_t blocks = (M + 15) / 16, rows_bytes = gemm_rows_bytes(L->format, k);
+    const int fp8 = L->format == FORMAT_FP8;
+    const int64_t weight_row_bytes = fp8 ? 2 * k : k;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += GEMM_PANEL_ROWS) {
         const int64_t rows = n_end - n0 < GEMM_PANEL_ROWS ? n_end - n0 : GEMM_PANEL_ROWS;
-        for (int64_t j = 0; j < rows; j += GEMM_WEIGHT_ROWS) pack_weights(L, n0 + j, panel + j * k);
-        for (int64_t j = 0; j < rows; j++)
+        for (int64_t j = 0; j < rows; j += GEMM_WEIGHT_ROWS) {
+            if (fp8) pack_fp8_weights(L, n0 + j, (uint16_t *)(panel + j * weight_row_bytes));
+            else pack_weights(L, n0 + j, (uint8_t *)panel + j * k);
+        }
+        for (int64_t j = 0; j < rows && !fp8; j++) /* fp8's scales are in its bf16 panel */
             for (int64_t g = 0; g < groups; g++)
                 panel_scales[j * groups + g] = quant_scale(L, n0 + j, g);
         for (int64_t b = 0; b < blocks; b += GEMM_ROW_BLOCKS) {
             const int R = blocks - b < GEMM_ROW_BLOCKS ? (int)(blocks - b) : GEMM_ROW_BLOCKS;
             for (int64_t j = 0; j < rows; j += GEMM_WEIGHT_ROWS) {
                 float out[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS][16];
-                gemm_tiles(panel + j * k, xp + b * gemm_rows_bytes(k), k, group,
-                           panel_scales + j * groups, R, out);
+                if (fp8)
+                    gemm_bf16_tiles((const uint16_t *)(panel + j * weight_row_bytes),
+                                    xp + b * rows_bytes, k, R, out);
+                else
+                    gemm_tiles((const uint8_t *)panel + j * k, xp + b * rows_bytes, k, group,
+                               panel_scales + j * groups, R, out);
                 for (int i = 0; i < R; i++)
                     store_tile(out[i], L->bias, n0 + j, y, L->n, (b + i) * 16,
                                M - (b + i) * 16 < 16 ? M - (b + i) * 16 : 16, y_bf16);

@@ -1,9 +1,10 @@
 """Linear layers over quantized weights (fp8, int8, int4 in the compressed-tensors layout) by the
 native kernels: ``quant_linear_rows`` for a few rows (``quant_rows.h``; decode: the weights
-streamed and dequantized in registers) and ``quant_linear_many`` for many (prefill): int8 and
-int4 weights against int8 activations in integer products (``quant_linear_gemm``,
-``quant_gemm.h``) where int8 activations are on, else output features dequantized to the
-activations' dtype for torch's matmul (``quant_linear_tiles``, fp8 always), about
+streamed and dequantized in registers) and ``quant_linear_many`` for many (prefill): a matrix
+product over weights packed a panel at a time (``quant_linear_gemm``, ``quant_gemm.h``: int8 and
+int4 against int8 activations in integer products where int8 activations are on, fp8 against
+bf16 x in bf16 products), else output features dequantized to the activations' dtype for
+torch's matmul (``quant_linear_tiles``), about
 ``TILE_WEIGHTS`` at a time into one buffer each thread reuses, so the extra memory is one tile,
 never a dense copy of a weight.
 
@@ -82,7 +83,7 @@ def set_int8_activations(on: bool) -> bool:
     CPU has AVX-512 VNNI: faster there) or with bf16 activations (``on=False``: the torch
     reference's numbers up to bf16 rounding), and whether many rows (prefill) meet them in
     integer products (``quant_linear_gemm``) or dequantized tiles. Returns whether int8
-    activations are now in use. fp8 and int8 weights at 3 to 8 rows always take the
+    activations are now in use. fp8 weights and int8 ones at 3 to 8 rows always take the
     activations as they are."""
     lib = library.load()
     return lib is not None and bool(lib.bamba_quant_set_int8_activations(int(on)))
@@ -199,11 +200,13 @@ def dequantize_tile(layout: QuantLayout, begin: int, end: int, dtype: torch.dtyp
 
 def quant_linear_gemm(x: torch.Tensor, layout: QuantLayout,
                       bias: torch.Tensor | None) -> torch.Tensor | None:
-    """y = x W^T (+ bias) for many rows of int8 or int4 weights against x quantized to int8 per
-    32 inputs (``bamba.quant.formats.int8_activations``), in integer products, float32
-    accumulation; None where the kernel does not take it (int8 activations off, fp8, groups
-    that are not whole blocks of 32 inputs, an output count that is not a multiple of 4)."""
-    if layout.format == "fp8" or x.dtype not in (torch.bfloat16, torch.float32):
+    """y = x W^T (+ bias) for many rows, weights packed a panel at a time as the products read
+    them (never a dense copy): int8 or int4 weights against x quantized to int8 per 32 inputs
+    (``bamba.quant.formats.int8_activations``) in integer products, fp8 ones dequantized to
+    bf16 against bf16 x in bf16 products; float32 accumulation. None where the kernel does not
+    take it (int8 or int4 with int8 activations off, fp8 with float32 x, groups that are not
+    whole blocks of 32 inputs, an output count that is not a multiple of 4)."""
+    if x.dtype not in (torch.bfloat16, torch.float32):
         return None
     status, y = _call_linear("bamba_quant_gemm", x, layout, bias)
     if status == -1:

@@ -8,8 +8,9 @@ What each swapped module adds:
 * ``nn.Linear``: the few-row (decode) linear kernel; ``kernel_weights()`` tells the layer and
   model steps its format and tensors;
 * ``QuantizedLinear`` (fp8, int8, int4): the few-row kernel over its quantized weights, and at
-  prefill integer products against int8 activations (int8, int4) or dequantized tiles for
-  torch's matmul; the layer and model steps read its ``kernel_weights()`` too;
+  prefill a product over weight panels (int8, int4 against int8 activations; fp8 against bf16
+  x) or dequantized tiles for torch's matmul; the layer and model steps read its
+  ``kernel_weights()`` too;
 * ``RMSNorm`` and ``MLP``: one pass for the norm and the SwiGLU product;
 * ``Attention``: decode attention over the cache in place;
 * ``Mamba2Mixer``: the one-pass SSM state update, the prefill kernels, the training conv;
@@ -78,8 +79,9 @@ class Linear(_Counted, nn.Linear):
 
 
 class QuantizedLinear(_Counted, quant_linear.QuantizedLinear):
-    """The few-row kernel streaming the quantized weights (decode), integer products or
-    dequantized tiles for torch's matmul (prefill), the torch reference where neither fits."""
+    """The few-row kernel streaming the quantized weights (decode), a product over weight
+    panels or dequantized tiles for torch's matmul (prefill), the torch reference where
+    neither fits."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = dispatch.quant_linear_fits(x, self.kernel_weights())
