@@ -13,9 +13,9 @@
  * Layout: 16 rows of x at a time, each vector's 16 lanes one row (`pack_activations`: for every
  * 4 inputs a 64-byte vector of the 16 rows' 4 bytes each, then per block of 32 inputs the rows'
  * scales and their offset terms; `pack_bf16_activations`: for every 2 inputs the 16 rows' bf16
- * pairs). The weights go 4 rows at a time into a panel (`pack_weights`: for every 4 inputs the
- * 4 rows' 4 bytes, unsigned as stored, int4's nibbles widened to bytes; `pack_fp8_weights`: for
- * every 2 inputs the 4 rows' bf16 pairs), and each 4-byte group is broadcast against the
+ * pairs). The weights go 4 rows at a time into a panel (`pack_int_weights`: for every 4 inputs
+ * the 4 rows' 4 bytes, unsigned as stored, int4's nibbles widened to bytes; `pack_fp8_weights`:
+ * for every 2 inputs the 4 rows' bf16 pairs), and each 4-byte group is broadcast against the
  * activation vectors. An integer tile of 3 x 16 rows by 4 weight rows holds 12 int32 sums that
  * restart every block (each starts at minus the offset's products, as quant_int8_dot.h's lanes
  * do) and 12 float32 ones: sum += int32 dot x row scale (x weight scale where a row has several
@@ -71,7 +71,8 @@ static void pack_activations(const void *x, int x_bf16, int64_t M, int64_t k, in
             else
                 memset(q, 0, sizeof q);
             const __m512i sum = _mm512_dpbusd_epi32(
-                _mm512_setzero_si512(), ones, _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)q)));
+                _mm512_setzero_si512(), ones,
+                _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)q)));
             for (int step = 0; step < ACT_BLOCK / 4; step++) /* 4 inputs: one lane's bytes */
                 memcpy(base + ((block * 8 + step) * 16 + i) * 4, q + 4 * step, 4);
             scales[block * 16 + i] = s;
@@ -95,8 +96,8 @@ static inline void transpose_4x16(const __m512i v[4], __m512i t[4]) {
     t[3] = _mm512_shuffle_i32x4(h2, h3, 0xDD);
 }
 
-/* Weight rows n..n+3 as bytes [k / 4][4 rows][4 inputs] into `out` (4k bytes). */
-static void pack_weights(const LinearWeights *L, int64_t n, uint8_t *out) {
+/* int8 or int4 weight rows n..n+3 as bytes [k / 4][4 rows][4 inputs] into `out` (4k bytes). */
+static void pack_int_weights(const LinearWeights *L, int64_t n, uint8_t *out) {
     const int64_t k = L->k, row_bytes = quant_row_bytes(L->format, k);
     for (int64_t c = 0; c < k; c += 64) { /* 64 inputs of each row: 16 groups of 4 */
         __m512i v[GEMM_WEIGHT_ROWS];
@@ -176,7 +177,8 @@ static inline __attribute__((always_inline)) void gemm_bf16_tile(
             __asm__("" : "+v"(xv[i])); /* in a register, as gemm_tile's */
         }
         for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
-            const __m512i w = _mm512_set1_epi32(*(const int32_t *)(wp + (p * GEMM_WEIGHT_ROWS + j) * 2));
+            const __m512i w =
+                _mm512_set1_epi32(*(const int32_t *)(wp + (p * GEMM_WEIGHT_ROWS + j) * 2));
             for (int i = 0; i < R; i++)
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w, (__m512bh)xv[i]);
         }
@@ -229,7 +231,8 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, c
                 for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
                     const __m512i w = _mm512_set1_epi32(
                         *(const int32_t *)(wk + (step * GEMM_WEIGHT_ROWS + j) * 4));
-                    for (int i = 0; i < R; i++) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], w, xv[i]);
+                    for (int i = 0; i < R; i++)
+                        dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], w, xv[i]);
                 }
             }
             for (int i = 0; i < R; i++) {
@@ -307,7 +310,7 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
         const int64_t rows = n_end - n0 < GEMM_PANEL_ROWS ? n_end - n0 : GEMM_PANEL_ROWS;
         for (int64_t j = 0; j < rows; j += GEMM_WEIGHT_ROWS) {
             if (fp8) pack_fp8_weights(L, n0 + j, (uint16_t *)(panel + j * weight_row_bytes));
-            else pack_weights(L, n0 + j, (uint8_t *)panel + j * k);
+            else pack_int_weights(L, n0 + j, (uint8_t *)panel + j * k);
         }
         for (int64_t j = 0; j < rows && !fp8; j++) /* fp8's scales are in its bf16 panel */
             for (int64_t g = 0; g < groups; g++)
