@@ -4,9 +4,8 @@ streamed and dequantized in registers) and ``quant_linear_many`` for many (prefi
 product over weights packed a panel at a time (``quant_linear_gemm``, ``quant_gemm.h``: int8 and
 int4 against int8 activations in integer products where int8 activations are on, fp8 against
 bf16 x in bf16 products), else output features dequantized to the activations' dtype for
-torch's matmul (``quant_linear_tiles``), about
-``TILE_WEIGHTS`` at a time into one buffer each thread reuses, so the extra memory is one tile,
-never a dense copy of a weight.
+torch's matmul (``quant_linear_tiles``), about ``TILE_WEIGHTS`` at a time into one buffer each
+thread reuses, so the extra memory is one tile, never a dense copy of a weight.
 
 ``quant_layout`` reads a linear's ``LinearWeights`` into what the kernels take, or None when
 they do not take it (then the layer's torch reference runs)."""
