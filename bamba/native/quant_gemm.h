@@ -298,7 +298,7 @@ static inline void store_tile(float out[GEMM_WEIGHT_ROWS][16], const void *bias,
 
 /* Features [n_begin, n_end) (4 | n_end - n_begin) of y [M, n] = x W^T + bias from the packed
  * activations xp (all ceil(M / 16) blocks), stored as linear_features stores them; `panel`
- * 64 k bytes and `panel_scales` 64 k / group floats of this thread's. */
+ * gemm_panel_bytes and `panel_scales` 64 k / group floats of this thread's (int8, int4). */
 static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t M, void *y,
                                 int y_bf16, int64_t n_begin, int64_t n_end, char *panel,
                                 float *panel_scales) {
