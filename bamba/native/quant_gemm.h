@@ -19,9 +19,11 @@
  * activation vectors. An integer tile of 3 x 16 rows by 4 weight rows holds 12 int32 sums that
  * restart every block (each starts at minus the offset's products, as quant_int8_dot.h's lanes
  * do) and 12 float32 ones: sum += int32 dot x row scale (x weight scale where a row has several
- * groups; one scale a row is applied once at the end); a bf16 tile 12 float32 sums. Each thread
- * takes its share of weight rows, 64 at a time packed (L2), and walks every 48 rows of x over
- * them.
+ * groups; one scale a row is applied once at the end). A bf16 tile takes 8 weight rows (two
+ * packs of 4), 24 float32 sums: with 12, `vdpbf16ps`' latency held it near 80% of its peak on
+ * a full-width AVX-512 core (Zen 5). Tiles store each row's outputs straight from registers.
+ * Each thread takes its share of weight rows, 64 at a time packed (L2), and walks every 48
+ * rows of x over them.
  *
  * All linears of the quantization benchmark's shapes at 512 rows (benchmarks/README.md
  * #quantized-prefill): int8 1.46-1.64x and int4 (groups of 128) 1.38-1.48x torch's bf16 matmul;
@@ -31,7 +33,8 @@
 #define BAMBA_QUANT_GEMM_H
 
 #ifdef HAVE_INT8_DOT
-enum { GEMM_ROW_BLOCKS = 3, GEMM_WEIGHT_ROWS = 4, GEMM_PANEL_ROWS = 64, GEMM_K_MULTIPLE = 64 };
+enum { GEMM_ROW_BLOCKS = 3, GEMM_WEIGHT_ROWS = 4, GEMM_WIDE_ROWS = 8, GEMM_PANEL_ROWS = 64,
+       GEMM_K_MULTIPLE = 64 };
 
 /* Whether the product takes weights of this format and width k with `group` inputs a scale
  * (one scale a row or a matrix, or whole blocks of 32): int8 and int4 against int8 activations,
@@ -161,14 +164,15 @@ static void pack_fp8_weights(const LinearWeights *L, int64_t n, uint16_t *out) {
 }
 
 /* out[i][j][l] = row 16 i + l of the R packed bf16 blocks at xb . row j of the bf16 panel `wp`
- * (float32 sums of `vdpbf16ps` pairs); R compile-time after inlining. */
+ * (float32 sums of `vdpbf16ps` pairs) for J = 4 or 8 rows (two packs of 4, one after the
+ * other); R and J compile-time after inlining. */
 static inline __attribute__((always_inline)) void gemm_bf16_tile(
-    const uint16_t *wp, const char *xb, int64_t k, const int R,
-    float out[][GEMM_WEIGHT_ROWS][16]) {
+    const uint16_t *wp, const char *xb, int64_t k, const int R, const int J,
+    float out[][GEMM_WIDE_ROWS][16]) {
     const int64_t rows_bytes = gemm_rows_bytes(FORMAT_FP8, k);
-    __m512 acc[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS];
+    __m512 acc[GEMM_ROW_BLOCKS][GEMM_WIDE_ROWS];
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) acc[i][j] = _mm512_setzero_ps();
+        for (int j = 0; j < J; j++) acc[i][j] = _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int64_t p = 0; p < k / 2; p++) {
         __m512i xv[GEMM_ROW_BLOCKS];
@@ -176,24 +180,31 @@ static inline __attribute__((always_inline)) void gemm_bf16_tile(
             xv[i] = _mm512_loadu_si512(xb + i * rows_bytes + p * 64);
             __asm__("" : "+v"(xv[i])); /* in a register, as gemm_tile's */
         }
-        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
-            const __m512i w =
-                _mm512_set1_epi32(*(const int32_t *)(wp + (p * GEMM_WEIGHT_ROWS + j) * 2));
+        for (int j = 0; j < J; j++) {
+            const __m512i w = _mm512_set1_epi32(*(const int32_t *)(
+                wp + (j / GEMM_WEIGHT_ROWS) * GEMM_WEIGHT_ROWS * k +
+                (p * GEMM_WEIGHT_ROWS + j % GEMM_WEIGHT_ROWS) * 2));
             for (int i = 0; i < R; i++)
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w, (__m512bh)xv[i]);
         }
     }
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) _mm512_storeu_ps(out[i][j], acc[i][j]);
+        for (int j = 0; j < J; j++) _mm512_storeu_ps(out[i][j], acc[i][j]);
 }
 
-/* One body per row count. */
+/* One body per row count and width. */
 __attribute__((noinline)) static void gemm_bf16_tiles(const uint16_t *wp, const char *xb,
-                                                      int64_t k, int R,
-                                                      float out[][GEMM_WEIGHT_ROWS][16]) {
-    if (R == 3) gemm_bf16_tile(wp, xb, k, 3, out);
-    else if (R == 2) gemm_bf16_tile(wp, xb, k, 2, out);
-    else gemm_bf16_tile(wp, xb, k, 1, out);
+                                                      int64_t k, int R, int J,
+                                                      float out[][GEMM_WIDE_ROWS][16]) {
+    if (J == GEMM_WIDE_ROWS) {
+        if (R == 3) gemm_bf16_tile(wp, xb, k, 3, GEMM_WIDE_ROWS, out);
+        else if (R == 2) gemm_bf16_tile(wp, xb, k, 2, GEMM_WIDE_ROWS, out);
+        else gemm_bf16_tile(wp, xb, k, 1, GEMM_WIDE_ROWS, out);
+    } else {
+        if (R == 3) gemm_bf16_tile(wp, xb, k, 3, GEMM_WEIGHT_ROWS, out);
+        else if (R == 2) gemm_bf16_tile(wp, xb, k, 2, GEMM_WEIGHT_ROWS, out);
+        else gemm_bf16_tile(wp, xb, k, 1, GEMM_WEIGHT_ROWS, out);
+    }
 }
 
 /* out[i][j][l] = row 16 i + l of the R packed blocks at xb . weight row j of the panel `wp`,
@@ -203,7 +214,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, c
                                                             int64_t k, int64_t group,
                                                             const float *scales, const int R,
                                                             const int PER_ROW,
-                                                            float out[][GEMM_WEIGHT_ROWS][16]) {
+                                                            float out[][GEMM_WIDE_ROWS][16]) {
     const int64_t rows_bytes = gemm_rows_bytes(FORMAT_INT8, k), groups = k / group;
     const int64_t blocks_per_group = group / ACT_BLOCK;
     const char *x_scales = xb + 16 * k, *x_starts = xb + 16 * k + k / ACT_BLOCK * 64;
@@ -255,7 +266,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, c
 /* One body per row count and scale layout. */
 __attribute__((noinline)) static void gemm_tiles(const uint8_t *wp, const char *xb, int64_t k,
                                                  int64_t group, const float *scales, int R,
-                                                 float out[][GEMM_WEIGHT_ROWS][16]) {
+                                                 float out[][GEMM_WIDE_ROWS][16]) {
     const int per_row = group == k;
     if (R == 3) {
         if (per_row) gemm_tile(wp, xb, k, group, scales, 3, 1, out);
@@ -270,8 +281,8 @@ __attribute__((noinline)) static void gemm_tiles(const uint8_t *wp, const char *
 }
 
 /* y[m0 + l, n..n+3] = out[j][l] + bias[n + j] for the first `rows` of 16 rows (bf16 rounded to
- * nearest even, or float32): a row's four outputs in one store. */
-static inline void store_tile(float out[GEMM_WEIGHT_ROWS][16], const void *bias, int64_t n,
+ * nearest even, or float32): a row's four outputs in one store, straight from registers. */
+static inline void store_tile(float out[GEMM_WIDE_ROWS][16], const void *bias, int64_t n,
                               void *y, int64_t ldy, int64_t m0, int64_t rows, int y_bf16) {
     __m512i v[GEMM_WEIGHT_ROWS], t[4];
     for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
@@ -280,18 +291,16 @@ static inline void store_tile(float out[GEMM_WEIGHT_ROWS][16], const void *bias,
     }
     transpose_4x16(v, t); /* t[q]: rows 4q..4q+3, four outputs each */
     for (int q = 0; q < 4 && 4 * q < rows; q++) {
-        float row[16] __attribute__((aligned(64)));
-        uint16_t half[16] __attribute__((aligned(32)));
-        _mm512_store_si512(row, t[q]);
-        if (y_bf16)
-            _mm256_store_si256((__m256i *)half,
-                               (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(t[q])));
+        const __m128i four[4] = {_mm512_castsi512_si128(t[q]), _mm512_extracti32x4_epi32(t[q], 1),
+                                 _mm512_extracti32x4_epi32(t[q], 2),
+                                 _mm512_extracti32x4_epi32(t[q], 3)};
         for (int64_t l = 4 * q; l < rows && l < 4 * q + 4; l++) {
             const int64_t at = (m0 + l) * ldy + n;
             if (y_bf16)
-                memcpy((uint16_t *)y + at, half + 4 * (l - 4 * q), 8);
+                _mm_storel_epi64((__m128i *)((uint16_t *)y + at),
+                                 (__m128i)_mm_cvtneps_pbh(_mm_castsi128_ps(four[l - 4 * q])));
             else
-                memcpy((float *)y + at, row + 4 * (l - 4 * q), 16);
+                _mm_storeu_si128((__m128i *)((float *)y + at), four[l - 4 * q]);
         }
     }
 }
@@ -317,17 +326,20 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
                 panel_scales[j * groups + g] = quant_scale(L, n0 + j, g);
         for (int64_t b = 0; b < blocks; b += GEMM_ROW_BLOCKS) {
             const int R = blocks - b < GEMM_ROW_BLOCKS ? (int)(blocks - b) : GEMM_ROW_BLOCKS;
-            for (int64_t j = 0; j < rows; j += GEMM_WEIGHT_ROWS) {
-                float out[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS][16];
+            for (int64_t j = 0; j < rows;) {
+                float out[GEMM_ROW_BLOCKS][GEMM_WIDE_ROWS][16];
+                const int J = fp8 && rows - j >= GEMM_WIDE_ROWS ? GEMM_WIDE_ROWS : GEMM_WEIGHT_ROWS;
                 if (fp8)
                     gemm_bf16_tiles((const uint16_t *)(panel + j * weight_row_bytes),
-                                    xp + b * rows_bytes, k, R, out);
+                                    xp + b * rows_bytes, k, R, J, out);
                 else
                     gemm_tiles((const uint8_t *)panel + j * k, xp + b * rows_bytes, k, group,
                                panel_scales + j * groups, R, out);
                 for (int i = 0; i < R; i++)
-                    store_tile(out[i], L->bias, n0 + j, y, L->n, (b + i) * 16,
-                               M - (b + i) * 16 < 16 ? M - (b + i) * 16 : 16, y_bf16);
+                    for (int h = 0; h < J; h += GEMM_WEIGHT_ROWS)
+                        store_tile(out[i] + h, L->bias, n0 + j + h, y, L->n, (b + i) * 16,
+                                   M - (b + i) * 16 < 16 ? M - (b + i) * 16 : 16, y_bf16);
+                j += J;
             }
         }
     }
