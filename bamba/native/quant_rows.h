@@ -415,10 +415,10 @@ extern int bamba_int8_activations;
 
 /* Input rows up to which fp8 and int8 weights against bf16 rows go one weight row at a time,
  * not two: a single stream of weight bytes a thread reads ~1.8x as fast from memory as two
- * interleaved ones on full-width AVX-512 hosts (Zen 5: 30 against 16.5 GB/s a core in a probe),
- * where one row's decode of fp8 is otherwise bound by it (all linears of the ~1.1B shape at one
- * row: 1.16x bf16 paired, level with int8's 1.9x alone). More rows need the pairing: an input
- * vector loaded serves both weight rows. */
+ * interleaved ones on a full-width AVX-512 host (Zen 5: 30 against 16.5 GB/s a core in a
+ * probe); fp8's batch-1 decode gained 6% (bench shape) and 12% (~1.1B) in a paired
+ * measurement (benchmarks/README.md#quantization). More rows need the pairing: an input vector
+ * loaded serves both weight rows. */
 enum { ONE_STREAM_ROWS = 2 };
 
 /* Features [n_begin, n_end) of y = x W^T + bias for M rows of x ([M, k], bf16 when x_bf16,
