@@ -12,6 +12,10 @@ behind) p50/p99 over all gaps. Concurrency 1 is also run non-streaming (seconds 
 All sides stay up for the whole run and each level is measured --rounds times, the sides in
 rotating order within each round (host drift hits all alike: this host's speed moves by up to
 15% over minutes), on prompts new to every server each round; each level keeps its best round.
+At concurrency 1 the sides take turns request by request (each prompt on every side back to
+back, the first side rotating), so the requests a ratio compares ran within a second or two of
+each other: whole levels of one side after another (~5 s each) gave per-round ratios from 0.87
+to 1.03 for the same code.
 The report holds every round's tok/s, and the server's and client's CPU a token (and bamba's
 engine thread's time in and between steps a token, from its /metrics). The ratios to trust are
 ``ratios``: per level, bamba's tok/s over the offline engine's and over llama-server's in each
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import random
@@ -46,7 +51,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -327,22 +331,35 @@ def summarize(results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return summary
 
 
-def measure_level(port: int, server_pid: int, c: int, batch: list[Request],
-                  stream: bool, args: argparse.Namespace,
-                  counters: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
-    """One level against a server: its summary, the server's and this client's CPU seconds a
-    generated token, and the growth of the server's ``counters`` (seconds) a token."""
+def measure(port: int, server_pid: int, c: int, batch: list[Request], stream: bool,
+            counters: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
+    """The batch against a server, ``c`` in flight: each request's result, the wall time, the
+    server's and this client's CPU seconds, and the growth of the server's ``counters``."""
     before = counters() if counters else {}
     server, client = cpu_seconds(server_pid), cpu_seconds()
     results, wall = asyncio.run(load(port, batch, c, stream))
     server, client = cpu_seconds(server_pid) - server, cpu_seconds() - client
     after = counters() if counters else {}
-    level = {"concurrency": c, "stream": stream, **summarize(results, wall)}
+    return {"results": results, "wall": wall, "server_cpu": server, "client_cpu": client,
+            "counters": {name: after[name] - before[name] for name in after}}
+
+
+def level_of(c: int, stream: bool, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level from its measured parts (one, or at concurrency 1 one a request): the summary
+    over all their requests, their wall times added, and CPU and counters a generated token."""
+    results = [r for part in parts for r in part["results"]]
     tokens = sum(r["tokens"] for r in results)
-    level.update(server_cpu_ms_per_token=round(1000 * server / tokens, 3),
-                 client_cpu_ms_per_token=round(1000 * client / tokens, 3))
-    level.update({f"{name}_ms_per_token": round(1000 * (after[name] - before[name]) / tokens, 3)
-                  for name in after})
+    level = {"concurrency": c, "stream": stream,
+             **summarize(results, sum(part["wall"] for part in parts))}
+    if "batched" in parts[0]:  # one generate call for the level's requests
+        level.update(requests=sum(p["batched"] for p in parts), seconds_per_request=None)
+    if "server_cpu" in parts[0]:
+        level.update(server_cpu_ms_per_token=round(
+            1000 * sum(p["server_cpu"] for p in parts) / tokens, 3),
+            client_cpu_ms_per_token=round(1000 * sum(p["client_cpu"] for p in parts) / tokens, 3))
+        level.update({f"{name}_ms_per_token": round(
+            1000 * sum(p["counters"][name] for p in parts) / tokens, 3)
+            for name in parts[0]["counters"]})
     return level
 
 
@@ -361,11 +378,11 @@ class BambaSide:
         self.proc = start_server(directory, self.port, args)
         warm_up(self.port, args)
 
-    def level(self, c: int, batch: list[Request], stream: bool) -> dict[str, Any]:
-        return measure_level(self.port, self.proc.pid, c, batch, stream, self.args,
-                             counters=lambda: {name: metric(
-                                 httpx.get(self.base + "/metrics").text,
-                                 f"bamba_{name}_seconds_total") for name in ENGINE_COUNTERS})
+    def measure(self, c: int, batch: list[Request], stream: bool) -> dict[str, Any]:
+        return measure(self.port, self.proc.pid, c, batch, stream,
+                       counters=lambda: {name: metric(
+                           httpx.get(self.base + "/metrics").text,
+                           f"bamba_{name}_seconds_total") for name in ENGINE_COUNTERS})
 
     def close(self) -> dict[str, Any]:
         """Its pools after the load (all free again), then the server stopped."""
@@ -397,8 +414,8 @@ class LlamaSide:
                      "parallel_slots": max(args.concurrency)}
         warm_up(self.port, args)
 
-    def level(self, c: int, batch: list[Request], stream: bool) -> dict[str, Any]:
-        return measure_level(self.port, self.proc.pid, c, batch, stream, self.args)
+    def measure(self, c: int, batch: list[Request], stream: bool) -> dict[str, Any]:
+        return measure(self.port, self.proc.pid, c, batch, stream)
 
     def failure(self, exc: Exception) -> str:
         log = self.gguf.with_suffix(".server.log").read_text(errors="replace").strip()
@@ -420,72 +437,73 @@ class OfflineSide:
 
         self.directory, self.args, self.engines = directory, args, {}
         self.params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+        # every engine runs on this one thread, as the server's on its engine thread
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, "offline-engine")
         torch.set_num_threads(args.threads)
 
-    def level(self, c: int, batch: list[Request], stream: bool) -> dict[str, Any]:
+    def measure(self, c: int, batch: list[Request], stream: bool) -> dict[str, Any]:
         from bamba.engine import LLM, SamplingParams
 
         if c not in self.engines:
-            self.engines[c] = in_passing_thread(lambda: LLM(
+            llm = in_passing_thread(lambda: LLM(
                 str(self.directory), dtype=self.args.dtype, memory_gb=self.args.memory_gb,
                 max_num_seqs=c))
+            warm = prompts(2, self.args.prompt_tokens, self.args.vocab, 99)
+            self.worker.submit(llm.generate, warm, self.params).result()
+            self.engines[c] = llm
         llm = self.engines[c]
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in batch]
         calls: list[Callable[[], list]] = \
             [lambda p=p, q=q: llm.generate(p, q) for (p, _), q in zip(batch, params)] \
             if c == 1 else [lambda: llm.generate([p for p, _ in batch], params)]
-        wall, tokens = _on_worker_thread(llm, calls, self.params, prompts(
-            2, self.args.prompt_tokens, self.args.vocab, 99))
-        return {"concurrency": c, "stream": stream, "requests": len(batch),
-                "wall_s": round(wall, 3), "output_tok_per_s": round(tokens / wall, 1),
-                "seconds_per_request": round(wall / len(batch), 4) if c == 1 else None}
+        part = self.worker.submit(_timed_calls, llm, calls).result()
+        return part if c == 1 else {**part, "batched": len(batch)}
 
     def close(self) -> dict[str, Any]:
+        self.worker.shutdown()
         self.engines.clear()
         return {}
 
 
-def _on_worker_thread(llm: Any, calls: list[Callable[[], list]], params: Any,
-                      warm: list[list[int]]) -> tuple[float, int]:
-    timing: dict[str, Any] = {}
-
-    def work() -> None:
-        llm.generate(warm, params)
-        llm.reset_prefix_cache()
-        start = time.perf_counter()
-        outputs = [o for call in calls for o in call()]
-        timing["wall"] = time.perf_counter() - start
-        timing["tokens"] = sum(len(o.outputs[0].token_ids) for o in outputs)
-
-    worker = threading.Thread(target=work)
-    worker.start()
-    worker.join()
-    return timing["wall"], timing["tokens"]
+def _timed_calls(llm: Any, calls: list[Callable[[], list]]) -> dict[str, Any]:
+    """Each call's tokens and seconds (one request each at concurrency 1, else one batch)."""
+    llm.reset_prefix_cache()
+    results, start = [], time.perf_counter()
+    for call in calls:
+        began = time.perf_counter()
+        outputs = call()
+        results.append({"ttft": None, "gaps": [], "latency": time.perf_counter() - began,
+                        "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)})
+    return {"results": results, "wall": time.perf_counter() - start}
 
 
 def run_rotation(sides: dict[str, Any], counts: dict[int, int], args: argparse.Namespace,
                  failed: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
     """Every level (each concurrency streaming, concurrency 1 also non-streaming) --rounds
-    times, every side once a round in rotating order, on prompts new to every server in each
-    round (both servers cache prompts). A side that fails under load leaves the rotation with
+    times, every side once a round in rotating order (at concurrency 1, request by request),
+    on prompts new to every server in each round (both servers cache prompts). A side that fails under load leaves the rotation with
     its reason in ``failed`` (bamba's sides are not allowed to). Returns each side's levels."""
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     sides = dict(sides)  # the rotation's own: a failed side leaves it, not the caller's
     for c, count in counts.items():
         for stream in (True, False) if c == 1 else (True,):
             for round_index in range(args.rounds):
-                seed = 10_000 * c + 1000 * stream + round_index
-                batch = requests(count, args, seed)
-                names = list(sides)
-                for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-                    try:
-                        level = sides[name].level(c, batch, stream)
-                    except (RuntimeError, OSError, EOFError, TimeoutError) as exc:
-                        if not isinstance(sides[name], LlamaSide):
-                            raise
-                        failed[name] = sides.pop(name).failure(exc)
-                        print(failed[name], flush=True)
-                        continue
+                batch = requests(count, args, 10_000 * c + 1000 * stream + round_index)
+                # concurrency 1: every request on every side back to back
+                pieces = [[r] for r in batch] if c == 1 else [batch]
+                parts: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+                for turn, piece in enumerate(pieces):
+                    names, first = list(sides), round_index + turn
+                    for name in names[first % len(names):] + names[:first % len(names)]:
+                        try:
+                            parts[name].append(sides[name].measure(c, piece, stream))
+                        except (RuntimeError, OSError, EOFError, TimeoutError) as exc:
+                            if not isinstance(sides[name], LlamaSide):
+                                raise
+                            failed[name] = sides.pop(name).failure(exc)
+                            print(failed[name], flush=True)
+                for name in sides:
+                    level = level_of(c, stream, parts[name])
                     measured[name].append(level)
                     print(json.dumps({name: level}), flush=True)
     return measured

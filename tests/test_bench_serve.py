@@ -90,6 +90,40 @@ def test_ratios_pair_the_rounds_of_each_level() -> None:
     assert "vs_llama_cpp" not in ratios[1, True]
 
 
+class _Recorder:
+    """A side that answers every request with ``tok_s`` tokens a second, noting its turns."""
+
+    def __init__(self, name: str, turns: list, tok_s: float):
+        self.name, self.turns, self.tok_s = name, turns, tok_s
+
+    def measure(self, c: int, batch: list, stream: bool) -> dict:
+        self.turns.append((self.name, c, len(batch)))
+        results = [{"ttft": None, "gaps": [], "latency": n / self.tok_s, "tokens": n}
+                   for _, n in batch]
+        return {"results": results, "wall": sum(r["latency"] for r in results)}
+
+
+def test_concurrency_one_takes_turns_request_by_request() -> None:
+    """At concurrency 1 every request runs on each side in turn (the first side rotating);
+    a level is then the sum of a side's requests. Higher levels go side after side."""
+    args = bench_serve.parse_args(["--max-tokens", "8", "--rounds", "2"])
+    args.vocab = 100
+    turns: list = []
+    sides = {"bamba": _Recorder("bamba", turns, 40.0), "offline": _Recorder("offline", turns, 50.0)}
+    measured = bench_serve.run_rotation(sides, {1: 3, 4: 5}, args, {})
+    first = [t for t in turns if t[1] == 1][:6]
+    assert first == [("bamba", 1, 1), ("offline", 1, 1), ("offline", 1, 1), ("bamba", 1, 1),
+                     ("bamba", 1, 1), ("offline", 1, 1)]
+    assert [t for t in turns if t[1] == 4] == [("bamba", 4, 5), ("offline", 4, 5),
+                                                ("offline", 4, 5), ("bamba", 4, 5)]
+    levels = measured["bamba"]
+    assert [(lv["concurrency"], lv["stream"], lv["requests"]) for lv in levels] == \
+        [(1, True, 3)] * 2 + [(1, False, 3)] * 2 + [(4, True, 5)] * 2
+    assert all(lv["output_tok_per_s"] == 40.0 for lv in levels)
+    ratios = bench_serve.round_ratios(measured)
+    assert {r["vs_offline"]["median"] for r in ratios} == {0.8}
+
+
 def test_percentiles_and_summary_of_streamed_requests() -> None:
     results = [{"ttft": 0.1, "latency": 1.0, "tokens": 4, "gaps": [0.01, 0.02, 0.03]},
                {"ttft": 0.3, "latency": 2.0, "tokens": 4, "gaps": [0.01, 0.01, 0.5]}]
