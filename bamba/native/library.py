@@ -112,10 +112,15 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("BAMBA_NATIVE", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        return open_library(build())
     except (RuntimeError, OSError) as err:
         log.warning("native kernels unavailable, using torch ops: %s", err)
         return None
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A built library loaded, its functions' signatures set (OSError if it will not load)."""
+    lib = ctypes.CDLL(str(path))
     for name, (argtypes, restype) in SIGNATURES.items():
         function = getattr(lib, name)
         if argtypes is not None:

@@ -126,6 +126,8 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
     __m512 sums[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < J; j++) acc[r][j] = sums[r][j] = _mm512_setzero_ps();
+    if (span == GROUPS_IN_CHUNK)
+        for (int j = 0; j < J; j++) prefetch_scales(L, n + j);
     for (int64_t c = 0, left = per_group; c < chunks; c++) {
         __m512i low[INT8_TILE_WEIGHT_ROWS], high[INT8_TILE_WEIGHT_ROWS];
         __m512 wscale[INT8_TILE_WEIGHT_ROWS];
