@@ -155,7 +155,7 @@ static QuantTables quant_tables(const LinearWeights *L) {
 /* Rows ahead whose scales a weight row's dot products prefetch when groups are smaller than a
  * chunk (llama.cpp's Q4_0 and Q8_0 files: an fp16 scale a 32 inputs). The scales lie apart
  * from the weights, a stream the hardware prefetcher left to miss: batch-1 decode of the ~1.1B
- * shape's Q4_0 file 27.4 -> 15.5 ms, its Q8_0 file 34.7 -> 30.2 (old and new build in one
+ * shape's Q4_0 file 26.9 -> 15.2 ms, its Q8_0 file 32.6 -> 28.4 (old and new build in one
  * process, alternating turns, benchmarks/ab_kernels.py); 4 and 8 rows ahead alike, 16 and 32
  * slower. */
 enum { SCALE_PREFETCH_ROWS = 8 };
