@@ -27,9 +27,9 @@ def test_two_builds_take_turns(tmp_path: Path, capsys: pytest.CaptureFixture,
     def opened(path: Path):  # a build that notes each kernel its callers look up
         lib = real_open(path)
 
-        class Noted:
+        class Noted:  # one a build, even when both builds are the same file (a clean tree)
             def __getattr__(self, name: str):
-                used.append(path)
+                used.append(self)
                 return getattr(lib, name)
 
         return Noted()
@@ -39,8 +39,8 @@ def test_two_builds_take_turns(tmp_path: Path, capsys: pytest.CaptureFixture,
     assert ab_kernels.main([str(checkpoint), "--turns", "2", "--steps", "3"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["checkpoint"] == str(checkpoint) and row["base_ms"] > 0 and row["tree_ms"] > 0
-    runs = [path for i, path in enumerate(used) if i == 0 or used[i - 1] != path]
-    assert len(runs) == 3 and runs[0] == runs[2] != runs[1]  # base, tree; tree, base
+    runs = [build for i, build in enumerate(used) if i == 0 or used[i - 1] is not build]
+    assert len(runs) == 3 and runs[0] is runs[2] is not runs[1]  # base, tree; tree, base
     assert library.load is real_load
 
 
