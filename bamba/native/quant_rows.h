@@ -466,8 +466,8 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     int64_t n = n_begin;
 #ifdef HAVE_INT8_DOT
     const int64_t J = INT8_TILE_WEIGHT_ROWS;
-    for (; xp != NULL && int8_dot && M == 1 && L->format == FORMAT_INT4 && n + J <= n_end;
-         n += J) { /* int4's batch-1 decode */
+    for (; xp != NULL && int8_dot && M == 1 && L->format == FORMAT_INT4 &&
+           L->k <= FOUR_ROW_MAX_K && n + J <= n_end; n += J) { /* int4's batch-1 decode */
         float out[INT8_TILE_WEIGHT_ROWS];
         int4_dots_four(L, &t, (const char *)xp, n, out);
         for (int j = 0; j < J; j++)
