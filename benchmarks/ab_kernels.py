@@ -5,8 +5,9 @@ Why: a host of this machine kind moves its memory speed by up to ±30% within mi
 processes a few minutes apart measure two spells, not two kernels (a change once looked +30%
 in two such runs and 0% in three more). Here both builds are loaded side by side (ctypes, each
 its own copy of the library) and every turn of --steps decode steps runs on one of them, the
-first of each pair of turns alternating; each checkpoint's figure is the median step of each
-build and their ratio. Only the kernels differ: the Python above them is the working tree's.
+first of each pair of turns alternating; each checkpoint's figure is each build's median over
+its turns of a turn's median step, and their ratio. Only the kernels differ: the Python above
+them is the working tree's.
 
     python benchmarks/ab_kernels.py DIR_OR_GGUF...                 # HEAD against the tree
     python benchmarks/ab_kernels.py --base 309dee0 --turns 60 DIR_OR_GGUF...
@@ -22,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from bamba.native import library
 
 sys.path.insert(0, str(Path(__file__).parent))
 from host import describe_host, write_json  # noqa: E402
+from measure import decode_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = "bamba/native"
@@ -68,28 +69,15 @@ def revision_sources(revision: str, directory: Path) -> tuple[Path, ...]:
 
 
 def decode_turns(model: Any, builds: dict[str, Any], turns: int, steps: int) -> dict[str, float]:
-    """Median seconds of a decode step on each build, turns alternating between them."""
-    from bamba.cache import ContiguousCache
-
-    length = 2048
-    cache, position = ContiguousCache(model.config, 1, length, model.dtype), 0
-    token, times = torch.tensor([[5]]), {name: [] for name in builds}
+    """Median over turns of each build's median decode step (``measure.decode_seconds``: two
+    untimed steps, then ``steps`` - 2), the turns alternating between the builds."""
+    times: dict[str, list[float]] = {name: [] for name in builds}
     real_load = library.load
     try:
-        with torch.inference_mode():
-            for turn in range(turns):
-                names = list(builds) if turn % 2 == 0 else list(reversed(builds))
-                for name in names:
-                    library.load = lambda lib=builds[name]: lib  # noqa: E731
-                    for step in range(steps):
-                        if position == length:
-                            cache, position = ContiguousCache(model.config, 1, length,
-                                                              model.dtype), 0
-                        start = time.perf_counter()
-                        model(token, positions=torch.full((1, 1), position), cache=cache)
-                        if step >= 2:
-                            times[name].append(time.perf_counter() - start)
-                        position += 1
+        for turn in range(turns):
+            for name in list(builds) if turn % 2 == 0 else list(reversed(builds)):
+                library.load = lambda lib=builds[name]: lib  # noqa: E731
+                times[name].append(decode_seconds(model, 1, steps - 2))
     finally:
         library.load = real_load
     return {name: statistics.median(t) for name, t in times.items()}

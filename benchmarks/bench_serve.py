@@ -481,8 +481,9 @@ def run_rotation(sides: dict[str, Any], counts: dict[int, int], args: argparse.N
                  failed: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
     """Every level (each concurrency streaming, concurrency 1 also non-streaming) --rounds
     times, every side once a round in rotating order (at concurrency 1, request by request),
-    on prompts new to every server in each round (both servers cache prompts). A side that fails under load leaves the rotation with
-    its reason in ``failed`` (bamba's sides are not allowed to). Returns each side's levels."""
+    on prompts new to every server in each round (both servers cache prompts). A side that
+    fails under load leaves the rotation with its reason in ``failed`` (bamba's sides are not
+    allowed to). Returns each side's levels."""
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     sides = dict(sides)  # the rotation's own: a failed side leaves it, not the caller's
     for c, count in counts.items():

@@ -173,9 +173,9 @@ def test_many_rows_that_the_products_do_not_take_dequantize_tiles(monkeypatch) -
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_one_row_takes_four_weight_rows_at_a_time_with_the_same_numbers(fmt, group) -> None:
     """At one row the kernel walks four int4 weight rows of at most 1024 inputs at once (the
-    rest one by one: 90 outputs over two threads leave remainders), int8 ones one by one; each output's arithmetic
-    is the one-row-at-a-time kernel's, which two input rows take: the first row's outputs are
-    equal bit for bit."""
+    rest one by one: 90 outputs over two threads leave remainders), int8 ones one by one; each
+    output's arithmetic is the one-row-at-a-time kernel's, which two input rows take: the first
+    row's outputs are equal bit for bit."""
     if not quant_ops.set_int8_activations(True):
         pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
     layer = _layer(fmt, group, True, torch.float32, k=384, n=90)

@@ -103,10 +103,10 @@ static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, 
 
 /* int4 weight rows of at most this many inputs (8 chunks) go four at a time against one input
  * row (int4_dots_four), longer ones one at a time. Both builds in one process, alternating
- * decode turns (benchmarks/ab_kernels.py): four at a time for every row took the ~1.1B shape's
- * steps (k 1536 and more) 20.2 ms where one at a time takes 17.4 (its Q4_0 file 21.4 and 18.6),
- * and the bench shape's (k 512 to 1792) 4.17 against 3.66 had its short rows gone one at a time;
- * with this bound the bench shape is as fast as with the tile everywhere (1.01x). */
+ * decode turns (benchmarks/ab_kernels.py): with the tile for every row the ~1.1B shape's steps
+ * (k 1536 and more) took 20.2 ms against 17.4 with this bound (its Q4_0 file 21.4 against 18.6);
+ * with no tile at all the bench shape's (k 512 to 1792) took 4.17 against 3.66 with it, and with
+ * this bound it is as fast as with the tile everywhere (1.01x). */
 enum { FOUR_ROW_MAX_K = 1024 };
 
 /* out[r * J + j] = x_r . w_{n+j} for R prepared rows (row_bytes apart) and J weight rows,
@@ -114,7 +114,8 @@ enum { FOUR_ROW_MAX_K = 1024 };
  * rows, each row's activations J weight rows, in one flat loop over the chunks. One input row
  * against four weight rows is int4's batch-1 decode of short rows: four independent chains and
  * one call for four outputs (a short row, 4-8 chunks, otherwise spends a good part of its time
- * starting and reducing; a longer one reads its four interleaved weight streams slower than one). int8 weights at one row stay one weight row at a time: their four-row tile, four
+ * starting and reducing; a longer one reads four interleaved weight streams slower than one).
+ * int8 weights at one row stay one weight row at a time: their four-row tile, four
  * interleaved streams of weight bytes, read 37 GB/s from memory where one row's stream reads 45
  * (all linears of the ~1.1B shape, benchmarks/README.md#linears-alone); int4's streams are half
  * as long, and its tile is as fast from memory and ~5% faster from cache. Each output's
