@@ -18,7 +18,7 @@ import torch
 from bamba.cache import ContiguousCache
 from bamba.config import context_hint
 from bamba.model import BambaLM
-from bamba.native import accelerate
+from bamba.native import accelerate, steady_weights
 from bamba.sampling import (SamplingBatch, SamplingValues, require_int, sample,
                             token_counts)
 
@@ -209,8 +209,9 @@ def generate(model: BambaLM, prompts: Sequence[Sequence[int]],
     used while every row of the batch is still decoding.
     """
     batch = _Batch(model, prompts, config or GenerationConfig(), decode_step)
-    for _ in batch.run():
-        pass
+    with steady_weights():
+        for _ in batch.run():
+            pass
     return batch.results
 
 

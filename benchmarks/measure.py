@@ -88,11 +88,12 @@ def decode_seconds(model: Any, batch: int, steps: int, context: int = 0,
     import torch
 
     from bamba.cache import ContiguousCache
+    from bamba.native import steady_weights
 
     cache = ContiguousCache(model.config, batch, context + warmup + steps, model.dtype)
     vocab = model.config.vocab_size
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), steady_weights():  # as generate's loop
         if context:
             model(random_tokens(batch, context, vocab), cache=cache, logits_to_keep=1,
                   positions=torch.arange(context).expand(batch, context))

@@ -2,13 +2,18 @@
 path it replaces: the same logits (bit for bit in bf16), states and caches; taken only where
 it applies; bad storage and rows give one-line errors."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 from bamba.cache import ContiguousCache
 from bamba.config import preset
+from bamba.engine import LLM, SamplingParams
+from bamba.generation import GenerationConfig, generate
 from bamba.model import BambaLM, init_weights
-from bamba.native import accelerate, decode_ops, dispatch, plan
+from bamba.native import accelerate, decode_ops, dispatch, plan, steady_weights
 
 pytestmark = pytest.mark.skipif(not dispatch.linear_available(torch.float32),
                                 reason="the native decode step needs AVX-512 and a C compiler")
@@ -191,3 +196,71 @@ def test_replaced_weights_are_seen(monkeypatch, how) -> None:
     monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
     per_layer, _ = _decode(model, [0], 1, torch.float32, steps=2)
     torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
+
+
+def _checks(monkeypatch) -> list[int]:
+    """Counts every reading of the layers' tensor addresses (``_layout``)."""
+    seen: list[int] = []
+    real = decode_ops._layout
+    monkeypatch.setattr(decode_ops, "_layout", lambda present: seen.append(1) or real(present))
+    return seen
+
+
+def test_a_steady_scope_checks_the_weights_once(monkeypatch) -> None:
+    """Outside ``steady_weights`` every decode token reads every tensor's address again;
+    inside, only the scope's first token does, and a new scope checks again (a .data
+    replaced between two scopes is seen)."""
+    model = _model("tiny", torch.float32)
+    checks = _checks(monkeypatch)
+    _decode(model, [0], 1, torch.float32, steps=5)
+    unscoped = len(checks)
+    assert unscoped >= 5
+    checks.clear()
+    with steady_weights():
+        steady, _ = _decode(model, [0], 1, torch.float32, steps=5)
+    assert len(checks) == 1
+    up = model.model.layers[2].feed_forward.up_proj
+    up.weight.data = torch.randn(up.weight.shape, generator=torch.Generator().manual_seed(5))
+    with steady_weights():
+        fused, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
+    per_layer, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
+
+
+def test_a_steady_scope_still_sees_new_parameters_and_other_caches(monkeypatch) -> None:
+    """Inside one scope, a Parameter registered anew and a cache whose storage the plan has
+    not checked are both checked; the logits stay the per-layer path's; the plan keeps no
+    cache alive after its call."""
+    model = _model("tiny", torch.float32)
+    up = model.model.layers[2].feed_forward.up_proj
+    new = torch.randn(up.weight.shape, generator=torch.Generator().manual_seed(5))
+    with steady_weights():
+        _decode(model, [0], 1, torch.float32, steps=2)
+        checks = _checks(monkeypatch)
+        up.weight = torch.nn.Parameter(new)
+        first, cache = _decode(model, [0], 1, torch.float32, steps=3)
+        second, _ = _decode(model, [0], 1, torch.float32, steps=3)  # a new cache
+        assert len(checks) == 2
+    pool = weakref.ref(cache.conv[0])
+    del cache
+    gc.collect()
+    assert pool() is None
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
+    per_layer, _ = _decode(model, [0], 1, torch.float32, steps=3)
+    torch.testing.assert_close(first, per_layer, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, per_layer, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_and_the_engine_hold_a_steady_scope(monkeypatch) -> None:
+    """``generate`` and ``LLM.generate`` check the weights on their first decode token, not
+    on every one."""
+    model = _model("tiny", torch.float32)
+    checks = _checks(monkeypatch)
+    generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=8))
+    assert len(checks) == 1
+    checks.clear()
+    llm = LLM(model, tokenizer=None)
+    outputs = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0.0))
+    assert len(outputs[0].outputs[0].token_ids) == 8
+    assert len(checks) == 1

@@ -121,8 +121,10 @@ def _say(text: str) -> None:
 
 def _turn(session: ChatSession, text: str) -> None:
     """One user message: the streamed reply on stdout, a note on stderr if it was cut short."""
+    from bamba.native import steady_weights
+
     with _ctrl_c_flag() as interrupted, contextlib.closing(session.reply(text, interrupted)) \
-            as pieces:
+            as pieces, steady_weights():  # printing the pieces replaces no weight
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from bamba.dtypes import dtype_name, parse_dtype
     from bamba.engine.detok import IncrementalDetokenizer
     from bamba.generation import GenerationConfig, GenerationStream
+    from bamba.native import steady_weights
 
     text = read_prompt(args.prompt, args.prompt_file)
     dtype = parse_dtype(args.dtype, "--dtype")
@@ -115,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
     stream = GenerationStream(model, prompt, config, decode_step)
     detok = IncrementalDetokenizer(tokenizer, prompt)
     stops = StopText(args.stop)
-    for token in stream:
-        _write(stops.feed(detok.add(token)))
-        if stops.stopped is not None:
-            stream.finish("stop")
+    with steady_weights():  # the loop below replaces no weight
+        for token in stream:
+            _write(stops.feed(detok.add(token)))
+            if stops.stopped is not None:
+                stream.finish("stop")
     _write(stops.feed(detok.flush()) + stops.rest() + "\n")
     print(_report(stream.result, dtype_name(dtype), torch.get_num_threads(), embedded),
           file=sys.stderr)

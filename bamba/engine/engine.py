@@ -28,6 +28,7 @@ from bamba.engine.runner import ModelRunner
 from bamba.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 from bamba.engine.sequence import SequenceOutput, sample_rows, token_logprobs
 from bamba.model import BambaLM, cast
+from bamba.native import steady_weights
 from bamba.sampling import ParameterError
 
 log = logging.getLogger(__name__)
@@ -308,12 +309,13 @@ class LLM:
                 self.abort(request_id)
             raise
         finished: dict[str, RequestOutput] = {}
-        while len(finished) < len(ids):
-            for output in self.step():
-                if output.finished:
-                    finished[output.request_id] = output
-            if not self.scheduler.has_work() and len(finished) < len(ids):
-                raise RuntimeError("engine idle with unfinished requests")
+        with steady_weights():
+            while len(finished) < len(ids):
+                for output in self.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                if not self.scheduler.has_work() and len(finished) < len(ids):
+                    raise RuntimeError("engine idle with unfinished requests")
         return [finished[i] for i in ids]
 
     # ---- helpers ---------------------------------------------------------------------------

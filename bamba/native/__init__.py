@@ -25,6 +25,8 @@ Without a C compiler, or with ``BAMBA_NATIVE=0``, the library does not load and 
 keeps its torch path, which tests hold the kernels equal to.
 """
 
+from bamba.native.decode_ops import steady_weights
 from bamba.native.seam import NativeStepUnavailable, accelerate, decode_rows, is_accelerated
 
-__all__ = ["NativeStepUnavailable", "accelerate", "decode_rows", "is_accelerated"]
+__all__ = ["NativeStepUnavailable", "accelerate", "decode_rows", "is_accelerated",
+           "steady_weights"]

@@ -27,6 +27,7 @@ from typing import TypeVar
 
 from bamba.engine import LLM, RequestOutput, SamplingParams
 from bamba.engine.params import merge_delta
+from bamba.native import steady_weights
 from bamba.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -206,27 +207,14 @@ class AsyncEngine:
 
     # ---- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
-        last_end = None  # when the previous step ended, if the engine has not idled since
         while not self._stopping:
             self._wake.clear()
             self._drain()
             if not self.llm.has_unfinished_requests():
-                last_end = None
                 self._wake.wait(0.5)
                 continue
-            start = time.perf_counter()
-            try:
-                outputs = self.llm.step()
-            except Exception as exc:  # a bug in a step must not kill the server's engine
-                log.exception("engine step failed")
-                self._fail_all(RuntimeError(f"the engine failed: {exc}"))
-                last_end = None
-                continue
-            end = time.perf_counter()
-            self.metrics.record_engine_time(end - start, 0.0 if last_end is None
-                                            else start - last_end)
-            last_end = end
-            self._deliver(outputs)
+            with steady_weights():  # weights are checked again after each idle spell
+                self._run_while_busy()
         stopped = RuntimeError("the server is shutting down")
         self._fail_all(stopped)
         while True:  # answer requests that arrived too late to be added
@@ -269,6 +257,26 @@ class AsyncEngine:
             return
         self._sinks[request_id] = sink
         sink.accept()
+
+    def _run_while_busy(self) -> None:
+        """Steps until no request is left (or the server stops), taking new commands between
+        steps."""
+        last_end = None  # when the previous step ended
+        while not self._stopping and self.llm.has_unfinished_requests():
+            start = time.perf_counter()
+            try:
+                outputs = self.llm.step()
+            except Exception as exc:  # a bug in a step must not kill the server's engine
+                log.exception("engine step failed")
+                self._fail_all(RuntimeError(f"the engine failed: {exc}"))
+                return
+            end = time.perf_counter()
+            self.metrics.record_engine_time(end - start, 0.0 if last_end is None
+                                            else start - last_end)
+            last_end = end
+            self._deliver(outputs)
+            self._wake.clear()
+            self._drain()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         new_tokens = 0
