@@ -71,7 +71,9 @@ class _Counted(nn.Module):
 class Linear(_Counted, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if dispatch.linear_fits(x, self.weight):
-            return torch.ops.bamba.linear_rows(x, self.weight, self.bias)
+            if dispatch.through_dispatcher():
+                return torch.ops.bamba.linear_rows(x, self.weight, self.bias)
+            return linear_ops.call_rows(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def kernel_weights(self) -> LinearWeights:
