@@ -29,7 +29,10 @@ quantized by its ``llama-quantize`` to Q8_0 and Q4_0, measured by ``llama-bench`
 --prompt-tokens, decode at batch 1) in the same rounds; benchmarks/llama_cpp.py finds or builds
 the binaries. bamba also runs those Q8_0 / Q4_0 files themselves in the one-process turns
 (``bamba_on_llama_cpp_files``: the same bytes in two runtimes; their Q8_0 / Q4_0 blocks load as
-int8 / int4 group 32 with float16 scales, a Q4_0 file's Q6_K output matrix dequantized to bf16).
+int8 / int4 group 32 with float16 scales, a Q4_0 file's Q6_K output matrix dequantized to bf16),
+and llama-bench decodes each file for 16 tokens after every cycle of those turns: bamba's speed
+over llama.cpp's within each cycle, their median (``*_one_process_vs_llama_*``), is the
+comparison to trust; the rounds' best-of figures come from processes minutes apart.
 
     python benchmarks/bench_quant.py                        # both shapes, llama.cpp, quality
     python benchmarks/bench_quant.py --shapes bench --llama-cpp off --quality off
@@ -92,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="turns of the one-process prefill and batch-1 decode over all schemes")
     p.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the per-checkpoint child
     p.add_argument("--one-process", type=Path, nargs="+", help=argparse.SUPPRESS)  # all, one child
+    p.add_argument("--llama-turns", action="store_true", help=argparse.SUPPRESS)  # and llama-bench
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.rounds, args.steps, args.llama_cpp = ["tiny"], 1, 4, "off"
@@ -121,13 +125,17 @@ def measure(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 TURN_STEPS = 8  # timed decode steps of one scheme's turn in the one-process measurement
+LLAMA_TURN_TOKENS = 16  # llama-bench's batch-1 decode tokens in its turn beside ours
 
 
 def one_process(directories: list[Path], args: argparse.Namespace) -> dict[str, Any]:
     """Every checkpoint in this process, in turns (--cycles each) of TURN_STEPS batch-1 decode
     steps, then in turns of a prefill of --prompt-tokens (a prefill's tiles just before would
     move the decode steps' figures). Per checkpoint and figure: tok/s of its median turn, and
-    the median over turns of the first checkpoint's time divided by its own in the same turn."""
+    the median over turns of the first checkpoint's time divided by its own in the same turn.
+    With ``args.llama_turns``, every GGUF file among them also has llama-bench decode
+    LLAMA_TURN_TOKENS tokens of it right after each cycle's decode turns (``llama_cpp``: its
+    tok/s, and each checkpoint's speed over llama.cpp's in the same cycle, per file)."""
     import torch
 
     from bamba.checkpoint import from_pretrained
@@ -135,17 +143,46 @@ def one_process(directories: list[Path], args: argparse.Namespace) -> dict[str, 
 
     torch.set_num_threads(args.threads)
     models = [accelerate(from_pretrained(d, dtype=torch.bfloat16).eval()) for d in directories]
-    decode = [[decode_seconds(m, 1, TURN_STEPS) for m in models] for _ in range(args.cycles)]
+    files = [d for d in directories if Path(d).suffix == ".gguf"] \
+        if getattr(args, "llama_turns", False) else []
+    decode, llama = [], []
+    for _ in range(args.cycles):
+        decode.append([decode_seconds(m, 1, TURN_STEPS) for m in models])
+        llama.append([llama_decode_seconds(f, args.threads) for f in files])
     prefill = [[prefill_seconds(m, args.prompt_tokens, turn) for m in models]
                for turn in range(args.cycles)]
 
     def figure(turns: list[list[float]], tokens: int) -> dict[str, list[float]]:
         return {"tok_s": [round(tokens / statistics.median(t[i] for t in turns), 1)
                           for i in range(len(models))],
-                "vs_first": [round(statistics.median(t[0] / t[i] for t in turns), 2)
-                             for i in range(len(models))]}
+                "vs_first": [round(r, 2) for r in turn_ratios(turns, [[t[0]] for t in turns])[0]]}
 
-    return {"decode_b1": figure(decode, 1), "prefill": figure(prefill, args.prompt_tokens)}
+    result: dict[str, Any] = {"decode_b1": figure(decode, 1),
+                              "prefill": figure(prefill, args.prompt_tokens)}
+    if files:
+        result["llama_cpp"] = {
+            "files": [str(f) for f in files],
+            "decode_b1_tok_s": [round(1 / statistics.median(t[j] for t in llama), 1)
+                                for j in range(len(files))],
+            "decode_b1_vs_file": [[round(r, 2) for r in row]
+                                  for row in turn_ratios(decode, llama)]}
+    return result
+
+
+def turn_ratios(ours: list[list[float]], theirs: list[list[float]]) -> list[list[float]]:
+    """[peer j][checkpoint i]: the median over turns of peer j's seconds a token over
+    checkpoint i's in the same turn (``ours[turn][i]``, ``theirs[turn][j]``): how many times
+    faster checkpoint i ran than the peer, within each turn's memory spell."""
+    return [[statistics.median(t[j] / o[i] for o, t in zip(ours, theirs, strict=True))
+             for i in range(len(ours[0]))] for j in range(len(theirs[0]))]
+
+
+def llama_decode_seconds(gguf: Path, threads: int) -> float:
+    """Seconds a token of llama-bench's batch-1 decode of LLAMA_TURN_TOKENS tokens (one
+    repetition after its warm-up; the binary is already built)."""
+    rows, _ = run_llama_bench(Path(gguf), threads, ["-p", "0", "-n", str(LLAMA_TURN_TOKENS),
+                                                    "-r", "1"], build=False)
+    return 1 / rows[(0, LLAMA_TURN_TOKENS, 0)]["tok_s"]
 
 
 def measure_in_child(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -245,9 +282,11 @@ def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict[str, Any
         files = [k for k in ("Q8_0", "Q4_0") if k in ggufs]  # llama.cpp's files, read by bamba
         together = run_child([sys.executable, __file__, "--threads", str(args.threads),
                               "--cycles", str(args.cycles), "--prompt-tokens",
-                              str(args.prompt_tokens), "--one-process",
-                              *(str(dirs[s]) for s in order), *(str(ggufs[k]) for k in files)])
+                              str(args.prompt_tokens), *(["--llama-turns"] if files else []),
+                              "--one-process", *(str(dirs[s]) for s in order),
+                              *(str(ggufs[k]) for k in files)])
         print(json.dumps({"shape": shape, "one_process": together}), flush=True)
+        paired = together.pop("llama_cpp", None)
         for figure, values in together.items():
             for i, s in enumerate(order):
                 bamba[s][f"{figure}_one_process_tok_s"] = values["tok_s"][i]
@@ -255,6 +294,15 @@ def run_shape(shape: str, work: Path, args: argparse.Namespace) -> dict[str, Any
             for i, k in enumerate(files, start=len(order)):
                 on_files.setdefault(k, {})[f"{figure}_one_process_tok_s"] = values["tok_s"][i]
                 on_files[k][f"{figure}_one_process_vs_bf16"] = values["vs_first"][i]
+        if paired is not None:  # llama-bench's turns on its files, beside ours
+            for j, k in enumerate(files):
+                vs_file = paired["decode_b1_vs_file"][j]
+                on_files[k]["llama_cpp_decode_b1_one_process_tok_s"] = \
+                    paired["decode_b1_tok_s"][j]
+                on_files[k]["decode_b1_one_process_vs_llama_cpp"] = vs_file[len(order) + j]
+                for i, s in enumerate(order):
+                    if LLAMA_TYPES.get(s) == k:
+                        bamba[s][f"decode_b1_one_process_vs_llama_{k}"] = vs_file[i]
     base = bamba.get("bf16")
     for s, row in bamba.items():
         if base is not None:
