@@ -264,3 +264,27 @@ def test_generate_and_the_engine_hold_a_steady_scope(monkeypatch) -> None:
     outputs = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0.0))
     assert len(outputs[0].outputs[0].token_ids) == 8
     assert len(checks) == 1
+
+
+def test_inside_a_steady_scope_a_replaced_weight_is_read_where_it_was(monkeypatch) -> None:
+    """The promise broken (a .data replaced inside the scope): the step keeps reading the old
+    tensor, which the plan holds alive, so its logits stay those of the old weights."""
+    model = _model("tiny", torch.float32)
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
+    per_layer, _ = _decode(model, [0], 1, torch.float32, steps=4)
+    monkeypatch.undo()
+    up = model.model.layers[2].feed_forward.up_proj
+    cfg = model.config
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    cache = ContiguousCache(cfg, 1, 24, model.dtype, torch.float32)
+    logits = []
+    with torch.inference_mode(), steady_weights():
+        cache.bind([0])
+        model(tokens[:, :4], cache=cache)
+        for step in range(4):
+            logits.append(model(tokens[:, step:step + 1], positions=torch.tensor([[4 + step]]),
+                                cache=cache))
+            if step == 1:
+                up.weight.data = torch.zeros_like(up.weight)  # the old tensor's last reference
+                gc.collect()
+    torch.testing.assert_close(torch.cat(logits, dim=1).float(), per_layer, rtol=1e-5, atol=1e-5)

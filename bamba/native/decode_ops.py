@@ -130,6 +130,7 @@ class _Built(NamedTuple):
     """A DecodeModel and what it was built from."""
     layers: list  # the caller's list of layers' tensors (identity)
     present: list[torch.Tensor]  # its tensors, None left out
+    held: list[torch.Tensor]  # aliases of their storage: what the plan points into stays alive
     layout: tuple[list, list, list]  # their addresses, dtypes and contiguity
     storage: list[tuple]  # ``_storage_signature``
     pools: list[weakref.ref]  # the storage's tensors (identity; a cache outlives no call)
@@ -215,8 +216,9 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
     plan = _build(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit)
     if memo is not None:
         present = [t for tensors in layers for t in tensors if t is not None]
-        memo.last = _Built(layers, present, _layout(present), _storage_signature(storage),
-                           _references(storage), static, plan, scope)
+        memo.last = _Built(layers, present, [t.detach() for t in present], _layout(present),
+                           _storage_signature(storage), _references(storage), static, plan,
+                           scope)
     return plan
 
 
