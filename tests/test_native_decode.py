@@ -217,7 +217,7 @@ def test_a_steady_scope_checks_the_weights_once(monkeypatch) -> None:
     assert unscoped >= 5
     checks.clear()
     with steady_weights():
-        steady, _ = _decode(model, [0], 1, torch.float32, steps=5)
+        _decode(model, [0], 1, torch.float32, steps=5)
     assert len(checks) == 1
     up = model.model.layers[2].feed_forward.up_proj
     up.weight.data = torch.randn(up.weight.shape, generator=torch.Generator().manual_seed(5))

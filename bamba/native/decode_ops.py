@@ -149,8 +149,8 @@ def steady_weights() -> Iterator[None]:
     checked on the scope's first step then serves its later steps without reading every
     tensor's address again (~400 tensors, cold after the weights' stream: ~0.25 ms a token).
     Registrations (a new Parameter or submodule) are still seen; a scope entered inside
-    another is the outer one. ``generate``, ``LLM.generate`` and the server's engine (while it
-    has work) hold one."""
+    another is the outer one. ``generate``, ``LLM.generate``, the server's engine (while it
+    has work) and the ``generate`` / ``chat`` commands hold one."""
     if getattr(_STEADY, "scope", None) is not None:
         yield
         return
