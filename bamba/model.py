@@ -253,16 +253,15 @@ class BambaLM(nn.Module):
         cfg = self.config
         rope = rope_cos_sin(positions, cfg.rope_spec, x.dtype, rope_lengths) \
             if cfg.attn_layer_indices else None
-        return self.model.final_layernorm(self.decoder_layers(x, rope, positions, cache,
-                                                              seq_idx))
+        return self.layers_then_norm(x, rope, positions, cache, seq_idx)
 
-    def decoder_layers(self, x: torch.Tensor, rope: Rope | None, positions: torch.Tensor,
-                       cache: InferenceCache | None,
-                       seq_idx: torch.Tensor | None) -> torch.Tensor:  # kernel seam
-        """The embedded tokens [B, L, hidden] through every decoder layer."""
+    def layers_then_norm(self, x: torch.Tensor, rope: Rope | None, positions: torch.Tensor,
+                         cache: InferenceCache | None,
+                         seq_idx: torch.Tensor | None) -> torch.Tensor:  # kernel seam
+        """The embedded tokens [B, L, hidden] through every decoder layer and the final norm."""
         for layer in self.model.layers:
             x = layer(x, rope, positions, cache, seq_idx)
-        return x
+        return self.model.final_layernorm(x)
 
     def save_pretrained(self, directory: str, **kwargs) -> None:
         """Write config.json + safetensors in the Hugging Face layout (see bamba.checkpoint)."""

@@ -139,12 +139,13 @@ def test_bad_rows_and_storage_raise_one_line_errors() -> None:
                    decode_ops.LayerStorage(*cache.kv_pages(3)[:2])]
         kv = cache.kv_pages(3)[2]
 
-        def step(slots, write_rows, read_rows):
+        def step(slots, write_rows, read_rows, final_norm=None):
             rows = decode_ops.StepRows(torch.tensor(slots), torch.tensor([0, 1]), cos, cos,
                                        torch.tensor(write_rows), torch.tensor(read_rows))
             return decode_ops.decode_layers(x, tensors, [False, True], storage, rows,
                                             layers[0].step_dims, layers[3].step_dims, kv,
-                                            cfg.rms_norm_eps, (0.0, float("inf")))
+                                            cfg.rms_norm_eps, (0.0, float("inf")),
+                                            final_norm=final_norm)
 
         assert step([0, 1], [0, 5], [[0, 1], [4, 5]]).shape == x.shape
         with pytest.raises(ValueError, match="slots must index the state pools"):
@@ -153,6 +154,8 @@ def test_bad_rows_and_storage_raise_one_line_errors() -> None:
             step([0, 1], [0, 8], [[0, 1], [4, 5]])
         with pytest.raises(ValueError, match="positions must lie in 0..0"):
             step([0, 1], [0, 5], [[0], [4]])
+        with pytest.raises(ValueError, match=r"final norm's weight \(3,\) .* must be \[256\]"):
+            step([0, 1], [0, 5], [[0, 1], [4, 5]], decode_ops.FinalNorm(torch.ones(3), 1e-5))
 
 
 def test_the_checked_plan_is_built_once_and_again_only_when_a_weight_moves(monkeypatch) -> None:
@@ -193,6 +196,28 @@ def test_replaced_weights_are_seen(monkeypatch, how) -> None:
             replacement.weight.data = new
             model.model.layers[2].feed_forward.up_proj = replacement
     fused, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
+    per_layer, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["parameter", "data", "hook"])
+def test_the_final_norm_runs_in_the_step_as_its_module_says(monkeypatch, how) -> None:
+    """The step applies the final norm itself: a replaced weight is read where it lies now, and
+    a forward hook on the norm sees every decode token (the module then runs it)."""
+    model = _model("tiny", torch.float32)
+    _decode(model, [0], 1, torch.float32, steps=2)
+    norm, seen = model.model.final_layernorm, []
+    new = torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(5)) + 0.5
+    with torch.no_grad():
+        if how == "parameter":
+            norm.weight = torch.nn.Parameter(new)
+        elif how == "data":
+            norm.weight.data = new
+        else:
+            norm.register_forward_hook(lambda *args: seen.append(1))
+    fused, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    assert len(seen) == (3 if how == "hook" else 0)  # the prefill and both decode tokens
     monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
     per_layer, _ = _decode(model, [0], 1, torch.float32, steps=2)
     torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)

@@ -88,6 +88,27 @@ def test_the_scalings_do_change_the_frequencies():
         assert not torch.equal(got, plain) or factor != 1.0, name
 
 
+def test_fixed_frequencies_are_kept_per_scaling_and_serve_autograd_later():
+    """The cos and sin of a length-independent spec come from inverse frequencies computed
+    once per spec: every scaling keeps its own, equal to computing them afresh, and those first
+    made under inference mode serve a later forward that records autograd."""
+    positions = torch.arange(40)[None]
+    for scaling in [None] + [s for s in SCALINGS.values()
+                             if BambaConfig(**OURS, rope_scaling=s).rope_spec.rope_type
+                             not in ("dynamic", "longrope")]:
+        spec = BambaConfig(**OURS, rope_scaling=scaling).rope_spec
+        inv_freq, factor = inv_freq_and_factor(spec)
+        angles = positions.float()[..., None] * inv_freq
+        want = torch.cat((angles, angles), dim=-1).cos() * factor
+        with torch.inference_mode():
+            rope_cos_sin(positions, spec, torch.float32)
+        cos, _ = rope_cos_sin(positions, spec, torch.float32)  # kept from the call before
+        torch.testing.assert_close(cos, want, rtol=0, atol=0)
+    q = torch.randn(1, 40, 1, 16, requires_grad=True)
+    (q * rope_cos_sin(positions, spec, torch.float32)[0][:, :, None]).sum().backward()
+    assert q.grad is not None
+
+
 def test_length_dependent_types_choose_per_row_and_token():
     """Dynamic NTK and LongRoPE follow each token's length: rows of one call are independent,
     and a chunk of a long prompt told the prompt's length equals the whole prompt's forward."""

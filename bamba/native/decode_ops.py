@@ -68,6 +68,13 @@ class StepRows(NamedTuple):
     read_rows: torch.Tensor
 
 
+class FinalNorm(NamedTuple):
+    """The model's final RMS norm, applied in the same call after the last layer: its weight
+    [hidden] (the model dtype, contiguous) and epsilon."""
+    weight: torch.Tensor
+    eps: float
+
+
 class DecodeModel(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int64), ("attention", ctypes.c_void_p),
                 ("tensors", ctypes.c_void_p), ("f32_masks", ctypes.c_void_p),
@@ -78,7 +85,8 @@ class DecodeModel(ctypes.Structure):
                 ("bf16", ctypes.c_int64), ("kv_head_stride", ctypes.c_int64),
                 ("kv_token_stride", ctypes.c_int64), ("eps", ctypes.c_float),
                 ("dt_min", ctypes.c_float), ("dt_max", ctypes.c_float),
-                ("attention_scale", ctypes.c_float)]
+                ("attention_scale", ctypes.c_float), ("final_norm", ctypes.c_void_p),
+                ("final_eps", ctypes.c_float)]
 
 
 class DecodeRows(ctypes.Structure):
@@ -129,6 +137,7 @@ _DTYPE = operator.attrgetter("dtype")
 class _Built(NamedTuple):
     """A DecodeModel and what it was built from."""
     layers: list  # the caller's list of layers' tensors (identity)
+    final: torch.Tensor | None  # the final norm's weight (identity)
     present: list[torch.Tensor]  # its tensors, None left out
     held: list[torch.Tensor]  # aliases of their storage: what the plan points into stays alive
     layout: tuple[list, list, list]  # their addresses, dtypes and contiguity
@@ -195,16 +204,20 @@ def _is_referent(reference: weakref.ref, tensor: torch.Tensor) -> bool:
 
 def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
           storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
-          eps: float, time_step_limit: tuple[float, float], memo: PlanMemo | None) -> tuple | None:
+          eps: float, time_step_limit: tuple[float, float], memo: PlanMemo | None,
+          final_norm: FinalNorm | None = None) -> tuple | None:
     """The DecodeModel of these layers and their storage, checked and built when ``memo``
     does not hold one for them as they are now; None when an input norm's dtype is not x's
     (the per-layer path then rounds as torch does). Inside a ``steady_weights`` scope that
     has checked the memo's plan, the same lists of layers and storage tensors reuse it
     unchecked (our caches never move their storage)."""
-    static = (tuple(kinds), mamba, attention, kv, eps, tuple(time_step_limit), x.dtype)
+    final = None if final_norm is None else final_norm.weight
+    static = (tuple(kinds), mamba, attention, kv, eps, tuple(time_step_limit), x.dtype,
+              None if final_norm is None else final_norm.eps)
     last = None if memo is None else memo.last
     scope = getattr(_STEADY, "scope", None)
-    if last is not None and last.layers is layers and last.static == static:
+    if last is not None and last.layers is layers and last.final is final and \
+            last.static == static:
         if scope is not None and last.checked_in is scope and \
                 all(map(_is_referent, last.pools, itertools.chain.from_iterable(storage))):
             return last.plan
@@ -213,10 +226,12 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
             if scope is not None and memo is not None:
                 memo.last = last._replace(pools=_references(storage), checked_in=scope)
             return last.plan
-    plan = _build(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit)
+    plan = _build(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit,
+                  final_norm)
     if memo is not None:
-        present = [t for tensors in layers for t in tensors if t is not None]
-        memo.last = _Built(layers, present, [t.detach() for t in present], _layout(present),
+        present = [t for tensors in layers for t in tensors if t is not None] + \
+            ([] if final is None else [final])
+        memo.last = _Built(layers, final, present, [t.detach() for t in present], _layout(present),
                            _storage_signature(storage), _references(storage), static, plan,
                            scope)
     return plan
@@ -224,10 +239,17 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
 
 def _build(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
            storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
-           eps: float, time_step_limit: tuple[float, float]) -> tuple | None:
+           eps: float, time_step_limit: tuple[float, float],
+           final_norm: FinalNorm | None) -> tuple | None:
     """``_plan`` without the memo: checks every tensor and storage, builds the C structs."""
     if any(tensors[0] is None or tensors[0].dtype != x.dtype for tensors in layers):
         return None  # an input norm of another dtype: the torch path rounds otherwise
+    if final_norm is not None and (final_norm.weight.shape != (x.shape[1],) or
+                                   final_norm.weight.dtype != x.dtype or
+                                   not final_norm.weight.is_contiguous()):
+        raise ValueError(f"decode step: the final norm's weight "
+                         f"{tuple(final_norm.weight.shape)} {final_norm.weight.dtype} must be "
+                         f"[{x.shape[1]}] of x's dtype, contiguous")
     layers = [_in_slots(tensors, attention) for tensors, attention in zip(layers, kinds)]
     masks = [_float32_mask(x, tensors, _SLOTS) for tensors in layers]
     formats = [linear_formats(tensors, _SLOTS, attention if att else mamba)
@@ -241,7 +263,9 @@ def _build(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list
     model = DecodeModel(len(layers), *(ctypes.addressof(a) for a in arrays), conv_bf16,
                         ssm_bf16, int(x.dtype == torch.bfloat16), kv.head_stride,
                         kv.token_stride, eps, *time_step_limit,
-                        attention.head_dim ** -0.5 if attention.head_dim else 0.0)
+                        attention.head_dim ** -0.5 if attention.head_dim else 0.0,
+                        None if final_norm is None else final_norm.weight.data_ptr(),
+                        0.0 if final_norm is None else final_norm.eps)
     return model, arrays  # the arrays outlive the struct
 
 
@@ -249,17 +273,19 @@ def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kind
                   storage: list[LayerStorage], rows: StepRows, mamba: LayerDims,
                   attention: LayerDims, kv: KVLayout, eps: float,
                   time_step_limit: tuple[float, float],
-                  memo: PlanMemo | None = None) -> torch.Tensor | None:
-    """x [M, hidden] (the embedded tokens) -> the last layer's output [M, hidden]; every
-    Mamba state and attention cache of ``storage`` advances by one token in place. None (and
-    nothing done) when an input norm is not of x's dtype.
+                  memo: PlanMemo | None = None,
+                  final_norm: FinalNorm | None = None) -> torch.Tensor | None:
+    """x [M, hidden] (the embedded tokens) -> the last layer's output [M, hidden], normed by
+    ``final_norm`` when given; every Mamba state and attention cache of ``storage`` advances
+    by one token in place. None (and nothing done) when an input norm is not of x's dtype.
     ``kinds[i]`` is True for an attention layer; ``mamba`` and ``attention`` are the sizes of
     the two kinds of layers (zeros for a kind the model lacks); ``memo`` keeps the checked
     plan of ``layers`` from one call to the next (without it every call checks and builds)."""
     if x.dim() != 2 or len(layers) != len(kinds) or len(storage) != len(kinds):
         raise ValueError(f"decode step: x {tuple(x.shape)}, {len(layers)} layers, "
                          f"{len(kinds)} kinds and {len(storage)} storages do not fit")
-    plan = _plan(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit, memo)
+    plan = _plan(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit, memo,
+                 final_norm)
     if plan is None:
         return None
     model = plan[0]

@@ -472,7 +472,13 @@ typedef struct {
     void *const *pool_b;         /* [n_layers]: SSM pool, or values */
     int64_t conv_bf16, ssm_bf16, bf16, kv_head_stride, kv_token_stride;
     float eps, dt_min, dt_max, attention_scale;
+    const void *final_norm;      /* [hidden], layer dtype: the model's final RMS norm, or NULL */
+    float final_eps;
 } DecodeModel;
+
+/* elementwise.c's RMS norm: the final norm rounds as it does outside this call. */
+int bamba_rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_t d, float eps,
+                   int bf16, int threads);
 
 typedef struct { /* one call's rows */
     int64_t M, T, rotary_dim;
@@ -541,8 +547,9 @@ static int attention_layer(const DecodeModel *P, int64_t layer, const DecodeRows
     return run(&L, ATTENTION_OUT, &out, threads);
 }
 
-/* Every layer for one token per row: x -> out [M, hidden] (layer dtype), the states and
- * caches advanced in place; equal to the per-layer calls with rope and attention in between.
+/* Every layer for one token per row: x -> out [M, hidden] (layer dtype), then the final norm
+ * when the model has one here; the states and caches advanced in place; equal to the
+ * per-layer calls with rope and attention in between.
  * Adjacent rows on one state slot are one sequence's successive tokens (a prompt chunk beside
  * decoding rows; their keys are all written before any row attends). `spare` [M, hidden]
  * holds intermediate outputs (x, out and spare apart). Returns 0, -1 if unsupported here, -2
@@ -571,5 +578,10 @@ int bamba_decode_layers(const DecodeModel *P, const void *x, void *out, void *sp
         src = dst;
     }
     free(qkv);
+    if (status == 0 && P->final_norm != NULL) {
+        const int64_t hidden = P->mamba_dims[HIDDEN] ? P->mamba_dims[HIDDEN] : a[HIDDEN];
+        status = bamba_rms_norm(out, P->final_norm, out, r->M, hidden, P->final_eps,
+                                (int)P->bf16, 1);
+    }
     return status;
 }

@@ -12,7 +12,7 @@ from torch import nn
 
 from bamba.linear_protocol import DENSE, LinearWeights
 from bamba.native import dispatch
-from bamba.native.decode_ops import PlanMemo
+from bamba.native.decode_ops import FinalNorm, PlanMemo
 from bamba.native.dispatch import LayerDims
 
 FORMATS = frozenset((DENSE, "fp8", "int8", "int4"))  # the linear formats layer_step.c reads
@@ -97,11 +97,16 @@ class DecodePlan(NamedTuple):
     dims: tuple[LayerDims | None, LayerDims | None]  # (Mamba, attention) layers' sizes
     tensors: list[Tensors] | None  # every layer's, or None when a layer's are unreadable
     memo: PlanMemo  # the whole-model step's checked C structs for ``tensors``
+    final_norm: FinalNorm | None  # the final norm, when the step may apply it
 
     @classmethod
-    def build(cls, layers: nn.ModuleList, generation: int) -> DecodePlan:
+    def build(cls, layers: nn.ModuleList, final_norm: nn.Module | None,
+              generation: int) -> DecodePlan:
+        """``final_norm``: the model's final RMS norm, or None when the step must leave it to
+        its module (a class of the user's)."""
         kinds = [layer.layer_type == "attention" for layer in layers]
         dims = tuple(next((layer_dims(layer) for layer, k in zip(layers, kinds) if k == kind),
                           None) for kind in (False, True))
         tensors = [layer_tensors(layer).whole() for layer in layers]
-        return cls(generation, kinds, dims, None if None in tensors else tensors, PlanMemo())
+        return cls(generation, kinds, dims, None if None in tensors else tensors, PlanMemo(),
+                   None if final_norm is None else FinalNorm(final_norm.weight, final_norm.eps))

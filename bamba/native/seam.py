@@ -239,9 +239,9 @@ class BambaLM(_Counted, reference.BambaLM):
     """One decode token through every layer in one native call (``decode_ops``): at batch 1
     the per-layer Python and torch glue cost ~4 ms of a 16 ms step."""
 
-    def decoder_layers(self, x: torch.Tensor, rope: reference.Rope | None,
-                       positions: torch.Tensor, cache: reference.InferenceCache | None,
-                       seq_idx: torch.Tensor | None) -> torch.Tensor:
+    def layers_then_norm(self, x: torch.Tensor, rope: reference.Rope | None,
+                         positions: torch.Tensor, cache: reference.InferenceCache | None,
+                         seq_idx: torch.Tensor | None) -> torch.Tensor:
         if cache is not None:
             steps = self.decode_plan()
             if steps.tensors is not None and \
@@ -251,7 +251,7 @@ class BambaLM(_Counted, reference.BambaLM):
                     return out
             if getattr(cache, "rows_share_slots", False):
                 raise NativeStepUnavailable("rows sharing a state slot need the native step")
-        return super().decoder_layers(x, rope, positions, cache, seq_idx)
+        return super().layers_then_norm(x, rope, positions, cache, seq_idx)
 
     def decode_plan(self) -> plan.DecodePlan:
         """Every layer's tensors, looked up again only after a registration in a swapped
@@ -261,13 +261,16 @@ class BambaLM(_Counted, reference.BambaLM):
         token and rebuilds the step's C structs when one moved)."""
         cached = self.__dict__.get("_decode_plan")
         if cached is None or cached.generation != _REGISTRATIONS[0]:
-            cached = self.__dict__["_decode_plan"] = plan.DecodePlan.build(self.model.layers,
-                                                                           _REGISTRATIONS[0])
+            norm = self.model.final_layernorm
+            cached = self.__dict__["_decode_plan"] = plan.DecodePlan.build(
+                self.model.layers, norm if type(norm) is RMSNorm else None, _REGISTRATIONS[0])
         return cached
 
     def _decode(self, x: torch.Tensor, rope: reference.Rope | None, positions: torch.Tensor,
                 cache: reference.InferenceCache, steps: plan.DecodePlan) -> torch.Tensor | None:
-        """The layers' output, or None when their tensors do not suit the native step."""
+        """The layers' output after the final norm, or None when their tensors do not suit
+        the native step. The norm runs in the same call unless a hook or a dtype of its own
+        asks for its module."""
         b, cfg = x.shape[0], self.config
         storage, slots, kv = [], None, KVLayout(0, 0)
         for i, attention in enumerate(steps.kinds):
@@ -283,10 +286,17 @@ class BambaLM(_Counted, reference.BambaLM):
         rows = decode_ops.StepRows(_arange(b) if slots is None else slots, positions[:, 0],
                                    cos, sin, write_rows, read_rows)
         mamba, attention = steps.dims
+        norm, final = self.model.final_layernorm, steps.final_norm
+        if final is not None and (final.weight.dtype != x.dtype or norm._forward_hooks or
+                                  norm._forward_pre_hooks):
+            final = None
         out = decode_ops.decode_layers(
             x.view(b, -1), steps.tensors, steps.kinds, storage, rows, mamba or plan.NO_LAYER,
-            attention or plan.NO_LAYER, kv, cfg.rms_norm_eps, cfg.time_step_limit, steps.memo)
-        return None if out is None else out[:, None]
+            attention or plan.NO_LAYER, kv, cfg.rms_norm_eps, cfg.time_step_limit, steps.memo,
+            final)
+        if out is None:
+            return None
+        return out[:, None] if final is not None else norm(out[:, None])
 
 
 @functools.cache

@@ -256,13 +256,40 @@ def rope_cos_sin(positions: torch.Tensor, spec: RopeSpec, dtype: torch.dtype,
                                    _longrope_inv_freq(spec, False, device))
             factor = longrope_attention_factor(spec)
     else:
-        inv_freq, factor = inv_freq_and_factor(spec, device=device)
+        inv_freq, factor = _fixed_inv_freq(spec, device)
     freqs = positions.float()[..., None] * inv_freq  # [B, L, R/2]
     angles = torch.cat((freqs, freqs), dim=-1)  # [B, L, R]
     cos, sin = angles.cos(), angles.sin()
     if factor != 1.0:
         cos, sin = cos * factor, sin * factor
     return cos.to(dtype), sin.to(dtype)
+
+
+_FIXED_INV_FREQ: dict[tuple, tuple[torch.Tensor, float]] = {}
+
+
+def _fixed_inv_freq(spec: RopeSpec, device: torch.device) -> tuple[torch.Tensor, float]:
+    """``inv_freq_and_factor`` for a length-independent spec, computed once per spec and
+    device (a decode step would otherwise spend ~40 us on it: a handful of small torch ops).
+    Traced afresh under torch.compile, which folds it into the graph."""
+    if torch.compiler.is_compiling():
+        return inv_freq_and_factor(spec, device=device)
+    key = (spec.rotary_dim, spec.theta, spec.max_position_embeddings, _frozen(spec.scaling),
+           device)
+    found = _FIXED_INV_FREQ.get(key)
+    if found is None:
+        with torch.inference_mode(False):  # a plain tensor: usable under autograd later
+            found = _FIXED_INV_FREQ[key] = inv_freq_and_factor(spec, device=device)
+    return found
+
+
+def _frozen(value: Any) -> Any:
+    """A scaling dict (values: numbers, strings, lists) as a hashable key."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_frozen, value))
+    return value
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
