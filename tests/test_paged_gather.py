@@ -4,20 +4,17 @@ import torch
 
 from bamba.config import preset
 from bamba.engine.page_pool import PoolPlan
-from bamba.engine.runner import ModelRunner, PagedBatchCache, page_rows
+from bamba.engine.runner import ModelRunner, PagedBatchCache, RowSpan, call_inputs
 from bamba.model import BambaLM
 
 
 def _cache(runner: ModelRunner, tables: list[list[int]], positions: list[int],
            scratch: bool) -> PagedBatchCache:
     """The cache of one decode call: row j writes position positions[j]."""
-    end = max(positions) + 1
-    width = -(-end // runner.block_size)
-    padded = [(t + [0] * width)[:width] for t in tables]
-    blocks = torch.tensor(padded)
-    write = page_rows(blocks, torch.tensor(positions)[:, None], runner.block_size)
-    read = page_rows(blocks, torch.arange(end).expand(len(tables), end), runner.block_size)
-    return PagedBatchCache(runner.pools, None, write, read, runner.scratch if scratch else None)
+    inputs = call_inputs([RowSpan([0], p, t) for t, p in zip(tables, positions)],
+                         max(positions) + 1, runner.block_size, torch.device("cpu"))
+    return PagedBatchCache(runner.pools, None, inputs.write_rows, inputs.read_rows,
+                           runner.scratch if scratch else None)
 
 
 def test_gather_returns_each_rows_keys_in_order_for_ragged_rows() -> None:
@@ -50,3 +47,18 @@ def test_gather_returns_each_rows_keys_in_order_for_ragged_rows() -> None:
     torch.testing.assert_close(values[1, :3], history[1][:, 1])
     torch.testing.assert_close(keys[1, 3], kv[1, 0, 0])
     assert keys.shape == (2, 11, hkv, d) and torch.isfinite(keys).all()
+
+
+def test_call_inputs_equal_a_per_token_construction() -> None:
+    """Ids, positions and page rows of chunks of equal length at different starts (block
+    tables of different widths) equal what each row's blocks say token by token."""
+    bs, rows = 4, [RowSpan([5, 6, 7], 9, [3, 8, 1]), RowSpan([1, 2, 3], 0, [6])]
+    end = 12
+    got = call_inputs(rows, end, bs, torch.device("cpu"))
+    for j, row in enumerate(rows):
+        span = range(row.start, row.start + 3)
+        padded = row.blocks + [0] * 3
+        assert got.ids[j].tolist() == row.tokens
+        assert got.positions[j].tolist() == list(span)
+        assert got.write_rows[j].tolist() == [row.blocks[p // bs] * bs + p % bs for p in span]
+        assert got.read_rows[j].tolist() == [padded[p // bs] * bs + p % bs for p in range(end)]

@@ -132,10 +132,47 @@ def compiled_decode(model: BambaLM, mode: str) -> CompiledModule:
     return per_mode[mode]
 
 
-def page_rows(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Page rows (block * block_size + offset) of ``positions`` [B, L] under block ``tables``
-    [B, W]."""
-    return tables.gather(1, positions // block_size) * block_size + positions % block_size
+class RowSpan(NamedTuple):
+    """One row of a model call: its tokens, the position of the first, its block table."""
+    tokens: list[int]
+    start: int
+    blocks: list[int]
+
+
+class CallInputs(NamedTuple):
+    """A model call's token ids and positions [B, L], the page rows (block * block_size +
+    offset) its tokens are written to [B, L], and those of positions 0..T-1 of every row
+    [B, T]."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    write_rows: torch.Tensor
+    read_rows: torch.Tensor
+
+
+def call_inputs(rows: list[RowSpan], end: int, block_size: int,
+                device: torch.device) -> CallInputs:
+    """The inputs of a call over ``rows`` of equal length reading positions 0..end-1: the
+    per-token values computed in Python and made one tensor, the read rows from the block
+    tables (padded with block 0 past a row's blocks: positions past its length are masked).
+    A handful of tensor operations, whatever the batch: a decode step's inputs cost little
+    beside its weights' stream, with the caches cold from it."""
+    bs, width = block_size, -(-end // block_size)
+    spans = [range(row.start, row.start + len(row.tokens)) for row in rows]
+    per_token = torch.tensor(
+        [[row.tokens for row in rows], [list(span) for span in spans],
+         [[row.blocks[p // bs] * bs + p % bs for p in span] for row, span in zip(rows, spans)]],
+        dtype=torch.long, device=device)
+    tables = torch.tensor([(row.blocks + [0] * width)[:width] for row in rows],
+                          dtype=torch.long, device=device)
+    read = (tables[:, :, None] * bs + _block_offsets(bs, device)).view(len(rows), -1)[:, :end]
+    ids, positions, write = per_token.unbind(0)
+    return CallInputs(ids, positions, write, read)
+
+
+@functools.cache
+def _block_offsets(block_size: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.arange(block_size, device=device)
 
 
 # Gather buffers at least this large (a prompt of tens of thousands of tokens) freed: also hand
@@ -275,20 +312,15 @@ class ModelRunner:
         the last logits [V] of each chunk, or None when the native step cannot run (nothing
         done). A prompt chunk beside decoding rows then costs about its tokens' arithmetic
         instead of a prefill pass of its own."""
-        device, bs = self.model.device, self.block_size
+        device = self.model.device
         per_row = [(c, c.start + j, t) for c in chunks for j, t in enumerate(c.token_ids)]
         end = max(position for _, position, _ in per_row) + 1
-        width = -(-end // bs)
-        tables = {c.seq_id: (c.block_ids + [0] * width)[:width] for c in chunks}
+        ids, pos, write, read = call_inputs([RowSpan([t], p, c.block_ids) for c, p, t in per_row],
+                                            end, self.block_size, device)
 
         def tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        ids = tensor([[t] for _, _, t in per_row])
-        pos = tensor([[p] for _, p, _ in per_row])
-        blocks = tensor([tables[c.seq_id] for c, _, _ in per_row])
-        write = page_rows(blocks, pos, bs)
-        read = page_rows(blocks, torch.arange(end, device=device).expand(len(per_row), end), bs)
         slots = tensor([c.slot for c, _, _ in per_row])
         lengths = torch.maximum(pos + 1, tensor([[c.num_prompt_tokens] for c, _, _ in per_row])) \
             if self.length_dependent_rope else None
@@ -308,22 +340,15 @@ class ModelRunner:
     def _forward(self, rows: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
         """One model call for rows of equal length: each row's last logits [V], or all its
         logits [L, V] when the rows ask for every position (``all_logits``)."""
-        device, bs = self.model.device, self.block_size
+        device = self.model.device
         length = len(rows[0].token_ids)
         end = max(c.start for c in rows) + length
-        width = -(-end // bs)
-        # Tables cut or padded (with block 0) to the blocks of positions 0..end-1: positions past
-        # a row's length are masked out.
-        tables = [(c.block_ids + [0] * width)[:width] for c in rows]
+        ids, pos, write, read = call_inputs([RowSpan(c.token_ids, c.start, c.block_ids)
+                                             for c in rows], end, self.block_size, device)
 
         def tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        ids, starts, blocks = (tensor(v) for v in ([c.token_ids for c in rows],
-                                                   [c.start for c in rows], tables))
-        pos = starts[:, None] + torch.arange(length, device=device)
-        write = page_rows(blocks, pos, bs)
-        read = page_rows(blocks, torch.arange(end, device=device).expand(len(rows), end), bs)
         slots = [c.slot for c in rows]
         # A prompt's tokens see the whole prompt's length (as one transformers forward over it
         # would), however it is chunked; later tokens their own.
