@@ -1,5 +1,6 @@
 """Two builds of the native kernels in one process: a git revision's (--base, default HEAD)
-against the working tree's, batch-1 decode steps of each checkpoint in alternating turns.
+against the working tree's, decode steps (batch 1 unless --batch) of each checkpoint in
+alternating turns.
 
 Why: a host of this machine kind moves its memory speed by up to ±30% within minutes, so two
 processes a few minutes apart measure two spells, not two kernels (a change once looked +30%
@@ -44,11 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", default="HEAD", help="the git revision whose kernels are 'base'")
     p.add_argument("--turns", type=int, default=40, help="turns a build, per checkpoint")
     p.add_argument("--steps", type=int, default=10, help="decode steps a turn (2 untimed)")
+    p.add_argument("--batch", type=int, default=1, help="rows a decode step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="JSON report")
     args = p.parse_args(argv)
-    if args.turns < 2 or args.steps < 3:
-        p.error("--turns must be >= 2 and --steps >= 3")
+    if args.turns < 2 or args.steps < 3 or args.batch < 1:
+        p.error("--turns must be >= 2, --steps >= 3 and --batch >= 1")
     return args
 
 
@@ -68,7 +70,8 @@ def revision_sources(revision: str, directory: Path) -> tuple[Path, ...]:
     return tuple(sorted(paths))
 
 
-def decode_turns(model: Any, builds: dict[str, Any], turns: int, steps: int) -> dict[str, float]:
+def decode_turns(model: Any, builds: dict[str, Any], turns: int, steps: int,
+                 batch: int = 1) -> dict[str, float]:
     """Median over turns of each build's median decode step (``measure.decode_seconds``: two
     untimed steps, then ``steps`` - 2), the turns alternating between the builds."""
     times: dict[str, list[float]] = {name: [] for name in builds}
@@ -77,7 +80,7 @@ def decode_turns(model: Any, builds: dict[str, Any], turns: int, steps: int) -> 
         for turn in range(turns):
             for name in list(builds) if turn % 2 == 0 else list(reversed(builds)):
                 library.load = lambda lib=builds[name]: lib  # noqa: E731
-                times[name].append(decode_seconds(model, 1, steps - 2))
+                times[name].append(decode_seconds(model, batch, steps - 2))
     finally:
         library.load = real_load
     return {name: statistics.median(t) for name, t in times.items()}
@@ -97,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for checkpoint in args.checkpoints:
         model = accelerate(from_pretrained(checkpoint, dtype=torch.bfloat16).eval())
-        seconds = decode_turns(model, builds, args.turns, args.steps)
-        row = {"checkpoint": checkpoint, "base_ms": round(1e3 * seconds["base"], 3),
+        seconds = decode_turns(model, builds, args.turns, args.steps, args.batch)
+        row = {"checkpoint": checkpoint, "batch": args.batch, "base_ms": round(1e3 * seconds["base"], 3),
                "tree_ms": round(1e3 * seconds["tree"], 3),
                "base_over_tree": round(seconds["base"] / seconds["tree"], 3)}
         print(json.dumps(row), flush=True)

@@ -5,7 +5,9 @@
  * front to back (one sequential stream, which the hardware prefetcher follows best), and each
  * weight vector loaded is multiplied against every input row (up to 8, held in L1) with float32
  * accumulation: 32 bf16 pairs per instruction (AVX-512 BF16 `vdpbf16ps`) or 16 float32 FMAs.
- * From 3 rows on the arithmetic per byte outruns the hardware prefetcher, so the loop also
+ * At 1 and 2 rows the loop prefetches 2 KiB ahead, non-temporal: the hardware prefetcher alone
+ * left a batch-1 step 9-15% slower (the measurements: benchmarks/README.md#native-decode-step).
+ * From 3 rows on the arithmetic per byte outruns the hardware prefetcher, so the loop
  * prefetches 8 KiB ahead into L2. From 5 rows the work goes in tiles of 4 weight rows x 4 input
  * rows (each vector loaded serves 4 products), prefetching 8 tiles ahead into L2: with the
  * weights streaming from DRAM, prefetching less far left the cores waiting on memory. The
@@ -25,7 +27,8 @@
 #define HAVE_BF16_DOT 1
 #endif
 
-enum { ROW_GROUP = 8, PREFETCH_BYTES = 8192, TILE = 4, TILE_FROM_ROWS = 5, TILE_PREFETCH_TILES = 8 };
+enum { ROW_GROUP = 8, NTA_BYTES = 2048, PREFETCH_BYTES = 8192, TILE = 4, TILE_FROM_ROWS = 5,
+       TILE_PREFETCH_TILES = 8 };
 
 /* How a weight matrix is stored: dense in the activations' dtype, or quantized (quant_rows.h). */
 enum { FORMAT_DENSE, FORMAT_FP8, FORMAT_INT8, FORMAT_INT4 };
@@ -106,6 +109,9 @@ static inline __attribute__((always_inline)) void row_dots(const char *const *x,
         if (R >= 3) {
             _mm_prefetch(w + b + PREFETCH_BYTES, _MM_HINT_T1);
             _mm_prefetch(w + b + PREFETCH_BYTES + step, _MM_HINT_T1);
+        } else {
+            _mm_prefetch(w + b + NTA_BYTES, _MM_HINT_NTA);
+            _mm_prefetch(w + b + NTA_BYTES + step, _MM_HINT_NTA);
         }
         for (int r = 0; r < R; r++) {
             even[r] = dot_step(even[r], x[r] + b, w + b, bf16);
