@@ -154,6 +154,15 @@ def test_bad_rows_and_storage_raise_one_line_errors() -> None:
             step([0, 1], [0, 8], [[0, 1], [4, 5]])
         with pytest.raises(ValueError, match="positions must lie in 0..0"):
             step([0, 1], [0, 5], [[0], [4]])
+        before = [t.clone() for t in (cache.conv[0], cache.ssm[0], cache.keys[3])]
+        with pytest.raises(ValueError, match="slots must index the state pools"):
+            step([-1, 1], [0, 5], [[0, 1], [4, 5]])
+        with pytest.raises(ValueError, match="token rows -3..5 lie outside the keys"):
+            step([0, 1], [0, 5], [[0, 1], [-3, 5]])
+        with pytest.raises(ValueError, match="token rows 0..9 lie outside the keys"):
+            step([0, 1], [0, 5], [[0, 1], [9, 5]])
+        for was, now in zip(before, (cache.conv[0], cache.ssm[0], cache.keys[3])):
+            assert torch.equal(was, now)  # checked before anything ran
         with pytest.raises(ValueError, match=r"final norm's weight \(3,\) .* must be \[256\]"):
             step([0, 1], [0, 5], [[0, 1], [4, 5]], decode_ops.FinalNorm(torch.ones(3), 1e-5))
 

@@ -91,6 +91,7 @@ class DecodeModel(ctypes.Structure):
 
 class DecodeRows(ctypes.Structure):
     _fields_ = [("M", ctypes.c_int64), ("T", ctypes.c_int64), ("rotary_dim", ctypes.c_int64),
+                ("slot_limit", ctypes.c_int64), ("row_limit", ctypes.c_int64),
                 ("slots", ctypes.c_void_p), ("lengths", ctypes.c_void_p),
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
                 ("write_rows", ctypes.c_void_p), ("read_rows", ctypes.c_void_p)]
@@ -266,7 +267,8 @@ def _build(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list
                         attention.head_dim ** -0.5 if attention.head_dim else 0.0,
                         None if final_norm is None else final_norm.weight.data_ptr(),
                         0.0 if final_norm is None else final_norm.eps)
-    return model, arrays  # the arrays outlive the struct
+    # the arrays outlive the struct
+    return model, arrays, _index_limits(kinds, storage, attention, kv)
 
 
 def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
@@ -300,35 +302,40 @@ def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kind
             (any(kinds) and (cos.dim() != 2 or cos.shape[0] != m)):
         raise ValueError(f"decode step: rows {[tuple(t.shape) for t in rows]} do not fit "
                          f"{m} rows")
-    _check_rows(slots, positions, write_rows, read_rows, storage, kinds, attention, kv)
     lengths = positions + 1
-    call = DecodeRows(m, read_rows.shape[1], cos.shape[-1] if any(kinds) else 0,
-                      slots.data_ptr(), lengths.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                      write_rows.data_ptr(), read_rows.data_ptr())
+    slot_limit, row_limit = plan[2]
+    call = DecodeRows(m, read_rows.shape[1], cos.shape[-1] if any(kinds) else 0, slot_limit,
+                      row_limit, slots.data_ptr(), lengths.data_ptr(), cos.data_ptr(),
+                      sin.data_ptr(), write_rows.data_ptr(), read_rows.data_ptr())
     out, spare = torch.empty_like(x), torch.empty_like(x)
-    _status("decode_layers", library.load().bamba_decode_layers(
+    status = library.load().bamba_decode_layers(
         ctypes.byref(model), x.data_ptr(), out.data_ptr(), spare.data_ptr(), ctypes.byref(call),
-        torch.get_num_threads()))
+        torch.get_num_threads())
+    if status in _INDEX_ERRORS:  # the kernel checks every index before it starts
+        rows_seen = torch.cat((write_rows, read_rows.view(-1)))
+        keys = next((s.a for s, att in zip(storage, kinds) if att), None)
+        raise ValueError(_INDEX_ERRORS[status].format(
+            last=read_rows.shape[1] - 1, low=int(rows_seen.min()), high=int(rows_seen.max()),
+            keys=None if keys is None else tuple(keys.shape), kv=kv))
+    _status("decode_layers", status)
     return out
 
 
-def _check_rows(slots: torch.Tensor, positions: torch.Tensor, write_rows: torch.Tensor,
-                read_rows: torch.Tensor, storage: list[LayerStorage], kinds: list[bool],
-                attention: LayerDims, kv: KVLayout) -> None:
-    """Every index the kernel follows lies inside its storage (one-line errors)."""
-    pools = [s for s, att in zip(storage, kinds) if not att]
-    if pools:
-        low, high = (int(v) for v in torch.aminmax(slots))
-        if low < 0 or high >= min(min(p.a.shape[0], p.b.shape[0]) for p in pools):
-            raise ValueError("decode step: slots must index the state pools")
-    keys = [s.a for s, att in zip(storage, kinds) if att]
-    if keys:
-        low, high = (int(v) for v in torch.aminmax(positions))
-        if low < 0 or high >= read_rows.shape[1]:
-            raise ValueError(f"decode step: positions must lie in 0..{read_rows.shape[1] - 1}")
-        low, high = (int(v) for v in torch.aminmax(torch.cat((write_rows, read_rows.view(-1)))))
-        end = (attention.groups - 1) * kv.head_stride + high * kv.token_stride + \
-            attention.head_dim
-        if low < 0 or end > min(k.numel() for k in keys):
-            raise ValueError(f"decode step: token rows {low}..{high} lie outside the keys and "
-                             f"values ({tuple(keys[0].shape)}, {kv})")
+_INDEX_ERRORS = {
+    -4: "decode step: slots must index the state pools",
+    -5: "decode step: positions must lie in 0..{last}",
+    -6: "decode step: token rows {low}..{high} lie outside the keys and values ({keys}, {kv})",
+}
+
+
+def _index_limits(kinds: list[bool], storage: list[LayerStorage], attention: LayerDims,
+                  kv: KVLayout) -> tuple[int, int]:
+    """The rows of the smallest state pool, and the largest token row whose keys and values
+    (every KV head of it) lie inside the smallest attention layer's storage."""
+    pools = [min(s.a.shape[0], s.b.shape[0]) for s, att in zip(storage, kinds) if not att]
+    keys = [min(s.a.numel(), s.b.numel()) for s, att in zip(storage, kinds) if att]
+    row_limit = -1
+    if keys and kv.token_stride > 0:
+        room = min(keys) - attention.head_dim - (attention.groups - 1) * kv.head_stride
+        row_limit = room // kv.token_stride if room >= 0 else -1
+    return min(pools, default=0), row_limit

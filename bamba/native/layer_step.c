@@ -482,6 +482,8 @@ int bamba_rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_
 
 typedef struct { /* one call's rows */
     int64_t M, T, rotary_dim;
+    int64_t slot_limit;        /* slots lie in 0..slot_limit-1 (the state pools' rows) */
+    int64_t row_limit;         /* token rows lie in 0..row_limit (the keys' and values' storage) */
     const int64_t *slots;      /* [M] state pool rows */
     const int64_t *lengths;    /* [M] keys each row sees after this token (position + 1) */
     const void *cos, *sin;     /* [M, rotary_dim], layer dtype */
@@ -547,16 +549,38 @@ static int attention_layer(const DecodeModel *P, int64_t layer, const DecodeRows
     return run(&L, ATTENTION_OUT, &out, threads);
 }
 
+/* Whether every index the call follows lies in its storage: 0, or -4 a slot, -5 a position
+ * (lengths outside 1..T), -6 a token row. */
+static int check_rows(const DecodeModel *P, const DecodeRows *r) {
+    int mamba = 0, attention = 0;
+    for (int64_t i = 0; i < P->n_layers; i++) {
+        if (P->attention[i]) attention = 1;
+        else mamba = 1;
+    }
+    for (int64_t m = 0; m < r->M; m++) {
+        if (mamba && (r->slots[m] < 0 || r->slots[m] >= r->slot_limit)) return -4;
+        if (attention && (r->lengths[m] < 1 || r->lengths[m] > r->T)) return -5;
+        if (attention && (r->write_rows[m] < 0 || r->write_rows[m] > r->row_limit)) return -6;
+    }
+    if (attention)
+        for (int64_t i = 0; i < r->M * r->T; i++)
+            if (r->read_rows[i] < 0 || r->read_rows[i] > r->row_limit) return -6;
+    return 0;
+}
+
 /* Every layer for one token per row: x -> out [M, hidden] (layer dtype), then the final norm
  * when the model has one here; the states and caches advanced in place; equal to the
  * per-layer calls with rope and attention in between.
  * Adjacent rows on one state slot are one sequence's successive tokens (a prompt chunk beside
  * decoding rows; their keys are all written before any row attends). `spare` [M, hidden]
  * holds intermediate outputs (x, out and spare apart). Returns 0, -1 if unsupported here, -2
- * out of memory, -3 when a slot's rows are apart or not at successive positions. */
+ * out of memory, -3 when a slot's rows are apart or not at successive positions, -4..-6 when
+ * an index lies outside its storage (check_rows; nothing done). */
 int bamba_decode_layers(const DecodeModel *P, const void *x, void *out, void *spare,
                         const DecodeRows *r, int threads) {
     const int64_t *a = P->attention_dims, size = P->bf16 ? 2 : 4;
+    const int checked = check_rows(P, r);
+    if (checked != 0) return checked;
     for (int64_t m = 1; m < r->M; m++) /* a slot's successive rows: successive positions */
         if (r->slots[m] == r->slots[m - 1] && r->lengths[m] != r->lengths[m - 1] + 1) return -3;
     void *qkv = malloc(size * r->M * (a[HEADS] + 2 * a[GROUPS] + a[HEADS]) * a[HEAD_DIM] + 1);
