@@ -2,6 +2,7 @@
 path it replaces: the same logits (bit for bit in bf16), states and caches; taken only where
 it applies; bad storage and rows give one-line errors."""
 
+import copy
 import gc
 import weakref
 
@@ -187,49 +188,64 @@ def test_the_checked_plan_is_built_once_and_again_only_when_a_weight_moves(monke
     assert len(builds) == 2
 
 
-@pytest.mark.parametrize("how", ["parameter", "data", "module"])
-def test_replaced_weights_are_seen(monkeypatch, how) -> None:
+@pytest.mark.parametrize("target, how", [
+    ("up_proj", "parameter"), ("up_proj", "data"), ("up_proj", "module"),
+    ("final_norm", "parameter"), ("final_norm", "data"), ("final_norm", "module"),
+    ("final_norm", "hook")])
+def test_replaced_weights_and_hooks_are_seen(monkeypatch, target, how) -> None:
     """The step reads each weight where it lies now: a new Parameter, new .data or a new
-    submodule after some decode steps changes the next logits as the per-layer path says."""
+    submodule after some decode steps changes the next logits as the per-layer path says --
+    the final norm's too, which the step applies itself unless a forward hook on the norm
+    asks for its module (the hook then sees every decode token)."""
     model = _model("tiny", torch.float32)
     _decode(model, [0], 1, torch.float32, steps=2)  # the step has run and cached its tensors
-    up = model.model.layers[2].feed_forward.up_proj
-    new = torch.randn(up.weight.shape, generator=torch.Generator().manual_seed(5))
+    parent, name = (model.model.layers[2].feed_forward, "up_proj") if target == "up_proj" \
+        else (model.model, "final_layernorm")
+    module, seen = getattr(parent, name), []
+    new = torch.rand(module.weight.shape, generator=torch.Generator().manual_seed(5)) + 0.5
     with torch.no_grad():
         if how == "parameter":
-            up.weight = torch.nn.Parameter(new)
+            module.weight = torch.nn.Parameter(new)
         elif how == "data":
-            up.weight.data = new
-        else:
-            replacement = type(up)(up.in_features, up.out_features, bias=False)
+            module.weight.data = new
+        elif how == "module":
+            replacement = copy.deepcopy(module)
             replacement.weight.data = new
-            model.model.layers[2].feed_forward.up_proj = replacement
-    fused, _ = _decode(model, [0], 1, torch.float32, steps=2)
-    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
-    per_layer, _ = _decode(model, [0], 1, torch.float32, steps=2)
-    torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("how", ["parameter", "data", "hook"])
-def test_the_final_norm_runs_in_the_step_as_its_module_says(monkeypatch, how) -> None:
-    """The step applies the final norm itself: a replaced weight is read where it lies now, and
-    a forward hook on the norm sees every decode token (the module then runs it)."""
-    model = _model("tiny", torch.float32)
-    _decode(model, [0], 1, torch.float32, steps=2)
-    norm, seen = model.model.final_layernorm, []
-    new = torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(5)) + 0.5
-    with torch.no_grad():
-        if how == "parameter":
-            norm.weight = torch.nn.Parameter(new)
-        elif how == "data":
-            norm.weight.data = new
+            setattr(parent, name, replacement)
         else:
-            norm.register_forward_hook(lambda *args: seen.append(1))
+            module.register_forward_hook(lambda *args: seen.append(1))
     fused, _ = _decode(model, [0], 1, torch.float32, steps=2)
     assert len(seen) == (3 if how == "hook" else 0)  # the prefill and both decode tokens
     monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
     per_layer, _ = _decode(model, [0], 1, torch.float32, steps=2)
     torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_inside_a_layer_sees_every_token_and_its_removal_restores_the_step(
+        monkeypatch) -> None:
+    """A forward hook on a module inside a layer (a linear of its MLP): the one-call steps,
+    which would skip that module's call, stand aside while it is there -- the hook sees the
+    prefill and every decode token, the logits stay the per-layer torch path's -- and the
+    whole-model step runs again once the hook's handle removes it."""
+    model = _model("tiny", torch.float32)
+    calls, seen = [], []
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    _decode(model, [0], 1, torch.float32, steps=2)
+    assert len(calls) == 2
+    handle = model.model.layers[2].feed_forward.up_proj.register_forward_hook(
+        lambda *args: seen.append(1))
+    hooked, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    assert len(seen) == 3 and len(calls) == 2  # prefill + 2 tokens; no whole-model step
+    handle.remove()
+    restored, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    assert len(seen) == 3 and len(calls) == 4
+    monkeypatch.setattr(dispatch, "layer_step_fits", lambda *args: False)
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
+    torch_path, _ = _decode(model, [0], 1, torch.float32, steps=2)
+    torch.testing.assert_close(hooked, torch_path, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(restored, torch_path, rtol=1e-5, atol=1e-5)
 
 
 def _checks(monkeypatch) -> list[int]:

@@ -179,29 +179,29 @@ def layer_fits(dtype: torch.dtype, dims: LayerDims) -> bool:
 
 def layer_step_fits(x: torch.Tensor, norm_dtype: torch.dtype, dims: LayerDims) -> bool:
     """One decode token through a whole layer in one call: at most ``MAX_ROWS`` rows of eager
-    CPU inference in the layer's dtype. Not inside torch.compile: a graph calls a custom op
-    through the dispatcher (~0.1 ms a call), so compiled decode fuses the torch ops instead."""
+    CPU inference in the layer's dtype, no global forward hooks. Not inside torch.compile: a
+    graph calls a custom op through the dispatcher (~0.1 ms a call), so compiled decode fuses
+    the torch ops instead."""
     return x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and \
         not torch.is_grad_enabled() and not torch.compiler.is_compiling() and \
-        x.dtype == norm_dtype and layer_fits(x.dtype, dims)
+        x.dtype == norm_dtype and layer_fits(x.dtype, dims) and not _global_hooks()
 
 
-def decode_step_fits(x: torch.Tensor, cache: object, dims: tuple[LayerDims | None, ...],
-                     layers: torch.nn.ModuleList) -> bool:
+def decode_step_fits(x: torch.Tensor, cache: object, dims: tuple[LayerDims | None, ...]) -> bool:
     """Every layer of a decode token in one call: as ``layer_step_fits``, for a cache that
-    addresses its keys by token rows, no dispatch mode, and no forward hooks on the layers
-    (the one call would skip them)."""
+    addresses its keys by token rows, no dispatch mode, and no global forward hooks (the one
+    call would skip the calls they see; hooks on the model's modules keep its plan from
+    holding tensors)."""
     return hasattr(cache, "token_rows") and x.shape[1] == 1 and x.shape[0] <= MAX_ROWS and \
         x.device.type == "cpu" and not torch.is_grad_enabled() and \
         not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() and \
-        all(layer_fits(x.dtype, d) for d in dims if d) and not _has_hooks(layers)
+        all(layer_fits(x.dtype, d) for d in dims if d) and not _global_hooks()
 
 
-def _has_hooks(layers: torch.nn.ModuleList) -> bool:
-    """Whether a forward hook would see the decoder layers' calls."""
+def _global_hooks() -> bool:
+    """Whether a forward hook registered for every module is in place."""
     module = torch.nn.modules.module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks or
-                any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers))
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def decode_rows(dtype: torch.dtype, device: torch.device, dims: tuple[LayerDims | None, ...],

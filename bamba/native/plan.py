@@ -100,13 +100,14 @@ class DecodePlan(NamedTuple):
     final_norm: FinalNorm | None  # the final norm, when the step may apply it
 
     @classmethod
-    def build(cls, layers: nn.ModuleList, final_norm: nn.Module | None,
-              generation: int) -> DecodePlan:
+    def build(cls, layers: nn.ModuleList, final_norm: nn.Module | None, generation: int,
+              hooked: bool = False) -> DecodePlan:
         """``final_norm``: the model's final RMS norm, or None when the step must leave it to
-        its module (a class of the user's)."""
+        its module (a class of the user's, a hook on it); ``hooked``: a forward hook sits in
+        the layers (no tensors then: the layers run one by one)."""
         kinds = [layer.layer_type == "attention" for layer in layers]
         dims = tuple(next((layer_dims(layer) for layer, k in zip(layers, kinds) if k == kind),
                           None) for kind in (False, True))
-        tensors = [layer_tensors(layer).whole() for layer in layers]
+        tensors = [None] if hooked else [layer_tensors(layer).whole() for layer in layers]
         return cls(generation, kinds, dims, None if None in tensors else tensors, PlanMemo(),
                    None if final_norm is None else FinalNorm(final_norm.weight, final_norm.eps))

@@ -17,8 +17,11 @@ What each swapped module adds:
 * ``DecoderLayer``: a decode token through the whole layer in one call (``layer_ops``);
 * ``BambaLM``: a decode token through every layer in one call (``decode_ops``), from a plan of
   every layer's tensors that the model keeps and rebuilds after any of its modules registers a
-  parameter, buffer or submodule (the swapped modules count their registrations; nothing is
-  hooked into torch).
+  parameter, buffer, submodule or forward hook (the swapped modules count their registrations,
+  and a hook's removal through its handle; nothing is hooked into torch).
+
+The one-call steps skip the calls of the modules inside what they run, so they stand aside
+while a forward hook sits on one of those modules: the hook then sees every call.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils.hooks import RemovableHandle
 import torch.nn.functional as F
 from torch import nn
 
@@ -66,6 +70,33 @@ class _Counted(nn.Module):
     def add_module(self, name: str, module: nn.Module | None) -> None:
         super().add_module(name, module)
         _REGISTRATIONS[0] += 1
+
+    def register_forward_hook(self, *args, **kwargs) -> RemovableHandle:
+        return _counted_handle(super().register_forward_hook(*args, **kwargs))
+
+    def register_forward_pre_hook(self, *args, **kwargs) -> RemovableHandle:
+        return _counted_handle(super().register_forward_pre_hook(*args, **kwargs))
+
+
+class _CountedHandle(RemovableHandle):
+    """A forward hook's handle whose removal counts as a registration (the one-call steps,
+    which stood aside for the hook, look again)."""
+
+    def remove(self) -> None:
+        super().remove()
+        _REGISTRATIONS[0] += 1
+
+
+def _counted_handle(handle: RemovableHandle) -> RemovableHandle:
+    _REGISTRATIONS[0] += 1
+    handle.__class__ = _CountedHandle
+    return handle
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward hook sits on one of ``modules`` (read when a plan is built: adding or
+    removing one on a swapped module makes the plan be built again)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class Linear(_Counted, nn.Linear):
@@ -200,11 +231,14 @@ class DecoderLayer(_Counted, reference.DecoderLayer):
         return dims
 
     def kernel_tensors(self) -> plan.LayerTensors:
-        """The layer's tensors, read again after a registration in a swapped module."""
+        """The layer's tensors, read again after a registration in a swapped module; none while
+        a forward hook sits on a module inside the layer (the one call would skip its call)."""
         cached = self.__dict__.get("_kernel_tensors")
         if cached is None or cached[0] != _REGISTRATIONS[0]:
-            cached = self.__dict__["_kernel_tensors"] = (_REGISTRATIONS[0],
-                                                         plan.layer_tensors(self))
+            inside = list(self.modules())[1:]
+            tensors = plan.LayerTensors(None, None, None) if _hooked(inside) else \
+                plan.layer_tensors(self)
+            cached = self.__dict__["_kernel_tensors"] = (_REGISTRATIONS[0], tensors)
         return cached[1]
 
     def _attention_step(self, x: torch.Tensor, rope: reference.Rope, positions: torch.Tensor,
@@ -244,8 +278,7 @@ class BambaLM(_Counted, reference.BambaLM):
                          seq_idx: torch.Tensor | None) -> torch.Tensor:
         if cache is not None:
             steps = self.decode_plan()
-            if steps.tensors is not None and \
-                    dispatch.decode_step_fits(x, cache, steps.dims, self.model.layers):
+            if steps.tensors is not None and dispatch.decode_step_fits(x, cache, steps.dims):
                 out = self._decode(x, rope, positions, cache, steps)
                 if out is not None:
                     return out
@@ -263,7 +296,8 @@ class BambaLM(_Counted, reference.BambaLM):
         if cached is None or cached.generation != _REGISTRATIONS[0]:
             norm = self.model.final_layernorm
             cached = self.__dict__["_decode_plan"] = plan.DecodePlan.build(
-                self.model.layers, norm if type(norm) is RMSNorm else None, _REGISTRATIONS[0])
+                self.model.layers, norm if type(norm) is RMSNorm and not _hooked([norm]) else None,
+                _REGISTRATIONS[0], hooked=_hooked(self.model.layers.modules()))
         return cached
 
     def _decode(self, x: torch.Tensor, rope: reference.Rope | None, positions: torch.Tensor,
@@ -287,8 +321,7 @@ class BambaLM(_Counted, reference.BambaLM):
                                    cos, sin, write_rows, read_rows)
         mamba, attention = steps.dims
         norm, final = self.model.final_layernorm, steps.final_norm
-        if final is not None and (final.weight.dtype != x.dtype or norm._forward_hooks or
-                                  norm._forward_pre_hooks):
+        if final is not None and final.weight.dtype != x.dtype:
             final = None
         out = decode_ops.decode_layers(
             x.view(b, -1), steps.tensors, steps.kinds, storage, rows, mamba or plan.NO_LAYER,
