@@ -16,7 +16,8 @@ At concurrency 1 the sides take turns request by request (each prompt on every s
 back, the first side rotating), so the requests a ratio compares ran within a second or two of
 each other: whole levels of one side after another (~5 s each) gave per-round ratios from 0.87
 to 1.03 for the same code.
-The report holds every round's tok/s, and the server's and client's CPU a token (and bamba's
+The report holds every round's tok/s and inter-token p50/p99 (``rounds_*``), and the server's
+and client's CPU a token (and bamba's
 engine thread's time in and between steps a token, from its /metrics). The ratios to trust are
 ``ratios``: per level, bamba's tok/s over the offline engine's and over llama-server's in each
 round (the sides measured back to back) and their median; a ratio of two best rounds carries
@@ -561,16 +562,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# A level's figures kept for every round beside its best round's (``rounds_<name>``).
+ROUND_FIELDS = {"output_tok_per_s": "rounds_tok_per_s", "itl_p50_ms": "rounds_itl_p50_ms",
+                "itl_p99_ms": "rounds_itl_p99_ms"}
+
+
 def best_levels(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A side's measured levels, one per (concurrency, streaming): the round with the highest
-    output tok/s, with every round's tok/s beside it (``rounds_tok_per_s``)."""
+    output tok/s, with every round's tok/s and inter-token p50 / p99 beside it (``rounds_*``;
+    the latencies where the level measured them)."""
     best: dict[tuple[int, bool], dict[str, Any]] = {}
     for level in levels:
         key = level["concurrency"], level["stream"]
         if key not in best or level["output_tok_per_s"] > best[key]["output_tok_per_s"]:
             best[key] = level
-    seen = _rounds_by_level(levels)
-    return [{**level, "rounds_tok_per_s": seen[key]} for key, level in best.items()]
+    rounds = {name: _rounds_by_level(levels, field) for field, name in ROUND_FIELDS.items()}
+    return [{**level, **{name: seen[key] for name, seen in rounds.items() if key in seen}}
+            for key, level in best.items()]
 
 
 def round_ratios(measured: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -590,11 +598,13 @@ def round_ratios(measured: dict[str, list[dict[str, Any]]]) -> list[dict[str, An
     return ratios
 
 
-def _rounds_by_level(levels: list[dict[str, Any]]) -> dict[tuple[int, bool], list[float]]:
+def _rounds_by_level(levels: list[dict[str, Any]],
+                     field: str = "output_tok_per_s") -> dict[tuple[int, bool], list[float]]:
+    """Per (concurrency, streaming), ``field`` of every round that measured it."""
     rounds: dict[tuple[int, bool], list[float]] = {}
     for level in levels:
-        rounds.setdefault((level["concurrency"], level["stream"]), []).append(
-            level["output_tok_per_s"])
+        if level.get(field) is not None:
+            rounds.setdefault((level["concurrency"], level["stream"]), []).append(level[field])
     return rounds
 
 

@@ -71,6 +71,8 @@ def test_each_level_keeps_its_best_round() -> None:
               level(1, False, 66.0), level(8, True, 200.0)]
     best = {(lv["concurrency"], lv["stream"]): lv for lv in bench_serve.best_levels(levels)}
     assert best[1, True]["itl_p50_ms"] == 65.0 and best[1, True]["rounds_tok_per_s"] == [60, 65]
+    assert best[1, True]["rounds_itl_p50_ms"] == [60, 65]  # every round's latency too
+    assert "rounds_itl_p99_ms" not in best[1, True]  # not measured: not invented
     assert best[1, False]["output_tok_per_s"] == 70.0 and best[8, True]["rounds_tok_per_s"] == [200]
 
 
