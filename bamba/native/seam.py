@@ -29,9 +29,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.hooks import RemovableHandle
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from bamba import model as reference
 from bamba.cache_protocol import KVLayout
@@ -270,8 +270,9 @@ class NativeStepUnavailable(RuntimeError):
 
 
 class BambaLM(_Counted, reference.BambaLM):
-    """One decode token through every layer in one native call (``decode_ops``): at batch 1
-    the per-layer Python and torch glue cost ~4 ms of a 16 ms step."""
+    """One decode token through every layer and the final norm in one native call
+    (``decode_ops``): at batch 1 the per-layer Python and torch glue cost ~4 ms of a 16 ms
+    step."""
 
     def layers_then_norm(self, x: torch.Tensor, rope: reference.Rope | None,
                          positions: torch.Tensor, cache: reference.InferenceCache | None,
