@@ -31,6 +31,7 @@ from bamba.checkpoint import from_pretrained
 from bamba.compile import MODES, CompiledForward
 from bamba.config import BambaConfig, llama_twin, preset
 from bamba.dtypes import dtype_name, parse_dtype
+from bamba.native import accelerate
 from bench_engine import StepClock  # noqa: E402 (a sibling script)
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -99,8 +100,9 @@ def _median_rate(tokens: int, seconds: list[float]) -> float:
 def bench_bamba(directory: Path, dtype: torch.dtype, args: argparse.Namespace,
                 ids: torch.Tensor, compile_mode: str) -> dict:
     """Prefill, then greedy decode: eager, or through compiled steps (decode always, prefill
-    with --compile-prefill), compiled during an untimed warm-up run."""
-    model = from_pretrained(directory, dtype=dtype)
+    with --compile-prefill), compiled during an untimed warm-up run. The model runs with the
+    native kernels installed (``accelerate``), as ``generate``, ``LLM`` and the CLI run it."""
+    model = accelerate(from_pretrained(directory, dtype=dtype).eval())
     length = args.prompt + args.decode
     compiled = CompiledForward(model, compile_mode) if compile_mode != "none" else None
     compile_prefill = compiled is not None and str(dtype).removeprefix("torch.") \
