@@ -52,6 +52,7 @@ import transformers
 
 from bamba.config import preset
 from bamba.model import BambaLM, init_weights
+from bamba.native import accelerate, is_accelerated
 from bamba.train.train_config import TrainConfig
 from bamba.train.metrics import flops_per_token, mfu
 from bamba.train.memory import retain_freed_memory
@@ -138,7 +139,7 @@ def hf_config(config: Any) -> Any:
 def build_pair(name: str) -> tuple[Any, BambaLM, Any]:
     preset_name, _, _ = CASES[name]
     config = preset(preset_name)
-    ours = init_weights(BambaLM(config), seed=0).train()
+    ours = accelerate(init_weights(BambaLM(config), seed=0)).train()  # as build_model does
     theirs = transformers.BambaForCausalLM(hf_config(config))
     missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
     if unexpected or [m for m in missing if "rotary" not in m]:

@@ -37,3 +37,12 @@ def test_parts_benchmark_times_both_implementations_of_each_part(tmp_path) -> No
     assert all(set(r["ms"]) == {"native op", "torch ops"} and min(r["ms"].values()) > 0
                for r in report["conv"].values())
     assert all(set(r["ms"]) == {"matmul", "flash"} for r in report["attention"].values())
+
+
+def test_bamba_side_trains_with_the_native_kernels_installed(monkeypatch) -> None:
+    """As the trainer's build_model: the model is accelerated (the native training conv)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_train  # importing changes nothing: main() sets the allocator
+
+    _, ours, _ = bench_train.build_pair("demo")
+    assert bench_train.is_accelerated(ours)
