@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     for checkpoint in args.checkpoints:
         model = accelerate(from_pretrained(checkpoint, dtype=torch.bfloat16).eval())
         seconds = decode_turns(model, builds, args.turns, args.steps, args.batch)
-        row = {"checkpoint": checkpoint, "batch": args.batch, "base_ms": round(1e3 * seconds["base"], 3),
+        row = {"checkpoint": checkpoint, "batch": args.batch,
+               "base_ms": round(1e3 * seconds["base"], 3),
                "tree_ms": round(1e3 * seconds["tree"], 3),
                "base_over_tree": round(seconds["base"] / seconds["tree"], 3)}
         print(json.dumps(row), flush=True)

@@ -108,6 +108,8 @@ class DecodePlan(NamedTuple):
         kinds = [layer.layer_type == "attention" for layer in layers]
         dims = tuple(next((layer_dims(layer) for layer, k in zip(layers, kinds) if k == kind),
                           None) for kind in (False, True))
-        tensors = [None] if hooked else [layer_tensors(layer).whole() for layer in layers]
-        return cls(generation, kinds, dims, None if None in tensors else tensors, PlanMemo(),
+        tensors = None if hooked else [layer_tensors(layer).whole() for layer in layers]
+        if tensors is not None and None in tensors:
+            tensors = None
+        return cls(generation, kinds, dims, tensors, PlanMemo(),
                    None if final_norm is None else FinalNorm(final_norm.weight, final_norm.eps))
