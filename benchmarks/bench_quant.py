@@ -60,10 +60,13 @@ from measure import (bamba_cli, best, decode_seconds, llama_ggufs, prefill_secon
                      rss_mb, run_child, run_llama_bench, write_random)
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
-SCHEMES = ("bf16", "fp8", "int8", "int4", "int4+8")
-# "int4+8": int4 linears with the lm_head and the token embeddings int8 (--lm-head int8
-# --embedding int8), as llama.cpp's Q4_0 files keep a wider output tensor (Q6_K).
-LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0", "int4+8": "Q4_0"}  # its peer
+SCHEMES = ("bf16", "fp8", "int8", "int8+8", "int4", "int4+8")
+# "int8+8" and "int4+8": int8 or int4 linears with the lm_head and the token embeddings int8
+# too (--lm-head int8 --embedding int8), the layout of llama.cpp's files: its Q8_0 keeps both
+# in Q8_0, its Q4_0 the output tensor in Q6_K and the embeddings in Q4_0. The plain schemes
+# keep both in bf16, as the quantize command does unless asked.
+LLAMA_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int8+8": "Q8_0", "int4": "Q4_0",
+               "int4+8": "Q4_0"}  # each scheme's peer among llama.cpp's files
 # The shapes: presets of bamba.config with overrides.
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny": ("tiny", {}),
