@@ -1,7 +1,7 @@
 """The native kernels over quantized linears (fp8, int8, int4) against the torch reference
-(``QuantizedLinear.forward``): the few-row kernel and the prefill tiles, the layer and model
-decode steps of quantized models (dense lm_head, formats mixed per layer), and the torch path
-for what the kernels do not take."""
+(``QuantizedLinear.forward``): the few-row kernel and the prefill tiles, the quantized
+embedding's lookup, the layer and model decode steps of quantized models (dense lm_head,
+formats mixed per layer), and the torch path for what the kernels do not take."""
 
 import copy
 
@@ -14,6 +14,7 @@ from bamba.config import preset
 from bamba.model import BambaLM, init_weights
 from bamba.native import accelerate, decode_ops, dispatch, plan, quant_ops, seam
 from bamba.quant.apply import quantize_model
+from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.formats import int8_activations, make_scheme
 from bamba.quant.linear import QuantizedLinear
 
@@ -313,6 +314,41 @@ def test_prefill_tiles_are_the_reference_weights_exactly(fmt, group, dtype) -> N
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"out must be a contiguous .* \[16, 384\]"):
         quant_ops.dequantize_tile(layout, 7, 23, dtype, torch.empty(16, 383, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fmt, group", [("fp8", None), ("int8", None), ("int8", 32),
+                                        ("int4", 32), ("int4", 128), ("int4", None)])
+def test_a_quantized_embedding_looks_up_its_rows_natively_as_the_reference(fmt, group, dtype):
+    """The lookup in one native call gives the reference's rows bit for bit (ids of any shape,
+    repeated, at both ends of the table); an id outside it is torch's IndexError."""
+    dense = nn.Embedding(300, 384).to(dtype)
+    reference = QuantizedEmbedding.from_embedding(dense, make_scheme(fmt, group))
+    native = accelerate(copy.deepcopy(nn.Sequential(reference)))[0]
+    assert type(native) is seam.QuantizedEmbedding
+    ids = torch.tensor([[0, 299, 7], [7, 150, 3]])
+    assert dispatch.quant_gather_fits(ids, native.kernel_weights(), 384, dtype) is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(native(ids), reference(ids), rtol=0, atol=0)
+        torch.testing.assert_close(native(ids[0, 1]), reference(ids[0, 1]), rtol=0, atol=0)
+        for bad in (300, -1):
+            with pytest.raises(IndexError, match="index out of range"):
+                native(torch.tensor([[3, bad]]))
+
+
+def test_an_embedding_the_kernels_do_not_take_runs_the_torch_reference(monkeypatch) -> None:
+    """A width not a multiple of 128 (and a compiled graph, asked the same way) keep the
+    reference lookup."""
+    monkeypatch.setattr(quant_ops, "quant_gather", lambda *a, **k: pytest.fail("kernel"))
+    reference = QuantizedEmbedding.from_embedding(nn.Embedding(40, 96), make_scheme("int8"))
+    native = accelerate(copy.deepcopy(nn.Sequential(reference)))[0]
+    ids = torch.tensor([[1, 2]])
+    assert dispatch.quant_gather_fits(ids, native.kernel_weights(), 96, torch.float32) is None
+    torch.testing.assert_close(native(ids), reference(ids), rtol=0, atol=0)
+    monkeypatch.setattr(dispatch, "through_dispatcher", lambda: True)
+    wide = accelerate(nn.Sequential(QuantizedEmbedding.from_embedding(nn.Embedding(40, 128),
+                                                                      make_scheme("int8"))))[0]
+    assert dispatch.quant_gather_fits(ids, wide.kernel_weights(), 128, torch.float32) is None
 
 
 @pytest.mark.parametrize("tile_weights, want_tiles", [(256 * 500, [448, 448, 204]),

@@ -114,6 +114,18 @@ def quant_linear_fits(x: torch.Tensor, weights: LinearWeights) -> QuantLayout | 
     return layout if layout is not None and quant_ops.supported(layout) else None
 
 
+def quant_gather_fits(ids: torch.Tensor, weights: LinearWeights, width: int,
+                      dtype: torch.dtype) -> QuantLayout | None:
+    """A quantized embedding's lookup of ``ids`` into ``dtype`` rows of ``width`` by the
+    library (``quant_ops.quant_gather``): its layout when the kernels take it, for integer ids
+    on the CPU, eagerly (a compiled graph keeps the torch reference), else None."""
+    if ids.device.type != "cpu" or ids.dtype not in (torch.int64, torch.int32) or \
+            dtype not in KERNEL_DTYPES or through_dispatcher() or not library_available():
+        return None
+    layout = quant_ops.quant_layout(weights, width)
+    return layout if layout is not None and quant_ops.supported(layout) else None
+
+
 def quant_step_fits(weights: LinearWeights, in_features: int) -> bool:
     """Whether the layer and model decode steps read this quantized linear."""
     layout = quant_ops.quant_layout(weights, in_features)

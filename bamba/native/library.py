@@ -38,6 +38,8 @@ SIGNATURES: dict[str, tuple[list | None, type | None]] = {
     "bamba_quant_set_int8_activations": ([_I32], _I32),
     "bamba_quant_dequantize": ([_PTR, _I32, _PTR, _I32, _I64, _I64, _I64, _I64, _I64, _PTR,
                                 _I32, _I32], None),
+    "bamba_quant_gather": ([_PTR, _I32, _PTR, _I32, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR,
+                            _I32], _I32),
     "bamba_mamba_layer_step": ([_PTR, _PTR, _I32, _I64, _I64, _F32, _F32, _F32, _PTR, _PTR,
                                 _I64, _PTR, _I32, _PTR, _I32, _PTR, _I32], _I32),
     "bamba_attention_in_step": ([_PTR, _PTR, _I32, _I64, _I64, _F32, _PTR, _PTR, _I64, _I32],

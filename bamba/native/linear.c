@@ -163,3 +163,18 @@ void bamba_quant_dequantize(const void *W, int format, const void *scales, int s
     if (stream) _mm_sfence(); /* the streaming stores (dequantize_rows) done before the matmul */
 #endif
 }
+
+/* An embedding lookup in quantized weights [n, K] (as bamba_quant_linear's): rows ids[0..count)
+ * dequantized into out [count, K], bf16 when out_bf16, else float32, as bamba_quant_dequantize
+ * dequantizes a tile. Returns 0, or -1 (nothing written) when an id lies outside 0..n-1. */
+int bamba_quant_gather(const void *W, int format, const void *scales, int scale_kind,
+                       int64_t group, int64_t scale_stride, int64_t n, const int64_t *ids,
+                       int64_t count, int64_t K, void *out, int out_bf16) {
+    const LinearWeights L = {W, NULL, n, K, format, scales, scale_kind, group, scale_stride};
+    for (int64_t i = 0; i < count; i++)
+        if (ids[i] < 0 || ids[i] >= n) return -1;
+    for (int64_t i = 0; i < count; i++)
+        dequantize_rows(&L, ids[i], ids[i] + 1, (char *)out + i * K * (out_bf16 ? 2 : 4),
+                        out_bf16, 0);
+    return 0;
+}

@@ -197,6 +197,21 @@ def dequantize_tile(layout: QuantLayout, begin: int, end: int, dtype: torch.dtyp
     return out
 
 
+def quant_gather(layout: QuantLayout, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of the quantized weights as [*ids.shape, k] of ``dtype`` (bf16 or float32):
+    an embedding lookup, each value q * scale rounded once as ``dequantize_tile`` rounds it.
+    IndexError, as torch's embedding raises it, when an id lies outside the rows."""
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(flat.shape[0], layout.k, dtype=dtype)
+    status = library.load().bamba_quant_gather(
+        layout.weight.data_ptr(), layout.code, layout.scales.data_ptr(), layout.scale_kind,
+        layout.group, layout.scale_stride, layout.n, flat.data_ptr(), flat.shape[0], layout.k,
+        out.data_ptr(), int(dtype == torch.bfloat16))
+    if status != 0:
+        raise IndexError("index out of range in self")
+    return out.view(*ids.shape, layout.k)
+
+
 def quant_linear_gemm(x: torch.Tensor, layout: QuantLayout,
                       bias: torch.Tensor | None) -> torch.Tensor | None:
     """y = x W^T (+ bias) for many rows, weights packed a panel at a time as the products read

@@ -11,6 +11,7 @@ What each swapped module adds:
   prefill a product over weight panels (int8, int4 against int8 activations; fp8 against bf16
   x) or dequantized tiles for torch's matmul; the layer and model steps read its
   ``kernel_weights()`` too;
+* ``QuantizedEmbedding``: the lookup of the rows it reads in one call;
 * ``RMSNorm`` and ``MLP``: one pass for the norm and the SwiGLU product;
 * ``Attention``: decode attention over the cache in place;
 * ``Mamba2Mixer``: the one-pass SSM state update, the prefill kernels, the training conv;
@@ -37,6 +38,7 @@ from bamba import model as reference
 from bamba.cache_protocol import KVLayout
 from bamba.native import attention_ops, decode_ops, dispatch, elementwise_ops, layer_ops, plan
 from bamba.native import linear_ops, prefill_ops, quant_ops, ssd_ops, train_ops  # noqa: F401
+from bamba.quant import embedding as quant_embedding
 from bamba.quant import linear as quant_linear
 from bamba.native.plan import DENSE, LinearWeights
 from bamba.ops import attention as attention_math
@@ -123,6 +125,18 @@ class QuantizedLinear(_Counted, quant_linear.QuantizedLinear):
         if x.numel() // x.shape[-1] <= dispatch.MAX_LINEAR_ROWS:
             return quant_ops.quant_linear_rows(x, layout, self.bias, dispatch.through_dispatcher())
         return quant_ops.quant_linear_many(x, layout, self.bias)
+
+
+class QuantizedEmbedding(_Counted, quant_embedding.QuantizedEmbedding):
+    """The lookup in one native call (~10 against ~115 us a decode token with the caches cold
+    from the weights' stream); the torch reference where it does not fit."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        layout = dispatch.quant_gather_fits(input_ids, self.kernel_weights(),
+                                            self.embedding_dim, self.output_dtype)
+        if layout is None:
+            return super().forward(input_ids)
+        return quant_ops.quant_gather(layout, input_ids, self.output_dtype)
 
 
 class RMSNorm(_Counted, reference.RMSNorm):
@@ -346,6 +360,7 @@ def _counted(cls: type[nn.Module]) -> type[nn.Module]:
 # The exact class of each module a BambaLM holds -> its swapped class.
 SWAPS: dict[type, type] = {
     nn.Linear: Linear, quant_linear.QuantizedLinear: QuantizedLinear,
+    quant_embedding.QuantizedEmbedding: QuantizedEmbedding,
     reference.RMSNorm: RMSNorm, reference.MLP: MLP,
     reference.Attention: Attention, reference.Mamba2Mixer: Mamba2Mixer,
     reference.DecoderLayer: DecoderLayer, reference.BambaLM: BambaLM,

@@ -48,8 +48,7 @@ class QuantizedLinear(QuantizedWeights):
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def kernel_weights(self) -> LinearWeights:
-        data = self.weight_packed if self.scheme.packed else self.weight
-        return LinearWeights(self.scheme.name, data, self.bias, self.weight_scale)
+        return super().kernel_weights()._replace(bias=self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bamba.linear_protocol import LinearWeights
 from bamba.quant.formats import FP8, QuantScheme, dequantize, packed_width, scale_shape
 
 
@@ -50,6 +51,11 @@ class QuantizedWeights(nn.Module):
 
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.scheme.tensor_names()}
+
+    def kernel_weights(self) -> LinearWeights:
+        """The format and tensors the kernels read (``bamba.linear_protocol``)."""
+        data = self.weight_packed if self.scheme.packed else self.weight
+        return LinearWeights(self.scheme.name, data, None, self.weight_scale)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """A fresh dense [rows, cols] weight in ``dtype`` (the reference path and tests)."""
