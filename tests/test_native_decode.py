@@ -248,6 +248,30 @@ def test_a_hook_inside_a_layer_sees_every_token_and_its_removal_restores_the_ste
     torch.testing.assert_close(restored, torch_path, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("where", ["layer", "final_norm"])
+def test_a_hook_from_before_accelerate_removed_by_its_own_handle_restores_the_step(
+        monkeypatch, where) -> None:
+    """A hook registered before ``accelerate`` has torch's own handle, whose removal the
+    registrations count does not see: the steps look again while they stand aside, so the
+    whole-model step (and its final norm) come back once the hook is gone."""
+    model = init_weights(BambaLM(preset("tiny")), seed=0).float().eval()
+    target = model.model.layers[2].feed_forward.up_proj if where == "layer" else \
+        model.model.final_layernorm
+    seen, calls = [], []
+    handle = target.register_forward_hook(lambda *args: seen.append(1))
+    accelerate(model)
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(k.get("final_norm", a[-1])) or real(*a, **k))
+    _decode(model, [0], 1, torch.float32, steps=2)
+    assert len(seen) == 3  # the prefill and both tokens
+    assert len(calls) == (0 if where == "layer" else 2)
+    handle.remove()
+    _decode(model, [0], 1, torch.float32, steps=2)
+    assert len(seen) == 3 and len(calls) == (2 if where == "layer" else 4)
+    assert calls[-1] is not None  # the step applies the final norm again
+
+
 def _checks(monkeypatch) -> list[int]:
     """Counts every reading of the layers' tensor addresses (``_layout``)."""
     seen: list[int] = []

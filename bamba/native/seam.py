@@ -28,6 +28,8 @@ while a forward hook sits on one of those modules: the hook then sees every call
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +101,14 @@ def _hooked(modules) -> bool:
     """Whether a forward hook sits on one of ``modules`` (read when a plan is built: adding or
     removing one on a swapped module makes the plan be built again)."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _stale(generation: int, hooked: bool, modules: Callable[[], Iterable[nn.Module]]) -> bool:
+    """Whether a plan built at registrations count ``generation``, with a hook among
+    ``modules()`` when ``hooked``, must be built again: the count moved, or the hooks are gone
+    (one added before ``accelerate`` is removed through torch's own handle, which the count
+    does not see; while hooked, each call looks again: the per-layer path runs then anyway)."""
+    return generation != _REGISTRATIONS[0] or (hooked and not _hooked(modules()))
 
 
 class Linear(_Counted, nn.Linear):
@@ -248,12 +258,14 @@ class DecoderLayer(_Counted, reference.DecoderLayer):
         """The layer's tensors, read again after a registration in a swapped module; none while
         a forward hook sits on a module inside the layer (the one call would skip its call)."""
         cached = self.__dict__.get("_kernel_tensors")
-        if cached is None or cached[0] != _REGISTRATIONS[0]:
-            inside = list(self.modules())[1:]
-            tensors = plan.LayerTensors(None, None, None) if _hooked(inside) else \
-                plan.layer_tensors(self)
-            cached = self.__dict__["_kernel_tensors"] = (_REGISTRATIONS[0], tensors)
-        return cached[1]
+        if cached is None or _stale(cached[0], cached[1], self._modules_inside):
+            hooked = _hooked(self._modules_inside())
+            tensors = plan.LayerTensors(None, None, None) if hooked else plan.layer_tensors(self)
+            cached = self.__dict__["_kernel_tensors"] = (_REGISTRATIONS[0], hooked, tensors)
+        return cached[2]
+
+    def _modules_inside(self) -> Iterator[nn.Module]:
+        return itertools.islice(self.modules(), 1, None)
 
     def _attention_step(self, x: torch.Tensor, rope: reference.Rope, positions: torch.Tensor,
                         cache: reference.InferenceCache,
@@ -303,17 +315,23 @@ class BambaLM(_Counted, reference.BambaLM):
 
     def decode_plan(self) -> plan.DecodePlan:
         """Every layer's tensors, looked up again only after a registration in a swapped
-        module (the walk costs ~0.4 ms a token with the caches cold from streaming the
-        weights). Tensors replaced in place (``.data``, ``.to``) keep their Parameter
+        module, or once the hooks that kept the step aside are gone (the walk costs ~0.4 ms a
+        token with the caches cold from streaming the weights). Tensors replaced in place (``.data``, ``.to``) keep their Parameter
         objects; decode_ops sees their new addresses (the plan's memo compares them on every
         token and rebuilds the step's C structs when one moved)."""
         cached = self.__dict__.get("_decode_plan")
-        if cached is None or cached.generation != _REGISTRATIONS[0]:
-            norm = self.model.final_layernorm
-            cached = self.__dict__["_decode_plan"] = plan.DecodePlan.build(
-                self.model.layers, norm if type(norm) is RMSNorm and not _hooked([norm]) else None,
-                _REGISTRATIONS[0], hooked=_hooked(self.model.layers.modules()))
-        return cached
+        if cached is None or _stale(cached[0].generation, cached[1], self._modules_stepped):
+            norm, layers = self.model.final_layernorm, self.model.layers
+            hooked = _hooked(layers.modules())
+            steps = plan.DecodePlan.build(
+                layers, norm if type(norm) is RMSNorm and not _hooked([norm]) else None,
+                _REGISTRATIONS[0], hooked=hooked)
+            cached = self.__dict__["_decode_plan"] = (steps, hooked or _hooked([norm]))
+        return cached[0]
+
+    def _modules_stepped(self) -> Iterator[nn.Module]:
+        """The modules whose calls the whole-model step stands in for."""
+        return itertools.chain(self.model.layers.modules(), [self.model.final_layernorm])
 
     def _decode(self, x: torch.Tensor, rope: reference.Rope | None, positions: torch.Tensor,
                 cache: reference.InferenceCache, steps: plan.DecodePlan) -> torch.Tensor | None:
