@@ -110,8 +110,7 @@ def quant_linear_fits(x: torch.Tensor, weights: LinearWeights) -> QuantLayout | 
             (x.numel() // max(x.shape[-1], 1) > MAX_LINEAR_ROWS and
              torch.compiler.is_compiling()):
         return None
-    layout = quant_ops.quant_layout(weights, x.shape[-1])
-    return layout if layout is not None and quant_ops.supported(layout) else None
+    return _supported_layout(weights, x.shape[-1])
 
 
 def quant_gather_fits(ids: torch.Tensor, weights: LinearWeights, width: int,
@@ -122,6 +121,11 @@ def quant_gather_fits(ids: torch.Tensor, weights: LinearWeights, width: int,
     if ids.device.type != "cpu" or ids.dtype not in (torch.int64, torch.int32) or \
             dtype not in KERNEL_DTYPES or through_dispatcher() or not library_available():
         return None
+    return _supported_layout(weights, width)
+
+
+def _supported_layout(weights: LinearWeights, width: int) -> QuantLayout | None:
+    """The kernels' layout of quantized ``weights`` of input ``width``, when they take it."""
     layout = quant_ops.quant_layout(weights, width)
     return layout if layout is not None and quant_ops.supported(layout) else None
 

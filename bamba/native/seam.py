@@ -138,8 +138,8 @@ class QuantizedLinear(_Counted, quant_linear.QuantizedLinear):
 
 
 class QuantizedEmbedding(_Counted, quant_embedding.QuantizedEmbedding):
-    """The lookup in one native call (~10 against ~115 us a decode token with the caches cold
-    from the weights' stream); the torch reference where it does not fit."""
+    """The lookup in one native call (~37 against ~115 us a decode token, glue included, with
+    the caches cold from the weights' stream); the torch reference where it does not fit."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         layout = dispatch.quant_gather_fits(input_ids, self.kernel_weights(),
@@ -316,17 +316,18 @@ class BambaLM(_Counted, reference.BambaLM):
     def decode_plan(self) -> plan.DecodePlan:
         """Every layer's tensors, looked up again only after a registration in a swapped
         module, or once the hooks that kept the step aside are gone (the walk costs ~0.4 ms a
-        token with the caches cold from streaming the weights). Tensors replaced in place (``.data``, ``.to``) keep their Parameter
-        objects; decode_ops sees their new addresses (the plan's memo compares them on every
-        token and rebuilds the step's C structs when one moved)."""
+        token with the caches cold from streaming the weights). Tensors replaced in place
+        (``.data``, ``.to``) keep their Parameter objects; decode_ops sees their new addresses
+        (the plan's memo compares them on every token and rebuilds the step's C structs when
+        one moved)."""
         cached = self.__dict__.get("_decode_plan")
         if cached is None or _stale(cached[0].generation, cached[1], self._modules_stepped):
             norm, layers = self.model.final_layernorm, self.model.layers
-            hooked = _hooked(layers.modules())
+            hooked, norm_hooked = _hooked(layers.modules()), _hooked([norm])
             steps = plan.DecodePlan.build(
-                layers, norm if type(norm) is RMSNorm and not _hooked([norm]) else None,
+                layers, norm if type(norm) is RMSNorm and not norm_hooked else None,
                 _REGISTRATIONS[0], hooked=hooked)
-            cached = self.__dict__["_decode_plan"] = (steps, hooked or _hooked([norm]))
+            cached = self.__dict__["_decode_plan"] = (steps, hooked or norm_hooked)
         return cached[0]
 
     def _modules_stepped(self) -> Iterator[nn.Module]:
