@@ -34,26 +34,30 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-# Llama checkpoint name <-> ours (ours equal BambaForCausalLM's).
-_LLAMA_RENAMES = ((".mlp.", ".feed_forward."),
-                  (".post_attention_layernorm.", ".pre_ff_layernorm."),
-                  ("model.norm.", "model.final_layernorm."))
+# A checkpoint's names <-> ours (ours equal BambaForCausalLM's; a Granite model's MLP keeps
+# its fused input_linear and output_linear under our feed_forward).
+_RENAMES = {
+    "llama": ((".mlp.", ".feed_forward."),
+              (".post_attention_layernorm.", ".pre_ff_layernorm."),
+              ("model.norm.", "model.final_layernorm.")),
+    "granitemoehybrid": ((".shared_mlp.", ".feed_forward."),
+                         (".post_attention_layernorm.", ".pre_ff_layernorm."),
+                         ("model.norm.", "model.final_layernorm.")),
+}
 
 
 # ---- names ------------------------------------------------------------------------------------
 def to_bamba_name(name: str, model_type: str) -> str:
     """A checkpoint tensor name as our module path."""
-    if model_type == "llama":
-        for theirs, ours in _LLAMA_RENAMES:
-            name = name.replace(theirs, ours, 1)
+    for theirs, ours in _RENAMES.get(model_type, ()):
+        name = name.replace(theirs, ours, 1)
     return name
 
 
 def to_checkpoint_name(name: str, model_type: str) -> str:
     """Our module path as the tensor name transformers expects for ``model_type``."""
-    if model_type == "llama":
-        for theirs, ours in _LLAMA_RENAMES:
-            name = name.replace(ours, theirs, 1)
+    for theirs, ours in _RENAMES.get(model_type, ()):
+        name = name.replace(ours, theirs, 1)
     return name
 
 

@@ -2,7 +2,10 @@
 
 Field names are those of transformers' ``BambaConfig`` so a ``config.json`` published for
 transformers reads here unchanged. The same object describes a pure Mamba2 model
-(``attn_layer_indices=[]``) and an all-attention Llama-style twin (``model_type="llama"``).
+(``attn_layer_indices=[]``), an all-attention Llama-style twin (``model_type="llama"``) and
+IBM's dense Granite 4.0 hybrids (``model_type="granitemoehybrid"``: Bamba's layers with
+multipliers on the embeddings, residual branches, attention scores and logits, and attention
+without RoPE unless ``position_embedding_type`` is "rope").
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ from typing import Any
 
 from bamba.ops.rope import RopeSpec, check_rope_scaling, rope_type_of
 
-MODEL_TYPES = ("bamba", "llama")
+MODEL_TYPES = ("bamba", "llama", "granitemoehybrid")
+GRANITE = "granitemoehybrid"
+POSITION_EMBEDDINGS = ("rope", "nope")
+# transformers' layer type names, old and new, for Granite's layer_types
+_GRANITE_LAYER_TYPES = {"mamba": "mamba", "linear_attention": "mamba",
+                        "attention": "attention", "full_attention": "attention"}
 
 
 @dataclass
@@ -59,6 +67,14 @@ class BambaConfig:
     pad_token_id: int | None = 0
     z_loss_coefficient: float = 0.0
     initializer_range: float = 0.02
+    # Granite 4.0's multipliers (1.0 elsewhere): embeddings x embedding_multiplier, each
+    # residual branch x residual_multiplier, attention scores x attention_multiplier (None:
+    # head_dim ** -0.5), logits / logits_scaling; "nope": attention without rotary positions.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+    position_embedding_type: str = "rope"
     model_type: str = "bamba"
 
     def __post_init__(self) -> None:
@@ -110,6 +126,15 @@ class BambaConfig:
                 raise ValueError(f"config field {name} must be > 0, got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling, self.rotary_dim)
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"config field {name} must be > 0, got {getattr(self, name)!r}")
+        if self.attention_multiplier is not None and not self.attention_multiplier > 0:
+            raise ValueError(f"config field attention_multiplier must be > 0, got "
+                             f"{self.attention_multiplier!r}")
+        if self.position_embedding_type not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding_type {self.position_embedding_type!r} is not "
+                             f"one of {POSITION_EMBEDDINGS}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
         low, high = self.time_step_limit
@@ -129,6 +154,17 @@ class BambaConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def uses_rope(self) -> bool:
+        """Whether attention layers rotate queries and keys (Granite's "nope" does not)."""
+        return self.position_embedding_type == "rope" and bool(self.attn_layer_indices)
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on attention scores: attention_multiplier, else head_dim ** -0.5."""
+        return self.head_dim ** -0.5 if self.attention_multiplier is None \
+            else self.attention_multiplier
 
     @property
     def rope_spec(self) -> RopeSpec:
@@ -163,6 +199,8 @@ class BambaConfig:
         model_type = raw.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported (expected one of {MODEL_TYPES})")
+        if model_type == GRANITE:
+            raw = _granite_fields(raw)
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
         # transformers prefers the legacy rope_scaling when both are present.
@@ -178,7 +216,7 @@ class BambaConfig:
             d_inner = kwargs.get("mamba_expand", 2) * kwargs.get("hidden_size", 4096)
             kwargs.setdefault("mamba_d_head", math.gcd(d_inner, 64))
             kwargs.setdefault("mamba_n_heads", d_inner // kwargs["mamba_d_head"])
-        if model_type == "bamba" and kwargs.get("num_key_value_heads") is None:
+        if model_type != "llama" and kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = raw.get("num_attention_heads", 32)
         if isinstance(kwargs.get("time_step_limit"), list):  # else left for the type check
             kwargs["time_step_limit"] = tuple(_decode_float(v) for v in kwargs["time_step_limit"])
@@ -206,17 +244,29 @@ class BambaConfig:
             return {**common, "architectures": ["LlamaForCausalLM"], "head_dim": self.head_dim,
                     "rope_parameters": {**rope, "partial_rotary_factor": self.partial_rotary_factor}
                     if self.partial_rotary_factor != 1.0 else rope}
-        return {
-            **common, "architectures": ["BambaForCausalLM"],
-            "attn_layer_indices": self.attn_layer_indices, "mamba_n_heads": self.mamba_n_heads,
-            "mamba_d_head": self.mamba_d_head, "mamba_n_groups": self.mamba_n_groups,
-            "mamba_d_state": self.mamba_d_state, "mamba_d_conv": self.mamba_d_conv,
-            "mamba_expand": self.mamba_expand, "mamba_chunk_size": self.mamba_chunk_size,
-            "mamba_conv_bias": self.mamba_conv_bias, "mamba_proj_bias": self.mamba_proj_bias,
+        mamba = {
+            "mamba_n_heads": self.mamba_n_heads, "mamba_d_head": self.mamba_d_head,
+            "mamba_n_groups": self.mamba_n_groups, "mamba_d_state": self.mamba_d_state,
+            "mamba_d_conv": self.mamba_d_conv, "mamba_expand": self.mamba_expand,
+            "mamba_chunk_size": self.mamba_chunk_size, "mamba_conv_bias": self.mamba_conv_bias,
+            "mamba_proj_bias": self.mamba_proj_bias,
             "time_step_limit": [_encode_float(v) for v in self.time_step_limit],
-            "z_loss_coefficient": self.z_loss_coefficient,
             "rope_parameters": {**rope, "partial_rotary_factor": self.partial_rotary_factor},
         }
+        if self.model_type == GRANITE:
+            return {
+                **common, **mamba, "architectures": ["GraniteMoeHybridForCausalLM"],
+                "layer_types": self.layer_types, "shared_intermediate_size": self.intermediate_size,
+                "num_local_experts": 0, "num_experts_per_tok": 0,
+                "embedding_multiplier": self.embedding_multiplier,
+                "residual_multiplier": self.residual_multiplier,
+                "attention_multiplier": self.attention_scale,
+                "logits_scaling": self.logits_scaling,
+                "position_embedding_type": "rope" if self.position_embedding_type == "rope"
+                else None}
+        return {**common, **mamba, "architectures": ["BambaForCausalLM"],
+                "attn_layer_indices": self.attn_layer_indices,
+                "z_loss_coefficient": self.z_loss_coefficient}
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "BambaConfig":
@@ -234,6 +284,35 @@ class BambaConfig:
 
     def replace(self, **changes: Any) -> "BambaConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _granite_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """A GraniteMoeHybrid config.json in our fields: layer_types as attention indices, the
+    shared MLP's width as intermediate_size, transformers' defaults where a field is absent;
+    ValueError for mixture-of-experts layers (not supported yet)."""
+    experts = raw.get("num_local_experts", 8)
+    if experts:
+        raise ValueError(f"num_local_experts {experts}: Granite mixture-of-experts layers are "
+                         f"not supported yet (the dense Granite 4.0 hybrids, 0 experts, are)")
+    kinds = raw.get("layer_types", raw.get("layers_block_type"))
+    if not isinstance(kinds, list) or any(k not in _GRANITE_LAYER_TYPES for k in kinds):
+        raise ValueError(f"layer_types must list 'mamba' or 'attention' per layer, got {kinds!r}")
+    position = raw.get("position_embedding_type")
+    if position not in (None, "nope", "rope"):
+        raise ValueError(f"position_embedding_type {position!r} is not one of None, 'nope', "
+                         f"'rope'")
+    if len(kinds) != raw.get("num_hidden_layers", len(kinds)):
+        raise ValueError(f"layer_types has {len(kinds)} entries for num_hidden_layers "
+                         f"{raw['num_hidden_layers']}")
+    return {"vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+            "intermediate_size": raw.get("shared_intermediate_size", 1024),
+            "attention_multiplier": 1.0, "pad_token_id": None,
+            **{k: v for k, v in raw.items() if k not in ("intermediate_size",
+                                                          "attn_layer_indices")},
+            "attn_layer_indices": [i for i, k in enumerate(kinds)
+                                   if _GRANITE_LAYER_TYPES[k] == "attention"],
+            "num_hidden_layers": raw.get("num_hidden_layers", len(kinds)),
+            "position_embedding_type": "rope" if position == "rope" else "nope"}
 
 
 def _decode_float(value: Any) -> Any:

@@ -22,7 +22,7 @@ from torch import nn
 
 from bamba.cache_protocol import InferenceCache
 from bamba.checkpoint_writer import save_pretrained
-from bamba.config import BambaConfig
+from bamba.config import GRANITE, BambaConfig
 from bamba.ops.attention import attention, causal_mask
 from bamba.ops.mixer import MixerShape, MixerWeights, mamba_decode_step, mamba_prefill
 from bamba.ops.norm import rms_norm
@@ -63,9 +63,38 @@ class MLP(nn.Module):
     def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # kernel seam
         return F.silu(gate) * up
 
+    @property
+    def width(self) -> int:
+        """The inner (intermediate) width."""
+        return self.down_proj.in_features
+
+
+class FusedMLP(MLP):
+    """Granite's SwiGLU: gate and up as the two halves of one linear's output,
+    output_linear(silu(gate) * up) with [gate | up] = input_linear(x)."""
+
+    def __init__(self, config: BambaConfig):
+        nn.Module.__init__(self)
+        h, f = config.hidden_size, config.intermediate_size
+        self.input_linear = nn.Linear(h, 2 * f, bias=False)
+        self.output_linear = nn.Linear(f, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.input_linear(x).chunk(2, dim=-1)
+        return self.output_linear(self.swiglu(gate, up))
+
+    @property
+    def width(self) -> int:
+        return self.output_linear.in_features
+
+
+def make_mlp(config: BambaConfig) -> MLP:
+    """The feed-forward block of ``config``'s family: Granite's fused one, else SwiGLU."""
+    return FusedMLP(config) if config.model_type == GRANITE else MLP(config)
+
 
 class Attention(nn.Module):
-    """Grouped-query attention with (partial) rotary embedding."""
+    """Grouped-query attention with (partial) rotary embedding, or none (``rope`` None)."""
 
     def __init__(self, config: BambaConfig, layer_idx: int):
         super().__init__()
@@ -77,6 +106,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        self.scale = config.attention_multiplier  # None: head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor,
                 cache: InferenceCache | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
@@ -93,7 +123,8 @@ class Attention(nn.Module):
         q = q.view(b, l, self.n_heads, self.head_dim)
         k = k.view(b, l, self.n_kv, self.head_dim)
         v = v.view(b, l, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:  # a whole sequence (or packed row: causal and within each document)
             mask = None if seq_idx is None else \
                 causal_mask(torch.arange(l, device=q.device).expand(b, l), l, seq_idx)
@@ -110,7 +141,7 @@ class Attention(nn.Module):
 
     def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: torch.Tensor | None) -> torch.Tensor:  # kernel seam
-        return attention(q, k, v, mask)
+        return attention(q, k, v, mask, scale=self.scale)
 
 
 class Mamba2Mixer(nn.Module):
@@ -185,7 +216,8 @@ class DecoderLayer(nn.Module):
         else:
             raise ValueError(f"unknown layer type {self.layer_type!r}")
         self.pre_ff_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward = MLP(config)
+        self.feed_forward = make_mlp(config)
+        self.residual_multiplier = config.residual_multiplier
 
     def forward(self, x: torch.Tensor, rope: Rope, positions: torch.Tensor,
                 cache: InferenceCache | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
@@ -194,8 +226,13 @@ class DecoderLayer(nn.Module):
             h = self.mamba(h, cache, seq_idx)
         else:
             h = self.self_attn(h, rope, positions, cache, seq_idx)
-        x = x + h
-        return x + self.feed_forward(self.pre_ff_layernorm(x))
+        x = x + self.scaled(h)
+        return x + self.scaled(self.feed_forward(self.pre_ff_layernorm(x)))
+
+    def scaled(self, branch: torch.Tensor) -> torch.Tensor:
+        """A residual branch times residual_multiplier (Granite's), rounded as transformers
+        rounds it, before the sum."""
+        return branch if self.residual_multiplier == 1.0 else branch * self.residual_multiplier
 
 
 class Backbone(nn.Module):
@@ -236,7 +273,14 @@ class BambaLM(nn.Module):
                                     rope_lengths=rope_lengths)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.lm_head(hidden)
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states -> logits: the LM head, divided by logits_scaling
+        (Granite's; 1 elsewhere)."""
+        logits = self.lm_head(hidden)
+        scaling = self.config.logits_scaling
+        return logits if scaling == 1.0 else logits / scaling
 
     def hidden_states(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                       cache: InferenceCache | None = None, seq_idx: torch.Tensor | None = None,
@@ -251,8 +295,10 @@ class BambaLM(nn.Module):
             positions = _default_positions(b, l, seq_idx, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cfg = self.config
+        if cfg.embedding_multiplier != 1.0:
+            x = x * cfg.embedding_multiplier
         rope = rope_cos_sin(positions, cfg.rope_spec, x.dtype, rope_lengths) \
-            if cfg.attn_layer_indices else None
+            if cfg.uses_rope else None
         return self.layers_then_norm(x, rope, positions, cache, seq_idx)
 
     def layers_then_norm(self, x: torch.Tensor, rope: Rope | None, positions: torch.Tensor,
@@ -305,7 +351,8 @@ def init_weights(model: BambaLM, seed: int | None = None) -> BambaLM:
     residual_std = std / math.sqrt(2 * model.config.num_hidden_layers)
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+        if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight",
+                          "output_linear.weight")):
             param.copy_(torch.randn(param.shape, generator=gen) * residual_std)
         elif leaf == "weight" and param.dim() == 2:
             param.copy_(torch.randn(param.shape, generator=gen) * std)

@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random checkpoints made by transformers itself, and a tiny tokenizer.
 
 ``make_hf_checkpoint(kind, **overrides)`` builds transformers' BambaForCausalLM (kinds "hybrid",
-"mamba", "attention") or LlamaForCausalLM ("llama") with a small random config, perturbs the
+"mamba", "attention"), LlamaForCausalLM ("llama") or GraniteMoeHybridForCausalLM ("granite",
+"granite-rope") with a small random config, perturbs the
 parameters transformers initialises to constants (A_log, dt_bias, D, norm weights) so parity
 tests see non-trivial values, and saves it (with a tokenizer) into a fresh temp directory.
 """
@@ -36,6 +37,11 @@ BASE = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hid
 MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
              mamba_chunk_size=8, mamba_d_conv=4, mamba_expand=2)
 LAYERS = {"hybrid": [1, 3], "mamba": [], "attention": [0, 1, 2, 3]}
+# Granite 4.0 dense hybrids (GraniteMoeHybrid, no experts): released multipliers' magnitudes;
+# "granite" has no rotary positions (as released), "granite-rope" rotates.
+GRANITE = dict(layer_types=["mamba", "attention", "mamba", "attention"], num_local_experts=0,
+               shared_intermediate_size=48, embedding_multiplier=12.0, residual_multiplier=0.22,
+               attention_multiplier=0.0078125, logits_scaling=2.5)
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +58,15 @@ def _no_demo_checkpoint(tmp_path_factory: pytest.TempPathFactory,
 
 
 def hf_config(kind: str, **overrides: Any) -> Any:
-    """A transformers BambaConfig / LlamaConfig of the given kind."""
-    from transformers import BambaConfig, LlamaConfig
+    """A transformers BambaConfig / LlamaConfig / GraniteMoeHybridConfig of the given kind."""
+    from transformers import BambaConfig, GraniteMoeHybridConfig, LlamaConfig
 
     if kind == "llama":
         return LlamaConfig(**{**BASE, **overrides})
+    if kind in ("granite", "granite-rope"):
+        position = "rope" if kind == "granite-rope" else None
+        return GraniteMoeHybridConfig(**{**BASE, **MAMBA, **GRANITE,
+                                         "position_embedding_type": position, **overrides})
     if kind in LAYERS:
         use_cache = kind != "mamba"  # transformers' Bamba cache needs an attention layer
         return BambaConfig(**{**BASE, **MAMBA, "attn_layer_indices": LAYERS[kind],
@@ -81,11 +91,12 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
 
 def hf_model(kind: str, seed: int = 0, **overrides: Any) -> Any:
     """A random transformers model in eval mode, fp32."""
-    from transformers import BambaForCausalLM, LlamaForCausalLM
+    from transformers import BambaForCausalLM, GraniteMoeHybridForCausalLM, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = hf_config(kind, **overrides)
-    cls = LlamaForCausalLM if kind == "llama" else BambaForCausalLM
+    cls = LlamaForCausalLM if kind == "llama" else \
+        GraniteMoeHybridForCausalLM if kind.startswith("granite") else BambaForCausalLM
     model = cls(config).eval()
     perturb(model, seed + 1)
     return model

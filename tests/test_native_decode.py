@@ -25,6 +25,12 @@ VARIANTS = {
                                     attention_bias=True, partial_rotary_factor=1.0),
     "all-mamba": dict(attn_layer_indices=[]),
     "all-attention": dict(attn_layer_indices=list(range(8))),
+    # Granite 4.0: fused MLP, multipliers on residual branches and scores, no rotary positions
+    "granite": dict(model_type="granitemoehybrid", embedding_multiplier=12.0,
+                    residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=2.5,
+                    position_embedding_type="nope"),
+    "granite-rope": dict(model_type="granitemoehybrid", residual_multiplier=0.5,
+                         attention_multiplier=0.1, partial_rotary_factor=1.0),
 }
 
 

@@ -16,6 +16,10 @@ VARIANTS = {  # the tiny preset, and one with every optional piece switched the 
     "tiny": {},
     "groups-biases": dict(mamba_n_groups=2, mamba_conv_bias=False, mamba_proj_bias=True,
                           mlp_bias=True, attention_bias=True, time_step_limit=(0.01, 0.5)),
+    # Granite 4.0: fused MLP, each residual branch x 0.22 (rounded before its sum)
+    "granite": dict(model_type="granitemoehybrid", embedding_multiplier=12.0,
+                    residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=2.5,
+                    position_embedding_type="nope"),
 }
 
 

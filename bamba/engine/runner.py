@@ -334,7 +334,7 @@ class ModelRunner:
         for c in chunks:
             row += len(c.token_ids)
             last.append(row - 1)
-        logits = self.model.lm_head(hidden[last, -1]).float()
+        logits = self.model.logits(hidden[last, -1]).float()
         return {c.seq_id: logits[j] for j, c in enumerate(chunks)}
 
     def _forward(self, rows: list[ScheduledChunk]) -> dict[int, torch.Tensor]:

@@ -71,7 +71,7 @@ def window_losses(model: Any, token_rows: Sequence[Sequence[int]], firsts: Seque
     for i, (row, first) in enumerate(zip(token_rows, firsts, strict=True)):
         states, targets = hidden[i, first - 1:len(row) - 1], ids[i, first:len(row)]
         losses.append(torch.cat([
-            F.cross_entropy(model.lm_head(states[s:s + LOGITS_ROWS]).float(),
+            F.cross_entropy(model.logits(states[s:s + LOGITS_ROWS]).float(),
                             targets[s:s + LOGITS_ROWS], reduction="none")
             for s in range(0, len(targets), LOGITS_ROWS)]))
     return losses

@@ -59,7 +59,7 @@ def score_spans(model: nn.Module, spans: Sequence[tuple[Sequence[int], int]],
         hidden = model.hidden_states(ids.to(device))
         for row, i in enumerate(batch):
             tokens, first = spans[i]
-            logits = model.lm_head(hidden[row, first - 1:len(tokens) - 1])
+            logits = model.logits(hidden[row, first - 1:len(tokens) - 1])
             targets = torch.tensor(tokens[first:], dtype=torch.long, device=device)
             scores[i] = span_score(logits, targets)
     return [s for s in scores if s is not None]

@@ -75,6 +75,13 @@ class FinalNorm(NamedTuple):
     eps: float
 
 
+class Multipliers(NamedTuple):
+    """Granite's factors inside the layers: each sublayer's output times ``residual`` before
+    its residual sum, attention scores times ``attention`` (None: head_dim ** -0.5)."""
+    residual: float = 1.0
+    attention: float | None = None
+
+
 class DecodeModel(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int64), ("attention", ctypes.c_void_p),
                 ("tensors", ctypes.c_void_p), ("f32_masks", ctypes.c_void_p),
@@ -86,7 +93,7 @@ class DecodeModel(ctypes.Structure):
                 ("kv_token_stride", ctypes.c_int64), ("eps", ctypes.c_float),
                 ("dt_min", ctypes.c_float), ("dt_max", ctypes.c_float),
                 ("attention_scale", ctypes.c_float), ("final_norm", ctypes.c_void_p),
-                ("final_eps", ctypes.c_float)]
+                ("final_eps", ctypes.c_float), ("residual_scale", ctypes.c_float)]
 
 
 class DecodeRows(ctypes.Structure):
@@ -206,7 +213,8 @@ def _is_referent(reference: weakref.ref, tensor: torch.Tensor) -> bool:
 def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
           storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
           eps: float, time_step_limit: tuple[float, float], memo: PlanMemo | None,
-          final_norm: FinalNorm | None = None) -> tuple | None:
+          final_norm: FinalNorm | None = None,
+          multipliers: Multipliers = Multipliers()) -> tuple | None:
     """The DecodeModel of these layers and their storage, checked and built when ``memo``
     does not hold one for them as they are now; None when an input norm's dtype is not x's
     (the per-layer path then rounds as torch does). Inside a ``steady_weights`` scope that
@@ -214,7 +222,7 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
     unchecked (our caches never move their storage)."""
     final = None if final_norm is None else final_norm.weight
     static = (tuple(kinds), mamba, attention, kv, eps, tuple(time_step_limit), x.dtype,
-              None if final_norm is None else final_norm.eps)
+              None if final_norm is None else final_norm.eps, multipliers)
     last = None if memo is None else memo.last
     scope = getattr(_STEADY, "scope", None)
     if last is not None and last.layers is layers and last.final is final and \
@@ -228,7 +236,7 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
                 memo.last = last._replace(pools=_references(storage), checked_in=scope)
             return last.plan
     plan = _build(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit,
-                  final_norm)
+                  final_norm, multipliers)
     if memo is not None:
         present = [t for tensors in layers for t in tensors if t is not None] + \
             ([] if final is None else [final])
@@ -241,7 +249,7 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
 def _build(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
            storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
            eps: float, time_step_limit: tuple[float, float],
-           final_norm: FinalNorm | None) -> tuple | None:
+           final_norm: FinalNorm | None, multipliers: Multipliers) -> tuple | None:
     """``_plan`` without the memo: checks every tensor and storage, builds the C structs."""
     if any(tensors[0] is None or tensors[0].dtype != x.dtype for tensors in layers):
         return None  # an input norm of another dtype: the torch path rounds otherwise
@@ -264,9 +272,9 @@ def _build(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list
     model = DecodeModel(len(layers), *(ctypes.addressof(a) for a in arrays), conv_bf16,
                         ssm_bf16, int(x.dtype == torch.bfloat16), kv.head_stride,
                         kv.token_stride, eps, *time_step_limit,
-                        attention.head_dim ** -0.5 if attention.head_dim else 0.0,
+                        _attention_scale(attention, multipliers),
                         None if final_norm is None else final_norm.weight.data_ptr(),
-                        0.0 if final_norm is None else final_norm.eps)
+                        0.0 if final_norm is None else final_norm.eps, multipliers.residual)
     # the arrays outlive the struct
     return model, arrays, _index_limits(kinds, storage, attention, kv)
 
@@ -276,18 +284,21 @@ def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kind
                   attention: LayerDims, kv: KVLayout, eps: float,
                   time_step_limit: tuple[float, float],
                   memo: PlanMemo | None = None,
-                  final_norm: FinalNorm | None = None) -> torch.Tensor | None:
+                  final_norm: FinalNorm | None = None,
+                  multipliers: Multipliers = Multipliers()) -> torch.Tensor | None:
     """x [M, hidden] (the embedded tokens) -> the last layer's output [M, hidden], normed by
     ``final_norm`` when given; every Mamba state and attention cache of ``storage`` advances
     by one token in place. None (and nothing done) when an input norm is not of x's dtype.
     ``kinds[i]`` is True for an attention layer; ``mamba`` and ``attention`` are the sizes of
     the two kinds of layers (zeros for a kind the model lacks); ``memo`` keeps the checked
-    plan of ``layers`` from one call to the next (without it every call checks and builds)."""
+    plan of ``layers`` from one call to the next (without it every call checks and builds);
+    ``multipliers`` are Granite's residual and attention-score factors. Rows whose cos and sin
+    are [M, 0] rotate nothing (attention without positions)."""
     if x.dim() != 2 or len(layers) != len(kinds) or len(storage) != len(kinds):
         raise ValueError(f"decode step: x {tuple(x.shape)}, {len(layers)} layers, "
                          f"{len(kinds)} kinds and {len(storage)} storages do not fit")
     plan = _plan(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit, memo,
-                 final_norm)
+                 final_norm, multipliers)
     if plan is None:
         return None
     model = plan[0]
@@ -319,6 +330,12 @@ def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kind
             keys=None if keys is None else tuple(keys.shape), kv=kv))
     _status("decode_layers", status)
     return out
+
+
+def _attention_scale(attention: LayerDims, multipliers: Multipliers) -> float:
+    if multipliers.attention is not None:
+        return multipliers.attention
+    return attention.head_dim ** -0.5 if attention.head_dim else 0.0
 
 
 _INDEX_ERRORS = {

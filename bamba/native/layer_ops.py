@@ -133,7 +133,8 @@ def _state_pool(pool: torch.Tensor, name: str) -> int:
 
 def _mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
                       rows: torch.Tensor, tensors: list[torch.Tensor | None], dims: list[int],
-                      eps: float, dt_min: float, dt_max: float) -> torch.Tensor:
+                      eps: float, dt_min: float, dt_max: float,
+                      residual_scale: float) -> torch.Tensor:
     pointers, sizes, mask, formats = _prepared(x, tensors, dims, MAMBA_TENSORS + FFN_TENSORS)
     rows = rows.to(torch.int64).contiguous()
     d = LayerDims(*dims)
@@ -148,7 +149,7 @@ def _mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.
     out = torch.empty_like(x)
     status = library.load().bamba_mamba_layer_step(
         pointers, sizes, int(x.dtype == torch.bfloat16), mask, formats, eps, dt_min, dt_max,
-        x.data_ptr(), out.data_ptr(), x.shape[0], conv_pool.data_ptr(),
+        residual_scale, x.data_ptr(), out.data_ptr(), x.shape[0], conv_pool.data_ptr(),
         _state_pool(conv_pool, "conv"), ssm_pool.data_ptr(), _state_pool(ssm_pool, "SSM"),
         rows.data_ptr(), torch.get_num_threads())
     _status("mamba_layer_step", status)
@@ -170,7 +171,7 @@ def _attention_in_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims
 
 def _attention_out_step(x: torch.Tensor, attn: torch.Tensor,
                         tensors: list[torch.Tensor | None], dims: list[int],
-                        eps: float) -> torch.Tensor:
+                        eps: float, residual_scale: float) -> torch.Tensor:
     pointers, sizes, mask, formats = _prepared(x, tensors, dims, ATTENTION_OUT_TENSORS)
     d = LayerDims(*dims)
     attn = attn.contiguous()
@@ -180,7 +181,8 @@ def _attention_out_step(x: torch.Tensor, attn: torch.Tensor,
                          f"{tuple(attn.shape)} {attn.dtype} do not fit the layer's {d}")
     out = torch.empty_like(x)
     _status("attention_out_step", library.load().bamba_attention_out_step(
-        pointers, sizes, int(x.dtype == torch.bfloat16), mask, formats, eps, x.data_ptr(),
+        pointers, sizes, int(x.dtype == torch.bfloat16), mask, formats, eps, residual_scale,
+        x.data_ptr(),
         attn.data_ptr(), out.data_ptr(), x.shape[0], torch.get_num_threads()))
     return out
 
@@ -203,7 +205,7 @@ attention_out_op = torch.library.custom_op("bamba::attention_out_step", mutates_
 
 
 @mamba_op.register_fake
-def _(x, conv_pool, ssm_pool, rows, tensors, dims, eps, dt_min, dt_max):
+def _(x, conv_pool, ssm_pool, rows, tensors, dims, eps, dt_min, dt_max, residual_scale):
     return torch.empty_like(x)
 
 
@@ -214,16 +216,19 @@ def _(x, tensors, dims, eps):
 
 
 @attention_out_op.register_fake
-def _(x, attn, tensors, dims, eps):
+def _(x, attn, tensors, dims, eps, residual_scale):
     return torch.empty_like(x)
 
 
 def mamba_layer_step(x: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
                      rows: torch.Tensor, tensors: list[torch.Tensor | None], dims: LayerDims,
-                     eps: float, time_step_limit: tuple[float, float]) -> torch.Tensor:
+                     eps: float, time_step_limit: tuple[float, float],
+                     residual_scale: float = 1.0) -> torch.Tensor:
     """x [rows, hidden] -> the layer's output; ``conv_pool[rows]`` and ``ssm_pool[rows]``
-    advance by one token in place."""
-    args = (x, conv_pool, ssm_pool, rows, tensors, list(dims), eps, *time_step_limit)
+    advance by one token in place. Each sublayer's output is multiplied by ``residual_scale``
+    before its residual sum (Granite's residual_multiplier)."""
+    args = (x, conv_pool, ssm_pool, rows, tensors, list(dims), eps, *time_step_limit,
+            residual_scale)
     return mamba_op(*args) if through_dispatcher() else _mamba_layer_step(*args)
 
 
@@ -235,9 +240,10 @@ def attention_in_step(x: torch.Tensor, tensors: list[torch.Tensor | None], dims:
 
 
 def attention_out_step(x: torch.Tensor, attn: torch.Tensor, tensors: list[torch.Tensor | None],
-                       dims: LayerDims, eps: float) -> torch.Tensor:
-    """h = x + o_proj(attn) -> h + mlp(rmsnorm(h)); x [rows, hidden], attn [rows, heads·D]."""
-    args = (x, attn, tensors, list(dims), eps)
+                       dims: LayerDims, eps: float, residual_scale: float = 1.0) -> torch.Tensor:
+    """h = x + r o_proj(attn) -> h + r mlp(rmsnorm(h)); x [rows, hidden], attn [rows, heads·D],
+    r = ``residual_scale``."""
+    args = (x, attn, tensors, list(dims), eps, residual_scale)
     return attention_out_op(*args) if through_dispatcher() else _attention_out_step(*args)
 
 

@@ -11,6 +11,7 @@
  *     y = grouped_rmsnorm(y * silu(z)) * norm;  x = x + out_proj(y)
  *   then the feed-forward block:
  *     h = rmsnorm(x) * pre_ff_norm;  x = x + down(silu(gate(h)) * up(h))
+ *   (each sublayer output times residual_scale before its sum where a model asks: Granite)
  *   An attention layer runs in two calls around the attention itself (rope, KV cache and
  *   softmax stay in torch, whatever the cache layout):
  *     bamba_attention_in_step:  qkv = [q | k | v](rmsnorm(x) * input_norm)
@@ -62,6 +63,8 @@ typedef struct {
                              (SCALE_*) << 2 | scale kind << 4 (0: one scale, 1: per row, g > 1:
                              groups of 16 << (g - 1) inputs) */
     float eps, dt_min, dt_max;
+    float residual_scale; /* each sublayer's output times this before the residual sum (Granite's
+                             residual_multiplier; 1: added as it is) */
 } Layer;
 
 /* The linear layer whose weight is tensor `which` (bias and scales follow it), [n, k]. */
@@ -209,13 +212,14 @@ static void *norm_own(const Layer *L, const float *x, int weight, int64_t M, con
     return out;
 }
 
-/* A sublayer's output `add` [M, hidden] onto the residual stream: to = round(from + add), this
+/* A sublayer's output `add` [M, hidden] onto the residual stream: to = round(from + add), `add`
+ * first rounded times L->residual_scale when that is not 1 (as torch's two ops round), this
  * thread's share of it stored, then (weight >= 0) the next sublayer's input norm of the whole
  * rows into this thread's own buffer, which it returns (each thread sums every row). */
 static void *residual(const Layer *L, int64_t M, const Scratch *s, const float *from,
                       float *to, int weight) {
     const int64_t D = L->d[HIDDEN], size = L->bf16 ? 2 : 4;
-    const float *add = s->proj;
+    const float *add = s->proj, r = L->residual_scale;
     int64_t begin, end;
     my_share(D, &begin, &end);
     char *out = own_rows(s);
@@ -223,7 +227,8 @@ static void *residual(const Layer *L, int64_t M, const Scratch *s, const float *
     for (int64_t m = 0; m < M; m++) {
         const int64_t lo = weight >= 0 ? 0 : begin, hi = weight >= 0 ? D : end;
         for (int64_t i = lo; i < hi; i++)
-            row[i] = round_to(from[m * D + i] + add[m * D + i], L->bf16);
+            row[i] = round_to(from[m * D + i] + (r == 1.0f ? add[m * D + i]
+                                                 : round_to(add[m * D + i] * r, L->bf16)), L->bf16);
         memcpy(to + m * D + begin, row + begin, (end - begin) * sizeof(float));
         if (weight >= 0) rms_norm_row(L, row, weight, out + m * D * size, D);
     }
@@ -492,13 +497,13 @@ static int64_t place_mask(int64_t mask, const int *slots, int count) {
  * when rows on one pool row are apart. */
 int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int bf16,
                            int64_t f32_mask, int64_t formats, float eps, float dt_min, float dt_max,
-                           const void *x, void *out, int64_t M, void *conv_pool, int conv_bf16,
+                           float residual_scale, const void *x, void *out, int64_t M, void *conv_pool, int conv_bf16,
                            void *ssm_pool, int ssm_bf16, const int64_t *rows, int threads) {
     const void *all[N_TENSORS];
     int slots[DOWN_SCALES + 1];
     for (int i = 0; i <= DOWN_SCALES; i++) slots[i] = i;
     place(all, tensors, slots, DOWN_SCALES + 1);
-    const Layer L = {all, dims, bf16, f32_mask, formats, eps, dt_min, dt_max};
+    const Layer L = {all, dims, bf16, f32_mask, formats, eps, dt_min, dt_max, residual_scale};
     const Call c = {x, NULL, out, M, conv_pool, ssm_pool, conv_bf16, ssm_bf16, rows};
     return run(&L, MAMBA_LAYER, &c, threads);
 }
@@ -512,7 +517,8 @@ int bamba_attention_in_step(const void *const *tensors, const int64_t *dims, int
                                 V_PROJ, V_BIAS, V_SCALES};
     const void *all[N_TENSORS];
     place(all, tensors, slots, 10);
-    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 10), formats, eps, 0.0f, 0.0f};
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 10), formats, eps, 0.0f, 0.0f,
+                     1.0f};
     const Call c = {x, NULL, qkv, M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_IN, &c, threads);
 }
@@ -520,13 +526,15 @@ int bamba_attention_in_step(const void *const *tensors, const int64_t *dims, int
 /* An attention layer's second half: h = x + o_proj(attn), out = h + mlp(rmsnorm(h)).
  * Tensors: o's weight, bias and scales, pre-ff norm, then gate's, up's and down's. */
 int bamba_attention_out_step(const void *const *tensors, const int64_t *dims, int bf16,
-                             int64_t f32_mask, int64_t formats, float eps, const void *x,
+                             int64_t f32_mask, int64_t formats, float eps, float residual_scale,
+                             const void *x,
                              const void *attn, void *out, int64_t M, int threads) {
     static const int slots[] = {O_PROJ, O_BIAS, O_SCALES, FF_NORM, GATE, GATE_BIAS, GATE_SCALES,
                                 UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES};
     const void *all[N_TENSORS];
     place(all, tensors, slots, 13);
-    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 13), formats, eps, 0.0f, 0.0f};
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 13), formats, eps, 0.0f, 0.0f,
+                     residual_scale};
     const Call c = {x, attn, out, M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_OUT, &c, threads);
 }
@@ -550,6 +558,7 @@ typedef struct {
     float eps, dt_min, dt_max, attention_scale;
     const void *final_norm;      /* [hidden], layer dtype: the model's final RMS norm, or NULL */
     float final_eps;
+    float residual_scale;        /* Layer.residual_scale of every layer */
 } DecodeModel;
 
 /* elementwise.c's RMS norm: the final norm rounds as it does outside this call. */
@@ -609,7 +618,7 @@ static int attention_layer(const DecodeModel *P, int64_t layer, const DecodeRows
                            const void *src, void *dst, void *qkv, void *attn, int threads) {
     const int64_t *d = P->attention_dims, H = d[HEADS], G = d[GROUPS], Dh = d[HEAD_DIM];
     const Layer L = {P->tensors + layer * N_TENSORS, d, (int)P->bf16, P->f32_masks[layer],
-                     P->formats[layer], P->eps, 0.0f, 0.0f};
+                     P->formats[layer], P->eps, 0.0f, 0.0f, P->residual_scale};
     const Call in = {src, NULL, qkv, r->M, NULL, NULL, 0, 0, NULL};
     int status = run(&L, ATTENTION_IN, &in, threads);
     if (status != 0) return status;
@@ -670,7 +679,8 @@ int bamba_decode_layers(const DecodeModel *P, const void *x, void *out, void *sp
             status = attention_layer(P, i, r, src, dst, qkv, attn, threads);
         } else {
             const Layer L = {P->tensors + i * N_TENSORS, P->mamba_dims, (int)P->bf16,
-                             P->f32_masks[i], P->formats[i], P->eps, P->dt_min, P->dt_max};
+                             P->f32_masks[i], P->formats[i], P->eps, P->dt_min, P->dt_max,
+                             P->residual_scale};
             const Call c = {src, NULL, dst, r->M, P->pool_a[i], P->pool_b[i],
                             (int)P->conv_bf16, (int)P->ssm_bf16, r->slots};
             status = run(&L, MAMBA_LAYER, &c, threads);

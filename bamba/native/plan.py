@@ -27,18 +27,45 @@ def linear_weights(linear: nn.Module) -> LinearWeights:
 
 
 def _linears(dtype: torch.dtype, *linears: nn.Module) -> Tensors | None:
-    """Weight, bias and scales (None when dense) of each linear, or None when one's format,
-    its quantized layout, or a quantized linear's bias dtype (not the layer's ``dtype``) is
-    not what the layer steps read."""
+    """``_read`` of these modules' weights."""
+    return _read(dtype, [(linear_weights(linear), linear.in_features) for linear in linears])
+
+
+def _read(dtype: torch.dtype, weights: list[tuple[LinearWeights, int]]) -> Tensors | None:
+    """Weight, bias and scales (None when dense) of each linear (its weights and input
+    width), or None when one's format, its quantized layout, or a quantized linear's bias
+    dtype (not the layer's ``dtype``) is not what the layer steps read."""
     found: Tensors = []
-    for linear in linears:
-        w = linear_weights(linear)
+    for w, in_features in weights:
         if w.format not in FORMATS or (w.format != DENSE and (
-                not dispatch.quant_step_fits(w, linear.in_features) or
+                not dispatch.quant_step_fits(w, in_features) or
                 (w.bias is not None and w.bias.dtype != dtype))):
             return None
         found += [w.weight, w.bias, None if w.format == DENSE else w.scales]
     return found
+
+
+def _rows(w: LinearWeights, begin: int, end: int) -> LinearWeights:
+    """Output rows [begin, end) of a linear's weights (views: packed words, scales and bias
+    lie by row)."""
+    return LinearWeights(w.format, w.weight[begin:end],
+                         None if w.bias is None else w.bias[begin:end],
+                         None if w.scales is None else w.scales[begin:end])
+
+
+def ffn_weights(ff: nn.Module) -> list[tuple[LinearWeights, int]] | None:
+    """Gate, up and down of a feed-forward block with their input widths: a fused one's
+    (Granite's ``input_linear``) gate and up are the halves of its output rows. None when a
+    fused linear's scales are not one row per output (they cannot be split)."""
+    if not hasattr(ff, "input_linear"):
+        return [(linear_weights(linear), linear.in_features)
+                for linear in (ff.gate_proj, ff.up_proj, ff.down_proj)]
+    fused, width = linear_weights(ff.input_linear), ff.width
+    if fused.scales is not None and fused.scales.shape[0] != 2 * width:
+        return None
+    k = ff.input_linear.in_features
+    return [(_rows(fused, 0, width), k), (_rows(fused, width, 2 * width), k),
+            (linear_weights(ff.output_linear), ff.output_linear.in_features)]
 
 
 class LayerTensors(NamedTuple):
@@ -58,8 +85,9 @@ class LayerTensors(NamedTuple):
 
 
 def layer_tensors(layer: nn.Module) -> LayerTensors:
-    ff, dtype = layer.feed_forward, layer.input_layernorm.weight.dtype
-    ffn = _linears(dtype, ff.gate_proj, ff.up_proj, ff.down_proj)
+    dtype = layer.input_layernorm.weight.dtype
+    parts = ffn_weights(layer.feed_forward)
+    ffn = None if parts is None else _read(dtype, parts)
     ffn = None if ffn is None else [layer.pre_ff_layernorm.weight, *ffn]
     if layer.layer_type == "mamba":
         m = layer.mamba
@@ -77,13 +105,13 @@ def layer_tensors(layer: nn.Module) -> LayerTensors:
 
 def layer_dims(layer: nn.Module) -> LayerDims:
     """The sizes layer_step.c needs of a decoder layer."""
-    ff, h = layer.feed_forward, layer.input_layernorm.weight.shape[0]
+    h, ffn = layer.input_layernorm.weight.shape[0], layer.feed_forward.width
     if layer.layer_type != "mamba":
         a = layer.self_attn
-        return LayerDims(h, 0, 0, 0, a.n_heads, a.head_dim, a.n_kv, 0, ff.gate_proj.out_features)
+        return LayerDims(h, 0, 0, 0, a.n_heads, a.head_dim, a.n_kv, 0, ffn)
     m = layer.mamba
     return LayerDims(h, m.d_inner, m.conv_dim, m.conv1d.kernel_size[0], m.n_heads, m.head_dim,
-                     m.n_groups, m.d_state, ff.gate_proj.out_features)
+                     m.n_groups, m.d_state, ffn)
 
 
 NO_LAYER = LayerDims(*[0] * 9)  # the sizes of a kind of layer the model lacks

@@ -163,18 +163,22 @@ class MLP(_Counted, reference.MLP):
         return super().swiglu(gate, up)
 
 
+class FusedMLP(MLP, reference.FusedMLP):
+    """Granite's MLP with the SwiGLU kernel (``MLP.swiglu``)."""
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """``matmul_attention`` over the cache in place where the kernel fits."""
     if dispatch.decode_attention_fits(q, k, v):
-        return attention_ops.decode_attention(q, k, v, mask)
-    return attention_math.matmul_attention(q, k, v, mask)
+        return attention_ops.decode_attention(q, k, v, mask, scale)
+    return attention_math.matmul_attention(q, k, v, mask, scale)
 
 
 class Attention(_Counted, reference.Attention):
     def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: torch.Tensor | None) -> torch.Tensor:
-        return attention_math.attention(q, k, v, mask, decode_attention)
+        return attention_math.attention(q, k, v, mask, decode_attention, self.scale)
 
 
 def _ssd_pool_step(pool: torch.Tensor, rows: torch.Tensor | None, x: torch.Tensor,
@@ -277,7 +281,7 @@ class DecoderLayer(_Counted, reference.DecoderLayer):
         q, k, v = qkv[:, None].split([a.n_heads * a.head_dim, kv_width, kv_width], dim=-1)
         attended = a.attend(q, k, v, rope, positions, cache, None)
         out = layer_ops.attention_out_step(x, attended.view(b, -1), tensors.attention_out,
-                                           self.step_dims, eps)
+                                           self.step_dims, eps, self.residual_multiplier)
         return out[:, None]
 
     def _mamba_step(self, x: torch.Tensor, cache: reference.InferenceCache,
@@ -287,7 +291,8 @@ class DecoderLayer(_Counted, reference.DecoderLayer):
         if rows is None:
             rows = _arange(b)
         out = layer_ops.mamba_layer_step(x.view(b, -1), conv_pool, ssm_pool, rows, tensors,
-                                         self.step_dims, m.eps, m.time_step_limit)
+                                         self.step_dims, m.eps, m.time_step_limit,
+                                         self.residual_multiplier)
         return out[:, None]
 
 
@@ -350,7 +355,8 @@ class BambaLM(_Counted, reference.BambaLM):
                 storage.append(decode_ops.LayerStorage(conv, ssm))
         write_rows, read_rows = cache.token_rows(positions) if any(steps.kinds) else \
             (positions[:, 0], positions)
-        cos, sin = (t.view(b, -1) for t in rope) if rope is not None else (x, x)
+        cos, sin = (t.view(b, -1) for t in rope) if rope is not None else \
+            (x.new_empty(b, 0),) * 2  # no rotary positions (Granite's "nope")
         rows = decode_ops.StepRows(_arange(b) if slots is None else slots, positions[:, 0],
                                    cos, sin, write_rows, read_rows)
         mamba, attention = steps.dims
@@ -360,7 +366,7 @@ class BambaLM(_Counted, reference.BambaLM):
         out = decode_ops.decode_layers(
             x.view(b, -1), steps.tensors, steps.kinds, storage, rows, mamba or plan.NO_LAYER,
             attention or plan.NO_LAYER, kv, cfg.rms_norm_eps, cfg.time_step_limit, steps.memo,
-            final)
+            final, decode_ops.Multipliers(cfg.residual_multiplier, cfg.attention_multiplier))
         if out is None:
             return None
         return out[:, None] if final is not None else norm(out[:, None])
@@ -380,7 +386,7 @@ def _counted(cls: type[nn.Module]) -> type[nn.Module]:
 SWAPS: dict[type, type] = {
     nn.Linear: Linear, quant_linear.QuantizedLinear: QuantizedLinear,
     quant_embedding.QuantizedEmbedding: QuantizedEmbedding,
-    reference.RMSNorm: RMSNorm, reference.MLP: MLP,
+    reference.RMSNorm: RMSNorm, reference.MLP: MLP, reference.FusedMLP: FusedMLP,
     reference.Attention: Attention, reference.Mamba2Mixer: Mamba2Mixer,
     reference.DecoderLayer: DecoderLayer, reference.BambaLM: BambaLM,
     **{cls: _counted(cls) for cls in (nn.Conv1d, nn.Embedding, nn.ModuleList,

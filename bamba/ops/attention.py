@@ -44,30 +44,32 @@ def causal_mask(q_positions: torch.Tensor, key_len: int,
     return mask[:, None]
 
 
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float | None],
+                           torch.Tensor]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              decode: DecodeAttention | None = None) -> torch.Tensor:
+              decode: DecodeAttention | None = None, scale: float | None = None) -> torch.Tensor:
     """Softmax attention. q: [B, L, H, D]; k, v: [B, T, Hkv, D]; mask [B, 1, L, T] or None
-    for plain causal with L == T. Returns [B, L, H, D] in q's dtype. ``decode`` replaces
-    ``matmul_attention`` for masked short queries (same contract)."""
+    for plain causal with L == T; scores times ``scale`` (default D ** -0.5). Returns
+    [B, L, H, D] in q's dtype. ``decode`` replaces ``matmul_attention`` for masked short
+    queries (same contract)."""
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads "
                          f"({k.shape[2]})")
     if mask is not None and q.shape[1] <= MATMUL_MAX_QUERY:
-        return (decode or matmul_attention)(q, k, v, mask)
+        return (decode or matmul_attention)(q, k, v, mask, scale)
     if mask is not None and k.shape[1] <= TRAIN_MATMUL_MAX_LEN and torch.is_grad_enabled() \
             and q.requires_grad:
-        return matmul_attention(q, k, v, mask)
+        return matmul_attention(q, k, v, mask, scale)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, len, D]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                         enable_gqa=k.shape[1] != q.shape[1])
+                                         enable_gqa=k.shape[1] != q.shape[1], scale=scale)
     return out.transpose(1, 2)
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """``attention`` as scores = q kᵀ, float32 masked softmax, probs v; mask [B, 1, L, T]."""
     b, l, h, d = q.shape
     t, hkv = k.shape[1], k.shape[2]
@@ -75,7 +77,7 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # [Hkv, B, G*L, D]: the G query heads sharing a KV head are rows of one matrix product.
     qh = q.reshape(b, l, hkv, g, d).permute(2, 0, 3, 1, 4).reshape(hkv, b, g * l, d)
     kh, vh = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # [Hkv, B, T, D] (views)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).float().mul_(d ** -0.5)  # [Hkv, B, G*L, T]
+    scores = torch.matmul(qh, kh.transpose(-1, -2)).float().mul_(d ** -0.5 if scale is None else scale)  # [Hkv, B, G*L, T]
     scores = scores.view(hkv, b, g, l, t)
     # Decode of equal-length rows sees every key: skip the mask (a data-dependent branch, so a
     # compiled graph always applies it).

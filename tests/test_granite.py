@@ -1,0 +1,148 @@
+"""IBM's dense Granite 4.0 hybrids (transformers' GraniteMoeHybridForCausalLM, no experts) in
+bamba, against transformers on checkpoints transformers itself made: the multipliers on the
+embeddings, residual branches, attention scores and logits, attention with and without rotary
+positions, the fused shared MLP; cached decode, the native kernels, the engine, saving back
+for transformers, quantizing, and the one-line refusal of mixture-of-experts layers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import hf_logits, load_hf, random_ids
+from test_parity import assert_logits_close, run_in_pieces
+
+from bamba.checkpoint import from_pretrained, save_pretrained
+from bamba.cli import main as bamba_main
+from bamba.config import BambaConfig
+from bamba.engine import LLM, SamplingParams
+from bamba.generation import GenerationConfig, generate
+from bamba.model import FusedMLP
+from bamba.native import accelerate, decode_ops
+
+KINDS = ["granite", "granite-rope"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("length", [1, 7, 8, 19])
+def test_logits_equal_transformers(make_hf_checkpoint, kind, length):
+    directory = make_hf_checkpoint(kind)
+    ids = random_ids(2, length, seed=length)
+    model = from_pretrained(directory)
+    assert model.config.model_type == "granitemoehybrid"
+    assert isinstance(model.model.layers[0].feed_forward, FusedMLP)
+    with torch.no_grad():
+        assert_logits_close(model(ids), hf_logits(load_hf(directory), ids))
+
+
+def test_the_multipliers_and_positions_are_read_from_the_config(make_hf_checkpoint):
+    config = from_pretrained(make_hf_checkpoint("granite")).config
+    assert (config.embedding_multiplier, config.residual_multiplier, config.logits_scaling,
+            config.attention_multiplier) == (12.0, 0.22, 2.5, 0.0078125)
+    assert config.attn_layer_indices == [1, 3] and config.intermediate_size == 48
+    assert config.position_embedding_type == "nope" and not config.uses_rope
+    assert from_pretrained(make_hf_checkpoint("granite-rope")).config.uses_rope
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_decode_token_by_token_equals_transformers(make_hf_checkpoint, kind):
+    directory = make_hf_checkpoint(kind)
+    ids = random_ids(2, 21, seed=3)
+    model = from_pretrained(directory)
+    assert_logits_close(run_in_pieces(model, ids, [11] + [1] * 10),
+                        hf_logits(load_hf(directory), ids))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_kernels_equal_the_torch_path(make_hf_checkpoint, monkeypatch, kind):
+    """accelerate() on a Granite model: the prefill through the kernels that fit, each decode
+    token through every layer in one native call (the fused MLP's halves, the residual and
+    score multipliers, no rotary positions for "granite")."""
+    directory = make_hf_checkpoint(kind)
+    ids = random_ids(2, 21, seed=4)
+    reference = from_pretrained(directory)
+    fast = accelerate(from_pretrained(directory))
+    calls = []
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    pieces = [11] + [1] * 10
+    assert_logits_close(run_in_pieces(fast, ids, pieces), run_in_pieces(reference, ids, pieces))
+    assert len(calls) == 10
+
+
+def test_generate_and_the_engine_agree_with_transformers_greedy(make_hf_checkpoint):
+    directory = make_hf_checkpoint("granite", seed=2)
+    hf = load_hf(directory)
+    prompt = random_ids(1, 9, seed=5)
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=12, do_sample=False,
+                               attention_mask=torch.ones_like(prompt))[0, 9:].tolist()
+    model = accelerate(from_pretrained(directory))
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    assert generate(model, prompt.tolist(), config)[0].token_ids == expected
+    llm = LLM(model, memory_gb=0.05)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert llm.generate([prompt[0].tolist()], params)[0].outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_by_bamba_loads_in_transformers(make_hf_checkpoint, tmp_path, kind):
+    directory = make_hf_checkpoint(kind)
+    ids = random_ids(2, 15, seed=6)
+    save_pretrained(from_pretrained(directory), tmp_path / "resaved")
+    raw = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert raw["architectures"] == ["GraniteMoeHybridForCausalLM"]
+    reloaded = load_hf(tmp_path / "resaved")
+    assert type(reloaded).__name__ == "GraniteMoeHybridForCausalLM"
+    assert_logits_close(hf_logits(reloaded, ids), hf_logits(load_hf(directory), ids))
+
+
+def test_config_round_trips_through_config_json():
+    config = BambaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1],
+                         mamba_n_heads=4, mamba_d_state=8, model_type="granitemoehybrid",
+                         embedding_multiplier=6.0, residual_multiplier=0.5, logits_scaling=4.0,
+                         attention_multiplier=0.1, position_embedding_type="nope",
+                         partial_rotary_factor=1.0)
+    assert BambaConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+def test_int4_quantized_granite_gives_transformers_logits(make_hf_checkpoint, tmp_path):
+    """`bamba quantize` on a Granite checkpoint: the fused shared MLP, the Mamba and attention
+    projections become int4 linears; transformers (with compressed-tensors) reads the file and
+    gives our logits."""
+    source = make_hf_checkpoint("granite", hidden_size=128, intermediate_size=128,
+                                shared_intermediate_size=128, mamba_d_head=64)
+    target = tmp_path / "int4"
+    assert bamba_main(["quantize", str(source), str(target), "--scheme", "int4",
+                       "--group-size", "32", "--no-progress"]) == 0
+    quantized = from_pretrained(target)
+    assert type(quantized.model.layers[0].feed_forward.input_linear).__name__ == \
+        "QuantizedLinear"
+    ids = random_ids(2, 13, seed=7)
+    with torch.no_grad():
+        ours = quantized(ids)
+    assert_logits_close(hf_logits(load_hf(target), ids), ours, atol=1e-3)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("num_local_experts", 4, "num_local_experts 4: Granite mixture-of-experts"),
+    ("layer_types", ["mamba", "conv", "mamba", "mamba"], "layer_types must list"),
+    ("position_embedding_type", "alibi", "position_embedding_type 'alibi'"),
+])
+def test_unsupported_granite_configs_are_one_line_errors(make_hf_checkpoint, capsys, field,
+                                                         value, fragment):
+    directory = make_hf_checkpoint("granite", tokenizer=True)
+    raw = json.loads((directory / "config.json").read_text())
+    raw[field] = value
+    (directory / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=fragment):
+        from_pretrained(directory)
+    capsys.readouterr()
+    assert bamba_main(["generate", "--model", str(directory), "--prompt", "x",
+                       "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
