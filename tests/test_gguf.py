@@ -38,7 +38,7 @@ def _types(path: Path) -> set[str]:
     return {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("kind", ["hybrid", "llama"])
+@pytest.mark.parametrize("kind", ["hybrid", "llama", "granite", "granite-rope"])
 def test_f32_round_trip_gives_identical_logits_and_config(make_hf_checkpoint, tmp_path, kind):
     source = make_hf_checkpoint(kind)
     model, tokenizer = from_pretrained(source), load_tokenizer(source)
@@ -143,15 +143,48 @@ def _assert_dequantized_as_gguf_does(model: torch.nn.Module, path: Path,
 
     file = read_model_file(path)
     with torch.device("meta"):
-        plan = tensor_plan(file, BambaLM(model.config))  # GGUF name -> our dense name
+        plan = tensor_plan(file, BambaLM(model.config))  # GGUF name -> rows of our tensor
     for tensor in file.reader.tensors:
         if tensor.name not in names:
             continue
         assert tensor.tensor_type.name in TENSOR_TYPES
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        expected = from_gguf(plan[tensor.name], torch.from_numpy(values.copy()), model.config,
+        part = plan[tensor.name]
+        expected = from_gguf(part.ours, torch.from_numpy(values.copy()), model.config,
                              file.interleaved)
-        assert torch.equal(model.get_parameter(plan[tensor.name]), expected), tensor.name
+        assert torch.equal(model.get_parameter(part.ours)[part.rows], expected), tensor.name
+
+
+@pytest.mark.parametrize("file_type, scheme", [("q8_0", "int8"), ("q4_0", "int4")])
+def test_granite_fused_gate_and_up_travel_as_two_tensors(make_hf_checkpoint, tmp_path,
+                                                         file_type, scheme):
+    """A Granite model's fused gate-and-up linear is ffn_gate and ffn_up in the file (as
+    llama.cpp's converter splits it); read back, the two halves are one QuantizedLinear again,
+    exactly the blocks gguf.quants dequantizes, and the model gives the logits of those
+    weights."""
+    import numpy as np
+
+    from bamba.quant.apply import dequantize_model
+    from bamba.quant.linear import QuantizedLinear
+
+    source = make_hf_checkpoint("granite", hidden_size=64, intermediate_size=64,
+                                shared_intermediate_size=64, mamba_d_head=32)
+    model = from_pretrained(source)
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", file_type)
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert {"blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"} <= set(tensors)
+    back = from_pretrained(out)
+    fused = back.model.layers[0].feed_forward.input_linear
+    assert isinstance(fused, QuantizedLinear) and fused.scheme.name == scheme
+    halves = [gguf.quants.dequantize(tensors[f"blk.0.ffn_{n}.weight"].data,
+                                     tensors[f"blk.0.ffn_{n}.weight"].tensor_type)
+              for n in ("gate", "up")]
+    assert torch.equal(fused.dequantized_weight(torch.float32),
+                       torch.from_numpy(np.concatenate(halves)))
+    ids = random_ids(2, 11)
+    with torch.no_grad():
+        quantized = back(ids)
+        assert torch.equal(dequantize_model(back, torch.float32)(ids), quantized)
 
 
 def test_legacy_block_types_beside_q8_0_are_dequantized(memorised, tmp_path, monkeypatch):
@@ -321,6 +354,49 @@ def test_llama_cpp_decodes_our_export_as_bamba_does(make_hf_checkpoint, tmp_path
     server = llama_cpp.start(llama_cpp.find_or_build(), out, 8917, 2, 1, 256)
     try:
         reply = httpx.post("http://127.0.0.1:8917/completion", timeout=120, json={
+            "prompt": PROMPT, "n_predict": 32, "temperature": 0, "top_k": 1,
+            "return_tokens": True, "cache_prompt": False}).json()
+    finally:
+        server.kill()
+        server.wait()
+    assert reply["tokens"] == _greedy(model, PROMPT, 32)
+
+
+@pytest.mark.slow
+def test_llama_cpp_converter_output_of_granite_loads_with_the_source_logits(make_hf_checkpoint,
+                                                                            tmp_path):
+    """llama.cpp's converter on a dense Granite 4.0 hybrid (layer_types in the published
+    checkpoints' names, which it reads): gate and up split, the multipliers as GGUF scales,
+    rope switched off; bamba reads it back as the same Granite model."""
+    import json
+
+    source = make_hf_checkpoint("granite")
+    config = json.loads((source / "config.json").read_text())
+    config["layer_types"] = ["attention" if t == "full_attention" else "mamba"
+                             for t in config["layer_types"]]
+    (source / "config.json").write_text(json.dumps(config))
+    out = llama_cpp.convert(source, tmp_path / "conv.gguf", "f32")
+    ids = random_ids(2, 24)
+    back = from_pretrained(out)
+    assert back.config.model_type == "granitemoehybrid" and not back.config.uses_rope
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), hf_logits(load_hf(source), ids), atol=1e-4,
+                                   rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["granite", "granite-rope"])
+def test_llama_cpp_decodes_our_granite_export_as_bamba_does(make_hf_checkpoint, tmp_path, kind):
+    """Our export of a dense Granite hybrid, with and without rotary positions (the file's
+    rope switch), runs in llama.cpp's granitehybrid with bamba's greedy tokens."""
+    import httpx
+
+    source = make_hf_checkpoint(kind, seed=4)
+    model = from_pretrained(source)
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", "f32")
+    server = llama_cpp.start(llama_cpp.find_or_build(), out, 8918, 2, 1, 256)
+    try:
+        reply = httpx.post("http://127.0.0.1:8918/completion", timeout=120, json={
             "prompt": PROMPT, "n_predict": 32, "temperature": 0, "top_k": 1,
             "return_tokens": True, "cache_prompt": False}).json()
     finally:

@@ -1,7 +1,8 @@
 """A model (and its tokenizer) as one GGUF file llama.cpp loads: ``granitehybrid`` for a hybrid
-or pure-Mamba model, ``llama`` for the all-attention twin; keys and tensors as llama.cpp's own
-``convert_hf_to_gguf.py`` writes them for ``BambaForCausalLM`` / ``LlamaForCausalLM`` (see
-``layout`` for the one difference, the rotary channel order).
+or pure-Mamba model (Bamba or a dense Granite 4.0 hybrid), ``llama`` for the all-attention twin;
+keys and tensors as llama.cpp's own ``convert_hf_to_gguf.py`` writes them for
+``BambaForCausalLM`` / ``GraniteMoeHybridForCausalLM`` / ``LlamaForCausalLM`` (see ``layout``
+for the one difference, the rotary channel order).
 
 Tensors are converted and written one at a time after the header (the ``gguf`` writer's
 tensor-info-first mode), into a temporary file renamed into place at the end.
@@ -21,8 +22,8 @@ import torch
 
 from bamba.config import BambaConfig
 from bamba.files import plain_mode
-from bamba.gguf.layout import (CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY, gguf_name,
-                               gguf_shape, keeps_float32, to_gguf)
+from bamba.gguf.layout import (CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY, gguf_shape,
+                               keeps_float32, pieces, to_gguf)
 from bamba.gguf.vocab import vocab_of, write_vocab
 from bamba.tokenizer import Tokenizer
 
@@ -73,11 +74,12 @@ def _architecture_keys(writer: Any, config: BambaConfig) -> None:
     for method, field in _SSM_KEYS:
         getattr(writer, f"add_{method}")(getattr(config, field))
     writer.add_uint32(CHUNK_KEY, config.mamba_chunk_size)
-    writer.add_rope_scaling_finetuned(True)  # granitehybrid's switch for rope (Bamba has it)
-    # Granite's multipliers at Bamba's identity values
-    for method in ("add_embedding_scale", "add_residual_scale", "add_logit_scale"):
-        getattr(writer, method)(1.0)
-    writer.add_attention_scale(1.0 / math.sqrt(config.head_dim))
+    writer.add_rope_scaling_finetuned(config.uses_rope)  # granitehybrid's switch for rope
+    # Granite's multipliers (Bamba's are the identity values)
+    writer.add_embedding_scale(config.embedding_multiplier)
+    writer.add_residual_scale(config.residual_multiplier)
+    writer.add_logit_scale(config.logits_scaling)
+    writer.add_attention_scale(config.attention_scale)
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], file_type: str) -> Any:
@@ -93,13 +95,16 @@ def _tensor_type(name: str, shape: tuple[int, ...], file_type: str) -> Any:
     return wanted
 
 
-def _plan(model: torch.nn.Module) -> Iterator[tuple[str, str, tuple[int, ...]]]:
-    """(our name, GGUF name, GGUF shape) of every tensor to write."""
+def _plan(model: torch.nn.Module) -> Iterator[tuple[str, slice, str, tuple[int, ...]]]:
+    """(our name, its rows, GGUF name, GGUF shape) of every tensor to write."""
     config = model.config
     for ours, tensor in model.state_dict().items():
         if ours == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        yield ours, gguf_name(ours), gguf_shape(ours, tuple(tensor.shape), config)
+        shape = tuple(tensor.shape)
+        for piece in pieces(ours, shape[0] if shape else 1):
+            rows = (piece.rows.stop - piece.rows.start, *shape[1:]) if shape else shape
+            yield ours, piece.rows, piece.gguf, gguf_shape(ours, rows, config)
 
 
 def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.PathLike,
@@ -122,7 +127,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
     out = Path(out)
     arch = LLAMA_ARCH if config.model_type == "llama" else HYBRID_ARCH
     plan = list(_plan(model))
-    types = {g: _tensor_type(g, shape, file_type) for _, g, shape in plan}
+    types = {g: _tensor_type(g, shape, file_type) for _, _, g, shape in plan}
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -133,7 +138,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _architecture_keys(writer, config)
         write_vocab(writer, vocab)
-        for _, g, shape in plan:
+        for _, _, g, shape in plan:
             qtype = types[g]
             nbytes = math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
             # element shape with raw_dtype: the writer takes it as it is (uint8 would mean bytes)
@@ -142,8 +147,10 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         state = model.state_dict()
-        for ours, g, _ in plan:
-            data = to_gguf(ours, state[ours].detach(), config).float().contiguous().numpy()
+        for ours, rows, g, _ in plan:
+            tensor = state[ours].detach()
+            data = to_gguf(ours, tensor[rows] if tensor.dim() else tensor, config)
+            data = data.float().contiguous().numpy()
             writer.write_tensor_data(gguf.quants.quantize(data, types[g]))
         writer.close()
         os.chmod(tmp, plain_mode())

@@ -1,5 +1,7 @@
 """How our tensors sit in a GGUF file, both ways: names, shapes and the few transforms
-llama.cpp's converter applies (``granitehybrid`` for Bamba, ``llama`` for the all-attention twin).
+llama.cpp's converter applies (``granitehybrid`` for Bamba and the dense Granite 4.0 hybrids,
+``llama`` for the all-attention twin). A Granite model's fused gate-and-up linear is two GGUF
+tensors, ``ffn_gate`` and ``ffn_up``, the halves of its rows (``pieces``).
 
 Pure functions over torch tensors; the writer (``export``) and the reader (``reader``) share them
 so a round trip is exact by construction.
@@ -13,6 +15,8 @@ rotary correctly.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -38,6 +42,7 @@ _LAYER = {"input_layernorm.weight": "attn_norm.weight",
           "feed_forward.gate_proj.bias": "ffn_gate.bias",
           "feed_forward.up_proj.bias": "ffn_up.bias",
           "feed_forward.down_proj.bias": "ffn_down.bias",
+          "feed_forward.output_linear.weight": "ffn_down.weight",
           "self_attn.q_proj.weight": "attn_q.weight",
           "self_attn.k_proj.weight": "attn_k.weight",
           "self_attn.v_proj.weight": "attn_v.weight",
@@ -67,6 +72,26 @@ def gguf_name(ours: str) -> str:
     if prefix or not index.isdigit() or leaf not in _LAYER:
         raise ValueError(f"tensor {ours} has no GGUF name")
     return f"blk.{index}.{_LAYER[leaf]}"
+
+
+FUSED_GATE_UP = "feed_forward.input_linear.weight"  # Granite's [gate | up] rows
+
+
+class Piece(NamedTuple):
+    """A GGUF tensor holding rows ``rows`` of one of our tensors."""
+    gguf: str
+    rows: slice
+
+
+def pieces(ours: str, rows: int) -> list[Piece]:
+    """The GGUF tensors our tensor ``ours`` (``rows`` rows) is stored as: one, whole, except
+    a fused gate-and-up linear, whose halves are ``ffn_gate`` and ``ffn_up``."""
+    if not ours.endswith(FUSED_GATE_UP):
+        return [Piece(gguf_name(ours), slice(0, rows))]
+    block = gguf_name(ours.replace("input_linear", "output_linear")).rsplit(".", 2)[0]
+    half = rows // 2
+    return [Piece(f"{block}.ffn_gate.weight", slice(0, half)),
+            Piece(f"{block}.ffn_up.weight", slice(half, rows))]
 
 
 def keeps_float32(name: str, shape: tuple[int, ...]) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,9 @@ from typing import Any
 
 import torch
 
-from bamba.config import BambaConfig
+from bamba.config import GRANITE, BambaConfig
 from bamba.gguf.layout import (ARCHITECTURES, CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY,
-                               from_gguf, gguf_name, gguf_shape)
+                               from_gguf, gguf_shape, pieces)
 from bamba.gguf.vocab import PRE_TOKENIZER, GGUFVocab, tokenizer_from
 from bamba.tokenizer import Tokenizer
 
@@ -143,7 +144,8 @@ def _config(reader: Any, path: Path, arch: str) -> tuple[BambaConfig, int]:
         d_head = math.gcd(2 * hidden, 64)
         fields.update(mamba_expand=2, mamba_d_head=d_head, mamba_n_heads=2 * hidden // d_head)
     else:
-        _check_hybrid(reader, arch, head_dim)
+        _check_hybrid(reader, arch)
+        fields.update(_granite_settings(reader, arch, head_dim))
         kv_heads, first_attention = _hybrid_fields(fields, key, names, kv)
         fields["mamba_chunk_size"] = field_value(reader, CHUNK_KEY, 256)
     rope_dims, interleaved = _rotary(arch, key("rope.dimension_count", head_dim),
@@ -206,20 +208,32 @@ def _decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _check_hybrid(reader: Any, arch: str, head_dim: int) -> None:
-    """ValueError for the Granite 4.0 variants of the architecture (no rope, experts,
-    multipliers other than Bamba's identity values)."""
-    if field_value(reader, f"{arch}.rope.scaling.finetuned", True) is False:
-        raise ValueError(f"{arch} without rope (a Granite 4.0 hybrid) is not supported")
+def _check_hybrid(reader: Any, arch: str) -> None:
+    """ValueError for the variant of the architecture bamba does not run yet: experts (a
+    Granite 4.0 MoE hybrid)."""
     if field_value(reader, f"{arch}.expert_count", 0):
         raise ValueError(f"{arch} with experts (a Granite 4.0 MoE hybrid) is not supported")
-    for name in ("embedding_scale", "residual_scale", "logit_scale"):
+
+
+def _granite_settings(reader: Any, arch: str, head_dim: int) -> dict[str, Any]:
+    """A granitehybrid file's Granite 4.0 settings: none for Bamba's (rope on, the scales at
+    their identity values or absent); else a dense Granite hybrid's multipliers and positions
+    (llama.cpp's converter switches rope off for every Granite hybrid)."""
+    def scale(name: str) -> float:
         value = field_value(reader, f"{arch}.{name}", 0.0)
-        if value not in (0.0, 1.0):
-            raise ValueError(f"{arch}.{name} {value} is not supported (Bamba has none)")
-    scale = field_value(reader, f"{arch}.attention.scale", 0.0)
-    if scale and not math.isclose(scale, head_dim ** -0.5, rel_tol=1e-6):
-        raise ValueError(f"{arch}.attention.scale {scale} is not 1/sqrt(head size {head_dim})")
+        return _decimal(value) if value else 1.0  # llama.cpp reads 0 (absent) as 1
+
+    rope = field_value(reader, f"{arch}.rope.scaling.finetuned", True) is not False
+    multipliers = {"embedding_multiplier": scale("embedding_scale"),
+                   "residual_multiplier": scale("residual_scale"),
+                   "logits_scaling": scale("logit_scale")}
+    attention = _decimal(field_value(reader, f"{arch}.attention.scale", 0.0) or 0.0)
+    identity = not attention or math.isclose(attention, head_dim ** -0.5, rel_tol=1e-6)
+    if rope and identity and set(multipliers.values()) == {1.0}:
+        return {}
+    return {"model_type": GRANITE, **multipliers,
+            "attention_multiplier": attention or None,
+            "position_embedding_type": "rope" if rope else "nope"}
 
 
 def _rows(reader: Any, name: str, path: Path) -> int:
@@ -235,14 +249,19 @@ def _same_layout(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     return shape == expected or [n for n in shape if n != 1] == [n for n in expected if n != 1]
 
 
-def tensor_plan(model_file: GGUFModel, model: torch.nn.Module) -> dict[str, str]:
-    """GGUF tensor name -> our name; ValueError on a missing, unexpected or misshapen tensor."""
+def tensor_plan(model_file: GGUFModel, model: torch.nn.Module) -> dict[str, Part]:
+    """GGUF tensor name -> the rows of our tensor it holds; ValueError on a missing,
+    unexpected or misshapen tensor."""
     config, path = model_file.config, model_file.path
-    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
+    expected: dict[str, tuple[Part, tuple[int, ...]]] = {}
     for ours, tensor in model.state_dict(keep_vars=True).items():
         if ours == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        expected[gguf_name(ours)] = (ours, gguf_shape(ours, tuple(tensor.shape), config))
+        shape = tuple(tensor.shape)
+        for piece in pieces(ours, shape[0] if shape else 1):
+            rows = (piece.rows.stop - piece.rows.start, *shape[1:]) if shape else shape
+            expected[piece.gguf] = (Part(ours, piece.rows, rows == shape),
+                                    gguf_shape(ours, rows, config))
     found = {t.name: t for t in model_file.reader.tensors}
     where = f"({config.num_hidden_layers} blocks in the metadata)"
     for name, tensor in found.items():
@@ -259,7 +278,15 @@ def tensor_plan(model_file: GGUFModel, model: torch.nn.Module) -> dict[str, str]
     if missing:
         raise ValueError(f"{path}: tensor {missing[0]} is missing "
                          f"({len(missing)} missing) {where}")
-    return {name: ours for name, (ours, _) in expected.items()}
+    return {name: part for name, (part, _) in expected.items()}
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where a GGUF tensor goes: rows ``rows`` of our tensor ``ours`` (``whole``: all of it)."""
+    ours: str
+    rows: slice
+    whole: bool
 
 
 def dequantized(tensor: Any) -> torch.Tensor:
@@ -329,14 +356,17 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         model = BambaLM(config)
     plan = tensor_plan(model_file, model)
     types = {t.name: t.tensor_type.name for t in model_file.reader.tensors}
-    quantized = {ours: types[name] for name, ours in plan.items()
-                 if types[name] in SCHEMES and _is_linear_weight(model, ours)}
+    stored: dict[str, set[str]] = {}  # our tensor -> the types of its GGUF pieces
+    for name, part in plan.items():
+        stored.setdefault(part.ours, set()).add(types[name])
+    quantized = {ours: kinds.pop() for ours, kinds in stored.items()
+                 if len(kinds) == 1 and kinds <= set(SCHEMES) and _is_linear_weight(model, ours)}
     if len(set(quantized.values())) > 1:
         log.info("%s mixes Q8_0 and Q4_0 linears: all are dequantized", model_file.path)
         quantized = {}
     # The token table stays in its blocks too, beside quantized linears (llama.cpp's Q8_0 and
     # Q4_0 files store it so), unless the lm_head shares it.
-    table = next(name for name, ours in plan.items() if ours == EMBEDDINGS)
+    table = next(name for name, part in plan.items() if part.ours == EMBEDDINGS)
     embedding = types[table] if quantized and types[table] in SCHEMES and \
         not config.tie_word_embeddings else None
     check_model_fits(config, dtype.itemsize, quantized_bits=8 if quantized else None)
@@ -358,17 +388,38 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         _assign(model, name, arena.place(name, value) if arena is not None else
                 value.to(device=device, dtype=target(name, value)))
 
+    pending: dict[str, list[tuple[int, tuple[torch.Tensor, ...]]]] = {}
+    piece_counts = Counter(part.ours for part in plan.values())
+
+    def whole(part: Part, values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        """The values of ``part``'s tensor once every piece of it has been read (rows in
+        order: a fused gate-and-up linear's two halves), else None."""
+        if part.whole:
+            return values
+        seen = pending.setdefault(part.ours, [])
+        seen.append((part.rows.start, values))
+        if len(seen) < piece_counts[part.ours]:
+            return None
+        seen.sort(key=lambda item: item[0])
+        del pending[part.ours]
+        return tuple(torch.cat(column) for column in zip(*(v for _, v in seen)))
+
     for tensor in model_file.reader.tensors:
-        ours = plan[tensor.name]
+        part = plan[tensor.name]
+        ours = part.ours
         if ours not in quantized:
-            load(ours, from_gguf(ours, dequantized(tensor), config,
-                                 model_file.interleaved).reshape(shapes[ours]))
+            value = from_gguf(ours, dequantized(tensor), config, model_file.interleaved)
+            values = whole(part, (value,))
+            if values is not None:
+                load(ours, values[0].reshape(shapes[ours]))
             continue
         rows, cols = (int(n) for n in reversed(tensor.shape))
-        q, scale = (from_gguf(ours, t, config, model_file.interleaved) for t in
-                    block_values(tensor.data, quantized[ours], rows, cols))
+        values = whole(part, tuple(from_gguf(ours, t, config, model_file.interleaved) for t in
+                                   block_values(tensor.data, quantized[ours], rows, cols)))
+        if values is None:
+            continue
         module = ours.removesuffix(".weight")
-        for buffer, value in linear_tensors(q, scale, quantized[ours]).items():
+        for buffer, value in linear_tensors(*values, quantized[ours]).items():
             load(f"{module}.{buffer}", value)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
