@@ -427,6 +427,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_attention_heads=8, num_key_value_heads=2, attn_layer_indices=[9, 18, 27],
                   mamba_n_heads=16, mamba_d_head=64, mamba_d_state=128, mamba_chunk_size=256,
                   max_position_embeddings=65536),
+    # The bench shape as a dense Granite 4.0 hybrid: the fused MLP, no rotary positions, and
+    # multipliers on embeddings, residual branches, scores and logits (their values do not
+    # change the work: illustrative ones).
+    "bench-granite": dict(vocab_size=32000, hidden_size=512, intermediate_size=1792,
+                          num_hidden_layers=32, num_attention_heads=8, num_key_value_heads=2,
+                          attn_layer_indices=[9, 18, 27], mamba_n_heads=16, mamba_d_head=64,
+                          mamba_d_state=128, mamba_chunk_size=256, max_position_embeddings=65536,
+                          model_type="granitemoehybrid", position_embedding_type="nope",
+                          partial_rotary_factor=1.0, embedding_multiplier=12.0,
+                          residual_multiplier=0.246, attention_multiplier=0.015625,
+                          logits_scaling=3.0),
     # Small enough to train for minutes on two CPU cores; the embedded default.
     "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                  num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[3, 7],

@@ -146,3 +146,30 @@ def test_unsupported_granite_configs_are_one_line_errors(make_hf_checkpoint, cap
                        "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_finetune_from_a_granite_checkpoint_exports_granite(make_hf_checkpoint, tmp_path,
+                                                            capsys):
+    """`bamba finetune` on a Granite checkpoint trains it (multipliers and fused MLP under
+    autograd) and exports a Granite checkpoint that transformers loads with bamba's logits."""
+    import argparse
+
+    from bamba.cli.finetune import run as finetune
+
+    source = make_hf_checkpoint("granite", hidden_size=64, intermediate_size=64,
+                                shared_intermediate_size=64, mamba_d_head=32)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": "add 2 and 2", "completion": " 4"}) + "\n")
+    args = argparse.Namespace(config=None, overrides=[
+        f"--init_from={source}", f"--data_path={data}", "--steps=3", "--warmup_steps=1",
+        "--seq_len=32", "--batch_size=2", f"--out_dir={tmp_path / 'ft'}", "--progress=false"])
+    assert finetune(args) == 0
+    assert "step 3: loss" in capsys.readouterr().out
+    tuned = from_pretrained(tmp_path / "ft" / "hf")
+    start = from_pretrained(source)
+    assert tuned.config == start.config
+    assert not torch.equal(tuned.model.layers[0].feed_forward.input_linear.weight,
+                           start.model.layers[0].feed_forward.input_linear.weight)
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        assert_logits_close(tuned(ids), hf_logits(load_hf(tmp_path / "ft" / "hf"), ids))
