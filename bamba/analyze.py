@@ -138,9 +138,17 @@ def mamba_params(c: BambaConfig) -> dict[str, int]:
 
 
 def mlp_params(c: BambaConfig) -> dict[str, int]:
+    """The feed-forward block's: the SwiGLU linears, and a Granite MoE's experts and router
+    (counted whole: weights a model holds, not those a token reads)."""
     h, f, bias = c.hidden_size, c.intermediate_size, c.mlp_bias
-    return {**_linear("gate_proj", h, f, bias), **_linear("up_proj", h, f, bias),
-            **_linear("down_proj", f, h, bias)}
+    params = {**_linear("gate_proj", h, f, bias), **_linear("up_proj", h, f, bias),
+              **_linear("down_proj", f, h, bias)}
+    e, fe = c.num_local_experts, c.expert_intermediate_size
+    if e:
+        params.update({"experts.router.layer.weight": e * h,
+                       "experts.input_linear.weight": e * 2 * fe * h,
+                       "experts.output_linear.weight": e * fe * h})
+    return params
 
 
 def layer_params(c: BambaConfig, kind: str) -> dict[str, int]:
@@ -377,6 +385,10 @@ def appendix_decode_speedup(shape: AppendixShape, b: int, s: int) -> float:
 def report(c: BambaConfig, batches: list[int], seqs: list[int], precision: Precision,
            name: str = "") -> dict[str, Any]:
     """Everything ``bamba analyze`` prints, as JSON-ready data."""
+    if c.num_local_experts:
+        raise ValueError("bamba analyze models dense layers; a mixture of experts "
+                         f"({c.num_local_experts} experts, {c.num_experts_per_tok} a token) "
+                         "reads weights by routing, which it does not model")
     if not batches or not seqs:
         raise ValueError("need at least one batch size and one sequence length")
     twin, shape = llama_twin(c), appendix_shape(c)

@@ -35,12 +35,14 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # A checkpoint's names <-> ours (ours equal BambaForCausalLM's; a Granite model's MLP keeps
-# its fused input_linear and output_linear under our feed_forward).
+# its fused input_linear and output_linear under our feed_forward, its experts under
+# feed_forward.experts). Applied in order, the first match each.
 _RENAMES = {
     "llama": ((".mlp.", ".feed_forward."),
               (".post_attention_layernorm.", ".pre_ff_layernorm."),
               ("model.norm.", "model.final_layernorm.")),
-    "granitemoehybrid": ((".shared_mlp.", ".feed_forward."),
+    "granitemoehybrid": ((".block_sparse_moe.", ".feed_forward.experts."),
+                         (".shared_mlp.", ".feed_forward."),
                          (".post_attention_layernorm.", ".pre_ff_layernorm."),
                          ("model.norm.", "model.final_layernorm.")),
 }

@@ -75,6 +75,10 @@ class BambaConfig:
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     position_embedding_type: str = "rope"
+    # Granite's mixture of experts beside the (shared) MLP: 0 experts for a dense model
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    expert_intermediate_size: int = 0
     model_type: str = "bamba"
 
     def __post_init__(self) -> None:
@@ -86,6 +90,8 @@ class BambaConfig:
             self.attn_layer_indices = list(range(self.num_hidden_layers))
         self.attn_layer_indices = sorted(int(i) for i in self.attn_layer_indices)
         self.time_step_limit = (float(self.time_step_limit[0]), float(self.time_step_limit[1]))
+        if not self.num_local_experts:  # a dense model: the experts' sizes mean nothing
+            self.num_experts_per_tok = self.expert_intermediate_size = 0
         if self.mamba_d_head == "auto":
             self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
         if self.head_dim is None:
@@ -132,6 +138,15 @@ class BambaConfig:
         if self.attention_multiplier is not None and not self.attention_multiplier > 0:
             raise ValueError(f"config field attention_multiplier must be > 0, got "
                              f"{self.attention_multiplier!r}")
+        if self.num_local_experts < 0 or (self.num_local_experts and not (
+                0 < self.num_experts_per_tok <= self.num_local_experts and
+                self.expert_intermediate_size > 0)):
+            raise ValueError(f"num_local_experts {self.num_local_experts} needs "
+                             f"num_experts_per_tok in 1..{self.num_local_experts} and a positive "
+                             f"expert_intermediate_size, got {self.num_experts_per_tok} and "
+                             f"{self.expert_intermediate_size}")
+        if self.num_local_experts and self.model_type != GRANITE:
+            raise ValueError(f"experts are Granite's ({GRANITE}), not {self.model_type}'s")
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding_type {self.position_embedding_type!r} is not "
                              f"one of {POSITION_EMBEDDINGS}")
@@ -257,7 +272,9 @@ class BambaConfig:
             return {
                 **common, **mamba, "architectures": ["GraniteMoeHybridForCausalLM"],
                 "layer_types": self.layer_types, "shared_intermediate_size": self.intermediate_size,
-                "num_local_experts": 0, "num_experts_per_tok": 0,
+                "num_local_experts": self.num_local_experts,
+                "num_experts_per_tok": self.num_experts_per_tok,
+                "intermediate_size": self.expert_intermediate_size or self.intermediate_size,
                 "embedding_multiplier": self.embedding_multiplier,
                 "residual_multiplier": self.residual_multiplier,
                 "attention_multiplier": self.attention_scale,
@@ -288,12 +305,9 @@ class BambaConfig:
 
 def _granite_fields(raw: dict[str, Any]) -> dict[str, Any]:
     """A GraniteMoeHybrid config.json in our fields: layer_types as attention indices, the
-    shared MLP's width as intermediate_size, transformers' defaults where a field is absent;
-    ValueError for mixture-of-experts layers (not supported yet)."""
+    shared MLP's width as intermediate_size (an expert's as expert_intermediate_size),
+    transformers' defaults where a field is absent."""
     experts = raw.get("num_local_experts", 8)
-    if experts:
-        raise ValueError(f"num_local_experts {experts}: Granite mixture-of-experts layers are "
-                         f"not supported yet (the dense Granite 4.0 hybrids, 0 experts, are)")
     kinds = raw.get("layer_types", raw.get("layers_block_type"))
     if not isinstance(kinds, list) or any(k not in _GRANITE_LAYER_TYPES for k in kinds):
         raise ValueError(f"layer_types must list 'mamba' or 'attention' per layer, got {kinds!r}")
@@ -305,7 +319,10 @@ def _granite_fields(raw: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"layer_types has {len(kinds)} entries for num_hidden_layers "
                          f"{raw['num_hidden_layers']}")
     return {"vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+            "num_experts_per_tok": 2,
             "intermediate_size": raw.get("shared_intermediate_size", 1024),
+            "expert_intermediate_size": raw.get("intermediate_size", 11008) if experts else 0,
+            "num_local_experts": experts,
             "attention_multiplier": 1.0, "pad_token_id": None,
             **{k: v for k, v in raw.items() if k not in ("intermediate_size",
                                                           "attn_layer_indices")},

@@ -24,6 +24,7 @@ from bamba.cache_protocol import InferenceCache
 from bamba.checkpoint_writer import save_pretrained
 from bamba.config import GRANITE, BambaConfig
 from bamba.ops.attention import attention, causal_mask
+from bamba.ops.experts import mixture, route
 from bamba.ops.mixer import MixerShape, MixerWeights, mamba_decode_step, mamba_prefill
 from bamba.ops.norm import rms_norm
 from bamba.ops.rope import apply_rope, rope_cos_sin
@@ -69,19 +70,56 @@ class MLP(nn.Module):
         return self.down_proj.in_features
 
 
+class ExpertWeights(nn.Module):
+    """One weight per expert, stacked: [E, out, in]."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, out_features, in_features))
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, experts: int):
+        super().__init__()
+        self.layer = nn.Linear(hidden, experts, bias=False)
+
+
+class Experts(nn.Module):
+    """Granite's mixture of experts (``bamba.ops.experts``): each token through the top
+    ``top_k`` of the experts its router picks, weighted. Names as Granite's checkpoints have
+    them under ``block_sparse_moe``."""
+
+    def __init__(self, config: BambaConfig):
+        super().__init__()
+        h, f, e = config.hidden_size, config.expert_intermediate_size, config.num_local_experts
+        self.top_k = config.num_experts_per_tok
+        self.router = Router(h, e)
+        self.input_linear = ExpertWeights(e, 2 * f, h)
+        self.output_linear = ExpertWeights(e, h, f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, index = route(self.router.layer(flat), self.top_k, flat.dtype)
+        return mixture(flat, weights, index, self.input_linear.weight,
+                       self.output_linear.weight).view_as(x)
+
+
 class FusedMLP(MLP):
     """Granite's SwiGLU: gate and up as the two halves of one linear's output,
-    output_linear(silu(gate) * up) with [gate | up] = input_linear(x)."""
+    output_linear(silu(gate) * up) with [gate | up] = input_linear(x); with experts (a Granite
+    MoE hybrid) their mixture is added (the shared MLP beside them)."""
 
     def __init__(self, config: BambaConfig):
         nn.Module.__init__(self)
         h, f = config.hidden_size, config.intermediate_size
         self.input_linear = nn.Linear(h, 2 * f, bias=False)
         self.output_linear = nn.Linear(f, h, bias=False)
+        self.experts = Experts(config) if config.num_local_experts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.input_linear(x).chunk(2, dim=-1)
-        return self.output_linear(self.swiglu(gate, up))
+        shared = self.output_linear(self.swiglu(gate, up))
+        return shared if self.experts is None else self.experts(x) + shared
 
     @property
     def width(self) -> int:

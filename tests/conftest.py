@@ -2,7 +2,7 @@
 
 ``make_hf_checkpoint(kind, **overrides)`` builds transformers' BambaForCausalLM (kinds "hybrid",
 "mamba", "attention"), LlamaForCausalLM ("llama") or GraniteMoeHybridForCausalLM ("granite",
-"granite-rope") with a small random config, perturbs the
+"granite-rope", "granite-moe") with a small random config, perturbs the
 parameters transformers initialises to constants (A_log, dt_bias, D, norm weights) so parity
 tests see non-trivial values, and saves it (with a tokenizer) into a fresh temp directory.
 """
@@ -37,8 +37,9 @@ BASE = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hid
 MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
              mamba_chunk_size=8, mamba_d_conv=4, mamba_expand=2)
 LAYERS = {"hybrid": [1, 3], "mamba": [], "attention": [0, 1, 2, 3]}
-# Granite 4.0 dense hybrids (GraniteMoeHybrid, no experts): released multipliers' magnitudes;
-# "granite" has no rotary positions (as released), "granite-rope" rotates.
+# Granite 4.0 hybrids (GraniteMoeHybrid): multipliers of the released configs' magnitudes;
+# "granite" has no rotary positions (as released), "granite-rope" rotates, "granite-moe" adds
+# experts beside the shared MLP (4, top 2).
 GRANITE = dict(layer_types=["mamba", "attention", "mamba", "attention"], num_local_experts=0,
                shared_intermediate_size=48, embedding_multiplier=12.0, residual_multiplier=0.22,
                attention_multiplier=0.0078125, logits_scaling=2.5)
@@ -63,9 +64,11 @@ def hf_config(kind: str, **overrides: Any) -> Any:
 
     if kind == "llama":
         return LlamaConfig(**{**BASE, **overrides})
-    if kind in ("granite", "granite-rope"):
+    if kind in ("granite", "granite-rope", "granite-moe"):
         position = "rope" if kind == "granite-rope" else None
-        return GraniteMoeHybridConfig(**{**BASE, **MAMBA, **GRANITE,
+        experts = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32) \
+            if kind == "granite-moe" else {}
+        return GraniteMoeHybridConfig(**{**BASE, **MAMBA, **GRANITE, **experts,
                                          "position_embedding_type": position, **overrides})
     if kind in LAYERS:
         use_cache = kind != "mamba"  # transformers' Bamba cache needs an attention layer

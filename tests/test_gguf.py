@@ -38,7 +38,7 @@ def _types(path: Path) -> set[str]:
     return {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
 
-@pytest.mark.parametrize("kind", ["hybrid", "llama", "granite", "granite-rope"])
+@pytest.mark.parametrize("kind", ["hybrid", "llama", "granite", "granite-rope", "granite-moe"])
 def test_f32_round_trip_gives_identical_logits_and_config(make_hf_checkpoint, tmp_path, kind):
     source = make_hf_checkpoint(kind)
     model, tokenizer = from_pretrained(source), load_tokenizer(source)
@@ -152,12 +152,15 @@ def _assert_dequantized_as_gguf_does(model: torch.nn.Module, path: Path,
         part = plan[tensor.name]
         expected = from_gguf(part.ours, torch.from_numpy(values.copy()), model.config,
                              file.interleaved)
-        assert torch.equal(model.get_parameter(part.ours)[part.rows], expected), tensor.name
+        held = model.get_parameter(part.ours).narrow(part.dim, part.rows.start,
+                                                     part.rows.stop - part.rows.start)
+        assert torch.equal(held, expected), tensor.name
 
 
+@pytest.mark.parametrize("kind", ["granite", "granite-moe"])
 @pytest.mark.parametrize("file_type, scheme", [("q8_0", "int8"), ("q4_0", "int4")])
 def test_granite_fused_gate_and_up_travel_as_two_tensors(make_hf_checkpoint, tmp_path,
-                                                         file_type, scheme):
+                                                         file_type, scheme, kind):
     """A Granite model's fused gate-and-up linear is ffn_gate and ffn_up in the file (as
     llama.cpp's converter splits it); read back, the two halves are one QuantizedLinear again,
     exactly the blocks gguf.quants dequantizes, and the model gives the logits of those
@@ -167,20 +170,28 @@ def test_granite_fused_gate_and_up_travel_as_two_tensors(make_hf_checkpoint, tmp
     from bamba.quant.apply import dequantize_model
     from bamba.quant.linear import QuantizedLinear
 
-    source = make_hf_checkpoint("granite", hidden_size=64, intermediate_size=64,
+    source = make_hf_checkpoint(kind, hidden_size=64, intermediate_size=64,
                                 shared_intermediate_size=64, mamba_d_head=32)
     model = from_pretrained(source)
     out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", file_type)
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    assert {"blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"} <= set(tensors)
+    shared = "_shexp" if kind == "granite-moe" else ""
+
+    def values(name: str) -> np.ndarray:
+        return gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
+
     back = from_pretrained(out)
-    fused = back.model.layers[0].feed_forward.input_linear
-    assert isinstance(fused, QuantizedLinear) and fused.scheme.name == scheme
-    halves = [gguf.quants.dequantize(tensors[f"blk.0.ffn_{n}.weight"].data,
-                                     tensors[f"blk.0.ffn_{n}.weight"].tensor_type)
-              for n in ("gate", "up")]
-    assert torch.equal(fused.dequantized_weight(torch.float32),
+    block = back.model.layers[0].feed_forward
+    assert isinstance(block.input_linear, QuantizedLinear) and \
+        block.input_linear.scheme.name == scheme
+    halves = [values(f"blk.0.ffn_{n}{shared}.weight") for n in ("gate", "up")]
+    assert torch.equal(block.input_linear.dequantized_weight(torch.float32),
                        torch.from_numpy(np.concatenate(halves)))
+    if kind == "granite-moe":  # the experts' [E, F, D] halves join on F; the router stays F32
+        experts = block.experts
+        assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+        assert torch.equal(experts.input_linear.weight, torch.from_numpy(np.concatenate(
+            [values(f"blk.0.ffn_{n}_exps.weight") for n in ("gate", "up")], axis=1)))
     ids = random_ids(2, 11)
     with torch.no_grad():
         quantized = back(ids)
@@ -363,14 +374,16 @@ def test_llama_cpp_decodes_our_export_as_bamba_does(make_hf_checkpoint, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["granite", "granite-moe"])
 def test_llama_cpp_converter_output_of_granite_loads_with_the_source_logits(make_hf_checkpoint,
-                                                                            tmp_path):
-    """llama.cpp's converter on a dense Granite 4.0 hybrid (layer_types in the published
+                                                                            tmp_path, kind):
+    """llama.cpp's converter on a Granite 4.0 hybrid (layer_types in the published
     checkpoints' names, which it reads): gate and up split, the multipliers as GGUF scales,
-    rope switched off; bamba reads it back as the same Granite model."""
+    rope switched off, experts as *_exps beside the *_shexp shared MLP; bamba reads it back as
+    the same Granite model."""
     import json
 
-    source = make_hf_checkpoint("granite")
+    source = make_hf_checkpoint(kind)
     config = json.loads((source / "config.json").read_text())
     config["layer_types"] = ["attention" if t == "full_attention" else "mamba"
                              for t in config["layer_types"]]
@@ -385,10 +398,10 @@ def test_llama_cpp_converter_output_of_granite_loads_with_the_source_logits(make
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["granite", "granite-rope"])
+@pytest.mark.parametrize("kind", ["granite", "granite-rope", "granite-moe"])
 def test_llama_cpp_decodes_our_granite_export_as_bamba_does(make_hf_checkpoint, tmp_path, kind):
-    """Our export of a dense Granite hybrid, with and without rotary positions (the file's
-    rope switch), runs in llama.cpp's granitehybrid with bamba's greedy tokens."""
+    """Our export of a Granite hybrid, with and without rotary positions (the file's rope
+    switch), with experts, runs in llama.cpp's granitehybrid with bamba's greedy tokens."""
     import httpx
 
     source = make_hf_checkpoint(kind, seed=4)

@@ -1,8 +1,8 @@
-"""IBM's dense Granite 4.0 hybrids (transformers' GraniteMoeHybridForCausalLM, no experts) in
-bamba, against transformers on checkpoints transformers itself made: the multipliers on the
-embeddings, residual branches, attention scores and logits, attention with and without rotary
-positions, the fused shared MLP; cached decode, the native kernels, the engine, saving back
-for transformers, quantizing, and the one-line refusal of mixture-of-experts layers.
+"""IBM's Granite 4.0 hybrids (transformers' GraniteMoeHybridForCausalLM) in bamba, against
+transformers on checkpoints transformers itself made: the multipliers on the embeddings,
+residual branches, attention scores and logits, attention with and without rotary positions,
+the fused shared MLP, experts beside it; cached decode, the native kernels, the engine, saving
+back for transformers, quantizing, fine-tuning, and one-line errors for configs that do not fit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from bamba.generation import GenerationConfig, generate
 from bamba.model import FusedMLP
 from bamba.native import accelerate, decode_ops
 
-KINDS = ["granite", "granite-rope"]
+KINDS = ["granite", "granite-rope", "granite-moe"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -70,11 +70,13 @@ def test_native_kernels_equal_the_torch_path(make_hf_checkpoint, monkeypatch, ki
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     pieces = [11] + [1] * 10
     assert_logits_close(run_in_pieces(fast, ids, pieces), run_in_pieces(reference, ids, pieces))
-    assert len(calls) == 10
+    # a layer with experts runs op by op (router and shared MLP through the few-row kernel)
+    assert len(calls) == (0 if kind == "granite-moe" else 10)
 
 
-def test_generate_and_the_engine_agree_with_transformers_greedy(make_hf_checkpoint):
-    directory = make_hf_checkpoint("granite", seed=2)
+@pytest.mark.parametrize("kind", ["granite", "granite-moe"])
+def test_generate_and_the_engine_agree_with_transformers_greedy(make_hf_checkpoint, kind):
+    directory = make_hf_checkpoint(kind, seed=2)
     hf = load_hf(directory)
     prompt = random_ids(1, 9, seed=5)
     with torch.no_grad():
@@ -100,28 +102,33 @@ def test_saved_by_bamba_loads_in_transformers(make_hf_checkpoint, tmp_path, kind
     assert_logits_close(hf_logits(reloaded, ids), hf_logits(load_hf(directory), ids))
 
 
-def test_config_round_trips_through_config_json():
+@pytest.mark.parametrize("experts", [{}, dict(num_local_experts=8, num_experts_per_tok=3,
+                                               expert_intermediate_size=24)])
+def test_config_round_trips_through_config_json(experts):
     config = BambaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1],
                          mamba_n_heads=4, mamba_d_state=8, model_type="granitemoehybrid",
                          embedding_multiplier=6.0, residual_multiplier=0.5, logits_scaling=4.0,
                          attention_multiplier=0.1, position_embedding_type="nope",
-                         partial_rotary_factor=1.0)
+                         partial_rotary_factor=1.0, **experts)
     assert BambaConfig.from_hf_dict(config.to_hf_dict()) == config
 
 
-def test_int4_quantized_granite_gives_transformers_logits(make_hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("kind", ["granite", "granite-moe"])
+def test_int4_quantized_granite_gives_transformers_logits(make_hf_checkpoint, tmp_path, kind):
     """`bamba quantize` on a Granite checkpoint: the fused shared MLP, the Mamba and attention
-    projections become int4 linears; transformers (with compressed-tensors) reads the file and
-    gives our logits."""
-    source = make_hf_checkpoint("granite", hidden_size=128, intermediate_size=128,
+    projections become int4 linears (experts and their routers stay as stored); transformers
+    (with compressed-tensors) reads the file and gives our logits."""
+    source = make_hf_checkpoint(kind, hidden_size=128, intermediate_size=128,
                                 shared_intermediate_size=128, mamba_d_head=64)
     target = tmp_path / "int4"
     assert bamba_main(["quantize", str(source), str(target), "--scheme", "int4",
                        "--group-size", "32", "--no-progress"]) == 0
     quantized = from_pretrained(target)
-    assert type(quantized.model.layers[0].feed_forward.input_linear).__name__ == \
-        "QuantizedLinear"
+    feed_forward = quantized.model.layers[0].feed_forward
+    assert type(feed_forward.input_linear).__name__ == "QuantizedLinear"
+    if kind == "granite-moe":
+        assert type(feed_forward.experts.router.layer) is torch.nn.Linear
     ids = random_ids(2, 13, seed=7)
     with torch.no_grad():
         ours = quantized(ids)
@@ -129,13 +136,13 @@ def test_int4_quantized_granite_gives_transformers_logits(make_hf_checkpoint, tm
 
 
 @pytest.mark.parametrize("field, value, fragment", [
-    ("num_local_experts", 4, "num_local_experts 4: Granite mixture-of-experts"),
+    ("num_experts_per_tok", 5, "num_local_experts 4 needs num_experts_per_tok in 1..4"),
     ("layer_types", ["mamba", "conv", "mamba", "mamba"], "layer_types must list"),
     ("position_embedding_type", "alibi", "position_embedding_type 'alibi'"),
 ])
 def test_unsupported_granite_configs_are_one_line_errors(make_hf_checkpoint, capsys, field,
                                                          value, fragment):
-    directory = make_hf_checkpoint("granite", tokenizer=True)
+    directory = make_hf_checkpoint("granite-moe", tokenizer=True)
     raw = json.loads((directory / "config.json").read_text())
     raw[field] = value
     (directory / "config.json").write_text(json.dumps(raw))
@@ -148,15 +155,16 @@ def test_unsupported_granite_configs_are_one_line_errors(make_hf_checkpoint, cap
     assert fragment in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind", ["granite", "granite-moe"])
 def test_finetune_from_a_granite_checkpoint_exports_granite(make_hf_checkpoint, tmp_path,
-                                                            capsys):
+                                                            capsys, kind):
     """`bamba finetune` on a Granite checkpoint trains it (multipliers and fused MLP under
     autograd) and exports a Granite checkpoint that transformers loads with bamba's logits."""
     import argparse
 
     from bamba.cli.finetune import run as finetune
 
-    source = make_hf_checkpoint("granite", hidden_size=64, intermediate_size=64,
+    source = make_hf_checkpoint(kind, hidden_size=64, intermediate_size=64,
                                 shared_intermediate_size=64, mamba_d_head=32)
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"prompt": "add 2 and 2", "completion": " 4"}) + "\n")
@@ -173,3 +181,23 @@ def test_finetune_from_a_granite_checkpoint_exports_granite(make_hf_checkpoint, 
     ids = random_ids(1, 12)
     with torch.no_grad():
         assert_logits_close(tuned(ids), hf_logits(load_hf(tmp_path / "ft" / "hf"), ids))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_analysis_counts_every_parameter_and_refuses_to_model_experts(
+        make_hf_checkpoint, capsys, kind):
+    """parameter_count (memory budgets rest on it) counts a Granite model's parameters, its
+    experts too; `bamba analyze` prices a dense one and says in one line that it does not model
+    routed weight reads."""
+    from bamba.analyze import parameter_count
+
+    directory = make_hf_checkpoint(kind)
+    model = from_pretrained(directory)
+    assert parameter_count(model.config) == sum(p.numel() for p in model.parameters())
+    capsys.readouterr()
+    status = bamba_main(["analyze", str(directory)])
+    if kind != "granite-moe":
+        assert status == 0
+        return
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "does not model" in err and len(err.splitlines()) == 1

@@ -22,8 +22,8 @@ import torch
 
 from bamba.config import BambaConfig
 from bamba.files import plain_mode
-from bamba.gguf.layout import (CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY, gguf_shape,
-                               keeps_float32, pieces, to_gguf)
+from bamba.gguf.layout import (CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY, Piece,
+                               gguf_shape, keeps_float32, piece_shape, pieces, to_gguf)
 from bamba.gguf.vocab import vocab_of, write_vocab
 from bamba.tokenizer import Tokenizer
 
@@ -60,6 +60,8 @@ _SSM_KEYS = (("ssm_conv_kernel", "mamba_d_conv"), ("ssm_state_size", "mamba_d_st
 
 def _architecture_keys(writer: Any, config: BambaConfig) -> None:
     for method, field in _COMMON_KEYS:
+        if field == "intermediate_size" and config.num_local_experts:
+            field = "expert_intermediate_size"  # llama.cpp's n_ff: an expert's width
         getattr(writer, f"add_{method}")(getattr(config, field))
     writer.add_uint32(ROTARY_KEY, config.rotary_dim)
     if config.head_dim * config.num_attention_heads != config.hidden_size:
@@ -80,6 +82,10 @@ def _architecture_keys(writer: Any, config: BambaConfig) -> None:
     writer.add_residual_scale(config.residual_multiplier)
     writer.add_logit_scale(config.logits_scaling)
     writer.add_attention_scale(config.attention_scale)
+    if config.num_local_experts:
+        writer.add_expert_shared_feed_forward_length(config.intermediate_size)
+        writer.add_expert_count(config.num_local_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], file_type: str) -> Any:
@@ -95,16 +101,15 @@ def _tensor_type(name: str, shape: tuple[int, ...], file_type: str) -> Any:
     return wanted
 
 
-def _plan(model: torch.nn.Module) -> Iterator[tuple[str, slice, str, tuple[int, ...]]]:
-    """(our name, its rows, GGUF name, GGUF shape) of every tensor to write."""
+def _plan(model: torch.nn.Module) -> Iterator[tuple[str, Piece, str, tuple[int, ...]]]:
+    """(our name, the piece of it, GGUF name, GGUF shape) of every tensor to write."""
     config = model.config
     for ours, tensor in model.state_dict().items():
         if ours == "lm_head.weight" and config.tie_word_embeddings:
             continue
         shape = tuple(tensor.shape)
-        for piece in pieces(ours, shape[0] if shape else 1):
-            rows = (piece.rows.stop - piece.rows.start, *shape[1:]) if shape else shape
-            yield ours, piece.rows, piece.gguf, gguf_shape(ours, rows, config)
+        for piece in pieces(ours, shape, config):
+            yield ours, piece, piece.gguf, gguf_shape(ours, piece_shape(shape, piece), config)
 
 
 def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.PathLike,
@@ -147,9 +152,12 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         state = model.state_dict()
-        for ours, rows, g, _ in plan:
+        for ours, piece, g, _ in plan:
             tensor = state[ours].detach()
-            data = to_gguf(ours, tensor[rows] if tensor.dim() else tensor, config)
+            if tensor.dim():
+                tensor = tensor.narrow(piece.dim, piece.rows.start,
+                                       piece.rows.stop - piece.rows.start)
+            data = to_gguf(ours, tensor, config)
             data = data.float().contiguous().numpy()
             writer.write_tensor_data(gguf.quants.quantize(data, types[g]))
         writer.close()

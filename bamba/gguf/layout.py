@@ -1,7 +1,7 @@
 """How our tensors sit in a GGUF file, both ways: names, shapes and the few transforms
-llama.cpp's converter applies (``granitehybrid`` for Bamba and the dense Granite 4.0 hybrids,
-``llama`` for the all-attention twin). A Granite model's fused gate-and-up linear is two GGUF
-tensors, ``ffn_gate`` and ``ffn_up``, the halves of its rows (``pieces``).
+llama.cpp's converter applies (``granitehybrid`` for Bamba and the Granite 4.0 hybrids,
+``llama`` for the all-attention twin). A Granite model's fused gate-and-up weights are two GGUF
+tensors each, ``ffn_gate`` and ``ffn_up`` (``_shexp``, ``_exps``), their halves (``pieces``).
 
 Pure functions over torch tensors; the writer (``export``) and the reader (``reader``) share them
 so a round trip is exact by construction.
@@ -42,7 +42,6 @@ _LAYER = {"input_layernorm.weight": "attn_norm.weight",
           "feed_forward.gate_proj.bias": "ffn_gate.bias",
           "feed_forward.up_proj.bias": "ffn_up.bias",
           "feed_forward.down_proj.bias": "ffn_down.bias",
-          "feed_forward.output_linear.weight": "ffn_down.weight",
           "self_attn.q_proj.weight": "attn_q.weight",
           "self_attn.k_proj.weight": "attn_k.weight",
           "self_attn.v_proj.weight": "attn_v.weight",
@@ -60,7 +59,7 @@ _LAYER = {"input_layernorm.weight": "attn_norm.weight",
           "mamba.norm.weight": "ssm_norm.weight",
           "mamba.out_proj.weight": "ssm_out.weight"}
 # Tensors llama.cpp keeps in float32 whatever the file type (vectors, the conv, the SSM scalars).
-_KEEP_F32 = ("ssm_a", "ssm_d", "ssm_conv1d.weight", "ssm_norm.weight")
+_KEEP_F32 = ("ssm_a", "ssm_d", "ssm_conv1d.weight", "ssm_norm.weight", "ffn_gate_inp.weight")
 
 
 def gguf_name(ours: str) -> str:
@@ -74,24 +73,47 @@ def gguf_name(ours: str) -> str:
     return f"blk.{index}.{_LAYER[leaf]}"
 
 
-FUSED_GATE_UP = "feed_forward.input_linear.weight"  # Granite's [gate | up] rows
-
-
 class Piece(NamedTuple):
-    """A GGUF tensor holding rows ``rows`` of one of our tensors."""
+    """A GGUF tensor holding the slice ``rows`` of dimension ``dim`` of one of our tensors."""
     gguf: str
     rows: slice
+    dim: int = 0
 
 
-def pieces(ours: str, rows: int) -> list[Piece]:
-    """The GGUF tensors our tensor ``ours`` (``rows`` rows) is stored as: one, whole, except
-    a fused gate-and-up linear, whose halves are ``ffn_gate`` and ``ffn_up``."""
-    if not ours.endswith(FUSED_GATE_UP):
-        return [Piece(gguf_name(ours), slice(0, rows))]
-    block = gguf_name(ours.replace("input_linear", "output_linear")).rsplit(".", 2)[0]
-    half = rows // 2
-    return [Piece(f"{block}.ffn_gate.weight", slice(0, half)),
-            Piece(f"{block}.ffn_up.weight", slice(half, rows))]
+# Granite's feed-forward block (ours -> GGUF): the shared MLP's fused [gate | up] linear and its
+# down projection (llama.cpp's "shexp" names beside experts), the experts' router, their fused
+# [E, 2F, D] gate-and-up weights (split on dimension 1) and [E, D, F] down weights.
+_GRANITE_FFN = {"feed_forward.input_linear.weight": ("ffn_gate", "ffn_up"),
+                "feed_forward.output_linear.weight": ("ffn_down",),
+                "feed_forward.experts.router.layer.weight": ("ffn_gate_inp",),
+                "feed_forward.experts.input_linear.weight": ("ffn_gate_exps", "ffn_up_exps"),
+                "feed_forward.experts.output_linear.weight": ("ffn_down_exps",)}
+
+
+def pieces(ours: str, shape: tuple[int, ...], config: BambaConfig) -> list[Piece]:
+    """The GGUF tensors our tensor ``ours`` (of ``shape``) is stored as: one, whole, except
+    Granite's fused gate-and-up weights, whose halves are two (``ffn_gate`` and ``ffn_up``;
+    ``*_shexp`` for the shared MLP of a model with experts, ``*_exps`` for the experts')."""
+    prefix, _, rest = ours.partition("model.layers.")
+    index, _, leaf = rest.partition(".")
+    if prefix or leaf not in _GRANITE_FFN:
+        return [Piece(gguf_name(ours), slice(0, shape[0] if shape else 1))]
+    names = _GRANITE_FFN[leaf]
+    if config.num_local_experts and not leaf.startswith("feed_forward.experts."):
+        names = tuple(f"{name}_shexp" for name in names)
+    dim = 1 if leaf.startswith("feed_forward.experts.input") else 0
+    step = shape[dim] // len(names)
+    return [Piece(f"blk.{index}.{name}.weight", slice(i * step, (i + 1) * step), dim)
+            for i, name in enumerate(names)]
+
+
+def piece_shape(shape: tuple[int, ...], piece: Piece) -> tuple[int, ...]:
+    """The shape of ``piece`` of a tensor of ``shape`` (ours, before ``to_gguf``)."""
+    if not shape:
+        return shape
+    sizes = list(shape)
+    sizes[piece.dim] = piece.rows.stop - piece.rows.start
+    return tuple(sizes)
 
 
 def keeps_float32(name: str, shape: tuple[int, ...]) -> bool:

@@ -24,7 +24,7 @@ import torch
 
 from bamba.config import GRANITE, BambaConfig
 from bamba.gguf.layout import (ARCHITECTURES, CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY,
-                               from_gguf, gguf_shape, pieces)
+                               from_gguf, gguf_shape, piece_shape, pieces)
 from bamba.gguf.vocab import PRE_TOKENIZER, GGUFVocab, tokenizer_from
 from bamba.tokenizer import Tokenizer
 
@@ -144,8 +144,7 @@ def _config(reader: Any, path: Path, arch: str) -> tuple[BambaConfig, int]:
         d_head = math.gcd(2 * hidden, 64)
         fields.update(mamba_expand=2, mamba_d_head=d_head, mamba_n_heads=2 * hidden // d_head)
     else:
-        _check_hybrid(reader, arch)
-        fields.update(_granite_settings(reader, arch, head_dim))
+        fields.update(_granite_settings(reader, arch, head_dim, key))
         kv_heads, first_attention = _hybrid_fields(fields, key, names, kv)
         fields["mamba_chunk_size"] = field_value(reader, CHUNK_KEY, 256)
     rope_dims, interleaved = _rotary(arch, key("rope.dimension_count", head_dim),
@@ -208,17 +207,11 @@ def _decimal(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _check_hybrid(reader: Any, arch: str) -> None:
-    """ValueError for the variant of the architecture bamba does not run yet: experts (a
-    Granite 4.0 MoE hybrid)."""
-    if field_value(reader, f"{arch}.expert_count", 0):
-        raise ValueError(f"{arch} with experts (a Granite 4.0 MoE hybrid) is not supported")
-
-
-def _granite_settings(reader: Any, arch: str, head_dim: int) -> dict[str, Any]:
+def _granite_settings(reader: Any, arch: str, head_dim: int, key: Any) -> dict[str, Any]:
     """A granitehybrid file's Granite 4.0 settings: none for Bamba's (rope on, the scales at
-    their identity values or absent); else a dense Granite hybrid's multipliers and positions
-    (llama.cpp's converter switches rope off for every Granite hybrid)."""
+    their identity values or absent, no experts); else a Granite hybrid's multipliers,
+    positions (llama.cpp's converter switches rope off for every Granite hybrid) and experts
+    (``feed_forward_length`` is then an expert's width, the shared MLP's its own key)."""
     def scale(name: str) -> float:
         value = field_value(reader, f"{arch}.{name}", 0.0)
         return _decimal(value) if value else 1.0  # llama.cpp reads 0 (absent) as 1
@@ -229,9 +222,14 @@ def _granite_settings(reader: Any, arch: str, head_dim: int) -> dict[str, Any]:
                    "logits_scaling": scale("logit_scale")}
     attention = _decimal(field_value(reader, f"{arch}.attention.scale", 0.0) or 0.0)
     identity = not attention or math.isclose(attention, head_dim ** -0.5, rel_tol=1e-6)
-    if rope and identity and set(multipliers.values()) == {1.0}:
+    experts = key("expert_count", 0, required=False)
+    if rope and identity and set(multipliers.values()) == {1.0} and not experts:
         return {}
-    return {"model_type": GRANITE, **multipliers,
+    mixture = {} if not experts else {
+        "num_local_experts": experts, "num_experts_per_tok": key("expert_used_count"),
+        "expert_intermediate_size": key("feed_forward_length"),
+        "intermediate_size": key("expert_shared_feed_forward_length")}
+    return {"model_type": GRANITE, **multipliers, **mixture,
             "attention_multiplier": attention or None,
             "position_embedding_type": "rope" if rope else "nope"}
 
@@ -258,10 +256,10 @@ def tensor_plan(model_file: GGUFModel, model: torch.nn.Module) -> dict[str, Part
         if ours == "lm_head.weight" and config.tie_word_embeddings:
             continue
         shape = tuple(tensor.shape)
-        for piece in pieces(ours, shape[0] if shape else 1):
-            rows = (piece.rows.stop - piece.rows.start, *shape[1:]) if shape else shape
-            expected[piece.gguf] = (Part(ours, piece.rows, rows == shape),
-                                    gguf_shape(ours, rows, config))
+        for piece in pieces(ours, shape, config):
+            part = piece_shape(shape, piece)
+            expected[piece.gguf] = (Part(ours, piece.rows, piece.dim, part == shape),
+                                    gguf_shape(ours, part, config))
     found = {t.name: t for t in model_file.reader.tensors}
     where = f"({config.num_hidden_layers} blocks in the metadata)"
     for name, tensor in found.items():
@@ -283,9 +281,11 @@ def tensor_plan(model_file: GGUFModel, model: torch.nn.Module) -> dict[str, Part
 
 @dataclass(frozen=True)
 class Part:
-    """Where a GGUF tensor goes: rows ``rows`` of our tensor ``ours`` (``whole``: all of it)."""
+    """Where a GGUF tensor goes: the slice ``rows`` of dimension ``dim`` of our tensor
+    ``ours`` (``whole``: all of it)."""
     ours: str
     rows: slice
+    dim: int
     whole: bool
 
 
@@ -402,7 +402,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             return None
         seen.sort(key=lambda item: item[0])
         del pending[part.ours]
-        return tuple(torch.cat(column) for column in zip(*(v for _, v in seen)))
+        return tuple(torch.cat(column, dim=part.dim) for column in zip(*(v for _, v in seen)))
 
     for tensor in model_file.reader.tensors:
         part = plan[tensor.name]

@@ -56,7 +56,10 @@ def _rows(w: LinearWeights, begin: int, end: int) -> LinearWeights:
 def ffn_weights(ff: nn.Module) -> list[tuple[LinearWeights, int]] | None:
     """Gate, up and down of a feed-forward block with their input widths: a fused one's
     (Granite's ``input_linear``) gate and up are the halves of its output rows. None when a
-    fused linear's scales are not one row per output (they cannot be split)."""
+    fused linear's scales are not one row per output (they cannot be split), or the block has
+    experts."""
+    if getattr(ff, "experts", None) is not None:
+        return None  # a mixture of experts: its layer runs op by op
     if not hasattr(ff, "input_linear"):
         return [(linear_weights(linear), linear.in_features)
                 for linear in (ff.gate_proj, ff.up_proj, ff.down_proj)]

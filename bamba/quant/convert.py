@@ -66,6 +66,8 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
     out_dir = Path(target).expanduser()
     if out_dir.resolve() == directory.resolve():
         raise ValueError(f"{out_dir}: the destination must differ from the source")
+    if config.num_local_experts:  # routers stay dense, as llm-compressor's MoE recipes keep them
+        ignore = [*ignore, ROUTERS]
     quantization = quantization_config_dict(scheme, ignore, lm_head, embedding)
     with torch.device("meta"):
         model = BambaLM(config)
@@ -84,6 +86,9 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
 
     return write_checkpoint(out_dir, tensors, {**raw_config, "quantization_config": quantization},
                             max_shard_size, copy_files)
+
+
+ROUTERS = r"re:.*block_sparse_moe\.router\.layer$"  # a Granite MoE's expert routers
 
 
 def _convert(files: dict[str, Path], quantized: dict[str, QuantScheme],
