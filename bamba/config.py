@@ -428,9 +428,13 @@ def context_hint(config: BambaConfig) -> str:
 
 
 def llama_twin(config: BambaConfig) -> BambaConfig:
-    """The all-attention model of the same width and depth (full-width RoPE, Llama layout)."""
+    """The all-attention model of the same width and depth (full-width RoPE, Llama layout:
+    none of Granite's multipliers or experts)."""
     return config.replace(model_type="llama", partial_rotary_factor=1.0,
-                          attn_layer_indices=list(range(config.num_hidden_layers)))
+                          attn_layer_indices=list(range(config.num_hidden_layers)),
+                          embedding_multiplier=1.0, residual_multiplier=1.0,
+                          attention_multiplier=None, logits_scaling=1.0,
+                          position_embedding_type="rope", num_local_experts=0)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -455,6 +459,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                           partial_rotary_factor=1.0, embedding_multiplier=12.0,
                           residual_multiplier=0.246, attention_multiplier=0.015625,
                           logits_scaling=3.0),
+    # bench-granite with experts beside its shared MLP, in h-tiny's proportions (6 experts of
+    # a third of the hidden width a token; 32 of them here, where h-tiny has 64).
+    "bench-granite-moe": dict(vocab_size=32000, hidden_size=512, intermediate_size=512,
+                              num_hidden_layers=32, num_attention_heads=8, num_key_value_heads=2,
+                              attn_layer_indices=[9, 18, 27], mamba_n_heads=16, mamba_d_head=64,
+                              mamba_d_state=128, mamba_chunk_size=256,
+                              max_position_embeddings=65536, model_type="granitemoehybrid",
+                              position_embedding_type="nope", partial_rotary_factor=1.0,
+                              embedding_multiplier=12.0, residual_multiplier=0.246,
+                              attention_multiplier=0.015625, logits_scaling=3.0,
+                              num_local_experts=32, num_experts_per_tok=6,
+                              expert_intermediate_size=192),
     # Small enough to train for minutes on two CPU cores; the embedded default.
     "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                  num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[3, 7],

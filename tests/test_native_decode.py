@@ -30,7 +30,10 @@ VARIANTS = {
                     residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=2.5,
                     position_embedding_type="nope"),
     "granite-rope": dict(model_type="granitemoehybrid", residual_multiplier=0.5,
-                         attention_multiplier=0.1, partial_rotary_factor=1.0),
+                         attention_multiplier=0.1, partial_rotary_factor=1.0),    # and experts beside the MLP (8, 3 a token, each of a 96-wide inner layer)
+    "granite-moe": dict(model_type="granitemoehybrid", residual_multiplier=0.5,
+                        position_embedding_type="nope", num_local_experts=8,
+                        num_experts_per_tok=3, expert_intermediate_size=96),
 }
 
 

@@ -19,7 +19,10 @@ VARIANTS = {  # the tiny preset, and one with every optional piece switched the 
     # Granite 4.0: fused MLP, each residual branch x 0.22 (rounded before its sum)
     "granite": dict(model_type="granitemoehybrid", embedding_multiplier=12.0,
                     residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=2.5,
-                    position_embedding_type="nope"),
+                    position_embedding_type="nope"),    # and experts beside the MLP (8, 3 a token, each of a 96-wide inner layer)
+    "granite-moe": dict(model_type="granitemoehybrid", residual_multiplier=0.5,
+                        position_embedding_type="nope", num_local_experts=8,
+                        num_experts_per_tok=3, expert_intermediate_size=96),
 }
 
 

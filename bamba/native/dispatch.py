@@ -32,6 +32,9 @@ class LayerDims(NamedTuple):
     groups: int
     d_state: int
     ffn: int
+    experts: int = 0  # a mixture of experts beside the MLP: how many,
+    top_k: int = 0  # how many a token,
+    expert_ffn: int = 0  # and an expert's inner width
 
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
@@ -188,7 +191,8 @@ def conv_train_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def layer_fits(dtype: torch.dtype, dims: LayerDims) -> bool:
     """Whether layer_step.c takes a layer of these sizes in this dtype on this build."""
     width = 32 if dtype == torch.bfloat16 else 16
-    widths = [dims.hidden, dims.ffn, dims.d_inner or dims.heads * dims.head_dim]
+    widths = [dims.hidden, dims.ffn, dims.d_inner or dims.heads * dims.head_dim,
+              dims.expert_ffn]
     return dtype in KERNEL_DTYPES and linear_available(dtype) and \
         all(w % width == 0 for w in widths)
 

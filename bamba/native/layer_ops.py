@@ -34,7 +34,12 @@ def _linear(name: str) -> tuple[str, ...]:
 
 MAMBA_TENSORS = ("input_norm", *_linear("in_proj"), "conv_weight", "conv_bias", "dt_bias",
                  "A_log", "D", "gate_norm", *_linear("out_proj"))
-FFN_TENSORS = ("pre_ff_norm", *_linear("gate"), *_linear("up"), *_linear("down"))
+# a Granite MoE layer's router [experts, hidden] and experts' fused gate-and-up
+# [experts, 2 expert_ffn, hidden] and down [experts, hidden, expert_ffn] follow the MLP's (None
+# without experts); dense, in the layer's dtype
+EXPERT_TENSORS = ("router", "experts_gate_up", "experts_down")
+FFN_TENSORS = ("pre_ff_norm", *_linear("gate"), *_linear("up"), *_linear("down"),
+               *EXPERT_TENSORS)
 ATTENTION_IN_TENSORS = ("input_norm", *_linear("q"), *_linear("k"), *_linear("v"))
 ATTENTION_OUT_TENSORS = _linear("o") + FFN_TENSORS
 
@@ -49,7 +54,8 @@ _QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int32: "int"}
 # Tensors that must be in the layer's dtype (dense linear weights and biases); the others (norm
 # weights, conv, dt_bias, A_log, D) may also be float32 in a bf16 layer. Quantized weights and
 # their scales are checked by ``linear_formats``.
-_LINEAR_PARTS = frozenset(name for linear in LINEARS for name in _linear(linear)[:2])
+_LINEAR_PARTS = frozenset([*(name for linear in LINEARS for name in _linear(linear)[:2]),
+                           *EXPERT_TENSORS])
 
 
 def _float32_mask(x: torch.Tensor, tensors: list[torch.Tensor | None],
@@ -253,7 +259,8 @@ def attention_out_step(x: torch.Tensor, attn: torch.Tensor, tensors: list[torch.
 @register_flop_formula(torch.ops.bamba.mamba_layer_step)
 def _(x_shape, *args, **kwargs) -> int:
     d = LayerDims(*args[4])
-    return 2 * x_shape[0] * d.hidden * (2 * d.d_inner + d.conv_dim + d.heads + 3 * d.ffn)
+    return 2 * x_shape[0] * d.hidden * (2 * d.d_inner + d.conv_dim + d.heads + 3 * d.ffn +
+                                        _expert_width(d))
 
 
 @register_flop_formula(torch.ops.bamba.attention_in_step)
@@ -265,4 +272,10 @@ def _(x_shape, *args, **kwargs) -> int:
 @register_flop_formula(torch.ops.bamba.attention_out_step)
 def _(x_shape, *args, **kwargs) -> int:
     d = LayerDims(*args[2])
-    return 2 * x_shape[0] * d.hidden * (d.heads * d.head_dim + 3 * d.ffn)
+    return 2 * x_shape[0] * d.hidden * (d.heads * d.head_dim + 3 * d.ffn + _expert_width(d))
+
+
+def _expert_width(d: LayerDims) -> int:
+    """Features a token's router and experts multiply by the hidden width (each expert's
+    three matrices)."""
+    return d.experts + 3 * d.top_k * d.expert_ffn

@@ -12,6 +12,9 @@
  *   then the feed-forward block:
  *     h = rmsnorm(x) * pre_ff_norm;  x = x + down(silu(gate(h)) * up(h))
  *   (each sublayer output times residual_scale before its sum where a model asks: Granite)
+ *   and, with experts (Granite's MoE), their mixture added to the MLP's output before the sum:
+ *     w, e = softmax over the top k of router(h);  moe = sum over e, in expert order, of
+ *     w_e * down_e(silu(gate_e(h)) * up_e(h)), gate_e and up_e the halves of one [2F, D] weight
  *   An attention layer runs in two calls around the attention itself (rope, KV cache and
  *   softmax stay in torch, whatever the cache layout):
  *     bamba_attention_in_step:  qkv = [q | k | v](rmsnorm(x) * input_norm)
@@ -43,7 +46,9 @@
 enum {
     IN_NORM, IN_PROJ, IN_PROJ_BIAS, IN_PROJ_SCALES, CONV_W, CONV_B, DT_BIAS, A_LOG, D_SKIP,
     GATE_NORM, OUT_PROJ, OUT_PROJ_BIAS, OUT_PROJ_SCALES, FF_NORM, GATE, GATE_BIAS, GATE_SCALES,
-    UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES, /* a Mamba layer */
+    UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES,
+    ROUTER, EXPERTS_GATE_UP, EXPERTS_DOWN, /* a mixture of experts beside the MLP, or NULL */
+    /* (the above: a Mamba layer) */
     Q, Q_BIAS, Q_SCALES, K_PROJ, K_BIAS, K_SCALES, V_PROJ, V_BIAS, V_SCALES, O_PROJ, O_BIAS,
     O_SCALES, /* an attention layer's */
     N_TENSORS
@@ -52,7 +57,9 @@ enum {
 static const int LINEAR_SLOTS[] = {IN_PROJ, OUT_PROJ, GATE, UP, DOWN, Q, K_PROJ, V_PROJ, O_PROJ};
 enum { N_LINEARS = 9, FORMAT_BITS = 7 };
 /* Its sizes (an attention layer: HEADS query heads, GROUPS KV heads of HEAD_DIM, mixer 0s). */
-enum { HIDDEN, D_INNER, CONV_DIM, CONV_K, HEADS, HEAD_DIM, GROUPS, D_STATE, FFN, N_DIMS };
+enum { HIDDEN, D_INNER, CONV_DIM, CONV_K, HEADS, HEAD_DIM, GROUPS, D_STATE, FFN,
+       EXPERTS, TOP_K, EXPERT_FFN, /* 0 without experts */
+       N_DIMS };
 
 typedef struct {
     const void *const *t; /* N_TENSORS pointers */
@@ -182,6 +189,14 @@ typedef struct { /* per-call buffers, float32 unless noted */
     float *taps;     /* [conv_k + 1, conv_dim]: conv weights tap-major, then the bias (or 0) */
     int64_t *runs;   /* [n_runs + 1]: first row of each run of rows on one state slot, then M */
     int64_t n_runs;
+    /* experts, P = M * top_k picks (NULL without): */
+    float *router;   /* [M, experts] router logits */
+    int64_t *pick;   /* [P] each row's experts, ascending */
+    float *pick_w;   /* [P] their weights */
+    float *egu;      /* [P, 2 expert_ffn] each pick's gate and up */
+    void *eact;      /* [P, expert_ffn] layer dtype: silu(gate) * up */
+    float *ey;       /* [P, hidden] each pick's down projection */
+    float *moe;      /* [M, hidden] the mixture */
 } Scratch;
 
 /* The runs of rows on one state slot (``Scratch.runs``); -1 when a slot's rows are apart. */
@@ -235,10 +250,113 @@ static void *residual(const Layer *L, int64_t M, const Scratch *s, const float *
     return out;
 }
 
+/* Linear layers each on an input of its own (one row), outputs side by side in float32 y
+ * (rounded like the layer dtype), all their features split between the threads. No barrier. */
+static void linears_each(const Layer *L, const LinearWeights *ws, const void *const *xs,
+                         int64_t count, float *y) {
+    int64_t total = 0, begin, end, offset = 0;
+    for (int64_t i = 0; i < count; i++) total += ws[i].n;
+    my_share(total, &begin, &end);
+    for (int64_t i = 0; i < count; offset += ws[i].n, i++) {
+        const int64_t lo = begin > offset ? begin : offset;
+        const int64_t hi = end < offset + ws[i].n ? end : offset + ws[i].n;
+        if (lo < hi)
+            linear_features(&ws[i], L->bf16, xs[i], 1, y + offset, total, 0, L->bf16,
+                            lo - offset, hi - offset);
+    }
+}
+
+/* A dense weight [n, k] starting `first` elements into tensor `which`. */
+static LinearWeights dense_weight(const Layer *L, int which, int64_t first, int64_t n,
+                                  int64_t k) {
+    const LinearWeights w = {(const char *)L->t[which] + first * (L->bf16 ? 2 : 4), NULL, n, k,
+                             FORMAT_DENSE, NULL, 0, k, 0};
+    return w;
+}
+
+/* Each row's top-k experts by router logit (float32 of the layer dtype's logits), weighted by
+ * the float32 softmax of those logits rounded to the layer dtype; stored ascending by expert,
+ * the order the mixture is summed in. One thread. */
+static void pick_experts(const Layer *L, int64_t M, Scratch *s) {
+    const int64_t E = L->d[EXPERTS], K = L->d[TOP_K];
+    char taken[E];
+    for (int64_t m = 0; m < M; m++) {
+        const float *logits = s->router + m * E;
+        int64_t *pick = s->pick + m * K;
+        float *w = s->pick_w + m * K;
+        memset(taken, 0, (size_t)E);
+        for (int64_t j = 0; j < K; j++) { /* the j-th largest, the lower index on a tie */
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (!taken[e] && (best < 0 || logits[e] > logits[best])) best = e;
+            taken[best] = 1;
+            pick[j] = best;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < K; j++) sum += (w[j] = expf(logits[pick[j]] - logits[pick[0]]));
+        for (int64_t j = 0; j < K; j++) w[j] = round_to(w[j] / sum, L->bf16);
+        for (int64_t j = 1; j < K; j++) /* ascending by expert: insertion sort of k */
+            for (int64_t i = j; i > 0 && pick[i - 1] > pick[i]; i--) {
+                const int64_t e = pick[i]; pick[i] = pick[i - 1]; pick[i - 1] = e;
+                const float v = w[i]; w[i] = w[i - 1]; w[i - 1] = v;
+            }
+    }
+}
+
+/* The mixture of experts for M rows of this thread's normed rows `h`, into s->moe (this
+ * thread's share of the hidden features; every pick's expert streamed once for its row),
+ * rounded as transformers' GraniteMoeHybridMoE rounds it (each expert's weighted output, then
+ * each sum). Inside a parallel region; its last barrier is before the sums. */
+static void experts_stage(const Layer *L, int64_t M, Scratch *s, const void *h) {
+    const int64_t D = L->d[HIDDEN], E = L->d[EXPERTS], K = L->d[TOP_K], Fe = L->d[EXPERT_FFN];
+    const int64_t size = L->bf16 ? 2 : 4, P = M * K;
+    const LinearWeights router = dense_weight(L, ROUTER, 0, E, D);
+    linear_shared(L, &router, h, M, s->router);
+#pragma omp barrier
+#pragma omp single
+    pick_experts(L, M, s);
+    LinearWeights ws[P];
+    const void *xs[P];
+    for (int64_t j = 0; j < P; j++) {
+        ws[j] = dense_weight(L, EXPERTS_GATE_UP, s->pick[j] * 2 * Fe * D, 2 * Fe, D);
+        xs[j] = (const char *)h + (j / K) * D * size;
+    }
+    linears_each(L, ws, xs, P, s->egu);
+#pragma omp barrier
+    const int64_t pieces = (Fe + SILU_PIECE - 1) / SILU_PIECE;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < P * pieces; i++) { /* silu(gate) * up, rounded like the torch ops */
+        const int64_t j = i / pieces, f0 = (i % pieces) * SILU_PIECE;
+        const int64_t n = Fe - f0 < SILU_PIECE ? Fe - f0 : SILU_PIECE;
+        float *gate = s->egu + j * 2 * Fe + f0;
+        silu_vec(gate, gate, n);
+        for (int64_t f = 0; f < n; f++)
+            store_value(s->eact, j * Fe + f0 + f, round_to(gate[f], L->bf16) * gate[Fe + f],
+                        L->bf16);
+    }
+    for (int64_t j = 0; j < P; j++) {
+        ws[j] = dense_weight(L, EXPERTS_DOWN, s->pick[j] * D * Fe, D, Fe);
+        xs[j] = (const char *)s->eact + j * Fe * size;
+    }
+    linears_each(L, ws, xs, P, s->ey);
+#pragma omp barrier
+    int64_t begin, end;
+    my_share(D, &begin, &end);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = begin; i < end; i++) {
+            float sum = 0.0f;
+            for (int64_t j = m * K; j < (m + 1) * K; j++)
+                sum = round_to(sum + round_to(s->ey[j * D + i] * s->pick_w[j], L->bf16),
+                               L->bf16);
+            s->moe[m * D + i] = sum;
+        }
+}
+
 /* The feed-forward half, inside a parallel region, from this thread's normed rows `h`: the
  * residual stream from s->resid[1] into s->resid[0]. */
 static void ffn_stage(const Layer *L, int64_t M, Scratch *s, const void *h) {
     const int64_t D = L->d[HIDDEN], F = L->d[FFN];
+    if (L->d[EXPERTS]) experts_stage(L, M, s, h);
     const LinearWeights gate_up[2] = {linear_of(L, GATE, F, D), linear_of(L, UP, F, D)};
     linears_shared(L, gate_up, 2, h, M, s->gate_up, 0);
 #pragma omp barrier
@@ -256,6 +374,13 @@ static void ffn_stage(const Layer *L, int64_t M, Scratch *s, const void *h) {
     const LinearWeights down = linear_of(L, DOWN, D, F);
     linear_shared(L, &down, s->normed, M, s->proj);
 #pragma omp barrier
+    if (L->d[EXPERTS]) { /* the mixture plus the MLP, this thread's share (as experts_stage's) */
+        int64_t begin, end;
+        my_share(D, &begin, &end);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t i = begin; i < end; i++)
+                s->proj[m * D + i] = round_to(s->moe[m * D + i] + s->proj[m * D + i], L->bf16);
+    }
     residual(L, M, s, s->resid[1], s->resid[0], -1);
 }
 
@@ -420,6 +545,10 @@ static int check(const Layer *L, Part part) {
          d[CONV_DIM] != d[D_INNER] + 2 * d[GROUPS] * d[D_STATE] || d[CONV_K] < 1))
         return -1;
     if (part == ATTENTION_OUT && !linear_supported(L->bf16, d[HEADS] * d[HEAD_DIM])) return -1;
+    if (part != ATTENTION_IN && d[EXPERTS] &&
+        (d[TOP_K] < 1 || d[TOP_K] > d[EXPERTS] || !linear_supported(L->bf16, d[EXPERT_FFN]) ||
+         L->t[ROUTER] == NULL || L->t[EXPERTS_GATE_UP] == NULL || L->t[EXPERTS_DOWN] == NULL))
+        return -1;
     return 0;
 }
 
@@ -447,7 +576,26 @@ static int run(const Layer *L, Part part, const Call *c, int threads) {
     float *buf = malloc(sizeof(float) * floats + runs_bytes + threads * own_bytes);
     if (buf == NULL) return -2;
     Scratch s = {{buf, buf + M * d[HIDDEN]}, buf + 2 * M * d[HIDDEN], NULL, own_bytes,
-                 buf + M * (2 * d[HIDDEN] + d[FFN]), NULL, NULL, NULL, NULL, 0};
+                 buf + M * (2 * d[HIDDEN] + d[FFN]), NULL, NULL, NULL, NULL, 0,
+                 NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    float *experts = NULL;
+    if (part != ATTENTION_IN && d[EXPERTS]) {
+        const int64_t P = M * d[TOP_K], Fe = d[EXPERT_FFN];
+        experts = malloc(sizeof(int64_t) * P + sizeof(float) * (M * d[EXPERTS] +
+                                                                 P * (1 + 3 * Fe + d[HIDDEN]) +
+                                                                 M * d[HIDDEN]));
+        if (experts == NULL) {
+            free(buf);
+            return -2;
+        }
+        s.pick = (int64_t *)experts;
+        s.router = (float *)(s.pick + P);
+        s.pick_w = s.router + M * d[EXPERTS];
+        s.egu = s.pick_w + P;
+        s.eact = s.egu + P * 2 * Fe;  /* P Fe floats: room for either dtype */
+        s.ey = (float *)s.eact + P * Fe;
+        s.moe = s.ey + P * d[HIDDEN];
+    }
     s.y = s.proj + M * proj;
     s.gate_up = s.y + M * d[D_INNER];
     s.taps = s.gate_up + M * 2 * d[FFN];
@@ -475,6 +623,7 @@ static int run(const Layer *L, Part part, const Call *c, int threads) {
     }
     if (part != ATTENTION_IN)
         for (int64_t i = 0; i < M * d[HIDDEN]; i++) store_value(c->out, i, s.resid[0][i], L->bf16);
+    free(experts);
     free(buf);
     return 0;
 }
@@ -493,16 +642,16 @@ static int64_t place_mask(int64_t mask, const int *slots, int count) {
 
 /* A Mamba decoder layer for M rows: x [M, hidden] -> out [M, hidden]; the conv and SSM states
  * of pool rows `rows` advance in place (adjacent rows on one pool row in order). Tensors in
- * enum order IN_NORM..DOWN_SCALES. Returns 0, -1 if unsupported here, -2 out of memory, -3
+ * enum order IN_NORM..EXPERTS_DOWN (the last three NULL without experts). Returns 0, -1 if unsupported here, -2 out of memory, -3
  * when rows on one pool row are apart. */
 int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int bf16,
                            int64_t f32_mask, int64_t formats, float eps, float dt_min, float dt_max,
                            float residual_scale, const void *x, void *out, int64_t M, void *conv_pool, int conv_bf16,
                            void *ssm_pool, int ssm_bf16, const int64_t *rows, int threads) {
     const void *all[N_TENSORS];
-    int slots[DOWN_SCALES + 1];
-    for (int i = 0; i <= DOWN_SCALES; i++) slots[i] = i;
-    place(all, tensors, slots, DOWN_SCALES + 1);
+    int slots[EXPERTS_DOWN + 1];
+    for (int i = 0; i <= EXPERTS_DOWN; i++) slots[i] = i;
+    place(all, tensors, slots, EXPERTS_DOWN + 1);
     const Layer L = {all, dims, bf16, f32_mask, formats, eps, dt_min, dt_max, residual_scale};
     const Call c = {x, NULL, out, M, conv_pool, ssm_pool, conv_bf16, ssm_bf16, rows};
     return run(&L, MAMBA_LAYER, &c, threads);
@@ -524,16 +673,18 @@ int bamba_attention_in_step(const void *const *tensors, const int64_t *dims, int
 }
 
 /* An attention layer's second half: h = x + o_proj(attn), out = h + mlp(rmsnorm(h)).
- * Tensors: o's weight, bias and scales, pre-ff norm, then gate's, up's and down's. */
+ * Tensors: o's weight, bias and scales, pre-ff norm, then gate's, up's and down's, then the
+ * router and the experts' weights (NULL without experts). */
 int bamba_attention_out_step(const void *const *tensors, const int64_t *dims, int bf16,
                              int64_t f32_mask, int64_t formats, float eps, float residual_scale,
                              const void *x,
                              const void *attn, void *out, int64_t M, int threads) {
     static const int slots[] = {O_PROJ, O_BIAS, O_SCALES, FF_NORM, GATE, GATE_BIAS, GATE_SCALES,
-                                UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES};
+                                UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES, ROUTER,
+                                EXPERTS_GATE_UP, EXPERTS_DOWN};
     const void *all[N_TENSORS];
-    place(all, tensors, slots, 13);
-    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 13), formats, eps, 0.0f, 0.0f,
+    place(all, tensors, slots, 16);
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 16), formats, eps, 0.0f, 0.0f,
                      residual_scale};
     const Call c = {x, attn, out, M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_OUT, &c, threads);

@@ -56,10 +56,7 @@ def _rows(w: LinearWeights, begin: int, end: int) -> LinearWeights:
 def ffn_weights(ff: nn.Module) -> list[tuple[LinearWeights, int]] | None:
     """Gate, up and down of a feed-forward block with their input widths: a fused one's
     (Granite's ``input_linear``) gate and up are the halves of its output rows. None when a
-    fused linear's scales are not one row per output (they cannot be split), or the block has
-    experts."""
-    if getattr(ff, "experts", None) is not None:
-        return None  # a mixture of experts: its layer runs op by op
+    fused linear's scales are not one row per output (they cannot be split)."""
     if not hasattr(ff, "input_linear"):
         return [(linear_weights(linear), linear.in_features)
                 for linear in (ff.gate_proj, ff.up_proj, ff.down_proj)]
@@ -87,10 +84,26 @@ class LayerTensors(NamedTuple):
         return self.attention_in + self.attention_out
 
 
+def expert_tensors(ff: nn.Module, dtype: torch.dtype) -> Tensors | None:
+    """A Granite MoE block's router and experts' weights (``layer_ops.EXPERT_TENSORS``), Nones
+    without experts; None when they are not dense weights of ``dtype`` (a quantized router)."""
+    experts = getattr(ff, "experts", None)
+    if experts is None:
+        return [None, None, None]
+    router = linear_weights(experts.router.layer)
+    weights = [router.weight, experts.input_linear.weight, experts.output_linear.weight]
+    if router.format != DENSE or router.bias is not None or \
+            any(w.dtype != dtype for w in weights):
+        return None
+    return weights
+
+
 def layer_tensors(layer: nn.Module) -> LayerTensors:
     dtype = layer.input_layernorm.weight.dtype
     parts = ffn_weights(layer.feed_forward)
     ffn = None if parts is None else _read(dtype, parts)
+    experts = expert_tensors(layer.feed_forward, dtype)
+    ffn = None if ffn is None or experts is None else ffn + experts
     ffn = None if ffn is None else [layer.pre_ff_layernorm.weight, *ffn]
     if layer.layer_type == "mamba":
         m = layer.mamba
@@ -109,15 +122,19 @@ def layer_tensors(layer: nn.Module) -> LayerTensors:
 def layer_dims(layer: nn.Module) -> LayerDims:
     """The sizes layer_step.c needs of a decoder layer."""
     h, ffn = layer.input_layernorm.weight.shape[0], layer.feed_forward.width
+    experts = getattr(layer.feed_forward, "experts", None)
+    mixture = (0, 0, 0) if experts is None else \
+        (experts.input_linear.weight.shape[0], experts.top_k,
+         experts.output_linear.weight.shape[2])
     if layer.layer_type != "mamba":
         a = layer.self_attn
-        return LayerDims(h, 0, 0, 0, a.n_heads, a.head_dim, a.n_kv, 0, ffn)
+        return LayerDims(h, 0, 0, 0, a.n_heads, a.head_dim, a.n_kv, 0, ffn, *mixture)
     m = layer.mamba
     return LayerDims(h, m.d_inner, m.conv_dim, m.conv1d.kernel_size[0], m.n_heads, m.head_dim,
-                     m.n_groups, m.d_state, ffn)
+                     m.n_groups, m.d_state, ffn, *mixture)
 
 
-NO_LAYER = LayerDims(*[0] * 9)  # the sizes of a kind of layer the model lacks
+NO_LAYER = LayerDims(*[0] * len(LayerDims._fields))  # a kind of layer the model lacks
 
 
 class DecodePlan(NamedTuple):
