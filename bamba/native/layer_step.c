@@ -266,6 +266,22 @@ static void linears_each(const Layer *L, const LinearWeights *ws, const void *co
     }
 }
 
+/* out [rows, F] (layer dtype) = silu(gate) * up of gate_up [rows, 2F] (its gates silu'd in
+ * place), rounded like the torch ops; a worksharing loop of the parallel region (its implicit
+ * barrier ends it). */
+static void swiglu_rows(const Layer *L, float *gate_up, int64_t rows, int64_t F, void *out) {
+    const int64_t pieces = (F + SILU_PIECE - 1) / SILU_PIECE;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows * pieces; i++) {
+        const int64_t m = i / pieces, f0 = (i % pieces) * SILU_PIECE;
+        const int64_t n = F - f0 < SILU_PIECE ? F - f0 : SILU_PIECE;
+        float *gate = gate_up + m * 2 * F + f0;
+        silu_vec(gate, gate, n);
+        for (int64_t f = 0; f < n; f++)
+            store_value(out, m * F + f0 + f, round_to(gate[f], L->bf16) * gate[F + f], L->bf16);
+    }
+}
+
 /* A dense weight [n, k] starting `first` elements into tensor `which`. */
 static LinearWeights dense_weight(const Layer *L, int which, int64_t first, int64_t n,
                                   int64_t k) {
@@ -323,17 +339,7 @@ static void experts_stage(const Layer *L, int64_t M, Scratch *s, const void *h) 
     }
     linears_each(L, ws, xs, P, s->egu);
 #pragma omp barrier
-    const int64_t pieces = (Fe + SILU_PIECE - 1) / SILU_PIECE;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < P * pieces; i++) { /* silu(gate) * up, rounded like the torch ops */
-        const int64_t j = i / pieces, f0 = (i % pieces) * SILU_PIECE;
-        const int64_t n = Fe - f0 < SILU_PIECE ? Fe - f0 : SILU_PIECE;
-        float *gate = s->egu + j * 2 * Fe + f0;
-        silu_vec(gate, gate, n);
-        for (int64_t f = 0; f < n; f++)
-            store_value(s->eact, j * Fe + f0 + f, round_to(gate[f], L->bf16) * gate[Fe + f],
-                        L->bf16);
-    }
+    swiglu_rows(L, s->egu, P, Fe, s->eact);
     for (int64_t j = 0; j < P; j++) {
         ws[j] = dense_weight(L, EXPERTS_DOWN, s->pick[j] * D * Fe, D, Fe);
         xs[j] = (const char *)s->eact + j * Fe * size;
@@ -360,17 +366,7 @@ static void ffn_stage(const Layer *L, int64_t M, Scratch *s, const void *h) {
     const LinearWeights gate_up[2] = {linear_of(L, GATE, F, D), linear_of(L, UP, F, D)};
     linears_shared(L, gate_up, 2, h, M, s->gate_up, 0);
 #pragma omp barrier
-    const int64_t pieces = (F + SILU_PIECE - 1) / SILU_PIECE;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * pieces; i++) { /* silu(gate) * up, rounded like the torch ops */
-        const int64_t m = i / pieces, f0 = (i % pieces) * SILU_PIECE;
-        const int64_t n = F - f0 < SILU_PIECE ? F - f0 : SILU_PIECE;
-        float *gate = s->gate_up + m * 2 * F + f0;
-        silu_vec(gate, gate, n);
-        for (int64_t f = 0; f < n; f++)
-            store_value(s->normed, m * F + f0 + f, round_to(gate[f], L->bf16) * gate[F + f],
-                        L->bf16);
-    }
+    swiglu_rows(L, s->gate_up, M, F, s->normed);
     const LinearWeights down = linear_of(L, DOWN, D, F);
     linear_shared(L, &down, s->normed, M, s->proj);
 #pragma omp barrier
