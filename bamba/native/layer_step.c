@@ -189,10 +189,17 @@ typedef struct { /* per-call buffers, float32 unless noted */
     float *taps;     /* [conv_k + 1, conv_dim]: conv weights tap-major, then the bias (or 0) */
     int64_t *runs;   /* [n_runs + 1]: first row of each run of rows on one state slot, then M */
     int64_t n_runs;
-    /* experts, P = M * top_k picks (NULL without): */
+    /* experts, P = M * top_k picks (NULL without); the picks' rows below go by expert, then
+     * row (each group of rows on one expert streams its weights once): */
     float *router;   /* [M, experts] router logits */
     int64_t *pick;   /* [P] each row's experts, ascending */
     float *pick_w;   /* [P] their weights */
+    int64_t *order;  /* [P] the pick at each place of the grouped order */
+    int64_t *place;  /* [P] each pick's place in it */
+    int64_t *first;  /* [groups + 1] each expert group's first place, then P */
+    int64_t n_groups;
+    char *gathered;  /* per thread [P, hidden] layer dtype: the picks' normed rows, grouped */
+    int64_t gathered_bytes;
     float *egu;      /* [P, 2 expert_ffn] each pick's gate and up */
     void *eact;      /* [P, expert_ffn] layer dtype: silu(gate) * up */
     float *ey;       /* [P, hidden] each pick's down projection */
@@ -250,19 +257,20 @@ static void *residual(const Layer *L, int64_t M, const Scratch *s, const float *
     return out;
 }
 
-/* Linear layers each on an input of its own (one row), outputs side by side in float32 y
- * (rounded like the layer dtype), all their features split between the threads. No barrier. */
-static void linears_each(const Layer *L, const LinearWeights *ws, const void *const *xs,
-                         int64_t count, float *y) {
-    int64_t total = 0, begin, end, offset = 0;
-    for (int64_t i = 0; i < count; i++) total += ws[i].n;
-    my_share(total, &begin, &end);
-    for (int64_t i = 0; i < count; offset += ws[i].n, i++) {
-        const int64_t lo = begin > offset ? begin : offset;
-        const int64_t hi = end < offset + ws[i].n ? end : offset + ws[i].n;
+/* Linear layers of n features each, layer i on rows [first[i], first[i + 1]) of the grouped
+ * inputs x [rows, k] (layer dtype), into the same rows of float32 y [rows, n] (rounded like
+ * the layer dtype); all their features split between the threads. No barrier. */
+static void linears_grouped(const Layer *L, const LinearWeights *ws, const int64_t *first,
+                            int64_t count, const char *x, float *y) {
+    const int64_t n = ws[0].n, k = ws[0].k, size = L->bf16 ? 2 : 4;
+    int64_t begin, end;
+    my_share(count * n, &begin, &end);
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t lo = begin > i * n ? begin : i * n;
+        const int64_t hi = end < (i + 1) * n ? end : (i + 1) * n;
         if (lo < hi)
-            linear_features(&ws[i], L->bf16, xs[i], 1, y + offset, total, 0, L->bf16,
-                            lo - offset, hi - offset);
+            linear_features(&ws[i], L->bf16, x + first[i] * k * size, first[i + 1] - first[i],
+                            y + first[i] * n, n, 0, L->bf16, lo - i * n, hi - i * n);
     }
 }
 
@@ -317,10 +325,26 @@ static void pick_experts(const Layer *L, int64_t M, Scratch *s) {
                 const float v = w[i]; w[i] = w[i - 1]; w[i - 1] = v;
             }
     }
+    const int64_t P = M * K; /* the grouped order: by expert, then row (a counting sort) */
+    int64_t count[E];
+    memset(count, 0, sizeof(count));
+    for (int64_t j = 0; j < P; j++) count[s->pick[j]]++;
+    s->n_groups = 0;
+    for (int64_t e = 0, at = 0; e < E; e++) {
+        const int64_t rows = count[e];
+        if (rows) s->first[s->n_groups++] = at;
+        count[e] = at; /* now the next free place of expert e */
+        at += rows;
+    }
+    s->first[s->n_groups] = P;
+    for (int64_t j = 0; j < P; j++) {
+        s->place[j] = count[s->pick[j]]++;
+        s->order[s->place[j]] = j;
+    }
 }
 
 /* The mixture of experts for M rows of this thread's normed rows `h`, into s->moe (this
- * thread's share of the hidden features; every pick's expert streamed once for its row),
+ * thread's share of the hidden features; each expert streamed once for the rows it serves),
  * rounded as transformers' GraniteMoeHybridMoE rounds it (each expert's weighted output, then
  * each sum). Inside a parallel region; its last barrier is before the sums. */
 static void experts_stage(const Layer *L, int64_t M, Scratch *s, const void *h) {
@@ -331,20 +355,20 @@ static void experts_stage(const Layer *L, int64_t M, Scratch *s, const void *h) 
 #pragma omp barrier
 #pragma omp single
     pick_experts(L, M, s);
-    LinearWeights ws[P];
-    const void *xs[P];
-    for (int64_t j = 0; j < P; j++) {
-        ws[j] = dense_weight(L, EXPERTS_GATE_UP, s->pick[j] * 2 * Fe * D, 2 * Fe, D);
-        xs[j] = (const char *)h + (j / K) * D * size;
-    }
-    linears_each(L, ws, xs, P, s->egu);
+    const int64_t G = s->n_groups;
+    char *x = s->gathered + omp_get_thread_num() * s->gathered_bytes;
+    for (int64_t q = 0; q < P; q++) /* this thread's copy of the picks' rows, grouped */
+        memcpy(x + q * D * size, (const char *)h + (s->order[q] / K) * D * size, D * size);
+    LinearWeights ws[G];
+    for (int64_t g = 0; g < G; g++)
+        ws[g] = dense_weight(L, EXPERTS_GATE_UP, s->pick[s->order[s->first[g]]] * 2 * Fe * D,
+                             2 * Fe, D);
+    linears_grouped(L, ws, s->first, G, x, s->egu);
 #pragma omp barrier
     swiglu_rows(L, s->egu, P, Fe, s->eact);
-    for (int64_t j = 0; j < P; j++) {
-        ws[j] = dense_weight(L, EXPERTS_DOWN, s->pick[j] * D * Fe, D, Fe);
-        xs[j] = (const char *)s->eact + j * Fe * size;
-    }
-    linears_each(L, ws, xs, P, s->ey);
+    for (int64_t g = 0; g < G; g++)
+        ws[g] = dense_weight(L, EXPERTS_DOWN, s->pick[s->order[s->first[g]]] * D * Fe, D, Fe);
+    linears_grouped(L, ws, s->first, G, s->eact, s->ey);
 #pragma omp barrier
     int64_t begin, end;
     my_share(D, &begin, &end);
@@ -352,8 +376,8 @@ static void experts_stage(const Layer *L, int64_t M, Scratch *s, const void *h) 
         for (int64_t i = begin; i < end; i++) {
             float sum = 0.0f;
             for (int64_t j = m * K; j < (m + 1) * K; j++)
-                sum = round_to(sum + round_to(s->ey[j * D + i] * s->pick_w[j], L->bf16),
-                               L->bf16);
+                sum = round_to(sum + round_to(s->ey[s->place[j] * D + i] * s->pick_w[j],
+                                              L->bf16), L->bf16);
             s->moe[m * D + i] = sum;
         }
 }
@@ -573,19 +597,26 @@ static int run(const Layer *L, Part part, const Call *c, int threads) {
     if (buf == NULL) return -2;
     Scratch s = {{buf, buf + M * d[HIDDEN]}, buf + 2 * M * d[HIDDEN], NULL, own_bytes,
                  buf + M * (2 * d[HIDDEN] + d[FFN]), NULL, NULL, NULL, NULL, 0,
-                 NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+                 NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, 0, NULL, NULL, NULL, NULL};
     float *experts = NULL;
     if (part != ATTENTION_IN && d[EXPERTS]) {
         const int64_t P = M * d[TOP_K], Fe = d[EXPERT_FFN];
-        experts = malloc(sizeof(int64_t) * P + sizeof(float) * (M * d[EXPERTS] +
-                                                                 P * (1 + 3 * Fe + d[HIDDEN]) +
-                                                                 M * d[HIDDEN]));
+        const int64_t gathered = (P * d[HIDDEN] * size + 63) / 64 * 64;
+        const int64_t ints = (4 * P + 1 + 15) / 16 * 16; /* pick, order, place, first */
+        const int64_t floats = M * d[EXPERTS] + P * (1 + 3 * Fe + d[HIDDEN]) + M * d[HIDDEN];
+        experts = malloc(sizeof(int64_t) * ints + sizeof(float) * (floats + 16) +
+                         threads * gathered);
         if (experts == NULL) {
             free(buf);
             return -2;
         }
         s.pick = (int64_t *)experts;
-        s.router = (float *)(s.pick + P);
+        s.order = s.pick + P;
+        s.place = s.order + P;
+        s.first = s.place + P;
+        s.gathered = (char *)(s.pick + ints);
+        s.gathered_bytes = gathered;
+        s.router = (float *)(s.gathered + threads * gathered);
         s.pick_w = s.router + M * d[EXPERTS];
         s.egu = s.pick_w + P;
         s.eact = s.egu + P * 2 * Fe;  /* P Fe floats: room for either dtype */
