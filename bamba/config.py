@@ -413,6 +413,9 @@ def with_rope_scaling(config: BambaConfig, scaling: dict[str, Any] | None) -> Ba
         return config
     if not isinstance(scaling, dict):
         raise ValueError(f"rope_scaling must be a JSON object, got {scaling!r}")
+    if config.position_embedding_type == "nope":
+        raise ValueError("rope_scaling does not apply: this model's attention has no rotary "
+                         "positions (position_embedding_type null)")
     changes = {k: _as_float(scaling[k]) for k in ("rope_theta", "partial_rotary_factor")
                if k in scaling}
     return config.replace(rope_scaling=scaling, **changes)

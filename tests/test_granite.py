@@ -201,3 +201,18 @@ def test_the_analysis_counts_every_parameter_and_refuses_to_model_experts(
         return
     err = capsys.readouterr().err.strip()
     assert status == 2 and "does not model" in err and len(err.splitlines()) == 1
+
+
+def test_rope_scaling_on_a_model_without_rotary_positions_is_a_one_line_error(
+        make_hf_checkpoint, capsys):
+    directory = make_hf_checkpoint("granite")
+    with pytest.raises(ValueError, match="no rotary positions"):
+        from_pretrained(directory, rope_scaling={"rope_type": "yarn", "factor": 4})
+    capsys.readouterr()
+    assert bamba_main(["generate", "--model", str(directory), "--prompt", "x",
+                       "--max-new-tokens", "1", "--rope-scaling",
+                       '{"rope_type": "yarn", "factor": 4}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no rotary positions" in err and len(err.splitlines()) == 1
+    assert from_pretrained(make_hf_checkpoint("granite-rope"), rope_scaling={
+        "rope_type": "yarn", "factor": 4}).config.context_length == 4 * 512
