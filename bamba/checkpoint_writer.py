@@ -86,6 +86,9 @@ def parse_size(size: int | str) -> int:
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint-named tensors (tied lm_head written once, as transformers does)."""
     config = model.config
+    unsaved = next((m.unsaved for m in model.modules() if getattr(m, "unsaved", None)), None)
+    if unsaved is not None:
+        raise ValueError(f"this model cannot be saved in the Hugging Face layout: {unsaved}")
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:

@@ -71,11 +71,23 @@ class MLP(nn.Module):
 
 
 class ExpertWeights(nn.Module):
-    """One weight per expert, stacked: [E, out, in]."""
+    """One weight per expert, stacked: [E, out, in] (``bamba.quant.experts`` holds them
+    quantized)."""
+
+    bias = None
 
     def __init__(self, experts: int, out_features: int, in_features: int):
         super().__init__()
+        self.experts, self.out_features, self.in_features = experts, out_features, in_features
         self.weight = nn.Parameter(torch.empty(experts, out_features, in_features))
+
+    def stacked(self, dtype: torch.dtype) -> torch.Tensor:
+        """The [E, out, in] weights (the activations' ``dtype`` is theirs)."""
+        return self.weight
+
+    def expert(self, index: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert ``index``'s [out, in] weight."""
+        return self.weight[index]
 
 
 class Router(nn.Module):
@@ -100,8 +112,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, index = route(self.router.layer(flat), self.top_k, flat.dtype)
-        return mixture(flat, weights, index, self.input_linear.weight,
-                       self.output_linear.weight).view_as(x)
+        return mixture(flat, weights, index,
+                       lambda e: self.input_linear.expert(e, flat.dtype),
+                       lambda e: self.output_linear.expert(e, flat.dtype)).view_as(x)
 
 
 class FusedMLP(MLP):

@@ -22,7 +22,10 @@ Per model and format, one rotation measures each side once (bamba, then llama.cp
   tok/s over all sequences; run again if it loses its result rows, see ``measure``), its
   default batch sizes and flash-attention setting.
 
-Every row: bamba tok/s, llama.cpp tok/s and their ratio (bamba / llama.cpp).
+Every row: bamba tok/s, llama.cpp tok/s and their ratio (bamba / llama.cpp). With
+--on-their-files bamba's int8 / int4 rows run llama.cpp's own Q8_0 / Q4_0 file (the same bytes
+on both sides: its Q8_0 / Q4_0 blocks load as our int8 / int4 group-32 formats, a Granite MoE's
+experts included) instead of a ``bamba quantize`` checkpoint.
 
     python benchmarks/bench_llamacpp.py                      # bench shape, hybrid and twin
     python benchmarks/bench_llamacpp.py --models hybrid --formats bf16
@@ -63,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formats", nargs="+", default=list(PEERS), choices=list(PEERS),
                    help="weight formats (int8/int4 need bamba quantize)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    p.add_argument("--on-their-files", action="store_true",
+                   help="bamba runs llama.cpp's own Q8_0 / Q4_0 file for int8 / int4 (the same "
+                        "bytes on both sides) instead of its own quantized checkpoint")
     p.add_argument("--prompts", type=int, nargs="+", default=[512, 4096],
                    help="prefill lengths in tokens")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batches")
@@ -157,8 +163,8 @@ def checkpoints(work: Path, args: argparse.Namespace) -> tuple[dict, dict, dict[
         source = work / f"{args.preset}-{model}"
         info[model] = {"preset": args.preset, **write_random(source, configs[model])}
         for fmt in args.formats:
-            if fmt == "bf16":
-                dirs[model, fmt] = source
+            if fmt == "bf16" or args.on_their_files:
+                dirs[model, fmt] = source  # their files: replaced by the GGUF in ``run``
             elif missing:
                 skipped[fmt] = missing
             else:
@@ -199,6 +205,11 @@ def compare(ours: dict[str, Any], peer: dict[str, Any]) -> list[dict[str, Any]]:
 def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     dirs, info, skipped = checkpoints(work, args)
     ggufs, missing = peer_files(dirs, args, work)
+    if args.on_their_files:
+        dirs = {key: ggufs.get(key, path) if key[1] != "bf16" else path
+                for key, path in dirs.items()}
+        dirs = {key: path for key, path in dirs.items()
+                if key[1] == "bf16" or path.suffix == ".gguf"}
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     failed: dict[tuple[str, str], str] = {}
     for round_ in range(args.rounds):

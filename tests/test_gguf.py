@@ -187,15 +187,59 @@ def test_granite_fused_gate_and_up_travel_as_two_tensors(make_hf_checkpoint, tmp
     halves = [values(f"blk.0.ffn_{n}{shared}.weight") for n in ("gate", "up")]
     assert torch.equal(block.input_linear.dequantized_weight(torch.float32),
                        torch.from_numpy(np.concatenate(halves)))
-    if kind == "granite-moe":  # the experts' [E, F, D] halves join on F; the router stays F32
-        experts = block.experts
+    if kind == "granite-moe":  # the experts' [E, F, D] halves join on F, still in their
+        experts = block.experts  # blocks; the router stays F32
         assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
-        assert torch.equal(experts.input_linear.weight, torch.from_numpy(np.concatenate(
-            [values(f"blk.0.ffn_{n}_exps.weight") for n in ("gate", "up")], axis=1)))
+        assert type(experts.input_linear).__name__ == "QuantizedExpertWeights"
+        assert experts.input_linear.scheme.name == scheme
+        assert torch.equal(experts.input_linear.stacked(torch.float32), torch.from_numpy(
+            np.concatenate([values(f"blk.0.ffn_{n}_exps.weight") for n in ("gate", "up")],
+                           axis=1)))
+        assert torch.equal(experts.output_linear.stacked(torch.float32),
+                           torch.from_numpy(values("blk.0.ffn_down_exps.weight").copy()))
+        with pytest.raises(ValueError, match="experts' weights are quantized"):
+            back.save_pretrained(tmp_path / "ct")
     ids = random_ids(2, 11)
     with torch.no_grad():
         quantized = back(ids)
         assert torch.equal(dequantize_model(back, torch.float32)(ids), quantized)
+
+
+@pytest.mark.parametrize("file_type", ["q8_0", "q4_0"])
+def test_quantized_experts_decode_in_the_native_step_as_the_torch_path(
+        make_hf_checkpoint, tmp_path, monkeypatch, file_type):
+    """A Granite MoE GGUF's Q8_0 / Q4_0 experts stay in their blocks through the one-call
+    native decode step (each pick's slice streamed and dequantized in registers), within bf16
+    rounding of the torch path, which dequantizes them (bf16 activations on both sides; a wrong
+    expert's slice would be off by the logits' own size)."""
+    from bamba.cache import ContiguousCache
+    from bamba.native import accelerate, decode_ops, quant_ops
+
+    source = make_hf_checkpoint("granite-moe", hidden_size=128, intermediate_size=128,
+                                shared_intermediate_size=128, mamba_d_head=64)
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf",
+                      file_type)
+    calls = []
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = random_ids(2, 17, seed=9)
+
+    @torch.no_grad()
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        cache = ContiguousCache(model.config, rows=2, max_len=17, dtype=model.dtype)
+        spans = [(0, 11), *((t, t + 1) for t in range(11, 17))]
+        return torch.cat([model(ids[:, a:b], positions=torch.arange(a, b).expand(2, b - a),
+                                cache=cache).float() for a, b in spans], dim=1)
+
+    previous = quant_ops.set_int8_activations(False)
+    try:
+        ref = logits(from_pretrained(out, dtype=torch.bfloat16))
+        fast = logits(accelerate(from_pretrained(out, dtype=torch.bfloat16)))
+    finally:
+        quant_ops.set_int8_activations(previous)
+    assert len(calls) == 6
+    assert (fast - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
 def test_legacy_block_types_beside_q8_0_are_dequantized(memorised, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from torch import nn
 from bamba.checkpoint_writer import to_checkpoint_name
 from bamba.quant.apply import place_empty
 from bamba.quant.config import parse_quantization_config, quantization_config_dict
+from bamba.quant.experts import QuantizedExpertWeights
 from bamba.quant.formats import make_scheme, pack_ints
 
 GROUP = 32
@@ -60,6 +61,19 @@ def place_quantized(model: nn.Module, quantized: dict[str, str], embedding: str 
     place_empty(model, parse_quantization_config(raw),
                 lambda n: to_checkpoint_name(n, model_type), lambda n: torch.float16, dtype)
     model.quantization_config = raw
+
+
+def place_quantized_experts(model: nn.Module, stored: dict[str, str]) -> None:
+    """Empty ``QuantizedExpertWeights`` (group 32, float16 scales), on the current default
+    device, in place of the stacked expert weights ``stored`` holds (our weight name -> GGUF
+    type)."""
+    for name, type_name in stored.items():
+        path = name.removesuffix(".weight")
+        parent, _, leaf = path.rpartition(".")
+        dense = model.get_submodule(path)
+        setattr(model.get_submodule(parent), leaf, QuantizedExpertWeights(
+            dense.experts, dense.out_features, dense.in_features,
+            make_scheme(SCHEMES[type_name], GROUP)))
 
 
 def is_quantized_buffer(name: str) -> bool:

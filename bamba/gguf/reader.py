@@ -347,7 +347,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     from bamba.budget import check_model_fits
     from bamba.checkpoint import _assign
     from bamba.gguf.quantized import (SCHEMES, block_values, is_quantized_buffer,
-                                      linear_tensors, place_quantized)
+                                      linear_tensors, place_quantized, place_quantized_experts)
     from bamba.model import FP32_PARAMS, BambaLM
 
     model_file = read_model_file(path)
@@ -361,6 +361,9 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         stored.setdefault(part.ours, set()).add(types[name])
     quantized = {ours: kinds.pop() for ours, kinds in stored.items()
                  if len(kinds) == 1 and kinds <= set(SCHEMES) and _is_linear_weight(model, ours)}
+    # A Granite MoE's stacked experts stay in their blocks too (each of Q8_0 or Q4_0 alone).
+    experts = {ours: next(iter(kinds)) for ours, kinds in stored.items()
+               if len(kinds) == 1 and kinds <= set(SCHEMES) and _is_expert_weight(model, ours)}
     if len(set(quantized.values())) > 1:
         log.info("%s mixes Q8_0 and Q4_0 linears: all are dequantized", model_file.path)
         quantized = {}
@@ -370,6 +373,9 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     embedding = types[table] if quantized and types[table] in SCHEMES and \
         not config.tie_word_embeddings else None
     check_model_fits(config, dtype.itemsize, quantized_bits=8 if quantized else None)
+    if experts:
+        with torch.device("meta"):
+            place_quantized_experts(model, experts)
     if quantized:
         with torch.device("meta"):
             place_quantized(model, quantized, embedding, dtype)
@@ -407,6 +413,16 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     for tensor in model_file.reader.tensors:
         part = plan[tensor.name]
         ours = part.ours
+        if ours in experts:  # [E, rows, cols] in blocks: pieces join on rows, then one matrix
+            *lead, cols = (int(n) for n in reversed(tensor.shape))
+            blocks = block_values(tensor.data, experts[ours], math.prod(lead), cols)
+            values = whole(part, tuple(t.view(*lead, -1) for t in blocks))
+            if values is not None:
+                module = ours.removesuffix(".weight")
+                q, scale = (t.reshape(-1, t.shape[-1]) for t in values)
+                for buffer, value in linear_tensors(q, scale, experts[ours]).items():
+                    load(f"{module}.{buffer}", value)
+            continue
         if ours not in quantized:
             value = from_gguf(ours, dequantized(tensor), config, model_file.interleaved)
             values = whole(part, (value,))
@@ -431,6 +447,11 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 
 EMBEDDINGS = "model.embed_tokens.weight"
+
+
+def _is_expert_weight(model: torch.nn.Module, name: str) -> bool:
+    module, _, leaf = name.rpartition(".")
+    return leaf == "weight" and hasattr(model.get_submodule(module), "stacked")
 
 
 def _is_linear_weight(model: torch.nn.Module, name: str) -> bool:

@@ -34,7 +34,8 @@ class LayerDims(NamedTuple):
     ffn: int
     experts: int = 0  # a mixture of experts beside the MLP: how many,
     top_k: int = 0  # how many a token,
-    expert_ffn: int = 0  # and an expert's inner width
+    expert_ffn: int = 0  # an expert's inner width,
+    expert_formats: int = 0  # and its weights' layer-step codes (gate-up | down << 7; 0 dense)
 
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
@@ -135,8 +136,14 @@ def _supported_layout(weights: LinearWeights, width: int) -> QuantLayout | None:
 
 def quant_step_fits(weights: LinearWeights, in_features: int) -> bool:
     """Whether the layer and model decode steps read this quantized linear."""
+    return quant_step_code(weights, in_features) is not None
+
+
+def quant_step_code(weights: LinearWeights, in_features: int) -> int | None:
+    """The layer steps' code of this quantized linear's layout (format, scale dtype, group), or
+    None when they do not read it."""
     layout = quant_ops.quant_layout(weights, in_features)
-    return layout is not None and quant_ops.step_code(layout) is not None
+    return None if layout is None else quant_ops.step_code(layout)
 
 
 def elementwise_fits(*tensors: torch.Tensor) -> bool:

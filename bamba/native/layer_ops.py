@@ -34,10 +34,12 @@ def _linear(name: str) -> tuple[str, ...]:
 
 MAMBA_TENSORS = ("input_norm", *_linear("in_proj"), "conv_weight", "conv_bias", "dt_bias",
                  "A_log", "D", "gate_norm", *_linear("out_proj"))
-# a Granite MoE layer's router [experts, hidden] and experts' fused gate-and-up
-# [experts, 2 expert_ffn, hidden] and down [experts, hidden, expert_ffn] follow the MLP's (None
-# without experts); dense, in the layer's dtype
-EXPERT_TENSORS = ("router", "experts_gate_up", "experts_down")
+# a Granite MoE layer's router [experts, hidden] (dense, the layer's dtype) and experts' fused
+# gate-and-up [experts, 2 expert_ffn, hidden] and down [experts, hidden, expert_ffn] follow the
+# MLP's (None without experts): dense in the layer's dtype, or quantized as one
+# [experts * rows, cols] weight with its scales (the formats in ``LayerDims.expert_formats``)
+EXPERT_LINEARS = ("experts_gate_up", "experts_down")
+EXPERT_TENSORS = ("router", *_linear("experts_gate_up")[::2], *_linear("experts_down")[::2])
 FFN_TENSORS = ("pre_ff_norm", *_linear("gate"), *_linear("up"), *_linear("down"),
                *EXPERT_TENSORS)
 ATTENTION_IN_TENSORS = ("input_norm", *_linear("q"), *_linear("k"), *_linear("v"))
@@ -55,7 +57,7 @@ _QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int32: "int"}
 # weights, conv, dt_bias, A_log, D) may also be float32 in a bf16 layer. Quantized weights and
 # their scales are checked by ``linear_formats``.
 _LINEAR_PARTS = frozenset([*(name for linear in LINEARS for name in _linear(linear)[:2]),
-                           *EXPERT_TENSORS])
+                           "router", *EXPERT_LINEARS])
 
 
 def _float32_mask(x: torch.Tensor, tensors: list[torch.Tensor | None],
@@ -68,7 +70,8 @@ def _float32_mask(x: torch.Tensor, tensors: list[torch.Tensor | None],
         raise ValueError(f"layer step: expected {len(names)} tensors, got {len(tensors)}")
     mask = 0
     for i, (name, t) in enumerate(zip(names, tensors)):
-        if t is None or name.endswith("_scales") or (name in LINEARS and t.dtype in _QUANT_DTYPES):
+        if t is None or name.endswith("_scales") or \
+                (name in LINEARS + EXPERT_LINEARS and t.dtype in _QUANT_DTYPES):
             continue
         allowed = (x.dtype,) if name in _LINEAR_PARTS else (x.dtype, torch.float32)
         if t.dtype not in allowed or not t.is_contiguous() or t.device.type != "cpu":

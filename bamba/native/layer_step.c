@@ -47,7 +47,9 @@ enum {
     IN_NORM, IN_PROJ, IN_PROJ_BIAS, IN_PROJ_SCALES, CONV_W, CONV_B, DT_BIAS, A_LOG, D_SKIP,
     GATE_NORM, OUT_PROJ, OUT_PROJ_BIAS, OUT_PROJ_SCALES, FF_NORM, GATE, GATE_BIAS, GATE_SCALES,
     UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES,
-    ROUTER, EXPERTS_GATE_UP, EXPERTS_DOWN, /* a mixture of experts beside the MLP, or NULL */
+    ROUTER, EXPERTS_GATE_UP, EXPERTS_GATE_UP_SCALES, EXPERTS_DOWN, EXPERTS_DOWN_SCALES,
+    /* a mixture of experts beside the MLP, or NULL; its weights dense, or quantized as one
+       [experts * rows] weight with scales (formats in EXPERT_FORMATS) */
     /* (the above: a Mamba layer) */
     Q, Q_BIAS, Q_SCALES, K_PROJ, K_BIAS, K_SCALES, V_PROJ, V_BIAS, V_SCALES, O_PROJ, O_BIAS,
     O_SCALES, /* an attention layer's */
@@ -58,7 +60,9 @@ static const int LINEAR_SLOTS[] = {IN_PROJ, OUT_PROJ, GATE, UP, DOWN, Q, K_PROJ,
 enum { N_LINEARS = 9, FORMAT_BITS = 7 };
 /* Its sizes (an attention layer: HEADS query heads, GROUPS KV heads of HEAD_DIM, mixer 0s). */
 enum { HIDDEN, D_INNER, CONV_DIM, CONV_K, HEADS, HEAD_DIM, GROUPS, D_STATE, FFN,
-       EXPERTS, TOP_K, EXPERT_FFN, /* 0 without experts */
+       EXPERTS, TOP_K, EXPERT_FFN, EXPERT_FORMATS, /* 0 without experts; EXPERT_FORMATS: the
+                                                     gate-up and down weights' codes (as a
+                                                     formats field), 7 bits each, 0 dense */
        N_DIMS };
 
 typedef struct {
@@ -74,16 +78,23 @@ typedef struct {
                              residual_multiplier; 1: added as it is) */
 } Layer;
 
+/* A linear [n, k] of `weight`, `bias` and `scales` in the layout a formats field
+ * `code` names: format | scale dtype << 2 | scale kind << 4 (0: one scale, 1: per row,
+ * g > 1: groups of 16 << (g - 1) inputs). */
+static LinearWeights coded_weights(int64_t code, const void *weight, const void *bias,
+                                   const void *scales, int64_t n, int64_t k) {
+    const int64_t kind = code >> 4, group = kind < 2 ? k : (int64_t)16 << (kind - 1);
+    const LinearWeights w = {weight, bias, n, k, (int)(code & 3), scales, (int)((code >> 2) & 3),
+                             group, kind == 0 ? 0 : kind == 1 ? 1 : k / group};
+    return w;
+}
+
 /* The linear layer whose weight is tensor `which` (bias and scales follow it), [n, k]. */
 static LinearWeights linear_of(const Layer *L, int which, int64_t n, int64_t k) {
     int index = 0;
     while (LINEAR_SLOTS[index] != which) index++;
     const int64_t code = (L->formats >> (FORMAT_BITS * index)) & ((1 << FORMAT_BITS) - 1);
-    const int64_t kind = code >> 4, group = kind < 2 ? k : (int64_t)16 << (kind - 1);
-    const LinearWeights w = {L->t[which], L->t[which + 1], n, k, (int)(code & 3),
-                             L->t[which + 2], (int)((code >> 2) & 3), group,
-                             kind == 0 ? 0 : kind == 1 ? 1 : k / group};
-    return w;
+    return coded_weights(code, L->t[which], L->t[which + 1], L->t[which + 2], n, k);
 }
 
 /* Element i of one of the layer's small tensors (norm weights, conv, dt_bias, A_log, D). */
@@ -290,12 +301,18 @@ static void swiglu_rows(const Layer *L, float *gate_up, int64_t rows, int64_t F,
     }
 }
 
-/* A dense weight [n, k] starting `first` elements into tensor `which`. */
-static LinearWeights dense_weight(const Layer *L, int which, int64_t first, int64_t n,
-                                  int64_t k) {
-    const LinearWeights w = {(const char *)L->t[which] + first * (L->bf16 ? 2 : 4), NULL, n, k,
-                             FORMAT_DENSE, NULL, 0, k, 0};
-    return w;
+/* Expert e's [n, k] slice of the stacked weight `which` (its scales the next tensor), dense
+ * in the layer dtype or quantized as `code` says. */
+static LinearWeights expert_weights(const Layer *L, int which, int64_t code, int64_t e,
+                                    int64_t n, int64_t k) {
+    if (code == 0)
+        return coded_weights(FORMAT_DENSE, (const char *)L->t[which] + e * n * k *
+                             (L->bf16 ? 2 : 4), NULL, NULL, n, k);
+    const LinearWeights all = coded_weights(code, L->t[which], NULL, L->t[which + 1], n, k);
+    const int64_t scale_bytes = all.scale_kind == SCALE_F32 ? 4 : 2;
+    return coded_weights(code, (const char *)all.weight + e * n * quant_row_bytes(all.format, k),
+                         NULL, (const char *)all.scales + e * n * all.scale_stride * scale_bytes,
+                         n, k);
 }
 
 /* Each row's top-k experts by router logit (float32 of the layer dtype's logits), weighted by
@@ -350,7 +367,8 @@ static void pick_experts(const Layer *L, int64_t M, Scratch *s) {
 static void experts_stage(const Layer *L, int64_t M, Scratch *s, const void *h) {
     const int64_t D = L->d[HIDDEN], E = L->d[EXPERTS], K = L->d[TOP_K], Fe = L->d[EXPERT_FFN];
     const int64_t size = L->bf16 ? 2 : 4, P = M * K;
-    const LinearWeights router = dense_weight(L, ROUTER, 0, E, D);
+    const int64_t codes = L->d[EXPERT_FORMATS], mask = (1 << FORMAT_BITS) - 1;
+    const LinearWeights router = coded_weights(FORMAT_DENSE, L->t[ROUTER], NULL, NULL, E, D);
     linear_shared(L, &router, h, M, s->router);
 #pragma omp barrier
 #pragma omp single
@@ -361,13 +379,14 @@ static void experts_stage(const Layer *L, int64_t M, Scratch *s, const void *h) 
         memcpy(x + q * D * size, (const char *)h + (s->order[q] / K) * D * size, D * size);
     LinearWeights ws[G];
     for (int64_t g = 0; g < G; g++)
-        ws[g] = dense_weight(L, EXPERTS_GATE_UP, s->pick[s->order[s->first[g]]] * 2 * Fe * D,
-                             2 * Fe, D);
+        ws[g] = expert_weights(L, EXPERTS_GATE_UP, codes & mask, s->pick[s->order[s->first[g]]],
+                               2 * Fe, D);
     linears_grouped(L, ws, s->first, G, x, s->egu);
 #pragma omp barrier
     swiglu_rows(L, s->egu, P, Fe, s->eact);
     for (int64_t g = 0; g < G; g++)
-        ws[g] = dense_weight(L, EXPERTS_DOWN, s->pick[s->order[s->first[g]]] * D * Fe, D, Fe);
+        ws[g] = expert_weights(L, EXPERTS_DOWN, codes >> FORMAT_BITS & mask,
+                               s->pick[s->order[s->first[g]]], D, Fe);
     linears_grouped(L, ws, s->first, G, s->eact, s->ey);
 #pragma omp barrier
     int64_t begin, end;
@@ -565,10 +584,23 @@ static int check(const Layer *L, Part part) {
          d[CONV_DIM] != d[D_INNER] + 2 * d[GROUPS] * d[D_STATE] || d[CONV_K] < 1))
         return -1;
     if (part == ATTENTION_OUT && !linear_supported(L->bf16, d[HEADS] * d[HEAD_DIM])) return -1;
-    if (part != ATTENTION_IN && d[EXPERTS] &&
-        (d[TOP_K] < 1 || d[TOP_K] > d[EXPERTS] || !linear_supported(L->bf16, d[EXPERT_FFN]) ||
-         L->t[ROUTER] == NULL || L->t[EXPERTS_GATE_UP] == NULL || L->t[EXPERTS_DOWN] == NULL))
-        return -1;
+    if (part != ATTENTION_IN && d[EXPERTS]) {
+        const int64_t mask = (1 << FORMAT_BITS) - 1;
+        const LinearWeights gate_up = expert_weights(L, EXPERTS_GATE_UP, d[EXPERT_FORMATS] & mask,
+                                                     0, 2 * d[EXPERT_FFN], d[HIDDEN]);
+        const LinearWeights down = expert_weights(L, EXPERTS_DOWN,
+                                                  d[EXPERT_FORMATS] >> FORMAT_BITS & mask, 0,
+                                                  d[HIDDEN], d[EXPERT_FFN]);
+        if (d[TOP_K] < 1 || d[TOP_K] > d[EXPERTS] || !linear_supported(L->bf16, d[EXPERT_FFN]) ||
+            L->t[ROUTER] == NULL || L->t[EXPERTS_GATE_UP] == NULL || L->t[EXPERTS_DOWN] == NULL)
+            return -1;
+        for (int i = 0; i < 2; i++) {
+            const LinearWeights *w = i ? &down : &gate_up;
+            if (w->format != FORMAT_DENSE &&
+                (w->scales == NULL || !quant_supported(w->format, w->k, w->group)))
+                return -1;
+        }
+    }
     return 0;
 }
 
@@ -669,16 +701,16 @@ static int64_t place_mask(int64_t mask, const int *slots, int count) {
 
 /* A Mamba decoder layer for M rows: x [M, hidden] -> out [M, hidden]; the conv and SSM states
  * of pool rows `rows` advance in place (adjacent rows on one pool row in order). Tensors in
- * enum order IN_NORM..EXPERTS_DOWN (the last three NULL without experts). Returns 0, -1 if unsupported here, -2 out of memory, -3
+ * enum order IN_NORM..EXPERTS_DOWN_SCALES (the last five NULL without experts). Returns 0, -1 if unsupported here, -2 out of memory, -3
  * when rows on one pool row are apart. */
 int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int bf16,
                            int64_t f32_mask, int64_t formats, float eps, float dt_min, float dt_max,
                            float residual_scale, const void *x, void *out, int64_t M, void *conv_pool, int conv_bf16,
                            void *ssm_pool, int ssm_bf16, const int64_t *rows, int threads) {
     const void *all[N_TENSORS];
-    int slots[EXPERTS_DOWN + 1];
-    for (int i = 0; i <= EXPERTS_DOWN; i++) slots[i] = i;
-    place(all, tensors, slots, EXPERTS_DOWN + 1);
+    int slots[EXPERTS_DOWN_SCALES + 1];
+    for (int i = 0; i <= EXPERTS_DOWN_SCALES; i++) slots[i] = i;
+    place(all, tensors, slots, EXPERTS_DOWN_SCALES + 1);
     const Layer L = {all, dims, bf16, f32_mask, formats, eps, dt_min, dt_max, residual_scale};
     const Call c = {x, NULL, out, M, conv_pool, ssm_pool, conv_bf16, ssm_bf16, rows};
     return run(&L, MAMBA_LAYER, &c, threads);
@@ -708,10 +740,11 @@ int bamba_attention_out_step(const void *const *tensors, const int64_t *dims, in
                              const void *attn, void *out, int64_t M, int threads) {
     static const int slots[] = {O_PROJ, O_BIAS, O_SCALES, FF_NORM, GATE, GATE_BIAS, GATE_SCALES,
                                 UP, UP_BIAS, UP_SCALES, DOWN, DOWN_BIAS, DOWN_SCALES, ROUTER,
-                                EXPERTS_GATE_UP, EXPERTS_DOWN};
+                                EXPERTS_GATE_UP, EXPERTS_GATE_UP_SCALES, EXPERTS_DOWN,
+                                EXPERTS_DOWN_SCALES};
     const void *all[N_TENSORS];
-    place(all, tensors, slots, 16);
-    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 16), formats, eps, 0.0f, 0.0f,
+    place(all, tensors, slots, 18);
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 18), formats, eps, 0.0f, 0.0f,
                      residual_scale};
     const Call c = {x, attn, out, M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_OUT, &c, threads);

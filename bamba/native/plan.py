@@ -85,17 +85,26 @@ class LayerTensors(NamedTuple):
 
 
 def expert_tensors(ff: nn.Module, dtype: torch.dtype) -> Tensors | None:
-    """A Granite MoE block's router and experts' weights (``layer_ops.EXPERT_TENSORS``), Nones
-    without experts; None when they are not dense weights of ``dtype`` (a quantized router)."""
+    """A Granite MoE block's router and experts' weights and scales
+    (``layer_ops.EXPERT_TENSORS``), Nones without experts; None when the router is not a dense
+    weight of ``dtype`` or an expert weight neither that nor a quantized layout the kernels
+    read."""
     experts = getattr(ff, "experts", None)
     if experts is None:
-        return [None, None, None]
+        return [None] * 5
     router = linear_weights(experts.router.layer)
-    weights = [router.weight, experts.input_linear.weight, experts.output_linear.weight]
-    if router.format != DENSE or router.bias is not None or \
-            any(w.dtype != dtype for w in weights):
+    if router.format != DENSE or router.bias is not None or router.weight.dtype != dtype:
         return None
-    return weights
+    found: Tensors = [router.weight]
+    for stacked in (experts.input_linear, experts.output_linear):
+        w = linear_weights(stacked)
+        if w.format == DENSE and w.weight.dtype == dtype:
+            found += [w.weight, None]
+        elif w.format != DENSE and dispatch.quant_step_fits(w, stacked.in_features):
+            found += [w.weight, w.scales]
+        else:
+            return None
+    return found
 
 
 def layer_tensors(layer: nn.Module) -> LayerTensors:
@@ -123,15 +132,26 @@ def layer_dims(layer: nn.Module) -> LayerDims:
     """The sizes layer_step.c needs of a decoder layer."""
     h, ffn = layer.input_layernorm.weight.shape[0], layer.feed_forward.width
     experts = getattr(layer.feed_forward, "experts", None)
-    mixture = (0, 0, 0) if experts is None else \
-        (experts.input_linear.weight.shape[0], experts.top_k,
-         experts.output_linear.weight.shape[2])
+    mixture = (0, 0, 0, 0) if experts is None else \
+        (experts.input_linear.experts, experts.top_k, experts.output_linear.in_features,
+         _expert_formats(experts))
     if layer.layer_type != "mamba":
         a = layer.self_attn
         return LayerDims(h, 0, 0, 0, a.n_heads, a.head_dim, a.n_kv, 0, ffn, *mixture)
     m = layer.mamba
     return LayerDims(h, m.d_inner, m.conv_dim, m.conv1d.kernel_size[0], m.n_heads, m.head_dim,
                      m.n_groups, m.d_state, ffn, *mixture)
+
+
+def _expert_formats(experts: nn.Module) -> int:
+    """``LayerDims.expert_formats`` of a mixture's two stacked weights (0 for a dense one and
+    for a layout the steps do not read, which ``expert_tensors`` then refuses)."""
+    codes = []
+    for stacked in (experts.input_linear, experts.output_linear):
+        w = linear_weights(stacked)
+        codes.append(0 if w.format == DENSE else
+                     dispatch.quant_step_code(w, stacked.in_features) or 0)
+    return codes[0] | codes[1] << 7
 
 
 NO_LAYER = LayerDims(*[0] * len(LayerDims._fields))  # a kind of layer the model lacks
@@ -154,9 +174,12 @@ class DecodePlan(NamedTuple):
         its module (a class of the user's, a hook on it); ``hooked``: a forward hook sits in
         the layers (no tensors then: the layers run one by one)."""
         kinds = [layer.layer_type == "attention" for layer in layers]
-        dims = tuple(next((layer_dims(layer) for layer, k in zip(layers, kinds) if k == kind),
-                          None) for kind in (False, True))
-        tensors = None if hooked else [layer_tensors(layer).whole() for layer in layers]
+        every = [layer_dims(layer) for layer in layers]
+        dims = tuple(next((d for d, k in zip(every, kinds) if k == kind), None)
+                     for kind in (False, True))
+        uniform = all(d == dims[k] for d, k in zip(every, kinds))  # the step takes one per kind
+        tensors = None if hooked or not uniform else \
+            [layer_tensors(layer).whole() for layer in layers]
         if tensors is not None and None in tensors:
             tensors = None
         return cls(generation, kinds, dims, tensors, PlanMemo(),

@@ -8,8 +8,12 @@ outputs are summed into a zero tensor of the activations' dtype one expert at a 
 expert order.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+Weight = Callable[[int], torch.Tensor]  # expert index -> its weight
 
 
 def route(logits: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,13 +24,14 @@ def route(logits: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def mixture(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
-            gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+            gate_up: Weight, down: Weight) -> torch.Tensor:
     """x [T, D] through the experts each token was routed to: sum over its k experts of
-    weight * down_e(silu(gate_e(x)) * up_e(x)), with gate_up [E, 2F, D] and down [E, D, F]."""
+    weight * down_e(silu(gate_e(x)) * up_e(x)), with gate_up(e) [2F, D] and down(e) [D, F]
+    expert e's weights (only the picked experts' are asked for)."""
     out = torch.zeros_like(x)
     for expert in torch.unique(index).tolist():  # ascending: the order of the sums
         rows, slot = torch.where(index == expert)
-        gate, up = F.linear(x[rows], gate_up[expert]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[expert]) * weights[rows, slot, None]
+        gate, up = F.linear(x[rows], gate_up(expert)).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, down(expert)) * weights[rows, slot, None]
         out.index_add_(0, rows, y.to(out.dtype))
     return out
