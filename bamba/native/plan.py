@@ -13,6 +13,7 @@ from torch import nn
 from bamba.linear_protocol import DENSE, LinearWeights
 from bamba.native import dispatch
 from bamba.native.decode_ops import FinalNorm, PlanMemo
+from bamba.native.layer_ops import FORMAT_BITS
 from bamba.native.dispatch import LayerDims
 
 FORMATS = frozenset((DENSE, "fp8", "int8", "int4"))  # the linear formats layer_step.c reads
@@ -151,7 +152,7 @@ def _expert_formats(experts: nn.Module) -> int:
         w = linear_weights(stacked)
         codes.append(0 if w.format == DENSE else
                      dispatch.quant_step_code(w, stacked.in_features) or 0)
-    return codes[0] | codes[1] << 7
+    return codes[0] | codes[1] << FORMAT_BITS
 
 
 NO_LAYER = LayerDims(*[0] * len(LayerDims._fields))  # a kind of layer the model lacks

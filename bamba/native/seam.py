@@ -41,6 +41,7 @@ from bamba.cache_protocol import KVLayout
 from bamba.native import attention_ops, decode_ops, dispatch, elementwise_ops, layer_ops, plan
 from bamba.native import linear_ops, prefill_ops, quant_ops, ssd_ops, train_ops  # noqa: F401
 from bamba.quant import embedding as quant_embedding
+from bamba.quant import experts as quant_experts
 from bamba.quant import linear as quant_linear
 from bamba.native.plan import DENSE, LinearWeights
 from bamba.ops import attention as attention_math
@@ -253,10 +254,12 @@ class DecoderLayer(_Counted, reference.DecoderLayer):
 
     @property
     def step_dims(self) -> dispatch.LayerDims:
-        dims = self.__dict__.get("_step_dims")
-        if dims is None:
-            dims = self.__dict__["_step_dims"] = plan.layer_dims(self)
-        return dims
+        """The layer's sizes (and its experts' formats), read again after a registration in a
+        swapped module (a module replaced by one of another format)."""
+        cached = self.__dict__.get("_step_dims")
+        if cached is None or cached[0] != _REGISTRATIONS[0]:
+            cached = self.__dict__["_step_dims"] = (_REGISTRATIONS[0], plan.layer_dims(self))
+        return cached[1]
 
     def kernel_tensors(self) -> plan.LayerTensors:
         """The layer's tensors, read again after a registration in a swapped module; none while
@@ -390,7 +393,9 @@ SWAPS: dict[type, type] = {
     reference.Attention: Attention, reference.Mamba2Mixer: Mamba2Mixer,
     reference.DecoderLayer: DecoderLayer, reference.BambaLM: BambaLM,
     **{cls: _counted(cls) for cls in (nn.Conv1d, nn.Embedding, nn.ModuleList,
-                                      reference.Backbone)},
+                                      reference.Backbone, reference.Experts, reference.Router,
+                                      reference.ExpertWeights,
+                                      quant_experts.QuantizedExpertWeights)},
 }
 _SWAPPED = frozenset(SWAPS.values())
 
