@@ -113,8 +113,13 @@ class Experts(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         weights, index = route(self.router.layer(flat), self.top_k, flat.dtype)
         return mixture(flat, weights, index,
-                       lambda e: self.input_linear.expert(e, flat.dtype),
-                       lambda e: self.output_linear.expert(e, flat.dtype)).view_as(x)
+                       lambda rows, e: self.product(self.input_linear, rows, e),
+                       lambda rows, e: self.product(self.output_linear, rows, e)).view_as(x)
+
+    def product(self, stacked: nn.Module, rows: torch.Tensor,
+                expert: int) -> torch.Tensor:  # kernel seam
+        """rows [R, in] times expert ``expert``'s weight of ``stacked`` (transposed)."""
+        return F.linear(rows, stacked.expert(expert, rows.dtype))
 
 
 class FusedMLP(MLP):

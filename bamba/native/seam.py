@@ -130,12 +130,32 @@ class QuantizedLinear(_Counted, quant_linear.QuantizedLinear):
     neither fits."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layout = dispatch.quant_linear_fits(x, self.kernel_weights())
-        if layout is None:
-            return super().forward(x)
-        if x.numel() // x.shape[-1] <= dispatch.MAX_LINEAR_ROWS:
-            return quant_ops.quant_linear_rows(x, layout, self.bias, dispatch.through_dispatcher())
-        return quant_ops.quant_linear_many(x, layout, self.bias)
+        out = _quantized_product(x, self.kernel_weights())
+        return super().forward(x) if out is None else out
+
+
+def _quantized_product(x: torch.Tensor, weights: LinearWeights) -> torch.Tensor | None:
+    """x W^T (+ bias) of quantized ``weights`` by the kernels: the few-row one streaming them
+    (decode), a product over weight panels or dequantized tiles (more rows); None where
+    neither fits."""
+    layout = dispatch.quant_linear_fits(x, weights)
+    if layout is None:
+        return None
+    if x.numel() // x.shape[-1] <= dispatch.MAX_LINEAR_ROWS:
+        return quant_ops.quant_linear_rows(x, layout, weights.bias, dispatch.through_dispatcher())
+    return quant_ops.quant_linear_many(x, layout, weights.bias)
+
+
+class Experts(_Counted, reference.Experts):
+    """A mixture whose quantized experts' products run on the quantized kernels over each
+    picked expert's slice (a prefill's rows; decode runs inside the layer steps)."""
+
+    def product(self, stacked: nn.Module, rows: torch.Tensor, expert: int) -> torch.Tensor:
+        if isinstance(stacked, quant_experts.QuantizedExpertWeights):
+            out = _quantized_product(rows, stacked.expert_weights(expert))
+            if out is not None:
+                return out
+        return super().product(stacked, rows, expert)
 
 
 class QuantizedEmbedding(_Counted, quant_embedding.QuantizedEmbedding):
@@ -390,10 +410,11 @@ SWAPS: dict[type, type] = {
     nn.Linear: Linear, quant_linear.QuantizedLinear: QuantizedLinear,
     quant_embedding.QuantizedEmbedding: QuantizedEmbedding,
     reference.RMSNorm: RMSNorm, reference.MLP: MLP, reference.FusedMLP: FusedMLP,
+    reference.Experts: Experts,
     reference.Attention: Attention, reference.Mamba2Mixer: Mamba2Mixer,
     reference.DecoderLayer: DecoderLayer, reference.BambaLM: BambaLM,
     **{cls: _counted(cls) for cls in (nn.Conv1d, nn.Embedding, nn.ModuleList,
-                                      reference.Backbone, reference.Experts, reference.Router,
+                                      reference.Backbone, reference.Router,
                                       reference.ExpertWeights,
                                       quant_experts.QuantizedExpertWeights)},
 }

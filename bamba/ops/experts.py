@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-Weight = Callable[[int], torch.Tensor]  # expert index -> its weight
+Product = Callable[[torch.Tensor, int], torch.Tensor]  # (rows, expert) -> rows x its weight^T
 
 
 def route(logits: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,14 +24,15 @@ def route(logits: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def mixture(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
-            gate_up: Weight, down: Weight) -> torch.Tensor:
+            gate_up: Product, down: Product) -> torch.Tensor:
     """x [T, D] through the experts each token was routed to: sum over its k experts of
-    weight * down_e(silu(gate_e(x)) * up_e(x)), with gate_up(e) [2F, D] and down(e) [D, F]
-    expert e's weights (only the picked experts' are asked for)."""
+    weight * down_e(silu(gate_e(x)) * up_e(x)), where gate_up(rows, e) multiplies rows [R, D]
+    by expert e's [2F, D] weight and down(rows, e) rows [R, F] by its [D, F] one (only the
+    picked experts are asked for)."""
     out = torch.zeros_like(x)
     for expert in torch.unique(index).tolist():  # ascending: the order of the sums
         rows, slot = torch.where(index == expert)
-        gate, up = F.linear(x[rows], gate_up(expert)).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down(expert)) * weights[rows, slot, None]
+        gate, up = gate_up(x[rows], expert).chunk(2, dim=-1)
+        y = down(F.silu(gate) * up, expert) * weights[rows, slot, None]
         out.index_add_(0, rows, y.to(out.dtype))
     return out

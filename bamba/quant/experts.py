@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from bamba.linear_protocol import LinearWeights
 from bamba.quant.formats import QuantScheme, dequantize
 from bamba.quant.weights import QuantizedWeights
 
@@ -25,6 +26,12 @@ class QuantizedExpertWeights(QuantizedWeights):
         """The dense [experts, out, in] weights in ``dtype``."""
         return self.dequantized_weight(dtype).view(self.experts, self.out_features,
                                                    self.in_features)
+
+    def expert_weights(self, index: int) -> LinearWeights:
+        """Expert ``index``'s slice in the kernels' terms (views of its rows)."""
+        rows = slice(index * self.out_features, (index + 1) * self.out_features)
+        whole = self.kernel_weights()
+        return whole._replace(weight=whole.weight[rows], scales=whole.scales[rows])
 
     def expert(self, index: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert ``index``'s dense [out, in] weight in ``dtype`` (the torch reference path
