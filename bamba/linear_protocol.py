@@ -20,3 +20,10 @@ class LinearWeights(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None
     scales: torch.Tensor | None = None
+
+    def rows(self, begin: int, end: int) -> LinearWeights:
+        """Output rows [begin, end) (views: weight or packed words, bias and scales lie by
+        row)."""
+        return LinearWeights(self.format, self.weight[begin:end],
+                             None if self.bias is None else self.bias[begin:end],
+                             None if self.scales is None else self.scales[begin:end])

@@ -81,10 +81,6 @@ class ExpertWeights(nn.Module):
         self.experts, self.out_features, self.in_features = experts, out_features, in_features
         self.weight = nn.Parameter(torch.empty(experts, out_features, in_features))
 
-    def stacked(self, dtype: torch.dtype) -> torch.Tensor:
-        """The [E, out, in] weights (the activations' ``dtype`` is theirs)."""
-        return self.weight
-
     def expert(self, index: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert ``index``'s [out, in] weight."""
         return self.weight[index]

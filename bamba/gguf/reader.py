@@ -451,7 +451,7 @@ EMBEDDINGS = "model.embed_tokens.weight"
 
 def _is_expert_weight(model: torch.nn.Module, name: str) -> bool:
     module, _, leaf = name.rpartition(".")
-    return leaf == "weight" and hasattr(model.get_submodule(module), "stacked")
+    return leaf == "weight" and hasattr(model.get_submodule(module), "expert")
 
 
 def _is_linear_weight(model: torch.nn.Module, name: str) -> bool:

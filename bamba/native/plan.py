@@ -46,14 +46,6 @@ def _read(dtype: torch.dtype, weights: list[tuple[LinearWeights, int]]) -> Tenso
     return found
 
 
-def _rows(w: LinearWeights, begin: int, end: int) -> LinearWeights:
-    """Output rows [begin, end) of a linear's weights (views: packed words, scales and bias
-    lie by row)."""
-    return LinearWeights(w.format, w.weight[begin:end],
-                         None if w.bias is None else w.bias[begin:end],
-                         None if w.scales is None else w.scales[begin:end])
-
-
 def ffn_weights(ff: nn.Module) -> list[tuple[LinearWeights, int]] | None:
     """Gate, up and down of a feed-forward block with their input widths: a fused one's
     (Granite's ``input_linear``) gate and up are the halves of its output rows. None when a
@@ -65,7 +57,7 @@ def ffn_weights(ff: nn.Module) -> list[tuple[LinearWeights, int]] | None:
     if fused.scales is not None and fused.scales.shape[0] != 2 * width:
         return None
     k = ff.input_linear.in_features
-    return [(_rows(fused, 0, width), k), (_rows(fused, width, 2 * width), k),
+    return [(fused.rows(0, width), k), (fused.rows(width, 2 * width), k),
             (linear_weights(ff.output_linear), ff.output_linear.in_features)]
 
 

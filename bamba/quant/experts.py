@@ -29,9 +29,8 @@ class QuantizedExpertWeights(QuantizedWeights):
 
     def expert_weights(self, index: int) -> LinearWeights:
         """Expert ``index``'s slice in the kernels' terms (views of its rows)."""
-        rows = slice(index * self.out_features, (index + 1) * self.out_features)
-        whole = self.kernel_weights()
-        return whole._replace(weight=whole.weight[rows], scales=whole.scales[rows])
+        return self.kernel_weights().rows(index * self.out_features,
+                                          (index + 1) * self.out_features)
 
     def expert(self, index: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert ``index``'s dense [out, in] weight in ``dtype`` (the torch reference path
