@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ from bamba.checkpoint_writer import (CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_
                                      hf_config_dict, parse_size, save_pretrained,
                                      to_bamba_name, to_checkpoint_name, write_checkpoint)
 from bamba.model import FP32_PARAMS, BambaLM
-from bamba.quant.apply import place_empty
+from bamba.quant.apply import place_empty, place_stored_experts
 from bamba.quant.config import QuantConfig, parse_quantization_config
+from bamba.quant.experts import ExpertPieces, QuantizedExpertWeights, locate_piece, \
+    piece_modules
 from bamba.quant.weights import QuantizedWeights
 from bamba.tokenizer import Tokenizer
 from bamba.tokenizer import load_tokenizer as _load_local_tokenizer
@@ -186,7 +189,9 @@ def _scan(shards: list[Path], weight_map: dict[str, str] | None,
 
 def _plan(model: BambaLM, entries: dict[str, _Entry], where: Path) -> dict[str, str]:
     """checkpoint name -> our name for every tensor to load; raises on any mismatch (names,
-    shapes, and the exact dtype of quantized weights: fp8, packed int32, int64 shapes)."""
+    shapes, and the exact dtype of quantized weights: fp8, packed int32, int64 shapes).
+    Quantized experts come as per-expert pieces of our stacked tensors (every piece there),
+    or as fp8 stacks [E, rows, cols] of our [E * rows, cols] (``bamba.quant.experts``)."""
     config = model.config
     state = model.state_dict(keep_vars=True)
     expected = {k: tuple(v.shape) for k, v in state.items()}
@@ -194,27 +199,65 @@ def _plan(model: BambaLM, entries: dict[str, _Entry], where: Path) -> dict[str, 
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     plan: dict[str, str] = {}
+    pieces: dict[str, tuple[set[int], int]] = {}  # ours -> (pieces seen, pieces it takes)
     for key, entry in entries.items():
-        ours = to_bamba_name(key, config.model_type)
+        piece = locate_piece(key) if quantized else None
+        ours = to_bamba_name(key if piece is None else piece[0], config.model_type)
         if key.endswith(_IGNORED_SUFFIXES) or (ours == "lm_head.weight" and config.tie_word_embeddings) \
                 or (quantized and key.endswith(_ACTIVATION_SCALES)):
             continue
-        if ours not in expected:
+        stacked = _stacked_module(model, ours) if ours in expected else None
+        count = 0 if piece is None or stacked is None else stacked.experts * piece[2]
+        if ours not in expected or (piece is not None and not piece[1] < count):
             raise ValueError(f"{entry.file}: unexpected tensor {key} for this config")
-        if entry.shape != expected[ours] and not (entry.shape == () and expected[ours] == (1,)):
+        shape = expected[ours]
+        if piece is not None:
+            shape = shape if ours.endswith(".weight_shape") else (shape[0] // count, *shape[1:])
+            pieces.setdefault(ours, (set(), count))[0].add(piece[1])
+        elif _is_expert_stack(stacked, ours, entry.shape):
+            shape = entry.shape
+        if entry.shape != shape and not (entry.shape == () and shape == (1,)):
             raise ValueError(f"{entry.file}: tensor {key} has shape {list(entry.shape)}, "
-                             f"expected {list(expected[ours])}")
+                             f"expected {list(shape)}")
         want = _QUANTIZED_DTYPES.get(state[ours].dtype, _ANY_FLOAT)
         if (_ANY_FLOAT if entry.dtype in _FLOAT_DTYPES else entry.dtype) != want:
             raise ValueError(f"{entry.file}: tensor {key} has dtype {entry.dtype}, "
                              f"expected {want}")
         plan[key] = ours
+    incomplete = {ours: seen for ours, (seen, count) in pieces.items() if len(seen) < count}
     missing = sorted(set(expected) - set(plan.values()))
-    if missing:
-        names = [to_checkpoint_name(m, config.model_type) for m in missing]
+    if missing or incomplete:
+        names = [to_checkpoint_name(m, config.model_type) for m in missing] + \
+            [name for ours, seen in incomplete.items()
+             for name in _piece_names(model, ours, exclude=seen)]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         raise ValueError(f"{where}: missing tensors {shown}")
     return plan
+
+
+def _stacked_module(model: nn.Module, ours: str) -> QuantizedExpertWeights | None:
+    """The quantized experts our tensor ``ours`` belongs to, if it does."""
+    module = model.get_submodule(ours.rpartition(".")[0])
+    return module if isinstance(module, QuantizedExpertWeights) else None
+
+
+def _piece_names(model: BambaLM, ours: str, exclude: set[int] = frozenset()) -> list[str]:
+    """The checkpoint names of the per-expert pieces of our stacked tensor ``ours``."""
+    module, _, leaf = ours.rpartition(".")
+    stacked = to_checkpoint_name(module, model.config.model_type)
+    return [f"{name}.{leaf}" for i, name in
+            enumerate(piece_modules(stacked, model.get_submodule(module).experts))
+            if i not in exclude]
+
+
+def _is_expert_stack(stacked: QuantizedExpertWeights | None, ours: str,
+                     shape: tuple[int, ...]) -> bool:
+    """Whether ``shape`` is our quantized experts' tensor ``ours`` [E * rows, cols] stored
+    as [E, rows, cols]."""
+    if stacked is None or ours.endswith(".weight_shape") or len(shape) != 3:
+        return False
+    held = tuple(getattr(stacked, ours.rpartition(".")[2]).shape)
+    return shape[0] == stacked.experts and (shape[0] * shape[1], shape[2]) == held
 
 
 def checked_tensors(directory: Path, model: BambaLM) -> tuple[dict[str, Path], dict[str, str]]:
@@ -269,11 +312,15 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     targets = {name: target(name, t) for name, t in model.state_dict(keep_vars=True).items()}
     # On a CPU the weights load straight into one huge-page buffer (bamba.arena).
     arena = WeightArena.for_model(model, target) if torch.device(device).type == "cpu" else None
+    shapes = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
+    experts = ExpertPieces(model, where)
     for shard in shards:
         with open_safetensors(shard) as f:
             for key in (k for k in f.keys() if k in plan):
-                ours, tensor = plan[key], f.get_tensor(key)
-                tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor
+                ours, tensor = plan[key], experts.join(key, plan[key], f.get_tensor(key))
+                if tensor is None:  # more pieces of it to come
+                    continue
+                tensor = tensor.reshape(shapes[ours])  # scalars as [1], fp8 expert stacks flat
                 _assign(model, ours, arena.place(ours, tensor) if arena is not None else
                         tensor.to(device=device, dtype=targets[ours]))
     if quantization is not None:
@@ -297,8 +344,14 @@ def _place_quantized(model: BambaLM, quantization: QuantConfig, entries: dict[st
         entry = entries.get(to_checkpoint_name(f"{name}.weight_scale", model_type))
         return _FLOAT_DTYPES.get(entry.dtype, dtype) if entry is not None else dtype
 
-    place_empty(model, quantization, lambda n: to_checkpoint_name(n, model_type), scale_dtype,
-                dtype)
+    rename = partial(to_checkpoint_name, model_type=model_type)
+    place_empty(model, quantization, rename, scale_dtype, dtype)
+
+    def stored_scale(name: str) -> torch.dtype | None:
+        entry = entries.get(f"{name}.weight_scale")
+        return None if entry is None else _FLOAT_DTYPES.get(entry.dtype, dtype)
+
+    place_stored_experts(model, quantization, rename, stored_scale)
     model.quantization_config = quantization.raw
     log.info("quantized checkpoint: %s, %s", quantization.format,
              ", ".join(sorted({g.scheme.name for g in quantization.groups})))

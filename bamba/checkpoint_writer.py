@@ -84,17 +84,38 @@ def parse_size(size: int | str) -> int:
 
 
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint-named tensors (tied lm_head written once, as transformers does)."""
+    """Checkpoint-named tensors (tied lm_head written once, as transformers does; quantized
+    experts as per-expert linears, ``bamba.quant.experts``)."""
     config = model.config
-    unsaved = next((m.unsaved for m in model.modules() if getattr(m, "unsaved", None)), None)
-    if unsaved is not None:
-        raise ValueError(f"this model cannot be saved in the Hugging Face layout: {unsaved}")
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         out[to_checkpoint_name(name, config.model_type)] = tensor.detach().to("cpu").contiguous()
+    for path, module in model.named_modules():
+        if hasattr(module, "checkpoint_tensors"):  # quantized experts
+            stacked = to_checkpoint_name(path, config.model_type)
+            _check_described(model, module, stacked)
+            for leaf in module.scheme.tensor_names():
+                del out[f"{stacked}.{leaf}"]
+            out.update(module.checkpoint_tensors(stacked))
     return out
+
+
+def _check_described(model: nn.Module, experts: nn.Module, stacked: str) -> None:
+    """ValueError unless the model's quantization_config gives ``experts`` (saved as
+    per-expert linears) the scheme they hold."""
+    from bamba.quant.config import parse_quantization_config
+    from bamba.quant.experts import piece_modules
+
+    raw = getattr(model, "quantization_config", None)
+    group = None if raw is None else parse_quantization_config(raw).group_for(
+        piece_modules(stacked, 1)[0], ("Linear",))
+    if group is None or group.scheme != experts.scheme or group.per_tensor:
+        raise ValueError(f"this model cannot be saved in the Hugging Face layout: the experts "
+                         f"of {stacked} are quantized as {experts.scheme.name} (group "
+                         f"{experts.scheme.group_size}), which its quantization_config does "
+                         f"not describe")
 
 
 def _split_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:

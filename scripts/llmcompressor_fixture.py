@@ -3,7 +3,10 @@ scripts/make_llmcompressor_fixture.sh, which says which interpreter runs which s
 
 ``quantize OUT`` (in llm-compressor's own virtual environment): a tiny random transformers
 ``BambaForCausalLM`` in bf16, quantized data-free (round to nearest, no calibration data) by
-llm-compressor's ``oneshot`` with each scheme of ``SCHEMES``, saved compressed to ``OUT/<name>``.
+llm-compressor's ``oneshot`` with each scheme of ``SCHEMES``, saved compressed to ``OUT/<name>``;
+and a tiny random ``GraniteMoeHybridForCausalLM`` (IBM Granite 4.0 MoE hybrid) with each of
+``GRANITE_SCHEMES`` (llm-compressor splits its stacked experts into per-expert linears and
+writes them so, its routers kept).
 
 ``record OUT`` (in the project's environment: its transformers reads compressed-tensors
 checkpoints through the ``compressed-tensors`` package): for each ``OUT/<name>``, the float32
@@ -14,6 +17,9 @@ logits transformers gives for seeded random token ids and its greedy continuatio
     weight to q * scale in float32 on the first forward. By default it also rounds each
     linear's input to fp8 per token for FP8_DYNAMIC: the README gives how far that moves the
     logits;
+    transformers (5.25) does not read the per-expert tensors of the Granite checkpoints: it
+    leaves its stacked experts as initialized. There they are put back by hand, each piece
+    dequantized by compressed-tensors' own unpacking, in float32;
   - ``greedy_ids``: prompt + greedy tokens of the ``logits`` model. The prompt is the first
     seeded random one whose every greedy step has a top-2 logit margin of ``MIN_MARGIN`` or
     more, so a test may hold other code to the same tokens.
@@ -42,14 +48,31 @@ PROMPT_SHAPE = (2, 12)
 NEW_TOKENS = 6
 MIN_MARGIN = 0.05  # logits; float32 parity of bamba with transformers is ~1e-4
 KEPT_FILES = ("config.json", "model.safetensors", "recipe.yaml")
+GRANITE_SCHEMES = {"granite_moe_w4a16": "W4A16", "granite_moe_fp8_dynamic": "FP8_DYNAMIC"}
+# two layers (Mamba, then attention with rope), 4 experts of width 128 (2 a token) beside a
+# shared MLP; every linear's input a multiple of 128 (W4A16's group)
+GRANITE_CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=128,
+                      shared_intermediate_size=128, num_hidden_layers=2,
+                      layer_types=["mamba", "attention"], num_local_experts=4,
+                      num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
+                      mamba_n_heads=8, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1,
+                      mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16,
+                      position_embedding_type="rope", embedding_multiplier=6.0,
+                      residual_multiplier=0.5, attention_multiplier=0.125, logits_scaling=2.0,
+                      rms_norm_eps=1e-5, max_position_embeddings=256, initializer_range=0.1,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def random_bamba(directory: Path) -> None:
-    """Save a seeded random bf16 BambaForCausalLM, with non-constant A_log, dt_bias, D, norms."""
-    from transformers import BambaConfig, BambaForCausalLM
+def random_model(directory: Path, granite: bool = False) -> None:
+    """Save a seeded random bf16 BambaForCausalLM (or GraniteMoeHybridForCausalLM), with
+    non-constant A_log, dt_bias, D, norms."""
+    from transformers import (BambaConfig, BambaForCausalLM, GraniteMoeHybridConfig,
+                              GraniteMoeHybridForCausalLM)
 
     torch.manual_seed(SEED)
-    model = BambaForCausalLM(BambaConfig(**CONFIG)).eval()
+    model = GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(**GRANITE_CONFIG)) if granite \
+        else BambaForCausalLM(BambaConfig(**CONFIG))
+    model.eval()
     gen = torch.Generator().manual_seed(SEED + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -66,39 +89,73 @@ def random_bamba(directory: Path) -> None:
 
 
 def quantize(out: Path) -> None:
-    """Quantize the random model with each scheme; keep only the files the tests read."""
+    """Quantize the random models with each scheme; keep only the files the tests read."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import BambaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    base = out / "_base"
-    random_bamba(base)
-    for name, scheme in SCHEMES.items():
-        model = BambaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-        recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
-        oneshot(model=model, recipe=recipe, tie_word_embeddings=False)
-        saved = out / f"_{name}"
-        model.save_pretrained(saved, save_compressed=True)
-        target = out / name
-        target.mkdir(parents=True, exist_ok=True)
-        for file in KEPT_FILES:
-            shutil.copyfile(saved / file, target / file)
-        shutil.rmtree(saved)
-    shutil.rmtree(base)
+    for granite, schemes in ((False, SCHEMES), (True, GRANITE_SCHEMES)):
+        base = out / "_base"
+        random_model(base, granite)
+        for name, scheme in schemes.items():
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+            ignore = ["lm_head", "re:.*block_sparse_moe\\.router$"] if granite else ["lm_head"]
+            recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore)
+            oneshot(model=model, recipe=recipe, tie_word_embeddings=False)
+            saved = out / f"_{name}"
+            model.save_pretrained(saved, save_compressed=True)
+            target = out / name
+            target.mkdir(parents=True, exist_ok=True)
+            for file in KEPT_FILES:
+                shutil.copyfile(saved / file, target / file)
+            shutil.rmtree(saved)
+        shutil.rmtree(base)
     (out / "versions.json").write_text(json.dumps(
         {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")}))
 
 
 def load(directory: Path, quantize_activations: bool):
     """transformers' model of a checkpoint in float32; the weights dequantize exactly (q * scale
-    in float32), the activations round as the scheme says unless quantize_activations is False."""
+    in float32), the activations round as the scheme says unless quantize_activations is False;
+    a Granite checkpoint's per-expert pieces put back into its stacked experts."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
     if not quantize_activations:
         for group in config.quantization_config["config_groups"].values():
             group["input_activations"] = None
-    return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(directory, config=config,
+                                                 dtype=torch.float32).eval()
+    if config.model_type == "granitemoehybrid":
+        restore_experts(model, directory)
+    return model
+
+
+@torch.no_grad()
+def restore_experts(model, directory: Path) -> None:
+    """Each expert's gate_proj, up_proj and down_proj of the file, dequantized in float32 by
+    compressed-tensors' unpacking, into transformers' stacked gate_up_proj and down_proj."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        def dense(prefix: str) -> torch.Tensor:
+            scale = f.get_tensor(f"{prefix}.weight_scale").float()
+            if f"{prefix}.weight" in f.keys():  # fp8
+                return f.get_tensor(f"{prefix}.weight").float() * scale
+            shape = torch.Size(f.get_tensor(f"{prefix}.weight_shape").tolist())
+            bits = 32 * f.get_slice(f"{prefix}.weight_packed").get_shape()[1] // shape[1]
+            values = unpack_from_int32(f.get_tensor(f"{prefix}.weight_packed"), bits, shape)
+            grouped = values.float().view(shape[0], scale.shape[1], -1) * scale[:, :, None]
+            return grouped.view(shape)
+
+        for index, layer in enumerate(model.model.layers):
+            experts = layer.block_sparse_moe.experts
+            for e in range(experts.gate_up_proj.shape[0]):
+                prefix = f"model.layers.{index}.block_sparse_moe.experts.{e}"
+                experts.gate_up_proj[e].copy_(torch.cat([dense(f"{prefix}.gate_proj"),
+                                                         dense(f"{prefix}.up_proj")]))
+                experts.down_proj[e].copy_(dense(f"{prefix}.down_proj"))
 
 
 @torch.no_grad()
@@ -130,29 +187,38 @@ def record(out: Path) -> None:
 
     maker = json.loads((out / "versions.json").read_text())
     recorder = {p: version(p) for p in ("compressed-tensors", "transformers", "torch")}
-    gaps = {}
-    for name in SCHEMES:
+    lines = []
+    for name, scheme in {**SCHEMES, **GRANITE_SCHEMES}.items():
         directory = out / name
         weight_only = load(directory, quantize_activations=False)
         ids, path = clear_prompt(weight_only)
         tensors = {"input_ids": ids, "logits": weight_only(ids, use_cache=False).logits,
                    "greedy_ids": path}
-        as_written = load(directory, quantize_activations=True)(ids, use_cache=False).logits
-        gaps[name] = (as_written - tensors["logits"]).abs().max().item(), tensors["logits"].std().item()
         save_file({k: v.contiguous() for k, v in tensors.items()},
                   str(directory / "expected_logits.safetensors"),
                   metadata={"recorded_with": json.dumps(recorder)})
-    lines = [f"- `{name}/`: llm-compressor `oneshot` with `QuantizationModifier(targets=\"Linear\", "
-             f"scheme=\"{scheme}\", ignore=[\"lm_head\"])`, data-free, on a seeded random bf16 "
-             "BambaForCausalLM (scripts/llmcompressor_fixture.py CONFIG). Quantizing the "
-             f"activations as the scheme says moves the logits by at most {gaps[name][0]:.3g} "
-             f"(their std: {gaps[name][1]:.3g})." for name, scheme in SCHEMES.items()]
+        if name in GRANITE_SCHEMES:
+            lines.append(f"- `{name}/`: `QuantizationModifier(targets=\"Linear\", scheme="
+                         f"\"{scheme}\", ignore=[\"lm_head\", \"re:.*block_sparse_moe\\.router$\"])` "
+                         "on a seeded random bf16 GraniteMoeHybridForCausalLM (GRANITE_CONFIG); "
+                         "its experts are stored as per-expert gate_proj / up_proj / down_proj "
+                         "linears, which transformers does not read: the expected logits put "
+                         "them back by hand (activations not quantized).")
+            continue
+        as_written = load(directory, quantize_activations=True)(ids, use_cache=False).logits
+        gap = (as_written - tensors["logits"]).abs().max().item()
+        lines.append(f"- `{name}/`: llm-compressor `oneshot` with `QuantizationModifier("
+                     f"targets=\"Linear\", scheme=\"{scheme}\", ignore=[\"lm_head\"])`, "
+                     "data-free, on a seeded random bf16 BambaForCausalLM "
+                     "(scripts/llmcompressor_fixture.py CONFIG). Quantizing the activations as "
+                     f"the scheme says moves the logits by at most {gap:.3g} (their std: "
+                     f"{tensors['logits'].std().item():.3g}).")
     (out / "README.md").write_text(
         "# llm-compressor fixtures\n\nMade by `scripts/make_llmcompressor_fixture.sh` "
         f"with {', '.join(f'{k} {v}' for k, v in maker.items())}; expected logits recorded by "
         f"{', '.join(f'{k} {v}' for k, v in recorder.items())} (float32). Layers quantized: "
         f"{', '.join(quantized_layers(out / next(iter(SCHEMES))))}; lm_head, embeddings, norms, conv, A_log, D, "
-        "dt_bias stay bf16.\n\n" + "\n".join(lines) + "\n")
+        "dt_bias stay bf16 (and a Granite MoE's routers).\n\n" + "\n".join(lines) + "\n")
     (out / "versions.json").unlink()
 
 

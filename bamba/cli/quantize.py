@@ -21,8 +21,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "channel for int8 and fp8")
     parser.add_argument("--ignore", default=None, metavar="NAMES",
                         help="comma-separated linear layers to keep unquantized: checkpoint "
-                             "module names or re:REGEX (empty quantizes every linear); "
-                             "default: lm_head, unless --lm-head gives it a scheme")
+                             "module names or re:REGEX (empty quantizes every linear; a "
+                             "Granite MoE's experts are the linears "
+                             "block_sparse_moe.experts.<e>.gate_proj / up_proj / down_proj, "
+                             "its routers are always kept); default: lm_head, unless "
+                             "--lm-head gives it a scheme")
     parser.add_argument("--lm-head", default=None, choices=SCHEMES, metavar="SCHEME",
                         help="quantize the LM head in a scheme of its own (fp8, int8, or int4 "
                              "in groups of --group-size, default 128; the others a scale a "

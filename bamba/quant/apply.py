@@ -1,6 +1,7 @@
 """Putting quantized modules in place of a model's ``nn.Linear`` and ``nn.Embedding`` modules
-(``QuantizedLinear``, ``QuantizedEmbedding``): empty ones (on the meta device, to load a
-quantized checkpoint into) or quantized from the dense weights."""
+(``QuantizedLinear``, ``QuantizedEmbedding``) and a Granite MoE's stacked experts
+(``QuantizedExpertWeights``): empty ones (on the meta device, to load a quantized checkpoint
+into) or quantized from the dense weights."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from torch import nn
 
 from bamba.quant.config import QuantConfig, QuantGroup, parse_quantization_config, \
     quantization_config_dict
+from bamba.model import ExpertWeights, Router
 from bamba.quant.embedding import QuantizedEmbedding
+from bamba.quant.experts import STACKED_CLASSES, QuantizedExpertWeights, piece_modules
 from bamba.quant.formats import QuantScheme
 from bamba.quant.linear import QuantizedLinear
 
 Rename = Callable[[str], str]  # our module path -> the checkpoint's
 QUANTIZABLE = (nn.Linear, nn.Embedding)
+# A Granite MoE's router as a quantization_config sees it: transformers' module holding a bare
+# weight (our Router's linear), so "Linear" never targets it; llm-compressor ignores it by name.
+ROUTER_CLASSES = ("GraniteMoeHybridTopKRouter",)
 
 
 def _class_names(module: nn.Module) -> tuple[str, ...]:
@@ -25,22 +31,31 @@ def _class_names(module: nn.Module) -> tuple[str, ...]:
 
 def _input_width(module: nn.Module) -> tuple[str, int]:
     """The width a group of inputs divides: a linear's in_features, an embedding's rows."""
-    if isinstance(module, nn.Linear):
-        return "in_features", module.in_features
-    return "embedding_dim", module.embedding_dim
+    if isinstance(module, nn.Embedding):
+        return "embedding_dim", module.embedding_dim
+    return "in_features", module.in_features
 
 
-def targeted_modules(model: nn.Module, qconfig: QuantConfig,
-                     rename: Rename) -> dict[str, QuantGroup]:
+def targeted_modules(model: nn.Module, qconfig: QuantConfig, rename: Rename,
+                     experts: bool = False) -> dict[str, QuantGroup]:
     """Our module path -> its config group, for every ``nn.Linear`` and ``nn.Embedding`` the
-    config quantizes. ValueError (naming the module) when a group size does not divide its
-    input width (an embedding's: its rows) or embeddings tied to the lm_head are targeted."""
+    config quantizes, and with ``experts`` every stacked expert weight whose per-expert linears
+    (``bamba.quant.experts``) it quantizes. ValueError (naming the module) when a group size
+    does not divide its input width (an embedding's: its rows) or embeddings tied to the
+    lm_head are targeted."""
     found: dict[str, QuantGroup] = {}
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    routers = {f"{name}.layer" for name, module in model.named_modules()
+               if isinstance(module, Router)}
     for name, module in model.named_modules():
-        if not isinstance(module, QUANTIZABLE):
+        if name in routers:  # transformers' router is no Linear: it matches by its own name
+            group = qconfig.group_for(rename(name.removesuffix(".layer")), ROUTER_CLASSES)
+        elif isinstance(module, QUANTIZABLE):
+            group = qconfig.group_for(rename(name), _class_names(module))
+        elif experts and isinstance(module, ExpertWeights):
+            group = qconfig.group_for(piece_modules(rename(name), 1)[0], ("Linear",))
+        else:
             continue
-        group = qconfig.group_for(rename(name), _class_names(module))
         if group is None:
             continue
         size = group.scheme.group_size
@@ -52,6 +67,9 @@ def targeted_modules(model: nn.Module, qconfig: QuantConfig,
             raise ValueError(f"{rename(name)} is tied to the "
                              f"{'embeddings' if name == 'lm_head' else 'lm_head'} and cannot "
                              f"be quantized; keep it in the ignore list")
+        if isinstance(module, ExpertWeights) and group.per_tensor:
+            raise ValueError(f"{rename(name)}: experts take a scale per channel or group, "
+                             f"not one per tensor")
         found[name] = group
     return found
 
@@ -81,6 +99,32 @@ def place_empty(model: nn.Module, qconfig: QuantConfig, rename: Rename,
     return list(targets)
 
 
+def place_stored_experts(model: nn.Module, qconfig: QuantConfig, rename: Rename,
+                         stored_scale: Callable[[str], torch.dtype | None]) -> None:
+    """Empty ``QuantizedExpertWeights`` (current default device) for each stacked expert
+    weight a checkpoint holds quantized: ``stored_scale(name)`` gives the dtype of the scale
+    stored beside module ``name`` (checkpoint naming), None when there is none; a scale beside
+    the first per-expert piece, or beside the stack (llm-compressor's first Granite recipe),
+    marks quantized experts, in the scheme the config gives that module. ValueError when it
+    gives none."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, ExpertWeights):
+            continue
+        stacked = rename(name)
+        layouts = ((piece_modules(stacked, 1)[0], ("Linear",)), (stacked, STACKED_CLASSES))
+        found = next(((n, classes) for n, classes in layouts if stored_scale(n) is not None),
+                     None)
+        if found is None:
+            continue
+        group = qconfig.group_for(*found)
+        if group is None or group.per_tensor:
+            raise ValueError(f"{stacked} is stored quantized but quantization_config gives it "
+                             f"no scheme with a scale per channel or group")
+        _replace(model, name, QuantizedExpertWeights(
+            module.experts, module.out_features, module.in_features, group.scheme,
+            stored_scale(found[0])))
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: QuantScheme, ignore: Iterable[str] = ("lm_head",),
                    rename: Rename = str, lm_head: QuantScheme | None = None,
@@ -89,14 +133,19 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, ignore: Iterable[str] 
     and with ``lm_head`` / ``embedding`` those in schemes of their own, recording the
     ``quantization_config`` that ``save_pretrained`` writes."""
     raw = quantization_config_dict(scheme, ignore, lm_head, embedding)
-    targets = targeted_modules(model, parse_quantization_config(raw), rename)
+    targets = targeted_modules(model, parse_quantization_config(raw), rename, experts=True)
     for name, group in targets.items():
-        dense = model.get_submodule(name)
-        quantized = QuantizedEmbedding.from_embedding(dense, group.scheme) \
-            if isinstance(dense, nn.Embedding) else QuantizedLinear.from_linear(dense, group.scheme)
-        _replace(model, name, quantized)
+        _replace(model, name, _quantized(model.get_submodule(name), group.scheme))
     model.quantization_config = raw
     return model
+
+
+def _quantized(dense: nn.Module, scheme: QuantScheme) -> nn.Module:
+    if isinstance(dense, nn.Embedding):
+        return QuantizedEmbedding.from_embedding(dense, scheme)
+    if isinstance(dense, ExpertWeights):
+        return QuantizedExpertWeights.from_stacked(dense.weight, scheme)
+    return QuantizedLinear.from_linear(dense, scheme)
 
 
 @torch.no_grad()
@@ -112,6 +161,12 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
                 dense.bias = nn.Parameter(module.bias.to(dtype), requires_grad=False)
         elif isinstance(module, QuantizedEmbedding):
             dense = nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
+        elif isinstance(module, QuantizedExpertWeights):
+            with torch.device("meta"):
+                dense = ExpertWeights(module.experts, module.out_features, module.in_features)
+            dense.weight = nn.Parameter(module.stacked(dtype), requires_grad=False)
+            _replace(model, name, dense)
+            continue
         else:
             continue
         dense.weight = nn.Parameter(module.dequantized_weight(dtype), requires_grad=False)

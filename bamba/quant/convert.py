@@ -1,8 +1,8 @@
 """``bamba quantize``: a dense checkpoint in, a compressed-tensors one out, tensor by tensor.
 
 The source's tensors are read one at a time from its memory-mapped safetensors files, in
-decoder-layer order; each targeted weight (linears, and the embeddings if asked) is quantized
-as it is read, everything else kept as stored. Only the output is held in memory (at most
+decoder-layer order; each targeted weight (linears, a Granite MoE's experts, and the
+embeddings if asked) is quantized as it is read, everything else kept as stored. Only the output is held in memory (at most
 about the source's size), and the checkpoint is written into a temporary directory and moved
 into place.
 """
@@ -26,6 +26,7 @@ from bamba.checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, checked_tenso
 from bamba.model import BambaLM
 from bamba.quant.apply import targeted_modules
 from bamba.quant.config import parse_quantization_config, quantization_config_dict
+from bamba.quant.experts import quantize_stacked
 from bamba.quant.formats import QuantScheme, quantize
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
     with torch.device("meta"):
         model = BambaLM(config)
     rename = partial(to_checkpoint_name, model_type=config.model_type)
-    targets = targeted_modules(model, parse_quantization_config(quantization), rename)
+    targets = targeted_modules(model, parse_quantization_config(quantization), rename,
+                               experts=True)
     files, plan = checked_tensors(directory, model)
     quantized = {rename(f"{name}.weight"): group.scheme for name, group in targets.items()}
     tensors = _convert(files, quantized, progress)
@@ -88,12 +90,13 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
                             max_shard_size, copy_files)
 
 
-ROUTERS = r"re:.*block_sparse_moe\.router\.layer$"  # a Granite MoE's expert routers
+ROUTERS = r"re:.*block_sparse_moe\.router$"  # a Granite MoE's expert routers
 
 
 def _convert(files: dict[str, Path], quantized: dict[str, QuantScheme],
              progress: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of ``files``; the weights ``quantized`` names in their schemes."""
+    """Every tensor of ``files``; the weights ``quantized`` names in their schemes (stacked
+    experts [E, rows, cols] as per-expert linears)."""
     from tqdm.auto import tqdm
 
     out: dict[str, torch.Tensor] = {}
@@ -101,7 +104,10 @@ def _convert(files: dict[str, Path], quantized: dict[str, QuantScheme],
         for name in names:
             with open_safetensors(files[name]) as f:
                 tensor = f.get_tensor(name)
-            if name in quantized:
+            if name in quantized and tensor.dim() == 3:
+                out.update(quantize_stacked(name.removesuffix(".weight"), tensor,
+                                            quantized[name]))
+            elif name in quantized:
                 prefix = name.removesuffix("weight")
                 out.update({prefix + k: v for k, v in quantize(tensor, quantized[name]).items()})
             else:

@@ -1,0 +1,268 @@
+"""A Granite 4.0 MoE hybrid's experts quantized (``bamba.quant.experts``): on disk as
+llm-compressor writes them (each expert's gate_proj, up_proj and down_proj a linear of its own,
+which vLLM's Granite loader reads), in memory as one quantized [E * rows, cols] stack a kernel
+streams an expert's slice of. Against llm-compressor's own checkpoints (its logits recorded
+with transformers + compressed-tensors), `bamba quantize`'s output, the native steps, and
+one-line errors for pieces that do not fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_ids
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_parity import assert_logits_close
+from test_quant_interop import BF16_ATOL, bamba_greedy, file_tensors, prefill_then_decode, \
+    same_bits
+
+from bamba.checkpoint import from_pretrained, save_pretrained
+from bamba.cli import main as bamba_main
+from bamba.native import accelerate, decode_ops, quant_ops
+from bamba.quant.apply import dequantize_model
+from bamba.quant.experts import QuantizedExpertWeights, locate_piece, piece_modules
+from bamba.quant.formats import QuantScheme, quantize
+
+FIXTURES = Path(__file__).parent / "fixtures" / "llmcompressor"
+LLMCOMPRESSOR = {"granite_moe_w4a16": QuantScheme("int4", 128),
+                 "granite_moe_fp8_dynamic": QuantScheme("fp8")}
+OUR_SCHEMES = {"fp8": QuantScheme("fp8"), "int8": QuantScheme("int8"),
+               "int4": QuantScheme("int4", 32)}
+# widths divisible by the int4 group: hidden 128, experts and shared MLP 128 wide, 4 experts
+SHAPE = dict(hidden_size=128, intermediate_size=128, shared_intermediate_size=128,
+             mamba_d_head=64)
+
+
+def experts_of(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [layer.feed_forward.experts for layer in model.model.layers]
+
+
+def joined(tensors: dict[str, torch.Tensor], stacked: str, experts: int,
+           leaf: str) -> torch.Tensor:
+    """A stacked module's tensor ``leaf`` gathered from the per-expert pieces of a file."""
+    return torch.cat([tensors[f"{m}.{leaf}"] for m in piece_modules(stacked, experts)])
+
+
+# ---- llm-compressor's Granite checkpoints in bamba -------------------------------------------
+@pytest.mark.parametrize("name", LLMCOMPRESSOR)
+def test_llmcompressor_granite_experts_load_still_quantized_bit_for_bit(name):
+    tensors = file_tensors(FIXTURES / name)
+    model = from_pretrained(FIXTURES / name)
+    for index, experts in enumerate(experts_of(model)):
+        assert type(experts.router.layer) is torch.nn.Linear  # llm-compressor's ignore list
+        for kind in ("input_linear", "output_linear"):
+            held = getattr(experts, kind)
+            assert isinstance(held, QuantizedExpertWeights) and held.scheme == LLMCOMPRESSOR[name]
+            stacked = f"model.layers.{index}.block_sparse_moe.{kind}"
+            for leaf, value in held.quantized_tensors().items():
+                if leaf != "weight_shape":
+                    assert same_bits(value, joined(tensors, stacked, held.experts, leaf)), leaf
+
+
+@pytest.mark.parametrize("name", LLMCOMPRESSOR)
+def test_llmcompressor_granite_checkpoint_gives_transformers_logits(name):
+    """transformers' logits with the file's experts dequantized by compressed-tensors (it does
+    not read per-expert tensors itself: the fixture script puts them back)."""
+    expected = load_file(FIXTURES / name / "expected_logits.safetensors")
+    model = from_pretrained(FIXTURES / name)
+    with torch.no_grad():
+        assert_logits_close(model(expected["input_ids"]), expected["logits"])
+    assert bamba_greedy(model, expected["input_ids"], 6) == \
+        expected["greedy_ids"][:, expected["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("name", LLMCOMPRESSOR)
+def test_llmcompressor_granite_in_bf16_with_the_native_kernels(name, monkeypatch):
+    """Prefill (each picked expert's products on the quantized kernels) and token-by-token
+    decode in the one-call step (each pick's slice streamed quantized)."""
+    calls = []
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(QuantizedExpertWeights, "expert", None)  # no dequantized experts
+    expected = load_file(FIXTURES / name / "expected_logits.safetensors")
+    model = accelerate(from_pretrained(FIXTURES / name, dtype=torch.bfloat16))
+    logits = prefill_then_decode(model, expected["input_ids"], prefill=7)
+    assert len(calls) == expected["input_ids"].shape[1] - 7
+    diff = (logits - expected["logits"]).abs().max().item()
+    assert diff <= BF16_ATOL, f"max abs logit difference {diff:.3g} > {BF16_ATOL}"
+
+
+@pytest.mark.parametrize("name", LLMCOMPRESSOR)
+def test_llmcompressor_granite_saved_by_bamba_is_the_same_file(name, tmp_path):
+    save_pretrained(from_pretrained(FIXTURES / name, dtype=torch.bfloat16), tmp_path)
+    stored, saved = file_tensors(FIXTURES / name), file_tensors(tmp_path)
+    assert set(saved) == set(stored)
+    for key, value in stored.items():  # A_log, D and dt_bias come back float32, same values
+        assert same_bits(saved[key], value) or torch.equal(saved[key].float(), value.float()), key
+
+
+# ---- `bamba quantize` of a Granite MoE -------------------------------------------------------
+@pytest.fixture(scope="module")
+def quantized_granite(tmp_path_factory) -> dict[str, Path]:
+    """A transformers Granite MoE (bf16) and `bamba quantize` of it in each scheme."""
+    from conftest import build_tokenizer, hf_model
+
+    root = tmp_path_factory.mktemp("granite-experts")
+    hf_model("granite-moe", **SHAPE).to(torch.bfloat16).save_pretrained(root / "source")
+    build_tokenizer().save_pretrained(root / "source")
+    out = {"source": root / "source"}
+    for name, scheme in OUR_SCHEMES.items():
+        group = [] if scheme.group_size is None else ["--group-size", str(scheme.group_size)]
+        assert bamba_main(["quantize", str(root / "source"), str(root / name), "--scheme", name,
+                           "--no-progress", *group]) == 0
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name", OUR_SCHEMES)
+def test_quantize_writes_each_expert_as_llmcompressor_does(quantized_granite, name):
+    """Per-expert gate_proj / up_proj / down_proj tensors, each the source expert's rows
+    quantized as a linear's would be; the routers kept in bf16 and ignored by name."""
+    scheme = OUR_SCHEMES[name]
+    source, stored = file_tensors(quantized_granite["source"]), file_tensors(quantized_granite[name])
+    layers = sum(k.endswith("input_layernorm.weight") for k in source)
+    for index in range(layers):
+        moe = f"model.layers.{index}.block_sparse_moe"
+        assert f"{moe}.input_linear.weight" not in stored
+        assert stored[f"{moe}.router.layer.weight"].dtype == torch.bfloat16
+        gate_up, down = source[f"{moe}.input_linear.weight"], source[f"{moe}.output_linear.weight"]
+        width = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            rows = {"gate_proj": gate_up[e, :width], "up_proj": gate_up[e, width:],
+                    "down_proj": down[e]}
+            for proj, weight in rows.items():
+                for leaf, value in quantize(weight, scheme).items():
+                    key = f"{moe}.experts.{e}.{proj}.{leaf}"
+                    assert locate_piece(key) is not None and same_bits(stored[key], value), key
+    config = json.loads((quantized_granite[name] / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["targets"] == ["Linear"]
+    assert r"re:.*block_sparse_moe\.router$" in config["quantization_config"]["ignore"]
+
+
+@pytest.mark.parametrize("name", OUR_SCHEMES)
+def test_quantized_experts_give_the_logits_of_their_dequantized_weights(quantized_granite, name,
+                                                                       tmp_path):
+    """Exactly (float32): the torch path dequantizes each picked expert; saving writes the
+    file back bit for bit."""
+    model = from_pretrained(quantized_granite[name])
+    assert all(isinstance(e.input_linear, QuantizedExpertWeights) and
+               e.output_linear.scheme == OUR_SCHEMES[name] for e in experts_of(model))
+    ids = random_ids(2, 13, seed=5)
+    with torch.no_grad():
+        quantized = model(ids)
+        save_pretrained(model, tmp_path)
+        dense = dequantize_model(model, torch.float32)
+        assert type(experts_of(dense)[0].input_linear).__name__ == "ExpertWeights"
+        assert torch.equal(dense(ids), quantized)
+    stored, saved = file_tensors(quantized_granite[name]), file_tensors(tmp_path)
+    assert set(saved) == set(stored)
+    for key in (k for k in stored if locate_piece(k) is not None):
+        assert same_bits(saved[key], stored[key]), key
+
+
+@pytest.mark.parametrize("name", OUR_SCHEMES)
+def test_quantized_experts_run_in_the_native_steps_as_the_torch_path(quantized_granite, name,
+                                                                    monkeypatch):
+    """bf16: prefill and the one-call decode step on the quantized kernels, within bf16
+    rounding of the torch path (a wrong expert's slice is off by the logits' own size)."""
+    calls = []
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = random_ids(2, 15, seed=11)
+    previous = quant_ops.set_int8_activations(False)
+    try:
+        ref = prefill_then_decode(from_pretrained(quantized_granite[name], dtype=torch.bfloat16),
+                                  ids, prefill=9)
+        model = accelerate(from_pretrained(quantized_granite[name], dtype=torch.bfloat16))
+        with monkeypatch.context() as patch:
+            patch.setattr(QuantizedExpertWeights, "expert", None)
+            fast = prefill_then_decode(model, ids, prefill=9)
+    finally:
+        quant_ops.set_int8_activations(previous)
+    assert len(calls) == 6
+    assert (fast - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+# ---- what does not fit -----------------------------------------------------------------------
+def _rewrite(source: Path, target: Path, change) -> Path:
+    """A copy of checkpoint ``source`` whose tensors pass through ``change(dict)``."""
+    target.mkdir()
+    for item in source.iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    tensors = file_tensors(source)
+    change(tensors)
+    save_file(tensors, str(target / "model.safetensors"))
+    return target
+
+
+def _error(directory: Path, capsys) -> str:
+    """from_pretrained's one-line ValueError, which `bamba generate` prints (exit 2)."""
+    with pytest.raises(ValueError) as info:
+        from_pretrained(directory)
+    assert "\n" not in str(info.value)
+    assert bamba_main(["generate", "--model", str(directory), "--prompt", "x", "--threads",
+                       "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"bamba generate: error: {info.value}", err
+    return err
+
+
+def test_a_missing_expert_piece_is_named_in_one_line(quantized_granite, tmp_path, capsys):
+    piece = "model.layers.1.block_sparse_moe.experts.2.up_proj.weight_packed"
+    broken = _rewrite(quantized_granite["int4"], tmp_path / "missing",
+                      lambda t: t.pop(piece))
+    assert f"missing tensors {piece}" in _error(broken, capsys)
+
+
+def test_a_piece_holding_the_wrong_shape_is_named_in_one_line(quantized_granite, tmp_path,
+                                                               capsys):
+    piece = "model.layers.0.block_sparse_moe.experts.1.down_proj.weight_shape"
+    broken = _rewrite(quantized_granite["int8"], tmp_path / "shape",
+                      lambda t: t.__setitem__(piece, torch.tensor([64, 256])))
+    assert f"tensor {piece} holds [64, 256], expected [128, 128]" in _error(broken, capsys)
+
+
+def test_an_expert_past_the_configs_count_is_an_unexpected_tensor(quantized_granite, tmp_path,
+                                                                  capsys):
+    extra = "model.layers.0.block_sparse_moe.experts.4.gate_proj.weight"
+    broken = _rewrite(quantized_granite["fp8"], tmp_path / "extra", lambda t: t.__setitem__(
+        extra, t["model.layers.0.block_sparse_moe.experts.0.gate_proj.weight"].clone()))
+    assert f"unexpected tensor {extra} for this config" in _error(broken, capsys)
+
+
+def test_experts_the_config_does_not_quantize_are_a_one_line_error(quantized_granite, tmp_path,
+                                                                   capsys):
+    directory = _rewrite(quantized_granite["int8"], tmp_path / "ignored", lambda t: None)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["ignore"].append(r"re:.*block_sparse_moe\.experts\..*")
+    (directory / "config.json").write_text(json.dumps(config))
+    assert "block_sparse_moe.input_linear is stored quantized but quantization_config gives " \
+        "it no scheme" in _error(directory, capsys)
+
+
+def test_the_older_fp8_stack_layout_reads_as_the_per_expert_one(quantized_granite, tmp_path):
+    """llm-compressor's first Granite 4 recipe stored fp8 experts whole: input_linear.weight
+    [E, 2F, H] with weight_scale [E, 2F, 1]."""
+    def stack(tensors: dict[str, torch.Tensor]) -> None:
+        for key in [k for k in tensors if k.endswith("experts.0.gate_proj.weight")]:
+            moe = key.removesuffix(".experts.0.gate_proj.weight")
+            for kind in ("input_linear", "output_linear"):
+                modules = piece_modules(f"{moe}.{kind}", 4)
+                for leaf in ("weight", "weight_scale"):
+                    parts = [tensors.pop(f"{m}.{leaf}") for m in modules]
+                    tensors[f"{moe}.{kind}.{leaf}"] = torch.cat(parts).view(4, -1, parts[0].shape[1])
+
+    directory = _rewrite(quantized_granite["fp8"], tmp_path / "stacked", stack)
+    ids = random_ids(1, 9, seed=2)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(directory)(ids),
+                           from_pretrained(quantized_granite["fp8"])(ids))
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.0.block_sparse_moe.input_linear.weight").get_shape() \
+            == [4, 256, 128]
