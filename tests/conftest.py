@@ -10,6 +10,7 @@ tests see non-trivial values, and saves it (with a tokenizer) into a fresh temp 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -105,18 +106,29 @@ def hf_model(kind: str, seed: int = 0, **overrides: Any) -> Any:
     return model
 
 
-def build_tokenizer(add_bos_token: bool = False, chat_template: str | None = None) -> Any:
-    """A byte-level BPE trained in milliseconds, wrapped as transformers' PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(add_bos_token: bool = False, chat_template: str | None = None,
+                    split: tuple[str, bool] | None = None) -> Any:
+    """A byte-level BPE trained in milliseconds, wrapped as transformers' PreTrainedTokenizerFast:
+    GPT-2's split, or with ``split`` = (regex, ignore_merges) a Split before a regex-free
+    ByteLevel, as Llama 3's tokenizer.json has it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split[0]), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     backend.train_from_iterator(TOKENIZER_TEXTS, trainer=trainer)
+    if split is not None and split[1]:
+        raw = json.loads(backend.to_str())
+        raw["model"]["ignore_merges"] = True
+        backend = Tokenizer.from_str(json.dumps(raw))
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", add_bos_token=add_bos_token,
                                    chat_template=chat_template)

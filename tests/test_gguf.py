@@ -5,6 +5,7 @@ export greedily as bamba does (slow), and bad files fail with one line (exit 2 i
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -322,6 +323,77 @@ def test_tokenizer_round_trips_through_gguf_metadata(make_hf_checkpoint, tmp_pat
     assert back.chat_template == tokenizer.chat_template
     tokens = gguf.GGUFReader(out).get_field("tokenizer.ggml.tokens").contents()
     assert len(tokens) == 320 and tokens[-1] == "[PAD319]"  # padded to the model's vocabulary
+
+
+# Texts where the splits differ: contractions in capitals, digit runs, newlines and spaces.
+SPLIT_TEXTS = [*TOKENIZER_TEXTS, "I'LL say DON'T, you're 1234567 and 89 or 1 22 333.",
+               "a\n\n  b\t\tc   \r\n d  ", "  lead and trail  ", "x=1;y+=22/7 東京 café"]
+
+
+def _split_checkpoint(make_hf_checkpoint, name: str) -> Path:
+    """A checkpoint whose tokenizer splits as llama.cpp's pre-tokenizer ``name``."""
+    from bamba.gguf.vocab import SPLITS
+
+    source = make_hf_checkpoint("hybrid", tokenizer=False)
+    build_tokenizer(split=SPLITS[name]).save_pretrained(source)
+    return source
+
+
+@pytest.mark.parametrize("name", ["llama-bpe", "dbrx", "qwen2"])
+def test_llama3_and_qwen2_splits_travel_by_their_llama_cpp_names(make_hf_checkpoint, tmp_path,
+                                                                  name):
+    """Llama 3's split (Bamba-9B's tokenizer; with its whole words skipping the merges, or
+    not, as cl100k-style tokenizers) and Qwen2's: exported under llama.cpp's name, read back
+    encoding as the source tokenizer does (as GPT-2's split would not: digit runs, capital
+    contractions and newlines split otherwise)."""
+    from transformers import AutoTokenizer
+
+    source = _split_checkpoint(make_hf_checkpoint, name)
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf", "f32")
+    assert gguf.GGUFReader(out).get_field("tokenizer.ggml.pre").contents() == name
+    theirs, back = AutoTokenizer.from_pretrained(source), load_tokenizer(out)
+    gpt2 = load_tokenizer(make_hf_checkpoint("hybrid"))
+    differs = False
+    for text in SPLIT_TEXTS:
+        assert back.encode(text, add_special_tokens=False) == \
+            theirs(text, add_special_tokens=False)["input_ids"], text
+        assert back.decode(back.encode(text)) == text
+        differs |= gpt2.backend.pre_tokenizer.pre_tokenize_str(text) != \
+            back.backend.pre_tokenizer.pre_tokenize_str(text)
+    assert differs
+
+
+def test_a_pre_tokenizer_without_a_llama_cpp_name_is_refused(make_hf_checkpoint, tmp_path):
+    source = _split_checkpoint(make_hf_checkpoint, "dbrx")
+    tokenizer = load_tokenizer(source)
+    raw = json.loads(tokenizer.backend.to_str())
+    raw["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+"
+    from tokenizers import Tokenizer as Backend
+    tokenizer.backend = Backend.from_str(json.dumps(raw))
+    with pytest.raises(ValueError, match="needs a byte-level pre-tokenizer llama.cpp names"):
+        export_gguf(from_pretrained(source), tokenizer, tmp_path / "m.gguf", "f32")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt-2", "llama-bpe", "dbrx", "qwen2"])
+def test_llama_cpp_tokenizes_our_export_as_bamba_does(make_hf_checkpoint, tmp_path, name):
+    """llama-server's /tokenize of our export: the ids bamba's GGUF tokenizer gives."""
+    import httpx
+
+    source = make_hf_checkpoint("hybrid") if name == "gpt-2" else \
+        _split_checkpoint(make_hf_checkpoint, name)
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf", "f32")
+    ours = load_tokenizer(out)
+    server = llama_cpp.start(llama_cpp.find_or_build(), out, 8918, 1, 1, 256)
+    try:
+        for text in SPLIT_TEXTS:
+            reply = httpx.post("http://127.0.0.1:8918/tokenize", timeout=60,
+                               json={"content": text, "add_special": False}).json()
+            assert reply["tokens"] == ours.encode(text, add_special_tokens=False), text
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_gguf_magic_without_the_suffix_is_recognised(make_hf_checkpoint, tmp_path):

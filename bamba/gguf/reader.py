@@ -25,7 +25,7 @@ import torch
 from bamba.config import GRANITE, BambaConfig
 from bamba.gguf.layout import (ARCHITECTURES, CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY,
                                from_gguf, gguf_shape, piece_shape, pieces)
-from bamba.gguf.vocab import PRE_TOKENIZER, GGUFVocab, tokenizer_from
+from bamba.gguf.vocab import SPLITS, GGUFVocab, tokenizer_from
 from bamba.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def dequantized(tensor: Any) -> torch.Tensor:
 
 
 def load_vocab(path: str | os.PathLike) -> GGUFVocab:
-    """The tokenizer keys of a GGUF file (model ``gpt2`` with the GPT-2 split only)."""
+    """The tokenizer keys of a GGUF file (model ``gpt2`` with a split of ``SPLITS``)."""
     path = Path(path)
     reader = open_gguf(path)
     architecture(reader, path)  # a file of another model fails as such, tokenizer or not
@@ -309,9 +309,9 @@ def load_vocab(path: str | os.PathLike) -> GGUFVocab:
         raise ValueError(f"{path}: tokenizer model {model!r} is not supported "
                          "(only byte-level BPE, 'gpt2'); pass --tokenizer DIR")
     pre = field_value(reader, "tokenizer.ggml.pre", "default")
-    if pre != PRE_TOKENIZER:
+    if pre not in SPLITS:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported (only "
-                         f"{PRE_TOKENIZER!r}); pass --tokenizer DIR")
+                         f"{', '.join(SPLITS)}); pass --tokenizer DIR")
     tokens = _required(reader, path, "tokenizer.ggml.tokens")
     types = field_value(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
     if len(types) != len(tokens):
@@ -324,7 +324,7 @@ def load_vocab(path: str | os.PathLike) -> GGUFVocab:
                      {k: v for k, v in special.items() if v is not None},
                      bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)),
                      bool(field_value(reader, "tokenizer.ggml.add_eos_token", False)),
-                     field_value(reader, "tokenizer.chat_template"))
+                     field_value(reader, "tokenizer.chat_template"), pre)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
