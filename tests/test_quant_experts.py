@@ -189,6 +189,38 @@ def test_quantized_experts_run_in_the_native_steps_as_the_torch_path(quantized_g
     assert (fast - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
+def test_generate_and_the_engine_run_quantized_experts_as_plain_forward(quantized_granite):
+    """float32 (the torch path on both sides, so the tokens compare exactly): generate and the
+    engine's greedy tokens are those of full forwards without a cache."""
+    from bamba.engine import LLM, SamplingParams
+    from bamba.generation import GenerationConfig, generate
+
+    model = from_pretrained(quantized_granite["int4"])
+    prompt = random_ids(1, 7, seed=4)[0].tolist()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    want = ids[len(prompt):]
+    config = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    assert generate(model, [prompt], config)[0].token_ids == want
+    llm = LLM(str(quantized_granite["int4"]), dtype="float32", memory_gb=0.02)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert list(llm.generate([prompt], params)[0].outputs[0].token_ids) == want
+
+
+def test_pieces_split_across_shards_join(quantized_granite, tmp_path):
+    """Sharded small enough that an expert stack's pieces land in several files."""
+    model = from_pretrained(quantized_granite["int8"])
+    save_pretrained(model, tmp_path, max_shard_size="60KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    stack = piece_modules("model.layers.0.block_sparse_moe.input_linear", 4)
+    assert len({index[f"{m}.weight_packed"] for m in stack}) > 1
+    ids = random_ids(1, 9, seed=8)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path)(ids), model(ids))
+
+
 # ---- what does not fit -----------------------------------------------------------------------
 def _rewrite(source: Path, target: Path, change) -> Path:
     """A copy of checkpoint ``source`` whose tensors pass through ``change(dict)``."""
