@@ -24,14 +24,19 @@ from bamba.checkpoint import from_pretrained, save_pretrained
 from bamba.cli import main as bamba_main
 from bamba.native import accelerate, decode_ops, quant_ops
 from bamba.quant.apply import dequantize_model
+from bamba.quant.config import EXPERT_LINEARS
 from bamba.quant.experts import QuantizedExpertWeights, locate_piece, piece_modules
 from bamba.quant.formats import QuantScheme, quantize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llmcompressor"
 LLMCOMPRESSOR = {"granite_moe_w4a16": QuantScheme("int4", 128),
                  "granite_moe_fp8_dynamic": QuantScheme("fp8")}
-OUR_SCHEMES = {"fp8": QuantScheme("fp8"), "int8": QuantScheme("int8"),
-               "int4": QuantScheme("int4", 32)}
+# `bamba quantize` variants: flags, and the experts' scheme (the other linears' the --scheme)
+OUR_SCHEMES = {"fp8": (["--scheme", "fp8"], QuantScheme("fp8")),
+               "int8": (["--scheme", "int8"], QuantScheme("int8")),
+               "int4": (["--scheme", "int4", "--group-size", "32"], QuantScheme("int4", 32)),
+               "fp8-experts-int4": (["--scheme", "fp8", "--experts", "int4", "--group-size",
+                                     "32"], QuantScheme("int4", 32))}
 # widths divisible by the int4 group: hidden 128, experts and shared MLP 128 wide, 4 experts
 SHAPE = dict(hidden_size=128, intermediate_size=128, shared_intermediate_size=128,
              mamba_d_head=64)
@@ -111,10 +116,9 @@ def quantized_granite(tmp_path_factory) -> dict[str, Path]:
     hf_model("granite-moe", **SHAPE).to(torch.bfloat16).save_pretrained(root / "source")
     build_tokenizer().save_pretrained(root / "source")
     out = {"source": root / "source"}
-    for name, scheme in OUR_SCHEMES.items():
-        group = [] if scheme.group_size is None else ["--group-size", str(scheme.group_size)]
-        assert bamba_main(["quantize", str(root / "source"), str(root / name), "--scheme", name,
-                           "--no-progress", *group]) == 0
+    for name, (flags, _) in OUR_SCHEMES.items():
+        assert bamba_main(["quantize", str(root / "source"), str(root / name), "--no-progress",
+                           *flags]) == 0
         out[name] = root / name
     return out
 
@@ -123,7 +127,7 @@ def quantized_granite(tmp_path_factory) -> dict[str, Path]:
 def test_quantize_writes_each_expert_as_llmcompressor_does(quantized_granite, name):
     """Per-expert gate_proj / up_proj / down_proj tensors, each the source expert's rows
     quantized as a linear's would be; the routers kept in bf16 and ignored by name."""
-    scheme = OUR_SCHEMES[name]
+    scheme = OUR_SCHEMES[name][1]
     source, stored = file_tensors(quantized_granite["source"]), file_tensors(quantized_granite[name])
     layers = sum(k.endswith("input_layernorm.weight") for k in source)
     for index in range(layers):
@@ -151,7 +155,9 @@ def test_quantized_experts_give_the_logits_of_their_dequantized_weights(quantize
     file back bit for bit."""
     model = from_pretrained(quantized_granite[name])
     assert all(isinstance(e.input_linear, QuantizedExpertWeights) and
-               e.output_linear.scheme == OUR_SCHEMES[name] for e in experts_of(model))
+               e.output_linear.scheme == OUR_SCHEMES[name][1] for e in experts_of(model))
+    linears = model.model.layers[0].feed_forward.input_linear.scheme
+    assert linears.name == OUR_SCHEMES[name][0][1]
     ids = random_ids(2, 13, seed=5)
     with torch.no_grad():
         quantized = model(ids)
@@ -219,6 +225,30 @@ def test_pieces_split_across_shards_join(quantized_granite, tmp_path):
     ids = random_ids(1, 9, seed=8)
     with torch.no_grad():
         assert torch.equal(from_pretrained(tmp_path)(ids), model(ids))
+
+
+def test_experts_in_a_scheme_of_their_own_are_a_config_group_of_their_own(quantized_granite):
+    """--experts: a group targeting the per-expert linears by regex (beside "Linear"), so
+    compressed-tensors (a regex over a class) and vLLM give them that scheme; fp8 beside packed
+    int4 makes a mixed-precision config."""
+    raw = json.loads((quantized_granite["fp8-experts-int4"] / "config.json").read_text())
+    config = raw["quantization_config"]
+    assert config["format"] == "mixed-precision"
+    groups = list(config["config_groups"].values())
+    assert [g["targets"] for g in groups] == [["Linear"], [EXPERT_LINEARS]]
+    assert [(g["format"], g["weights"]["num_bits"]) for g in groups] == \
+        [("float-quantized", 8), ("pack-quantized", 4)]
+
+
+def test_experts_flag_on_a_model_without_experts_is_one_line(make_hf_checkpoint, tmp_path,
+                                                             capsys):
+    source = make_hf_checkpoint("granite")
+    capsys.readouterr()  # transformers' saving
+    assert bamba_main(["quantize", str(source), str(tmp_path / "out"), "--scheme", "int8",
+                       "--experts", "int4", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no experts to quantize apart" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 # ---- what does not fit -----------------------------------------------------------------------

@@ -34,6 +34,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="quantize the token embeddings too (schemes as --lm-head), as "
                              "llama.cpp's --token-embedding-type; default: kept dense. Only "
                              "bamba reads quantized embeddings (transformers cannot load them)")
+    parser.add_argument("--experts", default=None, choices=SCHEMES, metavar="SCHEME",
+                        help="a Granite MoE's experts in a scheme of their own (schemes as "
+                             "--lm-head), e.g. int4 experts beside int8 attention, Mamba and "
+                             "shared MLP; default: the --scheme of the other linears")
     parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                         help="split the safetensors file above this size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -41,11 +45,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def group_size_for(scheme: str, group_size: int | None) -> int | None:
     """The group size a scheme gets: int4 defaults to 128; fp8 has one scale per channel."""
-    if scheme == "fp8" and group_size is not None:
-        raise ValueError("--group-size applies to int8 and int4; fp8 has one scale per "
-                         "output channel")
     if group_size is not None and group_size <= 0:
         raise ValueError(f"--group-size must be positive, got {group_size}")
+    if scheme == "fp8":
+        return None
     return DEFAULT_INT4_GROUP if scheme == "int4" and group_size is None else group_size
 
 
@@ -53,16 +56,21 @@ def run(args: argparse.Namespace) -> int:
     from bamba.quant.convert import quantize_checkpoint
     from bamba.quant.formats import make_scheme
 
+    named = [n for n in (args.scheme, args.lm_head, args.embedding, args.experts) if n]
+    if args.group_size is not None and all(n == "fp8" for n in named):
+        raise ValueError("--group-size applies to int8 and int4; fp8 has one scale per "
+                         "output channel")
     scheme = make_scheme(args.scheme, group_size_for(args.scheme, args.group_size))
-    lm_head, embedding = (None if name is None else make_scheme(
+    lm_head, embedding, experts = (None if name is None else make_scheme(
         name, group_size_for(name, args.group_size if name == "int4" else None))
-        for name in (args.lm_head, args.embedding))
+        for name in (args.lm_head, args.embedding, args.experts))
     ignore = ignore_list(args.ignore, lm_head is not None)
     path = quantize_checkpoint(args.source, args.target, scheme, ignore,
                                max_shard_size=args.max_shard_size, progress=not args.no_progress,
-                               lm_head=lm_head, embedding=embedding)
+                               lm_head=lm_head, embedding=embedding, experts=experts)
     extras = "".join(f", {what} {s.name}" for what, s in (("lm_head", lm_head),
-                                                         ("embeddings", embedding)) if s)
+                                                         ("embeddings", embedding),
+                                                         ("experts", experts)) if s)
     print(f"wrote {path} ({scheme.name}"
           f"{'' if scheme.group_size is None else f', group size {scheme.group_size}'}{extras})")
     return 0

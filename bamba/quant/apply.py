@@ -128,11 +128,12 @@ def place_stored_experts(model: nn.Module, qconfig: QuantConfig, rename: Rename,
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: QuantScheme, ignore: Iterable[str] = ("lm_head",),
                    rename: Rename = str, lm_head: QuantScheme | None = None,
-                   embedding: QuantScheme | None = None) -> nn.Module:
+                   embedding: QuantScheme | None = None,
+                   experts: QuantScheme | None = None) -> nn.Module:
     """Quantize ``model``'s linears in place (all but ``ignore``, compressed-tensors matching),
     and with ``lm_head`` / ``embedding`` those in schemes of their own, recording the
     ``quantization_config`` that ``save_pretrained`` writes."""
-    raw = quantization_config_dict(scheme, ignore, lm_head, embedding)
+    raw = quantization_config_dict(scheme, ignore, lm_head, embedding, experts)
     targets = targeted_modules(model, parse_quantization_config(raw), rename, experts=True)
     for name, group in targets.items():
         _replace(model, name, _quantized(model.get_submodule(name), group.scheme))

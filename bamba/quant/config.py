@@ -22,6 +22,8 @@ FORMATS = (FLOAT_FORMAT, PACKED_FORMAT)
 MIXED_FORMAT = "mixed-precision"  # each config group names its own format
 STATUS_COMPRESSED = "compressed"
 LM_HEAD = "lm_head"
+# A Granite MoE's experts as per-expert linears (``bamba.quant.experts``), for a group of their own
+EXPERT_LINEARS = r"re:.*block_sparse_moe\.experts\.\d+\.(gate_proj|up_proj|down_proj)$"
 # (weights type, num_bits) -> our scheme name
 _SCHEME_OF = {("float", 8): "fp8", ("int", 8): "int8", ("int", 4): "int4"}
 
@@ -79,17 +81,21 @@ def weights_dict(scheme: QuantScheme) -> dict[str, Any]:
 
 def quantization_config_dict(scheme: QuantScheme, ignore: Iterable[str],
                              lm_head: QuantScheme | None = None,
-                             embedding: QuantScheme | None = None) -> dict[str, Any]:
+                             embedding: QuantScheme | None = None,
+                             experts: QuantScheme | None = None) -> dict[str, Any]:
     """The ``quantization_config`` ``bamba quantize`` writes: weight-only (activations stay in
     the model's dtype, ``input_activations: null``), every Linear but ``ignore`` in
-    ``scheme``; with ``lm_head`` or ``embedding``, a group of its own for the LM head (by
-    name) or the token embeddings (class ``Embedding``). Groups of different formats make
-    a "mixed-precision" config, each group naming its format."""
+    ``scheme``; with ``lm_head``, ``embedding`` or ``experts``, a group of its own for the LM
+    head (by name), the token embeddings (class ``Embedding``) or a Granite MoE's experts (by
+    regex over their per-expert linears). Groups of different formats make a
+    "mixed-precision" config, each group naming its format."""
     groups = [(["Linear"], scheme)]
     if lm_head is not None:
         groups.append(([LM_HEAD], lm_head))
     if embedding is not None:
         groups.append((["Embedding"], embedding))
+    if experts is not None:
+        groups.append(([EXPERT_LINEARS], experts))
     formats = {_format_of(s) for _, s in groups}
     mixed = len(formats) > 1
     return {

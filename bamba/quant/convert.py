@@ -51,11 +51,13 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
                         scheme: QuantScheme, ignore: Iterable[str] = ("lm_head",),
                         max_shard_size: int | str = "2GB", progress: bool = True,
                         lm_head: QuantScheme | None = None,
-                        embedding: QuantScheme | None = None) -> Path:
+                        embedding: QuantScheme | None = None,
+                        experts: QuantScheme | None = None) -> Path:
     """Write ``source`` quantized with ``scheme`` to ``target`` (every linear but ``ignore``,
-    compressed-tensors matching on checkpoint names; the lm_head and the token embeddings
-    in schemes of their own when given). ValueError, before anything is written, for a
-    source that is already quantized or a group size that does not divide a layer."""
+    compressed-tensors matching on checkpoint names; the lm_head, the token embeddings and a
+    Granite MoE's experts in schemes of their own when given). ValueError, before anything
+    is written, for a source that is already quantized, ``experts`` for a model without
+    them, or a group size that does not divide a layer."""
     directory = resolve_checkpoint(source)
     config = load_config(directory)
     raw_config = json.loads((directory / CONFIG_NAME).read_text())
@@ -69,7 +71,9 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
         raise ValueError(f"{out_dir}: the destination must differ from the source")
     if config.num_local_experts:  # routers stay dense, as llm-compressor's MoE recipes keep them
         ignore = [*ignore, ROUTERS]
-    quantization = quantization_config_dict(scheme, ignore, lm_head, embedding)
+    elif experts is not None:
+        raise ValueError(f"{directory}: has no experts to quantize apart (not a Granite MoE)")
+    quantization = quantization_config_dict(scheme, ignore, lm_head, embedding, experts)
     with torch.device("meta"):
         model = BambaLM(config)
     rename = partial(to_checkpoint_name, model_type=config.model_type)
