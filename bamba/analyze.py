@@ -32,6 +32,12 @@ Conventions of the exact model, and where it departs from the appendix (and why)
 * Weights: every non-embedding parameter is read once per step at the weight dtype, plus the
   head matrix, plus the embedding rows gathered for the step's tokens. Activations are not
   counted (b·h per layer).
+* Experts (Granite 4.0 MoE hybrids): a token multiplies its router ([E, h]) and the k experts it
+  picks (3·F·h each, F an expert's width); a step reads the router whole and, of each layer's
+  E experts, those its t tokens pick: E·(1 − (1 − k/E)^t) in expectation when each token picks
+  k distinct experts uniformly and independently (real routers are skewed: fewer). Their twin
+  is the same model with attention in every layer, experts kept; the appendix, which has no
+  experts, is not printed for them.
 * Mamba2 mixer size: the appendix's 15.5h²l means about 5h² per mixer, but the real in_proj
   has 2·expand·h + 2·G·N + H outputs (z, x, B, C, dt) and out_proj expand·h inputs, i.e.
   6h² + h·(2GN + H) per mixer: the exact hybrid's layer weights are 16.3h²l for Bamba-9B
@@ -190,6 +196,33 @@ def parameter_count(c: BambaConfig) -> int:
     return sum(param_breakdown(c).values())
 
 
+def expert_params(c: BambaConfig) -> int:
+    """One expert's parameters (its gate, up and down projections)."""
+    return 3 * c.expert_intermediate_size * c.hidden_size
+
+
+def experts_touched(c: BambaConfig, tokens: int) -> float:
+    """Expected experts of a layer that ``tokens`` tokens pick between them (uniform routing:
+    each token k distinct of E); 0 without experts."""
+    e, k = c.num_local_experts, c.num_experts_per_tok
+    return 0.0 if not e else e * (1 - (1 - k / e) ** tokens)
+
+
+def active_parameter_count(c: BambaConfig) -> int:
+    """Parameters a token multiplies or looks up: all but the experts it does not pick."""
+    unpicked = (c.num_local_experts - c.num_experts_per_tok) * expert_params(c)
+    return parameter_count(c) - (c.num_hidden_layers * unpicked if c.num_local_experts else 0)
+
+
+def attention_twin(c: BambaConfig) -> BambaConfig:
+    """The all-attention model the hybrid is compared with: ``llama_twin``, or for a model
+    with experts (which a Llama layout has no place for) the same model with attention in
+    every layer."""
+    if not c.num_local_experts:
+        return llama_twin(c)
+    return c.replace(attn_layer_indices=list(range(c.num_hidden_layers)))
+
+
 # ---- per-request memory ----------------------------------------------------------------------
 def kv_bytes_per_token(c: BambaConfig, precision: Precision) -> int:
     """Keys and values of one token over all attention layers."""
@@ -279,16 +312,24 @@ def _check_bs(b: int, s: int) -> None:
 
 
 def _weight_bytes(c: BambaConfig, tokens: int, precision: Precision) -> int:
-    """Non-embedding weights + the head matrix, read once; embedding rows gathered per token."""
+    """Non-embedding weights + the head matrix, read once (of the experts, those the tokens
+    pick); embedding rows gathered per token."""
     parts = param_breakdown(c)
     head = c.vocab_size * c.hidden_size
     resident = sum(parts.values()) - parts["embedding"] - parts["lm_head"] + head
+    if c.num_local_experts:
+        unread = c.num_local_experts - experts_touched(c, tokens)
+        resident -= round(c.num_hidden_layers * unread * expert_params(c))
     return (resident + tokens * c.hidden_size) * precision.weight_bytes
 
 
 def linear_flops(c: BambaConfig, tokens: int, logit_tokens: int) -> int:
-    """Matmul FLOPs of every linear layer for ``tokens`` tokens, LM head for ``logit_tokens``."""
+    """Matmul FLOPs of every linear layer for ``tokens`` tokens (a router and its k experts a
+    token), LM head for ``logit_tokens``."""
     per_token = sum(matmul_weights(layer_params(c, kind)) for kind in c.layer_types)
+    if c.num_local_experts:
+        routed = c.num_local_experts * c.hidden_size + c.num_experts_per_tok * expert_params(c)
+        per_token += c.num_hidden_layers * routed
     return 2 * tokens * per_token + 2 * logit_tokens * c.vocab_size * c.hidden_size
 
 
@@ -314,13 +355,14 @@ def decode_cost(c: BambaConfig, b: int, s: int, precision: Precision) -> Cost:
 
 def decode_speedup(c: BambaConfig, b: int, s: int, precision: Precision) -> float:
     """Predicted decode speed-up over the all-attention twin: ratio of decode bytes moved."""
-    return decode_cost(llama_twin(c), b, s, precision).bytes / decode_cost(c, b, s, precision).bytes
+    twin = attention_twin(c)
+    return decode_cost(twin, b, s, precision).bytes / decode_cost(c, b, s, precision).bytes
 
 
 def crossover_length(c: BambaConfig, b: int, precision: Precision) -> int | None:
     """Shortest context at which the hybrid's decode step moves fewer bytes than the twin's;
     None if it never does. Decode bytes are affine in s, so two points define each line."""
-    twin = llama_twin(c)
+    twin = attention_twin(c)
     hy0, hy1 = (decode_cost(c, b, s, precision).bytes for s in (0, 1))
     tw0, tw1 = (decode_cost(twin, b, s, precision).bytes for s in (0, 1))
     gap, closing = hy0 - tw0, (tw1 - tw0) - (hy1 - hy0)
@@ -385,13 +427,10 @@ def appendix_decode_speedup(shape: AppendixShape, b: int, s: int) -> float:
 def report(c: BambaConfig, batches: list[int], seqs: list[int], precision: Precision,
            name: str = "") -> dict[str, Any]:
     """Everything ``bamba analyze`` prints, as JSON-ready data."""
-    if c.num_local_experts:
-        raise ValueError("bamba analyze models dense layers; a mixture of experts "
-                         f"({c.num_local_experts} experts, {c.num_experts_per_tok} a token) "
-                         "reads weights by routing, which it does not model")
     if not batches or not seqs:
         raise ValueError("need at least one batch size and one sequence length")
-    twin, shape = llama_twin(c), appendix_shape(c)
+    twin = attention_twin(c)
+    shape = None if c.num_local_experts else appendix_shape(c)
     rows = []
     for b in batches:
         for s in seqs:
@@ -402,7 +441,8 @@ def report(c: BambaConfig, batches: list[int], seqs: list[int], precision: Preci
                 "hybrid": {"prefill": hy_pre.as_dict(), "decode": hy_dec.as_dict()},
                 "twin": {"prefill": tw_pre.as_dict(), "decode": tw_dec.as_dict()},
                 "decode_speedup": tw_dec.bytes / hy_dec.bytes,
-                "appendix_decode_speedup": appendix_decode_speedup(shape, b, s),
+                "appendix_decode_speedup": None if shape is None else
+                appendix_decode_speedup(shape, b, s),
                 "prefill_flops_ratio": tw_pre.flops / hy_pre.flops,
             })
     return {
@@ -418,6 +458,9 @@ def report(c: BambaConfig, batches: list[int], seqs: list[int], precision: Preci
             for label, cfg in (("hybrid", c), ("twin", twin))},
         "crossover": [{"batch": b, "context_tokens": crossover_length(c, b, precision)}
                       for b in batches],
-        "appendix_shape": {**asdict(shape), "l_ssd": shape.l_ssd},
+        "experts": None if not c.num_local_experts else {
+            "count": c.num_local_experts, "per_token": c.num_experts_per_tok,
+            "active_parameters": active_parameter_count(c)},
+        "appendix_shape": None if shape is None else {**asdict(shape), "l_ssd": shape.l_ssd},
         "rows": rows,
     }

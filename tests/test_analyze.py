@@ -288,3 +288,59 @@ def test_cli_rejects_bad_counts(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _run(monkeypatch, capsys, "bench", "--seq", "0")
     assert exit_info.value.code == 2
+
+
+# ---- Granite 4.0 MoE: routed weights ---------------------------------------------------------
+MOE = preset("tiny", model_type="granitemoehybrid", num_local_experts=4, num_experts_per_tok=2,
+             expert_intermediate_size=24, attn_layer_indices=[1])
+
+
+def test_experts_touched_and_active_parameters_by_hand():
+    assert az.experts_touched(MOE, 1) == 2  # a token's k experts
+    assert az.experts_touched(MOE, 2) == 4 * (1 - 0.5 ** 2)
+    assert az.experts_touched(MOE, 10_000) == pytest.approx(4)
+    assert az.experts_touched(preset("tiny"), 5) == 0
+    one_expert = 3 * 24 * MOE.hidden_size
+    assert az.active_parameter_count(MOE) == \
+        az.parameter_count(MOE) - MOE.num_hidden_layers * 2 * one_expert
+
+
+def test_moe_decode_reads_the_router_whole_and_the_picked_experts():
+    """Decode bytes: the dense model's, plus each layer's router and the experts its tokens
+    pick in expectation; FLOPs: the router and k experts a token."""
+    dense = MOE.replace(num_local_experts=0)
+    one_expert, router = 3 * 24 * MOE.hidden_size, 4 * MOE.hidden_size
+    layers = MOE.num_hidden_layers
+    for b in (1, 3):
+        moe_cost, dense_cost = (az.decode_cost(c, b, 10, BF16_FP32) for c in (MOE, dense))
+        touched = az.experts_touched(MOE, b)
+        assert moe_cost.weight_bytes - dense_cost.weight_bytes == \
+            (layers * router + round(layers * touched * one_expert)) * 2
+        assert moe_cost.flops - dense_cost.flops == 2 * b * layers * (router + 2 * one_expert)
+
+
+def test_moe_linear_flops_match_torch_flop_counter():
+    """The torch path multiplies each token's rows by its k experts only: the counted matmuls
+    equal the model's routed FLOPs exactly."""
+    model = BambaLM(MOE).eval()
+    b, s = 2, 9
+    ids = torch.randint(0, MOE.vocab_size, (b, s))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(ids, logits_to_keep=1)
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert counts["aten.mm"] + counts.get("bamba.linear_rows", 0) == \
+        az.linear_flops(MOE, b * s, logit_tokens=b)
+
+
+def test_analyze_a_moe_model_against_its_all_attention_twin_with_experts(capsys):
+    data = az.report(MOE, [1, 8], [64], BF16_FP32, "moe")
+    assert data["parameters"]["twin"]["mlp"] == data["parameters"]["hybrid"]["mlp"]
+    assert data["parameters"]["twin"]["mamba"] == 0
+    assert data["experts"] == {"count": 4, "per_token": 2,
+                               "active_parameters": az.active_parameter_count(MOE)}
+    assert data["appendix_shape"] is None
+    assert all(r["appendix_decode_speedup"] is None and r["decode_speedup"] > 0
+               for r in data["rows"])
+    assert cli.main(["analyze", "bench-granite-moe", "--batch", "1", "--seq", "4K"]) == 0
+    out = capsys.readouterr().out
+    assert "experts: 6 of 32 a token" in out and "(none: the appendix has no experts)" in out

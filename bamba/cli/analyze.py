@@ -94,18 +94,24 @@ def _summary(data: dict[str, Any]) -> list[str]:
     cross = ", ".join(
         f"b={c['batch']}: " + ("never" if c["context_tokens"] is None else
                                f"{c['context_tokens']} tokens") for c in data["crossover"])
-    shape = data["appendix_shape"]
+    shape, experts = data["appendix_shape"], data["experts"]
+    letters = "(none: the appendix has no experts)" if shape is None else (
+        f"h={shape['h']} l={shape['l']} l_attn={shape['l_attn']} l_ssd={shape['l_ssd']} "
+        f"d={shape['d']}")
+    routed = [] if experts is None else [
+        f"experts: {experts['per_token']} of {experts['count']} a token, "
+        f"{_si(experts['active_parameters'])} parameters active a token; a step reads the "
+        "experts its tokens pick (uniform routing assumed)"]
     return [
         f"{data['config']}: {layers['total']} layers ({layers['attention']} attention, "
-        f"{layers['mamba']} Mamba2) vs its all-attention twin",
+        f"{layers['mamba']} Mamba2) vs its all-attention twin", *routed,
         f"dtypes: weights {p['weights']}, KV cache {p['kv']}, Mamba state {p['state']}",
         "", "parameters", *_columns(params, ["", *kinds]), "",
         f"memory per request: hybrid KV {_si(mem['hybrid']['kv_bytes_per_token'], 'B')}/token"
         f" + state {_si(mem['hybrid']['state_bytes_per_sequence'], 'B')}/sequence; "
         f"twin KV {_si(mem['twin']['kv_bytes_per_token'], 'B')}/token",
         f"decode crossover (hybrid moves fewer bytes from this context on): {cross}",
-        f"appendix letters: h={shape['h']} l={shape['l']} l_attn={shape['l_attn']} "
-        f"l_ssd={shape['l_ssd']} d={shape['d']}", "",
+        f"appendix letters: {letters}", "",
     ]
 
 
@@ -119,7 +125,9 @@ def render(data: dict[str, Any]) -> str:
         rows.append([str(r["batch"]), _tokens(r["seq"]), _si(hd["flops"]), _si(td["flops"]),
                      _si(hd["bytes"], "B"), _si(td["bytes"], "B"),
                      f"{hd['flops_per_byte']:.1f}", f"{td['flops_per_byte']:.1f}",
-                     f"{r['decode_speedup']:.2f}x", f"{r['appendix_decode_speedup']:.2f}x",
+                     f"{r['decode_speedup']:.2f}x",
+                     "-" if r["appendix_decode_speedup"] is None else
+                     f"{r['appendix_decode_speedup']:.2f}x",
                      _si(r["hybrid"]["prefill"]["flops"]), _si(r["twin"]["prefill"]["flops"])])
     notes = ["", "speed-up = twin decode bytes / hybrid decode bytes (decode is memory-bound);",
              "'appendix' = the Bamba appendix's element ratio (13h²l + 0.5bshl) / "
