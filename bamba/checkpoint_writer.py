@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -118,18 +118,46 @@ def _check_described(model: nn.Module, experts: nn.Module, stacked: str) -> None
                          f"not describe")
 
 
-def _split_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy packing in name order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    return shards
+class _ShardWriter:
+    """Tensors written into safetensors shards as they come: a shard goes to disk once the next
+    tensor would take it past ``limit`` bytes (a larger tensor gets a shard of its own), so a
+    caller producing tensors one at a time holds about one shard. Named at ``close``:
+    model.safetensors when there is one, else model-i-of-n with an index."""
+
+    def __init__(self, directory: Path, limit: int):
+        self.directory, self.limit = directory, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[tuple[Path, list[str]]] = []  # (file, its tensors)
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.limit:
+            self._flush()
+        self.pending[name] = tensor
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f".shard-{len(self.written):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            self.written[0][0].rename(self.directory / WEIGHTS_NAME)
+            return
+        weight_map: dict[str, str] = {}
+        for i, (path, names) in enumerate(self.written, 1):
+            name = f"model-{i:05d}-of-{len(self.written):05d}.safetensors"
+            path.rename(self.directory / name)
+            weight_map.update(dict.fromkeys(names, name))
+        _write_json(self.directory / INDEX_NAME, {"metadata": {"total_size": self.total},
+                                                  "weight_map": weight_map})
 
 
 def hf_config_dict(model: nn.Module) -> dict[str, Any]:
@@ -149,20 +177,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _write_weights(directory: Path, tensors: dict[str, torch.Tensor], limit: int) -> None:
-    shards = _split_shards(tensors, limit)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=metadata)
-        return
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(directory / INDEX_NAME, {"metadata": {"total_size": total},
-                                         "weight_map": weight_map})
+def _write_weights(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]],
+                   limit: int) -> None:
+    writer = _ShardWriter(directory, limit)
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+    writer.close()
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike,
@@ -187,12 +207,14 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike,
                             max_shard_size, extra_files)
 
 
-def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor],
+def write_checkpoint(directory: str | os.PathLike,
+                     tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                      config: dict[str, Any], max_shard_size: int | str = "2GB",
                      extra_files: Callable[[Path], None] | None = None) -> Path:
-    """Write ``tensors`` (safetensors, sharded above ``max_shard_size``), whatever
-    ``extra_files(staging)`` adds, and config.json (last) into a temporary directory next to
-    ``directory``, then move them in."""
+    """Write ``tensors`` (a dict, or (name, tensor) pairs consumed one at a time: each shard is
+    written once full, so a generator's tensors need not all be held; safetensors, sharded
+    above ``max_shard_size``), whatever ``extra_files(staging)`` adds, and config.json (last)
+    into a temporary directory next to ``directory``, then move them in."""
     limit = parse_size(max_shard_size)
     target = Path(directory).expanduser()
     if target.exists() and not target.is_dir():
@@ -200,7 +222,8 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_weights(staging, tensors, limit)
+        _write_weights(staging, tensors.items() if isinstance(tensors, dict) else tensors,
+                       limit)
         if extra_files is not None:
             extra_files(staging)
         _write_json(staging / CONFIG_NAME, config)

@@ -406,3 +406,37 @@ def test_mixed_precision_configs_take_each_groups_format():
     assert parsed.group_for("model.layers.0.mlp.up_proj", ("Linear",)).scheme.name == "int4"
     assert parsed.group_for("model.layers.0.self_attn.q_proj", ("Linear",)).scheme.name == "fp8"
     assert parsed.group_for("lm_head", ("Linear",)) is None
+
+
+def test_quantize_writes_each_shard_once_full_not_after_reading_everything(dense, tmp_path,
+                                                                          monkeypatch):
+    """The converted tensors stream into the writer: a shard reaches the disk while most of
+    the source is still unread, so about one shard is held (not the whole output)."""
+    from bamba import checkpoint_writer
+    from bamba.quant import convert
+
+    read, written = [], []
+    real_open, real_save = convert.open_safetensors, checkpoint_writer.save_file
+
+    def counting_open(path):
+        read.append(path)
+        return real_open(path)
+
+    def noting_save(tensors, filename, metadata=None):
+        written.append((len(read), sum(t.nbytes for t in tensors.values()), len(tensors)))
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(convert, "open_safetensors", counting_open)
+    monkeypatch.setattr(checkpoint_writer, "save_file", noting_save)
+    limit = 20_000
+    assert main(["quantize", str(dense), str(tmp_path / "q"), "--scheme", "int8",
+                 "--max-shard-size", str(limit), "--no-progress"]) == 0
+    assert len(written) > 3 and written[0][0] < len(read) // 2
+    assert all(size <= limit or count == 1 for _, size, count in written)
+    model = from_pretrained(tmp_path / "q")
+    single = from_pretrained(dense)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert (model(ids) - single(ids)).abs().max() < 0.5  # int8 of the same weights
+    index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == len(written)

@@ -2,8 +2,9 @@
 
 The source's tensors are read one at a time from its memory-mapped safetensors files, in
 decoder-layer order; each targeted weight (linears, a Granite MoE's experts, and the
-embeddings if asked) is quantized as it is read, everything else kept as stored. Only the output is held in memory (at most
-about the source's size), and the checkpoint is written into a temporary directory and moved
+embeddings if asked) is quantized as it is read, everything else kept as stored, and handed to
+the writer, which writes each output shard (``--max-shard-size``) as soon as it is full: about
+one shard is held in memory. The checkpoint is written into a temporary directory and moved
 into place.
 """
 
@@ -14,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -81,8 +82,8 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
                                experts=True)
     files, plan = checked_tensors(directory, model)
     quantized = {rename(f"{name}.weight"): group.scheme for name, group in targets.items()}
-    tensors = _convert(files, quantized, progress)
-    log.info("quantized %d layers (%s)", len(quantized),
+    tensors = _convert(files, quantized, progress)  # consumed by the writer, shard by shard
+    log.info("quantizing %d layers (%s)", len(quantized),
              ", ".join(sorted({s.name for s in quantized.values()})))
 
     def copy_files(staging: Path) -> None:
@@ -98,22 +99,21 @@ ROUTERS = r"re:.*block_sparse_moe\.router$"  # a Granite MoE's expert routers
 
 
 def _convert(files: dict[str, Path], quantized: dict[str, QuantScheme],
-             progress: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of ``files``; the weights ``quantized`` names in their schemes (stacked
-    experts [E, rows, cols] as per-expert linears)."""
+             progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of ``files``, one at a time in decoder-layer order; the weights
+    ``quantized`` names in their schemes (stacked experts [E, rows, cols] as per-expert
+    linears)."""
     from tqdm.auto import tqdm
 
-    out: dict[str, torch.Tensor] = {}
     for _, names in tqdm(_units(files), unit="layer", disable=not progress, dynamic_ncols=True):
         for name in names:
             with open_safetensors(files[name]) as f:
                 tensor = f.get_tensor(name)
             if name in quantized and tensor.dim() == 3:
-                out.update(quantize_stacked(name.removesuffix(".weight"), tensor,
-                                            quantized[name]))
+                yield from quantize_stacked(name.removesuffix(".weight"), tensor,
+                                            quantized[name]).items()
             elif name in quantized:
                 prefix = name.removesuffix("weight")
-                out.update({prefix + k: v for k, v in quantize(tensor, quantized[name]).items()})
+                yield from ((prefix + k, v) for k, v in quantize(tensor, quantized[name]).items())
             else:
-                out[name] = tensor
-    return out
+                yield name, tensor
