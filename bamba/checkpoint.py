@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -267,6 +267,29 @@ def checked_tensors(directory: Path, model: BambaLM) -> tuple[dict[str, Path], d
     entries = _scan(shards, weight_map, getattr(model, "quantization_config", None) is not None)
     plan = _plan(model, entries, shards[0] if weight_map is None else directory / INDEX_NAME)
     return {key: entries[key].file for key in plan}, plan
+
+
+def tensor_reader(path_or_id: str | os.PathLike, revision: str | None = None
+                  ) -> tuple[BambaLM, Callable[[str], torch.Tensor]] | None:
+    """A dense safetensors checkpoint without loading it: its model on the meta device and
+    ``tensor(our name)``, which reads that one tensor from its file as stored (every header
+    checked first). None for a GGUF file or a quantized checkpoint."""
+    if _is_gguf(path_or_id):
+        return None
+    directory = resolve_checkpoint(path_or_id, revision)
+    if load_quantization_config(directory) is not None:
+        return None
+    with torch.device("meta"):
+        model = BambaLM(load_config(directory))
+    files, plan = checked_tensors(directory, model)
+    where = {ours: key for key, ours in plan.items()}
+
+    def tensor(ours: str) -> torch.Tensor:
+        key = where[ours]
+        with open_safetensors(files[key]) as f:
+            return f.get_tensor(key)
+
+    return model, tensor
 
 
 # ---- loading ----------------------------------------------------------------------------------

@@ -403,6 +403,30 @@ def test_gguf_magic_without_the_suffix_is_recognised(make_hf_checkpoint, tmp_pat
     assert from_pretrained(out).config.attn_layer_indices == [1, 3]
 
 
+@pytest.mark.parametrize("kind, file_type", [("hybrid", "bf16"), ("hybrid", "q8_0"),
+                                             ("granite-moe", "q4_0"), ("llama", "f32")])
+def test_cli_export_reads_a_tensor_at_a_time_and_writes_what_the_loaded_model_writes(
+        make_hf_checkpoint, tmp_path, monkeypatch, kind, file_type):
+    """`bamba export-gguf` of a dense checkpoint never loads the model (its tensors are read,
+    converted and written one at a time: a model larger than memory exports); the file is
+    the one export_gguf writes from the loaded model, byte for byte (a bf16 checkpoint)."""
+    import torch
+
+    from bamba import checkpoint
+
+    source = make_hf_checkpoint(kind)
+    hf_model(kind).to(torch.bfloat16).save_pretrained(source)
+    dtype = torch.bfloat16 if file_type == "bf16" else torch.float32
+    (tmp_path / "loaded").mkdir()
+    (tmp_path / "streamed").mkdir()
+    loaded = export_gguf(from_pretrained(source, dtype=dtype), load_tokenizer(source),
+                         tmp_path / "loaded" / "m.gguf", file_type)
+    monkeypatch.setattr(checkpoint, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    assert main(["export-gguf", str(source), str(tmp_path / "streamed" / "m.gguf"), "--dtype",
+                 file_type]) == 0
+    assert (tmp_path / "streamed" / "m.gguf").read_bytes() == loaded.read_bytes()
+
+
 def test_cli_exports_and_generates_from_the_file(make_hf_checkpoint, tmp_path, capsys):
     source = make_hf_checkpoint("hybrid")
     out = tmp_path / "m.gguf"

@@ -24,10 +24,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from bamba.checkpoint import from_pretrained, load_tokenizer
+    from bamba.checkpoint import from_pretrained, load_tokenizer, tensor_reader
     from bamba.gguf.export import export_gguf
 
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+    dense = tensor_reader(args.checkpoint)  # a dense checkpoint: read a tensor at a time
+    if dense is not None:
+        model, tensor = dense
+        path = export_gguf(model, tokenizer, args.out, args.dtype, tensor=tensor)
+        print(f"wrote {path} ({args.dtype})")
+        return 0
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = from_pretrained(args.checkpoint, dtype=dtype)
     if getattr(model, "quantization_config", None) is not None:  # GGUF types of its own

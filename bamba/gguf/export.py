@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +113,11 @@ def _plan(model: torch.nn.Module) -> Iterator[tuple[str, Piece, str, tuple[int, 
 
 
 def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.PathLike,
-                file_type: str = "bf16", name: str | None = None) -> Path:
-    """Write ``model`` (a ``BambaLM``) and ``tokenizer`` to ``out`` as GGUF; returns the path."""
+                file_type: str = "bf16", name: str | None = None,
+                tensor: Callable[[str], torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (a ``BambaLM``) and ``tokenizer`` to ``out`` as GGUF; returns the path.
+    ``tensor(our name)`` gives each weight when the model holds none (built on the meta
+    device: each is then read, converted and written one at a time)."""
     import gguf
     import numpy as np
 
@@ -151,13 +154,15 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        state = model.state_dict()
+        if tensor is None:
+            state = model.state_dict()
+            tensor = state.__getitem__
         for ours, piece, g, _ in plan:
-            tensor = state[ours].detach()
-            if tensor.dim():
-                tensor = tensor.narrow(piece.dim, piece.rows.start,
-                                       piece.rows.stop - piece.rows.start)
-            data = to_gguf(ours, tensor, config)
+            value = tensor(ours).detach()
+            if value.dim():
+                value = value.narrow(piece.dim, piece.rows.start,
+                                     piece.rows.stop - piece.rows.start)
+            data = to_gguf(ours, value, config)
             data = data.float().contiguous().numpy()
             writer.write_tensor_data(gguf.quants.quantize(data, types[g]))
         writer.close()
