@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from bamba.model import ExpertWeights, Router
 from bamba.quant.config import QuantConfig, QuantGroup, parse_quantization_config, \
     quantization_config_dict
-from bamba.model import ExpertWeights, Router
 from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import STACKED_CLASSES, QuantizedExpertWeights, piece_modules
 from bamba.quant.formats import QuantScheme
@@ -130,9 +130,10 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, ignore: Iterable[str] 
                    rename: Rename = str, lm_head: QuantScheme | None = None,
                    embedding: QuantScheme | None = None,
                    experts: QuantScheme | None = None) -> nn.Module:
-    """Quantize ``model``'s linears in place (all but ``ignore``, compressed-tensors matching),
-    and with ``lm_head`` / ``embedding`` those in schemes of their own, recording the
-    ``quantization_config`` that ``save_pretrained`` writes."""
+    """Quantize ``model``'s linears (a Granite MoE's experts among them) in place (all but
+    ``ignore``, compressed-tensors matching), and with ``lm_head`` / ``embedding`` /
+    ``experts`` those in schemes of their own, recording the ``quantization_config`` that
+    ``save_pretrained`` writes."""
     raw = quantization_config_dict(scheme, ignore, lm_head, embedding, experts)
     targets = targeted_modules(model, parse_quantization_config(raw), rename, experts=True)
     for name, group in targets.items():
