@@ -406,7 +406,7 @@ def init_weights(model: BambaLM, seed: int | None = None) -> BambaLM:
         if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight",
                           "output_linear.weight")):
             param.copy_(torch.randn(param.shape, generator=gen) * residual_std)
-        elif leaf == "weight" and param.dim() == 2:
+        elif leaf == "weight" and param.dim() >= 2:  # matrices, a MoE's stacked experts too
             param.copy_(torch.randn(param.shape, generator=gen) * std)
         elif "conv1d.weight" in name:
             bound = 1.0 / math.sqrt(param.shape[-1])

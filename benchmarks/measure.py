@@ -128,7 +128,9 @@ def write_random(directory: Path, config: Any) -> dict[str, Any]:
     from bamba.model import BambaLM, init_weights
     from bench_serve import small_tokenizer
 
-    model = init_weights(BambaLM(config), seed=0).to(torch.bfloat16)
+    with torch.device("meta"):  # made in bf16 directly: a float32 copy of a 7B model is 28 GB
+        model = BambaLM(config).to(torch.bfloat16)
+    model = init_weights(model.to_empty(device="cpu"), seed=0)
     save_pretrained(model, directory, tokenizer=small_tokenizer())
     return {"model_type": config.model_type, "hidden_size": config.hidden_size,
             "layers": config.num_hidden_layers, "attention_layers": list(config.attn_layer_indices),
