@@ -124,6 +124,7 @@ def write_random(directory: Path, config: Any) -> dict[str, Any]:
     """A random-weight bf16 checkpoint of ``config`` with bench_serve's small tokenizer."""
     import torch
 
+    from bamba.analyze import parameter_count
     from bamba.checkpoint import save_pretrained
     from bamba.model import BambaLM, init_weights
     from bench_serve import small_tokenizer
@@ -135,7 +136,7 @@ def write_random(directory: Path, config: Any) -> dict[str, Any]:
     return {"model_type": config.model_type, "hidden_size": config.hidden_size,
             "layers": config.num_hidden_layers, "attention_layers": list(config.attn_layer_indices),
             "max_position_embeddings": config.max_position_embeddings,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": parameter_count(config)}  # a tied head counted once
 
 
 def bamba_cli(*argv: str) -> None:
