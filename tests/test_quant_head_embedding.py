@@ -163,10 +163,54 @@ def test_head_and_embedding_flag_errors_are_one_line(checkpoints, tmp_path, caps
     assert len(err.splitlines()) == 1 and fragment in err, err
 
 
-def test_tied_embeddings_cannot_be_quantized_apart_from_the_head():
+def test_quantizing_a_tied_head_or_table_unties_them_in_memory():
+    """As llm-compressor does: the head gets a copy of the table, the config says untied."""
     model = BambaLM(preset("tiny", tie_word_embeddings=True))
-    with pytest.raises(ValueError, match="model.embed_tokens is tied to the lm_head"):
-        quantize_model(model, QuantScheme("int8"), ["lm_head"], embedding=QuantScheme("int8"))
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        dense = model(ids)
+    quantize_model(model, QuantScheme("int8"), [], embedding=QuantScheme("int8"))
+    assert not model.config.tie_word_embeddings
+    assert isinstance(model.lm_head, QuantizedLinear)
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    with torch.no_grad():
+        assert (model(ids) - dense).abs().max() < 0.1 * dense.abs().max()
+
+
+@pytest.mark.parametrize("flags", [["--lm-head", "int8"], ["--embedding", "int8"],
+                                   ["--ignore", ""]])
+def test_quantize_unties_a_tied_head_it_quantizes(tmp_path, flags):
+    """A tied checkpoint stores the table once; quantizing the head (or the table) writes the
+    head's own copy of it and tie_word_embeddings false, which transformers and bamba read
+    with the logits of the weights stored; the tied source keeps its head when neither is
+    asked for."""
+    from conftest import hf_logits, hf_model, load_hf
+
+    source = tmp_path / "tied"
+    hf_model("hybrid", tie_word_embeddings=True).save_pretrained(source)
+    assert "lm_head.weight" not in load_file(source / "model.safetensors")
+    target = tmp_path / "q"
+    assert main(["quantize", str(source), str(target), "--scheme", "int8", "--no-progress",
+                 *flags]) == 0
+    config = json.loads((target / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    stored = load_file(target / "model.safetensors")
+    head = "lm_head.weight_packed" if flags != ["--embedding", "int8"] else "lm_head.weight"
+    assert head in stored
+    model = from_pretrained(target)
+    table = from_pretrained(source).model.embed_tokens.weight
+    head_weight = model.lm_head.dequantized_weight(torch.float32) \
+        if isinstance(model.lm_head, QuantizedLinear) else model.lm_head.weight
+    assert (head_weight - table).abs().max() <= table.abs().max() / 127  # int8 of the table
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    if flags != ["--embedding", "int8"]:  # transformers cannot load quantized embeddings
+        with torch.no_grad():
+            assert (model(ids) - hf_logits(load_hf(target), ids)).abs().max() < 1e-3
+    untouched = tmp_path / "kept"
+    assert main(["quantize", str(source), str(untouched), "--scheme", "int8",
+                 "--no-progress"]) == 0
+    assert json.loads((untouched / "config.json").read_text())["tie_word_embeddings"] is True
+    assert not any(k.startswith("lm_head") for k in load_file(untouched / "model.safetensors"))
 
 
 def test_export_gguf_of_a_quantized_checkpoint_writes_its_dequantized_weights(checkpoints,

@@ -132,14 +132,31 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, ignore: Iterable[str] 
                    experts: QuantScheme | None = None) -> nn.Module:
     """Quantize ``model``'s linears (a Granite MoE's experts among them) in place (all but
     ``ignore``, compressed-tensors matching), and with ``lm_head`` / ``embedding`` /
-    ``experts`` those in schemes of their own, recording the ``quantization_config`` that
-    ``save_pretrained`` writes."""
+    ``experts`` those in schemes of their own (a head tied to the embeddings is untied when
+    quantized), recording the ``quantization_config`` that ``save_pretrained`` writes."""
     raw = quantization_config_dict(scheme, ignore, lm_head, embedding, experts)
-    targets = targeted_modules(model, parse_quantization_config(raw), rename, experts=True)
+    qconfig = parse_quantization_config(raw)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and \
+            head_or_table_quantized(qconfig, rename):
+        untie(model)
+    targets = targeted_modules(model, qconfig, rename, experts=True)
     for name, group in targets.items():
         _replace(model, name, _quantized(model.get_submodule(name), group.scheme))
     model.quantization_config = raw
     return model
+
+
+def head_or_table_quantized(qconfig: QuantConfig, rename: Rename) -> bool:
+    """Whether the config quantizes the lm_head or the token embeddings (tied ones then part)."""
+    return qconfig.group_for(rename("lm_head"), ("Linear",)) is not None or \
+        qconfig.group_for(rename("model.embed_tokens"), ("Embedding",)) is not None
+
+
+def untie(model: nn.Module) -> None:
+    """Give the lm_head a weight of its own, a copy of the embeddings it was tied to."""
+    head = model.lm_head
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config = model.config.replace(tie_word_embeddings=False)
 
 
 def _quantized(dense: nn.Module, scheme: QuantScheme) -> nn.Module:

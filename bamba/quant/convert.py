@@ -25,8 +25,8 @@ from bamba.checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, checked_tenso
                               open_safetensors, resolve_checkpoint, to_checkpoint_name,
                               write_checkpoint)
 from bamba.model import BambaLM
-from bamba.quant.apply import targeted_modules
-from bamba.quant.config import parse_quantization_config, quantization_config_dict
+from bamba.quant.apply import head_or_table_quantized, targeted_modules
+from bamba.quant.config import LM_HEAD, parse_quantization_config, quantization_config_dict
 from bamba.quant.experts import quantize_stacked
 from bamba.quant.formats import QuantScheme, quantize
 
@@ -56,9 +56,10 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
                         experts: QuantScheme | None = None) -> Path:
     """Write ``source`` quantized with ``scheme`` to ``target`` (every linear but ``ignore``,
     compressed-tensors matching on checkpoint names; the lm_head, the token embeddings and a
-    Granite MoE's experts in schemes of their own when given). ValueError, before anything
-    is written, for a source that is already quantized, ``experts`` for a model without
-    them, or a group size that does not divide a layer."""
+    Granite MoE's experts in schemes of their own when given; a head tied to the embeddings
+    is untied when quantized, as llm-compressor does). ValueError, before anything is
+    written, for a source that is already quantized, ``experts`` for a model without them,
+    or a group size that does not divide a layer."""
     directory = resolve_checkpoint(source)
     config = load_config(directory)
     raw_config = json.loads((directory / CONFIG_NAME).read_text())
@@ -75,14 +76,23 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
     elif experts is not None:
         raise ValueError(f"{directory}: has no experts to quantize apart (not a Granite MoE)")
     quantization = quantization_config_dict(scheme, ignore, lm_head, embedding, experts)
+    qconfig = parse_quantization_config(quantization)
     with torch.device("meta"):
         model = BambaLM(config)
-    rename = partial(to_checkpoint_name, model_type=config.model_type)
-    targets = targeted_modules(model, parse_quantization_config(quantization), rename,
-                               experts=True)
     files, plan = checked_tensors(directory, model)
+    untie = config.tie_word_embeddings and head_or_table_quantized(qconfig, str)
+    if untie:  # the head or table quantized: its own copy of it, as llm-compressor unties them
+        config = config.replace(tie_word_embeddings=False)
+        raw_config = {**raw_config, "tie_word_embeddings": False}
+        with torch.device("meta"):
+            model = BambaLM(config)
+        table = next(key for key, ours in plan.items() if ours == EMBEDDINGS)
+        files[f"{LM_HEAD}.weight"] = files[table]
+    rename = partial(to_checkpoint_name, model_type=config.model_type)
+    targets = targeted_modules(model, qconfig, rename, experts=True)
     quantized = {rename(f"{name}.weight"): group.scheme for name, group in targets.items()}
-    tensors = _convert(files, quantized, progress)  # consumed by the writer, shard by shard
+    sources = {f"{LM_HEAD}.weight": table} if untie else {}
+    tensors = _convert(files, quantized, progress, sources)  # to the writer, shard by shard
     log.info("quantizing %d layers (%s)", len(quantized),
              ", ".join(sorted({s.name for s in quantized.values()})))
 
@@ -96,19 +106,20 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
 
 
 ROUTERS = r"re:.*block_sparse_moe\.router$"  # a Granite MoE's expert routers
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
-def _convert(files: dict[str, Path], quantized: dict[str, QuantScheme],
-             progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of ``files``, one at a time in decoder-layer order; the weights
-    ``quantized`` names in their schemes (stacked experts [E, rows, cols] as per-expert
-    linears)."""
+def _convert(files: dict[str, Path], quantized: dict[str, QuantScheme], progress: bool,
+             sources: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of ``files``, one at a time in decoder-layer order (``sources`` names the
+    stored tensor one is a copy of: an untied head); the weights ``quantized`` names in their
+    schemes (stacked experts [E, rows, cols] as per-expert linears)."""
     from tqdm.auto import tqdm
 
     for _, names in tqdm(_units(files), unit="layer", disable=not progress, dynamic_ncols=True):
         for name in names:
             with open_safetensors(files[name]) as f:
-                tensor = f.get_tensor(name)
+                tensor = f.get_tensor(sources.get(name, name))
             if name in quantized and tensor.dim() == 3:
                 yield from quantize_stacked(name.removesuffix(".weight"), tensor,
                                             quantized[name]).items()
