@@ -251,6 +251,20 @@ def test_experts_flag_on_a_model_without_experts_is_one_line(make_hf_checkpoint,
     assert not (tmp_path / "out").exists()
 
 
+def test_export_gguf_writes_the_experts_dequantized_a_weight_at_a_time(quantized_granite,
+                                                                        tmp_path):
+    """f32 holds each dequantized weight exactly: the file gives the quantized model's logits."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "m.gguf"
+    assert bamba_main(["export-gguf", str(quantized_granite["int4"]), str(out), "--dtype",
+                       "f32"]) == 0
+    ids = random_ids(1, 11, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(out)(ids),
+                                   from_pretrained(quantized_granite["int4"])(ids),
+                                   atol=1e-4, rtol=0)
+
+
 # ---- what does not fit -----------------------------------------------------------------------
 def _rewrite(source: Path, target: Path, change) -> Path:
     """A copy of checkpoint ``source`` whose tensors pass through ``change(dict)``."""

@@ -214,7 +214,8 @@ def test_quantize_unties_a_tied_head_it_quantizes(tmp_path, flags):
 
 
 def test_export_gguf_of_a_quantized_checkpoint_writes_its_dequantized_weights(checkpoints,
-                                                                              tmp_path):
+                                                                              tmp_path,
+                                                                              monkeypatch):
     pytest.importorskip("gguf")
     from bamba.gguf.export import export_gguf
     from bamba.quant.apply import dequantize_model
@@ -223,7 +224,10 @@ def test_export_gguf_of_a_quantized_checkpoint_writes_its_dequantized_weights(ch
     quantized = from_pretrained(directory)
     with pytest.raises(ValueError, match="export_gguf takes a dense model"):
         export_gguf(quantized, None, tmp_path / "x.gguf", "f32")
-    assert main(["export-gguf", str(directory), str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
+    with monkeypatch.context() as patch:  # a weight at a time, never the whole model dense
+        patch.setattr("bamba.quant.apply.dequantize_model", lambda *a: pytest.fail("whole"))
+        assert main(["export-gguf", str(directory), str(tmp_path / "m.gguf"), "--dtype",
+                     "f32"]) == 0
     back = from_pretrained(tmp_path / "m.gguf")
     dense = dequantize_model(from_pretrained(directory), torch.float32)
     assert not [m for m in dense.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]

@@ -37,11 +37,17 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = from_pretrained(args.checkpoint, dtype=dtype)
     if getattr(model, "quantization_config", None) is not None:  # GGUF types of its own
-        from bamba.quant.apply import dequantize_model
+        from bamba.model import BambaLM
+        from bamba.quant.apply import dense_tensor
 
-        log.info("%s is quantized: its weights are dequantized, then written as %s",
-                 args.checkpoint, args.dtype)
-        dequantize_model(model, dtype)
+        log.info("%s is quantized: its weights are dequantized one at a time, then written "
+                 "as %s", args.checkpoint, args.dtype)
+        with torch.device("meta"):
+            dense = BambaLM(model.config)
+        path = export_gguf(dense, tokenizer, args.out, args.dtype,
+                           tensor=lambda name: dense_tensor(model, name, dtype))
+        print(f"wrote {path} ({args.dtype})")
+        return 0
     path = export_gguf(model, tokenizer, args.out, args.dtype)
     print(f"wrote {path} ({args.dtype})")
     return 0

@@ -168,6 +168,19 @@ def _quantized(dense: nn.Module, scheme: QuantScheme) -> nn.Module:
 
 
 @torch.no_grad()
+def dense_tensor(model: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor ``name`` of ``model`` as its dense twin holds it: a quantized module's ``weight``
+    dequantized into ``dtype`` (experts stacked [E, out, in]), anything else as held."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf == "weight" and isinstance(module, QuantizedExpertWeights):
+        return module.stacked(dtype)
+    if leaf == "weight" and isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        return module.dequantized_weight(dtype)
+    return getattr(module, leaf)
+
+
+@torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Every quantized module back to a dense ``nn.Linear`` / ``nn.Embedding`` holding its
     dequantized weight in ``dtype``, in place (for tools that take dense weights, such as the
