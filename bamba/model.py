@@ -406,11 +406,11 @@ def init_weights(model: BambaLM, seed: int | None = None) -> BambaLM:
         if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight",
                           "output_linear.weight")):
             param.copy_(torch.randn(param.shape, generator=gen) * residual_std)
-        elif leaf == "weight" and param.dim() >= 2:  # matrices, a MoE's stacked experts too
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
         elif "conv1d.weight" in name:
             bound = 1.0 / math.sqrt(param.shape[-1])
             param.copy_(torch.rand(param.shape, generator=gen) * 2 * bound - bound)
+        elif leaf == "weight" and param.dim() >= 2:  # matrices, a MoE's stacked experts too
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
         elif leaf == "bias":
             param.zero_()
         elif leaf == "dt_bias":

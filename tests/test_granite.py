@@ -217,12 +217,16 @@ def test_rope_scaling_on_a_model_without_rotary_positions_is_a_one_line_error(
 
 def test_training_from_scratch_initialises_the_stacked_experts_at_random():
     """init_weights gives a MoE's stacked expert matrices the matrices' normal init (the
-    down projections the scaled residual one), not the norms' ones."""
+    down projections the scaled residual one), not the norms' ones; the 3-D conv keeps its
+    uniform one."""
     from bamba.config import preset
     from bamba.model import BambaLM, init_weights
 
     config = preset("bench-granite-moe", num_hidden_layers=2, attn_layer_indices=[1])
-    experts = init_weights(BambaLM(config), seed=0).model.layers[0].feed_forward.experts
+    model = init_weights(BambaLM(config), seed=0)
+    conv = model.model.layers[0].mamba.conv1d.weight  # 3-D too, but its own uniform rule
+    assert conv.abs().max() <= conv.shape[-1] ** -0.5
+    experts = model.model.layers[0].feed_forward.experts
     std = config.initializer_range
     assert abs(experts.input_linear.weight.std().item() - std) < 0.05 * std
     residual = std / (2 * config.num_hidden_layers) ** 0.5
