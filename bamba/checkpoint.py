@@ -332,10 +332,11 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
             return tensor.dtype
         return torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
 
-    targets = {name: target(name, t) for name, t in model.state_dict(keep_vars=True).items()}
+    state = model.state_dict(keep_vars=True)
+    targets = {name: target(name, t) for name, t in state.items()}
+    shapes = {name: t.shape for name, t in state.items()}
     # On a CPU the weights load straight into one huge-page buffer (bamba.arena).
     arena = WeightArena.for_model(model, target) if torch.device(device).type == "cpu" else None
-    shapes = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
     experts = ExpertPieces(model, where)
     for shard in shards:
         with open_safetensors(shard) as f:
@@ -363,17 +364,13 @@ def _place_quantized(model: BambaLM, quantization: QuantConfig, entries: dict[st
     checkpoint stores them in, embeddings giving ``dtype``."""
     model_type = model.config.model_type
 
-    def scale_dtype(name: str) -> torch.dtype:
-        entry = entries.get(to_checkpoint_name(f"{name}.weight_scale", model_type))
-        return _FLOAT_DTYPES.get(entry.dtype, dtype) if entry is not None else dtype
-
-    rename = partial(to_checkpoint_name, model_type=model_type)
-    place_empty(model, quantization, rename, scale_dtype, dtype)
-
-    def stored_scale(name: str) -> torch.dtype | None:
+    def stored_scale(name: str) -> torch.dtype | None:  # module name as the checkpoint has it
         entry = entries.get(f"{name}.weight_scale")
         return None if entry is None else _FLOAT_DTYPES.get(entry.dtype, dtype)
 
+    rename = partial(to_checkpoint_name, model_type=model_type)
+    place_empty(model, quantization, rename, lambda name: stored_scale(rename(name)) or dtype,
+                dtype)
     place_stored_experts(model, quantization, rename, stored_scale)
     model.quantization_config = quantization.raw
     log.info("quantized checkpoint: %s, %s", quantization.format,

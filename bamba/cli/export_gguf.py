@@ -31,23 +31,19 @@ def run(args: argparse.Namespace) -> int:
     dense = tensor_reader(args.checkpoint)  # a dense checkpoint: read a tensor at a time
     if dense is not None:
         model, tensor = dense
-        path = export_gguf(model, tokenizer, args.out, args.dtype, tensor=tensor)
-        print(f"wrote {path} ({args.dtype})")
-        return 0
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = from_pretrained(args.checkpoint, dtype=dtype)
-    if getattr(model, "quantization_config", None) is not None:  # GGUF types of its own
-        from bamba.model import BambaLM
-        from bamba.quant.apply import dense_tensor
+    else:
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model, tensor = from_pretrained(args.checkpoint, dtype=dtype), None
+        if getattr(model, "quantization_config", None) is not None:  # GGUF types of its own
+            from bamba.model import BambaLM
+            from bamba.quant.apply import dense_tensor
 
-        log.info("%s is quantized: its weights are dequantized one at a time, then written "
-                 "as %s", args.checkpoint, args.dtype)
-        with torch.device("meta"):
-            dense = BambaLM(model.config)
-        path = export_gguf(dense, tokenizer, args.out, args.dtype,
-                           tensor=lambda name: dense_tensor(model, name, dtype))
-        print(f"wrote {path} ({args.dtype})")
-        return 0
-    path = export_gguf(model, tokenizer, args.out, args.dtype)
+            log.info("%s is quantized: its weights are dequantized one at a time, then "
+                     "written as %s", args.checkpoint, args.dtype)
+            quantized = model
+            with torch.device("meta"):
+                model = BambaLM(quantized.config)
+            tensor = lambda name: dense_tensor(quantized, name, dtype)  # noqa: E731
+    path = export_gguf(model, tokenizer, args.out, args.dtype, tensor=tensor)
     print(f"wrote {path} ({args.dtype})")
     return 0

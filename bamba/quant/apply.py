@@ -182,9 +182,9 @@ def dense_tensor(model: nn.Module, name: str, dtype: torch.dtype) -> torch.Tenso
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Every quantized module back to a dense ``nn.Linear`` / ``nn.Embedding`` holding its
-    dequantized weight in ``dtype``, in place (for tools that take dense weights, such as the
-    GGUF export); the recorded ``quantization_config`` goes with them."""
+    """Every quantized module back to a dense ``nn.Linear`` / ``nn.Embedding`` / stacked
+    experts holding its dequantized weight in ``dtype``, in place (for tools that take dense
+    weights); the recorded ``quantization_config`` goes with them."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             dense = nn.Linear(module.in_features, module.out_features,
@@ -196,12 +196,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         elif isinstance(module, QuantizedExpertWeights):
             with torch.device("meta"):
                 dense = ExpertWeights(module.experts, module.out_features, module.in_features)
-            dense.weight = nn.Parameter(module.stacked(dtype), requires_grad=False)
-            _replace(model, name, dense)
-            continue
         else:
             continue
-        dense.weight = nn.Parameter(module.dequantized_weight(dtype), requires_grad=False)
+        dense.weight = nn.Parameter(dense_tensor(model, f"{name}.weight", dtype),
+                                    requires_grad=False)
         _replace(model, name, dense)
     model.__dict__.pop("quantization_config", None)
     return model
