@@ -22,7 +22,7 @@ from test_quant_interop import BF16_ATOL, bamba_greedy, file_tensors, prefill_th
 
 from bamba.checkpoint import from_pretrained, save_pretrained
 from bamba.cli import main as bamba_main
-from bamba.native import accelerate, decode_ops, quant_ops
+from bamba.native import accelerate, decode_ops, dispatch, quant_ops
 from bamba.quant.apply import dequantize_model
 from bamba.quant.config import EXPERT_LINEARS
 from bamba.quant.experts import QuantizedExpertWeights, locate_piece, piece_modules
@@ -193,6 +193,31 @@ def test_quantized_experts_run_in_the_native_steps_as_the_torch_path(quantized_g
         quant_ops.set_int8_activations(previous)
     assert len(calls) == 6
     assert (fast - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_experts_at_many_rows_take_the_integer_products_in_the_native_step(quantized_granite,
+                                                                          name, monkeypatch):
+    """24 rows over 4 experts: groups of more than the few-row kernels' 8 rows meet int8 and
+    int4 experts in quant_gemm.h's products inside the one-call decode step, as the per-op
+    path's do (float32, int8 activations on both sides: equal up to summation order but for
+    an odd row where that order moved an input across an int8 rounding boundary)."""
+    if not quant_ops.set_int8_activations(True):
+        pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
+    calls = []
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = random_ids(24, 8, seed=5)
+    model = accelerate(from_pretrained(quantized_granite[name], dtype=torch.float32))
+    fused = prefill_then_decode(model, ids, prefill=6)[:, 6:]
+    assert len(calls) == 2
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
+    monkeypatch.setattr(dispatch, "layer_fits", lambda *args: False)
+    per_op = prefill_then_decode(model, ids, prefill=6)[:, 6:]
+    worst = (fused - per_op).abs().amax(dim=-1).flatten() / per_op.abs().max()
+    assert (worst <= 1e-5).float().mean() >= 0.6, worst
+    assert worst.max() <= 3e-2
 
 
 def test_generate_and_the_engine_run_quantized_experts_as_plain_forward(quantized_granite):

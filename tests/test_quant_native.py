@@ -444,6 +444,46 @@ def test_decode_steps_of_a_mixed_quantized_model_equal_its_torch_path(monkeypatc
         assert (ours - torch_path).abs().max().item() <= 3e-2 * scale
 
 
+@pytest.mark.parametrize("rows,threads,dtype", [(12, 2, torch.float32), (20, 3, torch.float32),
+                                               (12, 2, torch.bfloat16)])
+def test_decode_steps_past_the_few_row_kernels_take_the_integer_products(monkeypatch, rows,
+                                                                         threads, dtype) -> None:
+    """A decode step of more rows than the few-row kernels take (dispatch.MAX_LINEAR_ROWS)
+    meets int8 and int4 weights with int8 activations in quant_gemm.h's products, in the
+    whole-model step as in the per-op path (one 16-row block padded, or two; three threads,
+    whose shares of in_proj's 1160 outputs split tiles of 4): a model's rows agree to float32
+    summation order, but for the odd row where that order moved an input across a rounding
+    boundary of its int8 block (one quantization step, ~1e-2 here). With bf16 activations
+    (the few-row kernels) every row would differ by bf16's rounding (~2e-2)."""
+    if not quant_ops.set_int8_activations(True):
+        pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
+    assert rows > dispatch.MAX_LINEAR_ROWS
+    model = _model(dtype)
+    schemes = [make_scheme("int4", 64), make_scheme("int8"), make_scheme("int4", 32),
+               make_scheme("int8", 32), make_scheme("int4", 128)]
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name != "lm_head"]
+    for i, (name, linear) in enumerate(linears):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr,
+                QuantizedLinear.from_linear(linear, schemes[i % len(schemes)]))
+    model = accelerate(model)
+    calls = _fused_calls(monkeypatch)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = _decode(model, rows=rows, steps=2)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(calls) == 2
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
+    monkeypatch.setattr(dispatch, "layer_fits", lambda *args: False)
+    per_op = _decode(model, rows=rows, steps=2)
+    worst = (fused - per_op).abs().amax(dim=-1).flatten() / per_op.abs().max()
+    assert (worst <= 1e-5).float().mean() >= 0.6, worst
+    assert worst.max() <= 3e-2
+
+
 def test_an_int4_model_with_a_dense_lm_head_takes_the_whole_model_step(monkeypatch) -> None:
     reference = quantize_model(_model(torch.bfloat16), make_scheme("int4", 128))
     assert isinstance(reference.lm_head, nn.Linear)

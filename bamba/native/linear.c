@@ -7,7 +7,6 @@
 #include <stdint.h>
 
 #include "dot_rows.h"
-#include "quant_gemm.h"
 
 static int linear(int bf16, const void *x, const void *W, const void *bias, void *y, int64_t M,
                   int64_t N, int64_t K, int threads) {
@@ -69,19 +68,6 @@ int bamba_quant_set_int8_activations(int on) {
 
 #ifdef HAVE_INT8_DOT
 enum { GEMM_MAX_ROWS = 512 }; /* rows of x packed at a time (the weights packed once for each) */
-
-/* The calling thread's work buffer of at least `bytes` (kept for its next calls: a fresh one
- * each call would fault its pages in again), or NULL. */
-static char *gemm_work(size_t bytes) {
-    static __thread char *buffer;
-    static __thread size_t capacity;
-    if (bytes > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        capacity = buffer ? bytes : 0;
-    }
-    return buffer;
-}
 #endif
 
 /* y [M, N] = x W^T (+ bias) for many rows over quantized weights (quant_gemm.h): int8 or int4
@@ -120,9 +106,9 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
             int64_t begin, end;
             my_share(N / GEMM_WEIGHT_ROWS, &begin, &end);
             char *mine = work + omp_get_thread_num() * per_thread;
-            quant_gemm_features(&L, packed, rows, ys, x_bf16, begin * GEMM_WEIGHT_ROWS,
-                                end * GEMM_WEIGHT_ROWS, mine,
-                                (float *)(mine + panel_bytes));
+            const TileStore to = {ys, N, begin * GEMM_WEIGHT_ROWS, end * GEMM_WEIGHT_ROWS,
+                                  x_bf16, 0, x_bf16};
+            quant_gemm_features(&L, packed, rows, &to, mine, (float *)(mine + panel_bytes));
         }
     }
     return 0;

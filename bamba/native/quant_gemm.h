@@ -46,6 +46,19 @@ static inline int quant_gemm_supported(int format, int64_t k, int64_t group, int
            group % ACT_BLOCK == 0;
 }
 
+/* The calling thread's work buffer of at least `bytes` (kept for its next calls: a fresh one
+ * each call would fault its pages in again), or NULL. */
+static char *gemm_work(size_t bytes) {
+    static __thread char *buffer;
+    static __thread size_t capacity;
+    if (bytes > capacity) {
+        free(buffer);
+        buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        capacity = buffer ? bytes : 0;
+    }
+    return buffer;
+}
+
 /* Bytes of one packed block of 16 activation rows of width k: int8 and int4 weights' the
  * values, then per block of 32 inputs 16 float32 scales and 16 int32 offset terms; fp8's the
  * bf16 values in pairs. */
@@ -281,41 +294,65 @@ __attribute__((noinline)) static void gemm_tiles(const uint8_t *wp, const char *
     }
 }
 
-/* y[m0 + l, n..n+3] = out[j][l] + bias[n + j] for the first `rows` of 16 rows (bf16 rounded to
- * nearest even, or float32): a row's four outputs in one store, straight from registers. */
+/* Where a tile's outputs go: y [M, ldy] from feature 0 on, bf16 when y_bf16, else float32
+ * (rounded to bf16 first when round_bf16, as linear_features stores them); the bias in bf16
+ * when bias_bf16; only features [lo, hi) are stored (a tile of 4 may straddle a share). */
+typedef struct {
+    void *y;
+    int64_t ldy, lo, hi;
+    int y_bf16, round_bf16, bias_bf16;
+} TileStore;
+
+/* y[m0 + l, n..n+3] = out[j][l] + bias[n + j] for the first `rows` of 16 rows: a row's four
+ * outputs in one store, straight from registers, where all four lie in [lo, hi). */
 static inline void store_tile(float out[GEMM_WIDE_ROWS][16], const void *bias, int64_t n,
-                              void *y, int64_t ldy, int64_t m0, int64_t rows, int y_bf16) {
+                              const TileStore *to, int64_t m0, int64_t rows) {
     __m512i v[GEMM_WEIGHT_ROWS], t[4];
     for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
-        const __m512 b = _mm512_set1_ps(bias ? load_value(bias, n + j, y_bf16) : 0.0f);
-        v[j] = _mm512_castps_si512(_mm512_add_ps(_mm512_loadu_ps(out[j]), b));
+        const __m512 b = _mm512_set1_ps(bias ? load_value(bias, n + j, to->bias_bf16) : 0.0f);
+        __m512 sum = _mm512_add_ps(_mm512_loadu_ps(out[j]), b);
+        if (to->round_bf16 && !to->y_bf16) /* bf16's value, kept in float32 */
+            sum = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
+        v[j] = _mm512_castps_si512(sum);
     }
     transpose_4x16(v, t); /* t[q]: rows 4q..4q+3, four outputs each */
+    const int whole = n >= to->lo && n + GEMM_WEIGHT_ROWS <= to->hi;
     for (int q = 0; q < 4 && 4 * q < rows; q++) {
         const __m128i four[4] = {_mm512_castsi512_si128(t[q]), _mm512_extracti32x4_epi32(t[q], 1),
                                  _mm512_extracti32x4_epi32(t[q], 2),
                                  _mm512_extracti32x4_epi32(t[q], 3)};
         for (int64_t l = 4 * q; l < rows && l < 4 * q + 4; l++) {
-            const int64_t at = (m0 + l) * ldy + n;
-            if (y_bf16)
-                _mm_storel_epi64((__m128i *)((uint16_t *)y + at),
-                                 (__m128i)_mm_cvtneps_pbh(_mm_castsi128_ps(four[l - 4 * q])));
-            else
-                _mm_storeu_si128((__m128i *)((float *)y + at), four[l - 4 * q]);
+            const int64_t at = (m0 + l) * to->ldy + n;
+            const __m128 sums = _mm_castsi128_ps(four[l - 4 * q]);
+            if (!whole) { /* a tile at a share's edge: its features in the share alone */
+                float each[GEMM_WEIGHT_ROWS];
+                _mm_storeu_ps(each, sums);
+                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++)
+                    if (n + j >= to->lo && n + j < to->hi)
+                        store_value(to->y, at + j, each[j], to->y_bf16);
+            } else if (to->y_bf16) {
+                _mm_storel_epi64((__m128i *)((uint16_t *)to->y + at),
+                                 (__m128i)_mm_cvtneps_pbh(sums));
+            } else {
+                _mm_storeu_ps((float *)to->y + at, sums);
+            }
         }
     }
 }
 
-/* Features [n_begin, n_end) (4 | n_end - n_begin) of y [M, n] = x W^T + bias from the packed
- * activations xp (all ceil(M / 16) blocks), stored as linear_features stores them; `panel`
- * gemm_panel_bytes and `panel_scales` 64 k / group floats of this thread's (int8, int4). */
-static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t M, void *y,
-                                int y_bf16, int64_t n_begin, int64_t n_end, char *panel,
-                                float *panel_scales) {
+/* Features [to->lo, to->hi) of y = x W^T + bias (L->n a multiple of 4) from the packed
+ * activations xp (all ceil(M / 16) blocks of M rows); `panel` gemm_panel_bytes and
+ * `panel_scales` 64 k / group floats of this thread's (int8, int4). The tiles start at the
+ * multiple of 4 at or below to->lo. */
+static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t M,
+                                const TileStore *to, char *panel, float *panel_scales) {
     const int64_t k = L->k, group = L->scale_stride == 0 ? k : L->group, groups = k / group;
     const int64_t blocks = (M + 15) / 16, rows_bytes = gemm_rows_bytes(L->format, k);
     const int fp8 = L->format == FORMAT_FP8;
     const int64_t weight_row_bytes = fp8 ? 2 * k : k;
+    const int64_t n_begin = to->lo / GEMM_WEIGHT_ROWS * GEMM_WEIGHT_ROWS;
+    const int64_t n_end = (to->hi + GEMM_WEIGHT_ROWS - 1) / GEMM_WEIGHT_ROWS * GEMM_WEIGHT_ROWS;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += GEMM_PANEL_ROWS) {
         const int64_t rows = n_end - n0 < GEMM_PANEL_ROWS ? n_end - n0 : GEMM_PANEL_ROWS;
         for (int64_t j = 0; j < rows; j += GEMM_WEIGHT_ROWS) {
@@ -338,8 +375,8 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
                                panel_scales + j * groups, R, out);
                 for (int i = 0; i < R; i++)
                     for (int h = 0; h < J; h += GEMM_WEIGHT_ROWS)
-                        store_tile(out[i] + h, L->bias, n0 + j + h, y, L->n, (b + i) * 16,
-                                   M - (b + i) * 16 < 16 ? M - (b + i) * 16 : 16, y_bf16);
+                        store_tile(out[i] + h, L->bias, n0 + j + h, to, (b + i) * 16,
+                                   M - (b + i) * 16 < 16 ? M - (b + i) * 16 : 16);
                 j += J;
             }
         }

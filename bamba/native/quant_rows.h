@@ -425,7 +425,28 @@ __attribute__((noinline)) static void paired_dots(const LinearWeights *L, const 
 #undef PAIRED_ROWS
 #endif
 
+#if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
+/* Sixteen stored weights of a row from element e0 on as float32, not yet scaled: ints as q,
+ * fp8 as 2^-8 of its value (fp8_as_halves; the caller scales by 256 more). */
+static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
+    if (format == FORMAT_INT4) { /* 8 bytes: low nibble first */
+        const __m128i bytes = _mm_loadl_epi64((const __m128i *)(w + e0 / 2));
+        const __m128i nibble = _mm_set1_epi8(15);
+        const __m128i low = _mm_and_si128(bytes, nibble);
+        const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
+        return _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8)));
+    }
+    if (format == FORMAT_INT8)
+        return _mm512_cvtepi32_ps(_mm512_sub_epi32(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + e0))),
+            _mm512_set1_epi32(128)));
+    return _mm512_cvtph_ps(fp8_as_halves(w + e0));
+}
+#endif
+
 #include "quant_int8_dot.h"
+#include "quant_gemm.h"
 
 /* Whether int8 and int4 weights meet int8 activations at a few rows (quant_int8_dot.h) where
  * this build has the instructions; else they dequantize to bf16 against bf16 activations, as
@@ -440,6 +461,39 @@ extern int bamba_int8_activations;
  * loaded serves both weight rows. */
 enum { ONE_STREAM_ROWS = 2 };
 
+#ifdef HAVE_INT8_DOT
+/* Input rows beyond which a decode step's int8 and int4 linears take quant_gemm.h's product
+ * (int8 activations against panels of packed weights: each weight loaded once for every 16
+ * rows) instead of the few-row kernels, which dequantize every weight again for each 8 rows
+ * (dispatch.py's MAX_LINEAR_ROWS for the per-operation path alike). */
+enum { FEW_ROWS = 8 };
+
+/* Whether features of this linear at M rows take the product (gemm_features_alone). */
+static inline int decode_gemm_fits(const LinearWeights *L, int64_t M, int x_bf16) {
+    return M > FEW_ROWS && bamba_int8_activations &&
+           (L->format == FORMAT_INT8 || L->format == FORMAT_INT4) &&
+           L->n % GEMM_WEIGHT_ROWS == 0 && quant_gemm_supported(L->format, L->k, L->group, x_bf16);
+}
+
+/* quant_features by the product, inside a parallel region without a barrier: this thread
+ * packs all M rows itself, then its share's panels.
+ * Returns 0, or -1 when no memory is left for its buffers (nothing stored). */
+static int gemm_features_alone(const LinearWeights *L, int x_bf16, const void *x, int64_t M,
+                               const TileStore *to) {
+    const int64_t k = L->k, group = L->scale_stride == 0 ? k : L->group, blocks = (M + 15) / 16;
+    const size_t panel_bytes = (size_t)gemm_panel_bytes(L->format, k),
+                 scale_bytes = (size_t)GEMM_PANEL_ROWS * (k / group) * sizeof(float),
+                 rows_bytes = (size_t)(blocks * gemm_rows_bytes(L->format, k));
+    char *work = gemm_work(rows_bytes + panel_bytes + scale_bytes);
+    if (work == NULL) return -1;
+    for (int64_t b = 0; b < blocks; b++)
+        pack_activations(x, x_bf16, M, k, L->format == FORMAT_INT4 ? 8 : 128, work, b);
+    quant_gemm_features(L, work, M, to, work + rows_bytes,
+                        (float *)(work + rows_bytes + panel_bytes));
+    return 0;
+}
+#endif
+
 /* Features [n_begin, n_end) of y = x W^T + bias for M rows of x ([M, k], bf16 when x_bf16,
  * else float32), as linear_features (dot_rows.h) stores them. */
 static void quant_features(const LinearWeights *L, int x_bf16, const void *x, int64_t M,
@@ -447,6 +501,10 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
                            int64_t n_end) {
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
 #ifdef HAVE_INT8_DOT
+    if (decode_gemm_fits(L, M, x_bf16)) {
+        const TileStore to = {y, ldy, n_begin, n_end, y_bf16, round_bf16, x_bf16};
+        if (gemm_features_alone(L, x_bf16, x, M, &to) == 0) return;
+    }
     const int int8_dot = bamba_int8_activations &&
                          (L->format == FORMAT_INT8 || L->format == FORMAT_INT4) &&
                          M <= int8_dot_rows(L->format);
@@ -515,25 +573,6 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
 }
 
-#if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
-/* Sixteen stored weights of a row from element e0 on as float32, not yet scaled: ints as q,
- * fp8 as 2^-8 of its value (fp8_as_halves; the caller scales by 256 more). */
-static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
-    if (format == FORMAT_INT4) { /* 8 bytes: low nibble first */
-        const __m128i bytes = _mm_loadl_epi64((const __m128i *)(w + e0 / 2));
-        const __m128i nibble = _mm_set1_epi8(15);
-        const __m128i low = _mm_and_si128(bytes, nibble);
-        const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
-        return _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8)));
-    }
-    if (format == FORMAT_INT8)
-        return _mm512_cvtepi32_ps(_mm512_sub_epi32(
-            _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + e0))),
-            _mm512_set1_epi32(128)));
-    return _mm512_cvtph_ps(fp8_as_halves(w + e0));
-}
-#endif
 
 /* Weight rows [n_begin, n_end) dequantized into out [n_end - n_begin, k] (bf16, rounded to
  * nearest even, or float32), in input order: for a prefill's matmul, a tile at a time. Where
