@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,20 @@ def build_tokenizer(add_bos_token: bool = False, chat_template: str | None = Non
 
 
 _counter = itertools.count()
+
+
+@pytest.fixture
+def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No native kernels for one test (``BAMBA_NATIVE=0``): every module takes its torch path,
+    whose numbers do not depend on how many rows a call carries (the quantized kernels' do:
+    int8 activations at some row counts, bf16 ones at others)."""
+    from bamba.native import library
+
+    monkeypatch.setenv("BAMBA_NATIVE", "0")
+    library.load.cache_clear()
+    yield
+    monkeypatch.delenv("BAMBA_NATIVE")
+    library.load.cache_clear()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from bamba.quant.linear import QuantizedLinear
 
 pytestmark = pytest.mark.skipif(
     not dispatch.linear_available(torch.bfloat16) or
-    not all(quant_ops._supported(code, 128, 128) for code in (1, 2, 3)),  # fp8, int8, int4
+    not all(quant_ops.format_supported(code, 128, 128) for code in (1, 2, 3)),  # fp8, int8, int4
     reason="the quantized kernels need AVX-512 BF16 (and VBMI for fp8/int8) and a C compiler")
 
 GROUPS = [32, 64, 128, None]  # None: one scale per output channel

@@ -194,14 +194,17 @@ def conv_train_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and 1 <= weight.shape[-1] <= MAX_CONV_KERNEL and conv_train_available()
 
 
-@functools.cache
 def layer_fits(dtype: torch.dtype, dims: LayerDims) -> bool:
     """Whether layer_step.c takes a layer of these sizes in this dtype on this build."""
+    return linear_available(dtype) and _layer_widths_fit(dtype, dims)
+
+
+@functools.cache
+def _layer_widths_fit(dtype: torch.dtype, dims: LayerDims) -> bool:
     width = 32 if dtype == torch.bfloat16 else 16
     widths = [dims.hidden, dims.ffn, dims.d_inner or dims.heads * dims.head_dim,
               dims.expert_ffn]
-    return dtype in KERNEL_DTYPES and linear_available(dtype) and \
-        all(w % width == 0 for w in widths)
+    return dtype in KERNEL_DTYPES and all(w % width == 0 for w in widths)
 
 
 def layer_step_fits(x: torch.Tensor, norm_dtype: torch.dtype, dims: LayerDims) -> bool:

@@ -12,6 +12,7 @@ they do not take it (then the layer's torch reference runs)."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import threading
@@ -90,13 +91,20 @@ def set_int8_activations(on: bool) -> bool:
 
 def supported(layout: QuantLayout) -> bool:
     """Whether this build's kernels take the layout's format, width and group size."""
-    return _supported(layout.code, layout.k, layout.group)
+    return format_supported(layout.code, layout.k, layout.group)
+
+
+def format_supported(code: int, k: int, group: int) -> bool:
+    """Whether this build's kernels take format ``code`` (``FORMAT_CODES``) at width ``k`` in
+    groups of ``group`` (the library looked up each call: ``library.load.cache_clear()`` is
+    seen)."""
+    lib = library.load()
+    return lib is not None and _build_takes(lib, code, k, group)
 
 
 @functools.cache
-def _supported(code: int, k: int, group: int) -> bool:
-    lib = library.load()
-    return lib is not None and bool(lib.bamba_quant_supported(code, k, group))
+def _build_takes(lib: ctypes.CDLL, code: int, k: int, group: int) -> bool:
+    return bool(lib.bamba_quant_supported(code, k, group))
 
 
 # layer_step.c's scale kinds: 0 one scale, 1 one a row, g > 1 groups of 16 << (g - 1) inputs
