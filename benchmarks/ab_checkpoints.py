@@ -1,10 +1,12 @@
-"""Checkpoints of one model in one process, alternating: decode at batch 1 and 8 and a prefill,
-each checkpoint loaded once (bf16, native kernels) and timed in turns whose order flips every
-turn, so a drift in the machine's memory speed hits all alike. For layouts of the same weights
-(say int4 with a Granite MoE's experts quantized or kept in bf16, as `bamba quantize --ignore`
-chooses), where two processes minutes apart would measure two memory spells.
+"""Checkpoints of one model in one process, alternating: decode (batch 1 and 8, or --batches)
+and a prefill, each checkpoint loaded once (bf16, native kernels) and timed in turns whose
+order flips every turn, so a drift in the machine's memory speed hits all alike. For layouts
+of the same weights (say int4 with a Granite MoE's experts quantized or kept in bf16, as
+`bamba quantize --ignore` chooses), where two processes minutes apart would measure two
+memory spells.
 
-    python benchmarks/ab_checkpoints.py DIR_A DIR_B [--turns 5] [--output out.json]
+    python benchmarks/ab_checkpoints.py DIR_A DIR_B [--turns 5] [--batches 1 8 32]
+                                       [--output out.json]
 
 Prints and (with --output) writes each checkpoint's median tok/s over the turns, its size on
 disk, and the host.
@@ -29,30 +31,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--turns", type=int, default=5, help="turns over the checkpoints")
-    parser.add_argument("--steps", type=int, default=24, help="timed decode steps a turn")
+    parser.add_argument("--steps", type=int, default=24,
+                        help="timed decode steps a turn at batch 1 (half that at larger ones)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8],
+                        help="decode batch sizes")
     parser.add_argument("--prompt", type=int, default=512, help="prefill tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, help="also write the results here as JSON")
     args = parser.parse_args(argv)
-    if args.turns < 1:
-        parser.error("--turns must be at least 1")
+    if args.turns < 1 or min(args.batches) < 1:
+        parser.error("--turns and every --batches must be at least 1")
     from bamba.checkpoint import from_pretrained
     from bamba.native import accelerate
 
     torch.set_num_threads(args.threads)
     models = {p: accelerate(from_pretrained(p, dtype=torch.bfloat16)) for p in args.checkpoints}
-    times: dict[Path, dict[str, list[float]]] = {p: {"b1": [], "b8": [], "prefill": []}
-                                                 for p in models}
+    times: dict[Path, dict[int | str, list[float]]] = {
+        p: {**{b: [] for b in args.batches}, "prefill": []} for p in models}
     for turn in range(args.turns):
         order = list(models.items())
         for path, model in order if turn % 2 == 0 else reversed(order):
-            times[path]["b1"].append(decode_seconds(model, 1, args.steps))
-            times[path]["b8"].append(decode_seconds(model, 8, args.steps // 2))
+            for batch in args.batches:
+                steps = args.steps if batch == 1 else max(args.steps // 2, 1)
+                times[path][batch].append(decode_seconds(model, batch, steps))
             times[path]["prefill"].append(prefill_seconds(model, args.prompt))
     results = {str(p): {
         "disk_mb": round(sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e6, 1),
-        "decode_b1_tok_s": round(1 / statistics.median(t["b1"]), 1),
-        "decode_b8_tok_s": round(8 / statistics.median(t["b8"]), 1),
+        **{f"decode_b{b}_tok_s": round(b / statistics.median(t[b]), 1) for b in args.batches},
         f"prefill_{args.prompt}_tok_s": round(args.prompt / statistics.median(t["prefill"]), 1)}
         for p, t in times.items()}
     print(json.dumps(results, indent=1))

@@ -23,7 +23,7 @@ def test_checkpoints_take_turns_and_are_written(tmp_path: Path, capsys: pytest.C
                         lambda model, length: order.append(id(model)) or real(model, length))
     out = tmp_path / "ab.json"
     ab_checkpoints.main([str(first), str(second), "--turns", "3", "--steps", "2", "--prompt",
-                         "8", "--output", str(out)])
+                         "8", "--batches", "1", "3", "--output", str(out)])
     assert order[0] == order[3] == order[4] and order[1] == order[2] == order[5] != order[0]
     written = json.loads(out.read_text())
     assert written["host"]["read_gb_per_s"] > 0
@@ -31,3 +31,4 @@ def test_checkpoints_take_turns_and_are_written(tmp_path: Path, capsys: pytest.C
     for path in (first, second):
         row = written["results"][str(path)]
         assert row["disk_mb"] > 0 and row["decode_b1_tok_s"] > 0 and row["prefill_8_tok_s"] > 0
+        assert row["decode_b3_tok_s"] > 0 and "decode_b8_tok_s" not in row
