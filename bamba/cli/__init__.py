@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 # verb -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -46,15 +47,27 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
-def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad arguments as one line naming the command, exit code 2 (not argparse's usage block
+    first); its subcommands' parsers are of this class too. ``commands``: the verbs' parsers."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(verb: str | None = None) -> OneLineErrors:
     """The parser; only ``verb``'s module is imported (to add its arguments)."""
-    parser = argparse.ArgumentParser(prog="bamba", description=__doc__.splitlines()[0])
+    parser = OneLineErrors(prog="bamba", description=__doc__.splitlines()[0])
+    parser.commands = {}
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         verb_parser = sub.add_parser(name, help=help_text, description=help_text,
                                      formatter_class=DefaultsHelpFormatter)
         verb_parser.set_defaults(_module=module)
+        parser.commands[name] = verb_parser
         if name == verb:
             importlib.import_module(module).configure(verb_parser)
     return parser
@@ -67,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         from bamba.cores import prepare
 
         prepare()
-    args = build_parser(verb).parse_args(argv)
+    parser = build_parser(verb)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command they were given to, not by `bamba`
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
