@@ -253,6 +253,27 @@ def test_cli_refuses_unknown_tasks_before_loading(tmp_path: Path, tasks: Path, a
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_names_a_task_whose_data_cannot_be_fetched_in_one_line(
+        checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task over a hub dataset neither cached nor reachable (datasets in offline mode, as
+    on a machine without the hub): one line naming the dataset, no traceback, nothing written."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: bamba-tests/no-such-dataset\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n")
+    args = cli_args(str(checkpoint), "--tasks", "hub_task", "--include-path", str(tasks),
+                    "--only-include-path", "--out", str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="bamba-tests/no-such-dataset") as error:
+        eval_harness.run(args)
+    assert "\n" not in str(error.value) and "--include-path" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
 # ---- slow: the same run against a `bamba serve` process ----------------------------------------
 @pytest.mark.slow
 def test_local_completions_against_a_bamba_serve_process(lm: BambaEvalLM, tasks: Path,

@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("bamba.cli.finetune", "fine-tune a checkpoint on chat or prompt/completion JSONL"),
     "demo": ("bamba.cli.demo", "offline demo: train a small hybrid on the stdlib's source, complete code"),
     "serve": ("bamba.cli.serve", "OpenAI-compatible HTTP server (continuous batching engine)"),
-    "eval": ("bamba.cli.eval", "evaluate a model: PhoneBook retrieval, perplexity (JSON + PNG)"),
+    "eval": ("bamba.cli.eval", "evaluate a model: PhoneBook retrieval, perplexity (JSON + PNG), "
+                               "lm-evaluation-harness tasks"),
     "quantize": ("bamba.cli.quantize", "quantize a checkpoint's linear layers to fp8, int8 or int4 (compressed-tensors)"),
     "export-gguf": ("bamba.cli.export_gguf", "write a checkpoint as a GGUF file for llama.cpp"),
 }

@@ -87,11 +87,16 @@ def run(args: argparse.Namespace) -> int:
                         dtype=args.dtype, memory_gb=args.memory_gb,
                         max_model_len=args.max_model_len, seed=args.seed)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    results = lm_eval.simple_evaluate(
-        model=model, tasks=names, task_manager=manager, num_fewshot=args.num_fewshot,
-        limit=limit, log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
-        random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
-        fewshot_random_seed=args.seed)
+    try:
+        results = lm_eval.simple_evaluate(
+            model=model, tasks=names, task_manager=manager, num_fewshot=args.num_fewshot,
+            limit=limit, log_samples=args.log_samples,
+            apply_chat_template=args.apply_chat_template, random_seed=args.seed,
+            numpy_random_seed=args.seed, torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed)
+    except ConnectionError as exc:  # datasets' words for a task's data it cannot fetch
+        raise ValueError(f"a task's data is neither in the datasets cache nor reachable: {exc} "
+                         f"(tasks over local files: --include-path)") from None
     samples = results.pop("samples", {}) if args.log_samples else {}
     args.out.mkdir(parents=True, exist_ok=True)
     dumped = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)

@@ -25,7 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (default: one per core, fewer on busy cores)")
     parser.add_argument("--compile", default="none", metavar="MODE",
                         help="compile the decode step with inductor: default or max-autotune "
-                             "(a minute or more before the first token; faster decode after)")
+                             "(about 100 s before the first token; faster decode after)")
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:

@@ -66,8 +66,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from bamba.compile import MODES
 
     parser.add_argument("--compile", default="none", choices=("none", *MODES),
-                        help="compile decode steps with inductor (the first one takes about a "
-                             "minute; then faster batched decode)")
+                        help="compile decode steps with inductor (the first one takes about "
+                             "100 s; then faster batched decode)")
     parser.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
                         help="larger request bodies are refused with 413")
     parser.add_argument("--max-connections", type=int, default=512,
