@@ -6,6 +6,7 @@ export greedily as bamba does (slow), and bad files fail with one line (exit 2 i
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -132,6 +133,45 @@ def test_quantized_linears_load_exactly_as_our_int_formats(memorised, tmp_path, 
     ids = random_ids(1, 16)
     with torch.no_grad():
         assert torch.equal(from_pretrained(tmp_path / "ct")(ids), back(ids))
+
+
+@pytest.mark.parametrize("scheme, group, file_type, exact", [
+    ("int4", "32", "q4_0", True), ("int4", "64", "q4_0", True), ("int4", "32", "q8_0", True),
+    ("int8", "32", "q8_0", True), ("int8", None, "q8_0", True), ("int8", "32", "q4_0", False)])
+def test_int_checkpoints_export_their_blocks_as_stored(memorised, tmp_path, scheme, group,
+                                                       file_type, exact):
+    """`bamba export-gguf` of an int4 / int8 checkpoint (linears in groups of 32 or 64 or per
+    row, lm_head and token table: int4 in groups, int8 per row) copies each weight's ints into
+    Q4_0 / Q8_0 blocks, each 32 inputs taking their group's or row's scale, with no second
+    rounding: the file's weights are the checkpoint's, bit for bit (int4 fits Q8_0 too). int8
+    does not fit Q4_0: it is dequantized and quantized again (nearby, not equal)."""
+    from bamba.quant.embedding import QuantizedEmbedding
+    from bamba.quant.linear import QuantizedLinear
+
+    source, model, sequence = memorised
+    bf16 = tmp_path / "bf16"  # bf16 scales, as llm-compressor writes for a bf16 model
+    model.to(torch.bfloat16).save_pretrained(bf16)
+    for item in source.glob("*token*"):
+        shutil.copy(item, bf16)
+    model.float()
+    quantized = tmp_path / scheme
+    assert main(["quantize", str(bf16), str(quantized), "--scheme", scheme, "--lm-head", scheme,
+                 "--embedding", scheme, "--no-progress",
+                 *(["--group-size", group] if group else [])]) == 0
+    out = tmp_path / "m.gguf"
+    assert main(["export-gguf", str(quantized), str(out), "--dtype", file_type]) == 0
+    assert _types(out) == {"F32", file_type.upper()}
+    ours, back = from_pretrained(quantized), from_pretrained(out)
+    layers = [n for n, m in ours.named_modules()
+              if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
+    assert len(layers) == 4 * 3 + 2 * 2 + 2 * 4 + 2  # MLPs, Mamba in/out, attention, head, table
+    same = [torch.equal(back.get_submodule(n).dequantized_weight(torch.float32),
+                        ours.get_submodule(n).dequantized_weight(torch.float32)) for n in layers]
+    assert all(same) if exact else not any(same), dict(zip(layers, same))
+    if exact:
+        ids = torch.tensor([sequence])
+        with torch.no_grad():
+            assert torch.equal(back(ids), ours(ids))
 
 
 def _assert_dequantized_as_gguf_does(model: torch.nn.Module, path: Path,

@@ -293,6 +293,28 @@ def test_export_gguf_writes_the_experts_dequantized_a_weight_at_a_time(quantized
                                    atol=1e-4, rtol=0)
 
 
+def test_export_gguf_copies_int4_experts_into_q4_0_blocks_as_stored(quantized_granite,
+                                                                    tmp_path):
+    """int4 in groups of 32 to Q4_0: every expert's and linear's ints and scales go into the
+    file as they are (each stacked gate-and-up split into ffn_gate_exps / ffn_up_exps, the
+    shared MLP's fused linear into two, attention's q and k rows reordered) and read back bit
+    for bit. (The bf16 token table and head are quantized to Q4_0 by the export itself.)"""
+    pytest.importorskip("gguf")
+    from bamba.quant.apply import stored_ints
+
+    out = tmp_path / "m.gguf"
+    assert bamba_main(["export-gguf", str(quantized_granite["int4"]), str(out), "--dtype",
+                       "q4_0"]) == 0
+    ours, back = from_pretrained(quantized_granite["int4"]), from_pretrained(out)
+    names = [f"{n}.weight" for n, m in ours.named_modules()
+             if hasattr(m, "weight_packed") and n != "lm_head" and n.startswith("model.layers")]
+    for name in names:
+        mine, theirs = stored_ints(ours, name), stored_ints(back, name)
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1]), name
+    experts = [n for n in names if ".experts." in n and n.endswith("_linear.weight")]
+    assert len(experts) == 2 * len(experts_of(ours)) and len(names) > len(experts)
+
+
 # ---- what does not fit -----------------------------------------------------------------------
 def _rewrite(source: Path, target: Path, change) -> Path:
     """A copy of checkpoint ``source`` whose tensors pass through ``change(dict)``."""

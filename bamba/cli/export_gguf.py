@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
     dense = tensor_reader(args.checkpoint)  # a dense checkpoint: read a tensor at a time
+    stored = None
     if dense is not None:
         model, tensor = dense
     else:
@@ -36,14 +37,16 @@ def run(args: argparse.Namespace) -> int:
         model, tensor = from_pretrained(args.checkpoint, dtype=dtype), None
         if getattr(model, "quantization_config", None) is not None:  # GGUF types of its own
             from bamba.model import BambaLM
-            from bamba.quant.apply import dense_tensor
+            from bamba.quant.apply import dense_tensor, stored_ints
 
-            log.info("%s is quantized: its weights are dequantized one at a time, then "
-                     "written as %s", args.checkpoint, args.dtype)
+            log.info("%s is quantized: its int4 weights go into Q4_0 or Q8_0 blocks as "
+                     "stored, its int8 ones into Q8_0; others are dequantized one at a time, "
+                     "then written as %s", args.checkpoint, args.dtype)
             quantized = model
             with torch.device("meta"):
                 model = BambaLM(quantized.config)
             tensor = lambda name: dense_tensor(quantized, name, dtype)  # noqa: E731
-    path = export_gguf(model, tokenizer, args.out, args.dtype, tensor=tensor)
+            stored = lambda name: stored_ints(quantized, name)  # noqa: E731
+    path = export_gguf(model, tokenizer, args.out, args.dtype, tensor=tensor, stored=stored)
     print(f"wrote {path} ({args.dtype})")
     return 0

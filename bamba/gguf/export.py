@@ -112,12 +112,41 @@ def _plan(model: torch.nn.Module) -> Iterator[tuple[str, Piece, str, tuple[int, 
             yield ours, piece, piece.gguf, gguf_shape(ours, piece_shape(shape, piece), config)
 
 
+StoredInts = Callable[[str], "tuple[torch.Tensor, torch.Tensor, Any] | None"]
+
+
+def _exact_blocks(found: tuple | None, ours: str, piece: Piece, qtype: Any,
+                  config: BambaConfig) -> Any:
+    """The Q8_0 / Q4_0 bytes of a weight stored as int8 / int4 (``found``: ``stored_ints``' q,
+    scale and scheme), block for block with no second rounding: a scale of a group of 32k
+    inputs, or of a whole row, is each of its 32-input blocks' scale; int4 fits either type,
+    int8 Q8_0. None when it does not fit (the caller quantizes its values)."""
+    from gguf import GGMLQuantizationType as Q
+
+    from bamba.gguf.quantized import GROUP, block_bytes
+
+    if found is None or qtype not in (Q.Q8_0, Q.Q4_0):
+        return None
+    q, scale, scheme = found
+    group = q.shape[-1] // scale.shape[-1]
+    if group % GROUP or (qtype == Q.Q4_0 and scheme.bits != 4):
+        return None
+    scale = scale.repeat_interleave(group // GROUP, dim=-1)
+    span = piece.rows.stop - piece.rows.start
+    q, scale = (to_gguf(ours, t.narrow(piece.dim, piece.rows.start, span), config)
+                for t in (q, scale))  # whole rows: a head's reordering, a fused linear's half
+    return block_bytes(q, scale, qtype.name)
+
+
 def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.PathLike,
                 file_type: str = "bf16", name: str | None = None,
-                tensor: Callable[[str], torch.Tensor] | None = None) -> Path:
+                tensor: Callable[[str], torch.Tensor] | None = None,
+                stored: StoredInts | None = None) -> Path:
     """Write ``model`` (a ``BambaLM``) and ``tokenizer`` to ``out`` as GGUF; returns the path.
     ``tensor(our name)`` gives each weight when the model holds none (built on the meta
-    device: each is then read, converted and written one at a time)."""
+    device: each is then read, converted and written one at a time); ``stored(our name)``
+    (``bamba.quant.apply.stored_ints`` of a quantized source) gives a weight's stored ints,
+    which go into Q8_0 / Q4_0 blocks as they are where they fit."""
     import gguf
     import numpy as np
 
@@ -157,7 +186,14 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
         if tensor is None:
             state = model.state_dict()
             tensor = state.__getitem__
+        exact = 0
         for ours, piece, g, _ in plan:
+            raw = None if stored is None else \
+                _exact_blocks(stored(ours), ours, piece, types[g], config)
+            if raw is not None:
+                exact += 1
+                writer.write_tensor_data(raw)
+                continue
             value = tensor(ours).detach()
             if value.dim():
                 value = value.narrow(piece.dim, piece.rows.start,
@@ -171,7 +207,8 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.info("wrote %s (%s, %s, %d tensors)", out, arch, file_type, len(plan))
+    log.info("wrote %s (%s, %s, %d tensors%s)", out, arch, file_type, len(plan),
+             f", {exact} of them the source's blocks as stored" if stored is not None else "")
     return out
 
 

@@ -35,6 +35,28 @@ def block_values(raw: np.ndarray, type_name: str, rows: int, cols: int
     return torch.from_numpy(q.reshape(rows, cols).copy()), torch.from_numpy(scale.copy())
 
 
+def block_bytes(q: torch.Tensor, scale: torch.Tensor, type_name: str) -> np.ndarray | None:
+    """The inverse of ``block_values``: Q8_0 or Q4_0 bytes [..., cols / 32 * block bytes] of
+    q int8 [..., cols] and its scale [..., cols / 32], the scale in float16 as the blocks hold
+    it (exact for bf16 and float16 scales in float16's normal range; float32 ones round, a
+    relative 2^-11 at most); None when they do not fit (q outside Q4_0's [-8, 7], a scale
+    float16 cannot hold: overflowing, or a nonzero one vanishing)."""
+    half = scale.to(torch.float16)
+    if not torch.isfinite(half).all() or ((half == 0) & (scale != 0)).any():
+        return None
+    if type_name == "Q4_0" and (q.min() < -8 or q.max() > 7):
+        return None
+    lead, cols = tuple(q.shape[:-1]), q.shape[-1]
+    blocks = q.reshape(*lead, cols // GROUP, GROUP).numpy()
+    if type_name == "Q8_0":
+        body = blocks.astype(np.int8).view(np.uint8)
+    else:  # weights 0-15 in the low nibbles, 16-31 in the high ones, stored as q + 8
+        u = (blocks.astype(np.int16) + 8).astype(np.uint8)
+        body = u[..., :GROUP // 2] | (u[..., GROUP // 2:] << 4)
+    scales = half.numpy().reshape(*lead, cols // GROUP, 1).view(np.uint8)
+    return np.concatenate((scales, body), axis=-1).reshape(*lead, -1)
+
+
 def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str) -> dict[str, torch.Tensor]:
     """A ``QuantizedLinear``'s or ``QuantizedEmbedding``'s buffers (names as compressed-tensors
     has them) for q and scale."""

@@ -15,7 +15,7 @@ from bamba.quant.config import QuantConfig, QuantGroup, parse_quantization_confi
     quantization_config_dict
 from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import STACKED_CLASSES, QuantizedExpertWeights, piece_modules
-from bamba.quant.formats import QuantScheme
+from bamba.quant.formats import QuantScheme, unpack_ints
 from bamba.quant.linear import QuantizedLinear
 
 Rename = Callable[[str], str]  # our module path -> the checkpoint's
@@ -178,6 +178,29 @@ def dense_tensor(model: nn.Module, name: str, dtype: torch.dtype) -> torch.Tenso
     if leaf == "weight" and isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
         return module.dequantized_weight(dtype)
     return getattr(module, leaf)
+
+
+def stored_ints(model: nn.Module, name: str
+                ) -> tuple[torch.Tensor, torch.Tensor, QuantScheme] | None:
+    """Tensor ``name``'s stored values when it is an int8 / int4 weight: (q int8 and scale
+    float32, shaped as the dense twin's weight [.., rows, cols] and [.., rows, groups] (a
+    group, or a whole row, of cols / groups inputs a scale), experts stacked [E, ...], and the
+    scheme); None for anything else."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf != "weight" or not isinstance(
+            module, (QuantizedLinear, QuantizedEmbedding, QuantizedExpertWeights)):
+        return None
+    scheme, (rows, cols) = module.scheme, module.dense_shape
+    groups = 1 if scheme.group_size is None else cols // scheme.group_size
+    if not scheme.packed or tuple(module.weight_scale.shape) != (rows, groups):
+        return None
+    q = unpack_ints(module.weight_packed, scheme.bits, cols)
+    scale = module.weight_scale.float()
+    if isinstance(module, QuantizedExpertWeights):
+        q = q.view(module.experts, module.out_features, cols)
+        scale = scale.view(module.experts, module.out_features, -1)
+    return q, scale, scheme
 
 
 @torch.no_grad()
