@@ -560,6 +560,35 @@ def test_llama_cpp_converter_output_loads_with_the_source_logits(make_hf_checkpo
 
 
 @pytest.mark.slow
+def test_llama_cpp_decodes_our_int4_blocks_as_bamba_does(memorised, tmp_path):
+    """An int4 checkpoint (head and table too) exported to q4_0 block for block: llama-server
+    continues the memorised sequence with the tokens bamba gives on the checkpoint itself."""
+    import httpx
+
+    source, model, sequence = memorised
+    bf16 = tmp_path / "bf16"
+    model.to(torch.bfloat16).save_pretrained(bf16)
+    model.float()
+    for item in source.glob("*token*"):
+        shutil.copy(item, bf16)
+    quantized, out = tmp_path / "int4", tmp_path / "m.gguf"
+    assert main(["quantize", str(bf16), str(quantized), "--scheme", "int4", "--group-size", "32",
+                 "--lm-head", "int4", "--embedding", "int4", "--no-progress"]) == 0
+    assert main(["export-gguf", str(quantized), str(out), "--dtype", "q4_0"]) == 0
+    ours = _greedy(from_pretrained(quantized), sequence[:8], 24)
+    assert ours[:8] == sequence[8:16]  # still memorised at int4
+    server = llama_cpp.start(llama_cpp.find_or_build(), out, 8918, 2, 1, 256)
+    try:
+        reply = httpx.post("http://127.0.0.1:8918/completion", timeout=120, json={
+            "prompt": sequence[:8], "n_predict": 24, "temperature": 0, "top_k": 1,
+            "return_tokens": True, "cache_prompt": False}).json()
+    finally:
+        server.kill()
+        server.wait()
+    assert reply["tokens"] == ours
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, seed", [("hybrid", 0), ("llama", 0), ("granite", 4),
                                         ("granite-rope", 4), ("granite-moe", 4)])
 def test_llama_cpp_decodes_our_export_as_bamba_does(make_hf_checkpoint, tmp_path, kind, seed):
