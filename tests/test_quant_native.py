@@ -388,10 +388,12 @@ def _model(dtype: torch.dtype) -> BambaLM:
     return model
 
 
-def _mixed(model: BambaLM) -> BambaLM:
+MIXED = [make_scheme("int4", 64), make_scheme("int8"), make_scheme("fp8"), make_scheme("int4"),
+         make_scheme("int8", 32), make_scheme("int4", 128)]
+
+
+def _mixed(model: BambaLM, schemes: list = MIXED) -> BambaLM:
     """Every linear but lm_head quantized, the scheme changing from linear to linear."""
-    schemes = [make_scheme("int4", 64), make_scheme("int8"), make_scheme("fp8"),
-               make_scheme("int4"), make_scheme("int8", 32), make_scheme("int4", 128)]
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and name != "lm_head"]
     for i, (name, linear) in enumerate(linears):
@@ -458,16 +460,7 @@ def test_decode_steps_past_the_few_row_kernels_take_the_integer_products(monkeyp
     if not quant_ops.set_int8_activations(True):
         pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
     assert rows > dispatch.MAX_LINEAR_ROWS
-    model = _model(dtype)
-    schemes = [make_scheme("int4", 64), make_scheme("int8"), make_scheme("int4", 32),
-               make_scheme("int8", 32), make_scheme("int4", 128)]
-    linears = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name != "lm_head"]
-    for i, (name, linear) in enumerate(linears):
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr,
-                QuantizedLinear.from_linear(linear, schemes[i % len(schemes)]))
-    model = accelerate(model)
+    model = accelerate(_mixed(_model(dtype), [scheme for scheme in MIXED if scheme.name != "fp8"]))
     calls = _fused_calls(monkeypatch)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
