@@ -87,7 +87,8 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
     const size_t panel_bytes = (size_t)gemm_panel_bytes(format, K),
                  scale_bytes = (size_t)GEMM_PANEL_ROWS * (K / group) * sizeof(float);
     const size_t per_thread = (panel_bytes + scale_bytes + 63) / 64 * 64;
-    char *work = gemm_work(threads * per_thread + most * gemm_rows_bytes(format, K));
+    char *work = thread_buffer(GEMM_BUFFER, threads * per_thread +
+                                              most * gemm_rows_bytes(format, K));
     if (work == NULL) return -2;
     char *packed = work + threads * per_thread;
     for (int64_t m0 = 0; m0 < M; m0 += GEMM_MAX_ROWS) { /* bounded memory for long inputs */

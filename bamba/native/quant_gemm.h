@@ -46,19 +46,6 @@ static inline int quant_gemm_supported(int format, int64_t k, int64_t group, int
            group % ACT_BLOCK == 0;
 }
 
-/* The calling thread's work buffer of at least `bytes` (kept for its next calls: a fresh one
- * each call would fault its pages in again), or NULL. */
-static char *gemm_work(size_t bytes) {
-    static __thread char *buffer;
-    static __thread size_t capacity;
-    if (bytes > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        capacity = buffer ? bytes : 0;
-    }
-    return buffer;
-}
-
 /* Bytes of one packed block of 16 activation rows of width k: int8 and int4 weights' the
  * values, then per block of 32 inputs 16 float32 scales and 16 int32 offset terms; fp8's the
  * bf16 values in pairs. */

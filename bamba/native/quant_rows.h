@@ -98,16 +98,21 @@ static void prepare_rows(int format, const void *x, int x_bf16, int64_t M, int64
         }
 }
 
-/* This thread's buffer of at least `count` bf16 values (kept for its next calls), or NULL. */
-static uint16_t *thread_rows(int64_t count) {
-    static __thread uint16_t *buffer;
-    static __thread int64_t capacity;
-    if (count > capacity) {
-        free(buffer);
-        buffer = aligned_alloc(64, (size_t)((count + 31) / 32 * 64));
-        capacity = buffer ? count : 0;
+/* A thread's work buffers: the few-row kernels' prepared input rows, the products' packed rows
+ * and panels (quant_gemm.h). */
+enum { ROWS_BUFFER, GEMM_BUFFER, THREAD_BUFFERS };
+
+/* This thread's buffer `which` of at least `bytes` (kept for its next calls: a fresh one each
+ * call would fault its pages in again), or NULL. */
+static void *thread_buffer(int which, size_t bytes) {
+    static __thread void *buffers[THREAD_BUFFERS];
+    static __thread size_t capacity[THREAD_BUFFERS];
+    if (bytes > capacity[which]) {
+        free(buffers[which]);
+        buffers[which] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        capacity[which] = buffers[which] ? bytes : 0;
     }
-    return buffer;
+    return buffers[which];
 }
 
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
@@ -484,7 +489,7 @@ static int gemm_features_alone(const LinearWeights *L, int x_bf16, const void *x
     const size_t panel_bytes = (size_t)gemm_panel_bytes(L->format, k),
                  scale_bytes = (size_t)GEMM_PANEL_ROWS * (k / group) * sizeof(float),
                  rows_bytes = (size_t)(blocks * gemm_rows_bytes(L->format, k));
-    char *work = gemm_work(rows_bytes + panel_bytes + scale_bytes);
+    char *work = thread_buffer(GEMM_BUFFER, rows_bytes + panel_bytes + scale_bytes);
     if (work == NULL) return -1;
     for (int64_t b = 0; b < blocks; b++)
         pack_activations(x, x_bf16, M, k, L->format == FORMAT_INT4 ? 8 : 128, work, b);
@@ -513,7 +518,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     const int int8_dot = 0;
     const int64_t row_bytes = 2 * L->k;
 #endif
-    uint16_t *xp = thread_rows((M * row_bytes + 1) / 2);
+    uint16_t *xp = thread_buffer(ROWS_BUFFER, (size_t)(M * row_bytes));
     const QuantTables t = quant_tables(L);
     if (xp != NULL) {
 #ifdef HAVE_INT8_DOT
