@@ -52,7 +52,7 @@ class OneLineErrors(argparse.ArgumentParser):
     """Bad arguments as one line naming the command, exit code 2 (not argparse's usage block
     first); its subcommands' parsers are of this class too. ``commands``: the verbs' parsers."""
 
-    commands: dict[str, argparse.ArgumentParser] = {}
+    commands: dict[str, argparse.ArgumentParser]  # set by build_parser on the top parser
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

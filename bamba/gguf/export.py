@@ -186,10 +186,12 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
         if tensor is None:
             state = model.state_dict()
             tensor = state.__getitem__
-        exact = 0
+        exact, found = 0, (None, None)  # (our name, its stored ints): a fused one's pieces share
         for ours, piece, g, _ in plan:
+            if stored is not None and found[0] != ours:
+                found = (ours, stored(ours))
             raw = None if stored is None else \
-                _exact_blocks(stored(ours), ours, piece, types[g], config)
+                _exact_blocks(found[1], ours, piece, types[g], config)
             if raw is not None:
                 exact += 1
                 writer.write_tensor_data(raw)
