@@ -60,7 +60,8 @@ from measure import (bamba_cli, best, decode_seconds, llama_ggufs, prefill_secon
                      rss_mb, run_child, run_llama_bench, write_random)
 
 RESULTS = Path(__file__).parent / "results" / "quant.json"
-SCHEMES = ("bf16", "fp8", "int8", "int8+8", "int4", "int4+8")
+SCHEMES = ("bf16", "fp8", "int8", "int8+8", "int4", "int4+8", "int4-asym")
+# "int4-asym": int4 with zero points (--asymmetric, llm-compressor's W4A16_ASYM layout).
 # "int8+8" and "int4+8": int8 or int4 linears with the lm_head and the token embeddings int8
 # too (--lm-head int8 --embedding int8), the layout of llama.cpp's files: its Q8_0 keeps both
 # in Q8_0, its Q4_0 the output tensor in Q6_K and the embeddings in Q4_0. The plain schemes
@@ -211,7 +212,9 @@ def quantized(source: Path, scheme: str, args: argparse.Namespace) -> Path:
     out = source.parent / f"{source.name}-{scheme}"
     if not (out / "config.json").is_file():
         name, _, wide = scheme.partition("+")
+        name, asymmetric = name.removesuffix("-asym"), name.endswith("-asym")
         extra = ["--group-size", str(args.group_size)] if name == "int4" else []
+        extra += ["--asymmetric"] if asymmetric else []
         if wide:
             extra += ["--lm-head", f"int{wide}", "--embedding", f"int{wide}"]
         bamba_cli("quantize", str(source), str(out), "--scheme", name, *extra)

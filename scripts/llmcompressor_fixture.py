@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 SEED = 0
-SCHEMES = {"fp8_dynamic": "FP8_DYNAMIC", "w4a16": "W4A16", "w8a16": "W8A16"}
+SCHEMES = {"fp8_dynamic": "FP8_DYNAMIC", "w4a16": "W4A16", "w8a16": "W8A16",
+           "w4a16_asym": "W4A16_ASYM"}
 # hidden 128 and the MLP/Mamba widths are multiples of 128: W4A16/W8A16 quantize in groups of 128.
 CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
               attn_layer_indices=[2], num_attention_heads=4, num_key_value_heads=2,
@@ -88,13 +89,17 @@ def random_model(directory: Path, granite: bool = False) -> None:
     model.to(torch.bfloat16).save_pretrained(directory)
 
 
-def quantize(out: Path) -> None:
-    """Quantize the random models with each scheme; keep only the files the tests read."""
+def quantize(out: Path, only: list[str]) -> None:
+    """Quantize the random models with each scheme (or those named in ``only``); keep only the
+    files the tests read."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
 
     for granite, schemes in ((False, SCHEMES), (True, GRANITE_SCHEMES)):
+        schemes = {k: v for k, v in schemes.items() if not only or k in only}
+        if not schemes:
+            continue
         base = out / "_base"
         random_model(base, granite)
         for name, scheme in schemes.items():
@@ -117,17 +122,54 @@ def quantize(out: Path) -> None:
 def load(directory: Path, quantize_activations: bool):
     """transformers' model of a checkpoint in float32; the weights dequantize exactly (q * scale
     in float32), the activations round as the scheme says unless quantize_activations is False;
-    a Granite checkpoint's per-expert pieces put back into its stacked experts."""
+    a Granite checkpoint's per-expert pieces put back into its stacked experts; an asymmetric
+    one's weights put in by hand (``decompressed_by_hand``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
+    groups = config.quantization_config["config_groups"].values()
+    if any(group["weights"]["symmetric"] is False for group in groups):
+        return decompressed_by_hand(directory)
     if not quantize_activations:
-        for group in config.quantization_config["config_groups"].values():
+        for group in groups:
             group["input_activations"] = None
     model = AutoModelForCausalLM.from_pretrained(directory, config=config,
                                                  dtype=torch.float32).eval()
     if config.model_type == "granitemoehybrid":
         restore_experts(model, directory)
+    return model
+
+
+@torch.no_grad()
+def decompressed_by_hand(directory: Path):
+    """transformers' float32 model of a weight-only asymmetric checkpoint, each quantized
+    linear decompressed by compressed-tensors' own ``PackedQuantizationCompressor`` into
+    (q - zp) * scale: transformers 5.25 with compressed-tensors 0.20.1 does not load these
+    files (it expects the zero points unpacked, [N, G], where the files hold them packed)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    (group,) = config.quantization_config["config_groups"].values()
+    scheme = QuantizationScheme(targets=group["targets"],
+                                weights=QuantizationArgs(**group["weights"]))
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    stored = load_file(directory / "model.safetensors")
+    state = {}
+    for key, tensor in stored.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf == "weight_packed":
+            parts = {name: stored[f"{prefix}.{name}"] for name in
+                     ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")}
+            parts["weight_scale"] = parts["weight_scale"].float()
+            state[f"{prefix}.weight"] = \
+                PackedQuantizationCompressor.decompress(parts, scheme)["weight"]
+        elif not leaf.startswith("weight_"):
+            state[key] = tensor.float()
+    model.load_state_dict(state)
     return model
 
 
@@ -212,7 +254,11 @@ def record(out: Path) -> None:
                      "data-free, on a seeded random bf16 BambaForCausalLM "
                      "(scripts/llmcompressor_fixture.py CONFIG). Quantizing the activations as "
                      f"the scheme says moves the logits by at most {gap:.3g} (their std: "
-                     f"{tensors['logits'].std().item():.3g}).")
+                     f"{tensors['logits'].std().item():.3g})." + (
+                         " transformers 5.25 with compressed-tensors 0.20.1 does not load its "
+                         "packed zero points: the expected logits put each weight in by hand, "
+                         "as compressed-tensors' own PackedQuantizationCompressor decompresses "
+                         "it." if "asym" in name else ""))
     (out / "README.md").write_text(
         "# llm-compressor fixtures\n\nMade by `scripts/make_llmcompressor_fixture.sh` "
         f"with {', '.join(f'{k} {v}' for k, v in maker.items())}; expected logits recorded by "
@@ -234,8 +280,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=["quantize", "record"])
     parser.add_argument("out", type=Path, help="the fixtures directory")
+    parser.add_argument("only", nargs="*", help="quantize: these fixtures alone (default: all)")
     args = parser.parse_args()
-    (quantize if args.stage == "quantize" else record)(args.out)
+    if args.stage == "quantize":
+        quantize(args.out, args.only)
+    else:
+        record(args.out)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ from bamba.quant.linear import QuantizedLinear
 from serve_helpers import save_tiny_checkpoint
 
 SCHEMES = {"fp8": QuantScheme("fp8"), "int8": QuantScheme("int8"),
-           "int4": QuantScheme("int4", 16)}
+           "int4": QuantScheme("int4", 16), "int4-asym": QuantScheme("int4", 16, symmetric=False)}
 FLAGS = {"fp8": ["--scheme", "fp8"], "int8": ["--scheme", "int8"],
-         "int4": ["--scheme", "int4", "--group-size", "16"]}
+         "int4": ["--scheme", "int4", "--group-size", "16"],
+         "int4-asym": ["--scheme", "int4", "--group-size", "16", "--asymmetric"]}
 PROMPT = [5, 17, 42, 7, 99]
 
 
@@ -87,7 +88,8 @@ def test_compressed_tensors_reads_our_quantization_config(quantized, name):
     config = ct.QuantizationConfig.model_validate(raw)
     weights = config.config_groups["group_0"].weights
     assert config.format == raw["format"] and config.ignore == ["lm_head"]
-    assert weights.num_bits == SCHEMES[name].bits and weights.symmetric
+    assert weights.num_bits == SCHEMES[name].bits
+    assert weights.symmetric == SCHEMES[name].symmetric
     assert weights.group_size == SCHEMES[name].group_size
     assert config.config_groups["group_0"].input_activations is None
 
@@ -107,7 +109,8 @@ def test_loaded_model_equals_quantizing_in_memory_and_its_weights_the_dense_ones
         dense_weight = plain.get_submodule(layer_name).weight
         weight = loaded.get_submodule(layer_name).dequantized_weight(torch.float32)
         rel = ((weight - dense_weight).norm() / dense_weight.norm()).item()
-        assert rel < {"fp8": 0.04, "int8": 0.01, "int4": 0.12}[name], layer_name
+        assert rel < {"fp8": 0.04, "int8": 0.01, "int4": 0.12, "int4-asym": 0.12}[name], \
+            layer_name
     in_proj = loaded.model.layers[0].mamba.in_proj
     assert isinstance(in_proj, QuantizedLinear) and in_proj.scheme == SCHEMES[name]
     assert type(loaded.lm_head) is torch.nn.Linear
@@ -267,8 +270,13 @@ BAD = {
                           f"unexpected tensor {IN_PROJ}.weight"),
     "unknown format": (dict(quantization=lambda q: q.__setitem__("format", "marlin-24")),
                        "format 'marlin-24' is not supported"),
-    "asymmetric": (dict(quantization=lambda q: q["config_groups"]["group_0"]["weights"]
-                        .__setitem__("symmetric", False)), "asymmetric weights"),
+    "asymmetric without zero points": (
+        dict(quantization=lambda q: q["config_groups"]["group_0"]["weights"]
+             .__setitem__("symmetric", False)),
+        "missing tensors model.layers.0.feed_forward.down_proj.weight_zero_point"),
+    "symmetric not a boolean": (dict(quantization=lambda q: q["config_groups"]["group_0"]
+                                     ["weights"].__setitem__("symmetric", "yes")),
+                                "symmetric 'yes' is not supported"),
     "format of another type": (dict(quantization=lambda q: q.__setitem__("format",
                                                                           "float-quantized")),
                                "int 4-bit weights do not fit format 'float-quantized'"),

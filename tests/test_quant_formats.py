@@ -19,7 +19,8 @@ from bamba.quant.formats import (
 from bamba.quant.linear import QuantizedLinear
 
 SCHEMES = [QuantScheme("fp8"), QuantScheme("int8"), QuantScheme("int8", 64),
-           QuantScheme("int4", 32), QuantScheme("int4", 128), QuantScheme("int4")]
+           QuantScheme("int4", 32), QuantScheme("int4", 128), QuantScheme("int4"),
+           QuantScheme("int4", 32, symmetric=False), QuantScheme("int8", symmetric=False)]
 
 
 def _weight(n: int = 48, k: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -41,7 +42,13 @@ def test_quantize_dequantize_error_is_within_the_format_rounding(scheme):
     back = dequantize(tensors, scheme, torch.float32)
     absmax = _groups(w, scheme).abs().amax(-1, keepdim=True)
     err = _groups(back - w, scheme).abs()
-    if scheme.packed:
+    if not scheme.symmetric:  # the range [min, max] widened to hold 0, in 2^b - 1 steps
+        groups = _groups(w, scheme)
+        step = (groups.amax(-1, keepdim=True).clamp(min=0) -
+                groups.amin(-1, keepdim=True).clamp(max=0)) / (2 ** scheme.bits - 1)
+        assert (err <= step * 1.0001 + 1e-7).all()  # the rounded zero point may clamp an end
+        assert err.mean() < (step / 4).mean()  # most round to nearest
+    elif scheme.packed:
         step = absmax / ((2 ** scheme.bits - 1) / 2)
         assert (err <= step / 2 * 1.0001 + 1e-7).all()  # round to nearest, +absmax clamps by half a step
     else:  # e4m3: 3 mantissa bits, relative error <= 2^-4 above the subnormals
@@ -57,6 +64,8 @@ def test_tensors_have_the_compressed_tensors_names_shapes_and_dtypes(scheme):
     groups = 1 if scheme.group_size is None else 256 // scheme.group_size
     assert tensors["weight_scale"].shape == (48, groups)
     assert tensors["weight_scale"].dtype == torch.bfloat16
+    if not scheme.symmetric:  # the zero points packed down the columns, as compressed-tensors
+        assert tensors.pop("weight_zero_point").shape == (48 * scheme.bits // 32, groups)
     if scheme.packed:
         assert set(tensors) == {"weight_packed", "weight_shape", "weight_scale"}
         assert tensors["weight_packed"].dtype == torch.int32
@@ -96,21 +105,27 @@ def test_quantize_and_dequantize_equal_compressed_tensors(scheme):
     from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
 
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
     w = _weight()
     args = QuantizationArgs(num_bits=scheme.bits, type="int" if scheme.packed else "float",
-                            symmetric=True, strategy="channel" if scheme.group_size is None
-                            else "group", group_size=scheme.group_size)
+                            symmetric=scheme.symmetric, strategy="channel" if
+                            scheme.group_size is None else "group", group_size=scheme.group_size)
     groups = _groups(w, scheme)
     ct_scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
     ours = quantize(w, scheme)
     assert torch.equal(ours["weight_scale"], ct_scale)
+    if not scheme.symmetric:
+        zero = zero.round().to(torch.int8)  # as its observers store them
+        assert torch.equal(ours["weight_zero_point"], pack_to_int32(zero, scheme.bits, 0))
     values = ct_quantize(w, ct_scale, zero, args, dtype=torch.int8 if scheme.packed else FP8)
     if scheme.packed:
         assert torch.equal(unpack_ints(ours["weight_packed"], scheme.bits, w.shape[1]), values)
     else:
         assert torch.equal(ours["weight"].view(torch.uint8), values.view(torch.uint8))
     assert torch.equal(dequantize(ours, scheme, torch.float32),
-                       ct_dequantize(values, ct_scale, None, args, torch.float32))
+                       ct_dequantize(values, ct_scale, None if scheme.symmetric else zero, args,
+                                     torch.float32))
 
 
 def test_zero_rows_get_a_nonzero_scale_and_dequantize_to_zero():
@@ -127,6 +142,8 @@ def test_bad_schemes_and_group_sizes_are_value_errors():
         make_scheme("int3")
     with pytest.raises(ValueError, match="group size 96 does not divide in_features 256"):
         quantize(_weight(), QuantScheme("int4", 96))
+    with pytest.raises(ValueError, match="fp8 weights are symmetric"):
+        make_scheme("fp8", symmetric=False)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
@@ -143,10 +160,21 @@ def test_quantized_linear_matches_its_dequantized_weight_and_keeps_no_dense_copy
     assert names == set(scheme.tensor_names()) | {"bias"}
     dense_bytes = 48 * 256 * 2
     held = sum(t.nbytes for t in layer.state_dict().values() if t.dim() == 2)
-    assert held <= dense_bytes * scheme.bits / 16 + 48 * 8 * 2
+    zero_points = 0 if scheme.symmetric else 48 * 8 * scheme.bits // 8
+    assert held <= dense_bytes * scheme.bits / 16 + 48 * 8 * 2 + zero_points
     kw = layer.kernel_weights()
-    assert kw.format == scheme.name and kw.scales is layer.weight_scale
     assert kw.weight is (layer.weight_packed if scheme.packed else layer.weight)
+    assert kw.format == scheme.name
+    if scheme.symmetric:
+        assert kw.scales is layer.weight_scale
+        return
+    # asymmetric: a float32 table [48, 2, groups] of scales and offsets, made once
+    scale = layer.weight_scale.float()
+    assert kw.scales.shape == (48, 2, scale.shape[1]) and torch.equal(kw.scales[:, 0], scale)
+    assert layer.kernel_weights().scales is kw.scales
+    with torch.no_grad():
+        layer.weight_scale.mul_(2)  # new scales: a new table
+    assert torch.equal(layer.kernel_weights().scales[:, 0], 2 * scale)
 
 
 def test_module_casts_keep_the_fp8_weight():

@@ -24,6 +24,12 @@ pytestmark = pytest.mark.skipif(
     reason="the quantized kernels need AVX-512 BF16 (and VBMI for fp8/int8) and a C compiler")
 
 GROUPS = [32, 64, 128, None]  # None: one scale per output channel
+ASYMMETRIC = ["int8-asym", "int4-asym"]  # zero points: w = (q - zp) * scale
+
+
+def _scheme(fmt: str, group: int | None):
+    """``fmt`` a scheme name, "-asym" for zero points."""
+    return make_scheme(fmt.removesuffix("-asym"), group, symmetric=not fmt.endswith("-asym"))
 
 
 def _layer(fmt: str, group: int | None, bias: bool, dtype: torch.dtype, k: int = 256,
@@ -31,9 +37,10 @@ def _layer(fmt: str, group: int | None, bias: bool, dtype: torch.dtype, k: int =
     dense = nn.Linear(k, n, bias=bias).to(dtype)
     with torch.no_grad():
         dense.weight.normal_(0, 0.05)
+        dense.weight.add_(torch.linspace(-0.05, 0.1, n)[:, None])  # skewed rows: zero points
         if bias:
             dense.bias.uniform_(-0.5, 0.5)
-    return QuantizedLinear.from_linear(dense, make_scheme(fmt, group))
+    return QuantizedLinear.from_linear(dense, _scheme(fmt, group))
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
@@ -48,7 +55,7 @@ def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", *ASYMMETRIC])
 def test_native_linear_equals_the_reference(monkeypatch, bf16_activations, fmt, group, bias,
                                             dtype) -> None:
     """With the activations as they are (int8 activations off), every row count: at 40 rows
@@ -82,7 +89,7 @@ def bf16_activations():
 @pytest.mark.parametrize("k", [384, 1152])  # int4 at one row: four weight rows at a time, one
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", *ASYMMETRIC])
 def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype, k) -> None:
     """With int8 activations (where the CPU has VNNI) the few-row kernel computes exactly, up
     to float32 summation order, x quantized per 32 inputs against the dequantized int4 weight
@@ -96,7 +103,7 @@ def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype, k) -> 
         x = (torch.randn(rows, k) * torch.logspace(-2, 1, k)).to(dtype)  # uneven blocks
         with torch.inference_mode():
             ours = quant_ops.quant_linear_rows(x, layout, layer.bias, False)
-        seen = int8_activations(x) if rows <= (3 if fmt == "int4" else 2) else \
+        seen = int8_activations(x) if rows <= (3 if fmt.startswith("int4") else 2) else \
             x.bfloat16().float()
         want = torch.nn.functional.linear(seen, layer.dequantized_weight(torch.float32),
                                           layer.bias.float()).to(dtype)
@@ -107,7 +114,7 @@ def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype, k) -> 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", *ASYMMETRIC])
 def test_int_weights_at_many_rows_take_integer_products(monkeypatch, fmt, group, dtype) -> None:
     """Past the few-row kernel (prefill), int8 and int4 weights meet the same int8 activations
     in a matrix product of integer dot products (quant_gemm.h), never a dequantized tile: x
@@ -301,7 +308,8 @@ def test_widths_the_kernels_do_not_take_run_the_torch_reference(monkeypatch) -> 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fmt, group", [("fp8", None), ("int8", None), ("int8", 32),
-                                        ("int4", 32), ("int4", 128), ("int4", None)])
+                                        ("int4", 32), ("int4", 128), ("int4", None),
+                                        ("int8-asym", None), ("int4-asym", 32)])
 def test_prefill_tiles_are_the_reference_weights_exactly(fmt, group, dtype) -> None:
     """A tile dequantized natively (sixteen weights a vector) is the reference's dense
     weight bit for bit, every row from any first row on."""
@@ -318,12 +326,13 @@ def test_prefill_tiles_are_the_reference_weights_exactly(fmt, group, dtype) -> N
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fmt, group", [("fp8", None), ("int8", None), ("int8", 32),
-                                        ("int4", 32), ("int4", 128), ("int4", None)])
+                                        ("int4", 32), ("int4", 128), ("int4", None),
+                                        ("int8-asym", None), ("int4-asym", 32)])
 def test_a_quantized_embedding_looks_up_its_rows_natively_as_the_reference(fmt, group, dtype):
     """The lookup in one native call gives the reference's rows bit for bit (ids of any shape,
     repeated, at both ends of the table); an id outside it is torch's IndexError."""
     dense = nn.Embedding(300, 384).to(dtype)
-    reference = QuantizedEmbedding.from_embedding(dense, make_scheme(fmt, group))
+    reference = QuantizedEmbedding.from_embedding(dense, _scheme(fmt, group))
     native = accelerate(copy.deepcopy(nn.Sequential(reference)))[0]
     assert type(native) is seam.QuantizedEmbedding
     ids = torch.tensor([[0, 299, 7], [7, 150, 3]])
@@ -389,7 +398,8 @@ def _model(dtype: torch.dtype) -> BambaLM:
 
 
 MIXED = [make_scheme("int4", 64), make_scheme("int8"), make_scheme("fp8"), make_scheme("int4"),
-         make_scheme("int8", 32), make_scheme("int4", 128)]
+         make_scheme("int8", 32), make_scheme("int4", 128),
+         make_scheme("int4", 128, symmetric=False), make_scheme("int8", symmetric=False)]
 
 
 def _mixed(model: BambaLM, schemes: list = MIXED) -> BambaLM:

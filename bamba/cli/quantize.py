@@ -13,8 +13,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="DST", help="directory to write the quantized checkpoint to")
     parser.add_argument("--scheme", required=True, choices=SCHEMES,
                         help="weight format: fp8 (float8_e4m3fn, a scale per output channel), "
-                             "int8 or int4 (symmetric, packed into int32 words); activations "
+                             "int8 or int4 (symmetric unless --asymmetric, packed into int32 "
+                             "words); activations "
                              "stay in the model's dtype")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="int8 / int4 with a zero point per scale (compressed-tensors "
+                             "symmetric: false, as llm-compressor's W4A16_ASYM and AWQ write): "
+                             "w = (q - zp) * scale over each group's own range; --scheme's "
+                             "layers only")
     parser.add_argument("--group-size", type=int, default=None, metavar="N",
                         help="inputs sharing one scale (32, 64, 128, ...; int8/int4 only); "
                              f"default: {DEFAULT_INT4_GROUP} for int4, one scale per output "
@@ -60,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if args.group_size is not None and all(n == "fp8" for n in named):
         raise ValueError("--group-size applies to int8 and int4; fp8 has one scale per "
                          "output channel")
-    scheme = make_scheme(args.scheme, group_size_for(args.scheme, args.group_size))
+    if args.asymmetric and args.scheme == "fp8":
+        raise ValueError("--asymmetric applies to int8 and int4; fp8 is symmetric")
+    scheme = make_scheme(args.scheme, group_size_for(args.scheme, args.group_size),
+                         symmetric=not args.asymmetric)
     lm_head, embedding, experts = (None if name is None else make_scheme(
         name, group_size_for(name, args.group_size if name == "int4" else None))
         for name in (args.lm_head, args.embedding, args.experts))
@@ -71,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     extras = "".join(f", {what} {s.name}" for what, s in (("lm_head", lm_head),
                                                          ("embeddings", embedding),
                                                          ("experts", experts)) if s)
-    print(f"wrote {path} ({scheme.name}"
+    print(f"wrote {path} ({scheme.name}{'' if scheme.symmetric else ' with zero points'}"
           f"{'' if scheme.group_size is None else f', group size {scheme.group_size}'}{extras})")
     return 0
 

@@ -84,8 +84,11 @@ typedef struct {
 static LinearWeights coded_weights(int64_t code, const void *weight, const void *bias,
                                    const void *scales, int64_t n, int64_t k) {
     const int64_t kind = code >> 4, group = kind < 2 ? k : (int64_t)16 << (kind - 1);
-    const LinearWeights w = {weight, bias, n, k, (int)(code & 3), scales, (int)((code >> 2) & 3),
-                             group, kind == 0 ? 0 : kind == 1 ? 1 : k / group};
+    const int scale_kind = (int)((code >> 2) & 3);
+    const int64_t per_row = (kind == 0 ? 0 : kind == 1 ? 1 : k / group) *
+                            (scale_kind == SCALE_F32_ZERO_POINTS ? 2 : 1); /* zero points follow */
+    const LinearWeights w = {weight, bias, n, k, (int)(code & 3), scales, scale_kind, group,
+                             per_row};
     return w;
 }
 
@@ -309,9 +312,9 @@ static LinearWeights expert_weights(const Layer *L, int which, int64_t code, int
         return coded_weights(FORMAT_DENSE, (const char *)L->t[which] + e * n * k *
                              (L->bf16 ? 2 : 4), NULL, NULL, n, k);
     const LinearWeights all = coded_weights(code, L->t[which], NULL, L->t[which + 1], n, k);
-    const int64_t scale_bytes = all.scale_kind == SCALE_F32 ? 4 : 2;
     return coded_weights(code, (const char *)all.weight + e * n * quant_row_bytes(all.format, k),
-                         NULL, (const char *)all.scales + e * n * all.scale_stride * scale_bytes,
+                         NULL, (const char *)all.scales +
+                                   e * n * all.scale_stride * scale_bytes(all.scale_kind),
                          n, k);
 }
 

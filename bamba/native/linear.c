@@ -84,13 +84,16 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
         return -1;
     const LinearWeights L = {W, bias, N, K, format, scales, scale_kind, group, scale_stride};
     const int64_t offset = format == FORMAT_INT4 ? 8 : 128, most = GEMM_MAX_ROWS / 16;
+    const int64_t G = zero_point_groups(&L);
     const size_t panel_bytes = (size_t)gemm_panel_bytes(format, K),
-                 scale_bytes = (size_t)GEMM_PANEL_ROWS * (K / group) * sizeof(float);
-    const size_t per_thread = (panel_bytes + scale_bytes + 63) / 64 * 64;
-    char *work = thread_buffer(GEMM_BUFFER, threads * per_thread +
-                                              most * gemm_rows_bytes(format, K));
+                 panel_scales = (size_t)GEMM_PANEL_ROWS * (K / group) * sizeof(float);
+    const size_t per_thread = (panel_bytes + panel_scales + 63) / 64 * 64;
+    const size_t packed_bytes = (size_t)(most * gemm_rows_bytes(format, K));
+    char *work = thread_buffer(GEMM_BUFFER, threads * per_thread + packed_bytes +
+                                              (size_t)(most * G * 16) * sizeof(float));
     if (work == NULL) return -2;
     char *packed = work + threads * per_thread;
+    float *sums = G ? (float *)(packed + packed_bytes) : NULL; /* group_sums, blocked */
     for (int64_t m0 = 0; m0 < M; m0 += GEMM_MAX_ROWS) { /* bounded memory for long inputs */
         const int64_t rows = M - m0 < GEMM_MAX_ROWS ? M - m0 : GEMM_MAX_ROWS;
         const char *xs = (const char *)x + m0 * K * (x_bf16 ? 2 : 4);
@@ -103,12 +106,15 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
                     pack_bf16_activations((const uint16_t *)xs, rows, K, packed, b);
                 else
                     pack_activations(xs, x_bf16, rows, K, (int)offset, packed, b);
+                if (sums)
+                    group_sums(xs, x_bf16, K, G, 16 * b, 16 * b + 16 < rows ? 16 * b + 16 : rows,
+                               1, SUMS_AS_INT8, sums + b * G * 16);
             }
             int64_t begin, end;
             my_share(N / GEMM_WEIGHT_ROWS, &begin, &end);
             char *mine = work + omp_get_thread_num() * per_thread;
             const TileStore to = {ys, N, begin * GEMM_WEIGHT_ROWS, end * GEMM_WEIGHT_ROWS,
-                                  x_bf16, 0, x_bf16};
+                                  x_bf16, 0, x_bf16, sums};
             quant_gemm_features(&L, packed, rows, &to, mine, (float *)(mine + panel_bytes));
         }
     }

@@ -283,21 +283,36 @@ __attribute__((noinline)) static void gemm_tiles(const uint8_t *wp, const char *
 
 /* Where a tile's outputs go: y [M, ldy] from feature 0 on, bf16 when y_bf16, else float32
  * (rounded to bf16 first when round_bf16, as linear_features stores them); the bias in bf16
- * when bias_bf16; only features [lo, hi) are stored (a tile of 4 may straddle a share). */
+ * when bias_bf16; only features [lo, hi) are stored (a tile of 4 may straddle a share). An
+ * asymmetric weight's rows take their zero points' terms from `sums`, the rows' group sums in
+ * blocks of 16 rows (group_sums, blocked), NULL otherwise. */
 typedef struct {
     void *y;
     int64_t ldy, lo, hi;
     int y_bf16, round_bf16, bias_bf16;
+    const float *sums;
 } TileStore;
 
-/* y[m0 + l, n..n+3] = out[j][l] + bias[n + j] for the first `rows` of 16 rows: a row's four
- * outputs in one store, straight from registers, where all four lie in [lo, hi). */
-static inline void store_tile(float out[GEMM_WIDE_ROWS][16], const void *bias, int64_t n,
+/* y[m0 + l, n..n+3] = out[j][l] + bias[n + j] (- zero point terms) for the first `rows` of 16
+ * rows: a row's four outputs in one store, straight from registers, where all four lie in
+ * [lo, hi). */
+static inline void store_tile(float out[GEMM_WIDE_ROWS][16], const LinearWeights *L, int64_t n,
                               const TileStore *to, int64_t m0, int64_t rows) {
     __m512i v[GEMM_WEIGHT_ROWS], t[4];
+    const int64_t G = zero_point_groups(L);
+    const float *sums = to->sums ? to->sums + m0 / 16 * G * 16 : NULL;
     for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
-        const __m512 b = _mm512_set1_ps(bias ? load_value(bias, n + j, to->bias_bf16) : 0.0f);
+        const __m512 b = _mm512_set1_ps(L->bias ? load_value(L->bias, n + j, to->bias_bf16)
+                                                : 0.0f);
         __m512 sum = _mm512_add_ps(_mm512_loadu_ps(out[j]), b);
+        if (sums) { /* minus sum_g zp * scale [n + j][g] times the 16 rows' sums of group g */
+            const float *scales = (const float *)L->scales + (n + j) * L->scale_stride;
+            __m512 terms = _mm512_setzero_ps();
+            for (int64_t g = 0; g < G; g++)
+                terms = _mm512_fmadd_ps(_mm512_set1_ps(scales[G + g] * scales[g]),
+                                        _mm512_loadu_ps(sums + g * 16), terms);
+            sum = _mm512_sub_ps(sum, terms);
+        }
         if (to->round_bf16 && !to->y_bf16) /* bf16's value, kept in float32 */
             sum = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
@@ -362,7 +377,7 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
                                panel_scales + j * groups, R, out);
                 for (int i = 0; i < R; i++)
                     for (int h = 0; h < J; h += GEMM_WEIGHT_ROWS)
-                        store_tile(out[i] + h, L->bias, n0 + j + h, to, (b + i) * 16,
+                        store_tile(out[i] + h, L, n0 + j + h, to, (b + i) * 16,
                                    M - (b + i) * 16 < 16 ? M - (b + i) * 16 : 16);
                 j += J;
             }

@@ -7,7 +7,10 @@
  *         its high one;
  *
  * w = q * scale, one float32 or bf16 scale per `group` inputs of a row (`scale_stride` scales
- * a row; 0: one scale for the whole matrix).
+ * a row; 0: one scale for the whole matrix). Asymmetric ints (SCALE_F32_ZERO_POINTS) have a
+ * zero point per group, w = (q - zp) * scale: the kernels compute q * scale as for any int
+ * weights, and each output subtracts sum_g zp_g * scale_g * (the sum of the row's inputs in
+ * group g), the inputs as the kernel sees them (`group_sums`, once per call), float32.
  *
  * Each thread walks its weight rows in chunks of CHUNK(format) inputs, turns a chunk into bf16
  * vectors with a few integer instructions (int4: a `vpermw` table lookup per nibble; fp8 and
@@ -61,6 +64,11 @@ static inline int quant_supported(int format, int64_t k, int64_t group) {
 #endif
 }
 
+/* Bytes of one scale of this kind. */
+static inline int64_t scale_bytes(int scale_kind) {
+    return scale_kind == SCALE_BF16 || scale_kind == SCALE_F16 ? 2 : 4;
+}
+
 static inline float quant_scale(const LinearWeights *L, int64_t n, int64_t group_index) {
     const int64_t i = n * L->scale_stride + group_index;
     if (L->scale_kind == SCALE_F16) return half_to_float(((const uint16_t *)L->scales)[i]);
@@ -99,8 +107,8 @@ static void prepare_rows(int format, const void *x, int x_bf16, int64_t M, int64
 }
 
 /* A thread's work buffers: the few-row kernels' prepared input rows, the products' packed rows
- * and panels (quant_gemm.h). */
-enum { ROWS_BUFFER, GEMM_BUFFER, THREAD_BUFFERS };
+ * and panels (quant_gemm.h), the group sums of asymmetric weights' inputs. */
+enum { ROWS_BUFFER, GEMM_BUFFER, SUMS_BUFFER, THREAD_BUFFERS };
 
 /* This thread's buffer `which` of at least `bytes` (kept for its next calls: a fresh one each
  * call would fault its pages in again), or NULL. */
@@ -113,6 +121,23 @@ static void *thread_buffer(int which, size_t bytes) {
         capacity[which] = buffers[which] ? bytes : 0;
     }
     return buffers[which];
+}
+
+/* An asymmetric weight's groups a row (SCALE_F32_ZERO_POINTS), else 0. */
+static inline int64_t zero_point_groups(const LinearWeights *L) {
+    return L->scale_kind == SCALE_F32_ZERO_POINTS ? L->scale_stride / 2 : 0;
+}
+
+/* -sum_g zp[n][g] * scale[n][g] * sums[m][g] (row-major sums of group_sums): what the zero
+ * points take from output n of row m; 0 without sums. */
+static inline float zero_point_term(const LinearWeights *L, const float *sums, int64_t m,
+                                    int64_t n) {
+    if (sums == NULL) return 0.0f;
+    const int64_t G = zero_point_groups(L);
+    const float *scales = (const float *)L->scales + n * L->scale_stride, *xs = sums + m * G;
+    float total = 0.0f;
+    for (int64_t g = 0; g < G; g++) total += scales[G + g] * scales[g] * xs[g];
+    return -total;
 }
 
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
@@ -169,7 +194,7 @@ enum { SCALE_PREFETCH_ROWS = 8 };
  * calls) */
 static inline __attribute__((always_inline)) void prefetch_scales(const LinearWeights *L,
                                                                    int64_t n) {
-    const int64_t bytes = L->scale_stride * (L->scale_kind == SCALE_F32 ? 4 : 2);
+    const int64_t bytes = L->scale_stride * scale_bytes(L->scale_kind);
     const char *s = (const char *)L->scales + (n + SCALE_PREFETCH_ROWS) * bytes;
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(s + b, _MM_HINT_T1);
     _mm_prefetch(s + bytes - 1, _MM_HINT_T1); /* the last line, when a row's scales straddle */
@@ -182,7 +207,7 @@ static inline __m512 chunk_scales(const LinearWeights *L, const QuantTables *t, 
     const int64_t first = c * t->groups_per_chunk;
     const __mmask16 mask = (__mmask16)((1u << t->groups_per_chunk) - 1);
     const char *at = (const char *)L->scales +
-                     (n * L->scale_stride + first) * (L->scale_kind == SCALE_F32 ? 4 : 2);
+                     (n * L->scale_stride + first) * scale_bytes(L->scale_kind);
     const __m512 s = L->scale_kind == SCALE_BF16
         ? _mm512_castsi512_ps(_mm512_slli_epi32(
               _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, at)), 16))
@@ -451,6 +476,53 @@ static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
 #endif
 
 #include "quant_int8_dot.h"
+
+/* How group_sums sees the inputs: rounded to bf16 (the bf16-activation kernels), or quantized
+ * to int8 per 32 inputs as quant_int8_dot.h's kernels and quant_gemm.h's products see them. */
+enum { SUMS_AS_BF16, SUMS_AS_INT8 };
+
+#if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
+/* Rows [m_begin, m_end) of x [.., k] (bf16 when x_bf16, else float32), seen `as` says: each
+ * row's sums over G groups of k / G inputs, float32, into sums: row-major [rows, G], or with
+ * `blocked` one block of 16 rows [G][16] (a row per lane, lanes past m_end zero; quant_gemm.h's
+ * tiles). */
+static void group_sums(const void *x, int x_bf16, int64_t k, int64_t G, int64_t m_begin,
+                       int64_t m_end, int blocked, int as, float *sums) {
+    const int64_t group = k / G;
+    memset(sums, 0, (size_t)(G * (blocked ? 16 : m_end - m_begin)) * sizeof(float));
+    for (int64_t m = m_begin; m < m_end; m++) {
+        float *row = blocked ? sums + (m - m_begin) : sums + (m - m_begin) * G;
+        const int64_t step = blocked ? 16 : 1; /* between a row's groups */
+        for (int64_t b = 0; b < k; b += 32) { /* k is a multiple of 128 */
+            __m512 v[2];
+#ifdef HAVE_INT8_DOT
+            if (as == SUMS_AS_INT8) {
+                int8_t q[32];
+                const __m512 s = _mm512_set1_ps(quantize_block(x, m * k + b, x_bf16, q));
+                for (int h = 0; h < 2; h++)
+                    v[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                             _mm_loadu_si128((const __m128i *)(q + 16 * h)))),
+                                         s);
+            } else
+#endif
+                for (int h = 0; h < 2; h++) /* bf16's values (bf16 x as it is) */
+                    v[h] = x_bf16 ? vload(x, 1, m * k + b + 16 * h)
+                                  : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                        (__m256i)_mm512_cvtneps_pbh(vload(x, 0, m * k + b + 16 * h))),
+                                        16));
+            if (group % 32 == 0) {
+                row[b / group * step] += _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+                continue;
+            }
+            float each[32];
+            _mm512_storeu_ps(each, v[0]);
+            _mm512_storeu_ps(each + 16, v[1]);
+            for (int i = 0; i < 32; i++) row[(b + i) / group * step] += each[i];
+        }
+    }
+}
+#endif
+
 #include "quant_gemm.h"
 
 /* Whether int8 and int4 weights meet int8 activations at a few rows (quant_int8_dot.h) where
@@ -486,14 +558,23 @@ static inline int decode_gemm_fits(const LinearWeights *L, int64_t M, int x_bf16
 static int gemm_features_alone(const LinearWeights *L, int x_bf16, const void *x, int64_t M,
                                const TileStore *to) {
     const int64_t k = L->k, group = L->scale_stride == 0 ? k : L->group, blocks = (M + 15) / 16;
+    const int64_t G = zero_point_groups(L);
     const size_t panel_bytes = (size_t)gemm_panel_bytes(L->format, k),
-                 scale_bytes = (size_t)GEMM_PANEL_ROWS * (k / group) * sizeof(float),
-                 rows_bytes = (size_t)(blocks * gemm_rows_bytes(L->format, k));
-    char *work = thread_buffer(GEMM_BUFFER, rows_bytes + panel_bytes + scale_bytes);
+                 panel_scales = (size_t)GEMM_PANEL_ROWS * (k / group) * sizeof(float),
+                 rows_bytes = (size_t)(blocks * gemm_rows_bytes(L->format, k)),
+                 sums_bytes = (size_t)(blocks * G * 16) * sizeof(float);
+    char *work = thread_buffer(GEMM_BUFFER, rows_bytes + panel_bytes + panel_scales + sums_bytes);
     if (work == NULL) return -1;
-    for (int64_t b = 0; b < blocks; b++)
+    float *sums = G ? (float *)(work + rows_bytes + panel_bytes + panel_scales) : NULL;
+    for (int64_t b = 0; b < blocks; b++) {
         pack_activations(x, x_bf16, M, k, L->format == FORMAT_INT4 ? 8 : 128, work, b);
-    quant_gemm_features(L, work, M, to, work + rows_bytes,
+        if (sums)
+            group_sums(x, x_bf16, k, G, 16 * b, 16 * b + 16 < M ? 16 * b + 16 : M, 1,
+                       SUMS_AS_INT8, sums + b * G * 16);
+    }
+    TileStore with_sums = *to;
+    with_sums.sums = sums;
+    quant_gemm_features(L, work, M, &with_sums, work + rows_bytes,
                         (float *)(work + rows_bytes + panel_bytes));
     return 0;
 }
@@ -520,6 +601,11 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
     uint16_t *xp = thread_buffer(ROWS_BUFFER, (size_t)(M * row_bytes));
     const QuantTables t = quant_tables(L);
+    const int64_t G = zero_point_groups(L);
+    float *sums = G ? thread_buffer(SUMS_BUFFER, (size_t)(M * G) * sizeof(float)) : NULL;
+    if (G && sums == NULL) xp = NULL; /* no memory: NaN outputs below */
+    if (sums != NULL)
+        group_sums(x, x_bf16, L->k, G, 0, M, 0, int8_dot ? SUMS_AS_INT8 : SUMS_AS_BF16, sums);
     if (xp != NULL) {
 #ifdef HAVE_INT8_DOT
         if (int8_dot) prepare_int8_rows(L->format, x, x_bf16, M, L->k, (char *)xp);
@@ -534,7 +620,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
         float out[INT8_TILE_WEIGHT_ROWS];
         int4_dots_four(L, &t, (const char *)xp, n, out);
         for (int j = 0; j < J; j++)
-            store_output(y, n + j, out[j] + (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f),
+            store_output(y, n + j,
+                         out[j] + (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f) +
+                             zero_point_term(L, sums, 0, n + j),
                          y_bf16, round_bf16);
     }
 #endif
@@ -550,7 +638,8 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
                     for (int j = 0; j < J; j++)
                         store_output(y, (m0 + r) * ldy + n + j,
                                      out[r * J + j] +
-                                         (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f),
+                                         (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f) +
+                                         zero_point_term(L, sums, m0 + r, n + j),
                                      y_bf16, round_bf16);
             }
         }
@@ -568,8 +657,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
             if (xp != NULL && !int8_dot)
                 quant_dots(L, &t, xp + m0 * L->k, n, R, out);
             for (int r = 0; r < R; r++) /* out of memory for k inputs: NaN, not a guess */
-                store_output(y, (m0 + r) * ldy + n, xp != NULL ? out[r] + bias : NAN, y_bf16,
-                             round_bf16);
+                store_output(y, (m0 + r) * ldy + n,
+                             xp != NULL ? out[r] + bias + zero_point_term(L, sums, m0 + r, n) : NAN,
+                             y_bf16, round_bf16);
         }
     }
 #else
@@ -598,13 +688,18 @@ static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_e
         const uint8_t *w = (const uint8_t *)L->weight + n * quant_row_bytes(L->format, k);
         for (int64_t g0 = 0; g0 < k; g0 += piece) {
             const float scale = quant_scale(L, n, g0 / group);
+            const float zero = zero_point_groups(L) ? quant_scale(L, n, zero_point_groups(L) +
+                                                                        g0 / group)
+                                                    : 0.0f; /* (q - zp) * scale: exact q - zp */
             const int64_t at = (n - n_begin) * k + g0;
             int64_t i = 0;
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
             const __m512 factor = _mm512_set1_ps(L->format == FORMAT_FP8 ? scale * 256.0f
                                                                          : scale);
             for (; i + 16 <= piece; i += 16) {
-                const __m512 v = _mm512_mul_ps(sixteen_values(L->format, w, g0 + i), factor);
+                const __m512 v = _mm512_mul_ps(
+                    _mm512_sub_ps(sixteen_values(L->format, w, g0 + i), _mm512_set1_ps(zero)),
+                    factor);
                 uint16_t *to = (uint16_t *)out + at + i;
                 if (out_bf16 && stream && !((uintptr_t)to & 31))
                     _mm256_stream_si256((__m256i *)to, (__m256i)_mm512_cvtneps_pbh(v));
@@ -618,11 +713,11 @@ static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_e
             if (L->format == FORMAT_INT4)
                 for (int64_t j = i; j < piece; j += 2) {
                     const uint8_t b = w[(g0 + j) / 2];
-                    row[j] = (float)((b & 15) - 8) * scale;
-                    row[j + 1] = (float)((b >> 4) - 8) * scale;
+                    row[j] = ((float)((b & 15) - 8) - zero) * scale;
+                    row[j + 1] = ((float)((b >> 4) - 8) - zero) * scale;
                 }
             else
-                for (int64_t j = i; j < piece; j++) row[j] = values[w[g0 + j]] * scale;
+                for (int64_t j = i; j < piece; j++) row[j] = (values[w[g0 + j]] - zero) * scale;
             if (out_bf16)
                 for (int64_t j = i; j < piece; j++)
                     ((uint16_t *)out)[at + j] = float_to_bf16(row[j]);

@@ -70,6 +70,9 @@ def targeted_modules(model: nn.Module, qconfig: QuantConfig, rename: Rename,
         if isinstance(module, ExpertWeights) and group.per_tensor:
             raise ValueError(f"{rename(name)}: experts take a scale per channel or group, "
                              f"not one per tensor")
+        if isinstance(module, ExpertWeights) and not group.scheme.symmetric:
+            raise ValueError(f"{rename(name)}: experts with zero points (asymmetric) are not "
+                             f"supported; give the experts a symmetric scheme of their own")
         found[name] = group
     return found
 
@@ -120,6 +123,9 @@ def place_stored_experts(model: nn.Module, qconfig: QuantConfig, rename: Rename,
         if group is None or group.per_tensor:
             raise ValueError(f"{stacked} is stored quantized but quantization_config gives it "
                              f"no scheme with a scale per channel or group")
+        if not group.scheme.symmetric:
+            raise ValueError(f"{stacked}: experts with zero points (asymmetric) are not "
+                             f"supported")
         _replace(model, name, QuantizedExpertWeights(
             module.experts, module.out_features, module.in_features, group.scheme,
             stored_scale(found[0])))

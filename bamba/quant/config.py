@@ -74,7 +74,7 @@ def matches(name: str, class_names: tuple[str, ...], target: str) -> bool:
 def weights_dict(scheme: QuantScheme) -> dict[str, Any]:
     """A config group's ``weights`` entry for our scheme, as llm-compressor writes it."""
     return {"num_bits": scheme.bits, "type": "float" if scheme.name == "fp8" else "int",
-            "symmetric": True, "group_size": scheme.group_size,
+            "symmetric": scheme.symmetric, "group_size": scheme.group_size,
             "strategy": "channel" if scheme.group_size is None else "group",
             "dynamic": False, "observer": "minmax"}
 
@@ -168,8 +168,10 @@ def _parse_group(name: str, group: Any, fmt: str) -> QuantGroup:
     if (scheme_name == "fp8") != (fmt == FLOAT_FORMAT):
         raise ValueError(f"{where}.weights: {kind[0]} {kind[1]}-bit weights do not fit "
                          f"format {fmt!r}")
-    if weights.get("symmetric") is not True:
-        raise ValueError(f"{where}.weights: asymmetric weights (zero points) are not supported")
+    symmetric = weights.get("symmetric")
+    if not isinstance(symmetric, bool) or (not symmetric and scheme_name == "fp8"):
+        raise ValueError(f"{where}.weights: symmetric {symmetric!r} is not supported (true, "
+                         f"or false for int weights)")
     if weights.get("dynamic") not in (False, None):
         raise ValueError(f"{where}.weights: dynamic weight quantization is not supported")
     if weights.get("actorder") not in (None, False):
@@ -180,9 +182,9 @@ def _parse_group(name: str, group: Any, fmt: str) -> QuantGroup:
         if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
             raise ValueError(f"{where}.weights: strategy group needs a positive group_size, "
                              f"got {group_size!r}")
-        scheme = QuantScheme(scheme_name, group_size)
+        scheme = QuantScheme(scheme_name, group_size, symmetric)
     elif strategy == "channel" or (strategy == "tensor" and scheme_name == "fp8"):
-        scheme = QuantScheme(scheme_name, None)
+        scheme = QuantScheme(scheme_name, None, symmetric)
     else:
         raise ValueError(f"{where}.weights: strategy {strategy!r} is not supported for "
                          f"{scheme_name} (channel, group{', tensor' * (scheme_name == 'fp8')})")

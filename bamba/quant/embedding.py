@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bamba.quant.formats import QuantScheme, dequantize, quantize
+from bamba.quant.formats import (QuantScheme, dequantize, pack_zero_points, quantize,
+                                 unpack_zero_points)
 from bamba.quant.weights import QuantizedWeights
 
 
@@ -40,7 +41,12 @@ class QuantizedEmbedding(QuantizedWeights):
         # The rows' codes and scales (a per-tensor scale, and weight_shape, whose width is all
         # unpacking reads, as they are).
         rows = {name: tensor[ids] if tensor.dim() == 2 else tensor
-                for name, tensor in self.quantized_tensors().items()}
+                for name, tensor in self.quantized_tensors().items()
+                if name != "weight_zero_point"}
+        if not self.scheme.symmetric:  # zero points lie packed down the rows: the rows' own
+            zero_points = unpack_zero_points(self.weight_zero_point, self.scheme.bits,
+                                             self.num_embeddings)[ids]
+            rows["weight_zero_point"] = pack_zero_points(zero_points, self.scheme.bits)
         values = dequantize(rows, self.scheme, self.output_dtype)
         return values.view(*input_ids.shape, self.embedding_dim)
 

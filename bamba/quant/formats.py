@@ -1,14 +1,18 @@
 """Weight quantization in the compressed-tensors layout (what llm-compressor writes and vLLM
 reads), as pure tensor functions.
 
-Symmetric, no zero point: w ~= q * scale, one scale per output channel or per group of
+Symmetric (the default): w ~= q * scale, one scale per output channel or per group of
 ``group_size`` inputs, scale = absmax / (448 for fp8, (2^bits - 1) / 2 for ints), as
-compressed-tensors computes it. Tensors (in memory == on disk):
+compressed-tensors computes it. Asymmetric ints (llm-compressor's W4A16_ASYM, AWQ, GPTQ with
+zero points): w ~= (q - zp) * scale, scale = (max - min) / (2^bits - 1) over a range holding 0,
+an integer zero point zp per scale. Tensors (in memory == on disk):
 
 - fp8: ``weight`` float8_e4m3fn [N, K], ``weight_scale`` [N, 1] (or [N, K // g]).
 - int8 / int4: ``weight_packed`` int32 [N, ceil(K * bits / 32)], ``weight_shape`` int64 (N, K),
   ``weight_scale`` [N, K // group_size] or [N, 1]. Element j of a row is stored unsigned
   (q + 2^(bits-1)) at bit j * bits of the row's words (compressed-tensors' ``pack_to_int32``).
+- asymmetric ints add ``weight_zero_point`` int32 [ceil(N * bits / 32), G]: the zero points
+  [N, G] packed the same way down the columns (``pack_to_int32(..., packed_dim=0)``).
 
 Scales take the weight's dtype (llm-compressor writes the model's dtype).
 """
@@ -29,9 +33,10 @@ WORD_BITS = 32
 
 class QuantScheme(NamedTuple):
     """A weight format: ``name`` in SCHEME_NAMES, ``group_size`` None for one scale per output
-    channel."""
+    channel; ``symmetric`` False for ints with a zero point per scale."""
     name: str
     group_size: int | None = None
+    symmetric: bool = True
 
     @property
     def bits(self) -> int:
@@ -43,18 +48,22 @@ class QuantScheme(NamedTuple):
         return self.name != "fp8"
 
     def tensor_names(self) -> tuple[str, ...]:
-        return ("weight_packed", "weight_shape", "weight_scale") if self.packed \
-            else ("weight", "weight_scale")
+        if not self.packed:
+            return ("weight", "weight_scale")
+        names = ("weight_packed", "weight_shape", "weight_scale")
+        return names if self.symmetric else (*names, "weight_zero_point")
 
 
-def make_scheme(name: str, group_size: int | None = None) -> QuantScheme:
+def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True) -> QuantScheme:
     """A checked scheme (ValueError naming what is wrong)."""
     if name not in SCHEME_NAMES:
         raise ValueError(f"unknown quantization scheme {name!r}; expected one of "
                          f"{', '.join(SCHEME_NAMES)}")
     if group_size is not None and group_size <= 0:
         raise ValueError(f"group size must be positive, got {group_size}")
-    return QuantScheme(name, group_size)
+    if not symmetric and name == "fp8":
+        raise ValueError("fp8 weights are symmetric (zero points are for int8 and int4)")
+    return QuantScheme(name, group_size, symmetric)
 
 
 def qmax(scheme: QuantScheme) -> float:
@@ -68,6 +77,13 @@ def scale_shape(scheme: QuantScheme, out_features: int, in_features: int) -> tup
     return out_features, groups
 
 
+def zero_point_shape(scheme: QuantScheme, out_features: int, in_features: int
+                     ) -> tuple[int, int]:
+    """``weight_zero_point``'s packed shape: the [N, G] zero points packed down the columns."""
+    return packed_width(out_features, scheme.bits), scale_shape(scheme, out_features,
+                                                                in_features)[1]
+
+
 def packed_width(in_features: int, bits: int) -> int:
     return math.ceil(in_features * bits / WORD_BITS)
 
@@ -78,16 +94,31 @@ def _grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def compute_scale(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """absmax / qmax per output channel or group: [N, G] in the weight's dtype (float16 for
-    other dtypes), zeros replaced by that dtype's eps."""
+    """absmax / qmax per output channel or group (asymmetric: (max - min) / (2^bits - 1), the
+    range widened to hold 0): [N, G] in the weight's dtype (float16 for other dtypes), zeros
+    replaced by that dtype's eps."""
     n, k = weight.shape
     if scheme.group_size is not None and k % scheme.group_size:
         raise ValueError(f"group size {scheme.group_size} does not divide in_features {k}")
     groups = scale_shape(scheme, n, k)[1]
     dtype = weight.dtype if weight.dtype in SCALE_DTYPES else torch.float16
-    absmax = _grouped(weight.float(), groups).abs().amax(dim=-1)
-    scale = (absmax / qmax(scheme)).to(dtype)
+    grouped = _grouped(weight.float(), groups)
+    if scheme.symmetric:
+        scale = (grouped.abs().amax(dim=-1) / qmax(scheme)).to(dtype)
+    else:
+        spread = grouped.amax(dim=-1).clamp(min=0) - grouped.amin(dim=-1).clamp(max=0)
+        scale = (spread / (2 ** scheme.bits - 1)).to(dtype)
     return torch.where(scale == 0, torch.finfo(dtype).eps, scale).to(dtype)
+
+
+def compute_zero_point(weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme
+                       ) -> torch.Tensor:
+    """The asymmetric zero points [N, G] (int8): the lowest int minus min / scale, rounded and
+    clamped to the ints, the min taken over a range holding 0 (compressed-tensors' rule)."""
+    n, k = weight.shape
+    low = -(1 << (scheme.bits - 1))
+    least = _grouped(weight.float(), scale.shape[1]).amin(dim=-1).clamp(max=0)
+    return (low - least / scale.float()).round().clamp(low, -low - 1).to(torch.int8)
 
 
 def _broadcast_scale(scale: torch.Tensor, n: int) -> torch.Tensor:
@@ -98,12 +129,16 @@ def _broadcast_scale(scale: torch.Tensor, n: int) -> torch.Tensor:
     return scale.reshape(1, 1) if scale.numel() == 1 else scale.reshape(n, 1)
 
 
-def quantize_values(weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Round weight / scale (float32) to the format: float8_e4m3fn, or int8 holding the int
-    values (round to nearest even, clamped to [-2^(b-1), 2^(b-1) - 1])."""
+def quantize_values(weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme,
+                    zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """Round weight / scale (+ zero_point [N, G]) (float32) to the format: float8_e4m3fn, or
+    int8 holding the int values (round to nearest even, clamped to [-2^(b-1), 2^(b-1) - 1])."""
     n, k = weight.shape
     scale = _broadcast_scale(scale, n)
-    scaled = (_grouped(weight.float(), scale.shape[1]) / scale.unsqueeze(-1)).reshape(n, k)
+    scaled = _grouped(weight.float(), scale.shape[1]) / scale.unsqueeze(-1)
+    if zero_point is not None:
+        scaled = scaled.round() + zero_point.float().unsqueeze(-1)
+    scaled = scaled.reshape(n, k)
     if not scheme.packed:
         return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8)
     low = -(1 << (scheme.bits - 1))
@@ -116,12 +151,16 @@ def quantize(weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tenso
         raise ValueError(f"can only quantize a 2-D weight, got shape {tuple(weight.shape)}")
     weight = weight.detach()
     scale = compute_scale(weight, scheme)
-    q = quantize_values(weight, scale, scheme)
+    zero_point = None if scheme.symmetric else compute_zero_point(weight, scale, scheme)
+    q = quantize_values(weight, scale, scheme, zero_point)
     if not scheme.packed:
         return {"weight": q, "weight_scale": scale}
-    return {"weight_packed": pack_ints(q, scheme.bits),
-            "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
-            "weight_scale": scale}
+    tensors = {"weight_packed": pack_ints(q, scheme.bits),
+               "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
+               "weight_scale": scale}
+    if zero_point is not None:
+        tensors["weight_zero_point"] = pack_zero_points(zero_point, scheme.bits)
+    return tensors
 
 
 def quantized_values(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
@@ -134,12 +173,25 @@ def quantized_values(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> t
 
 def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
                dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight [N, K] in ``dtype``: q * scale, computed in float32 (exact for these
-    formats), rounded once to ``dtype``."""
+    """The dense weight [N, K] in ``dtype``: (q - zp) * scale, computed in float32 (exact for
+    these formats), rounded once to ``dtype``."""
     values = quantized_values(tensors, scheme)
     n, k = values.shape
     scale = _broadcast_scale(tensors["weight_scale"], n)
-    return (_grouped(values, scale.shape[1]) * scale.unsqueeze(-1)).reshape(n, k).to(dtype)
+    grouped = _grouped(values, scale.shape[1])
+    if not scheme.symmetric:
+        zero_point = unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n)
+        grouped = grouped - zero_point.float().unsqueeze(-1)
+    return (grouped * scale.unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
+def kernel_scales(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
+    """An asymmetric weight's scales and zero points as the kernels read them: float32
+    [N, 2, G], a row's G scales, then its G zero points."""
+    n = int(tensors["weight_shape"][0])
+    scale = _broadcast_scale(tensors["weight_scale"], n).expand(n, -1)
+    zero_point = unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n).float()
+    return torch.stack([scale, zero_point], dim=1).contiguous()
 
 
 ACTIVATION_BLOCK = 32  # inputs per scale when activations are quantized to int8
@@ -167,6 +219,16 @@ def pack_ints(q: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     words = (unsigned.reshape(n, -1, per_word) << shifts).sum(dim=-1)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def pack_zero_points(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points [N, G] (int8) packed down the columns: int32 [ceil(N * bits / 32), G]."""
+    return pack_ints(zero_point.t(), bits).t().contiguous()
+
+
+def unpack_zero_points(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of ``pack_zero_points``: int8 [n, G]."""
+    return unpack_ints(packed.t().contiguous(), bits, n).t()
 
 
 def unpack_ints(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from bamba.linear_protocol import LinearWeights
-from bamba.quant.formats import FP8, QuantScheme, dequantize, packed_width, scale_shape
+from bamba.quant.formats import (FP8, QuantScheme, dequantize, kernel_scales, packed_width,
+                                 scale_shape, zero_point_shape)
 
 
 class QuantizedWeights(nn.Module):
     """A weight [rows, cols] held in ``scheme``'s tensors (``weight`` + ``weight_scale`` for
-    fp8, ``weight_packed`` + ``weight_shape`` + ``weight_scale`` for ints); zeros until loaded,
-    one scale [1] when ``per_tensor``."""
+    fp8, ``weight_packed`` + ``weight_shape`` + ``weight_scale`` for ints, + ``weight_zero_point``
+    for asymmetric ones); zeros until loaded, one scale [1] when ``per_tensor``."""
 
     def __init__(self, rows: int, cols: int, scheme: QuantScheme,
                  scale_dtype: torch.dtype = torch.bfloat16, per_tensor: bool = False) -> None:
@@ -34,6 +35,11 @@ class QuantizedWeights(nn.Module):
         self.register_buffer("weight_scale",
                              torch.ones((1,) if per_tensor else scale_shape(scheme, rows, cols),
                                         dtype=scale_dtype))
+        if not scheme.symmetric:
+            self.register_buffer("weight_zero_point",
+                                 torch.zeros(zero_point_shape(scheme, rows, cols),
+                                             dtype=torch.int32))
+        self._kernel_scales: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @staticmethod
     def stored_shape(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> tuple[int, int]:
@@ -53,9 +59,21 @@ class QuantizedWeights(nn.Module):
         return {name: getattr(self, name) for name in self.scheme.tensor_names()}
 
     def kernel_weights(self) -> LinearWeights:
-        """The format and tensors the kernels read (``bamba.linear_protocol``)."""
+        """The format and tensors the kernels read (``bamba.linear_protocol``); an asymmetric
+        weight's scales and zero points as one float32 table (``formats.kernel_scales``), made
+        once and again only after its scales or zero points change."""
         data = self.weight_packed if self.scheme.packed else self.weight
-        return LinearWeights(self.scheme.name, data, None, self.weight_scale)
+        if self.scheme.symmetric:
+            return LinearWeights(self.scheme.name, data, None, self.weight_scale)
+        return LinearWeights(self.scheme.name, data, None, self._zero_point_table())
+
+    def _zero_point_table(self) -> torch.Tensor:
+        held = (self.weight_scale, self.weight_zero_point)
+        key = tuple(v for t in held for v in (t.data_ptr(), t._version, t.device.index or 0))
+        if self._kernel_scales is None or self._kernel_scales[0] != key:
+            table = kernel_scales(self.quantized_tensors(), self.scheme)
+            self.__dict__["_kernel_scales"] = (key, table)  # not a buffer: derived, not saved
+        return self._kernel_scales[1]
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """A fresh dense [rows, cols] weight in ``dtype`` (the reference path and tests)."""
@@ -74,4 +92,5 @@ class QuantizedWeights(nn.Module):
 
     def _scheme_repr(self) -> str:
         group = "channel" if self.scheme.group_size is None else f"group {self.scheme.group_size}"
-        return f"scheme={self.scheme.name} ({group})"
+        zero_points = "" if self.scheme.symmetric else ", zero points"
+        return f"scheme={self.scheme.name} ({group}{zero_points})"
