@@ -168,9 +168,11 @@ def test_quantized_linear_matches_its_dequantized_weight_and_keeps_no_dense_copy
     if scheme.symmetric:
         assert kw.scales is layer.weight_scale
         return
-    # asymmetric: a float32 table [48, 2, groups] of scales and offsets, made once
+    # asymmetric: a float32 table [48, 2, groups] of the scales and offsets -zp * scale, made
+    # once
     scale = layer.weight_scale.float()
-    assert kw.scales.shape == (48, 2, scale.shape[1]) and torch.equal(kw.scales[:, 0], scale)
+    assert kw.scales.shape == (48, 2, scale.shape[1]) and kw.scales.dtype == torch.float32
+    assert torch.equal(kw.scales[:, 0], scale)
     assert layer.kernel_weights().scales is kw.scales
     with torch.no_grad():
         layer.weight_scale.mul_(2)  # new scales: a new table

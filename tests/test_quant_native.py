@@ -136,6 +136,23 @@ def test_int_weights_at_many_rows_take_integer_products(monkeypatch, fmt, group,
 
 
 @pytest.mark.parametrize("group", [32, 128, None])
+@pytest.mark.parametrize("fmt", ASYMMETRIC)
+def test_zero_points_leave_the_few_row_kernel_the_reference_at_any_row_count(bf16_activations, fmt,
+                                                                               group) -> None:
+    """The zero points' terms go 16 rows at a time: with bf16 activations the few-row kernel
+    (a decode step's, whatever its rows) gives the reference's numbers past 16 rows too."""
+    layer = _layer(fmt, group, True, torch.float32, k=384, n=60)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), 384)
+    assert layout.offsets
+    weight = layer.dequantized_weight(torch.float32)
+    for rows in (1, 5, 17, 33):
+        x = torch.randn(rows, 384)
+        with torch.inference_mode():
+            ours = quant_ops.quant_linear_rows(x, layout, layer.bias, False)
+        _close(ours, torch.nn.functional.linear(x.bfloat16().float(), weight, layer.bias), 1e-5)
+
+
+@pytest.mark.parametrize("group", [32, 128, None])
 def test_fp8_weights_at_many_rows_take_bf16_products(monkeypatch, group) -> None:
     """Past the few-row kernel, fp8 weights against bf16 x are dequantized a panel at a time to
     the very bf16 weights of the torch reference and multiplied in bf16 products (float32
@@ -330,16 +347,22 @@ def test_prefill_tiles_are_the_reference_weights_exactly(fmt, group, dtype) -> N
                                         ("int8-asym", None), ("int4-asym", 32)])
 def test_a_quantized_embedding_looks_up_its_rows_natively_as_the_reference(fmt, group, dtype):
     """The lookup in one native call gives the reference's rows bit for bit (ids of any shape,
-    repeated, at both ends of the table); an id outside it is torch's IndexError."""
+    repeated, at both ends of the table); an id outside it is torch's IndexError. Zero points
+    with float32 scales: within float32 rounding of the table's largest value (the kernels'
+    q * scale + (-zp * scale) against the reference's (q - zp) * scale; with bf16 or float16
+    scales both are exact)."""
     dense = nn.Embedding(300, 384).to(dtype)
     reference = QuantizedEmbedding.from_embedding(dense, _scheme(fmt, group))
     native = accelerate(copy.deepcopy(nn.Sequential(reference)))[0]
     assert type(native) is seam.QuantizedEmbedding
     ids = torch.tensor([[0, 299, 7], [7, 150, 3]])
     assert dispatch.quant_gather_fits(ids, native.kernel_weights(), 384, dtype) is not None
+    ulp = fmt.endswith("-asym") and dtype == torch.float32
+    largest = reference.dequantized_weight(torch.float32).abs().max().item()
+    exact = dict(rtol=0, atol=2 ** -23 * largest if ulp else 0)
     with torch.inference_mode():
-        torch.testing.assert_close(native(ids), reference(ids), rtol=0, atol=0)
-        torch.testing.assert_close(native(ids[0, 1]), reference(ids[0, 1]), rtol=0, atol=0)
+        torch.testing.assert_close(native(ids), reference(ids), **exact)
+        torch.testing.assert_close(native(ids[0, 1]), reference(ids[0, 1]), **exact)
         for bad in (300, -1):
             with pytest.raises(IndexError, match="index out of range"):
                 native(torch.tensor([[3, bad]]))

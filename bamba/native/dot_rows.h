@@ -32,9 +32,9 @@ enum { ROW_GROUP = 8, NTA_BYTES = 2048, PREFETCH_BYTES = 8192, TILE = 4, TILE_FR
 
 /* How a weight matrix is stored: dense in the activations' dtype, or quantized (quant_rows.h). */
 enum { FORMAT_DENSE, FORMAT_FP8, FORMAT_INT8, FORMAT_INT4 };
-/* A quantized format's scale dtype; SCALE_F32_ZERO_POINTS: asymmetric ints, float32 [n, 2G], a
- * row's G scales, then its G zero points (w = (q - zp) * scale, quant_rows.h). */
-enum { SCALE_F32, SCALE_BF16, SCALE_F16, SCALE_F32_ZERO_POINTS };
+/* A quantized format's scale dtype; SCALE_F32_OFFSETS: asymmetric ints, float32 [n, 2G], a
+ * row's G scales, then its G offsets (w = q * scale + offset, quant_rows.h). */
+enum { SCALE_F32, SCALE_BF16, SCALE_F16, SCALE_F32_OFFSETS };
 
 /* A weight matrix [n, k] (row-major, contiguous) and its optional bias [n] in the activations'
  * dtype. Quantized formats add their scales [n, scale_stride] (SCALE_* `scale_kind`), one per

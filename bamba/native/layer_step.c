@@ -86,7 +86,7 @@ static LinearWeights coded_weights(int64_t code, const void *weight, const void 
     const int64_t kind = code >> 4, group = kind < 2 ? k : (int64_t)16 << (kind - 1);
     const int scale_kind = (int)((code >> 2) & 3);
     const int64_t per_row = (kind == 0 ? 0 : kind == 1 ? 1 : k / group) *
-                            (scale_kind == SCALE_F32_ZERO_POINTS ? 2 : 1); /* zero points follow */
+                            (scale_kind == SCALE_F32_OFFSETS ? 2 : 1); /* offsets follow */
     const LinearWeights w = {weight, bias, n, k, (int)(code & 3), scales, scale_kind, group,
                              per_row};
     return w;

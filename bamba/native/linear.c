@@ -84,9 +84,9 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
         return -1;
     const LinearWeights L = {W, bias, N, K, format, scales, scale_kind, group, scale_stride};
     const int64_t offset = format == FORMAT_INT4 ? 8 : 128, most = GEMM_MAX_ROWS / 16;
-    const int64_t G = zero_point_groups(&L);
+    const int64_t G = offset_groups(&L);
     const size_t panel_bytes = (size_t)gemm_panel_bytes(format, K),
-                 panel_scales = (size_t)GEMM_PANEL_ROWS * (K / group) * sizeof(float);
+                 panel_scales = (size_t)gemm_panel_scales(&L);
     const size_t per_thread = (panel_bytes + panel_scales + 63) / 64 * 64;
     const size_t packed_bytes = (size_t)(most * gemm_rows_bytes(format, K));
     char *work = thread_buffer(GEMM_BUFFER, threads * per_thread + packed_bytes +
@@ -106,9 +106,7 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
                     pack_bf16_activations((const uint16_t *)xs, rows, K, packed, b);
                 else
                     pack_activations(xs, x_bf16, rows, K, (int)offset, packed, b);
-                if (sums)
-                    group_sums(xs, x_bf16, K, G, 16 * b, 16 * b + 16 < rows ? 16 * b + 16 : rows,
-                               1, SUMS_AS_INT8, sums + b * G * 16);
+                if (sums) packed_group_sums(packed, b, K, G, (int)offset, sums + b * G * 16);
             }
             int64_t begin, end;
             my_share(N / GEMM_WEIGHT_ROWS, &begin, &end);

@@ -58,6 +58,13 @@ static inline int64_t gemm_panel_bytes(int format, int64_t k) {
     return GEMM_PANEL_ROWS * k * (format == FORMAT_FP8 ? 2 : 1);
 }
 
+/* Bytes of a panel's scales (and offsets) as the integer tiles read them: float32, a row's
+ * groups. */
+static inline int64_t gemm_panel_scales(const LinearWeights *L) {
+    const int64_t groups = L->scale_stride == 0 ? 1 : L->k / L->group;
+    return GEMM_PANEL_ROWS * groups * (L->scale_kind == SCALE_F32_OFFSETS ? 2 : 1) * 4;
+}
+
 /* Rows [16 b, 16 b + 16) of x [M, k] quantized into block b of xp (rows past M: zeros). */
 static void pack_activations(const void *x, int x_bf16, int64_t M, int64_t k, int offset,
                              char *xp, int64_t b) {
@@ -82,6 +89,27 @@ static void pack_activations(const void *x, int x_bf16, int64_t M, int64_t k, in
             scales[block * 16 + i] = s;
             starts[block * 16 + i] = -offset * _mm512_reduce_add_epi32(sum);
         }
+    }
+}
+
+/* The group sums of block b of packed activations (pack_activations: `offset` 8 or 128) as
+ * group_sums lays them out, [G][16], from the rows' block scales and offset terms: over a
+ * group's blocks, s * sum(q), sum(q) = term / -offset exactly. Groups of whole blocks. */
+static void packed_group_sums(const char *xp, int64_t b, int64_t k, int64_t G, int offset,
+                              float *sums) {
+    const char *base = xp + b * gemm_rows_bytes(FORMAT_INT8, k);
+    const float *scales = (const float *)(base + 16 * k);
+    const int32_t *starts = (const int32_t *)(base + 16 * k + k / ACT_BLOCK * 64);
+    const int64_t per_group = k / G / ACT_BLOCK;
+    const __m512 back = _mm512_set1_ps(-1.0f / (float)offset);
+    for (int64_t g = 0, block = 0; g < G; g++) {
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t i = 0; i < per_group; i++, block++)
+            total = _mm512_fmadd_ps(_mm512_loadu_ps(scales + block * 16),
+                                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(
+                                                      starts + block * 16)), back),
+                                    total);
+        _mm512_storeu_ps(sums + g * 16, total);
     }
 }
 
@@ -211,9 +239,14 @@ __attribute__((noinline)) static void gemm_bf16_tiles(const uint16_t *wp, const 
 /* out[i][j][l] = row 16 i + l of the R packed blocks at xb . weight row j of the panel `wp`,
  * `scales` [4][groups] the rows' float32 scales; R and PER_ROW (one scale a row) compile-time
  * after inlining. */
+/* An integer tile: R blocks of 16 rows of packed activations xb against 4 packed weight rows
+ * wp, their `scales` (and an asymmetric weight's `offsets`, NULL otherwise, the rows' group
+ * sums `sums` [R][G][16] beside them: each group adds offset x sum) a group each, into out. */
 static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, const char *xb,
                                                             int64_t k, int64_t group,
-                                                            const float *scales, const int R,
+                                                            const float *scales,
+                                                            const float *offsets,
+                                                            const float *sums, const int R,
                                                             const int PER_ROW,
                                                             float out[][GEMM_WIDE_ROWS][16]) {
     const int64_t rows_bytes = gemm_rows_bytes(FORMAT_INT8, k), groups = k / group;
@@ -256,36 +289,47 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, c
                         PER_ROW ? s : _mm512_mul_ps(s, _mm512_set1_ps(scales[j * groups + g])),
                         acc[i][j]);
             }
+            if (offsets == NULL || PER_ROW || left > 1) continue; /* no group ends here */
+            for (int i = 0; i < R; i++) {
+                const __m512 xs = _mm512_loadu_ps(sums + (i * groups + g) * 16);
+                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++)
+                    acc[i][j] = _mm512_fmadd_ps(_mm512_set1_ps(offsets[j * groups + g]), xs,
+                                                acc[i][j]);
+            }
         }
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++)
-            _mm512_storeu_ps(out[i][j], PER_ROW ? _mm512_mul_ps(acc[i][j],
-                                                                _mm512_set1_ps(scales[j]))
-                                                : acc[i][j]);
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
+            __m512 v = acc[i][j];
+            if (PER_ROW) v = _mm512_mul_ps(v, _mm512_set1_ps(scales[j]));
+            if (PER_ROW && offsets != NULL)
+                v = _mm512_fmadd_ps(_mm512_set1_ps(offsets[j]), _mm512_loadu_ps(sums + i * 16), v);
+            _mm512_storeu_ps(out[i][j], v);
+        }
 }
 
 /* One body per row count and scale layout. */
 __attribute__((noinline)) static void gemm_tiles(const uint8_t *wp, const char *xb, int64_t k,
-                                                 int64_t group, const float *scales, int R,
+                                                 int64_t group, const float *scales,
+                                                 const float *offsets, const float *sums, int R,
                                                  float out[][GEMM_WIDE_ROWS][16]) {
     const int per_row = group == k;
     if (R == 3) {
-        if (per_row) gemm_tile(wp, xb, k, group, scales, 3, 1, out);
-        else gemm_tile(wp, xb, k, group, scales, 3, 0, out);
+        if (per_row) gemm_tile(wp, xb, k, group, scales, offsets, sums, 3, 1, out);
+        else gemm_tile(wp, xb, k, group, scales, offsets, sums, 3, 0, out);
     } else if (R == 2) {
-        if (per_row) gemm_tile(wp, xb, k, group, scales, 2, 1, out);
-        else gemm_tile(wp, xb, k, group, scales, 2, 0, out);
+        if (per_row) gemm_tile(wp, xb, k, group, scales, offsets, sums, 2, 1, out);
+        else gemm_tile(wp, xb, k, group, scales, offsets, sums, 2, 0, out);
     } else {
-        if (per_row) gemm_tile(wp, xb, k, group, scales, 1, 1, out);
-        else gemm_tile(wp, xb, k, group, scales, 1, 0, out);
+        if (per_row) gemm_tile(wp, xb, k, group, scales, offsets, sums, 1, 1, out);
+        else gemm_tile(wp, xb, k, group, scales, offsets, sums, 1, 0, out);
     }
 }
 
 /* Where a tile's outputs go: y [M, ldy] from feature 0 on, bf16 when y_bf16, else float32
  * (rounded to bf16 first when round_bf16, as linear_features stores them); the bias in bf16
  * when bias_bf16; only features [lo, hi) are stored (a tile of 4 may straddle a share). An
- * asymmetric weight's rows take their zero points' terms from `sums`, the rows' group sums in
- * blocks of 16 rows (group_sums, blocked), NULL otherwise. */
+ * asymmetric weight's tiles take the rows' group sums from `sums`, blocks of 16 rows
+ * (packed_group_sums), NULL otherwise. */
 typedef struct {
     void *y;
     int64_t ldy, lo, hi;
@@ -293,26 +337,15 @@ typedef struct {
     const float *sums;
 } TileStore;
 
-/* y[m0 + l, n..n+3] = out[j][l] + bias[n + j] (- zero point terms) for the first `rows` of 16
- * rows: a row's four outputs in one store, straight from registers, where all four lie in
- * [lo, hi). */
+/* y[m0 + l, n..n+3] = out[j][l] + bias[n + j] for the first `rows` of 16 rows: a row's four
+ * outputs in one store, straight from registers, where all four lie in [lo, hi). */
 static inline void store_tile(float out[GEMM_WIDE_ROWS][16], const LinearWeights *L, int64_t n,
                               const TileStore *to, int64_t m0, int64_t rows) {
     __m512i v[GEMM_WEIGHT_ROWS], t[4];
-    const int64_t G = zero_point_groups(L);
-    const float *sums = to->sums ? to->sums + m0 / 16 * G * 16 : NULL;
     for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
         const __m512 b = _mm512_set1_ps(L->bias ? load_value(L->bias, n + j, to->bias_bf16)
                                                 : 0.0f);
         __m512 sum = _mm512_add_ps(_mm512_loadu_ps(out[j]), b);
-        if (sums) { /* minus sum_g zp * scale [n + j][g] times the 16 rows' sums of group g */
-            const float *scales = (const float *)L->scales + (n + j) * L->scale_stride;
-            __m512 terms = _mm512_setzero_ps();
-            for (int64_t g = 0; g < G; g++)
-                terms = _mm512_fmadd_ps(_mm512_set1_ps(scales[G + g] * scales[g]),
-                                        _mm512_loadu_ps(sums + g * 16), terms);
-            sum = _mm512_sub_ps(sum, terms);
-        }
         if (to->round_bf16 && !to->y_bf16) /* bf16's value, kept in float32 */
             sum = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(sum)), 16));
@@ -345,11 +378,12 @@ static inline void store_tile(float out[GEMM_WIDE_ROWS][16], const LinearWeights
 
 /* Features [to->lo, to->hi) of y = x W^T + bias (L->n a multiple of 4) from the packed
  * activations xp (all ceil(M / 16) blocks of M rows); `panel` gemm_panel_bytes and
- * `panel_scales` 64 k / group floats of this thread's (int8, int4). The tiles start at the
+ * `panel_scales` gemm_panel_scales of this thread's (int8, int4). The tiles start at the
  * multiple of 4 at or below to->lo. */
 static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t M,
                                 const TileStore *to, char *panel, float *panel_scales) {
     const int64_t k = L->k, group = L->scale_stride == 0 ? k : L->group, groups = k / group;
+    const int64_t G = offset_groups(L); /* groups, or 0 without offsets */
     const int64_t blocks = (M + 15) / 16, rows_bytes = gemm_rows_bytes(L->format, k);
     const int fp8 = L->format == FORMAT_FP8;
     const int64_t weight_row_bytes = fp8 ? 2 * k : k;
@@ -361,9 +395,12 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
             if (fp8) pack_fp8_weights(L, n0 + j, (uint16_t *)(panel + j * weight_row_bytes));
             else pack_int_weights(L, n0 + j, (uint8_t *)panel + j * k);
         }
+        float *panel_offsets = G ? panel_scales + GEMM_PANEL_ROWS * groups : NULL;
         for (int64_t j = 0; j < rows && !fp8; j++) /* fp8's scales are in its bf16 panel */
-            for (int64_t g = 0; g < groups; g++)
+            for (int64_t g = 0; g < groups; g++) {
                 panel_scales[j * groups + g] = quant_scale(L, n0 + j, g);
+                if (G) panel_offsets[j * groups + g] = quant_scale(L, n0 + j, G + g);
+            }
         for (int64_t b = 0; b < blocks; b += GEMM_ROW_BLOCKS) {
             const int R = blocks - b < GEMM_ROW_BLOCKS ? (int)(blocks - b) : GEMM_ROW_BLOCKS;
             for (int64_t j = 0; j < rows;) {
@@ -374,7 +411,8 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
                                     xp + b * rows_bytes, k, R, J, out);
                 else
                     gemm_tiles((const uint8_t *)panel + j * k, xp + b * rows_bytes, k, group,
-                               panel_scales + j * groups, R, out);
+                               panel_scales + j * groups, G ? panel_offsets + j * groups : NULL,
+                               G ? to->sums + b * G * 16 : NULL, R, out);
                 for (int i = 0; i < R; i++)
                     for (int h = 0; h < J; h += GEMM_WEIGHT_ROWS)
                         store_tile(out[i] + h, L, n0 + j + h, to, (b + i) * 16,

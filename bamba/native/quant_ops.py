@@ -28,7 +28,7 @@ from bamba.native import library
 FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3}  # dot_rows.h's FORMAT_* enum
 _BITS = {"fp8": 8, "int8": 8, "int4": 4}
 SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dot_rows.h's SCALE_*
-SCALE_F32_ZERO_POINTS = 3  # float32 scales, then zero points, a row (asymmetric ints)
+SCALE_F32_OFFSETS = 3  # asymmetric ints: float32, a row's scales, then its offsets
 # weights dequantized at a time for a prefill matmul (32 MB in bf16): every linear of the ~1.1B
 # shape fits whole, one matmul each; tiles of 2M weights measured ~3% slower on its prefill
 # (benchmarks/README.md#quantization)
@@ -39,8 +39,8 @@ TILE_FEATURE_MULTIPLE = 64  # a tile's output features, unless the linear fits w
 class QuantLayout(NamedTuple):
     """A quantized weight [n, k] as the kernels read it: ``weight`` its stored tensor, one scale
     of ``scales`` per ``group`` inputs, ``scale_stride`` scales a row (0: one for all); with
-    ``zero_points`` (scales [n, 2, G]) a row's float32 scales are followed by as many zero
-    points (asymmetric ints), ``scale_stride`` counting both."""
+    ``offsets`` (scales [n, 2, G]) a row's float32 scales are followed by as many offsets
+    (asymmetric ints, w = q * scale + offset), ``scale_stride`` counting both."""
     format: str
     weight: torch.Tensor
     scales: torch.Tensor
@@ -48,7 +48,7 @@ class QuantLayout(NamedTuple):
     k: int
     group: int
     scale_stride: int
-    zero_points: bool = False
+    offsets: bool = False
 
     @property
     def code(self) -> int:
@@ -56,7 +56,7 @@ class QuantLayout(NamedTuple):
 
     @property
     def scale_kind(self) -> int:
-        return SCALE_F32_ZERO_POINTS if self.zero_points else SCALE_KINDS[self.scales.dtype]
+        return SCALE_F32_OFFSETS if self.offsets else SCALE_KINDS[self.scales.dtype]
 
 
 def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
@@ -73,7 +73,7 @@ def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
             scales.dtype not in SCALE_KINDS or not scales.is_contiguous() or \
             weight.device.type != "cpu" or k <= 0:
         return None
-    if scales.dim() == 3:  # [n, 2, G] float32: a row's scales, then its zero points
+    if scales.dim() == 3:  # [n, 2, G] float32: a row's scales, then its offsets
         groups = scales.shape[2]
         if scales.dtype != torch.float32 or scales.shape != (n, 2, groups) or groups == 0 or \
                 k % groups or w.format == "fp8":

@@ -7,10 +7,11 @@
  *         its high one;
  *
  * w = q * scale, one float32 or bf16 scale per `group` inputs of a row (`scale_stride` scales
- * a row; 0: one scale for the whole matrix). Asymmetric ints (SCALE_F32_ZERO_POINTS) have a
- * zero point per group, w = (q - zp) * scale: the kernels compute q * scale as for any int
- * weights, and each output subtracts sum_g zp_g * scale_g * (the sum of the row's inputs in
- * group g), the inputs as the kernel sees them (`group_sums`, once per call), float32.
+ * a row; 0: one scale for the whole matrix). Asymmetric ints (SCALE_F32_OFFSETS) add an
+ * offset per group, w = q * scale + offset (a zero point's -zp * scale, or a GGUF block's
+ * minimum): the kernels compute q * scale as for any int weights, and each output adds
+ * sum_g offset_g * (the sum of the row's inputs in group g), the inputs as the kernel sees them
+ * (`group_sums`, once per call), float32.
  *
  * Each thread walks its weight rows in chunks of CHUNK(format) inputs, turns a chunk into bf16
  * vectors with a few integer instructions (int4: a `vpermw` table lookup per nibble; fp8 and
@@ -69,6 +70,7 @@ static inline int64_t scale_bytes(int scale_kind) {
     return scale_kind == SCALE_BF16 || scale_kind == SCALE_F16 ? 2 : 4;
 }
 
+/* Scale `group_index` of row n (past the row's G scales, its offsets). */
 static inline float quant_scale(const LinearWeights *L, int64_t n, int64_t group_index) {
     const int64_t i = n * L->scale_stride + group_index;
     if (L->scale_kind == SCALE_F16) return half_to_float(((const uint16_t *)L->scales)[i]);
@@ -123,21 +125,9 @@ static void *thread_buffer(int which, size_t bytes) {
     return buffers[which];
 }
 
-/* An asymmetric weight's groups a row (SCALE_F32_ZERO_POINTS), else 0. */
-static inline int64_t zero_point_groups(const LinearWeights *L) {
-    return L->scale_kind == SCALE_F32_ZERO_POINTS ? L->scale_stride / 2 : 0;
-}
-
-/* -sum_g zp[n][g] * scale[n][g] * sums[m][g] (row-major sums of group_sums): what the zero
- * points take from output n of row m; 0 without sums. */
-static inline float zero_point_term(const LinearWeights *L, const float *sums, int64_t m,
-                                    int64_t n) {
-    if (sums == NULL) return 0.0f;
-    const int64_t G = zero_point_groups(L);
-    const float *scales = (const float *)L->scales + n * L->scale_stride, *xs = sums + m * G;
-    float total = 0.0f;
-    for (int64_t g = 0; g < G; g++) total += scales[G + g] * scales[g] * xs[g];
-    return -total;
+/* An asymmetric weight's groups a row (SCALE_F32_OFFSETS), else 0. */
+static inline int64_t offset_groups(const LinearWeights *L) {
+    return L->scale_kind == SCALE_F32_OFFSETS ? L->scale_stride / 2 : 0;
 }
 
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
@@ -482,17 +472,16 @@ static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
 enum { SUMS_AS_BF16, SUMS_AS_INT8 };
 
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
-/* Rows [m_begin, m_end) of x [.., k] (bf16 when x_bf16, else float32), seen `as` says: each
- * row's sums over G groups of k / G inputs, float32, into sums: row-major [rows, G], or with
- * `blocked` one block of 16 rows [G][16] (a row per lane, lanes past m_end zero; quant_gemm.h's
- * tiles). */
-static void group_sums(const void *x, int x_bf16, int64_t k, int64_t G, int64_t m_begin,
-                       int64_t m_end, int blocked, int as, float *sums) {
-    const int64_t group = k / G;
-    memset(sums, 0, (size_t)(G * (blocked ? 16 : m_end - m_begin)) * sizeof(float));
-    for (int64_t m = m_begin; m < m_end; m++) {
-        float *row = blocked ? sums + (m - m_begin) : sums + (m - m_begin) * G;
-        const int64_t step = blocked ? 16 : 1; /* between a row's groups */
+/* Rows [16 block, 16 block + 16) of x [M, k] (bf16 when x_bf16, else float32), seen `as`
+ * says: each row's sums over G groups of k / G inputs, float32, into sums [G][16] (a row per
+ * lane, lanes past M zero). */
+static void group_sums(const void *x, int x_bf16, int64_t M, int64_t k, int64_t G,
+                       int64_t block, int as, float *sums) {
+    const int64_t group = k / G, m_end = 16 * block + 16 < M ? 16 * block + 16 : M;
+    memset(sums, 0, (size_t)(G * 16) * sizeof(float));
+    for (int64_t m = 16 * block; m < m_end; m++) {
+        float *row = sums + m % 16;
+        const int64_t step = 16; /* between a row's groups */
         for (int64_t b = 0; b < k; b += 32) { /* k is a multiple of 128 */
             __m512 v[2];
 #ifdef HAVE_INT8_DOT
@@ -520,6 +509,27 @@ static void group_sums(const void *x, int x_bf16, int64_t k, int64_t G, int64_t 
             for (int i = 0; i < 32; i++) row[(b + i) / group * step] += each[i];
         }
     }
+}
+
+/* What the offsets add to output n of the row in lane 0 of `sums` (group_sums): one row's
+ * sum_g offset[n][g] * sums[g] (batch-1 decode: no lanes of other rows to compute). */
+static inline float offset_term(const LinearWeights *L, const float *sums, int64_t n) {
+    const int64_t G = offset_groups(L);
+    const float *offsets = (const float *)L->scales + n * L->scale_stride + G;
+    float total = 0.0f;
+    for (int64_t g = 0; g < G; g++) total += offsets[g] * sums[g * 16];
+    return total;
+}
+
+/* What the offsets add to output n of the 16 rows whose group sums (group_sums) are `sums`:
+ * sum_g offset[n][g] * sums[g], a row per lane. */
+static inline __m512 offset_terms(const LinearWeights *L, const float *sums, int64_t n) {
+    const int64_t G = offset_groups(L);
+    const float *offsets = (const float *)L->scales + n * L->scale_stride + G;
+    __m512 terms = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++)
+        terms = _mm512_fmadd_ps(_mm512_set1_ps(offsets[g]), _mm512_loadu_ps(sums + g * 16), terms);
+    return terms;
 }
 #endif
 
@@ -557,20 +567,18 @@ static inline int decode_gemm_fits(const LinearWeights *L, int64_t M, int x_bf16
  * Returns 0, or -1 when no memory is left for its buffers (nothing stored). */
 static int gemm_features_alone(const LinearWeights *L, int x_bf16, const void *x, int64_t M,
                                const TileStore *to) {
-    const int64_t k = L->k, group = L->scale_stride == 0 ? k : L->group, blocks = (M + 15) / 16;
-    const int64_t G = zero_point_groups(L);
+    const int64_t k = L->k, blocks = (M + 15) / 16, G = offset_groups(L);
     const size_t panel_bytes = (size_t)gemm_panel_bytes(L->format, k),
-                 panel_scales = (size_t)GEMM_PANEL_ROWS * (k / group) * sizeof(float),
+                 panel_scales = (size_t)gemm_panel_scales(L),
                  rows_bytes = (size_t)(blocks * gemm_rows_bytes(L->format, k)),
                  sums_bytes = (size_t)(blocks * G * 16) * sizeof(float);
     char *work = thread_buffer(GEMM_BUFFER, rows_bytes + panel_bytes + panel_scales + sums_bytes);
     if (work == NULL) return -1;
     float *sums = G ? (float *)(work + rows_bytes + panel_bytes + panel_scales) : NULL;
+    const int offset = L->format == FORMAT_INT4 ? 8 : 128;
     for (int64_t b = 0; b < blocks; b++) {
-        pack_activations(x, x_bf16, M, k, L->format == FORMAT_INT4 ? 8 : 128, work, b);
-        if (sums)
-            group_sums(x, x_bf16, k, G, 16 * b, 16 * b + 16 < M ? 16 * b + 16 : M, 1,
-                       SUMS_AS_INT8, sums + b * G * 16);
+        pack_activations(x, x_bf16, M, k, offset, work, b);
+        if (sums) packed_group_sums(work, b, k, G, offset, sums + b * G * 16);
     }
     TileStore with_sums = *to;
     with_sums.sums = sums;
@@ -601,11 +609,14 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
     uint16_t *xp = thread_buffer(ROWS_BUFFER, (size_t)(M * row_bytes));
     const QuantTables t = quant_tables(L);
-    const int64_t G = zero_point_groups(L);
-    float *sums = G ? thread_buffer(SUMS_BUFFER, (size_t)(M * G) * sizeof(float)) : NULL;
+    const int64_t G = offset_groups(L);
+    float *sums = G ? thread_buffer(SUMS_BUFFER, (size_t)((M + 15) / 16 * G * 16) * sizeof(float))
+                    : NULL;
     if (G && sums == NULL) xp = NULL; /* no memory: NaN outputs below */
-    if (sums != NULL)
-        group_sums(x, x_bf16, L->k, G, 0, M, 0, int8_dot ? SUMS_AS_INT8 : SUMS_AS_BF16, sums);
+    for (int64_t b = 0; sums != NULL && b < (M + 15) / 16; b++)
+        group_sums(x, x_bf16, M, L->k, G, b, int8_dot ? SUMS_AS_INT8 : SUMS_AS_BF16,
+                   sums + b * G * 16);
+    float terms[16] = {0}; /* the offsets' terms of the 16 rows from m0 / 16 * 16 */
     if (xp != NULL) {
 #ifdef HAVE_INT8_DOT
         if (int8_dot) prepare_int8_rows(L->format, x, x_bf16, M, L->k, (char *)xp);
@@ -622,7 +633,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
         for (int j = 0; j < J; j++)
             store_output(y, n + j,
                          out[j] + (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f) +
-                             zero_point_term(L, sums, 0, n + j),
+                             (sums ? offset_term(L, sums, n + j) : 0.0f),
                          y_bf16, round_bf16);
     }
 #endif
@@ -634,13 +645,17 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
                 const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
                 float out[ROW_GROUP * 2];
                 paired_dots(L, &t, xp + m0 * L->k, n, R, J, out);
-                for (int r = 0; r < R; r++)
-                    for (int j = 0; j < J; j++)
+                for (int j = 0; j < J; j++) {
+                    if (sums)
+                        _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16,
+                                                                 n + j));
+                    for (int r = 0; r < R; r++)
                         store_output(y, (m0 + r) * ldy + n + j,
                                      out[r * J + j] +
                                          (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f) +
-                                         zero_point_term(L, sums, m0 + r, n + j),
+                                         terms[(m0 + r) % 16],
                                      y_bf16, round_bf16);
+                }
             }
         }
         return;
@@ -656,10 +671,12 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
             if (xp != NULL && !int8_dot)
                 quant_dots(L, &t, xp + m0 * L->k, n, R, out);
+            if (sums && M == 1) terms[0] = offset_term(L, sums, n);
+            else if (sums) _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16, n));
             for (int r = 0; r < R; r++) /* out of memory for k inputs: NaN, not a guess */
                 store_output(y, (m0 + r) * ldy + n,
-                             xp != NULL ? out[r] + bias + zero_point_term(L, sums, m0 + r, n) : NAN,
-                             y_bf16, round_bf16);
+                             xp != NULL ? out[r] + bias + terms[(m0 + r) % 16] : NAN, y_bf16,
+                             round_bf16);
         }
     }
 #else
@@ -688,18 +705,17 @@ static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_e
         const uint8_t *w = (const uint8_t *)L->weight + n * quant_row_bytes(L->format, k);
         for (int64_t g0 = 0; g0 < k; g0 += piece) {
             const float scale = quant_scale(L, n, g0 / group);
-            const float zero = zero_point_groups(L) ? quant_scale(L, n, zero_point_groups(L) +
-                                                                        g0 / group)
-                                                    : 0.0f; /* (q - zp) * scale: exact q - zp */
+            const float offset = offset_groups(L) ? quant_scale(L, n, offset_groups(L) +
+                                                                      g0 / group)
+                                                  : 0.0f;
             const int64_t at = (n - n_begin) * k + g0;
             int64_t i = 0;
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
             const __m512 factor = _mm512_set1_ps(L->format == FORMAT_FP8 ? scale * 256.0f
                                                                          : scale);
             for (; i + 16 <= piece; i += 16) {
-                const __m512 v = _mm512_mul_ps(
-                    _mm512_sub_ps(sixteen_values(L->format, w, g0 + i), _mm512_set1_ps(zero)),
-                    factor);
+                const __m512 v = _mm512_fmadd_ps(sixteen_values(L->format, w, g0 + i), factor,
+                                                 _mm512_set1_ps(offset));
                 uint16_t *to = (uint16_t *)out + at + i;
                 if (out_bf16 && stream && !((uintptr_t)to & 31))
                     _mm256_stream_si256((__m256i *)to, (__m256i)_mm512_cvtneps_pbh(v));
@@ -713,11 +729,11 @@ static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_e
             if (L->format == FORMAT_INT4)
                 for (int64_t j = i; j < piece; j += 2) {
                     const uint8_t b = w[(g0 + j) / 2];
-                    row[j] = ((float)((b & 15) - 8) - zero) * scale;
-                    row[j + 1] = ((float)((b >> 4) - 8) - zero) * scale;
+                    row[j] = fmaf((float)((b & 15) - 8), scale, offset);
+                    row[j + 1] = fmaf((float)((b >> 4) - 8), scale, offset);
                 }
             else
-                for (int64_t j = i; j < piece; j++) row[j] = (values[w[g0 + j]] - zero) * scale;
+                for (int64_t j = i; j < piece; j++) row[j] = fmaf(values[w[g0 + j]], scale, offset);
             if (out_bf16)
                 for (int64_t j = i; j < piece; j++)
                     ((uint16_t *)out)[at + j] = float_to_bf16(row[j]);

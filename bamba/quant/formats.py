@@ -186,12 +186,14 @@ def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
 
 
 def kernel_scales(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
-    """An asymmetric weight's scales and zero points as the kernels read them: float32
-    [N, 2, G], a row's G scales, then its G zero points."""
+    """An asymmetric weight's scales and offsets as the kernels read them: float32 [N, 2, G],
+    a row's G scales, then its G offsets -zp * scale, so that w = q * scale + offset (exact in
+    float32 for bf16 and float16 scales: q * scale, zp * scale and their difference all are
+    float32 values)."""
     n = int(tensors["weight_shape"][0])
     scale = _broadcast_scale(tensors["weight_scale"], n).expand(n, -1)
     zero_point = unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n).float()
-    return torch.stack([scale, zero_point], dim=1).contiguous()
+    return torch.stack([scale, -zero_point * scale], dim=1).contiguous()
 
 
 ACTIVATION_BLOCK = 32  # inputs per scale when activations are quantized to int8

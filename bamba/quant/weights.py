@@ -60,14 +60,14 @@ class QuantizedWeights(nn.Module):
 
     def kernel_weights(self) -> LinearWeights:
         """The format and tensors the kernels read (``bamba.linear_protocol``); an asymmetric
-        weight's scales and zero points as one float32 table (``formats.kernel_scales``), made
+        weight's scales and offsets as one float32 table (``formats.kernel_scales``), made
         once and again only after its scales or zero points change."""
         data = self.weight_packed if self.scheme.packed else self.weight
         if self.scheme.symmetric:
             return LinearWeights(self.scheme.name, data, None, self.weight_scale)
-        return LinearWeights(self.scheme.name, data, None, self._zero_point_table())
+        return LinearWeights(self.scheme.name, data, None, self._offset_table())
 
-    def _zero_point_table(self) -> torch.Tensor:
+    def _offset_table(self) -> torch.Tensor:
         held = (self.weight_scale, self.weight_zero_point)
         key = tuple(v for t in held for v in (t.data_ptr(), t._version, t.device.index or 0))
         if self._kernel_scales is None or self._kernel_scales[0] != key:
