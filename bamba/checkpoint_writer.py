@@ -87,6 +87,14 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint-named tensors (tied lm_head written once, as transformers does; quantized
     experts as per-expert linears, ``bamba.quant.experts``)."""
     config = model.config
+    for path, module in model.named_modules():
+        scheme = getattr(module, "scheme", None)
+        if getattr(scheme, "offsets", False):
+            raise ValueError(f"this model cannot be saved in the Hugging Face layout: "
+                             f"{to_checkpoint_name(path, config.model_type)} holds {scheme.name} "
+                             f"weights with float offsets (GGUF Q4_1 / Q5_1 / Q4_K / Q5_K "
+                             f"blocks), which compressed-tensors cannot describe; export-gguf "
+                             f"writes it, or bamba.quant.apply.dequantize_model makes it dense")
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:

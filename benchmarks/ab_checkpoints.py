@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
                 times[path][batch].append(decode_seconds(model, batch, steps))
             times[path]["prefill"].append(prefill_seconds(model, args.prompt))
     results = {str(p): {
-        "disk_mb": round(sum(f.stat().st_size for f in p.glob("*.safetensors")) / 1e6, 1),
+        "disk_mb": round((p.stat().st_size if p.is_file() else  # a GGUF file
+                          sum(f.stat().st_size for f in p.glob("*.safetensors"))) / 1e6, 1),
         **{f"decode_b{b}_tok_s": round(b / statistics.median(t[b]), 1) for b in args.batches},
         f"prefill_{args.prompt}_tok_s": round(args.prompt / statistics.median(t["prefill"]), 1)}
         for p, t in times.items()}

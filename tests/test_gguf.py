@@ -174,11 +174,31 @@ def test_int_checkpoints_export_their_blocks_as_stored(memorised, tmp_path, sche
             assert torch.equal(back(ids), ours(ids))
 
 
+def test_a_zero_point_checkpoint_exports_its_weights_dequantized(memorised, tmp_path):
+    """`bamba quantize --asymmetric` weights do not fit Q4_0's symmetric blocks: export-gguf
+    dequantizes them ((q - zp) * scale) and quantizes again, so the file's weights are near the
+    checkpoint's (copying the ints as stored would drop the zero points)."""
+    source, _, sequence = memorised
+    quantized, out = tmp_path / "asym", tmp_path / "m.gguf"
+    assert main(["quantize", str(source), str(quantized), "--scheme", "int4", "--group-size",
+                 "32", "--asymmetric", "--no-progress"]) == 0
+    assert main(["export-gguf", str(quantized), str(out), "--dtype", "q4_0"]) == 0
+    ours, back = from_pretrained(quantized), from_pretrained(out)
+    for name in ("model.layers.0.mamba.in_proj", "model.layers.2.feed_forward.down_proj"):
+        want = ours.get_submodule(name).dequantized_weight(torch.float32)
+        got = back.get_submodule(name).dequantized_weight(torch.float32)
+        assert (got - want).abs().max() <= 0.6 * want.abs().max() / 7, name  # Q4_0's rounding
+
+
 def _assert_dequantized_as_gguf_does(model: torch.nn.Module, path: Path,
                                      names: list[str]) -> None:
-    """Each GGUF tensor ``names`` holds is the model's parameter, as gguf-py dequantizes it."""
+    """Each GGUF tensor ``names`` holds is the model's parameter, as gguf-py dequantizes it:
+    bit for bit, but for blocks with minimums (Q4_1, Q5_1, Q4_K, Q5_K), which come out of
+    q * scale + offset with the offset rounded to float32 once more: within float32 rounding
+    of the tensor's largest weight."""
     from bamba.gguf.layout import from_gguf
     from bamba.gguf.reader import TENSOR_TYPES, read_model_file, tensor_plan
+    from bamba.quant.apply import dense_tensor
 
     from bamba.model import BambaLM
 
@@ -193,9 +213,11 @@ def _assert_dequantized_as_gguf_does(model: torch.nn.Module, path: Path,
         part = plan[tensor.name]
         expected = from_gguf(part.ours, torch.from_numpy(values.copy()), model.config,
                              file.interleaved)
-        held = model.get_parameter(part.ours).narrow(part.dim, part.rows.start,
-                                                     part.rows.stop - part.rows.start)
-        assert torch.equal(held, expected), tensor.name
+        held = dense_tensor(model, part.ours, torch.float32).narrow(
+            part.dim, part.rows.start, part.rows.stop - part.rows.start)
+        minimums = tensor.tensor_type.name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K")
+        torch.testing.assert_close(held, expected, rtol=0, atol=2 ** -22 * expected.abs().max()
+                                   if minimums else 0, msg=tensor.name)
 
 
 @pytest.mark.parametrize("kind", ["granite", "granite-moe"])
@@ -308,9 +330,13 @@ def test_quantized_experts_decode_in_the_native_step_as_the_torch_path(
     assert (fast - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
-def test_legacy_block_types_beside_q8_0_are_dequantized(memorised, tmp_path, monkeypatch):
+def test_legacy_block_types_beside_q8_0_load_in_formats_of_their_own(memorised, tmp_path,
+                                                                      monkeypatch):
     """A file mixing Q8_0 with other llama.cpp block types (here Q5_0 for the output tensor and
-    Q4_1 for a Mamba in_proj) loads: the Q8_0 linears stay quantized, the others dense."""
+    Q4_1 for a Mamba in_proj) loads each linear in its own block type's format, every weight
+    as gguf-py dequantizes it: Q5_0 as int8 (symmetric, 5-bit values), Q4_1 as int4 with a
+    float offset per block, which no compressed-tensors checkpoint holds (save_pretrained says
+    so in one line)."""
     from gguf import GGMLQuantizationType as Q
 
     from bamba.gguf import export as gguf_export
@@ -325,10 +351,104 @@ def test_legacy_block_types_beside_q8_0_are_dequantized(memorised, tmp_path, mon
     out = export_gguf(model, load_tokenizer(source), tmp_path / "mixed.gguf", "q8_0")
     assert {"Q5_0", "Q4_1", "Q8_0"} <= _types(out)
     back = from_pretrained(out, dtype=torch.float32)
-    assert type(back.lm_head) is torch.nn.Linear
-    assert type(back.model.layers[0].mamba.in_proj) is torch.nn.Linear
-    assert isinstance(back.model.layers[2].mamba.in_proj, QuantizedLinear)  # layers 1, 3: attention
+    formats = {name: (m.scheme.name, m.scheme.group_size, m.scheme.offsets) for name, m in
+               [("head", back.lm_head), ("q4_1", back.model.layers[0].mamba.in_proj),
+                ("q8_0", back.model.layers[2].mamba.in_proj)]
+               if isinstance(m, QuantizedLinear)}
+    assert formats == {"head": ("int8", 32, False), "q4_1": ("int4", 32, True),
+                       "q8_0": ("int8", 32, False)}
     _assert_dequantized_as_gguf_does(back, out, list(other))
+    with pytest.raises(ValueError, match="blk|layers.0.mamba.in_proj.*float offsets"):
+        back.save_pretrained(tmp_path / "saved")
+
+
+def _random_k_blocks(data, qtype):
+    """Blocks of K-quant type ``qtype`` for an array shaped as ``data`` (gguf-py cannot make
+    them): random bytes, with small float16 d (and dmin) fields, so every field is exercised."""
+    import numpy as np
+
+    size, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(np.abs(data).sum() * 1e3) % 2**32)
+    blocks = rng.integers(0, 256, (*data.shape[:-1], data.shape[-1] // size, nbytes),
+                          dtype=np.uint8)
+    halves = [208] if qtype.name == "Q6_K" else [0, 2]
+    for at in halves:
+        values = rng.standard_normal((*blocks.shape[:-1], 1)) * (0.002 if at else 0.004)
+        blocks[..., at:at + 2] = values.astype(np.float16).view(np.uint8)
+    return blocks.reshape(*data.shape[:-1], -1)
+
+
+def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path, monkeypatch):
+    """Q4_K (int4), Q5_K (int8) with a float offset per 32 weights and Q6_K (int8 in groups of
+    16) linears, the token table in Q4_K, load in those formats, every weight as gguf-py
+    dequantizes it; the native kernels give the torch reference's logits (prefill, then a
+    token at a time)."""
+    from gguf import GGMLQuantizationType as Q
+
+    from bamba.gguf import export as gguf_export
+    from bamba.native import accelerate, quant_ops
+    from bamba.quant.embedding import QuantizedEmbedding
+    from bamba.quant.linear import QuantizedLinear
+    from test_quant_interop import prefill_then_decode
+
+    k_types = {"blk.0.ssm_in.weight": Q.Q4_K, "blk.0.ssm_out.weight": Q.Q5_K,
+               "blk.2.ffn_down.weight": Q.Q6_K, "output.weight": Q.Q6_K,
+               "token_embd.weight": Q.Q4_K, "blk.3.ffn_up.weight": Q.Q4_K}
+    real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
+    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type:
+                        k_types.get(name) or real_type(name, shape, file_type))
+    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
+        data, qtype) if qtype.name.endswith("_K") else real_quantize(data, qtype))
+    source = tmp_path / "source"
+    hf_model("hybrid", hidden_size=256, intermediate_size=512,
+             mamba_d_head=128).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "k.gguf",
+                      "f32")
+    assert {"Q4_K", "Q5_K", "Q6_K"} <= _types(out)
+    back = from_pretrained(out, dtype=torch.float32)
+    held = {name: (m.scheme.name, m.scheme.group_size, m.scheme.offsets)
+            for name, m in back.named_modules()
+            if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    assert held == {"model.layers.0.mamba.in_proj": ("int4", 32, True),
+                    "model.layers.0.mamba.out_proj": ("int8", 32, True),
+                    "model.layers.2.feed_forward.down_proj": ("int8", 16, False),
+                    "model.layers.3.feed_forward.up_proj": ("int4", 32, True),
+                    "lm_head": ("int8", 16, False), "model.embed_tokens": ("int4", 32, True)}
+    _assert_dequantized_as_gguf_does(back, out, list(k_types))
+    ids = random_ids(2, 11)
+    quant_ops.set_int8_activations(False)  # the reference's activations at every row count
+    try:
+        fast = prefill_then_decode(accelerate(from_pretrained(out)), ids, prefill=7)
+    finally:
+        quant_ops.set_int8_activations(True)
+    with torch.no_grad():
+        ref = back(ids)
+    assert (fast - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+def test_a_file_mixing_block_types_saves_each_linear_in_its_own_scheme(make_hf_checkpoint,
+                                                                        tmp_path, monkeypatch):
+    """A Granite MoE file of Q8_0 linears and Q4_0 experts: the recorded quantization_config
+    gives each linear and the experts their own scheme, so save_pretrained writes it and the
+    checkpoint loads back with the same logits."""
+    from gguf import GGMLQuantizationType as Q
+
+    from bamba.gguf import export as gguf_export
+
+    real = gguf_export._tensor_type
+    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: Q.Q4_0 if
+                        "_exps" in name else real(name, shape, file_type))
+    source = make_hf_checkpoint("granite-moe", hidden_size=128, intermediate_size=128,
+                                shared_intermediate_size=128, mamba_d_head=64)
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf",
+                      "q8_0")
+    assert {"Q4_0", "Q8_0"} <= _types(out)
+    back = from_pretrained(out)
+    back.save_pretrained(tmp_path / "saved")
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "saved")(ids), back(ids))
 
 
 def test_a_one_group_mamba_norm_written_flat_loads(make_hf_checkpoint, tmp_path, monkeypatch):
@@ -638,8 +758,9 @@ def test_llama_cpp_converter_output_of_granite_loads_with_the_source_logits(make
 @pytest.mark.slow
 def test_llama_quantize_k_quant_files_load(tmp_path):
     """llama.cpp's own Q4_K_M of our export (K-quants need rows of whole 256-weight blocks:
-    hidden 256) loads, each K-quant tensor as gguf-py dequantizes it. With one Mamba group
-    (Bamba-9B's), llama-quantize writes the Mamba norm as [D], not [1, D]."""
+    hidden 256) loads in its blocks' formats (Q4_K as int4 with offsets, Q6_K as int8 in groups
+    of 16), each K-quant tensor as gguf-py dequantizes it, and the native kernels run it. With
+    one Mamba group (Bamba-9B's), llama-quantize writes the Mamba norm as [D], not [1, D]."""
     source = tmp_path / "source"
     hf_model("hybrid", hidden_size=256, intermediate_size=512, mamba_d_head=128,
              mamba_n_groups=1).save_pretrained(source)
@@ -655,3 +776,18 @@ def test_llama_quantize_k_quant_files_load(tmp_path):
     assert len(norm.shape) == 1
     back = from_pretrained(out, dtype=torch.float32)
     _assert_dequantized_as_gguf_does(back, out, k_quants)
+    from bamba.quant.linear import QuantizedLinear
+
+    held = {(m.scheme.name, m.scheme.group_size, m.scheme.offsets) for m in back.modules()
+            if isinstance(m, QuantizedLinear)}
+    assert ("int4", 32, True) in held and ("int8", 16, False) in held  # Q4_K, Q6_K
+    from bamba.native import accelerate, quant_ops
+
+    ids = random_ids(2, 11)
+    quant_ops.set_int8_activations(False)  # this random model amplifies their rounding to ~7%
+    try:
+        with torch.no_grad():
+            fast, ref = accelerate(from_pretrained(out))(ids), back(ids)
+    finally:
+        quant_ops.set_int8_activations(True)
+    assert (fast - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()

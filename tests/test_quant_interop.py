@@ -110,7 +110,7 @@ def prefill_then_decode(model: nn.Module, ids: torch.Tensor, prefill: int) -> to
     """Logits of ``ids``: the first ``prefill`` tokens in one call, then one token a call, all
     through a cache in the model's dtype."""
     b, total = ids.shape
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     cache = ContiguousCache(model.config, rows=b, max_len=total, dtype=dtype)
     out = []
     for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, total))]:

@@ -422,7 +422,8 @@ def _model(dtype: torch.dtype) -> BambaLM:
 
 MIXED = [make_scheme("int4", 64), make_scheme("int8"), make_scheme("fp8"), make_scheme("int4"),
          make_scheme("int8", 32), make_scheme("int4", 128),
-         make_scheme("int4", 128, symmetric=False), make_scheme("int8", symmetric=False)]
+         make_scheme("int4", 128, symmetric=False), make_scheme("int8", symmetric=False),
+         make_scheme("int8", 16)]  # groups of 16: GGUF's Q6_K
 
 
 def _mixed(model: BambaLM, schemes: list = MIXED) -> BambaLM:
@@ -493,7 +494,9 @@ def test_decode_steps_past_the_few_row_kernels_take_the_integer_products(monkeyp
     if not quant_ops.set_int8_activations(True):
         pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
     assert rows > dispatch.MAX_LINEAR_ROWS
-    model = accelerate(_mixed(_model(dtype), [scheme for scheme in MIXED if scheme.name != "fp8"]))
+    products = [scheme for scheme in MIXED  # what the products take (groups of whole blocks)
+                if scheme.name != "fp8" and (scheme.group_size or 32) % 32 == 0]
+    model = accelerate(_mixed(_model(dtype), products))
     calls = _fused_calls(monkeypatch)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -526,10 +529,10 @@ def test_an_int4_model_with_a_dense_lm_head_takes_the_whole_model_step(monkeypat
 
 
 def test_a_layout_the_steps_cannot_read_sends_its_layer_to_the_per_op_path(monkeypatch) -> None:
-    """int4 with groups of 16 inputs: the few-row kernel takes it, the layer steps do not."""
+    """int4 with groups of 8 inputs: the few-row kernel takes it, the layer steps do not."""
     model = _model(torch.bfloat16)
     ff = model.model.layers[2].feed_forward
-    ff.up_proj = QuantizedLinear.from_linear(ff.up_proj, make_scheme("int4", 16))
+    ff.up_proj = QuantizedLinear.from_linear(ff.up_proj, make_scheme("int4", 8))
     model = accelerate(model)
     assert plan.layer_tensors(model.model.layers[2]).whole() is None
     assert model.decode_plan().tensors is None

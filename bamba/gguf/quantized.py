@@ -2,6 +2,16 @@
 exactly: a block is 32 weights sharing one float16 scale d, w = d * q with q an int8 (Q8_0) or
 a 4-bit u stored with offset 8, q = u - 8 in [-8, 7] (Q4_0: symmetric, as int4 is). The low
 nibbles of a Q4_0 block's 16 bytes hold its weights 0-15, the high nibbles 16-31.
+
+The other blocks llama.cpp's files carry most (a Q4_K_M file: Q4_K, with Q6_K for some
+tensors) read into the same formats (``KINDS``): Q5_0 (5-bit u, w = d (u - 16)) and Q6_K
+(6-bit q in sub-blocks of 16, each scaled d * sc with an int8 sc) as int8, symmetric; Q4_1 and
+Q4_K (w = d u + m, or d * sc * u - dmin * m per sub-block of 32 with 6-bit sc, m) as int4, and
+Q5_1 and Q5_K (5-bit u) as int8, each with a float offset per 32 weights: q = u - 8 (or 16),
+scale d (* sc), offset the rest (``bamba.quant.formats``: w = q * scale + offset). Scales and
+offsets are float32 values of the block's float16 d, dmin and 6- or 8-bit sc, m; the weights
+come out as llama.cpp's own dequantization gives them (up to one float32 rounding of an
+offset).
 """
 
 from __future__ import annotations
@@ -12,14 +22,106 @@ import torch
 from torch import nn
 
 from bamba.checkpoint_writer import to_checkpoint_name
-from bamba.quant.apply import place_empty
-from bamba.quant.config import parse_quantization_config, quantization_config_dict
+from bamba.quant.config import EXPERT_LINEARS, quantization_config_for_modules
+from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import QuantizedExpertWeights
 from bamba.quant.formats import make_scheme, pack_ints
+from bamba.quant.linear import QuantizedLinear
 
 GROUP = 32
 SCHEMES = {"Q8_0": "int8", "Q4_0": "int4"}
-BUFFERS = ("weight_packed", "weight_shape", "weight_scale")
+BUFFERS = ("weight_packed", "weight_shape", "weight_scale", "weight_offset")
+# Each block type's format in ours: (int8 or int4, inputs a scale, float offsets).
+KINDS = {"Q8_0": ("int8", 32, False), "Q4_0": ("int4", 32, False),
+         "Q5_0": ("int8", 32, False), "Q6_K": ("int8", 16, False),
+         "Q4_1": ("int4", 32, True), "Q4_K": ("int4", 32, True),
+         "Q5_1": ("int8", 32, True), "Q5_K": ("int8", 32, True)}
+
+
+# The scales' dtype: the block's own float16 d, or float32 for d * sc (K-quants).
+SCALE_DTYPES = {name: torch.float32 if name.endswith("_K") else torch.float16 for name in KINDS}
+
+
+def kind_scheme(type_name: str):
+    """Our scheme for GGUF block type ``type_name`` (a key of KINDS)."""
+    name, group, offsets = KINDS[type_name]
+    return make_scheme(name, group, symmetric=not offsets, offsets=offsets)
+
+
+def _half(raw: np.ndarray) -> np.ndarray:
+    """Float16 fields (2 bytes each, last axis) as float32."""
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles(raw: np.ndarray, half: int) -> np.ndarray:
+    """Bytes [..., half] as 2 * half 4-bit values: the low nibbles first, then the high ones."""
+    return np.concatenate((raw & 0x0F, raw >> 4), axis=-1)
+
+
+def _bits(raw: np.ndarray, count: int) -> np.ndarray:
+    """Bit i of the little-endian bytes raw [..., count / 8], i < count, as [..., count]."""
+    return np.unpackbits(raw, axis=-1, bitorder="little")[..., :count]
+
+
+def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A K-quant super-block's 12 bytes of eight 6-bit scales and mins [..., 8] each: bytes 0-3
+    hold scales 0-3 (and the top bits of scales 4-7), bytes 4-7 mins 0-3 (and the top bits of
+    mins 4-7), bytes 8-11 the low 4 bits of scales 4-7 (low nibbles) and mins 4-7 (high)."""
+    low, mid, top = raw[..., 0:4], raw[..., 4:8], raw[..., 8:12]
+    scales = np.concatenate((low & 63, (top & 15) | ((low >> 6) << 4)), axis=-1)
+    mins = np.concatenate((mid & 63, (top >> 4) | ((mid >> 6) << 4)), axis=-1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q int8 [rows, cols], scale [rows, groups], offset float32 [rows, groups] or None) of a
+    tensor's blocks of ``type_name`` (KINDS), w = q * scale (+ offset)."""
+    if type_name in SCHEMES:
+        return (*block_values(raw, type_name, rows, cols), None)
+    per_block = 256 if type_name.endswith("_K") else 32
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // per_block, -1)
+    offset = None
+    if type_name in ("Q4_1", "Q5_1"):  # d, m, [qh 4 bytes], 16 bytes of nibbles
+        d, m = _half(b[..., 0:2]), _half(b[..., 2:4])
+        u = _nibbles(b[..., -16:], 16).astype(np.int16)
+        centre = 8
+        if type_name == "Q5_1":
+            u |= _bits(b[..., 4:8], 32).astype(np.int16) << 4
+            centre = 16
+        scale, offset = d, m + centre * d
+        q = u - centre
+    elif type_name == "Q5_0":  # d, qh 4 bytes, 16 bytes of nibbles
+        d = _half(b[..., 0:2])
+        u = _nibbles(b[..., 6:22], 16).astype(np.int16) | (_bits(b[..., 2:6], 32).astype(np.int16) << 4)
+        q, scale = u - 16, d
+    elif type_name in ("Q4_K", "Q5_K"):  # d, dmin, 12 scale bytes, [qh 32 bytes], qs 128 bytes
+        d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
+        sc, m = _k_scales(b[..., 4:16])
+        qs = b[..., -128:].reshape(rows, -1, 4, 32)  # 4 chunks of 64 weights: low, high nibbles
+        u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).astype(np.int16).reshape(rows, -1, 256)
+        centre = 8
+        if type_name == "Q5_K":  # bit j of qh's byte l: weight 32 j + l's fifth bit
+            high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]
+            u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256).astype(np.int16) << 4
+            centre = 16
+        scale = d * sc  # [rows, blocks, 8]
+        offset = centre * scale - dmin * m
+        q = u - centre
+    elif type_name == "Q6_K":  # ql 128 bytes, qh 64 bytes, 16 int8 scales, d
+        ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)  # [half, 32-byte run, l]
+        qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)
+        low = np.stack((ql & 0x0F, ql >> 4), axis=-3)  # [half, nibble, run, l]
+        shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(2, 2, 1)  # nibble, run -> shift
+        high = (qh[..., None, :, :] >> shifts) & 3  # [half, nibble, run, l]
+        u = (low.astype(np.int16) | (high.astype(np.int16) << 4)).reshape(rows, -1, 256)
+        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
+        q, scale = u - 32, _half(b[..., 208:210]) * sc
+    else:
+        raise ValueError(f"GGUF block type {type_name} is not read quantized")
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))  # noqa: E731
+    return (to(q.astype(np.int8)).view(rows, cols), to(scale.astype(np.float32)),
+            None if offset is None else to(offset.astype(np.float32)))
 
 
 def block_values(raw: np.ndarray, type_name: str, rows: int, cols: int
@@ -57,32 +159,49 @@ def block_bytes(q: torch.Tensor, scale: torch.Tensor, type_name: str) -> np.ndar
     return np.concatenate((scales, body), axis=-1).reshape(*lead, -1)
 
 
-def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str) -> dict[str, torch.Tensor]:
+def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
+                   offset: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """A ``QuantizedLinear``'s or ``QuantizedEmbedding``'s buffers (names as compressed-tensors
-    has them) for q and scale."""
-    bits = make_scheme(SCHEMES[type_name], GROUP).bits
-    return {"weight_packed": pack_ints(q, bits),
-            "weight_shape": torch.tensor(q.shape, dtype=torch.int64), "weight_scale": scale}
+    has them, and ``weight_offset``) for q, scale and offset, of a block type of KINDS."""
+    tensors = {"weight_packed": pack_ints(q, kind_scheme(type_name).bits),
+               "weight_shape": torch.tensor(q.shape, dtype=torch.int64),
+               "weight_scale": scale.to(SCALE_DTYPES[type_name])}
+    if offset is not None:
+        tensors["weight_offset"] = offset
+    return tensors
 
 
-def place_quantized(model: nn.Module, quantized: dict[str, str], embedding: str | None = None,
-                    dtype: torch.dtype = torch.float32) -> None:
-    """Put empty ``QuantizedLinear`` modules (group 32, float16 scales), on the current default
-    device, in place of the linears whose weight ``quantized`` (our weight name -> GGUF type,
-    one type) holds, and a ``QuantizedEmbedding`` for the token embeddings stored as GGUF type
-    ``embedding`` (looking up rows in ``dtype``); records the ``quantization_config``
-    ``save_pretrained`` writes."""
-    (type_name,) = set(quantized.values())
+def place_quantized(model: nn.Module, quantized: dict[str, str],
+                    dtype: torch.dtype = torch.float32, experts: str | None = None) -> None:
+    """Put empty ``QuantizedLinear`` / ``QuantizedEmbedding`` modules, on the current default
+    device, in place of the linears and the token embeddings whose weight ``quantized`` (our
+    weight name -> GGUF block type of KINDS) holds, each in its block type's scheme, the
+    embeddings looking up rows in ``dtype``; records the ``quantization_config`` that
+    ``save_pretrained`` writes (a config group per scheme, naming its modules, and one for a
+    Granite MoE's experts held as block type ``experts``; blocks with offsets, which
+    compressed-tensors cannot describe, keep the model from being saved so)."""
     model_type = model.config.model_type
-    modules = {name.removesuffix(".weight") for name in quantized}
-    dense = [to_checkpoint_name(n, model_type) for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n not in modules]
-    raw = quantization_config_dict(
-        make_scheme(SCHEMES[type_name], GROUP), dense,
-        embedding=None if embedding is None else make_scheme(SCHEMES[embedding], GROUP))
-    place_empty(model, parse_quantization_config(raw),
-                lambda n: to_checkpoint_name(n, model_type), lambda n: torch.float16, dtype)
-    model.quantization_config = raw
+    by_scheme: dict = {}
+    for name, type_name in quantized.items():
+        path = name.removesuffix(".weight")
+        parent, _, leaf = path.rpartition(".")
+        dense, scheme = model.get_submodule(path), kind_scheme(type_name)
+        scale_dtype = SCALE_DTYPES[type_name]
+        if isinstance(dense, nn.Embedding):
+            layer = QuantizedEmbedding(dense.num_embeddings, dense.embedding_dim, scheme,
+                                       scale_dtype, output_dtype=dtype)
+            target = "Embedding"
+        else:
+            layer = QuantizedLinear(dense.in_features, dense.out_features, scheme,
+                                    dense.bias is not None, scale_dtype)
+            target = to_checkpoint_name(path, model_type)
+        setattr(model.get_submodule(parent), leaf, layer)
+        by_scheme.setdefault(scheme, []).append(target)
+    if experts is not None:
+        by_scheme.setdefault(kind_scheme(experts), []).append(EXPERT_LINEARS)
+    kept = [to_checkpoint_name(n, model_type) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not isinstance(m, QuantizedLinear)]
+    model.quantization_config = quantization_config_for_modules(by_scheme, kept)
 
 
 def place_quantized_experts(model: nn.Module, stored: dict[str, str]) -> None:

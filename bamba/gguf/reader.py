@@ -346,8 +346,9 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     from bamba.arena import WeightArena
     from bamba.budget import check_model_fits
     from bamba.checkpoint import _assign
-    from bamba.gguf.quantized import (SCHEMES, block_values, is_quantized_buffer,
-                                      linear_tensors, place_quantized, place_quantized_experts)
+    from bamba.gguf.quantized import (KINDS, SCHEMES, block_values, decode_blocks,
+                                      is_quantized_buffer, linear_tensors, place_quantized,
+                                      place_quantized_experts)
     from bamba.model import FP32_PARAMS, BambaLM
 
     model_file = read_model_file(path)
@@ -359,28 +360,27 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     stored: dict[str, set[str]] = {}  # our tensor -> the types of its GGUF pieces
     for name, part in plan.items():
         stored.setdefault(part.ours, set()).add(types[name])
-    quantized = {ours: kinds.pop() for ours, kinds in stored.items()
-                 if len(kinds) == 1 and kinds <= set(SCHEMES) and _is_linear_weight(model, ours)}
+    # Each linear whose pieces are all of one block type of KINDS stays in its blocks, in that
+    # type's format; the token table too (llama.cpp's files store it so), unless the lm_head
+    # shares it.
+    quantized = {ours: next(iter(kinds)) for ours, kinds in stored.items()
+                 if len(kinds) == 1 and kinds <= set(KINDS) and
+                 (_is_linear_weight(model, ours) or
+                  (ours == EMBEDDINGS and not config.tie_word_embeddings))}
+    if set(quantized) == {EMBEDDINGS}:  # a dense file's table: dense as well
+        quantized = {}
     # A Granite MoE's stacked experts stay in their blocks too (each of Q8_0 or Q4_0 alone).
     experts = {ours: next(iter(kinds)) for ours, kinds in stored.items()
                if len(kinds) == 1 and kinds <= set(SCHEMES) and _is_expert_weight(model, ours)}
-    if len(set(quantized.values())) > 1:
-        log.info("%s mixes Q8_0 and Q4_0 linears: all are dequantized", model_file.path)
-        quantized = {}
-    # The token table stays in its blocks too, beside quantized linears (llama.cpp's Q8_0 and
-    # Q4_0 files store it so), unless the lm_head shares it.
-    table = next(name for name, part in plan.items() if part.ours == EMBEDDINGS)
-    embedding = types[table] if quantized and types[table] in SCHEMES and \
-        not config.tie_word_embeddings else None
     check_model_fits(config, dtype.itemsize, quantized_bits=8 if quantized else None)
     if experts:
         with torch.device("meta"):
             place_quantized_experts(model, experts)
     if quantized:
+        expert_types = set(experts.values())
         with torch.device("meta"):
-            place_quantized(model, quantized, embedding, dtype)
-        if embedding is not None:
-            quantized[EMBEDDINGS] = embedding
+            place_quantized(model, quantized, dtype,
+                            expert_types.pop() if len(expert_types) == 1 else None)
 
     def target(name: str, tensor: torch.Tensor) -> torch.dtype:
         if is_quantized_buffer(name):
@@ -408,7 +408,8 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             return None
         seen.sort(key=lambda item: item[0])
         del pending[part.ours]
-        return tuple(torch.cat(column, dim=part.dim) for column in zip(*(v for _, v in seen)))
+        return tuple(None if column[0] is None else torch.cat(column, dim=part.dim)
+                     for column in zip(*(v for _, v in seen)))
 
     for tensor in model_file.reader.tensors:
         part = plan[tensor.name]
@@ -430,12 +431,15 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                 load(ours, values[0].reshape(shapes[ours]))
             continue
         rows, cols = (int(n) for n in reversed(tensor.shape))
-        values = whole(part, tuple(from_gguf(ours, t, config, model_file.interleaved) for t in
-                                   block_values(tensor.data, quantized[ours], rows, cols)))
+        blocks = decode_blocks(tensor.data, quantized[ours], rows, cols)
+        values = whole(part, tuple(None if t is None else
+                                   from_gguf(ours, t, config, model_file.interleaved)
+                                   for t in blocks))
         if values is None:
             continue
         module = ours.removesuffix(".weight")
-        for buffer, value in linear_tensors(*values, quantized[ours]).items():
+        q, scale, offset = values
+        for buffer, value in linear_tensors(q, scale, quantized[ours], offset).items():
             load(f"{module}.{buffer}", value)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

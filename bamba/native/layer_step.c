@@ -72,7 +72,7 @@ typedef struct {
     int64_t f32_mask;     /* bit i: tensor i is float32 in a bf16 layer (norms, conv, A_log...) */
     int64_t formats;      /* FORMAT_BITS per linear (LINEAR_SLOTS order): format | scale dtype
                              (SCALE_*) << 2 | scale kind << 4 (0: one scale, 1: per row, g > 1:
-                             groups of 16 << (g - 1) inputs) */
+                             groups of 8 << (g - 1) inputs: 16 to 512) */
     float eps, dt_min, dt_max;
     float residual_scale; /* each sublayer's output times this before the residual sum (Granite's
                              residual_multiplier; 1: added as it is) */
@@ -80,10 +80,10 @@ typedef struct {
 
 /* A linear [n, k] of `weight`, `bias` and `scales` in the layout a formats field
  * `code` names: format | scale dtype << 2 | scale kind << 4 (0: one scale, 1: per row,
- * g > 1: groups of 16 << (g - 1) inputs). */
+ * g > 1: groups of 8 << (g - 1) inputs, 16 to 512: GGUF's Q6_K has 16). */
 static LinearWeights coded_weights(int64_t code, const void *weight, const void *bias,
                                    const void *scales, int64_t n, int64_t k) {
-    const int64_t kind = code >> 4, group = kind < 2 ? k : (int64_t)16 << (kind - 1);
+    const int64_t kind = code >> 4, group = kind < 2 ? k : (int64_t)8 << (kind - 1);
     const int scale_kind = (int)((code >> 2) & 3);
     const int64_t per_row = (kind == 0 ? 0 : kind == 1 ? 1 : k / group) *
                             (scale_kind == SCALE_F32_OFFSETS ? 2 : 1); /* offsets follow */

@@ -117,8 +117,8 @@ def _build_takes(lib: ctypes.CDLL, code: int, k: int, group: int) -> bool:
     return bool(lib.bamba_quant_supported(code, k, group))
 
 
-# layer_step.c's scale kinds: 0 one scale, 1 one a row, g > 1 groups of 16 << (g - 1) inputs
-_GROUP_KINDS = {16 << (kind - 1): kind for kind in range(2, 8)}
+# layer_step.c's scale kinds: 0 one scale, 1 one a row, g > 1 groups of 8 << (g - 1) inputs
+_GROUP_KINDS = {8 << (kind - 1): kind for kind in range(2, 8)}  # 16 (Q6_K) to 512
 
 
 def step_code(layout: QuantLayout) -> int | None:

@@ -511,14 +511,19 @@ static void group_sums(const void *x, int x_bf16, int64_t M, int64_t k, int64_t 
     }
 }
 
-/* What the offsets add to output n of the row in lane 0 of `sums` (group_sums): one row's
- * sum_g offset[n][g] * sums[g] (batch-1 decode: no lanes of other rows to compute). */
-static inline float offset_term(const LinearWeights *L, const float *sums, int64_t n) {
+/* What the offsets add to output n of one row whose G group sums lie in `row` (batch-1
+ * decode: no lanes of other rows to compute): sum_g offset[n][g] * row[g], 16 groups a
+ * vector. */
+static inline float offset_term(const LinearWeights *L, const float *row, int64_t n) {
     const int64_t G = offset_groups(L);
     const float *offsets = (const float *)L->scales + n * L->scale_stride + G;
-    float total = 0.0f;
-    for (int64_t g = 0; g < G; g++) total += offsets[g] * sums[g * 16];
-    return total;
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 mask = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+        total = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, offsets + g),
+                                _mm512_maskz_loadu_ps(mask, row + g), total);
+    }
+    return _mm512_reduce_add_ps(total);
 }
 
 /* What the offsets add to output n of the 16 rows whose group sums (group_sums) are `sums`:
@@ -610,12 +615,15 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     uint16_t *xp = thread_buffer(ROWS_BUFFER, (size_t)(M * row_bytes));
     const QuantTables t = quant_tables(L);
     const int64_t G = offset_groups(L);
-    float *sums = G ? thread_buffer(SUMS_BUFFER, (size_t)((M + 15) / 16 * G * 16) * sizeof(float))
+    const int64_t blocks = (M + 15) / 16;
+    float *sums = G ? thread_buffer(SUMS_BUFFER, (size_t)((blocks * 16 + 1) * G) * sizeof(float))
                     : NULL;
     if (G && sums == NULL) xp = NULL; /* no memory: NaN outputs below */
-    for (int64_t b = 0; sums != NULL && b < (M + 15) / 16; b++)
+    for (int64_t b = 0; sums != NULL && b < blocks; b++)
         group_sums(x, x_bf16, M, L->k, G, b, int8_dot ? SUMS_AS_INT8 : SUMS_AS_BF16,
                    sums + b * G * 16);
+    float *row = sums == NULL ? NULL : sums + blocks * G * 16; /* one row's sums, in a run */
+    for (int64_t g = 0; row != NULL && M == 1 && g < G; g++) row[g] = sums[g * 16];
     float terms[16] = {0}; /* the offsets' terms of the 16 rows from m0 / 16 * 16 */
     if (xp != NULL) {
 #ifdef HAVE_INT8_DOT
@@ -633,7 +641,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
         for (int j = 0; j < J; j++)
             store_output(y, n + j,
                          out[j] + (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f) +
-                             (sums ? offset_term(L, sums, n + j) : 0.0f),
+                             (sums ? offset_term(L, row, n + j) : 0.0f),
                          y_bf16, round_bf16);
     }
 #endif
@@ -671,7 +679,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
             if (xp != NULL && !int8_dot)
                 quant_dots(L, &t, xp + m0 * L->k, n, R, out);
-            if (sums && M == 1) terms[0] = offset_term(L, sums, n);
+            if (sums && M == 1) terms[0] = offset_term(L, row, n);
             else if (sums) _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16, n));
             for (int r = 0; r < R; r++) /* out of memory for k inputs: NaN, not a guess */
                 store_output(y, (m0 + r) * ldy + n,

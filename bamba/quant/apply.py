@@ -188,7 +188,7 @@ def dense_tensor(model: nn.Module, name: str, dtype: torch.dtype) -> torch.Tenso
 
 def stored_ints(model: nn.Module, name: str
                 ) -> tuple[torch.Tensor, torch.Tensor, QuantScheme] | None:
-    """Tensor ``name``'s stored values when it is an int8 / int4 weight: (q int8 and scale
+    """Tensor ``name``'s stored values when it is a symmetric int8 / int4 weight: (q int8 and scale
     float32, shaped as the dense twin's weight [.., rows, cols] and [.., rows, groups] (a
     group, or a whole row, of cols / groups inputs a scale), experts stacked [E, ...], and the
     scheme); None for anything else."""
@@ -199,7 +199,8 @@ def stored_ints(model: nn.Module, name: str
         return None
     scheme, (rows, cols) = module.scheme, module.dense_shape
     groups = 1 if scheme.group_size is None else cols // scheme.group_size
-    if not scheme.packed or tuple(module.weight_scale.shape) != (rows, groups):
+    if not scheme.packed or not scheme.symmetric or \
+            tuple(module.weight_scale.shape) != (rows, groups):  # zero points or offsets
         return None
     q = unpack_ints(module.weight_packed, scheme.bits, cols)
     scale = module.weight_scale.float()

@@ -113,6 +113,32 @@ def quantization_config_dict(scheme: QuantScheme, ignore: Iterable[str],
     }
 
 
+def quantization_config_for_modules(schemes: dict[QuantScheme, list[str]],
+                                    ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """A weight-only ``quantization_config`` giving each scheme the modules it lists (exact
+    checkpoint names, or a class such as "Embedding"): a model whose layers each keep the
+    format they were stored in (a GGUF file's blocks). A scheme with float offsets is
+    recorded with ``"offsets": true`` in its weights, which compressed-tensors has no layout
+    for (such a model is not saved as a checkpoint)."""
+    groups = list(schemes.items())
+    formats = {_format_of(s) for s, _ in groups}
+    mixed = len(formats) > 1
+    return {
+        "config_groups": {
+            f"group_{i}": {"targets": list(targets),
+                           "weights": {**weights_dict(s), **({"offsets": True} if s.offsets else {})},
+                           "input_activations": None, "output_activations": None,
+                           "format": _format_of(s) if mixed else None}
+            for i, (s, targets) in enumerate(groups)},
+        "quant_method": QUANT_METHOD,
+        "kv_cache_scheme": None,
+        "format": MIXED_FORMAT if mixed else formats.pop() if formats else PACKED_FORMAT,
+        "quantization_status": STATUS_COMPRESSED,
+        "global_compression_ratio": None,
+        "ignore": list(ignore),
+    }
+
+
 def _format_of(scheme: QuantScheme) -> str:
     return PACKED_FORMAT if scheme.packed else FLOAT_FORMAT
 
@@ -168,6 +194,9 @@ def _parse_group(name: str, group: Any, fmt: str) -> QuantGroup:
     if (scheme_name == "fp8") != (fmt == FLOAT_FORMAT):
         raise ValueError(f"{where}.weights: {kind[0]} {kind[1]}-bit weights do not fit "
                          f"format {fmt!r}")
+    if weights.get("offsets"):
+        raise ValueError(f"{where}.weights: float offsets (GGUF blocks) have no "
+                         f"compressed-tensors layout")
     symmetric = weights.get("symmetric")
     if not isinstance(symmetric, bool) or (not symmetric and scheme_name == "fp8"):
         raise ValueError(f"{where}.weights: symmetric {symmetric!r} is not supported (true, "

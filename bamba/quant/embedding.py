@@ -43,7 +43,7 @@ class QuantizedEmbedding(QuantizedWeights):
         rows = {name: tensor[ids] if tensor.dim() == 2 else tensor
                 for name, tensor in self.quantized_tensors().items()
                 if name != "weight_zero_point"}
-        if not self.scheme.symmetric:  # zero points lie packed down the rows: the rows' own
+        if self.scheme.zero_points:  # zero points lie packed down the rows: the rows' own
             zero_points = unpack_zero_points(self.weight_zero_point, self.scheme.bits,
                                              self.num_embeddings)[ids]
             rows["weight_zero_point"] = pack_zero_points(zero_points, self.scheme.bits)

@@ -33,10 +33,19 @@ WORD_BITS = 32
 
 class QuantScheme(NamedTuple):
     """A weight format: ``name`` in SCHEME_NAMES, ``group_size`` None for one scale per output
-    channel; ``symmetric`` False for ints with a zero point per scale."""
+    channel; ``symmetric`` False for ints with an integer zero point per scale
+    (compressed-tensors' ``weight_zero_point``), or with ``offsets`` a float offset per scale
+    instead, w = q * scale + offset (``weight_offset`` float32: GGUF's Q4_1, Q5_1, Q4_K and
+    Q5_K blocks, which compressed-tensors cannot hold)."""
     name: str
     group_size: int | None = None
     symmetric: bool = True
+    offsets: bool = False
+
+    @property
+    def zero_points(self) -> bool:
+        """Whether integer zero points come with the scales."""
+        return not self.symmetric and not self.offsets
 
     @property
     def bits(self) -> int:
@@ -51,19 +60,24 @@ class QuantScheme(NamedTuple):
         if not self.packed:
             return ("weight", "weight_scale")
         names = ("weight_packed", "weight_shape", "weight_scale")
-        return names if self.symmetric else (*names, "weight_zero_point")
+        if self.offsets:
+            return (*names, "weight_offset")
+        return (*names, "weight_zero_point") if self.zero_points else names
 
 
-def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True) -> QuantScheme:
+def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True,
+                offsets: bool = False) -> QuantScheme:
     """A checked scheme (ValueError naming what is wrong)."""
     if name not in SCHEME_NAMES:
         raise ValueError(f"unknown quantization scheme {name!r}; expected one of "
                          f"{', '.join(SCHEME_NAMES)}")
     if group_size is not None and group_size <= 0:
         raise ValueError(f"group size must be positive, got {group_size}")
-    if not symmetric and name == "fp8":
+    if (offsets or not symmetric) and name == "fp8":
         raise ValueError("fp8 weights are symmetric (zero points are for int8 and int4)")
-    return QuantScheme(name, group_size, symmetric)
+    if offsets and symmetric:
+        raise ValueError("offsets make a scheme asymmetric: pass symmetric=False")
+    return QuantScheme(name, group_size, symmetric, offsets)
 
 
 def qmax(scheme: QuantScheme) -> float:
@@ -179,7 +193,10 @@ def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
     n, k = values.shape
     scale = _broadcast_scale(tensors["weight_scale"], n)
     grouped = _grouped(values, scale.shape[1])
-    if not scheme.symmetric:
+    if scheme.offsets:  # q * scale exact in float32 (at most 24 bits), one rounding of the sum
+        offset = tensors["weight_offset"].float().unsqueeze(-1)
+        return (grouped * scale.unsqueeze(-1) + offset).reshape(n, k).to(dtype)
+    if scheme.zero_points:
         zero_point = unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n)
         grouped = grouped - zero_point.float().unsqueeze(-1)
     return (grouped * scale.unsqueeze(-1)).reshape(n, k).to(dtype)
@@ -187,13 +204,17 @@ def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
 
 def kernel_scales(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
     """An asymmetric weight's scales and offsets as the kernels read them: float32 [N, 2, G],
-    a row's G scales, then its G offsets -zp * scale, so that w = q * scale + offset (exact in
+    a row's G scales, then its G offsets (-zp * scale, or as held), so that w = q * scale +
+    offset (for zero points exact in
     float32 for bf16 and float16 scales: q * scale, zp * scale and their difference all are
     float32 values)."""
     n = int(tensors["weight_shape"][0])
     scale = _broadcast_scale(tensors["weight_scale"], n).expand(n, -1)
-    zero_point = unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n).float()
-    return torch.stack([scale, -zero_point * scale], dim=1).contiguous()
+    if scheme.offsets:
+        offset = tensors["weight_offset"].float()
+    else:
+        offset = -unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n).float() * scale
+    return torch.stack([scale, offset], dim=1).contiguous()
 
 
 ACTIVATION_BLOCK = 32  # inputs per scale when activations are quantized to int8

@@ -18,7 +18,8 @@ from bamba.quant.formats import (FP8, QuantScheme, dequantize, kernel_scales, pa
 class QuantizedWeights(nn.Module):
     """A weight [rows, cols] held in ``scheme``'s tensors (``weight`` + ``weight_scale`` for
     fp8, ``weight_packed`` + ``weight_shape`` + ``weight_scale`` for ints, + ``weight_zero_point``
-    for asymmetric ones); zeros until loaded, one scale [1] when ``per_tensor``."""
+    for asymmetric ones, ``weight_offset`` float32 for offsets); zeros until loaded, one scale
+    [1] when ``per_tensor``."""
 
     def __init__(self, rows: int, cols: int, scheme: QuantScheme,
                  scale_dtype: torch.dtype = torch.bfloat16, per_tensor: bool = False) -> None:
@@ -35,10 +36,13 @@ class QuantizedWeights(nn.Module):
         self.register_buffer("weight_scale",
                              torch.ones((1,) if per_tensor else scale_shape(scheme, rows, cols),
                                         dtype=scale_dtype))
-        if not scheme.symmetric:
+        if scheme.zero_points:
             self.register_buffer("weight_zero_point",
                                  torch.zeros(zero_point_shape(scheme, rows, cols),
                                              dtype=torch.int32))
+        if scheme.offsets:
+            self.register_buffer("weight_offset",
+                                 torch.zeros(scale_shape(scheme, rows, cols), dtype=torch.float32))
         self._kernel_scales: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @staticmethod
@@ -68,7 +72,8 @@ class QuantizedWeights(nn.Module):
         return LinearWeights(self.scheme.name, data, None, self._offset_table())
 
     def _offset_table(self) -> torch.Tensor:
-        held = (self.weight_scale, self.weight_zero_point)
+        held = (self.weight_scale,
+                self.weight_offset if self.scheme.offsets else self.weight_zero_point)
         key = tuple(v for t in held for v in (t.data_ptr(), t._version, t.device.index or 0))
         if self._kernel_scales is None or self._kernel_scales[0] != key:
             table = kernel_scales(self.quantized_tensors(), self.scheme)
@@ -92,5 +97,6 @@ class QuantizedWeights(nn.Module):
 
     def _scheme_repr(self) -> str:
         group = "channel" if self.scheme.group_size is None else f"group {self.scheme.group_size}"
-        zero_points = "" if self.scheme.symmetric else ", zero points"
+        zero_points = ", offsets" if self.scheme.offsets else \
+            ", zero points" if self.scheme.zero_points else ""
         return f"scheme={self.scheme.name} ({group}{zero_points})"
