@@ -305,6 +305,20 @@ def test_bad_quantized_checkpoints_are_one_line_naming_the_tensor(quantized, tmp
     _one_line(capsys, "generate", fragment)
 
 
+@pytest.mark.parametrize("change, fragment", [
+    (lambda t: t[1:].clone(), f"tensor {IN_PROJ}.weight_zero_point has shape"),
+    (lambda t: t.float(), f"tensor {IN_PROJ}.weight_zero_point has dtype F32, expected I32")])
+def test_bad_zero_points_are_one_line_naming_the_tensor(quantized, tmp_path, capsys, change,
+                                                        fragment):
+    bad = _rewrite(quantized["int4-asym"], tmp_path / "bad",
+                   tensors=_set(f"{IN_PROJ}.weight_zero_point", change))
+    with pytest.raises(ValueError) as info:
+        from_pretrained(bad)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert main(["generate", "--model", str(bad), "--prompt", "x", "--threads", "1"]) == 2
+    _one_line(capsys, "generate", fragment)
+
+
 def test_truncated_quantized_file_is_one_line(quantized, tmp_path, capsys):
     bad = _rewrite(quantized["fp8"], tmp_path / "bad")
     data = (bad / "model.safetensors").read_bytes()
