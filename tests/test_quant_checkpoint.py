@@ -162,7 +162,7 @@ def _greedy_by_forward(model, prompt: list[int], steps: int) -> list[int]:
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("name", ["fp8", "int4"])
+@pytest.mark.parametrize("name", ["fp8", "int4", "int4-asym"])
 def test_generate_engine_and_cli_run_a_quantized_checkpoint(quantized, name, capsys):
     directory = quantized[name]
     model = from_pretrained(directory)
