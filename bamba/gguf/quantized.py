@@ -53,8 +53,8 @@ def _half(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
 
 
-def _nibbles(raw: np.ndarray, half: int) -> np.ndarray:
-    """Bytes [..., half] as 2 * half 4-bit values: the low nibbles first, then the high ones."""
+def _nibbles(raw: np.ndarray) -> np.ndarray:
+    """Bytes [..., n] as 2n 4-bit values: the low nibbles first, then the high ones."""
     return np.concatenate((raw & 0x0F, raw >> 4), axis=-1)
 
 
@@ -84,7 +84,7 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
     offset = None
     if type_name in ("Q4_1", "Q5_1"):  # d, m, [qh 4 bytes], 16 bytes of nibbles
         d, m = _half(b[..., 0:2]), _half(b[..., 2:4])
-        u = _nibbles(b[..., -16:], 16).astype(np.int16)
+        u = _nibbles(b[..., -16:]).astype(np.int16)
         centre = 8
         if type_name == "Q5_1":
             u |= _bits(b[..., 4:8], 32).astype(np.int16) << 4
@@ -93,7 +93,8 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         q = u - centre
     elif type_name == "Q5_0":  # d, qh 4 bytes, 16 bytes of nibbles
         d = _half(b[..., 0:2])
-        u = _nibbles(b[..., 6:22], 16).astype(np.int16) | (_bits(b[..., 2:6], 32).astype(np.int16) << 4)
+        u = _nibbles(b[..., 6:22]).astype(np.int16) | \
+            (_bits(b[..., 2:6], 32).astype(np.int16) << 4)
         q, scale = u - 16, d
     elif type_name in ("Q4_K", "Q5_K"):  # d, dmin, 12 scale bytes, [qh 32 bytes], qs 128 bytes
         d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])

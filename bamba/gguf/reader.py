@@ -3,8 +3,9 @@ and its tokenizer from the ``tokenizer.ggml.*`` keys.
 
 Tensors stored as F32, F16, BF16, llama.cpp's legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or
 its K-quants (Q2_K to Q6_K: a Q4_0 file's output tensor is Q6_K, a Q4_K_M file's are Q4_K and
-Q6_K) are dequantized (``gguf.quants``) into the dtype asked for (Q8_0 / Q4_0 linears and
-token tables stay quantized, ``load_gguf_model``). Every key and tensor header is checked
+Q6_K) load: linears and token tables in all of these but Q2_K and Q3_K stay in their blocks
+(``bamba.gguf.quantized``, ``load_gguf_model``), everything else is dequantized
+(``gguf.quants``) into the dtype asked for. Every key and tensor header is checked
 against the configuration the metadata describes before any weight loads, so a file of another
 architecture, a truncated file, or a tensor set or shape the metadata does not predict fails
 with one line naming it.
@@ -338,11 +339,12 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A ``BambaLM`` from a GGUF file, in eval mode. Linear weights stored as Q8_0 / Q4_0 load
-    exactly as our int8 / int4 group-32 ``QuantizedLinear`` (when the file uses one of the two),
-    and then a Q8_0 / Q4_0 token table as a ``QuantizedEmbedding``;
-    every other tensor is dequantized into ``dtype`` (A_log, D and dt_bias stay float32, as
-    ``from_pretrained`` keeps them)."""
+    """A ``BambaLM`` from a GGUF file, in eval mode. Linear weights and the token table stored
+    in a block type of ``bamba.gguf.quantized.KINDS`` (Q8_0, Q4_0, Q5_0, Q6_K, and Q4_1, Q5_1,
+    Q4_K, Q5_K with offsets) load in that type's int8 / int4 format as a ``QuantizedLinear`` /
+    ``QuantizedEmbedding``, each tensor in its own; a Granite MoE's Q8_0 / Q4_0 experts as
+    ``QuantizedExpertWeights``; every other tensor is dequantized into ``dtype`` (A_log, D and
+    dt_bias stay float32, as ``from_pretrained`` keeps them)."""
     from bamba.arena import WeightArena
     from bamba.budget import check_model_fits
     from bamba.checkpoint import _assign

@@ -494,11 +494,12 @@ static void group_sums(const void *x, int x_bf16, int64_t M, int64_t k, int64_t 
                                          s);
             } else
 #endif
-                for (int h = 0; h < 2; h++) /* bf16's values (bf16 x as it is) */
-                    v[h] = x_bf16 ? vload(x, 1, m * k + b + 16 * h)
-                                  : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                        (__m256i)_mm512_cvtneps_pbh(vload(x, 0, m * k + b + 16 * h))),
-                                        16));
+                for (int h = 0; h < 2; h++) { /* bf16's values (bf16 x as it is) */
+                    const __m512 f = vload(x, x_bf16, m * k + b + 16 * h);
+                    v[h] = x_bf16 ? f : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                            _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(f)),
+                                            16));
+                }
             if (group % 32 == 0) {
                 row[b / group * step] += _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
                 continue;

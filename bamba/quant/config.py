@@ -126,7 +126,8 @@ def quantization_config_for_modules(schemes: dict[QuantScheme, list[str]],
     return {
         "config_groups": {
             f"group_{i}": {"targets": list(targets),
-                           "weights": {**weights_dict(s), **({"offsets": True} if s.offsets else {})},
+                           "weights": {**weights_dict(s),
+                                       **({"offsets": True} if s.offsets else {})},
                            "input_activations": None, "output_activations": None,
                            "format": _format_of(s) if mixed else None}
             for i, (s, targets) in enumerate(groups)},
