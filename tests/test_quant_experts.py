@@ -279,6 +279,28 @@ def test_experts_flag_on_a_model_without_experts_is_one_line(make_hf_checkpoint,
     assert not (tmp_path / "out").exists()
 
 
+def test_zero_points_on_experts_are_one_line_and_a_symmetric_experts_scheme_works(
+        quantized_granite, tmp_path, capsys):
+    """`--asymmetric` quantizes the experts too unless `--experts` gives them a scheme of their
+    own: zero points on experts are refused in one line, nothing written; with symmetric int4
+    experts beside zero-point linears the checkpoint loads and runs."""
+    source = quantized_granite["source"]
+    assert bamba_main(["quantize", str(source), str(tmp_path / "bad"), "--scheme", "int4",
+                       "--asymmetric", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "experts with zero points" in err, err
+    assert not (tmp_path / "bad").exists()
+    good = tmp_path / "good"
+    assert bamba_main(["quantize", str(source), str(good), "--scheme", "int4", "--asymmetric",
+                       "--experts", "int4", "--no-progress"]) == 0
+    model = from_pretrained(good)
+    assert all(stack.scheme.symmetric for e in experts_of(model)
+               for stack in (e.input_linear, e.output_linear))
+    assert not model.model.layers[0].mamba.in_proj.scheme.symmetric
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 17, 42, 7]]))).all()
+
+
 def test_export_gguf_writes_the_experts_dequantized_a_weight_at_a_time(quantized_granite,
                                                                         tmp_path):
     """f32 holds each dequantized weight exactly: the file gives the quantized model's logits."""
