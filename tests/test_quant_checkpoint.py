@@ -381,12 +381,24 @@ def test_the_budget_counts_quantized_bytes(dense):
         check_model_fits(config, 2, available=int4 + 1)
 
 
+@pytest.mark.parametrize("actorder", ["static", "weight"])
+def test_gptq_weight_activation_ordering_loads_as_the_plain_format(quantized, tmp_path,
+                                                                    actorder):
+    """llm-compressor's GPTQ writes actorder "static" (alias "weight") by default: only its
+    calibration order changed, the stored format is the plain group one (no g_idx)."""
+    changed = _rewrite(quantized["int4"], tmp_path / actorder, quantization=lambda q: q[
+        "config_groups"]["group_0"]["weights"].__setitem__("actorder", actorder))
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(changed)(ids), from_pretrained(quantized["int4"])(ids))
+
+
 @pytest.mark.parametrize("change, fragment", [
     (lambda q: q.__setitem__("quant_method", "gptq"), "quant_method 'gptq' is not supported"),
     (lambda q: q.__setitem__("quantization_status", "frozen"), "quantization_status 'frozen'"),
     (lambda q: q.__setitem__("kv_cache_scheme", {"num_bits": 8}), "kv_cache_scheme"),
     (lambda q: q["config_groups"]["group_0"]["weights"].__setitem__("actorder", "group"),
-     "activation ordering"),
+     "activation ordering 'group' (g_idx) is not supported"),
     (lambda q: q["config_groups"]["group_0"]["weights"].__setitem__("strategy", "block"),
      "strategy 'block' is not supported"),
     (lambda q: q["config_groups"]["group_0"].__setitem__("weights", None), "activation-only"),

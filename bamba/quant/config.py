@@ -204,8 +204,11 @@ def _parse_group(name: str, group: Any, fmt: str) -> QuantGroup:
                          f"or false for int weights)")
     if weights.get("dynamic") not in (False, None):
         raise ValueError(f"{where}.weights: dynamic weight quantization is not supported")
-    if weights.get("actorder") not in (None, False):
-        raise ValueError(f"{where}.weights: activation ordering (g_idx) is not supported")
+    # GPTQ's "weight" ordering ("static", llm-compressor's default) only changes how it
+    # calibrated: the stored format is a plain group one. "group" ("dynamic") stores g_idx.
+    if weights.get("actorder") not in (None, False, "weight", "static"):
+        raise ValueError(f"{where}.weights: activation ordering {weights.get('actorder')!r} "
+                         f"(g_idx) is not supported (none, \"weight\" or \"static\")")
     strategy = weights.get("strategy")
     group_size = weights.get("group_size")
     if strategy == "group":
