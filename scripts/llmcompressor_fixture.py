@@ -3,7 +3,8 @@ scripts/make_llmcompressor_fixture.sh, which says which interpreter runs which s
 
 ``quantize OUT`` (in llm-compressor's own virtual environment): a tiny random transformers
 ``BambaForCausalLM`` in bf16, quantized data-free (round to nearest, no calibration data) by
-llm-compressor's ``oneshot`` with each scheme of ``SCHEMES``, saved compressed to ``OUT/<name>``;
+llm-compressor's ``oneshot`` with each scheme of ``SCHEMES`` (by GPTQ on seeded random ids for
+those of ``GPTQ``), saved compressed to ``OUT/<name>``;
 and a tiny random ``GraniteMoeHybridForCausalLM`` (IBM Granite 4.0 MoE hybrid) with each of
 ``GRANITE_SCHEMES`` (llm-compressor splits its stacked experts into per-expert linears and
 writes them so, its routers kept).
@@ -37,7 +38,11 @@ import torch
 
 SEED = 0
 SCHEMES = {"fp8_dynamic": "FP8_DYNAMIC", "w4a16": "W4A16", "w8a16": "W8A16",
-           "w4a16_asym": "W4A16_ASYM"}
+           "w4a16_asym": "W4A16_ASYM", "w4a16_gptq": "W4A16"}
+# Fixtures made by GPTQ (``GPTQModifier``, its default actorder "static") on seeded random
+# calibration ids, not data-free round to nearest.
+GPTQ = {"w4a16_gptq"}
+CALIBRATION = (16, 32)  # sequences, tokens each
 # hidden 128 and the MLP/Mamba widths are multiples of 128: W4A16/W8A16 quantize in groups of 128.
 CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=128, num_hidden_layers=4,
               attn_layer_indices=[2], num_attention_heads=4, num_key_value_heads=2,
@@ -93,7 +98,7 @@ def quantize(out: Path, only: list[str]) -> None:
     """Quantize the random models with each scheme (or those named in ``only``); keep only the
     files the tests read."""
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from transformers import AutoModelForCausalLM
 
     for granite, schemes in ((False, SCHEMES), (True, GRANITE_SCHEMES)):
@@ -105,8 +110,13 @@ def quantize(out: Path, only: list[str]) -> None:
         for name, scheme in schemes.items():
             model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
             ignore = ["lm_head", "re:.*block_sparse_moe\\.router$"] if granite else ["lm_head"]
-            recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore)
-            oneshot(model=model, recipe=recipe, tie_word_embeddings=False)
+            if name in GPTQ:
+                oneshot(model=model, recipe=GPTQModifier(targets="Linear", scheme=scheme,
+                                                         ignore=ignore),
+                        tie_word_embeddings=False, **calibration())
+            else:
+                recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=ignore)
+                oneshot(model=model, recipe=recipe, tie_word_embeddings=False)
             saved = out / f"_{name}"
             model.save_pretrained(saved, save_compressed=True)
             target = out / name
@@ -117,6 +127,25 @@ def quantize(out: Path, only: list[str]) -> None:
         shutil.rmtree(base)
     (out / "versions.json").write_text(json.dumps(
         {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")}))
+
+
+def calibration() -> dict:
+    """``oneshot``'s calibration arguments: seeded random token ids (CALIBRATION) and a word-level
+    tokenizer of the vocabulary, which ``oneshot`` asks for beside a dataset."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    count, length = CALIBRATION
+    gen = torch.Generator().manual_seed(SEED + 2)
+    rows = [{"input_ids": torch.randint(3, CONFIG["vocab_size"], (length,), generator=gen).tolist(),
+             "attention_mask": [1] * length} for _ in range(count)]
+    vocab = {f"t{i}": i for i in range(CONFIG["vocab_size"])}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0",
+        pad_token="t0")
+    return dict(dataset=Dataset.from_list(rows), processor=tokenizer,
+                num_calibration_samples=count, max_seq_length=length)
 
 
 def load(directory: Path, quantize_activations: bool):
@@ -249,9 +278,12 @@ def record(out: Path) -> None:
             continue
         as_written = load(directory, quantize_activations=True)(ids, use_cache=False).logits
         gap = (as_written - tensors["logits"]).abs().max().item()
-        lines.append(f"- `{name}/`: llm-compressor `oneshot` with `QuantizationModifier("
+        modifier = "GPTQModifier" if name in GPTQ else "QuantizationModifier"
+        lines.append(f"- `{name}/`: llm-compressor `oneshot` with `{modifier}("
                      f"targets=\"Linear\", scheme=\"{scheme}\", ignore=[\"lm_head\"])`, "
-                     "data-free, on a seeded random bf16 BambaForCausalLM "
+                     + ("on 16 seeded random sequences of 32 token ids (its actorder: "
+                        "\"static\", the default)" if name in GPTQ else "data-free")
+                     + ", on a seeded random bf16 BambaForCausalLM "
                      "(scripts/llmcompressor_fixture.py CONFIG). Quantizing the activations as "
                      f"the scheme says moves the logits by at most {gap:.3g} (their std: "
                      f"{tensors['logits'].std().item():.3g})." + (

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Remake tests/fixtures/llmcompressor/: a tiny random Bamba quantized by llm-compressor
-# (FP8_DYNAMIC, W4A16, W8A16, W4A16_ASYM), a tiny random Granite 4.0 MoE hybrid (W4A16,
-# FP8_DYNAMIC), and the logits transformers gives for each.
+# (FP8_DYNAMIC, W4A16, W8A16, W4A16_ASYM, and W4A16 by GPTQ), a tiny random Granite 4.0 MoE
+# hybrid (W4A16, FP8_DYNAMIC), and the logits transformers gives for each.
 # llm-compressor pins transformers and compressed-tensors versions of its own, so it gets a
 # virtual environment of its own (torch 2.13.0 CPU installed first, then held by a constraint);
 # the logits are recorded with the project's interpreter (transformers + compressed-tensors).
