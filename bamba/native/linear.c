@@ -93,7 +93,7 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
                                               (size_t)(most * G * 16) * sizeof(float));
     if (work == NULL) return -2;
     char *packed = work + threads * per_thread;
-    float *sums = G ? (float *)(packed + packed_bytes) : NULL; /* group_sums, blocked */
+    float *sums = G ? (float *)(packed + packed_bytes) : NULL; /* packed_group_sums */
     for (int64_t m0 = 0; m0 < M; m0 += GEMM_MAX_ROWS) { /* bounded memory for long inputs */
         const int64_t rows = M - m0 < GEMM_MAX_ROWS ? M - m0 : GEMM_MAX_ROWS;
         const char *xs = (const char *)x + m0 * K * (x_bf16 ? 2 : 4);

@@ -237,11 +237,9 @@ __attribute__((noinline)) static void gemm_bf16_tiles(const uint16_t *wp, const 
 }
 
 /* out[i][j][l] = row 16 i + l of the R packed blocks at xb . weight row j of the panel `wp`,
- * `scales` [4][groups] the rows' float32 scales; R and PER_ROW (one scale a row) compile-time
- * after inlining. */
-/* An integer tile: R blocks of 16 rows of packed activations xb against 4 packed weight rows
- * wp, their `scales` (and an asymmetric weight's `offsets`, NULL otherwise, the rows' group
- * sums `sums` [R][G][16] beside them: each group adds offset x sum) a group each, into out. */
+ * `scales` [4][groups] the rows' float32 scales; an asymmetric weight's `offsets` [4][groups]
+ * (NULL otherwise) add offset x the rows' group sums `sums` [R][groups][16] at each group's
+ * end. R and PER_ROW (one scale a row) compile-time after inlining. */
 static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, const char *xb,
                                                             int64_t k, int64_t group,
                                                             const float *scales,

@@ -11,7 +11,7 @@
  * offset per group, w = q * scale + offset (a zero point's -zp * scale, or a GGUF block's
  * minimum): the kernels compute q * scale as for any int weights, and each output adds
  * sum_g offset_g * (the sum of the row's inputs in group g), the inputs as the kernel sees them
- * (`group_sums`, once per call), float32.
+ * (`group_sums`, `prepared_group_sums`, once per call), float32.
  *
  * Each thread walks its weight rows in chunks of CHUNK(format) inputs, turns a chunk into bf16
  * vectors with a few integer instructions (int4: a `vpermw` table lookup per nibble; fp8 and
@@ -467,16 +467,12 @@ static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
 
 #include "quant_int8_dot.h"
 
-/* How group_sums sees the inputs: rounded to bf16 (the bf16-activation kernels), or quantized
- * to int8 per 32 inputs as quant_int8_dot.h's kernels and quant_gemm.h's products see them. */
-enum { SUMS_AS_BF16, SUMS_AS_INT8 };
-
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
-/* Rows [16 block, 16 block + 16) of x [M, k] (bf16 when x_bf16, else float32), seen `as`
- * says: each row's sums over G groups of k / G inputs, float32, into sums [G][16] (a row per
- * lane, lanes past M zero). */
+/* Rows [16 block, 16 block + 16) of x [M, k] (bf16 when x_bf16, else float32) as the
+ * bf16-activation kernels see them (rounded to bf16): each row's sums over G groups of k / G
+ * inputs, float32, into sums [G][16] (a row per lane, lanes past M zero). */
 static void group_sums(const void *x, int x_bf16, int64_t M, int64_t k, int64_t G,
-                       int64_t block, int as, float *sums) {
+                       int64_t block, float *sums) {
     const int64_t group = k / G, m_end = 16 * block + 16 < M ? 16 * block + 16 : M;
     memset(sums, 0, (size_t)(G * 16) * sizeof(float));
     for (int64_t m = 16 * block; m < m_end; m++) {
@@ -484,22 +480,12 @@ static void group_sums(const void *x, int x_bf16, int64_t M, int64_t k, int64_t 
         const int64_t step = 16; /* between a row's groups */
         for (int64_t b = 0; b < k; b += 32) { /* k is a multiple of 128 */
             __m512 v[2];
-#ifdef HAVE_INT8_DOT
-            if (as == SUMS_AS_INT8) {
-                int8_t q[32];
-                const __m512 s = _mm512_set1_ps(quantize_block(x, m * k + b, x_bf16, q));
-                for (int h = 0; h < 2; h++)
-                    v[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                             _mm_loadu_si128((const __m128i *)(q + 16 * h)))),
-                                         s);
-            } else
-#endif
-                for (int h = 0; h < 2; h++) { /* bf16's values (bf16 x as it is) */
-                    const __m512 f = vload(x, x_bf16, m * k + b + 16 * h);
-                    v[h] = x_bf16 ? f : _mm512_castsi512_ps(_mm512_slli_epi32(
-                                            _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(f)),
-                                            16));
-                }
+            for (int h = 0; h < 2; h++) { /* bf16's values (bf16 x as it is) */
+                const __m512 f = vload(x, x_bf16, m * k + b + 16 * h);
+                v[h] = x_bf16 ? f : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(f)),
+                                        16));
+            }
             if (group % 32 == 0) {
                 row[b / group * step] += _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
                 continue;
@@ -511,6 +497,31 @@ static void group_sums(const void *x, int x_bf16, int64_t M, int64_t k, int64_t 
         }
     }
 }
+
+#ifdef HAVE_INT8_DOT
+/* group_sums of M rows prepared for the int8 dot products (prepare_int8_rows), as those
+ * kernels see them, from each lane's scale and offset term (its inputs' sum times -8 or -128):
+ * no second quantization of x. Every lane's inputs lie in one group. */
+static void prepared_group_sums(int format, const char *xq, int64_t M, int64_t k, int64_t G,
+                                float *sums) {
+    const int64_t per_group = k / G / (quant_chunk(format) / 16); /* lanes a group */
+    const float back = -1.0f / (format == FORMAT_INT4 ? 8.0f : 128.0f);
+    memset(sums, 0, (size_t)((M + 15) / 16 * G * 16) * sizeof(float));
+    for (int64_t m = 0; m < M; m++) {
+        const char *lanes = xq + m * int8_row_bytes(format, k) + k; /* 16 a chunk */
+        float *row = sums + m / 16 * G * 16 + m % 16;
+        for (int64_t g = 0, i = 0; g < G; g++) {
+            float total = 0.0f;
+            for (const int64_t end = i + per_group; i < end; i++) {
+                const char *chunk = lanes + i / 16 * 128;
+                total += ((const float *)chunk)[i % 16] *
+                         ((float)((const int32_t *)(chunk + 64))[i % 16] * back);
+            }
+            row[g * 16] = total;
+        }
+    }
+}
+#endif
 
 /* What the offsets add to output n of one row whose G group sums lie in `row` (batch-1
  * decode: no lanes of other rows to compute): sum_g offset[n][g] * row[g], 16 groups a
@@ -620,18 +631,18 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     float *sums = G ? thread_buffer(SUMS_BUFFER, (size_t)((blocks * 16 + 1) * G) * sizeof(float))
                     : NULL;
     if (G && sums == NULL) xp = NULL; /* no memory: NaN outputs below */
-    for (int64_t b = 0; sums != NULL && b < blocks; b++)
-        group_sums(x, x_bf16, M, L->k, G, b, int8_dot ? SUMS_AS_INT8 : SUMS_AS_BF16,
-                   sums + b * G * 16);
-    float *row = sums == NULL ? NULL : sums + blocks * G * 16; /* one row's sums, in a run */
-    for (int64_t g = 0; row != NULL && M == 1 && g < G; g++) row[g] = sums[g * 16];
-    float terms[16] = {0}; /* the offsets' terms of the 16 rows from m0 / 16 * 16 */
     if (xp != NULL) {
 #ifdef HAVE_INT8_DOT
         if (int8_dot) prepare_int8_rows(L->format, x, x_bf16, M, L->k, (char *)xp);
+        if (int8_dot && sums) prepared_group_sums(L->format, (const char *)xp, M, L->k, G, sums);
 #endif
         if (!int8_dot) prepare_rows(L->format, x, x_bf16, M, L->k, xp);
+        for (int64_t b = 0; !int8_dot && sums != NULL && b < blocks; b++)
+            group_sums(x, x_bf16, M, L->k, G, b, sums + b * G * 16);
     }
+    float *row = sums == NULL || xp == NULL ? NULL : sums + blocks * G * 16; /* one row, in a run */
+    for (int64_t g = 0; row != NULL && M == 1 && g < G; g++) row[g] = sums[g * 16];
+    float terms[16] = {0}; /* the offsets' terms of the 16 rows from m0 / 16 * 16 */
     int64_t n = n_begin;
 #ifdef HAVE_INT8_DOT
     const int64_t J = INT8_TILE_WEIGHT_ROWS;
