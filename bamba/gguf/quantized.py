@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bamba.checkpoint_writer import to_checkpoint_name
-from bamba.quant.config import EXPERT_LINEARS, quantization_config_for_modules
+from bamba.quant.config import EXPERT_LINEARS, quantization_config_of
 from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import QuantizedExpertWeights
 from bamba.quant.formats import make_scheme, pack_ints
@@ -202,7 +202,8 @@ def place_quantized(model: nn.Module, quantized: dict[str, str],
         by_scheme.setdefault(kind_scheme(experts), []).append(EXPERT_LINEARS)
     kept = [to_checkpoint_name(n, model_type) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and not isinstance(m, QuantizedLinear)]
-    model.quantization_config = quantization_config_for_modules(by_scheme, kept)
+    model.quantization_config = quantization_config_of(
+        ((targets, scheme) for scheme, targets in by_scheme.items()), kept)
 
 
 def place_quantized_experts(model: nn.Module, stored: dict[str, str]) -> None:

@@ -87,8 +87,7 @@ def quantization_config_dict(scheme: QuantScheme, ignore: Iterable[str],
     the model's dtype, ``input_activations: null``), every Linear but ``ignore`` in
     ``scheme``; with ``lm_head``, ``embedding`` or ``experts``, a group of its own for the LM
     head (by name), the token embeddings (class ``Embedding``) or a Granite MoE's experts (by
-    regex over their per-expert linears). Groups of different formats make a
-    "mixed-precision" config, each group naming its format."""
+    regex over their per-expert linears)."""
     groups = [(["Linear"], scheme)]
     if lm_head is not None:
         groups.append(([LM_HEAD], lm_head))
@@ -96,41 +95,27 @@ def quantization_config_dict(scheme: QuantScheme, ignore: Iterable[str],
         groups.append((["Embedding"], embedding))
     if experts is not None:
         groups.append(([EXPERT_LINEARS], experts))
+    return quantization_config_of(groups, ignore)
+
+
+def quantization_config_of(groups: Iterable[tuple[Iterable[str], QuantScheme]],
+                           ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """A weight-only ``quantization_config`` of config groups, each (targets, scheme): targets
+    are class names, exact checkpoint names or ``re:`` regexes. Groups of different formats
+    make a "mixed-precision" config, each group naming its format. A scheme with float offsets
+    (a GGUF file's blocks) is recorded with ``"offsets": true`` in its weights, which
+    compressed-tensors has no layout for (such a model is not saved as a checkpoint)."""
+    groups = [(list(targets), s) for targets, s in groups]
     formats = {_format_of(s) for _, s in groups}
     mixed = len(formats) > 1
     return {
         "config_groups": {
-            f"group_{i}": {"targets": targets, "weights": weights_dict(s),
-                           "input_activations": None, "output_activations": None,
-                           "format": _format_of(s) if mixed else None}
-            for i, (targets, s) in enumerate(groups)},
-        "quant_method": QUANT_METHOD,
-        "kv_cache_scheme": None,
-        "format": MIXED_FORMAT if mixed else formats.pop(),
-        "quantization_status": STATUS_COMPRESSED,
-        "global_compression_ratio": None,
-        "ignore": list(ignore),
-    }
-
-
-def quantization_config_for_modules(schemes: dict[QuantScheme, list[str]],
-                                    ignore: Iterable[str] = ()) -> dict[str, Any]:
-    """A weight-only ``quantization_config`` giving each scheme the modules it lists (exact
-    checkpoint names, or a class such as "Embedding"): a model whose layers each keep the
-    format they were stored in (a GGUF file's blocks). A scheme with float offsets is
-    recorded with ``"offsets": true`` in its weights, which compressed-tensors has no layout
-    for (such a model is not saved as a checkpoint)."""
-    groups = list(schemes.items())
-    formats = {_format_of(s) for s, _ in groups}
-    mixed = len(formats) > 1
-    return {
-        "config_groups": {
-            f"group_{i}": {"targets": list(targets),
+            f"group_{i}": {"targets": targets,
                            "weights": {**weights_dict(s),
                                        **({"offsets": True} if s.offsets else {})},
                            "input_activations": None, "output_activations": None,
                            "format": _format_of(s) if mixed else None}
-            for i, (s, targets) in enumerate(groups)},
+            for i, (targets, s) in enumerate(groups)},
         "quant_method": QUANT_METHOD,
         "kv_cache_scheme": None,
         "format": MIXED_FORMAT if mixed else formats.pop() if formats else PACKED_FORMAT,
