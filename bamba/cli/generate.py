@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
         inductor_options(args.compile)
     rope_scaling = rope_scaling_option(args.rope_scaling)
-    model, tokenizer, embedded = load_model(args.model, args.tokenizer, dtype, rope_scaling)
+    model, tokenizer = load_model(args.model, args.tokenizer, dtype, rope_scaling)
     prompt = tokenizer.encode(text)
     if not prompt:
         raise ValueError("the prompt encodes to no tokens")
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             if stops.stopped is not None:
                 stream.finish("stop")
     _write(stops.feed(detok.flush()) + stops.rest() + "\n")
-    print(_report(stream.result, dtype_name(dtype), torch.get_num_threads(), embedded),
+    print(_report(stream.result, dtype_name(dtype), torch.get_num_threads()),
           file=sys.stderr)
     return 0
 
@@ -151,12 +151,7 @@ def _compiled_step(model: Any, mode: str, cache_len: int) -> Any:
     return step
 
 
-def _report(result: Any, dtype: str, threads: int, embedded: bool) -> str:
-    line = (f"prefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tok/s"
+def _report(result: Any, dtype: str, threads: int) -> str:
+    return (f"prefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tok/s"
             f" | decode: {result.decode_steps} tokens, {result.decode_tokens_per_second:.1f} tok/s"
             f" | {dtype}, {threads} threads, finish: {result.finish_reason}")
-    from bamba.default_model import NOTICE, trained_default
-
-    if embedded and trained_default() is None:
-        line += f"\nnote: {NOTICE}"
-    return line

@@ -116,8 +116,9 @@ def checkpoint_tokenizer(model_ref: str, tokenizer_ref: str | None) -> Any:
 
 
 def load_model(model_ref: str | None, tokenizer_ref: str | None, dtype: Any,
-               rope_scaling: dict[str, Any] | None = None) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, is_embedded_default); no ``model_ref`` means the embedded default;
+               rope_scaling: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer); no ``model_ref`` means the embedded default (which warns, once, if it
+    is the untrained one);
     ``rope_scaling`` replaces the model's RoPE scaling."""
     if model_ref is None:
         from bamba.config import with_rope_scaling
@@ -129,8 +130,8 @@ def load_model(model_ref: str | None, tokenizer_ref: str | None, dtype: Any,
             from bamba.checkpoint import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer_ref)
-        return model, tokenizer, True
+        return model, tokenizer
     from bamba.checkpoint import from_pretrained
 
     tokenizer = checkpoint_tokenizer(model_ref, tokenizer_ref)
-    return from_pretrained(model_ref, dtype=dtype, rope_scaling=rope_scaling), tokenizer, False
+    return from_pretrained(model_ref, dtype=dtype, rope_scaling=rope_scaling), tokenizer
