@@ -6,10 +6,12 @@ of the same weights (say int4 with a Granite MoE's experts quantized or kept in 
 memory spells.
 
     python benchmarks/ab_checkpoints.py DIR_A DIR_B [--turns 5] [--batches 1 8 32]
-                                       [--output out.json]
+                                       [--dense-experts] [--output out.json]
 
-Prints and (with --output) writes each checkpoint's median tok/s over the turns, its size on
-disk, and the host.
+A checkpoint is a directory or a GGUF file. ``--dense-experts`` adds each one again with its
+quantized experts dequantized to a bf16 stack (what a GGUF file's K-quant experts loaded as
+before they stayed in their blocks). Prints and (with --output) writes each one's median tok/s
+over the turns, its size on disk, the bytes its model holds, and the host.
 """
 
 from __future__ import annotations
@@ -37,35 +39,58 @@ def main(argv: list[str] | None = None) -> None:
                         help="decode batch sizes")
     parser.add_argument("--prompt", type=int, default=512, help="prefill tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dense-experts", action="store_true",
+                        help="also time each checkpoint with its quantized experts dequantized "
+                             "to bf16 (a Granite MoE's experts as a dense stack)")
     parser.add_argument("--output", type=Path, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     if args.turns < 1 or min(args.batches) < 1:
         parser.error("--turns and every --batches must be at least 1")
     from bamba.checkpoint import from_pretrained
     from bamba.native import accelerate
+    from bamba.quant.apply import dequantize_model
+    from bamba.quant.experts import QuantizedExpertWeights
 
     torch.set_num_threads(args.threads)
-    models = {p: accelerate(from_pretrained(p, dtype=torch.bfloat16)) for p in args.checkpoints}
-    times: dict[Path, dict[int | str, list[float]]] = {
-        p: {**{b: [] for b in args.batches}, "prefill": []} for p in models}
+    models = {}
+    for path in args.checkpoints:
+        models[str(path)] = path, accelerate(from_pretrained(path, dtype=torch.bfloat16))
+        if args.dense_experts:
+            dense = dequantize_model(from_pretrained(path, dtype=torch.bfloat16), torch.bfloat16,
+                                     kinds=(QuantizedExpertWeights,))
+            models[f"{path} (experts bf16)"] = path, accelerate(dense)
+    times: dict[str, dict[int | str, list[float]]] = {
+        name: {**{b: [] for b in args.batches}, "prefill": []} for name in models}
     for turn in range(args.turns):
         order = list(models.items())
-        for path, model in order if turn % 2 == 0 else reversed(order):
+        for name, (_, model) in order if turn % 2 == 0 else reversed(order):
             for batch in args.batches:
                 steps = args.steps if batch == 1 else max(args.steps // 2, 1)
-                times[path][batch].append(decode_seconds(model, batch, steps))
-            times[path]["prefill"].append(prefill_seconds(model, args.prompt))
-    results = {str(p): {
-        "disk_mb": round((p.stat().st_size if p.is_file() else  # a GGUF file
-                          sum(f.stat().st_size for f in p.glob("*.safetensors"))) / 1e6, 1),
+                times[name][batch].append(decode_seconds(model, batch, steps))
+            times[name]["prefill"].append(prefill_seconds(model, args.prompt))
+    results = {name: {
+        "disk_mb": round(disk_bytes(models[name][0]) / 1e6, 1),
+        "model_mb": round(held_bytes(models[name][1]) / 1e6, 1),
         **{f"decode_b{b}_tok_s": round(b / statistics.median(t[b]), 1) for b in args.batches},
         f"prefill_{args.prompt}_tok_s": round(args.prompt / statistics.median(t["prefill"]), 1)}
-        for p, t in times.items()}
+        for name, t in times.items()}
     print(json.dumps(results, indent=1))
     if args.output is not None:
         write_json(args.output, {"benchmark": "ab_checkpoints", "host": describe_host(),
                                  "settings": {k: str(v) for k, v in vars(args).items()},
                                  "results": results})
+
+
+def disk_bytes(path: Path) -> int:
+    """A GGUF file's size, or a checkpoint directory's safetensors'."""
+    return path.stat().st_size if path.is_file() else \
+        sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    """The bytes of a model's parameters and buffers (a tied tensor once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 if __name__ == "__main__":

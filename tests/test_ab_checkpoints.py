@@ -31,4 +31,28 @@ def test_checkpoints_take_turns_and_are_written(tmp_path: Path, capsys: pytest.C
     for path in (first, second):
         row = written["results"][str(path)]
         assert row["disk_mb"] > 0 and row["decode_b1_tok_s"] > 0 and row["prefill_8_tok_s"] > 0
+        assert row["model_mb"] > 0
         assert row["decode_b3_tok_s"] > 0 and "decode_b8_tok_s" not in row
+
+
+def test_dense_experts_add_each_checkpoint_with_its_experts_in_bf16(tmp_path: Path) -> None:
+    """--dense-experts: a second entry a checkpoint, its experts a dense bf16 stack holding
+    more bytes than the quantized ones."""
+    from conftest import build_tokenizer, hf_model
+
+    from bamba.cli import main as bamba_main
+
+    hf_model("granite-moe", hidden_size=128, intermediate_size=128, shared_intermediate_size=128,
+             mamba_d_head=64).save_pretrained(tmp_path / "source")
+    build_tokenizer().save_pretrained(tmp_path / "source")
+    int4 = tmp_path / "int4"
+    assert bamba_main(["quantize", str(tmp_path / "source"), str(int4), "--scheme", "int4",
+                       "--group-size", "32", "--no-progress"]) == 0
+    out = tmp_path / "ab.json"
+    ab_checkpoints.main([str(int4), "--turns", "1", "--steps", "1", "--prompt", "8",
+                         "--batches", "1", "--dense-experts", "--output", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert list(rows) == [str(int4), f"{int4} (experts bf16)"]
+    quantized, dense = rows.values()
+    assert quantized["disk_mb"] == dense["disk_mb"]
+    assert dense["model_mb"] > quantized["model_mb"]

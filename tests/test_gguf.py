@@ -362,18 +362,19 @@ def test_legacy_block_types_beside_q8_0_load_in_formats_of_their_own(memorised, 
         back.save_pretrained(tmp_path / "saved")
 
 
-def _random_k_blocks(data, qtype):
+def _random_k_blocks(data, qtype, size=1.0):
     """Blocks of K-quant type ``qtype`` for an array shaped as ``data`` (gguf-py cannot make
-    them): random bytes, with small float16 d (and dmin) fields, so every field is exercised."""
+    them): random bytes, with small float16 d (and dmin) fields, so every field is exercised;
+    ``size`` scales those fields (and so the weights)."""
     import numpy as np
 
-    size, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    per_block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(int(np.abs(data).sum() * 1e3) % 2**32)
-    blocks = rng.integers(0, 256, (*data.shape[:-1], data.shape[-1] // size, nbytes),
+    blocks = rng.integers(0, 256, (*data.shape[:-1], data.shape[-1] // per_block, nbytes),
                           dtype=np.uint8)
     halves = [208] if qtype.name == "Q6_K" else [0, 2]
     for at in halves:
-        values = rng.standard_normal((*blocks.shape[:-1], 1)) * (0.002 if at else 0.004)
+        values = rng.standard_normal((*blocks.shape[:-1], 1)) * (0.002 if at else 0.004) * size
         blocks[..., at:at + 2] = values.astype(np.float16).view(np.uint8)
     return blocks.reshape(*data.shape[:-1], -1)
 
@@ -427,18 +428,88 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
     assert (fast - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("gate_up,down", [("Q4_K", "Q6_K"), ("Q5_K", "Q4_K"), ("Q6_K", "Q5_K")])
+def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monkeypatch,
+                                                                  gate_up, down):
+    """A Granite MoE file's stacked experts in K-quant blocks, a layer's two stacks in
+    different types and layers differing (a Q4_K_M file's ffn_down_exps is Q6_K where its gate
+    and up are Q4_K, in half its layers; here the first layer's down experts are Q6_K), stay
+    in those blocks' formats (offsets included), every expert weight as gguf-py dequantizes
+    it; the native kernels (prefill's products over each picked expert's slice, then the
+    one-call decode step, each layer's experts in their formats) give the torch path's
+    float32 logits within the rounding
+    of their bf16 inputs: measured 1e-4 to 4e-4 of the logits' size, where zeroing the
+    experts' offsets moves them 5-9% and shifting each expert's rows onto its neighbour's
+    9-14%. (The random blocks' fields are scaled to weights of a trained model's size:
+    at full size they make this random model chaotic, rounding flipping expert picks.)"""
+    from gguf import GGMLQuantizationType as Q
+
+    from bamba.gguf import export as gguf_export
+    from bamba.native import accelerate, decode_ops, quant_ops
+    from bamba.quant.experts import QuantizedExpertWeights
+    from test_quant_interop import prefill_then_decode
+
+    types = {"gate_exps": Q[gate_up], "up_exps": Q[gate_up], "down_exps": Q[down],
+             "blk.0.ffn_down_exps": Q.Q6_K}  # the first layer's down experts: Q6_K
+
+    def tensor_type(name, shape, file_type):
+        kinds = [t for part, t in types.items() if f"ffn_{part}" in name or part in name]
+        return kinds[-1] if kinds else real_type(name, shape, file_type)
+
+    real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
+    monkeypatch.setattr(gguf_export, "_tensor_type", tensor_type)
+    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
+        data, qtype, size=0.03) if qtype.name.endswith("_K") else real_quantize(data, qtype))
+    source = tmp_path / "source"
+    hf_model("granite-moe", hidden_size=256, intermediate_size=256,
+             shared_intermediate_size=256, mamba_d_head=128).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "k.gguf",
+                      "f32")
+    assert {gate_up, down} <= _types(out)
+    back = from_pretrained(out, dtype=torch.float32)
+    first, last = (back.model.layers[i].feed_forward.experts for i in (0, -1))
+    for stacked, type_name in ((last.input_linear, gate_up), (last.output_linear, down),
+                               (first.output_linear, "Q6_K")):
+        assert isinstance(stacked, QuantizedExpertWeights), type(stacked)
+        scheme = stacked.scheme
+        assert (scheme.name, scheme.group_size, scheme.offsets) == \
+            (("int8", 16, False) if type_name == "Q6_K" else
+             ("int4" if type_name == "Q4_K" else "int8", 32, True))
+    _assert_dequantized_as_gguf_does(back, out, [t.name for t in gguf.GGUFReader(out).tensors
+                                                 if "_exps" in t.name])
+    calls = []
+    real = decode_ops.decode_layers
+    monkeypatch.setattr(decode_ops, "decode_layers",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = random_ids(2, 11, seed=5)
+    previous = quant_ops.set_int8_activations(False)  # the reference's activations throughout
+    try:
+        with monkeypatch.context() as patch:  # the prefill's expert products: the kernels
+            patch.setattr(QuantizedExpertWeights, "expert", None)
+            fast = prefill_then_decode(accelerate(from_pretrained(out)), ids, prefill=7)
+    finally:
+        quant_ops.set_int8_activations(previous)
+    assert len(calls) == 4
+    with torch.no_grad():
+        ref = back(ids)
+    assert (fast - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
+
+
 def test_a_file_mixing_block_types_saves_each_linear_in_its_own_scheme(make_hf_checkpoint,
                                                                         tmp_path, monkeypatch):
-    """A Granite MoE file of Q8_0 linears and Q4_0 experts: the recorded quantization_config
-    gives each linear and the experts their own scheme, so save_pretrained writes it and the
-    checkpoint loads back with the same logits."""
+    """A Granite MoE file of Q8_0 linears and Q4_0 experts, but for the first layer's Q8_0 down
+    experts: the recorded quantization_config gives each linear and each layer's experts their
+    own scheme, so save_pretrained writes it and the checkpoint loads back with the same
+    logits, each expert stack in its scheme."""
     from gguf import GGMLQuantizationType as Q
 
     from bamba.gguf import export as gguf_export
 
     real = gguf_export._tensor_type
     monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: Q.Q4_0 if
-                        "_exps" in name else real(name, shape, file_type))
+                        "_exps" in name and not name.startswith("blk.0.ffn_down")
+                        else real(name, shape, file_type))
     source = make_hf_checkpoint("granite-moe", hidden_size=128, intermediate_size=128,
                                 shared_intermediate_size=128, mamba_d_head=64)
     out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf",
@@ -446,9 +517,13 @@ def test_a_file_mixing_block_types_saves_each_linear_in_its_own_scheme(make_hf_c
     assert {"Q4_0", "Q8_0"} <= _types(out)
     back = from_pretrained(out)
     back.save_pretrained(tmp_path / "saved")
+    again = from_pretrained(tmp_path / "saved")
+    schemes = [(e.input_linear.scheme.name, e.output_linear.scheme.name)
+               for e in (layer.feed_forward.experts for layer in again.model.layers)]
+    assert schemes == [("int4", "int8")] + [("int4", "int4")] * (len(schemes) - 1)
     ids = random_ids(1, 9)
     with torch.no_grad():
-        assert torch.equal(from_pretrained(tmp_path / "saved")(ids), back(ids))
+        assert torch.equal(again(ids), back(ids))
 
 
 def test_a_one_group_mamba_norm_written_flat_loads(make_hf_checkpoint, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from torch import nn
 from bamba.checkpoint_writer import to_checkpoint_name
 from bamba.quant.config import EXPERT_LINEARS, quantization_config_of
 from bamba.quant.embedding import QuantizedEmbedding
-from bamba.quant.experts import QuantizedExpertWeights
+from bamba.quant.experts import QuantizedExpertWeights, piece_target
 from bamba.quant.formats import make_scheme, pack_ints
 from bamba.quant.linear import QuantizedLinear
 
@@ -173,14 +173,16 @@ def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
 
 
 def place_quantized(model: nn.Module, quantized: dict[str, str],
-                    dtype: torch.dtype = torch.float32, experts: str | None = None) -> None:
+                    dtype: torch.dtype = torch.float32,
+                    experts: dict[str, str] | None = None) -> None:
     """Put empty ``QuantizedLinear`` / ``QuantizedEmbedding`` modules, on the current default
     device, in place of the linears and the token embeddings whose weight ``quantized`` (our
     weight name -> GGUF block type of KINDS) holds, each in its block type's scheme, the
     embeddings looking up rows in ``dtype``; records the ``quantization_config`` that
-    ``save_pretrained`` writes (a config group per scheme, naming its modules, and one for a
-    Granite MoE's experts held as block type ``experts``; blocks with offsets, which
-    compressed-tensors cannot describe, keep the model from being saved so)."""
+    ``save_pretrained`` writes (a config group per scheme, naming its modules, a Granite MoE's
+    stacked experts among them: ``experts`` maps each one's weight name to its block type;
+    blocks with offsets, which compressed-tensors cannot describe, keep the model from being
+    saved so)."""
     model_type = model.config.model_type
     by_scheme: dict = {}
     for name, type_name in quantized.items():
@@ -198,8 +200,13 @@ def place_quantized(model: nn.Module, quantized: dict[str, str],
             target = to_checkpoint_name(path, model_type)
         setattr(model.get_submodule(parent), leaf, layer)
         by_scheme.setdefault(scheme, []).append(target)
-    if experts is not None:
-        by_scheme.setdefault(kind_scheme(experts), []).append(EXPERT_LINEARS)
+    experts = experts or {}
+    if len(set(experts.values())) == 1:  # one group for them all, as `bamba quantize` writes
+        by_scheme.setdefault(kind_scheme(next(iter(experts.values()))), []).append(EXPERT_LINEARS)
+    else:  # each stacked module's pieces by name
+        for name, type_name in experts.items():
+            stacked = to_checkpoint_name(name.removesuffix(".weight"), model_type)
+            by_scheme.setdefault(kind_scheme(type_name), []).append(piece_target(stacked))
     kept = [to_checkpoint_name(n, model_type) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and not isinstance(m, QuantizedLinear)]
     model.quantization_config = quantization_config_of(
@@ -207,16 +214,16 @@ def place_quantized(model: nn.Module, quantized: dict[str, str],
 
 
 def place_quantized_experts(model: nn.Module, stored: dict[str, str]) -> None:
-    """Empty ``QuantizedExpertWeights`` (group 32, float16 scales), on the current default
-    device, in place of the stacked expert weights ``stored`` holds (our weight name -> GGUF
-    type)."""
+    """Empty ``QuantizedExpertWeights``, each in its block type's scheme and scale dtype, on
+    the current default device, in place of the stacked expert weights ``stored`` holds (our
+    weight name -> GGUF block type of KINDS)."""
     for name, type_name in stored.items():
         path = name.removesuffix(".weight")
         parent, _, leaf = path.rpartition(".")
         dense = model.get_submodule(path)
         setattr(model.get_submodule(parent), leaf, QuantizedExpertWeights(
-            dense.experts, dense.out_features, dense.in_features,
-            make_scheme(SCHEMES[type_name], GROUP)))
+            dense.experts, dense.out_features, dense.in_features, kind_scheme(type_name),
+            SCALE_DTYPES[type_name]))
 
 
 def is_quantized_buffer(name: str) -> bool:

@@ -342,13 +342,13 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     """A ``BambaLM`` from a GGUF file, in eval mode. Linear weights and the token table stored
     in a block type of ``bamba.gguf.quantized.KINDS`` (Q8_0, Q4_0, Q5_0, Q6_K, and Q4_1, Q5_1,
     Q4_K, Q5_K with offsets) load in that type's int8 / int4 format as a ``QuantizedLinear`` /
-    ``QuantizedEmbedding``, each tensor in its own; a Granite MoE's Q8_0 / Q4_0 experts as
-    ``QuantizedExpertWeights``; every other tensor is dequantized into ``dtype`` (A_log, D and
+    ``QuantizedEmbedding``, each tensor in its own; a Granite MoE's stacked experts, each in a
+    block type of KINDS, as ``QuantizedExpertWeights`` of that type's format; every other tensor is dequantized into ``dtype`` (A_log, D and
     dt_bias stay float32, as ``from_pretrained`` keeps them)."""
     from bamba.arena import WeightArena
     from bamba.budget import check_model_fits
     from bamba.checkpoint import _assign
-    from bamba.gguf.quantized import (KINDS, SCHEMES, block_values, decode_blocks,
+    from bamba.gguf.quantized import (KINDS, decode_blocks,
                                       is_quantized_buffer, linear_tensors, place_quantized,
                                       place_quantized_experts)
     from bamba.model import FP32_PARAMS, BambaLM
@@ -371,18 +371,16 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                   (ours == EMBEDDINGS and not config.tie_word_embeddings))}
     if set(quantized) == {EMBEDDINGS}:  # a dense file's table: dense as well
         quantized = {}
-    # A Granite MoE's stacked experts stay in their blocks too (each of Q8_0 or Q4_0 alone).
+    # A Granite MoE's stacked experts stay in their blocks too (each in one type of KINDS).
     experts = {ours: next(iter(kinds)) for ours, kinds in stored.items()
-               if len(kinds) == 1 and kinds <= set(SCHEMES) and _is_expert_weight(model, ours)}
+               if len(kinds) == 1 and kinds <= set(KINDS) and _is_expert_weight(model, ours)}
     check_model_fits(config, dtype.itemsize, quantized_bits=8 if quantized else None)
     if experts:
         with torch.device("meta"):
             place_quantized_experts(model, experts)
     if quantized:
-        expert_types = set(experts.values())
         with torch.device("meta"):
-            place_quantized(model, quantized, dtype,
-                            expert_types.pop() if len(expert_types) == 1 else None)
+            place_quantized(model, quantized, dtype, experts)
 
     def target(name: str, tensor: torch.Tensor) -> torch.dtype:
         if is_quantized_buffer(name):
@@ -418,12 +416,13 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         ours = part.ours
         if ours in experts:  # [E, rows, cols] in blocks: pieces join on rows, then one matrix
             *lead, cols = (int(n) for n in reversed(tensor.shape))
-            blocks = block_values(tensor.data, experts[ours], math.prod(lead), cols)
-            values = whole(part, tuple(t.view(*lead, -1) for t in blocks))
+            blocks = decode_blocks(tensor.data, experts[ours], math.prod(lead), cols)
+            values = whole(part, tuple(None if t is None else t.view(*lead, -1) for t in blocks))
             if values is not None:
                 module = ours.removesuffix(".weight")
-                q, scale = (t.reshape(-1, t.shape[-1]) for t in values)
-                for buffer, value in linear_tensors(q, scale, experts[ours]).items():
+                q, scale, offset = (None if t is None else t.reshape(-1, t.shape[-1])
+                                    for t in values)
+                for buffer, value in linear_tensors(q, scale, experts[ours], offset).items():
                     load(f"{module}.{buffer}", value)
             continue
         if ours not in quantized:

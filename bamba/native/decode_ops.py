@@ -20,7 +20,7 @@ import itertools
 import operator
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -85,7 +85,7 @@ class Multipliers(NamedTuple):
 class DecodeModel(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int64), ("attention", ctypes.c_void_p),
                 ("tensors", ctypes.c_void_p), ("f32_masks", ctypes.c_void_p),
-                ("formats", ctypes.c_void_p),
+                ("formats", ctypes.c_void_p), ("expert_formats", ctypes.c_void_p),
                 ("mamba_dims", ctypes.c_void_p), ("attention_dims", ctypes.c_void_p),
                 ("pool_a", ctypes.c_void_p), ("pool_b", ctypes.c_void_p),
                 ("conv_bf16", ctypes.c_int64), ("ssm_bf16", ctypes.c_int64),
@@ -214,14 +214,17 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
           storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
           eps: float, time_step_limit: tuple[float, float], memo: PlanMemo | None,
           final_norm: FinalNorm | None = None,
-          multipliers: Multipliers = Multipliers()) -> tuple | None:
+          multipliers: Multipliers = Multipliers(),
+          expert_formats: Sequence[int] | None = None) -> tuple | None:
     """The DecodeModel of these layers and their storage, checked and built when ``memo``
     does not hold one for them as they are now; None when an input norm's dtype is not x's
     (the per-layer path then rounds as torch does). Inside a ``steady_weights`` scope that
     has checked the memo's plan, the same lists of layers and storage tensors reuse it
     unchecked (our caches never move their storage)."""
     final = None if final_norm is None else final_norm.weight
+    expert_formats = _expert_formats(kinds, mamba, attention, expert_formats)
     static = (tuple(kinds), mamba, attention, kv, eps, tuple(time_step_limit), x.dtype,
+              expert_formats,
               None if final_norm is None else final_norm.eps, multipliers)
     last = None if memo is None else memo.last
     scope = getattr(_STEADY, "scope", None)
@@ -236,7 +239,7 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
                 memo.last = last._replace(pools=_references(storage), checked_in=scope)
             return last.plan
     plan = _build(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit,
-                  final_norm, multipliers)
+                  final_norm, multipliers, expert_formats)
     if memo is not None:
         present = [t for tensors in layers for t in tensors if t is not None] + \
             ([] if final is None else [final])
@@ -246,10 +249,21 @@ def _plan(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[
     return plan
 
 
+def _expert_formats(kinds: list[bool], mamba: LayerDims, attention: LayerDims,
+                    given: Sequence[int] | None) -> tuple[int, ...]:
+    """Each layer's experts' codes: ``given``, or its kind's dims'."""
+    if given is None:
+        return tuple((attention if att else mamba).expert_formats for att in kinds)
+    if len(given) != len(kinds):
+        raise ValueError(f"decode step: {len(given)} expert formats for {len(kinds)} layers")
+    return tuple(given)
+
+
 def _build(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list[bool],
            storage: list[LayerStorage], mamba: LayerDims, attention: LayerDims, kv: KVLayout,
            eps: float, time_step_limit: tuple[float, float],
-           final_norm: FinalNorm | None, multipliers: Multipliers) -> tuple | None:
+           final_norm: FinalNorm | None, multipliers: Multipliers,
+           expert_formats: tuple[int, ...]) -> tuple | None:
     """``_plan`` without the memo: checks every tensor and storage, builds the C structs."""
     if any(tensors[0] is None or tensors[0].dtype != x.dtype for tensors in layers):
         return None  # an input norm of another dtype: the torch path rounds otherwise
@@ -266,7 +280,7 @@ def _build(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kinds: list
     conv_bf16, ssm_bf16 = _check_storage(kinds, storage, mamba, x.dtype)
     arrays = (_int64_array(map(int, kinds)),
               _pointer_array([t for tensors in layers for t in tensors]), _int64_array(masks),
-              _int64_array(formats),
+              _int64_array(formats), _int64_array(expert_formats),
               _int64_array(mamba), _int64_array(attention),
               _pointer_array(s.a for s in storage), _pointer_array(s.b for s in storage))
     model = DecodeModel(len(layers), *(ctypes.addressof(a) for a in arrays), conv_bf16,
@@ -285,20 +299,23 @@ def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kind
                   time_step_limit: tuple[float, float],
                   memo: PlanMemo | None = None,
                   final_norm: FinalNorm | None = None,
-                  multipliers: Multipliers = Multipliers()) -> torch.Tensor | None:
+                  multipliers: Multipliers = Multipliers(),
+                  expert_formats: Sequence[int] | None = None) -> torch.Tensor | None:
     """x [M, hidden] (the embedded tokens) -> the last layer's output [M, hidden], normed by
     ``final_norm`` when given; every Mamba state and attention cache of ``storage`` advances
     by one token in place. None (and nothing done) when an input norm is not of x's dtype.
     ``kinds[i]`` is True for an attention layer; ``mamba`` and ``attention`` are the sizes of
     the two kinds of layers (zeros for a kind the model lacks); ``memo`` keeps the checked
     plan of ``layers`` from one call to the next (without it every call checks and builds);
-    ``multipliers`` are Granite's residual and attention-score factors. Rows whose cos and sin
-    are [M, 0] rotate nothing (attention without positions)."""
+    ``multipliers`` are Granite's residual and attention-score factors; ``expert_formats`` each
+    layer's experts' codes (``LayerDims.expert_formats``: layers of one shape may hold their
+    experts in different formats; None: each kind's dims say). Rows whose cos and sin are
+    [M, 0] rotate nothing (attention without positions)."""
     if x.dim() != 2 or len(layers) != len(kinds) or len(storage) != len(kinds):
         raise ValueError(f"decode step: x {tuple(x.shape)}, {len(layers)} layers, "
                          f"{len(kinds)} kinds and {len(storage)} storages do not fit")
     plan = _plan(x, layers, kinds, storage, mamba, attention, kv, eps, time_step_limit, memo,
-                 final_norm, multipliers)
+                 final_norm, multipliers, expert_formats)
     if plan is None:
         return None
     model = plan[0]

@@ -73,6 +73,9 @@ typedef struct {
     int64_t formats;      /* FORMAT_BITS per linear (LINEAR_SLOTS order): format | scale dtype
                              (SCALE_*) << 2 | scale kind << 4 (0: one scale, 1: per row, g > 1:
                              groups of 8 << (g - 1) inputs: 16 to 512) */
+    int64_t expert_formats; /* the experts' gate-up | down codes << FORMAT_BITS (as formats
+                               fields; 0 dense): dims' EXPERT_FORMATS, or the layer's own in a
+                               whole-model step (layers of one shape may differ in formats) */
     float eps, dt_min, dt_max;
     float residual_scale; /* each sublayer's output times this before the residual sum (Granite's
                              residual_multiplier; 1: added as it is) */
@@ -370,7 +373,7 @@ static void pick_experts(const Layer *L, int64_t M, Scratch *s) {
 static void experts_stage(const Layer *L, int64_t M, Scratch *s, const void *h) {
     const int64_t D = L->d[HIDDEN], E = L->d[EXPERTS], K = L->d[TOP_K], Fe = L->d[EXPERT_FFN];
     const int64_t size = L->bf16 ? 2 : 4, P = M * K;
-    const int64_t codes = L->d[EXPERT_FORMATS], mask = (1 << FORMAT_BITS) - 1;
+    const int64_t codes = L->expert_formats, mask = (1 << FORMAT_BITS) - 1;
     const LinearWeights router = coded_weights(FORMAT_DENSE, L->t[ROUTER], NULL, NULL, E, D);
     linear_shared(L, &router, h, M, s->router);
 #pragma omp barrier
@@ -589,10 +592,11 @@ static int check(const Layer *L, Part part) {
     if (part == ATTENTION_OUT && !linear_supported(L->bf16, d[HEADS] * d[HEAD_DIM])) return -1;
     if (part != ATTENTION_IN && d[EXPERTS]) {
         const int64_t mask = (1 << FORMAT_BITS) - 1;
-        const LinearWeights gate_up = expert_weights(L, EXPERTS_GATE_UP, d[EXPERT_FORMATS] & mask,
-                                                     0, 2 * d[EXPERT_FFN], d[HIDDEN]);
+        const LinearWeights gate_up = expert_weights(L, EXPERTS_GATE_UP,
+                                                     L->expert_formats & mask, 0,
+                                                     2 * d[EXPERT_FFN], d[HIDDEN]);
         const LinearWeights down = expert_weights(L, EXPERTS_DOWN,
-                                                  d[EXPERT_FORMATS] >> FORMAT_BITS & mask, 0,
+                                                  L->expert_formats >> FORMAT_BITS & mask, 0,
                                                   d[HIDDEN], d[EXPERT_FFN]);
         if (d[TOP_K] < 1 || d[TOP_K] > d[EXPERTS] || !linear_supported(L->bf16, d[EXPERT_FFN]) ||
             L->t[ROUTER] == NULL || L->t[EXPERTS_GATE_UP] == NULL || L->t[EXPERTS_DOWN] == NULL)
@@ -714,7 +718,8 @@ int bamba_mamba_layer_step(const void *const *tensors, const int64_t *dims, int 
     int slots[EXPERTS_DOWN_SCALES + 1];
     for (int i = 0; i <= EXPERTS_DOWN_SCALES; i++) slots[i] = i;
     place(all, tensors, slots, EXPERTS_DOWN_SCALES + 1);
-    const Layer L = {all, dims, bf16, f32_mask, formats, eps, dt_min, dt_max, residual_scale};
+    const Layer L = {all, dims, bf16, f32_mask, formats, dims[EXPERT_FORMATS], eps, dt_min,
+                     dt_max, residual_scale};
     const Call c = {x, NULL, out, M, conv_pool, ssm_pool, conv_bf16, ssm_bf16, rows};
     return run(&L, MAMBA_LAYER, &c, threads);
 }
@@ -728,7 +733,7 @@ int bamba_attention_in_step(const void *const *tensors, const int64_t *dims, int
                                 V_PROJ, V_BIAS, V_SCALES};
     const void *all[N_TENSORS];
     place(all, tensors, slots, 10);
-    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 10), formats, eps, 0.0f, 0.0f,
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 10), formats, 0, eps, 0.0f, 0.0f,
                      1.0f};
     const Call c = {x, NULL, qkv, M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_IN, &c, threads);
@@ -747,7 +752,8 @@ int bamba_attention_out_step(const void *const *tensors, const int64_t *dims, in
                                 EXPERTS_DOWN_SCALES};
     const void *all[N_TENSORS];
     place(all, tensors, slots, 18);
-    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 18), formats, eps, 0.0f, 0.0f,
+    const Layer L = {all, dims, bf16, place_mask(f32_mask, slots, 18), formats,
+                     dims[EXPERT_FORMATS], eps, 0.0f, 0.0f,
                      residual_scale};
     const Call c = {x, attn, out, M, NULL, NULL, 0, 0, NULL};
     return run(&L, ATTENTION_OUT, &c, threads);
@@ -765,6 +771,7 @@ typedef struct {
     const void *const *tensors;  /* [n_layers * N_TENSORS] */
     const int64_t *f32_masks;    /* [n_layers] */
     const int64_t *formats;      /* [n_layers]: Layer.formats */
+    const int64_t *expert_formats; /* [n_layers]: Layer.expert_formats (dims' unused here) */
     const int64_t *mamba_dims, *attention_dims; /* N_DIMS each */
     void *const *pool_a;         /* [n_layers]: conv pool, or keys */
     void *const *pool_b;         /* [n_layers]: SSM pool, or values */
@@ -832,7 +839,8 @@ static int attention_layer(const DecodeModel *P, int64_t layer, const DecodeRows
                            const void *src, void *dst, void *qkv, void *attn, int threads) {
     const int64_t *d = P->attention_dims, H = d[HEADS], G = d[GROUPS], Dh = d[HEAD_DIM];
     const Layer L = {P->tensors + layer * N_TENSORS, d, (int)P->bf16, P->f32_masks[layer],
-                     P->formats[layer], P->eps, 0.0f, 0.0f, P->residual_scale};
+                     P->formats[layer], P->expert_formats[layer], P->eps, 0.0f, 0.0f,
+                     P->residual_scale};
     const Call in = {src, NULL, qkv, r->M, NULL, NULL, 0, 0, NULL};
     int status = run(&L, ATTENTION_IN, &in, threads);
     if (status != 0) return status;
@@ -893,7 +901,8 @@ int bamba_decode_layers(const DecodeModel *P, const void *x, void *out, void *sp
             status = attention_layer(P, i, r, src, dst, qkv, attn, threads);
         } else {
             const Layer L = {P->tensors + i * N_TENSORS, P->mamba_dims, (int)P->bf16,
-                             P->f32_masks[i], P->formats[i], P->eps, P->dt_min, P->dt_max,
+                             P->f32_masks[i], P->formats[i], P->expert_formats[i], P->eps,
+                             P->dt_min, P->dt_max,
                              P->residual_scale};
             const Call c = {src, NULL, dst, r->M, P->pool_a[i], P->pool_b[i],
                             (int)P->conv_bf16, (int)P->ssm_bf16, r->slots};

@@ -156,6 +156,7 @@ class DecodePlan(NamedTuple):
     generation: int
     kinds: list[bool]  # True for an attention layer
     dims: tuple[LayerDims | None, LayerDims | None]  # (Mamba, attention) layers' sizes
+    expert_formats: tuple[int, ...]  # each layer's experts' codes (the dims' vary by layer)
     tensors: list[Tensors] | None  # every layer's, or None when a layer's are unreadable
     memo: PlanMemo  # the whole-model step's checked C structs for ``tensors``
     final_norm: FinalNorm | None  # the final norm, when the step may apply it
@@ -170,10 +171,14 @@ class DecodePlan(NamedTuple):
         every = [layer_dims(layer) for layer in layers]
         dims = tuple(next((d for d, k in zip(every, kinds) if k == kind), None)
                      for kind in (False, True))
-        uniform = all(d == dims[k] for d, k in zip(every, kinds))  # the step takes one per kind
+        # the step takes one shape per kind; each layer's experts in a format of their own (a
+        # Q4_K_M file's down experts are Q6_K in half its layers, Q4_K in the others)
+        uniform = all(d._replace(expert_formats=0) == dims[k]._replace(expert_formats=0)
+                      for d, k in zip(every, kinds))
         tensors = None if hooked or not uniform else \
             [layer_tensors(layer).whole() for layer in layers]
         if tensors is not None and None in tensors:
             tensors = None
-        return cls(generation, kinds, dims, tensors, PlanMemo(),
+        return cls(generation, kinds, dims, tuple(d.expert_formats for d in every), tensors,
+                   PlanMemo(),
                    None if final_norm is None else FinalNorm(final_norm.weight, final_norm.eps))

@@ -389,7 +389,8 @@ class BambaLM(_Counted, reference.BambaLM):
         out = decode_ops.decode_layers(
             x.view(b, -1), steps.tensors, steps.kinds, storage, rows, mamba or plan.NO_LAYER,
             attention or plan.NO_LAYER, kv, cfg.rms_norm_eps, cfg.time_step_limit, steps.memo,
-            final, decode_ops.Multipliers(cfg.residual_multiplier, cfg.attention_multiplier))
+            final, decode_ops.Multipliers(cfg.residual_multiplier, cfg.attention_multiplier),
+            steps.expert_formats)
         if out is None:
             return None
         return out[:, None] if final is not None else norm(out[:, None])

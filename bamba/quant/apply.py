@@ -211,11 +211,16 @@ def stored_ints(model: nn.Module, name: str
 
 
 @torch.no_grad()
-def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Every quantized module back to a dense ``nn.Linear`` / ``nn.Embedding`` / stacked
-    experts holding its dequantized weight in ``dtype``, in place (for tools that take dense
-    weights); the recorded ``quantization_config`` goes with them."""
+def dequantize_model(model: nn.Module, dtype: torch.dtype,
+                     kinds: tuple[type, ...] = (QuantizedLinear, QuantizedEmbedding,
+                                                QuantizedExpertWeights)) -> nn.Module:
+    """Every quantized module (of ``kinds``) back to a dense ``nn.Linear`` / ``nn.Embedding`` /
+    stacked experts holding its dequantized weight in ``dtype``, in place (for tools that take
+    dense weights, and benchmarks comparing layouts); the recorded ``quantization_config``
+    goes with them."""
     for name, module in list(model.named_modules()):
+        if not isinstance(module, kinds):
+            continue
         if isinstance(module, QuantizedLinear):
             dense = nn.Linear(module.in_features, module.out_features,
                               bias=module.bias is not None, device="meta")
@@ -226,8 +231,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         elif isinstance(module, QuantizedExpertWeights):
             with torch.device("meta"):
                 dense = ExpertWeights(module.experts, module.out_features, module.in_features)
-        else:
-            continue
         dense.weight = nn.Parameter(dense_tensor(model, f"{name}.weight", dtype),
                                     requires_grad=False)
         _replace(model, name, dense)

@@ -36,6 +36,13 @@ def piece_modules(stacked: str, experts: int) -> list[str]:
     return [f"{moe}.experts.{e}.{proj}" for e in range(experts) for proj in PROJECTIONS[kind]]
 
 
+def piece_target(stacked: str) -> str:
+    """A quantization_config target ("re:" regex) for the per-expert linears of the stacked
+    module ``stacked`` (checkpoint name) alone."""
+    moe, _, kind = stacked.rpartition(".")
+    return f"re:{re.escape(moe)}\\.experts\\.\\d+\\.({'|'.join(PROJECTIONS[kind])})$"
+
+
 def locate_piece(name: str) -> tuple[str, int, int] | None:
     """A per-expert tensor's checkpoint name -> (the stacked tensor it is rows of, its index
     in row order, pieces an expert has); None for any other name."""
