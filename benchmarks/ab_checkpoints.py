@@ -88,8 +88,13 @@ def disk_bytes(path: Path) -> int:
 
 
 def held_bytes(model: torch.nn.Module) -> int:
-    """The bytes of a model's parameters and buffers (a tied tensor once)."""
+    """The bytes of a model's parameters and buffers (a tied tensor once) and of the tables
+    its quantized modules derived for the kernels (a zero-point weight's scales and offsets)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for module in model.modules():
+        derived = module.__dict__.get("_kernel_scales")
+        if derived is not None:
+            tensors[id(derived[1])] = derived[1]
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

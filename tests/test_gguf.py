@@ -416,6 +416,9 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
                     "model.layers.2.feed_forward.down_proj": ("int8", 16, False),
                     "model.layers.3.feed_forward.up_proj": ("int4", 32, True),
                     "lm_head": ("int8", 16, False), "model.embed_tokens": ("int4", 32, True)}
+    for name, m in back.named_modules():  # scales and offsets held once, as the kernels read
+        if getattr(getattr(m, "scheme", None), "offsets", False):
+            assert m.kernel_weights().scales is m.weight_table, name
     _assert_dequantized_as_gguf_does(back, out, list(k_types))
     ids = random_ids(2, 11)
     quant_ops.set_int8_activations(False)  # the reference's activations at every row count
@@ -476,6 +479,8 @@ def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monk
         assert (scheme.name, scheme.group_size, scheme.offsets) == \
             (("int8", 16, False) if type_name == "Q6_K" else
              ("int4" if type_name == "Q4_K" else "int8", 32, True))
+        if scheme.offsets:  # held once, in the kernels' layout (each expert a slice of rows)
+            assert stacked.kernel_weights().scales is stacked.weight_table
     _assert_dequantized_as_gguf_does(back, out, [t.name for t in gguf.GGUFReader(out).tensors
                                                  if "_exps" in t.name])
     calls = []

@@ -30,7 +30,7 @@ from bamba.quant.linear import QuantizedLinear
 
 GROUP = 32
 SCHEMES = {"Q8_0": "int8", "Q4_0": "int4"}
-BUFFERS = ("weight_packed", "weight_shape", "weight_scale", "weight_offset")
+BUFFERS = ("weight_packed", "weight_shape", "weight_scale", "weight_table")
 # Each block type's format in ours: (int8 or int4, inputs a scale, float offsets).
 KINDS = {"Q8_0": ("int8", 32, False), "Q4_0": ("int4", 32, False),
          "Q5_0": ("int8", 32, False), "Q6_K": ("int8", 16, False),
@@ -163,12 +163,14 @@ def block_bytes(q: torch.Tensor, scale: torch.Tensor, type_name: str) -> np.ndar
 def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
                    offset: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """A ``QuantizedLinear``'s or ``QuantizedEmbedding``'s buffers (names as compressed-tensors
-    has them, and ``weight_offset``) for q, scale and offset, of a block type of KINDS."""
+    has them; with offsets ``weight_table``, scales and offsets [rows, 2, groups]) for q, scale
+    and offset, of a block type of KINDS."""
     tensors = {"weight_packed": pack_ints(q, kind_scheme(type_name).bits),
-               "weight_shape": torch.tensor(q.shape, dtype=torch.int64),
-               "weight_scale": scale.to(SCALE_DTYPES[type_name])}
-    if offset is not None:
-        tensors["weight_offset"] = offset
+               "weight_shape": torch.tensor(q.shape, dtype=torch.int64)}
+    if offset is None:
+        tensors["weight_scale"] = scale.to(SCALE_DTYPES[type_name])
+    else:
+        tensors["weight_table"] = torch.stack([scale.float(), offset.float()], dim=1)
     return tensors
 
 

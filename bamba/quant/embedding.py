@@ -40,7 +40,7 @@ class QuantizedEmbedding(QuantizedWeights):
         ids = input_ids.reshape(-1)
         # The rows' codes and scales (a per-tensor scale, and weight_shape, whose width is all
         # unpacking reads, as they are).
-        rows = {name: tensor[ids] if tensor.dim() == 2 else tensor
+        rows = {name: tensor[ids] if tensor.dim() >= 2 else tensor
                 for name, tensor in self.quantized_tensors().items()
                 if name != "weight_zero_point"}
         if self.scheme.zero_points:  # zero points lie packed down the rows: the rows' own

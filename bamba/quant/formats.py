@@ -35,8 +35,9 @@ class QuantScheme(NamedTuple):
     """A weight format: ``name`` in SCHEME_NAMES, ``group_size`` None for one scale per output
     channel; ``symmetric`` False for ints with an integer zero point per scale
     (compressed-tensors' ``weight_zero_point``), or with ``offsets`` a float offset per scale
-    instead, w = q * scale + offset (``weight_offset`` float32: GGUF's Q4_1, Q5_1, Q4_K and
-    Q5_K blocks, which compressed-tensors cannot hold)."""
+    instead, w = q * scale + offset (GGUF's Q4_1, Q5_1, Q4_K and Q5_K blocks, which
+    compressed-tensors cannot hold): scales and offsets then lie in one float32 ``weight_table``
+    [N, 2, G], the layout the kernels read, held once."""
     name: str
     group_size: int | None = None
     symmetric: bool = True
@@ -61,7 +62,7 @@ class QuantScheme(NamedTuple):
             return ("weight", "weight_scale")
         names = ("weight_packed", "weight_shape", "weight_scale")
         if self.offsets:
-            return (*names, "weight_offset")
+            return ("weight_packed", "weight_shape", "weight_table")
         return (*names, "weight_zero_point") if self.zero_points else names
 
 
@@ -191,11 +192,12 @@ def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
     these formats), rounded once to ``dtype``."""
     values = quantized_values(tensors, scheme)
     n, k = values.shape
+    if scheme.offsets:  # q * scale exact in float32 (at most 24 bits), one rounding of the sum
+        scale, offset = tensors["weight_table"].float().unbind(1)
+        grouped = _grouped(values, scale.shape[1])
+        return (grouped * scale.unsqueeze(-1) + offset.unsqueeze(-1)).reshape(n, k).to(dtype)
     scale = _broadcast_scale(tensors["weight_scale"], n)
     grouped = _grouped(values, scale.shape[1])
-    if scheme.offsets:  # q * scale exact in float32 (at most 24 bits), one rounding of the sum
-        offset = tensors["weight_offset"].float().unsqueeze(-1)
-        return (grouped * scale.unsqueeze(-1) + offset).reshape(n, k).to(dtype)
     if scheme.zero_points:
         zero_point = unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n)
         grouped = grouped - zero_point.float().unsqueeze(-1)
@@ -204,16 +206,14 @@ def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
 
 def kernel_scales(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
     """An asymmetric weight's scales and offsets as the kernels read them: float32 [N, 2, G],
-    a row's G scales, then its G offsets (-zp * scale, or as held), so that w = q * scale +
-    offset (for zero points exact in
-    float32 for bf16 and float16 scales: q * scale, zp * scale and their difference all are
-    float32 values)."""
+    a row's G scales, then its G offsets (-zp * scale, or as held: ``weight_table`` itself),
+    so that w = q * scale + offset (for zero points exact in float32 for bf16 and float16
+    scales: q * scale, zp * scale and their difference all are float32 values)."""
+    if scheme.offsets:
+        return tensors["weight_table"].float().contiguous()
     n = int(tensors["weight_shape"][0])
     scale = _broadcast_scale(tensors["weight_scale"], n).expand(n, -1)
-    if scheme.offsets:
-        offset = tensors["weight_offset"].float()
-    else:
-        offset = -unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n).float() * scale
+    offset = -unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n).float() * scale
     return torch.stack([scale, offset], dim=1).contiguous()
 
 

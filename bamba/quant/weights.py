@@ -18,8 +18,9 @@ from bamba.quant.formats import (FP8, QuantScheme, dequantize, kernel_scales, pa
 class QuantizedWeights(nn.Module):
     """A weight [rows, cols] held in ``scheme``'s tensors (``weight`` + ``weight_scale`` for
     fp8, ``weight_packed`` + ``weight_shape`` + ``weight_scale`` for ints, + ``weight_zero_point``
-    for asymmetric ones, ``weight_offset`` float32 for offsets); zeros until loaded, one scale
-    [1] when ``per_tensor``."""
+    for asymmetric ones; with offsets ``weight_table`` float32 [rows, 2, groups] of scales and
+    offsets in place of ``weight_scale``); zeros until loaded, one scale [1] when
+    ``per_tensor``."""
 
     def __init__(self, rows: int, cols: int, scheme: QuantScheme,
                  scale_dtype: torch.dtype = torch.bfloat16, per_tensor: bool = False) -> None:
@@ -33,16 +34,16 @@ class QuantizedWeights(nn.Module):
             self.register_buffer("weight_shape", torch.tensor([rows, cols], dtype=torch.int64))
         else:
             self.register_buffer("weight", torch.zeros(rows, cols, dtype=FP8))
-        self.register_buffer("weight_scale",
-                             torch.ones((1,) if per_tensor else scale_shape(scheme, rows, cols),
-                                        dtype=scale_dtype))
+        if scheme.offsets:
+            self.register_buffer("weight_table", torch.zeros(
+                rows, 2, scale_shape(scheme, rows, cols)[1], dtype=torch.float32))
+        else:
+            self.register_buffer("weight_scale", torch.ones(
+                (1,) if per_tensor else scale_shape(scheme, rows, cols), dtype=scale_dtype))
         if scheme.zero_points:
             self.register_buffer("weight_zero_point",
                                  torch.zeros(zero_point_shape(scheme, rows, cols),
                                              dtype=torch.int32))
-        if scheme.offsets:
-            self.register_buffer("weight_offset",
-                                 torch.zeros(scale_shape(scheme, rows, cols), dtype=torch.float32))
         self._kernel_scales: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @staticmethod
@@ -64,16 +65,18 @@ class QuantizedWeights(nn.Module):
 
     def kernel_weights(self) -> LinearWeights:
         """The format and tensors the kernels read (``bamba.linear_protocol``); an asymmetric
-        weight's scales and offsets as one float32 table (``formats.kernel_scales``), made
-        once and again only after its scales or zero points change."""
+        weight's scales and offsets as one float32 table: ``weight_table`` itself, or for zero
+        points one made by ``formats.kernel_scales`` once and again only after its scales or
+        zero points change."""
         data = self.weight_packed if self.scheme.packed else self.weight
         if self.scheme.symmetric:
             return LinearWeights(self.scheme.name, data, None, self.weight_scale)
-        return LinearWeights(self.scheme.name, data, None, self._offset_table())
+        if self.scheme.offsets:
+            return LinearWeights(self.scheme.name, data, None, self.weight_table)
+        return LinearWeights(self.scheme.name, data, None, self._zero_point_table())
 
-    def _offset_table(self) -> torch.Tensor:
-        held = (self.weight_scale,
-                self.weight_offset if self.scheme.offsets else self.weight_zero_point)
+    def _zero_point_table(self) -> torch.Tensor:
+        held = (self.weight_scale, self.weight_zero_point)
         key = tuple(v for t in held for v in (t.data_ptr(), t._version, t.device.index or 0))
         if self._kernel_scales is None or self._kernel_scales[0] != key:
             table = kernel_scales(self.quantized_tensors(), self.scheme)
