@@ -10,8 +10,10 @@ memory spells.
 
 A checkpoint is a directory or a GGUF file. ``--dense-experts`` adds each one again with its
 quantized experts dequantized to a bf16 stack (what a GGUF file's K-quant experts loaded as
-before they stayed in their blocks). Prints and (with --output) writes each one's median tok/s
-over the turns, its size on disk, the bytes its model holds, and the host.
+before they stayed in their blocks). ``--llama-bench`` has llama.cpp's ``llama-bench`` decode
+(batch 1) and prefill each GGUF file in every turn too, right after bamba's turn on it (the
+same bytes on both sides, the same memory spell). Prints and (with --output) writes each
+one's median tok/s over the turns, its size on disk, the bytes its model holds, and the host.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from host import describe_host, write_json  # noqa: E402
-from measure import decode_seconds, prefill_seconds  # noqa: E402
+from measure import decode_seconds, prefill_seconds, run_llama_bench  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-experts", action="store_true",
                         help="also time each checkpoint with its quantized experts dequantized "
                              "to bf16 (a Granite MoE's experts as a dense stack)")
+    parser.add_argument("--llama-bench", action="store_true",
+                        help="llama-bench decodes (batch 1) and prefills each GGUF file too, "
+                             "a turn beside bamba's")
     parser.add_argument("--output", type=Path, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     if args.turns < 1 or min(args.batches) < 1:
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                                      kinds=(QuantizedExpertWeights,))
             models[f"{path} (experts bf16)"] = path, accelerate(dense)
     times: dict[str, dict[int | str, list[float]]] = {
-        name: {**{b: [] for b in args.batches}, "prefill": []} for name in models}
+        name: {**{b: [] for b in args.batches}, "prefill": [], "llama_b1": [],
+               "llama_prefill": []} for name in models}
     for turn in range(args.turns):
         order = list(models.items())
         for name, (_, model) in order if turn % 2 == 0 else reversed(order):
@@ -68,17 +74,34 @@ def main(argv: list[str] | None = None) -> None:
                 steps = args.steps if batch == 1 else max(args.steps // 2, 1)
                 times[name][batch].append(decode_seconds(model, batch, steps))
             times[name]["prefill"].append(prefill_seconds(model, args.prompt))
+            path = models[name][0]
+            if args.llama_bench and path.is_file() and name == str(path):
+                decode, prefill = llama_bench_seconds(path, args)
+                times[name]["llama_b1"].append(decode)
+                times[name]["llama_prefill"].append(prefill)
     results = {name: {
         "disk_mb": round(disk_bytes(models[name][0]) / 1e6, 1),
         "model_mb": round(held_bytes(models[name][1]) / 1e6, 1),
         **{f"decode_b{b}_tok_s": round(b / statistics.median(t[b]), 1) for b in args.batches},
-        f"prefill_{args.prompt}_tok_s": round(args.prompt / statistics.median(t["prefill"]), 1)}
+        f"prefill_{args.prompt}_tok_s": round(args.prompt / statistics.median(t["prefill"]), 1),
+        **({} if not t["llama_b1"] else {
+            "llama_cpp_decode_b1_tok_s": round(1 / statistics.median(t["llama_b1"]), 1),
+            f"llama_cpp_prefill_{args.prompt}_tok_s":
+                round(args.prompt / statistics.median(t["llama_prefill"]), 1)})}
         for name, t in times.items()}
     print(json.dumps(results, indent=1))
     if args.output is not None:
         write_json(args.output, {"benchmark": "ab_checkpoints", "host": describe_host(),
                                  "settings": {k: str(v) for k, v in vars(args).items()},
                                  "results": results})
+
+
+def llama_bench_seconds(gguf: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """llama-bench's seconds a token of batch-1 decode (``--steps`` tokens) and seconds of a
+    ``--prompt``-token prefill, one repetition each after its warm-up."""
+    rows, _ = run_llama_bench(gguf, args.threads, ["-p", f"0,{args.prompt}", "-n",
+                                                   f"{args.steps},0", "-r", "1"])
+    return 1 / rows[(0, args.steps, 0)]["tok_s"], 1 / rows[(args.prompt, 0, 0)]["tok_s"]
 
 
 def disk_bytes(path: Path) -> int:

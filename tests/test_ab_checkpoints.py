@@ -56,3 +56,25 @@ def test_dense_experts_add_each_checkpoint_with_its_experts_in_bf16(tmp_path: Pa
     quantized, dense = rows.values()
     assert quantized["disk_mb"] == dense["disk_mb"]
     assert dense["model_mb"] > quantized["model_mb"]
+
+
+@pytest.mark.slow
+def test_llama_bench_takes_a_turn_on_each_gguf_file(make_hf_checkpoint, tmp_path: Path) -> None:
+    """--llama-bench: llama.cpp's decode and prefill of each GGUF file, in every turn, beside
+    bamba's (directories get none)."""
+    import llama_cpp
+
+    from bamba.checkpoint import from_pretrained, load_tokenizer
+    from bamba.gguf.export import export_gguf
+
+    llama_cpp.find_or_build(tool="llama-bench")
+    source = make_hf_checkpoint("hybrid")
+    gguf = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf",
+                       "q8_0")
+    out = tmp_path / "ab.json"
+    ab_checkpoints.main([str(source), str(gguf), "--turns", "2", "--steps", "4", "--prompt",
+                         "16", "--batches", "1", "--llama-bench", "--output", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert "llama_cpp_decode_b1_tok_s" not in rows[str(source)]
+    assert rows[str(gguf)]["llama_cpp_decode_b1_tok_s"] > 0
+    assert rows[str(gguf)]["llama_cpp_prefill_16_tok_s"] > 0
