@@ -101,7 +101,7 @@ def llama_bench_seconds(gguf: Path, args: argparse.Namespace) -> tuple[float, fl
     ``--prompt``-token prefill, one repetition each after its warm-up."""
     rows, _ = run_llama_bench(gguf, args.threads, ["-p", f"0,{args.prompt}", "-n",
                                                    f"{args.steps},0", "-r", "1"])
-    return 1 / rows[(0, args.steps, 0)]["tok_s"], 1 / rows[(args.prompt, 0, 0)]["tok_s"]
+    return 1 / rows[(0, args.steps, 0)]["tok_s"], args.prompt / rows[(args.prompt, 0, 0)]["tok_s"]
 
 
 def disk_bytes(path: Path) -> int:

@@ -63,6 +63,7 @@ def test_llama_bench_takes_a_turn_on_each_gguf_file(make_hf_checkpoint, tmp_path
     """--llama-bench: llama.cpp's decode and prefill of each GGUF file, in every turn, beside
     bamba's (directories get none)."""
     import llama_cpp
+    from measure import run_llama_bench
 
     from bamba.checkpoint import from_pretrained, load_tokenizer
     from bamba.gguf.export import export_gguf
@@ -76,5 +77,7 @@ def test_llama_bench_takes_a_turn_on_each_gguf_file(make_hf_checkpoint, tmp_path
                          "16", "--batches", "1", "--llama-bench", "--output", str(out)])
     rows = json.loads(out.read_text())["results"]
     assert "llama_cpp_decode_b1_tok_s" not in rows[str(source)]
-    assert rows[str(gguf)]["llama_cpp_decode_b1_tok_s"] > 0
-    assert rows[str(gguf)]["llama_cpp_prefill_16_tok_s"] > 0
+    alone, _ = run_llama_bench(gguf, 2, ["-p", "16", "-n", "4", "-r", "1"])  # its own figures
+    for key, figure in (((0, 4, 0), "llama_cpp_decode_b1_tok_s"),
+                        ((16, 0, 0), "llama_cpp_prefill_16_tok_s")):
+        assert 0.2 < rows[str(gguf)][figure] / alone[key]["tok_s"] < 5, figure
