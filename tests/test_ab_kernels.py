@@ -18,8 +18,9 @@ pytestmark = pytest.mark.skipif(not dispatch.linear_available(torch.bfloat16),
                                 reason="no bf16 kernels on this CPU")
 
 
+@pytest.mark.parametrize("measure", [["--batch", "2"], ["--prefill", "16"]])
 def test_two_builds_take_turns(tmp_path: Path, capsys: pytest.CaptureFixture,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+                               monkeypatch: pytest.MonkeyPatch, measure: list[str]) -> None:
     checkpoint = save_tiny_checkpoint(tmp_path / "ckpt")
     used = []
     real_open = library.open_library
@@ -36,10 +37,10 @@ def test_two_builds_take_turns(tmp_path: Path, capsys: pytest.CaptureFixture,
 
     monkeypatch.setattr(library, "open_library", opened)
     real_load = library.load
-    assert ab_kernels.main([str(checkpoint), "--turns", "2", "--steps", "3", "--batch", "2"]) == 0
+    assert ab_kernels.main([str(checkpoint), "--turns", "2", "--steps", "3", *measure]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["checkpoint"] == str(checkpoint) and row["base_ms"] > 0 and row["tree_ms"] > 0
-    assert row["batch"] == 2
+    assert row[measure[0].removeprefix("--")] == int(measure[1])
     runs = [build for i, build in enumerate(used) if i == 0 or used[i - 1] is not build]
     assert len(runs) == 3 and runs[0] is runs[2] is not runs[1]  # base, tree; tree, base
     assert library.load is real_load

@@ -113,14 +113,14 @@ def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype, k) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("fmt", ["int8", "int4", *ASYMMETRIC])
+@pytest.mark.parametrize("fmt,group", [*((f, g) for f in ("int8", "int4", *ASYMMETRIC)
+                                        for g in GROUPS), ("int8", 16), ("int4", 16)])
 def test_int_weights_at_many_rows_take_integer_products(monkeypatch, fmt, group, dtype) -> None:
     """Past the few-row kernel (prefill), int8 and int4 weights meet the same int8 activations
     in a matrix product of integer dot products (quant_gemm.h), never a dequantized tile: x
     quantized per 32 inputs against the dequantized weight, up to float32 summation order, for
     row counts that fill 16-row blocks and 48-row tiles or not, and past the 512 rows packed at
-    a time."""
+    a time. Symmetric groups of 16 (GGUF's Q6_K) split each block of 32 in two sums."""
     if not quant_ops.set_int8_activations(True):
         pytest.skip("no AVX-512 VNNI: prefill dequantizes tiles")
     monkeypatch.setattr(quant_ops, "quant_linear_tiles", lambda *a, **k: pytest.fail("tile"))
@@ -171,14 +171,14 @@ def test_fp8_weights_at_many_rows_take_bf16_products(monkeypatch, group) -> None
 
 
 def test_many_rows_that_the_products_do_not_take_dequantize_tiles(monkeypatch) -> None:
-    """fp8 against float32 x, groups of 16 inputs (not whole blocks of 32), output counts that
-    are not a multiple of 4 and int8 activations switched off all go to the dequantized tiles
-    (the activations as they are: the reference's numbers)."""
+    """fp8 against float32 x, zero points in groups of 16 inputs (not whole blocks of 32),
+    output counts that are not a multiple of 4 and int8 activations switched off all go to the
+    dequantized tiles (the activations as they are: the reference's numbers)."""
     calls = []
     real = quant_ops.quant_linear_tiles
     monkeypatch.setattr(quant_ops, "quant_linear_tiles",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    cases = [("fp8", None, 88, True), ("int8", 16, 88, True), ("int4", 128, 90, True),
+    cases = [("fp8", None, 88, True), ("int8-asym", 16, 88, True), ("int4", 128, 90, True),
              ("int4", 128, 88, False)]
     for fmt, group, n, int8_on in cases:
         layer = _layer(fmt, group, False, torch.float32, n=n)

@@ -80,7 +80,9 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
                      void *y, int64_t M, int64_t N, int64_t K, int threads) {
 #ifdef HAVE_INT8_DOT
     if ((!bamba_int8_activations && format != FORMAT_FP8) || M < 1 || N < 1 ||
-        N % GEMM_WEIGHT_ROWS || !quant_gemm_supported(format, K, group, x_bf16) || threads < 1)
+        N % GEMM_WEIGHT_ROWS ||
+        !quant_gemm_supported(format, K, group, scale_kind == SCALE_F32_OFFSETS, x_bf16) ||
+        threads < 1)
         return -1;
     const LinearWeights L = {W, bias, N, K, format, scales, scale_kind, group, scale_stride};
     const int64_t offset = format == FORMAT_INT4 ? 8 : 128, most = GEMM_MAX_ROWS / 16;
@@ -88,7 +90,7 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
     const size_t panel_bytes = (size_t)gemm_panel_bytes(format, K),
                  panel_scales = (size_t)gemm_panel_scales(&L);
     const size_t per_thread = (panel_bytes + panel_scales + 63) / 64 * 64;
-    const size_t packed_bytes = (size_t)(most * gemm_rows_bytes(format, K));
+    const size_t packed_bytes = (size_t)(most * gemm_rows_bytes(format, K, gemm_halves(&L)));
     char *work = thread_buffer(GEMM_BUFFER, threads * per_thread + packed_bytes +
                                               (size_t)(most * G * 16) * sizeof(float));
     if (work == NULL) return -2;
@@ -105,7 +107,8 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
                 if (format == FORMAT_FP8)
                     pack_bf16_activations((const uint16_t *)xs, rows, K, packed, b);
                 else
-                    pack_activations(xs, x_bf16, rows, K, (int)offset, packed, b);
+                    pack_activations(xs, x_bf16, rows, K, (int)offset, gemm_halves(&L), packed,
+                                     b);
                 if (sums) packed_group_sums(packed, b, K, G, (int)offset, sums + b * G * 16);
             }
             int64_t begin, end;

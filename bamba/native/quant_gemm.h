@@ -38,19 +38,27 @@ enum { GEMM_ROW_BLOCKS = 3, GEMM_WEIGHT_ROWS = 4, GEMM_WIDE_ROWS = 8, GEMM_PANEL
        GEMM_K_MULTIPLE = 64 };
 
 /* Whether the product takes weights of this format and width k with `group` inputs a scale
- * (one scale a row or a matrix, or whole blocks of 32): int8 and int4 against int8 activations,
- * fp8 against bf16 ones (x_bf16). */
-static inline int quant_gemm_supported(int format, int64_t k, int64_t group, int x_bf16) {
+ * (one scale a row or a matrix, whole blocks of 32, or for symmetric weights half blocks:
+ * GGUF's Q6_K groups of 16): int8 and int4 against int8 activations, fp8 against bf16 ones
+ * (x_bf16). */
+static inline int quant_gemm_supported(int format, int64_t k, int64_t group, int offsets,
+                                       int x_bf16) {
     return (format == FORMAT_INT8 || format == FORMAT_INT4 || (format == FORMAT_FP8 && x_bf16)) &&
            k > 0 && k % GEMM_K_MULTIPLE == 0 && group > 0 && k % group == 0 &&
-           group % ACT_BLOCK == 0;
+           (group % ACT_BLOCK == 0 || (group == ACT_BLOCK / 2 && !offsets));
 }
 
 /* Bytes of one packed block of 16 activation rows of width k: int8 and int4 weights' the
- * values, then per block of 32 inputs 16 float32 scales and 16 int32 offset terms; fp8's the
- * bf16 values in pairs. */
-static inline int64_t gemm_rows_bytes(int format, int64_t k) {
-    return format == FORMAT_FP8 ? 32 * k : 16 * k + k / ACT_BLOCK * 128;
+ * values, then per block of 32 inputs 16 float32 scales and 16 int32 offset terms, and with
+ * `halves` (weights in groups of 16) 16 offset terms of the block's first half alone; fp8's
+ * the bf16 values in pairs. */
+static inline int64_t gemm_rows_bytes(int format, int64_t k, int halves) {
+    return format == FORMAT_FP8 ? 32 * k : 16 * k + k / ACT_BLOCK * (halves ? 192 : 128);
+}
+
+/* Whether a weight's groups are half blocks (16 inputs): the packed rows then carry halves. */
+static inline int gemm_halves(const LinearWeights *L) {
+    return L->scale_stride != 0 && L->group == ACT_BLOCK / 2;
 }
 
 /* Bytes of a panel's GEMM_PANEL_ROWS weight rows as the tiles read them (fp8: bf16). */
@@ -65,12 +73,14 @@ static inline int64_t gemm_panel_scales(const LinearWeights *L) {
     return GEMM_PANEL_ROWS * groups * (L->scale_kind == SCALE_F32_OFFSETS ? 2 : 1) * 4;
 }
 
-/* Rows [16 b, 16 b + 16) of x [M, k] quantized into block b of xp (rows past M: zeros). */
+/* Rows [16 b, 16 b + 16) of x [M, k] quantized into block b of xp (rows past M: zeros), with
+ * each block's first-half offset terms when `halves`. */
 static void pack_activations(const void *x, int x_bf16, int64_t M, int64_t k, int offset,
-                             char *xp, int64_t b) {
-    char *base = xp + b * gemm_rows_bytes(FORMAT_INT8, k);
+                             int halves, char *xp, int64_t b) {
+    char *base = xp + b * gemm_rows_bytes(FORMAT_INT8, k, halves);
     float *scales = (float *)(base + 16 * k);
     int32_t *starts = (int32_t *)(base + 16 * k + k / ACT_BLOCK * 64);
+    int32_t *first_halves = starts + k / ACT_BLOCK * 16; /* offset terms of inputs 0..15 */
     const __m512i ones = _mm512_set1_epi8(1);
     for (int i = 0; i < 16; i++) {
         const int64_t m = b * 16 + i;
@@ -83,11 +93,16 @@ static void pack_activations(const void *x, int x_bf16, int64_t M, int64_t k, in
                 memset(q, 0, sizeof q);
             const __m512i sum = _mm512_dpbusd_epi32(
                 _mm512_setzero_si512(), ones,
-                _mm512_castsi256_si512(_mm256_load_si256((const __m256i *)q)));
+                _mm512_zextsi256_si512(_mm256_load_si256((const __m256i *)q)));
             for (int step = 0; step < ACT_BLOCK / 4; step++) /* 4 inputs: one lane's bytes */
                 memcpy(base + ((block * 8 + step) * 16 + i) * 4, q + 4 * step, 4);
             scales[block * 16 + i] = s;
             starts[block * 16 + i] = -offset * _mm512_reduce_add_epi32(sum);
+            if (halves)
+                first_halves[block * 16 + i] = -offset * _mm512_reduce_add_epi32(
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
+                                        _mm512_zextsi128_si512(
+                                            _mm_load_si128((const __m128i *)q))));
         }
     }
 }
@@ -97,7 +112,7 @@ static void pack_activations(const void *x, int x_bf16, int64_t M, int64_t k, in
  * group's blocks, s * sum(q), sum(q) = term / -offset exactly. Groups of whole blocks. */
 static void packed_group_sums(const char *xp, int64_t b, int64_t k, int64_t G, int offset,
                               float *sums) {
-    const char *base = xp + b * gemm_rows_bytes(FORMAT_INT8, k);
+    const char *base = xp + b * gemm_rows_bytes(FORMAT_INT8, k, 0);
     const float *scales = (const float *)(base + 16 * k);
     const int32_t *starts = (const int32_t *)(base + 16 * k + k / ACT_BLOCK * 64);
     const int64_t per_group = k / G / ACT_BLOCK;
@@ -155,7 +170,7 @@ static void pack_int_weights(const LinearWeights *L, int64_t n, uint8_t *out) {
 /* Rows [16 b, 16 b + 16) of bf16 x [M, k] into block b of xp as bf16 pairs: for every 2
  * inputs a 64-byte vector of the 16 rows' pairs (rows past M: zeros); 4 rows at a time. */
 static void pack_bf16_activations(const uint16_t *x, int64_t M, int64_t k, char *xp, int64_t b) {
-    char *base = xp + b * gemm_rows_bytes(FORMAT_FP8, k);
+    char *base = xp + b * gemm_rows_bytes(FORMAT_FP8, k, 0);
     for (int r0 = 0; r0 < 16; r0 += 4)
         for (int64_t c = 0; c < k; c += 32) { /* 32 inputs: 16 pairs of each of 4 rows */
             __m512i v[4], t[4];
@@ -198,7 +213,7 @@ static void pack_fp8_weights(const LinearWeights *L, int64_t n, uint16_t *out) {
 static inline __attribute__((always_inline)) void gemm_bf16_tile(
     const uint16_t *wp, const char *xb, int64_t k, const int R, const int J,
     float out[][GEMM_WIDE_ROWS][16]) {
-    const int64_t rows_bytes = gemm_rows_bytes(FORMAT_FP8, k);
+    const int64_t rows_bytes = gemm_rows_bytes(FORMAT_FP8, k, 0);
     __m512 acc[GEMM_ROW_BLOCKS][GEMM_WIDE_ROWS];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < J; j++) acc[i][j] = _mm512_setzero_ps();
@@ -247,7 +262,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, c
                                                             const float *sums, const int R,
                                                             const int PER_ROW,
                                                             float out[][GEMM_WIDE_ROWS][16]) {
-    const int64_t rows_bytes = gemm_rows_bytes(FORMAT_INT8, k), groups = k / group;
+    const int64_t rows_bytes = gemm_rows_bytes(FORMAT_INT8, k, 0), groups = k / group;
     const int64_t blocks_per_group = group / ACT_BLOCK;
     const char *x_scales = xb + 16 * k, *x_starts = xb + 16 * k + k / ACT_BLOCK * 64;
     __m512 acc[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS];
@@ -305,12 +320,72 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, c
         }
 }
 
+/* gemm_tile for symmetric weights with a scale per 16 inputs (GGUF's Q6_K): each block of 32
+ * inputs is two int32 sums, each started at its half's offset term (pack_activations' halves;
+ * the second's is the block's less the first's) and scaled by its own group's scale. */
+static inline __attribute__((always_inline)) void gemm_tile_halves(
+    const uint8_t *wp, const char *xb, int64_t k, const float *scales, const int R,
+    float out[][GEMM_WIDE_ROWS][16]) {
+    const int64_t rows_bytes = gemm_rows_bytes(FORMAT_INT8, k, 1), blocks = k / ACT_BLOCK;
+    const int64_t groups = 2 * blocks;
+    const char *x_scales = xb + 16 * k, *x_starts = x_scales + blocks * 64;
+    const char *x_halves = x_starts + blocks * 64;
+    __m512 acc[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t block = 0; block < blocks; block++) {
+        const char *xk = xb + block * 512;
+        const uint8_t *wk = wp + block * 8 * GEMM_WEIGHT_ROWS * 4;
+        for (int half = 0; half < 2; half++) {
+            __m512i dot[GEMM_ROW_BLOCKS][GEMM_WEIGHT_ROWS];
+            for (int i = 0; i < R; i++) {
+                const __m512i first = _mm512_loadu_si512(x_halves + i * rows_bytes + block * 64);
+                const __m512i start = half ? _mm512_sub_epi32(_mm512_loadu_si512(
+                                                 x_starts + i * rows_bytes + block * 64), first)
+                                           : first;
+                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) dot[i][j] = start;
+            }
+#pragma GCC unroll 4
+            for (int step = 4 * half; step < 4 * half + 4; step++) {
+                __m512i xv[GEMM_ROW_BLOCKS];
+                for (int i = 0; i < R; i++) {
+                    xv[i] = _mm512_loadu_si512(xk + i * rows_bytes + step * 64);
+                    __asm__("" : "+v"(xv[i]));
+                }
+                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
+                    const __m512i w = _mm512_set1_epi32(
+                        *(const int32_t *)(wk + (step * GEMM_WEIGHT_ROWS + j) * 4));
+                    for (int i = 0; i < R; i++)
+                        dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], w, xv[i]);
+                }
+            }
+            for (int i = 0; i < R; i++) {
+                const __m512 s = _mm512_loadu_ps((const float *)(x_scales + i * rows_bytes) +
+                                                 block * 16);
+                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++)
+                    acc[i][j] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(dot[i][j]),
+                        _mm512_mul_ps(s, _mm512_set1_ps(scales[j * groups + 2 * block + half])),
+                        acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) _mm512_storeu_ps(out[i][j], acc[i][j]);
+}
+
 /* One body per row count and scale layout. */
 __attribute__((noinline)) static void gemm_tiles(const uint8_t *wp, const char *xb, int64_t k,
                                                  int64_t group, const float *scales,
                                                  const float *offsets, const float *sums, int R,
                                                  float out[][GEMM_WIDE_ROWS][16]) {
     const int per_row = group == k;
+    if (group == ACT_BLOCK / 2) { /* symmetric: offsets, sums NULL */
+        if (R == 3) gemm_tile_halves(wp, xb, k, scales, 3, out);
+        else if (R == 2) gemm_tile_halves(wp, xb, k, scales, 2, out);
+        else gemm_tile_halves(wp, xb, k, scales, 1, out);
+        return;
+    }
     if (R == 3) {
         if (per_row) gemm_tile(wp, xb, k, group, scales, offsets, sums, 3, 1, out);
         else gemm_tile(wp, xb, k, group, scales, offsets, sums, 3, 0, out);
@@ -382,7 +457,8 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
                                 const TileStore *to, char *panel, float *panel_scales) {
     const int64_t k = L->k, group = L->scale_stride == 0 ? k : L->group, groups = k / group;
     const int64_t G = offset_groups(L); /* groups, or 0 without offsets */
-    const int64_t blocks = (M + 15) / 16, rows_bytes = gemm_rows_bytes(L->format, k);
+    const int64_t blocks = (M + 15) / 16,
+                  rows_bytes = gemm_rows_bytes(L->format, k, gemm_halves(L));
     const int fp8 = L->format == FORMAT_FP8;
     const int64_t weight_row_bytes = fp8 ? 2 * k : k;
     const int64_t n_begin = to->lo / GEMM_WEIGHT_ROWS * GEMM_WEIGHT_ROWS;

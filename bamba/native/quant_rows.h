@@ -576,7 +576,8 @@ enum { FEW_ROWS = 8 };
 static inline int decode_gemm_fits(const LinearWeights *L, int64_t M, int x_bf16) {
     return M > FEW_ROWS && bamba_int8_activations &&
            (L->format == FORMAT_INT8 || L->format == FORMAT_INT4) &&
-           L->n % GEMM_WEIGHT_ROWS == 0 && quant_gemm_supported(L->format, L->k, L->group, x_bf16);
+           L->n % GEMM_WEIGHT_ROWS == 0 &&
+           quant_gemm_supported(L->format, L->k, L->group, offset_groups(L) > 0, x_bf16);
 }
 
 /* quant_features by the product, inside a parallel region without a barrier: this thread
@@ -587,14 +588,14 @@ static int gemm_features_alone(const LinearWeights *L, int x_bf16, const void *x
     const int64_t k = L->k, blocks = (M + 15) / 16, G = offset_groups(L);
     const size_t panel_bytes = (size_t)gemm_panel_bytes(L->format, k),
                  panel_scales = (size_t)gemm_panel_scales(L),
-                 rows_bytes = (size_t)(blocks * gemm_rows_bytes(L->format, k)),
+                 rows_bytes = (size_t)(blocks * gemm_rows_bytes(L->format, k, gemm_halves(L))),
                  sums_bytes = (size_t)(blocks * G * 16) * sizeof(float);
     char *work = thread_buffer(GEMM_BUFFER, rows_bytes + panel_bytes + panel_scales + sums_bytes);
     if (work == NULL) return -1;
     float *sums = G ? (float *)(work + rows_bytes + panel_bytes + panel_scales) : NULL;
     const int offset = L->format == FORMAT_INT4 ? 8 : 128;
     for (int64_t b = 0; b < blocks; b++) {
-        pack_activations(x, x_bf16, M, k, offset, work, b);
+        pack_activations(x, x_bf16, M, k, offset, gemm_halves(L), work, b);
         if (sums) packed_group_sums(work, b, k, G, offset, sums + b * G * 16);
     }
     TileStore with_sums = *to;
