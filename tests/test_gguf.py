@@ -431,6 +431,33 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
     assert (fast - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
 
 
+def _native_and_torch_logits(path: Path, reference: torch.nn.Module,
+                             ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(native, torch) logits of ``ids`` [2, 11] through a Granite MoE file: the native model
+    prefills 7 tokens (each picked expert's product on the quantized kernels, never a
+    dequantized expert) and decodes the rest a token a call in the one-call step (asserted);
+    ``reference`` is the file loaded without the kernels. int8 activations off (the reference's
+    activations at every row count)."""
+    from bamba.native import accelerate, decode_ops, quant_ops
+    from bamba.quant.experts import QuantizedExpertWeights
+    from test_quant_interop import prefill_then_decode
+
+    calls = []
+    real = decode_ops.decode_layers
+    previous = quant_ops.set_int8_activations(False)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(decode_ops, "decode_layers",
+                          lambda *a, **k: calls.append(1) or real(*a, **k))
+            patch.setattr(QuantizedExpertWeights, "expert", None)
+            fast = prefill_then_decode(accelerate(from_pretrained(path)), ids, prefill=7)
+    finally:
+        quant_ops.set_int8_activations(previous)
+    assert len(calls) == 4
+    with torch.no_grad():
+        return fast, reference(ids)
+
+
 @pytest.mark.parametrize("gate_up,down", [("Q4_K", "Q6_K"), ("Q5_K", "Q4_K"), ("Q6_K", "Q5_K")])
 def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monkeypatch,
                                                                   gate_up, down):
@@ -440,17 +467,14 @@ def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monk
     in those blocks' formats (offsets included), every expert weight as gguf-py dequantizes
     it; the native kernels (prefill's products over each picked expert's slice, then the
     one-call decode step, each layer's experts in their formats) give the torch path's
-    float32 logits within the rounding
-    of their bf16 inputs: measured 1e-4 to 4e-4 of the logits' size, where zeroing the
+    float32 logits within the rounding of their bf16 inputs: measured 1e-4 to 4e-4 of the logits' size, where zeroing the
     experts' offsets moves them 5-9% and shifting each expert's rows onto its neighbour's
     9-14%. (The random blocks' fields are scaled to weights of a trained model's size:
     at full size they make this random model chaotic, rounding flipping expert picks.)"""
     from gguf import GGMLQuantizationType as Q
 
     from bamba.gguf import export as gguf_export
-    from bamba.native import accelerate, decode_ops, quant_ops
     from bamba.quant.experts import QuantizedExpertWeights
-    from test_quant_interop import prefill_then_decode
 
     types = {"gate_exps": Q[gate_up], "up_exps": Q[gate_up], "down_exps": Q[down],
              "blk.0.ffn_down_exps": Q.Q6_K}  # the first layer's down experts: Q6_K
@@ -483,21 +507,7 @@ def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monk
             assert stacked.kernel_weights().scales is stacked.weight_table
     _assert_dequantized_as_gguf_does(back, out, [t.name for t in gguf.GGUFReader(out).tensors
                                                  if "_exps" in t.name])
-    calls = []
-    real = decode_ops.decode_layers
-    monkeypatch.setattr(decode_ops, "decode_layers",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    ids = random_ids(2, 11, seed=5)
-    previous = quant_ops.set_int8_activations(False)  # the reference's activations throughout
-    try:
-        with monkeypatch.context() as patch:  # the prefill's expert products: the kernels
-            patch.setattr(QuantizedExpertWeights, "expert", None)
-            fast = prefill_then_decode(accelerate(from_pretrained(out)), ids, prefill=7)
-    finally:
-        quant_ops.set_int8_activations(previous)
-    assert len(calls) == 4
-    with torch.no_grad():
-        ref = back(ids)
+    fast, ref = _native_and_torch_logits(out, back, random_ids(2, 11, seed=5))
     assert (fast - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
 
 
@@ -881,9 +891,7 @@ def test_llama_quantize_q4_k_m_of_a_granite_moe_keeps_its_experts_in_their_block
     dequantizes it, and the one-call decode step runs them near the torch path (float32, int8
     activations off; the kernels' bf16 inputs: 0.9-1.5% of the logits' size over 4 id seeds,
     one seed 20% where rounding flips an expert pick; the experts' offsets dropped: 106-148%)."""
-    from bamba.native import accelerate, decode_ops, quant_ops
     from bamba.quant.experts import QuantizedExpertWeights
-    from test_quant_interop import prefill_then_decode
 
     source = tmp_path / "source"
     hf_model("granite-moe", hidden_size=256, intermediate_size=256,
@@ -900,18 +908,5 @@ def test_llama_quantize_q4_k_m_of_a_granite_moe_keeps_its_experts_in_their_block
                                                          layer.feed_forward.experts.output_linear)]
     assert all(isinstance(s, QuantizedExpertWeights) for s in stacks)
     _assert_dequantized_as_gguf_does(back, out, [t.name for t in experts])
-    calls = []
-    real = decode_ops.decode_layers
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(decode_ops, "decode_layers",
-                      lambda *a, **k: calls.append(1) or real(*a, **k))
-        previous = quant_ops.set_int8_activations(False)
-        try:
-            ids = random_ids(2, 11)
-            fast = prefill_then_decode(accelerate(from_pretrained(out)), ids, prefill=7)
-        finally:
-            quant_ops.set_int8_activations(previous)
-    assert len(calls) == 4
-    with torch.no_grad():
-        ref = back(ids)
+    fast, ref = _native_and_torch_logits(out, back, random_ids(2, 11))
     assert (fast - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()

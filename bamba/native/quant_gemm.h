@@ -251,6 +251,42 @@ __attribute__((noinline)) static void gemm_bf16_tiles(const uint16_t *wp, const 
     }
 }
 
+/* dot[i][j] += the byte products of steps first..first + count - 1 (4 inputs a step) of a block
+ * of 32 inputs: row block i of the R packed at xk against weight row j of the panel at wk. R
+ * and count compile-time after inlining. */
+static inline __attribute__((always_inline)) void block_dots(
+    __m512i dot[][GEMM_WEIGHT_ROWS], const char *xk, const uint8_t *wk, int64_t rows_bytes,
+    int first, const int count, const int R) {
+#pragma GCC unroll 8
+    for (int step = first; step < first + count; step++) {
+        __m512i xv[GEMM_ROW_BLOCKS];
+        for (int i = 0; i < R; i++) {
+            xv[i] = _mm512_loadu_si512(xk + i * rows_bytes + step * 64);
+            /* in a register: folded into each product it is loaded 4 times (~25%) */
+            __asm__("" : "+v"(xv[i]));
+        }
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
+            const __m512i w = _mm512_set1_epi32(
+                *(const int32_t *)(wk + (step * GEMM_WEIGHT_ROWS + j) * 4));
+            for (int i = 0; i < R; i++) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], w, xv[i]);
+        }
+    }
+}
+
+/* acc[i][j] += dot[i][j] (float) x row block i's scales of activation block `block` x weight row
+ * j's scale w[j * stride] (w NULL: none here, one scale a row is applied at the end). */
+static inline __attribute__((always_inline)) void scaled_sums(
+    __m512 acc[][GEMM_WEIGHT_ROWS], __m512i dot[][GEMM_WEIGHT_ROWS], const char *x_scales,
+    int64_t rows_bytes, int64_t block, const float *w, int64_t stride, const int R) {
+    for (int i = 0; i < R; i++) {
+        const __m512 s = _mm512_loadu_ps((const float *)(x_scales + i * rows_bytes) + block * 16);
+        for (int j = 0; j < GEMM_WEIGHT_ROWS; j++)
+            acc[i][j] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(dot[i][j]),
+                w == NULL ? s : _mm512_mul_ps(s, _mm512_set1_ps(w[j * stride])), acc[i][j]);
+    }
+}
+
 /* out[i][j][l] = row 16 i + l of the R packed blocks at xb . weight row j of the panel `wp`,
  * `scales` [4][groups] the rows' float32 scales; an asymmetric weight's `offsets` [4][groups]
  * (NULL otherwise) add offset x the rows' group sums `sums` [R][groups][16] at each group's
@@ -276,32 +312,10 @@ static inline __attribute__((always_inline)) void gemm_tile(const uint8_t *wp, c
                 const __m512i start = _mm512_loadu_si512(x_starts + i * rows_bytes + block * 64);
                 for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) dot[i][j] = start;
             }
-            const char *xk = xb + block * 512;
-            const uint8_t *wk = wp + block * 8 * GEMM_WEIGHT_ROWS * 4;
-#pragma GCC unroll 8
-            for (int step = 0; step < ACT_BLOCK / 4; step++) {
-                __m512i xv[GEMM_ROW_BLOCKS];
-                for (int i = 0; i < R; i++) {
-                    xv[i] = _mm512_loadu_si512(xk + i * rows_bytes + step * 64);
-                    /* in a register: folded into each product it is loaded 4 times (~25%) */
-                    __asm__("" : "+v"(xv[i]));
-                }
-                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
-                    const __m512i w = _mm512_set1_epi32(
-                        *(const int32_t *)(wk + (step * GEMM_WEIGHT_ROWS + j) * 4));
-                    for (int i = 0; i < R; i++)
-                        dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], w, xv[i]);
-                }
-            }
-            for (int i = 0; i < R; i++) {
-                const __m512 s = _mm512_loadu_ps((const float *)(x_scales + i * rows_bytes) +
-                                                 block * 16);
-                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++)
-                    acc[i][j] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(dot[i][j]),
-                        PER_ROW ? s : _mm512_mul_ps(s, _mm512_set1_ps(scales[j * groups + g])),
-                        acc[i][j]);
-            }
+            block_dots(dot, xb + block * 512, wp + block * 8 * GEMM_WEIGHT_ROWS * 4, rows_bytes,
+                       0, ACT_BLOCK / 4, R);
+            scaled_sums(acc, dot, x_scales, rows_bytes, block,
+                        PER_ROW ? NULL : scales + g, groups, R);
             if (offsets == NULL || PER_ROW || left > 1) continue; /* no group ends here */
             for (int i = 0; i < R; i++) {
                 const __m512 xs = _mm512_loadu_ps(sums + (i * groups + g) * 16);
@@ -345,29 +359,9 @@ static inline __attribute__((always_inline)) void gemm_tile_halves(
                                            : first;
                 for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) dot[i][j] = start;
             }
-#pragma GCC unroll 4
-            for (int step = 4 * half; step < 4 * half + 4; step++) {
-                __m512i xv[GEMM_ROW_BLOCKS];
-                for (int i = 0; i < R; i++) {
-                    xv[i] = _mm512_loadu_si512(xk + i * rows_bytes + step * 64);
-                    __asm__("" : "+v"(xv[i]));
-                }
-                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
-                    const __m512i w = _mm512_set1_epi32(
-                        *(const int32_t *)(wk + (step * GEMM_WEIGHT_ROWS + j) * 4));
-                    for (int i = 0; i < R; i++)
-                        dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], w, xv[i]);
-                }
-            }
-            for (int i = 0; i < R; i++) {
-                const __m512 s = _mm512_loadu_ps((const float *)(x_scales + i * rows_bytes) +
-                                                 block * 16);
-                for (int j = 0; j < GEMM_WEIGHT_ROWS; j++)
-                    acc[i][j] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(dot[i][j]),
-                        _mm512_mul_ps(s, _mm512_set1_ps(scales[j * groups + 2 * block + half])),
-                        acc[i][j]);
-            }
+            block_dots(dot, xk, wk, rows_bytes, 4 * half, ACT_BLOCK / 8, R);
+            scaled_sums(acc, dot, x_scales, rows_bytes, block, scales + 2 * block + half,
+                        groups, R);
         }
     }
     for (int i = 0; i < R; i++)
