@@ -20,6 +20,7 @@ Scales take the weight's dtype (llm-compressor writes the model's dtype).
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple
 
 import torch
@@ -235,6 +236,8 @@ def pack_ints(q: torch.Tensor, bits: int) -> torch.Tensor:
     element j stored as q + 2^(b-1) at bit (j % (32 // b)) * b of word j // (32 // b)."""
     if WORD_BITS % bits:
         raise ValueError(f"packing supports bit widths dividing 32, got {bits}")
+    if bits in (4, 8) and sys.byteorder == "little":
+        return _pack_bytes(q, bits)
     per_word = WORD_BITS // bits
     n, k = q.shape
     unsigned = (q.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
@@ -242,6 +245,20 @@ def pack_ints(q: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     words = (unsigned.reshape(n, -1, per_word) << shifts).sum(dim=-1)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def _pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """``pack_ints`` for 8 and 4 bits on a little-endian host, in bytes: the words' bytes are
+    the values (q + 128), or pairs of them (q + 8, the first in the low nibble), in order, so
+    the packed rows are those bytes viewed as int32 (a GGUF file's 4B-parameter model packs in
+    seconds where the int64 sums took minutes)."""
+    n, k = q.shape
+    unsigned = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    if bits == 4:
+        unsigned = torch.nn.functional.pad(unsigned, (0, k % 2))
+        unsigned = (unsigned[:, 0::2] & 0x0F) | (unsigned[:, 1::2] << 4)
+    unsigned = torch.nn.functional.pad(unsigned, (0, -unsigned.shape[1] % 4))
+    return unsigned.contiguous().reshape(-1).view(torch.int32).reshape(n, unsigned.shape[1] // 4)
 
 
 def pack_zero_points(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
