@@ -467,10 +467,11 @@ def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monk
     in those blocks' formats (offsets included), every expert weight as gguf-py dequantizes
     it; the native kernels (prefill's products over each picked expert's slice, then the
     one-call decode step, each layer's experts in their formats) give the torch path's
-    float32 logits within the rounding of their bf16 inputs: measured 1e-4 to 4e-4 of the logits' size, where zeroing the
-    experts' offsets moves them 5-9% and shifting each expert's rows onto its neighbour's
-    9-14%. (The random blocks' fields are scaled to weights of a trained model's size:
-    at full size they make this random model chaotic, rounding flipping expert picks.)"""
+    float32 logits within the rounding of their bf16 inputs: measured 1e-4 to 4e-4 of the
+    logits' size, where zeroing the experts' offsets moves them 5-9% and shifting each
+    expert's rows onto its neighbour's 9-14%. (The random blocks' fields are scaled to
+    weights of a trained model's size: at full size they make this random model chaotic,
+    rounding flipping expert picks.)"""
     from gguf import GGMLQuantizationType as Q
 
     from bamba.gguf import export as gguf_export

@@ -343,8 +343,9 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     in a block type of ``bamba.gguf.quantized.KINDS`` (Q8_0, Q4_0, Q5_0, Q6_K, and Q4_1, Q5_1,
     Q4_K, Q5_K with offsets) load in that type's int8 / int4 format as a ``QuantizedLinear`` /
     ``QuantizedEmbedding``, each tensor in its own; a Granite MoE's stacked experts, each in a
-    block type of KINDS, as ``QuantizedExpertWeights`` of that type's format; every other tensor is dequantized into ``dtype`` (A_log, D and
-    dt_bias stay float32, as ``from_pretrained`` keeps them)."""
+    block type of KINDS, as ``QuantizedExpertWeights`` of that type's format; every other
+    tensor is dequantized into ``dtype`` (A_log, D and dt_bias stay float32, as
+    ``from_pretrained`` keeps them)."""
     from bamba.arena import WeightArena
     from bamba.budget import check_model_fits
     from bamba.checkpoint import _assign

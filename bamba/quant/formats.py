@@ -250,8 +250,8 @@ def pack_ints(q: torch.Tensor, bits: int) -> torch.Tensor:
 def _pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """``pack_ints`` for 8 and 4 bits on a little-endian host, in bytes: the words' bytes are
     the values (q + 128), or pairs of them (q + 8, the first in the low nibble), in order, so
-    the packed rows are those bytes viewed as int32 (a GGUF file's 4B-parameter model packs in
-    seconds where the int64 sums took minutes)."""
+    the packed rows are those bytes viewed as int32 (loading a Q4_K_M file of
+    granite-4.0-h-tiny's shape spent 77 s packing with int64 sums, ~8 s so)."""
     n, k = q.shape
     unsigned = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
     if bits == 4:
