@@ -84,27 +84,27 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
     offset = None
     if type_name in ("Q4_1", "Q5_1"):  # d, m, [qh 4 bytes], 16 bytes of nibbles
         d, m = _half(b[..., 0:2]), _half(b[..., 2:4])
-        u = _nibbles(b[..., -16:]).astype(np.int16)
+        u = _nibbles(b[..., -16:]).astype(np.int8)
         centre = 8
         if type_name == "Q5_1":
-            u |= _bits(b[..., 4:8], 32).astype(np.int16) << 4
+            u |= _bits(b[..., 4:8], 32).astype(np.int8) << 4
             centre = 16
         scale, offset = d, m + centre * d
         q = u - centre
     elif type_name == "Q5_0":  # d, qh 4 bytes, 16 bytes of nibbles
         d = _half(b[..., 0:2])
-        u = _nibbles(b[..., 6:22]).astype(np.int16) | \
-            (_bits(b[..., 2:6], 32).astype(np.int16) << 4)
+        u = _nibbles(b[..., 6:22]).astype(np.int8) | \
+            (_bits(b[..., 2:6], 32).astype(np.int8) << 4)
         q, scale = u - 16, d
     elif type_name in ("Q4_K", "Q5_K"):  # d, dmin, 12 scale bytes, [qh 32 bytes], qs 128 bytes
         d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
         sc, m = _k_scales(b[..., 4:16])
         qs = b[..., -128:].reshape(rows, -1, 4, 32)  # 4 chunks of 64 weights: low, high nibbles
-        u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).astype(np.int16).reshape(rows, -1, 256)
+        u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).astype(np.int8).reshape(rows, -1, 256)
         centre = 8
         if type_name == "Q5_K":  # bit j of qh's byte l: weight 32 j + l's fifth bit
             high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]
-            u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256).astype(np.int16) << 4
+            u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256).astype(np.int8) << 4
             centre = 16
         scale = d * sc  # [rows, blocks, 8]
         offset = centre * scale - dmin * m
@@ -115,13 +115,13 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         low = np.stack((ql & 0x0F, ql >> 4), axis=-3)  # [half, nibble, run, l]
         shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(2, 2, 1)  # nibble, run -> shift
         high = (qh[..., None, :, :] >> shifts) & 3  # [half, nibble, run, l]
-        u = (low.astype(np.int16) | (high.astype(np.int16) << 4)).reshape(rows, -1, 256)
+        u = (low.astype(np.int8) | (high.astype(np.int8) << 4)).reshape(rows, -1, 256)
         sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
         q, scale = u - 32, _half(b[..., 208:210]) * sc
     else:
         raise ValueError(f"GGUF block type {type_name} is not read quantized")
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))  # noqa: E731
-    return (to(q.astype(np.int8)).view(rows, cols), to(scale.astype(np.float32)),
+    return (to(q.astype(np.int8, copy=False)).view(rows, cols), to(scale.astype(np.float32)),
             None if offset is None else to(offset.astype(np.float32)))
 
 

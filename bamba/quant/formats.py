@@ -251,9 +251,10 @@ def _pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """``pack_ints`` for 8 and 4 bits on a little-endian host, in bytes: the words' bytes are
     the values (q + 128), or pairs of them (q + 8, the first in the low nibble), in order, so
     the packed rows are those bytes viewed as int32 (loading a Q4_K_M file of
-    granite-4.0-h-tiny's shape spent 77 s packing with int64 sums, ~8 s so)."""
+    granite-4.0-h-tiny's shape spent 77 s packing with int64 sums, ~3 s so)."""
     n, k = q.shape
-    unsigned = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    # q + 2^(b-1) in b bits is q's two's-complement byte with bit b-1 flipped, low b bits kept
+    unsigned = q.to(torch.int8).view(torch.uint8) ^ (1 << (bits - 1))
     if bits == 4:
         unsigned = torch.nn.functional.pad(unsigned, (0, k % 2))
         unsigned = (unsigned[:, 0::2] & 0x0F) | (unsigned[:, 1::2] << 4)
