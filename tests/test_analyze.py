@@ -344,3 +344,26 @@ def test_analyze_a_moe_model_against_its_all_attention_twin_with_experts(capsys)
     assert cli.main(["analyze", "bench-granite-moe", "--batch", "1", "--seq", "4K"]) == 0
     out = capsys.readouterr().out
     assert "experts: 6 of 32 a token" in out and "(none: the appendix has no experts)" in out
+
+
+def test_cli_reads_a_gguf_files_configuration(monkeypatch, capsys, make_hf_checkpoint,
+                                              tmp_path: Path):
+    """A GGUF file (a Granite MoE's, experts included) is analysed as its metadata's model: the
+    same report as the checkpoint it was exported from; a file that is not GGUF is one line."""
+    pytest.importorskip("gguf")
+    from bamba.checkpoint import from_pretrained, load_tokenizer
+    from bamba.gguf.export import export_gguf
+
+    source = make_hf_checkpoint("granite-moe")
+    gguf_file = export_gguf(from_pretrained(source), load_tokenizer(source),
+                            tmp_path / "m.gguf", "q8_0")
+    reports = []
+    for spec in (str(source), str(gguf_file)):
+        code, out, _ = _run(monkeypatch, capsys, spec, "--batch", "4", "--seq", "1K", "--json")
+        assert code == 0
+        reports.append(json.loads(out))
+    assert reports[1]["parameters"] == reports[0]["parameters"]
+    assert reports[1]["rows"] == reports[0]["rows"]
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 8)
+    code, _, err = _run(monkeypatch, capsys, str(tmp_path / "bad.gguf"))
+    assert code == 2 and "bad.gguf" in err and len(err.strip().splitlines()) == 1

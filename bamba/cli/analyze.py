@@ -31,7 +31,8 @@ def _count(text: str) -> int:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG_OR_DIR",
-                        help=f"preset ({', '.join(PRESETS)}), config.json or checkpoint directory")
+                        help=f"preset ({', '.join(PRESETS)}), config.json, checkpoint directory "
+                             "or GGUF file (its weights priced at --dtype)")
     parser.add_argument("--batch", type=_count, nargs="+", metavar="B",
                         help=f"batch sizes (default {' '.join(map(str, DEFAULT_BATCHES))})")
     parser.add_argument("--seq", type=_count, nargs="+", metavar="S",
@@ -44,10 +45,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(spec: str) -> BambaConfig:
-    """A preset name, a config.json path or a directory holding config.json."""
+    """A preset name, a config.json path, a directory holding config.json, or a GGUF file
+    (its metadata's configuration)."""
     if spec in PRESETS:
         return preset(spec)
     path = Path(spec)
+    if path.is_file():
+        from bamba.gguf.reader import is_gguf, read_model_file
+
+        if is_gguf(path):
+            return read_model_file(path).config
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
