@@ -68,6 +68,9 @@ def resolve_checkpoint(path_or_id: str | os.PathLike, revision: str | None = Non
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
+    if path.exists() and _is_gguf(path):
+        raise ValueError(f"{path}: a GGUF file, where this needs a checkpoint directory (or a "
+                         f"hub id)")
     if path.exists():
         raise ValueError(f"{path}: is a file, expected a checkpoint directory or a GGUF file")
     text = str(path_or_id)
@@ -94,6 +97,16 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise FileNotFoundError(f"{repo_id}: not a local directory, and fetching it from the hub "
                                 f"failed{' (offline)' if offline else ''}: {reason}") from exc
     return Path(local)
+
+
+def config_of(path_or_id: str | os.PathLike) -> BambaConfig:
+    """The BambaConfig of a checkpoint (directory or hub id) or of a GGUF file, without its
+    weights."""
+    if _is_gguf(path_or_id):
+        from bamba.gguf.reader import read_model_file
+
+        return read_model_file(path_or_id).config
+    return load_config(resolve_checkpoint(path_or_id))
 
 
 def load_config(directory: str | os.PathLike) -> BambaConfig:

@@ -183,6 +183,25 @@ def test_the_command_in_bfloat16_is_close_to_float32(checkpoint, tmp_path, capsy
     assert results["bf16"] == pytest.approx(results["fp32"], rel=0.02)
 
 
+def test_the_command_on_a_gguf_file_scores_its_weights(checkpoint, tmp_path, capsys):
+    """A GGUF file is a model like a checkpoint directory (its context read from the metadata):
+    the f32 export of the checkpoint scores as the checkpoint does."""
+    pytest.importorskip("gguf")
+    from bamba.gguf.export import export_gguf
+
+    gguf_file = export_gguf(from_pretrained(checkpoint), load_tokenizer(checkpoint),
+                            tmp_path / "m.gguf", "f32")
+    (tmp_path / "a.txt").write_text(TEXT * 2)
+    results = {}
+    for name, model in (("dir", checkpoint), ("gguf", gguf_file)):
+        code, cap = _run([str(model), str(tmp_path / "a.txt"), "--dtype", "fp32", "--context",
+                          "64", "--out", str(tmp_path / name)], capsys)
+        assert code == 0, cap.err
+        results[name] = json.loads((tmp_path / name / "perplexity.json").read_text())
+    assert results["gguf"]["tokens"] == results["dir"]["tokens"]
+    assert results["gguf"]["nll"] == pytest.approx(results["dir"]["nll"], abs=1e-5)
+
+
 def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text(TEXT)

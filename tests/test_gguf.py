@@ -720,6 +720,20 @@ def test_export_refuses_what_llama_cpp_cannot_run_and_writes_nothing(make_hf_che
     assert list(tmp_path.iterdir()) == [source]
 
 
+def test_quantize_of_a_gguf_file_says_it_needs_a_checkpoint(make_hf_checkpoint, tmp_path,
+                                                            capsys):
+    """`bamba quantize` reads checkpoint directories: a GGUF file is named as such in one line
+    (it said "is a file, expected a checkpoint directory or a GGUF file"), nothing written."""
+    source = make_hf_checkpoint("hybrid")
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf", "f32")
+    capsys.readouterr()
+    assert main(["quantize", str(out), str(tmp_path / "q"), "--scheme", "int8",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a GGUF file, where this needs a checkpoint" in err
+    assert not (tmp_path / "q").exists()
+
+
 def test_an_architecture_we_do_not_run_is_named(tmp_path, capsys):
     path = tmp_path / "other.gguf"
     writer = gguf.GGUFWriter(path, "mamba2")

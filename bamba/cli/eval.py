@@ -59,10 +59,10 @@ def parse_rope_scaling(text: str) -> dict[str, Any] | None:
 
 
 def checkpoint_config(model_ref: str) -> Any:
-    """The checkpoint's ``BambaConfig``, read without loading weights."""
-    from bamba.checkpoint import load_config, resolve_checkpoint
+    """The checkpoint's (or GGUF file's) ``BambaConfig``, read without loading weights."""
+    from bamba.checkpoint import config_of
 
-    return load_config(resolve_checkpoint(model_ref))
+    return config_of(model_ref)
 
 
 def check_context(needed: int, limit: int, what: str, scaled: bool) -> None:
