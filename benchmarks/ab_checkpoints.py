@@ -6,13 +6,15 @@ of the same weights (say int4 with a Granite MoE's experts quantized or kept in 
 memory spells.
 
     python benchmarks/ab_checkpoints.py DIR_A DIR_B [--turns 5] [--batches 1 8 32]
-                                       [--dense-experts] [--output out.json]
+                                       [--dense-experts] [--flat-scales] [--output out.json]
 
 A checkpoint is a directory or a GGUF file. ``--dense-experts`` adds each one again with its
 quantized experts dequantized to a bf16 stack (what a GGUF file's K-quant experts loaded as
-before they stayed in their blocks). ``--llama-bench`` has llama.cpp's ``llama-bench`` decode
-(batch 1) and prefill each GGUF file in every turn too, right after bamba's turn on it (the
-same bytes on both sides, the same memory spell). Prints and (with --output) writes each
+before they stayed in their blocks); ``--flat-scales`` each one with its two-level scales
+(Q4_K, Q5_K) as a float32 scale and offset a group (how they loaded before).
+``--llama-bench`` has llama.cpp's ``llama-bench`` decode (batch 1) and prefill each GGUF file
+in every turn too, right after bamba's turn on it (the same bytes on both sides, the same
+memory spell). Prints and (with --output) writes each
 one's median tok/s over the turns, its size on disk, the bytes its model holds, and the host.
 """
 
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-experts", action="store_true",
                         help="also time each checkpoint with its quantized experts dequantized "
                              "to bf16 (a Granite MoE's experts as a dense stack)")
+    parser.add_argument("--flat-scales", action="store_true",
+                        help="also time each checkpoint with its two-level scales (a GGUF "
+                             "file's Q4_K / Q5_K) as a float32 scale and offset a group")
     parser.add_argument("--llama-bench", action="store_true",
                         help="llama-bench decodes (batch 1) and prefills each GGUF file too, "
                              "a turn beside bamba's")
@@ -64,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
             dense = dequantize_model(from_pretrained(path, dtype=torch.bfloat16), torch.bfloat16,
                                      kinds=(QuantizedExpertWeights,))
             models[f"{path} (experts bf16)"] = path, accelerate(dense)
+        if args.flat_scales:
+            flat = flat_scales(from_pretrained(path, dtype=torch.bfloat16))
+            models[f"{path} (flat scales)"] = path, accelerate(flat)
     times: dict[str, dict[int | str, list[float]]] = {
         name: {**{b: [] for b in args.batches}, "prefill": [], "llama_b1": [],
                "llama_prefill": []} for name in models}
@@ -102,6 +110,22 @@ def llama_bench_seconds(gguf: Path, args: argparse.Namespace) -> tuple[float, fl
     rows, _ = run_llama_bench(gguf, args.threads, ["-p", f"0,{args.prompt}", "-n",
                                                    f"{args.steps},0", "-r", "1"])
     return 1 / rows[(0, args.steps, 0)]["tok_s"], args.prompt / rows[(args.prompt, 0, 0)]["tok_s"]
+
+
+def flat_scales(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every two-level table with offsets (Q4_K, Q5_K) as a float32 table of a
+    scale and an offset a group, the same numbers (how those blocks loaded before they were held
+    as stored), repacked into one huge-page arena as loading packs them."""
+    from bamba.arena import pack_weights
+    from bamba.quant.formats import k_table_values
+
+    for module in model.modules():
+        scheme = getattr(module, "scheme", None)
+        if scheme is not None and scheme.two_level and scheme.offsets:
+            scale, offset = k_table_values(module.weight_table, module.dense_shape[1], scheme)
+            module.scheme = scheme._replace(two_level=False)
+            module.weight_table = torch.stack([scale, offset], dim=1).contiguous()
+    return pack_weights(model)
 
 
 def disk_bytes(path: Path) -> int:

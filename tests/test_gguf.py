@@ -408,17 +408,21 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
                       "f32")
     assert {"Q4_K", "Q5_K", "Q6_K"} <= _types(out)
     back = from_pretrained(out, dtype=torch.float32)
-    held = {name: (m.scheme.name, m.scheme.group_size, m.scheme.offsets)
+    held = {name: (m.scheme.name, m.scheme.group_size, m.scheme.offsets, m.scheme.two_level)
             for name, m in back.named_modules()
             if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
-    assert held == {"model.layers.0.mamba.in_proj": ("int4", 32, True),
-                    "model.layers.0.mamba.out_proj": ("int8", 32, True),
-                    "model.layers.2.feed_forward.down_proj": ("int8", 16, False),
-                    "model.layers.3.feed_forward.up_proj": ("int4", 32, True),
-                    "lm_head": ("int8", 16, False), "model.embed_tokens": ("int4", 32, True)}
-    for name, m in back.named_modules():  # scales and offsets held once, as the kernels read
-        if getattr(getattr(m, "scheme", None), "offsets", False):
+    assert held == {"model.layers.0.mamba.in_proj": ("int4", 32, True, True),
+                    "model.layers.0.mamba.out_proj": ("int8", 32, True, True),
+                    "model.layers.2.feed_forward.down_proj": ("int8", 16, False, False),
+                    "model.layers.3.feed_forward.up_proj": ("int4", 32, True, True),
+                    "lm_head": ("int8", 16, False, False),
+                    "model.embed_tokens": ("int4", 32, True, True)}
+    for name, m in back.named_modules():  # Q4_K's and Q5_K's scales held as stored, as the
+        if getattr(getattr(m, "scheme", None), "offsets", False):  # kernels read them
             assert m.kernel_weights().scales is m.weight_table, name
+            cols = m.dense_shape[1]  # a float32 d and dmin a 256 inputs, sc and m a 32
+            assert m.weight_table.dtype == torch.uint8
+            assert m.weight_table.shape[1:] == (2, 4 * cols // 256 + cols // 32), name
     _assert_dequantized_as_gguf_does(back, out, list(k_types))
     ids = random_ids(2, 11)
     quant_ops.set_int8_activations(False)  # the reference's activations at every row count
@@ -504,8 +508,9 @@ def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monk
         assert (scheme.name, scheme.group_size, scheme.offsets) == \
             (("int8", 16, False) if type_name == "Q6_K" else
              ("int4" if type_name == "Q4_K" else "int8", 32, True))
-        if scheme.offsets:  # held once, in the kernels' layout (each expert a slice of rows)
+        if scheme.offsets:  # held as stored, the kernels' layout (each expert a slice of rows)
             assert stacked.kernel_weights().scales is stacked.weight_table
+            assert stacked.weight_table.dtype == torch.uint8 and scheme.two_level
     _assert_dequantized_as_gguf_does(back, out, [t.name for t in gguf.GGUFReader(out).tensors
                                                  if "_exps" in t.name])
     fast, ref = _native_and_torch_logits(out, back, random_ids(2, 11, seed=5))

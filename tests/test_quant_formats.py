@@ -146,6 +146,30 @@ def test_bad_schemes_and_group_sizes_are_value_errors():
         make_scheme("fp8", symmetric=False)
 
 
+def test_a_k_table_holds_two_level_scales_and_offsets_as_the_blocks_do():
+    """A K table (GGUF Q4_K / Q5_K) gives scale d * sc and offset centre * scale - dmin * m per
+    group of 32, each super-block of 256 inputs its own d and dmin; only int8 / int4 in groups
+    of 32 with offsets take one."""
+    from bamba.quant.formats import k_table, k_table_values
+
+    d, dmin = torch.tensor([[0.5, 0.25]]), torch.tensor([[0.125, 2.0]])
+    sc, m = torch.arange(16).reshape(1, 16), torch.arange(16, 32).reshape(1, 16)
+    table = k_table(d, sc, dmin, m)
+    assert table.dtype == torch.uint8 and table.shape == (1, 2, 4 * 2 + 16)
+    supers = torch.tensor([0] * 8 + [1] * 8)
+    for name, centre in (("int4", 8.0), ("int8", 0.0)):
+        scheme = make_scheme(name, 32, symmetric=False, offsets=True, two_level=True)
+        scale, offset = k_table_values(table, 512, scheme)
+        torch.testing.assert_close(scale, d[:, supers] * sc.float(), rtol=0, atol=0)
+        torch.testing.assert_close(offset, centre * scale - dmin[:, supers] * m.float(),
+                                   rtol=0, atol=0)
+    for bad in (dict(name="int4", group_size=32, symmetric=True),
+                dict(name="int4", group_size=64, symmetric=False, offsets=True),
+                dict(name="fp8", group_size=32)):
+        with pytest.raises(ValueError, match="two-level scales are GGUF Q4_K's and Q5_K's"):
+            make_scheme(**bad, two_level=True)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
 def test_quantized_linear_matches_its_dequantized_weight_and_keeps_no_dense_copy(scheme):
     dense = nn.Linear(256, 48, bias=True).to(torch.bfloat16)

@@ -599,3 +599,67 @@ def test_a_model_with_float16_scales_takes_the_whole_model_step_alike(monkeypatc
     assert half.decode_plan().tensors is not None
     calls = _fused_calls(monkeypatch)
     assert torch.equal(_decode(half), _decode(model)) and len(calls) == 8
+
+
+# K tables (GGUF's Q4_K / Q5_K scales and offsets in two levels, bamba.quant.formats.k_table):
+# int4 holding a block's u as q = u - 8 (Q4_K), int8 holding u itself (Q5_K)
+K_FORMATS = {"int4": (-8, 8), "int8": (0, 32)}
+
+
+def _k_layer(fmt: str, k: int = 768, n: int = 92) -> QuantizedLinear:
+    """A linear with random K-table weights, as llama.cpp's Q4_K / Q5_K blocks hold them:
+    float16-valued d and dmin per 256 inputs, 6-bit sc and m per 32, random values; a bias."""
+    from bamba.quant.formats import k_table, pack_ints
+
+    g = torch.Generator().manual_seed(k + n)
+    supers, groups = k // 256, k // 32
+    d = (torch.rand(n, supers, generator=g) * 2e-3 + 1e-4).half().float()
+    dmin = (torch.rand(n, supers, generator=g) * 2e-3).half().float()
+    table = k_table(d, torch.randint(0, 64, (n, groups), generator=g), dmin,
+                    torch.randint(0, 64, (n, groups), generator=g))
+    q = torch.randint(*K_FORMATS[fmt], (n, k), generator=g, dtype=torch.int8)
+    tensors = {"weight_packed": pack_ints(q, 4 if fmt == "int4" else 8),
+               "weight_shape": torch.tensor([n, k]), "weight_table": table}
+    scheme = make_scheme(fmt, 32, symmetric=False, offsets=True, two_level=True)
+    return QuantizedLinear.from_tensors(tensors, scheme, torch.randn(n))
+
+
+@pytest.mark.parametrize("k", [768, 1280])  # 3 and 5 super-blocks: groups not a multiple of 16
+@pytest.mark.parametrize("fmt", K_FORMATS)
+def test_k_tables_are_read_by_every_native_path_as_the_reference(monkeypatch, fmt, k) -> None:
+    """A K table (one byte per group under a float32 per 256 inputs) is read by the few-row
+    kernel with bf16 activations at any row count (the offsets' terms 16 rows at a time past
+    16) and with int8 ones, by the integer products past 8 rows, and by the tiles and the
+    lookup bit for bit: the reference's numbers (its scales d * sc, its offsets centre * scale
+    - dmin * m, rounded once) up to float32 summation order."""
+    layer = _k_layer(fmt, k=k)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), k)
+    assert layout.two_level and layout.offsets and layout.group == 32
+    assert layout.scales is layer.weight_table and layer.weight_table.dtype == torch.uint8
+    assert quant_ops.step_code(layout) is not None
+    weight, bias = layer.dequantized_weight(torch.float32), layer.bias
+    previous = quant_ops.set_int8_activations(False)
+    try:
+        for rows in (1, 2, 3, 5, 17, 33):
+            x = torch.randn(rows, k) * torch.logspace(-2, 1, k)
+            with torch.inference_mode():
+                ours = quant_ops.quant_linear_rows(x, layout, bias, False)
+            _close(ours, torch.nn.functional.linear(x.bfloat16().float(), weight, bias), 1e-5)
+    finally:
+        quant_ops.set_int8_activations(previous)
+    if quant_ops.set_int8_activations(True):  # VNNI: int8 activations, integer products
+        monkeypatch.setattr(quant_ops, "quant_linear_tiles", lambda *a, **kw: pytest.fail("tile"))
+        for rows in (1, 2, 3, 9, 48, 530):
+            x = torch.randn(rows, k) * torch.logspace(-2, 1, k)
+            with torch.inference_mode():
+                ours = quant_ops.quant_linear_rows(x, layout, bias, False) if rows <= 8 else \
+                    quant_ops.quant_linear_many(x, layout, bias)
+            int8_rows = rows <= (3 if fmt == "int4" else 2) or rows > 8  # quant_int8_dot.h
+            seen = int8_activations(x) if int8_rows else x.bfloat16().float()
+            _close(ours, torch.nn.functional.linear(seen, weight, bias), 1e-5)
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.testing.assert_close(quant_ops.dequantize_tile(layout, 5, 60, dtype),
+                                   layer.dequantized_weight(dtype)[5:60], rtol=0, atol=0)
+        ids = torch.tensor([[0, 91, 7], [7, 50, 3]])
+        torch.testing.assert_close(quant_ops.quant_gather(layout, ids, dtype),
+                                   layer.dequantized_weight(dtype)[ids], rtol=0, atol=0)

@@ -7,11 +7,12 @@ The other blocks llama.cpp's files carry most (a Q4_K_M file: Q4_K, with Q6_K fo
 tensors) read into the same formats (``KINDS``): Q5_0 (5-bit u, w = d (u - 16)) and Q6_K
 (6-bit q in sub-blocks of 16, each scaled d * sc with an int8 sc) as int8, symmetric; Q4_1 and
 Q4_K (w = d u + m, or d * sc * u - dmin * m per sub-block of 32 with 6-bit sc, m) as int4, and
-Q5_1 and Q5_K (5-bit u) as int8, each with a float offset per 32 weights: q = u - 8 (or 16),
-scale d (* sc), offset the rest (``bamba.quant.formats``: w = q * scale + offset). Scales and
-offsets are float32 values of the block's float16 d, dmin and 6- or 8-bit sc, m; the weights
-come out as llama.cpp's own dequantization gives them (up to one float32 rounding of an
-offset).
+Q5_1 and Q5_K (5-bit u) as int8, each with a float offset per 32 weights (``bamba.quant.
+formats``: w = q * scale + offset). Q4_1 and Q5_1: q = u - 8 (or 16), float32 scale d and
+offset the rest. Q4_K and Q5_K keep their scales in two levels as stored (a K table: d and dmin
+float32 per 256 weights, sc and m a byte per 32; int4's q = u - 8, int8's q = u): 4.75 bits a
+Q4_K weight in memory where a float32 scale and offset per 32 took 6. The weights come out as
+llama.cpp's own dequantization gives them (up to one float32 rounding of an offset).
 """
 
 from __future__ import annotations
@@ -25,17 +26,18 @@ from bamba.checkpoint_writer import to_checkpoint_name
 from bamba.quant.config import EXPERT_LINEARS, quantization_config_of
 from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import QuantizedExpertWeights, piece_target
-from bamba.quant.formats import make_scheme, pack_ints
+from bamba.quant.formats import k_table, make_scheme, pack_ints
 from bamba.quant.linear import QuantizedLinear
 
 GROUP = 32
 SCHEMES = {"Q8_0": "int8", "Q4_0": "int4"}
 BUFFERS = ("weight_packed", "weight_shape", "weight_scale", "weight_table")
-# Each block type's format in ours: (int8 or int4, inputs a scale, float offsets).
-KINDS = {"Q8_0": ("int8", 32, False), "Q4_0": ("int4", 32, False),
-         "Q5_0": ("int8", 32, False), "Q6_K": ("int8", 16, False),
-         "Q4_1": ("int4", 32, True), "Q4_K": ("int4", 32, True),
-         "Q5_1": ("int8", 32, True), "Q5_K": ("int8", 32, True)}
+# Each block type's format in ours: (int8 or int4, inputs a scale, float offsets, scales in two
+# levels as the block holds them: a K table).
+KINDS = {"Q8_0": ("int8", 32, False, False), "Q4_0": ("int4", 32, False, False),
+         "Q5_0": ("int8", 32, False, False), "Q6_K": ("int8", 16, False, False),
+         "Q4_1": ("int4", 32, True, False), "Q4_K": ("int4", 32, True, True),
+         "Q5_1": ("int8", 32, True, False), "Q5_K": ("int8", 32, True, True)}
 
 
 # The scales' dtype: the block's own float16 d, or float32 for d * sc (K-quants).
@@ -44,8 +46,8 @@ SCALE_DTYPES = {name: torch.float32 if name.endswith("_K") else torch.float16 fo
 
 def kind_scheme(type_name: str):
     """Our scheme for GGUF block type ``type_name`` (a key of KINDS)."""
-    name, group, offsets = KINDS[type_name]
-    return make_scheme(name, group, symmetric=not offsets, offsets=offsets)
+    name, group, offsets, two_level = KINDS[type_name]
+    return make_scheme(name, group, symmetric=not offsets, offsets=offsets, two_level=two_level)
 
 
 def _half(raw: np.ndarray) -> np.ndarray:
@@ -76,7 +78,8 @@ def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(q int8 [rows, cols], scale [rows, groups], offset float32 [rows, groups] or None) of a
-    tensor's blocks of ``type_name`` (KINDS), w = q * scale (+ offset)."""
+    tensor's blocks of ``type_name`` (KINDS), w = q * scale (+ offset); for two-level kinds
+    (q, the K table's rows uint8 [rows, 2 * width], None) instead."""
     if type_name in SCHEMES:
         return (*block_values(raw, type_name, rows, cols), None)
     per_block = 256 if type_name.endswith("_K") else 32
@@ -101,14 +104,14 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         sc, m = _k_scales(b[..., 4:16])
         qs = b[..., -128:].reshape(rows, -1, 4, 32)  # 4 chunks of 64 weights: low, high nibbles
         u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).astype(np.int8).reshape(rows, -1, 256)
-        centre = 8
         if type_name == "Q5_K":  # bit j of qh's byte l: weight 32 j + l's fifth bit
             high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]
             u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256).astype(np.int8) << 4
-            centre = 16
-        scale = d * sc  # [rows, blocks, 8]
-        offset = centre * scale - dmin * m
-        q = u - centre
+        # the scales held as stored, a K table (int4's q = u - 8, int8's q = u)
+        q = u - (8 if type_name == "Q4_K" else 0)
+        table = k_table(*(torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))
+                          for a in (d[..., 0], sc, dmin[..., 0], m)))
+        return torch.from_numpy(q.reshape(rows, cols)), table.reshape(rows, -1), None
     elif type_name == "Q6_K":  # ql 128 bytes, qh 64 bytes, 16 int8 scales, d
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)  # [half, 32-byte run, l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)
@@ -165,9 +168,12 @@ def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
     """A ``QuantizedLinear``'s or ``QuantizedEmbedding``'s buffers (names as compressed-tensors
     has them; with offsets ``weight_table``, scales and offsets [rows, 2, groups]) for q, scale
     and offset, of a block type of KINDS."""
-    tensors = {"weight_packed": pack_ints(q, kind_scheme(type_name).bits),
+    scheme = kind_scheme(type_name)
+    tensors = {"weight_packed": pack_ints(q, scheme.bits),
                "weight_shape": torch.tensor(q.shape, dtype=torch.int64)}
-    if offset is None:
+    if scheme.two_level:  # a K table's rows, as decode_blocks gives them
+        tensors["weight_table"] = scale.reshape(q.shape[0], 2, -1)
+    elif offset is None:
         tensors["weight_scale"] = scale.to(SCALE_DTYPES[type_name])
     else:
         tensors["weight_table"] = torch.stack([scale.float(), offset.float()], dim=1)

@@ -33,12 +33,15 @@ enum { ROW_GROUP = 8, NTA_BYTES = 2048, PREFETCH_BYTES = 8192, TILE = 4, TILE_FR
 /* How a weight matrix is stored: dense in the activations' dtype, or quantized (quant_rows.h). */
 enum { FORMAT_DENSE, FORMAT_FP8, FORMAT_INT8, FORMAT_INT4 };
 /* A quantized format's scale dtype; SCALE_F32_OFFSETS: asymmetric ints, float32 [n, 2G], a
- * row's G scales, then its G offsets (w = q * scale + offset, quant_rows.h). */
-enum { SCALE_F32, SCALE_BF16, SCALE_F16, SCALE_F32_OFFSETS };
+ * row's G scales, then its G offsets (w = q * scale + offset, quant_rows.h); SCALE_K_OFFSETS:
+ * scales and offsets in two levels as GGUF's Q4_K and Q5_K hold them, bytes (quant_rows.h's K
+ * tables). */
+enum { SCALE_F32, SCALE_BF16, SCALE_F16, SCALE_F32_OFFSETS, SCALE_K_OFFSETS };
 
 /* A weight matrix [n, k] (row-major, contiguous) and its optional bias [n] in the activations'
- * dtype. Quantized formats add their scales [n, scale_stride] (SCALE_* `scale_kind`), one per
- * `group` inputs; {weight, bias, n, k} alone is a dense matrix. */
+ * dtype. Quantized formats add their scales [n, scale_stride] (SCALE_* `scale_kind`; K tables:
+ * scale_stride bytes a row), one per `group` inputs; {weight, bias, n, k} alone is a dense
+ * matrix. */
 typedef struct {
     const void *weight, *bias;
     int64_t n, k;

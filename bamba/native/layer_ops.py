@@ -45,12 +45,15 @@ FFN_TENSORS = ("pre_ff_norm", *_linear("gate"), *_linear("up"), *_linear("down")
 ATTENTION_IN_TENSORS = ("input_norm", *_linear("q"), *_linear("k"), *_linear("v"))
 ATTENTION_OUT_TENSORS = _linear("o") + FFN_TENSORS
 
-# The linears in the order of their fields in layer_step.c's formats word, and which of
-# LayerDims' sizes is each one's input width.
+# The linears, each one's field in layer_step.c's formats word (the MLP's, then a Mamba layer's
+# or an attention layer's: a layer has one or the other), and which of LayerDims' sizes is each
+# one's input width.
 LINEARS = ("in_proj", "out_proj", "gate", "up", "down", "q", "k", "v", "o")
+_SLOT = {"gate": 0, "up": 1, "down": 2, "in_proj": 3, "out_proj": 4, "q": 3, "k": 4, "v": 5,
+         "o": 6}
 _INPUT_WIDTH = {"in_proj": "hidden", "out_proj": "d_inner", "gate": "hidden", "up": "hidden",
                 "down": "ffn", "q": "hidden", "k": "hidden", "v": "hidden"}
-FORMAT_BITS = 7
+FORMAT_BITS = 8
 _QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int32: "int"}
 
 # Tensors that must be in the layer's dtype (dense linear weights and biases); the others (norm
@@ -90,7 +93,7 @@ def linear_formats(tensors: list[torch.Tensor | None], names: tuple[str, ...],
     """layer_step.c's formats word of a layer's linears (0 when all are dense); ValueError
     naming a quantized linear the kernels do not read."""
     word, by_name = 0, dict(zip(names, tensors))
-    for index, name in enumerate(LINEARS):
+    for name in LINEARS:
         weight, scales = by_name.get(name), by_name.get(f"{name}_scales")
         if weight is None or scales is None:
             continue
@@ -105,7 +108,7 @@ def linear_formats(tensors: list[torch.Tensor | None], names: tuple[str, ...],
             raise ValueError(f"layer step: {name} ({weight.dtype} {tuple(weight.shape)}, scales "
                              f"{tuple(scales.shape)} {scales.dtype}) is not a quantized weight "
                              f"of width {k} the kernels read")
-        word |= code << (FORMAT_BITS * index)
+        word |= code << (FORMAT_BITS * _SLOT[name])
     return word
 
 

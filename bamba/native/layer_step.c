@@ -55,14 +55,25 @@ enum {
     O_SCALES, /* an attention layer's */
     N_TENSORS
 };
-/* The linear layers, in the order of their fields in a layer's `formats` word. */
-static const int LINEAR_SLOTS[] = {IN_PROJ, OUT_PROJ, GATE, UP, DOWN, Q, K_PROJ, V_PROJ, O_PROJ};
-enum { N_LINEARS = 9, FORMAT_BITS = 7 };
+/* A linear's field in a layer's `formats` word: the MLP's three, then a Mamba layer's two or
+ * an attention layer's four (a layer has one or the other). */
+static int linear_slot(int which) {
+    switch (which) {
+    case GATE: return 0;
+    case UP: return 1;
+    case DOWN: return 2;
+    case IN_PROJ: case Q: return 3;
+    case OUT_PROJ: case K_PROJ: return 4;
+    case V_PROJ: return 5;
+    default: return 6; /* O_PROJ */
+    }
+}
+enum { FORMAT_BITS = 8 };
 /* Its sizes (an attention layer: HEADS query heads, GROUPS KV heads of HEAD_DIM, mixer 0s). */
 enum { HIDDEN, D_INNER, CONV_DIM, CONV_K, HEADS, HEAD_DIM, GROUPS, D_STATE, FFN,
        EXPERTS, TOP_K, EXPERT_FFN, EXPERT_FORMATS, /* 0 without experts; EXPERT_FORMATS: the
                                                      gate-up and down weights' codes (as a
-                                                     formats field), 7 bits each, 0 dense */
+                                                     formats field), 8 bits each, 0 dense */
        N_DIMS };
 
 typedef struct {
@@ -70,8 +81,8 @@ typedef struct {
     const int64_t *d;     /* N_DIMS sizes */
     int bf16;             /* weights and activations (x) in bf16, else float32 */
     int64_t f32_mask;     /* bit i: tensor i is float32 in a bf16 layer (norms, conv, A_log...) */
-    int64_t formats;      /* FORMAT_BITS per linear (LINEAR_SLOTS order): format | scale dtype
-                             (SCALE_*) << 2 | scale kind << 4 (0: one scale, 1: per row, g > 1:
+    int64_t formats;      /* FORMAT_BITS per linear (linear_slot order): format | scale dtype
+                             (SCALE_*) << 2 | scale kind << 5 (0: one scale, 1: per row, g > 1:
                              groups of 8 << (g - 1) inputs: 16 to 512) */
     int64_t expert_formats; /* the experts' gate-up | down codes << FORMAT_BITS (as formats
                                fields; 0 dense): dims' EXPERT_FORMATS, or the layer's own in a
@@ -82,14 +93,13 @@ typedef struct {
 } Layer;
 
 /* A linear [n, k] of `weight`, `bias` and `scales` in the layout a formats field
- * `code` names: format | scale dtype << 2 | scale kind << 4 (0: one scale, 1: per row,
+ * `code` names: format | scale dtype << 2 | scale kind << 5 (0: one scale, 1: per row,
  * g > 1: groups of 8 << (g - 1) inputs, 16 to 512: GGUF's Q6_K has 16). */
 static LinearWeights coded_weights(int64_t code, const void *weight, const void *bias,
                                    const void *scales, int64_t n, int64_t k) {
-    const int64_t kind = code >> 4, group = kind < 2 ? k : (int64_t)8 << (kind - 1);
-    const int scale_kind = (int)((code >> 2) & 3);
-    const int64_t per_row = (kind == 0 ? 0 : kind == 1 ? 1 : k / group) *
-                            (scale_kind == SCALE_F32_OFFSETS ? 2 : 1); /* offsets follow */
+    const int64_t kind = code >> 5, group = kind < 2 ? k : (int64_t)8 << (kind - 1);
+    const int scale_kind = (int)((code >> 2) & 7);
+    const int64_t per_row = kind == 0 ? 0 : group_scale_stride(scale_kind, k, group);
     const LinearWeights w = {weight, bias, n, k, (int)(code & 3), scales, scale_kind, group,
                              per_row};
     return w;
@@ -97,9 +107,8 @@ static LinearWeights coded_weights(int64_t code, const void *weight, const void 
 
 /* The linear layer whose weight is tensor `which` (bias and scales follow it), [n, k]. */
 static LinearWeights linear_of(const Layer *L, int which, int64_t n, int64_t k) {
-    int index = 0;
-    while (LINEAR_SLOTS[index] != which) index++;
-    const int64_t code = (L->formats >> (FORMAT_BITS * index)) & ((1 << FORMAT_BITS) - 1);
+    const int64_t code =
+        (L->formats >> (FORMAT_BITS * linear_slot(which))) & ((1 << FORMAT_BITS) - 1);
     return coded_weights(code, L->t[which], L->t[which + 1], L->t[which + 2], n, k);
 }
 

@@ -81,7 +81,7 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
 #ifdef HAVE_INT8_DOT
     if ((!bamba_int8_activations && format != FORMAT_FP8) || M < 1 || N < 1 ||
         N % GEMM_WEIGHT_ROWS ||
-        !quant_gemm_supported(format, K, group, scale_kind == SCALE_F32_OFFSETS, x_bf16) ||
+        !quant_gemm_supported(format, K, group, has_offsets(scale_kind), x_bf16) ||
         threads < 1)
         return -1;
     const LinearWeights L = {W, bias, N, K, format, scales, scale_kind, group, scale_stride};

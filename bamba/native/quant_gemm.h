@@ -70,7 +70,7 @@ static inline int64_t gemm_panel_bytes(int format, int64_t k) {
  * groups. */
 static inline int64_t gemm_panel_scales(const LinearWeights *L) {
     const int64_t groups = L->scale_stride == 0 ? 1 : L->k / L->group;
-    return GEMM_PANEL_ROWS * groups * (L->scale_kind == SCALE_F32_OFFSETS ? 2 : 1) * 4;
+    return GEMM_PANEL_ROWS * groups * (has_offsets(L->scale_kind) ? 2 : 1) * 4;
 }
 
 /* Rows [16 b, 16 b + 16) of x [M, k] quantized into block b of xp (rows past M: zeros), with
@@ -464,7 +464,10 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
             else pack_int_weights(L, n0 + j, (uint8_t *)panel + j * k);
         }
         float *panel_offsets = G ? panel_scales + GEMM_PANEL_ROWS * groups : NULL;
-        for (int64_t j = 0; j < rows && !fp8; j++) /* fp8's scales are in its bf16 panel */
+        for (int64_t j = 0; j < rows && !fp8 && two_level(L->scale_kind); j++)
+            k_row_values(L, n0 + j, panel_scales + j * groups, panel_offsets + j * groups);
+        for (int64_t j = 0; j < rows && !fp8 && !two_level(L->scale_kind); j++) /* fp8's scales
+                                                                                 are in its panel */
             for (int64_t g = 0; g < groups; g++) {
                 panel_scales[j * groups + g] = quant_scale(L, n0 + j, g);
                 if (G) panel_offsets[j * groups + g] = quant_scale(L, n0 + j, G + g);

@@ -106,7 +106,9 @@ static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, 
  * decode turns (benchmarks/ab_kernels.py): with the tile for every row the ~1.1B shape's steps
  * (k 1536 and more) took 20.2 ms against 17.4 with this bound (its Q4_0 file 21.4 against 18.6);
  * with no tile at all the bench shape's (k 512 to 1792) took 4.17 against 3.66 with it, and with
- * this bound it is as fast as with the tile everywhere (1.01x). */
+ * this bound it is as fast as with the tile everywhere (1.01x). K tables take the tile at every
+ * width: their rows do more arithmetic a byte, which four chains hide (a [2048, 1536] Q4_K
+ * linear from memory at one row: 80 us one row at a time, 70 four). */
 enum { FOUR_ROW_MAX_K = 1024 };
 
 /* out[r * J + j] = x_r . w_{n+j} for R prepared rows (row_bytes apart) and J weight rows,
@@ -135,11 +137,18 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
     __m512 sums[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < J; j++) acc[r][j] = sums[r][j] = _mm512_setzero_ps();
-    if (span == GROUPS_IN_CHUNK)
+    if (span == GROUPS_IN_CHUNK || span == K_GROUPS)
         for (int j = 0; j < J; j++) prefetch_scales(L, n + j);
+    /* K_GROUPS: each chunk's int32 lanes times their group's sc in `vpmaddwd` (a lane's low 16
+     * bits times sc: |lane| <= 8 * 15 * 127 for int4's u, 4 * 31 * 127 for Q5_K's, both int16;
+     * with `vpmulld` a [1024, 768] Q4_K linear at one row took 35 us, 32 so), the sums times the
+     * super-block's d; int4's nibbles multiply as stored, u (the offsets' centre 0) */
+    KWalk walk[INT8_TILE_WEIGHT_ROWS];
+    for (int j = 0; j < J; j++) walk[j] = k_walk(L, n + j);
     for (int64_t c = 0, left = per_group; c < chunks; c++) {
         __m512i low[INT8_TILE_WEIGHT_ROWS], high[INT8_TILE_WEIGHT_ROWS];
         __m512 wscale[INT8_TILE_WEIGHT_ROWS];
+        __m512i wsc[INT8_TILE_WEIGHT_ROWS];
         for (int j = 0; j < J; j++) { /* a chunk's weights: bytes, or two nibble halves */
             const char *wc = w + j * wrow + c * 64;
             _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
@@ -149,19 +158,24 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
                 ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
             if (span == GROUPS_IN_CHUNK) wscale[j] = chunk_scales(L, t, n + j, c);
             if (span == GROUP_IS_CHUNK) wscale[j] = _mm512_set1_ps(quant_scale(L, n + j, c));
+            if (span == K_GROUPS) wsc[j] = k_chunk_sc(&walk[j], format, c);
         }
         for (int r = 0; r < R; r++) {
             const char *row = xq + r * row_bytes, *lanes = row + k + c * 128;
             const __m512i x_low = _mm512_loadu_si512(row + c * chunk);
             const __m512i x_high = format == FORMAT_INT4
                 ? _mm512_loadu_si512(row + c * chunk + 64) : x_low;
-            const __m512i start = _mm512_loadu_si512(lanes + 64);
+            const __m512i start = span == K_GROUPS && format == FORMAT_INT4
+                ? _mm512_setzero_si512() : _mm512_loadu_si512(lanes + 64);
             const __m512 x_scale = _mm512_loadu_ps((const float *)lanes);
             for (int j = 0; j < J; j++) {
                 __m512i dot = _mm512_dpbusd_epi32(start, low[j], x_low);
                 if (format == FORMAT_INT4) dot = _mm512_dpbusd_epi32(dot, high[j], x_high);
                 if (span == GROUP_OF_CHUNKS)
                     sums[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), x_scale, sums[r][j]);
+                else if (span == K_GROUPS)
+                    acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(dot, wsc[j])),
+                                                _mm512_mul_ps(x_scale, walk[j].d), acc[r][j]);
                 else
                     acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
                                                 _mm512_mul_ps(x_scale, wscale[j]), acc[r][j]);
@@ -182,7 +196,8 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
 }
 
 #define INT8_SPANS(F, R, J)                                                           \
-    switch (group_span(L, t)) {                                                       \
+    switch (two_level(L->scale_kind) ? K_GROUPS : group_span(L, t)) {                 \
+    case K_GROUPS: int8_tile(L, t, F, K_GROUPS, xq, n, R, J, out); break;             \
     case GROUPS_IN_CHUNK: int8_tile(L, t, F, GROUPS_IN_CHUNK, xq, n, R, J, out); break; \
     case GROUP_IS_CHUNK: int8_tile(L, t, F, GROUP_IS_CHUNK, xq, n, R, J, out); break;   \
     default: int8_tile(L, t, F, GROUP_OF_CHUNKS, xq, n, R, J, out); break;              \

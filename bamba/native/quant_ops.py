@@ -29,6 +29,8 @@ FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3}  # dot_rows.h's FORMAT_* enum
 _BITS = {"fp8": 8, "int8": 8, "int4": 4}
 SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dot_rows.h's SCALE_*
 SCALE_F32_OFFSETS = 3  # asymmetric ints: float32, a row's scales, then its offsets
+SCALE_K_OFFSETS = 4  # K tables (bytes: two-level scales, then offsets: GGUF's Q4_K, Q5_K)
+K_SUPER = 256  # inputs a K table's float32 d (and dmin) covers
 # weights dequantized at a time for a prefill matmul (32 MB in bf16): every linear of the ~1.1B
 # shape fits whole, one matmul each; tiles of 2M weights measured ~3% slower on its prefill
 # (benchmarks/README.md#quantization)
@@ -40,7 +42,8 @@ class QuantLayout(NamedTuple):
     """A quantized weight [n, k] as the kernels read it: ``weight`` its stored tensor, one scale
     of ``scales`` per ``group`` inputs, ``scale_stride`` scales a row (0: one for all); with
     ``offsets`` (scales [n, 2, G]) a row's float32 scales are followed by as many offsets
-    (asymmetric ints, w = q * scale + offset), ``scale_stride`` counting both."""
+    (asymmetric ints, w = q * scale + offset), ``scale_stride`` counting both; a K table
+    (``two_level``: uint8 [n, 2, half], ``bamba.quant.formats.k_table``) counts bytes."""
     format: str
     weight: torch.Tensor
     scales: torch.Tensor
@@ -49,6 +52,7 @@ class QuantLayout(NamedTuple):
     group: int
     scale_stride: int
     offsets: bool = False
+    two_level: bool = False
 
     @property
     def code(self) -> int:
@@ -56,6 +60,8 @@ class QuantLayout(NamedTuple):
 
     @property
     def scale_kind(self) -> int:
+        if self.two_level:
+            return SCALE_K_OFFSETS
         return SCALE_F32_OFFSETS if self.offsets else SCALE_KINDS[self.scales.dtype]
 
 
@@ -70,8 +76,11 @@ def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
     n = weight.shape[0] if weight.dim() == 2 else -1
     width = k if w.format == "fp8" else k * _BITS[w.format] // 32
     if weight.dtype != stored or weight.shape != (n, width) or not weight.is_contiguous() or \
-            scales.dtype not in SCALE_KINDS or not scales.is_contiguous() or \
-            weight.device.type != "cpu" or k <= 0:
+            not scales.is_contiguous() or weight.device.type != "cpu" or k <= 0:
+        return None
+    if scales.dtype == torch.uint8:
+        return _k_table_layout(w.format, weight, scales, n, k)
+    if scales.dtype not in SCALE_KINDS:
         return None
     if scales.dim() == 3:  # [n, 2, G] float32: a row's scales, then its offsets
         groups = scales.shape[2]
@@ -84,6 +93,14 @@ def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
     if scales.dim() != 2 or scales.shape[0] != n or k % scales.shape[1]:
         return None
     return QuantLayout(w.format, weight, scales, n, k, k // scales.shape[1], scales.shape[1])
+
+
+def _k_table_layout(format: str, weight: torch.Tensor, table: torch.Tensor, n: int,
+                    k: int) -> QuantLayout | None:
+    """A K table's layout: [n, 2, 4 * k / 256 + k / 32] bytes (groups of 32 inputs)."""
+    if table.shape != (n, 2, 4 * (k // K_SUPER) + k // 32) or format == "fp8" or k % K_SUPER:
+        return None
+    return QuantLayout(format, weight, table, n, k, 32, 2 * table.shape[2], True, True)
 
 
 def set_int8_activations(on: bool) -> bool:
@@ -128,7 +145,7 @@ def step_code(layout: QuantLayout) -> int | None:
         else _GROUP_KINDS.get(layout.group)
     if kind is None or not supported(layout):
         return None
-    return layout.code | layout.scale_kind << 2 | kind << 4
+    return layout.code | layout.scale_kind << 2 | kind << 5
 
 
 def _call_linear(entry: str, x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None

@@ -65,13 +65,66 @@ static inline int quant_supported(int format, int64_t k, int64_t group) {
 #endif
 }
 
-/* Bytes of one scale of this kind. */
+/* K tables (SCALE_K_OFFSETS): a row's scales and offsets in two levels, as GGUF's Q4_K and
+ * Q5_K hold them: per super-block of K_SUPER inputs a float32 d, per group of 32 a byte sc,
+ * scale = d * sc, laid out [d x S][sc x G] (S = k / K_SUPER super-blocks, G groups), then a
+ * second half of the same shape, [dmin x S][m x G]: w = d sc u - dmin m for the block's value
+ * u, which int4's nibbles hold as q = u - 8 (offset = 8 * scale - dmin * m, `centre` 8) and
+ * int8's bytes as q = u (centre 0). scale_stride counts the row's bytes. Q4_K's 4.5 bits a
+ * weight stream as 4.75 (float32 d), where a float32 scale and offset a group made it 6. */
+enum { K_SUPER = 256 };
+
+static inline int two_level(int scale_kind) { return scale_kind == SCALE_K_OFFSETS; }
+
+static inline int has_offsets(int scale_kind) {
+    return scale_kind == SCALE_F32_OFFSETS || scale_kind == SCALE_K_OFFSETS;
+}
+
+/* Bytes of one scale of this kind (a K table's: 1, its stride counting bytes). */
 static inline int64_t scale_bytes(int scale_kind) {
-    return scale_kind == SCALE_BF16 || scale_kind == SCALE_F16 ? 2 : 4;
+    return two_level(scale_kind) ? 1 : scale_kind == SCALE_BF16 || scale_kind == SCALE_F16 ? 2 : 4;
+}
+
+/* A row's scale_stride for weights of width k in groups of `group` (a group a row: 1). */
+static inline int64_t group_scale_stride(int scale_kind, int64_t k, int64_t group) {
+    const int64_t halves = has_offsets(scale_kind) ? 2 : 1;
+    return halves * (two_level(scale_kind) ? 4 * (k / K_SUPER) + k / group : k / group);
+}
+
+static inline float k_centre(int format) { return format == FORMAT_INT4 ? 8.0f : 0.0f; }
+
+/* Float32 i of a K table's bytes at p (any alignment). */
+static inline float table_float(const char *p, int64_t i) {
+    float v;
+    memcpy(&v, p + 4 * i, sizeof v);
+    return v;
+}
+
+/* A K table's super-blocks S, groups G and log2 of groups a super-block (groups of 16 or 32:
+ * shifts, where divisions would cost more than a chunk's products). */
+typedef struct { int64_t S, G, shift; } KShape;
+
+static inline KShape k_shape(const LinearWeights *L) {
+    const int64_t log_group = __builtin_ctzll((unsigned long long)L->group);
+    const KShape shape = {L->k / K_SUPER, L->k >> log_group, 8 - log_group}; /* 2^8 = K_SUPER */
+    return shape;
+}
+
+/* A K table's scale (index < G) or offset (G + g) of row n. */
+static inline float k_scale(const LinearWeights *L, int64_t n, int64_t index) {
+    const KShape K = k_shape(L);
+    const char *row = (const char *)L->scales + n * L->scale_stride;
+    const int64_t g = index < K.G ? index : index - K.G;
+    const float scale = table_float(row, g >> K.shift) * (float)((const uint8_t *)row)[4 * K.S + g];
+    if (index < K.G) return scale;
+    const char *half = row + 4 * K.S + K.G; /* exact products, one rounding of their difference */
+    return fmaf(k_centre(L->format), scale,
+                -(table_float(half, g >> K.shift) * (float)((const uint8_t *)half)[4 * K.S + g]));
 }
 
 /* Scale `group_index` of row n (past the row's G scales, its offsets). */
 static inline float quant_scale(const LinearWeights *L, int64_t n, int64_t group_index) {
+    if (two_level(L->scale_kind)) return k_scale(L, n, group_index);
     const int64_t i = n * L->scale_stride + group_index;
     if (L->scale_kind == SCALE_F16) return half_to_float(((const uint16_t *)L->scales)[i]);
     return load_value(L->scales, i, L->scale_kind == SCALE_BF16);
@@ -125,12 +178,18 @@ static void *thread_buffer(int which, size_t bytes) {
     return buffers[which];
 }
 
-/* An asymmetric weight's groups a row (SCALE_F32_OFFSETS), else 0. */
+/* An asymmetric weight's groups a row (SCALE_F32_OFFSETS, SCALE_K_OFFSETS), else 0. */
 static inline int64_t offset_groups(const LinearWeights *L) {
-    return L->scale_kind == SCALE_F32_OFFSETS ? L->scale_stride / 2 : 0;
+    return L->scale_kind == SCALE_K_OFFSETS ? k_shape(L).G
+           : L->scale_kind == SCALE_F32_OFFSETS ? L->scale_stride / 2 : 0;
 }
 
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
+/* The lanes of groups [g, g + 16) of G (the rest masked off). */
+static inline __mmask16 group_mask(int64_t G, int64_t g) {
+    return G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+}
+
 typedef struct { /* what a call's chunk loop needs of the format, set up once */
     __m512i low;       /* vpermw table: int4's nibble -> bf16 value */
     __m512i byte_high[2], byte_low[2]; /* vpermi2b tables: magnitude -> bf16 bytes */
@@ -170,6 +229,52 @@ static QuantTables quant_tables(const LinearWeights *L) {
         lanes[i] = t.groups_per_chunk ? (int32_t)(i * t.groups_per_chunk / 16) : 0;
     t.lanes = _mm512_loadu_si512(lanes);
     return t;
+}
+
+/* A K table's sc bytes of 16 groups as every chunk's float32 / int32 lanes take them: for
+ * int4 and int8 ([format == FORMAT_INT8]) and the chunk's place among the 16 groups' chunks
+ * (int4: 4, int8: 8), the vpermb index putting group g's byte in the low byte of each of its
+ * lanes (a chunk's lanes cover 32 / (chunk / 32) inputs each, a group's lanes in a run, as
+ * QuantTables' `lanes` has them). */
+static uint8_t k_lane_bytes[2][8][64];
+
+__attribute__((constructor)) static void fill_k_lane_bytes(void) {
+    for (int f = 0; f < 2; f++) {
+        const int groups = f ? 2 : 4; /* a chunk's groups of 32 */
+        for (int c = 0; c < 16 / groups; c++)
+            for (int lane = 0; lane < 16; lane++)
+                k_lane_bytes[f][c][4 * lane] = (uint8_t)(groups * c + lane / (16 / groups));
+    }
+}
+
+/* A walk along one row's K table (K_GROUPS): the next 16 groups' sc bytes and the current
+ * super-block's d, loaded as the chunks reach them. */
+typedef struct {
+    const char *table;
+    int64_t sc_at, G; /* the sc bytes' offset in the row, groups a row */
+    __m512i sc;
+    __m512 d;
+} KWalk;
+
+static inline KWalk k_walk(const LinearWeights *L, int64_t n) {
+    const KShape K = k_shape(L);
+    const KWalk walk = {(const char *)L->scales + n * L->scale_stride, 4 * K.S, K.G,
+                        _mm512_setzero_si512(), _mm512_setzero_ps()};
+    return walk;
+}
+
+/* Chunk c's int32 lanes of sc (each lane its group's), c in order from 0; walk->d is its d. */
+static inline __attribute__((always_inline)) __m512i k_chunk_sc(KWalk *walk, const int format,
+                                                                int64_t c) {
+    const int64_t chunk = quant_chunk(format), per_chunk = chunk / 32, chunks16 = 16 / per_chunk;
+    if (c % chunks16 == 0)
+        walk->sc = _mm512_zextsi128_si512(_mm_maskz_loadu_epi8(
+            group_mask(walk->G, c * per_chunk), walk->table + walk->sc_at + c * per_chunk));
+    if (c % (K_SUPER / chunk) == 0)
+        walk->d = _mm512_set1_ps(table_float(walk->table, c / (K_SUPER / chunk)));
+    return _mm512_maskz_permutexvar_epi8(
+        (__mmask64)0x1111111111111111ULL,
+        _mm512_loadu_si512(k_lane_bytes[format == FORMAT_INT8][c % chunks16]), walk->sc);
 }
 
 /* Rows ahead whose scales a weight row's dot products prefetch when groups are smaller than a
@@ -269,7 +374,8 @@ static inline __attribute__((always_inline)) void chunk_dot(int format, const ui
 
 /* How a row's scales fall on its chunks, a compile-time parameter of the chunk loops: several
  * groups in a chunk (per-lane scales), a group per chunk, or a group of several chunks. */
-enum { GROUPS_IN_CHUNK, GROUP_IS_CHUNK, GROUP_OF_CHUNKS };
+enum { GROUPS_IN_CHUNK, GROUP_IS_CHUNK, GROUP_OF_CHUNKS,
+       K_GROUPS /* a K table's groups in a chunk, in integer products (quant_int8_dot.h) */ };
 
 static inline int group_span(const LinearWeights *L, const QuantTables *t) {
     return t->groups_per_chunk ? GROUPS_IN_CHUNK
@@ -291,7 +397,8 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
     const char *w = (const char *)L->weight + n * quant_row_bytes(format, k);
     __m512 acc[ROW_GROUP], a[ROW_GROUP], b[ROW_GROUP];
     for (int r = 0; r < R; r++) acc[r] = a[r] = b[r] = _mm512_setzero_ps();
-    if (span == GROUPS_IN_CHUNK) prefetch_scales(L, n);
+    if (span == GROUPS_IN_CHUNK || span == K_GROUPS) prefetch_scales(L, n);
+    KWalk walk = k_walk(L, n); /* K_GROUPS */
     for (int64_t c = 0, left = per_group; c < chunks; c++) {
         _mm_prefetch(w + c * bytes + PREFETCH_BYTES, _MM_HINT_T1);
         __m512i v[4];
@@ -299,8 +406,14 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
         for (int r = 0; r < R; r++) chunk_dot(format, xp + r * k + c * chunk, v, &a[r], &b[r]);
         if (--left) continue; /* the group goes on */
         left = per_group;
-        const __m512 s = span == GROUPS_IN_CHUNK
-            ? chunk_scales(L, t, n, c) : _mm512_set1_ps(quant_scale(L, n, c / per_group));
+        __m512 s;
+        if (span == K_GROUPS) { /* (k_chunk_sc sets walk.d) */
+            const __m512 sc = _mm512_cvtepi32_ps(k_chunk_sc(&walk, format, c));
+            s = _mm512_mul_ps(sc, walk.d);
+        } else {
+            s = span == GROUPS_IN_CHUNK ? chunk_scales(L, t, n, c)
+                                        : _mm512_set1_ps(quant_scale(L, n, c / per_group));
+        }
         for (int r = 0; r < R; r++) {
             acc[r] = _mm512_fmadd_ps(_mm512_add_ps(a[r], b[r]), s, acc[r]);
             a[r] = b[r] = _mm512_setzero_ps();
@@ -310,7 +423,8 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
 }
 
 #define QUANT_SPANS(F, R)                                                             \
-    switch (group_span(L, t)) {                                                       \
+    switch (two_level(L->scale_kind) ? K_GROUPS : group_span(L, t)) {                 \
+    case K_GROUPS: quant_row_dots(L, t, F, K_GROUPS, xp, n, R, out); break;           \
     case GROUPS_IN_CHUNK: quant_row_dots(L, t, F, GROUPS_IN_CHUNK, xp, n, R, out); break; \
     case GROUP_IS_CHUNK: quant_row_dots(L, t, F, GROUP_IS_CHUNK, xp, n, R, out); break;   \
     default: quant_row_dots(L, t, F, GROUP_OF_CHUNKS, xp, n, R, out); break;              \
@@ -523,16 +637,64 @@ static void prepared_group_sums(int format, const char *xq, int64_t M, int64_t k
 }
 #endif
 
+/* A K table's offsets g .. g + 15 of row n (lanes outside `mask` zero; g a multiple of 16) as
+ * centre * scale - dmin * m (k_scale's numbers for k_centre; centre 0: -dmin * m alone), and
+ * with `scale` its scales d * sc there. */
+static inline __m512 k_values(const LinearWeights *L, int64_t n, int64_t g, __mmask16 mask,
+                              float centre, __m512 *scale) {
+    const KShape K = k_shape(L); /* 8 groups a super-block */
+    const char *row = (const char *)L->scales + n * L->scale_stride, *half = row + 4 * K.S + K.G;
+    const __m512i super = _mm512_srli_epi32( /* each lane's super-block, from g's on */
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), (int)K.shift);
+    const int64_t first = g >> K.shift;
+    const __mmask16 firsts = (__mmask16)(K.S - first >= 2 ? 3 : 1);
+    const __m512 dmin = _mm512_permutexvar_ps(
+        super, _mm512_maskz_loadu_ps(firsts, (const float *)half + first));
+    const __m512 mins = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                                _mm_maskz_loadu_epi8(mask, half + 4 * K.S + g))));
+    if (centre == 0.0f && scale == NULL) return _mm512_sub_ps(_mm512_setzero_ps(), mins);
+    const __m512 d = _mm512_permutexvar_ps(
+        super, _mm512_maskz_loadu_ps(firsts, (const float *)row + first));
+    const __m512 scales = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                               _mm_maskz_loadu_epi8(mask, row + 4 * K.S + g))));
+    if (scale != NULL) *scale = scales;
+    return _mm512_fmsub_ps(_mm512_set1_ps(centre), scales, mins);
+}
+
+/* Offsets g .. g + 15 of row n (lanes outside `mask` zero; g a multiple of 16); a K table's
+ * for `centre`. */
+static inline __m512 group_offsets(const LinearWeights *L, int64_t n, int64_t g, __mmask16 mask,
+                                   float centre) {
+    if (!two_level(L->scale_kind))
+        return _mm512_maskz_loadu_ps(mask, (const float *)L->scales + n * L->scale_stride +
+                                               offset_groups(L) + g);
+    return k_values(L, n, g, mask, centre, NULL);
+}
+
+/* Row n's G scales and offsets of a K table as float32, 16 groups a vector (k_scale's
+ * numbers): the products' panels (quant_gemm.h). */
+static inline void k_row_values(const LinearWeights *L, int64_t n, float *scales,
+                                float *offsets) {
+    const int64_t G = k_shape(L).G;
+    for (int64_t g = 0; g < G; g += 16) {
+        const __mmask16 mask = group_mask(G, g);
+        __m512 scale;
+        _mm512_mask_storeu_ps(offsets + g, mask,
+                              k_values(L, n, g, mask, k_centre(L->format), &scale));
+        _mm512_mask_storeu_ps(scales + g, mask, scale);
+    }
+}
+
 /* What the offsets add to output n of one row whose G group sums lie in `row` (batch-1
  * decode: no lanes of other rows to compute): sum_g offset[n][g] * row[g], 16 groups a
- * vector. */
-static inline float offset_term(const LinearWeights *L, const float *row, int64_t n) {
+ * vector (a K table's offsets for `centre`: the convention of the products they add to). */
+static inline float offset_term(const LinearWeights *L, const float *row, int64_t n,
+                                float centre) {
     const int64_t G = offset_groups(L);
-    const float *offsets = (const float *)L->scales + n * L->scale_stride + G;
     __m512 total = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g += 16) {
-        const __mmask16 mask = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-        total = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, offsets + g),
+        const __mmask16 mask = group_mask(G, g);
+        total = _mm512_fmadd_ps(group_offsets(L, n, g, mask, centre),
                                 _mm512_maskz_loadu_ps(mask, row + g), total);
     }
     return _mm512_reduce_add_ps(total);
@@ -540,12 +702,17 @@ static inline float offset_term(const LinearWeights *L, const float *row, int64_
 
 /* What the offsets add to output n of the 16 rows whose group sums (group_sums) are `sums`:
  * sum_g offset[n][g] * sums[g], a row per lane. */
-static inline __m512 offset_terms(const LinearWeights *L, const float *sums, int64_t n) {
+static inline __m512 offset_terms(const LinearWeights *L, const float *sums, int64_t n,
+                                  float centre) {
     const int64_t G = offset_groups(L);
-    const float *offsets = (const float *)L->scales + n * L->scale_stride + G;
     __m512 terms = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; g++)
-        terms = _mm512_fmadd_ps(_mm512_set1_ps(offsets[g]), _mm512_loadu_ps(sums + g * 16), terms);
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+        float offsets[16];
+        _mm512_storeu_ps(offsets, group_offsets(L, n, g0, group_mask(G, g0), centre));
+        for (int64_t g = g0; g < G && g < g0 + 16; g++)
+            terms = _mm512_fmadd_ps(_mm512_set1_ps(offsets[g - g0]),
+                                    _mm512_loadu_ps(sums + g * 16), terms);
+    }
     return terms;
 }
 #endif
@@ -627,6 +794,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
     uint16_t *xp = thread_buffer(ROWS_BUFFER, (size_t)(M * row_bytes));
     const QuantTables t = quant_tables(L);
+    /* a K table's offsets in the convention of the products: int4 against int8 activations
+     * multiplies its nibbles as stored (u, int8_tile's K_GROUPS), the rest q = u - 8 */
+    const float centre = int8_dot && L->format == FORMAT_INT4 ? 0.0f : k_centre(L->format);
     const int64_t G = offset_groups(L);
     const int64_t blocks = (M + 15) / 16;
     float *sums = G ? thread_buffer(SUMS_BUFFER, (size_t)((blocks * 16 + 1) * G) * sizeof(float))
@@ -648,13 +818,14 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #ifdef HAVE_INT8_DOT
     const int64_t J = INT8_TILE_WEIGHT_ROWS;
     for (; xp != NULL && int8_dot && M == 1 && L->format == FORMAT_INT4 &&
-           L->k <= FOUR_ROW_MAX_K && n + J <= n_end; n += J) { /* int4's batch-1 decode */
+           (L->k <= FOUR_ROW_MAX_K || two_level(L->scale_kind)) && n + J <= n_end;
+         n += J) { /* int4's batch-1 decode */
         float out[INT8_TILE_WEIGHT_ROWS];
         int4_dots_four(L, &t, (const char *)xp, n, out);
         for (int j = 0; j < J; j++)
             store_output(y, n + j,
                          out[j] + (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f) +
-                             (sums ? offset_term(L, row, n + j) : 0.0f),
+                             (sums ? offset_term(L, row, n + j, centre) : 0.0f),
                          y_bf16, round_bf16);
     }
 #endif
@@ -669,7 +840,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
                 for (int j = 0; j < J; j++) {
                     if (sums)
                         _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16,
-                                                                 n + j));
+                                                                 n + j, 0.0f));
                     for (int r = 0; r < R; r++)
                         store_output(y, (m0 + r) * ldy + n + j,
                                      out[r * J + j] +
@@ -692,8 +863,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
             if (xp != NULL && !int8_dot)
                 quant_dots(L, &t, xp + m0 * L->k, n, R, out);
-            if (sums && M == 1) terms[0] = offset_term(L, row, n);
-            else if (sums) _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16, n));
+            if (sums && xp && M == 1) terms[0] = offset_term(L, row, n, centre);
+            else if (sums && xp)
+                _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16, n, centre));
             for (int r = 0; r < R; r++) /* out of memory for k inputs: NaN, not a guess */
                 store_output(y, (m0 + r) * ldy + n,
                              xp != NULL ? out[r] + bias + terms[(m0 + r) % 16] : NAN, y_bf16,

@@ -38,11 +38,13 @@ class QuantScheme(NamedTuple):
     (compressed-tensors' ``weight_zero_point``), or with ``offsets`` a float offset per scale
     instead, w = q * scale + offset (GGUF's Q4_1, Q5_1, Q4_K and Q5_K blocks, which
     compressed-tensors cannot hold): scales and offsets then lie in one float32 ``weight_table``
-    [N, 2, G], the layout the kernels read, held once."""
+    [N, 2, G], the layout the kernels read, held once; with ``two_level`` (Q4_K, Q5_K) a
+    ``k_table`` of them in two levels as the blocks hold them."""
     name: str
     group_size: int | None = None
     symmetric: bool = True
     offsets: bool = False
+    two_level: bool = False
 
     @property
     def zero_points(self) -> bool:
@@ -68,8 +70,12 @@ class QuantScheme(NamedTuple):
 
 
 def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True,
-                offsets: bool = False) -> QuantScheme:
+                offsets: bool = False, two_level: bool = False) -> QuantScheme:
     """A checked scheme (ValueError naming what is wrong)."""
+    if two_level and (name == "fp8" or group_size != K_GROUP or not offsets):
+        raise ValueError(f"two-level scales are GGUF Q4_K's and Q5_K's: int8 or int4 in "
+                         f"groups of {K_GROUP} with offsets, not {name} group {group_size}"
+                         f"{'' if offsets else ' without offsets'}")
     if name not in SCHEME_NAMES:
         raise ValueError(f"unknown quantization scheme {name!r}; expected one of "
                          f"{', '.join(SCHEME_NAMES)}")
@@ -79,7 +85,46 @@ def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True
         raise ValueError("fp8 weights are symmetric (zero points are for int8 and int4)")
     if offsets and symmetric:
         raise ValueError("offsets make a scheme asymmetric: pass symmetric=False")
-    return QuantScheme(name, group_size, symmetric, offsets)
+    return QuantScheme(name, group_size, symmetric, offsets, two_level)
+
+
+K_SUPER = 256  # inputs of a K-quant super-block: one d and dmin over its groups' sc and m
+K_GROUP = 32  # inputs of a Q4_K / Q5_K group
+
+
+def k_table_width(cols: int, group_size: int) -> int:
+    """Bytes of one half of a K table's row: a float32 per super-block, a byte per group."""
+    return 4 * (cols // K_SUPER) + cols // group_size
+
+
+def k_table(d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor, m: torch.Tensor
+            ) -> torch.Tensor:
+    """A K table, uint8 [N, 2, 4 S + G]: per row [d float32 x S][sc byte x G], then [dmin x
+    S][m x G] (the layout the kernels read: quant_rows.h). d, dmin [N, S] (float32 values of
+    the blocks' float16), sc, m [N, G] integers in [0, 255]."""
+    def half(top: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        return torch.cat([top.to(torch.float32).contiguous().view(torch.uint8),
+                          low.to(torch.uint8)], dim=1)
+    return torch.stack([half(d, sc), half(dmin, m)], dim=1)
+
+
+def k_centre(scheme: QuantScheme) -> float:
+    """What a K table's offsets add back per scale: int4 stores a block's u as q = u - 8, int8
+    stores u itself."""
+    return 8.0 if scheme.name == "int4" else 0.0
+
+
+def k_table_values(table: torch.Tensor, cols: int, scheme: QuantScheme
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A K table's float32 scales [N, G] (d * sc) and offsets (centre * scale - dmin * m, one
+    rounding of exact products)."""
+    supers, groups = cols // K_SUPER, cols // scheme.group_size
+
+    def level(half: torch.Tensor) -> torch.Tensor:  # d * sc per group, exact in float32
+        top = half[:, :4 * supers].contiguous().view(torch.float32)
+        return top.repeat_interleave(groups // supers, dim=1) * half[:, 4 * supers:].float()
+    scale = level(table[:, 0])
+    return scale, k_centre(scheme) * scale - level(table[:, 1])
 
 
 def qmax(scheme: QuantScheme) -> float:
@@ -193,8 +238,12 @@ def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
     these formats), rounded once to ``dtype``."""
     values = quantized_values(tensors, scheme)
     n, k = values.shape
-    if scheme.offsets:  # q * scale exact in float32 (at most 24 bits), one rounding of the sum
+    offset = None
+    if scheme.two_level:
+        scale, offset = k_table_values(tensors["weight_table"], k, scheme)
+    elif scheme.offsets:
         scale, offset = tensors["weight_table"].float().unbind(1)
+    if offset is not None:  # q * scale exact in float32 (at most 24 bits), one rounding of the sum
         grouped = _grouped(values, scale.shape[1])
         return (grouped * scale.unsqueeze(-1) + offset.unsqueeze(-1)).reshape(n, k).to(dtype)
     scale = _broadcast_scale(tensors["weight_scale"], n)

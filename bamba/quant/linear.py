@@ -37,7 +37,8 @@ class QuantizedLinear(QuantizedWeights):
         """A layer holding ``tensors`` as they are (checked by the caller)."""
         n, k = cls.stored_shape(tensors, scheme)
         scale = tensors["weight_table" if scheme.offsets else "weight_scale"]
-        layer = cls(k, n, scheme, bias is not None, scale.dtype, per_tensor=scale.dim() < 2)
+        dtype = torch.float32 if scale.dtype == torch.uint8 else scale.dtype  # a K table's bias
+        layer = cls(k, n, scheme, bias is not None, dtype, per_tensor=scale.dim() < 2)
         layer.load_tensors(tensors)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach(), requires_grad=False)

@@ -11,16 +11,16 @@ import torch
 from torch import nn
 
 from bamba.linear_protocol import LinearWeights
-from bamba.quant.formats import (FP8, QuantScheme, dequantize, kernel_scales, packed_width,
-                                 scale_shape, zero_point_shape)
+from bamba.quant.formats import (FP8, QuantScheme, dequantize, k_table_width, kernel_scales,
+                                 packed_width, scale_shape, zero_point_shape)
 
 
 class QuantizedWeights(nn.Module):
     """A weight [rows, cols] held in ``scheme``'s tensors (``weight`` + ``weight_scale`` for
     fp8, ``weight_packed`` + ``weight_shape`` + ``weight_scale`` for ints, + ``weight_zero_point``
     for asymmetric ones; with offsets ``weight_table`` float32 [rows, 2, groups] of scales and
-    offsets in place of ``weight_scale``); zeros until loaded, one scale [1] when
-    ``per_tensor``."""
+    offsets in place of ``weight_scale``, with two-level scales a K table, uint8 [rows, 2,
+    width]); zeros until loaded, one scale [1] when ``per_tensor``."""
 
     def __init__(self, rows: int, cols: int, scheme: QuantScheme,
                  scale_dtype: torch.dtype = torch.bfloat16, per_tensor: bool = False) -> None:
@@ -34,7 +34,10 @@ class QuantizedWeights(nn.Module):
             self.register_buffer("weight_shape", torch.tensor([rows, cols], dtype=torch.int64))
         else:
             self.register_buffer("weight", torch.zeros(rows, cols, dtype=FP8))
-        if scheme.offsets:
+        if scheme.two_level:  # a K table (formats.k_table)
+            self.register_buffer("weight_table", torch.zeros(
+                rows, 2, k_table_width(cols, scheme.group_size), dtype=torch.uint8))
+        elif scheme.offsets:
             self.register_buffer("weight_table", torch.zeros(
                 rows, 2, scale_shape(scheme, rows, cols)[1], dtype=torch.float32))
         else:
@@ -69,10 +72,10 @@ class QuantizedWeights(nn.Module):
         points one made by ``formats.kernel_scales`` once and again only after its scales or
         zero points change."""
         data = self.weight_packed if self.scheme.packed else self.weight
+        if self.scheme.offsets:  # weight_table: float32, or a K table
+            return LinearWeights(self.scheme.name, data, None, self.weight_table)
         if self.scheme.symmetric:
             return LinearWeights(self.scheme.name, data, None, self.weight_scale)
-        if self.scheme.offsets:
-            return LinearWeights(self.scheme.name, data, None, self.weight_table)
         return LinearWeights(self.scheme.name, data, None, self._zero_point_table())
 
     def _zero_point_table(self) -> torch.Tensor:
@@ -100,6 +103,7 @@ class QuantizedWeights(nn.Module):
 
     def _scheme_repr(self) -> str:
         group = "channel" if self.scheme.group_size is None else f"group {self.scheme.group_size}"
-        zero_points = ", offsets" if self.scheme.offsets else \
-            ", zero points" if self.scheme.zero_points else ""
-        return f"scheme={self.scheme.name} ({group}{zero_points})"
+        extras = (", two-level" if self.scheme.two_level else "") + \
+            (", offsets" if self.scheme.offsets else ", zero points" if self.scheme.zero_points
+             else "")
+        return f"scheme={self.scheme.name} ({group}{extras})"
