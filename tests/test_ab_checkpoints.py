@@ -81,3 +81,44 @@ def test_llama_bench_takes_a_turn_on_each_gguf_file(make_hf_checkpoint, tmp_path
     for key, figure in (((0, 4, 0), "llama_cpp_decode_b1_tok_s"),
                         ((16, 0, 0), "llama_cpp_prefill_16_tok_s")):
         assert 0.2 < rows[str(gguf)][figure] / alone[key]["tok_s"] < 5, figure
+
+
+def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """--flat-scales: a second entry a file, its Q4_K tables expanded to float32 scales and
+    offsets: the same weights bit for bit, more bytes held."""
+    import gguf
+    import torch
+    from conftest import build_tokenizer, hf_model
+    from gguf import GGMLQuantizationType as Q
+    from test_gguf import _random_k_blocks
+
+    from bamba.checkpoint import from_pretrained, load_tokenizer
+    from bamba.gguf import export as gguf_export
+    from bamba.gguf.export import export_gguf
+
+    real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
+    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: Q.Q4_K
+                        if name.endswith("ffn_up.weight") else real_type(name, shape, file_type))
+    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
+        data, qtype, size=0.03) if qtype.name.endswith("_K") else real_quantize(data, qtype))
+    source = tmp_path / "source"
+    hf_model("hybrid", hidden_size=256, intermediate_size=512,
+             mamba_d_head=128).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    path = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "k.gguf", "f32")
+    model = from_pretrained(path, dtype=torch.float32)
+    up = model.model.layers[0].feed_forward.up_proj
+    flat = ab_checkpoints.flat_scales(from_pretrained(path, dtype=torch.float32))
+    flat_up = flat.model.layers[0].feed_forward.up_proj
+    assert up.scheme.two_level and not flat_up.scheme.two_level and flat_up.scheme.offsets
+    assert flat_up.weight_table.dtype == torch.float32
+    assert torch.equal(flat_up.dequantized_weight(torch.float32),
+                       up.dequantized_weight(torch.float32))
+    out = tmp_path / "ab.json"
+    ab_checkpoints.main([str(path), "--turns", "1", "--steps", "1", "--prompt", "8",
+                         "--batches", "1", "--flat-scales", "--output", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert list(rows) == [str(path), f"{path} (flat scales)"]
+    tables, floats = rows.values()
+    assert floats["model_mb"] > tables["model_mb"]
