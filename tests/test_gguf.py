@@ -930,3 +930,24 @@ def test_llama_quantize_q4_k_m_of_a_granite_moe_keeps_its_experts_in_their_block
     _assert_dequantized_as_gguf_does(back, out, [t.name for t in experts])
     fast, ref = _native_and_torch_logits(out, back, random_ids(2, 11))
     assert (fast - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
+
+
+def test_the_reader_reads_every_field_and_tensor_as_gguf_py_does(memorised, tmp_path):
+    """Fields read through a plain view of the file's map (``open_gguf``) are gguf-py's own:
+    every key's types and contents (the vocabulary's arrays included), every tensor's name,
+    type, shape, offset and bytes."""
+    from bamba.gguf.reader import open_gguf
+
+    source, model, _ = memorised
+    out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", "q4_0")
+    ours, theirs = open_gguf(out), gguf.GGUFReader(out)
+    assert list(ours.fields) == list(theirs.fields) and len(ours.fields) > 20
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.types, mine.offset, mine.data) == (field.types, field.offset, field.data)
+        assert mine.contents() == field.contents(), name
+    assert len(ours.tensors) == len(theirs.tensors)
+    for mine, tensor in zip(ours.tensors, theirs.tensors):
+        assert (mine.name, mine.tensor_type, list(mine.shape), mine.data_offset) == \
+            (tensor.name, tensor.tensor_type, list(tensor.shape), tensor.data_offset)
+        assert bytes(mine.data) == bytes(tensor.data)

@@ -18,6 +18,8 @@ llama.cpp's own dequantization gives them (up to one float32 rounding of an offs
 from __future__ import annotations
 
 
+import sys
+
 import numpy as np
 import torch
 from torch import nn
@@ -50,9 +52,24 @@ def kind_scheme(type_name: str):
     return make_scheme(name, group, symmetric=not offsets, offsets=offsets, two_level=two_level)
 
 
-def _half(raw: np.ndarray) -> np.ndarray:
-    """Float16 fields (2 bytes each, last axis) as float32."""
-    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+def _half(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 field at byte ``at`` (even) of each block (blocks [..., bytes], contiguous,
+    an even count) as float32 [..., 1], read as uint16 in place (copying the two bytes out
+    first took ~4 of the 38 s a Q4_K_M file of granite-4.0-h-tiny's shape loaded in)."""
+    return blocks.view(np.uint16)[..., at // 2:at // 2 + 1].view(np.float16).astype(np.float32)
+
+
+def _packed_nibbles(runs: np.ndarray) -> torch.Tensor:
+    """Runs of bytes [rows, ..., n] whose low nibbles hold n weights and high nibbles the next
+    n (a Q4_0 block's 16 bytes, a Q4_K chunk's 32), the nibbles u = q + 8, as int4's packed
+    words [rows, cols / 8]: weight 2p in byte p's low nibble, as compressed-tensors packs them,
+    made from the bytes' pairs directly (through q and ``pack_ints`` it took ~8 of those 38 s)."""
+    rows = runs.shape[0]
+    if sys.byteorder != "little":  # the words' bytes are not in weight order there
+        return pack_ints(torch.from_numpy(_nibbles(runs).astype(np.int8).reshape(rows, -1) - 8), 4)
+    even, odd = runs[..., 0::2], runs[..., 1::2]
+    packed = np.concatenate(((even & 0x0F) | (odd << 4), (even >> 4) | (odd & 0xF0)), axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(packed).reshape(rows, -1)).view(torch.int32)
 
 
 def _nibbles(raw: np.ndarray) -> np.ndarray:
@@ -77,41 +94,42 @@ def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(q int8 [rows, cols], scale [rows, groups], offset float32 [rows, groups] or None) of a
-    tensor's blocks of ``type_name`` (KINDS), w = q * scale (+ offset); for two-level kinds
-    (q, the K table's rows uint8 [rows, 2 * width], None) instead."""
+    """(q, scale [rows, groups], offset float32 [rows, groups] or None) of a tensor's blocks
+    of ``type_name`` (KINDS), w = q * scale (+ offset); q int8 [rows, cols], or for the int4
+    kinds the packed words [rows, cols / 8]; for two-level kinds (q, the K table's rows uint8
+    [rows, 2 * width], None)."""
     if type_name in SCHEMES:
         return (*block_values(raw, type_name, rows, cols), None)
     per_block = 256 if type_name.endswith("_K") else 32
     b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // per_block, -1)
     offset = None
     if type_name in ("Q4_1", "Q5_1"):  # d, m, [qh 4 bytes], 16 bytes of nibbles
-        d, m = _half(b[..., 0:2]), _half(b[..., 2:4])
-        u = _nibbles(b[..., -16:]).astype(np.int8)
-        centre = 8
-        if type_name == "Q5_1":
-            u |= _bits(b[..., 4:8], 32).astype(np.int8) << 4
-            centre = 16
-        scale, offset = d, m + centre * d
-        q = u - centre
+        d, m = _half(b, 0), _half(b, 2)
+        if type_name == "Q4_1":  # q = u - 8, the nibbles as they are
+            scale, offset = d, m + 8 * d
+            q = _packed_nibbles(b[..., -16:])
+        else:
+            u = _nibbles(b[..., -16:]).astype(np.int8) | \
+                (_bits(b[..., 4:8], 32).astype(np.int8) << 4)
+            scale, offset, q = d, m + 16 * d, u - 16
     elif type_name == "Q5_0":  # d, qh 4 bytes, 16 bytes of nibbles
-        d = _half(b[..., 0:2])
+        d = _half(b, 0)
         u = _nibbles(b[..., 6:22]).astype(np.int8) | \
             (_bits(b[..., 2:6], 32).astype(np.int8) << 4)
         q, scale = u - 16, d
     elif type_name in ("Q4_K", "Q5_K"):  # d, dmin, 12 scale bytes, [qh 32 bytes], qs 128 bytes
-        d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
+        d, dmin = _half(b, 0), _half(b, 2)
         sc, m = _k_scales(b[..., 4:16])
         qs = b[..., -128:].reshape(rows, -1, 4, 32)  # 4 chunks of 64 weights: low, high nibbles
-        u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).astype(np.int8).reshape(rows, -1, 256)
-        if type_name == "Q5_K":  # bit j of qh's byte l: weight 32 j + l's fifth bit
-            high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]
-            u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256).astype(np.int8) << 4
         # the scales held as stored, a K table (int4's q = u - 8, int8's q = u)
-        q = u - (8 if type_name == "Q4_K" else 0)
         table = k_table(*(torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))
-                          for a in (d[..., 0], sc, dmin[..., 0], m)))
-        return torch.from_numpy(q.reshape(rows, cols)), table.reshape(rows, -1), None
+                          for a in (d[..., 0], sc, dmin[..., 0], m))).reshape(rows, -1)
+        if type_name == "Q4_K":
+            return _packed_nibbles(qs), table, None
+        u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).astype(np.int8).reshape(rows, -1, 256)
+        high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]: bit j of qh's
+        u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256).astype(np.int8) << 4  # byte l:
+        return torch.from_numpy(u.reshape(rows, cols)), table, None  # weight 32 j + l's 5th bit
     elif type_name == "Q6_K":  # ql 128 bytes, qh 64 bytes, 16 int8 scales, d
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)  # [half, 32-byte run, l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)
@@ -120,25 +138,26 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         high = (qh[..., None, :, :] >> shifts) & 3  # [half, nibble, run, l]
         u = (low.astype(np.int8) | (high.astype(np.int8) << 4)).reshape(rows, -1, 256)
         sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
-        q, scale = u - 32, _half(b[..., 208:210]) * sc
+        q, scale = u - 32, _half(b, 208) * sc
     else:
         raise ValueError(f"GGUF block type {type_name} is not read quantized")
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))  # noqa: E731
-    return (to(q.astype(np.int8, copy=False)).view(rows, cols), to(scale.astype(np.float32)),
+    if not isinstance(q, torch.Tensor):
+        q = to(q.astype(np.int8, copy=False)).view(rows, cols)
+    return (q, to(scale.astype(np.float32)),
             None if offset is None else to(offset.astype(np.float32)))
 
 
 def block_values(raw: np.ndarray, type_name: str, rows: int, cols: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 [rows, cols], scale float16 [rows, cols / 32]) of a Q8_0 or Q4_0 tensor's bytes."""
+    """(q, scale float16 [rows, cols / 32]) of a Q8_0 or Q4_0 tensor's bytes: Q8_0's q int8
+    [rows, cols], Q4_0's the int4 packed words [rows, cols / 8]."""
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // GROUP, -1)
-    scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
-    body = np.ascontiguousarray(blocks[..., 2:])
-    if type_name == "Q8_0":
-        q = body.view(np.int8)
-    else:
-        q = np.concatenate((body & 0x0F, body >> 4), axis=-1).astype(np.int8) - 8
-    return torch.from_numpy(q.reshape(rows, cols).copy()), torch.from_numpy(scale.copy())
+    scale = np.ascontiguousarray(blocks.view(np.uint16)[..., 0]).view(np.float16)
+    if type_name == "Q4_0":
+        return _packed_nibbles(blocks[..., 2:]), torch.from_numpy(scale)
+    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
+    return torch.from_numpy(q.reshape(rows, cols)), torch.from_numpy(scale)
 
 
 def block_bytes(q: torch.Tensor, scale: torch.Tensor, type_name: str) -> np.ndarray | None:
@@ -166,11 +185,13 @@ def block_bytes(q: torch.Tensor, scale: torch.Tensor, type_name: str) -> np.ndar
 def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
                    offset: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """A ``QuantizedLinear``'s or ``QuantizedEmbedding``'s buffers (names as compressed-tensors
-    has them; with offsets ``weight_table``, scales and offsets [rows, 2, groups]) for q, scale
-    and offset, of a block type of KINDS."""
+    has them; with offsets ``weight_table``, scales and offsets [rows, 2, groups]) for q (int8
+    values, or int4's packed words), scale and offset, of a block type of KINDS."""
     scheme = kind_scheme(type_name)
-    tensors = {"weight_packed": pack_ints(q, scheme.bits),
-               "weight_shape": torch.tensor(q.shape, dtype=torch.int64)}
+    packed = q.dtype == torch.int32  # int4's words, as decode_blocks makes them
+    tensors = {"weight_packed": q if packed else pack_ints(q, scheme.bits),
+               "weight_shape": torch.tensor([q.shape[0], q.shape[1] * (8 if packed else 1)],
+                                            dtype=torch.int64)}
     if scheme.two_level:  # a K table's rows, as decode_blocks gives them
         tensors["weight_table"] = scale.reshape(q.shape[0], 2, -1)
     elif offset is None:

@@ -13,6 +13,7 @@ with one line naming it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
@@ -60,10 +61,29 @@ class GGUFModel:
         return field_value(self.reader, key, default)
 
 
-def open_gguf(path: str | os.PathLike) -> Any:
-    """A ``gguf.GGUFReader`` over ``path``; ValueError when it is not a whole GGUF file."""
+@functools.cache
+def _fast_reader() -> type:
+    """``gguf.GGUFReader`` reading its fields through a plain ndarray view of the file's map:
+    its reads slice the ``np.memmap`` itself, a memmap object for each element of an array
+    field, which for a 100K-token vocabulary (tokens, types, merges: 300K reads) took ~5 s."""
+    import numpy as np
     from gguf import GGUFReader
 
+    class Reader(GGUFReader):
+        def _get(self, offset: int, dtype: Any, count: int = 1,
+                 override_order: str | None = None) -> Any:
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+            count = int(count)
+            values = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return values.view(values.dtype.newbyteorder(order))
+    return Reader
+
+
+def open_gguf(path: str | os.PathLike) -> Any:
+    """A ``gguf.GGUFReader`` over ``path``; ValueError when it is not a whole GGUF file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
@@ -71,7 +91,7 @@ def open_gguf(path: str | os.PathLike) -> Any:
         if f.read(4) != MAGIC:
             raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
     try:
-        reader = GGUFReader(path, "r")
+        reader = _fast_reader()(path, "r")
     except Exception as exc:  # the parser raises whatever numpy raises on short reads
         raise ValueError(f"{path}: truncated or corrupt GGUF file "
                          f"({type(exc).__name__}: {exc})") from None
