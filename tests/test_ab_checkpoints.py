@@ -35,6 +35,17 @@ def test_checkpoints_take_turns_and_are_written(tmp_path: Path, capsys: pytest.C
         assert row["decode_b3_tok_s"] > 0 and "decode_b8_tok_s" not in row
 
 
+def _with_second_entry(path: Path, flag: str, label: str, tmp_path: Path) -> tuple[dict, dict]:
+    """The written rows of one short run over ``path`` with ``flag``: the file's own, then the
+    second entry the flag adds (named "PATH (label)")."""
+    out = tmp_path / "ab.json"
+    ab_checkpoints.main([str(path), "--turns", "1", "--steps", "1", "--prompt", "8",
+                         "--batches", "1", flag, "--output", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert list(rows) == [str(path), f"{path} ({label})"]
+    return rows[str(path)], rows[f"{path} ({label})"]
+
+
 def test_dense_experts_add_each_checkpoint_with_its_experts_in_bf16(tmp_path: Path) -> None:
     """--dense-experts: a second entry a checkpoint, its experts a dense bf16 stack holding
     more bytes than the quantized ones."""
@@ -48,12 +59,7 @@ def test_dense_experts_add_each_checkpoint_with_its_experts_in_bf16(tmp_path: Pa
     int4 = tmp_path / "int4"
     assert bamba_main(["quantize", str(tmp_path / "source"), str(int4), "--scheme", "int4",
                        "--group-size", "32", "--no-progress"]) == 0
-    out = tmp_path / "ab.json"
-    ab_checkpoints.main([str(int4), "--turns", "1", "--steps", "1", "--prompt", "8",
-                         "--batches", "1", "--dense-experts", "--output", str(out)])
-    rows = json.loads(out.read_text())["results"]
-    assert list(rows) == [str(int4), f"{int4} (experts bf16)"]
-    quantized, dense = rows.values()
+    quantized, dense = _with_second_entry(int4, "--dense-experts", "experts bf16", tmp_path)
     assert quantized["disk_mb"] == dense["disk_mb"]
     assert dense["model_mb"] > quantized["model_mb"]
 
@@ -115,10 +121,5 @@ def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: P
     assert flat_up.weight_table.dtype == torch.float32
     assert torch.equal(flat_up.dequantized_weight(torch.float32),
                        up.dequantized_weight(torch.float32))
-    out = tmp_path / "ab.json"
-    ab_checkpoints.main([str(path), "--turns", "1", "--steps", "1", "--prompt", "8",
-                         "--batches", "1", "--flat-scales", "--output", str(out)])
-    rows = json.loads(out.read_text())["results"]
-    assert list(rows) == [str(path), f"{path} (flat scales)"]
-    tables, floats = rows.values()
+    tables, floats = _with_second_entry(path, "--flat-scales", "flat scales", tmp_path)
     assert floats["model_mb"] > tables["model_mb"]
