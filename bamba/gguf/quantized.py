@@ -127,9 +127,10 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         if type_name == "Q4_K":
             return _packed_nibbles(qs), table, None
         u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).astype(np.int8).reshape(rows, -1, 256)
-        high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]: bit j of qh's
-        u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256).astype(np.int8) << 4  # byte l:
-        return torch.from_numpy(u.reshape(rows, cols)), table, None  # weight 32 j + l's 5th bit
+        # Q5_K: bit j of qh's byte l is weight 32 j + l's fifth bit
+        high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]
+        u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256).astype(np.int8) << 4
+        return torch.from_numpy(u.reshape(rows, cols)), table, None
     elif type_name == "Q6_K":  # ql 128 bytes, qh 64 bytes, 16 int8 scales, d
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)  # [half, 32-byte run, l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)

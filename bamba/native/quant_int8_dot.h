@@ -144,7 +144,7 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
      * with `vpmulld` a [1024, 768] Q4_K linear at one row took 35 us, 32 so), the sums times the
      * super-block's d; int4's nibbles multiply as stored, u (the offsets' centre 0) */
     KWalk walk[INT8_TILE_WEIGHT_ROWS];
-    for (int j = 0; j < J; j++) walk[j] = k_walk(L, n + j);
+    for (int j = 0; j < J && span == K_GROUPS; j++) walk[j] = k_walk(L, n + j);
     for (int64_t c = 0, left = per_group; c < chunks; c++) {
         __m512i low[INT8_TILE_WEIGHT_ROWS], high[INT8_TILE_WEIGHT_ROWS];
         __m512 wscale[INT8_TILE_WEIGHT_ROWS];

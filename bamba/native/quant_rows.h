@@ -398,7 +398,8 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
     __m512 acc[ROW_GROUP], a[ROW_GROUP], b[ROW_GROUP];
     for (int r = 0; r < R; r++) acc[r] = a[r] = b[r] = _mm512_setzero_ps();
     if (span == GROUPS_IN_CHUNK || span == K_GROUPS) prefetch_scales(L, n);
-    KWalk walk = k_walk(L, n); /* K_GROUPS */
+    KWalk walk; /* K_GROUPS' */
+    if (span == K_GROUPS) walk = k_walk(L, n);
     for (int64_t c = 0, left = per_group; c < chunks; c++) {
         _mm_prefetch(w + c * bytes + PREFETCH_BYTES, _MM_HINT_T1);
         __m512i v[4];
