@@ -58,6 +58,7 @@ _QUANTIZED_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.int32: "I32", torch.i
 _ANY_FLOAT = "a floating-point dtype"
 # Static activation scales of a compressed-tensors scheme: activations run unquantized here.
 _ACTIVATION_SCALES = (".input_scale", ".output_scale")
+_HEAD = "lm_head."  # a tied head's tensors: the token table's, never read or written apart
 
 
 
@@ -209,15 +210,16 @@ def _plan(model: BambaLM, entries: dict[str, _Entry], where: Path) -> dict[str, 
     state = model.state_dict(keep_vars=True)
     expected = {k: tuple(v.shape) for k, v in state.items()}
     quantized = getattr(model, "quantization_config", None) is not None
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+    if config.tie_word_embeddings:  # the head reads the table (a quantized one's tensors too)
+        expected = {k: v for k, v in expected.items() if not k.startswith(_HEAD)}
     plan: dict[str, str] = {}
     pieces: dict[str, tuple[set[int], int]] = {}  # ours -> (pieces seen, pieces it takes)
     for key, entry in entries.items():
         piece = locate_piece(key) if quantized else None
         ours = to_bamba_name(key if piece is None else piece[0], config.model_type)
-        if key.endswith(_IGNORED_SUFFIXES) or (ours == "lm_head.weight" and config.tie_word_embeddings) \
-                or (quantized and key.endswith(_ACTIVATION_SCALES)):
+        if key.endswith(_IGNORED_SUFFIXES) or \
+                (ours.startswith(_HEAD) and config.tie_word_embeddings) or \
+                (quantized and key.endswith(_ACTIVATION_SCALES)):
             continue
         stacked = _stacked_module(model, ours) if ours in expected else None
         count = 0 if piece is None or stacked is None else stacked.experts * piece[2]
@@ -336,6 +338,8 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
         model = BambaLM(config)
         if quantization is not None:
             _place_quantized(model, quantization, entries, dtype)
+            if config.tie_word_embeddings:  # a quantized table: the head holds its tensors
+                model.tie_weights()
     where = shards[0] if weight_map is None else directory / INDEX_NAME
     plan = _plan(model, entries, where)
     keep = _quantized_tensor_names(model)
@@ -360,10 +364,10 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
                 tensor = tensor.reshape(shapes[ours])  # scalars as [1], fp8 expert stacks flat
                 _assign(model, ours, arena.place(ours, tensor) if arena is not None else
                         tensor.to(device=device, dtype=targets[ours]))
+    if config.tie_word_embeddings:
+        model.tie_weights()
     if quantization is not None:
         _check_packed_shapes(model, where)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
     # A buffer the model computes at construction (not in state_dict) cannot come from a file.
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"not materialised after loading: {left}"

@@ -97,7 +97,7 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                              f"writes it, or bamba.quant.apply.dequantize_model makes it dense")
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        if name.startswith("lm_head.") and config.tie_word_embeddings:
             continue
         out[to_checkpoint_name(name, config.model_type)] = tensor.detach().to("cpu").contiguous()
     for path, module in model.named_modules():

@@ -315,7 +315,20 @@ class BambaLM(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """The LM head reads the token table (tie_word_embeddings): the table's own parameter,
+        or for a quantized table (``QuantizedEmbedding``) a quantized linear holding its
+        tensors, so the table is held once and the head streams it as stored."""
+        embed = self.model.embed_tokens
+        if isinstance(embed, nn.Embedding):
+            if not isinstance(self.lm_head, nn.Linear):  # the quantized table's, made dense
+                self.lm_head = nn.Linear(embed.embedding_dim, embed.num_embeddings, bias=False,
+                                         device="meta")
+            self.lm_head.weight = embed.weight
+        else:
+            self.lm_head = embed.tied_head()
 
     def forward(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
                 cache: InferenceCache | None = None, seq_idx: torch.Tensor | None = None,

@@ -6,12 +6,15 @@ of the same weights (say int4 with a Granite MoE's experts quantized or kept in 
 memory spells.
 
     python benchmarks/ab_checkpoints.py DIR_A DIR_B [--turns 5] [--batches 1 8 32]
-                                       [--dense-experts] [--flat-scales] [--output out.json]
+                                       [--dense-experts] [--flat-scales] [--dense-table]
+                                       [--output out.json]
 
 A checkpoint is a directory or a GGUF file. ``--dense-experts`` adds each one again with its
 quantized experts dequantized to a bf16 stack (what a GGUF file's K-quant experts loaded as
 before they stayed in their blocks); ``--flat-scales`` each one with its two-level scales
-(Q4_K, Q5_K) as a float32 scale and offset a group (how they loaded before).
+(Q4_K, Q5_K) as a float32 scale and offset a group (how they loaded before);
+``--dense-table`` each one with its quantized token table, and a head tied to it, dequantized
+to bf16 (how a GGUF file's tied table loaded before the head read its blocks).
 ``--llama-bench`` has llama.cpp's ``llama-bench`` decode (batch 1) and prefill each GGUF file
 in every turn too, right after bamba's turn on it (the same bytes on both sides, the same
 memory spell). Prints and (with --output) writes each
@@ -49,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flat-scales", action="store_true",
                         help="also time each checkpoint with its two-level scales (a GGUF "
                              "file's Q4_K / Q5_K) as a float32 scale and offset a group")
+    parser.add_argument("--dense-table", action="store_true",
+                        help="also time each checkpoint with its quantized token table (and a "
+                             "head tied to it) dequantized to bf16")
     parser.add_argument("--llama-bench", action="store_true",
                         help="llama-bench decodes (batch 1) and prefills each GGUF file too, "
                              "a turn beside bamba's")
@@ -59,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     from bamba.checkpoint import from_pretrained
     from bamba.native import accelerate
     from bamba.quant.apply import dequantize_model
+    from bamba.arena import pack_weights
+    from bamba.quant.embedding import QuantizedEmbedding
     from bamba.quant.experts import QuantizedExpertWeights
 
     torch.set_num_threads(args.threads)
@@ -72,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.flat_scales:
             flat = flat_scales(from_pretrained(path, dtype=torch.bfloat16))
             models[f"{path} (flat scales)"] = path, accelerate(flat)
+        if args.dense_table:
+            table = dequantize_model(from_pretrained(path, dtype=torch.bfloat16), torch.bfloat16,
+                                     kinds=(QuantizedEmbedding,))
+            models[f"{path} (table bf16)"] = path, accelerate(pack_weights(table))
     times: dict[str, dict[int | str, list[float]]] = {
         name: {**{b: [] for b in args.batches}, "prefill": [], "llama_b1": [],
                "llama_prefill": []} for name in models}

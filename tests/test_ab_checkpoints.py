@@ -123,3 +123,26 @@ def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: P
                        up.dequantized_weight(torch.float32))
     tables, floats = _with_second_entry(path, "--flat-scales", "flat scales", tmp_path)
     assert floats["model_mb"] > tables["model_mb"]
+
+
+def test_dense_table_adds_each_file_with_its_tied_table_in_bf16(tmp_path: Path) -> None:
+    """--dense-table: a second entry a file, its quantized token table (which the tied head
+    reads) a bf16 table shared by the head: more bytes held."""
+    import torch
+    from conftest import build_tokenizer, hf_model
+
+    from bamba.checkpoint import from_pretrained, load_tokenizer
+    from bamba.gguf.export import export_gguf
+    from bamba.quant.apply import dequantize_model
+    from bamba.quant.embedding import QuantizedEmbedding
+
+    source = tmp_path / "source"
+    hf_model("granite", hidden_size=64, intermediate_size=128, shared_intermediate_size=128,
+             mamba_d_head=32, tie_word_embeddings=True, vocab_size=8192).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    path = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "t.gguf",
+                       "q8_0")
+    dense = dequantize_model(from_pretrained(path), torch.float32, kinds=(QuantizedEmbedding,))
+    assert dense.lm_head.weight is dense.model.embed_tokens.weight
+    quantized, table = _with_second_entry(path, "--dense-table", "table bf16", tmp_path)
+    assert table["model_mb"] > quantized["model_mb"]

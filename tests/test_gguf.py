@@ -135,6 +135,61 @@ def test_quantized_linears_load_exactly_as_our_int_formats(memorised, tmp_path, 
         assert torch.equal(from_pretrained(tmp_path / "ct")(ids), back(ids))
 
 
+@pytest.mark.parametrize("file_type", ["q8_0", "q4_0"])
+def test_a_tied_token_table_stays_in_its_blocks_once_and_the_head_reads_them(
+        make_hf_checkpoint, tmp_path, file_type):
+    """A file whose lm_head is the token table (no output.weight: Granite 4.0's) keeps the
+    table in its blocks once: the head is a QuantizedLinear holding the same tensors, so the
+    model holds no dense copy; its logits are those of the table dequantized and tied, the
+    native kernels' too; save_pretrained writes the table once, and both readers tie it again."""
+    from bamba.native import accelerate, quant_ops
+    from bamba.quant.apply import dequantize_model
+    from bamba.quant.embedding import QuantizedEmbedding
+    from bamba.quant.linear import QuantizedLinear
+    from safetensors import safe_open
+    from test_quant_interop import prefill_then_decode
+
+    source = make_hf_checkpoint("granite", hidden_size=64, intermediate_size=128,
+                                shared_intermediate_size=128, mamba_d_head=32,
+                                tie_word_embeddings=True)
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf",
+                      file_type)
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(out).tensors}
+    back = from_pretrained(out)
+    table, head = back.model.embed_tokens, back.lm_head
+    assert back.config.tie_word_embeddings and isinstance(table, QuantizedEmbedding)
+    assert isinstance(head, QuantizedLinear) and head.dense_shape == table.dense_shape
+    for name, tensor in table.quantized_tensors().items():
+        assert getattr(head, name) is tensor, name
+    names = {n for n, _ in back.named_buffers()}
+    assert not any(n.startswith("lm_head.") for n in names)  # held once
+    dense = dequantize_model(from_pretrained(out), torch.float32)
+    assert dense.lm_head.weight is dense.model.embed_tokens.weight
+    ids = random_ids(2, 12)
+    previous = quant_ops.set_int8_activations(False)
+    try:
+        with torch.no_grad():
+            logits = back(ids)
+            assert torch.allclose(logits, dense(ids), rtol=0, atol=1e-5)
+            assert torch.allclose(accelerate(from_pretrained(out))(ids), logits, rtol=0,
+                                  atol=1e-5)
+            apart = from_pretrained(out)  # the head's tensors copied: what the tie must not change
+            apart.lm_head = QuantizedLinear.from_tensors(
+                {k: v.clone() for k, v in table.quantized_tensors().items()}, table.scheme)
+            decoded = [prefill_then_decode(accelerate(m), ids, prefill=5)
+                       for m in (from_pretrained(out), apart)]  # the one-call decode step
+            assert torch.equal(*decoded)
+    finally:
+        quant_ops.set_int8_activations(previous)
+    back.save_pretrained(tmp_path / "ct")
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        assert not any(k.startswith("lm_head.") for k in f.keys())
+    again = from_pretrained(tmp_path / "ct")
+    assert again.lm_head.weight_packed is again.model.embed_tokens.weight_packed
+    with torch.no_grad():
+        assert torch.equal(again(ids), logits)
+
+
 @pytest.mark.parametrize("scheme, group, file_type, exact", [
     ("int4", "32", "q4_0", True), ("int4", "64", "q4_0", True), ("int4", "32", "q8_0", True),
     ("int8", "32", "q8_0", True), ("int8", None, "q8_0", True), ("int8", "32", "q4_0", False)])

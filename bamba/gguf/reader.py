@@ -384,12 +384,11 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     for name, part in plan.items():
         stored.setdefault(part.ours, set()).add(types[name])
     # Each linear whose pieces are all of one block type of KINDS stays in its blocks, in that
-    # type's format; the token table too (llama.cpp's files store it so), unless the lm_head
-    # shares it.
+    # type's format; the token table too (llama.cpp's files store it so), an lm_head tied to it
+    # reading the same blocks.
     quantized = {ours: next(iter(kinds)) for ours, kinds in stored.items()
                  if len(kinds) == 1 and kinds <= set(KINDS) and
-                 (_is_linear_weight(model, ours) or
-                  (ours == EMBEDDINGS and not config.tie_word_embeddings))}
+                 (_is_linear_weight(model, ours) or ours == EMBEDDINGS)}
     if set(quantized) == {EMBEDDINGS}:  # a dense file's table: dense as well
         quantized = {}
     # A Granite MoE's stacked experts stay in their blocks too (each in one type of KINDS).
@@ -402,6 +401,8 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if quantized:
         with torch.device("meta"):
             place_quantized(model, quantized, dtype, experts)
+            if config.tie_word_embeddings:
+                model.tie_weights()
 
     def target(name: str, tensor: torch.Tensor) -> torch.dtype:
         if is_quantized_buffer(name):
@@ -464,7 +465,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         for buffer, value in linear_tensors(q, scale, quantized[ours], offset).items():
             load(f"{module}.{buffer}", value)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_weights()
     log.info("loaded %s (%s, %d tensors, dtype %s%s)", model_file.path,
              model_file.value("general.architecture"), len(plan), dtype,
              f", {len(quantized)} matrices {'/'.join(sorted(set(quantized.values())))}"

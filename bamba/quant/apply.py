@@ -41,8 +41,8 @@ def targeted_modules(model: nn.Module, qconfig: QuantConfig, rename: Rename,
     """Our module path -> its config group, for every ``nn.Linear`` and ``nn.Embedding`` the
     config quantizes, and with ``experts`` every stacked expert weight whose per-expert linears
     (``bamba.quant.experts``) it quantizes. ValueError (naming the module) when a group size
-    does not divide its input width (an embedding's: its rows) or embeddings tied to the
-    lm_head are targeted."""
+    does not divide its input width (an embedding's: its rows) or an lm_head tied to the
+    embeddings is targeted."""
     found: dict[str, QuantGroup] = {}
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     routers = {f"{name}.layer" for name, module in model.named_modules()
@@ -63,10 +63,9 @@ def targeted_modules(model: nn.Module, qconfig: QuantConfig, rename: Rename,
         if size is not None and width % size:
             raise ValueError(f"group size {size} does not divide {what} {width} of "
                              f"{rename(name)}")
-        if tied and (name == "lm_head" or isinstance(module, nn.Embedding)):
-            raise ValueError(f"{rename(name)} is tied to the "
-                             f"{'embeddings' if name == 'lm_head' else 'lm_head'} and cannot "
-                             f"be quantized; keep it in the ignore list")
+        if tied and name == "lm_head":  # (a tied table quantized: the head reads it so)
+            raise ValueError(f"{rename(name)} is tied to the embeddings and cannot be "
+                             f"quantized apart from them; keep it in the ignore list")
         if isinstance(module, ExpertWeights) and group.per_tensor:
             raise ValueError(f"{rename(name)}: experts take a scale per channel or group, "
                              f"not one per tensor")
@@ -234,5 +233,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype,
         dense.weight = nn.Parameter(dense_tensor(model, f"{name}.weight", dtype),
                                     requires_grad=False)
         _replace(model, name, dense)
+    if getattr(model.config, "tie_word_embeddings", False):  # one dense table again
+        model.tie_weights()
     model.__dict__.pop("quantization_config", None)
     return model

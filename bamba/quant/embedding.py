@@ -11,6 +11,7 @@ from torch import nn
 
 from bamba.quant.formats import (QuantScheme, dequantize, pack_zero_points, quantize,
                                  unpack_zero_points)
+from bamba.quant.linear import QuantizedLinear
 from bamba.quant.weights import QuantizedWeights
 
 
@@ -35,6 +36,18 @@ class QuantizedEmbedding(QuantizedWeights):
                     tensors["weight_scale"].dtype, output_dtype=embedding.weight.dtype)
         layer.load_tensors(tensors)
         return layer
+
+    def tied_head(self) -> QuantizedLinear:
+        """An LM head tied to this table: a ``QuantizedLinear`` [num_embeddings, embedding_dim]
+        holding this module's tensors themselves (no copy; on meta as well)."""
+        tensors = self.quantized_tensors()
+        scale = tensors.get("weight_scale")
+        with torch.device("meta"):  # its own tensors are replaced by the table's
+            head = QuantizedLinear(self.embedding_dim, self.num_embeddings, self.scheme,
+                                   scale_dtype=torch.float32 if scale is None else scale.dtype,
+                                   per_tensor=scale is not None and scale.dim() < 2)
+        head.load_tensors(tensors)
+        return head
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.reshape(-1)
