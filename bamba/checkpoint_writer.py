@@ -101,12 +101,15 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[to_checkpoint_name(name, config.model_type)] = tensor.detach().to("cpu").contiguous()
     for path, module in model.named_modules():
+        name = to_checkpoint_name(path, config.model_type)
         if hasattr(module, "checkpoint_tensors"):  # quantized experts
-            stacked = to_checkpoint_name(path, config.model_type)
-            _check_described(model, module, stacked)
+            _check_described(model, module, name)
             for leaf in module.scheme.tensor_names():
-                del out[f"{stacked}.{leaf}"]
-            out.update(module.checkpoint_tensors(stacked))
+                del out[f"{name}.{leaf}"]
+            out.update(module.checkpoint_tensors(name))
+        elif hasattr(module, "saved_tensors") and f"{name}.weight_table" in out:  # Q6_K's table
+            del out[f"{name}.weight_table"]
+            out.update({f"{name}.{leaf}": t for leaf, t in module.saved_tensors().items()})
     return out
 
 
@@ -119,7 +122,8 @@ def _check_described(model: nn.Module, experts: nn.Module, stacked: str) -> None
     raw = getattr(model, "quantization_config", None)
     group = None if raw is None else parse_quantization_config(raw).group_for(
         piece_modules(stacked, 1)[0], ("Linear",))
-    if group is None or group.scheme != experts.scheme or group.per_tensor:
+    held = experts.scheme._replace(two_level=False)  # (a Q6_K table is saved as its scales)
+    if group is None or group.scheme != held or group.per_tensor:
         raise ValueError(f"this model cannot be saved in the Hugging Face layout: the experts "
                          f"of {stacked} are quantized as {experts.scheme.name} (group "
                          f"{experts.scheme.group_size}), which its quantization_config does "

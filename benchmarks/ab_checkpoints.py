@@ -12,7 +12,7 @@ memory spells.
 A checkpoint is a directory or a GGUF file. ``--dense-experts`` adds each one again with its
 quantized experts dequantized to a bf16 stack (what a GGUF file's K-quant experts loaded as
 before they stayed in their blocks); ``--flat-scales`` each one with its two-level scales
-(Q4_K, Q5_K) as a float32 scale and offset a group (how they loaded before);
+(Q4_K, Q5_K, Q6_K) as a float32 scale (and offset) a group (how they loaded before);
 ``--dense-table`` each one with its quantized token table, and a head tied to it, dequantized
 to bf16 (how a GGUF file's tied table loaded before the head read its blocks).
 ``--llama-bench`` has llama.cpp's ``llama-bench`` decode (batch 1) and prefill each GGUF file
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                              "to bf16 (a Granite MoE's experts as a dense stack)")
     parser.add_argument("--flat-scales", action="store_true",
                         help="also time each checkpoint with its two-level scales (a GGUF "
-                             "file's Q4_K / Q5_K) as a float32 scale and offset a group")
+                             "file's Q4_K / Q5_K / Q6_K) as a float32 scale (and offset) a group")
     parser.add_argument("--dense-table", action="store_true",
                         help="also time each checkpoint with its quantized token table (and a "
                              "head tied to it) dequantized to bf16")
@@ -125,18 +125,25 @@ def llama_bench_seconds(gguf: Path, args: argparse.Namespace) -> tuple[float, fl
 
 
 def flat_scales(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every two-level table with offsets (Q4_K, Q5_K) as a float32 table of a
-    scale and an offset a group, the same numbers (how those blocks loaded before they were held
-    as stored), repacked into one huge-page arena as loading packs them."""
+    """``model`` with every two-level table (Q4_K, Q5_K, Q6_K) as float32: a table of a scale
+    and an offset a group, or Q6_K's float32 scale a group, the same numbers (how those blocks
+    loaded before they were held as stored), repacked into one huge-page arena as loading packs
+    them; a head tied to the token table reads the new one."""
     from bamba.arena import pack_weights
     from bamba.quant.formats import k_table_values
 
     for module in model.modules():
         scheme = getattr(module, "scheme", None)
-        if scheme is not None and scheme.two_level and scheme.offsets:
+        if scheme is not None and scheme.two_level:
             scale, offset = k_table_values(module.weight_table, module.dense_shape[1], scheme)
             module.scheme = scheme._replace(two_level=False)
-            module.weight_table = torch.stack([scale, offset], dim=1).contiguous()
+            if offset is None:  # Q6_K
+                del module.weight_table
+                module.register_buffer("weight_scale", scale.contiguous())
+            else:
+                module.weight_table = torch.stack([scale, offset], dim=1).contiguous()
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
     return pack_weights(model)
 
 

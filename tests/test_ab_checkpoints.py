@@ -92,7 +92,7 @@ def test_llama_bench_takes_a_turn_on_each_gguf_file(make_hf_checkpoint, tmp_path
 def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: Path,
                                                                       monkeypatch) -> None:
     """--flat-scales: a second entry a file, its Q4_K tables expanded to float32 scales and
-    offsets: the same weights bit for bit, more bytes held."""
+    offsets, its Q6_K ones to float32 scales: the same weights bit for bit, more bytes held."""
     import gguf
     import torch
     from conftest import build_tokenizer, hf_model
@@ -104,8 +104,9 @@ def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: P
     from bamba.gguf.export import export_gguf
 
     real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
-    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: Q.Q4_K
-                        if name.endswith("ffn_up.weight") else real_type(name, shape, file_type))
+    k_types = {"ffn_up.weight": Q.Q4_K, "ffn_down.weight": Q.Q6_K}
+    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: k_types.get(
+        name.split(".", 2)[-1]) or real_type(name, shape, file_type))
     monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
         data, qtype, size=0.03) if qtype.name.endswith("_K") else real_quantize(data, qtype))
     source = tmp_path / "source"
@@ -114,13 +115,16 @@ def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: P
     build_tokenizer().save_pretrained(source)
     path = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "k.gguf", "f32")
     model = from_pretrained(path, dtype=torch.float32)
-    up = model.model.layers[0].feed_forward.up_proj
     flat = ab_checkpoints.flat_scales(from_pretrained(path, dtype=torch.float32))
-    flat_up = flat.model.layers[0].feed_forward.up_proj
-    assert up.scheme.two_level and not flat_up.scheme.two_level and flat_up.scheme.offsets
-    assert flat_up.weight_table.dtype == torch.float32
-    assert torch.equal(flat_up.dequantized_weight(torch.float32),
-                       up.dequantized_weight(torch.float32))
+    for name, offsets in (("up_proj", True), ("down_proj", False)):
+        held, expanded = (m.model.layers[0].feed_forward.get_submodule(name)
+                          for m in (model, flat))
+        assert held.scheme.two_level and not expanded.scheme.two_level
+        assert expanded.scheme.offsets == offsets
+        table = expanded.weight_table if offsets else expanded.weight_scale
+        assert table.dtype == torch.float32
+        assert torch.equal(expanded.dequantized_weight(torch.float32),
+                           held.dequantized_weight(torch.float32))
     tables, floats = _with_second_entry(path, "--flat-scales", "flat scales", tmp_path)
     assert floats["model_mb"] > tables["model_mb"]
 

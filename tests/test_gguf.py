@@ -436,9 +436,9 @@ def _random_k_blocks(data, qtype, size=1.0):
 
 def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path, monkeypatch):
     """Q4_K (int4), Q5_K (int8) with a float offset per 32 weights and Q6_K (int8 in groups of
-    16) linears, the token table in Q4_K, load in those formats, every weight as gguf-py
-    dequantizes it; the native kernels give the torch reference's logits (prefill, then a
-    token at a time)."""
+    16) linears, the token table in Q4_K, load in those formats, their scales in two levels as
+    stored, every weight as gguf-py dequantizes it; the native kernels give the torch
+    reference's logits (prefill, then a token at a time)."""
     from gguf import GGMLQuantizationType as Q
 
     from bamba.gguf import export as gguf_export
@@ -468,16 +468,19 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
             if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
     assert held == {"model.layers.0.mamba.in_proj": ("int4", 32, True, True),
                     "model.layers.0.mamba.out_proj": ("int8", 32, True, True),
-                    "model.layers.2.feed_forward.down_proj": ("int8", 16, False, False),
+                    "model.layers.2.feed_forward.down_proj": ("int8", 16, False, True),
                     "model.layers.3.feed_forward.up_proj": ("int4", 32, True, True),
-                    "lm_head": ("int8", 16, False, False),
+                    "lm_head": ("int8", 16, False, True),
                     "model.embed_tokens": ("int4", 32, True, True)}
-    for name, m in back.named_modules():  # Q4_K's and Q5_K's scales held as stored, as the
-        if getattr(getattr(m, "scheme", None), "offsets", False):  # kernels read them
+    for name, m in back.named_modules():  # the K-quants' scales held as stored, as the
+        scheme = getattr(m, "scheme", None)  # kernels read them
+        if getattr(scheme, "two_level", False):
             assert m.kernel_weights().scales is m.weight_table, name
-            cols = m.dense_shape[1]  # a float32 d and dmin a 256 inputs, sc and m a 32
+            cols = m.dense_shape[1]  # a float32 d (and dmin) a 256 inputs, sc (and m) a group
+            halves = 2 if scheme.offsets else 1
             assert m.weight_table.dtype == torch.uint8
-            assert m.weight_table.shape[1:] == (2, 4 * cols // 256 + cols // 32), name
+            assert m.weight_table.shape[1:] == (halves, 4 * cols // 256 +
+                                                cols // scheme.group_size), name
     _assert_dequantized_as_gguf_does(back, out, list(k_types))
     ids = random_ids(2, 11)
     quant_ops.set_int8_activations(False)  # the reference's activations at every row count
@@ -488,6 +491,59 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
     with torch.no_grad():
         ref = back(ids)
     assert (fast - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
+
+
+def test_q6_k_scales_are_held_in_two_levels_and_saved_as_their_products(tmp_path, monkeypatch):
+    """A tied Granite MoE file all in Q6_K (linears, experts, the table the head reads): each
+    holds a float32 d per 256 weights and a signed sc byte per 16 (8.625 bits a weight, where
+    a float32 scale per 16 took 10), its weights gguf-py's; save_pretrained writes each table
+    as the float32 weight_scale d * sc it stands for (compressed-tensors' int8 in groups of 16),
+    which loads back with the same logits, and the native kernels read both alike."""
+    from gguf import GGMLQuantizationType as Q
+    from safetensors import safe_open
+
+    from bamba.gguf import export as gguf_export
+    from bamba.native import accelerate, quant_ops
+    from bamba.quant.weights import QuantizedWeights
+
+    real_quantize = gguf.quants.quantize
+    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: Q.Q6_K
+                        if len(shape) > 1 and shape[-1] % 256 == 0 and
+                        not any(s in name for s in ("norm", "ssm_conv", "gate_inp")) else Q.F32)
+    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
+        data, qtype, size=0.3) if qtype == Q.Q6_K else real_quantize(data, qtype))
+    source = tmp_path / "source"
+    hf_model("granite-moe", hidden_size=256, intermediate_size=256, shared_intermediate_size=256,
+             mamba_d_head=128, tie_word_embeddings=True).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "q6.gguf",
+                      "f32")
+    back = from_pretrained(out, dtype=torch.float32)
+    held = [m for m in back.modules() if isinstance(m, QuantizedWeights)]
+    assert len(held) == 4 * 2 + 2 * 2 + 2 * 4 + 4 * 2 + 2  # MLPs, Mamba, attention, experts,
+    for m in held:  # the table and its head
+        rows, cols = m.dense_shape
+        assert m.scheme.two_level and not m.scheme.offsets and m.scheme.group_size == 16
+        assert m.weight_table.shape == (rows, 1, 4 * cols // 256 + cols // 16)
+    assert back.lm_head.weight_table is back.model.embed_tokens.weight_table
+    _assert_dequantized_as_gguf_does(back, out, [t.name for t in gguf.GGUFReader(out).tensors
+                                                 if t.tensor_type == Q.Q6_K])
+    back.save_pretrained(tmp_path / "saved")
+    with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        scale = f.get_tensor("model.layers.0.mamba.in_proj.weight_scale")
+    assert not any(n.endswith("weight_table") for n in names) and scale.dtype == torch.float32
+    again = from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert not again.model.layers[0].mamba.in_proj.scheme.two_level
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        assert torch.equal(again(ids), back(ids))
+        previous = quant_ops.set_int8_activations(False)
+        try:
+            two_level, flat = (accelerate(m)(ids) for m in (from_pretrained(out), again))
+        finally:
+            quant_ops.set_int8_activations(previous)
+    assert (two_level - flat).abs().max() <= 1e-3 * flat.abs().max()
 
 
 def _native_and_torch_logits(path: Path, reference: torch.nn.Module,

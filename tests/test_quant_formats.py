@@ -148,8 +148,9 @@ def test_bad_schemes_and_group_sizes_are_value_errors():
 
 def test_a_k_table_holds_two_level_scales_and_offsets_as_the_blocks_do():
     """A K table (GGUF Q4_K / Q5_K) gives scale d * sc and offset centre * scale - dmin * m per
-    group of 32, each super-block of 256 inputs its own d and dmin; only int8 / int4 in groups
-    of 32 with offsets take one."""
+    group of 32, each super-block of 256 inputs its own d and dmin; Q6_K's (one half, signed
+    sc per 16) scale d * sc alone; only int8 / int4 in groups of 32 with offsets and int8 in
+    groups of 16 without take one."""
     from bamba.quant.formats import k_table, k_table_values
 
     d, dmin = torch.tensor([[0.5, 0.25]]), torch.tensor([[0.125, 2.0]])
@@ -163,10 +164,17 @@ def test_a_k_table_holds_two_level_scales_and_offsets_as_the_blocks_do():
         torch.testing.assert_close(scale, d[:, supers] * sc.float(), rtol=0, atol=0)
         torch.testing.assert_close(offset, centre * scale - dmin[:, supers] * m.float(),
                                    rtol=0, atol=0)
+    sc = torch.tensor([[-128, -1, 0, 1, 127] + [5] * 27])
+    table = k_table(torch.tensor([[0.5, -0.25]]), sc)
+    assert table.shape == (1, 1, 4 * 2 + 32)
+    scale, offset = k_table_values(table, 512, make_scheme("int8", 16, two_level=True))
+    assert offset is None
+    torch.testing.assert_close(scale, torch.tensor([[0.5] * 16 + [-0.25] * 16]) * sc.float(),
+                               rtol=0, atol=0)
     for bad in (dict(name="int4", group_size=32, symmetric=True),
                 dict(name="int4", group_size=64, symmetric=False, offsets=True),
-                dict(name="fp8", group_size=32)):
-        with pytest.raises(ValueError, match="two-level scales are GGUF Q4_K's and Q5_K's"):
+                dict(name="int4", group_size=16), dict(name="fp8", group_size=32)):
+        with pytest.raises(ValueError, match="two-level scales are GGUF's K-quants'"):
             make_scheme(**bad, two_level=True)
 
 

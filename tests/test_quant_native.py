@@ -601,26 +601,33 @@ def test_a_model_with_float16_scales_takes_the_whole_model_step_alike(monkeypatc
     assert torch.equal(_decode(half), _decode(model)) and len(calls) == 8
 
 
-# K tables (GGUF's Q4_K / Q5_K scales and offsets in two levels, bamba.quant.formats.k_table):
-# int4 holding a block's u as q = u - 8 (Q4_K), int8 holding u itself (Q5_K)
-K_FORMATS = {"int4": (-8, 8), "int8": (0, 32)}
+# K tables (GGUF's K-quant scales in two levels, bamba.quant.formats.k_table): with offsets,
+# int4 holding a block's u as q = u - 8 (Q4_K), int8 holding u itself (Q5_K); without, int8 in
+# groups of 16 holding q = u - 32 under signed sc bytes (Q6_K)
+K_FORMATS = {"int4": (-8, 8), "int8": (0, 32), "q6_k": (-32, 32)}
 
 
 def _k_layer(fmt: str, k: int = 768, n: int = 92) -> QuantizedLinear:
-    """A linear with random K-table weights, as llama.cpp's Q4_K / Q5_K blocks hold them:
-    float16-valued d and dmin per 256 inputs, 6-bit sc and m per 32, random values; a bias."""
+    """A linear with random K-table weights, as llama.cpp's K-quant blocks hold them:
+    float16-valued d (and dmin) per 256 inputs, 6-bit sc and m per 32 (Q6_K: d of either sign,
+    a signed byte sc per 16), random values; a bias."""
     from bamba.quant.formats import k_table, pack_ints
 
     g = torch.Generator().manual_seed(k + n)
-    supers, groups = k // 256, k // 32
+    supers, group = k // 256, 16 if fmt == "q6_k" else 32
     d = (torch.rand(n, supers, generator=g) * 2e-3 + 1e-4).half().float()
-    dmin = (torch.rand(n, supers, generator=g) * 2e-3).half().float()
-    table = k_table(d, torch.randint(0, 64, (n, groups), generator=g), dmin,
-                    torch.randint(0, 64, (n, groups), generator=g))
+    if fmt == "q6_k":
+        d = d * (torch.randint(0, 2, d.shape, generator=g) * 2 - 1)
+        table = k_table(d, torch.randint(-128, 128, (n, k // group), generator=g))
+        scheme = make_scheme("int8", group, two_level=True)
+    else:
+        dmin = (torch.rand(n, supers, generator=g) * 2e-3).half().float()
+        table = k_table(d, torch.randint(0, 64, (n, k // group), generator=g), dmin,
+                        torch.randint(0, 64, (n, k // group), generator=g))
+        scheme = make_scheme(fmt, group, symmetric=False, offsets=True, two_level=True)
     q = torch.randint(*K_FORMATS[fmt], (n, k), generator=g, dtype=torch.int8)
-    tensors = {"weight_packed": pack_ints(q, 4 if fmt == "int4" else 8),
+    tensors = {"weight_packed": pack_ints(q, scheme.bits),
                "weight_shape": torch.tensor([n, k]), "weight_table": table}
-    scheme = make_scheme(fmt, 32, symmetric=False, offsets=True, two_level=True)
     return QuantizedLinear.from_tensors(tensors, scheme, torch.randn(n))
 
 
@@ -634,7 +641,8 @@ def test_k_tables_are_read_by_every_native_path_as_the_reference(monkeypatch, fm
     - dmin * m, rounded once) up to float32 summation order."""
     layer = _k_layer(fmt, k=k)
     layout = quant_ops.quant_layout(layer.kernel_weights(), k)
-    assert layout.two_level and layout.offsets and layout.group == 32
+    assert layout.two_level and layout.offsets == (fmt != "q6_k")
+    assert layout.group == (16 if fmt == "q6_k" else 32)
     assert layout.scales is layer.weight_table and layer.weight_table.dtype == torch.uint8
     assert quant_ops.step_code(layout) is not None
     weight, bias = layer.dequantized_weight(torch.float32), layer.bias

@@ -11,8 +11,10 @@ Q5_1 and Q5_K (5-bit u) as int8, each with a float offset per 32 weights (``bamb
 formats``: w = q * scale + offset). Q4_1 and Q5_1: q = u - 8 (or 16), float32 scale d and
 offset the rest. Q4_K and Q5_K keep their scales in two levels as stored (a K table: d and dmin
 float32 per 256 weights, sc and m a byte per 32; int4's q = u - 8, int8's q = u): 4.75 bits a
-Q4_K weight in memory where a float32 scale and offset per 32 took 6. The weights come out as
-llama.cpp's own dequantization gives them (up to one float32 rounding of an offset).
+Q4_K weight in memory where a float32 scale and offset per 32 took 6; so does Q6_K (its float32
+d per 256 and signed sc byte per 16, one half: 8.625 bits a weight held, where a float32 scale
+per 16 took 10). The weights come out as llama.cpp's own dequantization gives them (up to one
+float32 rounding of an offset).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ BUFFERS = ("weight_packed", "weight_shape", "weight_scale", "weight_table")
 # Each block type's format in ours: (int8 or int4, inputs a scale, float offsets, scales in two
 # levels as the block holds them: a K table).
 KINDS = {"Q8_0": ("int8", 32, False, False), "Q4_0": ("int4", 32, False, False),
-         "Q5_0": ("int8", 32, False, False), "Q6_K": ("int8", 16, False, False),
+         "Q5_0": ("int8", 32, False, False), "Q6_K": ("int8", 16, False, True),
          "Q4_1": ("int4", 32, True, False), "Q4_K": ("int4", 32, True, True),
          "Q5_1": ("int8", 32, True, False), "Q5_K": ("int8", 32, True, True)}
 
@@ -137,9 +139,11 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         low = np.stack((ql & 0x0F, ql >> 4), axis=-3)  # [half, nibble, run, l]
         shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(2, 2, 1)  # nibble, run -> shift
         high = (qh[..., None, :, :] >> shifts) & 3  # [half, nibble, run, l]
-        u = (low.astype(np.int8) | (high.astype(np.int8) << 4)).reshape(rows, -1, 256)
-        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
-        q, scale = u - 32, _half(b, 208) * sc
+        u = (low.astype(np.int8) | (high.astype(np.int8) << 4)).reshape(rows, cols)
+        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(rows, -1)
+        table = k_table(torch.from_numpy(np.ascontiguousarray(_half(b, 208)[..., 0])),
+                        torch.from_numpy(sc.astype(np.int16))).reshape(rows, -1)
+        return torch.from_numpy(u - 32), table, None  # the scales as stored: d, signed sc
     else:
         raise ValueError(f"GGUF block type {type_name} is not read quantized")
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))  # noqa: E731
@@ -194,7 +198,7 @@ def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
                "weight_shape": torch.tensor([q.shape[0], q.shape[1] * (8 if packed else 1)],
                                             dtype=torch.int64)}
     if scheme.two_level:  # a K table's rows, as decode_blocks gives them
-        tensors["weight_table"] = scale.reshape(q.shape[0], 2, -1)
+        tensors["weight_table"] = scale.reshape(q.shape[0], 2 if scheme.offsets else 1, -1)
     elif offset is None:
         tensors["weight_scale"] = scale.to(SCALE_DTYPES[type_name])
     else:

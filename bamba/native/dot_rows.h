@@ -35,8 +35,8 @@ enum { FORMAT_DENSE, FORMAT_FP8, FORMAT_INT8, FORMAT_INT4 };
 /* A quantized format's scale dtype; SCALE_F32_OFFSETS: asymmetric ints, float32 [n, 2G], a
  * row's G scales, then its G offsets (w = q * scale + offset, quant_rows.h); SCALE_K_OFFSETS:
  * scales and offsets in two levels as GGUF's Q4_K and Q5_K hold them, bytes (quant_rows.h's K
- * tables). */
-enum { SCALE_F32, SCALE_BF16, SCALE_F16, SCALE_F32_OFFSETS, SCALE_K_OFFSETS };
+ * tables); SCALE_K: scales alone in two levels, Q6_K's (signed sc bytes). */
+enum { SCALE_F32, SCALE_BF16, SCALE_F16, SCALE_F32_OFFSETS, SCALE_K_OFFSETS, SCALE_K };
 
 /* A weight matrix [n, k] (row-major, contiguous) and its optional bias [n] in the activations'
  * dtype. Quantized formats add their scales [n, scale_stride] (SCALE_* `scale_kind`; K tables:

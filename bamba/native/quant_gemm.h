@@ -465,7 +465,8 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
         }
         float *panel_offsets = G ? panel_scales + GEMM_PANEL_ROWS * groups : NULL;
         for (int64_t j = 0; j < rows && !fp8 && two_level(L->scale_kind); j++)
-            k_row_values(L, n0 + j, panel_scales + j * groups, panel_offsets + j * groups);
+            k_row_values(L, n0 + j, panel_scales + j * groups,
+                         G ? panel_offsets + j * groups : NULL);
         for (int64_t j = 0; j < rows && !fp8 && !two_level(L->scale_kind); j++) /* fp8's scales
                                                                                  are in its panel */
             for (int64_t g = 0; g < groups; g++) {

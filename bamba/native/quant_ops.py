@@ -30,6 +30,7 @@ _BITS = {"fp8": 8, "int8": 8, "int4": 4}
 SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dot_rows.h's SCALE_*
 SCALE_F32_OFFSETS = 3  # asymmetric ints: float32, a row's scales, then its offsets
 SCALE_K_OFFSETS = 4  # K tables (bytes: two-level scales, then offsets: GGUF's Q4_K, Q5_K)
+SCALE_K = 5  # a K table without offsets (bytes: two-level scales, signed sc: GGUF's Q6_K)
 K_SUPER = 256  # inputs a K table's float32 d (and dmin) covers
 # weights dequantized at a time for a prefill matmul (32 MB in bf16): every linear of the ~1.1B
 # shape fits whole, one matmul each; tiles of 2M weights measured ~3% slower on its prefill
@@ -43,7 +44,8 @@ class QuantLayout(NamedTuple):
     of ``scales`` per ``group`` inputs, ``scale_stride`` scales a row (0: one for all); with
     ``offsets`` (scales [n, 2, G]) a row's float32 scales are followed by as many offsets
     (asymmetric ints, w = q * scale + offset), ``scale_stride`` counting both; a K table
-    (``two_level``: uint8 [n, 2, half], ``bamba.quant.formats.k_table``) counts bytes."""
+    (``two_level``: uint8 [n, 2, half], or [n, 1, half] without offsets,
+    ``bamba.quant.formats.k_table``) counts bytes."""
     format: str
     weight: torch.Tensor
     scales: torch.Tensor
@@ -61,7 +63,7 @@ class QuantLayout(NamedTuple):
     @property
     def scale_kind(self) -> int:
         if self.two_level:
-            return SCALE_K_OFFSETS
+            return SCALE_K_OFFSETS if self.offsets else SCALE_K
         return SCALE_F32_OFFSETS if self.offsets else SCALE_KINDS[self.scales.dtype]
 
 
@@ -97,10 +99,17 @@ def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
 
 def _k_table_layout(format: str, weight: torch.Tensor, table: torch.Tensor, n: int,
                     k: int) -> QuantLayout | None:
-    """A K table's layout: [n, 2, 4 * k / 256 + k / 32] bytes (groups of 32 inputs)."""
-    if table.shape != (n, 2, 4 * (k // K_SUPER) + k // 32) or format == "fp8" or k % K_SUPER:
+    """A K table's layout: [n, 2, 4 * k / 256 + k / 32] bytes (groups of 32 inputs, offsets),
+    or int8's [n, 1, 4 * k / 256 + k / 16] (groups of 16, none)."""
+    if format == "fp8" or k % K_SUPER or table.dim() != 3:
         return None
-    return QuantLayout(format, weight, table, n, k, 32, 2 * table.shape[2], True, True)
+    halves = table.shape[1]
+    group = 32 if halves == 2 else 16
+    if table.shape != (n, halves, 4 * (k // K_SUPER) + k // group) or \
+            (halves == 1 and format != "int8"):
+        return None
+    return QuantLayout(format, weight, table, n, k, group, halves * table.shape[2], halves == 2,
+                       True)
 
 
 def set_int8_activations(on: bool) -> bool:

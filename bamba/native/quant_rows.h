@@ -71,10 +71,19 @@ static inline int quant_supported(int format, int64_t k, int64_t group) {
  * second half of the same shape, [dmin x S][m x G]: w = d sc u - dmin m for the block's value
  * u, which int4's nibbles hold as q = u - 8 (offset = 8 * scale - dmin * m, `centre` 8) and
  * int8's bytes as q = u (centre 0). scale_stride counts the row's bytes. Q4_K's 4.5 bits a
- * weight stream as 4.75 (float32 d), where a float32 scale and offset a group made it 6. */
+ * weight stream as 4.75 (float32 d), where a float32 scale and offset a group made it 6.
+ * SCALE_K: the first half alone with signed sc bytes, groups of 16, int8 (Q6_K's q = u - 32,
+ * |q| <= 32): 8.625 bits a weight, where a float32 scale a group made it 10. */
 enum { K_SUPER = 256 };
 
-static inline int two_level(int scale_kind) { return scale_kind == SCALE_K_OFFSETS; }
+static inline int two_level(int scale_kind) {
+    return scale_kind == SCALE_K_OFFSETS || scale_kind == SCALE_K;
+}
+
+/* A K table's sc byte at p: signed for SCALE_K. */
+static inline float k_sc(int scale_kind, const char *p) {
+    return scale_kind == SCALE_K ? (float)*(const int8_t *)p : (float)*(const uint8_t *)p;
+}
 
 static inline int has_offsets(int scale_kind) {
     return scale_kind == SCALE_F32_OFFSETS || scale_kind == SCALE_K_OFFSETS;
@@ -115,7 +124,7 @@ static inline float k_scale(const LinearWeights *L, int64_t n, int64_t index) {
     const KShape K = k_shape(L);
     const char *row = (const char *)L->scales + n * L->scale_stride;
     const int64_t g = index < K.G ? index : index - K.G;
-    const float scale = table_float(row, g >> K.shift) * (float)((const uint8_t *)row)[4 * K.S + g];
+    const float scale = table_float(row, g >> K.shift) * k_sc(L->scale_kind, row + 4 * K.S + g);
     if (index < K.G) return scale;
     const char *half = row + 4 * K.S + K.G; /* exact products, one rounding of their difference */
     return fmaf(k_centre(L->format), scale,
@@ -232,15 +241,15 @@ static QuantTables quant_tables(const LinearWeights *L) {
 }
 
 /* A K table's sc bytes of 16 groups as every chunk's float32 / int32 lanes take them: for
- * int4 and int8 ([format == FORMAT_INT8]) and the chunk's place among the 16 groups' chunks
- * (int4: 4, int8: 8), the vpermb index putting group g's byte in the low byte of each of its
- * lanes (a chunk's lanes cover 32 / (chunk / 32) inputs each, a group's lanes in a run, as
- * QuantTables' `lanes` has them). */
+ * chunks of 4 groups (int4's of 32, int8's of 16) and of 2 (int8's of 32) ([groups == 2]) and
+ * the chunk's place among the 16 groups' chunks (4 or 8), the vpermb index putting group g's
+ * byte in the low byte of each of its lanes (a chunk's lanes cover 16 / groups lanes a group,
+ * in a run, as QuantTables' `lanes` has them). */
 static uint8_t k_lane_bytes[2][8][64];
 
 __attribute__((constructor)) static void fill_k_lane_bytes(void) {
     for (int f = 0; f < 2; f++) {
-        const int groups = f ? 2 : 4; /* a chunk's groups of 32 */
+        const int groups = f ? 2 : 4; /* a chunk's groups */
         for (int c = 0; c < 16 / groups; c++)
             for (int lane = 0; lane < 16; lane++)
                 k_lane_bytes[f][c][4 * lane] = (uint8_t)(groups * c + lane / (16 / groups));
@@ -251,7 +260,9 @@ __attribute__((constructor)) static void fill_k_lane_bytes(void) {
  * super-block's d, loaded as the chunks reach them. */
 typedef struct {
     const char *table;
-    int64_t sc_at, G; /* the sc bytes' offset in the row, groups a row */
+    int64_t sc_at, G;  /* the sc bytes' offset in the row, groups a row */
+    int64_t per_chunk; /* groups a chunk: 4, or int8's groups of 32 two */
+    int sign;          /* signed sc bytes (SCALE_K) */
     __m512i sc;
     __m512 d;
 } KWalk;
@@ -259,22 +270,34 @@ typedef struct {
 static inline KWalk k_walk(const LinearWeights *L, int64_t n) {
     const KShape K = k_shape(L);
     const KWalk walk = {(const char *)L->scales + n * L->scale_stride, 4 * K.S, K.G,
+                        quant_chunk(L->format) >> (8 - K.shift), L->scale_kind == SCALE_K,
                         _mm512_setzero_si512(), _mm512_setzero_ps()};
     return walk;
 }
 
-/* Chunk c's int32 lanes of sc (each lane its group's), c in order from 0; walk->d is its d. */
+/* Chunk c's int32 lanes of sc (each lane its group's sc in its low 16 bits, the high ones
+ * zero: what `vpmaddwd` multiplies), c in order from 0; walk->d is its d. */
 static inline __attribute__((always_inline)) __m512i k_chunk_sc(KWalk *walk, const int format,
                                                                 int64_t c) {
-    const int64_t chunk = quant_chunk(format), per_chunk = chunk / 32, chunks16 = 16 / per_chunk;
-    if (c % chunks16 == 0)
+    const int64_t chunk = quant_chunk(format);
+    const int64_t per_chunk = format == FORMAT_INT4 ? 4 : walk->per_chunk; /* (int4: Q4_K's) */
+    const int64_t place = c & (16 / per_chunk - 1); /* among the 16 groups' chunks */
+    if (place == 0)
         walk->sc = _mm512_zextsi128_si512(_mm_maskz_loadu_epi8(
             group_mask(walk->G, c * per_chunk), walk->table + walk->sc_at + c * per_chunk));
     if (c % (K_SUPER / chunk) == 0)
         walk->d = _mm512_set1_ps(table_float(walk->table, c / (K_SUPER / chunk)));
-    return _mm512_maskz_permutexvar_epi8(
+    const __m512i lanes = _mm512_maskz_permutexvar_epi8(
         (__mmask64)0x1111111111111111ULL,
-        _mm512_loadu_si512(k_lane_bytes[format == FORMAT_INT8][c % chunks16]), walk->sc);
+        _mm512_loadu_si512(k_lane_bytes[per_chunk == 2][place]), walk->sc);
+    if (format == FORMAT_INT4 || !walk->sign) return lanes;
+    return _mm512_srai_epi16(_mm512_slli_epi16(lanes, 8), 8); /* the low 16 bits signed */
+}
+
+/* k_chunk_sc's lanes as float32 sc. */
+static inline __m512 k_sc_floats(const KWalk *walk, __m512i lanes) {
+    if (walk->sign) lanes = _mm512_srai_epi32(_mm512_slli_epi32(lanes, 16), 16);
+    return _mm512_cvtepi32_ps(lanes);
 }
 
 /* Rows ahead whose scales a weight row's dot products prefetch when groups are smaller than a
@@ -409,7 +432,7 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
         left = per_group;
         __m512 s;
         if (span == K_GROUPS) { /* (k_chunk_sc sets walk.d) */
-            const __m512 sc = _mm512_cvtepi32_ps(k_chunk_sc(&walk, format, c));
+            const __m512 sc = k_sc_floats(&walk, k_chunk_sc(&walk, format, c));
             s = _mm512_mul_ps(sc, walk.d);
         } else {
             s = span == GROUPS_IN_CHUNK ? chunk_scales(L, t, n, c)
@@ -638,26 +661,35 @@ static void prepared_group_sums(int format, const char *xq, int64_t M, int64_t k
 }
 #endif
 
-/* A K table's offsets g .. g + 15 of row n (lanes outside `mask` zero; g a multiple of 16) as
- * centre * scale - dmin * m (k_scale's numbers for k_centre; centre 0: -dmin * m alone), and
- * with `scale` its scales d * sc there. */
-static inline __m512 k_values(const LinearWeights *L, int64_t n, int64_t g, __mmask16 mask,
-                              float centre, __m512 *scale) {
-    const KShape K = k_shape(L); /* 8 groups a super-block */
-    const char *row = (const char *)L->scales + n * L->scale_stride, *half = row + 4 * K.S + K.G;
+/* One half of a K table's row at `half` ([d x S][sc x G]) for groups g .. g + 15 (lanes
+ * outside `mask` zero; g a multiple of 16): d * sc, sc signed bytes when `sign`. */
+static inline __m512 k_level(const KShape K, const char *half, int64_t g, __mmask16 mask,
+                             int sign) {
     const __m512i super = _mm512_srli_epi32( /* each lane's super-block, from g's on */
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), (int)K.shift);
     const int64_t first = g >> K.shift;
     const __mmask16 firsts = (__mmask16)(K.S - first >= 2 ? 3 : 1);
-    const __m512 dmin = _mm512_permutexvar_ps(
-        super, _mm512_maskz_loadu_ps(firsts, (const float *)half + first));
-    const __m512 mins = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                                _mm_maskz_loadu_epi8(mask, half + 4 * K.S + g))));
-    if (centre == 0.0f && scale == NULL) return _mm512_sub_ps(_mm512_setzero_ps(), mins);
     const __m512 d = _mm512_permutexvar_ps(
-        super, _mm512_maskz_loadu_ps(firsts, (const float *)row + first));
-    const __m512 scales = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                               _mm_maskz_loadu_epi8(mask, row + 4 * K.S + g))));
+        super, _mm512_maskz_loadu_ps(firsts, (const float *)half + first));
+    const __m128i bytes = _mm_maskz_loadu_epi8(mask, half + 4 * K.S + g);
+    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(sign ? _mm512_cvtepi8_epi32(bytes)
+                                                    : _mm512_cvtepu8_epi32(bytes)));
+}
+
+/* A K table's offsets g .. g + 15 of row n (lanes outside `mask` zero; g a multiple of 16) as
+ * centre * scale - dmin * m (k_scale's numbers for k_centre; centre 0: -dmin * m alone), and
+ * with `scale` its scales d * sc there (SCALE_K: the scales alone, offsets zero). */
+static inline __m512 k_values(const LinearWeights *L, int64_t n, int64_t g, __mmask16 mask,
+                              float centre, __m512 *scale) {
+    const KShape K = k_shape(L);
+    const char *row = (const char *)L->scales + n * L->scale_stride;
+    if (L->scale_kind == SCALE_K) {
+        if (scale != NULL) *scale = k_level(K, row, g, mask, 1);
+        return _mm512_setzero_ps();
+    }
+    const __m512 mins = k_level(K, row + 4 * K.S + K.G, g, mask, 0);
+    if (centre == 0.0f && scale == NULL) return _mm512_sub_ps(_mm512_setzero_ps(), mins);
+    const __m512 scales = k_level(K, row, g, mask, 0);
     if (scale != NULL) *scale = scales;
     return _mm512_fmsub_ps(_mm512_set1_ps(centre), scales, mins);
 }
@@ -672,16 +704,16 @@ static inline __m512 group_offsets(const LinearWeights *L, int64_t n, int64_t g,
     return k_values(L, n, g, mask, centre, NULL);
 }
 
-/* Row n's G scales and offsets of a K table as float32, 16 groups a vector (k_scale's
- * numbers): the products' panels (quant_gemm.h). */
+/* Row n's G scales and offsets (NULL for SCALE_K: none) of a K table as float32, 16 groups a
+ * vector (k_scale's numbers): the products' panels (quant_gemm.h). */
 static inline void k_row_values(const LinearWeights *L, int64_t n, float *scales,
                                 float *offsets) {
     const int64_t G = k_shape(L).G;
     for (int64_t g = 0; g < G; g += 16) {
         const __mmask16 mask = group_mask(G, g);
         __m512 scale;
-        _mm512_mask_storeu_ps(offsets + g, mask,
-                              k_values(L, n, g, mask, k_centre(L->format), &scale));
+        const __m512 offset = k_values(L, n, g, mask, k_centre(L->format), &scale);
+        if (offsets != NULL) _mm512_mask_storeu_ps(offsets + g, mask, offset);
         _mm512_mask_storeu_ps(scales + g, mask, scale);
     }
 }

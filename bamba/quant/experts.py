@@ -102,7 +102,7 @@ class QuantizedExpertWeights(QuantizedWeights):
     def checkpoint_tensors(self, stacked: str) -> dict[str, torch.Tensor]:
         """Its tensors as the per-expert linears a checkpoint holds, ``stacked`` being its own
         checkpoint name."""
-        return split_into_pieces(stacked, self.quantized_tensors(), self.experts)
+        return split_into_pieces(stacked, self.saved_tensors(), self.experts)
 
     def expert_weights(self, index: int) -> LinearWeights:
         """Expert ``index``'s slice in the kernels' terms (views of its rows)."""

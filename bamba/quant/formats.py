@@ -38,8 +38,8 @@ class QuantScheme(NamedTuple):
     (compressed-tensors' ``weight_zero_point``), or with ``offsets`` a float offset per scale
     instead, w = q * scale + offset (GGUF's Q4_1, Q5_1, Q4_K and Q5_K blocks, which
     compressed-tensors cannot hold): scales and offsets then lie in one float32 ``weight_table``
-    [N, 2, G], the layout the kernels read, held once; with ``two_level`` (Q4_K, Q5_K) a
-    ``k_table`` of them in two levels as the blocks hold them."""
+    [N, 2, G], the layout the kernels read, held once; with ``two_level`` (Q4_K, Q5_K, and
+    without offsets Q6_K) a ``k_table`` of them in two levels as the blocks hold them."""
     name: str
     group_size: int | None = None
     symmetric: bool = True
@@ -64,7 +64,7 @@ class QuantScheme(NamedTuple):
         if not self.packed:
             return ("weight", "weight_scale")
         names = ("weight_packed", "weight_shape", "weight_scale")
-        if self.offsets:
+        if self.offsets or self.two_level:
             return ("weight_packed", "weight_shape", "weight_table")
         return (*names, "weight_zero_point") if self.zero_points else names
 
@@ -72,10 +72,13 @@ class QuantScheme(NamedTuple):
 def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True,
                 offsets: bool = False, two_level: bool = False) -> QuantScheme:
     """A checked scheme (ValueError naming what is wrong)."""
-    if two_level and (name == "fp8" or group_size != K_GROUP or not offsets):
-        raise ValueError(f"two-level scales are GGUF Q4_K's and Q5_K's: int8 or int4 in "
-                         f"groups of {K_GROUP} with offsets, not {name} group {group_size}"
-                         f"{'' if offsets else ' without offsets'}")
+    k_quant = (name in ("int8", "int4") and group_size == K_GROUP and offsets) or \
+        (name == "int8" and group_size == K6_GROUP and symmetric and not offsets)
+    if two_level and not k_quant:
+        raise ValueError(f"two-level scales are GGUF's K-quants': Q4_K / Q5_K (int4 or int8 in "
+                         f"groups of {K_GROUP} with offsets) or Q6_K (int8 in groups of "
+                         f"{K6_GROUP}, symmetric), not {name} group {group_size}"
+                         f"{' with offsets' if offsets else ''}")
     if name not in SCHEME_NAMES:
         raise ValueError(f"unknown quantization scheme {name!r}; expected one of "
                          f"{', '.join(SCHEME_NAMES)}")
@@ -90,6 +93,7 @@ def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True
 
 K_SUPER = 256  # inputs of a K-quant super-block: one d and dmin over its groups' sc and m
 K_GROUP = 32  # inputs of a Q4_K / Q5_K group
+K6_GROUP = 16  # inputs of a Q6_K group
 
 
 def k_table_width(cols: int, group_size: int) -> int:
@@ -97,15 +101,17 @@ def k_table_width(cols: int, group_size: int) -> int:
     return 4 * (cols // K_SUPER) + cols // group_size
 
 
-def k_table(d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor, m: torch.Tensor
-            ) -> torch.Tensor:
+def k_table(d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None = None,
+            m: torch.Tensor | None = None) -> torch.Tensor:
     """A K table, uint8 [N, 2, 4 S + G]: per row [d float32 x S][sc byte x G], then [dmin x
     S][m x G] (the layout the kernels read: quant_rows.h). d, dmin [N, S] (float32 values of
-    the blocks' float16), sc, m [N, G] integers in [0, 255]."""
+    the blocks' float16), sc, m [N, G] integers in [0, 255]; without dmin and m (Q6_K) [N, 1,
+    4 S + G], its sc signed bytes in [-128, 127]."""
     def half(top: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         return torch.cat([top.to(torch.float32).contiguous().view(torch.uint8),
-                          low.to(torch.uint8)], dim=1)
-    return torch.stack([half(d, sc), half(dmin, m)], dim=1)
+                          low.to(torch.int16).to(torch.uint8)], dim=1)  # (signed: two's complement)
+    halves = [half(d, sc)] if dmin is None else [half(d, sc), half(dmin, m)]
+    return torch.stack(halves, dim=1)
 
 
 def k_centre(scheme: QuantScheme) -> float:
@@ -115,15 +121,19 @@ def k_centre(scheme: QuantScheme) -> float:
 
 
 def k_table_values(table: torch.Tensor, cols: int, scheme: QuantScheme
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A K table's float32 scales [N, G] (d * sc) and offsets (centre * scale - dmin * m, one
-    rounding of exact products)."""
+    rounding of exact products; None without offsets: Q6_K's)."""
     supers, groups = cols // K_SUPER, cols // scheme.group_size
 
     def level(half: torch.Tensor) -> torch.Tensor:  # d * sc per group, exact in float32
         top = half[:, :4 * supers].contiguous().view(torch.float32)
-        return top.repeat_interleave(groups // supers, dim=1) * half[:, 4 * supers:].float()
+        low = half[:, 4 * supers:]
+        low = low if scheme.offsets else low.contiguous().view(torch.int8)  # Q6_K's signed sc
+        return top.repeat_interleave(groups // supers, dim=1) * low.float()
     scale = level(table[:, 0])
+    if not scheme.offsets:
+        return scale, None
     return scale, k_centre(scheme) * scale - level(table[:, 1])
 
 
@@ -243,11 +253,11 @@ def dequantize(tensors: dict[str, torch.Tensor], scheme: QuantScheme,
         scale, offset = k_table_values(tensors["weight_table"], k, scheme)
     elif scheme.offsets:
         scale, offset = tensors["weight_table"].float().unbind(1)
-    if offset is not None:  # q * scale exact in float32 (at most 24 bits), one rounding of the sum
-        grouped = _grouped(values, scale.shape[1])
-        return (grouped * scale.unsqueeze(-1) + offset.unsqueeze(-1)).reshape(n, k).to(dtype)
-    scale = _broadcast_scale(tensors["weight_scale"], n)
+    else:
+        scale = _broadcast_scale(tensors["weight_scale"], n)
     grouped = _grouped(values, scale.shape[1])
+    if offset is not None:  # q * scale exact in float32 (at most 24 bits), one rounding of the sum
+        return (grouped * scale.unsqueeze(-1) + offset.unsqueeze(-1)).reshape(n, k).to(dtype)
     if scheme.zero_points:
         zero_point = unpack_zero_points(tensors["weight_zero_point"], scheme.bits, n)
         grouped = grouped - zero_point.float().unsqueeze(-1)

@@ -36,7 +36,7 @@ class QuantizedLinear(QuantizedWeights):
                      bias: torch.Tensor | None = None) -> QuantizedLinear:
         """A layer holding ``tensors`` as they are (checked by the caller)."""
         n, k = cls.stored_shape(tensors, scheme)
-        scale = tensors["weight_table" if scheme.offsets else "weight_scale"]
+        scale = tensors["weight_table" if scheme.offsets or scheme.two_level else "weight_scale"]
         dtype = torch.float32 if scale.dtype == torch.uint8 else scale.dtype  # a K table's bias
         layer = cls(k, n, scheme, bias is not None, dtype, per_tensor=scale.dim() < 2)
         layer.load_tensors(tensors)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from bamba.linear_protocol import LinearWeights
-from bamba.quant.formats import (FP8, QuantScheme, dequantize, k_table_width, kernel_scales,
-                                 packed_width, scale_shape, zero_point_shape)
+from bamba.quant.formats import (FP8, QuantScheme, dequantize, k_table_values, k_table_width,
+                                 kernel_scales, packed_width, scale_shape, zero_point_shape)
 
 
 class QuantizedWeights(nn.Module):
@@ -20,7 +20,8 @@ class QuantizedWeights(nn.Module):
     fp8, ``weight_packed`` + ``weight_shape`` + ``weight_scale`` for ints, + ``weight_zero_point``
     for asymmetric ones; with offsets ``weight_table`` float32 [rows, 2, groups] of scales and
     offsets in place of ``weight_scale``, with two-level scales a K table, uint8 [rows, 2,
-    width]); zeros until loaded, one scale [1] when ``per_tensor``."""
+    width], or [rows, 1, width] without offsets); zeros until loaded, one scale [1] when
+    ``per_tensor``."""
 
     def __init__(self, rows: int, cols: int, scheme: QuantScheme,
                  scale_dtype: torch.dtype = torch.bfloat16, per_tensor: bool = False) -> None:
@@ -36,7 +37,8 @@ class QuantizedWeights(nn.Module):
             self.register_buffer("weight", torch.zeros(rows, cols, dtype=FP8))
         if scheme.two_level:  # a K table (formats.k_table)
             self.register_buffer("weight_table", torch.zeros(
-                rows, 2, k_table_width(cols, scheme.group_size), dtype=torch.uint8))
+                rows, 2 if scheme.offsets else 1, k_table_width(cols, scheme.group_size),
+                dtype=torch.uint8))
         elif scheme.offsets:
             self.register_buffer("weight_table", torch.zeros(
                 rows, 2, scale_shape(scheme, rows, cols)[1], dtype=torch.float32))
@@ -66,13 +68,23 @@ class QuantizedWeights(nn.Module):
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.scheme.tensor_names()}
 
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a compressed-tensors checkpoint holds for it: ``quantized_tensors()``,
+        but a K table without offsets (Q6_K's) as the float32 ``weight_scale`` d * sc it
+        stands for (exact), which compressed-tensors can describe."""
+        tensors = self.quantized_tensors()
+        if self.scheme.two_level and not self.scheme.offsets:
+            table = tensors.pop("weight_table")
+            tensors["weight_scale"] = k_table_values(table, self.dense_shape[1], self.scheme)[0]
+        return tensors
+
     def kernel_weights(self) -> LinearWeights:
         """The format and tensors the kernels read (``bamba.linear_protocol``); an asymmetric
         weight's scales and offsets as one float32 table: ``weight_table`` itself, or for zero
         points one made by ``formats.kernel_scales`` once and again only after its scales or
         zero points change."""
         data = self.weight_packed if self.scheme.packed else self.weight
-        if self.scheme.offsets:  # weight_table: float32, or a K table
+        if self.scheme.offsets or self.scheme.two_level:  # weight_table: float32, or a K table
             return LinearWeights(self.scheme.name, data, None, self.weight_table)
         if self.scheme.symmetric:
             return LinearWeights(self.scheme.name, data, None, self.weight_scale)
