@@ -177,13 +177,39 @@ def test_quantizing_a_tied_head_or_table_unties_them_in_memory():
         assert (model(ids) - dense).abs().max() < 0.1 * dense.abs().max()
 
 
-@pytest.mark.parametrize("flags", [["--lm-head", "int8"], ["--embedding", "int8"],
-                                   ["--ignore", ""]])
+def test_quantizing_a_tied_table_alone_keeps_the_head_reading_it(tmp_path):
+    """`--embedding` alone on a tied checkpoint keeps it tied, as llama.cpp's files of such
+    models are: the table is quantized once, no head is stored, and the head reads the
+    quantized table (a QuantizedLinear holding its tensors), in bamba's loader as in memory."""
+    from conftest import hf_model
+
+    source = tmp_path / "tied"
+    hf_model("hybrid", tie_word_embeddings=True).save_pretrained(source)
+    target = tmp_path / "q"
+    assert main(["quantize", str(source), str(target), "--scheme", "int8", "--embedding",
+                 "int8", "--no-progress"]) == 0
+    assert json.loads((target / "config.json").read_text())["tie_word_embeddings"] is True
+    assert not any(k.startswith("lm_head") for k in load_file(target / "model.safetensors"))
+    model = from_pretrained(target)
+    memory = quantize_model(from_pretrained(source), QuantScheme("int8"),
+                            embedding=QuantScheme("int8"))
+    for m in (model, memory):
+        table, head = m.model.embed_tokens, m.lm_head
+        assert isinstance(table, QuantizedEmbedding) and isinstance(head, QuantizedLinear)
+        assert head.weight_packed is table.weight_packed and m.config.tie_word_embeddings
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        expected = torch.nn.functional.embedding(ids, table.dequantized_weight(torch.float32))
+        assert torch.equal(model.model.embed_tokens(ids), expected)
+        assert torch.equal(model(ids), memory(ids))
+
+
+@pytest.mark.parametrize("flags", [["--lm-head", "int8"], ["--ignore", ""],
+                                   ["--lm-head", "int8", "--embedding", "int8"]])
 def test_quantize_unties_a_tied_head_it_quantizes(tmp_path, flags):
-    """A tied checkpoint stores the table once; quantizing the head (or the table) writes the
-    head's own copy of it and tie_word_embeddings false, which transformers and bamba read
-    with the logits of the weights stored; the tied source keeps its head when neither is
-    asked for."""
+    """A tied checkpoint stores the table once; quantizing the head writes the head's own copy
+    of it and tie_word_embeddings false, which transformers and bamba read with the logits of
+    the weights stored; the tied source keeps its head when neither is asked for."""
     from conftest import hf_logits, hf_model, load_hf
 
     source = tmp_path / "tied"
@@ -194,16 +220,13 @@ def test_quantize_unties_a_tied_head_it_quantizes(tmp_path, flags):
                  *flags]) == 0
     config = json.loads((target / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
-    stored = load_file(target / "model.safetensors")
-    head = "lm_head.weight_packed" if flags != ["--embedding", "int8"] else "lm_head.weight"
-    assert head in stored
+    assert "lm_head.weight_packed" in load_file(target / "model.safetensors")
     model = from_pretrained(target)
     table = from_pretrained(source).model.embed_tokens.weight
-    head_weight = model.lm_head.dequantized_weight(torch.float32) \
-        if isinstance(model.lm_head, QuantizedLinear) else model.lm_head.weight
+    head_weight = model.lm_head.dequantized_weight(torch.float32)
     assert (head_weight - table).abs().max() <= table.abs().max() / 127  # int8 of the table
     ids = torch.tensor([[5, 9, 17, 33, 2]])
-    if flags != ["--embedding", "int8"]:  # transformers cannot load quantized embeddings
+    if "--embedding" not in flags:  # transformers cannot load quantized embeddings
         with torch.no_grad():
             assert (model(ids) - hf_logits(load_hf(target), ids)).abs().max() < 1e-3
     untouched = tmp_path / "kept"

@@ -38,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "row), as llama.cpp's --output-tensor-type; default: kept dense")
     parser.add_argument("--embedding", default=None, choices=SCHEMES, metavar="SCHEME",
                         help="quantize the token embeddings too (schemes as --lm-head), as "
-                             "llama.cpp's --token-embedding-type; default: kept dense. Only "
+                             "llama.cpp's --token-embedding-type; default: kept dense. A head "
+                             "tied to them reads them quantized (--lm-head unties it). Only "
                              "bamba reads quantized embeddings (transformers cannot load them)")
     parser.add_argument("--experts", default=None, choices=SCHEMES, metavar="SCHEME",
                         help="a Granite MoE's experts in a scheme of their own (schemes as "

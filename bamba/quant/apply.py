@@ -138,23 +138,25 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, ignore: Iterable[str] 
     """Quantize ``model``'s linears (a Granite MoE's experts among them) in place (all but
     ``ignore``, compressed-tensors matching), and with ``lm_head`` / ``embedding`` /
     ``experts`` those in schemes of their own (a head tied to the embeddings is untied when
-    quantized), recording the ``quantization_config`` that ``save_pretrained`` writes."""
+    it is quantized; with the table alone quantized it stays tied, reading the quantized
+    table), recording the ``quantization_config`` that ``save_pretrained`` writes."""
     raw = quantization_config_dict(scheme, ignore, lm_head, embedding, experts)
     qconfig = parse_quantization_config(raw)
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and \
-            head_or_table_quantized(qconfig, rename):
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and head_quantized(qconfig, rename):
         untie(model)
     targets = targeted_modules(model, qconfig, rename, experts=True)
     for name, group in targets.items():
         _replace(model, name, _quantized(model.get_submodule(name), group.scheme))
+    if tied and model.config.tie_word_embeddings:  # the head reads the (quantized) table
+        model.tie_weights()
     model.quantization_config = raw
     return model
 
 
-def head_or_table_quantized(qconfig: QuantConfig, rename: Rename) -> bool:
-    """Whether the config quantizes the lm_head or the token embeddings (tied ones then part)."""
-    return qconfig.group_for(rename("lm_head"), ("Linear",)) is not None or \
-        qconfig.group_for(rename("model.embed_tokens"), ("Embedding",)) is not None
+def head_quantized(qconfig: QuantConfig, rename: Rename) -> bool:
+    """Whether the config quantizes the lm_head (a tied one then gets its own copy)."""
+    return qconfig.group_for(rename("lm_head"), ("Linear",)) is not None
 
 
 def untie(model: nn.Module) -> None:

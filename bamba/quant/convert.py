@@ -25,7 +25,7 @@ from bamba.checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, checked_tenso
                               open_safetensors, resolve_checkpoint, to_checkpoint_name,
                               write_checkpoint)
 from bamba.model import BambaLM
-from bamba.quant.apply import head_or_table_quantized, targeted_modules
+from bamba.quant.apply import head_quantized, targeted_modules
 from bamba.quant.config import LM_HEAD, parse_quantization_config, quantization_config_dict
 from bamba.quant.experts import quantize_stacked
 from bamba.quant.formats import QuantScheme, quantize
@@ -57,7 +57,8 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
     """Write ``source`` quantized with ``scheme`` to ``target`` (every linear but ``ignore``,
     compressed-tensors matching on checkpoint names; the lm_head, the token embeddings and a
     Granite MoE's experts in schemes of their own when given; a head tied to the embeddings
-    is untied when quantized, as llm-compressor does). ValueError, before anything is
+    is untied when quantized, as llm-compressor does, and stays tied to a quantized table
+    when it is not, as llama.cpp's files keep it). ValueError, before anything is
     written, for a source that is already quantized, ``experts`` for a model without them,
     or a group size that does not divide a layer."""
     directory = resolve_checkpoint(source)
@@ -80,8 +81,8 @@ def quantize_checkpoint(source: str | os.PathLike, target: str | os.PathLike,
     with torch.device("meta"):
         model = BambaLM(config)
     files, plan = checked_tensors(directory, model)
-    untie = config.tie_word_embeddings and head_or_table_quantized(qconfig, str)
-    if untie:  # the head or table quantized: its own copy of it, as llm-compressor unties them
+    untie = config.tie_word_embeddings and head_quantized(qconfig, str)
+    if untie:  # the head quantized: its own copy of the table, as llm-compressor unties them
         config = config.replace(tie_word_embeddings=False)
         raw_config = {**raw_config, "tie_word_embeddings": False}
         with torch.device("meta"):
