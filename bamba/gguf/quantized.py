@@ -74,6 +74,18 @@ def _packed_nibbles(runs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(packed).reshape(rows, -1)).view(torch.int32)
 
 
+def _int8_words(u: np.ndarray, add: int) -> torch.Tensor:
+    """Values u (uint8 [rows, ...]) stored as int8's packed words [rows, cols / 4]: the bytes
+    u + add, q + 128 for q = u + add - 128 (as ``pack_ints`` stores them), in place of u."""
+    rows = u.shape[0]
+    if sys.byteorder != "little":
+        return pack_ints(torch.from_numpy((u.astype(np.int16) + add - 128).astype(np.int8)
+                                          .reshape(rows, -1)), 8)
+    u = np.ascontiguousarray(u)
+    u += np.uint8(add)
+    return torch.from_numpy(u.reshape(rows, -1)).view(torch.int32)
+
+
 def _nibbles(raw: np.ndarray) -> np.ndarray:
     """Bytes [..., n] as 2n 4-bit values: the low nibbles first, then the high ones."""
     return np.concatenate((raw & 0x0F, raw >> 4), axis=-1)
@@ -85,13 +97,14 @@ def _bits(raw: np.ndarray, count: int) -> np.ndarray:
 
 
 def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A K-quant super-block's 12 bytes of eight 6-bit scales and mins [..., 8] each: bytes 0-3
-    hold scales 0-3 (and the top bits of scales 4-7), bytes 4-7 mins 0-3 (and the top bits of
-    mins 4-7), bytes 8-11 the low 4 bits of scales 4-7 (low nibbles) and mins 4-7 (high)."""
+    """A K-quant super-block's 12 bytes of eight 6-bit scales and mins [..., 8] each, bytes:
+    bytes 0-3 hold scales 0-3 (and the top bits of scales 4-7), bytes 4-7 mins 0-3 (and the top
+    bits of mins 4-7), bytes 8-11 the low 4 bits of scales 4-7 (low nibbles) and mins 4-7
+    (high)."""
     low, mid, top = raw[..., 0:4], raw[..., 4:8], raw[..., 8:12]
     scales = np.concatenate((low & 63, (top & 15) | ((low >> 6) << 4)), axis=-1)
     mins = np.concatenate((mid & 63, (top >> 4) | ((mid >> 6) << 4)), axis=-1)
-    return scales.astype(np.float32), mins.astype(np.float32)
+    return scales, mins
 
 
 def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
@@ -128,22 +141,21 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
                           for a in (d[..., 0], sc, dmin[..., 0], m))).reshape(rows, -1)
         if type_name == "Q4_K":
             return _packed_nibbles(qs), table, None
-        u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).astype(np.int8).reshape(rows, -1, 256)
+        u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).reshape(rows, -1, 256)
         # Q5_K: bit j of qh's byte l is weight 32 j + l's fifth bit
         high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]
-        u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256).astype(np.int8) << 4
-        return torch.from_numpy(u.reshape(rows, cols)), table, None
+        u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256) << 4
+        return _int8_words(u, 128), table, None  # q = u stored as u + 128
     elif type_name == "Q6_K":  # ql 128 bytes, qh 64 bytes, 16 int8 scales, d
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)  # [half, 32-byte run, l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)
         low = np.stack((ql & 0x0F, ql >> 4), axis=-3)  # [half, nibble, run, l]
         shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(2, 2, 1)  # nibble, run -> shift
         high = (qh[..., None, :, :] >> shifts) & 3  # [half, nibble, run, l]
-        u = (low.astype(np.int8) | (high.astype(np.int8) << 4)).reshape(rows, cols)
-        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(rows, -1)
+        sc = np.ascontiguousarray(b[..., 192:208]).reshape(rows, -1)  # signed bytes as stored
         table = k_table(torch.from_numpy(np.ascontiguousarray(_half(b, 208)[..., 0])),
-                        torch.from_numpy(sc.astype(np.int16))).reshape(rows, -1)
-        return torch.from_numpy(u - 32), table, None  # the scales as stored: d, signed sc
+                        torch.from_numpy(sc)).reshape(rows, -1)
+        return _int8_words(low | (high << 4), 96), table, None  # q = u - 32 stored as u + 96
     else:
         raise ValueError(f"GGUF block type {type_name} is not read quantized")
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))  # noqa: E731
@@ -193,9 +205,10 @@ def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
     has them; with offsets ``weight_table``, scales and offsets [rows, 2, groups]) for q (int8
     values, or int4's packed words), scale and offset, of a block type of KINDS."""
     scheme = kind_scheme(type_name)
-    packed = q.dtype == torch.int32  # int4's words, as decode_blocks makes them
+    packed = q.dtype == torch.int32  # packed words, as decode_blocks makes some
     tensors = {"weight_packed": q if packed else pack_ints(q, scheme.bits),
-               "weight_shape": torch.tensor([q.shape[0], q.shape[1] * (8 if packed else 1)],
+               "weight_shape": torch.tensor([q.shape[0],
+                                             q.shape[1] * (32 // scheme.bits if packed else 1)],
                                             dtype=torch.int64)}
     if scheme.two_level:  # a K table's rows, as decode_blocks gives them
         tensors["weight_table"] = scale.reshape(q.shape[0], 2 if scheme.offsets else 1, -1)

@@ -105,11 +105,12 @@ def k_table(d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None = None,
             m: torch.Tensor | None = None) -> torch.Tensor:
     """A K table, uint8 [N, 2, 4 S + G]: per row [d float32 x S][sc byte x G], then [dmin x
     S][m x G] (the layout the kernels read: quant_rows.h). d, dmin [N, S] (float32 values of
-    the blocks' float16), sc, m [N, G] integers in [0, 255]; without dmin and m (Q6_K) [N, 1,
-    4 S + G], its sc signed bytes in [-128, 127]."""
+    the blocks' float16), sc, m [N, G] integers in [0, 255] (or their bytes, uint8); without
+    dmin and m (Q6_K) [N, 1, 4 S + G], its sc signed bytes in [-128, 127] (or their bytes)."""
     def half(top: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        return torch.cat([top.to(torch.float32).contiguous().view(torch.uint8),
-                          low.to(torch.int16).to(torch.uint8)], dim=1)  # (signed: two's complement)
+        byte = low if low.dtype == torch.uint8 else low.to(torch.int16).to(torch.uint8)
+        return torch.cat([top.to(torch.float32).contiguous().view(torch.uint8), byte],
+                         dim=1)  # (signed: two's complement)
     halves = [half(d, sc)] if dmin is None else [half(d, sc), half(dmin, m)]
     return torch.stack(halves, dim=1)
 
