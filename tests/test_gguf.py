@@ -74,17 +74,23 @@ def memorised(tmp_path_factory) -> tuple[Path, torch.nn.Module, list[int]]:
     hf_model("hybrid", hidden_size=64, intermediate_size=128, mamba_d_head=32).save_pretrained(
         source)
     build_tokenizer().save_pretrained(source)
-    model = from_pretrained(source)
+    model, sequence = _memorise(from_pretrained(source))
+    return source, model, sequence
+
+
+def _memorise(model: torch.nn.Module, steps: int = 40) -> tuple[torch.nn.Module, list[int]]:
+    """``model`` trained until it continues one random sequence by heart (in eval mode), and
+    the sequence."""
     sequence = random_ids(1, 32, seed=3)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
     model.train()
-    for _ in range(40):
+    for _ in range(steps):
         logits = model(sequence[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits[0], sequence[0, 1:])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return source, model.eval(), sequence[0].tolist()
+    return model.eval(), sequence[0].tolist()
 
 
 @pytest.mark.parametrize("file_type", ["q8_0", "q4_0"])
@@ -974,6 +980,45 @@ def test_llama_cpp_converter_output_of_granite_loads_with_the_source_logits(make
         torch.testing.assert_close(back(ids), hf_logits(load_hf(source), ids), atol=1e-4,
                                    rtol=0)
 
+
+
+@pytest.mark.slow
+def test_llama_cpp_and_bamba_decode_a_tied_q4_k_m_file_alike(tmp_path):
+    """A tied Granite checkpoint that continues a sequence by heart, exported and made Q4_K_M by
+    llama.cpp's llama-quantize (the token table in Q6_K, no output tensor: Granite 4.0's
+    files): bamba holds the table once in its blocks, the head reading them, and decodes the
+    file greedily as llama.cpp does, with the torch path and with the native kernels."""
+    import httpx
+
+    from bamba.native import accelerate
+    from bamba.quant.embedding import QuantizedEmbedding
+
+    source = tmp_path / "source"
+    hf_model("granite", hidden_size=256, intermediate_size=512, shared_intermediate_size=512,
+             mamba_d_head=128, tie_word_embeddings=True).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    model, sequence = _memorise(from_pretrained(source))
+    f32 = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", "f32")
+    out = tmp_path / "m-q4_k_m.gguf"
+    quantize = llama_cpp.find_or_build(tool="llama-quantize")
+    llama_cpp._run([str(quantize), str(f32), str(out), "Q4_K_M"], tmp_path / "q.log", 600)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["token_embd.weight"] == "Q6_K" and "output.weight" not in types
+    back = from_pretrained(out)
+    table = back.model.embed_tokens
+    assert isinstance(table, QuantizedEmbedding) and table.scheme.two_level
+    assert back.lm_head.weight_table is table.weight_table
+    server = llama_cpp.start(llama_cpp.find_or_build(), out, 8918, 2, 1, 256)
+    try:
+        reply = httpx.post("http://127.0.0.1:8918/completion", timeout=120, json={
+            "prompt": sequence[:8], "n_predict": 16, "temperature": 0, "top_k": 1,
+            "return_tokens": True, "cache_prompt": False}).json()
+    finally:
+        server.kill()
+        server.wait()
+    assert reply["tokens"][:8] == sequence[8:16]  # it did memorise, through Q4_K_M
+    assert _greedy(back, sequence[:8], 16) == reply["tokens"]
+    assert _greedy(accelerate(from_pretrained(out)), sequence[:8], 16) == reply["tokens"]
 
 
 @pytest.mark.slow
