@@ -424,16 +424,16 @@ def test_legacy_block_types_beside_q8_0_load_in_formats_of_their_own(memorised, 
 
 
 def _random_k_blocks(data, qtype, size=1.0):
-    """Blocks of K-quant type ``qtype`` for an array shaped as ``data`` (gguf-py cannot make
-    them): random bytes, with small float16 d (and dmin) fields, so every field is exercised;
-    ``size`` scales those fields (and so the weights)."""
+    """Blocks of K-quant (or IQ4) type ``qtype`` for an array shaped as ``data`` (gguf-py
+    cannot make them): random bytes, with small float16 d (and dmin) fields, so every field is
+    exercised; ``size`` scales those fields (and so the weights)."""
     import numpy as np
 
     per_block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(int(np.abs(data).sum() * 1e3) % 2**32)
     blocks = rng.integers(0, 256, (*data.shape[:-1], data.shape[-1] // per_block, nbytes),
                           dtype=np.uint8)
-    halves = [208] if qtype.name == "Q6_K" else [0, 2]
+    halves = [208] if qtype.name == "Q6_K" else [0] if qtype.name.startswith("IQ4") else [0, 2]
     for at in halves:
         values = rng.standard_normal((*blocks.shape[:-1], 1)) * (0.002 if at else 0.004) * size
         blocks[..., at:at + 2] = values.astype(np.float16).view(np.uint8)
@@ -550,6 +550,51 @@ def test_q6_k_scales_are_held_in_two_levels_and_saved_as_their_products(tmp_path
         finally:
             quant_ops.set_int8_activations(previous)
     assert (two_level - flat).abs().max() <= 1e-3 * flat.abs().max()
+
+
+@pytest.mark.parametrize("type_name", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_blocks_load_as_int8_values_of_their_levels(tmp_path, monkeypatch, type_name):
+    """IQ4_NL (a float16 d per 32 weights) and IQ4_XS (a d per 256, a 6-bit scale per 32) pick
+    each weight among 16 non-linear levels: they load as int8 in groups of 32 holding the
+    levels (float16 scales for IQ4_NL, float32 d * scale for IQ4_XS), every weight as gguf-py
+    dequantizes it, and the native kernels give the torch reference's logits."""
+    from gguf import GGMLQuantizationType as Q
+
+    from bamba.gguf import export as gguf_export
+    from bamba.native import accelerate, quant_ops
+    from bamba.quant.formats import make_scheme
+    from bamba.quant.linear import QuantizedLinear
+    from test_quant_interop import prefill_then_decode
+
+    qtype = Q[type_name]
+    real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
+    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: qtype if
+                        name.endswith(("ffn_up.weight", "ssm_in.weight", "attn_q.weight"))
+                        else real_type(name, shape, file_type))
+    monkeypatch.setattr(gguf.quants, "quantize", lambda data, q: _random_k_blocks(
+        data, q, size=0.3) if q == qtype else real_quantize(data, q))
+    source = tmp_path / "source"
+    hf_model("hybrid", hidden_size=256, intermediate_size=512,
+             mamba_d_head=128).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "iq.gguf",
+                      "f32")
+    stored = [t.name for t in gguf.GGUFReader(out).tensors if t.tensor_type == qtype]
+    assert len(stored) == 4 + 2 + 2  # ffn_up, ssm_in, attn_q
+    back = from_pretrained(out, dtype=torch.float32)
+    up = back.model.layers[0].feed_forward.up_proj
+    assert isinstance(up, QuantizedLinear) and up.scheme == make_scheme("int8", 32)
+    assert up.weight_scale.dtype == (torch.float16 if type_name == "IQ4_NL" else torch.float32)
+    _assert_dequantized_as_gguf_does(back, out, stored)
+    ids = random_ids(2, 11)
+    previous = quant_ops.set_int8_activations(False)
+    try:
+        fast = prefill_then_decode(accelerate(from_pretrained(out)), ids, prefill=7)
+    finally:
+        quant_ops.set_int8_activations(previous)
+    with torch.no_grad():
+        ref = back(ids)
+    assert (fast - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
 
 
 def _native_and_torch_logits(path: Path, reference: torch.nn.Module,
@@ -983,11 +1028,13 @@ def test_llama_cpp_converter_output_of_granite_loads_with_the_source_logits(make
 
 
 @pytest.mark.slow
-def test_llama_cpp_and_bamba_decode_a_tied_q4_k_m_file_alike(tmp_path):
-    """A tied Granite checkpoint that continues a sequence by heart, exported and made Q4_K_M by
-    llama.cpp's llama-quantize (the token table in Q6_K, no output tensor: Granite 4.0's
-    files): bamba holds the table once in its blocks, the head reading them, and decodes the
-    file greedily as llama.cpp does, with the torch path and with the native kernels."""
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "IQ4_XS", "IQ4_NL"])
+def test_llama_cpp_and_bamba_decode_a_tied_file_alike(tmp_path, file_type):
+    """A tied Granite checkpoint that continues a sequence by heart, exported and quantized by
+    llama.cpp's llama-quantize (no output tensor: Granite 4.0's files; Q4_K_M's token table in
+    Q6_K): bamba holds the table once in its blocks, the head reading them, every weight as
+    gguf-py dequantizes it, and decodes the file greedily as llama.cpp does, with the torch
+    path and with the native kernels."""
     import httpx
 
     from bamba.native import accelerate
@@ -999,15 +1046,17 @@ def test_llama_cpp_and_bamba_decode_a_tied_q4_k_m_file_alike(tmp_path):
     build_tokenizer().save_pretrained(source)
     model, sequence = _memorise(from_pretrained(source))
     f32 = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", "f32")
-    out = tmp_path / "m-q4_k_m.gguf"
+    out = tmp_path / f"m-{file_type}.gguf"
     quantize = llama_cpp.find_or_build(tool="llama-quantize")
-    llama_cpp._run([str(quantize), str(f32), str(out), "Q4_K_M"], tmp_path / "q.log", 600)
+    llama_cpp._run([str(quantize), str(f32), str(out), file_type], tmp_path / "q.log", 600)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
-    assert types["token_embd.weight"] == "Q6_K" and "output.weight" not in types
+    assert "output.weight" not in types and file_type.split("_")[0] in "".join(types.values())
     back = from_pretrained(out)
     table = back.model.embed_tokens
-    assert isinstance(table, QuantizedEmbedding) and table.scheme.two_level
-    assert back.lm_head.weight_table is table.weight_table
+    assert isinstance(table, QuantizedEmbedding)
+    assert back.lm_head.weight_packed is table.weight_packed
+    _assert_dequantized_as_gguf_does(back, out, [n for n, t in types.items()
+                                                 if t.startswith(("Q", "IQ"))])
     server = llama_cpp.start(llama_cpp.find_or_build(), out, 8918, 2, 1, 256)
     try:
         reply = httpx.post("http://127.0.0.1:8918/completion", timeout=120, json={

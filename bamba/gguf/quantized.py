@@ -14,7 +14,10 @@ float32 per 256 weights, sc and m a byte per 32; int4's q = u - 8, int8's q = u)
 Q4_K weight in memory where a float32 scale and offset per 32 took 6; so does Q6_K (its float32
 d per 256 and signed sc byte per 16, one half: 8.625 bits a weight held, where a float32 scale
 per 16 took 10). The weights come out as llama.cpp's own dequantization gives them (up to one
-float32 rounding of an offset).
+float32 rounding of an offset). IQ4_NL and IQ4_XS pick each weight among 16 non-linear levels
+(``IQ4_LEVELS``) under a float16 d per 32 weights (IQ4_NL) or a d per 256 and a 6-bit signed
+scale per 32 (IQ4_XS): they load as int8 in groups of 32 holding the levels themselves, exact
+(float16 scales, or float32 d * scale), at twice the file's bits (8.5 and 9 a weight).
 """
 
 from __future__ import annotations
@@ -41,11 +44,15 @@ BUFFERS = ("weight_packed", "weight_shape", "weight_scale", "weight_table")
 KINDS = {"Q8_0": ("int8", 32, False, False), "Q4_0": ("int4", 32, False, False),
          "Q5_0": ("int8", 32, False, False), "Q6_K": ("int8", 16, False, True),
          "Q4_1": ("int4", 32, True, False), "Q4_K": ("int4", 32, True, True),
-         "Q5_1": ("int8", 32, True, False), "Q5_K": ("int8", 32, True, True)}
+         "Q5_1": ("int8", 32, True, False), "Q5_K": ("int8", 32, True, True),
+         "IQ4_NL": ("int8", 32, False, False), "IQ4_XS": ("int8", 32, False, False)}
+# IQ4_NL's and IQ4_XS's 16 levels, which their 4-bit indices pick (llama.cpp's kvalues_iq4nl)
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
 
 
-# The scales' dtype: the block's own float16 d, or float32 for d * sc (K-quants).
-SCALE_DTYPES = {name: torch.float32 if name.endswith("_K") else torch.float16 for name in KINDS}
+# The scales' dtype: the block's own float16 d, or float32 for d * sc (K-quants, IQ4_XS).
+SCALE_DTYPES = {name: torch.float32 if name.endswith(("_K", "_XS")) else torch.float16
+                for name in KINDS}
 
 
 def kind_scheme(type_name: str):
@@ -74,16 +81,17 @@ def _packed_nibbles(runs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(packed).reshape(rows, -1)).view(torch.int32)
 
 
-def _int8_words(u: np.ndarray, add: int) -> torch.Tensor:
-    """Values u (uint8 [rows, ...]) stored as int8's packed words [rows, cols / 4]: the bytes
-    u + add, q + 128 for q = u + add - 128 (as ``pack_ints`` stores them), in place of u."""
-    rows = u.shape[0]
-    if sys.byteorder != "little":
-        return pack_ints(torch.from_numpy((u.astype(np.int16) + add - 128).astype(np.int8)
+_LEVEL_BYTES = (IQ4_LEVELS + 128).astype(np.uint8)  # each level as int8's stored byte
+
+
+def _int8_words(stored: np.ndarray) -> torch.Tensor:
+    """int8 values as ``pack_ints`` stores them, bytes q + 128 (uint8 [rows, ...]), as its
+    packed words [rows, cols / 4]."""
+    rows = stored.shape[0]
+    if sys.byteorder != "little":  # the words' bytes are not in weight order there
+        return pack_ints(torch.from_numpy((stored.astype(np.int16) - 128).astype(np.int8)
                                           .reshape(rows, -1)), 8)
-    u = np.ascontiguousarray(u)
-    u += np.uint8(add)
-    return torch.from_numpy(u.reshape(rows, -1)).view(torch.int32)
+    return torch.from_numpy(np.ascontiguousarray(stored).reshape(rows, -1)).view(torch.int32)
 
 
 def _nibbles(raw: np.ndarray) -> np.ndarray:
@@ -115,7 +123,7 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
     [rows, 2 * width], None)."""
     if type_name in SCHEMES:
         return (*block_values(raw, type_name, rows, cols), None)
-    per_block = 256 if type_name.endswith("_K") else 32
+    per_block = 256 if type_name.endswith(("_K", "_XS")) else 32
     b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // per_block, -1)
     offset = None
     if type_name in ("Q4_1", "Q5_1"):  # d, m, [qh 4 bytes], 16 bytes of nibbles
@@ -145,7 +153,8 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         # Q5_K: bit j of qh's byte l is weight 32 j + l's fifth bit
         high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]
         u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256) << 4
-        return _int8_words(u, 128), table, None  # q = u stored as u + 128
+        u += np.uint8(128)  # q = u, stored as u + 128
+        return _int8_words(u), table, None
     elif type_name == "Q6_K":  # ql 128 bytes, qh 64 bytes, 16 int8 scales, d
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)  # [half, 32-byte run, l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)
@@ -155,7 +164,20 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         sc = np.ascontiguousarray(b[..., 192:208]).reshape(rows, -1)  # signed bytes as stored
         table = k_table(torch.from_numpy(np.ascontiguousarray(_half(b, 208)[..., 0])),
                         torch.from_numpy(sc)).reshape(rows, -1)
-        return _int8_words(low | (high << 4), 96), table, None  # q = u - 32 stored as u + 96
+        u = low | (high << 4)
+        u += np.uint8(96)  # q = u - 32, stored as u + 96
+        return _int8_words(u), table, None
+    elif type_name == "IQ4_NL":  # d, 16 bytes of nibbles (as Q4_0's) indexing IQ4_LEVELS
+        scale = torch.from_numpy(np.ascontiguousarray(_half(b, 0)[..., 0]))
+        return _int8_words(_LEVEL_BYTES[_nibbles(b[..., 2:])]), scale, None
+    elif type_name == "IQ4_XS":  # d, scales_h (2 bits a group), scales_l (4), 8 runs of nibbles
+        low = b[..., 4:8, None] >> np.array([0, 4], dtype=np.uint8) & 15  # [.., 4, 2]
+        shifts = np.arange(0, 16, 2, dtype=np.uint16)
+        high = (b[..., 2:4].copy().view(np.uint16) >> shifts) & 3  # [.., 8]
+        sc = (low.reshape(rows, -1, 8) | (high.astype(np.uint8) << 4)).astype(np.float32) - 32
+        scale = (_half(b, 0) * sc).reshape(rows, -1)  # d * sc, exact in float32
+        runs = b[..., 8:].reshape(rows, -1, 8, 16)
+        return _int8_words(_LEVEL_BYTES[_nibbles(runs)]), torch.from_numpy(scale.copy()), None
     else:
         raise ValueError(f"GGUF block type {type_name} is not read quantized")
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))  # noqa: E731

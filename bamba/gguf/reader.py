@@ -3,7 +3,8 @@ and its tokenizer from the ``tokenizer.ggml.*`` keys.
 
 Tensors stored as F32, F16, BF16, llama.cpp's legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or
 its K-quants (Q2_K to Q6_K: a Q4_0 file's output tensor is Q6_K, a Q4_K_M file's are Q4_K and
-Q6_K) load: linears and token tables in all of these but Q2_K and Q3_K stay in their blocks
+Q6_K) and the 4-bit non-linear IQ4_NL and IQ4_XS load: linears and token tables in all of these
+but Q2_K and Q3_K stay in their blocks (IQ4's as int8 values of its 16 levels)
 (``bamba.gguf.quantized``, ``load_gguf_model``), everything else is dequantized
 (``gguf.quants``) into the dtype asked for. Every key and tensor header is checked
 against the configuration the metadata describes before any weight loads, so a file of another
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
-                "Q4_K", "Q5_K", "Q6_K")
+                "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
