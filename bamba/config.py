@@ -489,24 +489,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                                  logits_scaling=6.0, num_local_experts=64,
                                  num_experts_per_tok=6, expert_intermediate_size=512,
                                  tie_word_embeddings=True),
-    # Near the shape IBM published for granite-4.0-h-1b: the dense hybrid (hidden 1536, 40
-    # layers of which 4 attention, MLP 4096, vocab 100352, tied; ~1.46B parameters); for
-    # benchmarks with random weights (the multipliers illustrative, as bench-granite's).
-    "granite-h-1b-shape": dict(vocab_size=100352, hidden_size=1536, intermediate_size=4096,
-                               num_hidden_layers=40, num_attention_heads=12,
-                               num_key_value_heads=4, attn_layer_indices=[5, 15, 25, 35],
-                               mamba_n_heads=48, mamba_d_head=64, mamba_d_state=128,
-                               mamba_chunk_size=256, max_position_embeddings=65536,
-                               model_type="granitemoehybrid", position_embedding_type="nope",
-                               partial_rotary_factor=1.0, embedding_multiplier=12.0,
-                               residual_multiplier=0.246, attention_multiplier=0.015625,
-                               logits_scaling=6.0, tie_word_embeddings=True),
     # Small enough to train for minutes on two CPU cores; the embedded default.
     "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                  num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[3, 7],
                  mamba_n_heads=8, mamba_d_head=64, mamba_d_state=64, mamba_chunk_size=64,
                  max_position_embeddings=8192),
 }
+
+# Near the shape IBM published for granite-4.0-h-1b: bench-granite (the dense hybrid) at hidden
+# 1536, 40 layers of which 4 attention, MLP 4096, vocab 100352, tied; ~1.46B parameters; for
+# benchmarks with random weights (the multipliers illustrative, bench-granite's).
+PRESETS["granite-h-1b-shape"] = dict(
+    PRESETS["bench-granite"], vocab_size=100352, hidden_size=1536, intermediate_size=4096,
+    num_hidden_layers=40, num_attention_heads=12, num_key_value_heads=4,
+    attn_layer_indices=[5, 15, 25, 35], mamba_n_heads=48, logits_scaling=6.0,
+    tie_word_embeddings=True)
 
 
 def preset(name: str, **overrides: Any) -> BambaConfig:

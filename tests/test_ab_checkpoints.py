@@ -93,27 +93,15 @@ def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: P
                                                                       monkeypatch) -> None:
     """--flat-scales: a second entry a file, its Q4_K tables expanded to float32 scales and
     offsets, its Q6_K ones to float32 scales: the same weights bit for bit, more bytes held."""
-    import gguf
     import torch
-    from conftest import build_tokenizer, hf_model
     from gguf import GGMLQuantizationType as Q
-    from test_gguf import _random_k_blocks
+    from test_gguf import _file_with_random_blocks
 
-    from bamba.checkpoint import from_pretrained, load_tokenizer
-    from bamba.gguf import export as gguf_export
-    from bamba.gguf.export import export_gguf
+    from bamba.checkpoint import from_pretrained
 
-    real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
     k_types = {"ffn_up.weight": Q.Q4_K, "ffn_down.weight": Q.Q6_K}
-    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: k_types.get(
-        name.split(".", 2)[-1]) or real_type(name, shape, file_type))
-    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
-        data, qtype, size=0.03) if qtype.name.endswith("_K") else real_quantize(data, qtype))
-    source = tmp_path / "source"
-    hf_model("hybrid", hidden_size=256, intermediate_size=512,
-             mamba_d_head=128).save_pretrained(source)
-    build_tokenizer().save_pretrained(source)
-    path = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "k.gguf", "f32")
+    path = _file_with_random_blocks(tmp_path, monkeypatch, lambda name, shape: k_types.get(
+        name.split(".", 2)[-1]), size=0.03)
     model = from_pretrained(path, dtype=torch.float32)
     flat = ab_checkpoints.flat_scales(from_pretrained(path, dtype=torch.float32))
     for name, offsets in (("up_proj", True), ("down_proj", False)):

@@ -36,6 +36,21 @@ def _greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
+def _llama_cpp_greedy(path: Path, prompt: list[int], n: int, port: int) -> list[int]:
+    """llama.cpp's greedy continuation of ``prompt`` by ``n`` tokens through its server on
+    ``path``."""
+    import httpx
+
+    server = llama_cpp.start(llama_cpp.find_or_build(), path, port, 2, 1, 256)
+    try:
+        return httpx.post(f"http://127.0.0.1:{port}/completion", timeout=120, json={
+            "prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1,
+            "return_tokens": True, "cache_prompt": False}).json()["tokens"]
+    finally:
+        server.kill()
+        server.wait()
+
+
 def _types(path: Path) -> set[str]:
     return {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
@@ -440,6 +455,28 @@ def _random_k_blocks(data, qtype, size=1.0):
     return blocks.reshape(*data.shape[:-1], -1)
 
 
+def _file_with_random_blocks(tmp_path: Path, monkeypatch, pick, size: float = 1.0,
+                            kind: str = "hybrid", **overrides) -> Path:
+    """An f32 export of a random ``kind`` checkpoint (hidden 256, Mamba heads of 128: rows of
+    whole 256-weight blocks; ``overrides`` to the config) whose tensors ``pick(gguf name,
+    shape)`` gives a K-quant or IQ4 type hold random blocks of it (``_random_k_blocks``, their
+    fields scaled by ``size``); the others as the export writes them."""
+    from bamba.gguf import export as gguf_export
+
+    real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
+    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type:
+                        pick(name, shape) or real_type(name, shape, file_type))
+    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
+        data, qtype, size) if qtype.name.endswith(("_K", "_XS", "_NL"))
+        else real_quantize(data, qtype))
+    source = tmp_path / "source"
+    hf_model(kind, **{"hidden_size": 256, "intermediate_size": 512, "mamba_d_head": 128,
+                      **overrides}).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
+    return export_gguf(from_pretrained(source), load_tokenizer(source),
+                       tmp_path / "blocks.gguf", "f32")
+
+
 def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path, monkeypatch):
     """Q4_K (int4), Q5_K (int8) with a float offset per 32 weights and Q6_K (int8 in groups of
     16) linears, the token table in Q4_K, load in those formats, their scales in two levels as
@@ -447,26 +484,13 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
     reference's logits (prefill, then a token at a time)."""
     from gguf import GGMLQuantizationType as Q
 
-    from bamba.gguf import export as gguf_export
-    from bamba.native import accelerate, quant_ops
     from bamba.quant.embedding import QuantizedEmbedding
     from bamba.quant.linear import QuantizedLinear
-    from test_quant_interop import prefill_then_decode
 
     k_types = {"blk.0.ssm_in.weight": Q.Q4_K, "blk.0.ssm_out.weight": Q.Q5_K,
                "blk.2.ffn_down.weight": Q.Q6_K, "output.weight": Q.Q6_K,
                "token_embd.weight": Q.Q4_K, "blk.3.ffn_up.weight": Q.Q4_K}
-    real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
-    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type:
-                        k_types.get(name) or real_type(name, shape, file_type))
-    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
-        data, qtype) if qtype.name.endswith("_K") else real_quantize(data, qtype))
-    source = tmp_path / "source"
-    hf_model("hybrid", hidden_size=256, intermediate_size=512,
-             mamba_d_head=128).save_pretrained(source)
-    build_tokenizer().save_pretrained(source)
-    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "k.gguf",
-                      "f32")
+    out = _file_with_random_blocks(tmp_path, monkeypatch, lambda name, shape: k_types.get(name))
     assert {"Q4_K", "Q5_K", "Q6_K"} <= _types(out)
     back = from_pretrained(out, dtype=torch.float32)
     held = {name: (m.scheme.name, m.scheme.group_size, m.scheme.offsets, m.scheme.two_level)
@@ -488,15 +512,7 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
             assert m.weight_table.shape[1:] == (halves, 4 * cols // 256 +
                                                 cols // scheme.group_size), name
     _assert_dequantized_as_gguf_does(back, out, list(k_types))
-    ids = random_ids(2, 11)
-    quant_ops.set_int8_activations(False)  # the reference's activations at every row count
-    try:
-        fast = prefill_then_decode(accelerate(from_pretrained(out)), ids, prefill=7)
-    finally:
-        quant_ops.set_int8_activations(True)
-    with torch.no_grad():
-        ref = back(ids)
-    assert (fast - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
+    _assert_native_decodes_as_torch(out, back)
 
 
 def test_q6_k_scales_are_held_in_two_levels_and_saved_as_their_products(tmp_path, monkeypatch):
@@ -508,22 +524,14 @@ def test_q6_k_scales_are_held_in_two_levels_and_saved_as_their_products(tmp_path
     from gguf import GGMLQuantizationType as Q
     from safetensors import safe_open
 
-    from bamba.gguf import export as gguf_export
     from bamba.native import accelerate, quant_ops
     from bamba.quant.weights import QuantizedWeights
 
-    real_quantize = gguf.quants.quantize
-    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: Q.Q6_K
-                        if len(shape) > 1 and shape[-1] % 256 == 0 and
-                        not any(s in name for s in ("norm", "ssm_conv", "gate_inp")) else Q.F32)
-    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
-        data, qtype, size=0.3) if qtype == Q.Q6_K else real_quantize(data, qtype))
-    source = tmp_path / "source"
-    hf_model("granite-moe", hidden_size=256, intermediate_size=256, shared_intermediate_size=256,
-             mamba_d_head=128, tie_word_embeddings=True).save_pretrained(source)
-    build_tokenizer().save_pretrained(source)
-    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "q6.gguf",
-                      "f32")
+    out = _file_with_random_blocks(
+        tmp_path, monkeypatch, lambda name, shape: Q.Q6_K if len(shape) > 1 and
+        shape[-1] % 256 == 0 and not any(s in name for s in ("norm", "ssm_conv", "gate_inp"))
+        else None, size=0.3, kind="granite-moe", intermediate_size=256,
+        shared_intermediate_size=256, tie_word_embeddings=True)
     back = from_pretrained(out, dtype=torch.float32)
     held = [m for m in back.modules() if isinstance(m, QuantizedWeights)]
     assert len(held) == 4 * 2 + 2 * 2 + 2 * 4 + 4 * 2 + 2  # MLPs, Mamba, attention, experts,
@@ -560,25 +568,13 @@ def test_iq4_blocks_load_as_int8_values_of_their_levels(tmp_path, monkeypatch, t
     dequantizes it, and the native kernels give the torch reference's logits."""
     from gguf import GGMLQuantizationType as Q
 
-    from bamba.gguf import export as gguf_export
-    from bamba.native import accelerate, quant_ops
     from bamba.quant.formats import make_scheme
     from bamba.quant.linear import QuantizedLinear
-    from test_quant_interop import prefill_then_decode
 
     qtype = Q[type_name]
-    real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
-    monkeypatch.setattr(gguf_export, "_tensor_type", lambda name, shape, file_type: qtype if
-                        name.endswith(("ffn_up.weight", "ssm_in.weight", "attn_q.weight"))
-                        else real_type(name, shape, file_type))
-    monkeypatch.setattr(gguf.quants, "quantize", lambda data, q: _random_k_blocks(
-        data, q, size=0.3) if q == qtype else real_quantize(data, q))
-    source = tmp_path / "source"
-    hf_model("hybrid", hidden_size=256, intermediate_size=512,
-             mamba_d_head=128).save_pretrained(source)
-    build_tokenizer().save_pretrained(source)
-    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "iq.gguf",
-                      "f32")
+    picked = ("ffn_up.weight", "ssm_in.weight", "attn_q.weight")
+    out = _file_with_random_blocks(tmp_path, monkeypatch, lambda name, shape: qtype
+                                   if name.endswith(picked) else None, size=0.3)
     stored = [t.name for t in gguf.GGUFReader(out).tensors if t.tensor_type == qtype]
     assert len(stored) == 4 + 2 + 2  # ffn_up, ssm_in, attn_q
     back = from_pretrained(out, dtype=torch.float32)
@@ -586,14 +582,24 @@ def test_iq4_blocks_load_as_int8_values_of_their_levels(tmp_path, monkeypatch, t
     assert isinstance(up, QuantizedLinear) and up.scheme == make_scheme("int8", 32)
     assert up.weight_scale.dtype == (torch.float16 if type_name == "IQ4_NL" else torch.float32)
     _assert_dequantized_as_gguf_does(back, out, stored)
+    _assert_native_decodes_as_torch(out, back)
+
+
+def _assert_native_decodes_as_torch(path: Path, reference: torch.nn.Module) -> None:
+    """The native kernels (a prefill of 7 tokens, then a token at a time) give the torch
+    reference's logits for a file, int8 activations off (the reference's activations at every
+    row count): within 5% of the logits' size (the kernels' bf16 inputs on a random model)."""
+    from bamba.native import accelerate, quant_ops
+    from test_quant_interop import prefill_then_decode
+
     ids = random_ids(2, 11)
     previous = quant_ops.set_int8_activations(False)
     try:
-        fast = prefill_then_decode(accelerate(from_pretrained(out)), ids, prefill=7)
+        fast = prefill_then_decode(accelerate(from_pretrained(path)), ids, prefill=7)
     finally:
         quant_ops.set_int8_activations(previous)
     with torch.no_grad():
-        ref = back(ids)
+        ref = reference(ids)
     assert (fast - ref).abs().max().item() <= 5e-2 * ref.abs().max().item()
 
 
@@ -640,26 +646,18 @@ def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monk
     rounding flipping expert picks.)"""
     from gguf import GGMLQuantizationType as Q
 
-    from bamba.gguf import export as gguf_export
     from bamba.quant.experts import QuantizedExpertWeights
 
     types = {"gate_exps": Q[gate_up], "up_exps": Q[gate_up], "down_exps": Q[down],
              "blk.0.ffn_down_exps": Q.Q6_K}  # the first layer's down experts: Q6_K
 
-    def tensor_type(name, shape, file_type):
+    def tensor_type(name, shape):
         kinds = [t for part, t in types.items() if f"ffn_{part}" in name or part in name]
-        return kinds[-1] if kinds else real_type(name, shape, file_type)
+        return kinds[-1] if kinds else None
 
-    real_type, real_quantize = gguf_export._tensor_type, gguf.quants.quantize
-    monkeypatch.setattr(gguf_export, "_tensor_type", tensor_type)
-    monkeypatch.setattr(gguf.quants, "quantize", lambda data, qtype: _random_k_blocks(
-        data, qtype, size=0.03) if qtype.name.endswith("_K") else real_quantize(data, qtype))
-    source = tmp_path / "source"
-    hf_model("granite-moe", hidden_size=256, intermediate_size=256,
-             shared_intermediate_size=256, mamba_d_head=128).save_pretrained(source)
-    build_tokenizer().save_pretrained(source)
-    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "k.gguf",
-                      "f32")
+    out = _file_with_random_blocks(tmp_path, monkeypatch, tensor_type, size=0.03,
+                                   kind="granite-moe", intermediate_size=256,
+                                   shared_intermediate_size=256)
     assert {gate_up, down} <= _types(out)
     back = from_pretrained(out, dtype=torch.float32)
     first, last = (back.model.layers[i].feed_forward.experts for i in (0, -1))
@@ -955,8 +953,6 @@ def test_llama_cpp_converter_output_loads_with_the_source_logits(make_hf_checkpo
 def test_llama_cpp_decodes_our_int4_blocks_as_bamba_does(memorised, tmp_path):
     """An int4 checkpoint (head and table too) exported to q4_0 block for block: llama-server
     continues the memorised sequence with the tokens bamba gives on the checkpoint itself."""
-    import httpx
-
     source, model, sequence = memorised
     bf16 = tmp_path / "bf16"
     model.to(torch.bfloat16).save_pretrained(bf16)
@@ -969,15 +965,8 @@ def test_llama_cpp_decodes_our_int4_blocks_as_bamba_does(memorised, tmp_path):
     assert main(["export-gguf", str(quantized), str(out), "--dtype", "q4_0"]) == 0
     ours = _greedy(from_pretrained(quantized), sequence[:8], 24)
     assert ours[:8] == sequence[8:16]  # still memorised at int4
-    server = llama_cpp.start(llama_cpp.find_or_build(), out, 8918, 2, 1, 256)
-    try:
-        reply = httpx.post("http://127.0.0.1:8918/completion", timeout=120, json={
-            "prompt": sequence[:8], "n_predict": 24, "temperature": 0, "top_k": 1,
-            "return_tokens": True, "cache_prompt": False}).json()
-    finally:
-        server.kill()
-        server.wait()
-    assert reply["tokens"] == ours
+    tokens = _llama_cpp_greedy(out, sequence[:8], 24, 8918)
+    assert tokens == ours
 
 
 @pytest.mark.slow
@@ -986,20 +975,11 @@ def test_llama_cpp_decodes_our_int4_blocks_as_bamba_does(memorised, tmp_path):
 def test_llama_cpp_decodes_our_export_as_bamba_does(make_hf_checkpoint, tmp_path, kind, seed):
     """Our f32 export runs in llama.cpp (granitehybrid: Bamba, Granite with and without rope
     (the file's rope switch), with experts; llama: the twin) with bamba's greedy tokens."""
-    import httpx
-
     source = make_hf_checkpoint(kind, seed=seed)
     model = from_pretrained(source)
     out = export_gguf(model, load_tokenizer(source), tmp_path / "m.gguf", "f32")
-    server = llama_cpp.start(llama_cpp.find_or_build(), out, 8917, 2, 1, 256)
-    try:
-        reply = httpx.post("http://127.0.0.1:8917/completion", timeout=120, json={
-            "prompt": PROMPT, "n_predict": 32, "temperature": 0, "top_k": 1,
-            "return_tokens": True, "cache_prompt": False}).json()
-    finally:
-        server.kill()
-        server.wait()
-    assert reply["tokens"] == _greedy(model, PROMPT, 32)
+    tokens = _llama_cpp_greedy(out, PROMPT, 32, 8917)
+    assert tokens == _greedy(model, PROMPT, 32)
 
 
 @pytest.mark.slow
@@ -1035,8 +1015,6 @@ def test_llama_cpp_and_bamba_decode_a_tied_file_alike(tmp_path, file_type):
     Q6_K): bamba holds the table once in its blocks, the head reading them, every weight as
     gguf-py dequantizes it, and decodes the file greedily as llama.cpp does, with the torch
     path and with the native kernels."""
-    import httpx
-
     from bamba.native import accelerate
     from bamba.quant.embedding import QuantizedEmbedding
 
@@ -1057,17 +1035,10 @@ def test_llama_cpp_and_bamba_decode_a_tied_file_alike(tmp_path, file_type):
     assert back.lm_head.weight_packed is table.weight_packed
     _assert_dequantized_as_gguf_does(back, out, [n for n, t in types.items()
                                                  if t.startswith(("Q", "IQ"))])
-    server = llama_cpp.start(llama_cpp.find_or_build(), out, 8918, 2, 1, 256)
-    try:
-        reply = httpx.post("http://127.0.0.1:8918/completion", timeout=120, json={
-            "prompt": sequence[:8], "n_predict": 16, "temperature": 0, "top_k": 1,
-            "return_tokens": True, "cache_prompt": False}).json()
-    finally:
-        server.kill()
-        server.wait()
-    assert reply["tokens"][:8] == sequence[8:16]  # it did memorise, through Q4_K_M
-    assert _greedy(back, sequence[:8], 16) == reply["tokens"]
-    assert _greedy(accelerate(from_pretrained(out)), sequence[:8], 16) == reply["tokens"]
+    tokens = _llama_cpp_greedy(out, sequence[:8], 16, 8918)
+    assert tokens[:8] == sequence[8:16]  # it did memorise, through the file's blocks
+    assert _greedy(back, sequence[:8], 16) == tokens
+    assert _greedy(accelerate(from_pretrained(out)), sequence[:8], 16) == tokens
 
 
 @pytest.mark.slow
