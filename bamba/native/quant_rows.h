@@ -718,19 +718,25 @@ static inline void k_row_values(const LinearWeights *L, int64_t n, float *scales
     }
 }
 
-/* What the offsets add to output n of one row whose G group sums lie in `row` (batch-1
- * decode: no lanes of other rows to compute): sum_g offset[n][g] * row[g], 16 groups a
- * vector (a K table's offsets for `centre`: the convention of the products they add to). */
-static inline float offset_term(const LinearWeights *L, const float *row, int64_t n,
-                                float centre) {
+/* What the offsets add to output n of each of R <= ROW_GROUP rows whose G group sums lie in
+ * `rows` (a row's in a run, G apart): terms[r] = sum_g offset[n][g] * rows[r][g], 16 groups a
+ * vector, each vector of offsets made once for all R rows (a K table's offsets for `centre`:
+ * the convention of the products they add to). Few rows take this, not offset_terms, whose
+ * lanes, a row each, would mostly idle: at 8 rows of a Q4_K_M file's linears the offsets took
+ * ~27% of the products' time that way. */
+static inline void offset_terms_of_rows(const LinearWeights *L, const float *rows, int R,
+                                        int64_t n, float centre, float *terms) {
     const int64_t G = offset_groups(L);
-    __m512 total = _mm512_setzero_ps();
+    __m512 total[ROW_GROUP];
+    for (int r = 0; r < R; r++) total[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g += 16) {
         const __mmask16 mask = group_mask(G, g);
-        total = _mm512_fmadd_ps(group_offsets(L, n, g, mask, centre),
-                                _mm512_maskz_loadu_ps(mask, row + g), total);
+        const __m512 offsets = group_offsets(L, n, g, mask, centre);
+        for (int r = 0; r < R; r++)
+            total[r] = _mm512_fmadd_ps(offsets, _mm512_maskz_loadu_ps(mask, rows + r * G + g),
+                                       total[r]);
     }
-    return _mm512_reduce_add_ps(total);
+    for (int r = 0; r < R; r++) terms[r] = _mm512_reduce_add_ps(total[r]);
 }
 
 /* What the offsets add to output n of the 16 rows whose group sums (group_sums) are `sums`:
@@ -832,7 +838,8 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     const float centre = int8_dot && L->format == FORMAT_INT4 ? 0.0f : k_centre(L->format);
     const int64_t G = offset_groups(L);
     const int64_t blocks = (M + 15) / 16;
-    float *sums = G ? thread_buffer(SUMS_BUFFER, (size_t)((blocks * 16 + 1) * G) * sizeof(float))
+    float *sums = G ? thread_buffer(SUMS_BUFFER,
+                                    (size_t)((blocks * 16 + ROW_GROUP) * G) * sizeof(float))
                     : NULL;
     if (G && sums == NULL) xp = NULL; /* no memory: NaN outputs below */
     if (xp != NULL) {
@@ -844,8 +851,10 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
         for (int64_t b = 0; !int8_dot && sums != NULL && b < blocks; b++)
             group_sums(x, x_bf16, M, L->k, G, b, sums + b * G * 16);
     }
-    float *row = sums == NULL || xp == NULL ? NULL : sums + blocks * G * 16; /* one row, in a run */
-    for (int64_t g = 0; row != NULL && M == 1 && g < G; g++) row[g] = sums[g * 16];
+    /* few rows: each row's group sums in a run (offset_terms_of_rows) */
+    float *rows = sums == NULL || xp == NULL || M > ROW_GROUP ? NULL : sums + blocks * G * 16;
+    for (int64_t r = 0; rows != NULL && r < M; r++)
+        for (int64_t g = 0; g < G; g++) rows[r * G + g] = sums[g * 16 + r];
     float terms[16] = {0}; /* the offsets' terms of the 16 rows from m0 / 16 * 16 */
     int64_t n = n_begin;
 #ifdef HAVE_INT8_DOT
@@ -855,11 +864,13 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
          n += J) { /* int4's batch-1 decode */
         float out[INT8_TILE_WEIGHT_ROWS];
         int4_dots_four(L, &t, (const char *)xp, n, out);
-        for (int j = 0; j < J; j++)
+        for (int j = 0; j < J; j++) {
+            if (sums) offset_terms_of_rows(L, rows, 1, n + j, centre, terms);
             store_output(y, n + j,
                          out[j] + (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f) +
-                             (sums ? offset_term(L, row, n + j, centre) : 0.0f),
+                             terms[0],
                          y_bf16, round_bf16);
+        }
     }
 #endif
     if (xp != NULL && !int8_dot && x_bf16 && paired_layout(L, &t)) {
@@ -871,7 +882,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
                 float out[ROW_GROUP * 2];
                 paired_dots(L, &t, xp + m0 * L->k, n, R, J, out);
                 for (int j = 0; j < J; j++) {
-                    if (sums)
+                    if (sums && rows)
+                        offset_terms_of_rows(L, rows, R, n + j, 0.0f, terms);
+                    else if (sums)
                         _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16,
                                                                  n + j, 0.0f));
                     for (int r = 0; r < R; r++)
@@ -896,7 +909,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 #endif
             if (xp != NULL && !int8_dot)
                 quant_dots(L, &t, xp + m0 * L->k, n, R, out);
-            if (sums && xp && M == 1) terms[0] = offset_term(L, row, n, centre);
+            if (sums && rows) offset_terms_of_rows(L, rows, R, n, centre, terms);
             else if (sums && xp)
                 _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16, n, centre));
             for (int r = 0; r < R; r++) /* out of memory for k inputs: NaN, not a guess */
