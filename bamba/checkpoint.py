@@ -111,7 +111,12 @@ def config_of(path_or_id: str | os.PathLike) -> BambaConfig:
 
 
 def load_config(directory: str | os.PathLike) -> BambaConfig:
-    """The BambaConfig of a checkpoint directory (config.json, model_type bamba or llama)."""
+    """The BambaConfig of a checkpoint directory (config.json, model_type bamba or llama), or
+    of a GGUF file (its metadata's)."""
+    if _is_gguf(directory):
+        from bamba.gguf.reader import read_model_file
+
+        return read_model_file(directory).config
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config.json not found")

@@ -121,3 +121,45 @@ def _assert_transformers_agrees(directory: Path) -> None:
     theirs = transformers.BambaForCausalLM.from_pretrained(directory).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["int8", "q8_0.gguf"])
+def test_finetune_from_a_quantized_checkpoint_trains_its_dequantized_weights(
+        make_hf_checkpoint, tmp_path: Path, source) -> None:
+    """A quantized init_from (a compressed-tensors checkpoint, a GGUF file with its tied table)
+    starts from the weights it stands for, dequantized to float32 trainable parameters (the
+    same logits), trains every linear and exports a dense checkpoint (it trained two steps of
+    norms alone, then failed to export)."""
+    from bamba.checkpoint import from_pretrained, load_tokenizer
+    from bamba.cli import main
+    from bamba.cli.finetune import run as finetune
+    from bamba.gguf.export import export_gguf
+    from bamba.quant.weights import QuantizedWeights
+    from bamba.train.trainer import dense_for_training
+
+    dense = make_hf_checkpoint("granite", tie_word_embeddings=True)
+    quantized = tmp_path / source
+    if source == "int8":
+        assert main(["quantize", str(dense), str(quantized), "--scheme", "int8",
+                     "--no-progress"]) == 0
+    else:
+        export_gguf(from_pretrained(dense), load_tokenizer(dense), quantized, "q8_0")
+    held = from_pretrained(quantized)
+    assert any(isinstance(m, QuantizedWeights) for m in held.modules())
+    trainable = dense_for_training(from_pretrained(quantized))
+    assert not any(isinstance(m, QuantizedWeights) for m in trainable.modules())
+    assert all(p.requires_grad for p in trainable.parameters() if p.is_floating_point())
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(trainable(ids), held(ids))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [CHAT] * 4))
+    args = argparse.Namespace(config=None, overrides=[
+        f"--init_from={quantized}", f"--data_path={data}", "--steps=2", "--warmup_steps=1",
+        "--seq_len=48", "--batch_size=2", f"--out_dir={tmp_path / 'ft'}", "--progress=false",
+        f"--tokenizer={dense}"])
+    assert finetune(args) == 0
+    tuned = from_pretrained(tmp_path / "ft" / "hf")
+    assert not any(isinstance(m, QuantizedWeights) for m in tuned.modules())
+    before = trainable.model.layers[0].mamba.in_proj.weight
+    assert not torch.equal(tuned.model.layers[0].mamba.in_proj.weight, before)  # it trained

@@ -38,7 +38,9 @@ class TrainConfig:
     model_overrides: dict[str, Any] = _key(
         factory=dict, help="BambaConfig fields that change the preset "
         "(--model_overrides.hidden_size=128)")
-    init_from: str | None = _key(None, "an HF-layout checkpoint to start from (fine-tuning)")
+    init_from: str | None = _key(None, "an HF-layout checkpoint or a GGUF file to start from "
+                                       "(fine-tuning; quantized weights start dequantized to "
+                                       "float32)")
     # data
     data: str = _key("synthetic", "synthetic (seeded random documents, for tests and smoke "
                      "runs), shards (`bamba tokenize` output directories at data_path, "

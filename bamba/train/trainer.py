@@ -83,7 +83,8 @@ def build_model(cfg: TrainConfig, info: parallel.DistInfo) -> BambaLM:
     if cfg.init_from:
         from bamba.checkpoint import from_pretrained
 
-        model = from_pretrained(cfg.init_from, dtype=torch.float32, device=info.device)
+        model = dense_for_training(from_pretrained(cfg.init_from, dtype=torch.float32,
+                                                   device=info.device))
         model.train()
     else:
         model = init_weights(BambaLM(cfg.model_config()), seed=cfg.seed).to(info.device)
@@ -94,6 +95,22 @@ def build_model(cfg: TrainConfig, info: parallel.DistInfo) -> BambaLM:
         compile_layers(model)
     if info.distributed:
         parallel.shard_model(model)
+    return model
+
+
+def dense_for_training(model: BambaLM) -> BambaLM:
+    """``model`` with any quantized weights (a compressed-tensors checkpoint, a GGUF file)
+    dequantized to float32 trainable parameters, as transformers loads a GGUF file to train:
+    the fine-tune starts from the weights they stand for and exports a dense model."""
+    from bamba.quant.apply import dequantize_model
+    from bamba.quant.weights import QuantizedWeights
+
+    if not any(isinstance(m, QuantizedWeights) for m in model.modules()):
+        return model
+    log.info("init_from holds quantized weights: dequantized to float32 for training")
+    dequantize_model(model, torch.float32)
+    for parameter in model.parameters():
+        parameter.requires_grad_(parameter.is_floating_point())
     return model
 
 
