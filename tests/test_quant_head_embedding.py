@@ -180,11 +180,13 @@ def test_quantizing_a_tied_head_or_table_unties_them_in_memory():
 def test_quantizing_a_tied_table_alone_keeps_the_head_reading_it(tmp_path):
     """`--embedding` alone on a tied checkpoint keeps it tied, as llama.cpp's files of such
     models are: the table is quantized once, no head is stored, and the head reads the
-    quantized table (a QuantizedLinear holding its tensors), in bamba's loader as in memory."""
-    from conftest import hf_model
+    quantized table (a QuantizedLinear holding its tensors), in bamba's loader as in memory;
+    generate and the engine decode it with the greedy tokens of whole forwards."""
+    from conftest import build_tokenizer, hf_model
 
     source = tmp_path / "tied"
     hf_model("hybrid", tie_word_embeddings=True).save_pretrained(source)
+    build_tokenizer().save_pretrained(source)
     target = tmp_path / "q"
     assert main(["quantize", str(source), str(target), "--scheme", "int8", "--embedding",
                  "int8", "--no-progress"]) == 0
@@ -202,6 +204,14 @@ def test_quantizing_a_tied_table_alone_keeps_the_head_reading_it(tmp_path):
         expected = torch.nn.functional.embedding(ids, table.dequantized_weight(torch.float32))
         assert torch.equal(model.model.embed_tokens(ids), expected)
         assert torch.equal(model(ids), memory(ids))
+        want = []
+        for _ in range(8):  # greedy by whole forwards
+            want.append(int(model(torch.tensor([PROMPT + want]))[0, -1].argmax()))
+    config = GenerationConfig(max_new_tokens=8, eos_token_ids=[])
+    assert generate(from_pretrained(target), [PROMPT], config)[0].token_ids == want
+    llm = LLM(str(target), dtype="float32", memory_gb=0.01)  # the native decode step
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert list(out[0].outputs[0].token_ids) == want
 
 
 @pytest.mark.parametrize("flags", [["--lm-head", "int8"], ["--ignore", ""],
