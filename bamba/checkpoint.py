@@ -31,7 +31,7 @@ from bamba.arena import WeightArena
 from bamba.budget import check_model_fits
 from bamba.config import BambaConfig, with_rope_scaling
 from bamba.checkpoint_writer import (CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME,  # noqa: F401
-                                     SHARD_PATTERN, WEIGHTS_NAME, export_state_dict,
+                                     SHARD_PATTERN, TIED_HEAD, WEIGHTS_NAME, export_state_dict,
                                      hf_config_dict, parse_size, save_pretrained,
                                      to_bamba_name, to_checkpoint_name, write_checkpoint)
 from bamba.model import FP32_PARAMS, BambaLM
@@ -58,7 +58,6 @@ _QUANTIZED_DTYPES = {torch.float8_e4m3fn: "F8_E4M3", torch.int32: "I32", torch.i
 _ANY_FLOAT = "a floating-point dtype"
 # Static activation scales of a compressed-tensors scheme: activations run unquantized here.
 _ACTIVATION_SCALES = (".input_scale", ".output_scale")
-_HEAD = "lm_head."  # a tied head's tensors: the token table's, never read or written apart
 
 
 
@@ -216,14 +215,14 @@ def _plan(model: BambaLM, entries: dict[str, _Entry], where: Path) -> dict[str, 
     expected = {k: tuple(v.shape) for k, v in state.items()}
     quantized = getattr(model, "quantization_config", None) is not None
     if config.tie_word_embeddings:  # the head reads the table (a quantized one's tensors too)
-        expected = {k: v for k, v in expected.items() if not k.startswith(_HEAD)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(TIED_HEAD)}
     plan: dict[str, str] = {}
     pieces: dict[str, tuple[set[int], int]] = {}  # ours -> (pieces seen, pieces it takes)
     for key, entry in entries.items():
         piece = locate_piece(key) if quantized else None
         ours = to_bamba_name(key if piece is None else piece[0], config.model_type)
         if key.endswith(_IGNORED_SUFFIXES) or \
-                (ours.startswith(_HEAD) and config.tie_word_embeddings) or \
+                (ours.startswith(TIED_HEAD) and config.tie_word_embeddings) or \
                 (quantized and key.endswith(_ACTIVATION_SCALES)):
             continue
         stacked = _stacked_module(model, ours) if ours in expected else None

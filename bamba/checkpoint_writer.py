@@ -30,6 +30,7 @@ from bamba.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+TIED_HEAD = "lm_head."  # a tied head's tensors: the token table's, never written apart
 GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -97,7 +98,7 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                              f"writes it, or bamba.quant.apply.dequantize_model makes it dense")
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if name.startswith("lm_head.") and config.tie_word_embeddings:
+        if name.startswith(TIED_HEAD) and config.tie_word_embeddings:
             continue
         out[to_checkpoint_name(name, config.model_type)] = tensor.detach().to("cpu").contiguous()
     for path, module in model.named_modules():

@@ -270,7 +270,7 @@ typedef struct {
 static inline KWalk k_walk(const LinearWeights *L, int64_t n) {
     const KShape K = k_shape(L);
     const KWalk walk = {(const char *)L->scales + n * L->scale_stride, 4 * K.S, K.G,
-                        quant_chunk(L->format) >> (8 - K.shift), L->scale_kind == SCALE_K,
+                        quant_chunk(L->format) / L->group, L->scale_kind == SCALE_K,
                         _mm512_setzero_si512(), _mm512_setzero_ps()};
     return walk;
 }

@@ -39,7 +39,9 @@ class QuantScheme(NamedTuple):
     instead, w = q * scale + offset (GGUF's Q4_1, Q5_1, Q4_K and Q5_K blocks, which
     compressed-tensors cannot hold): scales and offsets then lie in one float32 ``weight_table``
     [N, 2, G], the layout the kernels read, held once; with ``two_level`` (Q4_K, Q5_K, and
-    without offsets Q6_K) a ``k_table`` of them in two levels as the blocks hold them."""
+    without offsets Q6_K) a ``k_table`` of them in two levels as the blocks hold them; the
+    kernels' integer products take such int8 values to be the K-quants' 5 or 6 bits (|q| <= 32,
+    lanes of 4 products within int16)."""
     name: str
     group_size: int | None = None
     symmetric: bool = True
