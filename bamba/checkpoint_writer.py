@@ -108,8 +108,10 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for leaf in module.scheme.tensor_names():
                 del out[f"{name}.{leaf}"]
             out.update(module.checkpoint_tensors(name))
-        elif hasattr(module, "saved_tensors") and f"{name}.weight_table" in out:  # Q6_K's table
-            del out[f"{name}.weight_table"]
+        elif hasattr(module, "saved_tensors") and \
+                f"{name}.{module.scheme.tensor_names()[0]}" in out:  # (not a tied head)
+            for leaf in module.scheme.tensor_names():  # as saved: Q6_K's table, IQ4's levels
+                del out[f"{name}.{leaf}"]
             out.update({f"{name}.{leaf}": t for leaf, t in module.saved_tensors().items()})
     return out
 
@@ -119,11 +121,12 @@ def _check_described(model: nn.Module, experts: nn.Module, stacked: str) -> None
     per-expert linears) the scheme they hold."""
     from bamba.quant.config import parse_quantization_config
     from bamba.quant.experts import piece_modules
+    from bamba.quant.formats import saved_scheme
 
     raw = getattr(model, "quantization_config", None)
     group = None if raw is None else parse_quantization_config(raw).group_for(
         piece_modules(stacked, 1)[0], ("Linear",))
-    held = experts.scheme._replace(two_level=False)  # (a Q6_K table is saved as its scales)
+    held = saved_scheme(experts.scheme)  # (a Q6_K table is saved as its scales)
     if group is None or group.scheme != held or group.per_tensor:
         raise ValueError(f"this model cannot be saved in the Hugging Face layout: the experts "
                          f"of {stacked} are quantized as {experts.scheme.name} (group "

@@ -7,14 +7,16 @@ memory spells.
 
     python benchmarks/ab_checkpoints.py DIR_A DIR_B [--turns 5] [--batches 1 8 32]
                                        [--dense-experts] [--flat-scales] [--dense-table]
-                                       [--output out.json]
+                                       [--int8-levels] [--output out.json]
 
 A checkpoint is a directory or a GGUF file. ``--dense-experts`` adds each one again with its
 quantized experts dequantized to a bf16 stack (what a GGUF file's K-quant experts loaded as
 before they stayed in their blocks); ``--flat-scales`` each one with its two-level scales
 (Q4_K, Q5_K, Q6_K) as a float32 scale (and offset) a group (how they loaded before);
 ``--dense-table`` each one with its quantized token table, and a head tied to it, dequantized
-to bf16 (how a GGUF file's tied table loaded before the head read its blocks).
+to bf16 (how a GGUF file's tied table loaded before the head read its blocks);
+``--int8-levels`` each one with its IQ4 nibbles as int8 values of their levels (how IQ4_NL and
+IQ4_XS files loaded before their nibbles were held).
 ``--llama-bench`` has llama.cpp's ``llama-bench`` decode (batch 1) and prefill each GGUF file
 in every turn too, right after bamba's turn on it (the same bytes on both sides, the same
 memory spell). Prints and (with --output) writes each
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-table", action="store_true",
                         help="also time each checkpoint with its quantized token table (and a "
                              "head tied to it) dequantized to bf16")
+    parser.add_argument("--int8-levels", action="store_true",
+                        help="also time each checkpoint with its IQ4 nibbles (a GGUF file's "
+                             "IQ4_NL / IQ4_XS) as int8 values of their levels")
     parser.add_argument("--llama-bench", action="store_true",
                         help="llama-bench decodes (batch 1) and prefills each GGUF file too, "
                              "a turn beside bamba's")
@@ -84,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             table = dequantize_model(from_pretrained(path, dtype=torch.bfloat16), torch.bfloat16,
                                      kinds=(QuantizedEmbedding,))
             models[f"{path} (table bf16)"] = path, accelerate(pack_weights(table))
+        if args.int8_levels and any(getattr(getattr(m, "scheme", None), "levels", False)
+                                    for m in models[str(path)][1].modules()):
+            int8 = int8_levels(from_pretrained(path, dtype=torch.bfloat16))
+            models[f"{path} (int8 levels)"] = path, accelerate(int8)
     times: dict[str, dict[int | str, list[float]]] = {
         name: {**{b: [] for b in args.batches}, "prefill": [], "llama_b1": [],
                "llama_prefill": []} for name in models}
@@ -142,6 +151,29 @@ def flat_scales(model: torch.nn.Module) -> torch.nn.Module:
                 module.register_buffer("weight_scale", scale.contiguous())
             else:
                 module.weight_table = torch.stack([scale, offset], dim=1).contiguous()
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return pack_weights(model)
+
+
+def int8_levels(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every IQ4 weight's nibbles as int8 values of their levels in groups of
+    32 under a float32 scale a group (IQ4_XS's) or its float16 ones (IQ4_NL's), as its
+    checkpoint saves them (``saved_tensors``: the same numbers; how IQ4 files loaded before
+    their nibbles were held), repacked into one huge-page arena as loading packs them; a head
+    tied to the token table reads the new one."""
+    from bamba.arena import pack_weights
+    from bamba.quant.formats import saved_scheme
+
+    for module in model.modules():
+        scheme = getattr(module, "scheme", None)
+        if scheme is not None and scheme.levels:
+            saved = module.saved_tensors()
+            for name in scheme.tensor_names():
+                delattr(module, name)
+            module.scheme = saved_scheme(scheme)
+            for name, tensor in saved.items():
+                module.register_buffer(name, tensor.contiguous())
     if model.config.tie_word_embeddings:
         model.tie_weights()
     return pack_weights(model)

@@ -117,6 +117,38 @@ def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: P
     assert floats["model_mb"] > tables["model_mb"]
 
 
+def test_int8_levels_add_each_iq4_file_with_its_nibbles_as_int8(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """--int8-levels: a second entry a file that holds IQ4 nibbles (IQ4_NL, IQ4_XS), its
+    weights int8 values of their levels in groups of 32: the same weights bit for bit, more
+    bytes held; a file without IQ4 weights gets none."""
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    from test_gguf import _file_with_random_blocks
+
+    from bamba.checkpoint import from_pretrained
+    from bamba.quant.formats import make_scheme
+
+    iq4_types = {"ffn_up.weight": Q.IQ4_NL, "ffn_down.weight": Q.IQ4_XS}
+    path = _file_with_random_blocks(tmp_path, monkeypatch, lambda name, shape: iq4_types.get(
+        name.split(".", 2)[-1]), size=0.03)
+    model = from_pretrained(path, dtype=torch.float32)
+    int8 = ab_checkpoints.int8_levels(from_pretrained(path, dtype=torch.float32))
+    for name in ("up_proj", "down_proj"):
+        held, expanded = (m.model.layers[0].feed_forward.get_submodule(name)
+                          for m in (model, int8))
+        assert held.scheme.levels and expanded.scheme == make_scheme("int8", 32)
+        assert torch.equal(expanded.dequantized_weight(torch.float32),
+                           held.dequantized_weight(torch.float32))
+    nibbles, bytes_ = _with_second_entry(path, "--int8-levels", "int8 levels", tmp_path)
+    assert bytes_["model_mb"] > nibbles["model_mb"]
+    plain = save_tiny_checkpoint(tmp_path / "plain")
+    out = tmp_path / "plain.json"
+    ab_checkpoints.main([str(plain), "--int8-levels", "--turns", "1", "--steps", "1",
+                         "--prompt", "8", "--batches", "1", "--output", str(out)])
+    assert list(json.loads(out.read_text())["results"]) == [str(plain)]
+
+
 def test_dense_table_adds_each_file_with_its_tied_table_in_bf16(tmp_path: Path) -> None:
     """--dense-table: a second entry a file, its quantized token table (which the tied head
     reads) a bf16 table shared by the head: more bytes held."""

@@ -561,11 +561,13 @@ def test_q6_k_scales_are_held_in_two_levels_and_saved_as_their_products(tmp_path
 
 
 @pytest.mark.parametrize("type_name", ["IQ4_NL", "IQ4_XS"])
-def test_iq4_blocks_load_as_int8_values_of_their_levels(tmp_path, monkeypatch, type_name):
+def test_iq4_blocks_load_as_nibbles_of_their_levels(tmp_path, monkeypatch, type_name):
     """IQ4_NL (a float16 d per 32 weights) and IQ4_XS (a d per 256, a 6-bit scale per 32) pick
-    each weight among 16 non-linear levels: they load as int8 in groups of 32 holding the
-    levels (float16 scales for IQ4_NL, float32 d * scale for IQ4_XS), every weight as gguf-py
-    dequantizes it, and the native kernels give the torch reference's logits."""
+    each weight among 16 non-linear levels: they load as int4 nibbles in groups of 32 indexing
+    the levels (float16 scales for IQ4_NL, IQ4_XS's d and signed scales as a K table), held in
+    half a byte a weight, every weight as gguf-py dequantizes it, and the native kernels give
+    the torch reference's logits; saved, they are int8 values of their levels, and load back
+    alike."""
     from gguf import GGMLQuantizationType as Q
 
     from bamba.quant.formats import make_scheme
@@ -579,10 +581,24 @@ def test_iq4_blocks_load_as_int8_values_of_their_levels(tmp_path, monkeypatch, t
     assert len(stored) == 4 + 2 + 2  # ffn_up, ssm_in, attn_q
     back = from_pretrained(out, dtype=torch.float32)
     up = back.model.layers[0].feed_forward.up_proj
-    assert isinstance(up, QuantizedLinear) and up.scheme == make_scheme("int8", 32)
-    assert up.weight_scale.dtype == (torch.float16 if type_name == "IQ4_NL" else torch.float32)
+    xs = type_name == "IQ4_XS"
+    assert isinstance(up, QuantizedLinear)
+    assert up.scheme == make_scheme("int4", 32, two_level=xs, levels=True)
+    assert up.weight_packed.dtype == torch.uint8
+    assert up.weight_packed.shape == (up.out_features, up.in_features // 2)
+    scales = up.weight_table if xs else up.weight_scale
+    assert scales.dtype == (torch.uint8 if xs else torch.float16)
     _assert_dequantized_as_gguf_does(back, out, stored)
     _assert_native_decodes_as_torch(out, back)
+    back.save_pretrained(tmp_path / "saved")
+    saved = from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    up_saved = saved.model.layers[0].feed_forward.up_proj
+    assert up_saved.scheme == make_scheme("int8", 32)
+    assert torch.equal(up_saved.dequantized_weight(torch.float32),
+                       up.dequantized_weight(torch.float32))
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        assert torch.equal(saved(ids), back(ids))
 
 
 def _assert_native_decodes_as_torch(path: Path, reference: torch.nn.Module) -> None:
@@ -630,10 +646,11 @@ def _native_and_torch_logits(path: Path, reference: torch.nn.Module,
         return fast, reference(ids)
 
 
-@pytest.mark.parametrize("gate_up,down", [("Q4_K", "Q6_K"), ("Q5_K", "Q4_K"), ("Q6_K", "Q5_K")])
+@pytest.mark.parametrize("gate_up,down", [("Q4_K", "Q6_K"), ("Q5_K", "Q4_K"), ("Q6_K", "Q5_K"),
+                                          ("IQ4_XS", "IQ4_NL")])
 def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monkeypatch,
                                                                   gate_up, down):
-    """A Granite MoE file's stacked experts in K-quant blocks, a layer's two stacks in
+    """A Granite MoE file's stacked experts in K-quant (or IQ4) blocks, a layer's two stacks in
     different types and layers differing (a Q4_K_M file's ffn_down_exps is Q6_K where its gate
     and up are Q4_K, in half its layers; here the first layer's down experts are Q6_K), stay
     in those blocks' formats (offsets included), every expert weight as gguf-py dequantizes
@@ -646,6 +663,7 @@ def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monk
     rounding flipping expert picks.)"""
     from gguf import GGMLQuantizationType as Q
 
+    from bamba.gguf.quantized import kind_scheme
     from bamba.quant.experts import QuantizedExpertWeights
 
     types = {"gate_exps": Q[gate_up], "up_exps": Q[gate_up], "down_exps": Q[down],
@@ -665,9 +683,7 @@ def test_k_quant_experts_stay_in_their_blocks_and_decode_natively(tmp_path, monk
                                (first.output_linear, "Q6_K")):
         assert isinstance(stacked, QuantizedExpertWeights), type(stacked)
         scheme = stacked.scheme
-        assert (scheme.name, scheme.group_size, scheme.offsets) == \
-            (("int8", 16, False) if type_name == "Q6_K" else
-             ("int4" if type_name == "Q4_K" else "int8", 32, True))
+        assert scheme == kind_scheme(type_name)
         if scheme.offsets:  # held as stored, the kernels' layout (each expert a slice of rows)
             assert stacked.kernel_weights().scales is stacked.weight_table
             assert stacked.weight_table.dtype == torch.uint8 and scheme.two_level

@@ -15,7 +15,7 @@ from bamba.model import BambaLM, init_weights
 from bamba.native import accelerate, decode_ops, dispatch, plan, quant_ops, seam
 from bamba.quant.apply import quantize_model
 from bamba.quant.embedding import QuantizedEmbedding
-from bamba.quant.formats import int8_activations, make_scheme
+from bamba.quant.formats import int8_activations, make_scheme, pack_ints
 from bamba.quant.linear import QuantizedLinear
 
 pytestmark = pytest.mark.skipif(
@@ -601,6 +601,45 @@ def test_a_model_with_float16_scales_takes_the_whole_model_step_alike(monkeypatc
     assert torch.equal(_decode(half), _decode(model)) and len(calls) == 8
 
 
+def _assert_every_path_reads_as_the_reference(monkeypatch, layer: QuantizedLinear,
+                                               int8_max_rows: int) -> None:
+    """``layer``'s few-row kernel with bf16 activations at any row count (float32 and bf16
+    inputs), with int8 ones at 1 to ``int8_max_rows`` rows and past 8 (the integer products),
+    bf16 ones between, and its tiles and lookup bit for bit: the torch reference's numbers up
+    to float32 summation order."""
+    k = layer.in_features
+    layout = quant_ops.quant_layout(layer.kernel_weights(), k)
+    weight, bias = layer.dequantized_weight(torch.float32), layer.bias
+    previous = quant_ops.set_int8_activations(False)
+    try:
+        for rows, dtype in ((1, torch.float32), (2, torch.float32), (3, torch.float32),
+                            (5, torch.float32), (17, torch.float32), (33, torch.float32),
+                            (2, torch.bfloat16), (8, torch.bfloat16)):
+            x = (torch.randn(rows, k) * torch.logspace(-2, 1, k)).to(dtype)
+            with torch.inference_mode():
+                ours = quant_ops.quant_linear_rows(x, layout, bias, False)
+            ref = torch.nn.functional.linear(x.bfloat16().float(), weight, bias)
+            _close(ours.float(), ref, 1e-5 if dtype == torch.float32 else 1e-2)
+    finally:
+        quant_ops.set_int8_activations(previous)
+    if quant_ops.set_int8_activations(True):  # VNNI: int8 activations, integer products
+        monkeypatch.setattr(quant_ops, "quant_linear_tiles", lambda *a, **kw: pytest.fail("tile"))
+        for rows in (1, 2, 3, 9, 48, 530):
+            x = torch.randn(rows, k) * torch.logspace(-2, 1, k)
+            with torch.inference_mode():
+                ours = quant_ops.quant_linear_rows(x, layout, bias, False) if rows <= 8 else \
+                    quant_ops.quant_linear_many(x, layout, bias)
+            int8_rows = rows <= int8_max_rows or rows > 8  # quant_int8_dot.h
+            seen = int8_activations(x) if int8_rows else x.bfloat16().float()
+            _close(ours, torch.nn.functional.linear(seen, weight, bias), 1e-5)
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.testing.assert_close(quant_ops.dequantize_tile(layout, 5, 60, dtype),
+                                   layer.dequantized_weight(dtype)[5:60], rtol=0, atol=0)
+        ids = torch.tensor([[0, 91, 7], [7, 50, 3]])
+        torch.testing.assert_close(quant_ops.quant_gather(layout, ids, dtype),
+                                   layer.dequantized_weight(dtype)[ids], rtol=0, atol=0)
+
+
 # K tables (GGUF's K-quant scales in two levels, bamba.quant.formats.k_table): with offsets,
 # int4 holding a block's u as q = u - 8 (Q4_K), int8 holding u itself (Q5_K); without, int8 in
 # groups of 16 holding q = u - 32 under signed sc bytes (Q6_K)
@@ -645,29 +684,76 @@ def test_k_tables_are_read_by_every_native_path_as_the_reference(monkeypatch, fm
     assert layout.group == (16 if fmt == "q6_k" else 32)
     assert layout.scales is layer.weight_table and layer.weight_table.dtype == torch.uint8
     assert quant_ops.step_code(layout) is not None
-    weight, bias = layer.dequantized_weight(torch.float32), layer.bias
-    previous = quant_ops.set_int8_activations(False)
-    try:
-        for rows in (1, 2, 3, 5, 17, 33):
-            x = torch.randn(rows, k) * torch.logspace(-2, 1, k)
-            with torch.inference_mode():
-                ours = quant_ops.quant_linear_rows(x, layout, bias, False)
-            _close(ours, torch.nn.functional.linear(x.bfloat16().float(), weight, bias), 1e-5)
-    finally:
-        quant_ops.set_int8_activations(previous)
-    if quant_ops.set_int8_activations(True):  # VNNI: int8 activations, integer products
-        monkeypatch.setattr(quant_ops, "quant_linear_tiles", lambda *a, **kw: pytest.fail("tile"))
-        for rows in (1, 2, 3, 9, 48, 530):
-            x = torch.randn(rows, k) * torch.logspace(-2, 1, k)
-            with torch.inference_mode():
-                ours = quant_ops.quant_linear_rows(x, layout, bias, False) if rows <= 8 else \
-                    quant_ops.quant_linear_many(x, layout, bias)
-            int8_rows = rows <= (3 if fmt == "int4" else 2) or rows > 8  # quant_int8_dot.h
-            seen = int8_activations(x) if int8_rows else x.bfloat16().float()
-            _close(ours, torch.nn.functional.linear(seen, weight, bias), 1e-5)
-    for dtype in (torch.bfloat16, torch.float32):
-        torch.testing.assert_close(quant_ops.dequantize_tile(layout, 5, 60, dtype),
-                                   layer.dequantized_weight(dtype)[5:60], rtol=0, atol=0)
-        ids = torch.tensor([[0, 91, 7], [7, 50, 3]])
-        torch.testing.assert_close(quant_ops.quant_gather(layout, ids, dtype),
-                                   layer.dequantized_weight(dtype)[ids], rtol=0, atol=0)
+    _assert_every_path_reads_as_the_reference(monkeypatch, layer, 3 if fmt == "int4" else 2)
+
+
+def _iq4_layer(group: int, k: int, two_level: bool, n: int = 92,
+               bias: bool = True) -> QuantizedLinear:
+    """A linear of random IQ4 nibbles (indices into IQ4's levels) under random float16-valued
+    scales, as GGUF's IQ4_NL blocks hold them, or (``two_level``) IQ4_XS's: a float16-valued d
+    of either sign per 256 inputs and a signed 6-bit scale per 32, a K table."""
+    from bamba.quant.formats import k_table
+
+    g = torch.Generator().manual_seed(k + group + two_level)
+    scheme = make_scheme("int4", group, two_level=two_level, levels=True)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int8)
+    tensors = {"weight_packed": pack_ints(codes - 8, 4).view(torch.uint8),
+               "weight_shape": torch.tensor([n, k])}
+    if two_level:
+        d = (torch.rand(n, k // 256, generator=g) * 2e-4 - 1e-4).half().float()
+        sc = torch.randint(-32, 32, (n, k // group), generator=g)
+        tensors["weight_table"] = k_table(d, sc)
+    else:
+        tensors["weight_scale"] = (torch.rand(n, k // group, generator=g) * 1e-3).half()
+    return QuantizedLinear.from_tensors(tensors, scheme,
+                                        torch.randn(n, generator=g) if bias else None)
+
+
+@pytest.mark.parametrize("group,k,two_level", [(32, 768, False), (32, 1280, False),
+                                               (128, 512, False), (32, 768, True),
+                                               (32, 1280, True)])
+def test_iq4_levels_are_read_by_every_native_path_as_the_reference(monkeypatch, group, k,
+                                                                   two_level) -> None:
+    """int4 nibbles indexing IQ4's 16 levels (GGUF's IQ4_NL, and IQ4_XS with its scales in two
+    levels) are read by the few-row kernel with bf16 activations at any row count (two weight
+    rows at a time for groups of whole chunks), with int8 ones at 1 to 3 rows (four weight
+    rows at a time at one), by the integer products past 8 rows, and by the tiles and the
+    lookup bit for bit: the reference's numbers, level * scale, up to float32 summation
+    order."""
+    from bamba.quant.formats import IQ4_LEVELS, quantized_values
+
+    layer = _iq4_layer(group, k, two_level)
+    assert set(quantized_values(layer.quantized_tensors(), layer.scheme).unique().tolist()) == \
+        set(float(v) for v in IQ4_LEVELS)
+    layout = quant_ops.quant_layout(layer.kernel_weights(), k)
+    assert layout is not None and layout.format == "iq4" and layout.group == group
+    assert layout.two_level == two_level and not layout.offsets
+    assert quant_ops.step_code(layout) is not None
+    _assert_every_path_reads_as_the_reference(monkeypatch, layer, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_of_an_iq4_model_equal_its_torch_path(monkeypatch, dtype) -> None:
+    """A model whose linears hold IQ4 nibbles (IQ4_NL's and IQ4_XS's scales, alternating)
+    takes the whole-model decode step (iq4 in its formats word), with the numbers of the
+    per-layer steps and, within the kernels' rounding, of the torch path."""
+    reference = _model(dtype)
+    linears = [(name, m) for name, m in reference.named_modules()
+               if isinstance(m, nn.Linear) and name != "lm_head"]
+    for i, (name, linear) in enumerate(linears):
+        parent, _, attr = name.rpartition(".")
+        iq4 = _iq4_layer(32, linear.in_features, two_level=i % 2 == 1,
+                         n=linear.out_features, bias=linear.bias is not None)
+        setattr(reference.get_submodule(parent), attr, iq4.to(dtype))
+    model = accelerate(copy.deepcopy(reference))
+    assert model.decode_plan().tensors is not None
+    calls = _fused_calls(monkeypatch)
+    fused = _decode(model)
+    assert len(calls) == 4
+    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
+    per_layer = _decode(model)
+    torch_path = _decode(reference)
+    scale = torch_path.abs().max().item()
+    torch.testing.assert_close(fused, per_layer, rtol=0, atol=1e-5 * scale if
+                               dtype == torch.float32 else 2e-2 * scale)
+    assert (fused - torch_path).abs().max().item() <= 3e-2 * scale

@@ -15,9 +15,11 @@ Q4_K weight in memory where a float32 scale and offset per 32 took 6; so does Q6
 d per 256 and signed sc byte per 16, one half: 8.625 bits a weight held, where a float32 scale
 per 16 took 10). The weights come out as llama.cpp's own dequantization gives them (up to one
 float32 rounding of an offset). IQ4_NL and IQ4_XS pick each weight among 16 non-linear levels
-(``IQ4_LEVELS``) under a float16 d per 32 weights (IQ4_NL) or a d per 256 and a 6-bit signed
-scale per 32 (IQ4_XS): they load as int8 in groups of 32 holding the levels themselves, exact
-(float16 scales, or float32 d * scale), at twice the file's bits (8.5 and 9 a weight).
+(``bamba.quant.formats.IQ4_LEVELS``) under a float16 d per 32 weights (IQ4_NL) or a d per 256 and a 6-bit signed
+scale per 32 (IQ4_XS): they load as int4 nibbles indexing those levels (a scheme with
+``levels``), exact, with float16 scales (IQ4_NL) or a K table of IQ4_XS's d and signed scales
+as stored (Q6_K's layout, groups of 32): 4.5 and 4.375 bits a weight held (the file's 4.5 and
+4.25).
 """
 
 from __future__ import annotations
@@ -33,24 +35,24 @@ from bamba.checkpoint_writer import to_checkpoint_name
 from bamba.quant.config import EXPERT_LINEARS, quantization_config_of
 from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import QuantizedExpertWeights, piece_target
-from bamba.quant.formats import k_table, make_scheme, pack_ints
+from bamba.quant.formats import k_table, make_scheme, pack_ints, saved_scheme
 from bamba.quant.linear import QuantizedLinear
 
 GROUP = 32
 SCHEMES = {"Q8_0": "int8", "Q4_0": "int4"}
 BUFFERS = ("weight_packed", "weight_shape", "weight_scale", "weight_table")
 # Each block type's format in ours: (int8 or int4, inputs a scale, float offsets, scales in two
-# levels as the block holds them: a K table).
+# levels as the block holds them: a K table); IQ4's nibbles index its levels (LEVEL_KINDS).
 KINDS = {"Q8_0": ("int8", 32, False, False), "Q4_0": ("int4", 32, False, False),
          "Q5_0": ("int8", 32, False, False), "Q6_K": ("int8", 16, False, True),
          "Q4_1": ("int4", 32, True, False), "Q4_K": ("int4", 32, True, True),
          "Q5_1": ("int8", 32, True, False), "Q5_K": ("int8", 32, True, True),
-         "IQ4_NL": ("int8", 32, False, False), "IQ4_XS": ("int8", 32, False, False)}
-# IQ4_NL's and IQ4_XS's 16 levels, which their 4-bit indices pick (llama.cpp's kvalues_iq4nl)
-IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
+         "IQ4_NL": ("int4", 32, False, False), "IQ4_XS": ("int4", 32, False, True)}
+LEVEL_KINDS = ("IQ4_NL", "IQ4_XS")
 
 
-# The scales' dtype: the block's own float16 d, or float32 for d * sc (K-quants, IQ4_XS).
+# The scales' dtype: the block's own float16 d, or float32 for d * sc (K-quants, IQ4_XS: their
+# K tables hold the d as float32).
 SCALE_DTYPES = {name: torch.float32 if name.endswith(("_K", "_XS")) else torch.float16
                 for name in KINDS}
 
@@ -58,7 +60,8 @@ SCALE_DTYPES = {name: torch.float32 if name.endswith(("_K", "_XS")) else torch.f
 def kind_scheme(type_name: str):
     """Our scheme for GGUF block type ``type_name`` (a key of KINDS)."""
     name, group, offsets, two_level = KINDS[type_name]
-    return make_scheme(name, group, symmetric=not offsets, offsets=offsets, two_level=two_level)
+    return make_scheme(name, group, symmetric=not offsets, offsets=offsets, two_level=two_level,
+                       levels=type_name in LEVEL_KINDS)
 
 
 def _half(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -79,9 +82,6 @@ def _packed_nibbles(runs: np.ndarray) -> torch.Tensor:
     even, odd = runs[..., 0::2], runs[..., 1::2]
     packed = np.concatenate(((even & 0x0F) | (odd << 4), (even >> 4) | (odd & 0xF0)), axis=-1)
     return torch.from_numpy(np.ascontiguousarray(packed).reshape(rows, -1)).view(torch.int32)
-
-
-_LEVEL_BYTES = (IQ4_LEVELS + 128).astype(np.uint8)  # each level as int8's stored byte
 
 
 def _int8_words(stored: np.ndarray) -> torch.Tensor:
@@ -169,15 +169,16 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         return _int8_words(u), table, None
     elif type_name == "IQ4_NL":  # d, 16 bytes of nibbles (as Q4_0's) indexing IQ4_LEVELS
         scale = torch.from_numpy(np.ascontiguousarray(_half(b, 0)[..., 0]))
-        return _int8_words(_LEVEL_BYTES[_nibbles(b[..., 2:])]), scale, None
+        return _packed_nibbles(b[..., 2:]), scale, None
     elif type_name == "IQ4_XS":  # d, scales_h (2 bits a group), scales_l (4), 8 runs of nibbles
         low = b[..., 4:8, None] >> np.array([0, 4], dtype=np.uint8) & 15  # [.., 4, 2]
         shifts = np.arange(0, 16, 2, dtype=np.uint16)
         high = (b[..., 2:4].copy().view(np.uint16) >> shifts) & 3  # [.., 8]
-        sc = (low.reshape(rows, -1, 8) | (high.astype(np.uint8) << 4)).astype(np.float32) - 32
-        scale = (_half(b, 0) * sc).reshape(rows, -1)  # d * sc, exact in float32
-        runs = b[..., 8:].reshape(rows, -1, 8, 16)
-        return _int8_words(_LEVEL_BYTES[_nibbles(runs)]), torch.from_numpy(scale.copy()), None
+        sc = (low.reshape(rows, -1, 8) | (high.astype(np.uint8) << 4)).astype(np.int8) - 32
+        table = k_table(torch.from_numpy(np.ascontiguousarray(_half(b, 0)[..., 0])),
+                        torch.from_numpy(sc.reshape(rows, -1))).reshape(rows, -1)  # as Q6_K's
+        runs = b[..., 8:].reshape(rows, -1, 8, 16)  # a group's 32 weights, as Q4_0's
+        return _packed_nibbles(runs), table, None
     else:
         raise ValueError(f"GGUF block type {type_name} is not read quantized")
     to = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))  # noqa: E731
@@ -232,6 +233,8 @@ def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
                "weight_shape": torch.tensor([q.shape[0],
                                              q.shape[1] * (32 // scheme.bits if packed else 1)],
                                             dtype=torch.int64)}
+    if scheme.levels:  # the nibbles held as bytes
+        tensors["weight_packed"] = tensors["weight_packed"].view(torch.uint8)
     if scheme.two_level:  # a K table's rows, as decode_blocks gives them
         tensors["weight_table"] = scale.reshape(q.shape[0], 2 if scheme.offsets else 1, -1)
     elif offset is None:
@@ -268,14 +271,16 @@ def place_quantized(model: nn.Module, quantized: dict[str, str],
                                     dense.bias is not None, scale_dtype)
             target = to_checkpoint_name(path, model_type)
         setattr(model.get_submodule(parent), leaf, layer)
-        by_scheme.setdefault(scheme, []).append(target)
+        by_scheme.setdefault(saved_scheme(scheme), []).append(target)
     experts = experts or {}
     if len(set(experts.values())) == 1:  # one group for them all, as `bamba quantize` writes
-        by_scheme.setdefault(kind_scheme(next(iter(experts.values()))), []).append(EXPERT_LINEARS)
+        by_scheme.setdefault(saved_scheme(kind_scheme(next(iter(experts.values())))),
+                             []).append(EXPERT_LINEARS)
     else:  # each stacked module's pieces by name
         for name, type_name in experts.items():
             stacked = to_checkpoint_name(name.removesuffix(".weight"), model_type)
-            by_scheme.setdefault(kind_scheme(type_name), []).append(piece_target(stacked))
+            by_scheme.setdefault(saved_scheme(kind_scheme(type_name)),
+                                 []).append(piece_target(stacked))
     kept = [to_checkpoint_name(n, model_type) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and not isinstance(m, QuantizedLinear)]
     model.quantization_config = quantization_config_of(

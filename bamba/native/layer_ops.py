@@ -53,8 +53,8 @@ _SLOT = {"gate": 0, "up": 1, "down": 2, "in_proj": 3, "out_proj": 4, "q": 3, "k"
          "o": 6}
 _INPUT_WIDTH = {"in_proj": "hidden", "out_proj": "d_inner", "gate": "hidden", "up": "hidden",
                 "down": "ffn", "q": "hidden", "k": "hidden", "v": "hidden"}
-FORMAT_BITS = 8
-_QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int32: "int"}
+FORMAT_BITS = 9  # layer_step.c's, a linear's field of the formats word
+_QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int32: "int", torch.uint8: "iq4"}
 
 # Tensors that must be in the layer's dtype (dense linear weights and biases); the others (norm
 # weights, conv, dt_bias, A_log, D) may also be float32 in a bf16 layer. Quantized weights and

@@ -68,12 +68,12 @@ static int linear_slot(int which) {
     default: return 6; /* O_PROJ */
     }
 }
-enum { FORMAT_BITS = 8 };
+enum { FORMAT_BITS = 9 }; /* 7 linears a 64-bit word */
 /* Its sizes (an attention layer: HEADS query heads, GROUPS KV heads of HEAD_DIM, mixer 0s). */
 enum { HIDDEN, D_INNER, CONV_DIM, CONV_K, HEADS, HEAD_DIM, GROUPS, D_STATE, FFN,
        EXPERTS, TOP_K, EXPERT_FFN, EXPERT_FORMATS, /* 0 without experts; EXPERT_FORMATS: the
                                                      gate-up and down weights' codes (as a
-                                                     formats field), 8 bits each, 0 dense */
+                                                     formats field), 9 bits each, 0 dense */
        N_DIMS };
 
 typedef struct {
@@ -82,7 +82,7 @@ typedef struct {
     int bf16;             /* weights and activations (x) in bf16, else float32 */
     int64_t f32_mask;     /* bit i: tensor i is float32 in a bf16 layer (norms, conv, A_log...) */
     int64_t formats;      /* FORMAT_BITS per linear (linear_slot order): format | scale dtype
-                             (SCALE_*) << 2 | scale kind << 5 (0: one scale, 1: per row, g > 1:
+                             (SCALE_*) << 3 | scale kind << 6 (0: one scale, 1: per row, g > 1:
                              groups of 8 << (g - 1) inputs: 16 to 512) */
     int64_t expert_formats; /* the experts' gate-up | down codes << FORMAT_BITS (as formats
                                fields; 0 dense): dims' EXPERT_FORMATS, or the layer's own in a
@@ -93,14 +93,14 @@ typedef struct {
 } Layer;
 
 /* A linear [n, k] of `weight`, `bias` and `scales` in the layout a formats field
- * `code` names: format | scale dtype << 2 | scale kind << 5 (0: one scale, 1: per row,
+ * `code` names: format | scale dtype << 3 | scale kind << 6 (0: one scale, 1: per row,
  * g > 1: groups of 8 << (g - 1) inputs, 16 to 512: GGUF's Q6_K has 16). */
 static LinearWeights coded_weights(int64_t code, const void *weight, const void *bias,
                                    const void *scales, int64_t n, int64_t k) {
-    const int64_t kind = code >> 5, group = kind < 2 ? k : (int64_t)8 << (kind - 1);
-    const int scale_kind = (int)((code >> 2) & 7);
+    const int64_t kind = code >> 6, group = kind < 2 ? k : (int64_t)8 << (kind - 1);
+    const int scale_kind = (int)((code >> 3) & 7);
     const int64_t per_row = kind == 0 ? 0 : group_scale_stride(scale_kind, k, group);
-    const LinearWeights w = {weight, bias, n, k, (int)(code & 3), scales, scale_kind, group,
+    const LinearWeights w = {weight, bias, n, k, (int)(code & 7), scales, scale_kind, group,
                              per_row};
     return w;
 }

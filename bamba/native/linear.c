@@ -85,7 +85,7 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
         threads < 1)
         return -1;
     const LinearWeights L = {W, bias, N, K, format, scales, scale_kind, group, scale_stride};
-    const int64_t offset = format == FORMAT_INT4 ? 8 : 128, most = GEMM_MAX_ROWS / 16;
+    const int64_t offset = stored_offset(format), most = GEMM_MAX_ROWS / 16;
     const int64_t G = offset_groups(&L);
     const size_t panel_bytes = (size_t)gemm_panel_bytes(format, K),
                  panel_scales = (size_t)gemm_panel_scales(&L);

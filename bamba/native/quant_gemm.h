@@ -43,7 +43,7 @@ enum { GEMM_ROW_BLOCKS = 3, GEMM_WEIGHT_ROWS = 4, GEMM_WIDE_ROWS = 8, GEMM_PANEL
  * (x_bf16). */
 static inline int quant_gemm_supported(int format, int64_t k, int64_t group, int offsets,
                                        int x_bf16) {
-    return (format == FORMAT_INT8 || format == FORMAT_INT4 || (format == FORMAT_FP8 && x_bf16)) &&
+    return (int_format(format) || (format == FORMAT_FP8 && x_bf16)) &&
            k > 0 && k % GEMM_K_MULTIPLE == 0 && group > 0 && k % group == 0 &&
            (group % ACT_BLOCK == 0 || (group == ACT_BLOCK / 2 && !offsets));
 }
@@ -150,12 +150,14 @@ static void pack_int_weights(const LinearWeights *L, int64_t n, uint8_t *out) {
         __m512i v[GEMM_WEIGHT_ROWS];
         for (int j = 0; j < GEMM_WEIGHT_ROWS; j++) {
             const uint8_t *w = (const uint8_t *)L->weight + (n + j) * row_bytes;
-            if (L->format == FORMAT_INT4) { /* byte i: inputs 2i (low nibble), 2i + 1 */
+            if (nibbles(L->format)) { /* byte i: inputs 2i (low nibble), 2i + 1 */
                 const __m512i words =
                     _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + c / 2)));
                 v[j] = _mm512_or_si512(
                     _mm512_and_si512(words, _mm512_set1_epi16(0x000f)),
                     _mm512_and_si512(_mm512_slli_epi16(words, 4), _mm512_set1_epi16(0x0f00)));
+                if (L->format == FORMAT_IQ4) /* levels + 128, as int8's bytes */
+                    v[j] = _mm512_shuffle_epi8(_mm512_loadu_si512(iq4_bytes), v[j]);
             } else {
                 v[j] = _mm512_loadu_si512(w + c);
             }

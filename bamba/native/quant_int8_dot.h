@@ -1,4 +1,4 @@
-/* int8 and int4 weights against int8 activations: integer dot products (AVX-512 VNNI
+/* int8, int4 and iq4 weights against int8 activations: integer dot products (AVX-512 VNNI
  * `vpdpbusd`, 64 unsigned-by-signed byte products an instruction) for the few-row kernel at 1
  * to `int8_dot_rows` rows, where turning the weights into bf16 costs more than streaming them
  * (benchmarks/README.md#quantization); fp8 and more rows keep quant_rows.h's path.
@@ -8,7 +8,8 @@
  * q = round-half-even(x / s) in [-127, 127] (bamba.quant.formats.int8_activations is the
  * torch reference). The weights are read as stored (quant_rows.h), unsigned, which is what
  * `vpdpbusd` multiplies: int8 bytes hold q_w + 128, int4 nibbles q_w + 8 (a byte's low and
- * high nibbles are masked into two vectors of bytes). The offset's products (128, or 8, times
+ * high nibbles are masked into two vectors of bytes), and iq4's nibbles become their levels +
+ * 128 in one `vpshufb` each, as int8's bytes. The offset's products (128, or 8, times
  * the sum of a lane's activations) are subtracted by starting each lane's integer sum at minus
  * them. A chunk of 64 weight bytes (64 int8 inputs, 128 int4 ones) gives 16 int32 lanes, lane
  * i the exact dot product over its inputs (int8: 4i..4i+3; int4: 8i..8i+7, the even ones
@@ -17,7 +18,7 @@
  * serves groups smaller than a chunk).
  *
  * Each input row is prepared once per call and thread (`prepare_int8_rows`): its k quantized
- * bytes in the chunks' order (int4: a chunk's even inputs, then its odd ones), then per chunk
+ * bytes in the chunks' order (int4, iq4: a chunk's even inputs, then its odd ones), then per chunk
  * 16 lane scales (float32) and 16 lane offsets (int32).
  */
 #ifndef BAMBA_QUANT_INT8_DOT_H
@@ -39,7 +40,7 @@ static inline int64_t int8_row_bytes(int format, int64_t k) {
  * 4096-wide down projection outgrow L1, and all of its linears at 3 rows took 41 ms where bf16
  * activations take 33 (benchmarks/README.md#linears-alone). */
 static inline int int8_dot_rows(int format) {
-    return format == FORMAT_INT4 ? INT8_DOT_MAX_ROWS : 2;
+    return nibbles(format) ? INT8_DOT_MAX_ROWS : 2;
 }
 
 /* One block of 32 inputs from x[i] on quantized: the bytes q = round-half-even(x / s) into
@@ -61,12 +62,13 @@ static inline float quantize_block(const void *x, int64_t i, int x_bf16, int8_t 
 }
 
 /* x [M, k] (bf16 or float32) quantized per block of 32 into xq [M, int8_row_bytes(format,
- * k)], in the chunk order of `format` (FORMAT_INT8 or FORMAT_INT4). */
+ * k)], in the chunk order of `format` (an integer format), each lane's offset term for its
+ * stored_offset. */
 static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, int64_t k,
                               char *xq) {
     const int64_t chunk = quant_chunk(format), per_lane = chunk / 16;
     const __m512i ones = _mm512_set1_epi8(1);
-    const __m512i offset = _mm512_set1_epi32(format == FORMAT_INT4 ? -8 : -128);
+    const __m512i offset = _mm512_set1_epi32(-stored_offset(format));
     for (int64_t m = 0; m < M; m++) {
         int8_t *values = (int8_t *)(xq + m * int8_row_bytes(format, k));
         char *lanes = (char *)values + k;
@@ -79,7 +81,7 @@ static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, 
             for (int lane = 0; lane < 16; lane++)
                 scales[lane] = block_scale[lane * per_lane / ACT_BLOCK];
             __m512i sums; /* each lane's inputs summed, as the kernel's dot products pair them */
-            if (format == FORMAT_INT4) { /* a chunk's even inputs, then its odd ones */
+            if (nibbles(format)) { /* a chunk's even inputs, then its odd ones */
                 const __m512i first = _mm512_load_si512(q), second = _mm512_load_si512(q + 64);
                 const __m512i even = _mm512_inserti64x4(
                     _mm512_castsi256_si512(_mm512_cvtepi16_epi8(first)),
@@ -141,6 +143,7 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
         for (int j = 0; j < J; j++) prefetch_scales(L, n + j);
     /* K_GROUPS: each chunk's int32 lanes times their group's sc in `vpmaddwd` (a lane's low 16
      * bits times sc: |lane| <= 8 * 15 * 127 for int4's u, 4 * 31 * 127 for Q5_K's, both int16;
+     * iq4's levels reach 8 * 127 * 127, so its lanes go to float32 and take d * sc there;
      * with `vpmulld` a [1024, 768] Q4_K linear at one row took 35 us, 32 so), the sums times the
      * super-block's d; int4's nibbles multiply as stored, u (the offsets' centre 0) */
     KWalk walk[INT8_TILE_WEIGHT_ROWS];
@@ -153,26 +156,35 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
             const char *wc = w + j * wrow + c * 64;
             _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
             const __m512i bytes = _mm512_loadu_si512(wc);
-            low[j] = format == FORMAT_INT4 ? _mm512_and_si512(bytes, nibble) : bytes;
-            high[j] = format == FORMAT_INT4
+            low[j] = nibbles(format) ? _mm512_and_si512(bytes, nibble) : bytes;
+            high[j] = nibbles(format)
                 ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
+            if (format == FORMAT_IQ4) { /* levels + 128, as int8's bytes */
+                low[j] = _mm512_shuffle_epi8(t->code_bytes, low[j]);
+                high[j] = _mm512_shuffle_epi8(t->code_bytes, high[j]);
+            }
             if (span == GROUPS_IN_CHUNK) wscale[j] = chunk_scales(L, t, n + j, c);
             if (span == GROUP_IS_CHUNK) wscale[j] = _mm512_set1_ps(quant_scale(L, n + j, c));
             if (span == K_GROUPS) wsc[j] = k_chunk_sc(&walk[j], format, c);
+            if (span == K_GROUPS && format == FORMAT_IQ4) /* d * sc: levels reach 127 */
+                wscale[j] = _mm512_mul_ps(k_sc_floats(&walk[j], wsc[j]), walk[j].d);
         }
         for (int r = 0; r < R; r++) {
             const char *row = xq + r * row_bytes, *lanes = row + k + c * 128;
             const __m512i x_low = _mm512_loadu_si512(row + c * chunk);
-            const __m512i x_high = format == FORMAT_INT4
+            const __m512i x_high = nibbles(format)
                 ? _mm512_loadu_si512(row + c * chunk + 64) : x_low;
             const __m512i start = span == K_GROUPS && format == FORMAT_INT4
                 ? _mm512_setzero_si512() : _mm512_loadu_si512(lanes + 64);
             const __m512 x_scale = _mm512_loadu_ps((const float *)lanes);
             for (int j = 0; j < J; j++) {
                 __m512i dot = _mm512_dpbusd_epi32(start, low[j], x_low);
-                if (format == FORMAT_INT4) dot = _mm512_dpbusd_epi32(dot, high[j], x_high);
+                if (nibbles(format)) dot = _mm512_dpbusd_epi32(dot, high[j], x_high);
                 if (span == GROUP_OF_CHUNKS)
                     sums[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), x_scale, sums[r][j]);
+                else if (span == K_GROUPS && format == FORMAT_IQ4) /* (lanes past int16) */
+                    acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                                _mm512_mul_ps(x_scale, wscale[j]), acc[r][j]);
                 else if (span == K_GROUPS)
                     acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(dot, wsc[j])),
                                                 _mm512_mul_ps(x_scale, walk[j].d), acc[r][j]);
@@ -203,13 +215,18 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
     default: int8_tile(L, t, F, GROUP_OF_CHUNKS, xq, n, R, J, out); break;              \
     }
 
-/* One body per span: four int4 weight rows against one prepared row. */
+/* One body per span and nibble format: four int4 or iq4 weight rows against one prepared
+ * row. */
 __attribute__((noinline)) static void int4_dots_four(const LinearWeights *L, const QuantTables *t,
                                                      const char *xq, int64_t n, float *out) {
-    INT8_SPANS(FORMAT_INT4, 1, INT8_TILE_WEIGHT_ROWS)
+    if (L->format == FORMAT_IQ4) {
+        INT8_SPANS(FORMAT_IQ4, 1, INT8_TILE_WEIGHT_ROWS)
+    } else {
+        INT8_SPANS(FORMAT_INT4, 1, INT8_TILE_WEIGHT_ROWS)
+    }
 }
 
-/* One unrolled body per format, span and row count (int8: 1 or 2, int4: 1 to 3). */
+/* One unrolled body per format, span and row count (int8: 1 or 2, int4 and iq4: 1 to 3). */
 __attribute__((noinline)) static void int8_dots(const LinearWeights *L, const QuantTables *t,
                                                 const char *xq, int64_t n, int R, float *out) {
     if (L->format == FORMAT_INT8) {
@@ -217,6 +234,14 @@ __attribute__((noinline)) static void int8_dots(const LinearWeights *L, const Qu
             INT8_SPANS(FORMAT_INT8, 1, 1)
         } else {
             INT8_SPANS(FORMAT_INT8, 2, 1)
+        }
+        return;
+    }
+    if (L->format == FORMAT_IQ4) {
+        switch (R) {
+        case 1: INT8_SPANS(FORMAT_IQ4, 1, 1) break;
+        case 2: INT8_SPANS(FORMAT_IQ4, 2, 1) break;
+        default: INT8_SPANS(FORMAT_IQ4, 3, 1) break;
         }
         return;
     }

@@ -25,8 +25,9 @@ from bamba.huge_pages import huge_page_buffer
 from bamba.linear_protocol import LinearWeights
 from bamba.native import library
 
-FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3}  # dot_rows.h's FORMAT_* enum
-_BITS = {"fp8": 8, "int8": 8, "int4": 4}
+FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3, "iq4": 4}  # dot_rows.h's FORMAT_* enum
+_BITS = {"fp8": 8, "int8": 8, "int4": 4, "iq4": 4}
+_STORED = {"fp8": torch.float8_e4m3fn, "iq4": torch.uint8}  # else int32 words
 SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dot_rows.h's SCALE_*
 SCALE_F32_OFFSETS = 3  # asymmetric ints: float32, a row's scales, then its offsets
 SCALE_K_OFFSETS = 4  # K tables (bytes: two-level scales, then offsets: GGUF's Q4_K, Q5_K)
@@ -74,9 +75,9 @@ def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
     if w.format not in FORMAT_CODES or w.scales is None:
         return None
     weight, scales = w.weight, w.scales
-    stored = torch.float8_e4m3fn if w.format == "fp8" else torch.int32
+    stored = _STORED.get(w.format, torch.int32)
     n = weight.shape[0] if weight.dim() == 2 else -1
-    width = k if w.format == "fp8" else k * _BITS[w.format] // 32
+    width = k * _BITS[w.format] // (stored.itemsize * 8)
     if weight.dtype != stored or weight.shape != (n, width) or not weight.is_contiguous() or \
             not scales.is_contiguous() or weight.device.type != "cpu" or k <= 0:
         return None
@@ -100,13 +101,14 @@ def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
 def _k_table_layout(format: str, weight: torch.Tensor, table: torch.Tensor, n: int,
                     k: int) -> QuantLayout | None:
     """A K table's layout: [n, 2, 4 * k / 256 + k / 32] bytes (groups of 32 inputs, offsets),
-    or int8's [n, 1, 4 * k / 256 + k / 16] (groups of 16, none)."""
+    or int8's [n, 1, 4 * k / 256 + k / 16] (groups of 16, none), or iq4's [n, 1, 4 * k / 256 +
+    k / 32]."""
     if format == "fp8" or k % K_SUPER or table.dim() != 3:
         return None
     halves = table.shape[1]
-    group = 32 if halves == 2 else 16
+    group = 32 if halves == 2 or format == "iq4" else 16
     if table.shape != (n, halves, 4 * (k // K_SUPER) + k // group) or \
-            (halves == 1 and format != "int8"):
+            (halves == 1 and format not in ("int8", "iq4")) or (halves == 2 and format == "iq4"):
         return None
     return QuantLayout(format, weight, table, n, k, group, halves * table.shape[2], halves == 2,
                        True)
@@ -154,7 +156,7 @@ def step_code(layout: QuantLayout) -> int | None:
         else _GROUP_KINDS.get(layout.group)
     if kind is None or not supported(layout):
         return None
-    return layout.code | layout.scale_kind << 2 | kind << 5
+    return layout.code | layout.scale_kind << 3 | kind << 6
 
 
 def _call_linear(entry: str, x: torch.Tensor, layout: QuantLayout, bias: torch.Tensor | None

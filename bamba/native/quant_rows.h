@@ -5,6 +5,7 @@
  *   int8: bytes [n, k] holding q + 128 (the int32 words of `weight_packed`, little-endian);
  *   int4: bytes [n, k / 2], byte i holding element 2i (q + 8) in its low nibble and 2i + 1 in
  *         its high one;
+ *   iq4:  int4's bytes, each nibble an index into IQ4's 16 levels (iq4_levels: q = level);
  *
  * w = q * scale, one float32 or bf16 scale per `group` inputs of a row (`scale_stride` scales
  * a row; 0: one scale for the whole matrix). Asymmetric ints (SCALE_F32_OFFSETS) add an
@@ -39,12 +40,26 @@
 /* Inputs a row's width must be a multiple of (every format's chunk divides it). */
 enum { QUANT_K_MULTIPLE = 128 };
 
+/* Whether the format's weights are nibbles (int4, iq4): chunks of 128 inputs in 64 bytes. */
+static inline int nibbles(int format) { return format == FORMAT_INT4 || format == FORMAT_IQ4; }
+
+/* What a stored unsigned value adds to its q, as the integer products read it: int4's nibble
+ * q + 8; an int8 byte q + 128, and an iq4 nibble's level looked up as the byte level + 128. */
+static inline int stored_offset(int format) { return format == FORMAT_INT4 ? 8 : 128; }
+
+/* Whether the format is an integer one (integer products take it). */
+static inline int int_format(int format) { return format == FORMAT_INT8 || nibbles(format); }
+
+/* IQ4_NL's and IQ4_XS's levels (llama.cpp's kvalues_iq4nl), indexed by an iq4 nibble. */
+static const int8_t iq4_levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                      1,    13,   25,  38,  53,  69,  89,  113};
+
 static inline int64_t quant_chunk(int format) {
-    return format == FORMAT_INT4 ? 128 : 64;
+    return nibbles(format) ? 128 : 64;
 }
 
 static inline int64_t quant_row_bytes(int format, int64_t k) {
-    return format == FORMAT_INT4 ? k / 2 : k;
+    return nibbles(format) ? k / 2 : k;
 }
 
 /* Whether the kernels take this format at width k with `group` inputs per scale: a chunk's 16
@@ -53,9 +68,9 @@ static inline int quant_supported(int format, int64_t k, int64_t group) {
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
     const int64_t chunk = quant_chunk(format);
 #ifndef __AVX512VBMI__
-    if (format != FORMAT_INT4) return 0; /* byte tables need vpermi2b */
+    if (!nibbles(format)) return 0; /* byte tables need vpermi2b */
 #endif
-    if (format < FORMAT_FP8 || format > FORMAT_INT4 || group < 1 || k % QUANT_K_MULTIPLE != 0 ||
+    if (format < FORMAT_FP8 || format > FORMAT_IQ4 || group < 1 || k % QUANT_K_MULTIPLE != 0 ||
         k % group != 0)
         return 0;
     return group % chunk == 0 || (chunk % group == 0 && group % (chunk / 16) == 0);
@@ -73,7 +88,8 @@ static inline int quant_supported(int format, int64_t k, int64_t group) {
  * int8's bytes as q = u (centre 0). scale_stride counts the row's bytes. Q4_K's 4.5 bits a
  * weight stream as 4.75 (float32 d), where a float32 scale and offset a group made it 6.
  * SCALE_K: the first half alone with signed sc bytes, groups of 16, int8 (Q6_K's q = u - 32,
- * |q| <= 32): 8.625 bits a weight, where a float32 scale a group made it 10. */
+ * |q| <= 32): 8.625 bits a weight, where a float32 scale a group made it 10; or groups of 32,
+ * iq4 (IQ4_XS's d and 6-bit ls - 32): 4.375 bits a weight, where a float32 scale made it 5. */
 enum { K_SUPER = 256 };
 
 static inline int two_level(int scale_kind) {
@@ -141,7 +157,7 @@ static inline float quant_scale(const LinearWeights *L, int64_t n, int64_t group
 
 /* Input position (within its chunk) of element e of a chunk's dequantized vectors. */
 static inline int64_t chunk_position(int format, int64_t e) {
-    if (format == FORMAT_INT4) return 4 * (e % 32) + e / 32; /* vector q lane j: 4j + q */
+    if (nibbles(format)) return 4 * (e % 32) + e / 32; /* vector q lane j: 4j + q */
     return 16 * (e % 32 / 8) + 8 * (e / 32) + e % 8; /* bytes unpacked per 128 bits */
 }
 
@@ -200,7 +216,9 @@ static inline __mmask16 group_mask(int64_t G, int64_t g) {
 }
 
 typedef struct { /* what a call's chunk loop needs of the format, set up once */
-    __m512i low;       /* vpermw table: int4's nibble -> bf16 value */
+    __m512i low;       /* vpermw table: a nibble -> bf16 value (int4's q, iq4's level) */
+    __m512 codes;      /* a nibble's value as float32 (lane i: nibble i) */
+    __m512i code_bytes; /* vpshufb table: an iq4 nibble -> its level + 128 (each 128 bits) */
     __m512i byte_high[2], byte_low[2]; /* vpermi2b tables: magnitude -> bf16 bytes */
     __m512i lanes;     /* float32 lane -> scale index within a chunk (groups smaller than it) */
     int64_t chunk, groups_per_chunk; /* groups_per_chunk 0: a chunk lies inside one group */
@@ -210,11 +228,19 @@ typedef struct { /* what a call's chunk loop needs of the format, set up once */
  * them): int4's nibble q + 8 -> bf16 q, and per byte format a magnitude's bf16 high and low
  * bytes: e4m3's 7 magnitude bits, int8's |q| <= 127 (every e4m3 value and every integer up to
  * 256 is a bf16 one). */
-static uint16_t nibble_bf16[32];
+static uint16_t nibble_bf16[2][32]; /* [int4, iq4] */
+static float nibble_values[2][16];
+static uint8_t iq4_bytes[64];
 static uint8_t magnitude_bf16[2][2][128]; /* [fp8, int8][high, low][magnitude] */
 
 __attribute__((constructor)) static void fill_quant_tables(void) {
-    for (int i = 0; i < 32; i++) nibble_bf16[i] = float_to_bf16((float)(i & 15) - 8.0f);
+    for (int i = 0; i < 16; i++) {
+        nibble_values[0][i] = (float)i - 8.0f;
+        nibble_values[1][i] = (float)iq4_levels[i];
+    }
+    for (int f = 0; f < 2; f++)
+        for (int i = 0; i < 32; i++) nibble_bf16[f][i] = float_to_bf16(nibble_values[f][i & 15]);
+    for (int i = 0; i < 64; i++) iq4_bytes[i] = (uint8_t)(iq4_levels[i & 15] + 128);
     for (int b = 0; b < 128; b++)
         for (int f = 0; f < 2; f++) {
             const uint16_t bits = float_to_bf16(f == 0 ? e4m3_value(b) : (float)b);
@@ -226,7 +252,10 @@ __attribute__((constructor)) static void fill_quant_tables(void) {
 static QuantTables quant_tables(const LinearWeights *L) {
     QuantTables t;
     t.chunk = quant_chunk(L->format);
-    t.low = _mm512_loadu_si512(nibble_bf16);
+    const int iq4 = L->format == FORMAT_IQ4;
+    t.low = _mm512_loadu_si512(nibble_bf16[iq4]);
+    t.codes = _mm512_loadu_ps(nibble_values[iq4]);
+    t.code_bytes = _mm512_loadu_si512(iq4_bytes);
     const int f = L->format == FORMAT_INT8;
     for (int i = 0; i < 2; i++) {
         t.byte_high[i] = _mm512_loadu_si512(magnitude_bf16[f][0] + 64 * i);
@@ -280,7 +309,7 @@ static inline KWalk k_walk(const LinearWeights *L, int64_t n) {
 static inline __attribute__((always_inline)) __m512i k_chunk_sc(KWalk *walk, const int format,
                                                                 int64_t c) {
     const int64_t chunk = quant_chunk(format);
-    const int64_t per_chunk = format == FORMAT_INT4 ? 4 : walk->per_chunk; /* (int4: Q4_K's) */
+    const int64_t per_chunk = nibbles(format) ? 4 : walk->per_chunk; /* (Q4_K's, IQ4_XS's) */
     const int64_t place = c & (16 / per_chunk - 1); /* among the 16 groups' chunks */
     if (place == 0)
         walk->sc = _mm512_zextsi128_si512(_mm_maskz_loadu_epi8(
@@ -355,7 +384,7 @@ static inline __attribute__((always_inline)) void dequantize_chunk(int format, c
                                                                     const QuantTables *t,
                                                                     __m512i v[4]) {
     const __m512i words = _mm512_loadu_si512(w);
-    if (format == FORMAT_INT4) {
+    if (nibbles(format)) {
         nibble_lookup(words, t->low, v);
         return;
     }
@@ -383,7 +412,7 @@ static inline __attribute__((always_inline)) void chunk_dot(int format, const ui
                                                             const __m512i v[4], __m512 *a,
                                                             __m512 *b) {
     const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 32);
-    if (format != FORMAT_INT4) { /* fp8, int8: 64 inputs */
+    if (!nibbles(format)) { /* fp8, int8: 64 inputs */
         *a = _mm512_dpbf16_ps(*a, (__m512bh)x0, (__m512bh)v[0]);
         *b = _mm512_dpbf16_ps(*b, (__m512bh)x1, (__m512bh)v[1]);
         return;
@@ -472,6 +501,8 @@ __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const Q
                                                  float *out) {
     if (L->format == FORMAT_INT4) {
         QUANT_ROWS(FORMAT_INT4)
+    } else if (L->format == FORMAT_IQ4) {
+        QUANT_ROWS(FORMAT_IQ4)
     } else if (L->format == FORMAT_INT8) {
         QUANT_ROWS(FORMAT_INT8)
     } else {
@@ -485,8 +516,8 @@ __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const Q
  * activations do not take), for the usual layouts: int4 groups of whole chunks, fp8 and int8
  * one scale per row. Each input vector loaded serves both weight rows (quant_row_dots loads one
  * per product, which bound it at 8 rows), and the products add straight into one float32 sum
- * per input row and weight row with no scaling step per chunk: int4 folds each group's scale
- * into its nibble table, bf16((q - 8) * s) -- the very weights the torch reference
+ * per input row and weight row with no scaling step per chunk: int4 and iq4 fold each group's
+ * scale into their nibble table, bf16(q * s) -- the very weights the torch reference
  * dequantizes to -- and fp8 and int8 scale the row's sum once at the end.
  * out[r * J + j] = x_r . w_{n+j}; format, R and J compile-time after inlining. */
 static inline __attribute__((always_inline)) void paired_tile(const LinearWeights *L,
@@ -496,11 +527,10 @@ static inline __attribute__((always_inline)) void paired_tile(const LinearWeight
                                                                const int R, const int J,
                                                                float *out) {
     enum { MAX_J = 2 };
-    const int int4 = format == FORMAT_INT4, vectors = int4 ? 4 : 2;
+    const int int4 = nibbles(format), vectors = int4 ? 4 : 2;
     const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
     const int64_t per_group = int4 ? L->group / chunk : chunks, wrow = quant_row_bytes(format, k);
     const char *w = (const char *)L->weight + n * wrow;
-    const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     __m512 acc[ROW_GROUP][MAX_J];
     __m512i table[MAX_J];
     for (int r = 0; r < R; r++)
@@ -510,7 +540,7 @@ static inline __attribute__((always_inline)) void paired_tile(const LinearWeight
             left = per_group;
             for (int j = 0; j < J; j++) {
                 const __m512 scaled =
-                    _mm512_mul_ps(values, _mm512_set1_ps(quant_scale(L, n + j, c / per_group)));
+                    _mm512_mul_ps(t->codes, _mm512_set1_ps(quant_scale(L, n + j, c / per_group)));
                 table[j] = _mm512_broadcast_i64x4((__m256i)_mm512_cvtneps_pbh(scaled));
             }
         }
@@ -546,7 +576,7 @@ static inline __attribute__((always_inline)) void paired_tile(const LinearWeight
 
 /* Whether paired_tile takes this layout. */
 static inline int paired_layout(const LinearWeights *L, const QuantTables *t) {
-    return L->format == FORMAT_INT4 ? !t->groups_per_chunk : L->group == L->k;
+    return nibbles(L->format) ? !t->groups_per_chunk : L->group == L->k;
 }
 
 #define PAIRED_ROWS(F, J)                                          \
@@ -573,6 +603,8 @@ __attribute__((noinline)) static void paired_dots(const LinearWeights *L, const 
                                                   float *out) {
     if (L->format == FORMAT_INT4) {
         PAIRED_WEIGHT_ROWS(FORMAT_INT4)
+    } else if (L->format == FORMAT_IQ4) {
+        PAIRED_WEIGHT_ROWS(FORMAT_IQ4)
     } else if (L->format == FORMAT_INT8) {
         PAIRED_WEIGHT_ROWS(FORMAT_INT8)
     } else {
@@ -584,16 +616,17 @@ __attribute__((noinline)) static void paired_dots(const LinearWeights *L, const 
 #endif
 
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__)
-/* Sixteen stored weights of a row from element e0 on as float32, not yet scaled: ints as q,
- * fp8 as 2^-8 of its value (fp8_as_halves; the caller scales by 256 more). */
+/* Sixteen stored weights of a row from element e0 on as float32, not yet scaled: ints as q
+ * (iq4 as its level), fp8 as 2^-8 of its value (fp8_as_halves; the caller scales by 256
+ * more). */
 static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
-    if (format == FORMAT_INT4) { /* 8 bytes: low nibble first */
+    if (nibbles(format)) { /* 8 bytes: low nibble first */
         const __m128i bytes = _mm_loadl_epi64((const __m128i *)(w + e0 / 2));
         const __m128i nibble = _mm_set1_epi8(15);
         const __m128i low = _mm_and_si128(bytes, nibble);
         const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
         const __m512i q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
-        return _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8)));
+        return _mm512_permutexvar_ps(q, _mm512_loadu_ps(nibble_values[format == FORMAT_IQ4]));
     }
     if (format == FORMAT_INT8)
         return _mm512_cvtepi32_ps(_mm512_sub_epi32(
@@ -643,7 +676,7 @@ static void group_sums(const void *x, int x_bf16, int64_t M, int64_t k, int64_t 
 static void prepared_group_sums(int format, const char *xq, int64_t M, int64_t k, int64_t G,
                                 float *sums) {
     const int64_t per_group = k / G / (quant_chunk(format) / 16); /* lanes a group */
-    const float back = -1.0f / (format == FORMAT_INT4 ? 8.0f : 128.0f);
+    const float back = -1.0f / (float)stored_offset(format);
     memset(sums, 0, (size_t)((M + 15) / 16 * G * 16) * sizeof(float));
     for (int64_t m = 0; m < M; m++) {
         const char *lanes = xq + m * int8_row_bytes(format, k) + k; /* 16 a chunk */
@@ -781,8 +814,7 @@ enum { FEW_ROWS = 8 };
 /* Whether features of this linear at M rows take the product (gemm_features_alone). */
 static inline int decode_gemm_fits(const LinearWeights *L, int64_t M, int x_bf16) {
     return M > FEW_ROWS && bamba_int8_activations &&
-           (L->format == FORMAT_INT8 || L->format == FORMAT_INT4) &&
-           L->n % GEMM_WEIGHT_ROWS == 0 &&
+           int_format(L->format) && L->n % GEMM_WEIGHT_ROWS == 0 &&
            quant_gemm_supported(L->format, L->k, L->group, offset_groups(L) > 0, x_bf16);
 }
 
@@ -799,7 +831,7 @@ static int gemm_features_alone(const LinearWeights *L, int x_bf16, const void *x
     char *work = thread_buffer(GEMM_BUFFER, rows_bytes + panel_bytes + panel_scales + sums_bytes);
     if (work == NULL) return -1;
     float *sums = G ? (float *)(work + rows_bytes + panel_bytes + panel_scales) : NULL;
-    const int offset = L->format == FORMAT_INT4 ? 8 : 128;
+    const int offset = stored_offset(L->format);
     for (int64_t b = 0; b < blocks; b++) {
         pack_activations(x, x_bf16, M, k, offset, gemm_halves(L), work, b);
         if (sums) packed_group_sums(work, b, k, G, offset, sums + b * G * 16);
@@ -823,8 +855,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
         const TileStore to = {y, ldy, n_begin, n_end, y_bf16, round_bf16, x_bf16};
         if (gemm_features_alone(L, x_bf16, x, M, &to) == 0) return;
     }
-    const int int8_dot = bamba_int8_activations &&
-                         (L->format == FORMAT_INT8 || L->format == FORMAT_INT4) &&
+    const int int8_dot = bamba_int8_activations && int_format(L->format) &&
                          M <= int8_dot_rows(L->format);
     const int64_t row_bytes = int8_dot ? int8_row_bytes(L->format, L->k) : 2 * L->k;
 #else
@@ -859,9 +890,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     int64_t n = n_begin;
 #ifdef HAVE_INT8_DOT
     const int64_t J = INT8_TILE_WEIGHT_ROWS;
-    for (; xp != NULL && int8_dot && M == 1 && L->format == FORMAT_INT4 &&
+    for (; xp != NULL && int8_dot && M == 1 && nibbles(L->format) &&
            (L->k <= FOUR_ROW_MAX_K || two_level(L->scale_kind)) && n + J <= n_end;
-         n += J) { /* int4's batch-1 decode */
+         n += J) { /* int4's and iq4's batch-1 decode */
         float out[INT8_TILE_WEIGHT_ROWS];
         int4_dots_four(L, &t, (const char *)xp, n, out);
         for (int j = 0; j < J; j++) {
@@ -874,7 +905,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     }
 #endif
     if (xp != NULL && !int8_dot && x_bf16 && paired_layout(L, &t)) {
-        const int pair = M > ONE_STREAM_ROWS || L->format == FORMAT_INT4;
+        const int pair = M > ONE_STREAM_ROWS || nibbles(L->format);
         for (int J; n < n_end; n += J) { /* two weight rows at a time, or one */
             J = pair && n + 2 <= n_end ? 2 : 1;
             for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
@@ -934,9 +965,11 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
 static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_end, void *out,
                             int out_bf16, int stream) {
     const int64_t k = L->k, group = L->group;
-    float values[256]; /* stored byte -> value: e4m3, or q + 128 */
+    float values[256]; /* stored byte -> value: e4m3, q + 128, or a nibble's */
     for (int b = 0; b < 256; b++)
-        values[b] = L->format == FORMAT_FP8 ? e4m3_value(b) : (float)(b - 128);
+        values[b] = L->format == FORMAT_FP8  ? e4m3_value(b)
+                    : nibbles(L->format) ? nibble_values[L->format == FORMAT_IQ4][b & 15]
+                                         : (float)(b - 128);
     enum { MAX_PIECE = 1024, SMALL_PIECE = 32 }; /* inputs of one scale converted at a time */
     const int64_t piece = group <= MAX_PIECE ? group : SMALL_PIECE; /* divides the group */
     float row[MAX_PIECE];
@@ -965,11 +998,11 @@ static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_e
             }
 #endif
             if (i == piece) continue;
-            if (L->format == FORMAT_INT4)
+            if (nibbles(L->format))
                 for (int64_t j = i; j < piece; j += 2) {
                     const uint8_t b = w[(g0 + j) / 2];
-                    row[j] = fmaf((float)((b & 15) - 8), scale, offset);
-                    row[j + 1] = fmaf((float)((b >> 4) - 8), scale, offset);
+                    row[j] = fmaf(values[b & 15], scale, offset);
+                    row[j + 1] = fmaf(values[b >> 4], scale, offset);
                 }
             else
                 for (int64_t j = i; j < piece; j++) row[j] = fmaf(values[w[g0 + j]], scale, offset);

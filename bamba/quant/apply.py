@@ -15,7 +15,7 @@ from bamba.quant.config import QuantConfig, QuantGroup, parse_quantization_confi
     quantization_config_dict
 from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import STACKED_CLASSES, QuantizedExpertWeights, piece_modules
-from bamba.quant.formats import QuantScheme, unpack_ints
+from bamba.quant.formats import QuantScheme, quantized_values, saved_scheme, unpack_ints
 from bamba.quant.linear import QuantizedLinear
 
 Rename = Callable[[str], str]  # our module path -> the checkpoint's
@@ -203,7 +203,11 @@ def stored_ints(model: nn.Module, name: str
     if not scheme.packed or not scheme.symmetric or \
             tuple(module.weight_scale.shape) != (rows, groups):  # zero points or offsets
         return None
-    q = unpack_ints(module.weight_packed, scheme.bits, cols)
+    if scheme.levels:  # IQ4's levels: int8 values
+        q, scheme = quantized_values(module.quantized_tensors(), scheme).to(torch.int8), \
+            saved_scheme(scheme)
+    else:
+        q = unpack_ints(module.weight_packed, scheme.bits, cols)
     scale = module.weight_scale.float()
     if isinstance(module, QuantizedExpertWeights):
         q = q.view(module.experts, module.out_features, cols)

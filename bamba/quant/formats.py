@@ -13,6 +13,8 @@ an integer zero point zp per scale. Tensors (in memory == on disk):
   (q + 2^(bits-1)) at bit j * bits of the row's words (compressed-tensors' ``pack_to_int32``).
 - asymmetric ints add ``weight_zero_point`` int32 [ceil(N * bits / 32), G]: the zero points
   [N, G] packed the same way down the columns (``pack_to_int32(..., packed_dim=0)``).
+- int4 with ``levels`` (GGUF's IQ4_NL, IQ4_XS; in memory only): ``weight_packed`` uint8
+  [N, K / 2], int4's nibbles as bytes, each an index into ``IQ4_LEVELS``; saved as int8.
 
 Scales take the weight's dtype (llm-compressor writes the model's dtype).
 """
@@ -41,12 +43,16 @@ class QuantScheme(NamedTuple):
     [N, 2, G], the layout the kernels read, held once; with ``two_level`` (Q4_K, Q5_K, and
     without offsets Q6_K) a ``k_table`` of them in two levels as the blocks hold them; the
     kernels' integer products take such int8 values to be the K-quants' 5 or 6 bits (|q| <= 32,
-    lanes of 4 products within int16)."""
+    lanes of 4 products within int16). With ``levels`` an int4 weight's nibbles index
+    ``IQ4_LEVELS``, w = level * scale (GGUF's IQ4_NL and IQ4_XS), which compressed-tensors
+    cannot hold either: a checkpoint stores such weights as their int8 values
+    (``saved_scheme``)."""
     name: str
     group_size: int | None = None
     symmetric: bool = True
     offsets: bool = False
     two_level: bool = False
+    levels: bool = False
 
     @property
     def zero_points(self) -> bool:
@@ -72,14 +78,20 @@ class QuantScheme(NamedTuple):
 
 
 def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True,
-                offsets: bool = False, two_level: bool = False) -> QuantScheme:
+                offsets: bool = False, two_level: bool = False, levels: bool = False
+                ) -> QuantScheme:
     """A checked scheme (ValueError naming what is wrong)."""
+    if levels and (name != "int4" or not symmetric or group_size is None or
+                   (two_level and group_size != K_GROUP)):
+        raise ValueError(f"IQ4's levels index int4 nibbles in groups, symmetric (two-level "
+                         f"scales in groups of {K_GROUP}), not {name} group {group_size}")
     k_quant = (name in ("int8", "int4") and group_size == K_GROUP and offsets) or \
-        (name == "int8" and group_size == K6_GROUP and symmetric and not offsets)
+        (name == "int8" and group_size == K6_GROUP and symmetric and not offsets) or levels
     if two_level and not k_quant:
         raise ValueError(f"two-level scales are GGUF's K-quants': Q4_K / Q5_K (int4 or int8 in "
-                         f"groups of {K_GROUP} with offsets) or Q6_K (int8 in groups of "
-                         f"{K6_GROUP}, symmetric), not {name} group {group_size}"
+                         f"groups of {K_GROUP} with offsets), Q6_K (int8 in groups of "
+                         f"{K6_GROUP}, symmetric) or IQ4_XS (IQ4's levels), not {name} group "
+                         f"{group_size}"
                          f"{' with offsets' if offsets else ''}")
     if name not in SCHEME_NAMES:
         raise ValueError(f"unknown quantization scheme {name!r}; expected one of "
@@ -90,7 +102,19 @@ def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True
         raise ValueError("fp8 weights are symmetric (zero points are for int8 and int4)")
     if offsets and symmetric:
         raise ValueError("offsets make a scheme asymmetric: pass symmetric=False")
-    return QuantScheme(name, group_size, symmetric, offsets, two_level)
+    return QuantScheme(name, group_size, symmetric, offsets, two_level, levels)
+
+
+def saved_scheme(scheme: QuantScheme) -> QuantScheme:
+    """The scheme a checkpoint describes a weight held in ``scheme`` with: IQ4's levels as
+    int8 values (exact); a K table without offsets as its float32 scales."""
+    if scheme.levels:
+        return QuantScheme("int8", scheme.group_size)
+    return scheme._replace(two_level=False) if not scheme.offsets else scheme
+
+
+# IQ4_NL's and IQ4_XS's 16 levels, which their 4-bit indices pick (llama.cpp's kvalues_iq4nl)
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 K_SUPER = 256  # inputs of a K-quant super-block: one d and dmin over its groups' sc and m
@@ -242,6 +266,9 @@ def quantized_values(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> t
     if not scheme.packed:
         return tensors["weight"].float()
     k = int(tensors["weight_shape"][1])
+    if scheme.levels:  # bytes of nibbles, each a level's index
+        codes = unpack_ints(tensors["weight_packed"].view(torch.int32), 4, k).long() + 8
+        return torch.tensor(IQ4_LEVELS, dtype=torch.float32)[codes]
     return unpack_ints(tensors["weight_packed"], scheme.bits, k).float()
 
 

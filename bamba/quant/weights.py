@@ -12,7 +12,8 @@ from torch import nn
 
 from bamba.linear_protocol import LinearWeights
 from bamba.quant.formats import (FP8, QuantScheme, dequantize, k_table_values, k_table_width,
-                                 kernel_scales, packed_width, scale_shape, zero_point_shape)
+                                 kernel_scales, pack_ints, packed_width, quantized_values,
+                                 scale_shape, zero_point_shape)
 
 
 class QuantizedWeights(nn.Module):
@@ -20,15 +21,18 @@ class QuantizedWeights(nn.Module):
     fp8, ``weight_packed`` + ``weight_shape`` + ``weight_scale`` for ints, + ``weight_zero_point``
     for asymmetric ones; with offsets ``weight_table`` float32 [rows, 2, groups] of scales and
     offsets in place of ``weight_scale``, with two-level scales a K table, uint8 [rows, 2,
-    width], or [rows, 1, width] without offsets); zeros until loaded, one scale [1] when
-    ``per_tensor``."""
+    width], or [rows, 1, width] without offsets; with ``levels`` the nibbles as bytes, uint8
+    [rows, cols / 2]); zeros until loaded, one scale [1] when ``per_tensor``."""
 
     def __init__(self, rows: int, cols: int, scheme: QuantScheme,
                  scale_dtype: torch.dtype = torch.bfloat16, per_tensor: bool = False) -> None:
         super().__init__()
         self.scheme = scheme
         self.dense_shape = (rows, cols)
-        if scheme.packed:
+        if scheme.levels:
+            self.register_buffer("weight_packed", torch.zeros(rows, cols // 2, dtype=torch.uint8))
+            self.register_buffer("weight_shape", torch.tensor([rows, cols], dtype=torch.int64))
+        elif scheme.packed:
             self.register_buffer("weight_packed",
                                  torch.zeros(rows, packed_width(cols, scheme.bits),
                                              dtype=torch.int32))
@@ -69,10 +73,14 @@ class QuantizedWeights(nn.Module):
         return {name: getattr(self, name) for name in self.scheme.tensor_names()}
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors a compressed-tensors checkpoint holds for it: ``quantized_tensors()``,
-        but a K table without offsets (Q6_K's) as the float32 ``weight_scale`` d * sc it
-        stands for (exact), which compressed-tensors can describe."""
+        """The tensors a compressed-tensors checkpoint holds for it (``saved_scheme``'s):
+        ``quantized_tensors()``, but a K table without offsets (Q6_K's) as the float32
+        ``weight_scale`` d * sc it stands for, and IQ4's levels as int8 values (both exact),
+        which compressed-tensors can describe."""
         tensors = self.quantized_tensors()
+        if self.scheme.levels:
+            values = quantized_values(tensors, self.scheme).to(torch.int8)
+            tensors["weight_packed"] = pack_ints(values, 8)
         if self.scheme.two_level and not self.scheme.offsets:
             table = tensors.pop("weight_table")
             tensors["weight_scale"] = k_table_values(table, self.dense_shape[1], self.scheme)[0]
@@ -84,6 +92,9 @@ class QuantizedWeights(nn.Module):
         points one made by ``formats.kernel_scales`` once and again only after its scales or
         zero points change."""
         data = self.weight_packed if self.scheme.packed else self.weight
+        if self.scheme.levels:
+            return LinearWeights("iq4", data, None, self.weight_table if self.scheme.two_level
+                                 else self.weight_scale)
         if self.scheme.offsets or self.scheme.two_level:  # weight_table: float32, or a K table
             return LinearWeights(self.scheme.name, data, None, self.weight_table)
         if self.scheme.symmetric:
@@ -116,6 +127,7 @@ class QuantizedWeights(nn.Module):
     def _scheme_repr(self) -> str:
         group = "channel" if self.scheme.group_size is None else f"group {self.scheme.group_size}"
         extras = (", two-level" if self.scheme.two_level else "") + \
+            (", IQ4 levels" if self.scheme.levels else "") + \
             (", offsets" if self.scheme.offsets else ", zero points" if self.scheme.zero_points
              else "")
         return f"scheme={self.scheme.name} ({group}{extras})"
