@@ -7,7 +7,7 @@ memory spells.
 
     python benchmarks/ab_checkpoints.py DIR_A DIR_B [--turns 5] [--batches 1 8 32]
                                        [--dense-experts] [--flat-scales] [--dense-table]
-                                       [--int8-levels] [--output out.json]
+                                       [--int8-values] [--output out.json]
 
 A checkpoint is a directory or a GGUF file. ``--dense-experts`` adds each one again with its
 quantized experts dequantized to a bf16 stack (what a GGUF file's K-quant experts loaded as
@@ -15,8 +15,9 @@ before they stayed in their blocks); ``--flat-scales`` each one with its two-lev
 (Q4_K, Q5_K, Q6_K) as a float32 scale (and offset) a group (how they loaded before);
 ``--dense-table`` each one with its quantized token table, and a head tied to it, dequantized
 to bf16 (how a GGUF file's tied table loaded before the head read its blocks);
-``--int8-levels`` each one with its IQ4 nibbles as int8 values of their levels (how IQ4_NL and
-IQ4_XS files loaded before their nibbles were held).
+``--int8-values`` each one with the weights it holds in fewer bits than their int8 values
+(IQ4_NL's and IQ4_XS's nibbles indexing their levels, Q6_K's 6 bits) as those int8 values (how
+such files loaded before: Q6_K's under its K table, IQ4's under float scales).
 ``--llama-bench`` has llama.cpp's ``llama-bench`` decode (batch 1) and prefill each GGUF file
 in every turn too, right after bamba's turn on it (the same bytes on both sides, the same
 memory spell). Prints and (with --output) writes each
@@ -57,9 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dense-table", action="store_true",
                         help="also time each checkpoint with its quantized token table (and a "
                              "head tied to it) dequantized to bf16")
-    parser.add_argument("--int8-levels", action="store_true",
+    parser.add_argument("--int8-values", action="store_true",
                         help="also time each checkpoint with its IQ4 nibbles (a GGUF file's "
-                             "IQ4_NL / IQ4_XS) as int8 values of their levels")
+                             "IQ4_NL / IQ4_XS) and 6-bit values (Q6_K) as int8 values")
     parser.add_argument("--llama-bench", action="store_true",
                         help="llama-bench decodes (batch 1) and prefills each GGUF file too, "
                              "a turn beside bamba's")
@@ -89,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             table = dequantize_model(from_pretrained(path, dtype=torch.bfloat16), torch.bfloat16,
                                      kinds=(QuantizedEmbedding,))
             models[f"{path} (table bf16)"] = path, accelerate(pack_weights(table))
-        if args.int8_levels and any(getattr(getattr(m, "scheme", None), "levels", False)
+        if args.int8_values and any(_held_in_fewer_bits(getattr(m, "scheme", None))
                                     for m in models[str(path)][1].modules()):
-            int8 = int8_levels(from_pretrained(path, dtype=torch.bfloat16))
-            models[f"{path} (int8 levels)"] = path, accelerate(int8)
+            int8 = int8_values(from_pretrained(path, dtype=torch.bfloat16))
+            models[f"{path} (int8 values)"] = path, accelerate(int8)
     times: dict[str, dict[int | str, list[float]]] = {
         name: {**{b: [] for b in args.batches}, "prefill": [], "llama_b1": [],
                "llama_prefill": []} for name in models}
@@ -156,18 +157,26 @@ def flat_scales(model: torch.nn.Module) -> torch.nn.Module:
     return pack_weights(model)
 
 
-def int8_levels(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every IQ4 weight's nibbles as int8 values of their levels in groups of
-    32 under a float32 scale a group (IQ4_XS's) or its float16 ones (IQ4_NL's), as its
-    checkpoint saves them (``saved_tensors``: the same numbers; how IQ4 files loaded before
-    their nibbles were held), repacked into one huge-page arena as loading packs them; a head
+def _held_in_fewer_bits(scheme) -> bool:
+    return scheme is not None and (scheme.levels or bool(scheme.held_bits))
+
+
+def int8_values(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as such files loaded before their values were held in fewer bits: Q6_K's
+    6-bit values as int8 bytes under the same K table, IQ4's nibbles as int8 values of their
+    levels under a float32 scale a group (or IQ4_NL's float16 ones), as a checkpoint saves
+    them; the same numbers, repacked into one huge-page arena as loading packs them; a head
     tied to the token table reads the new one."""
     from bamba.arena import pack_weights
-    from bamba.quant.formats import saved_scheme
+    from bamba.quant.formats import pack_ints, quantized_values, saved_scheme
 
     for module in model.modules():
         scheme = getattr(module, "scheme", None)
-        if scheme is not None and scheme.levels:
+        if scheme is not None and scheme.held_bits:
+            values = quantized_values(module.quantized_tensors(), scheme).to(torch.int8)
+            module.weight_packed = pack_ints(values, 8)
+            module.scheme = scheme._replace(held_bits=None)
+        elif scheme is not None and scheme.levels:
             saved = module.saved_tensors()
             for name in scheme.tensor_names():
                 delattr(module, name)

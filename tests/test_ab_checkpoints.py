@@ -117,11 +117,11 @@ def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: P
     assert floats["model_mb"] > tables["model_mb"]
 
 
-def test_int8_levels_add_each_iq4_file_with_its_nibbles_as_int8(tmp_path: Path,
-                                                                monkeypatch) -> None:
-    """--int8-levels: a second entry a file that holds IQ4 nibbles (IQ4_NL, IQ4_XS), its
-    weights int8 values of their levels in groups of 32: the same weights bit for bit, more
-    bytes held; a file without IQ4 weights gets none."""
+def test_int8_values_add_each_file_with_its_nibbles_and_six_bits_as_int8(tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """--int8-values: a second entry a file that holds IQ4 nibbles (IQ4_NL, IQ4_XS) or 6-bit
+    values (Q6_K), its weights int8 values (of their levels; Q6_K's under its K table): the
+    same weights bit for bit, more bytes held; a file with neither gets none."""
     import torch
     from gguf import GGMLQuantizationType as Q
     from test_gguf import _file_with_random_blocks
@@ -129,22 +129,25 @@ def test_int8_levels_add_each_iq4_file_with_its_nibbles_as_int8(tmp_path: Path,
     from bamba.checkpoint import from_pretrained
     from bamba.quant.formats import make_scheme
 
-    iq4_types = {"ffn_up.weight": Q.IQ4_NL, "ffn_down.weight": Q.IQ4_XS}
-    path = _file_with_random_blocks(tmp_path, monkeypatch, lambda name, shape: iq4_types.get(
+    types = {"ffn_up.weight": Q.IQ4_NL, "ffn_down.weight": Q.IQ4_XS, "ffn_gate.weight": Q.Q6_K}
+    path = _file_with_random_blocks(tmp_path, monkeypatch, lambda name, shape: types.get(
         name.split(".", 2)[-1]), size=0.03)
     model = from_pretrained(path, dtype=torch.float32)
-    int8 = ab_checkpoints.int8_levels(from_pretrained(path, dtype=torch.float32))
-    for name in ("up_proj", "down_proj"):
+    int8 = ab_checkpoints.int8_values(from_pretrained(path, dtype=torch.float32))
+    for name, scheme in (("up_proj", make_scheme("int8", 32)),
+                         ("down_proj", make_scheme("int8", 32)),
+                         ("gate_proj", make_scheme("int8", 16, two_level=True))):  # (Q6_K's K table)
         held, expanded = (m.model.layers[0].feed_forward.get_submodule(name)
                           for m in (model, int8))
-        assert held.scheme.levels and expanded.scheme == make_scheme("int8", 32)
+        assert held.scheme.levels or held.scheme.held_bits
+        assert expanded.scheme == scheme
         assert torch.equal(expanded.dequantized_weight(torch.float32),
                            held.dequantized_weight(torch.float32))
-    nibbles, bytes_ = _with_second_entry(path, "--int8-levels", "int8 levels", tmp_path)
+    nibbles, bytes_ = _with_second_entry(path, "--int8-values", "int8 values", tmp_path)
     assert bytes_["model_mb"] > nibbles["model_mb"]
     plain = save_tiny_checkpoint(tmp_path / "plain")
     out = tmp_path / "plain.json"
-    ab_checkpoints.main([str(plain), "--int8-levels", "--turns", "1", "--steps", "1",
+    ab_checkpoints.main([str(plain), "--int8-values", "--turns", "1", "--steps", "1",
                          "--prompt", "8", "--batches", "1", "--output", str(out)])
     assert list(json.loads(out.read_text())["results"]) == [str(plain)]
 

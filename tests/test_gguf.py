@@ -479,7 +479,8 @@ def _file_with_random_blocks(tmp_path: Path, monkeypatch, pick, size: float = 1.
 
 def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path, monkeypatch):
     """Q4_K (int4), Q5_K (int8) with a float offset per 32 weights and Q6_K (int8 in groups of
-    16) linears, the token table in Q4_K, load in those formats, their scales in two levels as
+    16, held in 6 bits) linears, the token table in Q4_K, load in those formats, their scales in
+    two levels as
     stored, every weight as gguf-py dequantizes it; the native kernels give the torch
     reference's logits (prefill, then a token at a time)."""
     from gguf import GGMLQuantizationType as Q
@@ -493,15 +494,16 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
     out = _file_with_random_blocks(tmp_path, monkeypatch, lambda name, shape: k_types.get(name))
     assert {"Q4_K", "Q5_K", "Q6_K"} <= _types(out)
     back = from_pretrained(out, dtype=torch.float32)
-    held = {name: (m.scheme.name, m.scheme.group_size, m.scheme.offsets, m.scheme.two_level)
+    held = {name: (m.scheme.name, m.scheme.group_size, m.scheme.offsets, m.scheme.two_level,
+                   m.scheme.held_bits)
             for name, m in back.named_modules()
             if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
-    assert held == {"model.layers.0.mamba.in_proj": ("int4", 32, True, True),
-                    "model.layers.0.mamba.out_proj": ("int8", 32, True, True),
-                    "model.layers.2.feed_forward.down_proj": ("int8", 16, False, True),
-                    "model.layers.3.feed_forward.up_proj": ("int4", 32, True, True),
-                    "lm_head": ("int8", 16, False, True),
-                    "model.embed_tokens": ("int4", 32, True, True)}
+    assert held == {"model.layers.0.mamba.in_proj": ("int4", 32, True, True, None),
+                    "model.layers.0.mamba.out_proj": ("int8", 32, True, True, None),
+                    "model.layers.2.feed_forward.down_proj": ("int8", 16, False, True, 6),
+                    "model.layers.3.feed_forward.up_proj": ("int4", 32, True, True, None),
+                    "lm_head": ("int8", 16, False, True, 6),
+                    "model.embed_tokens": ("int4", 32, True, True, None)}
     for name, m in back.named_modules():  # the K-quants' scales held as stored, as the
         scheme = getattr(m, "scheme", None)  # kernels read them
         if getattr(scheme, "two_level", False):
@@ -517,14 +519,16 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
 
 def test_q6_k_scales_are_held_in_two_levels_and_saved_as_their_products(tmp_path, monkeypatch):
     """A tied Granite MoE file all in Q6_K (linears, experts, the table the head reads): each
-    holds a float32 d per 256 weights and a signed sc byte per 16 (8.625 bits a weight, where
-    a float32 scale per 16 took 10), its weights gguf-py's; save_pretrained writes each table
-    as the float32 weight_scale d * sc it stands for (compressed-tensors' int8 in groups of 16),
-    which loads back with the same logits, and the native kernels read both alike."""
+    holds its values in their 6 bits, as the blocks do, and a float32 d per 256 weights and a
+    signed sc byte per 16 (6.625 bits a weight, where int8 values under a float32 scale per 16
+    took 10), its weights gguf-py's; save_pretrained writes each as int8 values and the float32
+    weight_scale d * sc its table stands for (compressed-tensors' int8 in groups of 16), which
+    loads back with the same logits, and the native kernels read both alike."""
     from gguf import GGMLQuantizationType as Q
     from safetensors import safe_open
 
     from bamba.native import accelerate, quant_ops
+    from bamba.quant.formats import make_scheme
     from bamba.quant.weights import QuantizedWeights
 
     out = _file_with_random_blocks(
@@ -539,6 +543,8 @@ def test_q6_k_scales_are_held_in_two_levels_and_saved_as_their_products(tmp_path
         rows, cols = m.dense_shape
         assert m.scheme.two_level and not m.scheme.offsets and m.scheme.group_size == 16
         assert m.weight_table.shape == (rows, 1, 4 * cols // 256 + cols // 16)
+        assert m.scheme.held_bits == 6 and m.weight_packed.dtype == torch.uint8
+        assert m.weight_packed.shape[-1] == cols // 4 * 3
     assert back.lm_head.weight_table is back.model.embed_tokens.weight_table
     _assert_dequantized_as_gguf_does(back, out, [t.name for t in gguf.GGUFReader(out).tensors
                                                  if t.tensor_type == Q.Q6_K])
@@ -548,7 +554,7 @@ def test_q6_k_scales_are_held_in_two_levels_and_saved_as_their_products(tmp_path
         scale = f.get_tensor("model.layers.0.mamba.in_proj.weight_scale")
     assert not any(n.endswith("weight_table") for n in names) and scale.dtype == torch.float32
     again = from_pretrained(tmp_path / "saved", dtype=torch.float32)
-    assert not again.model.layers[0].mamba.in_proj.scheme.two_level
+    assert again.model.layers[0].mamba.in_proj.scheme == make_scheme("int8", 16)
     ids = random_ids(2, 9)
     with torch.no_grad():
         assert torch.equal(again(ids), back(ids))

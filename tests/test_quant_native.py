@@ -15,7 +15,7 @@ from bamba.model import BambaLM, init_weights
 from bamba.native import accelerate, decode_ops, dispatch, plan, quant_ops, seam
 from bamba.quant.apply import quantize_model
 from bamba.quant.embedding import QuantizedEmbedding
-from bamba.quant.formats import int8_activations, make_scheme, pack_ints
+from bamba.quant.formats import int8_activations, make_scheme, pack_ints, pack_six_bits
 from bamba.quant.linear import QuantizedLinear
 
 pytestmark = pytest.mark.skipif(
@@ -642,30 +642,32 @@ def _assert_every_path_reads_as_the_reference(monkeypatch, layer: QuantizedLinea
 
 # K tables (GGUF's K-quant scales in two levels, bamba.quant.formats.k_table): with offsets,
 # int4 holding a block's u as q = u - 8 (Q4_K), int8 holding u itself (Q5_K); without, int8 in
-# groups of 16 holding q = u - 32 under signed sc bytes (Q6_K)
-K_FORMATS = {"int4": (-8, 8), "int8": (0, 32), "q6_k": (-32, 32)}
+# groups of 16 holding q = u - 32 under signed sc bytes (Q6_K), as int8 bytes or in 6 bits
+K_FORMATS = {"int4": (-8, 8), "int8": (0, 32), "q6_k": (-32, 32), "q6_k-six": (-32, 32)}
 
 
 def _k_layer(fmt: str, k: int = 768, n: int = 92) -> QuantizedLinear:
     """A linear with random K-table weights, as llama.cpp's K-quant blocks hold them:
     float16-valued d (and dmin) per 256 inputs, 6-bit sc and m per 32 (Q6_K: d of either sign,
     a signed byte sc per 16), random values; a bias."""
-    from bamba.quant.formats import k_table, pack_ints
+    from bamba.quant.formats import k_table
 
     g = torch.Generator().manual_seed(k + n)
-    supers, group = k // 256, 16 if fmt == "q6_k" else 32
+    q6_k = fmt.startswith("q6_k")
+    supers, group = k // 256, 16 if q6_k else 32
     d = (torch.rand(n, supers, generator=g) * 2e-3 + 1e-4).half().float()
-    if fmt == "q6_k":
+    if q6_k:
         d = d * (torch.randint(0, 2, d.shape, generator=g) * 2 - 1)
         table = k_table(d, torch.randint(-128, 128, (n, k // group), generator=g))
-        scheme = make_scheme("int8", group, two_level=True)
+        scheme = make_scheme("int8", group, two_level=True,
+                             held_bits=6 if fmt == "q6_k-six" else None)
     else:
         dmin = (torch.rand(n, supers, generator=g) * 2e-3).half().float()
         table = k_table(d, torch.randint(0, 64, (n, k // group), generator=g), dmin,
                         torch.randint(0, 64, (n, k // group), generator=g))
         scheme = make_scheme(fmt, group, symmetric=False, offsets=True, two_level=True)
     q = torch.randint(*K_FORMATS[fmt], (n, k), generator=g, dtype=torch.int8)
-    tensors = {"weight_packed": pack_ints(q, scheme.bits),
+    tensors = {"weight_packed": pack_six_bits(q) if scheme.held_bits else pack_ints(q, scheme.bits),
                "weight_shape": torch.tensor([n, k]), "weight_table": table}
     return QuantizedLinear.from_tensors(tensors, scheme, torch.randn(n))
 
@@ -680,8 +682,10 @@ def test_k_tables_are_read_by_every_native_path_as_the_reference(monkeypatch, fm
     - dmin * m, rounded once) up to float32 summation order."""
     layer = _k_layer(fmt, k=k)
     layout = quant_ops.quant_layout(layer.kernel_weights(), k)
-    assert layout.two_level and layout.offsets == (fmt != "q6_k")
-    assert layout.group == (16 if fmt == "q6_k" else 32)
+    q6_k = fmt.startswith("q6_k")
+    assert layout.two_level and layout.offsets == (not q6_k)
+    assert layout.group == (16 if q6_k else 32)
+    assert layout.format == ("int6" if fmt == "q6_k-six" else fmt if not q6_k else "int8")
     assert layout.scales is layer.weight_table and layer.weight_table.dtype == torch.uint8
     assert quant_ops.step_code(layout) is not None
     _assert_every_path_reads_as_the_reference(monkeypatch, layer, 3 if fmt == "int4" else 2)

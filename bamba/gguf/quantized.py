@@ -12,11 +12,14 @@ formats``: w = q * scale + offset). Q4_1 and Q5_1: q = u - 8 (or 16), float32 sc
 offset the rest. Q4_K and Q5_K keep their scales in two levels as stored (a K table: d and dmin
 float32 per 256 weights, sc and m a byte per 32; int4's q = u - 8, int8's q = u): 4.75 bits a
 Q4_K weight in memory where a float32 scale and offset per 32 took 6; so does Q6_K (its float32
-d per 256 and signed sc byte per 16, one half: 8.625 bits a weight held, where a float32 scale
-per 16 took 10). The weights come out as llama.cpp's own dequantization gives them (up to one
-float32 rounding of an offset). IQ4_NL and IQ4_XS pick each weight among 16 non-linear levels
-(``bamba.quant.formats.IQ4_LEVELS``) under a float16 d per 32 weights (IQ4_NL) or a d per 256 and a 6-bit signed
-scale per 32 (IQ4_XS): they load as int4 nibbles indexing those levels (a scheme with
+d per 256 and signed sc byte per 16, one half), whose values stay in their 6 bits (a scheme
+with ``held_bits`` 6: each half block's 64 bytes of low nibbles and 32 of high bit pairs, as
+``formats.pack_six_bits`` lays them): 6.625 bits a weight held, where int8 values under a
+float32 scale per 16 took 10. The weights come out as llama.cpp's own dequantization gives
+them (up to one float32 rounding of an offset). IQ4_NL and IQ4_XS pick each weight among 16
+non-linear levels (``bamba.quant.formats.IQ4_LEVELS``) under a float16 d per 32 weights
+(IQ4_NL) or a d per 256 and a 6-bit signed scale per 32 (IQ4_XS): they load as int4 nibbles
+indexing those levels (a scheme with
 ``levels``), exact, with float16 scales (IQ4_NL) or a K table of IQ4_XS's d and signed scales
 as stored (Q6_K's layout, groups of 32): 4.5 and 4.375 bits a weight held (the file's 4.5 and
 4.25).
@@ -35,7 +38,7 @@ from bamba.checkpoint_writer import to_checkpoint_name
 from bamba.quant.config import EXPERT_LINEARS, quantization_config_of
 from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import QuantizedExpertWeights, piece_target
-from bamba.quant.formats import k_table, make_scheme, pack_ints, saved_scheme
+from bamba.quant.formats import k_table, make_scheme, pack_ints, pack_six_bits, saved_scheme
 from bamba.quant.linear import QuantizedLinear
 
 GROUP = 32
@@ -49,6 +52,7 @@ KINDS = {"Q8_0": ("int8", 32, False, False), "Q4_0": ("int4", 32, False, False),
          "Q5_1": ("int8", 32, True, False), "Q5_K": ("int8", 32, True, True),
          "IQ4_NL": ("int4", 32, False, False), "IQ4_XS": ("int4", 32, False, True)}
 LEVEL_KINDS = ("IQ4_NL", "IQ4_XS")
+SIX_BIT_KINDS = ("Q6_K",)  # int8 values held in their own 6 bits (formats.pack_six_bits)
 
 
 # The scales' dtype: the block's own float16 d, or float32 for d * sc (K-quants, IQ4_XS: their
@@ -61,7 +65,8 @@ def kind_scheme(type_name: str):
     """Our scheme for GGUF block type ``type_name`` (a key of KINDS)."""
     name, group, offsets, two_level = KINDS[type_name]
     return make_scheme(name, group, symmetric=not offsets, offsets=offsets, two_level=two_level,
-                       levels=type_name in LEVEL_KINDS)
+                       levels=type_name in LEVEL_KINDS,
+                       held_bits=6 if type_name in SIX_BIT_KINDS else None)
 
 
 def _half(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -156,17 +161,13 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
         u += np.uint8(128)  # q = u, stored as u + 128
         return _int8_words(u), table, None
     elif type_name == "Q6_K":  # ql 128 bytes, qh 64 bytes, 16 int8 scales, d
-        ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)  # [half, 32-byte run, l]
-        qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)
-        low = np.stack((ql & 0x0F, ql >> 4), axis=-3)  # [half, nibble, run, l]
-        shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(2, 2, 1)  # nibble, run -> shift
-        high = (qh[..., None, :, :] >> shifts) & 3  # [half, nibble, run, l]
+        # each half (128 weights) is pack_six_bits' run: its 64 ql bytes, then its 32 qh ones
+        runs = np.concatenate((b[..., 0:64], b[..., 128:160], b[..., 64:128], b[..., 160:192]),
+                              axis=-1)
         sc = np.ascontiguousarray(b[..., 192:208]).reshape(rows, -1)  # signed bytes as stored
         table = k_table(torch.from_numpy(np.ascontiguousarray(_half(b, 208)[..., 0])),
                         torch.from_numpy(sc)).reshape(rows, -1)
-        u = low | (high << 4)
-        u += np.uint8(96)  # q = u - 32, stored as u + 96
-        return _int8_words(u), table, None
+        return torch.from_numpy(runs.reshape(rows, -1)), table, None
     elif type_name == "IQ4_NL":  # d, 16 bytes of nibbles (as Q4_0's) indexing IQ4_LEVELS
         scale = torch.from_numpy(np.ascontiguousarray(_half(b, 0)[..., 0]))
         return _packed_nibbles(b[..., 2:]), scale, None
@@ -228,6 +229,12 @@ def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
     has them; with offsets ``weight_table``, scales and offsets [rows, 2, groups]) for q (int8
     values, or int4's packed words), scale and offset, of a block type of KINDS."""
     scheme = kind_scheme(type_name)
+    if scheme.held_bits:  # bytes in pack_six_bits' layout, as decode_blocks makes them
+        q = q if q.dtype == torch.uint8 else pack_six_bits(q)
+        tensors = {"weight_packed": q, "weight_shape": torch.tensor(
+            [q.shape[0], q.shape[1] // 3 * 4], dtype=torch.int64)}
+        tensors["weight_table"] = scale.reshape(q.shape[0], 1, -1)
+        return tensors
     packed = q.dtype == torch.int32  # packed words, as decode_blocks makes some
     tensors = {"weight_packed": q if packed else pack_ints(q, scheme.bits),
                "weight_shape": torch.tensor([q.shape[0],

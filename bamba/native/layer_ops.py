@@ -54,7 +54,7 @@ _SLOT = {"gate": 0, "up": 1, "down": 2, "in_proj": 3, "out_proj": 4, "q": 3, "k"
 _INPUT_WIDTH = {"in_proj": "hidden", "out_proj": "d_inner", "gate": "hidden", "up": "hidden",
                 "down": "ffn", "q": "hidden", "k": "hidden", "v": "hidden"}
 FORMAT_BITS = 9  # layer_step.c's, a linear's field of the formats word
-_QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int32: "int", torch.uint8: "iq4"}
+_QUANT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.int32: "int", torch.uint8: "bytes"}
 
 # Tensors that must be in the layer's dtype (dense linear weights and biases); the others (norm
 # weights, conv, dt_bias, A_log, D) may also be float32 in a bf16 layer. Quantized weights and
@@ -101,6 +101,8 @@ def linear_formats(tensors: list[torch.Tensor | None], names: tuple[str, ...],
         kind = _QUANT_DTYPES.get(weight.dtype)
         if kind == "int":
             kind = "int4" if weight.dim() == 2 and weight.shape[1] * 8 == k else "int8"
+        elif kind == "bytes":  # nibbles of IQ4's levels, or six bits a value
+            kind = "iq4" if weight.dim() == 2 and weight.shape[1] * 2 == k else "int6"
         layout = None if kind is None else \
             quant_ops.quant_layout(LinearWeights(kind, weight, None, scales), k)
         code = None if layout is None else quant_ops.step_code(layout)

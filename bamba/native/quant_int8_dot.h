@@ -8,8 +8,9 @@
  * q = round-half-even(x / s) in [-127, 127] (bamba.quant.formats.int8_activations is the
  * torch reference). The weights are read as stored (quant_rows.h), unsigned, which is what
  * `vpdpbusd` multiplies: int8 bytes hold q_w + 128, int4 nibbles q_w + 8 (a byte's low and
- * high nibbles are masked into two vectors of bytes), and iq4's nibbles become their levels +
- * 128 in one `vpshufb` each, as int8's bytes. The offset's products (128, or 8, times
+ * high nibbles are masked into two vectors of bytes), iq4's nibbles become their levels +
+ * 128 in one `vpshufb` each, as int8's bytes, and int6's chunks their u = q + 32
+ * (int6_chunk). The offset's products (128, 32 or 8, times
  * the sum of a lane's activations) are subtracted by starting each lane's integer sum at minus
  * them. A chunk of 64 weight bytes (64 int8 inputs, 128 int4 ones) gives 16 int32 lanes, lane
  * i the exact dot product over its inputs (int8: 4i..4i+3; int4: 8i..8i+7, the even ones
@@ -110,7 +111,9 @@ static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, 
  * with no tile at all the bench shape's (k 512 to 1792) took 4.17 against 3.66 with it, and with
  * this bound it is as fast as with the tile everywhere (1.01x). K tables take the tile at every
  * width: their rows do more arithmetic a byte, which four chains hide (a [2048, 1536] Q4_K
- * linear from memory at one row: 80 us one row at a time, 70 four). */
+ * linear from memory at one row: 80 us one row at a time, 70 four); so do int6's, whose
+ * 6 bits are unpacked (int6_chunk): the h-1b shape's Q6_K file at batch 1 0.73x the int8
+ * layout's speed one row at a time, 0.86x four (benchmarks/README.md#q6_k-in-6-bits). */
 enum { FOUR_ROW_MAX_K = 1024 };
 
 /* out[r * J + j] = x_r . w_{n+j} for R prepared rows (row_bytes apart) and J weight rows,
@@ -155,7 +158,8 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
         for (int j = 0; j < J; j++) { /* a chunk's weights: bytes, or two nibble halves */
             const char *wc = w + j * wrow + c * 64;
             _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
-            const __m512i bytes = _mm512_loadu_si512(wc);
+            const __m512i bytes = format == FORMAT_INT6 ? int6_chunk(w + j * wrow, c)
+                                                        : _mm512_loadu_si512(wc);
             low[j] = nibbles(format) ? _mm512_and_si512(bytes, nibble) : bytes;
             high[j] = nibbles(format)
                 ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
@@ -215,42 +219,38 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
     default: int8_tile(L, t, F, GROUP_OF_CHUNKS, xq, n, R, J, out); break;              \
     }
 
-/* One body per span and nibble format: four int4 or iq4 weight rows against one prepared
+/* One body per span and format: four int4, iq4 or int6 weight rows against one prepared
  * row. */
 __attribute__((noinline)) static void int4_dots_four(const LinearWeights *L, const QuantTables *t,
                                                      const char *xq, int64_t n, float *out) {
     if (L->format == FORMAT_IQ4) {
         INT8_SPANS(FORMAT_IQ4, 1, INT8_TILE_WEIGHT_ROWS)
+    } else if (L->format == FORMAT_INT6) {
+        INT8_SPANS(FORMAT_INT6, 1, INT8_TILE_WEIGHT_ROWS)
     } else {
         INT8_SPANS(FORMAT_INT4, 1, INT8_TILE_WEIGHT_ROWS)
     }
 }
 
-/* One unrolled body per format, span and row count (int8: 1 or 2, int4 and iq4: 1 to 3). */
+/* Bodies of 1 to R_MAX rows of format F (compile-time). */
+#define INT8_ROWS(F, R_MAX)                                                           \
+    switch (R < R_MAX ? R : R_MAX) {                                                  \
+    case 1: INT8_SPANS(F, 1, 1) break;                                                \
+    case 2: INT8_SPANS(F, 2, 1) break;                                                \
+    default: INT8_SPANS(F, 3, 1) break;                                               \
+    }
+
+/* One unrolled body per format, span and row count (int8, int6: 1 or 2; int4, iq4: 1 to 3). */
 __attribute__((noinline)) static void int8_dots(const LinearWeights *L, const QuantTables *t,
                                                 const char *xq, int64_t n, int R, float *out) {
-    if (L->format == FORMAT_INT8) {
-        if (R == 1) {
-            INT8_SPANS(FORMAT_INT8, 1, 1)
-        } else {
-            INT8_SPANS(FORMAT_INT8, 2, 1)
-        }
-        return;
-    }
-    if (L->format == FORMAT_IQ4) {
-        switch (R) {
-        case 1: INT8_SPANS(FORMAT_IQ4, 1, 1) break;
-        case 2: INT8_SPANS(FORMAT_IQ4, 2, 1) break;
-        default: INT8_SPANS(FORMAT_IQ4, 3, 1) break;
-        }
-        return;
-    }
-    switch (R) {
-    case 1: INT8_SPANS(FORMAT_INT4, 1, 1) break;
-    case 2: INT8_SPANS(FORMAT_INT4, 2, 1) break;
-    default: INT8_SPANS(FORMAT_INT4, 3, 1) break;
+    switch (L->format) {
+    case FORMAT_INT8: INT8_ROWS(FORMAT_INT8, 2) break;
+    case FORMAT_INT6: INT8_ROWS(FORMAT_INT6, 2) break;
+    case FORMAT_IQ4: INT8_ROWS(FORMAT_IQ4, 3) break;
+    default: INT8_ROWS(FORMAT_INT4, 3) break;
     }
 }
+#undef INT8_ROWS
 #undef INT8_SPANS
 #endif
 #endif

@@ -25,9 +25,9 @@ from bamba.huge_pages import huge_page_buffer
 from bamba.linear_protocol import LinearWeights
 from bamba.native import library
 
-FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3, "iq4": 4}  # dot_rows.h's FORMAT_* enum
-_BITS = {"fp8": 8, "int8": 8, "int4": 4, "iq4": 4}
-_STORED = {"fp8": torch.float8_e4m3fn, "iq4": torch.uint8}  # else int32 words
+FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3, "iq4": 4, "int6": 5}  # dot_rows.h's FORMAT_*
+_BITS = {"fp8": 8, "int8": 8, "int4": 4, "iq4": 4, "int6": 6}
+_STORED = {"fp8": torch.float8_e4m3fn, "iq4": torch.uint8, "int6": torch.uint8}  # else int32
 SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dot_rows.h's SCALE_*
 SCALE_F32_OFFSETS = 3  # asymmetric ints: float32, a row's scales, then its offsets
 SCALE_K_OFFSETS = 4  # K tables (bytes: two-level scales, then offsets: GGUF's Q4_K, Q5_K)
@@ -101,14 +101,15 @@ def quant_layout(w: LinearWeights, k: int) -> QuantLayout | None:
 def _k_table_layout(format: str, weight: torch.Tensor, table: torch.Tensor, n: int,
                     k: int) -> QuantLayout | None:
     """A K table's layout: [n, 2, 4 * k / 256 + k / 32] bytes (groups of 32 inputs, offsets),
-    or int8's [n, 1, 4 * k / 256 + k / 16] (groups of 16, none), or iq4's [n, 1, 4 * k / 256 +
-    k / 32]."""
+    or int8's and int6's [n, 1, 4 * k / 256 + k / 16] (groups of 16, none), or iq4's [n, 1,
+    4 * k / 256 + k / 32]."""
     if format == "fp8" or k % K_SUPER or table.dim() != 3:
         return None
     halves = table.shape[1]
     group = 32 if halves == 2 or format == "iq4" else 16
     if table.shape != (n, halves, 4 * (k // K_SUPER) + k // group) or \
-            (halves == 1 and format not in ("int8", "iq4")) or (halves == 2 and format == "iq4"):
+            (halves == 1 and format not in ("int8", "iq4", "int6")) or \
+            (halves == 2 and format in ("iq4", "int6")):
         return None
     return QuantLayout(format, weight, table, n, k, group, halves * table.shape[2], halves == 2,
                        True)

@@ -6,6 +6,10 @@
  *   int4: bytes [n, k / 2], byte i holding element 2i (q + 8) in its low nibble and 2i + 1 in
  *         its high one;
  *   iq4:  int4's bytes, each nibble an index into IQ4's 16 levels (iq4_levels: q = level);
+ *   int6: q in [-32, 31] as u = q + 32 in 6 bits, 96 bytes per 128 inputs: 64 bytes of low
+ *         nibbles (byte i: input i, and input i + 64 in its high nibble), then 32 of high bit
+ *         pairs (byte l: inputs l, l + 32, l + 64, l + 96 in bits 0-1, 2-3, 4-5, 6-7), GGUF's
+ *         Q6_K's own bytes; read as int8's chunks of 64 inputs (int6_chunk);
  *
  * w = q * scale, one float32 or bf16 scale per `group` inputs of a row (`scale_stride` scales
  * a row; 0: one scale for the whole matrix). Asymmetric ints (SCALE_F32_OFFSETS) add an
@@ -44,11 +48,16 @@ enum { QUANT_K_MULTIPLE = 128 };
 static inline int nibbles(int format) { return format == FORMAT_INT4 || format == FORMAT_IQ4; }
 
 /* What a stored unsigned value adds to its q, as the integer products read it: int4's nibble
- * q + 8; an int8 byte q + 128, and an iq4 nibble's level looked up as the byte level + 128. */
-static inline int stored_offset(int format) { return format == FORMAT_INT4 ? 8 : 128; }
+ * q + 8, int6's u = q + 32; an int8 byte q + 128, and an iq4 nibble's level looked up as the
+ * byte level + 128. */
+static inline int stored_offset(int format) {
+    return format == FORMAT_INT4 ? 8 : format == FORMAT_INT6 ? 32 : 128;
+}
 
 /* Whether the format is an integer one (integer products take it). */
-static inline int int_format(int format) { return format == FORMAT_INT8 || nibbles(format); }
+static inline int int_format(int format) {
+    return format == FORMAT_INT8 || format == FORMAT_INT6 || nibbles(format);
+}
 
 /* IQ4_NL's and IQ4_XS's levels (llama.cpp's kvalues_iq4nl), indexed by an iq4 nibble. */
 static const int8_t iq4_levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
@@ -59,8 +68,11 @@ static inline int64_t quant_chunk(int format) {
 }
 
 static inline int64_t quant_row_bytes(int format, int64_t k) {
-    return nibbles(format) ? k / 2 : k;
+    return nibbles(format) ? k / 2 : format == FORMAT_INT6 ? k / 4 * 3 : k;
 }
+
+/* Bytes of a pair of int6 chunks (128 inputs). */
+enum { INT6_PAIR_BYTES = 96 };
 
 /* Whether the kernels take this format at width k with `group` inputs per scale: a chunk's 16
  * float32 lanes each cover chunk / 16 inputs, so a group spans whole lanes or whole chunks. */
@@ -70,7 +82,7 @@ static inline int quant_supported(int format, int64_t k, int64_t group) {
 #ifndef __AVX512VBMI__
     if (!nibbles(format)) return 0; /* byte tables need vpermi2b */
 #endif
-    if (format < FORMAT_FP8 || format > FORMAT_IQ4 || group < 1 || k % QUANT_K_MULTIPLE != 0 ||
+    if (format < FORMAT_FP8 || format > FORMAT_INT6 || group < 1 || k % QUANT_K_MULTIPLE != 0 ||
         k % group != 0)
         return 0;
     return group % chunk == 0 || (chunk % group == 0 && group % (chunk / 16) == 0);
@@ -220,6 +232,7 @@ typedef struct { /* what a call's chunk loop needs of the format, set up once */
     __m512 codes;      /* a nibble's value as float32 (lane i: nibble i) */
     __m512i code_bytes; /* vpshufb table: an iq4 nibble -> its level + 128 (each 128 bits) */
     __m512i byte_high[2], byte_low[2]; /* vpermi2b tables: magnitude -> bf16 bytes */
+    __m512i six_high, six_low; /* vpermb tables: int6's u -> bf16 bytes of q = u - 32 */
     __m512i lanes;     /* float32 lane -> scale index within a chunk (groups smaller than it) */
     int64_t chunk, groups_per_chunk; /* groups_per_chunk 0: a chunk lies inside one group */
 } QuantTables;
@@ -232,6 +245,7 @@ static uint16_t nibble_bf16[2][32]; /* [int4, iq4] */
 static float nibble_values[2][16];
 static uint8_t iq4_bytes[64];
 static uint8_t magnitude_bf16[2][2][128]; /* [fp8, int8][high, low][magnitude] */
+static uint8_t six_bf16[2][64];            /* [high, low][u] */
 
 __attribute__((constructor)) static void fill_quant_tables(void) {
     for (int i = 0; i < 16; i++) {
@@ -240,7 +254,12 @@ __attribute__((constructor)) static void fill_quant_tables(void) {
     }
     for (int f = 0; f < 2; f++)
         for (int i = 0; i < 32; i++) nibble_bf16[f][i] = float_to_bf16(nibble_values[f][i & 15]);
-    for (int i = 0; i < 64; i++) iq4_bytes[i] = (uint8_t)(iq4_levels[i & 15] + 128);
+    for (int i = 0; i < 64; i++) {
+        iq4_bytes[i] = (uint8_t)(iq4_levels[i & 15] + 128);
+        const uint16_t bits = float_to_bf16((float)(i - 32));
+        six_bf16[0][i] = (uint8_t)(bits >> 8);
+        six_bf16[1][i] = (uint8_t)bits;
+    }
     for (int b = 0; b < 128; b++)
         for (int f = 0; f < 2; f++) {
             const uint16_t bits = float_to_bf16(f == 0 ? e4m3_value(b) : (float)b);
@@ -256,6 +275,8 @@ static QuantTables quant_tables(const LinearWeights *L) {
     t.low = _mm512_loadu_si512(nibble_bf16[iq4]);
     t.codes = _mm512_loadu_ps(nibble_values[iq4]);
     t.code_bytes = _mm512_loadu_si512(iq4_bytes);
+    t.six_high = _mm512_loadu_si512(six_bf16[0]);
+    t.six_low = _mm512_loadu_si512(six_bf16[1]);
     const int f = L->format == FORMAT_INT8;
     for (int i = 0; i < 2; i++) {
         t.byte_high[i] = _mm512_loadu_si512(magnitude_bf16[f][0] + 64 * i);
@@ -379,11 +400,48 @@ static inline void nibble_lookup(__m512i words, __m512i table, __m512i v[4]) {
         v[q] = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4 * q), table);
 }
 
-/* A chunk's weights as bf16 vectors v[0..3] (fp8 and int8: v[0] and v[1]). */
+/* Chunk c (64 inputs) of an int6 row as 64 bytes u = q + 32, in input order (int8's): the
+ * pair's low nibbles (c even) or high ones (c odd), under each input's bit pair from the 32
+ * bytes after them, moved to bits 4-5 of its byte (its quarter q of the pair holds it at bits
+ * 2q, 2q + 1: shifted left by 4 - 2q or right by 2q - 4, one variable shift per half). */
+static inline __m512i int6_chunk(const char *row, int64_t c) {
+    const char *pair = row + (c >> 1) * INT6_PAIR_BYTES;
+    const __m512i low = _mm512_loadu_si512(pair);
+    const __m512i high = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(pair + 64)));
+    const __mmask32 second = (__mmask32)0xFFFF0000u; /* words of inputs 32-63 */
+    const __m512i nibble = (c & 1) ? _mm512_srli_epi16(low, 4) : low;
+    const __m512i bits = (c & 1)
+        ? _mm512_srlv_epi16(high, _mm512_maskz_set1_epi16(second, 2))               /* 0, 2 */
+        : _mm512_sllv_epi16(high, _mm512_mask_set1_epi16(_mm512_set1_epi16(4), second, 2));
+    return _mm512_and_si512( /* bits 0-3 the nibble's, 4-5 the pair's */
+        _mm512_ternarylogic_epi32(nibble, bits, _mm512_set1_epi8(0x0F), 0xE4),
+        _mm512_set1_epi8(0x3F));
+}
+
+/* Input e of an int6 row as q (the scalar int6_chunk). */
+static inline int int6_value(const uint8_t *row, int64_t e) {
+    const uint8_t *pair = row + e / 128 * INT6_PAIR_BYTES;
+    const int64_t i = e % 128;
+    const int nibble = (pair[i % 64] >> (i < 64 ? 0 : 4)) & 15;
+    return (nibble | ((pair[64 + i % 32] >> (2 * (i / 32))) & 3) << 4) - 32;
+}
+
+/* Chunk c of a row at w as bf16 vectors v[0..3] (fp8 and int8: v[0] and v[1]). */
 static inline __attribute__((always_inline)) void dequantize_chunk(int format, const char *w,
+                                                                    int64_t c,
                                                                     const QuantTables *t,
                                                                     __m512i v[4]) {
-    const __m512i words = _mm512_loadu_si512(w);
+#ifdef __AVX512VBMI__
+    if (format == FORMAT_INT6) { /* u's bf16 bytes looked up, paired as int8's below */
+        const __m512i u = int6_chunk(w, c);
+        const __m512i high = _mm512_permutexvar_epi8(u, t->six_high);
+        const __m512i low = _mm512_permutexvar_epi8(u, t->six_low);
+        v[0] = _mm512_unpacklo_epi8(low, high);
+        v[1] = _mm512_unpackhi_epi8(low, high);
+        return;
+    }
+#endif
+    const __m512i words = _mm512_loadu_si512(w + c * 64);
     if (nibbles(format)) {
         nibble_lookup(words, t->low, v);
         return;
@@ -455,7 +513,7 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
     for (int64_t c = 0, left = per_group; c < chunks; c++) {
         _mm_prefetch(w + c * bytes + PREFETCH_BYTES, _MM_HINT_T1);
         __m512i v[4];
-        dequantize_chunk(format, w + c * bytes, t, v);
+        dequantize_chunk(format, w, c, t, v);
         for (int r = 0; r < R; r++) chunk_dot(format, xp + r * k + c * chunk, v, &a[r], &b[r]);
         if (--left) continue; /* the group goes on */
         left = per_group;
@@ -505,6 +563,8 @@ __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const Q
         QUANT_ROWS(FORMAT_IQ4)
     } else if (L->format == FORMAT_INT8) {
         QUANT_ROWS(FORMAT_INT8)
+    } else if (L->format == FORMAT_INT6) {
+        QUANT_ROWS(FORMAT_INT6)
     } else {
         QUANT_ROWS(FORMAT_FP8)
     }
@@ -549,7 +609,7 @@ static inline __attribute__((always_inline)) void paired_tile(const LinearWeight
             const char *wc = w + j * wrow + c * 64;
             _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
             if (!int4) {
-                dequantize_chunk(format, wc, t, v[j]);
+                dequantize_chunk(format, w + j * wrow, c, t, v[j]);
                 continue;
             }
             nibble_lookup(_mm512_loadu_si512(wc), table[j], v[j]);
@@ -576,7 +636,8 @@ static inline __attribute__((always_inline)) void paired_tile(const LinearWeight
 
 /* Whether paired_tile takes this layout. */
 static inline int paired_layout(const LinearWeights *L, const QuantTables *t) {
-    return nibbles(L->format) ? !t->groups_per_chunk : L->group == L->k;
+    return nibbles(L->format) ? !t->groups_per_chunk
+                              : L->group == L->k && L->format != FORMAT_INT6;
 }
 
 #define PAIRED_ROWS(F, J)                                          \
@@ -627,6 +688,19 @@ static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
         const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
         const __m512i q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
         return _mm512_permutexvar_ps(q, _mm512_loadu_ps(nibble_values[format == FORMAT_IQ4]));
+    }
+    if (format == FORMAT_INT6) { /* (e0 a multiple of 16) */
+        const uint8_t *pair = w + e0 / 128 * INT6_PAIR_BYTES;
+        const int64_t i = e0 % 128;
+        const __m128i nibble = _mm_and_si128(
+            _mm_srli_epi16(_mm_loadu_si128((const __m128i *)(pair + i % 64)), i < 64 ? 0 : 4),
+            _mm_set1_epi8(15));
+        const __m128i bits = _mm_and_si128(
+            _mm_srli_epi16(_mm_loadu_si128((const __m128i *)(pair + 64 + i % 32)),
+                           (int)(2 * (i / 32))), _mm_set1_epi8(3));
+        return _mm512_cvtepi32_ps(_mm512_sub_epi32(
+            _mm512_cvtepu8_epi32(_mm_or_si128(nibble, _mm_slli_epi16(bits, 4))),
+            _mm512_set1_epi32(32)));
     }
     if (format == FORMAT_INT8)
         return _mm512_cvtepi32_ps(_mm512_sub_epi32(
@@ -890,9 +964,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     int64_t n = n_begin;
 #ifdef HAVE_INT8_DOT
     const int64_t J = INT8_TILE_WEIGHT_ROWS;
-    for (; xp != NULL && int8_dot && M == 1 && nibbles(L->format) &&
+    for (; xp != NULL && int8_dot && M == 1 && (nibbles(L->format) || L->format == FORMAT_INT6) &&
            (L->k <= FOUR_ROW_MAX_K || two_level(L->scale_kind)) && n + J <= n_end;
-         n += J) { /* int4's and iq4's batch-1 decode */
+         n += J) { /* int4's, iq4's and int6's batch-1 decode */
         float out[INT8_TILE_WEIGHT_ROWS];
         int4_dots_four(L, &t, (const char *)xp, n, out);
         for (int j = 0; j < J; j++) {
@@ -1004,6 +1078,9 @@ static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_e
                     row[j] = fmaf(values[b & 15], scale, offset);
                     row[j + 1] = fmaf(values[b >> 4], scale, offset);
                 }
+            else if (L->format == FORMAT_INT6)
+                for (int64_t j = i; j < piece; j++)
+                    row[j] = fmaf((float)int6_value(w, g0 + j), scale, offset);
             else
                 for (int64_t j = i; j < piece; j++) row[j] = fmaf(values[w[g0 + j]], scale, offset);
             if (out_bf16)

@@ -203,7 +203,7 @@ def stored_ints(model: nn.Module, name: str
     if not scheme.packed or not scheme.symmetric or \
             tuple(module.weight_scale.shape) != (rows, groups):  # zero points or offsets
         return None
-    if scheme.levels:  # IQ4's levels: int8 values
+    if scheme.levels or scheme.held_bits:  # IQ4's levels, 6-bit values: int8 values
         q, scheme = quantized_values(module.quantized_tensors(), scheme).to(torch.int8), \
             saved_scheme(scheme)
     else:

@@ -15,6 +15,8 @@ an integer zero point zp per scale. Tensors (in memory == on disk):
   [N, G] packed the same way down the columns (``pack_to_int32(..., packed_dim=0)``).
 - int4 with ``levels`` (GGUF's IQ4_NL, IQ4_XS; in memory only): ``weight_packed`` uint8
   [N, K / 2], int4's nibbles as bytes, each an index into ``IQ4_LEVELS``; saved as int8.
+- int8 with ``held_bits`` 6 (GGUF's Q6_K; in memory only): ``weight_packed`` uint8 [N, 3K / 4],
+  values in [-32, 31] in ``pack_six_bits``' layout (Q6_K's own bytes); saved as int8.
 
 Scales take the weight's dtype (llm-compressor writes the model's dtype).
 """
@@ -46,13 +48,15 @@ class QuantScheme(NamedTuple):
     lanes of 4 products within int16). With ``levels`` an int4 weight's nibbles index
     ``IQ4_LEVELS``, w = level * scale (GGUF's IQ4_NL and IQ4_XS), which compressed-tensors
     cannot hold either: a checkpoint stores such weights as their int8 values
-    (``saved_scheme``)."""
+    (``saved_scheme``). ``held_bits`` 6 holds int8 values in [-32, 31] in 6 bits a value
+    (``pack_six_bits``: GGUF's Q6_K), saved as int8 alike."""
     name: str
     group_size: int | None = None
     symmetric: bool = True
     offsets: bool = False
     two_level: bool = False
     levels: bool = False
+    held_bits: int | None = None
 
     @property
     def zero_points(self) -> bool:
@@ -78,9 +82,12 @@ class QuantScheme(NamedTuple):
 
 
 def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True,
-                offsets: bool = False, two_level: bool = False, levels: bool = False
-                ) -> QuantScheme:
+                offsets: bool = False, two_level: bool = False, levels: bool = False,
+                held_bits: int | None = None) -> QuantScheme:
     """A checked scheme (ValueError naming what is wrong)."""
+    if held_bits is not None and (held_bits != 6 or name != "int8" or not symmetric):
+        raise ValueError(f"values held in fewer bits are int8's in 6 bits, symmetric (GGUF's "
+                         f"Q6_K), not {name} in {held_bits}")
     if levels and (name != "int4" or not symmetric or group_size is None or
                    (two_level and group_size != K_GROUP)):
         raise ValueError(f"IQ4's levels index int4 nibbles in groups, symmetric (two-level "
@@ -102,14 +109,15 @@ def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True
         raise ValueError("fp8 weights are symmetric (zero points are for int8 and int4)")
     if offsets and symmetric:
         raise ValueError("offsets make a scheme asymmetric: pass symmetric=False")
-    return QuantScheme(name, group_size, symmetric, offsets, two_level, levels)
+    return QuantScheme(name, group_size, symmetric, offsets, two_level, levels, held_bits)
 
 
 def saved_scheme(scheme: QuantScheme) -> QuantScheme:
-    """The scheme a checkpoint describes a weight held in ``scheme`` with: IQ4's levels as
-    int8 values (exact); a K table without offsets as its float32 scales."""
+    """The scheme a checkpoint describes a weight held in ``scheme`` with: IQ4's levels and
+    6-bit values as int8 values (exact); a K table without offsets as its float32 scales."""
     if scheme.levels:
         return QuantScheme("int8", scheme.group_size)
+    scheme = scheme._replace(held_bits=None)
     return scheme._replace(two_level=False) if not scheme.offsets else scheme
 
 
@@ -269,6 +277,8 @@ def quantized_values(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> t
     if scheme.levels:  # bytes of nibbles, each a level's index
         codes = unpack_ints(tensors["weight_packed"].view(torch.int32), 4, k).long() + 8
         return torch.tensor(IQ4_LEVELS, dtype=torch.float32)[codes]
+    if scheme.held_bits:
+        return unpack_six_bits(tensors["weight_packed"], k).float()
     return unpack_ints(tensors["weight_packed"], scheme.bits, k).float()
 
 
@@ -349,6 +359,35 @@ def _pack_bytes(q: torch.Tensor, bits: int) -> torch.Tensor:
         unsigned = (unsigned[:, 0::2] & 0x0F) | (unsigned[:, 1::2] << 4)
     unsigned = torch.nn.functional.pad(unsigned, (0, -unsigned.shape[1] % 4))
     return unsigned.contiguous().reshape(-1).view(torch.int32).reshape(n, unsigned.shape[1] // 4)
+
+
+SIX_BIT_BLOCK = 128  # inputs of one run of int6 bytes: 64 of low nibbles, 32 of high pairs
+
+
+def pack_six_bits(q: torch.Tensor) -> torch.Tensor:
+    """int8 values [N, K] in [-32, 31] (K a multiple of 128) as uint8 [N, 3K / 4], u = q + 32
+    in 96 bytes per 128 inputs: 64 bytes of low nibbles (byte i: input i, and input i + 64 in
+    its high nibble), then 32 of high bit pairs (byte l: inputs l, l + 32, l + 64, l + 96 in
+    bits 0-1, 2-3, 4-5, 6-7); GGUF's Q6_K blocks hold their halves so."""
+    n, k = q.shape
+    u = (q.to(torch.int16) + 32).to(torch.uint8).reshape(n, k // SIX_BIT_BLOCK, SIX_BIT_BLOCK)
+    low = (u[..., :64] & 15) | ((u[..., 64:] & 15) << 4)
+    pairs = (u >> 4).reshape(n, k // SIX_BIT_BLOCK, 4, 32)  # [.., quarter, l]
+    high = pairs[..., 0, :] | (pairs[..., 1, :] << 2) | (pairs[..., 2, :] << 4) | \
+        (pairs[..., 3, :] << 6)
+    return torch.cat([low, high], dim=-1).reshape(n, k // 4 * 3)
+
+
+def unpack_six_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of ``pack_six_bits``: int8 [N, k]."""
+    n = packed.shape[0]
+    runs = packed.reshape(n, k // SIX_BIT_BLOCK, 96)
+    low, high = runs[..., :64], runs[..., 64:]
+    nibbles = torch.cat([low & 15, low >> 4], dim=-1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)
+    pairs = (high.unsqueeze(-2) >> shifts) & 3  # [.., quarter, l]
+    u = nibbles | (pairs.reshape(n, k // SIX_BIT_BLOCK, SIX_BIT_BLOCK) << 4)
+    return (u.to(torch.int16) - 32).to(torch.int8).reshape(n, k)
 
 
 def pack_zero_points(zero_point: torch.Tensor, bits: int) -> torch.Tensor:

@@ -22,15 +22,17 @@ class QuantizedWeights(nn.Module):
     for asymmetric ones; with offsets ``weight_table`` float32 [rows, 2, groups] of scales and
     offsets in place of ``weight_scale``, with two-level scales a K table, uint8 [rows, 2,
     width], or [rows, 1, width] without offsets; with ``levels`` the nibbles as bytes, uint8
-    [rows, cols / 2]); zeros until loaded, one scale [1] when ``per_tensor``."""
+    [rows, cols / 2], with 6 ``held_bits`` uint8 [rows, 3 cols / 4]); zeros until loaded, one
+    scale [1] when ``per_tensor``."""
 
     def __init__(self, rows: int, cols: int, scheme: QuantScheme,
                  scale_dtype: torch.dtype = torch.bfloat16, per_tensor: bool = False) -> None:
         super().__init__()
         self.scheme = scheme
         self.dense_shape = (rows, cols)
-        if scheme.levels:
-            self.register_buffer("weight_packed", torch.zeros(rows, cols // 2, dtype=torch.uint8))
+        if scheme.levels or scheme.held_bits:  # nibbles, or six bits, as bytes
+            width = cols // 2 if scheme.levels else cols // 4 * 3
+            self.register_buffer("weight_packed", torch.zeros(rows, width, dtype=torch.uint8))
             self.register_buffer("weight_shape", torch.tensor([rows, cols], dtype=torch.int64))
         elif scheme.packed:
             self.register_buffer("weight_packed",
@@ -75,10 +77,10 @@ class QuantizedWeights(nn.Module):
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a compressed-tensors checkpoint holds for it (``saved_scheme``'s):
         ``quantized_tensors()``, but a K table without offsets (Q6_K's) as the float32
-        ``weight_scale`` d * sc it stands for, and IQ4's levels as int8 values (both exact),
-        which compressed-tensors can describe."""
+        ``weight_scale`` d * sc it stands for, and IQ4's levels and 6-bit values as int8
+        values (both exact), which compressed-tensors can describe."""
         tensors = self.quantized_tensors()
-        if self.scheme.levels:
+        if self.scheme.levels or self.scheme.held_bits:
             values = quantized_values(tensors, self.scheme).to(torch.int8)
             tensors["weight_packed"] = pack_ints(values, 8)
         if self.scheme.two_level and not self.scheme.offsets:
@@ -95,10 +97,11 @@ class QuantizedWeights(nn.Module):
         if self.scheme.levels:
             return LinearWeights("iq4", data, None, self.weight_table if self.scheme.two_level
                                  else self.weight_scale)
+        name = "int6" if self.scheme.held_bits else self.scheme.name
         if self.scheme.offsets or self.scheme.two_level:  # weight_table: float32, or a K table
-            return LinearWeights(self.scheme.name, data, None, self.weight_table)
+            return LinearWeights(name, data, None, self.weight_table)
         if self.scheme.symmetric:
-            return LinearWeights(self.scheme.name, data, None, self.weight_scale)
+            return LinearWeights(name, data, None, self.weight_scale)
         return LinearWeights(self.scheme.name, data, None, self._zero_point_table())
 
     def _zero_point_table(self) -> torch.Tensor:
@@ -128,6 +131,7 @@ class QuantizedWeights(nn.Module):
         group = "channel" if self.scheme.group_size is None else f"group {self.scheme.group_size}"
         extras = (", two-level" if self.scheme.two_level else "") + \
             (", IQ4 levels" if self.scheme.levels else "") + \
+            (f", held in {self.scheme.held_bits} bits" if self.scheme.held_bits else "") + \
             (", offsets" if self.scheme.offsets else ", zero points" if self.scheme.zero_points
              else "")
         return f"scheme={self.scheme.name} ({group}{extras})"
