@@ -12,10 +12,11 @@ DENSE = "dense"  # a weight [out, in] in the activations' dtype
 
 
 class LinearWeights(NamedTuple):
-    """A linear's format ("dense", "fp8", "int8", "int4", "iq4", "int6") and tensors:
+    """A linear's format ("dense", "fp8", "int8", "int4", "iq4", "int6", "int5") and tensors:
     ``weight`` is the dense or fp8 weight [N, K], the packed int32 words [N, K * bits / 32],
-    iq4's bytes of nibbles [N, K / 2] (indices into IQ4's levels) or int6's bytes [N, 3K / 4]
-    (``bamba.quant.formats.pack_six_bits``); ``scales`` [N, G] (one
+    iq4's bytes of nibbles [N, K / 2] (indices into IQ4's levels) or int6's and int5's bytes
+    [N, bits * K / 8] (``bamba.quant.formats.pack_six_bits``, ``pack_five_bits``); ``scales``
+    [N, G] (one
     per output channel when G == 1, else one per group of K // G inputs) for the quantized
     formats; asymmetric ints give float32 [N, 2, G] instead: a row's G scales, then its G
     offsets, w = q * scale + offset."""

@@ -16,8 +16,9 @@ before they stayed in their blocks); ``--flat-scales`` each one with its two-lev
 ``--dense-table`` each one with its quantized token table, and a head tied to it, dequantized
 to bf16 (how a GGUF file's tied table loaded before the head read its blocks);
 ``--int8-values`` each one with the weights it holds in fewer bits than their int8 values
-(IQ4_NL's and IQ4_XS's nibbles indexing their levels, Q6_K's 6 bits) as those int8 values (how
-such files loaded before: Q6_K's under its K table, IQ4's under float scales).
+(IQ4_NL's and IQ4_XS's nibbles indexing their levels, Q6_K's 6 bits, Q5_K's 5) as those int8
+values (how such files loaded before: Q6_K's and Q5_K's under their K tables, IQ4's under float
+scales).
 ``--llama-bench`` has llama.cpp's ``llama-bench`` decode (batch 1) and prefill each GGUF file
 in every turn too, right after bamba's turn on it (the same bytes on both sides, the same
 memory spell). Prints and (with --output) writes each
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
                              "head tied to it) dequantized to bf16")
     parser.add_argument("--int8-values", action="store_true",
                         help="also time each checkpoint with its IQ4 nibbles (a GGUF file's "
-                             "IQ4_NL / IQ4_XS) and 6-bit values (Q6_K) as int8 values")
+                             "IQ4_NL / IQ4_XS) and 6- and 5-bit values (Q6_K, Q5_K) as int8 "
+                             "values")
     parser.add_argument("--llama-bench", action="store_true",
                         help="llama-bench decodes (batch 1) and prefills each GGUF file too, "
                              "a turn beside bamba's")
@@ -163,19 +165,22 @@ def _held_in_fewer_bits(scheme) -> bool:
 
 def int8_values(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` as such files loaded before their values were held in fewer bits: Q6_K's
-    6-bit values as int8 bytes under the same K table, IQ4's nibbles as int8 values of their
+    6-bit and Q5_K's 5-bit values as int8 bytes under the same K table (Q5_K's as u, its
+    offsets centred at 0 again), IQ4's nibbles as int8 values of their
     levels under a float32 scale a group (or IQ4_NL's float16 ones), as a checkpoint saves
     them; the same numbers, repacked into one huge-page arena as loading packs them; a head
     tied to the token table reads the new one."""
     from bamba.arena import pack_weights
-    from bamba.quant.formats import pack_ints, quantized_values, saved_scheme
+    from bamba.quant.formats import k_centre, pack_ints, quantized_values, saved_scheme
 
     for module in model.modules():
         scheme = getattr(module, "scheme", None)
         if scheme is not None and scheme.held_bits:
-            values = quantized_values(module.quantized_tensors(), scheme).to(torch.int8)
-            module.weight_packed = pack_ints(values, 8)
-            module.scheme = scheme._replace(held_bits=None)
+            int8 = scheme._replace(held_bits=None)
+            values = quantized_values(module.quantized_tensors(), scheme) + \
+                (k_centre(scheme) - k_centre(int8) if scheme.offsets else 0)
+            module.weight_packed = pack_ints(values.to(torch.int8), 8)
+            module.scheme = int8
         elif scheme is not None and scheme.levels:
             saved = module.saved_tensors()
             for name in scheme.tensor_names():

@@ -119,8 +119,9 @@ def test_flat_scales_add_each_gguf_file_with_its_k_tables_as_float32(tmp_path: P
 
 def test_int8_values_add_each_file_with_its_nibbles_and_six_bits_as_int8(tmp_path: Path,
                                                                           monkeypatch) -> None:
-    """--int8-values: a second entry a file that holds IQ4 nibbles (IQ4_NL, IQ4_XS) or 6-bit
-    values (Q6_K), its weights int8 values (of their levels; Q6_K's under its K table): the
+    """--int8-values: a second entry a file that holds IQ4 nibbles (IQ4_NL, IQ4_XS) or 6- or
+    5-bit values (Q6_K, Q5_K), its weights int8 values (of their levels; Q6_K's and Q5_K's
+    under their K tables): the
     same weights bit for bit, more bytes held; a file with neither gets none."""
     import torch
     from gguf import GGMLQuantizationType as Q
@@ -129,16 +130,18 @@ def test_int8_values_add_each_file_with_its_nibbles_and_six_bits_as_int8(tmp_pat
     from bamba.checkpoint import from_pretrained
     from bamba.quant.formats import make_scheme
 
-    types = {"ffn_up.weight": Q.IQ4_NL, "ffn_down.weight": Q.IQ4_XS, "ffn_gate.weight": Q.Q6_K}
+    types = {"ffn_up.weight": Q.IQ4_NL, "ffn_down.weight": Q.IQ4_XS, "ffn_gate.weight": Q.Q6_K,
+             "ssm_in.weight": Q.Q5_K}
     path = _file_with_random_blocks(tmp_path, monkeypatch, lambda name, shape: types.get(
         name.split(".", 2)[-1]), size=0.03)
     model = from_pretrained(path, dtype=torch.float32)
     int8 = ab_checkpoints.int8_values(from_pretrained(path, dtype=torch.float32))
-    for name, scheme in (("up_proj", make_scheme("int8", 32)),
-                         ("down_proj", make_scheme("int8", 32)),
-                         ("gate_proj", make_scheme("int8", 16, two_level=True))):  # (Q6_K's K table)
-        held, expanded = (m.model.layers[0].feed_forward.get_submodule(name)
-                          for m in (model, int8))
+    q5_k = make_scheme("int8", 32, symmetric=False, offsets=True, two_level=True)
+    for name, scheme in (("feed_forward.up_proj", make_scheme("int8", 32)),
+                         ("feed_forward.down_proj", make_scheme("int8", 32)),
+                         ("feed_forward.gate_proj", make_scheme("int8", 16, two_level=True)),
+                         ("mamba.in_proj", q5_k)):  # (Q6_K's and Q5_K's K tables)
+        held, expanded = (m.model.layers[0].get_submodule(name) for m in (model, int8))
         assert held.scheme.levels or held.scheme.held_bits
         assert expanded.scheme == scheme
         assert torch.equal(expanded.dequantized_weight(torch.float32),

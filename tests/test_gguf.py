@@ -478,8 +478,8 @@ def _file_with_random_blocks(tmp_path: Path, monkeypatch, pick, size: float = 1.
 
 
 def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path, monkeypatch):
-    """Q4_K (int4), Q5_K (int8) with a float offset per 32 weights and Q6_K (int8 in groups of
-    16, held in 6 bits) linears, the token table in Q4_K, load in those formats, their scales in
+    """Q4_K (int4), Q5_K (int8 held in 5 bits) with a float offset per 32 weights and Q6_K (int8
+    in groups of 16, held in 6 bits) linears, the token table in Q4_K, load in those formats, their scales in
     two levels as
     stored, every weight as gguf-py dequantizes it; the native kernels give the torch
     reference's logits (prefill, then a token at a time)."""
@@ -499,7 +499,7 @@ def test_k_quant_blocks_load_in_their_formats_as_gguf_dequantizes_them(tmp_path,
             for name, m in back.named_modules()
             if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
     assert held == {"model.layers.0.mamba.in_proj": ("int4", 32, True, True, None),
-                    "model.layers.0.mamba.out_proj": ("int8", 32, True, True, None),
+                    "model.layers.0.mamba.out_proj": ("int8", 32, True, True, 5),
                     "model.layers.2.feed_forward.down_proj": ("int8", 16, False, True, 6),
                     "model.layers.3.feed_forward.up_proj": ("int4", 32, True, True, None),
                     "lm_head": ("int8", 16, False, True, 6),

@@ -15,7 +15,8 @@ from bamba.model import BambaLM, init_weights
 from bamba.native import accelerate, decode_ops, dispatch, plan, quant_ops, seam
 from bamba.quant.apply import quantize_model
 from bamba.quant.embedding import QuantizedEmbedding
-from bamba.quant.formats import int8_activations, make_scheme, pack_ints, pack_six_bits
+from bamba.quant.formats import (int8_activations, make_scheme, pack_five_bits, pack_ints,
+                                 pack_six_bits)
 from bamba.quant.linear import QuantizedLinear
 
 pytestmark = pytest.mark.skipif(
@@ -642,8 +643,10 @@ def _assert_every_path_reads_as_the_reference(monkeypatch, layer: QuantizedLinea
 
 # K tables (GGUF's K-quant scales in two levels, bamba.quant.formats.k_table): with offsets,
 # int4 holding a block's u as q = u - 8 (Q4_K), int8 holding u itself (Q5_K); without, int8 in
-# groups of 16 holding q = u - 32 under signed sc bytes (Q6_K), as int8 bytes or in 6 bits
-K_FORMATS = {"int4": (-8, 8), "int8": (0, 32), "q6_k": (-32, 32), "q6_k-six": (-32, 32)}
+# groups of 16 holding q = u - 32 under signed sc bytes (Q6_K), as int8 bytes or in 6 bits;
+# Q5_K's u in 5 bits as q = u - 16 (centred at 16, as int4 at 8)
+K_FORMATS = {"int4": (-8, 8), "int8": (0, 32), "q6_k": (-32, 32), "q6_k-six": (-32, 32),
+             "q5_k-five": (-16, 16)}
 
 
 def _k_layer(fmt: str, k: int = 768, n: int = 92) -> QuantizedLinear:
@@ -665,9 +668,13 @@ def _k_layer(fmt: str, k: int = 768, n: int = 92) -> QuantizedLinear:
         dmin = (torch.rand(n, supers, generator=g) * 2e-3).half().float()
         table = k_table(d, torch.randint(0, 64, (n, k // group), generator=g), dmin,
                         torch.randint(0, 64, (n, k // group), generator=g))
-        scheme = make_scheme(fmt, group, symmetric=False, offsets=True, two_level=True)
+        five = fmt == "q5_k-five"
+        scheme = make_scheme("int8" if five else fmt, group, symmetric=False, offsets=True,
+                             two_level=True, held_bits=5 if five else None)
     q = torch.randint(*K_FORMATS[fmt], (n, k), generator=g, dtype=torch.int8)
-    tensors = {"weight_packed": pack_six_bits(q) if scheme.held_bits else pack_ints(q, scheme.bits),
+    packs = {6: pack_six_bits, 5: pack_five_bits}
+    tensors = {"weight_packed": packs[scheme.held_bits](q) if scheme.held_bits else
+               pack_ints(q, scheme.bits),
                "weight_shape": torch.tensor([n, k]), "weight_table": table}
     return QuantizedLinear.from_tensors(tensors, scheme, torch.randn(n))
 
@@ -685,7 +692,7 @@ def test_k_tables_are_read_by_every_native_path_as_the_reference(monkeypatch, fm
     q6_k = fmt.startswith("q6_k")
     assert layout.two_level and layout.offsets == (not q6_k)
     assert layout.group == (16 if q6_k else 32)
-    assert layout.format == ("int6" if fmt == "q6_k-six" else fmt if not q6_k else "int8")
+    assert layout.format == {"q6_k-six": "int6", "q6_k": "int8", "q5_k-five": "int5"}.get(fmt, fmt)
     assert layout.scales is layer.weight_table and layer.weight_table.dtype == torch.uint8
     assert quant_ops.step_code(layout) is not None
     _assert_every_path_reads_as_the_reference(monkeypatch, layer, 3 if fmt == "int4" else 2)

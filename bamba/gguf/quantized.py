@@ -7,10 +7,11 @@ The other blocks llama.cpp's files carry most (a Q4_K_M file: Q4_K, with Q6_K fo
 tensors) read into the same formats (``KINDS``): Q5_0 (5-bit u, w = d (u - 16)) and Q6_K
 (6-bit q in sub-blocks of 16, each scaled d * sc with an int8 sc) as int8, symmetric; Q4_1 and
 Q4_K (w = d u + m, or d * sc * u - dmin * m per sub-block of 32 with 6-bit sc, m) as int4, and
-Q5_1 and Q5_K (5-bit u) as int8, each with a float offset per 32 weights (``bamba.quant.
-formats``: w = q * scale + offset). Q4_1 and Q5_1: q = u - 8 (or 16), float32 scale d and
+Q5_1 and Q5_K (5-bit u) as int8 (Q5_K's held in its own 5 bits, ``held_bits`` 5: its qs and
+qh bytes as the blocks hold them, q = u - 16), each with a float offset per 32 weights
+(``bamba.quant.formats``: w = q * scale + offset). Q4_1 and Q5_1: q = u - 8 (or 16), float32 scale d and
 offset the rest. Q4_K and Q5_K keep their scales in two levels as stored (a K table: d and dmin
-float32 per 256 weights, sc and m a byte per 32; int4's q = u - 8, int8's q = u): 4.75 bits a
+float32 per 256 weights, sc and m a byte per 32; int4's q = u - 8, int5's u - 16): 4.75 bits a
 Q4_K weight in memory where a float32 scale and offset per 32 took 6; so does Q6_K (its float32
 d per 256 and signed sc byte per 16, one half), whose values stay in their 6 bits (a scheme
 with ``held_bits`` 6: each half block's 64 bytes of low nibbles and 32 of high bit pairs, as
@@ -38,7 +39,7 @@ from bamba.checkpoint_writer import to_checkpoint_name
 from bamba.quant.config import EXPERT_LINEARS, quantization_config_of
 from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import QuantizedExpertWeights, piece_target
-from bamba.quant.formats import k_table, make_scheme, pack_ints, pack_six_bits, saved_scheme
+from bamba.quant.formats import k_table, make_scheme, pack_ints, saved_scheme
 from bamba.quant.linear import QuantizedLinear
 
 GROUP = 32
@@ -52,7 +53,8 @@ KINDS = {"Q8_0": ("int8", 32, False, False), "Q4_0": ("int4", 32, False, False),
          "Q5_1": ("int8", 32, True, False), "Q5_K": ("int8", 32, True, True),
          "IQ4_NL": ("int4", 32, False, False), "IQ4_XS": ("int4", 32, False, True)}
 LEVEL_KINDS = ("IQ4_NL", "IQ4_XS")
-SIX_BIT_KINDS = ("Q6_K",)  # int8 values held in their own 6 bits (formats.pack_six_bits)
+# int8 values held in the blocks' own bits (formats.pack_six_bits, pack_five_bits)
+HELD_BITS = {"Q6_K": 6, "Q5_K": 5}
 
 
 # The scales' dtype: the block's own float16 d, or float32 for d * sc (K-quants, IQ4_XS: their
@@ -66,7 +68,7 @@ def kind_scheme(type_name: str):
     name, group, offsets, two_level = KINDS[type_name]
     return make_scheme(name, group, symmetric=not offsets, offsets=offsets, two_level=two_level,
                        levels=type_name in LEVEL_KINDS,
-                       held_bits=6 if type_name in SIX_BIT_KINDS else None)
+                       held_bits=HELD_BITS.get(type_name))
 
 
 def _half(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -87,16 +89,6 @@ def _packed_nibbles(runs: np.ndarray) -> torch.Tensor:
     even, odd = runs[..., 0::2], runs[..., 1::2]
     packed = np.concatenate(((even & 0x0F) | (odd << 4), (even >> 4) | (odd & 0xF0)), axis=-1)
     return torch.from_numpy(np.ascontiguousarray(packed).reshape(rows, -1)).view(torch.int32)
-
-
-def _int8_words(stored: np.ndarray) -> torch.Tensor:
-    """int8 values as ``pack_ints`` stores them, bytes q + 128 (uint8 [rows, ...]), as its
-    packed words [rows, cols / 4]."""
-    rows = stored.shape[0]
-    if sys.byteorder != "little":  # the words' bytes are not in weight order there
-        return pack_ints(torch.from_numpy((stored.astype(np.int16) - 128).astype(np.int8)
-                                          .reshape(rows, -1)), 8)
-    return torch.from_numpy(np.ascontiguousarray(stored).reshape(rows, -1)).view(torch.int32)
 
 
 def _nibbles(raw: np.ndarray) -> np.ndarray:
@@ -154,12 +146,9 @@ def decode_blocks(raw: np.ndarray, type_name: str, rows: int, cols: int
                           for a in (d[..., 0], sc, dmin[..., 0], m))).reshape(rows, -1)
         if type_name == "Q4_K":
             return _packed_nibbles(qs), table, None
-        u = np.concatenate((qs & 0x0F, qs >> 4), axis=-1).reshape(rows, -1, 256)
-        # Q5_K: bit j of qh's byte l is weight 32 j + l's fifth bit
-        high = _bits(b[..., 16:48].reshape(rows, -1, 32, 1), 8)  # [.., l, j]
-        u |= np.swapaxes(high, -1, -2).reshape(rows, -1, 256) << 4
-        u += np.uint8(128)  # q = u, stored as u + 128
-        return _int8_words(u), table, None
+        # Q5_K: pack_five_bits' run is the block's qs, then its qh (q = u - 16)
+        runs = np.concatenate((b[..., -128:], b[..., 16:48]), axis=-1)
+        return torch.from_numpy(runs.reshape(rows, -1)), table, None
     elif type_name == "Q6_K":  # ql 128 bytes, qh 64 bytes, 16 int8 scales, d
         # each half (128 weights) is pack_six_bits' run: its 64 ql bytes, then its 32 qh ones
         runs = np.concatenate((b[..., 0:64], b[..., 128:160], b[..., 64:128], b[..., 160:192]),
@@ -229,11 +218,10 @@ def linear_tensors(q: torch.Tensor, scale: torch.Tensor, type_name: str,
     has them; with offsets ``weight_table``, scales and offsets [rows, 2, groups]) for q (int8
     values, or int4's packed words), scale and offset, of a block type of KINDS."""
     scheme = kind_scheme(type_name)
-    if scheme.held_bits:  # bytes in pack_six_bits' layout, as decode_blocks makes them
-        q = q if q.dtype == torch.uint8 else pack_six_bits(q)
-        tensors = {"weight_packed": q, "weight_shape": torch.tensor(
-            [q.shape[0], q.shape[1] // 3 * 4], dtype=torch.int64)}
-        tensors["weight_table"] = scale.reshape(q.shape[0], 1, -1)
+    if scheme.held_bits:  # bytes in pack_six_bits' / pack_five_bits' layout, as decode_blocks
+        tensors = {"weight_packed": q, "weight_shape": torch.tensor(  # makes them
+            [q.shape[0], q.shape[1] * 8 // scheme.held_bits], dtype=torch.int64)}
+        tensors["weight_table"] = scale.reshape(q.shape[0], 2 if scheme.offsets else 1, -1)
         return tensors
     packed = q.dtype == torch.int32  # packed words, as decode_blocks makes some
     tensors = {"weight_packed": q if packed else pack_ints(q, scheme.bits),

@@ -32,8 +32,9 @@ enum { ROW_GROUP = 8, NTA_BYTES = 2048, PREFETCH_BYTES = 8192, TILE = 4, TILE_FR
 
 /* How a weight matrix is stored: dense in the activations' dtype, or quantized (quant_rows.h;
  * FORMAT_IQ4: int4's nibbles indexing IQ4's 16 non-linear levels, GGUF's IQ4_NL / IQ4_XS;
- * FORMAT_INT6: int8 values of 6 bits held in 6, GGUF's Q6_K's bytes). */
-enum { FORMAT_DENSE, FORMAT_FP8, FORMAT_INT8, FORMAT_INT4, FORMAT_IQ4, FORMAT_INT6 };
+ * FORMAT_INT6, FORMAT_INT5: int8 values of 6 or 5 bits held in as many, GGUF's Q6_K's and
+ * Q5_K's bytes). */
+enum { FORMAT_DENSE, FORMAT_FP8, FORMAT_INT8, FORMAT_INT4, FORMAT_IQ4, FORMAT_INT6, FORMAT_INT5 };
 /* A quantized format's scale dtype; SCALE_F32_OFFSETS: asymmetric ints, float32 [n, 2G], a
  * row's G scales, then its G offsets (w = q * scale + offset, quant_rows.h); SCALE_K_OFFSETS:
  * scales and offsets in two levels as GGUF's Q4_K and Q5_K hold them, bytes (quant_rows.h's K

@@ -101,8 +101,8 @@ def linear_formats(tensors: list[torch.Tensor | None], names: tuple[str, ...],
         kind = _QUANT_DTYPES.get(weight.dtype)
         if kind == "int":
             kind = "int4" if weight.dim() == 2 and weight.shape[1] * 8 == k else "int8"
-        elif kind == "bytes":  # nibbles of IQ4's levels, or six bits a value
-            kind = "iq4" if weight.dim() == 2 and weight.shape[1] * 2 == k else "int6"
+        elif kind == "bytes" and weight.dim() == 2:  # IQ4's nibbles, six or five bits a value
+            kind = {k // 2: "iq4", k // 4 * 3: "int6", k // 8 * 5: "int5"}.get(weight.shape[1])
         layout = None if kind is None else \
             quant_ops.quant_layout(LinearWeights(kind, weight, None, scales), k)
         code = None if layout is None else quant_ops.step_code(layout)

@@ -159,8 +159,8 @@ static void pack_int_weights(const LinearWeights *L, int64_t n, uint8_t *out) {
                 if (L->format == FORMAT_IQ4) /* levels + 128, as int8's bytes */
                     v[j] = _mm512_shuffle_epi8(_mm512_loadu_si512(iq4_bytes), v[j]);
             } else {
-                v[j] = L->format == FORMAT_INT6 ? int6_chunk((const char *)w, c / 64)
-                                                : _mm512_loadu_si512(w + c);
+                v[j] = held_bits(L->format) ? held_chunk(L->format, (const char *)w, c / 64)
+                                            : _mm512_loadu_si512(w + c);
             }
         }
         __m512i t[4];

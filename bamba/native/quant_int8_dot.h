@@ -9,8 +9,8 @@
  * torch reference). The weights are read as stored (quant_rows.h), unsigned, which is what
  * `vpdpbusd` multiplies: int8 bytes hold q_w + 128, int4 nibbles q_w + 8 (a byte's low and
  * high nibbles are masked into two vectors of bytes), iq4's nibbles become their levels +
- * 128 in one `vpshufb` each, as int8's bytes, and int6's chunks their u = q + 32
- * (int6_chunk). The offset's products (128, 32 or 8, times
+ * 128 in one `vpshufb` each, as int8's bytes, and int6's and int5's chunks their u = q + 32
+ * or q + 16 (held_chunk). The offset's products (128, 32, 16 or 8, times
  * the sum of a lane's activations) are subtracted by starting each lane's integer sum at minus
  * them. A chunk of 64 weight bytes (64 int8 inputs, 128 int4 ones) gives 16 int32 lanes, lane
  * i the exact dot product over its inputs (int8: 4i..4i+3; int4: 8i..8i+7, the even ones
@@ -158,8 +158,8 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
         for (int j = 0; j < J; j++) { /* a chunk's weights: bytes, or two nibble halves */
             const char *wc = w + j * wrow + c * 64;
             _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
-            const __m512i bytes = format == FORMAT_INT6 ? int6_chunk(w + j * wrow, c)
-                                                        : _mm512_loadu_si512(wc);
+            const __m512i bytes = held_bits(format) ? held_chunk(format, w + j * wrow, c)
+                                                    : _mm512_loadu_si512(wc);
             low[j] = nibbles(format) ? _mm512_and_si512(bytes, nibble) : bytes;
             high[j] = nibbles(format)
                 ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
@@ -219,7 +219,7 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
     default: int8_tile(L, t, F, GROUP_OF_CHUNKS, xq, n, R, J, out); break;              \
     }
 
-/* One body per span and format: four int4, iq4 or int6 weight rows against one prepared
+/* One body per span and format: four int4, iq4, int6 or int5 weight rows against one prepared
  * row. */
 __attribute__((noinline)) static void int4_dots_four(const LinearWeights *L, const QuantTables *t,
                                                      const char *xq, int64_t n, float *out) {
@@ -227,6 +227,8 @@ __attribute__((noinline)) static void int4_dots_four(const LinearWeights *L, con
         INT8_SPANS(FORMAT_IQ4, 1, INT8_TILE_WEIGHT_ROWS)
     } else if (L->format == FORMAT_INT6) {
         INT8_SPANS(FORMAT_INT6, 1, INT8_TILE_WEIGHT_ROWS)
+    } else if (L->format == FORMAT_INT5) {
+        INT8_SPANS(FORMAT_INT5, 1, INT8_TILE_WEIGHT_ROWS)
     } else {
         INT8_SPANS(FORMAT_INT4, 1, INT8_TILE_WEIGHT_ROWS)
     }
@@ -240,12 +242,14 @@ __attribute__((noinline)) static void int4_dots_four(const LinearWeights *L, con
     default: INT8_SPANS(F, 3, 1) break;                                               \
     }
 
-/* One unrolled body per format, span and row count (int8, int6: 1 or 2; int4, iq4: 1 to 3). */
+/* One unrolled body per format, span and row count (int8, int6, int5: 1 or 2; int4, iq4: 1 to
+ * 3). */
 __attribute__((noinline)) static void int8_dots(const LinearWeights *L, const QuantTables *t,
                                                 const char *xq, int64_t n, int R, float *out) {
     switch (L->format) {
     case FORMAT_INT8: INT8_ROWS(FORMAT_INT8, 2) break;
     case FORMAT_INT6: INT8_ROWS(FORMAT_INT6, 2) break;
+    case FORMAT_INT5: INT8_ROWS(FORMAT_INT5, 2) break;
     case FORMAT_IQ4: INT8_ROWS(FORMAT_IQ4, 3) break;
     default: INT8_ROWS(FORMAT_INT4, 3) break;
     }

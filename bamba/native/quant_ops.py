@@ -25,9 +25,10 @@ from bamba.huge_pages import huge_page_buffer
 from bamba.linear_protocol import LinearWeights
 from bamba.native import library
 
-FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3, "iq4": 4, "int6": 5}  # dot_rows.h's FORMAT_*
-_BITS = {"fp8": 8, "int8": 8, "int4": 4, "iq4": 4, "int6": 6}
-_STORED = {"fp8": torch.float8_e4m3fn, "iq4": torch.uint8, "int6": torch.uint8}  # else int32
+FORMAT_CODES = {"fp8": 1, "int8": 2, "int4": 3, "iq4": 4, "int6": 5, "int5": 6}  # FORMAT_*
+_BITS = {"fp8": 8, "int8": 8, "int4": 4, "iq4": 4, "int6": 6, "int5": 5}
+_STORED = {"fp8": torch.float8_e4m3fn, "iq4": torch.uint8, "int6": torch.uint8,
+           "int5": torch.uint8}  # else int32 words
 SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dot_rows.h's SCALE_*
 SCALE_F32_OFFSETS = 3  # asymmetric ints: float32, a row's scales, then its offsets
 SCALE_K_OFFSETS = 4  # K tables (bytes: two-level scales, then offsets: GGUF's Q4_K, Q5_K)
@@ -109,7 +110,7 @@ def _k_table_layout(format: str, weight: torch.Tensor, table: torch.Tensor, n: i
     group = 32 if halves == 2 or format == "iq4" else 16
     if table.shape != (n, halves, 4 * (k // K_SUPER) + k // group) or \
             (halves == 1 and format not in ("int8", "iq4", "int6")) or \
-            (halves == 2 and format in ("iq4", "int6")):
+            (halves == 2 and format in ("iq4", "int6")) or (format == "int5" and halves != 2):
         return None
     return QuantLayout(format, weight, table, n, k, group, halves * table.shape[2], halves == 2,
                        True)

@@ -10,6 +10,9 @@
  *         nibbles (byte i: input i, and input i + 64 in its high nibble), then 32 of high bit
  *         pairs (byte l: inputs l, l + 32, l + 64, l + 96 in bits 0-1, 2-3, 4-5, 6-7), GGUF's
  *         Q6_K's own bytes; read as int8's chunks of 64 inputs (int6_chunk);
+ *   int5: q in [-16, 15] as u = q + 16 in 5 bits, 160 bytes per 256 inputs: 128 bytes of
+ *         nibbles (byte 32c + l: input 64c + l, and 64c + 32 + l in its high nibble), then 32
+ *         of fifth bits (byte l, bit j: input 32j + l), GGUF's Q5_K's own bytes (int5_chunk);
  *
  * w = q * scale, one float32 or bf16 scale per `group` inputs of a row (`scale_stride` scales
  * a row; 0: one scale for the whole matrix). Asymmetric ints (SCALE_F32_OFFSETS) add an
@@ -51,12 +54,17 @@ static inline int nibbles(int format) { return format == FORMAT_INT4 || format =
  * q + 8, int6's u = q + 32; an int8 byte q + 128, and an iq4 nibble's level looked up as the
  * byte level + 128. */
 static inline int stored_offset(int format) {
-    return format == FORMAT_INT4 ? 8 : format == FORMAT_INT6 ? 32 : 128;
+    return format == FORMAT_INT4 ? 8 : format == FORMAT_INT5 ? 16 : format == FORMAT_INT6 ? 32 : 128;
+}
+
+/* Whether the format is int8 values held in fewer bits (int6, int5). */
+static inline int held_bits(int format) {
+    return format == FORMAT_INT6 || format == FORMAT_INT5;
 }
 
 /* Whether the format is an integer one (integer products take it). */
 static inline int int_format(int format) {
-    return format == FORMAT_INT8 || format == FORMAT_INT6 || nibbles(format);
+    return format == FORMAT_INT8 || held_bits(format) || nibbles(format);
 }
 
 /* IQ4_NL's and IQ4_XS's levels (llama.cpp's kvalues_iq4nl), indexed by an iq4 nibble. */
@@ -68,11 +76,14 @@ static inline int64_t quant_chunk(int format) {
 }
 
 static inline int64_t quant_row_bytes(int format, int64_t k) {
-    return nibbles(format) ? k / 2 : format == FORMAT_INT6 ? k / 4 * 3 : k;
+    return nibbles(format)              ? k / 2
+           : format == FORMAT_INT6 ? k / 4 * 3
+           : format == FORMAT_INT5 ? k / 8 * 5
+                                   : k;
 }
 
-/* Bytes of a pair of int6 chunks (128 inputs). */
-enum { INT6_PAIR_BYTES = 96 };
+/* Bytes of a pair of int6 chunks (128 inputs), of four int5 chunks (256 inputs). */
+enum { INT6_PAIR_BYTES = 96, INT5_BLOCK_BYTES = 160 };
 
 /* Whether the kernels take this format at width k with `group` inputs per scale: a chunk's 16
  * float32 lanes each cover chunk / 16 inputs, so a group spans whole lanes or whole chunks. */
@@ -82,8 +93,8 @@ static inline int quant_supported(int format, int64_t k, int64_t group) {
 #ifndef __AVX512VBMI__
     if (!nibbles(format)) return 0; /* byte tables need vpermi2b */
 #endif
-    if (format < FORMAT_FP8 || format > FORMAT_INT6 || group < 1 || k % QUANT_K_MULTIPLE != 0 ||
-        k % group != 0)
+    if (format < FORMAT_FP8 || format > FORMAT_INT5 || group < 1 || k % QUANT_K_MULTIPLE != 0 ||
+        k % group != 0 || (format == FORMAT_INT5 && k % 256 != 0))
         return 0;
     return group % chunk == 0 || (chunk % group == 0 && group % (chunk / 16) == 0);
 #else
@@ -128,7 +139,9 @@ static inline int64_t group_scale_stride(int scale_kind, int64_t k, int64_t grou
     return halves * (two_level(scale_kind) ? 4 * (k / K_SUPER) + k / group : k / group);
 }
 
-static inline float k_centre(int format) { return format == FORMAT_INT4 ? 8.0f : 0.0f; }
+static inline float k_centre(int format) {
+    return format == FORMAT_INT4 ? 8.0f : format == FORMAT_INT5 ? 16.0f : 0.0f;
+}
 
 /* Float32 i of a K table's bytes at p (any alignment). */
 static inline float table_float(const char *p, int64_t i) {
@@ -232,7 +245,8 @@ typedef struct { /* what a call's chunk loop needs of the format, set up once */
     __m512 codes;      /* a nibble's value as float32 (lane i: nibble i) */
     __m512i code_bytes; /* vpshufb table: an iq4 nibble -> its level + 128 (each 128 bits) */
     __m512i byte_high[2], byte_low[2]; /* vpermi2b tables: magnitude -> bf16 bytes */
-    __m512i six_high, six_low; /* vpermb tables: int6's u -> bf16 bytes of q = u - 32 */
+    __m512i six_high, six_low; /* vpermb tables: int6's u -> bf16 bytes of q = u - 32, int5's
+                                  q = u - 16 */
     __m512i lanes;     /* float32 lane -> scale index within a chunk (groups smaller than it) */
     int64_t chunk, groups_per_chunk; /* groups_per_chunk 0: a chunk lies inside one group */
 } QuantTables;
@@ -245,7 +259,7 @@ static uint16_t nibble_bf16[2][32]; /* [int4, iq4] */
 static float nibble_values[2][16];
 static uint8_t iq4_bytes[64];
 static uint8_t magnitude_bf16[2][2][128]; /* [fp8, int8][high, low][magnitude] */
-static uint8_t six_bf16[2][64];            /* [high, low][u] */
+static uint8_t six_bf16[2][2][64];         /* [int6, int5][high, low][u] */
 
 __attribute__((constructor)) static void fill_quant_tables(void) {
     for (int i = 0; i < 16; i++) {
@@ -256,9 +270,11 @@ __attribute__((constructor)) static void fill_quant_tables(void) {
         for (int i = 0; i < 32; i++) nibble_bf16[f][i] = float_to_bf16(nibble_values[f][i & 15]);
     for (int i = 0; i < 64; i++) {
         iq4_bytes[i] = (uint8_t)(iq4_levels[i & 15] + 128);
-        const uint16_t bits = float_to_bf16((float)(i - 32));
-        six_bf16[0][i] = (uint8_t)(bits >> 8);
-        six_bf16[1][i] = (uint8_t)bits;
+        for (int f = 0; f < 2; f++) {
+            const uint16_t bits = float_to_bf16((float)(i - (f ? 16 : 32)));
+            six_bf16[f][0][i] = (uint8_t)(bits >> 8);
+            six_bf16[f][1][i] = (uint8_t)bits;
+        }
     }
     for (int b = 0; b < 128; b++)
         for (int f = 0; f < 2; f++) {
@@ -275,8 +291,8 @@ static QuantTables quant_tables(const LinearWeights *L) {
     t.low = _mm512_loadu_si512(nibble_bf16[iq4]);
     t.codes = _mm512_loadu_ps(nibble_values[iq4]);
     t.code_bytes = _mm512_loadu_si512(iq4_bytes);
-    t.six_high = _mm512_loadu_si512(six_bf16[0]);
-    t.six_low = _mm512_loadu_si512(six_bf16[1]);
+    t.six_high = _mm512_loadu_si512(six_bf16[L->format == FORMAT_INT5][0]);
+    t.six_low = _mm512_loadu_si512(six_bf16[L->format == FORMAT_INT5][1]);
     const int f = L->format == FORMAT_INT8;
     for (int i = 0; i < 2; i++) {
         t.byte_high[i] = _mm512_loadu_si512(magnitude_bf16[f][0] + 64 * i);
@@ -418,6 +434,38 @@ static inline __m512i int6_chunk(const char *row, int64_t c) {
         _mm512_set1_epi8(0x3F));
 }
 
+/* Chunk c (64 inputs) of an int5 row as 64 bytes u = q + 16, in input order: its 32 bytes of
+ * nibbles (low: inputs 0-31, high: 32-63) under each input's fifth bit, bit 2c' (inputs 0-31)
+ * or 2c' + 1 (32-63) of the block's 32 bytes after them (c' = c mod 4), moved to bit 4. */
+static inline __m512i int5_chunk(const char *row, int64_t c) {
+    const char *block = row + (c >> 2) * INT5_BLOCK_BYTES;
+    const int first = 2 * (int)(c & 3); /* the fifth bits' bit of inputs 0-31 */
+    const __m256i packed = _mm256_loadu_si256((const __m256i *)(block + 32 * (c & 3)));
+    const __m512i nibble = _mm512_inserti64x4(_mm512_castsi256_si512(packed),
+                                              _mm256_srli_epi16(packed, 4), 1);
+    const __m512i high = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(block + 128)));
+    const __m512i bits = _mm512_slli_epi16(
+        _mm512_srlv_epi16(high, _mm512_mask_set1_epi16(_mm512_set1_epi16((short)first),
+                                                       (__mmask32)0xFFFF0000u, (short)(first + 1))),
+        4);
+    return _mm512_and_si512( /* bits 0-3 the nibble's, 4 the fifth */
+        _mm512_ternarylogic_epi32(nibble, bits, _mm512_set1_epi8(0x0F), 0xE4),
+        _mm512_set1_epi8(0x1F));
+}
+
+/* Input e of an int5 row as q (the scalar int5_chunk). */
+static inline int int5_value(const uint8_t *row, int64_t e) {
+    const uint8_t *block = row + e / 256 * INT5_BLOCK_BYTES;
+    const int64_t i = e % 256, c = i / 64, l = i % 32;
+    const int nibble = (block[32 * c + l] >> (i % 64 < 32 ? 0 : 4)) & 15;
+    return (nibble | ((block[128 + l] >> (i / 32)) & 1) << 4) - 16;
+}
+
+/* Chunk c of an int6 or int5 row as 64 bytes u. */
+static inline __m512i held_chunk(int format, const char *row, int64_t c) {
+    return format == FORMAT_INT5 ? int5_chunk(row, c) : int6_chunk(row, c);
+}
+
 /* Input e of an int6 row as q (the scalar int6_chunk). */
 static inline int int6_value(const uint8_t *row, int64_t e) {
     const uint8_t *pair = row + e / 128 * INT6_PAIR_BYTES;
@@ -432,8 +480,8 @@ static inline __attribute__((always_inline)) void dequantize_chunk(int format, c
                                                                     const QuantTables *t,
                                                                     __m512i v[4]) {
 #ifdef __AVX512VBMI__
-    if (format == FORMAT_INT6) { /* u's bf16 bytes looked up, paired as int8's below */
-        const __m512i u = int6_chunk(w, c);
+    if (held_bits(format)) { /* u's bf16 bytes looked up, paired as int8's below */
+        const __m512i u = held_chunk(format, w, c);
         const __m512i high = _mm512_permutexvar_epi8(u, t->six_high);
         const __m512i low = _mm512_permutexvar_epi8(u, t->six_low);
         v[0] = _mm512_unpacklo_epi8(low, high);
@@ -565,6 +613,8 @@ __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const Q
         QUANT_ROWS(FORMAT_INT8)
     } else if (L->format == FORMAT_INT6) {
         QUANT_ROWS(FORMAT_INT6)
+    } else if (L->format == FORMAT_INT5) {
+        QUANT_ROWS(FORMAT_INT5)
     } else {
         QUANT_ROWS(FORMAT_FP8)
     }
@@ -637,7 +687,7 @@ static inline __attribute__((always_inline)) void paired_tile(const LinearWeight
 /* Whether paired_tile takes this layout. */
 static inline int paired_layout(const LinearWeights *L, const QuantTables *t) {
     return nibbles(L->format) ? !t->groups_per_chunk
-                              : L->group == L->k && L->format != FORMAT_INT6;
+                              : L->group == L->k && !held_bits(L->format);
 }
 
 #define PAIRED_ROWS(F, J)                                          \
@@ -688,6 +738,20 @@ static inline __m512 sixteen_values(int format, const uint8_t *w, int64_t e0) {
         const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
         const __m512i q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high));
         return _mm512_permutexvar_ps(q, _mm512_loadu_ps(nibble_values[format == FORMAT_IQ4]));
+    }
+    if (format == FORMAT_INT5) { /* (e0 a multiple of 16) */
+        const uint8_t *block = w + e0 / 256 * INT5_BLOCK_BYTES;
+        const int64_t i = e0 % 256;
+        const __m128i nibble = _mm_and_si128(
+            _mm_srli_epi16(_mm_loadu_si128((const __m128i *)(block + 32 * (i / 64) + i % 32)),
+                           i % 64 < 32 ? 0 : 4),
+            _mm_set1_epi8(15));
+        const __m128i bits = _mm_and_si128(
+            _mm_srli_epi16(_mm_loadu_si128((const __m128i *)(block + 128 + i % 32)), (int)(i / 32)),
+            _mm_set1_epi8(1));
+        return _mm512_cvtepi32_ps(_mm512_sub_epi32(
+            _mm512_cvtepu8_epi32(_mm_or_si128(nibble, _mm_slli_epi16(bits, 4))),
+            _mm512_set1_epi32(16)));
     }
     if (format == FORMAT_INT6) { /* (e0 a multiple of 16) */
         const uint8_t *pair = w + e0 / 128 * INT6_PAIR_BYTES;
@@ -964,9 +1028,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     int64_t n = n_begin;
 #ifdef HAVE_INT8_DOT
     const int64_t J = INT8_TILE_WEIGHT_ROWS;
-    for (; xp != NULL && int8_dot && M == 1 && (nibbles(L->format) || L->format == FORMAT_INT6) &&
+    for (; xp != NULL && int8_dot && M == 1 && (nibbles(L->format) || held_bits(L->format)) &&
            (L->k <= FOUR_ROW_MAX_K || two_level(L->scale_kind)) && n + J <= n_end;
-         n += J) { /* int4's, iq4's and int6's batch-1 decode */
+         n += J) { /* int4's, iq4's, int6's and int5's batch-1 decode */
         float out[INT8_TILE_WEIGHT_ROWS];
         int4_dots_four(L, &t, (const char *)xp, n, out);
         for (int j = 0; j < J; j++) {
@@ -1078,9 +1142,11 @@ static void dequantize_rows(const LinearWeights *L, int64_t n_begin, int64_t n_e
                     row[j] = fmaf(values[b & 15], scale, offset);
                     row[j + 1] = fmaf(values[b >> 4], scale, offset);
                 }
-            else if (L->format == FORMAT_INT6)
+            else if (held_bits(L->format))
                 for (int64_t j = i; j < piece; j++)
-                    row[j] = fmaf((float)int6_value(w, g0 + j), scale, offset);
+                    row[j] = fmaf((float)(L->format == FORMAT_INT5 ? int5_value(w, g0 + j)
+                                                                   : int6_value(w, g0 + j)),
+                                  scale, offset);
             else
                 for (int64_t j = i; j < piece; j++) row[j] = fmaf(values[w[g0 + j]], scale, offset);
             if (out_bf16)

@@ -16,7 +16,8 @@ an integer zero point zp per scale. Tensors (in memory == on disk):
 - int4 with ``levels`` (GGUF's IQ4_NL, IQ4_XS; in memory only): ``weight_packed`` uint8
   [N, K / 2], int4's nibbles as bytes, each an index into ``IQ4_LEVELS``; saved as int8.
 - int8 with ``held_bits`` 6 (GGUF's Q6_K; in memory only): ``weight_packed`` uint8 [N, 3K / 4],
-  values in [-32, 31] in ``pack_six_bits``' layout (Q6_K's own bytes); saved as int8.
+  values in [-32, 31] in ``pack_six_bits``' layout (Q6_K's own bytes); saved as int8. With 5
+  (GGUF's Q5_K, offsets): uint8 [N, 5K / 8], values in [-16, 15] in ``pack_five_bits``'.
 
 Scales take the weight's dtype (llm-compressor writes the model's dtype).
 """
@@ -49,7 +50,8 @@ class QuantScheme(NamedTuple):
     ``IQ4_LEVELS``, w = level * scale (GGUF's IQ4_NL and IQ4_XS), which compressed-tensors
     cannot hold either: a checkpoint stores such weights as their int8 values
     (``saved_scheme``). ``held_bits`` 6 holds int8 values in [-32, 31] in 6 bits a value
-    (``pack_six_bits``: GGUF's Q6_K), saved as int8 alike."""
+    (``pack_six_bits``: GGUF's Q6_K), saved as int8 alike; 5 holds values in [-16, 15] in 5
+    bits (``pack_five_bits``: GGUF's Q5_K, its offsets centred at 16 as int4's are at 8)."""
     name: str
     group_size: int | None = None
     symmetric: bool = True
@@ -85,9 +87,10 @@ def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True
                 offsets: bool = False, two_level: bool = False, levels: bool = False,
                 held_bits: int | None = None) -> QuantScheme:
     """A checked scheme (ValueError naming what is wrong)."""
-    if held_bits is not None and (held_bits != 6 or name != "int8" or not symmetric):
+    if held_bits is not None and (name != "int8" or (held_bits, symmetric) not in
+                                  ((6, True), (5, False))):
         raise ValueError(f"values held in fewer bits are int8's in 6 bits, symmetric (GGUF's "
-                         f"Q6_K), not {name} in {held_bits}")
+                         f"Q6_K), or in 5 with offsets (Q5_K), not {name} in {held_bits}")
     if levels and (name != "int4" or not symmetric or group_size is None or
                    (two_level and group_size != K_GROUP)):
         raise ValueError(f"IQ4's levels index int4 nibbles in groups, symmetric (two-level "
@@ -151,8 +154,8 @@ def k_table(d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None = None,
 
 def k_centre(scheme: QuantScheme) -> float:
     """What a K table's offsets add back per scale: int4 stores a block's u as q = u - 8, int8
-    stores u itself."""
-    return 8.0 if scheme.name == "int4" else 0.0
+    stores u itself, int8 held in 5 bits q = u - 16."""
+    return 8.0 if scheme.name == "int4" else 16.0 if scheme.held_bits == 5 else 0.0
 
 
 def k_table_values(table: torch.Tensor, cols: int, scheme: QuantScheme
@@ -278,7 +281,8 @@ def quantized_values(tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> t
         codes = unpack_ints(tensors["weight_packed"].view(torch.int32), 4, k).long() + 8
         return torch.tensor(IQ4_LEVELS, dtype=torch.float32)[codes]
     if scheme.held_bits:
-        return unpack_six_bits(tensors["weight_packed"], k).float()
+        unpack = unpack_six_bits if scheme.held_bits == 6 else unpack_five_bits
+        return unpack(tensors["weight_packed"], k).float()
     return unpack_ints(tensors["weight_packed"], scheme.bits, k).float()
 
 
@@ -388,6 +392,35 @@ def unpack_six_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
     pairs = (high.unsqueeze(-2) >> shifts) & 3  # [.., quarter, l]
     u = nibbles | (pairs.reshape(n, k // SIX_BIT_BLOCK, SIX_BIT_BLOCK) << 4)
     return (u.to(torch.int16) - 32).to(torch.int8).reshape(n, k)
+
+
+FIVE_BIT_BLOCK = 256  # inputs of one run of int5 bytes: 128 of nibbles, 32 of fifth bits
+
+
+def pack_five_bits(q: torch.Tensor) -> torch.Tensor:
+    """int8 values [N, K] in [-16, 15] (K a multiple of 256) as uint8 [N, 5K / 8], u = q + 16
+    in 160 bytes per 256 inputs, as GGUF's Q5_K blocks hold them: 128 bytes of nibbles (byte
+    32c + l: input 64c + l, and 64c + 32 + l in its high nibble), then 32 of fifth bits (byte
+    l, bit j: input 32j + l)."""
+    n, k = q.shape
+    u = (q.to(torch.int16) + 16).to(torch.uint8).reshape(n, k // FIVE_BIT_BLOCK, 4, 2, 32)
+    low = ((u[..., 0, :] & 15) | ((u[..., 1, :] & 15) << 4)).reshape(n, k // FIVE_BIT_BLOCK, 128)
+    fifth = (u.reshape(n, k // FIVE_BIT_BLOCK, 8, 32) >> 4) & 1  # [.., j, l]
+    weights = (1 << torch.arange(8, dtype=torch.int16)).view(8, 1)
+    high = (fifth.to(torch.int16) * weights).sum(dim=-2).to(torch.uint8)
+    return torch.cat([low, high], dim=-1).reshape(n, k // 8 * 5)
+
+
+def unpack_five_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of ``pack_five_bits``: int8 [N, k]."""
+    n = packed.shape[0]
+    runs = packed.reshape(n, k // FIVE_BIT_BLOCK, 160)
+    low = runs[..., :128].reshape(n, k // FIVE_BIT_BLOCK, 4, 1, 32)
+    nibbles = torch.cat([low & 15, low >> 4], dim=-2).reshape(n, k // FIVE_BIT_BLOCK, 8, 32)
+    shifts = torch.arange(8, dtype=torch.uint8).view(8, 1)
+    fifth = (runs[..., 128:].unsqueeze(-2) >> shifts) & 1  # [.., j, l]
+    u = nibbles | (fifth << 4)
+    return (u.to(torch.int16) - 16).to(torch.int8).reshape(n, k)
 
 
 def pack_zero_points(zero_point: torch.Tensor, bits: int) -> torch.Tensor:

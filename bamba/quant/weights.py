@@ -22,7 +22,7 @@ class QuantizedWeights(nn.Module):
     for asymmetric ones; with offsets ``weight_table`` float32 [rows, 2, groups] of scales and
     offsets in place of ``weight_scale``, with two-level scales a K table, uint8 [rows, 2,
     width], or [rows, 1, width] without offsets; with ``levels`` the nibbles as bytes, uint8
-    [rows, cols / 2], with 6 ``held_bits`` uint8 [rows, 3 cols / 4]); zeros until loaded, one
+    [rows, cols / 2], with ``held_bits`` b uint8 [rows, b cols / 8]); zeros until loaded, one
     scale [1] when ``per_tensor``."""
 
     def __init__(self, rows: int, cols: int, scheme: QuantScheme,
@@ -30,8 +30,8 @@ class QuantizedWeights(nn.Module):
         super().__init__()
         self.scheme = scheme
         self.dense_shape = (rows, cols)
-        if scheme.levels or scheme.held_bits:  # nibbles, or six bits, as bytes
-            width = cols // 2 if scheme.levels else cols // 4 * 3
+        if scheme.levels or scheme.held_bits:  # nibbles, or six or five bits, as bytes
+            width = cols // 2 if scheme.levels else cols // 8 * scheme.held_bits
             self.register_buffer("weight_packed", torch.zeros(rows, width, dtype=torch.uint8))
             self.register_buffer("weight_shape", torch.tensor([rows, cols], dtype=torch.int64))
         elif scheme.packed:
@@ -97,7 +97,7 @@ class QuantizedWeights(nn.Module):
         if self.scheme.levels:
             return LinearWeights("iq4", data, None, self.weight_table if self.scheme.two_level
                                  else self.weight_scale)
-        name = "int6" if self.scheme.held_bits else self.scheme.name
+        name = f"int{self.scheme.held_bits}" if self.scheme.held_bits else self.scheme.name
         if self.scheme.offsets or self.scheme.two_level:  # weight_table: float32, or a K table
             return LinearWeights(name, data, None, self.weight_table)
         if self.scheme.symmetric:
