@@ -607,6 +607,27 @@ def test_iq4_blocks_load_as_nibbles_of_their_levels(tmp_path, monkeypatch, type_
         assert torch.equal(saved(ids), back(ids))
 
 
+def test_a_file_of_blocks_held_in_their_bits_exports_to_q8_0(tmp_path, monkeypatch):
+    """export-gguf of a file whose linears are Q6_K, IQ4_XS and Q5_K (held in their own bits,
+    Q6_K's and IQ4_XS's scales a K table) writes Q8_0 (it failed on the K tables' missing
+    weight_scale), each weight within Q8_0's rounding of the source's."""
+    from gguf import GGMLQuantizationType as Q
+
+    from bamba.cli import main
+
+    types = {"ffn_up.weight": Q.IQ4_XS, "ffn_gate.weight": Q.Q6_K, "ssm_in.weight": Q.Q5_K}
+    source = _file_with_random_blocks(tmp_path, monkeypatch, lambda name, shape: types.get(
+        name.split(".", 2)[-1]), size=0.3)
+    monkeypatch.undo()  # the export's own types and quantization again
+    assert main(["export-gguf", str(source), str(tmp_path / "q8_0.gguf"), "--dtype", "q8_0"]) == 0
+    before = from_pretrained(source, dtype=torch.float32)
+    after = from_pretrained(tmp_path / "q8_0.gguf", dtype=torch.float32)
+    for name in ("feed_forward.up_proj", "feed_forward.gate_proj", "mamba.in_proj"):
+        ours, theirs = (m.model.layers[0].get_submodule(name).dequantized_weight(torch.float32)
+                        for m in (before, after))
+        assert (ours - theirs).abs().max() <= 0.01 * ours.abs().max(), name
+
+
 def _assert_native_decodes_as_torch(path: Path, reference: torch.nn.Module) -> None:
     """The native kernels (a prefill of 7 tokens, then a token at a time) give the torch
     reference's logits for a file, int8 activations off (the reference's activations at every

@@ -15,7 +15,7 @@ from bamba.quant.config import QuantConfig, QuantGroup, parse_quantization_confi
     quantization_config_dict
 from bamba.quant.embedding import QuantizedEmbedding
 from bamba.quant.experts import STACKED_CLASSES, QuantizedExpertWeights, piece_modules
-from bamba.quant.formats import QuantScheme, quantized_values, saved_scheme, unpack_ints
+from bamba.quant.formats import QuantScheme, saved_scheme, unpack_ints
 from bamba.quant.linear import QuantizedLinear
 
 Rename = Callable[[str], str]  # our module path -> the checkpoint's
@@ -200,15 +200,14 @@ def stored_ints(model: nn.Module, name: str
         return None
     scheme, (rows, cols) = module.scheme, module.dense_shape
     groups = 1 if scheme.group_size is None else cols // scheme.group_size
-    if not scheme.packed or not scheme.symmetric or \
-            tuple(module.weight_scale.shape) != (rows, groups):  # zero points or offsets
+    if not scheme.packed or not scheme.symmetric:  # zero points or offsets
         return None
-    if scheme.levels or scheme.held_bits:  # IQ4's levels, 6-bit values: int8 values
-        q, scheme = quantized_values(module.quantized_tensors(), scheme).to(torch.int8), \
-            saved_scheme(scheme)
-    else:
-        q = unpack_ints(module.weight_packed, scheme.bits, cols)
-    scale = module.weight_scale.float()
+    # as saved: IQ4's levels and 6-bit values as int8 values, a K table as its float32 scales
+    tensors, scheme = module.saved_tensors(), saved_scheme(scheme)
+    if tuple(tensors["weight_scale"].shape) != (rows, groups):  # one scale for the whole matrix
+        return None
+    q = unpack_ints(tensors["weight_packed"], scheme.bits, cols)
+    scale = tensors["weight_scale"].float()
     if isinstance(module, QuantizedExpertWeights):
         q = q.view(module.experts, module.out_features, cols)
         scale = scale.view(module.experts, module.out_features, -1)
