@@ -89,6 +89,30 @@ def test_pack_unpack_round_trip_and_equal_to_compressed_tensors(bits, k):
     assert torch.equal(ct.unpack_from_int32(packed, bits, torch.Size((5, k))), q)
 
 
+@pytest.mark.parametrize("bits", [6, 5])
+def test_values_held_in_fewer_bits_round_trip_in_the_blocks_byte_order(bits) -> None:
+    """pack_six_bits / pack_five_bits are their unpacks' inverses over every value, 3 / 5 bytes
+    of 4 / 8 values, and lay the values out as GGUF's Q6_K / Q5_K blocks do: input 0's low
+    nibble first, its high bits in the run's last bytes."""
+    from bamba.quant.formats import (pack_five_bits, pack_six_bits, unpack_five_bits,
+                                     unpack_six_bits)
+
+    pack, unpack = (pack_six_bits, unpack_six_bits) if bits == 6 else \
+        (pack_five_bits, unpack_five_bits)
+    centre = 1 << (bits - 1)
+    q = torch.randint(-centre, centre, (3, 512), dtype=torch.int8)
+    q[0, :2 * centre] = torch.arange(-centre, centre)
+    packed = pack(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 512 * bits // 8)
+    assert torch.equal(unpack(packed, 512), q)
+    one = torch.full((1, 256), -centre, dtype=torch.int8)
+    one[0, 0] = centre - 1  # u = 2^bits - 1 at input 0: its nibble, then its high bits
+    first = pack(one)[0]
+    run = 96 if bits == 6 else 160
+    assert first[0] == 15 and first[run - 32] == (3 if bits == 6 else 1)
+    assert first[1:run - 32].eq(0).all()
+
+
 def test_int4_nibble_order_is_low_nibble_first():
     q = torch.tensor([[1, -2, 3, -8, 7, 0, -1, 2]], dtype=torch.int8)
     raw = pack_ints(q, 4).view(torch.uint8)[0].tolist()  # little-endian bytes

@@ -16,7 +16,8 @@ from bamba.native.decode_ops import FinalNorm, PlanMemo
 from bamba.native.layer_ops import FORMAT_BITS
 from bamba.native.dispatch import LayerDims
 
-FORMATS = frozenset((DENSE, "fp8", "int8", "int4", "iq4", "int6", "int5"))  # the linear formats layer_step.c reads
+# the linear formats layer_step.c reads
+FORMATS = frozenset((DENSE, "fp8", "int8", "int4", "iq4", "int6", "int5"))
 
 Tensors = list[torch.Tensor | None]
 

@@ -117,7 +117,8 @@ def make_scheme(name: str, group_size: int | None = None, symmetric: bool = True
 
 def saved_scheme(scheme: QuantScheme) -> QuantScheme:
     """The scheme a checkpoint describes a weight held in ``scheme`` with: IQ4's levels and
-    6-bit values as int8 values (exact); a K table without offsets as its float32 scales."""
+    values held in fewer bits as int8 values (exact); a K table without offsets as its float32
+    scales."""
     if scheme.levels:
         return QuantScheme("int8", scheme.group_size)
     scheme = scheme._replace(held_bits=None)
