@@ -460,9 +460,11 @@ def _fused_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_steps_of_a_mixed_quantized_model_equal_its_torch_path(monkeypatch, dtype) -> None:
-    reference = _mixed(_model(dtype))
+def _assert_steps_equal_the_torch_path(monkeypatch, reference: BambaLM,
+                                       dtype: torch.dtype) -> None:
+    """``reference`` accelerated takes the whole-model decode step, with the numbers of the
+    per-layer steps and, within the kernels' rounding, of the native linears one by one and of
+    the torch path."""
     model = accelerate(copy.deepcopy(reference))
     assert model.decode_plan().tensors is not None
     calls = _fused_calls(monkeypatch)
@@ -479,6 +481,11 @@ def test_decode_steps_of_a_mixed_quantized_model_equal_its_torch_path(monkeypatc
                                dtype == torch.float32 else 2e-2 * scale)
     for ours in (fused, per_op):
         assert (ours - torch_path).abs().max().item() <= 3e-2 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_of_a_mixed_quantized_model_equal_its_torch_path(monkeypatch, dtype) -> None:
+    _assert_steps_equal_the_torch_path(monkeypatch, _mixed(_model(dtype)), dtype)
 
 
 @pytest.mark.parametrize("rows,threads,dtype", [(12, 2, torch.float32), (20, 3, torch.float32),
@@ -747,7 +754,8 @@ def test_iq4_levels_are_read_by_every_native_path_as_the_reference(monkeypatch, 
 def test_decode_steps_of_an_iq4_model_equal_its_torch_path(monkeypatch, dtype) -> None:
     """A model whose linears hold IQ4 nibbles (IQ4_NL's and IQ4_XS's scales, alternating)
     takes the whole-model decode step (iq4 in its formats word), with the numbers of the
-    per-layer steps and, within the kernels' rounding, of the torch path."""
+    per-layer steps and, within the kernels' rounding, of the per-op path and the torch
+    path."""
     reference = _model(dtype)
     linears = [(name, m) for name, m in reference.named_modules()
                if isinstance(m, nn.Linear) and name != "lm_head"]
@@ -756,15 +764,4 @@ def test_decode_steps_of_an_iq4_model_equal_its_torch_path(monkeypatch, dtype) -
         iq4 = _iq4_layer(32, linear.in_features, two_level=i % 2 == 1,
                          n=linear.out_features, bias=linear.bias is not None)
         setattr(reference.get_submodule(parent), attr, iq4.to(dtype))
-    model = accelerate(copy.deepcopy(reference))
-    assert model.decode_plan().tensors is not None
-    calls = _fused_calls(monkeypatch)
-    fused = _decode(model)
-    assert len(calls) == 4
-    monkeypatch.setattr(dispatch, "decode_step_fits", lambda *args: False)
-    per_layer = _decode(model)
-    torch_path = _decode(reference)
-    scale = torch_path.abs().max().item()
-    torch.testing.assert_close(fused, per_layer, rtol=0, atol=1e-5 * scale if
-                               dtype == torch.float32 else 2e-2 * scale)
-    assert (fused - torch_path).abs().max().item() <= 3e-2 * scale
+    _assert_steps_equal_the_torch_path(monkeypatch, reference, dtype)
