@@ -5,7 +5,7 @@
  *   int8: bytes [n, k] holding q + 128 (the int32 words of `weight_packed`, little-endian);
  *   int4: bytes [n, k / 2], byte i holding element 2i (q + 8) in its low nibble and 2i + 1 in
  *         its high one;
- *   iq4:  int4's bytes, each nibble an index into IQ4's 16 levels (iq4_levels: q = level);
+ *   iq4:  int4's bytes, each nibble an index into IQ4's 16 levels (nibble_values[1]: q = level);
  *   int6: q in [-32, 31] as u = q + 32 in 6 bits, 96 bytes per 128 inputs: 64 bytes of low
  *         nibbles (byte i: input i, and input i + 64 in its high nibble), then 32 of high bit
  *         pairs (byte l: inputs l, l + 32, l + 64, l + 96 in bits 0-1, 2-3, 4-5, 6-7), GGUF's
@@ -67,9 +67,11 @@ static inline int int_format(int format) {
     return format == FORMAT_INT8 || held_bits(format) || nibbles(format);
 }
 
-/* IQ4_NL's and IQ4_XS's levels (llama.cpp's kvalues_iq4nl), indexed by an iq4 nibble. */
-static const int8_t iq4_levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                      1,    13,   25,  38,  53,  69,  89,  113};
+/* A nibble's value: [int4] q = u - 8, [iq4] IQ4_NL's and IQ4_XS's levels (llama.cpp's
+ * kvalues_iq4nl). */
+static const float nibble_values[2][16] = {
+    {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7},
+    {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113}};
 
 static inline int64_t quant_chunk(int format) {
     return nibbles(format) ? 128 : 64;
@@ -84,6 +86,23 @@ static inline int64_t quant_row_bytes(int format, int64_t k) {
 
 /* Bytes of a pair of int6 chunks (128 inputs), of four int5 chunks (256 inputs). */
 enum { INT6_PAIR_BYTES = 96, INT5_BLOCK_BYTES = 160 };
+
+/* Input e of an int6 row as q (int6_chunk's, one at a time). */
+static inline int int6_value(const uint8_t *row, int64_t e) {
+    const uint8_t *pair = row + e / 128 * INT6_PAIR_BYTES;
+    const int64_t i = e % 128;
+    const int nibble = (pair[i % 64] >> (i < 64 ? 0 : 4)) & 15;
+    return (nibble | ((pair[64 + i % 32] >> (2 * (i / 32))) & 3) << 4) - 32;
+}
+
+/* Input e of an int5 row as q (int5_chunk's, one at a time). */
+static inline int int5_value(const uint8_t *row, int64_t e) {
+    const uint8_t *block = row + e / 256 * INT5_BLOCK_BYTES;
+    const int64_t i = e % 256, c = i / 64, l = i % 32;
+    const int nibble = (block[32 * c + l] >> (i % 64 < 32 ? 0 : 4)) & 15;
+    return (nibble | ((block[128 + l] >> (i / 32)) & 1) << 4) - 16;
+}
+
 
 /* Whether the kernels take this format at width k with `group` inputs per scale: a chunk's 16
  * float32 lanes each cover chunk / 16 inputs, so a group spans whole lanes or whole chunks. */
@@ -256,20 +275,15 @@ typedef struct { /* what a call's chunk loop needs of the format, set up once */
  * bytes: e4m3's 7 magnitude bits, int8's |q| <= 127 (every e4m3 value and every integer up to
  * 256 is a bf16 one). */
 static uint16_t nibble_bf16[2][32]; /* [int4, iq4] */
-static float nibble_values[2][16];
 static uint8_t iq4_bytes[64];
 static uint8_t magnitude_bf16[2][2][128]; /* [fp8, int8][high, low][magnitude] */
 static uint8_t six_bf16[2][2][64];         /* [int6, int5][high, low][u] */
 
 __attribute__((constructor)) static void fill_quant_tables(void) {
-    for (int i = 0; i < 16; i++) {
-        nibble_values[0][i] = (float)i - 8.0f;
-        nibble_values[1][i] = (float)iq4_levels[i];
-    }
     for (int f = 0; f < 2; f++)
         for (int i = 0; i < 32; i++) nibble_bf16[f][i] = float_to_bf16(nibble_values[f][i & 15]);
     for (int i = 0; i < 64; i++) {
-        iq4_bytes[i] = (uint8_t)(iq4_levels[i & 15] + 128);
+        iq4_bytes[i] = (uint8_t)((int)nibble_values[1][i & 15] + 128);
         for (int f = 0; f < 2; f++) {
             const uint16_t bits = float_to_bf16((float)(i - (f ? 16 : 32)));
             six_bf16[f][0][i] = (uint8_t)(bits >> 8);
@@ -453,25 +467,9 @@ static inline __m512i int5_chunk(const char *row, int64_t c) {
         _mm512_set1_epi8(0x1F));
 }
 
-/* Input e of an int5 row as q (the scalar int5_chunk). */
-static inline int int5_value(const uint8_t *row, int64_t e) {
-    const uint8_t *block = row + e / 256 * INT5_BLOCK_BYTES;
-    const int64_t i = e % 256, c = i / 64, l = i % 32;
-    const int nibble = (block[32 * c + l] >> (i % 64 < 32 ? 0 : 4)) & 15;
-    return (nibble | ((block[128 + l] >> (i / 32)) & 1) << 4) - 16;
-}
-
 /* Chunk c of an int6 or int5 row as 64 bytes u. */
 static inline __m512i held_chunk(int format, const char *row, int64_t c) {
     return format == FORMAT_INT5 ? int5_chunk(row, c) : int6_chunk(row, c);
-}
-
-/* Input e of an int6 row as q (the scalar int6_chunk). */
-static inline int int6_value(const uint8_t *row, int64_t e) {
-    const uint8_t *pair = row + e / 128 * INT6_PAIR_BYTES;
-    const int64_t i = e % 128;
-    const int nibble = (pair[i % 64] >> (i < 64 ? 0 : 4)) & 15;
-    return (nibble | ((pair[64 + i % 32] >> (2 * (i / 32))) & 3) << 4) - 32;
 }
 
 /* Chunk c of a row at w as bf16 vectors v[0..3] (fp8 and int8: v[0] and v[1]). */
