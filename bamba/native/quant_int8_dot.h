@@ -234,12 +234,15 @@ __attribute__((noinline)) static void int4_dots_four(const LinearWeights *L, con
     }
 }
 
-/* Bodies of 1 to R_MAX rows of format F (compile-time). */
+/* Bodies of 1 to R_MAX (2 or 3) rows of format F (both compile-time: no 3-row body where
+ * R_MAX is 2). */
 #define INT8_ROWS(F, R_MAX)                                                           \
-    switch (R < R_MAX ? R : R_MAX) {                                                  \
-    case 1: INT8_SPANS(F, 1, 1) break;                                                \
-    case 2: INT8_SPANS(F, 2, 1) break;                                                \
-    default: INT8_SPANS(F, 3, 1) break;                                               \
+    if (R == 1) {                                                                     \
+        INT8_SPANS(F, 1, 1)                                                           \
+    } else if (R == 2 || R_MAX == 2) {                                                \
+        INT8_SPANS(F, 2, 1)                                                           \
+    } else {                                                                          \
+        INT8_SPANS(F, 3, 1)                                                           \
     }
 
 /* One unrolled body per format, span and row count (int8, int6, int5: 1 or 2; int4, iq4: 1 to
