@@ -1,7 +1,7 @@
 """int8 and int4 weights at decode: int8 activations and integer dot products against bf16
 activations.
 
-The few-row kernel meets int8 and int4 weights, at 1 to 3 rows, with activations quantized to
+The few-row kernel meets int8 and int4 weights, at 1 to 8 rows, with activations quantized to
 int8 per 32 inputs (``bamba.native.quant_ops.set_int8_activations``, quant_int8_dot.h); this
 measures that choice, in one process, the two settings in rotation (--rounds; the best round is
 kept):

@@ -140,8 +140,9 @@ _counter = itertools.count()
 @pytest.fixture
 def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No native kernels for one test (``BAMBA_NATIVE=0``): every module takes its torch path,
-    whose numbers do not depend on how many rows a call carries (the quantized kernels' do:
-    int8 activations at some row counts, bf16 ones at others)."""
+    whose numbers do not depend on how many rows a call carries, as the quantized kernels'
+    do not either, and whose quantized linears take the activations as they are (the
+    kernels' int8 activations round them)."""
     from bamba.native import library
 
     monkeypatch.setenv("BAMBA_NATIVE", "0")

@@ -93,19 +93,17 @@ def bf16_activations():
 @pytest.mark.parametrize("fmt", ["int8", "int4", *ASYMMETRIC])
 def test_int_weights_at_few_rows_take_int8_activations(fmt, group, dtype, k) -> None:
     """With int8 activations (where the CPU has VNNI) the few-row kernel computes exactly, up
-    to float32 summation order, x quantized per 32 inputs against the dequantized int4 weight
-    at 1 to 3 rows, the int8 weight at 1 or 2; from there on it takes bf16 activations (the
-    torch reference's numbers)."""
+    to float32 summation order, x quantized per 32 inputs against the dequantized weight at
+    every row count it takes (1 to 8)."""
     if not quant_ops.set_int8_activations(True):
         pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
-    layer = _layer(fmt, group, True, dtype, k=k)  # int4: 3 or 9 chunks of 128 inputs
+    layer = _layer(fmt, group, True, dtype, k=k)  # 3 or 9 chunks of 128 inputs
     layout = quant_ops.quant_layout(layer.kernel_weights(), k)
-    for rows in (1, 2, 3, 4, 8):
+    for rows in range(1, 9):
         x = (torch.randn(rows, k) * torch.logspace(-2, 1, k)).to(dtype)  # uneven blocks
         with torch.inference_mode():
             ours = quant_ops.quant_linear_rows(x, layout, layer.bias, False)
-        seen = int8_activations(x) if rows <= (3 if fmt.startswith("int4") else 2) else \
-            x.bfloat16().float()
+        seen = int8_activations(x)
         want = torch.nn.functional.linear(seen, layer.dequantized_weight(torch.float32),
                                           layer.bias.float()).to(dtype)
         # bf16 outputs: one bf16 step of the largest (float32 sums in another order round to
@@ -195,22 +193,38 @@ def test_many_rows_that_the_products_do_not_take_dequantize_tiles(monkeypatch) -
     assert len(calls) == len(cases)
 
 
+def _assert_rows_do_not_depend_on_their_call(layout: quant_ops.QuantLayout,
+                                             bias: torch.Tensor | None) -> None:
+    """With int8 activations, every row's outputs at 1 to 8 rows a call, on one thread or two
+    (other shares of the weight rows, other tiles), are bit for bit its outputs among 8 rows:
+    a request's numbers do not depend on the batch it decodes in."""
+    x = torch.randn(8, layout.k) * torch.logspace(-2, 1, layout.k)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            every = quant_ops.quant_linear_rows(x, layout, bias, False)
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                for rows in range(1, 9):
+                    for first in {0, 8 - rows}:
+                        ours = quant_ops.quant_linear_rows(x[first:first + rows], layout, bias,
+                                                           False)
+                        assert torch.equal(ours, every[first:first + rows]), (rows, first, count)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("k", [384, 1152])  # int4 at one row: four weight rows at a time, one
 @pytest.mark.parametrize("group", GROUPS)
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_one_row_takes_four_weight_rows_at_a_time_with_the_same_numbers(fmt, group) -> None:
-    """At one row the kernel walks four int4 weight rows of at most 1024 inputs at once (the
-    rest one by one: 90 outputs over two threads leave remainders), int8 ones one by one; each
-    output's arithmetic is the one-row-at-a-time kernel's, which two input rows take: the first
-    row's outputs are equal bit for bit."""
+@pytest.mark.parametrize("fmt", ["int8", "int4", *ASYMMETRIC])
+def test_a_rows_numbers_do_not_depend_on_the_rows_beside_it(fmt, group, k) -> None:
+    """Each output's arithmetic is the same in every tile (one row against one weight row or
+    four, 2 to 4 rows against pairs; 91 outputs over two threads leave odd shares)."""
     if not quant_ops.set_int8_activations(True):
         pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
-    layer = _layer(fmt, group, True, torch.float32, k=384, n=90)
-    layout = quant_ops.quant_layout(layer.kernel_weights(), 384)
-    x = torch.randn(2, 384) * torch.logspace(-2, 1, 384)
-    with torch.inference_mode():
-        one = quant_ops.quant_linear_rows(x[:1], layout, layer.bias, False)
-        two = quant_ops.quant_linear_rows(x, layout, layer.bias, False)
-    assert torch.equal(one[0], two[0])
+    layer = _layer(fmt, group, True, torch.float32, k=k, n=91)
+    _assert_rows_do_not_depend_on_their_call(
+        quant_ops.quant_layout(layer.kernel_weights(), k), layer.bias)
 
 
 @pytest.mark.parametrize("fmt,k,group", [("int4", 384, 128), ("int4", 512, 256),
@@ -254,10 +268,12 @@ def test_bf16_activations_can_be_chosen(bf16_activations) -> None:
     _close(ours, layer(x.bfloat16().float()), 1e-5)
 
 
-def test_every_int8_value_is_read_exactly_by_the_bf16_activation_kernel() -> None:
-    """Batch rows (4: bf16 activations) over int8 weights holding every q in [-128, 127] (-128,
-    which llm-compressor's range allows, included): a row per sign and magnitude band, so
-    each output sums terms of one sign and size and a wrong table entry shows."""
+@pytest.mark.parametrize("int8_on", [False, True])
+def test_every_int8_value_is_read_exactly(int8_on) -> None:
+    """Batch rows (4) over int8 weights holding every q in [-128, 127] (-128, which
+    llm-compressor's range allows, included), with bf16 activations and with int8 ones: a row
+    per sign and magnitude band, so each output sums terms of one sign and size and a wrong
+    table entry or byte shows."""
     q = torch.arange(-128, 128, dtype=torch.int64)
     bands = [q[(q >= lo) & (q < lo + 16)] for lo in range(-128, 128, 16)]  # 16 rows of 16
     rows = torch.stack([band.repeat(8) for band in bands]).to(torch.int8)  # [16, 128]
@@ -268,9 +284,14 @@ def test_every_int8_value_is_read_exactly_by_the_bf16_activation_kernel() -> Non
          "weight_scale": torch.ones(16, 1)}, make_scheme("int8"))
     layout = quant_ops.quant_layout(int8.kernel_weights(), 128)
     x = (torch.rand(4, 128) + 0.5).bfloat16().float()  # positive, bf16 values: exact inputs
-    with torch.inference_mode():
-        ours = quant_ops.quant_linear_rows(x, layout, None, False).double()
-    want = x.double() @ rows.double().T
+    if quant_ops.set_int8_activations(int8_on) != int8_on:
+        pytest.skip("no AVX-512 VNNI: the kernels keep bf16 activations")
+    try:
+        with torch.inference_mode():
+            ours = quant_ops.quant_linear_rows(x, layout, None, False).double()
+    finally:
+        quant_ops.set_int8_activations(True)
+    want = (int8_activations(x) if int8_on else x).double() @ rows.double().T
     assert torch.allclose(ours, want, rtol=1e-5, atol=1e-3), (ours - want).abs().max()
 
 
@@ -464,7 +485,8 @@ def _assert_steps_equal_the_torch_path(monkeypatch, reference: BambaLM,
                                        dtype: torch.dtype) -> None:
     """``reference`` accelerated takes the whole-model decode step, with the numbers of the
     per-layer steps and, within the kernels' rounding, of the native linears one by one and of
-    the torch path."""
+    the torch path. (The two steps' float32 activations differ in their last bits, which int8
+    activations can round to neighbouring steps: within 1e-4 of the logits' size.)"""
     model = accelerate(copy.deepcopy(reference))
     assert model.decode_plan().tensors is not None
     calls = _fused_calls(monkeypatch)
@@ -477,7 +499,7 @@ def _assert_steps_equal_the_torch_path(monkeypatch, reference: BambaLM,
     torch_path = _decode(reference)
     assert len(calls) == 4
     scale = torch_path.abs().max().item()
-    torch.testing.assert_close(fused, per_layer, rtol=0, atol=1e-5 * scale if
+    torch.testing.assert_close(fused, per_layer, rtol=0, atol=1e-4 * scale if
                                dtype == torch.float32 else 2e-2 * scale)
     for ours in (fused, per_op):
         assert (ours - torch_path).abs().max().item() <= 3e-2 * scale
@@ -609,12 +631,49 @@ def test_a_model_with_float16_scales_takes_the_whole_model_step_alike(monkeypatc
     assert torch.equal(_decode(half), _decode(model)) and len(calls) == 8
 
 
-def _assert_every_path_reads_as_the_reference(monkeypatch, layer: QuantizedLinear,
-                                               int8_max_rows: int) -> None:
+def test_a_quantized_models_decode_rows_do_not_depend_on_the_rows_beside_them() -> None:
+    """Prompts prefilled one at a time (as ``generate`` does), then decode steps of all six
+    rows at once (the whole-model step, as the engine runs them): each row's logits are those
+    it gets decoding alone, every quantized linear meeting the same int8 activations in the
+    same arithmetic at 1 to 8 rows (bit for bit: ``_assert_rows_do_not_depend_on_their_call``);
+    the rest of the step, the float32 head's among them, differs in float32 rounding (~1e-7, as
+    a dense model's does). When 3 to 8 rows met bf16 activations, logits moved by ~1e-2 with
+    the batch."""
+    if not quant_ops.set_int8_activations(True):
+        pytest.skip("no AVX-512 VNNI: bf16 activations at every row count")
+    model = accelerate(_mixed(_model(torch.float32), [s for s in MIXED if s.name != "fp8"]))
+    cfg = model.config
+    prompts = torch.randint(3, cfg.vocab_size, (6, 9), generator=torch.Generator().manual_seed(3))
+    steps = torch.randint(3, cfg.vocab_size, (6, 4), generator=torch.Generator().manual_seed(4))
+
+    def decode(rows: int) -> torch.Tensor:
+        cache = ContiguousCache(cfg, rows, 16, model.dtype)
+        logits = []
+        with torch.inference_mode():
+            for row in range(rows):
+                model(prompts[row:row + 1], cache=cache.bind([row]))
+            cache.bind(list(range(rows)))
+            for step in range(steps.shape[1]):
+                logits.append(model(steps[:rows, step:step + 1],
+                                    positions=torch.full((rows, 1), 9 + step), cache=cache))
+        return torch.cat(logits, dim=1)
+
+    calls = []
+    real = decode_ops.decode_layers
+    decode_ops.decode_layers = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        alone, among = decode(1), decode(6)
+    finally:
+        decode_ops.decode_layers = real
+    assert calls, "the whole-model step did not run"
+    torch.testing.assert_close(among[:1], alone, rtol=0, atol=1e-5 * alone.abs().max().item())
+
+
+def _assert_every_path_reads_as_the_reference(monkeypatch, layer: QuantizedLinear) -> None:
     """``layer``'s few-row kernel with bf16 activations at any row count (float32 and bf16
-    inputs), with int8 ones at 1 to ``int8_max_rows`` rows and past 8 (the integer products),
-    bf16 ones between, and its tiles and lookup bit for bit: the torch reference's numbers up
-    to float32 summation order."""
+    inputs), with int8 ones at every row count (the integer products; a row's numbers the same
+    in any call of 1 to 8), and its tiles and lookup bit for bit: the torch reference's numbers
+    up to float32 summation order."""
     k = layer.in_features
     layout = quant_ops.quant_layout(layer.kernel_weights(), k)
     weight, bias = layer.dequantized_weight(torch.float32), layer.bias
@@ -631,15 +690,14 @@ def _assert_every_path_reads_as_the_reference(monkeypatch, layer: QuantizedLinea
     finally:
         quant_ops.set_int8_activations(previous)
     if quant_ops.set_int8_activations(True):  # VNNI: int8 activations, integer products
+        _assert_rows_do_not_depend_on_their_call(layout, bias)
         monkeypatch.setattr(quant_ops, "quant_linear_tiles", lambda *a, **kw: pytest.fail("tile"))
-        for rows in (1, 2, 3, 9, 48, 530):
+        for rows in (1, 2, 3, 5, 9, 48, 530):
             x = torch.randn(rows, k) * torch.logspace(-2, 1, k)
             with torch.inference_mode():
                 ours = quant_ops.quant_linear_rows(x, layout, bias, False) if rows <= 8 else \
                     quant_ops.quant_linear_many(x, layout, bias)
-            int8_rows = rows <= int8_max_rows or rows > 8  # quant_int8_dot.h
-            seen = int8_activations(x) if int8_rows else x.bfloat16().float()
-            _close(ours, torch.nn.functional.linear(seen, weight, bias), 1e-5)
+            _close(ours, torch.nn.functional.linear(int8_activations(x), weight, bias), 1e-5)
     for dtype in (torch.bfloat16, torch.float32):
         torch.testing.assert_close(quant_ops.dequantize_tile(layout, 5, 60, dtype),
                                    layer.dequantized_weight(dtype)[5:60], rtol=0, atol=0)
@@ -702,7 +760,7 @@ def test_k_tables_are_read_by_every_native_path_as_the_reference(monkeypatch, fm
     assert layout.format == {"q6_k-six": "int6", "q6_k": "int8", "q5_k-five": "int5"}.get(fmt, fmt)
     assert layout.scales is layer.weight_table and layer.weight_table.dtype == torch.uint8
     assert quant_ops.step_code(layout) is not None
-    _assert_every_path_reads_as_the_reference(monkeypatch, layer, 3 if fmt == "int4" else 2)
+    _assert_every_path_reads_as_the_reference(monkeypatch, layer)
 
 
 def _iq4_layer(group: int, k: int, two_level: bool, n: int = 92,
@@ -734,7 +792,7 @@ def test_iq4_levels_are_read_by_every_native_path_as_the_reference(monkeypatch, 
                                                                    two_level) -> None:
     """int4 nibbles indexing IQ4's 16 levels (GGUF's IQ4_NL, and IQ4_XS with its scales in two
     levels) are read by the few-row kernel with bf16 activations at any row count (two weight
-    rows at a time for groups of whole chunks), with int8 ones at 1 to 3 rows (four weight
+    rows at a time for groups of whole chunks), with int8 ones at 1 to 8 rows (four weight
     rows at a time at one), by the integer products past 8 rows, and by the tiles and the
     lookup bit for bit: the reference's numbers, level * scale, up to float32 summation
     order."""
@@ -747,7 +805,7 @@ def test_iq4_levels_are_read_by_every_native_path_as_the_reference(monkeypatch, 
     assert layout is not None and layout.format == "iq4" and layout.group == group
     assert layout.two_level == two_level and not layout.offsets
     assert quant_ops.step_code(layout) is not None
-    _assert_every_path_reads_as_the_reference(monkeypatch, layer, 3)
+    _assert_every_path_reads_as_the_reference(monkeypatch, layer)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

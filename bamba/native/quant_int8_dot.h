@@ -1,26 +1,30 @@
-/* int8, int4 and iq4 weights against int8 activations: integer dot products (AVX-512 VNNI
- * `vpdpbusd`, 64 unsigned-by-signed byte products an instruction) for the few-row kernel at 1
- * to `int8_dot_rows` rows, where turning the weights into bf16 costs more than streaming them
- * (benchmarks/README.md#quantization); fp8 and more rows keep quant_rows.h's path.
+/* Integer weights (int8, int6, int5, int4, iq4) against int8 activations: integer dot
+ * products (AVX-512 VNNI `vpdpbusd`, 64 unsigned-by-signed byte products an instruction) for
+ * the few-row kernel at every row count it takes (1 to FEW_ROWS), as the prefill's product
+ * (quant_gemm.h) takes more: a row's numbers do not depend on how many rows its call carries
+ * (at 1 to FEW_ROWS rows bit for bit, past them up to float32 summation order), so a
+ * request's tokens do not depend on the batch it shares a decode step with. fp8 keeps
+ * quant_rows.h's bf16 path.
  *
  * The activations are quantized per call, as llama.cpp quantizes them for its Q8_0 dot
  * products: each block of 32 inputs of a row gets the scale s = max |x| / 127 and the values
  * q = round-half-even(x / s) in [-127, 127] (bamba.quant.formats.int8_activations is the
  * torch reference). The weights are read as stored (quant_rows.h), unsigned, which is what
- * `vpdpbusd` multiplies: int8 bytes hold q_w + 128, int4 nibbles q_w + 8 (a byte's low and
- * high nibbles are masked into two vectors of bytes), iq4's nibbles become their levels +
- * 128 in one `vpshufb` each, as int8's bytes, and int6's and int5's chunks their u = q + 32
- * or q + 16 (held_chunk). The offset's products (128, 32, 16 or 8, times
- * the sum of a lane's activations) are subtracted by starting each lane's integer sum at minus
- * them. A chunk of 64 weight bytes (64 int8 inputs, 128 int4 ones) gives 16 int32 lanes, lane
- * i the exact dot product over its inputs (int8: 4i..4i+3; int4: 8i..8i+7, the even ones
- * against the low nibbles, the odd ones against the high), turned to float32 and multiplied by
- * its block's scale, then by the weights' (quant_rows.h's chunk and lanes, so `chunk_scales`
- * serves groups smaller than a chunk).
+ * `vpdpbusd` multiplies, a chunk of DOT_CHUNK inputs as two vectors of bytes: int4's low and
+ * high nibbles (q_w + 8: a chunk's even inputs, its odd ones) masked apart, iq4's nibbles then
+ * looked up as their levels + 128 (one `vpshufb` each), int8's bytes (q_w + 128) and int6's
+ * and int5's u = q + 32 or q + 16 (held_chunk) in input order parted by `part_bytes`. The
+ * offset's products (128, 32, 16 or 8, times the sum of a lane's activations) are subtracted
+ * by starting each lane's integer sum at minus them. A chunk gives 16 int32 lanes, lane i the
+ * exact dot product over 8 inputs of one group of 16 (lanes 4b..4b+3: block b of 32), turned
+ * to float32 and multiplied by its block's scale, then by the weights' (`chunk_scales` serves
+ * groups smaller than a chunk). Lanes of 8 inputs, not the 4 of a byte chunk as stored: half
+ * the conversions and scalings a weight (int8 weights at 4 and 8 rows a step took 1.23x and
+ * 1.3x bf16 activations' time with lanes of 4; benchmarks/README.md#batch-invariant-decode).
  *
  * Each input row is prepared once per call and thread (`prepare_int8_rows`): its k quantized
- * bytes in the chunks' order (int4, iq4: a chunk's even inputs, then its odd ones), then per chunk
- * 16 lane scales (float32) and 16 lane offsets (int32).
+ * bytes in the chunks' order, then per chunk 16 lane scales (float32) and 16 lane offsets
+ * (int32).
  */
 #ifndef BAMBA_QUANT_INT8_DOT_H
 #define BAMBA_QUANT_INT8_DOT_H
@@ -28,20 +32,33 @@
 #if defined(HAVE_BF16_DOT) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define HAVE_INT8_DOT 1
 
-enum { ACT_BLOCK = 32, INT8_DOT_MAX_ROWS = 3, INT8_TILE_WEIGHT_ROWS = 4, MAX_CHUNK = 128 };
+/* DOT_CHUNK: inputs a chunk of the integer products. A call of 2 to 8 rows goes
+ * INT8_DOT_MAX_ROWS input rows at most by INT8_TILE_PAIR weight rows a tile, one row
+ * INT8_TILE_WEIGHT_ROWS weight rows or one. */
+enum { ACT_BLOCK = 32, DOT_CHUNK = 128, INT8_DOT_MAX_ROWS = 4, INT8_TILE_PAIR = 2,
+       INT8_TILE_WEIGHT_ROWS = 4 };
 
 /* Bytes of one prepared row of width k: the quantized values, then per chunk 16 float32 lane
  * scales and 16 int32 lane offsets. */
-static inline int64_t int8_row_bytes(int format, int64_t k) {
-    return k + k / quant_chunk(format) * 128;
+static inline int64_t int8_row_bytes(int64_t k) { return 2 * k; }
+
+/* Whether the integer products take a weight's groups: whole chunks, or whole lanes of one
+ * (else bf16 activations take it at every row count). */
+static inline int int8_dot_groups(const LinearWeights *L) {
+    return two_level(L->scale_kind) || L->group % DOT_CHUNK == 0 ||
+           (DOT_CHUNK % L->group == 0 && L->group % (DOT_CHUNK / 16) == 0);
 }
 
-/* Input rows up to which a format's weights meet int8 activations: int4 INT8_DOT_MAX_ROWS, int8
- * two. A prepared int8 row takes 3k bytes (int4's 2k): three of them for the ~1.1B shape's
- * 4096-wide down projection outgrow L1, and all of its linears at 3 rows took 41 ms where bf16
- * activations take 33 (benchmarks/README.md#linears-alone). */
-static inline int int8_dot_rows(int format) {
-    return nibbles(format) ? INT8_DOT_MAX_ROWS : 2;
+/* A chunk of bytes in input order (first: inputs 0-63, second: 64-127) as the two vectors
+ * the products take, each 32 bits of both from one group of 16 inputs: *low holds inputs
+ * 0-7 and 16-23 of each block of 32 (its 128 bits), *high inputs 8-15 and 24-31. Four
+ * shuffles of AVX-512F, as fast as two `vpermt2b` into even and odd inputs (int8 weights at 8
+ * rows, alternating turns: 0.98x). */
+static inline void part_bytes(__m512i first, __m512i second, __m512i *low, __m512i *high) {
+    const __m512i a = _mm512_shuffle_i64x2(first, second, 0x88); /* blocks' first halves */
+    const __m512i b = _mm512_shuffle_i64x2(first, second, 0xDD); /* their second halves */
+    *low = _mm512_unpacklo_epi64(a, b);
+    *high = _mm512_unpackhi_epi64(a, b);
 }
 
 /* One block of 32 inputs from x[i] on quantized: the bytes q = round-half-even(x / s) into
@@ -62,80 +79,83 @@ static inline float quantize_block(const void *x, int64_t i, int x_bf16, int8_t 
     return s;
 }
 
-/* x [M, k] (bf16 or float32) quantized per block of 32 into xq [M, int8_row_bytes(format,
- * k)], in the chunk order of `format` (an integer format), each lane's offset term for its
- * stored_offset. */
+/* x [M, k] (bf16 or float32) quantized per block of 32 into xq [M, int8_row_bytes(k)], each
+ * chunk as two vectors of bytes in the order of the weights of `format` (an integer format):
+ * nibbles' even inputs, then their odd ones; bytes' part_bytes halves. Each lane's offset term
+ * for the format's stored_offset. */
 static void prepare_int8_rows(int format, const void *x, int x_bf16, int64_t M, int64_t k,
                               char *xq) {
-    const int64_t chunk = quant_chunk(format), per_lane = chunk / 16;
+    const int64_t per_lane = DOT_CHUNK / 16;
     const __m512i ones = _mm512_set1_epi8(1);
     const __m512i offset = _mm512_set1_epi32(-stored_offset(format));
     for (int64_t m = 0; m < M; m++) {
-        int8_t *values = (int8_t *)(xq + m * int8_row_bytes(format, k));
+        int8_t *values = (int8_t *)(xq + m * int8_row_bytes(k));
         char *lanes = (char *)values + k;
-        for (int64_t c = 0; c < k; c += chunk) {
-            float *scales = (float *)(lanes + c / chunk * 128);
-            int8_t q[MAX_CHUNK] __attribute__((aligned(64))); /* the chunk's inputs in order */
-            float block_scale[MAX_CHUNK / ACT_BLOCK];
-            for (int64_t b = 0; b < chunk; b += ACT_BLOCK)
+        for (int64_t c = 0; c < k; c += DOT_CHUNK) {
+            float *scales = (float *)(lanes + c / DOT_CHUNK * 128);
+            int8_t q[DOT_CHUNK] __attribute__((aligned(64))); /* the chunk's inputs in order */
+            float block_scale[DOT_CHUNK / ACT_BLOCK];
+            for (int64_t b = 0; b < DOT_CHUNK; b += ACT_BLOCK)
                 block_scale[b / ACT_BLOCK] = quantize_block(x, m * k + c + b, x_bf16, q + b);
             for (int lane = 0; lane < 16; lane++)
                 scales[lane] = block_scale[lane * per_lane / ACT_BLOCK];
-            __m512i sums; /* each lane's inputs summed, as the kernel's dot products pair them */
-            if (nibbles(format)) { /* a chunk's even inputs, then its odd ones */
-                const __m512i first = _mm512_load_si512(q), second = _mm512_load_si512(q + 64);
-                const __m512i even = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm512_cvtepi16_epi8(first)),
-                    _mm512_cvtepi16_epi8(second), 1);
-                const __m512i odd = _mm512_inserti64x4(
+            const __m512i first = _mm512_load_si512(q), second = _mm512_load_si512(q + 64);
+            __m512i low, high;
+            if (nibbles(format)) {
+                low = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(first)),
+                                         _mm512_cvtepi16_epi8(second), 1);
+                high = _mm512_inserti64x4(
                     _mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_srai_epi16(first, 8))),
                     _mm512_cvtepi16_epi8(_mm512_srai_epi16(second, 8)), 1);
-                _mm512_storeu_si512(values + c, even);
-                _mm512_storeu_si512(values + c + 64, odd);
-                sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
-                                                               even), ones, odd);
             } else {
-                const __m512i all = _mm512_load_si512(q);
-                _mm512_storeu_si512(values + c, all);
-                sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, all);
+                part_bytes(first, second, &low, &high);
             }
+            _mm512_storeu_si512(values + c, low);
+            _mm512_storeu_si512(values + c + 64, high);
+            /* each lane's inputs summed, as the kernel's dot products pair them */
+            const __m512i sums = _mm512_dpbusd_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, low), ones, high);
             _mm512_storeu_si512(scales + 16, _mm512_mullo_epi32(offset, sums));
         }
     }
 }
 
-/* int4 weight rows of at most this many inputs (8 chunks) go four at a time against one input
- * row (int4_dots_four), longer ones one at a time. Both builds in one process, alternating
- * decode turns (benchmarks/ab_kernels.py): with the tile for every row the ~1.1B shape's steps
- * (k 1536 and more) took 20.2 ms against 17.4 with this bound (its Q4_0 file 21.4 against 18.6);
- * with no tile at all the bench shape's (k 512 to 1792) took 4.17 against 3.66 with it, and with
- * this bound it is as fast as with the tile everywhere (1.01x). K tables take the tile at every
- * width: their rows do more arithmetic a byte, which four chains hide (a [2048, 1536] Q4_K
- * linear from memory at one row: 80 us one row at a time, 70 four); so do int6's, whose
- * 6 bits are unpacked (int6_chunk): the h-1b shape's Q6_K file at batch 1 0.73x the int8
- * layout's speed one row at a time, 0.86x four (benchmarks/README.md#q6_k-in-6-bits). */
-enum { FOUR_ROW_MAX_K = 1024 };
+/* At one row, int4 and iq4 weight rows of at most this many inputs (8 chunks) go four at a
+ * time (INT8_TILE_WEIGHT_ROWS), longer ones one at a time. Both builds in one process,
+ * alternating decode turns (benchmarks/ab_kernels.py): with the tile for every row the ~1.1B
+ * shape's steps (k 1536 and more) took 20.2 ms against 17.4 with this bound (its Q4_0 file
+ * 21.4 against 18.6); with no tile at all the bench shape's (k 512 to 1792) took 4.17 against
+ * 3.66 with it, and with this bound it is as fast as with the tile everywhere (1.01x). K
+ * tables take the tile at every width: their rows do more arithmetic a byte, which four chains
+ * hide (a [2048, 1536] Q4_K linear from memory at one row: 80 us one row at a time, 70 four);
+ * int6's and int5's, whose bits are unpacked (held_chunk), go two at a time
+ * (HELD_WEIGHT_ROWS) at every width: four unpacked chunks of 128 outgrow the registers (the
+ * ~1.1B shape's Q6_K file at batch 1, against the chunks of 64 before: 0.76-0.83x four at a
+ * time, 1.08-1.24x two). */
+enum { FOUR_ROW_MAX_K = 1024, HELD_WEIGHT_ROWS = 2 };
 
 /* out[r * J + j] = x_r . w_{n+j} for R prepared rows (row_bytes apart) and J weight rows,
  * all of format, span, R and J compile-time after inlining: each weight chunk loaded serves R
  * rows, each row's activations J weight rows, in one flat loop over the chunks. One input row
- * against four weight rows is int4's batch-1 decode of short rows: four independent chains and
- * one call for four outputs (a short row, 4-8 chunks, otherwise spends a good part of its time
- * starting and reducing; a longer one reads four interleaved weight streams slower than one).
- * int8 weights at one row stay one weight row at a time: their four-row tile, four
- * interleaved streams of weight bytes, read 37 GB/s from memory where one row's stream reads 45
- * (all linears of the ~1.1B shape, benchmarks/README.md#linears-alone); int4's streams are half
- * as long, and its tile is as fast from memory and ~5% faster from cache. Each output's
- * arithmetic is the same whatever R and J. */
+ * against four weight rows is the batch-1 decode of short int4 rows and of K tables (above):
+ * four independent chains and one call for four outputs (a short row, 4-8 chunks, otherwise
+ * spends a good part of its time starting and reducing; a longer one reads four interleaved
+ * weight streams slower than one). int8 weights at one row stay one weight row at a time:
+ * their four-row tile, four interleaved streams of weight bytes, read 37 GB/s from memory
+ * where one row's stream reads 45 (all linears of the ~1.1B shape,
+ * benchmarks/README.md#linears-alone). 2 to 8 rows go up to INT8_DOT_MAX_ROWS at a time
+ * against pairs of weight rows (int8_features). Each output's arithmetic is the same whatever
+ * R and J. */
 static inline __attribute__((always_inline)) void int8_tile(const LinearWeights *L,
                                                              const QuantTables *t,
                                                              const int format, const int span,
                                                              const char *xq, int64_t n,
                                                              const int R, const int J,
                                                              float *out) {
-    const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
-    const int64_t row_bytes = int8_row_bytes(format, k), wrow = quant_row_bytes(format, k);
-    const int64_t per_group = span == GROUP_OF_CHUNKS ? L->group / chunk : 1; /* chunks */
+    const int64_t k = L->k, chunks = k / DOT_CHUNK;
+    const int64_t row_bytes = int8_row_bytes(k), wrow = quant_row_bytes(format, k);
+    const int64_t chunk_bytes = quant_row_bytes(format, DOT_CHUNK);
+    const int64_t per_group = span == GROUP_OF_CHUNKS ? L->group / DOT_CHUNK : 1; /* chunks */
     const char *w = (const char *)L->weight + n * wrow;
     const __m512i nibble = _mm512_set1_epi8(15);
     __m512 acc[INT8_DOT_MAX_ROWS][INT8_TILE_WEIGHT_ROWS];
@@ -145,45 +165,51 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
     if (span == GROUPS_IN_CHUNK || span == K_GROUPS)
         for (int j = 0; j < J; j++) prefetch_scales(L, n + j);
     /* K_GROUPS: each chunk's int32 lanes times their group's sc in `vpmaddwd` (a lane's low 16
-     * bits times sc: |lane| <= 8 * 15 * 127 for int4's u, 4 * 31 * 127 for Q5_K's, both int16;
-     * iq4's levels reach 8 * 127 * 127, so its lanes go to float32 and take d * sc there;
-     * with `vpmulld` a [1024, 768] Q4_K linear at one row took 35 us, 32 so), the sums times the
-     * super-block's d; int4's nibbles multiply as stored, u (the offsets' centre 0) */
+     * bits times sc: |lane| <= 8 * 15 * 127 for int4's u, 8 * 32 * 127 for Q6_K's q, both
+     * int16; iq4's levels reach 8 * 127 * 127, so its lanes go to float32 and take d * sc
+     * there; with `vpmulld` a [1024, 768] Q4_K linear at one row took 35 us, 32 so), the sums
+     * times the super-block's d; int4's nibbles multiply as stored, u (the offsets' centre 0) */
     KWalk walk[INT8_TILE_WEIGHT_ROWS];
-    for (int j = 0; j < J && span == K_GROUPS; j++) walk[j] = k_walk(L, n + j);
+    for (int j = 0; j < J && span == K_GROUPS; j++) walk[j] = k_walk(L, n + j, DOT_CHUNK);
     for (int64_t c = 0, left = per_group; c < chunks; c++) {
-        __m512i low[INT8_TILE_WEIGHT_ROWS], high[INT8_TILE_WEIGHT_ROWS];
+        __m512i low[INT8_TILE_WEIGHT_ROWS], high[INT8_TILE_WEIGHT_ROWS]; /* even, odd inputs */
         __m512 wscale[INT8_TILE_WEIGHT_ROWS];
         __m512i wsc[INT8_TILE_WEIGHT_ROWS];
-        for (int j = 0; j < J; j++) { /* a chunk's weights: bytes, or two nibble halves */
-            const char *wc = w + j * wrow + c * 64;
+        for (int j = 0; j < J; j++) {
+            const char *wr = w + j * wrow, *wc = wr + c * chunk_bytes;
             _mm_prefetch(wc + PREFETCH_BYTES, _MM_HINT_T1);
-            const __m512i bytes = held_bits(format) ? held_chunk(format, w + j * wrow, c)
-                                                    : _mm512_loadu_si512(wc);
-            low[j] = nibbles(format) ? _mm512_and_si512(bytes, nibble) : bytes;
-            high[j] = nibbles(format)
-                ? _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble) : bytes;
+            if (nibbles(format)) {
+                const __m512i bytes = _mm512_loadu_si512(wc);
+                low[j] = _mm512_and_si512(bytes, nibble);
+                high[j] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
+            } else { /* two vectors of bytes in input order, parted */
+                if (chunk_bytes > 64) _mm_prefetch(wc + 64 + PREFETCH_BYTES, _MM_HINT_T1);
+                const __m512i first = held_bits(format) ? held_chunk(format, wr, 2 * c)
+                                                        : _mm512_loadu_si512(wc);
+                const __m512i second = held_bits(format) ? held_chunk(format, wr, 2 * c + 1)
+                                                         : _mm512_loadu_si512(wc + 64);
+                part_bytes(first, second, &low[j], &high[j]);
+            }
             if (format == FORMAT_IQ4) { /* levels + 128, as int8's bytes */
                 low[j] = _mm512_shuffle_epi8(t->code_bytes, low[j]);
                 high[j] = _mm512_shuffle_epi8(t->code_bytes, high[j]);
             }
             if (span == GROUPS_IN_CHUNK) wscale[j] = chunk_scales(L, t, n + j, c);
             if (span == GROUP_IS_CHUNK) wscale[j] = _mm512_set1_ps(quant_scale(L, n + j, c));
-            if (span == K_GROUPS) wsc[j] = k_chunk_sc(&walk[j], format, c);
+            if (span == K_GROUPS) wsc[j] = k_chunk_sc(&walk[j], format, DOT_CHUNK, c);
             if (span == K_GROUPS && format == FORMAT_IQ4) /* d * sc: levels reach 127 */
                 wscale[j] = _mm512_mul_ps(k_sc_floats(&walk[j], wsc[j]), walk[j].d);
         }
         for (int r = 0; r < R; r++) {
             const char *row = xq + r * row_bytes, *lanes = row + k + c * 128;
-            const __m512i x_low = _mm512_loadu_si512(row + c * chunk);
-            const __m512i x_high = nibbles(format)
-                ? _mm512_loadu_si512(row + c * chunk + 64) : x_low;
+            const __m512i x_low = _mm512_loadu_si512(row + c * DOT_CHUNK);
+            const __m512i x_high = _mm512_loadu_si512(row + c * DOT_CHUNK + 64);
             const __m512i start = span == K_GROUPS && format == FORMAT_INT4
                 ? _mm512_setzero_si512() : _mm512_loadu_si512(lanes + 64);
             const __m512 x_scale = _mm512_loadu_ps((const float *)lanes);
             for (int j = 0; j < J; j++) {
-                __m512i dot = _mm512_dpbusd_epi32(start, low[j], x_low);
-                if (nibbles(format)) dot = _mm512_dpbusd_epi32(dot, high[j], x_high);
+                const __m512i dot = _mm512_dpbusd_epi32(
+                    _mm512_dpbusd_epi32(start, low[j], x_low), high[j], x_high);
                 if (span == GROUP_OF_CHUNKS)
                     sums[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), x_scale, sums[r][j]);
                 else if (span == K_GROUPS && format == FORMAT_IQ4) /* (lanes past int16) */
@@ -219,45 +245,53 @@ static inline __attribute__((always_inline)) void int8_tile(const LinearWeights 
     default: int8_tile(L, t, F, GROUP_OF_CHUNKS, xq, n, R, J, out); break;              \
     }
 
-/* One body per span and format: four int4, iq4, int6 or int5 weight rows against one prepared
- * row. */
-__attribute__((noinline)) static void int4_dots_four(const LinearWeights *L, const QuantTables *t,
-                                                     const char *xq, int64_t n, float *out) {
-    if (L->format == FORMAT_IQ4) {
-        INT8_SPANS(FORMAT_IQ4, 1, INT8_TILE_WEIGHT_ROWS)
-    } else if (L->format == FORMAT_INT6) {
-        INT8_SPANS(FORMAT_INT6, 1, INT8_TILE_WEIGHT_ROWS)
-    } else if (L->format == FORMAT_INT5) {
-        INT8_SPANS(FORMAT_INT5, 1, INT8_TILE_WEIGHT_ROWS)
-    } else {
-        INT8_SPANS(FORMAT_INT4, 1, INT8_TILE_WEIGHT_ROWS)
+#define INT8_FORMATS(TILE)                                                            \
+    switch (L->format) {                                                              \
+    case FORMAT_INT8: TILE(FORMAT_INT8) break;                                        \
+    case FORMAT_INT6: TILE(FORMAT_INT6) break;                                        \
+    case FORMAT_INT5: TILE(FORMAT_INT5) break;                                        \
+    case FORMAT_IQ4: TILE(FORMAT_IQ4) break;                                          \
+    default: TILE(FORMAT_INT4) break;                                                 \
     }
+
+/* out[0] = x . w_n for one prepared row. */
+#define ONE_BY_ONE(F) INT8_SPANS(F, 1, 1)
+__attribute__((noinline)) static void int8_dot_one(const LinearWeights *L, const QuantTables *t,
+                                                   const char *xq, int64_t n, float *out) {
+    INT8_FORMATS(ONE_BY_ONE)
 }
 
-/* Bodies of 1 to R_MAX (2 or 3) rows of format F (both compile-time: no 3-row body where
- * R_MAX is 2). */
-#define INT8_ROWS(F, R_MAX)                                                           \
-    if (R == 1) {                                                                     \
-        INT8_SPANS(F, 1, 1)                                                           \
-    } else if (R == 2 || R_MAX == 2) {                                                \
-        INT8_SPANS(F, 2, 1)                                                           \
-    } else {                                                                          \
-        INT8_SPANS(F, 3, 1)                                                           \
-    }
-
-/* One unrolled body per format, span and row count (int8, int6, int5: 1 or 2; int4, iq4: 1 to
- * 3). */
-__attribute__((noinline)) static void int8_dots(const LinearWeights *L, const QuantTables *t,
-                                                const char *xq, int64_t n, int R, float *out) {
+/* out[j] = x . w_{n+j} for one prepared row and INT8_TILE_WEIGHT_ROWS int4 or iq4 weight
+ * rows, or HELD_WEIGHT_ROWS int6 or int5 ones. */
+__attribute__((noinline)) static void int8_dots_one_row(const LinearWeights *L,
+                                                        const QuantTables *t, const char *xq,
+                                                        int64_t n, float *out) {
     switch (L->format) {
-    case FORMAT_INT8: INT8_ROWS(FORMAT_INT8, 2) break;
-    case FORMAT_INT6: INT8_ROWS(FORMAT_INT6, 2) break;
-    case FORMAT_INT5: INT8_ROWS(FORMAT_INT5, 2) break;
-    case FORMAT_IQ4: INT8_ROWS(FORMAT_IQ4, 3) break;
-    default: INT8_ROWS(FORMAT_INT4, 3) break;
+    case FORMAT_INT6: INT8_SPANS(FORMAT_INT6, 1, HELD_WEIGHT_ROWS) break;
+    case FORMAT_INT5: INT8_SPANS(FORMAT_INT5, 1, HELD_WEIGHT_ROWS) break;
+    case FORMAT_IQ4: INT8_SPANS(FORMAT_IQ4, 1, INT8_TILE_WEIGHT_ROWS) break;
+    default: INT8_SPANS(FORMAT_INT4, 1, INT8_TILE_WEIGHT_ROWS) break;
     }
 }
-#undef INT8_ROWS
+
+/* out[r * INT8_TILE_PAIR + j] = x_r . w_{n+j} for R (2 to INT8_DOT_MAX_ROWS) prepared rows
+ * and a pair of weight rows. */
+#define ROWS_BY_PAIR(F)                                                               \
+    if (R == 2) {                                                                     \
+        INT8_SPANS(F, 2, INT8_TILE_PAIR)                                              \
+    } else if (R == 3) {                                                              \
+        INT8_SPANS(F, 3, INT8_TILE_PAIR)                                              \
+    } else {                                                                          \
+        INT8_SPANS(F, 4, INT8_TILE_PAIR)                                              \
+    }
+__attribute__((noinline)) static void int8_dots_rows(const LinearWeights *L,
+                                                     const QuantTables *t, const char *xq,
+                                                     int64_t n, int R, float *out) {
+    INT8_FORMATS(ROWS_BY_PAIR)
+}
+#undef ONE_BY_ONE
+#undef ROWS_BY_PAIR
+#undef INT8_FORMATS
 #undef INT8_SPANS
 #endif
 #endif

@@ -117,14 +117,14 @@ def _k_table_layout(format: str, weight: torch.Tensor, table: torch.Tensor, n: i
 
 
 def set_int8_activations(on: bool) -> bool:
-    """Whether the few-row kernel meets int4 weights at 1 to 3 rows and int8 ones at 1 or 2
-    (decode) with activations quantized to int8 per 32 inputs and integer dot products
-    (``bamba.quant.formats.int8_activations``, as llama.cpp's Q8_0 does; the default where the
-    CPU has AVX-512 VNNI: faster there) or with bf16 activations (``on=False``: the torch
-    reference's numbers up to bf16 rounding), and whether many rows (prefill) meet them in
-    integer products (``quant_linear_gemm``) or dequantized tiles. Returns whether int8
-    activations are now in use. fp8 weights and int8 ones at 3 to 8 rows always take the
-    activations as they are."""
+    """Whether integer weights (int8, int4 and GGUF's formats) meet activations quantized to
+    int8 per 32 inputs in integer dot products (``bamba.quant.formats.int8_activations``, as
+    llama.cpp's Q8_0 does; the default where the CPU has AVX-512 VNNI: faster there) at every
+    row count, the few-row kernel's (decode) and the prefill's product
+    (``quant_linear_gemm``) alike, so a row's numbers do not depend on the rows beside it; or
+    bf16 activations (``on=False``: the torch reference's numbers up to bf16 rounding) and
+    dequantized tiles for many rows. Returns whether int8 activations are now in use. fp8
+    weights always take the activations as they are."""
     lib = library.load()
     return lib is not None and bool(lib.bamba_quant_set_int8_activations(int(on)))
 

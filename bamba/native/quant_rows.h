@@ -298,9 +298,11 @@ __attribute__((constructor)) static void fill_quant_tables(void) {
         }
 }
 
-static QuantTables quant_tables(const LinearWeights *L) {
+/* The tables of a chunk loop over `chunk` inputs at a time (quant_chunk's, or the integer
+ * products' DOT_CHUNK). */
+static QuantTables tables_for_chunk(const LinearWeights *L, int64_t chunk) {
     QuantTables t;
-    t.chunk = quant_chunk(L->format);
+    t.chunk = chunk;
     const int iq4 = L->format == FORMAT_IQ4;
     t.low = _mm512_loadu_si512(nibble_bf16[iq4]);
     t.codes = _mm512_loadu_ps(nibble_values[iq4]);
@@ -320,16 +322,23 @@ static QuantTables quant_tables(const LinearWeights *L) {
     return t;
 }
 
+static QuantTables quant_tables(const LinearWeights *L) {
+    return tables_for_chunk(L, quant_chunk(L->format));
+}
+
 /* A K table's sc bytes of 16 groups as every chunk's float32 / int32 lanes take them: for
- * chunks of 4 groups (int4's of 32, int8's of 16) and of 2 (int8's of 32) ([groups == 2]) and
- * the chunk's place among the 16 groups' chunks (4 or 8), the vpermb index putting group g's
- * byte in the low byte of each of its lanes (a chunk's lanes cover 16 / groups lanes a group,
- * in a run, as QuantTables' `lanes` has them). */
-static uint8_t k_lane_bytes[2][8][64];
+ * chunks of 4 groups (chunks of 128 inputs in groups of 32, of 64 in groups of 16), of 2 (64
+ * in groups of 32) and of 8 (128 in groups of 16) ([k_lane_table]) and the chunk's place among
+ * the 16 groups' chunks (4, 8 or 2), the vpermb index putting group g's byte in the low byte
+ * of each of its lanes (a chunk's lanes cover 16 / groups lanes a group, in a run, as
+ * QuantTables' `lanes` has them). */
+static uint8_t k_lane_bytes[3][8][64];
+
+static inline int k_lane_table(int64_t groups) { return groups == 2 ? 1 : groups == 8 ? 2 : 0; }
 
 __attribute__((constructor)) static void fill_k_lane_bytes(void) {
-    for (int f = 0; f < 2; f++) {
-        const int groups = f ? 2 : 4; /* a chunk's groups */
+    for (int f = 0; f < 3; f++) {
+        const int groups = f == 1 ? 2 : f == 2 ? 8 : 4; /* a chunk's groups */
         for (int c = 0; c < 16 / groups; c++)
             for (int lane = 0; lane < 16; lane++)
                 k_lane_bytes[f][c][4 * lane] = (uint8_t)(groups * c + lane / (16 / groups));
@@ -341,25 +350,25 @@ __attribute__((constructor)) static void fill_k_lane_bytes(void) {
 typedef struct {
     const char *table;
     int64_t sc_at, G;  /* the sc bytes' offset in the row, groups a row */
-    int64_t per_chunk; /* groups a chunk: 4, or int8's groups of 32 two */
+    int64_t per_chunk; /* groups a chunk: 2, 4 or 8 */
     int sign;          /* signed sc bytes (SCALE_K) */
     __m512i sc;
     __m512 d;
 } KWalk;
 
-static inline KWalk k_walk(const LinearWeights *L, int64_t n) {
+static inline KWalk k_walk(const LinearWeights *L, int64_t n, int64_t chunk) {
     const KShape K = k_shape(L);
     const KWalk walk = {(const char *)L->scales + n * L->scale_stride, 4 * K.S, K.G,
-                        quant_chunk(L->format) / L->group, L->scale_kind == SCALE_K,
+                        chunk / L->group, L->scale_kind == SCALE_K,
                         _mm512_setzero_si512(), _mm512_setzero_ps()};
     return walk;
 }
 
 /* Chunk c's int32 lanes of sc (each lane its group's sc in its low 16 bits, the high ones
- * zero: what `vpmaddwd` multiplies), c in order from 0; walk->d is its d. */
+ * zero: what `vpmaddwd` multiplies), c in order from 0 in chunks of `chunk` inputs (the
+ * walk's); walk->d is its d. */
 static inline __attribute__((always_inline)) __m512i k_chunk_sc(KWalk *walk, const int format,
-                                                                int64_t c) {
-    const int64_t chunk = quant_chunk(format);
+                                                                const int64_t chunk, int64_t c) {
     const int64_t per_chunk = nibbles(format) ? 4 : walk->per_chunk; /* (Q4_K's, IQ4_XS's) */
     const int64_t place = c & (16 / per_chunk - 1); /* among the 16 groups' chunks */
     if (place == 0)
@@ -369,7 +378,7 @@ static inline __attribute__((always_inline)) __m512i k_chunk_sc(KWalk *walk, con
         walk->d = _mm512_set1_ps(table_float(walk->table, c / (K_SUPER / chunk)));
     const __m512i lanes = _mm512_maskz_permutexvar_epi8(
         (__mmask64)0x1111111111111111ULL,
-        _mm512_loadu_si512(k_lane_bytes[per_chunk == 2][place]), walk->sc);
+        _mm512_loadu_si512(k_lane_bytes[k_lane_table(per_chunk)][place]), walk->sc);
     if (format == FORMAT_INT4 || !walk->sign) return lanes;
     return _mm512_srai_epi16(_mm512_slli_epi16(lanes, 8), 8); /* the low 16 bits signed */
 }
@@ -555,7 +564,7 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
     for (int r = 0; r < R; r++) acc[r] = a[r] = b[r] = _mm512_setzero_ps();
     if (span == GROUPS_IN_CHUNK || span == K_GROUPS) prefetch_scales(L, n);
     KWalk walk; /* K_GROUPS' */
-    if (span == K_GROUPS) walk = k_walk(L, n);
+    if (span == K_GROUPS) walk = k_walk(L, n, chunk);
     for (int64_t c = 0, left = per_group; c < chunks; c++) {
         _mm_prefetch(w + c * bytes + PREFETCH_BYTES, _MM_HINT_T1);
         __m512i v[4];
@@ -565,7 +574,7 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
         left = per_group;
         __m512 s;
         if (span == K_GROUPS) { /* (k_chunk_sc sets walk.d) */
-            const __m512 sc = k_sc_floats(&walk, k_chunk_sc(&walk, format, c));
+            const __m512 sc = k_sc_floats(&walk, k_chunk_sc(&walk, format, chunk, c));
             s = _mm512_mul_ps(sc, walk.d);
         } else {
             s = span == GROUPS_IN_CHUNK ? chunk_scales(L, t, n, c)
@@ -811,11 +820,11 @@ static void group_sums(const void *x, int x_bf16, int64_t M, int64_t k, int64_t 
  * no second quantization of x. Every lane's inputs lie in one group. */
 static void prepared_group_sums(int format, const char *xq, int64_t M, int64_t k, int64_t G,
                                 float *sums) {
-    const int64_t per_group = k / G / (quant_chunk(format) / 16); /* lanes a group */
+    const int64_t per_group = k / G / (DOT_CHUNK / 16); /* lanes a group */
     const float back = -1.0f / (float)stored_offset(format);
     memset(sums, 0, (size_t)((M + 15) / 16 * G * 16) * sizeof(float));
     for (int64_t m = 0; m < M; m++) {
-        const char *lanes = xq + m * int8_row_bytes(format, k) + k; /* 16 a chunk */
+        const char *lanes = xq + m * int8_row_bytes(k) + k; /* 16 a chunk */
         float *row = sums + m / 16 * G * 16 + m % 16;
         for (int64_t g = 0, i = 0; g < G; g++) {
             float total = 0.0f;
@@ -893,8 +902,8 @@ static inline void k_row_values(const LinearWeights *L, int64_t n, float *scales
  * the convention of the products they add to). Few rows take this, not offset_terms, whose
  * lanes, a row each, would mostly idle: at 8 rows of a Q4_K_M file's linears the offsets took
  * ~27% of the products' time that way. */
-static inline void offset_terms_of_rows(const LinearWeights *L, const float *rows, int R,
-                                        int64_t n, float centre, float *terms) {
+static inline __attribute__((always_inline)) void offset_terms_of_rows(
+    const LinearWeights *L, const float *rows, int R, int64_t n, float centre, float *terms) {
     const int64_t G = offset_groups(L);
     __m512 total[ROW_GROUP];
     for (int r = 0; r < R; r++) total[r] = _mm512_setzero_ps();
@@ -980,6 +989,55 @@ static int gemm_features_alone(const LinearWeights *L, int x_bf16, const void *x
 }
 #endif
 
+#ifdef HAVE_INT8_DOT
+/* Features [n_begin, n_end) of M <= FEW_ROWS rows prepared for the integer products (xq), as
+ * quant_features stores them: one row against two or four weight rows at a time where
+ * FOUR_ROW_MAX_K's notes say so, else one; 2 to 8 rows in groups of at most INT8_DOT_MAX_ROWS
+ * against pairs of weight rows (an odd last one a row at a time). `rows`: each row's group
+ * sums in a run (offset_terms_of_rows), or NULL without offsets. */
+static void int8_features(const LinearWeights *L, const QuantTables *t, const char *xq,
+                          int64_t M, const float *rows, float centre, int x_bf16, void *y,
+                          int64_t ldy, int y_bf16, int round_bf16, int64_t n_begin,
+                          int64_t n_end) {
+    const int64_t row_bytes = int8_row_bytes(L->k);
+    const int four = M == 1 && (nibbles(L->format) || held_bits(L->format)) &&
+                     (L->k <= FOUR_ROW_MAX_K || two_level(L->scale_kind));
+    const int J = M > 1                  ? INT8_TILE_PAIR
+                  : !four                ? 1
+                  : held_bits(L->format) ? HELD_WEIGHT_ROWS
+                                         : INT8_TILE_WEIGHT_ROWS;
+    const int64_t groups = (M + INT8_DOT_MAX_ROWS - 1) / INT8_DOT_MAX_ROWS;
+    for (int64_t n = n_begin, Jn; n < n_end; n += Jn) {
+        Jn = n + J <= n_end ? J : 1;
+        float terms[INT8_TILE_WEIGHT_ROWS][FEW_ROWS], out[FEW_ROWS * INT8_TILE_WEIGHT_ROWS];
+        for (int64_t m0 = 0, g = 0; g < groups; g++) { /* groups as even as they go */
+            const int R = (int)((M - m0) / (groups - g));
+            if (Jn == 1)
+                for (int r = 0; r < R; r++)
+                    int8_dot_one(L, t, xq + (m0 + r) * row_bytes, n, out + m0 + r);
+            else if (R == 1)
+                int8_dots_one_row(L, t, xq, n, out);
+            else
+                int8_dots_rows(L, t, xq + m0 * row_bytes, n, R, out + m0 * Jn);
+            m0 += R;
+        }
+        /* the offsets after the products, whose walk brought the rows' K tables into cache
+         * (before them, their loads took ~10% of a Q4_K file's batch-1 step) */
+        for (int j = 0; rows != NULL && j < Jn; j++) { /* (one row: its sums in registers) */
+            if (M == 1) offset_terms_of_rows(L, rows, 1, n + j, centre, terms[j]);
+            else offset_terms_of_rows(L, rows, (int)M, n + j, centre, terms[j]);
+        }
+        for (int j = 0; j < Jn; j++) {
+            const float bias = L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f;
+            for (int64_t m = 0; m < M; m++)
+                store_output(y, m * ldy + n + j,
+                             out[m * Jn + j] + bias + (rows != NULL ? terms[j][m] : 0.0f), y_bf16,
+                             round_bf16);
+        }
+    }
+}
+#endif
+
 /* Features [n_begin, n_end) of y = x W^T + bias for M rows of x ([M, k], bf16 when x_bf16,
  * else float32), as linear_features (dot_rows.h) stores them. */
 static void quant_features(const LinearWeights *L, int x_bf16, const void *x, int64_t M,
@@ -991,15 +1049,16 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
         const TileStore to = {y, ldy, n_begin, n_end, y_bf16, round_bf16, x_bf16};
         if (gemm_features_alone(L, x_bf16, x, M, &to) == 0) return;
     }
-    const int int8_dot = bamba_int8_activations && int_format(L->format) &&
-                         M <= int8_dot_rows(L->format);
-    const int64_t row_bytes = int8_dot ? int8_row_bytes(L->format, L->k) : 2 * L->k;
+    const int int8_dot = bamba_int8_activations && int_format(L->format) && M <= FEW_ROWS &&
+                         int8_dot_groups(L);
+    const int64_t row_bytes = int8_dot ? int8_row_bytes(L->k) : 2 * L->k;
+    const QuantTables t = tables_for_chunk(L, int8_dot ? DOT_CHUNK : quant_chunk(L->format));
 #else
     const int int8_dot = 0;
     const int64_t row_bytes = 2 * L->k;
+    const QuantTables t = quant_tables(L);
 #endif
     uint16_t *xp = thread_buffer(ROWS_BUFFER, (size_t)(M * row_bytes));
-    const QuantTables t = quant_tables(L);
     /* a K table's offsets in the convention of the products: int4 against int8 activations
      * multiplies its nibbles as stored (u, int8_tile's K_GROUPS), the rest q = u - 8 */
     const float centre = int8_dot && L->format == FORMAT_INT4 ? 0.0f : k_centre(L->format);
@@ -1022,24 +1081,15 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     float *rows = sums == NULL || xp == NULL || M > ROW_GROUP ? NULL : sums + blocks * G * 16;
     for (int64_t r = 0; rows != NULL && r < M; r++)
         for (int64_t g = 0; g < G; g++) rows[r * G + g] = sums[g * 16 + r];
-    float terms[16] = {0}; /* the offsets' terms of the 16 rows from m0 / 16 * 16 */
-    int64_t n = n_begin;
 #ifdef HAVE_INT8_DOT
-    const int64_t J = INT8_TILE_WEIGHT_ROWS;
-    for (; xp != NULL && int8_dot && M == 1 && (nibbles(L->format) || held_bits(L->format)) &&
-           (L->k <= FOUR_ROW_MAX_K || two_level(L->scale_kind)) && n + J <= n_end;
-         n += J) { /* int4's, iq4's, int6's and int5's batch-1 decode */
-        float out[INT8_TILE_WEIGHT_ROWS];
-        int4_dots_four(L, &t, (const char *)xp, n, out);
-        for (int j = 0; j < J; j++) {
-            if (sums) offset_terms_of_rows(L, rows, 1, n + j, centre, terms);
-            store_output(y, n + j,
-                         out[j] + (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f) +
-                             terms[0],
-                         y_bf16, round_bf16);
-        }
+    if (xp != NULL && int8_dot) {
+        int8_features(L, &t, (const char *)xp, M, rows, centre, x_bf16, y, ldy, y_bf16,
+                      round_bf16, n_begin, n_end);
+        return;
     }
 #endif
+    float terms[16] = {0}; /* the offsets' terms of the 16 rows from m0 / 16 * 16 */
+    int64_t n = n_begin;
     if (xp != NULL && !int8_dot && x_bf16 && paired_layout(L, &t)) {
         const int pair = M > ONE_STREAM_ROWS || nibbles(L->format);
         for (int J; n < n_end; n += J) { /* two weight rows at a time, or one */
@@ -1070,12 +1120,7 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
         for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
             const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
             float out[ROW_GROUP];
-#ifdef HAVE_INT8_DOT
-            if (xp != NULL && int8_dot)
-                int8_dots(L, &t, (const char *)xp + m0 * row_bytes, n, R, out);
-#endif
-            if (xp != NULL && !int8_dot)
-                quant_dots(L, &t, xp + m0 * L->k, n, R, out);
+            if (xp != NULL) quant_dots(L, &t, xp + m0 * L->k, n, R, out);
             if (sums && rows) offset_terms_of_rows(L, rows, R, n, centre, terms);
             else if (sums && xp)
                 _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16, n, centre));

@@ -46,7 +46,7 @@ class QuantScheme(NamedTuple):
     [N, 2, G], the layout the kernels read, held once; with ``two_level`` (Q4_K, Q5_K, and
     without offsets Q6_K) a ``k_table`` of them in two levels as the blocks hold them; the
     kernels' integer products take such int8 values to be the K-quants' 5 or 6 bits (|q| <= 32,
-    lanes of 4 products within int16). With ``levels`` an int4 weight's nibbles index
+    lanes of 8 products within int16). With ``levels`` an int4 weight's nibbles index
     ``IQ4_LEVELS``, w = level * scale (GGUF's IQ4_NL and IQ4_XS), which compressed-tensors
     cannot hold either: a checkpoint stores such weights as their int8 values
     (``saved_scheme``). ``held_bits`` 6 holds int8 values in [-32, 31] in 6 bits a value
