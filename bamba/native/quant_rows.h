@@ -993,8 +993,9 @@ static int gemm_features_alone(const LinearWeights *L, int x_bf16, const void *x
 /* Features [n_begin, n_end) of M <= FEW_ROWS rows prepared for the integer products (xq), as
  * quant_features stores them: one row against two or four weight rows at a time where
  * FOUR_ROW_MAX_K's notes say so, else one; 2 to 8 rows in groups of at most INT8_DOT_MAX_ROWS
- * against pairs of weight rows (an odd last one a row at a time). `rows`: each row's group
- * sums in a run (offset_terms_of_rows), or NULL without offsets. */
+ * against pairs of weight rows (an odd last one a row at a time); OUTPUT_BLOCK outputs of a
+ * row summed and stored together. `rows`: each row's group sums in a run
+ * (offset_terms_of_rows), or NULL without offsets. */
 static void int8_features(const LinearWeights *L, const QuantTables *t, const char *xq,
                           int64_t M, const float *rows, float centre, int x_bf16, void *y,
                           int64_t ldy, int y_bf16, int round_bf16, int64_t n_begin,
@@ -1007,32 +1008,46 @@ static void int8_features(const LinearWeights *L, const QuantTables *t, const ch
                   : held_bits(L->format) ? HELD_WEIGHT_ROWS
                                          : INT8_TILE_WEIGHT_ROWS;
     const int64_t groups = (M + INT8_DOT_MAX_ROWS - 1) / INT8_DOT_MAX_ROWS;
-    for (int64_t n = n_begin, Jn; n < n_end; n += Jn) {
-        Jn = n + J <= n_end ? J : 1;
-        float terms[INT8_TILE_WEIGHT_ROWS][FEW_ROWS], out[FEW_ROWS * INT8_TILE_WEIGHT_ROWS];
-        for (int64_t m0 = 0, g = 0; g < groups; g++) { /* groups as even as they go */
-            const int R = (int)((M - m0) / (groups - g));
-            if (Jn == 1)
-                for (int r = 0; r < R; r++)
-                    int8_dot_one(L, t, xq + (m0 + r) * row_bytes, n, out + m0 + r);
-            else if (R == 1)
-                int8_dots_one_row(L, t, xq, n, out);
-            else
-                int8_dots_rows(L, t, xq + m0 * row_bytes, n, R, out + m0 * Jn);
-            m0 += R;
+    __m512 lanes[FEW_ROWS * OUTPUT_BLOCK]; /* [row][output of the block] */
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += OUTPUT_BLOCK) {
+        const int64_t block = n_end - n0 < OUTPUT_BLOCK ? n_end - n0 : OUTPUT_BLOCK;
+        float terms[FEW_ROWS][OUTPUT_BLOCK], bias[OUTPUT_BLOCK];
+        if (rows != NULL) memset(terms, 0, sizeof terms);
+        for (int64_t n = n0, Jn; n < n0 + block; n += Jn) {
+            Jn = n + J <= n0 + block ? J : 1;
+            __m512 *out = lanes + (n - n0);
+            for (int64_t m0 = 0, g = 0; g < groups; g++) { /* groups as even as they go */
+                const int R = (int)((M - m0) / (groups - g));
+                if (Jn == 1)
+                    for (int r = 0; r < R; r++)
+                        int8_dot_one(L, t, xq + (m0 + r) * row_bytes, n,
+                                     out + (m0 + r) * OUTPUT_BLOCK);
+                else if (R == 1)
+                    int8_dots_one_row(L, t, xq, n, out);
+                else
+                    int8_dots_rows(L, t, xq + m0 * row_bytes, n, R, out + m0 * OUTPUT_BLOCK);
+                m0 += R;
+            }
+            /* the offsets after the products, whose walk brought the rows' K tables into
+             * cache (before them, their loads took ~10% of a Q4_K file's batch-1 step) */
+            for (int64_t j = n - n0; rows != NULL && j < n - n0 + Jn; j++) {
+                float of_rows[FEW_ROWS]; /* (one row: its sums in registers) */
+                if (M == 1) offset_terms_of_rows(L, rows, 1, n0 + j, centre, of_rows);
+                else offset_terms_of_rows(L, rows, (int)M, n0 + j, centre, of_rows);
+                for (int64_t m = 0; m < M; m++) terms[m][j] = of_rows[m];
+            }
         }
-        /* the offsets after the products, whose walk brought the rows' K tables into cache
-         * (before them, their loads took ~10% of a Q4_K file's batch-1 step) */
-        for (int j = 0; rows != NULL && j < Jn; j++) { /* (one row: its sums in registers) */
-            if (M == 1) offset_terms_of_rows(L, rows, 1, n + j, centre, terms[j]);
-            else offset_terms_of_rows(L, rows, (int)M, n + j, centre, terms[j]);
+        for (int64_t j = 0; j < OUTPUT_BLOCK; j++) {
+            bias[j] = L->bias && j < block ? load_value(L->bias, n0 + j, x_bf16) : 0.0f;
+            for (int64_t m = 0; m < M && j >= block; m++)
+                lanes[m * OUTPUT_BLOCK + j] = _mm512_setzero_ps();
         }
-        for (int j = 0; j < Jn; j++) {
-            const float bias = L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f;
-            for (int64_t m = 0; m < M; m++)
-                store_output(y, m * ldy + n + j,
-                             out[m * Jn + j] + bias + (rows != NULL ? terms[j][m] : 0.0f), y_bf16,
-                             round_bf16);
+        const __mmask16 mask = (__mmask16)((1u << block) - 1);
+        for (int64_t m = 0; m < M; m++) {
+            __m512 sums = _mm512_add_ps(lane_sums(lanes + m * OUTPUT_BLOCK),
+                                        _mm512_loadu_ps(bias));
+            if (rows != NULL) sums = _mm512_add_ps(sums, _mm512_loadu_ps(terms[m]));
+            store_outputs(y, m * ldy + n0, sums, mask, y_bf16, round_bf16);
         }
     }
 }
