@@ -38,55 +38,6 @@
 enum { ACT_BLOCK = 32, DOT_CHUNK = 128, INT8_DOT_MAX_ROWS = 4, INT8_TILE_PAIR = 2,
        INT8_TILE_WEIGHT_ROWS = 4 };
 
-/* Outputs whose sums are reduced together: a tile leaves each output's accumulator (16 lanes,
- * not yet summed) at out[r * OUTPUT_BLOCK + j], and int8_features sums a block of them at once
- * (lane_sums) and stores it as one vector. */
-enum { OUTPUT_BLOCK = 16 };
-
-/* Lane i of the result is _mm512_reduce_add_ps(v[i]), bit for bit: each vector's lanes summed
- * in the same pairs and tree (lane + lane 8 on, + lane 4 on, + lane 2 on, + lane 1 on), sixteen
- * vectors at a time in shuffles of two. Against one output reduced and stored (rounded to bf16
- * in scalar code) at a time, the bench shape's int4 checkpoint decodes one row 1.08-1.13x
- * faster (benchmarks/README.md#output-blocks). */
-static inline __m512 lane_sums(const __m512 v[OUTPUT_BLOCK]) {
-    __m512 in[16], s[8], u[4], w[2];
-    for (int i = 0; i < 16; i++) in[i] = v[(i % 4) * 4 + i / 4]; /* lane 4q + c sums in[4c + q] */
-    for (int a = 0; a < 8; a++)
-        s[a] = _mm512_add_ps(_mm512_shuffle_f32x4(in[2 * a], in[2 * a + 1], 0x44),
-                             _mm512_shuffle_f32x4(in[2 * a], in[2 * a + 1], 0xEE));
-    for (int b = 0; b < 4; b++)
-        u[b] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * b], s[2 * b + 1], 0x88),
-                             _mm512_shuffle_f32x4(s[2 * b], s[2 * b + 1], 0xDD));
-    for (int c = 0; c < 2; c++) {
-        const __m512d x = _mm512_castps_pd(u[2 * c]), y = _mm512_castps_pd(u[2 * c + 1]);
-        w[c] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-    }
-    return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
-}
-
-/* The lanes of `mask` of v into y[i..i+15] as store_output stores each: float_to_bf16's
- * rounding (nearest even on the bits, subnormals included, NaN kept quiet) in integer lanes. */
-static inline void store_outputs(void *y, int64_t i, __m512 v, __mmask16 mask, int y_bf16,
-                                 int round_bf16) {
-    if (y_bf16 || round_bf16) {
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        const __m512i rounded = _mm512_srli_epi32(
-            _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-            _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-        const __m512i bits = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(u, 16),
-                                                  _mm512_set1_epi32(0x40));
-        if (y_bf16) {
-            _mm256_mask_storeu_epi16((uint16_t *)y + i, mask, _mm512_cvtepi32_epi16(bits));
-            return;
-        }
-        v = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-    }
-    _mm512_mask_storeu_ps((float *)y + i, mask, v);
-}
-
 /* Bytes of one prepared row of width k: the quantized values, then per chunk 16 float32 lane
  * scales and 16 int32 lane offsets. */
 static inline int64_t int8_row_bytes(int64_t k) { return 2 * k; }
