@@ -194,11 +194,12 @@ def test_many_rows_that_the_products_do_not_take_dequantize_tiles(monkeypatch) -
 
 
 def _assert_rows_do_not_depend_on_their_call(layout: quant_ops.QuantLayout,
-                                             bias: torch.Tensor | None) -> None:
-    """With int8 activations, every row's outputs at 1 to 8 rows a call, on one thread or two
-    (other shares of the weight rows, other tiles), are bit for bit its outputs among 8 rows:
-    a request's numbers do not depend on the batch it decodes in."""
-    x = torch.randn(8, layout.k) * torch.logspace(-2, 1, layout.k)
+                                             bias: torch.Tensor | None,
+                                             dtype: torch.dtype = torch.float32) -> None:
+    """Every row's outputs at 1 to 8 rows a call, on one thread or two (other shares of the
+    weight rows, other tiles), are bit for bit its outputs among 8 rows: a request's numbers do
+    not depend on the batch it decodes in."""
+    x = (torch.randn(8, layout.k) * torch.logspace(-2, 1, layout.k)).to(dtype)
     threads = torch.get_num_threads()
     try:
         with torch.inference_mode():
@@ -225,6 +226,25 @@ def test_a_rows_numbers_do_not_depend_on_the_rows_beside_it(fmt, group, k) -> No
     layer = _layer(fmt, group, True, torch.float32, k=k, n=91)
     _assert_rows_do_not_depend_on_their_call(
         quant_ops.quant_layout(layer.kernel_weights(), k), layer.bias)
+
+
+@pytest.mark.parametrize("fmt,group,int8_activations", [
+    ("fp8", None, True), ("int8", 192, True), ("int8", None, False), ("int4", 128, False),
+    ("int4", 32, False), ("int4-asym", 128, False)])
+def test_bf16_activation_rows_numbers_do_not_depend_on_the_rows_beside_them(
+        fmt, group, int8_activations) -> None:
+    """bf16 activations (fp8 weights always, integer ones in groups the integer products do not
+    take, or with int8 activations off) sum each output the same way at 1 to 8 rows: one weight
+    row at a time or two, any tile. Outputs in bf16 hide most float32 differences, so the layer
+    is wide: fp8's rows summed as pairs at 3-8 rows (the old kernels) gave 1-2 of these 4096
+    outputs a row count one bf16 step apart from the row alone."""
+    quant_ops.set_int8_activations(int8_activations)
+    try:
+        layer = _layer(fmt, group, True, torch.bfloat16, k=768, n=4096)
+        _assert_rows_do_not_depend_on_their_call(
+            quant_ops.quant_layout(layer.kernel_weights(), 768), layer.bias, torch.bfloat16)
+    finally:
+        quant_ops.set_int8_activations(True)
 
 
 @pytest.mark.parametrize("fmt,k,group", [("int4", 384, 128), ("int4", 512, 256),

@@ -547,15 +547,16 @@ static inline int group_span(const LinearWeights *L, const QuantTables *t) {
                                : L->group == t->chunk ? GROUP_IS_CHUNK : GROUP_OF_CHUNKS;
 }
 
-/* out[r] = x_r . w_n for R input rows of xp, k apart, R, format and span compile-time after
- * inlining, in one flat loop over the chunks. Chunks of one group accumulate unscaled, then
- * add to acc times their scale; groups smaller than a chunk scale each chunk's lanes. */
+/* x_r . w_n for R input rows of xp, k apart, left unsummed at out[r * OUTPUT_BLOCK]; R, format
+ * and span compile-time after inlining, in one flat loop over the chunks. Chunks of one group
+ * accumulate unscaled, then add to acc times their scale; groups smaller than a chunk scale
+ * each chunk's lanes. */
 static inline __attribute__((always_inline)) void quant_row_dots(const LinearWeights *L,
                                                                   const QuantTables *t,
                                                                   const int format,
                                                                   const int span,
                                                                   const uint16_t *xp, int64_t n,
-                                                                  const int R, float *out) {
+                                                                  const int R, __m512 *out) {
     const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
     const int64_t bytes = quant_row_bytes(format, chunk);
     const int64_t per_group = span == GROUP_OF_CHUNKS ? L->group / chunk : 1; /* chunks */
@@ -585,7 +586,7 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
             a[r] = b[r] = _mm512_setzero_ps();
         }
     }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; r++) out[r * OUTPUT_BLOCK] = acc[r];
 }
 
 #define QUANT_SPANS(F, R)                                                             \
@@ -611,7 +612,7 @@ static inline __attribute__((always_inline)) void quant_row_dots(const LinearWei
 /* One unrolled body per format and row count. */
 __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const QuantTables *t,
                                                  const uint16_t *xp, int64_t n, int R,
-                                                 float *out) {
+                                                 __m512 *out) {
     if (L->format == FORMAT_INT4) {
         QUANT_ROWS(FORMAT_INT4)
     } else if (L->format == FORMAT_IQ4) {
@@ -635,14 +636,15 @@ __attribute__((noinline)) static void quant_dots(const LinearWeights *L, const Q
  * per product, which bound it at 8 rows), and the products add straight into one float32 sum
  * per input row and weight row with no scaling step per chunk: int4 and iq4 fold each group's
  * scale into their nibble table, bf16(q * s) -- the very weights the torch reference
- * dequantizes to -- and fp8 and int8 scale the row's sum once at the end.
- * out[r * J + j] = x_r . w_{n+j}; format, R and J compile-time after inlining. */
+ * dequantizes to -- and fp8 and int8 scale the row's sum once at the end (quant_features,
+ * row_scaled_after). x_r . w_{n+j} left unsummed at out[r * OUTPUT_BLOCK + j]; format, R and J
+ * compile-time after inlining. */
 static inline __attribute__((always_inline)) void paired_tile(const LinearWeights *L,
                                                                const QuantTables *t,
                                                                const int format,
                                                                const uint16_t *xp, int64_t n,
                                                                const int R, const int J,
-                                                               float *out) {
+                                                               __m512 *out) {
     enum { MAX_J = 2 };
     const int int4 = nibbles(format), vectors = int4 ? 4 : 2;
     const int64_t k = L->k, chunk = quant_chunk(format), chunks = k / chunk;
@@ -678,17 +680,8 @@ static inline __attribute__((always_inline)) void paired_tile(const LinearWeight
                     acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, (__m512bh)v[j][q]);
             }
     }
-    int r = 0;
-    if (J == 2) /* two rows' sums at once: out[2r .. 2r + 3] */
-        for (; r + 2 <= R; r += 2)
-            _mm_storeu_ps(out + r * J, sum4(acc[r][0], acc[r][1], acc[r + 1][0], acc[r + 1][1]));
-    for (; r < R; r++)
-        for (int j = 0; j < J; j++) out[r * J + j] = _mm512_reduce_add_ps(acc[r][j]);
-    if (!int4) /* the row's one scale */
-        for (int j = 0; j < J; j++) {
-            const float scale = quant_scale(L, n + j, 0);
-            for (r = 0; r < R; r++) out[r * J + j] *= scale;
-        }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < J; j++) out[r * OUTPUT_BLOCK + j] = acc[r][j];
 }
 
 /* Whether paired_tile takes this layout. */
@@ -696,6 +689,9 @@ static inline int paired_layout(const LinearWeights *L, const QuantTables *t) {
     return nibbles(L->format) ? !t->groups_per_chunk
                               : L->group == L->k && !held_bits(L->format);
 }
+
+/* Whether paired_tile leaves the weight row's one scale to its caller (fp8, int8). */
+static inline int row_scaled_after(const LinearWeights *L) { return !nibbles(L->format); }
 
 #define PAIRED_ROWS(F, J)                                          \
     switch (R) {                                                   \
@@ -718,7 +714,7 @@ static inline int paired_layout(const LinearWeights *L, const QuantTables *t) {
 /* One unrolled body per format, row count, and two weight rows or one (an odd share's last). */
 __attribute__((noinline)) static void paired_dots(const LinearWeights *L, const QuantTables *t,
                                                   const uint16_t *xp, int64_t n, int R, int J,
-                                                  float *out) {
+                                                  __m512 *out) {
     if (L->format == FORMAT_INT4) {
         PAIRED_WEIGHT_ROWS(FORMAT_INT4)
     } else if (L->format == FORMAT_IQ4) {
@@ -1103,46 +1099,52 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
         return;
     }
 #endif
-    float terms[16] = {0}; /* the offsets' terms of the 16 rows from m0 / 16 * 16 */
-    int64_t n = n_begin;
-    if (xp != NULL && !int8_dot && x_bf16 && paired_layout(L, &t)) {
-        const int pair = M > ONE_STREAM_ROWS || nibbles(L->format);
-        for (int J; n < n_end; n += J) { /* two weight rows at a time, or one */
-            J = pair && n + 2 <= n_end ? 2 : 1;
-            for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
-                const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
-                float out[ROW_GROUP * 2];
-                paired_dots(L, &t, xp + m0 * L->k, n, R, J, out);
-                for (int j = 0; j < J; j++) {
-                    if (sums && rows)
-                        offset_terms_of_rows(L, rows, R, n + j, 0.0f, terms);
-                    else if (sums)
-                        _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16,
-                                                                 n + j, 0.0f));
-                    for (int r = 0; r < R; r++)
-                        store_output(y, (m0 + r) * ldy + n + j,
-                                     out[r * J + j] +
-                                         (L->bias ? load_value(L->bias, n + j, x_bf16) : 0.0f) +
-                                         terms[(m0 + r) % 16],
-                                     y_bf16, round_bf16);
-                }
-            }
+    /* bf16 activations: OUTPUT_BLOCK features at a time, each summed as every row count sums
+     * it (a row's numbers do not depend on the rows beside it), two weight rows at a time
+     * (paired_tile) or one */
+    const int paired = xp != NULL && x_bf16 && paired_layout(L, &t);
+    const int pair = paired && (M > ONE_STREAM_ROWS || nibbles(L->format));
+    const float paired_centre = paired ? 0.0f : centre;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += OUTPUT_BLOCK) {
+        const int64_t block = n_end - n0 < OUTPUT_BLOCK ? n_end - n0 : OUTPUT_BLOCK;
+        float bias[OUTPUT_BLOCK], scales[OUTPUT_BLOCK];
+        for (int64_t j = 0; j < OUTPUT_BLOCK; j++) {
+            bias[j] = L->bias && j < block ? load_value(L->bias, n0 + j, x_bf16) : 0.0f;
+            scales[j] = paired && row_scaled_after(L) && j < block ? quant_scale(L, n0 + j, 0)
+                                                                   : 1.0f;
         }
-        return;
-    }
-    for (; n < n_end; n++) {
-        const float bias = L->bias ? load_value(L->bias, n, x_bf16) : 0.0f;
         for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
             const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
-            float out[ROW_GROUP];
-            if (xp != NULL) quant_dots(L, &t, xp + m0 * L->k, n, R, out);
-            if (sums && rows) offset_terms_of_rows(L, rows, R, n, centre, terms);
-            else if (sums && xp)
-                _mm512_storeu_ps(terms, offset_terms(L, sums + m0 / 16 * G * 16, n, centre));
-            for (int r = 0; r < R; r++) /* out of memory for k inputs: NaN, not a guess */
-                store_output(y, (m0 + r) * ldy + n,
-                             xp != NULL ? out[r] + bias + terms[(m0 + r) % 16] : NAN, y_bf16,
-                             round_bf16);
+            __m512 lanes[ROW_GROUP * OUTPUT_BLOCK]; /* [row][feature of the block] */
+            float terms[ROW_GROUP][OUTPUT_BLOCK];
+            for (int64_t n = n0, J; n < n0 + block; n += J) {
+                J = pair && n + 2 <= n0 + block ? 2 : 1;
+                if (paired) paired_dots(L, &t, xp + m0 * L->k, n, R, J, lanes + (n - n0));
+                else if (xp != NULL) quant_dots(L, &t, xp + m0 * L->k, n, R, lanes + (n - n0));
+                for (int j = 0; sums != NULL && xp != NULL && j < J; j++) {
+                    float of_rows[16]; /* rows m0.. (offset_terms: the 16 from m0 / 16 * 16) */
+                    if (rows) offset_terms_of_rows(L, rows, R, n + j, paired_centre, of_rows);
+                    else _mm512_storeu_ps(of_rows, offset_terms(L, sums + m0 / 16 * G * 16, n + j,
+                                                                paired_centre));
+                    for (int r = 0; r < R; r++)
+                        terms[r][n - n0 + j] = of_rows[rows ? r : (m0 + r) % 16];
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                __m512 v = _mm512_set1_ps(NAN); /* out of memory for k inputs: NaN, not a guess */
+                if (xp != NULL) {
+                    for (int64_t j = block; j < OUTPUT_BLOCK; j++)
+                        lanes[r * OUTPUT_BLOCK + j] = _mm512_setzero_ps();
+                    v = _mm512_add_ps(_mm512_mul_ps(lane_sums(lanes + r * OUTPUT_BLOCK),
+                                                    _mm512_loadu_ps(scales)),
+                                      _mm512_loadu_ps(bias));
+                    if (sums != NULL)
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(
+                                                 (__mmask16)((1u << block) - 1), terms[r]));
+                }
+                store_outputs(y, (m0 + r) * ldy + n0, v, (__mmask16)((1u << block) - 1), y_bf16,
+                              round_bf16);
+            }
         }
     }
 #else
