@@ -120,6 +120,22 @@ static inline __m512 lane_sums(const __m512 v[OUTPUT_BLOCK]) {
     return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
 }
 
+/* The mask of a block's first `block` (1 to OUTPUT_BLOCK) features. */
+static inline __mmask16 block_mask(int64_t block) { return (__mmask16)((1u << block) - 1); }
+
+/* One row's features of a block from its unsummed accumulators lanes[0..OUTPUT_BLOCK) (those
+ * past `block` set to zero here): their sums, times `scales` (NULL: none), plus `bias`, plus
+ * `terms` (NULL: none; read for the first `block` features only). */
+static inline __m512 block_outputs(__m512 *lanes, int64_t block, const float *scales,
+                                   const float *bias, const float *terms) {
+    for (int64_t j = block; j < OUTPUT_BLOCK; j++) lanes[j] = _mm512_setzero_ps();
+    __m512 v = lane_sums(lanes);
+    if (scales != NULL) v = _mm512_mul_ps(v, _mm512_loadu_ps(scales));
+    v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+    if (terms != NULL) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(block_mask(block), terms));
+    return v;
+}
+
 /* The lanes of `mask` of v into y[i..i+15] as store_output stores each: float_to_bf16's
  * rounding (nearest even on the bits, subnormals included, NaN kept quiet) in integer lanes. */
 static inline void store_outputs(void *y, int64_t i, __m512 v, __mmask16 mask, int y_bf16,
@@ -299,17 +315,12 @@ static void linear_features(const LinearWeights *L, int bf16, const void *x, int
             const char *xr[ROW_GROUP];
             __m512 lanes[ROW_GROUP * OUTPUT_BLOCK]; /* [row][feature of the block] */
             for (int r = 0; r < R; r++) xr[r] = (const char *)x + (m0 + r) * row_bytes;
-            for (int64_t j = 0; j < OUTPUT_BLOCK; j++) {
-                if (j < block)
-                    dots(xr, (const char *)L->weight + (n0 + j) * row_bytes, K, bf16, R, lanes + j);
-                else
-                    for (int r = 0; r < R; r++) lanes[r * OUTPUT_BLOCK + j] = _mm512_setzero_ps();
-            }
+            for (int64_t j = 0; j < block; j++)
+                dots(xr, (const char *)L->weight + (n0 + j) * row_bytes, K, bf16, R, lanes + j);
             for (int r = 0; r < R; r++)
                 store_outputs(y, (m0 + r) * ldy + n0,
-                              _mm512_add_ps(lane_sums(lanes + r * OUTPUT_BLOCK),
-                                            _mm512_loadu_ps(bias)),
-                              (__mmask16)((1u << block) - 1), y_bf16, round_bf16);
+                              block_outputs(lanes + r * OUTPUT_BLOCK, block, NULL, bias, NULL),
+                              block_mask(block), y_bf16, round_bf16);
         }
     }
 #else

@@ -1008,7 +1008,6 @@ static void int8_features(const LinearWeights *L, const QuantTables *t, const ch
     for (int64_t n0 = n_begin; n0 < n_end; n0 += OUTPUT_BLOCK) {
         const int64_t block = n_end - n0 < OUTPUT_BLOCK ? n_end - n0 : OUTPUT_BLOCK;
         float terms[FEW_ROWS][OUTPUT_BLOCK], bias[OUTPUT_BLOCK];
-        if (rows != NULL) memset(terms, 0, sizeof terms);
         for (int64_t n = n0, Jn; n < n0 + block; n += Jn) {
             Jn = n + J <= n0 + block ? J : 1;
             __m512 *out = lanes + (n - n0);
@@ -1033,18 +1032,13 @@ static void int8_features(const LinearWeights *L, const QuantTables *t, const ch
                 for (int64_t m = 0; m < M; m++) terms[m][j] = of_rows[m];
             }
         }
-        for (int64_t j = 0; j < OUTPUT_BLOCK; j++) {
+        for (int64_t j = 0; j < OUTPUT_BLOCK; j++)
             bias[j] = L->bias && j < block ? load_value(L->bias, n0 + j, x_bf16) : 0.0f;
-            for (int64_t m = 0; m < M && j >= block; m++)
-                lanes[m * OUTPUT_BLOCK + j] = _mm512_setzero_ps();
-        }
-        const __mmask16 mask = (__mmask16)((1u << block) - 1);
-        for (int64_t m = 0; m < M; m++) {
-            __m512 sums = _mm512_add_ps(lane_sums(lanes + m * OUTPUT_BLOCK),
-                                        _mm512_loadu_ps(bias));
-            if (rows != NULL) sums = _mm512_add_ps(sums, _mm512_loadu_ps(terms[m]));
-            store_outputs(y, m * ldy + n0, sums, mask, y_bf16, round_bf16);
-        }
+        for (int64_t m = 0; m < M; m++)
+            store_outputs(y, m * ldy + n0,
+                          block_outputs(lanes + m * OUTPUT_BLOCK, block, NULL, bias,
+                                        rows != NULL ? terms[m] : NULL),
+                          block_mask(block), y_bf16, round_bf16);
     }
 }
 #endif
@@ -1104,14 +1098,14 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
      * (paired_tile) or one */
     const int paired = xp != NULL && x_bf16 && paired_layout(L, &t);
     const int pair = paired && (M > ONE_STREAM_ROWS || nibbles(L->format));
+    const int scaled = paired && row_scaled_after(L); /* the row's one scale after its sums */
     const float paired_centre = paired ? 0.0f : centre;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += OUTPUT_BLOCK) {
         const int64_t block = n_end - n0 < OUTPUT_BLOCK ? n_end - n0 : OUTPUT_BLOCK;
         float bias[OUTPUT_BLOCK], scales[OUTPUT_BLOCK];
         for (int64_t j = 0; j < OUTPUT_BLOCK; j++) {
             bias[j] = L->bias && j < block ? load_value(L->bias, n0 + j, x_bf16) : 0.0f;
-            scales[j] = paired && row_scaled_after(L) && j < block ? quant_scale(L, n0 + j, 0)
-                                                                   : 1.0f;
+            scales[j] = scaled && j < block ? quant_scale(L, n0 + j, 0) : 1.0f;
         }
         for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
             const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
@@ -1130,21 +1124,13 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
                         terms[r][n - n0 + j] = of_rows[rows ? r : (m0 + r) % 16];
                 }
             }
-            for (int r = 0; r < R; r++) {
-                __m512 v = _mm512_set1_ps(NAN); /* out of memory for k inputs: NaN, not a guess */
-                if (xp != NULL) {
-                    for (int64_t j = block; j < OUTPUT_BLOCK; j++)
-                        lanes[r * OUTPUT_BLOCK + j] = _mm512_setzero_ps();
-                    v = _mm512_add_ps(_mm512_mul_ps(lane_sums(lanes + r * OUTPUT_BLOCK),
-                                                    _mm512_loadu_ps(scales)),
-                                      _mm512_loadu_ps(bias));
-                    if (sums != NULL)
-                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(
-                                                 (__mmask16)((1u << block) - 1), terms[r]));
-                }
-                store_outputs(y, (m0 + r) * ldy + n0, v, (__mmask16)((1u << block) - 1), y_bf16,
-                              round_bf16);
-            }
+            for (int r = 0; r < R; r++) /* out of memory for k inputs: NaN, not a guess */
+                store_outputs(y, (m0 + r) * ldy + n0,
+                              xp == NULL ? _mm512_set1_ps(NAN)
+                                         : block_outputs(lanes + r * OUTPUT_BLOCK, block,
+                                                         scaled ? scales : NULL, bias,
+                                                         sums != NULL ? terms[r] : NULL),
+                              block_mask(block), y_bf16, round_bf16);
         }
     }
 #else
