@@ -1032,8 +1032,7 @@ static void int8_features(const LinearWeights *L, const QuantTables *t, const ch
                 for (int64_t m = 0; m < M; m++) terms[m][j] = of_rows[m];
             }
         }
-        for (int64_t j = 0; j < OUTPUT_BLOCK; j++)
-            bias[j] = L->bias && j < block ? load_value(L->bias, n0 + j, x_bf16) : 0.0f;
+        block_bias(L->bias, n0, block, x_bf16, bias);
         for (int64_t m = 0; m < M; m++)
             store_outputs(y, m * ldy + n0,
                           block_outputs(lanes + m * OUTPUT_BLOCK, block, NULL, bias,
@@ -1103,10 +1102,9 @@ static void quant_features(const LinearWeights *L, int x_bf16, const void *x, in
     for (int64_t n0 = n_begin; n0 < n_end; n0 += OUTPUT_BLOCK) {
         const int64_t block = n_end - n0 < OUTPUT_BLOCK ? n_end - n0 : OUTPUT_BLOCK;
         float bias[OUTPUT_BLOCK], scales[OUTPUT_BLOCK];
-        for (int64_t j = 0; j < OUTPUT_BLOCK; j++) {
-            bias[j] = L->bias && j < block ? load_value(L->bias, n0 + j, x_bf16) : 0.0f;
+        block_bias(L->bias, n0, block, x_bf16, bias);
+        for (int64_t j = 0; j < OUTPUT_BLOCK; j++)
             scales[j] = scaled && j < block ? quant_scale(L, n0 + j, 0) : 1.0f;
-        }
         for (int64_t m0 = 0; m0 < M; m0 += ROW_GROUP) {
             const int R = M - m0 < ROW_GROUP ? (int)(M - m0) : ROW_GROUP;
             __m512 lanes[ROW_GROUP * OUTPUT_BLOCK]; /* [row][feature of the block] */
