@@ -92,6 +92,7 @@ class BambaConfig:
         self.time_step_limit = (float(self.time_step_limit[0]), float(self.time_step_limit[1]))
         if not self.num_local_experts:  # a dense model: the experts' sizes mean nothing
             self.num_experts_per_tok = self.expert_intermediate_size = 0
+        self._check_positive(("num_attention_heads", "mamba_n_heads"))  # divisors just below
         if self.mamba_d_head == "auto":
             self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
         if self.head_dim is None:
@@ -103,16 +104,19 @@ class BambaConfig:
             self.rope_scaling = None if kind == "default" else {"rope_type": kind, **scaling}
         self.validate()
 
+    def _check_positive(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim", "mamba_n_heads",
                     "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
                     "mamba_expand", "mamba_chunk_size", "max_position_embeddings")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+        self._check_positive(positive)
         bad = [i for i in self.attn_layer_indices if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"attn_layer_indices {bad} outside 0..{self.num_hidden_layers - 1}")

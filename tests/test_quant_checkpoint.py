@@ -212,6 +212,7 @@ def _one_line(capsys, verb: str, *fragments: str) -> None:
      ["group size 32 does not divide in_features 48 of model.layers.0.feed_forward.down_proj"]),
     (["--scheme", "fp8", "--group-size", "16"], ["--group-size applies to int8 and int4"]),
     (["--scheme", "int8", "--group-size", "0"], ["--group-size must be positive"]),
+    (["--scheme", "int8", "--ignore", "lm_head,re:(x"], ["'re:(x' is not a regular expression"]),
 ])
 def test_quantize_errors_are_one_line_and_write_nothing(dense, tmp_path, capsys, flags,
                                                         fragments):
@@ -283,6 +284,11 @@ BAD = {
     "unsupported bits": (dict(quantization=lambda q: q["config_groups"]["group_0"]["weights"]
                               .__setitem__("num_bits", 2)),
                          "type 'int' with num_bits 2 is not supported"),
+    "target not a regex": (dict(quantization=lambda q: q["config_groups"]["group_0"]
+                                .__setitem__("targets", ["re:("])),
+                           "config_groups.group_0.targets: 're:(' is not a regular expression"),
+    "ignore not a regex": (dict(quantization=lambda q: q.__setitem__("ignore", ["re:a[b"])),
+                           "ignore: 're:a[b' is not a regular expression"),
 }
 
 

@@ -56,6 +56,8 @@ def test_out_dir_that_is_a_file(tmp_path: Path, capsys) -> None:
     ("time_step_limit", "ab", "time_step_limit must be a list of 2 float"),
     ("rope_parameters", {"rope_type": "default", "rope_theta": 0}, "rope_theta must be > 0"),
     ("tie_word_embeddings", "no", "tie_word_embeddings must be bool"),
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer, got 0"),
+    ("mamba_n_heads", 0, "mamba_n_heads must be a positive integer, got 0"),
 ])
 def test_bad_config_json_fields(field: str, value, message: str, tmp_path: Path) -> None:
     raw = {**preset("tiny", **SMALL).to_hf_dict(), field: value}

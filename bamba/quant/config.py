@@ -71,6 +71,17 @@ def matches(name: str, class_names: tuple[str, ...], target: str) -> bool:
     return target == name or target in class_names
 
 
+def _check_regexes(where: str, entries: Iterable[str]) -> None:
+    """ValueError naming the first "re:" entry that is not a regular expression."""
+    for entry in entries:
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as err:
+                raise ValueError(f"{where}: {entry!r} is not a regular expression ({err})") \
+                    from None
+
+
 def weights_dict(scheme: QuantScheme) -> dict[str, Any]:
     """A config group's ``weights`` entry for our scheme, as llm-compressor writes it."""
     return {"num_bits": scheme.bits, "type": "float" if scheme.name == "fp8" else "int",
@@ -152,6 +163,7 @@ def parse_quantization_config(raw: Any) -> QuantConfig:
     ignore = raw.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
         raise ValueError(f"quantization_config ignore must be a list of names, got {ignore!r}")
+    _check_regexes("quantization_config ignore", ignore)
     parsed = tuple(_parse_group(name, group, fmt) for name, group in groups.items())
     return QuantConfig(fmt, parsed, tuple(ignore), raw)
 
@@ -168,6 +180,7 @@ def _parse_group(name: str, group: Any, fmt: str) -> QuantGroup:
     if not isinstance(targets, list) or not targets or \
             not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{where}.targets must be a non-empty list of names")
+    _check_regexes(f"{where}.targets", targets)
     weights = group.get("weights")
     if not isinstance(weights, dict):
         raise ValueError(f"{where}.weights must be an object (activation-only schemes are not "
