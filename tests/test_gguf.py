@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -960,6 +961,22 @@ def test_a_truncated_file_is_named(make_hf_checkpoint, tmp_path, capsys):
     for keep in (len(data) - 100, 2000):  # inside the tensor data, inside the metadata
         out.write_bytes(data[:keep])
         assert "truncated" in _cli_error(out, capsys)
+
+
+def test_metadata_sizes_that_make_no_model_are_named(make_hf_checkpoint, tmp_path, capsys):
+    """More heads than embedding dimensions (a flipped bit), a head length of 0: the config's
+    one-line error, not a division by it on the way there (found by
+    tests/test_checkpoint_fuzz.py)."""
+    source = make_hf_checkpoint("hybrid")
+    out = export_gguf(from_pretrained(source), load_tokenizer(source), tmp_path / "m.gguf", "f32")
+    data = bytearray(out.read_bytes())
+    key = b"granitehybrid.attention.head_count"
+    at = data.index(key) + len(key)
+    assert struct.unpack_from("<II", data, at) == (gguf.GGUFValueType.UINT32, 4)
+    struct.pack_into("<I", data, at + 4, 64)  # 32 embedding dimensions
+    out.write_bytes(bytes(data))
+    assert "granitehybrid.attention: a head length of 0 (embedding_length 32, head_count 64)" \
+        in _cli_error(out, capsys)
 
 
 def test_tensors_the_metadata_does_not_predict_are_named(make_hf_checkpoint, tmp_path, capsys):

@@ -284,6 +284,9 @@ BAD = {
     "unsupported bits": (dict(quantization=lambda q: q["config_groups"]["group_0"]["weights"]
                               .__setitem__("num_bits", 2)),
                          "type 'int' with num_bits 2 is not supported"),
+    "bits not a number": (dict(quantization=lambda q: q["config_groups"]["group_0"]["weights"]
+                               .__setitem__("num_bits", [4])),
+                          "type 'int' with num_bits [4] is not supported"),
     "target not a regex": (dict(quantization=lambda q: q["config_groups"]["group_0"]
                                 .__setitem__("targets", ["re:("])),
                            "config_groups.group_0.targets: 're:(' is not a regular expression"),

@@ -132,7 +132,7 @@ def read_model_file(path: str | os.PathLike) -> GGUFModel:
     arch = architecture(reader, path)
     try:
         config, interleaved = _config(reader, path, arch)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError) as exc:  # metadata of the wrong kind or size
         text = str(exc)
         raise ValueError(text if text.startswith(str(path)) else f"{path}: {text}") from None
     return GGUFModel(path, reader, config, interleaved)
@@ -147,6 +147,9 @@ def _config(reader: Any, path: Path, arch: str) -> tuple[BambaConfig, int]:
     names = {t.name for t in reader.tensors}
     hidden, heads, layers = key("embedding_length"), key("attention.head_count"), key("block_count")
     head_dim = key("attention.key_length", hidden // max(heads, 1))
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        raise ValueError(f"{arch}.attention: a head length of {head_dim!r} (embedding_length "
+                         f"{hidden}, head_count {heads})")
     kv = key("attention.head_count_kv", heads)
     vocab = key("vocab_size", 0, required=False) or len(field_value(
         reader, "tokenizer.ggml.tokens", [])) or _rows(reader, "token_embd.weight", path)

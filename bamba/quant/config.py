@@ -186,7 +186,7 @@ def _parse_group(name: str, group: Any, fmt: str) -> QuantGroup:
         raise ValueError(f"{where}.weights must be an object (activation-only schemes are not "
                          f"supported)")
     kind = (weights.get("type"), weights.get("num_bits"))
-    scheme_name = _SCHEME_OF.get(kind)
+    scheme_name = next((name for known, name in _SCHEME_OF.items() if known == kind), None)
     if scheme_name is None:
         raise ValueError(f"{where}.weights: type {kind[0]!r} with num_bits {kind[1]!r} is not "
                          f"supported (float 8, int 8, int 4)")
