@@ -66,6 +66,52 @@ def test_unreadable_shard_is_one_line(dataset: Path) -> None:
     assert "\n" not in str(info.value)
 
 
+def _write_arrow(path: Path, column) -> None:
+    import pyarrow as pa
+
+    table = pa.table({"tokens": column})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def test_a_shard_of_anything_but_id_lists_is_one_line(dataset: Path) -> None:
+    import pyarrow as pa
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    entry = _first_shard(manifest)
+    _write_arrow(dataset / entry["file"], pa.array(["text"] * entry["documents"]))
+    with pytest.raises(ValueError, match="column tokens is string, expected lists of token ids"
+                       ) as info:
+        ShardDocuments(dataset).tokens(0)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([5, 6, 7, -1], "the data has token id -1: token ids are not negative"),
+    ([5, 6, 7, 300], "the data has token id 300 but the model's vocab_size is 300"),
+])
+def test_training_on_ids_the_model_has_no_rows_for_exits_2(dataset: Path, tmp_path: Path,
+                                                            capsys, ids, message) -> None:
+    """Ids past the vocabulary or negative (a signed column): one line, not an index error
+    inside the embedding (negative ones were, found by corrupting shards at random)."""
+    import pyarrow as pa
+
+    from bamba.train.__main__ import main
+
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        docs = [ids * 8 for _ in range(entry["documents"])]
+        _write_arrow(dataset / entry["file"], pa.array(docs, pa.list_(pa.int32())))
+        entry["tokens"] = sum(len(d) for d in docs)
+    manifest["tokens"] = sum(e["tokens"] for e in manifest["shards"])
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    code = main([str(write_yaml(tmp_path)), "--data=shards", f"--data_path={dataset}",
+                 "--steps=1", f"--out_dir={tmp_path / 'run'}", "--progress=false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("bamba train: error: ") and "\n" not in err
+    assert message in err
+
+
 def test_training_on_a_manifest_with_a_wrong_count_exits_2(dataset: Path, tmp_path: Path,
                                                            capsys) -> None:
     from bamba.train.__main__ import main

@@ -241,3 +241,23 @@ def test_shard_ids_beyond_the_vocabulary_are_refused(checkpoint, tmp_path, capsy
         "shards": [{"file": "shard-00000.arrow", "documents": 2, "tokens": tokens}]})
     _refused(*_run([str(checkpoint), str(tmp_path / "s"), "--format", "shards", "--out",
                            str(tmp_path / "o")], capsys), "token id 9999", "vocabulary of 320")
+
+
+def test_negative_shard_ids_are_refused(checkpoint, tmp_path, capsys):
+    """A signed column's -1 (found by corrupting shards at random): refused, not an index error
+    inside the embedding."""
+    import pyarrow as pa
+
+    from bamba.data.shards import FORMAT, MANIFEST, write_json
+
+    table = pa.table({"tokens": pa.array([[5, 6, 7], [8, -1]], pa.list_(pa.int32()))})
+    (tmp_path / "s").mkdir()
+    with pa.OSFile(str(tmp_path / "s" / "shard-00000.arrow"), "wb") as sink, \
+            pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    write_json(tmp_path / "s" / MANIFEST, {
+        "format": FORMAT, "complete": True, "documents": 2, "tokens": 5,
+        "tokenizer": {"vocab_size": 320},
+        "shards": [{"file": "shard-00000.arrow", "documents": 2, "tokens": 5}]})
+    _refused(*_run([str(checkpoint), str(tmp_path / "s"), "--format", "shards", "--out",
+                    str(tmp_path / "o")], capsys), "token id -1: token ids are not negative")

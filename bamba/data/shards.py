@@ -86,6 +86,10 @@ class ShardReader:
         except (OSError, pa.ArrowException, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{self.path}: not a readable shard ({first})") from None
+        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or \
+                not pa.types.is_integer(column.type.value_type):
+            raise ValueError(f"{self.path}: not a readable shard (column tokens is "
+                             f"{column.type}, expected lists of token ids)")
         self._offsets = column.offsets.to_numpy()
         self._values = column.values.to_numpy()
 

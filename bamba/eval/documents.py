@@ -60,6 +60,9 @@ def read_shard_documents(path: str, vocab_size: int, limit: int | None = None
     if largest >= vocab_size:
         raise ValueError(f"{path} holds token id {largest}, beyond this model's vocabulary of "
                          f"{vocab_size} (tokenized with another tokenizer?)")
+    smallest = min(int(doc.min()) for doc in documents if len(doc))
+    if smallest < 0:
+        raise ValueError(f"{path} holds token id {smallest}: token ids are not negative")
     return documents
 
 

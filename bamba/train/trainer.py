@@ -143,10 +143,12 @@ def check_batch(batch: Batch, vocab_size: int, seq_len: int) -> None:
     ids = batch["input_ids"]
     if ids.shape[-1] != seq_len:
         raise ValueError(f"the data gives rows of {ids.shape[-1]} tokens, seq_len is {seq_len}")
-    top = int(ids.max())
+    top, bottom = int(ids.max()), int(ids.min())
     if top >= vocab_size:
         raise ValueError(f"the data has token id {top} but the model's vocab_size is {vocab_size}: "
                          "tokenizer and model disagree")
+    if bottom < 0:
+        raise ValueError(f"the data has token id {bottom}: token ids are not negative")
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
