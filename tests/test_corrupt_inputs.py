@@ -1,11 +1,13 @@
-"""Property-based corruption of checkpoints read from disk: a dense or quantized (compressed-
-tensors) directory whose tensors or config.json fields are changed at random, and a GGUF file
-with bytes flipped or cut, either load and run a forward pass or fail with one ValueError of
-one line (what the CLI prints as its one-line error, exit 2): never another exception, never a
-traceback. Nothing is unpickled on the way. The default run is bounded for CI; the ``slow``
-one tries many more cases. (Sweeps like these found a regex target that was no regex and a
-zero head count escaping as re.error and ZeroDivisionError; this test, a list for num_bits
-and a GGUF head length of 0 as TypeError and ZeroDivisionError.)"""
+"""Property-based corruption of what bamba reads from disk: a dense or quantized (compressed-
+tensors) checkpoint directory whose tensors or config.json fields are changed at random, a GGUF
+file with bytes flipped or cut, and a tokenized dataset's shard rewritten or damaged either
+load (and a model runs a forward pass, a dataset's ids fit the model) or fail with one
+ValueError of one line (what the CLI prints as its one-line error, exit 2): never another
+exception, never a traceback. Nothing is unpickled on the way. The default run is bounded for
+CI; the ``slow`` one tries many more cases. (Sweeps like these found a regex target that was no
+regex, a zero head count, a list for num_bits, a GGUF head length of 0, a shard of strings and
+negative ids escaping as re.error, ZeroDivisionError, TypeError, AttributeError and an
+embedding's IndexError.)"""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from bamba.checkpoint import from_pretrained
 from bamba.cli import main
+from bamba.data.shards import MANIFEST, write_shard
+from bamba.eval.documents import read_shard_documents
 from serve_helpers import save_tiny_checkpoint
 
 QUICK, LONG = 400, 5000  # examples per test
@@ -203,6 +207,67 @@ def _gguf_case(files: dict[str, Path], tmp_path: Path, data: st.DataObject) -> N
     _loads_or_says_why_in_one_line(path, [name, kind, f"at {at}"])
 
 
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenized dataset of two shards, as ``bamba tokenize`` writes it."""
+    root = tmp_path_factory.mktemp("fuzz-shards")
+    docs = [[(7 * i + j) % VOCAB for j in range(3 + i % 5)] for i in range(12)]
+    entries = []
+    for n, part in enumerate((docs[:6], docs[6:])):
+        name = f"shard-{n:05d}.arrow"
+        entries.append({"file": name, "documents": len(part),
+                        "tokens": write_shard(root / name, part)})
+    (root / MANIFEST).write_text(json.dumps({
+        "format": "bamba-shards-v1", "complete": True, "documents": len(docs),
+        "tokens": sum(e["tokens"] for e in entries), "tokenizer": {"vocab_size": VOCAB},
+        "shards": entries}))
+    return root
+
+
+def _shard_case(dataset: Path, tmp_path: Path, data: st.DataObject) -> None:
+    import pyarrow as pa
+
+    target = tmp_path / "case"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(dataset, target)
+    shard = target / data.draw(st.sampled_from(["shard-00000.arrow", "shard-00001.arrow"]),
+                               label="shard")
+    kind = data.draw(st.sampled_from(["column", "flip", "cut", "zero"]), label="change")
+    if kind == "column":
+        value_type = data.draw(st.sampled_from([pa.uint32(), pa.int32(), pa.int64(), pa.uint8(),
+                                                pa.float32(), pa.string(), None]), label="type")
+        ids = data.draw(st.lists(st.lists(st.integers(-3, VOCAB + 3), max_size=4), min_size=6,
+                                 max_size=6), label="documents")
+        if value_type is None:
+            column = pa.array([len(d) for d in ids])
+        elif value_type == pa.string():
+            column = pa.array([str(d) for d in ids])
+        else:
+            column = pa.array(ids, pa.list_(pa.int64())).cast(pa.list_(value_type), safe=False)
+        table = pa.table({"tokens": column})
+        with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:
+        raw = bytearray(shard.read_bytes())
+        at = data.draw(st.integers(0, len(raw) - 17), label="at")
+        if kind == "flip":
+            raw[at] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+        elif kind == "cut":
+            raw = raw[:at]
+        else:
+            raw[at:at + 16] = bytes(16)
+        shard.write_bytes(bytes(raw))
+    try:
+        documents = read_shard_documents(str(target), VOCAB)
+    except ValueError as err:
+        assert str(err) and "\n" not in str(err), (kind, str(err))
+        return
+    assert all(0 <= int(t) < VOCAB for doc in documents for t in doc), kind
+
+
 FUZZ = dict(deadline=None, derandomize=True, database=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -217,6 +282,19 @@ def test_a_corrupted_checkpoint_directory_loads_or_is_one_line(sources, tmp_path
 @given(data=st.data())
 def test_a_corrupted_gguf_file_loads_or_is_one_line(gguf_files, tmp_path, data):
     _gguf_case(gguf_files, tmp_path, data)
+
+
+@settings(max_examples=QUICK, **FUZZ)
+@given(data=st.data())
+def test_a_corrupted_dataset_shard_reads_ids_that_fit_or_is_one_line(dataset, tmp_path, data):
+    _shard_case(dataset, tmp_path, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=LONG, **{**FUZZ, "derandomize": False})
+@given(data=st.data())
+def test_many_corrupted_dataset_shards(dataset, tmp_path, data):
+    _shard_case(dataset, tmp_path, data)
 
 
 @pytest.mark.slow
