@@ -245,6 +245,8 @@ def test_activation_checkpointing_and_accumulation_keep_the_math(tmp_path: Path)
 @pytest.mark.parametrize("overrides, message", [
     (["--data=shards", "--data_path=/nonexistent/shards"], "no manifest.json in /nonexistent/shards"),
     (["--data=sft", "--data_path=BAD", "--tokenizer=TOK"], "BAD:2: not a JSON object"),
+    (["--data=sft", "--data_path=LATIN1", "--tokenizer=TOK"],
+     "LATIN1: not UTF-8 text (invalid continuation byte at byte 12)"),
     (["--data=sft", "--data_path=/nonexistent/chat.jsonl", "--tokenizer=TOK"],
      "/nonexistent/chat.jsonl: no such fine-tuning file"),
     (["--data=text", "--data_path=EMPTY", "--tokenizer=TOK"], "no .txt/.py/.jsonl/.parquet files"),
@@ -260,12 +262,14 @@ def test_bad_data_gives_one_line_errors(overrides, message, tmp_path: Path, caps
     from bamba.train.__main__ import main
 
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n[1, 2]\n')
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "\xe9", "completion": "b"}\n'
+                                            .encode("latin-1"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.txt").write_text("some text to train on\n" * 20)
     if any("TOK" in o for o in overrides):
         train_bpe([tmp_path / "text" / "a.txt"], 300, tmp_path / "tok")
-    paths = {"BAD": tmp_path / "bad.jsonl", "EMPTY": tmp_path / "empty", "TEXT": tmp_path / "text",
+    paths = {"BAD": tmp_path / "bad.jsonl", "LATIN1": tmp_path / "latin1.jsonl", "EMPTY": tmp_path / "empty", "TEXT": tmp_path / "text",
              "TOK": tmp_path / "tok"}
     args = [f"--out_dir={tmp_path / 'run'}", "--steps=1", "--warmup_steps=0", "--progress=false"]
     for item in overrides:  # dotted model overrides apply on top of the YAML's SMALL
@@ -275,7 +279,7 @@ def test_bad_data_gives_one_line_errors(overrides, message, tmp_path: Path, caps
     assert main([str(tmp_path / "c.yaml"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bamba train: error: ") and "\n" not in err
-    assert message.replace("BAD", str(paths["BAD"])) in err
+    assert message.replace("BAD", str(paths["BAD"])).replace("LATIN1", str(paths["LATIN1"])) in err
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:

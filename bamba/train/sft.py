@@ -95,8 +95,12 @@ def load_examples(path: str | os.PathLike, tokenizer: Any) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such fine-tuning file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
