@@ -20,9 +20,8 @@ from typing import Any
 
 import pytest
 import torch
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from bamba.checkpoint import from_pretrained
@@ -268,44 +267,31 @@ def _shard_case(dataset: Path, tmp_path: Path, data: st.DataObject) -> None:
     assert all(0 <= int(t) < VOCAB for doc in documents for t in doc), kind
 
 
-FUZZ = dict(deadline=None, derandomize=True, database=None,
-            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+CASES = {"checkpoint directory": ("sources", _directory_case),
+         "gguf file": ("gguf_files", _gguf_case),
+         "dataset shard": ("dataset", _shard_case)}
 
 
-@settings(max_examples=QUICK, **FUZZ)
-@given(data=st.data())
-def test_a_corrupted_checkpoint_directory_loads_or_is_one_line(sources, tmp_path, data):
-    _directory_case(sources, tmp_path, data)
+def _fuzz(kind: str, request: pytest.FixtureRequest, tmp_path: Path, examples: int,
+          derandomize: bool) -> None:
+    fixture, case = CASES[kind]
+    source = request.getfixturevalue(fixture)
+
+    @settings(max_examples=examples, derandomize=derandomize, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def corrupted(data: st.DataObject) -> None:
+        case(source, tmp_path, data)
+
+    corrupted()
 
 
-@settings(max_examples=QUICK, **FUZZ)
-@given(data=st.data())
-def test_a_corrupted_gguf_file_loads_or_is_one_line(gguf_files, tmp_path, data):
-    _gguf_case(gguf_files, tmp_path, data)
-
-
-@settings(max_examples=QUICK, **FUZZ)
-@given(data=st.data())
-def test_a_corrupted_dataset_shard_reads_ids_that_fit_or_is_one_line(dataset, tmp_path, data):
-    _shard_case(dataset, tmp_path, data)
-
-
-@pytest.mark.slow
-@settings(max_examples=LONG, **{**FUZZ, "derandomize": False})
-@given(data=st.data())
-def test_many_corrupted_dataset_shards(dataset, tmp_path, data):
-    _shard_case(dataset, tmp_path, data)
+@pytest.mark.parametrize("kind", list(CASES))
+def test_a_corrupted_input_loads_or_is_one_line(kind, request, tmp_path):
+    _fuzz(kind, request, tmp_path, QUICK, derandomize=True)
 
 
 @pytest.mark.slow
-@settings(max_examples=LONG, **{**FUZZ, "derandomize": False})
-@given(data=st.data())
-def test_many_corrupted_checkpoint_directories(sources, tmp_path, data):
-    _directory_case(sources, tmp_path, data)
-
-
-@pytest.mark.slow
-@settings(max_examples=LONG, **{**FUZZ, "derandomize": False})
-@given(data=st.data())
-def test_many_corrupted_gguf_files(gguf_files, tmp_path, data):
-    _gguf_case(gguf_files, tmp_path, data)
+@pytest.mark.parametrize("kind", list(CASES))
+def test_many_corrupted_inputs(kind, request, tmp_path):
+    _fuzz(kind, request, tmp_path, LONG, derandomize=False)
