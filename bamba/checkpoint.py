@@ -34,6 +34,7 @@ from bamba.checkpoint_writer import (CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_
                                      SHARD_PATTERN, TIED_HEAD, WEIGHTS_NAME, export_state_dict,
                                      hf_config_dict, parse_size, save_pretrained,
                                      to_bamba_name, to_checkpoint_name, write_checkpoint)
+from bamba.generation_defaults import read_generation_defaults
 from bamba.model import FP32_PARAMS, BambaLM
 from bamba.quant.apply import place_empty, place_stored_experts
 from bamba.quant.config import QuantConfig, parse_quantization_config
@@ -300,6 +301,7 @@ def tensor_reader(path_or_id: str | os.PathLike, revision: str | None = None
         return None
     with torch.device("meta"):
         model = BambaLM(load_config(directory))
+    model.generation_defaults = read_generation_defaults(directory)
     files, plan = checked_tensors(directory, model)
     where = {ours: key for key, ours in plan.items()}
 
@@ -316,7 +318,8 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
                     device: str | torch.device = "cpu", revision: str | None = None,
                     rope_scaling: dict[str, Any] | None = None) -> BambaLM:
     """Load a Hugging Face Bamba or Llama checkpoint (local directory or hub id), or a GGUF
-    file (``*.gguf`` or GGUF magic; see ``bamba.gguf.reader``), in eval mode.
+    file (``*.gguf`` or GGUF magic; see ``bamba.gguf.reader``), in eval mode; the model's
+    ``generation_defaults`` are its generation_config.json's (``bamba.generation_defaults``).
 
     Floating-point weights are cast to ``dtype`` as they load, except the per-head
     A_log, D and dt_bias, which stay float32 (they feed exp and softplus). ``rope_scaling``
@@ -334,6 +337,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     directory = resolve_checkpoint(path_or_id, revision)
     config = with_rope_scaling(load_config(directory), rope_scaling)
     quantization = load_quantization_config(directory)
+    generation_defaults = read_generation_defaults(directory)
     check_model_fits(config, dtype.itemsize, quantized_bits=None if quantization is None
                      else min(g.scheme.bits for g in quantization.groups))
     shards, weight_map = _shard_files(directory)
@@ -375,6 +379,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype: torch.dtype = torch.fl
     # A buffer the model computes at construction (not in state_dict) cannot come from a file.
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, f"not materialised after loading: {left}"
+    model.generation_defaults = generation_defaults
     log.info("loaded %s (%d tensors, %d files, dtype %s)", directory, len(plan), len(shards), dtype)
     return model.eval()
 

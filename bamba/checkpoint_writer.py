@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bamba.files import give_plain_modes
+from bamba.generation_defaults import GENERATION_CONFIG_NAME
 from bamba.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 TIED_HEAD = "lm_head."  # a tied head's tensors: the token table's, never written apart
-GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -210,8 +210,11 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike,
     model (``bamba.quant``) is written in the compressed-tensors layout it holds.
     """
     config = model.config
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                  "pad_token_id": config.pad_token_id}
+    defaults = model.generation_defaults
+    extra_eos = [t for t in defaults.eos_token_ids if t not in config.eos_token_ids]
+    eos = config.eos_token_ids + extra_eos if extra_eos else config.eos_token_id
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": eos,
+                  "pad_token_id": config.pad_token_id, **defaults.to_dict()}
 
     def extra_files(staging: Path) -> None:
         _write_json(staging / GENERATION_CONFIG_NAME,

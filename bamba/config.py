@@ -11,7 +11,6 @@ without RoPE unless ``position_embedding_type`` is "rope").
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bamba.files import read_json_object
 from bamba.ops.rope import RopeSpec, check_rope_scaling, rope_type_of
 
 MODEL_TYPES = ("bamba", "llama", "granitemoehybrid")
@@ -291,13 +291,7 @@ class BambaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "BambaConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+        raw = read_json_object(Path(path))
         try:
             return cls.from_hf_dict(raw)
         except (TypeError, ValueError) as exc:

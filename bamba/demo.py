@@ -191,13 +191,14 @@ def complete(model_dir: Path, prompt: str, max_new_tokens: int) -> tuple[str, li
     """Greedy completion of ``prompt`` by the checkpoint in ``model_dir`` (fp32)."""
     from bamba.checkpoint import from_pretrained, load_tokenizer
     from bamba.generation import GenerationConfig, generate
+    from bamba.generation_defaults import stop_token_ids
 
     tokenizer = load_tokenizer(model_dir)
     model = from_pretrained(model_dir)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
-    eos = sorted(set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids))
+    eos = stop_token_ids(model.config, model.generation_defaults, tokenizer)
     (result,) = generate(model, [ids], GenerationConfig(max_new_tokens=max_new_tokens,
                                                         eos_token_ids=eos))
     return tokenizer.decode(result.token_ids), result.token_ids

@@ -1,11 +1,29 @@
-"""File modes for atomic writes: a temporary file or directory (``mkstemp`` 0600, ``mkdtemp``
-0700, safetensors 0600) renamed into place should end with the mode a plain ``open`` or
-``mkdir`` would have given it, i.e. 0666 / 0777 less the umask (0644 / 0755 under umask 022)."""
+"""Files: the modes of atomic writes, and reading a JSON object.
+
+A temporary file or directory (``mkstemp`` 0600, ``mkdtemp`` 0700, safetensors 0600) renamed
+into place should end with the mode a plain ``open`` or ``mkdir`` would have given it, i.e.
+0666 / 0777 less the umask (0644 / 0755 under umask 022)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object a file holds; one ValueError line naming the file when it is not UTF-8,
+    not valid JSON, or holds something else."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return raw
 
 
 def current_umask() -> int:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from bamba.cache import ContiguousCache
 from bamba.config import context_hint
+from bamba.generation_defaults import GenerationDefaults, stop_token_ids
 from bamba.model import BambaLM
 from bamba.native import accelerate, steady_weights
 from bamba.sampling import (SamplingBatch, SamplingValues, require_int, sample,
@@ -29,7 +31,9 @@ class GenerationConfig(SamplingValues):
     those filters off; penalties at their neutral values (1, 0, 0) do nothing, and follow the
     engine's ``SamplingParams`` (repetition over prompt and output, presence and frequency over
     the output). With a seed, prompt i samples from its own generator seeded ``seed + i``.
-    eos_token_ids None means the model config's EOS ids."""
+    eos_token_ids None means the model's: its config's EOS ids and its generation defaults'.
+    ``for_model`` fills what the caller leaves out from the checkpoint's generation_config.json
+    (``bamba.generation_defaults``); a GenerationConfig built directly takes none of it."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -46,6 +50,16 @@ class GenerationConfig(SamplingValues):
             for token in self.eos_token_ids:
                 require_int(token, "eos_token_ids entry", 0)
             self.eos_token_ids = list(self.eos_token_ids)
+
+    @classmethod
+    def for_model(cls, model: BambaLM, **given: Any) -> GenerationConfig:
+        """The values ``given``, else the model's generation defaults, else this class's."""
+        return cls.from_defaults(model.generation_defaults, **given)
+
+    @classmethod
+    def from_defaults(cls, defaults: GenerationDefaults, **given: Any) -> GenerationConfig:
+        """The values ``given``, else ``defaults``', else this class's."""
+        return cls(**{**defaults.to_dict(), **given})
 
     def sampling_batch(self, rows: int) -> SamplingBatch:
         seeds = None if self.seed is None else [self.seed + i for i in range(rows)]
@@ -111,7 +125,8 @@ class _Batch:
         _check_prompts(model, prompts, config.max_new_tokens)
         self.model, self.config, self.prompts = accelerate(model), config, prompts
         self.decode_step = decode_step
-        eos = model.config.eos_token_ids if config.eos_token_ids is None else config.eos_token_ids
+        eos = stop_token_ids(model.config, model.generation_defaults) \
+            if config.eos_token_ids is None else config.eos_token_ids
         self.stop_ids = frozenset() if config.ignore_eos else frozenset(eos)
         self.cache = ContiguousCache(model.config, len(prompts),
                                      max(len(p) for p in prompts) + config.max_new_tokens,
@@ -203,12 +218,14 @@ def generate(model: BambaLM, prompts: Sequence[Sequence[int]],
              config: GenerationConfig | None = None,
              decode_step: DecodeStep | None = None) -> list[GenerationResult]:
     """Continue each prompt (a list of token ids); one result per prompt, in order. The
-    native kernels are installed on ``model`` first (``bamba.native.accelerate``).
+    native kernels are installed on ``model`` first (``bamba.native.accelerate``). No
+    ``config``: ``GenerationConfig.for_model(model)`` (its checkpoint's defaults).
 
     decode_step: an optional replacement for the eager decode forward (e.g. a compiled one),
     used while every row of the batch is still decoding.
     """
-    batch = _Batch(model, prompts, config or GenerationConfig(), decode_step)
+    batch = _Batch(model, prompts, config or GenerationConfig.for_model(model),
+                   decode_step)
     with steady_weights():
         for _ in batch.run():
             pass
@@ -223,7 +240,8 @@ class GenerationStream:
 
     def __init__(self, model: BambaLM, prompt: Sequence[int],
                  config: GenerationConfig | None = None, decode_step: DecodeStep | None = None):
-        self._batch = _Batch(model, [prompt], config or GenerationConfig(), decode_step)
+        self._batch = _Batch(model, [prompt], config or GenerationConfig.for_model(model),
+                             decode_step)
         self.result = self._batch.results[0]
         self._ended = False
 

@@ -23,6 +23,7 @@ from torch import nn
 from bamba.cache_protocol import InferenceCache
 from bamba.checkpoint_writer import save_pretrained
 from bamba.config import GRANITE, BambaConfig
+from bamba.generation_defaults import GenerationDefaults
 from bamba.ops.attention import attention, causal_mask
 from bamba.ops.experts import mixture, route
 from bamba.ops.mixer import MixerShape, MixerWeights, mamba_decode_step, mamba_prefill
@@ -312,6 +313,8 @@ class BambaLM(nn.Module):
     def __init__(self, config: BambaConfig):
         super().__init__()
         self.config = config
+        # what the checkpoint's generation_config.json asks (``from_pretrained`` reads it)
+        self.generation_defaults = GenerationDefaults()
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

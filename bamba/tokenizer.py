@@ -17,6 +17,8 @@ from typing import Any
 from tokenizers import Tokenizer as Backend
 from tokenizers import processors
 
+from bamba.files import read_json_object
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
@@ -135,16 +137,6 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return raw
-
-
 def _default_template(value: Any, where: Path) -> str | None:
     """A chat_template entry: a string, or a list of {"name", "template"} (take "default")."""
     if value is None or isinstance(value, str):
@@ -170,7 +162,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     config: dict[str, Any] = {}
     for name in (SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE):  # the config file wins
         if (directory / name).is_file():
-            config.update(_read_json(directory / name))
+            config.update(read_json_object(directory / name))
     template = _default_template(config.get("chat_template"), directory / TOKENIZER_CONFIG_FILE)
     if (directory / CHAT_TEMPLATE_FILE).is_file():
         template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")

@@ -1,5 +1,6 @@
 """Property-based corruption of what bamba reads from disk: a dense or quantized (compressed-
-tensors) checkpoint directory whose tensors or config.json fields are changed at random, a GGUF
+tensors) checkpoint directory whose tensors, config.json or generation_config.json fields are
+changed at random (its generation defaults then usable ones or refused), a GGUF
 file with bytes flipped or cut, and a tokenized dataset's shard rewritten or damaged either
 load (and a model runs a forward pass, a dataset's ids fit the model) or fail with one
 ValueError of one line (what the CLI prints as its one-line error, exit 2): never another
@@ -28,6 +29,8 @@ from bamba.checkpoint import from_pretrained
 from bamba.cli import main
 from bamba.data.shards import MANIFEST, write_shard
 from bamba.eval.documents import read_shard_documents
+from bamba.generation import GenerationConfig
+from bamba.generation_defaults import GENERATION_CONFIG_NAME
 from serve_helpers import save_tiny_checkpoint
 
 QUICK, LONG = 400, 5000  # examples per test
@@ -51,6 +54,9 @@ MODEL_FIELDS = ["hidden_size", "num_hidden_layers", "vocab_size", "attn_layer_in
                 "mamba_d_conv", "mamba_expand", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps",
                 "rope_theta", "max_position_embeddings", "time_step_limit"]
+
+GENERATION_FIELDS = ["eos_token_id", "temperature", "top_k", "top_p", "min_p",
+                     "repetition_penalty", "max_new_tokens", "do_sample"]
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +163,18 @@ def _corrupt_config(data: st.DataObject, raw: dict[str, Any]) -> str:
     return f"quantization_config={raw['quantization_config']!r}"
 
 
+def _corrupt_generation_config(data: st.DataObject, raw: dict[str, Any]) -> str:
+    field = data.draw(st.sampled_from(GENERATION_FIELDS), label="generation field")
+    raw[field] = data.draw(st.sampled_from(ODD + [0.0, 1e-300, 1e39, float("nan"),
+                                                   float("inf"), [2, -1], [2, "x"]]),
+                           label="value")
+    return f"generation_config.json {field}={raw[field]!r}"
+
+
 def _loads_or_says_why_in_one_line(path: Path, what: list[str]) -> None:
     try:
         model = from_pretrained(path)
+        GenerationConfig.for_model(model)  # its generation defaults are usable ones
         with torch.no_grad():
             model(torch.tensor([[5, 17, 42, 7]]))
     except ValueError as err:
@@ -174,14 +189,19 @@ def _directory_case(sources: dict[str, Path], tmp_path: Path, data: st.DataObjec
     shutil.copytree(sources[name], target)
     state = load_file(target / "model.safetensors")
     raw = json.loads((target / "config.json").read_text())
+    generation = json.loads((target / GENERATION_CONFIG_NAME).read_text())
     what = [name]
     for _ in range(data.draw(st.integers(1, 3), label="changes")):
-        if data.draw(st.booleans(), label="tensor or config"):
+        part = data.draw(st.sampled_from(["tensor", "config", "generation"]), label="part")
+        if part == "tensor":
             what.append(_corrupt_tensor(data, state))
-        else:
+        elif part == "config":
             what.append(_corrupt_config(data, raw))
+        else:
+            what.append(_corrupt_generation_config(data, generation))
     save_file(state, target / "model.safetensors")
     (target / "config.json").write_text(json.dumps(raw))
+    (target / GENERATION_CONFIG_NAME).write_text(json.dumps(generation))
     _loads_or_says_why_in_one_line(target, what)
 
 

@@ -173,19 +173,29 @@ def chat_loop(session: ChatSession, interactive: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bamba.dtypes import parse_dtype
-    from bamba.engine import LLM, SamplingParams
+    from bamba.engine import LLM
 
     dtype = parse_dtype(args.dtype, "--dtype")
     set_threads(args.threads)
-    params = SamplingParams(max_tokens=args.max_new_tokens, stop=args.stop,
-                            **sampling_values(args))  # bad values fail before the model loads
+    chat_params(args)  # bad values fail before the model loads
     rope_scaling = rope_scaling_option(args.rope_scaling)
     tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)
     llm = LLM(args.model, tokenizer, dtype=dtype, memory_gb=args.memory_gb, max_num_seqs=1,
-              enable_prefix_caching=True, rope_scaling=rope_scaling)
+              enable_prefix_caching=True, rope_scaling=rope_scaling,
+              generation_config=args.generation_config)
+    params = chat_params(args, llm.generation_defaults)
     interactive = sys.stdin.isatty()
     if interactive:
         _say(f"chatting with {args.model} (context {llm.max_model_len} tokens); "
              f"/help lists the commands")
     chat_loop(ChatSession(llm, params, args.system), interactive)
     return 0
+
+
+def chat_params(args: argparse.Namespace, defaults: Any = None) -> Any:
+    """The replies' SamplingParams: the options given, else the checkpoint's generation
+    defaults, else chat's own."""
+    from bamba.engine import SamplingParams
+
+    values = sampling_values(args, defaults)
+    return SamplingParams(max_tokens=values.pop("max_new_tokens"), stop=args.stop, **values)

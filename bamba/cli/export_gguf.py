@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
             quantized = model
             with torch.device("meta"):
                 model = BambaLM(quantized.config)
+            model.generation_defaults = quantized.generation_defaults
             tensor = lambda name: dense_tensor(quantized, name, dtype)  # noqa: E731
             stored = lambda name: stored_ints(quantized, name)  # noqa: E731
     path = export_gguf(model, tokenizer, args.out, args.dtype, tensor=tensor, stored=stored)

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from bamba.dtypes import dtype_name, parse_dtype
     from bamba.engine.detok import IncrementalDetokenizer
     from bamba.generation import GenerationConfig, GenerationStream
+    from bamba.generation_defaults import chosen_generation_defaults, stop_token_ids
     from bamba.native import steady_weights
 
     text = read_prompt(args.prompt, args.prompt_file)
@@ -99,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if args.stop is not None and not all(args.stop):
         raise ValueError("--stop must not be empty")
-    options = dict(max_new_tokens=args.max_new_tokens, **sampling_values(args))
-    GenerationConfig(**options)  # bad values fail before the model loads
+    GenerationConfig(**sampling_values(args))  # bad values fail before the model loads
+    chosen = chosen_generation_defaults(args.generation_config)
     if args.compile != "none":
         from bamba.compile import inductor_options
 
@@ -110,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
     prompt = tokenizer.encode(text)
     if not prompt:
         raise ValueError("the prompt encodes to no tokens")
-    eos = sorted(set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids))
-    config = GenerationConfig(**options, eos_token_ids=eos)
-    decode_step = _compiled_step(model, args.compile, len(prompt) + args.max_new_tokens)
+    defaults = chosen if chosen is not None else model.generation_defaults
+    config = GenerationConfig(**sampling_values(args, defaults),
+                              eos_token_ids=stop_token_ids(model.config, defaults, tokenizer))
+    decode_step = _compiled_step(model, args.compile, len(prompt) + config.max_new_tokens)
     stream = GenerationStream(model, prompt, config, decode_step)
     detok = IncrementalDetokenizer(tokenizer, prompt)
     stops = StopText(args.stop)

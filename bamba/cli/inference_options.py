@@ -12,9 +12,6 @@ from typing import Any
 from bamba.dtypes import DEFAULT_DTYPE, DTYPE_HELP
 from bamba.ops.rope import ROPE_TYPES, rope_type_of
 
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "seed")
-
 
 def add_model_options(parser: argparse.ArgumentParser, rope_scaling: bool = True) -> None:
     """--dtype, --tokenizer and (unless the verb has its own) --rope-scaling."""
@@ -53,32 +50,55 @@ def rope_scaling_option(text: str | None) -> dict[str, Any] | None:
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, max_new_tokens: int,
                          temperature: float) -> None:
-    """Sampling and stopping options (vLLM/OpenAI semantics, see ``bamba.sampling``)."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                        help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=temperature, metavar="T",
-                        help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K",
-                        help="keep the K most likely tokens; 0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                        help="keep the most likely tokens up to this mass; 1 = off")
-    parser.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                        help="drop tokens less likely than P times the most likely; 0 = off")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+    """Sampling and stopping options (vLLM/OpenAI semantics, see ``bamba.sampling``). Each
+    left out takes the checkpoint's generation_config.json value where it sets one, else the
+    verb's default (``sampling_values``)."""
+    builtin = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": 0,
+               "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+               "frequency_penalty": 0.0, "seed": None}
+    parser.set_defaults(builtin_sampling=builtin)
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help=f"tokens to generate at most (default: {max_new_tokens})")
+    parser.add_argument("--temperature", type=float, metavar="T",
+                        help=f"0 = greedy (default: {temperature})")
+    parser.add_argument("--top-k", type=int, metavar="K",
+                        help="keep the K most likely tokens; 0 = off (default: 0)")
+    parser.add_argument("--top-p", type=float, metavar="P",
+                        help="keep the most likely tokens up to this mass; 1 = off (default: 1)")
+    parser.add_argument("--min-p", type=float, metavar="P",
+                        help="drop tokens less likely than P times the most likely; 0 = off "
+                             "(default: 0)")
+    parser.add_argument("--repetition-penalty", type=float, metavar="R",
                         help="divide the logits of tokens already in prompt or output by R "
-                             "(> 1 repeats less); 1 = off")
-    parser.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
+                             "(> 1 repeats less); 1 = off (default: 1)")
+    parser.add_argument("--presence-penalty", type=float, metavar="X",
                         help="subtract X from tokens already in the output, in [-2, 2]; 0 = off")
-    parser.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+    parser.add_argument("--frequency-penalty", type=float, metavar="X",
                         help="subtract X times a token's count in the output, in [-2, 2]; 0 = off")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
     parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="stop before this text (not printed); repeat for several")
+    add_generation_config_option(parser)
 
 
-def sampling_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling options by the field names ``GenerationConfig`` and ``SamplingParams`` share."""
-    return {name: getattr(args, name) for name in SAMPLING_FIELDS}
+def add_generation_config_option(parser: argparse.ArgumentParser) -> None:
+    """--generation-config: whose generation defaults apply (``bamba.generation_defaults``)."""
+    parser.add_argument("--generation-config", default="auto", metavar="auto|none|PATH",
+                        help="sampling defaults for what the command (or a request) leaves "
+                             "out, and extra stop ids: auto = the checkpoint's "
+                             "generation_config.json (a GGUF file's sampling keys); none = "
+                             "ignore it; or a directory or file to read one from "
+                             "(default: auto)")
+
+
+def sampling_values(args: argparse.Namespace, defaults: Any = None) -> dict[str, Any]:
+    """The sampling options and max_new_tokens by the field names ``GenerationConfig`` uses:
+    each as given, else ``defaults``' (a ``GenerationDefaults``: the checkpoint's), else the
+    verb's own default."""
+    checkpoint = {} if defaults is None else defaults.to_dict()
+    return {name: getattr(args, name) if getattr(args, name) is not None
+            else checkpoint.get(name, builtin)
+            for name, builtin in args.builtin_sampling.items()}
 
 
 def set_threads(threads: int | None) -> None:

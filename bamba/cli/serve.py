@@ -41,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the model id clients send (default: the path's last part)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (default: $BAMBA_API_KEY)")
-    from bamba.cli.inference_options import add_model_options
+    from bamba.cli.inference_options import add_generation_config_option, add_model_options
 
     add_model_options(parser)
     parser.add_argument("--state-dtype", default="float32",
@@ -63,6 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="do not reuse KV blocks and Mamba states of shared prompt prefixes")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: one per core, fewer on busy cores)")
+    add_generation_config_option(parser)
     from bamba.compile import MODES
 
     parser.add_argument("--compile", default="none", choices=("none", *MODES),
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
                        max_model_len=args.max_model_len,
                        enable_prefix_caching=not args.no_prefix_caching,
                        compile_mode=None if args.compile == "none" else args.compile,
-                       rope_scaling=rope_scaling, mixed_step_tokens=args.mixed_step_tokens)
+                       rope_scaling=rope_scaling, mixed_step_tokens=args.mixed_step_tokens,
+                       generation_config=args.generation_config)
 
         llm = in_passing_thread(load)
         name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))

@@ -20,6 +20,7 @@ import torch
 from bamba.compile import inductor_options
 from bamba.config import with_rope_scaling
 from bamba.dtypes import parse_dtype
+from bamba.generation_defaults import AUTO, chosen_generation_defaults, stop_token_ids
 from bamba.engine.page_pool import PagePool, plan_pools
 from bamba.engine.params import RequestOutput, SamplingParams, TokenLogprob
 from bamba.engine.prefix_cache import PrefixCache
@@ -113,6 +114,11 @@ class LLM:
     beside the others' tokens in one native call over several steps instead of stalling them
     for a whole prefill pass. "auto": ``MIXED_STEP_TOKENS`` where that native call runs,
     else None (prompt chunks bounded by max_num_batched_tokens alone).
+    generation_config: "auto" reads the checkpoint's generation_config.json (the model's
+    ``generation_defaults``; see ``bamba.generation_defaults``): its sampling fields and
+    max_new_tokens make ``get_default_sampling_params()``, what a request without params gets,
+    and its eos_token_id ids every request stops at (unless ignore_eos); "none" ignores it; a
+    directory or file path reads that one instead.
     """
 
     def __init__(self, model: BambaLM | str | os.PathLike, tokenizer: object | None = None, *,
@@ -121,10 +127,13 @@ class LLM:
                  max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  state_dtype: str | torch.dtype = torch.float32, max_model_len: int | None = None,
                  snapshot_interval: int = 256, seed: int = 0, compile_mode: str | None = None,
-                 rope_scaling: dict | None = None, mixed_step_tokens: int | str | None = "auto"):
+                 rope_scaling: dict | None = None, mixed_step_tokens: int | str | None = "auto",
+                 generation_config: str | os.PathLike = AUTO):
         if compile_mode is not None:
             inductor_options(compile_mode)  # a bad mode fails here, before the model loads
+        chosen = chosen_generation_defaults(generation_config)
         model, tokenizer = _load(model, tokenizer, dtype, rope_scaling)
+        self.generation_defaults = chosen if chosen is not None else model.generation_defaults
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if not memory_gb > 0:
@@ -173,8 +182,9 @@ class LLM:
     # ---- stepping API ------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        """Queue a prompt (text or token ids); returns its request id."""
-        params = params if params is not None else SamplingParams()
+        """Queue a prompt (text or token ids); returns its request id. No params: the
+        checkpoint's defaults (``get_default_sampling_params``)."""
+        params = params if params is not None else self.get_default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.encode_prompt(prompt)
@@ -289,14 +299,16 @@ class LLM:
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Complete every prompt; one finished ``RequestOutput`` per prompt, in order."""
+        """Complete every prompt; one finished ``RequestOutput`` per prompt, in order. No
+        params: ``get_default_sampling_params()``."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if isinstance(params, list):
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         else:
-            params = [params if params is not None else SamplingParams()] * len(prompts)
+            params = [params if params is not None else self.get_default_sampling_params()
+                      ] * len(prompts)
         if any(p.output_kind != "cumulative" for p in params):
             raise ParameterError("generate returns whole outputs: output_kind must be "
                                  "'cumulative'", "output_kind")
@@ -333,11 +345,15 @@ class LLM:
         self.blocks.clear_cache()
         self.slots.clear_cache()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation defaults where it sets them (vLLM's
+        name); a caller's own values go on top of ``generation_defaults.sampling``."""
+        defaults = self.generation_defaults
+        length = {} if defaults.max_new_tokens is None else {"max_tokens": defaults.max_new_tokens}
+        return SamplingParams(**defaults.sampling, **length)
+
     def _eos_ids(self) -> list[int]:
-        ids = set(self.config.eos_token_ids)
-        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return sorted(ids)
+        return stop_token_ids(self.config, self.generation_defaults, self.tokenizer)
 
 
 def _load(model: BambaLM | str | os.PathLike, tokenizer: object | None,

@@ -22,6 +22,7 @@ import torch
 
 from bamba.config import BambaConfig
 from bamba.files import plain_mode
+from bamba.generation_defaults import GGUF_SAMPLING_KEYS, GenerationDefaults
 from bamba.gguf.layout import (CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY, Piece,
                                gguf_shape, keeps_float32, piece_shape, pieces, to_gguf)
 from bamba.gguf.vocab import vocab_of, write_vocab
@@ -86,6 +87,21 @@ def _architecture_keys(writer: Any, config: BambaConfig) -> None:
         writer.add_expert_shared_feed_forward_length(config.intermediate_size)
         writer.add_expert_count(config.num_local_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
+
+
+def _generation_keys(writer: Any, defaults: GenerationDefaults, config: BambaConfig) -> None:
+    """The checkpoint's sampling defaults as llama.cpp's ``general.sampling.*`` keys, and its
+    stop ids beyond the config's EOS as the end-of-turn and end-of-message tokens (llama.cpp
+    stops at both; a third is dropped, with a warning)."""
+    for ours, key in GGUF_SAMPLING_KEYS.items():
+        if ours in defaults.sampling:
+            value = defaults.sampling[ours]
+            (writer.add_int32 if ours == "top_k" else writer.add_float32)(key, value)
+    extra = [t for t in defaults.eos_token_ids if t not in config.eos_token_ids]
+    for kind, token in zip(("eot", "eom"), extra):
+        getattr(writer, f"add_{kind}_token_id")(token)
+    if len(extra) > 2:
+        log.warning("GGUF holds two stop ids beside EOS; %s not written", extra[2:])
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], file_type: str) -> Any:
@@ -175,6 +191,7 @@ def export_gguf(model: torch.nn.Module, tokenizer: Tokenizer, out: str | os.Path
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _architecture_keys(writer, config)
         write_vocab(writer, vocab)
+        _generation_keys(writer, model.generation_defaults, config)
         for _, _, g, shape in plan:
             qtype = types[g]
             nbytes = math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))

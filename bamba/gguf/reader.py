@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from bamba.config import GRANITE, BambaConfig
+from bamba.generation_defaults import GGUF_SAMPLING_KEYS, GenerationDefaults
 from bamba.gguf.layout import (ARCHITECTURES, CHUNK_KEY, HYBRID_ARCH, LLAMA_ARCH, ROTARY_KEY,
                                from_gguf, gguf_shape, piece_shape, pieces)
 from bamba.gguf.vocab import SPLITS, GGUFVocab, tokenizer_from
@@ -123,6 +124,15 @@ def _required(reader: Any, path: Path, key: str) -> Any:
     if value is None:
         raise ValueError(f"{path}: metadata key {key} is missing")
     return value
+
+
+def generation_defaults(model_file: GGUFModel) -> GenerationDefaults:
+    """llama.cpp's ``general.sampling.*`` keys as sampling defaults, and its end-of-turn and
+    end-of-message tokens as ids to stop at (llama.cpp ends generation at them)."""
+    data: dict[str, Any] = {ours: model_file.value(key) for ours, key in GGUF_SAMPLING_KEYS.items()}
+    stops = (model_file.value(f"tokenizer.ggml.{kind}_token_id") for kind in ("eot", "eom"))
+    data["eos_token_id"] = [t for t in stops if t is not None]
+    return GenerationDefaults.from_dict(data, str(model_file.path))
 
 
 def read_model_file(path: str | os.PathLike) -> GGUFModel:
@@ -380,8 +390,10 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
     model_file = read_model_file(path)
     config = model_file.config
+    defaults = generation_defaults(model_file)
     with torch.device("meta"):
         model = BambaLM(config)
+    model.generation_defaults = defaults
     plan = tensor_plan(model_file, model)
     types = {t.name: t.tensor_type.name for t in model_file.reader.tensors}
     stored: dict[str, set[str]] = {}  # our tensor -> the types of its GGUF pieces

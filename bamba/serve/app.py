@@ -114,7 +114,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def completions(body: CompletionRequest, request: Request) -> Response:
         server.check_model(body.model)
         try:
-            params = body.completion_params(COMPLETION_MAX_TOKENS)
+            params = body.completion_params(engine.llm.generation_defaults,
+                                            COMPLETION_MAX_TOKENS)
             prompts = body.prompts()
             encoded = await asyncio.to_thread(server.encode_all, prompts)
         except ValueError as exc:
@@ -129,7 +130,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if server.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: use /v1/completions with token ids")
         try:
-            params = body.chat_sampling_params()
+            params = body.chat_sampling_params(engine.llm.generation_defaults)
             prompt = await asyncio.to_thread(server.encode_chat,
                                              [m.model_dump() for m in body.messages])
         except ValueError as exc:

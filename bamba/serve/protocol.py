@@ -5,6 +5,8 @@ where a number belongs is a 400, never coerced. ``null`` means "the default". Un
 are ignored, as OpenAI's server does; known fields we cannot honour (suffix, logit_bias,
 tools, best_of, echo when streaming) are refused with a 400 rather than silently dropped.
 Sampling ranges are checked by ``SamplingParams`` itself, whose message names the field.
+A field left out (or ``null``) takes the checkpoint's generation_config.json value where it
+sets one (``bamba.generation_defaults``, as vLLM does), else the engine's default.
 
 /v1/completions takes the legacy API's prompts: a text, token ids, or a list of either (one
 engine request each; choice ``index`` = prompt index * n + sample index). ``echo`` puts the
@@ -22,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bamba.engine import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from bamba.generation_defaults import GenerationDefaults
 from bamba.sampling import ParameterError
 
 MAX_N = 128  # samples per request (OpenAI's limit)
@@ -61,9 +64,12 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
 
-    def sampling_params(self, logprobs: int | None, max_tokens_default: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
-        """Raises ParameterError (naming the field) for unsupported or out-of-range values."""
+    def sampling_params(self, defaults: GenerationDefaults, logprobs: int | None,
+                        max_tokens_default: int | None, prompt_logprobs: int | None = None
+                        ) -> SamplingParams:
+        """The fields given, else the checkpoint's generation ``defaults``, else the engine's
+        (max_tokens: ``max_tokens_default``). Raises ParameterError (naming the field) for
+        unsupported or out-of-range values."""
         if self.logit_bias:
             raise ParameterError("logit_bias is not supported", "logit_bias")
         if self.best_of is not None and self.best_of != (self.n or 1):
@@ -79,9 +85,14 @@ class _Sampling(BaseModel):
             "repetition_penalty": self.repetition_penalty,
             "include_stop_str_in_output": self.include_stop_str_in_output}.items()
             if v is not None}
-        max_tokens = self.max_tokens if self.max_tokens is not None else max_tokens_default
+        if self.max_tokens is not None:
+            max_tokens = self.max_tokens
+        elif defaults.max_new_tokens is not None:
+            max_tokens = defaults.max_new_tokens
+        else:
+            max_tokens = max_tokens_default
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs, **given)
+                              prompt_logprobs=prompt_logprobs, **{**defaults.sampling, **given})
 
     @property
     def include_usage(self) -> bool:
@@ -111,7 +122,8 @@ class CompletionRequest(_Sampling):
             raise ParameterError("prompt: several prompts cannot be streamed", "prompt")
         return prompts
 
-    def completion_params(self, max_tokens_default: int) -> SamplingParams:
+    def completion_params(self, defaults: GenerationDefaults, max_tokens_default: int
+                          ) -> SamplingParams:
         """The engine's parameters: with echo and logprobs (or max_tokens 0), the prompt's
         logprobs too. ParameterError naming the field for what cannot be served."""
         if self.suffix:
@@ -122,7 +134,7 @@ class CompletionRequest(_Sampling):
             raise ParameterError("max_tokens must be >= 1 (0 only with echo: score the "
                                  "prompt)", "max_tokens")
         scoring = self.echo and (self.logprobs is not None or self.max_tokens == 0)
-        return self.sampling_params(self.logprobs, max_tokens_default,
+        return self.sampling_params(defaults, self.logprobs, max_tokens_default,
                                     (self.logprobs or 0) if scoring else None)
 
 
@@ -140,12 +152,13 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Any] | None = None
 
-    def chat_sampling_params(self) -> SamplingParams:
+    def chat_sampling_params(self, defaults: GenerationDefaults) -> SamplingParams:
         if self.tools:
             raise ParameterError("tools are not supported", "tools")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        return self.sampling_params((self.top_logprobs or 0) if self.logprobs else None, None)
+        return self.sampling_params(defaults, (self.top_logprobs or 0) if self.logprobs
+                                    else None, None)
 
 
 # ---- responses ---------------------------------------------------------------------------
