@@ -1,7 +1,9 @@
-"""What training reads from disk cannot run code, and bad files fail in one line or fall back."""
+"""What training reads from disk cannot run code, changed bytes are found by their checksums, and
+bad files fail in one line or fall back."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -12,7 +14,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
-from bamba.train.dcp_checkpoint import Checkpointer, UnreadableCheckpoint, complete_checkpoints
+from bamba.train.dcp_checkpoint import (CHECKSUMS, TRAIN_STATE, Checkpointer, UnreadableCheckpoint,
+                                        complete_checkpoints)
 from bamba.train.safe_dcp import SafeLoadPlanner, SafeReader
 
 from test_train_units import SMALL, _model_and_optimizer
@@ -39,10 +42,38 @@ def _main(tmp_path: Path, *overrides: str) -> int:
     return main([str(config), *overrides])
 
 
+def _unverified(path: Path) -> Path:
+    """The checkpoint at ``path`` without its checksums (as an older bamba wrote them): what
+    lies past the checksum check is then read, and must still be refused."""
+    (path / CHECKSUMS).unlink()
+    return path
+
+
+def test_every_file_has_a_checksum_and_a_changed_byte_is_named(tmp_path: Path) -> None:
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    path = ckpt.save(1, *_model_and_optimizer(0), {"data": {}})
+    sums = json.loads((path / CHECKSUMS).read_text())["sha256"]
+    assert set(sums) == {p.name for p in path.iterdir()} - {CHECKSUMS}
+    assert any(name.endswith(".distcp") for name in sums) and TRAIN_STATE in sums
+    ckpt.load(path, *_model_and_optimizer(1))  # as written: loads
+    data = next(path.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    with pytest.raises(UnreadableCheckpoint, match=f"{data.name}: its bytes do not match"):
+        ckpt.load(path, *_model_and_optimizer(1))
+    data.unlink()
+    with pytest.raises(UnreadableCheckpoint, match=f"{data.name}: missing"):
+        ckpt.load(path, *_model_and_optimizer(1))
+    (path / CHECKSUMS).write_text("[]")
+    with pytest.raises(UnreadableCheckpoint, match="expected a JSON object"):
+        ckpt.load(path, *_model_and_optimizer(1))
+
+
 def test_crafted_metadata_is_refused_without_running_it(tmp_path: Path) -> None:
     ckpt = Checkpointer(tmp_path / "ckpt")
     model, opt = _model_and_optimizer(0)
-    path = ckpt.save(1, model, opt, {"data": {}})
+    path = _unverified(ckpt.save(1, model, opt, {"data": {}}))
     marker = tmp_path / "pwned"
     (path / ".metadata").write_bytes(pickle.dumps(MakesDirectory(marker)))
     fresh, fresh_opt = _model_and_optimizer(1)
@@ -66,7 +97,7 @@ def test_pickled_object_in_a_checkpoint_entry_is_refused(tmp_path: Path) -> None
 def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path: Path) -> None:
     ckpt = Checkpointer(tmp_path / "ckpt")
     model, opt = _model_and_optimizer(0)
-    path = ckpt.save(1, model, opt, {})
+    path = _unverified(ckpt.save(1, model, opt, {}))
     metadata = pickle.loads((path / ".metadata").read_bytes())
     info = next(iter(metadata.storage_data.values()))
     info.relative_path = "../../secret.distcp"
@@ -75,19 +106,25 @@ def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path: Path) -> 
         ckpt.load(path, *_model_and_optimizer(1))
 
 
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path: Path, caplog, capsys) -> None:
+@pytest.mark.parametrize("checksums", [True, False])
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(checksums: bool, tmp_path: Path,
+                                                             caplog, capsys) -> None:
     assert _main(tmp_path, "--steps=2") == 0
     (newest, older) = [p for _, p in complete_checkpoints(tmp_path / "run" / "checkpoints")][::-1]
     marker = tmp_path / "pwned"
     (newest / ".metadata").write_bytes(pickle.dumps(MakesDirectory(marker)))
+    if not checksums:
+        _unverified(newest)
     with caplog.at_level(logging.WARNING, logger="bamba.train.dcp_checkpoint"):
         assert _main(tmp_path, "--steps=3") == 0
     assert f"falling back to the previous checkpoint {older}" in caplog.text
+    assert ("do not match their checksum" in caplog.text) == checksums
     assert not marker.exists()
     steps = [s for s, _ in complete_checkpoints(tmp_path / "run" / "checkpoints")]
     assert steps == [2, 3]  # resumed from step 1, re-saved 2, then 3
     for _, path in complete_checkpoints(tmp_path / "run" / "checkpoints"):
-        (path / "train_state.pt").write_bytes(b"garbage")
+        (path / TRAIN_STATE).write_bytes(b"garbage")
+        _unverified(path)
     capsys.readouterr()
     assert _main(tmp_path, "--steps=4") == 2
     err = capsys.readouterr().err.strip()

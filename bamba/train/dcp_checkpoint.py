@@ -5,6 +5,7 @@ Layout under the run's checkpoint root::
     step_00000040/          a complete checkpoint (the only kind a loader ever picks)
         .metadata, __R_0.distcp ...   DCP: model + optimizer, sharded per rank, reshardable
         train_state.pt      step, world size, per-rank data-loader state and RNG state
+        checksums.json      the SHA-256 of every file above, written last
     step_00000050.tmp/      a checkpoint being written (ignored; removed by the next save)
 
 Every rank writes into ``step_N.tmp``; when all have finished (barrier) rank 0 renames it to
@@ -13,13 +14,18 @@ complete one. DCP stores the model and optimizer as global tensors, so a checkpo
 N processes loads in M. ``train_state.pt`` holds only tensors, numbers, strings, lists and dicts
 and is read with ``torch.load(weights_only=True)``; DCP's files are read through
 ``bamba.train.safe_dcp`` (allow-listed metadata, checked byte ranges): nothing read from a
-checkpoint directory can run code. A checkpoint that fails to read raises ValueError, and
-``Checkpointer.load_latest`` then falls back to the previous one.
+checkpoint directory can run code. Before anything is read the files are checked against
+``checksums.json`` (each rank hashes the files it wrote, and checks a share of them on
+loading), so a flipped bit or a cut file is found, not trained on. A checkpoint that fails to
+read or to match raises ValueError, and ``Checkpointer.load_latest`` then falls back to the
+previous one. (A checkpoint written before checksums existed loads unchecked.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import pickle
@@ -36,6 +42,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from bamba.files import read_json_object
 from bamba.train.parallel import barrier
 from bamba.train.safe_dcp import SafeLoadPlanner, SafeReader
 
@@ -43,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"step_(\d{8})")
 TRAIN_STATE = "train_state.pt"
+CHECKSUMS = "checksums.json"
 
 
 class UnreadableCheckpoint(ValueError):
@@ -65,6 +73,39 @@ def read_train_state(path: Path) -> dict[str, Any]:
     if not ok:
         raise UnreadableCheckpoint(f"{file}: not a training state (step, world_size, ranks, meta)")
     return state
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_checksums(path: Path) -> None:
+    """Collective: UnreadableCheckpoint naming the first file of the checkpoint at ``path``
+    whose bytes are not those written (each rank checks a share of the files)."""
+    file = path / CHECKSUMS
+    if not file.is_file():
+        log.info("%s has no %s (written by an older bamba): not verified", path, CHECKSUMS)
+        return
+    try:
+        sums = read_json_object(file).get("sha256")
+    except ValueError as exc:
+        raise UnreadableCheckpoint(str(exc)) from None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise UnreadableCheckpoint(f"{file}: expected {{\"sha256\": {{file: digest}}}}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    failure = None
+    for name in sorted(sums)[rank::world]:
+        target = path / name
+        if target.parent != path or not target.is_file():
+            failure = f"{target}: missing"
+        elif file_sha256(target) != sums[name]:
+            failure = f"{target}: its bytes do not match their checksum (corrupt or changed)"
+        if failure is not None:
+            break
+    failures = [f for f in _gather(failure) if f is not None]
+    if failures:
+        raise UnreadableCheckpoint(failures[0])
 
 
 def _first_line(exc: BaseException) -> str:
@@ -154,10 +195,13 @@ class Checkpointer:
         with _quiet_dcp():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         ranks = _gather(local_state)
+        # each rank hashes the data files it wrote (DCP names them __<rank>_<n>.distcp)
+        sums = _gather({p.name: file_sha256(p) for p in tmp.glob(f"__{rank}_*.distcp")})
         if rank == 0:
             world = len(ranks)
             state = {"step": step, "world_size": world, "ranks": ranks, "meta": meta or {}}
             self._write_train_state(tmp, state)
+            self._write_checksums(tmp, {name: s for part in sums for name, s in part.items()})
         barrier()  # every rank's DCP files are on disk
         if rank == 0:
             self._publish(tmp, final)
@@ -170,6 +214,7 @@ class Checkpointer:
         """Restore model and optimizer in place (at any world size); returns the train state
         (``step``, ``world_size``, ``ranks`` = the per-rank local states, ``meta``)."""
         path = Path(path)
+        verify_checksums(path)
         train_state = read_train_state(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
@@ -208,9 +253,17 @@ class Checkpointer:
     def _write_train_state(self, directory: Path, state: dict[str, Any]) -> None:
         part = directory / (TRAIN_STATE + ".part")
         torch.save(state, part)
-        with open(part, "rb") as f:
-            os.fsync(f.fileno())
+        _fsync_file(part)
         os.replace(part, directory / TRAIN_STATE)
+
+    def _write_checksums(self, directory: Path, hashed: dict[str, str]) -> None:
+        """checksums.json: the ranks' ``hashed`` files and every other file of the directory."""
+        sums = {p.name: hashed.get(p.name) or file_sha256(p)
+                for p in sorted(directory.iterdir()) if p.is_file()}
+        part = directory / (CHECKSUMS + ".part")
+        part.write_text(json.dumps({"sha256": sums}, indent=1) + "\n")
+        _fsync_file(part)
+        os.replace(part, directory / CHECKSUMS)
 
     def _publish(self, tmp: Path, final: Path) -> None:
         if final.exists():  # re-saving a step (e.g. after a resume): replace it
@@ -228,6 +281,11 @@ class Checkpointer:
             if path.name.endswith(".tmp") and STEP_DIR.fullmatch(path.name[:-4]):
                 log.warning("removing incomplete checkpoint %s", path)
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
