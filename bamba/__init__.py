@@ -16,6 +16,7 @@ _LAZY = {
     "GenerationConfig": "bamba.generation",
     "LLM": "bamba.engine",
     "SamplingParams": "bamba.engine",
+    "StructuredOutputsParams": "bamba.engine",
 }
 
 __all__ = list(_LAZY)

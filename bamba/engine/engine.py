@@ -14,6 +14,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ from bamba.engine.prefix_cache import PrefixCache
 from bamba.engine.prompts import encode_prompt, max_token_bytes
 from bamba.engine.runner import ModelRunner
 from bamba.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
+from bamba.engine.structured import GrammarCompiler
 from bamba.engine.sequence import SequenceOutput, sample_rows, token_logprobs
 from bamba.model import BambaLM, cast
 from bamba.native import steady_weights
@@ -175,6 +177,8 @@ class LLM:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._rng = random.Random(seed)
+        self._grammars = None if tokenizer is None else \
+            GrammarCompiler(tokenizer, cfg.vocab_size, self._eos_ids())
         log.info("engine: %d KV blocks x %d B, %d state slots x %d B, max_model_len %d",
                  plan.num_blocks, plan.block_bytes, plan.num_slots, plan.slot_bytes,
                  self.max_model_len)
@@ -196,6 +200,8 @@ class LLM:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         eos = [] if params.ignore_eos else self._eos_ids()
+        # a matcher each (a bad constraint fails here, before anything queues)
+        matchers = [self.compile_structured_outputs(params) for _ in range(params.n)]
         request = _Request(request_id, text, ids, params, [])
         scoring = params.prompt_logprobs is not None
         if scoring:
@@ -205,7 +211,7 @@ class LLM:
             seq = Sequence(next(self._seq_ids), list(ids), len(ids),
                            prompt_logits=scoring and index == 0)
             request.seqs.append(SequenceOutput(seq, index, params, max_tokens, eos, seed,
-                                               self.tokenizer))
+                                               self.tokenizer, matchers[index]))
             self._seq_owner[seq.seq_id] = request
             self.scheduler.add(seq)
         self._requests[request_id] = request
@@ -344,6 +350,16 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         self.blocks.clear_cache()
         self.slots.clear_cache()
+
+    def compile_structured_outputs(self, params: SamplingParams) -> Any:
+        """A fresh matcher of ``params.structured_outputs`` (None without one); compiled once
+        per constraint and cached, so a server compiles it off the engine's thread first.
+        ParameterError when it does not compile or the model has no tokenizer."""
+        if params.structured_outputs is None:
+            return None
+        if self._grammars is None:
+            raise ParameterError("structured outputs need a tokenizer", "structured_outputs")
+        return self._grammars.matcher(params.structured_outputs)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the checkpoint's generation defaults where it sets them (vLLM's

@@ -4,12 +4,14 @@ the batched call into ``bamba.sampling`` for the rows that sample in a step."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
 from bamba.engine.detok import IncrementalDetokenizer, find_stop
 from bamba.engine.params import CompletionOutput, SamplingParams, TokenLogprob
 from bamba.engine.scheduler import Sequence
+from bamba.engine.structured import mask_logits
 from bamba.sampling import SamplingBatch, compute_logprobs, sample, token_counts
 
 log = logging.getLogger(__name__)
@@ -20,8 +22,10 @@ class SequenceOutput:
     """Output state of one sample; ``seq`` is the scheduler's record it extends."""
 
     def __init__(self, seq: Sequence, index: int, params: SamplingParams, max_tokens: int,
-                 eos_ids: list[int], seed: int, tokenizer: object | None):
+                 eos_ids: list[int], seed: int, tokenizer: object | None,
+                 matcher: Any = None):
         self.seq, self.index, self.params, self.max_tokens = seq, index, params, max_tokens
+        self.matcher = matcher  # the structured-output grammar's state (``engine.structured``)
         self.stop_ids = set(params.stop_token_ids) | set(eos_ids)
         self.generator = torch.Generator().manual_seed(seed)
         self.detok = None if tokenizer is None else IncrementalDetokenizer(
@@ -52,6 +56,12 @@ class SequenceOutput:
             self.finish("stop", token)
             return
         self._add_text(token)
+        if self.matcher is not None and not self.finished:
+            if not self.matcher.consume_token(token):  # the mask allowed it: cannot happen
+                log.error("structured outputs: %s", self.matcher.get_error())
+                self.finish("error")
+            elif self.matcher.is_stopped():  # the grammar is complete and takes nothing more
+                self.finish("stop")
         if not self.finished and (len(self.output_ids) >= self.max_tokens
                                   or len(self.seq.token_ids) >= max_model_len):
             if self.detok is not None:
@@ -123,8 +133,9 @@ def sample_rows(rows: list[SequenceOutput], logits: torch.Tensor,
 def _sample_batch(rows: list[SequenceOutput], logits: torch.Tensor,
                   vocab_size: int) -> list[Drawn]:
     params = [r.params for r in rows]
+    allowed = mask_logits(logits, [r.matcher for r in rows])  # logprobs: from ``logits``
     if all(_plain_greedy(p) for p in params):  # what `sample` does for them, minus its set-up
-        return [(t, None) for t in logits.argmax(dim=-1).tolist()]
+        return [(t, None) for t in allowed.argmax(dim=-1).tolist()]
     batch = SamplingBatch.build(
         len(rows), temperature=[p.temperature for p in params], top_k=[p.top_k for p in params],
         top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
@@ -136,7 +147,7 @@ def _sample_batch(rows: list[SequenceOutput], logits: torch.Tensor,
     if batch.any_penalty:
         counts = token_counts([r.output_ids for r in rows], vocab_size)
         seen = token_counts([r.seq.token_ids for r in rows], vocab_size) > 0
-    tokens = sample(logits, batch, counts, seen)
+    tokens = sample(allowed, batch, counts, seen)
     wanted = [p.logprobs for p in params]
     if all(w is None for w in wanted):
         return [(t, None) for t in tokens.tolist()]

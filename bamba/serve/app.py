@@ -118,6 +118,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                                             COMPLETION_MAX_TOKENS)
             prompts = body.prompts()
             encoded = await asyncio.to_thread(server.encode_all, prompts)
+            await asyncio.to_thread(engine.llm.compile_structured_outputs, params)
         except ValueError as exc:
             raise _bad_value(exc) from None
         if body.stream:  # one prompt, no echo (``prompts`` and ``completion_params`` say so)
@@ -133,6 +134,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             params = body.chat_sampling_params(engine.llm.generation_defaults)
             prompt = await asyncio.to_thread(server.encode_chat,
                                              [m.model_dump() for m in body.messages])
+            await asyncio.to_thread(engine.llm.compile_structured_outputs, params)
         except ValueError as exc:
             raise _bad_value(exc) from None
         return await server.respond(request, body, prompt, params, chat=True)

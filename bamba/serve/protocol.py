@@ -4,6 +4,8 @@ Types are strict: a string where a number belongs, a float where an integer belo
 where a number belongs is a 400, never coerced. ``null`` means "the default". Unknown fields
 are ignored, as OpenAI's server does; known fields we cannot honour (suffix, logit_bias,
 tools, best_of, echo when streaming) are refused with a 400 rather than silently dropped.
+``response_format`` (text, json_object, json_schema) and vLLM's ``structured_outputs`` (json,
+regex, choice, grammar, json_object) hold the output to a constraint (``engine.structured``).
 Sampling ranges are checked by ``SamplingParams`` itself, whose message names the field.
 A field left out (or ``null``) takes the checkpoint's generation_config.json value where it
 sets one (``bamba.generation_defaults``, as vLLM does), else the engine's default.
@@ -23,7 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bamba.engine import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from bamba.engine import (CompletionOutput, RequestOutput, SamplingParams,
+                          StructuredOutputsParams, TokenLogprob)
 from bamba.generation_defaults import GenerationDefaults
 from bamba.sampling import ParameterError
 
@@ -39,6 +42,38 @@ Decode = Callable[[list[int]], str]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: plain text, any JSON object, or JSON following a schema."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs request field (``StructuredOutputsParams``' names)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    json_value: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, max_length=1024)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def params(self) -> StructuredOutputsParams:
+        return StructuredOutputsParams(json=self.json_value, regex=self.regex,
+                                       choice=self.choice, grammar=self.grammar,
+                                       json_object=bool(self.json_object))
 
 
 class _Sampling(BaseModel):
@@ -63,6 +98,26 @@ class _Sampling(BaseModel):
     include_stop_str_in_output: bool | None = None
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The constraint of response_format or structured_outputs (at most one of them)."""
+        wanted = None if self.response_format is None or self.response_format.type == "text" \
+            else self.response_format
+        if wanted is not None and self.structured_outputs is not None:
+            raise ParameterError("give response_format or structured_outputs, not both",
+                                 "response_format")
+        if self.structured_outputs is not None:
+            return self.structured_outputs.params()
+        if wanted is None:
+            return None
+        if wanted.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if wanted.json_schema is None:
+            raise ParameterError("response_format of type json_schema needs its json_schema "
+                                 "object", "response_format")
+        return StructuredOutputsParams(json=wanted.json_schema.json_schema)
 
     def sampling_params(self, defaults: GenerationDefaults, logprobs: int | None,
                         max_tokens_default: int | None, prompt_logprobs: int | None = None
@@ -92,7 +147,8 @@ class _Sampling(BaseModel):
         else:
             max_tokens = max_tokens_default
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs, **{**defaults.sampling, **given})
+                              prompt_logprobs=prompt_logprobs, structured_outputs=self.structured(),
+                              **{**defaults.sampling, **given})
 
     @property
     def include_usage(self) -> bool:
