@@ -379,6 +379,40 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, output_counts: torch.Tens
     return torch.where(greedy.to(logits.device), logits.argmax(dim=-1), sampled)
 
 
+# ---- logit bias ---------------------------------------------------------------------------------
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, 100 all but forces it
+
+
+def check_logit_bias(bias: object) -> dict[int, float]:
+    """A {token id: bias} map as OpenAI takes it (ids as ints or their decimal strings,
+    biases in [-100, 100]), with int keys; ParameterError naming what is wrong."""
+    if not isinstance(bias, dict):
+        raise ParameterError(f"logit_bias must map token ids to biases, got {bias!r}",
+                             "logit_bias")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        require_int(token, "logit_bias token id", 0)
+        require_number(value, f"logit_bias[{key}]", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        out[token] = float(value)
+    return out
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float] | None]
+                     ) -> torch.Tensor:
+    """``logits`` [B, V] with row i's ``biases[i]`` ({token id: bias}) added; the input itself
+    when no row has one."""
+    cells = [(row, token, value) for row, bias in enumerate(biases) if bias
+             for token, value in bias.items()]
+    if not cells:
+        return logits
+    rows, tokens, values = zip(*cells, strict=True)
+    out = logits.clone()
+    out.index_put_((torch.tensor(rows), torch.tensor(tokens)),
+                   torch.tensor(values, dtype=logits.dtype), accumulate=True)
+    return out
+
+
 # ---- logprobs ----------------------------------------------------------------------------------
 class Logprobs(NamedTuple):
     """Log-probabilities under the model's raw distribution (before penalties and filters)."""

@@ -194,6 +194,10 @@ class LLM:
         text, ids = self.encode_prompt(prompt)
         if params.stop and self.tokenizer is None:
             raise ParameterError("stop strings need a tokenizer", "stop")
+        outside = [t for t in params.logit_bias or {} if t >= self.config.vocab_size]
+        if outside:
+            raise ParameterError(f"logit_bias: token id {outside[0]} is outside the vocabulary "
+                                 f"({self.config.vocab_size} tokens)", "logit_bias")
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         request_id = request_id if request_id is not None else str(next(self._request_ids))

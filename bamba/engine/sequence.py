@@ -12,7 +12,8 @@ from bamba.engine.detok import IncrementalDetokenizer, find_stop
 from bamba.engine.params import CompletionOutput, SamplingParams, TokenLogprob
 from bamba.engine.scheduler import Sequence
 from bamba.engine.structured import mask_logits
-from bamba.sampling import SamplingBatch, compute_logprobs, sample, token_counts
+from bamba.sampling import (SamplingBatch, apply_logit_bias, compute_logprobs, sample,
+                            token_counts)
 
 log = logging.getLogger(__name__)
 Drawn = tuple[int, TokenLogprob | None]
@@ -133,7 +134,8 @@ def sample_rows(rows: list[SequenceOutput], logits: torch.Tensor,
 def _sample_batch(rows: list[SequenceOutput], logits: torch.Tensor,
                   vocab_size: int) -> list[Drawn]:
     params = [r.params for r in rows]
-    allowed = mask_logits(logits, [r.matcher for r in rows])  # logprobs: from ``logits``
+    allowed = mask_logits(apply_logit_bias(logits, [p.logit_bias for p in params]),
+                          [r.matcher for r in rows])  # logprobs: from the model's ``logits``
     if all(_plain_greedy(p) for p in params):  # what `sample` does for them, minus its set-up
         return [(t, None) for t in allowed.argmax(dim=-1).tolist()]
     batch = SamplingBatch.build(

@@ -2,8 +2,8 @@
 
 Types are strict: a string where a number belongs, a float where an integer belongs or a bool
 where a number belongs is a 400, never coerced. ``null`` means "the default". Unknown fields
-are ignored, as OpenAI's server does; known fields we cannot honour (suffix, logit_bias,
-tools, best_of, echo when streaming) are refused with a 400 rather than silently dropped.
+are ignored, as OpenAI's server does; known fields we cannot honour (suffix, tools,
+best_of, echo when streaming) are refused with a 400 rather than silently dropped.
 ``response_format`` (text, json_object, json_schema) and vLLM's ``structured_outputs`` (json,
 regex, choice, grammar, json_object) hold the output to a constraint (``engine.structured``).
 Sampling ranges are checked by ``SamplingParams`` itself, whose message names the field.
@@ -125,8 +125,6 @@ class _Sampling(BaseModel):
         """The fields given, else the checkpoint's generation ``defaults``, else the engine's
         (max_tokens: ``max_tokens_default``). Raises ParameterError (naming the field) for
         unsupported or out-of-range values."""
-        if self.logit_bias:
-            raise ParameterError("logit_bias is not supported", "logit_bias")
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise ParameterError("best_of is not supported (it must equal n)", "best_of")
         if any(t < 0 or t > MAX_TOKEN_ID for t in self.stop_token_ids or []):
@@ -138,7 +136,8 @@ class _Sampling(BaseModel):
             "stop_token_ids": self.stop_token_ids, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "ignore_eos": self.ignore_eos,
             "repetition_penalty": self.repetition_penalty,
-            "include_stop_str_in_output": self.include_stop_str_in_output}.items()
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "logit_bias": self.logit_bias}.items()
             if v is not None}
         if self.max_tokens is not None:
             max_tokens = self.max_tokens

@@ -1,0 +1,94 @@
+"""logit_bias (OpenAI's {token id: bias in [-100, 100]}): added to a row's logits before
+penalties, temperature and structured-output masks; greedy then takes the best biased token of
+the plain forward; other rows are untouched; bad maps are one-line ParameterErrors / 400s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bamba.checkpoint import from_pretrained
+from bamba.engine import LLM, SamplingParams
+from bamba.sampling import ParameterError, apply_logit_bias, check_logit_bias
+from serve_helpers import save_tiny_checkpoint
+
+PROMPT = [5, 9, 12, 30, 7, 41]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("bias") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint: Path) -> LLM:
+    return LLM(str(checkpoint), memory_gb=0.02, max_model_len=64)
+
+
+def test_bias_is_added_to_its_rows_only():
+    logits = torch.randn(3, 10)
+    out = apply_logit_bias(logits, [{2: 1.5, 7: -100.0}, None, {2: -0.5}])
+    expected = logits.clone()
+    expected[0, 2] += 1.5
+    expected[0, 7] -= 100.0
+    expected[2, 2] -= 0.5
+    assert torch.equal(out, expected)
+    assert apply_logit_bias(logits, [None, {}, None]) is logits
+
+
+@pytest.mark.parametrize("bias, says", [
+    ({"x": 1}, "token id"), ({"-1": 1}, "token id"), ({"5": 100.5}, r"logit_bias\[5\]"),
+    ({"5": float("nan")}, r"logit_bias\[5\]"), ({"5": True}, r"logit_bias\[5\]"),
+    ([5], "must map token ids"),
+])
+def test_a_bad_bias_names_what_is_wrong(bias, says):
+    with pytest.raises(ParameterError, match=says):
+        check_logit_bias(bias)
+    assert check_logit_bias({"5": 1, 6: -100}) == {5: 1.0, 6: -100.0}
+
+
+def test_greedy_takes_the_best_biased_token_of_the_plain_forward(llm, checkpoint):
+    model = from_pretrained(checkpoint)
+    with torch.no_grad():
+        first = model(torch.tensor([PROMPT]))[0, -1]
+    best, second = first.topk(2).indices.tolist()
+
+    def greedy(bias, max_tokens=1):
+        (out,) = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                     logit_bias=bias, ignore_eos=True))
+        return out.outputs[0].token_ids
+
+    assert greedy(None) == [best]
+    assert greedy({best: -100}) == [second]  # banned: the next best
+    weakest = int(first.argmin())
+    assert greedy({str(weakest): 100}, max_tokens=5) == [weakest] * 5  # forced at every step
+    sampled = llm.generate(PROMPT, SamplingParams(temperature=1.0, seed=3, max_tokens=5,
+                                                  logit_bias={weakest: 100}, ignore_eos=True))
+    assert sampled[0].outputs[0].token_ids == [weakest] * 5
+
+
+def test_a_token_outside_the_vocabulary_is_refused(llm):
+    with pytest.raises(ParameterError, match="outside the vocabulary"):
+        llm.generate(PROMPT, SamplingParams(logit_bias={llm.config.vocab_size: 1}))
+    assert not llm.has_unfinished_requests()
+
+
+def test_the_openai_client_sends_it(checkpoint):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from bamba.serve.app import build_app
+    from bamba.serve.async_engine import AsyncEngine
+    from serve_helpers import running
+
+    engine = AsyncEngine(LLM(str(checkpoint), memory_gb=0.02, max_model_len=64)).start()
+    try:
+        with running(build_app(engine, "tiny")) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+            token = engine.llm.tokenizer.encode("x")[0]
+            reply = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4,
+                                              temperature=0, logit_bias={str(token): 100})
+            assert reply.choices[0].text == engine.llm.tokenizer.decode([token] * 4)
+    finally:
+        engine.shutdown()
