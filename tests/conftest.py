@@ -186,3 +186,19 @@ def hf_logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = VOCAB_SIZE) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=gen)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny hybrid with the test tokenizer, saved by transformers (one a module)."""
+    from serve_helpers import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_checkpoint: Path) -> Any:
+    """An engine on ``tiny_checkpoint`` (fp32, a 256-token context)."""
+    from bamba.engine import LLM
+
+    return LLM(str(tiny_checkpoint), memory_gb=0.02, max_model_len=256)

@@ -4,27 +4,14 @@ the plain forward; other rows are untouched; bad maps are one-line ParameterErro
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from bamba.checkpoint import from_pretrained
 from bamba.engine import LLM, SamplingParams
 from bamba.sampling import ParameterError, apply_logit_bias, check_logit_bias
-from serve_helpers import save_tiny_checkpoint
 
 PROMPT = [5, 9, 12, 30, 7, 41]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("bias") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def llm(checkpoint: Path) -> LLM:
-    return LLM(str(checkpoint), memory_gb=0.02, max_model_len=64)
 
 
 def test_bias_is_added_to_its_rows_only():
@@ -49,14 +36,14 @@ def test_a_bad_bias_names_what_is_wrong(bias, says):
     assert check_logit_bias({"5": 1, 6: -100}) == {5: 1.0, 6: -100.0}
 
 
-def test_greedy_takes_the_best_biased_token_of_the_plain_forward(llm, checkpoint):
-    model = from_pretrained(checkpoint)
+def test_greedy_takes_the_best_biased_token_of_the_plain_forward(tiny_llm, tiny_checkpoint):
+    model = from_pretrained(tiny_checkpoint)
     with torch.no_grad():
         first = model(torch.tensor([PROMPT]))[0, -1]
     best, second = first.topk(2).indices.tolist()
 
     def greedy(bias, max_tokens=1):
-        (out,) = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=max_tokens,
+        (out,) = tiny_llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=max_tokens,
                                                      logit_bias=bias, ignore_eos=True))
         return out.outputs[0].token_ids
 
@@ -64,25 +51,25 @@ def test_greedy_takes_the_best_biased_token_of_the_plain_forward(llm, checkpoint
     assert greedy({best: -100}) == [second]  # banned: the next best
     weakest = int(first.argmin())
     assert greedy({str(weakest): 100}, max_tokens=5) == [weakest] * 5  # forced at every step
-    sampled = llm.generate(PROMPT, SamplingParams(temperature=1.0, seed=3, max_tokens=5,
+    sampled = tiny_llm.generate(PROMPT, SamplingParams(temperature=1.0, seed=3, max_tokens=5,
                                                   logit_bias={weakest: 100}, ignore_eos=True))
     assert sampled[0].outputs[0].token_ids == [weakest] * 5
 
 
-def test_a_token_outside_the_vocabulary_is_refused(llm):
+def test_a_token_outside_the_vocabulary_is_refused(tiny_llm):
     with pytest.raises(ParameterError, match="outside the vocabulary"):
-        llm.generate(PROMPT, SamplingParams(logit_bias={llm.config.vocab_size: 1}))
-    assert not llm.has_unfinished_requests()
+        tiny_llm.generate(PROMPT, SamplingParams(logit_bias={tiny_llm.config.vocab_size: 1}))
+    assert not tiny_llm.has_unfinished_requests()
 
 
-def test_the_openai_client_sends_it(checkpoint):
+def test_the_openai_client_sends_it(tiny_checkpoint):
     openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
     from bamba.serve.app import build_app
     from bamba.serve.async_engine import AsyncEngine
     from serve_helpers import running
 
-    engine = AsyncEngine(LLM(str(checkpoint), memory_gb=0.02, max_model_len=64)).start()
+    engine = AsyncEngine(LLM(str(tiny_checkpoint), memory_gb=0.02, max_model_len=64)).start()
     try:
         with running(build_app(engine, "tiny")) as base:
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")

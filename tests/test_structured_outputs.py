@@ -20,7 +20,6 @@ from bamba.checkpoint import from_pretrained  # noqa: E402
 from bamba.engine import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
 from bamba.engine.structured import mask_logits  # noqa: E402
 from bamba.sampling import ParameterError  # noqa: E402
-from serve_helpers import save_tiny_checkpoint  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "color", "tag"],
           "properties": {"ok": {"type": "boolean"},
@@ -29,20 +28,10 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "c
 PROMPT = "The hybrid model"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("structured") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def llm(checkpoint: Path) -> LLM:
-    return LLM(str(checkpoint), memory_gb=0.02, max_model_len=256)
-
-
-def _texts(llm: LLM, structured: StructuredOutputsParams, n: int = 6, **values) -> list[str]:
+def _texts(tiny_llm: LLM, structured: StructuredOutputsParams, n: int = 6, **values) -> list[str]:
     params = SamplingParams(n=n, temperature=1.0, seed=3, max_tokens=120,
                             structured_outputs=structured, **values)
-    (out,) = llm.generate(PROMPT, params)
+    (out,) = tiny_llm.generate(PROMPT, params)
     assert all(o.finish_reason == "stop" for o in out.outputs), \
         [(o.finish_reason, o.text) for o in out.outputs]
     return [o.text for o in out.outputs]
@@ -54,28 +43,28 @@ def _check_schema(value: dict) -> None:
     assert re.fullmatch("[a-z]{1,4}", value["tag"])
 
 
-def test_sampled_text_follows_a_json_schema(llm):
-    texts = _texts(llm, StructuredOutputsParams(json=SCHEMA))
+def test_sampled_text_follows_a_json_schema(tiny_llm):
+    texts = _texts(tiny_llm, StructuredOutputsParams(json=SCHEMA))
     for text in texts:
         _check_schema(json.loads(text))
     assert len(set(texts)) > 1  # sampled, not one forced string
-    assert _texts(llm, StructuredOutputsParams(json=json.dumps(SCHEMA)), n=1)  # schema as text
+    assert _texts(tiny_llm, StructuredOutputsParams(json=json.dumps(SCHEMA)), n=1)  # schema as text
 
 
-def test_regex_choice_grammar_and_json_object(llm):
-    for text in _texts(llm, StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2}")):
+def test_regex_choice_grammar_and_json_object(tiny_llm):
+    for text in _texts(tiny_llm, StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2}")):
         assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text)
     choices = ["yes", "no", 'say "hi"\\ ü']
-    assert set(_texts(llm, StructuredOutputsParams(choice=choices), n=12)) <= set(choices)
-    for text in _texts(llm, StructuredOutputsParams(grammar='start: "(" ITEM ("," ITEM)* ")"\n'
+    assert set(_texts(tiny_llm, StructuredOutputsParams(choice=choices), n=12)) <= set(choices)
+    for text in _texts(tiny_llm, StructuredOutputsParams(grammar='start: "(" ITEM ("," ITEM)* ")"\n'
                                                             'ITEM: /[ab]{1,3}/')):
         assert re.fullmatch(r"\([ab]{1,3}(,[ab]{1,3})*\)", text)
 
-def test_json_object_output_is_an_object_or_a_prefix_of_one(llm):
+def test_json_object_output_is_an_object_or_a_prefix_of_one(tiny_llm):
     """Any object may go on for ever (a random model's keys do): an output cut by max_tokens is
     still a prefix the grammar accepts; one that stops is a whole object."""
     structured = StructuredOutputsParams(json_object=True)
-    (out,) = llm.generate(PROMPT, SamplingParams(n=8, temperature=1.0, seed=1, max_tokens=40,
+    (out,) = tiny_llm.generate(PROMPT, SamplingParams(n=8, temperature=1.0, seed=1, max_tokens=40,
                                                  structured_outputs=structured,
                                                  repetition_penalty=1.3))
     reasons = {o.finish_reason for o in out.outputs}
@@ -84,39 +73,41 @@ def test_json_object_output_is_an_object_or_a_prefix_of_one(llm):
         if o.finish_reason == "stop":
             assert isinstance(json.loads(o.text), dict)
         else:
-            matcher = llm.compile_structured_outputs(SamplingParams(structured_outputs=structured))
+            fresh = SamplingParams(structured_outputs=structured)
+            matcher = tiny_llm.compile_structured_outputs(fresh)
             assert matcher.consume_tokens(o.token_ids) and not matcher.is_stopped()
 
 
-def test_greedy_takes_the_best_allowed_token_of_the_plain_forward(llm, checkpoint):
+def test_greedy_takes_the_best_allowed_token_of_the_plain_forward(tiny_llm, tiny_checkpoint):
     from llguidance import LLMatcher
 
     structured = StructuredOutputsParams(json=SCHEMA)
-    (out,) = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=120,
+    (out,) = tiny_llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=120,
                                                  structured_outputs=structured))
     tokens = out.outputs[0].token_ids
     _check_schema(json.loads(out.outputs[0].text))
-    model = from_pretrained(checkpoint)
-    prompt = llm.tokenizer.encode(PROMPT)
+    model = from_pretrained(tiny_checkpoint)
+    prompt = tiny_llm.tokenizer.encode(PROMPT)
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1]
-    matcher = llm.compile_structured_outputs(SamplingParams(structured_outputs=structured))
+    matcher = tiny_llm.compile_structured_outputs(SamplingParams(structured_outputs=structured))
     assert isinstance(matcher, LLMatcher)
     for step, token in enumerate(tokens):
         allowed = mask_logits(logits[step:step + 1], [matcher])[0]
         assert torch.isfinite(allowed).sum() < logits.shape[1]  # the mask removes some
         assert token == int(allowed.argmax()), step
         assert matcher.consume_token(token)
-    assert matcher.is_stopped() or tokens[-1] in llm._eos_ids()
+    assert matcher.is_stopped() or tokens[-1] in tiny_llm._eos_ids()
 
 
-def test_rows_without_a_constraint_are_untouched(llm):
-    logits = torch.randn(3, llm.config.vocab_size)
+def test_rows_without_a_constraint_are_untouched(tiny_llm):
+    logits = torch.randn(3, tiny_llm.config.vocab_size)
     structured = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
-    matcher = llm.compile_structured_outputs(structured)
+    matcher = tiny_llm.compile_structured_outputs(structured)
     masked = mask_logits(logits, [None, matcher, None])
     assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
-    digits = {llm.tokenizer.decode([t]) for t in torch.isfinite(masked[1]).nonzero()[:, 0].tolist()}
+    allowed = torch.isfinite(masked[1]).nonzero()[:, 0].tolist()
+    digits = {tiny_llm.tokenizer.decode([t]) for t in allowed}
     assert digits and all(d.isdigit() for d in digits)
     assert mask_logits(logits, [None, None, None]) is logits
 
@@ -138,22 +129,22 @@ def test_a_malformed_constraint_is_refused_naming_the_field(kwargs, says):
     (StructuredOutputsParams(json="{not json"), "structured_outputs: "),
     (StructuredOutputsParams(grammar="start: undefined_rule"), "structured_outputs: "),
 ])
-def test_a_constraint_that_does_not_compile_is_one_line(llm, structured, says):
+def test_a_constraint_that_does_not_compile_is_one_line(tiny_llm, structured, says):
     with pytest.raises(ParameterError, match=says) as info:
-        llm.generate(PROMPT, SamplingParams(structured_outputs=structured))
+        tiny_llm.generate(PROMPT, SamplingParams(structured_outputs=structured))
     assert "\n" not in str(info.value) and info.value.param == "structured_outputs"
-    assert not llm.has_unfinished_requests()
+    assert not tiny_llm.has_unfinished_requests()
 
 
 # ---- the OpenAI server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(checkpoint: Path) -> Iterator[str]:
+def server(tiny_checkpoint: Path) -> Iterator[str]:
     pytest.importorskip("fastapi")
     from bamba.serve.app import build_app
     from bamba.serve.async_engine import AsyncEngine
     from serve_helpers import running
 
-    engine = AsyncEngine(LLM(str(checkpoint), memory_gb=0.02, max_model_len=256)).start()
+    engine = AsyncEngine(LLM(str(tiny_checkpoint), memory_gb=0.02, max_model_len=256)).start()
     try:
         with running(build_app(engine, "tiny")) as base:
             yield base
@@ -227,7 +218,7 @@ def _random_constraints():
                          lambda c: {"choice": c}))
 
 
-def _fuzz(llm: LLM, examples: int) -> None:
+def _fuzz(tiny_llm: LLM, examples: int) -> None:
     from hypothesis import HealthCheck, given, settings
 
     @settings(max_examples=examples, deadline=None, database=None,
@@ -236,25 +227,25 @@ def _fuzz(llm: LLM, examples: int) -> None:
     def one(fields: dict) -> None:
         try:
             structured = StructuredOutputsParams(**fields)
-            (out,) = llm.generate(PROMPT, SamplingParams(n=2, temperature=1.0, seed=1,
+            (out,) = tiny_llm.generate(PROMPT, SamplingParams(n=2, temperature=1.0, seed=1,
                                                          max_tokens=12,
                                                          structured_outputs=structured))
             assert all(o.finish_reason in ("stop", "length") for o in out.outputs), fields
         except ParameterError as exc:
             assert "\n" not in str(exc), (fields, str(exc))
-        assert not llm.has_unfinished_requests()
+        assert not tiny_llm.has_unfinished_requests()
 
     one()
 
 
-def test_a_random_constraint_runs_or_is_one_parameter_error(llm):
+def test_a_random_constraint_runs_or_is_one_parameter_error(tiny_llm):
     """Schemas, regexes, grammars and choices at random: each compiles and generates (ending
     with stop or length), or is refused in one line; never another exception."""
     pytest.importorskip("hypothesis")
-    _fuzz(llm, 400)
+    _fuzz(tiny_llm, 400)
 
 
 @pytest.mark.slow
-def test_many_random_constraints(llm):
+def test_many_random_constraints(tiny_llm):
     pytest.importorskip("hypothesis")
-    _fuzz(llm, 3000)
+    _fuzz(tiny_llm, 3000)
