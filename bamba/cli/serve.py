@@ -42,6 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (default: $BAMBA_API_KEY)")
     from bamba.cli.inference_options import add_generation_config_option, add_model_options
+    from bamba.serve.tools import PARSERS
 
     add_model_options(parser)
     parser.add_argument("--state-dtype", default="float32",
@@ -64,6 +65,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: one per core, fewer on busy cores)")
     add_generation_config_option(parser)
+    parser.add_argument("--tool-call-parser", default=None, choices=PARSERS,
+                        help="read the tool calls of replies to tool_choice \"auto\" in this "
+                             "format (hermes: <tool_call>{...}</tool_call>, as Granite 4.0, "
+                             "Qwen and Hermes templates write them); without it \"auto\" is "
+                             "refused and \"required\" or a named function still work")
     from bamba.compile import MODES
 
     parser.add_argument("--compile", default="none", choices=("none", *MODES),
@@ -135,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         api_key = args.api_key or os.environ.get("BAMBA_API_KEY") or None
         engine = AsyncEngine(llm).start()
         try:
-            app = build_app(engine, name, api_key, args.max_request_bytes)
+            app = build_app(engine, name, api_key, args.max_request_bytes,
+                            args.tool_call_parser)
             config = uvicorn_config(app, head_timeout=args.head_timeout,
                                     keep_alive_timeout=args.keep_alive_timeout,
                                     max_connections=args.max_connections, http=http,

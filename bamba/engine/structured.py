@@ -33,13 +33,15 @@ CACHED_GRAMMARS = 64
 class StructuredOutputsParams:
     """Exactly one of: ``json`` (a JSON schema, as a dict or its text), ``regex``, ``choice``
     (the output is one of these strings), ``grammar`` (Lark syntax, llguidance's dialect),
-    ``json_object`` (any JSON object)."""
+    ``json_object`` (any JSON object). JSON may hold any whitespace between its tokens (as
+    in vLLM) unless ``disable_any_whitespace``: then none (``,`` and ``:`` alone)."""
 
     json: dict[str, Any] | str | None = None
     regex: str | None = None
     choice: tuple[str, ...] | list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+    disable_any_whitespace: bool = False
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar")
@@ -64,11 +66,12 @@ class StructuredOutputsParams:
         """The constraint as an llguidance grammar (unchecked: compiling checks it)."""
         from llguidance import LLMatcher
 
+        options = {"whitespace_flexible": not self.disable_any_whitespace}
         if self.json is not None:
             schema = json.loads(self.json) if isinstance(self.json, str) else self.json
-            return LLMatcher.grammar_from_json_schema(schema)
+            return LLMatcher.grammar_from_json_schema(schema, defaults=options)
         if self.json_object:
-            return LLMatcher.grammar_from_json_schema({"type": "object"})
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=options)
         if self.regex is not None:
             return LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:  # JSON string literals are Lark's

@@ -31,8 +31,9 @@ from bamba.sampling import ParameterError
 from bamba.serve.async_engine import AsyncEngine
 from bamba.serve.chat import render_chat
 from bamba.serve.protocol import (ChatRequest, CompletionRequest, chat_response,
-                                  completion_response, error_body, stream_chunks, usage,
-                                  usage_chunk)
+                                  completion_response, error_body, stream_chunks,
+                                  tool_reply_chunks, usage, usage_chunk)
+from bamba.serve.tools import PARSERS
 
 log = logging.getLogger(__name__)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
@@ -80,14 +81,19 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+              max_request_bytes: int = MAX_REQUEST_BYTES,
+              tool_call_parser: str | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` under the id ``model_name``; with ``api_key``,
-    every /v1/ route needs ``Authorization: Bearer <api_key>``."""
+    every /v1/ route needs ``Authorization: Bearer <api_key>``; ``tool_call_parser``
+    (``serve.tools.PARSERS``) reads the calls of replies to tool_choice "auto"."""
     if max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    if tool_call_parser not in (None, *PARSERS):
+        raise ValueError(f"unknown tool-call parser {tool_call_parser!r}; known: "
+                         f"{', '.join(PARSERS)}")
     app = FastAPI(title="bamba", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     _install_error_handlers(app)
-    server = _Server(engine, model_name)
+    server = _Server(engine, model_name, tool_call_parser)
 
     if api_key:
         app.add_middleware(_RequireKey, api_key=api_key)
@@ -131,13 +137,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if server.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: use /v1/completions with token ids")
         try:
-            params = body.chat_sampling_params(engine.llm.generation_defaults)
+            tool_mode = body.tool_mode(server.tool_call_parser)
+            params = body.chat_sampling_params(engine.llm.generation_defaults, tool_mode)
             prompt = await asyncio.to_thread(server.encode_chat,
-                                             [m.model_dump() for m in body.messages])
+                                             [m.model_dump() for m in body.messages],
+                                             body.tool_list())
             await asyncio.to_thread(engine.llm.compile_structured_outputs, params)
         except ValueError as exc:
             raise _bad_value(exc) from None
-        return await server.respond(request, body, prompt, params, chat=True)
+        return await server.respond(request, body, prompt, params, chat=True,
+                                    tool_mode=tool_mode)
 
     return app
 
@@ -195,9 +204,10 @@ class _LimitBody:
 class _Server:
     """What the routes share: the engine, the model's id, its tokenizer and context length."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, tool_call_parser: str | None):
         self.engine, self.model_name = engine, model_name
         self.tokenizer = engine.llm.tokenizer
+        self.tool_call_parser = tool_call_parser
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer \
@@ -215,26 +225,31 @@ class _Server:
     def encode_all(self, prompts: list[str | list[int]]) -> list[list[int]]:
         return [self.encode(p, "prompt") for p in prompts]
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.encode(render_chat(self.tokenizer, messages), "messages")
+    def encode_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return self.encode(render_chat(self.tokenizer, messages, tools), "messages")
 
     async def respond(self, request: Request, body: Any, prompt: list[int],
-                      params: SamplingParams, chat: bool) -> Response:
+                      params: SamplingParams, chat: bool, tool_mode: str | None = None
+                      ) -> Response:
+        """One request's reply; a reply read for tool calls (``tool_mode``) streams whole."""
         rid = self.engine.new_id("chatcmpl" if chat else "cmpl")
+        final_only = not body.stream or tool_mode is not None
         try:
-            stream = await self.engine.generate(prompt, params, rid, final_only=not body.stream)
+            stream = await self.engine.generate(prompt, params, rid, final_only=final_only)
         except ValueError as exc:
             raise _bad_value(exc) from None
         except RuntimeError as exc:
             raise APIError(503, str(exc), "server_error") from None
         if body.stream:
-            events = self._sse(stream, rid, chat, body.include_usage, len(prompt))
+            events = self._sse(stream, rid, chat, body.include_usage, len(prompt), tool_mode)
             return StreamingResponse(events, media_type="text/event-stream")
         finals = await _collect_unless_gone(request, [stream])
         if finals is None:  # the client is gone: nobody reads this
             return _gone()
         if chat:
-            return JSONResponse(chat_response(finals[0], self.model_name, rid, self.decode))
+            return JSONResponse(chat_response(finals[0], self.model_name, rid, self.decode,
+                                              tool_mode))
         return JSONResponse(completion_response(finals, self.model_name, rid, self.decode))
 
     async def complete(self, request: Request, body: CompletionRequest,
@@ -271,7 +286,8 @@ class _Server:
             self.engine.abort(request_id)
 
     async def _sse(self, stream: AsyncIterator[RequestOutput], rid: str, chat: bool,
-                   include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
+                   include_usage: bool, prompt_tokens: int, tool_mode: str | None = None
+                   ) -> AsyncIterator[str]:
         """Server-sent events, one per delta output; the engine failing this request ends it
         with an error event. Being cancelled (the client went away) closes ``stream``, which
         aborts the request."""
@@ -281,8 +297,10 @@ class _Server:
             async for out in stream:
                 _raise_if_failed(out)
                 generated += sum(len(o.token_ids) for o in out.outputs)
-                for chunk in stream_chunks(out, self.model_name, rid, chat, started,
-                                           self.decode):
+                chunks = stream_chunks(out, self.model_name, rid, chat, started, self.decode) \
+                    if tool_mode is None else \
+                    tool_reply_chunks(out, self.model_name, rid, tool_mode, self.decode)
+                for chunk in chunks:
                     yield f"data: {json.dumps(chunk)}\n\n"
             if include_usage:
                 counts = usage(prompt_tokens, generated)

@@ -47,8 +47,10 @@ def _raise(message: str) -> None:
     raise ValueError(message)
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    """The prompt text for ``messages`` (dicts with "role" and "content").
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text for ``messages`` (dicts with "role" and "content"), and ``tools``
+    (OpenAI's function definitions) for the templates that describe them to the model.
 
     The template usually writes the BOS token itself; when the tokenizer also adds one on
     encoding, the rendered leading BOS is dropped so the prompt does not start with two.
@@ -58,8 +60,9 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     special = {k: v for k, v in getattr(tokenizer, "special", {}).items() if v is not None}
     turns = [{**m, "content": message_text(m.get("content"))} for m in messages]
     try:
+        extra = {} if tools is None else {"tools": tools}
         text = _compile(template).render(messages=turns, add_generation_prompt=True,
-                                         raise_exception=_raise, **special)
+                                         raise_exception=_raise, **special, **extra)
     except Exception as exc:  # jinja raises many types (TemplateError, raise_exception(...))
         raise ParameterError(f"messages: the chat template failed on them: {exc}",
                              "messages") from None

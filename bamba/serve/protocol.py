@@ -2,10 +2,11 @@
 
 Types are strict: a string where a number belongs, a float where an integer belongs or a bool
 where a number belongs is a 400, never coerced. ``null`` means "the default". Unknown fields
-are ignored, as OpenAI's server does; known fields we cannot honour (suffix, tools,
-best_of, echo when streaming) are refused with a 400 rather than silently dropped.
+are ignored, as OpenAI's server does; known fields we cannot honour (suffix, best_of,
+echo when streaming) are refused with a 400 rather than silently dropped.
 ``response_format`` (text, json_object, json_schema) and vLLM's ``structured_outputs`` (json,
-regex, choice, grammar, json_object) hold the output to a constraint (``engine.structured``).
+regex, choice, grammar, json_object) hold the output to a constraint (``engine.structured``);
+chat's ``tools`` and ``tool_choice`` are read as ``serve.tools`` says.
 Sampling ranges are checked by ``SamplingParams`` itself, whose message names the field.
 A field left out (or ``null``) takes the checkpoint's generation_config.json value where it
 sets one (``bamba.generation_defaults``, as vLLM does), else the engine's default.
@@ -29,6 +30,8 @@ from bamba.engine import (CompletionOutput, RequestOutput, SamplingParams,
                           StructuredOutputsParams, TokenLogprob)
 from bamba.generation_defaults import GenerationDefaults
 from bamba.sampling import ParameterError
+from bamba.serve.tools import (ToolCall, hermes_calls, named_call, named_tool, parameters_of,
+                               required_calls, required_calls_schema)
 
 MAX_N = 128  # samples per request (OpenAI's limit)
 MAX_LOGPROBS = 20
@@ -69,11 +72,13 @@ class StructuredOutputs(BaseModel):
     choice: list[str] | None = Field(None, max_length=1024)
     grammar: str | None = None
     json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
 
     def params(self) -> StructuredOutputsParams:
         return StructuredOutputsParams(json=self.json_value, regex=self.regex,
                                        choice=self.choice, grammar=self.grammar,
-                                       json_object=bool(self.json_object))
+                                       json_object=bool(self.json_object),
+                                       disable_any_whitespace=bool(self.disable_any_whitespace))
 
 
 class _Sampling(BaseModel):
@@ -198,6 +203,33 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatRequest(_Sampling):
@@ -205,15 +237,55 @@ class ChatRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
-    def chat_sampling_params(self, defaults: GenerationDefaults) -> SamplingParams:
-        if self.tools:
-            raise ParameterError("tools are not supported", "tools")
+    def tool_list(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template takes them (None without any)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def tool_mode(self, parser: str | None) -> str | None:
+        """How the reply is read: None (text), "auto" (``parser`` finds the calls),
+        "required", or the name of the one tool to call. ParameterError for a choice that
+        cannot be served."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise ParameterError("tool_choice needs tools", "tool_choice")
+            return None
+        if choice == "none":
+            return None
+        if isinstance(choice, NamedToolChoice):
+            return named_tool(self.tool_list() or [], choice.function.name)["function"]["name"]
+        if choice == "required":
+            return "required"
+        if parser is None:
+            raise ParameterError('"auto" tool choice needs a tool-call parser: start the '
+                                 "server with --tool-call-parser hermes, or pass tool_choice "
+                                 '"required", "none" or a named function', "tool_choice")
+        return "auto"
+
+    def chat_sampling_params(self, defaults: GenerationDefaults, tool_mode: str | None = None
+                             ) -> SamplingParams:
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        return self.sampling_params(defaults, (self.top_logprobs or 0) if self.logprobs
-                                    else None, None)
+        params = self.sampling_params(defaults, (self.top_logprobs or 0) if self.logprobs
+                                      else None, None)
+        if tool_mode in (None, "auto"):
+            return params
+        if params.structured_outputs is not None:
+            raise ParameterError("tool_choice required or a named function holds the reply to "
+                                 "the tools' schemas: give no response_format or "
+                                 "structured_outputs with it", "tool_choice")
+        tools = self.tool_list() or []
+        schema = required_calls_schema(tools, self.parallel_tool_calls is not False) \
+            if tool_mode == "required" else \
+            parameters_of(named_tool(tools, tool_mode))
+        # compact JSON: the calls are read by the server, not shown
+        params.structured_outputs = StructuredOutputsParams(json=schema,
+                                                            disable_any_whitespace=True)
+        return params
 
 
 # ---- responses ---------------------------------------------------------------------------
@@ -306,11 +378,43 @@ def completion_response(outs: list[RequestOutput], model: str, rid: str, decode:
     return {**_envelope(rid, "text_completion", model, choices), "usage": counts}
 
 
-def chat_response(out: RequestOutput, model: str, rid: str, decode: Decode) -> dict:
-    choices = [{"index": o.index, "finish_reason": finish_reason(o),
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": chat_logprobs(o, decode)} for o in out.outputs]
+def reply_calls(o: CompletionOutput, tool_mode: str | None) -> tuple[str | None,
+                                                                    list[ToolCall]]:
+    """(content, tool calls) of one reply read as ``tool_mode`` says (``ChatRequest``)."""
+    if tool_mode is None:
+        return o.text, []
+    if tool_mode == "auto":
+        return hermes_calls(o.text)
+    calls = required_calls(o.text) if tool_mode == "required" else named_call(o.text, tool_mode)
+    return (None, calls) if calls else (o.text, [])
+
+
+def chat_choice(o: CompletionOutput, tool_mode: str | None, decode: Decode,
+                stream: bool = False) -> dict[str, Any]:
+    """One reply as a chat choice: a ``message`` (``delta`` when ``stream``: the whole reply
+    in one chunk), with tool calls and finish_reason "tool_calls" when it made calls."""
+    content, calls = reply_calls(o, tool_mode)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    reason = finish_reason(o)
+    if calls:
+        message["tool_calls"] = [c.payload(i if stream else None) for i, c in enumerate(calls)]
+        reason = "tool_calls" if reason == "stop" else reason
+    return {"index": o.index, "finish_reason": reason, "delta" if stream else "message": message,
+            "logprobs": chat_logprobs(o, decode)}
+
+
+def chat_response(out: RequestOutput, model: str, rid: str, decode: Decode,
+                  tool_mode: str | None = None) -> dict:
+    choices = [chat_choice(o, tool_mode, decode) for o in out.outputs]
     return {**_envelope(rid, "chat.completion", model, choices), "usage": output_usage(out)}
+
+
+def tool_reply_chunks(out: RequestOutput, model: str, rid: str, tool_mode: str,
+                      decode: Decode) -> list[dict]:
+    """A streamed reply read for tool calls: each sample's whole reply in one chunk (the
+    calls can only be read once it is complete)."""
+    return [_envelope(rid, "chat.completion.chunk", model,
+                      [chat_choice(o, tool_mode, decode, stream=True)]) for o in out.outputs]
 
 
 def stream_chunks(out: RequestOutput, model: str, rid: str, chat: bool, started: set[int],

@@ -1,0 +1,121 @@
+"""Tool calling for /v1/chat/completions (OpenAI's ``tools`` and ``tool_choice``, as vLLM
+serves them).
+
+The tools go to the chat template (``tools=``), which tells the model how to call them.
+``tool_choice``:
+  - "none": the reply is text; nothing is parsed.
+  - "required": the reply is held (structured outputs) to a JSON array of one or more calls
+    (one with parallel_tool_calls false), each ``{"name": <a tool's name>, "parameters":
+    <that tool's parameters schema>}``.
+  - ``{"type": "function", "function": {"name": N}}``: the reply is held to N's parameters
+    schema: one call of N.
+  - "auto" (the default when tools are given): the model chooses; the reply is parsed by the
+    server's tool-call parser, which must be enabled (``bamba serve --tool-call-parser
+    hermes``, vLLM's rule). ``hermes``: calls written as ``<tool_call>{"name": ...,
+    "arguments": {...}}</tool_call>``, the format of Hermes, Qwen and IBM Granite 4.0 chat
+    templates; the text outside the tags is the reply's content.
+A reply with calls ends with finish_reason "tool_calls"; each call's ``arguments`` is its JSON
+text, as OpenAI sends it. Pure functions: what the server parses and builds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from bamba.sampling import ParameterError
+
+PARSERS = ("hermes",)
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text
+
+    def payload(self, index: int | None = None) -> dict[str, Any]:
+        """The OpenAI ``tool_calls`` entry (with ``index`` in a stream's delta)."""
+        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+def parameters_of(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters schema (any object when it declares none)."""
+    return tool["function"].get("parameters") or {"type": "object"}
+
+
+def required_calls_schema(tools: list[dict[str, Any]], parallel: bool = True
+                          ) -> dict[str, Any]:
+    """The JSON schema of a reply to tool_choice "required": one or more calls of the tools
+    (exactly one without ``parallel``, OpenAI's parallel_tool_calls false)."""
+    calls = [{"type": "object", "additionalProperties": False,
+              "properties": {"name": {"const": t["function"]["name"]},
+                             "parameters": parameters_of(t)},
+              "required": ["name", "parameters"]} for t in tools]
+    return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}),
+            "items": {"anyOf": calls}}
+
+
+def named_tool(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    for tool in tools:
+        if tool["function"]["name"] == name:
+            return tool
+    raise ParameterError(f"tool_choice names {name!r}, which is not among the tools",
+                         "tool_choice")
+
+
+def required_calls(text: str) -> list[ToolCall]:
+    """The calls of a reply held to ``required_calls_schema`` (none when it was cut short)."""
+    try:
+        calls = json.loads(text)
+    except ValueError:
+        return []
+    return [ToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
+            for c in calls]
+
+
+def named_call(text: str, name: str) -> list[ToolCall]:
+    """The one call of a reply held to tool ``name``'s parameters (none when cut short)."""
+    try:
+        arguments = json.loads(text)
+    except ValueError:
+        return []
+    return [ToolCall(name, json.dumps(arguments, ensure_ascii=False))]
+
+
+def hermes_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a reply in the hermes format: each ``<tool_call>`` block holding a
+    JSON object with a string "name" and an "arguments" object becomes a call; the text
+    outside the blocks is the content (None when only whitespace is left). A block that is
+    not such a call stays in the content as written."""
+    calls: list[ToolCall] = []
+    kept: list[str] = []
+    last = 0
+    for match in _HERMES.finditer(text):
+        call = _hermes_call(match.group(1))
+        if call is None:
+            continue
+        kept.append(text[last:match.start()])
+        last = match.end()
+        calls.append(call)
+    kept.append(text[last:])
+    content = "".join(kept).strip()
+    return (content or None) if calls else text, calls
+
+
+def _hermes_call(block: str) -> ToolCall | None:
+    try:
+        call = json.loads(block)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(call["name"], json.dumps(arguments, ensure_ascii=False))

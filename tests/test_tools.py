@@ -1,0 +1,168 @@
+"""Tool calling on /v1/chat/completions through the official ``openai`` client: tool_choice
+"required" and a named function hold a random tiny model's reply to the tools' schemas (so
+every call parses and fits), "auto" reads hermes ``<tool_call>`` blocks with the parser
+enabled and is a 400 without it; streamed replies carry their calls whole; the tools and
+earlier calls reach the chat template."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llguidance")
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+from bamba.engine import LLM  # noqa: E402
+from bamba.sampling import ParameterError  # noqa: E402
+from bamba.serve.app import build_app  # noqa: E402
+from bamba.serve.async_engine import AsyncEngine  # noqa: E402
+from bamba.serve.chat import render_chat  # noqa: E402
+from bamba.serve.protocol import ChatRequest  # noqa: E402
+from bamba.serve.tools import hermes_calls, required_calls_schema  # noqa: E402
+from serve_helpers import running  # noqa: E402
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"enum": ["Paris", "Rome"]}}}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["a", "b"],
+        "properties": {"a": {"enum": [1, 2, 3]}, "b": {"type": "boolean"}}}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _check_call(call, names=("get_weather", "add")) -> dict:
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in names
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert arguments in ({"city": "Paris"}, {"city": "Rome"})
+    else:
+        assert arguments["a"] in (1, 2, 3) and isinstance(arguments["b"], bool)
+    return arguments
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
+    """(base URL with the hermes parser, base URL without a parser), one engine."""
+    engine = AsyncEngine(LLM(str(tiny_checkpoint), memory_gb=0.02, max_model_len=256)).start()
+    try:
+        with running(build_app(engine, "tiny", tool_call_parser="hermes")) as parsed, \
+                running(build_app(engine, "tiny")) as plain:
+            yield parsed, plain
+    finally:
+        engine.shutdown()
+
+
+def _client(base: str):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+
+
+def test_required_and_named_calls_fit_their_tools(servers):
+    client = _client(servers[1])  # no parser needed for these
+    reply = client.chat.completions.create(
+        model="tiny", messages=ASK, tools=[WEATHER, ADD], tool_choice="required", n=4,
+        temperature=1.0, seed=2, max_tokens=60, parallel_tool_calls=False)
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        _check_call(call)
+    reply = client.chat.completions.create(
+        model="tiny", messages=ASK, tools=[WEATHER, ADD], max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "add"}})
+    (call,) = reply.choices[0].message.tool_calls
+    _check_call(call, names=("add",))
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_streamed_calls_arrive_whole(servers):
+    stream = _client(servers[1]).chat.completions.create(
+        model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required", stream=True,
+        max_tokens=60, stream_options={"include_usage": True}, parallel_tool_calls=False)
+    chunks = list(stream)
+    calls = [c for chunk in chunks if chunk.choices
+             for c in chunk.choices[0].delta.tool_calls or []]
+    assert calls and all(c.index == i for i, c in enumerate(calls))
+    for call in calls:
+        _check_call(call, names=("get_weather",))
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_auto_reads_hermes_blocks_and_needs_the_parser(servers):
+    forced = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    reply = _client(servers[0]).chat.completions.create(
+        model="tiny", messages=ASK, tools=[WEATHER], max_tokens=150,
+        extra_body={"structured_outputs": {"choice": [forced]}})  # the model "chooses" a call
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert _check_call(choice.message.tool_calls[0]) == {"city": "Rome"}
+    text = _client(servers[0]).chat.completions.create(
+        model="tiny", messages=ASK, tools=[WEATHER], max_tokens=5, tool_choice="none")
+    assert text.choices[0].message.tool_calls is None
+    with pytest.raises(openai.BadRequestError, match="tool-call-parser"):
+        _client(servers[1]).chat.completions.create(model="tiny", messages=ASK,
+                                                    tools=[WEATHER], max_tokens=5)
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "not among the tools"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [WEATHER], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "give no response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": [{"type": "code", "function": {"name": "x"}}]}, "tools"),
+])
+def test_a_bad_tool_request_is_a_400(servers, body, says):
+    httpx = pytest.importorskip("httpx")
+    r = httpx.post(f"{servers[0]}/v1/chat/completions", timeout=60,
+                   json={"model": "tiny", "messages": ASK, "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    assert says in json.dumps(r.json()["error"])
+
+
+def test_the_template_sees_the_tools_and_earlier_calls():
+    class Templated:
+        chat_template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
+                         "{% for m in messages %}{{ m.role }}:{% if m.tool_calls %}"
+                         "{{ m.tool_calls[0].function.name }}{% else %}{{ m.content }}"
+                         "{% endif %}|{% endfor %}")
+        special: dict = {}
+
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    body = ChatRequest(model="tiny", tools=[WEATHER], messages=[
+        *ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
+    text = render_chat(Templated(), [m.model_dump() for m in body.messages], body.tool_list())
+    assert text == "[get_weather]user:What is the weather in Paris?|assistant:get_weather|" \
+                   "tool:sunny|"
+
+
+def test_hermes_parsing():
+    text = ('Let me look. <tool_call>{"name": "a", "arguments": {"x": 1}}</tool_call>\n'
+            '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call> done')
+    content, calls = hermes_calls(text)
+    assert content == "Let me look. \n done"
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}), ("b", {})]
+    broken = "<tool_call>{not json}</tool_call> and text"
+    assert hermes_calls(broken) == (broken, [])
+    assert hermes_calls('<tool_call>{"name": 5}</tool_call>')[1] == []
+    assert hermes_calls('<tool_call>{"name": "a", "arguments": {}}</tool_call>')[0] is None
+
+
+def test_required_schema_and_modes():
+    schema = required_calls_schema([WEATHER, ADD], parallel=False)
+    assert schema["maxItems"] == 1 and len(schema["items"]["anyOf"]) == 2
+    assert "maxItems" not in required_calls_schema([WEATHER])
+    request = ChatRequest(model="tiny", messages=ASK, tools=[WEATHER])
+    with pytest.raises(ParameterError, match="tool-call-parser"):
+        request.tool_mode(None)
+    assert request.tool_mode("hermes") == "auto"
+    assert ChatRequest(model="tiny", messages=ASK).tool_mode(None) is None
