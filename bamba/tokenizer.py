@@ -97,15 +97,15 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True, **extra: Any) -> str:
-        """Render messages with the chat template (jinja2, sandboxed) to a prompt string."""
+        """Render messages (and ``extra`` names such as ``tools``) with the chat template to a
+        prompt string, as transformers does (``bamba.chat_template``)."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat_template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from bamba.chat_template import render_template
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         special = {k: v for k, v in self.special.items() if v is not None}
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special, **extra)
+        return render_template(self.chat_template, messages=messages,
+                               add_generation_prompt=add_generation_prompt, **special, **extra)
 
     # ---- files --------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:

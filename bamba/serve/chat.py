@@ -2,29 +2,21 @@
 
 A tokenizer without a template gets ``DEFAULT_CHAT_TEMPLATE``: each message becomes
 ``<|role|>\\ncontent\\n`` and the prompt ends with ``<|assistant|>\\n`` (the model then writes
-the assistant's turn). Templates are rendered by jinja2's sandbox, compiled once per template.
+the assistant's turn). Templates render as transformers renders them (``bamba.chat_template``).
 Message content may be a string or a list of OpenAI ``{"type": "text", "text": ...}`` parts,
 which are joined; other part types (images, audio) are refused.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
+from bamba.chat_template import render_template
 from bamba.sampling import ParameterError
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-@functools.lru_cache(maxsize=8)
-def _compile(template: str) -> Any:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template)
 
 
 def message_text(content: str | list[dict[str, Any]] | None) -> str:
@@ -42,11 +34,6 @@ def message_text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(pieces)
 
 
-def _raise(message: str) -> None:
-    """What Hugging Face chat templates call to refuse a conversation."""
-    raise ValueError(message)
-
-
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
                 tools: list[dict[str, Any]] | None = None) -> str:
     """The prompt text for ``messages`` (dicts with "role" and "content"), and ``tools``
@@ -61,8 +48,8 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]],
     turns = [{**m, "content": message_text(m.get("content"))} for m in messages]
     try:
         extra = {} if tools is None else {"tools": tools}
-        text = _compile(template).render(messages=turns, add_generation_prompt=True,
-                                         raise_exception=_raise, **special, **extra)
+        text = render_template(template, messages=turns, add_generation_prompt=True, **special,
+                               **extra)
     except Exception as exc:  # jinja raises many types (TemplateError, raise_exception(...))
         raise ParameterError(f"messages: the chat template failed on them: {exc}",
                              "messages") from None
