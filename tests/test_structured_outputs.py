@@ -249,3 +249,37 @@ def test_a_random_constraint_runs_or_is_one_parameter_error(tiny_llm):
 def test_many_random_constraints(tiny_llm):
     pytest.importorskip("hypothesis")
     _fuzz(tiny_llm, 3000)
+
+
+def test_a_compile_in_progress_never_holds_up_a_cached_constraint(tiny_llm, monkeypatch):
+    """One thread compiling a new grammar (held mid-compile here) does not block another
+    thread's request for a cached one: the engine's thread never waits on a stranger's
+    compile."""
+    import threading
+
+    import llguidance
+
+    cached = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    tiny_llm.compile_structured_outputs(cached)
+    entered, release = threading.Event(), threading.Event()
+    real = llguidance.LLMatcher
+
+    class Held:  # llguidance's matcher, its constructor held until released
+        grammar_from_regex = staticmethod(real.grammar_from_regex)
+
+        def __new__(cls, tokenizer, text, **kwargs):
+            entered.set()
+            release.wait(30)
+            return real(tokenizer, text, **kwargs)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Held)
+    fresh = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[a-f]{2,9}"))
+    compiling = threading.Thread(target=tiny_llm.compile_structured_outputs, args=(fresh,))
+    compiling.start()
+    try:
+        assert entered.wait(30)
+        assert tiny_llm.compile_structured_outputs(cached) is not None  # while it is held
+        assert compiling.is_alive()
+    finally:
+        release.set()
+        compiling.join(30)

@@ -119,14 +119,19 @@ class GrammarCompiler:
             raise ParameterError(f"{FIELD}: {_one_line(str(exc))}", FIELD) from None
         with self._lock:
             prototype = self._cache.get(text)
-            if prototype is None:
-                prototype = LLMatcher(self._ll_tokenizer(), text, log_level=0)
-                if prototype.is_error():
-                    raise ParameterError(f"{FIELD}: {_one_line(prototype.get_error())}", FIELD)
-                self._cache[text] = prototype
-                if len(self._cache) > CACHED_GRAMMARS:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(text)
+            if prototype is not None:
+                self._cache.move_to_end(text)
+                return prototype.deep_copy()
+            tokenizer = self._ll_tokenizer()
+        # Compiled outside the lock (llguidance lets go of the GIL meanwhile): a long compile
+        # for one request never holds up another thread's cached constraint.
+        prototype = LLMatcher(tokenizer, text, log_level=0)
+        if prototype.is_error():
+            raise ParameterError(f"{FIELD}: {_one_line(prototype.get_error())}", FIELD)
+        with self._lock:
+            self._cache[text] = prototype
+            if len(self._cache) > CACHED_GRAMMARS:
+                self._cache.popitem(last=False)
             return prototype.deep_copy()
 
 
