@@ -22,7 +22,7 @@ from bamba.serve.app import build_app  # noqa: E402
 from bamba.serve.async_engine import AsyncEngine  # noqa: E402
 from bamba.serve.chat import render_chat  # noqa: E402
 from bamba.serve.protocol import ChatRequest  # noqa: E402
-from bamba.serve.tools import hermes_calls, required_calls_schema  # noqa: E402
+from bamba.serve.tools import AutoToolStream, hermes_calls, required_calls_schema  # noqa: E402
 from serve_helpers import running  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
@@ -108,6 +108,41 @@ def test_auto_reads_hermes_blocks_and_needs_the_parser(servers):
     with pytest.raises(openai.BadRequestError, match="tool-call-parser"):
         _client(servers[1]).chat.completions.create(model="tiny", messages=ASK,
                                                     tools=[WEATHER], max_tokens=5)
+
+
+def test_auto_streams_text_as_it_comes_and_calls_whole(servers):
+    client = _client(servers[0])
+    forced = ('Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+              '</tool_call>')
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=ASK, tools=[WEATHER], max_tokens=150, stream=True,
+        extra_body={"structured_outputs": {"choice": [forced]}}))
+    texts = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert "".join(texts) == "Checking. "  # shown before the call; nothing of the call itself
+    assert [_check_call(t) for t in calls] == [{"city": "Paris"}]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # A reply without calls streams as the same text the whole reply has.
+    plain = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER],
+                                           max_tokens=40, temperature=0)
+    streamed = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER],
+                                              max_tokens=40, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in streamed if c.choices]
+    assert "".join(pieces) == plain.choices[0].message.content and len(pieces) > 3
+
+
+def test_auto_stream_holds_back_what_may_begin_a_call():
+    stream = AutoToolStream()
+    assert stream.feed("Hello <to") == "Hello "
+    assert stream.feed('ol_call>{"name": "a", "arguments": {}}</tool_call> bye') == ""
+    rest, calls = stream.finish()
+    assert rest == "bye" and [c.name for c in calls] == ["a"]
+    other = AutoToolStream()
+    assert other.feed("a <") == "a " and other.feed(" b") == "< b"
+    assert other.finish() == ("", [])
+    broken = AutoToolStream()
+    assert broken.feed("x <tool_call>{oops</tool_call>") == "x "
+    assert broken.finish() == ("<tool_call>{oops</tool_call>", [])
 
 
 @pytest.mark.parametrize("body, says", [

@@ -30,10 +30,10 @@ from bamba.engine.params import merge_delta
 from bamba.sampling import ParameterError
 from bamba.serve.async_engine import AsyncEngine
 from bamba.serve.chat import render_chat
-from bamba.serve.protocol import (ChatRequest, CompletionRequest, chat_response,
-                                  completion_response, error_body, stream_chunks,
-                                  tool_reply_chunks, usage, usage_chunk)
-from bamba.serve.tools import PARSERS
+from bamba.serve.protocol import (ChatRequest, CompletionRequest, auto_tool_chunks,
+                                  chat_response, completion_response, error_body,
+                                  stream_chunks, tool_reply_chunks, usage, usage_chunk)
+from bamba.serve.tools import PARSERS, AutoToolStream
 
 log = logging.getLogger(__name__)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
@@ -232,9 +232,10 @@ class _Server:
     async def respond(self, request: Request, body: Any, prompt: list[int],
                       params: SamplingParams, chat: bool, tool_mode: str | None = None
                       ) -> Response:
-        """One request's reply; a reply read for tool calls (``tool_mode``) streams whole."""
+        """One request's reply; a reply held to the tools' schemas (``tool_mode`` required or a
+        tool's name) streams whole."""
         rid = self.engine.new_id("chatcmpl" if chat else "cmpl")
-        final_only = not body.stream or tool_mode is not None
+        final_only = not body.stream or tool_mode not in (None, "auto")
         try:
             stream = await self.engine.generate(prompt, params, rid, final_only=final_only)
         except ValueError as exc:
@@ -292,14 +293,18 @@ class _Server:
         with an error event. Being cancelled (the client went away) closes ``stream``, which
         aborts the request."""
         started: set[int] = set()
+        auto: dict[int, AutoToolStream] = {}
         generated = 0
         try:
             async for out in stream:
                 _raise_if_failed(out)
                 generated += sum(len(o.token_ids) for o in out.outputs)
-                chunks = stream_chunks(out, self.model_name, rid, chat, started, self.decode) \
-                    if tool_mode is None else \
-                    tool_reply_chunks(out, self.model_name, rid, tool_mode, self.decode)
+                if tool_mode is None:
+                    chunks = stream_chunks(out, self.model_name, rid, chat, started, self.decode)
+                elif tool_mode == "auto":
+                    chunks = auto_tool_chunks(out, self.model_name, rid, auto, self.decode)
+                else:
+                    chunks = tool_reply_chunks(out, self.model_name, rid, tool_mode, self.decode)
                 for chunk in chunks:
                     yield f"data: {json.dumps(chunk)}\n\n"
             if include_usage:

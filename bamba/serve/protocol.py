@@ -30,8 +30,8 @@ from bamba.engine import (CompletionOutput, RequestOutput, SamplingParams,
                           StructuredOutputsParams, TokenLogprob)
 from bamba.generation_defaults import GenerationDefaults
 from bamba.sampling import ParameterError
-from bamba.serve.tools import (ToolCall, hermes_calls, named_call, named_tool, parameters_of,
-                               required_calls, required_calls_schema)
+from bamba.serve.tools import (AutoToolStream, ToolCall, hermes_calls, named_call, named_tool,
+                               parameters_of, required_calls, required_calls_schema)
 
 MAX_N = 128  # samples per request (OpenAI's limit)
 MAX_LOGPROBS = 20
@@ -411,10 +411,37 @@ def chat_response(out: RequestOutput, model: str, rid: str, decode: Decode,
 
 def tool_reply_chunks(out: RequestOutput, model: str, rid: str, tool_mode: str,
                       decode: Decode) -> list[dict]:
-    """A streamed reply read for tool calls: each sample's whole reply in one chunk (the
+    """A streamed reply held to the tools' schemas: each sample's whole reply in one chunk (the
     calls can only be read once it is complete)."""
     return [_envelope(rid, "chat.completion.chunk", model,
                       [chat_choice(o, tool_mode, decode, stream=True)]) for o in out.outputs]
+
+
+def auto_tool_chunks(out: RequestOutput, model: str, rid: str,
+                     streams: dict[int, AutoToolStream], decode: Decode) -> list[dict]:
+    """The SSE payloads of one delta output of a reply to tool_choice "auto": text as it
+    becomes safe to show, and at a sample's end its calls (finish_reason "tool_calls")."""
+    chunks = []
+    for o in out.outputs:
+        first = o.index not in streams
+        state = streams.setdefault(o.index, AutoToolStream())
+        delta: dict[str, Any] = {"content": state.feed(o.new_text)}
+        if first:
+            delta["role"] = "assistant"
+        reason = finish_reason(o)
+        if o.finished:
+            rest, calls = state.finish()
+            delta["content"] += rest
+            if calls:
+                delta["tool_calls"] = [c.payload(i) for i, c in enumerate(calls)]
+                reason = "tool_calls" if reason == "stop" else reason
+        if not (delta["content"] or first or o.finished):
+            continue
+        start = len(o.token_ids) - len(o.new_token_ids)
+        chunks.append(_envelope(rid, "chat.completion.chunk", model, [
+            {"index": o.index, "delta": delta, "finish_reason": reason,
+             "logprobs": chat_logprobs(o, decode, start)}]))
+    return chunks
 
 
 def stream_chunks(out: RequestOutput, model: str, rid: str, chat: bool, started: set[int],

@@ -15,7 +15,10 @@ The tools go to the chat template (``tools=``), which tells the model how to cal
     "arguments": {...}}</tool_call>``, the format of Hermes, Qwen and IBM Granite 4.0 chat
     templates; the text outside the tags is the reply's content.
 A reply with calls ends with finish_reason "tool_calls"; each call's ``arguments`` is its JSON
-text, as OpenAI sends it. Pure functions: what the server parses and builds.
+text, as OpenAI sends it. Streamed, a reply to "auto" shows its text as it comes up to the
+first ``<tool_call>`` (``AutoToolStream``), then its calls and any later text once complete;
+replies to "required" or a named function (JSON read by the server) come whole at the end.
+Pure functions and state: what the server parses and builds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 from bamba.sampling import ParameterError
 
 PARSERS = ("hermes",)
+CALL_TAG = "<tool_call>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -119,3 +123,42 @@ def _hermes_call(block: str) -> ToolCall | None:
     if not isinstance(arguments, dict):
         return None
     return ToolCall(call["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+class AutoToolStream:
+    """One streamed reply to tool_choice "auto": ``feed(new text)`` returns the text safe to
+    show now (everything before the first ``<tool_call>``, less a tail that could begin one);
+    ``finish()`` the (content not yet shown, calls) of the whole reply."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.shown = 0
+        self.calling = False
+
+    def feed(self, new: str) -> str:
+        self.text += new
+        if self.calling:
+            return ""
+        tag = self.text.find(CALL_TAG, self.shown)
+        if tag >= 0:
+            self.calling = True
+            end = tag
+        else:
+            end = len(self.text) - _partial_tag(self.text)
+        out = self.text[self.shown:end]
+        self.shown = max(self.shown, end)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        content, calls = hermes_calls(self.text[self.shown:])
+        rest = self.text[self.shown:] if not calls else (content or "")
+        self.shown = len(self.text)
+        return rest, calls
+
+
+def _partial_tag(text: str) -> int:
+    """The length of the longest tail of ``text`` that begins ``<tool_call>``."""
+    for size in range(min(len(CALL_TAG) - 1, len(text)), 0, -1):
+        if CALL_TAG.startswith(text[-size:]):
+            return size
+    return 0
