@@ -45,13 +45,22 @@ class SequenceOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def may_stop(self) -> bool:
+        """Whether stop ids and strings apply yet (not before ``min_tokens`` tokens)."""
+        return len(self.output_ids) >= self.params.min_tokens
+
+    def banned(self) -> list[int]:
+        """The tokens this row may not take next: its stop ids before ``min_tokens``."""
+        return [] if self.may_stop else sorted(self.stop_ids)
+
     def append(self, token: int, logprob: TokenLogprob | None, max_model_len: int) -> None:
         """Record a sampled token and apply the stop rules."""
         self.output_ids.append(token)
         self.seq.token_ids.append(token)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
-        if token in self.stop_ids:
+        if token in self.stop_ids and self.may_stop:
             if self.params.include_stop_str_in_output:
                 self._add_text(token)
             self.finish("stop", token)
@@ -77,7 +86,8 @@ class SequenceOutput:
         if not self.detok.add(token):
             return
         full = self.detok.text
-        hit = find_stop(full, self.params.stop, start) if self.params.stop else None
+        hit = find_stop(full, self.params.stop, start) \
+            if self.params.stop and self.may_stop else None
         if hit is None:
             self.text = full
             return
@@ -134,8 +144,7 @@ def sample_rows(rows: list[SequenceOutput], logits: torch.Tensor,
 def _sample_batch(rows: list[SequenceOutput], logits: torch.Tensor,
                   vocab_size: int) -> list[Drawn]:
     params = [r.params for r in rows]
-    allowed = mask_logits(apply_logit_bias(logits, [p.logit_bias for p in params]),
-                          [r.matcher for r in rows])  # logprobs: from the model's ``logits``
+    allowed = _restricted(logits, rows)  # logprobs: from the model's own ``logits``
     if all(_plain_greedy(p) for p in params):  # what `sample` does for them, minus its set-up
         return [(t, None) for t in allowed.argmax(dim=-1).tolist()]
     batch = SamplingBatch.build(
@@ -162,6 +171,25 @@ def _sample_batch(rows: list[SequenceOutput], logits: torch.Tensor,
         top = dict(zip(lp.top_ids[j, :w].tolist(), lp.top_logprobs[j, :w].tolist(), strict=True))
         out.append((token, TokenLogprob(token, float(lp.chosen[j]), top)))
     return out
+
+
+def _restricted(logits: torch.Tensor, rows: list[SequenceOutput]) -> torch.Tensor:
+    """``logits`` with each row's logit_bias added and -inf on what it may not take next:
+    tokens outside its allowed_token_ids, its stop ids before min_tokens, what its grammar
+    does not allow (the input itself when no row restricts anything)."""
+    out = apply_logit_bias(logits, [r.params.logit_bias for r in rows])
+    vocab = out.shape[1]  # a request's stop ids may lie past it
+    bans = [[t for t in r.banned() if t < vocab] for r in rows]
+    allowed = [r.params.allowed_token_ids for r in rows]
+    if any(bans) or any(a is not None for a in allowed):
+        keep = torch.ones(out.shape, dtype=torch.bool)
+        for j, (ban, only) in enumerate(zip(bans, allowed, strict=True)):
+            if only is not None:
+                keep[j] = False
+                keep[j, only] = True
+            keep[j, ban] = False
+        out = out.masked_fill(~keep, float("-inf"))
+    return mask_logits(out, [r.matcher for r in rows])
 
 
 def token_logprobs(logits: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprob]:

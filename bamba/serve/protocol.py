@@ -38,6 +38,7 @@ MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1 - MAX_N  # sample i uses seed + i, and torch seeds are 64-bit
 MAX_TOKEN_ID = 2**31 - 1
 MAX_CHOICES = 256  # prompts x samples in one /v1/completions request
+MAX_ALLOWED = 2**20  # allowed_token_ids entries
 
 Decode = Callable[[list[int]], str]
 
@@ -104,6 +105,8 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
     response_format: ResponseFormat | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_ALLOWED)
     structured_outputs: StructuredOutputs | None = None
 
     def structured(self) -> StructuredOutputsParams | None:
@@ -142,7 +145,8 @@ class _Sampling(BaseModel):
             "frequency_penalty": self.frequency_penalty, "ignore_eos": self.ignore_eos,
             "repetition_penalty": self.repetition_penalty,
             "include_stop_str_in_output": self.include_stop_str_in_output,
-            "logit_bias": self.logit_bias}.items()
+            "logit_bias": self.logit_bias, "min_tokens": self.min_tokens,
+            "allowed_token_ids": self.allowed_token_ids}.items()
             if v is not None}
         if self.max_tokens is not None:
             max_tokens = self.max_tokens
