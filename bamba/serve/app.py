@@ -27,12 +27,14 @@ from starlette.exceptions import HTTPException
 
 from bamba.engine import RequestOutput, SamplingParams
 from bamba.engine.params import merge_delta
+from bamba.engine.prompts import check_token_ids
 from bamba.sampling import ParameterError
 from bamba.serve.async_engine import AsyncEngine
 from bamba.serve.chat import render_chat
-from bamba.serve.protocol import (ChatRequest, CompletionRequest, auto_tool_chunks,
-                                  chat_response, completion_response, error_body,
-                                  stream_chunks, tool_reply_chunks, usage, usage_chunk)
+from bamba.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest,
+                                  TokenizeRequest, auto_tool_chunks, chat_response,
+                                  completion_response, error_body, stream_chunks,
+                                  tool_reply_chunks, usage, usage_chunk)
 from bamba.serve.tools import PARSERS, AutoToolStream
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,26 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return await server.respond(request, body, prompt, params, chat=True,
                                     tool_mode=tool_mode)
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        server.check_model(body.model)
+        try:
+            body.check()
+            tokens = await asyncio.to_thread(server.tokenize, body)
+        except ValueError as exc:
+            raise _bad_value(exc) from None
+        return {"count": len(tokens), "max_model_len": engine.llm.max_model_len,
+                "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        server.check_model(body.model)
+        try:
+            text = await asyncio.to_thread(server.detokenize, body.tokens)
+        except ValueError as exc:
+            raise _bad_value(exc) from None
+        return {"prompt": text}
+
     return app
 
 
@@ -224,6 +246,29 @@ class _Server:
 
     def encode_all(self, prompts: list[str | list[int]]) -> list[list[int]]:
         return [self.encode(p, "prompt") for p in prompts]
+
+    def tokenize(self, body: TokenizeRequest) -> list[int]:
+        """/tokenize: the ids of a text (special tokens added unless told not to), or of chat
+        messages as rendered for /v1/chat/completions (the template writes its own)."""
+        self._need_tokenizer()
+        if body.prompt is not None:
+            return self.tokenizer.encode(body.prompt, body.add_special_tokens is not False)
+        messages = [m.model_dump() for m in body.messages or []]
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        return self.tokenizer.encode(render_chat(self.tokenizer, messages, tools),
+                                     body.add_special_tokens is True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """/detokenize: the text of token ids (special tokens written out)."""
+        self._need_tokenizer()
+        if not tokens:
+            return ""
+        check_token_ids(tokens, self.engine.llm.config.vocab_size, "tokens")
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise ParameterError("this model has no tokenizer", "model")
 
     def encode_chat(self, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None) -> list[int]:

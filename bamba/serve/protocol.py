@@ -292,6 +292,28 @@ class ChatRequest(_Sampling):
         return params
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt's text, or chat messages (and tools) as /v1/chat/completions
+    renders them."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    add_special_tokens: bool | None = None
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ParameterError("give prompt or messages (one of them)", "prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str
+    tokens: list[int] = Field(max_length=2**20)
+
+
 # ---- responses ---------------------------------------------------------------------------
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
