@@ -22,7 +22,8 @@ from bamba.serve.app import build_app  # noqa: E402
 from bamba.serve.async_engine import AsyncEngine  # noqa: E402
 from bamba.serve.chat import render_chat  # noqa: E402
 from bamba.serve.protocol import ChatRequest  # noqa: E402
-from bamba.serve.tools import AutoToolStream, hermes_calls, required_calls_schema  # noqa: E402
+from bamba.serve.tools import (AutoToolStream, ToolMode, hermes_calls,  # noqa: E402
+                               required_calls_schema)
 from serve_helpers import running  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
@@ -199,5 +200,9 @@ def test_required_schema_and_modes():
     request = ChatRequest(model="tiny", messages=ASK, tools=[WEATHER])
     with pytest.raises(ParameterError, match="tool-call-parser"):
         request.tool_mode(None)
-    assert request.tool_mode("hermes") == "auto"
+    assert request.tool_mode("hermes") == ToolMode("auto")
+    named = ChatRequest(model="tiny", messages=ASK, tools=[{**ADD, "function": {
+        **ADD["function"], "name": "required"}}],
+        tool_choice={"type": "function", "function": {"name": "required"}})
+    assert named.tool_mode(None) == ToolMode("named", "required")  # a tool may be so named
     assert ChatRequest(model="tiny", messages=ASK).tool_mode(None) is None

@@ -35,7 +35,7 @@ from bamba.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequ
                                   TokenizeRequest, auto_tool_chunks, chat_response,
                                   completion_response, error_body, stream_chunks,
                                   tool_reply_chunks, usage, usage_chunk)
-from bamba.serve.tools import PARSERS, AutoToolStream
+from bamba.serve.tools import PARSERS, AutoToolStream, ToolMode
 
 log = logging.getLogger(__name__)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
@@ -275,12 +275,12 @@ class _Server:
         return self.encode(render_chat(self.tokenizer, messages, tools), "messages")
 
     async def respond(self, request: Request, body: Any, prompt: list[int],
-                      params: SamplingParams, chat: bool, tool_mode: str | None = None
+                      params: SamplingParams, chat: bool, tool_mode: ToolMode | None = None
                       ) -> Response:
         """One request's reply; a reply held to the tools' schemas (``tool_mode`` required or a
         tool's name) streams whole."""
         rid = self.engine.new_id("chatcmpl" if chat else "cmpl")
-        final_only = not body.stream or tool_mode not in (None, "auto")
+        final_only = not body.stream or (tool_mode is not None and tool_mode.held)
         try:
             stream = await self.engine.generate(prompt, params, rid, final_only=final_only)
         except ValueError as exc:
@@ -332,7 +332,7 @@ class _Server:
             self.engine.abort(request_id)
 
     async def _sse(self, stream: AsyncIterator[RequestOutput], rid: str, chat: bool,
-                   include_usage: bool, prompt_tokens: int, tool_mode: str | None = None
+                   include_usage: bool, prompt_tokens: int, tool_mode: ToolMode | None = None
                    ) -> AsyncIterator[str]:
         """Server-sent events, one per delta output; the engine failing this request ends it
         with an error event. Being cancelled (the client went away) closes ``stream``, which
@@ -346,7 +346,7 @@ class _Server:
                 generated += sum(len(o.token_ids) for o in out.outputs)
                 if tool_mode is None:
                     chunks = stream_chunks(out, self.model_name, rid, chat, started, self.decode)
-                elif tool_mode == "auto":
+                elif not tool_mode.held:
                     chunks = auto_tool_chunks(out, self.model_name, rid, auto, self.decode)
                 else:
                     chunks = tool_reply_chunks(out, self.model_name, rid, tool_mode, self.decode)

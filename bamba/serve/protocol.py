@@ -30,8 +30,9 @@ from bamba.engine import (CompletionOutput, RequestOutput, SamplingParams,
                           StructuredOutputsParams, TokenLogprob)
 from bamba.generation_defaults import GenerationDefaults
 from bamba.sampling import ParameterError
-from bamba.serve.tools import (AutoToolStream, ToolCall, hermes_calls, named_call, named_tool,
-                               parameters_of, required_calls, required_calls_schema)
+from bamba.serve.tools import (AutoToolStream, ToolCall, ToolMode, hermes_calls, named_call,
+                               named_tool, parameters_of, required_calls,
+                               required_calls_schema)
 
 MAX_N = 128  # samples per request (OpenAI's limit)
 MAX_LOGPROBS = 20
@@ -249,10 +250,9 @@ class ChatRequest(_Sampling):
         """The tools as the chat template takes them (None without any)."""
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
-    def tool_mode(self, parser: str | None) -> str | None:
-        """How the reply is read: None (text), "auto" (``parser`` finds the calls),
-        "required", or the name of the one tool to call. ParameterError for a choice that
-        cannot be served."""
+    def tool_mode(self, parser: str | None) -> ToolMode | None:
+        """How the reply is read (None: as text). ParameterError for a choice that cannot be
+        served."""
         choice = self.tool_choice
         if not self.tools:
             if choice not in (None, "none"):
@@ -261,22 +261,23 @@ class ChatRequest(_Sampling):
         if choice == "none":
             return None
         if isinstance(choice, NamedToolChoice):
-            return named_tool(self.tool_list() or [], choice.function.name)["function"]["name"]
+            named_tool(self.tool_list() or [], choice.function.name)  # it must be one of them
+            return ToolMode("named", choice.function.name)
         if choice == "required":
-            return "required"
+            return ToolMode("required")
         if parser is None:
             raise ParameterError('"auto" tool choice needs a tool-call parser: start the '
                                  "server with --tool-call-parser hermes, or pass tool_choice "
                                  '"required", "none" or a named function', "tool_choice")
-        return "auto"
+        return ToolMode("auto")
 
-    def chat_sampling_params(self, defaults: GenerationDefaults, tool_mode: str | None = None
-                             ) -> SamplingParams:
+    def chat_sampling_params(self, defaults: GenerationDefaults,
+                             tool_mode: ToolMode | None = None) -> SamplingParams:
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         params = self.sampling_params(defaults, (self.top_logprobs or 0) if self.logprobs
                                       else None, None)
-        if tool_mode in (None, "auto"):
+        if tool_mode is None or not tool_mode.held:
             return params
         if params.structured_outputs is not None:
             raise ParameterError("tool_choice required or a named function holds the reply to "
@@ -284,8 +285,8 @@ class ChatRequest(_Sampling):
                                  "structured_outputs with it", "tool_choice")
         tools = self.tool_list() or []
         schema = required_calls_schema(tools, self.parallel_tool_calls is not False) \
-            if tool_mode == "required" else \
-            parameters_of(named_tool(tools, tool_mode))
+            if tool_mode.kind == "required" else \
+            parameters_of(named_tool(tools, tool_mode.name or ""))
         # compact JSON: the calls are read by the server, not shown
         params.structured_outputs = StructuredOutputsParams(json=schema,
                                                             disable_any_whitespace=True)
@@ -404,18 +405,19 @@ def completion_response(outs: list[RequestOutput], model: str, rid: str, decode:
     return {**_envelope(rid, "text_completion", model, choices), "usage": counts}
 
 
-def reply_calls(o: CompletionOutput, tool_mode: str | None) -> tuple[str | None,
-                                                                    list[ToolCall]]:
+def reply_calls(o: CompletionOutput, tool_mode: ToolMode | None
+                ) -> tuple[str | None, list[ToolCall]]:
     """(content, tool calls) of one reply read as ``tool_mode`` says (``ChatRequest``)."""
     if tool_mode is None:
         return o.text, []
-    if tool_mode == "auto":
+    if tool_mode.kind == "auto":
         return hermes_calls(o.text)
-    calls = required_calls(o.text) if tool_mode == "required" else named_call(o.text, tool_mode)
+    calls = required_calls(o.text) if tool_mode.kind == "required" else \
+        named_call(o.text, tool_mode.name or "")
     return (None, calls) if calls else (o.text, [])
 
 
-def chat_choice(o: CompletionOutput, tool_mode: str | None, decode: Decode,
+def chat_choice(o: CompletionOutput, tool_mode: ToolMode | None, decode: Decode,
                 stream: bool = False) -> dict[str, Any]:
     """One reply as a chat choice: a ``message`` (``delta`` when ``stream``: the whole reply
     in one chunk), with tool calls and finish_reason "tool_calls" when it made calls."""
@@ -430,12 +432,12 @@ def chat_choice(o: CompletionOutput, tool_mode: str | None, decode: Decode,
 
 
 def chat_response(out: RequestOutput, model: str, rid: str, decode: Decode,
-                  tool_mode: str | None = None) -> dict:
+                  tool_mode: ToolMode | None = None) -> dict:
     choices = [chat_choice(o, tool_mode, decode) for o in out.outputs]
     return {**_envelope(rid, "chat.completion", model, choices), "usage": output_usage(out)}
 
 
-def tool_reply_chunks(out: RequestOutput, model: str, rid: str, tool_mode: str,
+def tool_reply_chunks(out: RequestOutput, model: str, rid: str, tool_mode: ToolMode,
                       decode: Decode) -> list[dict]:
     """A streamed reply held to the tools' schemas: each sample's whole reply in one chunk (the
     calls can only be read once it is complete)."""

@@ -37,6 +37,20 @@ _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
 @dataclass(frozen=True)
+class ToolMode:
+    """How a reply is read: ``kind`` "auto" (the parser finds the calls), "required" (a JSON
+    array of calls) or "named" (the arguments of ``name``, the one tool to call)."""
+
+    kind: str
+    name: str | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether the reply is held to the tools' schemas (JSON the server reads)."""
+        return self.kind != "auto"
+
+
+@dataclass(frozen=True)
 class ToolCall:
     name: str
     arguments: str  # JSON text
