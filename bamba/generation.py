@@ -18,11 +18,12 @@ import torch
 
 from bamba.cache import ContiguousCache
 from bamba.config import context_hint
+from bamba.engine.structured import GrammarCompiler, StructuredOutputsParams, mask_logits
 from bamba.generation_defaults import GenerationDefaults, stop_token_ids
 from bamba.model import BambaLM
 from bamba.native import accelerate, steady_weights
-from bamba.sampling import (SamplingBatch, SamplingValues, require_int, sample,
-                            token_counts)
+from bamba.sampling import (ParameterError, SamplingBatch, SamplingValues, require_int,
+                            restrict_logits, sample, token_counts)
 
 
 @dataclass
@@ -33,17 +34,26 @@ class GenerationConfig(SamplingValues):
     the output). With a seed, prompt i samples from its own generator seeded ``seed + i``.
     eos_token_ids None means the model's: its config's EOS ids and its generation defaults'.
     ``for_model`` fills what the caller leaves out from the checkpoint's generation_config.json
-    (``bamba.generation_defaults``); a GenerationConfig built directly takes none of it."""
+    (``bamba.generation_defaults``); a GenerationConfig built directly takes none of it.
+    logit_bias, allowed_token_ids and min_tokens: see ``SamplingValues``; structured_outputs
+    (a JSON schema, regex, choice or grammar: ``bamba.engine.structured``) needs the
+    tokenizer passed to ``generate``."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     seed: int | None = None
     eos_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         require_int(self.max_new_tokens, "max_new_tokens", 1)
         self.check_sampling_values()
+        self.check_min_tokens(self.max_new_tokens, "max_new_tokens")
+        if self.structured_outputs is not None and \
+                not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ParameterError("structured_outputs must be a StructuredOutputsParams",
+                                 "structured_outputs")
         if self.seed is not None:
             require_int(self.seed, "seed", -2**63)
         if self.eos_token_ids is not None:
@@ -121,13 +131,20 @@ class _Batch:
     """The decode state of one ``generate`` call: cache rows, positions, sampling, results."""
 
     def __init__(self, model: BambaLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
-                 decode_step: DecodeStep | None = None):
+                 decode_step: DecodeStep | None = None, tokenizer: Any = None):
         _check_prompts(model, prompts, config.max_new_tokens)
+        outside = [t for t in [*(config.logit_bias or ()), *(config.allowed_token_ids or ())]
+                   if t >= model.config.vocab_size]
+        if outside:
+            raise ParameterError(f"token id {outside[0]} is outside the vocabulary "
+                                 f"({model.config.vocab_size} tokens)")
         self.model, self.config, self.prompts = accelerate(model), config, prompts
         self.decode_step = decode_step
         eos = stop_token_ids(model.config, model.generation_defaults) \
             if config.eos_token_ids is None else config.eos_token_ids
         self.stop_ids = frozenset() if config.ignore_eos else frozenset(eos)
+        self.matchers = _matchers(config, len(prompts), tokenizer, model.config.vocab_size,
+                                  sorted(self.stop_ids))
         self.cache = ContiguousCache(model.config, len(prompts),
                                      max(len(p) for p in prompts) + config.max_new_tokens,
                                      model.dtype, device=model.device)
@@ -150,13 +167,22 @@ class _Batch:
         if self._counts is not None:
             self._counts[row, token] += 1
             self._seen[row, token] = True
-        if token in self.stop_ids:
+        matcher = self.matchers[row]
+        if token in self.stop_ids and len(result.token_ids) >= self.config.min_tokens:
+            result.finish_reason = "stop"
+        elif matcher is not None and not matcher.consume_token(token):
+            raise RuntimeError(f"structured outputs: {matcher.get_error()}")  # masked: cannot
+        elif matcher is not None and matcher.is_stopped():  # the grammar is complete
             result.finish_reason = "stop"
         elif len(result.token_ids) >= self.config.max_new_tokens:
             result.finish_reason = "length"
 
     def _sample(self, logits: torch.Tensor, rows: list[int], sampling: SamplingBatch
                 ) -> torch.Tensor:
+        early = [len(self.results[r].token_ids) < self.config.min_tokens for r in rows]
+        logits = restrict_logits(logits, [self.config] * len(rows),
+                                 [sorted(self.stop_ids) if e else [] for e in early])
+        logits = mask_logits(logits, [self.matchers[r] for r in rows])
         if self._counts is None:
             return sample(logits, sampling)
         return sample(logits, sampling, self._counts[rows], self._seen[rows])
@@ -213,19 +239,33 @@ class _Batch:
             yield from self.step()
 
 
+def _matchers(config: GenerationConfig, rows: int, tokenizer: Any, vocab_size: int,
+              stop_ids: list[int]) -> list[Any]:
+    """A structured-output matcher for each row (None each without a constraint)."""
+    if config.structured_outputs is None:
+        return [None] * rows
+    if tokenizer is None:
+        raise ParameterError("structured_outputs needs the tokenizer: generate(..., "
+                             "tokenizer=...)", "structured_outputs")
+    grammars = GrammarCompiler(tokenizer, vocab_size, stop_ids)
+    return [grammars.matcher(config.structured_outputs) for _ in range(rows)]
+
+
 @torch.inference_mode()
 def generate(model: BambaLM, prompts: Sequence[Sequence[int]],
              config: GenerationConfig | None = None,
-             decode_step: DecodeStep | None = None) -> list[GenerationResult]:
+             decode_step: DecodeStep | None = None, tokenizer: Any = None
+             ) -> list[GenerationResult]:
     """Continue each prompt (a list of token ids); one result per prompt, in order. The
     native kernels are installed on ``model`` first (``bamba.native.accelerate``). No
     ``config``: ``GenerationConfig.for_model(model)`` (its checkpoint's defaults).
 
     decode_step: an optional replacement for the eager decode forward (e.g. a compiled one),
-    used while every row of the batch is still decoding.
+    used while every row of the batch is still decoding. tokenizer: what a config's
+    structured_outputs compile against.
     """
     batch = _Batch(model, prompts, config or GenerationConfig.for_model(model),
-                   decode_step)
+                   decode_step, tokenizer)
     with steady_weights():
         for _ in batch.run():
             pass
@@ -239,9 +279,10 @@ class GenerationStream:
     """
 
     def __init__(self, model: BambaLM, prompt: Sequence[int],
-                 config: GenerationConfig | None = None, decode_step: DecodeStep | None = None):
+                 config: GenerationConfig | None = None, decode_step: DecodeStep | None = None,
+                 tokenizer: Any = None):
         self._batch = _Batch(model, [prompt], config or GenerationConfig.for_model(model),
-                             decode_step)
+                             decode_step, tokenizer)
         self.result = self._batch.results[0]
         self._ended = False
 

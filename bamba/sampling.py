@@ -81,7 +81,10 @@ class SamplingValues:
     """What shapes a row's next-token distribution, with the one set of rules for its values
     (``generate``'s GenerationConfig and the engine's SamplingParams both extend it).
     temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off; penalties
-    at their neutral values (1, 0, 0) do nothing."""
+    at their neutral values (1, 0, 0) do nothing. The token rules (``restrict_logits``):
+    ``logit_bias`` ({token id: bias in [-100, 100]}) is added to the logits first;
+    ``allowed_token_ids`` keeps the row to those tokens; ``min_tokens``: no EOS, stop token or
+    stop string ends the output before it has that many tokens (vLLM's rules)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -90,6 +93,9 @@ class SamplingValues:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    min_tokens: int = 0
 
     def check_sampling_values(self) -> None:
         """ParameterError naming the first value out of its range."""
@@ -104,6 +110,23 @@ class SamplingValues:
                        MAX_PENALTY_SCALE)
         require_number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
         require_number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
+        if self.logit_bias is not None:
+            self.logit_bias = check_logit_bias(self.logit_bias)
+        require_int(self.min_tokens, "min_tokens", 0)
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or \
+                    not self.allowed_token_ids:
+                raise ParameterError("allowed_token_ids must be a non-empty list of token ids",
+                                     "allowed_token_ids")
+            for token in self.allowed_token_ids:
+                require_int(token, "allowed_token_ids entry", 0)
+            self.allowed_token_ids = list(self.allowed_token_ids)
+
+    def check_min_tokens(self, max_tokens: int | None, name: str) -> None:
+        """ParameterError when min_tokens exceeds the length limit (``name``)."""
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise ParameterError(f"min_tokens ({self.min_tokens}) must not exceed {name} "
+                                 f"({max_tokens})", "min_tokens")
 
 
 def make_generators(seeds: Sequence[int | None]) -> list[torch.Generator | None]:
@@ -396,6 +419,25 @@ def check_logit_bias(bias: object) -> dict[int, float]:
         require_number(value, f"logit_bias[{key}]", -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
         out[token] = float(value)
     return out
+
+
+def restrict_logits(logits: torch.Tensor, rows: Sequence[SamplingValues],
+                    banned: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``logits`` [B, V] with each row's logit_bias added and -inf on what it may not take
+    next: tokens outside its allowed_token_ids and its ``banned`` ids (those past V are
+    ignored). The input itself when no row restricts anything."""
+    out = apply_logit_bias(logits, [r.logit_bias for r in rows])
+    vocab = out.shape[1]
+    bans = [[t for t in ban if t < vocab] for ban in banned]
+    if not any(bans) and all(r.allowed_token_ids is None for r in rows):
+        return out
+    keep = torch.ones(out.shape, dtype=torch.bool)
+    for j, (row, ban) in enumerate(zip(rows, bans, strict=True)):
+        if row.allowed_token_ids is not None:
+            keep[j] = False
+            keep[j, row.allowed_token_ids] = True
+        keep[j, ban] = False
+    return out.masked_fill(~keep, float("-inf"))
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[int, float] | None]

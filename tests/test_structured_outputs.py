@@ -283,3 +283,19 @@ def test_a_compile_in_progress_never_holds_up_a_cached_constraint(tiny_llm, monk
     finally:
         release.set()
         compiling.join(30)
+
+
+def test_bamba_generate_holds_its_output_to_a_regex_or_schema(tiny_checkpoint, capsys, tmp_path):
+    from bamba.cli import main
+
+    base = ["generate", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--threads", "1",
+            "--max-new-tokens", "120", "--temperature", "1.0", "--seed", "4"]
+    assert main(base + ["--regex", "[0-9]{3}-[a-z]{2}"]) == 0
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}\n", capsys.readouterr().out)
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    for given in (str(schema_file), json.dumps(SCHEMA)):
+        assert main(base + ["--json-schema", given]) == 0
+        _check_schema(json.loads(capsys.readouterr().out))
+    assert main(base + ["--regex", "a", "--json-schema", "{}"]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -142,3 +142,39 @@ def test_allowed_ids_outside_the_vocabulary_are_refused(tiny_llm):
     (out,) = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=2, min_tokens=1,
                                                       stop_token_ids=[2**31 - 1]))
     assert out.outputs[0].finish_reason == "length"  # a stop id past the vocabulary is harmless
+
+
+@pytest.mark.parametrize("rule", [
+    {"logit_bias": {7: 5.0, 40: -100.0}}, {"allowed_token_ids": [7, 40, 41, 99, 150]},
+    {"min_tokens": 4, "stop_token_ids": None}, {"structured": r"[0-9]{2,5}-[a-c]+"},
+])
+def test_plain_generate_follows_the_engine(rule, tiny_llm, tiny_checkpoint):
+    """``bamba.generate`` (the contiguous reference path) takes the same token rules and gives
+    the engine's greedy tokens."""
+    from bamba.engine import StructuredOutputsParams
+    from bamba.generation import GenerationConfig, generate
+
+    model = from_pretrained(tiny_checkpoint)
+    values = {k: v for k, v in rule.items() if k not in ("structured", "stop_token_ids")}
+    if "structured" in rule:
+        values["structured_outputs"] = StructuredOutputsParams(regex=rule["structured"])
+    stops = []
+    if "stop_token_ids" in rule:  # the greedy first token as a stop token: min_tokens holds it
+        stops = [int(_first_logits(tiny_checkpoint).argmax())]
+    (out,) = tiny_llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12,
+                                                      stop_token_ids=stops, **values))
+    eos = sorted({*tiny_llm._eos_ids(), *stops})
+    (ours,) = generate(model, [PROMPT], GenerationConfig(max_new_tokens=12, eos_token_ids=eos,
+                                                         **values),
+                       tokenizer=tiny_llm.tokenizer)
+    assert ours.token_ids == out.outputs[0].token_ids
+    assert ours.finish_reason == out.outputs[0].finish_reason
+
+
+def test_plain_generate_needs_the_tokenizer_for_a_grammar(tiny_checkpoint):
+    from bamba.engine import StructuredOutputsParams
+    from bamba.generation import GenerationConfig, generate
+
+    config = GenerationConfig(structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    with pytest.raises(ParameterError, match="needs the tokenizer"):
+        generate(from_pretrained(tiny_checkpoint), [PROMPT], config)

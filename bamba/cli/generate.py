@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from bamba.cli.inference_options import (add_model_options, add_sampling_options, load_model,
@@ -20,6 +22,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-file", default=None, metavar="PATH",
                         help="read the text to continue from this UTF-8 file")
     add_sampling_options(parser, max_new_tokens=64, temperature=0.0)
+    parser.add_argument("--json-schema", default=None, metavar="JSON_OR_PATH",
+                        help="hold the output to this JSON schema (inline JSON or a file)")
+    parser.add_argument("--regex", default=None, metavar="REGEX",
+                        help="hold the output to this regular expression")
     add_model_options(parser)
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads (default: one per core, fewer on busy cores)")
@@ -50,6 +56,28 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if not text:
         raise ValueError(f"{source} is empty")
     return text
+
+
+def structured_option(json_schema: str | None, regex: str | None) -> Any:
+    """--json-schema (inline JSON or a file holding it) or --regex as structured outputs."""
+    if json_schema is None and regex is None:
+        return None
+    if json_schema is not None and regex is not None:
+        raise ValueError("give --json-schema or --regex, not both")
+    from bamba.engine.structured import StructuredOutputsParams
+
+    if regex is not None:
+        return StructuredOutputsParams(regex=regex)
+    path = Path(json_schema)
+    text = path.read_text(encoding="utf-8") if path.is_file() else json_schema
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--json-schema: neither a file nor valid JSON ({exc.msg} at column "
+                         f"{exc.colno})") from None
+    if not isinstance(schema, dict):
+        raise ValueError("--json-schema: a schema is a JSON object")
+    return StructuredOutputsParams(json=schema)
 
 
 class StopText:
@@ -100,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if args.stop is not None and not all(args.stop):
         raise ValueError("--stop must not be empty")
+    structured = structured_option(args.json_schema, args.regex)
     GenerationConfig(**sampling_values(args))  # bad values fail before the model loads
     chosen = chosen_generation_defaults(args.generation_config)
     if args.compile != "none":
@@ -113,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("the prompt encodes to no tokens")
     defaults = chosen if chosen is not None else model.generation_defaults
     config = GenerationConfig(**sampling_values(args, defaults),
-                              eos_token_ids=stop_token_ids(model.config, defaults, tokenizer))
+                              eos_token_ids=stop_token_ids(model.config, defaults, tokenizer),
+                              structured_outputs=structured)
     decode_step = _compiled_step(model, args.compile, len(prompt) + config.max_new_tokens)
-    stream = GenerationStream(model, prompt, config, decode_step)
+    stream = GenerationStream(model, prompt, config, decode_step, tokenizer)
     detok = IncrementalDetokenizer(tokenizer, prompt)
     stops = StopText(args.stop)
     with steady_weights():  # the loop below replaces no weight

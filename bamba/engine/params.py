@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bamba.engine.structured import StructuredOutputsParams
-from bamba.sampling import ParameterError, SamplingValues, check_logit_bias, require_int
+from bamba.sampling import ParameterError, SamplingValues, require_int
 OUTPUT_KINDS = ("cumulative", "delta")
 
 
@@ -21,10 +21,8 @@ class SamplingParams(SamplingValues):
     none: ``None`` in its place); it needs the logits of every prompt position, so the prompt
     is prefilled in full (no prefix-cache reuse), chunk by chunk; with it, ``max_tokens`` may
     be 0 (score the prompt, generate nothing). ``structured_outputs`` holds the text to a
-    JSON schema, regex, choice or grammar (``bamba.engine.structured``). ``logit_bias``
-    ({token id: bias in [-100, 100]}) is added to the logits before everything else;
-    ``allowed_token_ids`` keeps sampling to those tokens; ``min_tokens``: no EOS, stop token
-    or stop string ends the output before it has that many tokens (vLLM's rules).
+    JSON schema, regex, choice or grammar (``bamba.engine.structured``); logit_bias,
+    allowed_token_ids and min_tokens: see ``SamplingValues``.
     ``output_kind`` "cumulative": each output holds everything so far; "delta": only what is
     new since the previous output (what a streaming server sends on; see ``merge_delta``).
     """
@@ -41,9 +39,6 @@ class SamplingParams(SamplingValues):
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"
     structured_outputs: StructuredOutputsParams | None = None
-    logit_bias: dict[int, float] | None = None
-    min_tokens: int = 0
-    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,20 +71,7 @@ class SamplingParams(SamplingValues):
         if self.output_kind not in OUTPUT_KINDS:
             raise ParameterError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got "
                                  f"{self.output_kind!r}", "output_kind")
-        if self.logit_bias is not None:
-            self.logit_bias = check_logit_bias(self.logit_bias)
-        require_int(self.min_tokens, "min_tokens", 0)
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ParameterError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
-                                 f"({self.max_tokens})", "min_tokens")
-        if self.allowed_token_ids is not None:
-            if not isinstance(self.allowed_token_ids, (list, tuple)) or \
-                    not self.allowed_token_ids:
-                raise ParameterError("allowed_token_ids must be a non-empty list of token ids",
-                                     "allowed_token_ids")
-            for token in self.allowed_token_ids:
-                require_int(token, "allowed_token_ids entry", 0)
-            self.allowed_token_ids = list(self.allowed_token_ids)
+        self.check_min_tokens(self.max_tokens, "max_tokens")
         if self.structured_outputs is not None and \
                 not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise ParameterError("structured_outputs must be a StructuredOutputsParams",

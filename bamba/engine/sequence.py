@@ -12,7 +12,7 @@ from bamba.engine.detok import IncrementalDetokenizer, find_stop
 from bamba.engine.params import CompletionOutput, SamplingParams, TokenLogprob
 from bamba.engine.scheduler import Sequence
 from bamba.engine.structured import mask_logits
-from bamba.sampling import (SamplingBatch, apply_logit_bias, compute_logprobs, sample,
+from bamba.sampling import (SamplingBatch, compute_logprobs, restrict_logits, sample,
                             token_counts)
 
 log = logging.getLogger(__name__)
@@ -174,21 +174,9 @@ def _sample_batch(rows: list[SequenceOutput], logits: torch.Tensor,
 
 
 def _restricted(logits: torch.Tensor, rows: list[SequenceOutput]) -> torch.Tensor:
-    """``logits`` with each row's logit_bias added and -inf on what it may not take next:
-    tokens outside its allowed_token_ids, its stop ids before min_tokens, what its grammar
-    does not allow (the input itself when no row restricts anything)."""
-    out = apply_logit_bias(logits, [r.params.logit_bias for r in rows])
-    vocab = out.shape[1]  # a request's stop ids may lie past it
-    bans = [[t for t in r.banned() if t < vocab] for r in rows]
-    allowed = [r.params.allowed_token_ids for r in rows]
-    if any(bans) or any(a is not None for a in allowed):
-        keep = torch.ones(out.shape, dtype=torch.bool)
-        for j, (ban, only) in enumerate(zip(bans, allowed, strict=True)):
-            if only is not None:
-                keep[j] = False
-                keep[j, only] = True
-            keep[j, ban] = False
-        out = out.masked_fill(~keep, float("-inf"))
+    """``logits`` under each row's token rules (``restrict_logits``: its stop ids banned
+    before min_tokens) and its grammar's mask."""
+    out = restrict_logits(logits, [r.params for r in rows], [r.banned() for r in rows])
     return mask_logits(out, [r.matcher for r in rows])
 
 
