@@ -18,7 +18,8 @@ import torch
 
 from bamba.cache import ContiguousCache
 from bamba.config import context_hint
-from bamba.engine.structured import GrammarCompiler, StructuredOutputsParams, mask_logits
+from bamba.engine.structured import (GrammarCompiler, StructuredOutputsParams, advance,
+                                    mask_logits)
 from bamba.generation_defaults import GenerationDefaults, stop_token_ids
 from bamba.model import BambaLM
 from bamba.native import accelerate, steady_weights
@@ -133,11 +134,7 @@ class _Batch:
     def __init__(self, model: BambaLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
                  decode_step: DecodeStep | None = None, tokenizer: Any = None):
         _check_prompts(model, prompts, config.max_new_tokens)
-        outside = [t for t in [*(config.logit_bias or ()), *(config.allowed_token_ids or ())]
-                   if t >= model.config.vocab_size]
-        if outside:
-            raise ParameterError(f"token id {outside[0]} is outside the vocabulary "
-                                 f"({model.config.vocab_size} tokens)")
+        config.check_token_ids_fit(model.config.vocab_size)
         self.model, self.config, self.prompts = accelerate(model), config, prompts
         self.decode_step = decode_step
         eos = stop_token_ids(model.config, model.generation_defaults) \
@@ -167,12 +164,9 @@ class _Batch:
         if self._counts is not None:
             self._counts[row, token] += 1
             self._seen[row, token] = True
-        matcher = self.matchers[row]
         if token in self.stop_ids and len(result.token_ids) >= self.config.min_tokens:
             result.finish_reason = "stop"
-        elif matcher is not None and not matcher.consume_token(token):
-            raise RuntimeError(f"structured outputs: {matcher.get_error()}")  # masked: cannot
-        elif matcher is not None and matcher.is_stopped():  # the grammar is complete
+        elif advance(self.matchers[row], token):  # the grammar is complete
             result.finish_reason = "stop"
         elif len(result.token_ids) >= self.config.max_new_tokens:
             result.finish_reason = "length"

@@ -122,6 +122,14 @@ class SamplingValues:
                 require_int(token, "allowed_token_ids entry", 0)
             self.allowed_token_ids = list(self.allowed_token_ids)
 
+    def check_token_ids_fit(self, vocab_size: int) -> None:
+        """ParameterError naming the token rule whose token id lies past the vocabulary."""
+        for name in ("logit_bias", "allowed_token_ids"):
+            outside = [t for t in getattr(self, name) or () if t >= vocab_size]
+            if outside:
+                raise ParameterError(f"{name}: token id {outside[0]} is outside the vocabulary "
+                                     f"({vocab_size} tokens)", name)
+
     def check_min_tokens(self, max_tokens: int | None, name: str) -> None:
         """ParameterError when min_tokens exceeds the length limit (``name``)."""
         if max_tokens is not None and self.min_tokens > max_tokens:

@@ -194,11 +194,7 @@ class LLM:
         text, ids = self.encode_prompt(prompt)
         if params.stop and self.tokenizer is None:
             raise ParameterError("stop strings need a tokenizer", "stop")
-        for field in ("logit_bias", "allowed_token_ids"):
-            outside = [t for t in getattr(params, field) or () if t >= self.config.vocab_size]
-            if outside:
-                raise ParameterError(f"{field}: token id {outside[0]} is outside the "
-                                     f"vocabulary ({self.config.vocab_size} tokens)", field)
+        params.check_token_ids_fit(self.config.vocab_size)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         request_id = request_id if request_id is not None else str(next(self._request_ids))

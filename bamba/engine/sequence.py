@@ -11,7 +11,7 @@ import torch
 from bamba.engine.detok import IncrementalDetokenizer, find_stop
 from bamba.engine.params import CompletionOutput, SamplingParams, TokenLogprob
 from bamba.engine.scheduler import Sequence
-from bamba.engine.structured import mask_logits
+from bamba.engine.structured import advance, mask_logits
 from bamba.sampling import (SamplingBatch, compute_logprobs, restrict_logits, sample,
                             token_counts)
 
@@ -66,12 +66,13 @@ class SequenceOutput:
             self.finish("stop", token)
             return
         self._add_text(token)
-        if self.matcher is not None and not self.finished:
-            if not self.matcher.consume_token(token):  # the mask allowed it: cannot happen
-                log.error("structured outputs: %s", self.matcher.get_error())
+        if not self.finished:
+            try:
+                if advance(self.matcher, token):  # the grammar is complete
+                    self.finish("stop")
+            except RuntimeError:  # fails this sequence only
+                log.exception("structured outputs")
                 self.finish("error")
-            elif self.matcher.is_stopped():  # the grammar is complete and takes nothing more
-                self.finish("stop")
         if not self.finished and (len(self.output_ids) >= self.max_tokens
                                   or len(self.seq.token_ids) >= max_model_len):
             if self.detok is not None:

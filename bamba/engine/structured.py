@@ -135,6 +135,17 @@ class GrammarCompiler:
             return prototype.deep_copy()
 
 
+def advance(matcher: Any, token: int) -> bool:
+    """Feed a row's drawn token to its matcher (None: no constraint); True when the grammar is
+    then complete. RuntimeError if the matcher refuses it: the mask allowed it, so only a
+    bug can."""
+    if matcher is None:
+        return False
+    if not matcher.consume_token(token):
+        raise RuntimeError(f"{FIELD}: {_one_line(matcher.get_error())}")
+    return matcher.is_stopped()
+
+
 def mask_logits(logits: torch.Tensor, matchers: list[Any]) -> torch.Tensor:
     """``logits`` [B, V] with every token a row's matcher (None: no constraint) does not allow
     next set to -inf; the input itself when no row has a matcher. ParameterError when a

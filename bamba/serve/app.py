@@ -34,7 +34,7 @@ from bamba.serve.chat import render_chat
 from bamba.serve.protocol import (ChatRequest, CompletionRequest, DetokenizeRequest,
                                   TokenizeRequest, auto_tool_chunks, chat_response,
                                   completion_response, error_body, stream_chunks,
-                                  tool_reply_chunks, usage, usage_chunk)
+                                  tool_dicts, tool_reply_chunks, usage, usage_chunk)
 from bamba.serve.tools import PARSERS, AutoToolStream, ToolMode
 
 log = logging.getLogger(__name__)
@@ -254,8 +254,7 @@ class _Server:
         if body.prompt is not None:
             return self.tokenizer.encode(body.prompt, body.add_special_tokens is not False)
         messages = [m.model_dump() for m in body.messages or []]
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        return self.tokenizer.encode(render_chat(self.tokenizer, messages, tools),
+        return self.tokenizer.encode(render_chat(self.tokenizer, messages, tool_dicts(body.tools)),
                                      body.add_special_tokens is True)
 
     def detokenize(self, tokens: list[int]) -> str:

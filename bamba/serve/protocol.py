@@ -237,6 +237,11 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
+def tool_dicts(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    """The tools as the chat template takes them (None without any)."""
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
@@ -247,8 +252,7 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: bool | None = None
 
     def tool_list(self) -> list[dict[str, Any]] | None:
-        """The tools as the chat template takes them (None without any)."""
-        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        return tool_dicts(self.tools)
 
     def tool_mode(self, parser: str | None) -> ToolMode | None:
         """How the reply is read (None: as text). ParameterError for a choice that cannot be
