@@ -33,12 +33,18 @@ class ContiguousCache:
         self.values = {i: torch.zeros(kv_shape, dtype=dtype, device=device)
                        for i in config.attn_layer_indices}
         self.rows = torch.arange(rows, device=device)
+        self.rows_share_slots = False
+        self._saved: tuple[dict, dict] | None = None  # checkpoint_states' copy of one row
         self._all_rows = rows
         self._whole = True  # rows are every row in order: the pools serve as they are
 
     def bind(self, rows: torch.Tensor | list[int]) -> "ContiguousCache":
-        """Select which rows the next forward passes read and write (in batch order)."""
+        """Select which rows the next forward passes read and write (in batch order). A row
+        may come again in adjacent batch rows: they are one sequence's successive tokens, a
+        token a batch row, which only the native one-call step takes (it advances the state
+        token by token; the model refuses such a batch otherwise)."""
         self.rows = torch.as_tensor(rows, dtype=torch.long, device=self.rows.device)
+        self.rows_share_slots = len(set(self.rows.tolist())) < len(self.rows)
         self._whole = len(self.rows) == self._all_rows and bool(
             (self.rows == torch.arange(self._all_rows, device=self.rows.device)).all())
         return self
@@ -50,6 +56,24 @@ class ContiguousCache:
         for i in self.conv:
             self.conv[i][rows] = 0
             self.ssm[i][rows] = 0
+
+    def checkpoint_states(self, row: int) -> None:
+        """Copy one row's Mamba states aside; ``restore_states`` puts them back (speculative
+        decoding undoes rejected drafts so). One checkpoint at a time; its buffers are reused."""
+        if self._saved is None:
+            self._saved = ({i: c[0].clone() for i, c in self.conv.items()},
+                           {i: s[0].clone() for i, s in self.ssm.items()})
+        for saved, pools in zip(self._saved, (self.conv, self.ssm), strict=True):
+            for i, pool in pools.items():
+                saved[i].copy_(pool[row])
+
+    def restore_states(self, row: int) -> None:
+        """Put back the Mamba states ``checkpoint_states`` copied (into ``row``)."""
+        if self._saved is None:
+            raise RuntimeError("restore_states before any checkpoint_states")
+        for saved, pools in zip(self._saved, (self.conv, self.ssm), strict=True):
+            for i, pool in pools.items():
+                pool[row].copy_(saved[i])
 
     def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.conv[layer_idx], self.ssm[layer_idx], None if self._whole else self.rows

@@ -22,9 +22,11 @@ from bamba.engine.structured import (GrammarCompiler, StructuredOutputsParams, a
                                     mask_logits)
 from bamba.generation_defaults import GenerationDefaults, stop_token_ids
 from bamba.model import BambaLM
-from bamba.native import accelerate, steady_weights
-from bamba.sampling import (ParameterError, SamplingBatch, SamplingValues, require_int,
-                            restrict_logits, sample, token_counts)
+from bamba.native import NativeStepUnavailable, accelerate, decode_rows, steady_weights
+from bamba.sampling import (ParameterError, SamplingBatch, SamplingValues, choose,
+                            choose_against_draft, penalized_logits, require_int,
+                            restrict_logits, token_counts)
+from bamba.speculative import MAX_PASS_TOKENS, PromptLookup, SpeculativeRow, propose
 
 
 @dataclass
@@ -38,7 +40,9 @@ class GenerationConfig(SamplingValues):
     (``bamba.generation_defaults``); a GenerationConfig built directly takes none of it.
     logit_bias, allowed_token_ids and min_tokens: see ``SamplingValues``; structured_outputs
     (a JSON schema, regex, choice or grammar: ``bamba.engine.structured``) needs the
-    tokenizer passed to ``generate``."""
+    tokenizer passed to ``generate``. prompt_lookup_tokens > 0 drafts that many tokens a step
+    from the sequence's own n-grams (``bamba.speculative``; min/max: the n-gram sizes tried)
+    while a single sequence decodes; the tokens are those plain decoding gives."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -46,6 +50,9 @@ class GenerationConfig(SamplingValues):
     eos_token_ids: list[int] | None = None
     ignore_eos: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    prompt_lookup_tokens: int = 0
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
 
     def __post_init__(self) -> None:
         require_int(self.max_new_tokens, "max_new_tokens", 1)
@@ -61,6 +68,16 @@ class GenerationConfig(SamplingValues):
             for token in self.eos_token_ids:
                 require_int(token, "eos_token_ids entry", 0)
             self.eos_token_ids = list(self.eos_token_ids)
+        require_int(self.prompt_lookup_tokens, "prompt_lookup_tokens", 0)
+        self.prompt_lookup  # validates the n-gram range
+
+    @property
+    def prompt_lookup(self) -> PromptLookup | None:
+        """The prompt-lookup drafting asked for, or None."""
+        if self.prompt_lookup_tokens == 0:
+            return None
+        return PromptLookup(self.prompt_lookup_tokens, self.prompt_lookup_min,
+                            self.prompt_lookup_max)
 
     @classmethod
     def for_model(cls, model: BambaLM, **given: Any) -> GenerationConfig:
@@ -94,6 +111,8 @@ class GenerationResult:
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    draft_tokens: int = 0  # prompt-lookup drafts checked, and how many the model agreed with
+    accepted_draft_tokens: int = 0
 
     @property
     def decode_steps(self) -> int:
@@ -157,6 +176,8 @@ class _Batch:
         self.active: list[int] = []
         self._rows_sampling = self.sampling
         self._last = self._positions = torch.empty(0, 1, dtype=torch.long)
+        self.lookup = config.prompt_lookup
+        self._speculative: SpeculativeRow | None = None  # made when one row is left decoding
 
     def _accept(self, row: int, token: int) -> None:
         result = self.results[row]
@@ -171,15 +192,21 @@ class _Batch:
         elif len(result.token_ids) >= self.config.max_new_tokens:
             result.finish_reason = "length"
 
-    def _sample(self, logits: torch.Tensor, rows: list[int], sampling: SamplingBatch
-                ) -> torch.Tensor:
+    def _penalized(self, logits: torch.Tensor, rows: list[int], sampling: SamplingBatch
+                   ) -> torch.Tensor:
+        """The rows' logits with the token rules, structured-output masks and penalties of
+        where each row stands now."""
         early = [len(self.results[r].token_ids) < self.config.min_tokens for r in rows]
         logits = restrict_logits(logits, [self.config] * len(rows),
                                  [sorted(self.stop_ids) if e else [] for e in early])
         logits = mask_logits(logits, [self.matchers[r] for r in rows])
         if self._counts is None:
-            return sample(logits, sampling)
-        return sample(logits, sampling, self._counts[rows], self._seen[rows])
+            return penalized_logits(logits, sampling)
+        return penalized_logits(logits, sampling, self._counts[rows], self._seen[rows])
+
+    def _sample(self, logits: torch.Tensor, rows: list[int], sampling: SamplingBatch
+                ) -> torch.Tensor:
+        return choose(self._penalized(logits, rows, sampling), sampling)
 
     def prefill(self, row: int) -> int:
         """Run prompt ``row`` into its cache row; return its first new token."""
@@ -224,13 +251,86 @@ class _Batch:
             self._set_active(still)
         return list(zip(rows, tokens, strict=True))
 
+    def speculative_step(self) -> list[tuple[int, int]]:
+        """One pass for the single decoding row with prompt-lookup drafts: [(row, token)] for
+        the tokens it decides (those of the drafts the model agrees with, then one of its
+        own). Without a draft or tokens pending, a plain ``step``."""
+        row = self.active[0]
+        result = self.results[row]
+        if self._speculative is None:
+            self._speculative = SpeculativeRow.start(self.prompts[row], result.token_ids,
+                                                     self.config.max_new_tokens)
+        spec = self._speculative
+        start = time.perf_counter()
+        room = min(self.config.max_new_tokens - len(result.token_ids) - 1,
+                   MAX_PASS_TOKENS - 1 - len(spec.pending))
+        draft = propose(spec.sequence(), self.lookup, room)
+        if not draft and not spec.pending:
+            spec.checkpointed = False  # the step advances the states past the checkpoint
+            decided = self.step()
+            spec.extend([token for _, token in decided])
+            return decided
+        if draft and not spec.checkpointed:
+            self.cache.checkpoint_states(row)
+            spec.checkpointed = True
+        fed = spec.pending + [result.token_ids[-1]] + draft
+        first = len(self.prompts[row]) + len(result.token_ids) - 1 - len(spec.pending)
+        logits = sequence_pass(self.model, self.cache, row, fed, first, len(draft) + 1)
+        decided, agreed = [], 0
+        for i in range(len(draft) + 1):
+            scores = self._penalized(logits[i:i + 1], [row], self._rows_sampling)
+            if i < len(draft):
+                token, same = choose_against_draft(scores, self._rows_sampling, draft[i])
+            else:
+                token, same = int(choose(scores, self._rows_sampling)[0]), False
+            self._accept(row, token)
+            decided.append(token)
+            agreed += same
+            if not same or result.finish_reason is not None:
+                break
+        result.draft_tokens += len(draft)
+        result.accepted_draft_tokens += agreed
+        if agreed == len(draft):  # every fed token stands: the states are current
+            spec.pending, spec.checkpointed = [], False
+        else:  # back to the checkpoint; the fed tokens that stand go in again next pass
+            self.cache.restore_states(row)
+            spec.pending = fed[:len(spec.pending) + 1 + agreed]
+        spec.extend(decided)
+        result.decode_seconds += time.perf_counter() - start
+        self._set_active([row] if result.finish_reason is None else [])
+        return [(row, token) for token in decided]
+
     def run(self) -> Iterator[tuple[int, int]]:
         """Prefill every prompt, then decode until all rows stop: yields (row, token)."""
         for row in range(len(self.prompts)):
             yield row, self.prefill(row)
         self._set_active([r for r, res in enumerate(self.results) if res.finish_reason is None])
         while self.active:
-            yield from self.step()
+            if self.lookup is not None and len(self.active) == 1:
+                yield from self.speculative_step()
+            else:
+                yield from self.step()
+
+
+def sequence_pass(model: BambaLM, cache: ContiguousCache, row: int, tokens: list[int],
+                  first: int, keep: int, as_rows: bool = True) -> torch.Tensor:
+    """Logits [keep, V] of the last ``keep`` of ``tokens``, one sequence's (cache row ``row``)
+    from position ``first`` on, its states advanced past them all. As rows of one native step
+    on the row's state where it runs (the weights stream once and the state advances token by
+    token: about a decode step's cost; ``as_rows`` False skips it), else one forward pass over
+    the tokens (a prefill's cost)."""
+    device = model.device
+    ids = torch.tensor(tokens, device=device)
+    positions = torch.arange(first, first + len(tokens), device=device)
+    if as_rows and len(tokens) <= decode_rows(model):
+        try:
+            hidden = model.hidden_states(ids[:, None], positions=positions[:, None],
+                                         cache=cache.bind([row] * len(tokens)))
+            return model.logits(hidden[-keep:, -1])
+        except NativeStepUnavailable:  # raised before any state changed
+            pass
+    return model(ids[None], positions=positions[None], cache=cache.bind([row]),
+                 logits_to_keep=keep)[0]
 
 
 def _matchers(config: GenerationConfig, rows: int, tokenizer: Any, vocab_size: int,
@@ -279,11 +379,13 @@ class GenerationStream:
                              decode_step, tokenizer)
         self.result = self._batch.results[0]
         self._ended = False
+        self._yielded = 0
 
     def finish(self, reason: str = "stop") -> None:
         """End early with this finish reason (e.g. the caller found a stop string in the
         text): iteration ends before the next decode step."""
         self._ended = True
+        del self.result.token_ids[self._yielded:]  # a pass may decide tokens not yet taken
         if self.result.finish_reason is None:
             self.result.finish_reason = reason
 
@@ -295,4 +397,5 @@ class GenerationStream:
                 item = next(steps, None)
             if item is None:
                 return
+            self._yielded += 1
             yield item[1]

@@ -392,6 +392,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, output_counts: torch.Tens
 
     output_counts / seen: see ``apply_penalties``; needed only when a row has a penalty.
     """
+    return choose(penalized_logits(logits, batch, output_counts, seen), batch)
+
+
+def penalized_logits(logits: torch.Tensor, batch: SamplingBatch,
+                     output_counts: torch.Tensor | None = None,
+                     seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] as float32 with each row's penalties applied (``sample``'s first stage)."""
     if logits.dim() != 2 or logits.shape[0] != len(batch):
         raise ValueError(f"logits must be [{len(batch)}, vocab], got {tuple(logits.shape)}")
     logits = logits.float()
@@ -400,6 +407,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, output_counts: torch.Tens
             raise ValueError("penalties need output_counts (token counts of each row's output)")
         logits = apply_penalties(logits, output_counts, batch.repetition_penalty,
                                  batch.presence_penalty, batch.frequency_penalty, seen)
+    return logits
+
+
+def choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Next token per row from penalised float32 logits: argmax for greedy rows, else a draw
+    after temperature, top_k, top_p and min_p (``sample``'s second stage)."""
     if batch.all_greedy:
         return logits.argmax(dim=-1)
     greedy = batch.temperature == 0
@@ -408,6 +421,24 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, output_counts: torch.Tens
     if not batch.any_greedy:
         return sampled
     return torch.where(greedy.to(logits.device), logits.argmax(dim=-1), sampled)
+
+
+def choose_against_draft(logits: torch.Tensor, batch: SamplingBatch, draft: int
+                         ) -> tuple[int, bool]:
+    """The token of one row ([1, V] penalised logits) at a position whose proposed token is
+    ``draft``, and whether it is the draft. Greedy: the argmax. Sampled: the draft with
+    probability p(draft), else a draw from p with the draft removed: speculative sampling for a
+    draft that proposes one token for certain, so the token is distributed exactly as
+    ``choose`` draws it."""
+    if batch.all_greedy:
+        token = int(logits.argmax(dim=-1))
+        return token, token == draft
+    filtered = filtered_logits(logits, batch)
+    p_draft = float(torch.softmax(filtered, dim=-1)[0, draft])
+    if float(uniforms(batch.generators)[0]) <= p_draft:  # u in (0, 1]: p(draft) = 1 always takes it
+        return draft, True
+    return int(sample_from_logits(filtered.index_fill(-1, torch.tensor([draft]), -math.inf),
+                                  batch.generators)[0]), False
 
 
 # ---- logit bias ---------------------------------------------------------------------------------

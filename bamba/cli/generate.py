@@ -26,6 +26,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="hold the output to this JSON schema (inline JSON or a file)")
     parser.add_argument("--regex", default=None, metavar="REGEX",
                         help="hold the output to this regular expression")
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                        help="prompt-lookup decoding: draft N tokens a step from the text's own "
+                             "n-grams and check them in one pass (same output, faster on text "
+                             "that repeats the prompt or itself; default 0: off)")
+    parser.add_argument("--prompt-lookup-min", type=int, default=1, metavar="N",
+                        help="shortest n-gram a draft may follow (default 1)")
+    parser.add_argument("--prompt-lookup-max", type=int, default=3, metavar="N",
+                        help="longest n-gram tried first (default 3)")
     add_model_options(parser)
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads (default: one per core, fewer on busy cores)")
@@ -129,7 +137,10 @@ def run(args: argparse.Namespace) -> int:
     if args.stop is not None and not all(args.stop):
         raise ValueError("--stop must not be empty")
     structured = structured_option(args.json_schema, args.regex)
-    GenerationConfig(**sampling_values(args))  # bad values fail before the model loads
+    lookup = dict(prompt_lookup_tokens=args.prompt_lookup,
+                  prompt_lookup_min=args.prompt_lookup_min,
+                  prompt_lookup_max=args.prompt_lookup_max)
+    GenerationConfig(**sampling_values(args), **lookup)  # bad values fail before the model loads
     chosen = chosen_generation_defaults(args.generation_config)
     if args.compile != "none":
         from bamba.compile import inductor_options
@@ -143,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     defaults = chosen if chosen is not None else model.generation_defaults
     config = GenerationConfig(**sampling_values(args, defaults),
                               eos_token_ids=stop_token_ids(model.config, defaults, tokenizer),
-                              structured_outputs=structured)
+                              structured_outputs=structured, **lookup)
     decode_step = _compiled_step(model, args.compile, len(prompt) + config.max_new_tokens)
     stream = GenerationStream(model, prompt, config, decode_step, tokenizer)
     detok = IncrementalDetokenizer(tokenizer, prompt)
@@ -186,4 +197,11 @@ def _compiled_step(model: Any, mode: str, cache_len: int) -> Any:
 def _report(result: Any, dtype: str, threads: int) -> str:
     return (f"prefill: {result.prompt_tokens} tokens, {result.prefill_tokens_per_second:.1f} tok/s"
             f" | decode: {result.decode_steps} tokens, {result.decode_tokens_per_second:.1f} tok/s"
-            f" | {dtype}, {threads} threads, finish: {result.finish_reason}")
+            f"{_drafts(result)} | {dtype}, {threads} threads, finish: {result.finish_reason}")
+
+
+def _drafts(result: Any) -> str:
+    if not result.draft_tokens:
+        return ""
+    return (f" | prompt lookup: {result.accepted_draft_tokens} of {result.draft_tokens} "
+            "drafts taken")
