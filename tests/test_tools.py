@@ -22,8 +22,8 @@ from bamba.serve.app import build_app  # noqa: E402
 from bamba.serve.async_engine import AsyncEngine  # noqa: E402
 from bamba.serve.chat import render_chat  # noqa: E402
 from bamba.serve.protocol import ChatRequest  # noqa: E402
-from bamba.serve.tools import (AutoToolStream, ToolMode, hermes_calls,  # noqa: E402
-                               required_calls_schema)
+from bamba.serve.tools import (AutoToolStream, ToolMode, granite_calls,  # noqa: E402
+                               hermes_calls, llama3_json_calls, required_calls_schema)
 from serve_helpers import running  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
@@ -49,13 +49,16 @@ def _check_call(call, names=("get_weather", "add")) -> dict:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
-    """(base URL with the hermes parser, base URL without a parser), one engine."""
+def servers(tiny_checkpoint: Path) -> Iterator[tuple[str, str, str, str]]:
+    """Base URLs with the hermes parser, without a parser, with the granite and the
+    llama3_json parsers; one engine."""
     engine = AsyncEngine(LLM(str(tiny_checkpoint), memory_gb=0.02, max_model_len=256)).start()
     try:
         with running(build_app(engine, "tiny", tool_call_parser="hermes")) as parsed, \
-                running(build_app(engine, "tiny")) as plain:
-            yield parsed, plain
+                running(build_app(engine, "tiny")) as plain, \
+                running(build_app(engine, "tiny", tool_call_parser="granite")) as granite, \
+                running(build_app(engine, "tiny", tool_call_parser="llama3_json")) as llama:
+            yield parsed, plain, granite, llama
     finally:
         engine.shutdown()
 
@@ -200,9 +203,81 @@ def test_required_schema_and_modes():
     request = ChatRequest(model="tiny", messages=ASK, tools=[WEATHER])
     with pytest.raises(ParameterError, match="tool-call-parser"):
         request.tool_mode(None)
-    assert request.tool_mode("hermes") == ToolMode("auto")
+    assert request.tool_mode("hermes") == ToolMode("auto", parser="hermes")
     named = ChatRequest(model="tiny", messages=ASK, tools=[{**ADD, "function": {
         **ADD["function"], "name": "required"}}],
         tool_choice={"type": "function", "function": {"name": "required"}})
     assert named.tool_mode(None) == ToolMode("named", "required")  # a tool may be so named
     assert ChatRequest(model="tiny", messages=ASK).tool_mode(None) is None
+
+
+def test_granite_parsing():
+    calls = '[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]'
+    content, parsed = granite_calls("Sure. <|tool_call|>" + calls)
+    assert content == "Sure." and [(c.name, json.loads(c.arguments)) for c in parsed] == \
+        [("a", {"x": 1}), ("b", {})]
+    assert granite_calls("<tool_call>" + calls)[0] is None  # the marker as text works too
+    one = granite_calls('<|tool_call|>{"name": "a", "arguments": {"y": [1]}}')[1]
+    assert [(c.name, json.loads(c.arguments)) for c in one] == [("a", {"y": [1]})]
+    for text in ("no calls here", "<|tool_call|>[{oops}]", "<|tool_call|>" + calls + " and more",
+                 '<|tool_call|>[{"name": "a", "arguments": 3}]', "<|tool_call|>[]"):
+        assert granite_calls(text) == (text, [])
+
+
+def test_llama3_json_parsing():
+    content, calls = llama3_json_calls(' {"name": "a", "parameters": {"x": "y"}}')
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == \
+        [("a", {"x": "y"})]
+    two = llama3_json_calls('<|python_tag|>{"name": "a", "parameters": {}}; '
+                            '{"name": "b", "arguments": {"z": 0}}')[1]
+    assert [c.name for c in two] == ["a", "b"]
+    for text in ('Call {"name": "a", "parameters": {}}', '{"name": "a"} trailing',
+                 '{"name": "a", "parameters": {}} {"name": "b", "parameters": {}}',
+                 "{broken", '{"parameters": {}}'):
+        assert llama3_json_calls(text) == (text, [])
+
+
+def test_streams_of_each_parser_hold_back_what_may_begin_calls():
+    granite = AutoToolStream("granite")
+    assert granite.feed("Let me <|tool") == "Let me "
+    assert granite.feed('_call|>[{"name": "a", "arguments": {}}]') == ""
+    assert granite.finish()[1][0].name == "a"
+    llama = AutoToolStream("llama3_json")
+    assert llama.feed("  ") == "" and llama.feed('{"name"') == ""  # may be a call: held
+    assert llama.feed(': "a", "parameters": {}}') == ""
+    rest, calls = llama.finish()
+    assert rest == "" and [c.name for c in calls] == ["a"]
+    prose = AutoToolStream("llama3_json")
+    assert prose.feed(" <|py") == "" and prose.feed("x is") == " <|pyx is"
+    assert prose.feed(' {"name": 1}') == ' {"name": 1}'  # not at the start: text
+    assert prose.finish() == ("", [])
+
+
+@pytest.mark.parametrize("parser, forced, streamed_text", [
+    ("granite", 'On it. <|tool_call|>[{"name": "get_weather", "arguments": {"city": "Rome"}}]',
+     "On it. "),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Rome"}}', ""),
+])
+def test_auto_with_the_granite_and_llama3_parsers(servers, parser, forced, streamed_text):
+    base = servers[2] if parser == "granite" else servers[3]
+    client = _client(base)
+    ask = dict(model="tiny", messages=ASK, tools=[WEATHER], max_tokens=150,
+               extra_body={"structured_outputs": {"choice": [forced]}})
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert _check_call(choice.message.tool_calls[0]) == {"city": "Rome"}
+    assert choice.message.content == (streamed_text.strip() or None)
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    texts = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert "".join(texts) == streamed_text
+    assert [_check_call(t) for t in calls] == [{"city": "Rome"}]
+
+
+def test_parsers_whose_marker_is_a_special_token_keep_special_tokens():
+    from bamba.generation_defaults import GenerationDefaults
+
+    request = ChatRequest(model="tiny", messages=ASK, tools=[WEATHER])
+    for parser, keeps in (("hermes", True), ("granite", False), ("llama3_json", False)):
+        params = request.chat_sampling_params(GenerationDefaults(), request.tool_mode(parser))
+        assert params.skip_special_tokens is keeps

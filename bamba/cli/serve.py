@@ -68,8 +68,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-call-parser", default=None, choices=PARSERS,
                         help="read the tool calls of replies to tool_choice \"auto\" in this "
                              "format (hermes: <tool_call>{...}</tool_call>, as Granite 4.0, "
-                             "Qwen and Hermes templates write them); without it \"auto\" is "
-                             "refused and \"required\" or a named function still work")
+                             "Qwen and Hermes templates write them; granite: Granite 3.x's "
+                             "<|tool_call|>[...]; llama3_json: Llama 3.x's JSON calls); "
+                             "without it \"auto\" is refused and \"required\" or a named "
+                             "function still work")
     from bamba.compile import MODES
 
     parser.add_argument("--compile", default="none", choices=("none", *MODES),

@@ -346,7 +346,8 @@ class _Server:
                 if tool_mode is None:
                     chunks = stream_chunks(out, self.model_name, rid, chat, started, self.decode)
                 elif not tool_mode.held:
-                    chunks = auto_tool_chunks(out, self.model_name, rid, auto, self.decode)
+                    chunks = auto_tool_chunks(out, self.model_name, rid, auto, self.decode,
+                                              tool_mode.parser or "hermes")
                 else:
                     chunks = tool_reply_chunks(out, self.model_name, rid, tool_mode, self.decode)
                 for chunk in chunks:

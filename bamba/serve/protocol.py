@@ -30,8 +30,8 @@ from bamba.engine import (CompletionOutput, RequestOutput, SamplingParams,
                           StructuredOutputsParams, TokenLogprob)
 from bamba.generation_defaults import GenerationDefaults
 from bamba.sampling import ParameterError
-from bamba.serve.tools import (AutoToolStream, ToolCall, ToolMode, hermes_calls, named_call,
-                               named_tool, parameters_of, required_calls,
+from bamba.serve.tools import (PARSERS, AutoToolStream, ToolCall, ToolMode, named_call,
+                               named_tool, parameters_of, parse_calls, required_calls,
                                required_calls_schema)
 
 MAX_N = 128  # samples per request (OpenAI's limit)
@@ -271,9 +271,10 @@ class ChatRequest(_Sampling):
             return ToolMode("required")
         if parser is None:
             raise ParameterError('"auto" tool choice needs a tool-call parser: start the '
-                                 "server with --tool-call-parser hermes, or pass tool_choice "
-                                 '"required", "none" or a named function', "tool_choice")
-        return ToolMode("auto")
+                                 f"server with --tool-call-parser ({'|'.join(PARSERS)}), or "
+                                 'pass tool_choice "required", "none" or a named function',
+                                 "tool_choice")
+        return ToolMode("auto", parser=parser)
 
     def chat_sampling_params(self, defaults: GenerationDefaults,
                              tool_mode: ToolMode | None = None) -> SamplingParams:
@@ -281,6 +282,9 @@ class ChatRequest(_Sampling):
             self.max_tokens = self.max_completion_tokens
         params = self.sampling_params(defaults, (self.top_logprobs or 0) if self.logprobs
                                       else None, None)
+        if tool_mode is not None and tool_mode.parser is not None and \
+                PARSERS[tool_mode.parser].keeps_special_tokens:
+            params.skip_special_tokens = False  # the call's marker is a special token
         if tool_mode is None or not tool_mode.held:
             return params
         if params.structured_outputs is not None:
@@ -415,7 +419,7 @@ def reply_calls(o: CompletionOutput, tool_mode: ToolMode | None
     if tool_mode is None:
         return o.text, []
     if tool_mode.kind == "auto":
-        return hermes_calls(o.text)
+        return parse_calls(o.text, tool_mode.parser or "hermes")
     calls = required_calls(o.text) if tool_mode.kind == "required" else \
         named_call(o.text, tool_mode.name or "")
     return (None, calls) if calls else (o.text, [])
@@ -450,13 +454,14 @@ def tool_reply_chunks(out: RequestOutput, model: str, rid: str, tool_mode: ToolM
 
 
 def auto_tool_chunks(out: RequestOutput, model: str, rid: str,
-                     streams: dict[int, AutoToolStream], decode: Decode) -> list[dict]:
+                     streams: dict[int, AutoToolStream], decode: Decode,
+                     parser: str = "hermes") -> list[dict]:
     """The SSE payloads of one delta output of a reply to tool_choice "auto": text as it
     becomes safe to show, and at a sample's end its calls (finish_reason "tool_calls")."""
     chunks = []
     for o in out.outputs:
         first = o.index not in streams
-        state = streams.setdefault(o.index, AutoToolStream())
+        state = streams.setdefault(o.index, AutoToolStream(parser))
         delta: dict[str, Any] = {"content": state.feed(o.new_text)}
         if first:
             delta["role"] = "assistant"

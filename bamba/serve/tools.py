@@ -10,14 +10,21 @@ The tools go to the chat template (``tools=``), which tells the model how to cal
   - ``{"type": "function", "function": {"name": N}}``: the reply is held to N's parameters
     schema: one call of N.
   - "auto" (the default when tools are given): the model chooses; the reply is parsed by the
-    server's tool-call parser, which must be enabled (``bamba serve --tool-call-parser
-    hermes``, vLLM's rule). ``hermes``: calls written as ``<tool_call>{"name": ...,
-    "arguments": {...}}</tool_call>``, the format of Hermes, Qwen and IBM Granite 4.0 chat
-    templates; the text outside the tags is the reply's content.
+    server's tool-call parser, which must be enabled (``bamba serve --tool-call-parser NAME``,
+    vLLM's rule and names; ``PARSERS``):
+      ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, the
+        format of Hermes, Qwen and IBM Granite 4.0 chat templates; the text outside the
+        blocks is the reply's content.
+      ``granite``: IBM Granite 3.x's ``<|tool_call|>`` (or ``<tool_call>``) then a JSON array
+        of ``{"name", "arguments"}`` objects; the text before it is the content. The reply
+        keeps special tokens so that the marker token reaches the parser.
+      ``llama3_json``: Llama 3.x's JSON calls: a reply that is (after ``<|python_tag|>``, if
+        any) one or more ``{"name": ..., "parameters": {...}}`` objects, ``;``-separated.
 A reply with calls ends with finish_reason "tool_calls"; each call's ``arguments`` is its JSON
-text, as OpenAI sends it. Streamed, a reply to "auto" shows its text as it comes up to the
-first ``<tool_call>`` (``AutoToolStream``), then its calls and any later text once complete;
+text, as OpenAI sends it. Streamed, a reply to "auto" shows its text as it comes up to where
+calls may begin (``AutoToolStream``), then its calls and any later text once complete;
 replies to "required" or a named function (JSON read by the server) come whole at the end.
+A reply the parser cannot read as calls is content, as written.
 Pure functions and state: what the server parses and builds.
 """
 
@@ -26,23 +33,27 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bamba.sampling import ParameterError
 
-PARSERS = ("hermes",)
 CALL_TAG = "<tool_call>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+GRANITE_TAGS = ("<|tool_call|>", CALL_TAG)
+PYTHON_TAG = "<|python_tag|>"
 
 
 @dataclass(frozen=True)
 class ToolMode:
-    """How a reply is read: ``kind`` "auto" (the parser finds the calls), "required" (a JSON
-    array of calls) or "named" (the arguments of ``name``, the one tool to call)."""
+    """How a reply is read: ``kind`` "auto" (``parser``, one of ``PARSERS``, finds the calls),
+    "required" (a JSON array of calls) or "named" (the arguments of ``name``, the one tool to
+    call)."""
 
     kind: str
     name: str | None = None
+    parser: str | None = None
 
     @property
     def held(self) -> bool:
@@ -131,6 +142,11 @@ def _hermes_call(block: str) -> ToolCall | None:
         call = json.loads(block)
     except ValueError:
         return None
+    return _call_of(call)
+
+
+def _call_of(call: object) -> ToolCall | None:
+    """A decoded ``{"name": str, "arguments" (or "parameters"): {...}}`` as a call."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
     arguments = call.get("arguments", call.get("parameters", {}))
@@ -139,12 +155,89 @@ def _hermes_call(block: str) -> ToolCall | None:
     return ToolCall(call["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-class AutoToolStream:
-    """One streamed reply to tool_choice "auto": ``feed(new text)`` returns the text safe to
-    show now (everything before the first ``<tool_call>``, less a tail that could begin one);
-    ``finish()`` the (content not yet shown, calls) of the whole reply."""
+def _json_values(text: str, separator: str = "") -> list[object] | None:
+    """The JSON values ``text`` holds one after another (``separator`` between them, blanks
+    around), or None when anything else is in it."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    text = text.strip()
+    while at < len(text):
+        if values and separator:
+            if not text.startswith(separator, at):
+                return None
+            at += len(separator)
+        at = len(text) - len(text[at:].lstrip())
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        values.append(value)
+        at = len(text) - len(text[at:].lstrip())
+    return values
 
-    def __init__(self) -> None:
+
+def _all_calls(values: list[object] | None) -> list[ToolCall]:
+    """Every value a call (else none: the reply is then text)."""
+    calls = [_call_of(v) for v in values or []]
+    return calls if calls and None not in calls else []
+
+
+def granite_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a reply in Granite 3.x's format: ``<|tool_call|>`` (or
+    ``<tool_call>``) then a JSON array of calls (or one call), the text before it the
+    content."""
+    found = [(text.find(tag), tag) for tag in GRANITE_TAGS if tag in text]
+    if not found:
+        return text, []
+    at, tag = min(found)
+    values = _json_values(text[at + len(tag):])
+    if values is not None and len(values) == 1 and isinstance(values[0], list):
+        values = values[0]
+    calls = _all_calls(values)
+    return ((text[:at].strip() or None), calls) if calls else (text, [])
+
+
+def llama3_json_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a reply in Llama 3.x's JSON format: the whole reply (after
+    ``<|python_tag|>``) one or more call objects separated by ``;``; no content with them."""
+    body = text.strip()
+    if body.startswith(PYTHON_TAG):
+        body = body[len(PYTHON_TAG):]
+    calls = _all_calls(_json_values(body, ";")) if body.lstrip().startswith("{") else []
+    return (None, calls) if calls else (text, [])
+
+
+@dataclass(frozen=True)
+class ToolParser:
+    """How one format is read: ``calls(text)`` -> (content, calls); where calls may begin in
+    a stream: at a ``markers`` string, or (``leading``) at the reply's first non-blank
+    character when it is one of those."""
+
+    calls: Callable[[str], tuple[str | None, list[ToolCall]]]
+    markers: tuple[str, ...] = ()
+    leading: tuple[str, ...] = ()
+    keeps_special_tokens: bool = False  # its marker is a special token the text must keep
+
+
+PARSERS = {
+    "hermes": ToolParser(hermes_calls, markers=(CALL_TAG,)),
+    "granite": ToolParser(granite_calls, markers=GRANITE_TAGS, keeps_special_tokens=True),
+    "llama3_json": ToolParser(llama3_json_calls, leading=("{", PYTHON_TAG),
+                              keeps_special_tokens=True),
+}
+
+
+def parse_calls(text: str, parser: str) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a whole reply read by the named parser."""
+    return PARSERS[parser].calls(text)
+
+
+class AutoToolStream:
+    """One streamed reply to tool_choice "auto" read by ``parser``: ``feed(new text)`` returns
+    the text safe to show now (everything before where calls begin, less a tail that could
+    begin a marker); ``finish()`` the (content not yet shown, calls) of the whole reply."""
+
+    def __init__(self, parser: str = "hermes") -> None:
+        self.parser = PARSERS[parser]
         self.text = ""
         self.shown = 0
         self.calling = False
@@ -153,26 +246,45 @@ class AutoToolStream:
         self.text += new
         if self.calling:
             return ""
-        tag = self.text.find(CALL_TAG, self.shown)
-        if tag >= 0:
+        start = self._calls_start()
+        if start is not None:
             self.calling = True
-            end = tag
+            end = start
         else:
-            end = len(self.text) - _partial_tag(self.text)
+            end = len(self.text) - self._held_tail()
         out = self.text[self.shown:end]
         self.shown = max(self.shown, end)
         return out
 
+    def _calls_start(self) -> int | None:
+        """Where calls begin in the text so far, if they do."""
+        found = [at for at in (self.text.find(m, self.shown) for m in self.parser.markers)
+                 if at >= 0]
+        if self.parser.leading and self.shown == 0:
+            body = self.text.lstrip()
+            if any(body.startswith(lead) for lead in self.parser.leading):
+                found.append(0)
+        return min(found) if found else None
+
+    def _held_tail(self) -> int:
+        """How much of the text's end to hold back: a tail that may begin a marker; the whole
+        text while it is blank or may begin a leading form."""
+        if self.parser.leading and self.shown == 0:
+            body = self.text.lstrip()
+            if not body or any(lead.startswith(body) for lead in self.parser.leading):
+                return len(self.text)
+        return max((_partial(self.text, m) for m in self.parser.markers), default=0)
+
     def finish(self) -> tuple[str, list[ToolCall]]:
-        content, calls = hermes_calls(self.text[self.shown:])
+        content, calls = self.parser.calls(self.text[self.shown:])
         rest = self.text[self.shown:] if not calls else (content or "")
         self.shown = len(self.text)
         return rest, calls
 
 
-def _partial_tag(text: str) -> int:
-    """The length of the longest tail of ``text`` that begins ``<tool_call>``."""
-    for size in range(min(len(CALL_TAG) - 1, len(text)), 0, -1):
-        if CALL_TAG.startswith(text[-size:]):
+def _partial(text: str, marker: str) -> int:
+    """The length of the longest tail of ``text`` that begins ``marker``."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
             return size
     return 0
