@@ -12,7 +12,8 @@ Two parts, one run, bf16, greedy:
   here when absent): "recite", a passage and then its first line again (the model may repeat
   the passage), and "continue", the passage alone; plain decoding against --lookups draft
   lengths. Reported: decode tok/s, drafts taken, and whether the tokens are plain decoding's.
-  Kinds alternate round by round; the median round is kept.
+  Kinds alternate round by round; the median round is kept. Then the same through the
+  engine (``LLM`` with ``speculative_config``, one request at a time: one user of a server).
 
 Writes benchmarks/results/lookup.json with the host's measured matmul peak and read bandwidth.
 
@@ -171,6 +172,60 @@ def continuations(model: BambaLM, directory: Path, args: argparse.Namespace
     return rows
 
 
+def engine_continuations(directory: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The same greedy continuations through the engine (``LLM``, one request at a time, as
+    one user of ``bamba serve``), plain against ``speculative_config``: decode tok/s (each
+    request's time less that of its prompt alone), and the tokens against plain's."""
+    from bamba.engine import LLM, SamplingParams
+
+    lookups = [0, *args.lookups]
+    engines = {k: LLM(str(directory), dtype=args.dtype, memory_gb=0.5, max_num_seqs=1,
+                      enable_prefix_caching=False, speculative_config=None if k == 0 else
+                      {"method": "ngram", "num_speculative_tokens": k}) for k in lookups}
+    kinds = prompts(engines[0].tokenizer, args.files, args.passage_chars)
+    whole = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    first = SamplingParams(temperature=0, max_tokens=1)
+
+    def decode(llm: Any, prompt: list[int]) -> tuple[float, list[int]]:
+        start = time.perf_counter()
+        llm.generate([prompt], first)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = llm.generate([prompt], whole)[0].outputs[0].token_ids
+        return time.perf_counter() - start - prefill, out
+
+    rows = []
+    for kind, batch in kinds.items():
+        for k in lookups:  # warm-up
+            decode(engines[k], batch[0])
+        rounds: dict[int, list[float]] = {k: [] for k in lookups}
+        agree: dict[int, list[float]] = {k: [] for k in lookups}
+        for _ in range(args.rounds):
+            plain: list[list[int]] = []
+            for k in lookups:
+                seconds = 0.0
+                for i, prompt in enumerate(batch):
+                    elapsed, tokens = decode(engines[k], prompt)
+                    seconds += elapsed
+                    if k == 0:
+                        plain.append(tokens)
+                    agree[k].append(common_prefix(tokens, plain[i]) / len(plain[i]))
+                rounds[k].append((args.tokens - 1) * len(batch) / seconds)
+        base = statistics.median(rounds[0])
+        for k in lookups:
+            tok_s = statistics.median(rounds[k])
+            stats = engines[k].stats()
+            taken = stats.num_accepted_draft_tokens / stats.num_draft_tokens \
+                if stats.num_draft_tokens else None
+            rows.append({"kind": kind, "num_speculative_tokens": k, "tok_s": round(tok_s, 1),
+                         "over_plain": round(tok_s / base, 3),
+                         "drafts_taken": None if taken is None else round(taken, 3),
+                         "as_plain_until_first_difference": round(statistics.mean(agree[k]), 3)})
+            print(f"engine {kind:8s} k={k}  {tok_s:7.1f} tok/s  {tok_s / base:.2f}x plain  "
+                  f"tokens as plain's: {statistics.mean(agree[k]):.0%}")
+    return rows
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -191,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = args.model or demo_checkpoint(Path(tmp))
         model = from_pretrained(directory, dtype=getattr(torch, args.dtype))
         rows = continuations(model, directory, args)
+        engine_rows = engine_continuations(directory, args)
     config = model.config
     result = {"host": describe_host(quick=args.quick), "pass_cost": costs,
               "model": str(args.model or "the demo's trained checkpoint"),
@@ -198,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                               "layers": config.num_hidden_layers,
                               "vocab_size": config.vocab_size},
               "dtype": args.dtype, "tokens": args.tokens, "files": args.files, "rounds": args.rounds,
-              "continuations": rows}
+              "continuations": rows, "engine_continuations": engine_rows}
     write_json(args.output, result)
     print(f"wrote {args.output}")
     return 0

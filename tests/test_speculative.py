@@ -289,3 +289,154 @@ def test_bfloat16_greedy_with_drafts_is_plain_greedy(monkeypatch):
     (spec,) = generate(model, [PROMPT], GenerationConfig(max_new_tokens=40,
                                                          prompt_lookup_tokens=7))
     assert spec.token_ids == plain and spec.accepted_draft_tokens > 0
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+def _engine(model, lookup: int | None = None, **kwargs):
+    from bamba.engine import LLM
+
+    config = None if lookup is None else {"method": "ngram", "num_speculative_tokens": lookup}
+    return LLM(model, memory_gb=0.02, max_model_len=128, speculative_config=config, **kwargs)
+
+
+def _engine_tokens(llm, prompt, **params):
+    from bamba.engine import SamplingParams
+
+    out = llm.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True, **params))
+    return out[0].outputs[0]
+
+
+@pytest.mark.parametrize("attn_layers", [(1, 3), (0, 1, 2, 3)], ids=["hybrid", "all-attention"])
+@pytest.mark.parametrize("wrong", [0.0, 0.3, 1.0])
+def test_engine_with_any_drafts_gives_its_plain_greedy_tokens(attn_layers, wrong, monkeypatch):
+    import bamba.engine.lookup
+
+    model = _model(attn_layers).to(torch.bfloat16)
+    reference = _engine(model)
+    plain = _engine_tokens(reference, PROMPT, temperature=0).token_ids
+    monkeypatch.setattr(bamba.engine.lookup, "propose", _oracle(plain, len(PROMPT), wrong, 7))
+    llm = _engine(model, lookup=4)
+    assert _engine_tokens(llm, PROMPT, temperature=0).token_ids == plain
+    stats = llm.stats()
+    assert stats.num_draft_tokens > 0
+    assert (stats.num_accepted_draft_tokens == stats.num_draft_tokens) == (wrong == 0.0)
+    # the prefix cache holds the blocks plain decoding would: a later prompt sharing this
+    # one's start and continuation runs as on the engine that never drafted
+    later = PROMPT + plain[:20] + [3, 4]
+    monkeypatch.setattr(bamba.engine.lookup, "propose", lambda tokens, lookup, limit: [])
+    assert _engine_tokens(llm, later, temperature=0).token_ids == \
+        _engine_tokens(reference, later, temperature=0).token_ids
+    assert llm.stats().prefix_cache_hit_rate > 0
+
+
+def test_engine_lookup_keeps_stop_strings_logprobs_and_rules(monkeypatch):
+    import bamba.engine.lookup
+
+    model = _model().to(torch.bfloat16)
+    params = dict(temperature=0, logprobs=2, repetition_penalty=1.3, min_tokens=5,
+                  logit_bias={7: 3.0})
+    want = _engine_tokens(_engine(model), PROMPT, **params)
+    monkeypatch.setattr(bamba.engine.lookup, "propose",
+                        _oracle(want.token_ids, len(PROMPT), 0.3, 2))
+    got = _engine_tokens(_engine(model, lookup=3), PROMPT, **params)
+    assert got.token_ids == want.token_ids
+    assert [lp.logprob for lp in got.logprobs] == [lp.logprob for lp in want.logprobs]
+
+
+def test_engine_lookup_with_sampling_and_beside_other_requests():
+    """Seeded sampling with drafts is reproducible; two requests at once decode plainly."""
+    from bamba.engine import SamplingParams
+
+    model = _model((0, 1, 2, 3)).to(torch.bfloat16)
+    llm = _engine(model, lookup=3)
+    params = SamplingParams(max_tokens=30, temperature=0.9, top_k=6, seed=3)
+    first = llm.generate([PROMPT], params)[0].outputs[0].token_ids
+    assert llm.generate([PROMPT], params)[0].outputs[0].token_ids == first
+    drafted = llm.stats().num_draft_tokens
+    both = llm.generate([PROMPT, PROMPT[:7]], SamplingParams(max_tokens=12, temperature=0))
+    plain = _engine(model).generate([PROMPT, PROMPT[:7]], SamplingParams(max_tokens=12,
+                                                                         temperature=0))
+    assert [o.outputs[0].token_ids for o in both] == [o.outputs[0].token_ids for o in plain]
+    assert llm.stats().num_draft_tokens >= drafted
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"method": "eagle", "num_speculative_tokens": 2}, "only 'ngram'"),
+    ({"method": "ngram"}, "needs num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 9}, "at most 7"),
+    ({"num_speculative_tokens": 2, "draft_model": "x"}, "unknown field"),
+    ([1], "must be a mapping"),
+])
+def test_bad_speculative_configs_are_refused(config, says):
+    from bamba.engine.lookup import lookup_from_config
+
+    with pytest.raises(ValueError, match=says):
+        lookup_from_config(config)
+
+
+def test_serve_and_chat_refuse_a_bad_speculative_config_in_one_line(tiny_checkpoint, capsys):
+    for verb in ("serve", "chat"):
+        assert main([verb, str(tiny_checkpoint), "--speculative-config", '{"method": "x"}']
+                    if verb == "chat" else
+                    [verb, str(tiny_checkpoint), "--speculative-config", "[1]"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--speculative-config" in err
+
+
+def test_a_server_with_lookup_answers_as_without_and_counts_drafts(tiny_checkpoint, monkeypatch):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    import bamba.engine.lookup
+    from bamba.engine import LLM
+    from bamba.serve.app import build_app
+    from bamba.serve.async_engine import AsyncEngine
+    from serve_helpers import running
+
+    monkeypatch.setattr(bamba.engine.lookup, "propose",
+                        lambda tokens, lookup, limit: tokens[-min(limit, 3):].tolist())
+    body = {"model": "tiny", "prompt": "the hybrid the hybrid", "max_tokens": 24,
+            "temperature": 0}
+    texts, metrics = [], ""
+    for config in (None, {"method": "ngram", "num_speculative_tokens": 3}):
+        engine = AsyncEngine(LLM(str(tiny_checkpoint), memory_gb=0.02, max_model_len=256,
+                                 speculative_config=config)).start()
+        try:
+            with running(build_app(engine, "tiny")) as base:
+                reply = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+                assert reply.status_code == 200
+                texts.append(reply.json()["choices"][0]["text"])
+                metrics = httpx.get(f"{base}/metrics", timeout=60).text
+        finally:
+            engine.shutdown()
+    assert texts[0] == texts[1]
+    drafted = [line for line in metrics.splitlines()
+               if line.startswith("bamba_spec_decode_draft_tokens_total ")]
+    assert drafted and float(drafted[0].split()[1]) > 0
+
+
+def test_engine_plans_a_spare_slot_for_the_checkpoint(monkeypatch):
+    """One sequence and no prefix cache leave no free slot unless the plan adds one: without
+    it the engine would never draft (the first benchmark of the engine path showed that)."""
+    import bamba.engine.lookup
+
+    model = _model().to(torch.bfloat16)
+    lone = dict(max_num_seqs=1, enable_prefix_caching=False)
+    plain = _engine_tokens(_engine(model, **lone), PROMPT, temperature=0).token_ids
+    monkeypatch.setattr(bamba.engine.lookup, "propose", _oracle(plain, len(PROMPT), 0.2, 4))
+    llm = _engine(model, lookup=4, **lone)
+    assert llm.plan.num_slots == 2
+    assert _engine_tokens(llm, PROMPT, temperature=0).token_ids == plain
+    assert llm.stats().num_accepted_draft_tokens > 0
+
+
+def test_the_engine_history_grows_in_place_and_follows_the_sequence():
+    from bamba.engine.lookup import History
+    from bamba.engine.scheduler import Sequence
+
+    history = History()
+    seq = Sequence(seq_id=1, token_ids=[5, 6, 7], num_prompt_tokens=3)
+    assert history.of(seq).tolist() == [5, 6, 7]
+    seq.token_ids += list(range(300))
+    assert history.of(seq).tolist() == [5, 6, 7, *range(300)]
+    other = Sequence(seq_id=2, token_ids=[9], num_prompt_tokens=1)
+    assert history.of(other).tolist() == [9]

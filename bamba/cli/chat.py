@@ -17,8 +17,10 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bamba.cli.inference_options import (add_model_options, add_sampling_options, checkpoint_tokenizer,
-                                 rope_scaling_option, sampling_values, set_threads)
+from bamba.cli.inference_options import (add_model_options, add_sampling_options,
+                                         add_speculative_option, checkpoint_tokenizer,
+                                         rope_scaling_option, sampling_values, set_threads,
+                                         speculative_option)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="system prompt: the first message of every conversation")
     add_sampling_options(parser, max_new_tokens=256, temperature=0.7)
     add_model_options(parser)
+    add_speculative_option(parser)
     parser.add_argument("--memory-gb", type=float, default=1.0,
                         help="GB (10^9 bytes) for the KV blocks and state slots of the "
                              "conversation and its cached earlier turns")
@@ -179,10 +182,11 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     chat_params(args)  # bad values fail before the model loads
     rope_scaling = rope_scaling_option(args.rope_scaling)
+    speculative = speculative_option(args.speculative_config)
     tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)
     llm = LLM(args.model, tokenizer, dtype=dtype, memory_gb=args.memory_gb, max_num_seqs=1,
               enable_prefix_caching=True, rope_scaling=rope_scaling,
-              generation_config=args.generation_config)
+              generation_config=args.generation_config, speculative_config=speculative)
     params = chat_params(args, llm.generation_defaults)
     interactive = sys.stdin.isatty()
     if interactive:

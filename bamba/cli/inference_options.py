@@ -29,18 +29,45 @@ def add_model_options(parser: argparse.ArgumentParser, rope_scaling: bool = True
                              "default: the checkpoint's")
 
 
+def json_object_option(text: str, flag: str) -> dict[str, Any]:
+    """An option's JSON object; ValueError naming the option otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object, got {text!r}")
+    return value
+
+
+def add_speculative_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='prompt-lookup decoding, vLLM\'s form: {"method": "ngram", '
+                             '"num_speculative_tokens": 4} (and "prompt_lookup_max", '
+                             '"prompt_lookup_min"); drafts are checked while one sequence '
+                             "decodes alone")
+
+
+def speculative_option(text: str | None) -> dict[str, Any] | None:
+    """--speculative-config's JSON object, checked before the model loads."""
+    if text is None:
+        return None
+    from bamba.engine.lookup import lookup_from_config
+
+    config = json_object_option(text, "--speculative-config")
+    try:
+        lookup_from_config(config)
+    except ValueError as exc:
+        raise ValueError(f"--speculative-config: {exc}") from None
+    return config
+
+
 def rope_scaling_option(text: str | None) -> dict[str, Any] | None:
     """--rope-scaling's JSON object (None when not given); ValueError names what is wrong
     before the model loads (its fields are checked against the model as it loads)."""
     if text is None:
         return None
-    try:
-        scaling = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--rope-scaling: not valid JSON ({exc.msg} at column {exc.colno})"
-                         ) from None
-    if not isinstance(scaling, dict):
-        raise ValueError(f"--rope-scaling: expected a JSON object, got {text!r}")
+    scaling = json_object_option(text, "--rope-scaling")
     kind = rope_type_of(scaling)
     if kind not in ROPE_TYPES:
         raise ValueError(f"--rope-scaling: unknown rope_type {kind!r}; known: "

@@ -41,7 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the model id clients send (default: the path's last part)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (default: $BAMBA_API_KEY)")
-    from bamba.cli.inference_options import add_generation_config_option, add_model_options
+    from bamba.cli.inference_options import (add_generation_config_option, add_model_options,
+                                             add_speculative_option)
     from bamba.serve.tools import PARSERS
 
     add_model_options(parser)
@@ -65,6 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: one per core, fewer on busy cores)")
     add_generation_config_option(parser)
+    add_speculative_option(parser)
     parser.add_argument("--tool-call-parser", default=None, choices=PARSERS,
                         help="read the tool calls of replies to tool_choice \"auto\" in this "
                              "format (hermes: <tool_call>{...}</tool_call>, as Granite 4.0, "
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"bamba serve needs the serve extra (pip install 'bamba[serve]'): "
                          f"{exc}") from None
     from bamba.cli.inference_options import (checkpoint_tokenizer, rope_scaling_option,
-                                             set_threads)
+                                             set_threads, speculative_option)
     from bamba.cores import in_passing_thread
     from bamba.dtypes import parse_dtype
     from bamba.engine import LLM
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     http, loop = http_protocol(args.http), event_loop(args.loop)
     dtype = parse_dtype(args.dtype, "--dtype")
     rope_scaling = rope_scaling_option(args.rope_scaling)
+    speculative = speculative_option(args.speculative_config)
     sock = bind(args.host, args.port)  # a busy port fails now, not after the model loads
     try:
         tokenizer = checkpoint_tokenizer(args.model, args.tokenizer)  # before the weights load
@@ -136,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
                        enable_prefix_caching=not args.no_prefix_caching,
                        compile_mode=None if args.compile == "none" else args.compile,
                        rope_scaling=rope_scaling, mixed_step_tokens=args.mixed_step_tokens,
-                       generation_config=args.generation_config)
+                       generation_config=args.generation_config,
+                       speculative_config=speculative)
 
         llm = in_passing_thread(load)
         name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))

@@ -22,6 +22,7 @@ from bamba.compile import inductor_options
 from bamba.config import with_rope_scaling
 from bamba.dtypes import parse_dtype
 from bamba.generation_defaults import AUTO, chosen_generation_defaults, stop_token_ids
+from bamba.engine.lookup import History, lookup_from_config, lookup_step
 from bamba.engine.page_pool import PagePool, plan_pools
 from bamba.engine.params import RequestOutput, SamplingParams, TokenLogprob
 from bamba.engine.prefix_cache import PrefixCache
@@ -57,6 +58,8 @@ class EngineStats:
     slot_bytes: int
     prefix_cache_hit_rate: float
     num_preemptions: int
+    num_draft_tokens: int = 0  # prompt-lookup drafts checked, and how many were taken
+    num_accepted_draft_tokens: int = 0
 
 
 @dataclass
@@ -121,6 +124,9 @@ class LLM:
     max_new_tokens make ``get_default_sampling_params()``, what a request without params gets,
     and its eos_token_id ids every request stops at (unless ignore_eos); "none" ignores it; a
     directory or file path reads that one instead.
+    speculative_config: vLLM's, for its n-gram method (prompt lookup, ``engine.lookup``):
+    {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3,
+    "prompt_lookup_min": 1}; drafts are checked while one sequence runs alone.
     """
 
     def __init__(self, model: BambaLM | str | os.PathLike, tokenizer: object | None = None, *,
@@ -130,9 +136,13 @@ class LLM:
                  state_dtype: str | torch.dtype = torch.float32, max_model_len: int | None = None,
                  snapshot_interval: int = 256, seed: int = 0, compile_mode: str | None = None,
                  rope_scaling: dict | None = None, mixed_step_tokens: int | str | None = "auto",
-                 generation_config: str | os.PathLike = AUTO):
+                 generation_config: str | os.PathLike = AUTO,
+                 speculative_config: dict | None = None):
         if compile_mode is not None:
             inductor_options(compile_mode)  # a bad mode fails here, before the model loads
+        self.lookup = lookup_from_config(speculative_config)  # bad values fail here too
+        self.draft_tokens = self.accepted_draft_tokens = 0
+        self.lookup_history = History()
         chosen = chosen_generation_defaults(generation_config)
         model, tokenizer = _load(model, tokenizer, dtype, rope_scaling)
         self.generation_defaults = chosen if chosen is not None else model.generation_defaults
@@ -150,7 +160,8 @@ class LLM:
                      "the prompt's length)", cfg.rope_spec.rope_type)
             enable_prefix_caching = False
         plan = plan_pools(cfg, int(memory_gb * 1e9), block_size, model.dtype, self.state_dtype,
-                          max_num_seqs, wanted_len, enable_prefix_caching)
+                          max_num_seqs, wanted_len, enable_prefix_caching,
+                          spare_slots=int(self.lookup is not None))  # a pass's checkpoint
         self.plan = plan
         # A lone sequence must always fit in the KV pool, or preemption could not help it.
         self.max_model_len = min(wanted_len, plan.num_blocks * block_size)
@@ -242,10 +253,12 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; outputs of the requests that changed (finished ones last
         appear here, then are forgotten)."""
-        out = self.scheduler.schedule()
-        if not out.chunks:
-            return []
-        changed = self._run(out)
+        changed = lookup_step(self) if self.lookup is not None else None
+        if changed is None:
+            out = self.scheduler.schedule()
+            if not out.chunks:
+                return []
+            changed = self._run(out)
         outputs = []
         for request in changed:
             outputs.append(request.output())
@@ -346,7 +359,8 @@ class LLM:
             num_free_slots=self.slots.num_free, num_cached_slots=self.slots.num_cached,
             block_bytes=self.plan.block_bytes, slot_bytes=self.plan.slot_bytes,
             prefix_cache_hit_rate=self.prefix.hit_rate if self.prefix else 0.0,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions, num_draft_tokens=self.draft_tokens,
+            num_accepted_draft_tokens=self.accepted_draft_tokens)
 
     def reset_prefix_cache(self) -> None:
         self.blocks.clear_cache()

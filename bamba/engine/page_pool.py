@@ -54,18 +54,19 @@ class PoolPlan:
 
 def plan_pools(config: BambaConfig, memory_bytes: int, block_size: int, dtype: torch.dtype,
                state_dtype: torch.dtype, max_num_seqs: int, max_model_len: int,
-               prefix_caching: bool) -> PoolPlan:
+               prefix_caching: bool, spare_slots: int = 0) -> PoolPlan:
     """Split ``memory_bytes`` between state slots and KV blocks, each at its own page size.
 
     Slots: one per running sequence, plus as many again for prefix-cache snapshots when caching
-    is on, but never more than half the budget. The rest becomes KV blocks. A pool whose page
-    has no bytes (no attention or no Mamba layers) gets as many pages as it could ever use.
+    is on, plus ``spare_slots`` (speculative decoding's checkpoint of a state), but never more
+    than half the budget. The rest becomes KV blocks. A pool whose page has no bytes (no
+    attention or no Mamba layers) gets as many pages as it could ever use.
     """
     if memory_bytes <= 0:
         raise ValueError(f"memory budget must be positive, got {memory_bytes} bytes")
     block_bytes = kv_bytes_per_block(config, block_size, dtype)
     slot_bytes = state_bytes_per_slot(config, dtype, state_dtype)
-    wanted_slots = max_num_seqs * (2 if prefix_caching else 1)
+    wanted_slots = max_num_seqs * (2 if prefix_caching else 1) + spare_slots
     blocks_per_seq = math.ceil(max_model_len / block_size)
     if slot_bytes == 0:
         num_slots = wanted_slots

@@ -312,6 +312,27 @@ class ModelRunner:
         the last logits [V] of each chunk, or None when the native step cannot run (nothing
         done). A prompt chunk beside decoding rows then costs about its tokens' arithmetic
         instead of a prefill pass of its own."""
+        hidden = self._rows_hidden(chunks)
+        if hidden is None:
+            return None
+        last, row = [], 0
+        for c in chunks:
+            row += len(c.token_ids)
+            last.append(row - 1)
+        logits = self.model.logits(hidden[last, -1]).float()
+        return {c.seq_id: logits[j] for j, c in enumerate(chunks)}
+
+    @torch.inference_mode()
+    def verify_rows(self, chunk: ScheduledChunk, keep: int) -> torch.Tensor | None:
+        """The logits [keep, V] (float32) of the chunk's last ``keep`` tokens, its tokens run
+        as rows of one native call on its slot (speculative decoding's check of drafts); None
+        when that call cannot run (nothing done)."""
+        hidden = self._rows_hidden([chunk])
+        return None if hidden is None else self.model.logits(hidden[-keep:, -1]).float()
+
+    def _rows_hidden(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        """Final-norm hidden states [tokens, 1, hidden] of every token of the chunks as a row
+        of one native call, or None when it cannot run (nothing done)."""
         device = self.model.device
         per_row = [(c, c.start + j, t) for c in chunks for j, t in enumerate(c.token_ids)]
         end = max(position for _, position, _ in per_row) + 1
@@ -326,16 +347,10 @@ class ModelRunner:
             if self.length_dependent_rope else None
         cache = PagedBatchCache(self.pools, slots, write, read, rows_share_slots=True)
         try:
-            hidden = self.model.hidden_states(ids, positions=pos, cache=cache,
-                                              rope_lengths=lengths)
+            return self.model.hidden_states(ids, positions=pos, cache=cache,
+                                            rope_lengths=lengths)
         except NativeStepUnavailable:
             return None
-        last, row = [], 0
-        for c in chunks:
-            row += len(c.token_ids)
-            last.append(row - 1)
-        logits = self.model.logits(hidden[last, -1]).float()
-        return {c.seq_id: logits[j] for j, c in enumerate(chunks)}
 
     def _forward(self, rows: list[ScheduledChunk]) -> dict[int, torch.Tensor]:
         """One model call for rows of equal length: each row's last logits [V], or all its

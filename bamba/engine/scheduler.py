@@ -217,6 +217,24 @@ class Scheduler:
                 end = last
         return end - start
 
+    def lone_decoder(self) -> Sequence | None:
+        """The running sequence when it is the only one, nothing waits, and its prompt is
+        in the cache: the sequence speculative decoding may draft for (``engine.lookup``)."""
+        if len(self.running) != 1 or self.waiting:
+            return None
+        seq = self.running[0]
+        done = seq.num_computed >= seq.num_prompt_tokens and seq.restore_from is None
+        return seq if done and len(seq.token_ids) > seq.num_computed else None
+
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """KV blocks for ``n`` more tokens of a running sequence (False: the pool is short)."""
+        return self._ensure_blocks(seq, n)
+
+    def computed(self, seq: Sequence, n: int) -> None:
+        """``n`` more tokens of ``seq`` are in the cache (a step run outside ``schedule``)."""
+        seq.num_computed += n
+        self._register_full_blocks(seq)
+
     def _ensure_blocks(self, seq: Sequence, n: int) -> bool:
         need = math.ceil((seq.num_computed + n) / self.block_size) - len(seq.block_ids)
         if need <= 0:

@@ -12,8 +12,8 @@ from bamba.engine.detok import IncrementalDetokenizer, find_stop
 from bamba.engine.params import CompletionOutput, SamplingParams, TokenLogprob
 from bamba.engine.scheduler import Sequence
 from bamba.engine.structured import advance, mask_logits
-from bamba.sampling import (SamplingBatch, compute_logprobs, restrict_logits, sample,
-                            token_counts)
+from bamba.sampling import (SamplingBatch, choose, choose_against_draft, compute_logprobs,
+                            penalized_logits, restrict_logits, token_counts)
 
 log = logging.getLogger(__name__)
 Drawn = tuple[int, TokenLogprob | None]
@@ -148,19 +148,47 @@ def _sample_batch(rows: list[SequenceOutput], logits: torch.Tensor,
     allowed = _restricted(logits, rows)  # logprobs: from the model's own ``logits``
     if all(_plain_greedy(p) for p in params):  # what `sample` does for them, minus its set-up
         return [(t, None) for t in allowed.argmax(dim=-1).tolist()]
-    batch = SamplingBatch.build(
+    batch = _sampling_batch(rows)
+    tokens = choose(_penalized(allowed, rows, batch, vocab_size), batch)
+    return _with_logprobs(rows, logits, tokens)
+
+
+def draw_against_draft(row: SequenceOutput, logits: torch.Tensor, draft: int,
+                       vocab_size: int) -> tuple[Drawn, bool]:
+    """One row's token at a position whose drafted token is ``draft`` (logits [1, V]), and
+    whether it is the draft: distributed as ``sample_rows`` draws it (``choose_against_draft``),
+    its logprobs as asked."""
+    allowed = _restricted(logits, [row])
+    batch = _sampling_batch([row])
+    token, agreed = choose_against_draft(_penalized(allowed, [row], batch, vocab_size), batch,
+                                         draft)
+    return _with_logprobs([row], logits, torch.tensor([token]))[0], agreed
+
+
+def _sampling_batch(rows: list[SequenceOutput]) -> SamplingBatch:
+    params = [r.params for r in rows]
+    return SamplingBatch.build(
         len(rows), temperature=[p.temperature for p in params], top_k=[p.top_k for p in params],
         top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
         repetition_penalty=[p.repetition_penalty for p in params],
         presence_penalty=[p.presence_penalty for p in params],
         frequency_penalty=[p.frequency_penalty for p in params],
         generators=[r.generator for r in rows])
+
+
+def _penalized(allowed: torch.Tensor, rows: list[SequenceOutput], batch: SamplingBatch,
+               vocab_size: int) -> torch.Tensor:
     counts = seen = None
     if batch.any_penalty:
         counts = token_counts([r.output_ids for r in rows], vocab_size)
         seen = token_counts([r.seq.token_ids for r in rows], vocab_size) > 0
-    tokens = sample(allowed, batch, counts, seen)
-    wanted = [p.logprobs for p in params]
+    return penalized_logits(allowed, batch, counts, seen)
+
+
+def _with_logprobs(rows: list[SequenceOutput], logits: torch.Tensor, tokens: torch.Tensor
+                   ) -> list[Drawn]:
+    """(token, logprob) of each row: the chosen token's logprob and top ones where asked."""
+    wanted = [r.params.logprobs for r in rows]
     if all(w is None for w in wanted):
         return [(t, None) for t in tokens.tolist()]
     lp = compute_logprobs(logits, tokens, max(w or 0 for w in wanted))

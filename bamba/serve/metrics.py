@@ -95,6 +95,10 @@ class ServerMetrics:
             _gauge(out, "bamba_prefix_cache_hit_rate", s.prefix_cache_hit_rate,
                    "Share of prompt tokens served from the prefix cache.")
             _counter(out, "bamba_preemptions_total", s.num_preemptions, "Sequences preempted.")
+            _counter(out, "bamba_spec_decode_draft_tokens_total", s.num_draft_tokens,
+                     "Prompt-lookup draft tokens checked (--speculative-config).")
+            _counter(out, "bamba_spec_decode_accepted_tokens_total", s.num_accepted_draft_tokens,
+                     "Draft tokens the model agreed with.")
             _counter(out, "bamba_prompt_tokens_total", self.prompt_tokens,
                      "Prompt tokens of requests that produced a first token.")
             _counter(out, "bamba_generation_tokens_total", self.generation_tokens,
