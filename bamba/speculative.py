@@ -14,8 +14,9 @@ drafts the sequence's states are checkpointed; when a draft is rejected they are
 the accepted tokens are fed again at the head of the next pass (``SpeculativeRow.pending``)
 rather than in a pass of their own. A pass runs its tokens as rows of one native decode step on
 the sequence's state (``bamba.generation.sequence_pass``): the weights stream once, so a pass
-of a few tokens costs little more than a decode step. Keys and values written for rejected positions need no undo:
-attention reads only positions below the current one, and those are written again.
+of a few tokens costs little more than a decode step. Keys and values written for rejected
+positions need no undo: attention reads only positions below the current one, and those are
+written again.
 """
 
 from __future__ import annotations

@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
               "model_shape": {"hidden_size": config.hidden_size,
                               "layers": config.num_hidden_layers,
                               "vocab_size": config.vocab_size},
-              "dtype": args.dtype, "tokens": args.tokens, "files": args.files, "rounds": args.rounds,
+              "dtype": args.dtype, "tokens": args.tokens, "files": args.files,
+              "rounds": args.rounds,
               "continuations": rows, "engine_continuations": engine_rows}
     write_json(args.output, result)
     print(f"wrote {args.output}")
