@@ -26,7 +26,7 @@ from bamba.native import NativeStepUnavailable, accelerate, decode_rows, steady_
 from bamba.sampling import (ParameterError, SamplingBatch, SamplingValues, choose,
                             choose_against_draft, penalized_logits, require_int,
                             restrict_logits, token_counts)
-from bamba.speculative import MAX_PASS_TOKENS, PromptLookup, SpeculativeRow, propose
+from bamba.speculative import PromptLookup, SpeculativeRow, draft_room, propose, walk_pass
 
 
 @dataclass
@@ -258,17 +258,17 @@ class _Batch:
         row = self.active[0]
         result = self.results[row]
         if self._speculative is None:
-            self._speculative = SpeculativeRow.start(self.prompts[row], result.token_ids,
-                                                     self.config.max_new_tokens)
+            self._speculative = SpeculativeRow()
+            self._speculative.history.extend([*self.prompts[row], *result.token_ids])
         spec = self._speculative
         start = time.perf_counter()
-        room = min(self.config.max_new_tokens - len(result.token_ids) - 1,
-                   MAX_PASS_TOKENS - 1 - len(spec.pending))
-        draft = propose(spec.sequence(), self.lookup, room)
+        room = draft_room(self.config.max_new_tokens - len(result.token_ids),
+                          len(spec.pending) + 1)
+        draft = propose(spec.history.view(), self.lookup, room)
         if not draft and not spec.pending:
             spec.checkpointed = False  # the step advances the states past the checkpoint
             decided = self.step()
-            spec.extend([token for _, token in decided])
+            spec.history.extend([token for _, token in decided])
             return decided
         if draft and not spec.checkpointed:
             self.cache.checkpoint_states(row)
@@ -276,18 +276,18 @@ class _Batch:
         fed = spec.pending + [result.token_ids[-1]] + draft
         first = len(self.prompts[row]) + len(result.token_ids) - 1 - len(spec.pending)
         logits = sequence_pass(self.model, self.cache, row, fed, first, len(draft) + 1)
-        decided, agreed = [], 0
-        for i in range(len(draft) + 1):
+        decided: list[int] = []
+
+        def decide(i: int, drafted: int | None) -> tuple[int, bool]:
             scores = self._penalized(logits[i:i + 1], [row], self._rows_sampling)
-            if i < len(draft):
-                token, same = choose_against_draft(scores, self._rows_sampling, draft[i])
-            else:
-                token, same = int(choose(scores, self._rows_sampling)[0]), False
+            token, same = (int(choose(scores, self._rows_sampling)[0]), False) \
+                if drafted is None else \
+                choose_against_draft(scores, self._rows_sampling, drafted)
             self._accept(row, token)
             decided.append(token)
-            agreed += same
-            if not same or result.finish_reason is not None:
-                break
+            return token, same
+
+        agreed = walk_pass(draft, decide, lambda: result.finish_reason is not None)
         result.draft_tokens += len(draft)
         result.accepted_draft_tokens += agreed
         if agreed == len(draft):  # every fed token stands: the states are current
@@ -295,7 +295,7 @@ class _Batch:
         else:  # back to the checkpoint; the fed tokens that stand go in again next pass
             self.cache.restore_states(row)
             spec.pending = fed[:len(spec.pending) + 1 + agreed]
-        spec.extend(decided)
+        spec.history.extend(decided)
         result.decode_seconds += time.perf_counter() - start
         self._set_active([row] if result.finish_reason is None else [])
         return [(row, token) for token in decided]

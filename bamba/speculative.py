@@ -21,6 +21,7 @@ written again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,28 +74,55 @@ def propose(tokens: torch.Tensor, lookup: PromptLookup, limit: int) -> list[int]
     return []
 
 
+def draft_room(tokens_left: int, pending: int) -> int:
+    """How many drafts a pass may hold: one fewer than the tokens the sequence may still
+    produce (the pass decides one beyond its drafts), and within ``MAX_PASS_TOKENS`` beside
+    the pending tokens."""
+    return min(tokens_left - 1, MAX_PASS_TOKENS - pending)
+
+
+def walk_pass(draft: list[int], decide: Callable[[int, int | None], tuple[int, bool]],
+              finished: Callable[[], bool]) -> int:
+    """Decide a pass's tokens in order: ``decide(i, draft token or None)`` returns (token,
+    whether it is the draft) and records the token; position i < len(draft) is judged against
+    draft[i], the last one (None) is the model's own. Stops at the first token that is not the
+    draft or once ``finished()``. Returns how many drafts were taken."""
+    agreed = 0
+    for i in range(len(draft) + 1):
+        _, same = decide(i, draft[i] if i < len(draft) else None)
+        agreed += same
+        if not same or finished():
+            break
+    return agreed
+
+
+class TokenHistory:
+    """A sequence's token ids as a tensor grown in place (what ``propose`` reads; a long
+    context's list is not converted again every step)."""
+
+    def __init__(self) -> None:
+        self.tokens = torch.empty(0, dtype=torch.long)
+        self.length = 0
+
+    def extend(self, new: list[int]) -> None:
+        end = self.length + len(new)
+        if end > len(self.tokens):
+            grown = torch.empty(max(2 * len(self.tokens), end + 256), dtype=torch.long)
+            grown[:self.length] = self.tokens[:self.length]
+            self.tokens = grown
+        self.tokens[self.length:end] = torch.tensor(new, dtype=torch.long)
+        self.length = end
+
+    def view(self) -> torch.Tensor:
+        return self.tokens[:self.length]
+
+
 @dataclass
 class SpeculativeRow:
     """The speculative state of the one sequence being decoded: its token history (prompt and
     output, for lookups), the tokens accepted since its Mamba states were last checkpointed and
     not yet fed again, and whether the checkpoint holds its current states."""
 
-    history: torch.Tensor  # [prompt + max_new_tokens] long; the first `length` are the sequence
-    length: int
+    history: TokenHistory = field(default_factory=TokenHistory)
     pending: list[int] = field(default_factory=list)
     checkpointed: bool = False
-
-    @classmethod
-    def start(cls, prompt: list[int], output: list[int], max_new_tokens: int) -> SpeculativeRow:
-        history = torch.zeros(len(prompt) + max_new_tokens, dtype=torch.long)
-        tokens = list(prompt) + list(output)
-        history[:len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        return cls(history, len(tokens))
-
-    def extend(self, tokens: list[int]) -> None:
-        self.history[self.length:self.length + len(tokens)] = torch.tensor(tokens,
-                                                                          dtype=torch.long)
-        self.length += len(tokens)
-
-    def sequence(self) -> torch.Tensor:
-        return self.history[:self.length]

@@ -18,7 +18,7 @@ import torch
 
 from bamba.engine.scheduler import ScheduledChunk, Sequence
 from bamba.engine.sequence import draw_against_draft, sample_rows
-from bamba.speculative import MAX_PASS_TOKENS, PromptLookup, propose
+from bamba.speculative import PromptLookup, TokenHistory, draft_room, propose, walk_pass
 
 METHOD = "ngram"
 
@@ -45,26 +45,18 @@ def lookup_from_config(config: dict[str, Any] | None) -> PromptLookup | None:
 
 
 class History:
-    """The token ids of the sequence drafted for, as a tensor grown in place (a long context's
-    list is not converted again every step)."""
+    """The token ids of the sequence drafted for (``TokenHistory``), following it from step to
+    step and starting again for another sequence."""
 
     def __init__(self) -> None:
         self.seq_id: int | None = None
-        self.tokens = torch.empty(0, dtype=torch.long)
-        self.length = 0
+        self.tokens = TokenHistory()
 
     def of(self, seq: Sequence) -> torch.Tensor:
-        if seq.seq_id != self.seq_id or len(seq.token_ids) < self.length:
-            self.seq_id, self.length = seq.seq_id, 0
-        new = seq.token_ids[self.length:]
-        end = self.length + len(new)
-        if end > len(self.tokens):
-            grown = torch.empty(max(2 * len(self.tokens), end + 256), dtype=torch.long)
-            grown[:self.length] = self.tokens[:self.length]
-            self.tokens = grown
-        self.tokens[self.length:end] = torch.tensor(new, dtype=torch.long)
-        self.length = end
-        return self.tokens[:end]
+        if seq.seq_id != self.seq_id or len(seq.token_ids) < self.tokens.length:
+            self.seq_id, self.tokens = seq.seq_id, TokenHistory()
+        self.tokens.extend(seq.token_ids[self.tokens.length:])
+        return self.tokens.view()
 
 
 def lookup_step(llm: Any) -> list[Any] | None:
@@ -76,8 +68,8 @@ def lookup_step(llm: Any) -> list[Any] | None:
     owner = llm._seq_owner[seq.seq_id]
     row = owner.seqs_by_id(seq.seq_id)
     pending = seq.token_ids[seq.num_computed:]
-    room = min(row.max_tokens - len(row.output_ids) - 1, MAX_PASS_TOKENS - len(pending),
-               llm.max_model_len - len(seq.token_ids) - 1)
+    room = draft_room(min(row.max_tokens - len(row.output_ids),
+                          llm.max_model_len - len(seq.token_ids)), len(pending))
     draft = propose(llm.lookup_history.of(seq), llm.lookup, room) if room > 0 else []
     if not draft:
         return None
@@ -117,17 +109,16 @@ def _decide(llm: Any, row: Any, logits: torch.Tensor, draft: list[int]) -> int:
     """Append the tokens the pass decides (the drafts the model agrees with, then one of its
     own) to ``row``; how many drafts it took."""
     vocab = llm.config.vocab_size
-    agreed = 0
-    for i in range(len(draft) + 1):
-        if i < len(draft):
-            (token, logprob), same = draw_against_draft(row, logits[i:i + 1], draft[i], vocab)
-        else:
+
+    def decide(i: int, drafted: int | None) -> tuple[int, bool]:
+        if drafted is None:
             drawn = sample_rows([row], logits[i:i + 1], vocab)[0]
             if isinstance(drawn, Exception):
                 raise drawn
             (token, logprob), same = drawn, False
+        else:
+            (token, logprob), same = draw_against_draft(row, logits[i:i + 1], drafted, vocab)
         row.append(token, logprob, llm.max_model_len)
-        agreed += same
-        if not same or row.finished:
-            break
-    return agreed
+        return token, same
+
+    return walk_pass(draft, decide, lambda: row.finished)
