@@ -13,7 +13,8 @@ Two parts, one run, bf16, greedy:
   the passage), and "continue", the passage alone; plain decoding against --lookups draft
   lengths. Reported: decode tok/s, drafts taken, and whether the tokens are plain decoding's.
   Kinds alternate round by round; the median round is kept. Then the same through the
-  engine (``LLM`` with ``speculative_config``, one request at a time: one user of a server).
+  engine (``LLM`` with ``speculative_config``), 1, 2 and 4 requests at once (users of a
+  server): their tok/s together.
 
 Writes benchmarks/results/lookup.json with the host's measured matmul peak and read bandwidth.
 
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=4, help="held-out files (a passage each)")
     p.add_argument("--passage-chars", type=int, default=1200)
     p.add_argument("--context", type=int, default=512, help="prefill before the timed passes")
+    p.add_argument("--concurrent", type=int, nargs="+", default=[1, 2, 4],
+                   help="requests the engine runs at once")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
@@ -173,56 +176,67 @@ def continuations(model: BambaLM, directory: Path, args: argparse.Namespace
 
 
 def engine_continuations(directory: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The same greedy continuations through the engine (``LLM``, one request at a time, as
-    one user of ``bamba serve``), plain against ``speculative_config``: decode tok/s (each
-    request's time less that of its prompt alone), and the tokens against plain's."""
+    """The same greedy continuations through the engine (``LLM``, as users of ``bamba serve``:
+    --concurrent requests at once), plain against ``speculative_config``: decode tok/s of
+    all the requests together (the time less that of their prompts alone), the drafts taken,
+    and the tokens against plain's."""
     from bamba.engine import LLM, SamplingParams
 
     lookups = [0, *args.lookups]
-    engines = {k: LLM(str(directory), dtype=args.dtype, memory_gb=0.5, max_num_seqs=1,
-                      enable_prefix_caching=False, speculative_config=None if k == 0 else
+    engines = {k: LLM(str(directory), dtype=args.dtype, memory_gb=0.5,
+                      max_num_seqs=max(args.concurrent), enable_prefix_caching=False,
+                      speculative_config=None if k == 0 else
                       {"method": "ngram", "num_speculative_tokens": k}) for k in lookups}
     kinds = prompts(engines[0].tokenizer, args.files, args.passage_chars)
     whole = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1)
 
-    def decode(llm: Any, prompt: list[int]) -> tuple[float, list[int]]:
+    def decode(llm: Any, batch: list[list[int]]) -> tuple[float, list[list[int]]]:
         start = time.perf_counter()
-        llm.generate([prompt], first)
+        llm.generate(batch, first)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        out = llm.generate([prompt], whole)[0].outputs[0].token_ids
-        return time.perf_counter() - start - prefill, out
+        outs = llm.generate(batch, whole)
+        return time.perf_counter() - start - prefill, [o.outputs[0].token_ids for o in outs]
 
     rows = []
-    for kind, batch in kinds.items():
-        for k in lookups:  # warm-up
-            decode(engines[k], batch[0])
-        rounds: dict[int, list[float]] = {k: [] for k in lookups}
-        agree: dict[int, list[float]] = {k: [] for k in lookups}
-        for _ in range(args.rounds):
-            plain: list[list[int]] = []
-            for k in lookups:
-                seconds = 0.0
-                for i, prompt in enumerate(batch):
-                    elapsed, tokens = decode(engines[k], prompt)
-                    seconds += elapsed
+    for concurrent in args.concurrent:
+        for kind, batch in kinds.items():
+            groups = [batch[i:i + concurrent] for i in range(0, len(batch), concurrent)]
+            for k in lookups:  # warm-up
+                decode(engines[k], groups[0])
+            counted = {k: engines[k].stats() for k in lookups}
+            rounds: dict[int, list[float]] = {k: [] for k in lookups}
+            agree: dict[int, list[float]] = {k: [] for k in lookups}
+            for _ in range(args.rounds):
+                plain: list[list[int]] = []
+                for k in lookups:
+                    seconds, outs = 0.0, []
+                    for group in groups:
+                        elapsed, tokens = decode(engines[k], group)
+                        seconds += elapsed
+                        outs += tokens
                     if k == 0:
-                        plain.append(tokens)
-                    agree[k].append(common_prefix(tokens, plain[i]) / len(plain[i]))
-                rounds[k].append((args.tokens - 1) * len(batch) / seconds)
-        base = statistics.median(rounds[0])
-        for k in lookups:
-            tok_s = statistics.median(rounds[k])
-            stats = engines[k].stats()
-            taken = stats.num_accepted_draft_tokens / stats.num_draft_tokens \
-                if stats.num_draft_tokens else None
-            rows.append({"kind": kind, "num_speculative_tokens": k, "tok_s": round(tok_s, 1),
-                         "over_plain": round(tok_s / base, 3),
-                         "drafts_taken": None if taken is None else round(taken, 3),
-                         "as_plain_until_first_difference": round(statistics.mean(agree[k]), 3)})
-            print(f"engine {kind:8s} k={k}  {tok_s:7.1f} tok/s  {tok_s / base:.2f}x plain  "
-                  f"tokens as plain's: {statistics.mean(agree[k]):.0%}")
+                        plain = outs
+                    agree[k] += [common_prefix(a, b) / len(b) for a, b in zip(outs, plain)]
+                    rounds[k].append((args.tokens - 1) * len(batch) / seconds)
+            base = statistics.median(rounds[0])
+            for k in lookups:
+                tok_s = statistics.median(rounds[k])
+                stats, before = engines[k].stats(), counted[k]
+                drafted = stats.num_draft_tokens - before.num_draft_tokens
+                taken = (stats.num_accepted_draft_tokens - before.num_accepted_draft_tokens) \
+                    / drafted if drafted else None
+                rows.append({"kind": kind, "concurrent": concurrent,
+                             "num_speculative_tokens": k, "tok_s": round(tok_s, 1),
+                             "over_plain": round(tok_s / base, 3),
+                             "drafts_taken": None if taken is None else round(taken, 3),
+                             "as_plain_until_first_difference":
+                                 round(statistics.mean(agree[k]), 3)})
+                print(f"engine {concurrent} at once {kind:8s} k={k}  {tok_s:7.1f} tok/s  "
+                      f"{tok_s / base:.2f}x plain  drafts taken: "
+                      f"{'-' if taken is None else f'{taken:.0%}'}  "
+                      f"tokens as plain's: {statistics.mean(agree[k]):.0%}")
     return rows
 
 
@@ -233,7 +247,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
-        args.tokens, args.files, args.rounds, args.lookups = 12, 1, 1, [3]
+        args.tokens, args.files, args.rounds, args.lookups = 12, 2, 1, [3]
+        args.concurrent = [1, 2]
         args.context, args.passage_chars = 64, 300
     torch.set_num_threads(args.threads)
     costs = pass_costs("tiny" if args.quick else "bench", args.context,

@@ -28,7 +28,8 @@ def test_quick_run_reports_passes_and_every_kind(tmp_path: Path, tiny_checkpoint
         assert row["tok_s"] > 0
         assert row["as_plain_until_first_difference"] == pytest.approx(1.0)  # float32, greedy
     engine = report["engine_continuations"]
-    assert [(r["kind"], r["num_speculative_tokens"]) for r in engine] == \
-        [(kind, k) for kind in ("recite", "continue") for k in (0, 3)]
+    assert [(r["concurrent"], r["kind"], r["num_speculative_tokens"]) for r in engine] == \
+        [(n, kind, k) for n in (1, 2) for kind in ("recite", "continue") for k in (0, 3)]
     assert all(r["tok_s"] > 0 for r in engine)
+    assert all(r["as_plain_until_first_difference"] == pytest.approx(1.0) for r in engine)
     assert report["host"]["read_gb_per_s"] > 0

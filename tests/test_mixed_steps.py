@@ -11,6 +11,7 @@ import torch
 from test_engine import assert_pools_full, greedy, prompts, reference_greedy, tiny_model
 
 from bamba.cache import ContiguousCache
+from bamba.cache_protocol import KVLayout
 from bamba.config import preset
 from bamba.engine import LLM
 from bamba.engine.page_pool import PagePool
@@ -221,6 +222,49 @@ def test_rows_of_one_slot_must_be_adjacent_and_successive() -> None:
         step([1, 0, 1], [3, 0, 4])
     with pytest.raises(ValueError, match="rows on one state slot must be adjacent, at succ"):
         step([0, 1, 1], [3, 0, 2])
+
+
+@native
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_a_run_may_start_from_another_slots_state(state_dtype: torch.dtype) -> None:
+    """``StepRows.sources``: a run of rows on slot 2 whose first row reads slot 0's state
+    gives what copying slot 0 into slot 2 and stepping there gives, bit for bit, and leaves
+    slot 0 as it was; a run without a source beside it steps in place."""
+    cfg = preset("tiny", attn_layer_indices=[])
+    model = accelerate(init_weights(BambaLM(cfg), seed=0).eval())
+    layers = model.model.layers
+    tensors = [plan.layer_tensors(layer).whole() for layer in layers]
+    cache = ContiguousCache(cfg, 3, 8, torch.float32, state_dtype=state_dtype)
+    pools = [*cache.conv.values(), *cache.ssm.values()]
+    for i, pool in enumerate(pools):
+        pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(i)))
+    start = [pool.clone() for pool in pools]
+    x = torch.randn(4, cfg.hidden_size, generator=torch.Generator().manual_seed(9))
+
+    def step(sources: list[int] | None) -> torch.Tensor:
+        storage = [decode_ops.LayerStorage(cache.conv[i], cache.ssm[i])
+                   for i in range(len(layers))]
+        rows = decode_ops.StepRows(torch.tensor([2, 2, 2, 1]), torch.tensor([3, 4, 5, 3]),
+                                   torch.ones(4, 0), torch.zeros(4, 0),
+                                   torch.zeros(4, dtype=torch.long),
+                                   torch.zeros(4, 8, dtype=torch.long),
+                                   None if sources is None else torch.tensor(sources))
+        with torch.inference_mode():
+            return decode_ops.decode_layers(x, tensors, [False] * len(layers), storage, rows,
+                                            layers[0].step_dims, plan.NO_LAYER,
+                                            KVLayout(0, 0), cfg.rms_norm_eps,
+                                            (0.0, float("inf")))
+
+    got = step([0, 2, 2, 1])
+    after = [pool.clone() for pool in pools]
+    for pool, first in zip(pools, start, strict=True):  # again: slot 0 copied in by hand
+        pool.copy_(first)
+        pool[2] = first[0]
+    want = step(None)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(after, pools, strict=True))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(after, start, strict=True))
+    assert not all(torch.equal(a[2], b[0]) for a, b in zip(after, start, strict=True))
 
 
 def test_bad_mixed_step_tokens_are_refused(capsys: pytest.CaptureFixture) -> None:

@@ -117,10 +117,26 @@ def _oracle(plain: list[int], prompt_len: int, wrong: float, seed: int):
 
     def draft(sequence, lookup, limit):
         done = len(sequence) - prompt_len
-        right = plain[done:done + min(lookup.tokens, limit)]
-        return [t if rng.random() >= wrong else (t + 1 + rng.randrange(VOCAB - 1)) % VOCAB
-                for t in right]
+        return _corrupt(plain[done:done + min(lookup.tokens, limit)], wrong, rng)
     return draft
+
+
+def _oracles(runs: list[tuple[list[int], list[int]]], wrong: float, seed: int):
+    """``_oracle`` for several sequences: ``runs`` holds (prompt, plain continuation) pairs,
+    a sequence's found by its prompt."""
+    rng = random.Random(seed)
+
+    def draft(sequence, lookup, limit):
+        tokens = sequence.tolist()
+        prompt, plain = next((p, c) for p, c in runs if tokens[:len(p)] == p)
+        done = len(tokens) - len(prompt)
+        return _corrupt(plain[done:done + min(lookup.tokens, limit)], wrong, rng)
+    return draft
+
+
+def _corrupt(right: list[int], wrong: float, rng: random.Random) -> list[int]:
+    return [t if rng.random() >= wrong else (t + 1 + rng.randrange(VOCAB - 1)) % VOCAB
+            for t in right]
 
 
 @pytest.fixture(params=["rows", "forward"])
@@ -360,6 +376,73 @@ def test_engine_lookup_with_sampling_and_beside_other_requests():
     assert llm.stats().num_draft_tokens >= drafted
 
 
+PROMPTS = [PROMPT, [40, 41, 42, 40, 41, 42, 40], [60, 3, 3, 3, 61, 3, 3, 3, 61, 3]]
+
+
+def _drafting_per_pass(llm) -> list[int]:
+    """Spy on the engine's passes with drafts: how many sequences drafted in each."""
+    counts, verify = [], llm.runner.verify_rows
+
+    def spy(chunks, keep):
+        counts.append(sum(k > 1 for k in keep))
+        return verify(chunks, keep)
+    llm.runner.verify_rows = spy
+    return counts
+
+
+@pytest.mark.parametrize("attn_layers", [(1, 3), (0, 1, 2, 3)], ids=["hybrid", "all-attention"])
+@pytest.mark.parametrize("wrong", [0.0, 0.3, 1.0])
+def test_engine_drafts_for_several_sequences_and_gives_their_plain_greedy_tokens(
+        attn_layers, wrong, monkeypatch):
+    """Three requests at once, each drafting in the same pass: every one gets the plain
+    engine's greedy tokens (one stops early, at its own max_tokens)."""
+    import bamba.engine.lookup
+    from bamba.engine import SamplingParams
+
+    model = _model(attn_layers).to(torch.bfloat16)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for n in (30, 9, 30)]
+    plain = [o.outputs[0].token_ids for o in _engine(model).generate(PROMPTS, params)]
+    monkeypatch.setattr(bamba.engine.lookup, "propose",
+                        _oracles(list(zip(PROMPTS, plain)), wrong, 11))
+    llm = _engine(model, lookup=3)
+    drafting = _drafting_per_pass(llm)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == plain
+    assert max(drafting) == 3 and llm.stats().num_draft_tokens > 0
+    assert (llm.stats().num_accepted_draft_tokens > 0) == (wrong < 1.0)
+
+
+def test_the_pass_shares_its_rows_and_drafts_only_where_a_spare_slot_is(monkeypatch):
+    """Pending tokens take their rows first; what is left goes to the sequences in order, each
+    at most an even share (rounded up) of what the earlier ones left. Without a free slot for its pass a
+    sequence decodes plainly beside the drafting one."""
+    import bamba.engine.lookup
+    from bamba.engine import SamplingParams
+
+    limits: list[list[int]] = []
+
+    def wrong_drafts(sequence, lookup, limit):
+        limits.append(limit)
+        return [(int(sequence[-1]) + 1) % VOCAB] * limit
+    monkeypatch.setattr(bamba.engine.lookup, "propose", wrong_drafts)
+    model = _model().to(torch.bfloat16)
+    llm = _engine(model, lookup=7)
+    llm.generate(PROMPTS, SamplingParams(max_tokens=4, ignore_eos=True, temperature=0))
+    assert limits[:3] == [2, 2, 1]  # 8 rows, 3 pending: 5 / 3 up, then 3 / 2 up, then 1
+    params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0)
+    two = dict(max_num_seqs=2, enable_prefix_caching=False)  # 2 slots running, 2 for passes
+    plain = [o.outputs[0].token_ids for o in _engine(model, **two).generate(PROMPTS[:2], params)]
+    monkeypatch.setattr(bamba.engine.lookup, "propose", _oracles(list(zip(PROMPTS, plain)), 0.2, 3))
+    llm = _engine(model, lookup=3, **two)
+    assert llm.plan.num_slots == 4
+    held = llm.slots.allocate(1)  # as if another holder kept one of the two
+    drafting = _drafting_per_pass(llm)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)] == plain
+    assert drafting and max(drafting) == 1
+    llm.slots.release(held)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)] == plain
+    assert max(drafting) == 2
+
+
 @pytest.mark.parametrize("config, says", [
     ({"method": "eagle", "num_speculative_tokens": 2}, "only 'ngram'"),
     ({"method": "ngram"}, "needs num_speculative_tokens"),
@@ -429,14 +512,15 @@ def test_engine_plans_a_spare_slot_for_the_checkpoint(monkeypatch):
     assert llm.stats().num_accepted_draft_tokens > 0
 
 
-def test_the_engine_history_grows_in_place_and_follows_the_sequence():
-    from bamba.engine.lookup import History
+def test_the_engine_histories_grow_in_place_and_follow_the_sequences():
+    from bamba.engine.lookup import Histories
     from bamba.engine.scheduler import Sequence
 
-    history = History()
-    seq = Sequence(seq_id=1, token_ids=[5, 6, 7], num_prompt_tokens=3)
-    assert history.of(seq).tolist() == [5, 6, 7]
-    seq.token_ids += list(range(300))
-    assert history.of(seq).tolist() == [5, 6, 7, *range(300)]
-    other = Sequence(seq_id=2, token_ids=[9], num_prompt_tokens=1)
-    assert history.of(other).tolist() == [9]
+    histories = Histories()
+    one = Sequence(seq_id=1, token_ids=[5, 6, 7], num_prompt_tokens=3)
+    two = Sequence(seq_id=2, token_ids=[9], num_prompt_tokens=1)
+    assert [t.tolist() for t in histories.of([one, two])] == [[5, 6, 7], [9]]
+    one.token_ids += list(range(300))
+    (grown,) = histories.of([one])
+    assert grown.tolist() == [5, 6, 7, *range(300)]
+    assert list(histories._of) == [1]  # the sequence no longer running is forgotten

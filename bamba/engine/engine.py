@@ -22,7 +22,7 @@ from bamba.compile import inductor_options
 from bamba.config import with_rope_scaling
 from bamba.dtypes import parse_dtype
 from bamba.generation_defaults import AUTO, chosen_generation_defaults, stop_token_ids
-from bamba.engine.lookup import History, lookup_from_config, lookup_step
+from bamba.engine.lookup import Histories, drafters, lookup_from_config, lookup_step
 from bamba.engine.page_pool import PagePool, plan_pools
 from bamba.engine.params import RequestOutput, SamplingParams, TokenLogprob
 from bamba.engine.prefix_cache import PrefixCache
@@ -126,7 +126,8 @@ class LLM:
     directory or file path reads that one instead.
     speculative_config: vLLM's, for its n-gram method (prompt lookup, ``engine.lookup``):
     {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3,
-    "prompt_lookup_min": 1}; drafts are checked while one sequence runs alone.
+    "prompt_lookup_min": 1}; drafts are checked while every running sequence decodes (nothing
+    waits), up to ``MAX_PASS_TOKENS`` rows a step in all.
     """
 
     def __init__(self, model: BambaLM | str | os.PathLike, tokenizer: object | None = None, *,
@@ -142,7 +143,7 @@ class LLM:
             inductor_options(compile_mode)  # a bad mode fails here, before the model loads
         self.lookup = lookup_from_config(speculative_config)  # bad values fail here too
         self.draft_tokens = self.accepted_draft_tokens = 0
-        self.lookup_history = History()
+        self.lookup_history = Histories()
         chosen = chosen_generation_defaults(generation_config)
         model, tokenizer = _load(model, tokenizer, dtype, rope_scaling)
         self.generation_defaults = chosen if chosen is not None else model.generation_defaults
@@ -161,7 +162,7 @@ class LLM:
             enable_prefix_caching = False
         plan = plan_pools(cfg, int(memory_gb * 1e9), block_size, model.dtype, self.state_dtype,
                           max_num_seqs, wanted_len, enable_prefix_caching,
-                          spare_slots=int(self.lookup is not None))  # a pass's checkpoint
+                          spare_slots=0 if self.lookup is None else drafters(max_num_seqs))
         self.plan = plan
         # A lone sequence must always fit in the KV pool, or preemption could not help it.
         self.max_model_len = min(wanted_len, plan.num_blocks * block_size)

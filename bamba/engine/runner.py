@@ -46,17 +46,20 @@ class PagedBatchCache:
     ``slots`` [B] are the rows' state slots (None: the state pools are already this batch's
     rows, in order; with ``rows_share_slots``, adjacent rows may share one), ``write_rows``
     [B, L] the page rows (block * block_size + offset) of the tokens written by this call,
-    ``read_rows`` [B, T] those of positions 0..T-1 of every row.
+    ``read_rows`` [B, T] those of positions 0..T-1 of every row; ``state_sources`` [B] (or
+    None) the slot each run of rows on one slot starts from (the native step copies it in).
     """
 
     def __init__(self, pools: StatePools, slots: torch.Tensor | None, write_rows: torch.Tensor,
                  read_rows: torch.Tensor, scratch: Scratch | None = None,
-                 rows_share_slots: bool = False):
+                 rows_share_slots: bool = False, state_sources: torch.Tensor | None = None):
         self.pools, self.slots = pools, slots
         self.write_rows, self.read_rows, self.scratch = write_rows, read_rows, scratch
-        # Adjacent rows on one slot are one sequence's successive tokens: only the native
-        # one-call step takes that (bamba.native.seam raises NativeStepUnavailable otherwise).
+        # Adjacent rows on one slot are one sequence's successive tokens, and a run may start
+        # from another slot's state: only the native one-call step takes those
+        # (bamba.native.seam raises NativeStepUnavailable otherwise).
         self.rows_share_slots = rows_share_slots
+        self.state_sources = state_sources
 
     def mamba_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.pools.conv[layer_idx], self.pools.ssm[layer_idx], self.slots
@@ -323,16 +326,26 @@ class ModelRunner:
         return {c.seq_id: logits[j] for j, c in enumerate(chunks)}
 
     @torch.inference_mode()
-    def verify_rows(self, chunk: ScheduledChunk, keep: int) -> torch.Tensor | None:
-        """The logits [keep, V] (float32) of the chunk's last ``keep`` tokens, its tokens run
-        as rows of one native call on its slot (speculative decoding's check of drafts); None
-        when that call cannot run (nothing done)."""
-        hidden = self._rows_hidden([chunk])
-        return None if hidden is None else self.model.logits(hidden[-keep:, -1]).float()
+    def verify_rows(self, chunks: list[ScheduledChunk], keep: list[int]
+                    ) -> list[torch.Tensor] | None:
+        """Per chunk, the logits [keep, V] (float32) of its last ``keep`` tokens, every token
+        of the chunks run as a row of one native call on its slot (speculative decoding's
+        check of drafts); None when that call cannot run (nothing done). A chunk's
+        ``restore_from`` state is read in the same call (copied into its slot as its first
+        row reads it) and left as it was: the pass can be undone by keeping that slot."""
+        hidden = self._rows_hidden(chunks, from_restore=True)
+        if hidden is None:
+            return None
+        ends = torch.tensor([len(c.token_ids) for c in chunks]).cumsum(0).tolist()
+        rows = [row for end, n in zip(ends, keep, strict=True) for row in range(end - n, end)]
+        logits = self.model.logits(hidden[rows, -1]).float()
+        return list(logits.split(keep))
 
-    def _rows_hidden(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+    def _rows_hidden(self, chunks: list[ScheduledChunk], from_restore: bool = False
+                     ) -> torch.Tensor | None:
         """Final-norm hidden states [tokens, 1, hidden] of every token of the chunks as a row
-        of one native call, or None when it cannot run (nothing done)."""
+        of one native call, or None when it cannot run (nothing done). ``from_restore``: the
+        chunks' ``restore_from`` slots are their rows' state sources (``PagedBatchCache``)."""
         device = self.model.device
         per_row = [(c, c.start + j, t) for c in chunks for j, t in enumerate(c.token_ids)]
         end = max(position for _, position, _ in per_row) + 1
@@ -345,7 +358,11 @@ class ModelRunner:
         slots = tensor([c.slot for c, _, _ in per_row])
         lengths = torch.maximum(pos + 1, tensor([[c.num_prompt_tokens] for c, _, _ in per_row])) \
             if self.length_dependent_rope else None
-        cache = PagedBatchCache(self.pools, slots, write, read, rows_share_slots=True)
+        sources = tensor([c.slot if c.restore_from is None else c.restore_from
+                          for c, _, _ in per_row]) \
+            if from_restore and any(c.restore_from is not None for c in chunks) else None
+        cache = PagedBatchCache(self.pools, slots, write, read, rows_share_slots=True,
+                                state_sources=sources)
         try:
             return self.model.hidden_states(ids, positions=pos, cache=cache,
                                             rope_lengths=lengths)

@@ -217,14 +217,17 @@ class Scheduler:
                 end = last
         return end - start
 
-    def lone_decoder(self) -> Sequence | None:
-        """The running sequence when it is the only one, nothing waits, and its prompt is
-        in the cache: the sequence speculative decoding may draft for (``engine.lookup``)."""
-        if len(self.running) != 1 or self.waiting:
-            return None
-        seq = self.running[0]
-        done = seq.num_computed >= seq.num_prompt_tokens and seq.restore_from is None
-        return seq if done and len(seq.token_ids) > seq.num_computed else None
+    def decoders(self) -> list[Sequence]:
+        """The running sequences when nothing waits and every one has its prompt in the cache
+        and a token to feed: those speculative decoding may draft for (``engine.lookup``);
+        [] otherwise."""
+        if self.waiting or not self.running:
+            return []
+        for seq in self.running:
+            done = seq.num_computed >= seq.num_prompt_tokens and seq.restore_from is None
+            if not done or len(seq.token_ids) <= seq.num_computed:
+                return []
+        return list(self.running)
 
     def reserve(self, seq: Sequence, n: int) -> bool:
         """KV blocks for ``n`` more tokens of a running sequence (False: the pool is short)."""

@@ -59,13 +59,16 @@ class LayerStorage(NamedTuple):
 class StepRows(NamedTuple):
     """One decode call's rows: state pool rows [M], positions [M] of the new tokens, rope
     cos/sin [M, rotary_dim] in the model dtype, token rows [M] the new keys go to, token rows
-    [M, T] of positions 0..T-1 (T > every position)."""
+    [M, T] of positions 0..T-1 (T > every position); ``sources`` [M] (or None) the slot each
+    run of rows on one slot reads its state from at its first row (copied into the run's slot
+    first, the source left as it was: a pass that may be undone)."""
     slots: torch.Tensor
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     write_rows: torch.Tensor
     read_rows: torch.Tensor
+    sources: torch.Tensor | None = None
 
 
 class FinalNorm(NamedTuple):
@@ -101,7 +104,8 @@ class DecodeRows(ctypes.Structure):
                 ("slot_limit", ctypes.c_int64), ("row_limit", ctypes.c_int64),
                 ("slots", ctypes.c_void_p), ("lengths", ctypes.c_void_p),
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
-                ("write_rows", ctypes.c_void_p), ("read_rows", ctypes.c_void_p)]
+                ("write_rows", ctypes.c_void_p), ("read_rows", ctypes.c_void_p),
+                ("sources", ctypes.c_void_p)]
 
 
 def _int64_array(values) -> ctypes.Array:
@@ -325,16 +329,19 @@ def decode_layers(x: torch.Tensor, layers: list[list[torch.Tensor | None]], kind
     write_rows, read_rows = (rows.write_rows.to(torch.int64).contiguous(),
                              rows.read_rows.to(torch.int64).contiguous())
     cos, sin = rows.cos.to(x.dtype).contiguous(), rows.sin.to(x.dtype).contiguous()
+    sources = None if rows.sources is None else rows.sources.to(torch.int64).contiguous()
     if slots.shape != (m,) or positions.shape != (m,) or write_rows.shape != (m,) or \
             read_rows.dim() != 2 or read_rows.shape[0] != m or cos.shape != sin.shape or \
-            (any(kinds) and (cos.dim() != 2 or cos.shape[0] != m)):
-        raise ValueError(f"decode step: rows {[tuple(t.shape) for t in rows]} do not fit "
-                         f"{m} rows")
+            (any(kinds) and (cos.dim() != 2 or cos.shape[0] != m)) or \
+            (sources is not None and sources.shape != (m,)):
+        shapes = [None if t is None else tuple(t.shape) for t in rows]
+        raise ValueError(f"decode step: rows {shapes} do not fit {m} rows")
     lengths = positions + 1
     slot_limit, row_limit = plan[2]
     call = DecodeRows(m, read_rows.shape[1], cos.shape[-1] if any(kinds) else 0, slot_limit,
                       row_limit, slots.data_ptr(), lengths.data_ptr(), cos.data_ptr(),
-                      sin.data_ptr(), write_rows.data_ptr(), read_rows.data_ptr())
+                      sin.data_ptr(), write_rows.data_ptr(), read_rows.data_ptr(),
+                      None if sources is None else sources.data_ptr())
     out, spare = torch.empty_like(x), torch.empty_like(x)
     status = library.load().bamba_decode_layers(
         ctypes.byref(model), x.data_ptr(), out.data_ptr(), spare.data_ptr(), ctypes.byref(call),

@@ -477,6 +477,24 @@ static void conv_piece(const Layer *L, const float *taps, int64_t m, int64_t c0,
     for (int64_t c = 0; c < n; c++) xbc[c0 + c] = acc[c];
 }
 
+/* Copy a run's state from slot `from` into its own slot `to` before its first row reads it
+ * (a pass that must leave the sequence's state where it was): conv channels c0..c0+n-1 of
+ * every tap, or (n < 0) SSM head h. The copy rides the row's own read of the state. */
+static void conv_copy(const Layer *L, int64_t c0, int64_t n, void *conv_pool, int conv_bf16,
+                      int64_t from, int64_t to) {
+    const int64_t K = L->d[CONV_K], C = L->d[CONV_DIM], size = conv_bf16 ? 2 : 4;
+    for (int64_t k = 0; k < K - 1; k++)
+        memcpy((char *)conv_pool + ((to * (K - 1) + k) * C + c0) * size,
+               (const char *)conv_pool + ((from * (K - 1) + k) * C + c0) * size, n * size);
+}
+
+static void ssm_copy(const Layer *L, int64_t h, void *ssm_pool, int ssm_bf16, int64_t from,
+                     int64_t to) {
+    const int64_t H = L->d[HEADS], PN = L->d[HEAD_DIM] * L->d[D_STATE], size = ssm_bf16 ? 2 : 4;
+    memcpy((char *)ssm_pool + (to * H + h) * PN * size,
+           (const char *)ssm_pool + (from * H + h) * PN * size, PN * size);
+}
+
 /* SSM step for head h of row m: updates the state, writes y = S C + D x gated by silu(z). */
 static void ssm_head(const Layer *L, int64_t m, int64_t h, void *ssm_pool, int ssm_bf16,
                      const int64_t *rows, const float *zx, float *y) {
@@ -508,7 +526,8 @@ static void ssm_head(const Layer *L, int64_t m, int64_t h, void *ssm_pool, int s
  * in order, the state staying in cache between them; work items go piece- and head-major so
  * that each thread gets a share of every run. */
 static void *mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool, int conv_bf16,
-                         void *ssm_pool, int ssm_bf16, const int64_t *rows) {
+                         void *ssm_pool, int ssm_bf16, const int64_t *rows,
+                         const int64_t *sources) {
     const int64_t D = L->d[HIDDEN], Din = L->d[D_INNER], C = L->d[CONV_DIM], H = L->d[HEADS],
                   G = L->d[GROUPS], width = Din + C + H;
     const int64_t n_runs = s->n_runs, *runs = s->runs;
@@ -520,7 +539,9 @@ static void *mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool,
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n_runs * pieces; i++) { /* conv, then silu, a piece of a run each */
         const int64_t r = i % n_runs, c0 = (i / n_runs) * SILU_PIECE;
-        const int64_t n = C - c0 < SILU_PIECE ? C - c0 : SILU_PIECE;
+        const int64_t n = C - c0 < SILU_PIECE ? C - c0 : SILU_PIECE, first = runs[r];
+        if (sources != NULL && sources[first] != rows[first])
+            conv_copy(L, c0, n, conv_pool, conv_bf16, sources[first], rows[first]);
         for (int64_t m = runs[r]; m < runs[r + 1]; m++) {
             float *xbc = s->proj + m * width + Din;
             conv_piece(L, s->taps, m, c0, n, conv_pool, conv_bf16, rows, xbc);
@@ -529,7 +550,9 @@ static void *mixer_stage(const Layer *L, int64_t M, Scratch *s, void *conv_pool,
     }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n_runs * H; i++) {
-        const int64_t r = i % n_runs, h = i / n_runs;
+        const int64_t r = i % n_runs, h = i / n_runs, first = runs[r];
+        if (sources != NULL && sources[first] != rows[first])
+            ssm_copy(L, h, ssm_pool, ssm_bf16, sources[first], rows[first]);
         for (int64_t m = runs[r]; m < runs[r + 1]; m++)
             ssm_head(L, m, h, ssm_pool, ssm_bf16, rows, s->proj + m * width, s->y + m * Din);
     }
@@ -628,6 +651,7 @@ typedef struct { /* what one call works on besides the layer */
     void *conv_pool, *ssm_pool;  /* MAMBA_LAYER: state pools and their dtypes */
     int conv_bf16, ssm_bf16;
     const int64_t *rows;
+    const int64_t *sources; /* [M] or NULL: the slot each run's first row reads its state from */
 } Call;
 
 static int run(const Layer *L, Part part, const Call *c, int threads) {
@@ -691,7 +715,7 @@ static int run(const Layer *L, Part part, const Call *c, int threads) {
         } else {
             const void *h = part == MAMBA_LAYER
                 ? mixer_stage(L, M, &s, c->conv_pool, c->conv_bf16, c->ssm_pool, c->ssm_bf16,
-                              c->rows)
+                              c->rows, c->sources)
                 : attention_out_stage(L, M, &s, c->attn);
             ffn_stage(L, M, &s, h);
         }
@@ -804,6 +828,8 @@ typedef struct { /* one call's rows */
     const void *cos, *sin;     /* [M, rotary_dim], layer dtype */
     const int64_t *write_rows; /* [M] token rows this token's keys and values go to */
     const int64_t *read_rows;  /* [M, T] token rows of positions 0..T-1 */
+    const int64_t *sources;    /* [M] or NULL: the slot a run's first row reads its state from
+                                * (copied into its own slot first; that slot left as it was) */
 } DecodeRows;
 
 /* Rotate the first rotary_dim channels of a head ("rotate half"), rounded as apply_rope's
@@ -875,6 +901,8 @@ static int check_rows(const DecodeModel *P, const DecodeRows *r) {
     }
     for (int64_t m = 0; m < r->M; m++) {
         if (mamba && (r->slots[m] < 0 || r->slots[m] >= r->slot_limit)) return -4;
+        if (mamba && r->sources != NULL && (r->sources[m] < 0 || r->sources[m] >= r->slot_limit))
+            return -4;
         if (attention && (r->lengths[m] < 1 || r->lengths[m] > r->T)) return -5;
         if (attention && (r->write_rows[m] < 0 || r->write_rows[m] > r->row_limit)) return -6;
     }
@@ -914,7 +942,7 @@ int bamba_decode_layers(const DecodeModel *P, const void *x, void *out, void *sp
                              P->dt_min, P->dt_max,
                              P->residual_scale};
             const Call c = {src, NULL, dst, r->M, P->pool_a[i], P->pool_b[i],
-                            (int)P->conv_bf16, (int)P->ssm_bf16, r->slots};
+                            (int)P->conv_bf16, (int)P->ssm_bf16, r->slots, r->sources};
             status = run(&L, MAMBA_LAYER, &c, threads);
         }
         src = dst;

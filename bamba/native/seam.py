@@ -337,8 +337,10 @@ class BambaLM(_Counted, reference.BambaLM):
                 out = self._decode(x, rope, positions, cache, steps)
                 if out is not None:
                     return out
-            if getattr(cache, "rows_share_slots", False):
-                raise NativeStepUnavailable("rows sharing a state slot need the native step")
+            if getattr(cache, "rows_share_slots", False) or \
+                    getattr(cache, "state_sources", None) is not None:
+                raise NativeStepUnavailable("rows sharing a state slot or reading another "
+                                            "slot's state need the native step")
         return super().layers_then_norm(x, rope, positions, cache, seq_idx)
 
     def decode_plan(self) -> plan.DecodePlan:
@@ -381,7 +383,8 @@ class BambaLM(_Counted, reference.BambaLM):
         cos, sin = (t.view(b, -1) for t in rope) if rope is not None else \
             (x.new_empty(b, 0),) * 2  # no rotary positions (Granite's "nope")
         rows = decode_ops.StepRows(_arange(b) if slots is None else slots, positions[:, 0],
-                                   cos, sin, write_rows, read_rows)
+                                   cos, sin, write_rows, read_rows,
+                                   getattr(cache, "state_sources", None))
         mamba, attention = steps.dims
         norm, final = self.model.final_layernorm, steps.final_norm
         if final is not None and final.weight.dtype != x.dtype:
