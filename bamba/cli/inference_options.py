@@ -44,8 +44,8 @@ def add_speculative_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='prompt-lookup decoding, vLLM\'s form: {"method": "ngram", '
                              '"num_speculative_tokens": 4} (and "prompt_lookup_max", '
-                             '"prompt_lookup_min"); drafts are checked while one sequence '
-                             "decodes alone")
+                             '"prompt_lookup_min"); drafts are checked while no request '
+                             "waits for its prompt, 8 tokens a step in all")
 
 
 def speculative_option(text: str | None) -> dict[str, Any] | None:
