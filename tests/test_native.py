@@ -147,6 +147,49 @@ def test_linear_kernel_is_only_chosen_where_it_applies() -> None:
             dispatch.linear_available()
 
 
+def _gemm_or_skip(x, weight, bias):
+    from bamba.native import linear_ops
+
+    y = linear_ops.gemm_rows(x, weight, bias)
+    if y is None:
+        pytest.skip("the panel product is not built for this CPU (AVX-512 VNNI and BF16)")
+    return y
+
+
+@pytest.mark.parametrize("rows", [9, 16, 47, 48, 49, 128])  # partial and whole blocks of 16
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_panel_product_matches_float64_and_each_row_stands_alone(rows, bias) -> None:
+    """bf16 rows past the few-row kernel: float32 sums of bf16 products, one rounding to bf16
+    (at most one bf16 step from the float64 product), and each row's numbers those it gets
+    in any other batch (lanes are rows: the rows beside it never enter its sums)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 192, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(68, 192, generator=gen).to(torch.bfloat16)  # 8 + 8 + ... + 4 rows
+    b = torch.randn(68, generator=gen).to(torch.bfloat16) if bias else None
+    assert dispatch.gemm_fits(x, weight) == dispatch.library_available()
+    y = _gemm_or_skip(x, weight, b)
+    ref = torch.nn.functional.linear(x.double(), weight.double(),
+                                     None if b is None else b.double())
+    step = ref.abs().clamp(min=2 ** -100) * 2 ** -7  # one bf16 step at the value
+    assert y.dtype == torch.bfloat16 and bool(((y.double() - ref).abs() <= step + 1e-6).all())
+    alone = _gemm_or_skip(torch.cat([x[:1], torch.zeros(8 + 1, 192, dtype=x.dtype)]), weight, b)
+    assert torch.equal(alone[0], y[0])
+
+
+def test_dense_panel_product_is_only_chosen_where_it_applies() -> None:
+    w = torch.zeros(8, 64, dtype=torch.bfloat16)
+    x = torch.zeros(9, 64, dtype=torch.bfloat16)
+    assert dispatch.gemm_fits(x, w) == dispatch.library_available()
+    assert not dispatch.gemm_fits(x[:8], w)  # the few-row kernel's
+    assert not dispatch.gemm_fits(torch.zeros(dispatch.MAX_GEMM_ROWS + 1, 64,
+                                              dtype=torch.bfloat16), w)  # oneDNN's
+    assert not dispatch.gemm_fits(x.float(), w.float())  # bf16 only
+    assert not dispatch.gemm_fits(torch.zeros(9, 96, dtype=torch.bfloat16),
+                                  torch.zeros(8, 96, dtype=torch.bfloat16))  # width
+    assert not dispatch.gemm_fits(x, torch.zeros(6, 64, dtype=torch.bfloat16))  # outputs
+    assert not dispatch.gemm_fits(x, w.clone().requires_grad_())
+
+
 @needs_bf16_dot
 def test_bf16_model_decode_close_with_and_without_the_linear_kernel(monkeypatch) -> None:
     cfg = preset("tiny")

@@ -40,6 +40,7 @@ class LayerDims(NamedTuple):
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 MAX_LINEAR_ROWS = 8  # beyond, oneDNN's matmul catches up (few-row kernels are bandwidth-bound)
+MAX_GEMM_ROWS = 128  # bf16 rows of the dense panel product; beyond, oneDNN's matmul is as fast
 MAX_ROWS = 32  # decode rows of the layer steps (benchmarks/bench_native.py, bf16)
 # dtype -> (bit of bamba_linear_supported, input width multiple)
 _LINEAR = {torch.bfloat16: (1, 32), torch.float32: (2, 16)}
@@ -101,6 +102,17 @@ def linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not _grad(x, weight) and weight.is_contiguous() \
         and x.numel() // x.shape[-1] <= MAX_LINEAR_ROWS \
         and x.shape[-1] % _LINEAR[x.dtype][1] == 0 and linear_available(x.dtype)
+
+
+def gemm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x @ weight.T by the dense panel product (``linear_ops.gemm_rows``): bf16 CPU tensors
+    without autograd, eagerly, more than ``MAX_LINEAR_ROWS`` rows and at most
+    ``MAX_GEMM_ROWS``, an input width a multiple of 64 and outputs a multiple of 4."""
+    return x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
+        and not _grad(x, weight) and weight.is_contiguous() \
+        and MAX_LINEAR_ROWS < x.numel() // x.shape[-1] <= MAX_GEMM_ROWS \
+        and x.shape[-1] % 64 == 0 and weight.shape[0] % 4 == 0 \
+        and not through_dispatcher() and library_available()
 
 
 def quant_linear_fits(x: torch.Tensor, weights: LinearWeights) -> QuantLayout | None:

@@ -71,7 +71,8 @@ enum { GEMM_MAX_ROWS = 512 }; /* rows of x packed at a time (the weights packed 
 #endif
 
 /* y [M, N] = x W^T (+ bias) for many rows over quantized weights (quant_gemm.h): int8 or int4
- * against int8 activations, fp8 against bf16 x; x, bias and y bf16 when x_bf16, else float32.
+ * against int8 activations, fp8 or dense bf16 (format 0, no scales) against bf16 x; x, bias
+ * and y bf16 when x_bf16, else float32.
  * Returns 0; -1 when this build, shape or format is not taken or, for int8 and int4, int8
  * activations are off (the caller dequantizes tiles instead); -2 when memory for the packed
  * activations or weights is not available. */
@@ -79,7 +80,7 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
                      int scale_kind, int64_t group, int64_t scale_stride, const void *bias,
                      void *y, int64_t M, int64_t N, int64_t K, int threads) {
 #ifdef HAVE_INT8_DOT
-    if ((!bamba_int8_activations && format != FORMAT_FP8) || M < 1 || N < 1 ||
+    if ((!bamba_int8_activations && !bf16_products(format)) || M < 1 || N < 1 ||
         N % GEMM_WEIGHT_ROWS ||
         !quant_gemm_supported(format, K, group, has_offsets(scale_kind), x_bf16) ||
         threads < 1)
@@ -104,7 +105,7 @@ int bamba_quant_gemm(const void *x, int x_bf16, const void *W, int format, const
         {
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < (rows + 15) / 16; b++) {
-                if (format == FORMAT_FP8)
+                if (bf16_products(format))
                     pack_bf16_activations((const uint16_t *)xs, rows, K, packed, b);
                 else
                     pack_activations(xs, x_bf16, rows, K, (int)offset, gemm_halves(&L), packed,

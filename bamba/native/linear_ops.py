@@ -1,5 +1,6 @@
-"""A linear layer for a few rows (decode) in bf16 (AVX-512 BF16) or float32 (AVX-512) that
-streams the weights once (``linear.c``): ``torch.ops.bamba.linear_rows``."""
+"""Dense linear layers by the library: for a few rows (decode) in bf16 (AVX-512 BF16) or
+float32 (AVX-512), streaming the weights once (``linear.c``: ``torch.ops.bamba.linear_rows``);
+for more bf16 rows (prefill), the panel product of ``quant_gemm.h`` (``gemm_rows``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.utils.flop_counter import register_flop_formula
 from bamba.native import library
 
 _FUNCTIONS = {torch.bfloat16: "bamba_linear_bf16", torch.float32: "bamba_linear_f32"}
+DENSE_FORMAT = 0  # dot_rows.h's FORMAT_DENSE
 
 
 @torch.library.custom_op("bamba::linear_rows", mutates_args=(), device_types="cpu")
@@ -48,3 +50,26 @@ def _(x, weight, bias):
 def _linear_rows_flops(x_shape, weight_shape, bias_shape=None, *args, **kwargs) -> int:
     """For torch's FlopCounterMode: 2 x rows x out x in, as for the matmul it replaces."""
     return 2 * math.prod(x_shape[:-1]) * weight_shape[0] * weight_shape[1]
+
+
+def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor | None:
+    """y = x @ weight.T (+ bias) for many bf16 rows (``dispatch.gemm_fits``) by the panel
+    product of ``quant_gemm.h``: 64 weight rows at a time copied into the tiles' order (in L2)
+    and read once for every 48 rows of x, float32 sums of bf16 products, each row's sums in
+    one order whatever the rows beside it. None where this build or shape is not taken."""
+    lib = library.load()
+    if lib is None:
+        return None
+    k, n = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    status = lib.bamba_quant_gemm(rows.data_ptr(), 1, weight.data_ptr(), DENSE_FORMAT, None, 0,
+                                  k, 0, None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                  rows.shape[0], n, k, torch.get_num_threads())
+    if status == -1:
+        return None
+    if status != 0:
+        raise MemoryError(f"gemm_rows: no memory to pack {rows.shape[0]} rows of width {k}")
+    return y.view(*x.shape[:-1], n)

@@ -8,7 +8,9 @@
  *   the same numbers up to float32 summation order whichever kernel takes it; the torch
  *   reference is bamba.quant.formats.int8_activations against the dequantized weight.
  *   fp8 against bf16 x in bf16 products (`vdpbf16ps`), each panel dequantized to the very
- *   bf16 weights the torch reference multiplies.
+ *   bf16 weights the torch reference multiplies; dense bf16 weights read in place, eight rows
+ *   side by side (at 9 to a few hundred rows torch's matmul, cold weights and all, runs well
+ *   below both its own peak and the memory's: benchmarks/README.md#dense-prefill-products).
  *
  * Layout: 16 rows of x at a time, each vector's 16 lanes one row (`pack_activations`: for every
  * 4 inputs a 64-byte vector of the 16 rows' 4 bytes each, then per block of 32 inputs the rows'
@@ -37,13 +39,18 @@
 enum { GEMM_ROW_BLOCKS = 3, GEMM_WEIGHT_ROWS = 4, GEMM_WIDE_ROWS = 8, GEMM_PANEL_ROWS = 64,
        GEMM_K_MULTIPLE = 64 };
 
+/* Whether the format's tiles are bf16 products (fp8 dequantized, dense bf16 as stored). */
+static inline int bf16_products(int format) {
+    return format == FORMAT_FP8 || format == FORMAT_DENSE;
+}
+
 /* Whether the product takes weights of this format and width k with `group` inputs a scale
  * (one scale a row or a matrix, whole blocks of 32, or for symmetric weights half blocks:
- * GGUF's Q6_K groups of 16): int8 and int4 against int8 activations, fp8 against bf16 ones
- * (x_bf16). */
+ * GGUF's Q6_K groups of 16): int8 and int4 against int8 activations, fp8 and dense bf16
+ * against bf16 ones (x_bf16). */
 static inline int quant_gemm_supported(int format, int64_t k, int64_t group, int offsets,
                                        int x_bf16) {
-    return (int_format(format) || (format == FORMAT_FP8 && x_bf16)) &&
+    return (int_format(format) || (bf16_products(format) && x_bf16)) &&
            k > 0 && k % GEMM_K_MULTIPLE == 0 && group > 0 && k % group == 0 &&
            (group % ACT_BLOCK == 0 || (group == ACT_BLOCK / 2 && !offsets));
 }
@@ -53,7 +60,7 @@ static inline int quant_gemm_supported(int format, int64_t k, int64_t group, int
  * `halves` (weights in groups of 16) 16 offset terms of the block's first half alone; fp8's
  * the bf16 values in pairs. */
 static inline int64_t gemm_rows_bytes(int format, int64_t k, int halves) {
-    return format == FORMAT_FP8 ? 32 * k : 16 * k + k / ACT_BLOCK * (halves ? 192 : 128);
+    return bf16_products(format) ? 32 * k : 16 * k + k / ACT_BLOCK * (halves ? 192 : 128);
 }
 
 /* Whether a weight's groups are half blocks (16 inputs): the packed rows then carry halves. */
@@ -61,9 +68,9 @@ static inline int gemm_halves(const LinearWeights *L) {
     return L->scale_stride != 0 && L->group == ACT_BLOCK / 2;
 }
 
-/* Bytes of a panel's GEMM_PANEL_ROWS weight rows as the tiles read them (fp8: bf16). */
+/* Bytes of a panel's GEMM_PANEL_ROWS weight rows as the tiles read them (fp8, dense: bf16). */
 static inline int64_t gemm_panel_bytes(int format, int64_t k) {
-    return GEMM_PANEL_ROWS * k * (format == FORMAT_FP8 ? 2 : 1);
+    return GEMM_PANEL_ROWS * k * (bf16_products(format) ? 2 : 1);
 }
 
 /* Bytes of a panel's scales (and offsets) as the integer tiles read them: float32, a row's
@@ -210,11 +217,19 @@ static void pack_fp8_weights(const LinearWeights *L, int64_t n, uint16_t *out) {
     }
 }
 
-/* out[i][j][l] = row 16 i + l of the R packed bf16 blocks at xb . row j of the bf16 panel `wp`
- * (float32 sums of `vdpbf16ps` pairs) for J = 4 or 8 rows (two packs of 4, one after the
- * other); R and J compile-time after inlining. */
+/* Where a bf16 tile finds weight row j's input pair p: w + (j / 4) quad + (j % 4) row + p pair
+ * (uint16 steps). A panel (pack_fp8_weights' layout): quad 4k, row 2, pair 8; dense weights
+ * read in place: quad 4k, row k, pair 2 (eight rows streamed side by side, no copy). */
+typedef struct {
+    const uint16_t *w;
+    int64_t quad, row, pair;
+} WeightPairs;
+
+/* out[i][j][l] = row 16 i + l of the R packed bf16 blocks at xb . weight row j of `W`
+ * (float32 sums of `vdpbf16ps` pairs) for J = 4 or 8 rows; R and J compile-time after
+ * inlining. */
 static inline __attribute__((always_inline)) void gemm_bf16_tile(
-    const uint16_t *wp, const char *xb, int64_t k, const int R, const int J,
+    WeightPairs W, const char *xb, int64_t k, const int R, const int J,
     float out[][GEMM_WIDE_ROWS][16]) {
     const int64_t rows_bytes = gemm_rows_bytes(FORMAT_FP8, k, 0);
     __m512 acc[GEMM_ROW_BLOCKS][GEMM_WIDE_ROWS];
@@ -229,8 +244,8 @@ static inline __attribute__((always_inline)) void gemm_bf16_tile(
         }
         for (int j = 0; j < J; j++) {
             const __m512i w = _mm512_set1_epi32(*(const int32_t *)(
-                wp + (j / GEMM_WEIGHT_ROWS) * GEMM_WEIGHT_ROWS * k +
-                (p * GEMM_WEIGHT_ROWS + j % GEMM_WEIGHT_ROWS) * 2));
+                W.w + (j / GEMM_WEIGHT_ROWS) * W.quad + (j % GEMM_WEIGHT_ROWS) * W.row +
+                p * W.pair));
             for (int i = 0; i < R; i++)
                 acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w, (__m512bh)xv[i]);
         }
@@ -240,17 +255,17 @@ static inline __attribute__((always_inline)) void gemm_bf16_tile(
 }
 
 /* One body per row count and width. */
-__attribute__((noinline)) static void gemm_bf16_tiles(const uint16_t *wp, const char *xb,
+__attribute__((noinline)) static void gemm_bf16_tiles(WeightPairs W, const char *xb,
                                                       int64_t k, int R, int J,
                                                       float out[][GEMM_WIDE_ROWS][16]) {
     if (J == GEMM_WIDE_ROWS) {
-        if (R == 3) gemm_bf16_tile(wp, xb, k, 3, GEMM_WIDE_ROWS, out);
-        else if (R == 2) gemm_bf16_tile(wp, xb, k, 2, GEMM_WIDE_ROWS, out);
-        else gemm_bf16_tile(wp, xb, k, 1, GEMM_WIDE_ROWS, out);
+        if (R == 3) gemm_bf16_tile(W, xb, k, 3, GEMM_WIDE_ROWS, out);
+        else if (R == 2) gemm_bf16_tile(W, xb, k, 2, GEMM_WIDE_ROWS, out);
+        else gemm_bf16_tile(W, xb, k, 1, GEMM_WIDE_ROWS, out);
     } else {
-        if (R == 3) gemm_bf16_tile(wp, xb, k, 3, GEMM_WEIGHT_ROWS, out);
-        else if (R == 2) gemm_bf16_tile(wp, xb, k, 2, GEMM_WEIGHT_ROWS, out);
-        else gemm_bf16_tile(wp, xb, k, 1, GEMM_WEIGHT_ROWS, out);
+        if (R == 3) gemm_bf16_tile(W, xb, k, 3, GEMM_WEIGHT_ROWS, out);
+        else if (R == 2) gemm_bf16_tile(W, xb, k, 2, GEMM_WEIGHT_ROWS, out);
+        else gemm_bf16_tile(W, xb, k, 1, GEMM_WEIGHT_ROWS, out);
     }
 }
 
@@ -456,22 +471,22 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
     const int64_t G = offset_groups(L); /* groups, or 0 without offsets */
     const int64_t blocks = (M + 15) / 16,
                   rows_bytes = gemm_rows_bytes(L->format, k, gemm_halves(L));
-    const int fp8 = L->format == FORMAT_FP8;
-    const int64_t weight_row_bytes = fp8 ? 2 * k : k;
+    const int fp8 = L->format == FORMAT_FP8, bf16 = bf16_products(L->format);
+    const int64_t weight_row_bytes = bf16 ? 2 * k : k;
     const int64_t n_begin = to->lo / GEMM_WEIGHT_ROWS * GEMM_WEIGHT_ROWS;
     const int64_t n_end = (to->hi + GEMM_WEIGHT_ROWS - 1) / GEMM_WEIGHT_ROWS * GEMM_WEIGHT_ROWS;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += GEMM_PANEL_ROWS) {
         const int64_t rows = n_end - n0 < GEMM_PANEL_ROWS ? n_end - n0 : GEMM_PANEL_ROWS;
-        for (int64_t j = 0; j < rows; j += GEMM_WEIGHT_ROWS) {
+        for (int64_t j = 0; j < rows && L->format != FORMAT_DENSE; j += GEMM_WEIGHT_ROWS) {
             if (fp8) pack_fp8_weights(L, n0 + j, (uint16_t *)(panel + j * weight_row_bytes));
             else pack_int_weights(L, n0 + j, (uint8_t *)panel + j * k);
         }
         float *panel_offsets = G ? panel_scales + GEMM_PANEL_ROWS * groups : NULL;
-        for (int64_t j = 0; j < rows && !fp8 && two_level(L->scale_kind); j++)
+        for (int64_t j = 0; j < rows && !bf16 && two_level(L->scale_kind); j++)
             k_row_values(L, n0 + j, panel_scales + j * groups,
                          G ? panel_offsets + j * groups : NULL);
-        for (int64_t j = 0; j < rows && !fp8 && !two_level(L->scale_kind); j++) /* fp8's scales
-                                                                                 are in its panel */
+        /* fp8's scales are in its panel; dense weights have none */
+        for (int64_t j = 0; j < rows && !bf16 && !two_level(L->scale_kind); j++)
             for (int64_t g = 0; g < groups; g++) {
                 panel_scales[j * groups + g] = quant_scale(L, n0 + j, g);
                 if (G) panel_offsets[j * groups + g] = quant_scale(L, n0 + j, G + g);
@@ -480,14 +495,19 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
             const int R = blocks - b < GEMM_ROW_BLOCKS ? (int)(blocks - b) : GEMM_ROW_BLOCKS;
             for (int64_t j = 0; j < rows;) {
                 float out[GEMM_ROW_BLOCKS][GEMM_WIDE_ROWS][16];
-                const int J = fp8 && rows - j >= GEMM_WIDE_ROWS ? GEMM_WIDE_ROWS : GEMM_WEIGHT_ROWS;
-                if (fp8)
-                    gemm_bf16_tiles((const uint16_t *)(panel + j * weight_row_bytes),
-                                    xp + b * rows_bytes, k, R, J, out);
-                else
+                const int J =
+                    bf16 && rows - j >= GEMM_WIDE_ROWS ? GEMM_WIDE_ROWS : GEMM_WEIGHT_ROWS;
+                if (bf16) {
+                    const WeightPairs W = fp8
+                        ? (WeightPairs){(const uint16_t *)(panel + j * weight_row_bytes),
+                                        4 * k, 2, 8}
+                        : (WeightPairs){(const uint16_t *)L->weight + (n0 + j) * k, 4 * k, k, 2};
+                    gemm_bf16_tiles(W, xp + b * rows_bytes, k, R, J, out);
+                } else {
                     gemm_tiles((const uint8_t *)panel + j * k, xp + b * rows_bytes, k, group,
                                panel_scales + j * groups, G ? panel_offsets + j * groups : NULL,
                                G ? to->sums + b * G * 16 : NULL, R, out);
+                }
                 for (int i = 0; i < R; i++)
                     for (int h = 0; h < J; h += GEMM_WEIGHT_ROWS)
                         store_tile(out[i] + h, L, n0 + j + h, to, (b + i) * 16,

@@ -113,11 +113,18 @@ def _stale(generation: int, hooked: bool, modules: Callable[[], Iterable[nn.Modu
 
 
 class Linear(_Counted, nn.Linear):
+    """The few-row kernel streaming the weights (decode), the panel product for more bf16
+    rows (prefill), torch's linear where neither fits."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if dispatch.linear_fits(x, self.weight):
             if dispatch.through_dispatcher():
                 return torch.ops.bamba.linear_rows(x, self.weight, self.bias)
             return linear_ops.call_rows(x, self.weight, self.bias)
+        if dispatch.gemm_fits(x, self.weight):
+            y = linear_ops.gemm_rows(x, self.weight, self.bias)
+            if y is not None:
+                return y
         return F.linear(x, self.weight, self.bias)
 
     def kernel_weights(self) -> LinearWeights:
