@@ -178,8 +178,8 @@ def continuations(model: BambaLM, directory: Path, args: argparse.Namespace
 def engine_continuations(directory: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The same greedy continuations through the engine (``LLM``, as users of ``bamba serve``:
     --concurrent requests at once), plain against ``speculative_config``: decode tok/s of
-    all the requests together (the time less that of their prompts alone), the drafts taken,
-    and the tokens against plain's."""
+    all the requests together (from the step that gave each its first token to the last), the
+    drafts taken, and the tokens against plain's."""
     from bamba.engine import LLM, SamplingParams
 
     lookups = [0, *args.lookups]
@@ -189,15 +189,16 @@ def engine_continuations(directory: Path, args: argparse.Namespace) -> list[dict
                       {"method": "ngram", "num_speculative_tokens": k}) for k in lookups}
     kinds = prompts(engines[0].tokenizer, args.files, args.passage_chars)
     whole = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-    first = SamplingParams(temperature=0, max_tokens=1)
 
     def decode(llm: Any, batch: list[list[int]]) -> tuple[float, list[list[int]]]:
-        start = time.perf_counter()
-        llm.generate(batch, first)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        outs = llm.generate(batch, whole)
-        return time.perf_counter() - start - prefill, [o.outputs[0].token_ids for o in outs]
+        ids = [llm.add_request(prompt, whole) for prompt in batch]
+        outs: dict[str, Any] = {}
+        start = None
+        while llm.has_unfinished_requests():
+            outs.update((out.request_id, out) for out in llm.step())
+            if start is None and len(outs) == len(ids):  # every request has its first token
+                start = time.perf_counter()
+        return time.perf_counter() - start, [outs[i].outputs[0].token_ids for i in ids]
 
     rows = []
     for concurrent in args.concurrent:

@@ -477,9 +477,10 @@ static void conv_piece(const Layer *L, const float *taps, int64_t m, int64_t c0,
     for (int64_t c = 0; c < n; c++) xbc[c0 + c] = acc[c];
 }
 
-/* Copy a run's state from slot `from` into its own slot `to` before its first row reads it
- * (a pass that must leave the sequence's state where it was): conv channels c0..c0+n-1 of
- * every tap, or (n < 0) SSM head h. The copy rides the row's own read of the state. */
+/* Copy a run's state from slot `from` into its own slot `to` just before its first row reads
+ * it (a pass that must leave the sequence's state where it was), a work item's part at a time:
+ * conv channels c0..c0+n-1 of every tap (conv_copy), SSM head h (ssm_copy). The copy rides
+ * the row's own read of the state, in the thread that then updates it. */
 static void conv_copy(const Layer *L, int64_t c0, int64_t n, void *conv_pool, int conv_bf16,
                       int64_t from, int64_t to) {
     const int64_t K = L->d[CONV_K], C = L->d[CONV_DIM], size = conv_bf16 ? 2 : 4;
