@@ -217,19 +217,20 @@ static void pack_fp8_weights(const LinearWeights *L, int64_t n, uint16_t *out) {
     }
 }
 
-/* Where a bf16 tile finds weight row j's input pair p: w + (j / 4) quad + (j % 4) row + p pair
- * (uint16 steps). A panel (pack_fp8_weights' layout): quad 4k, row 2, pair 8; dense weights
- * read in place: quad 4k, row k, pair 2 (eight rows streamed side by side, no copy). */
-typedef struct {
-    const uint16_t *w;
-    int64_t quad, row, pair;
-} WeightPairs;
+/* Where a bf16 tile finds weight row j's input pair p (uint16 steps from `w`): in a panel
+ * (pack_fp8_weights' layout) (j / 4) 4k + 8p + 2 (j % 4); in dense weights read in place
+ * (eight rows streamed side by side, no copy) j k + 2p. */
+static inline int64_t pair_at(int dense, int64_t k, int j, int64_t p) {
+    return dense ? j * k + 2 * p
+                 : (j / GEMM_WEIGHT_ROWS) * GEMM_WEIGHT_ROWS * k +
+                       (p * GEMM_WEIGHT_ROWS + j % GEMM_WEIGHT_ROWS) * 2;
+}
 
-/* out[i][j][l] = row 16 i + l of the R packed bf16 blocks at xb . weight row j of `W`
- * (float32 sums of `vdpbf16ps` pairs) for J = 4 or 8 rows; R and J compile-time after
- * inlining. */
+/* out[i][j][l] = row 16 i + l of the R packed bf16 blocks at xb . weight row j at `w` (a
+ * panel, or dense rows of k) (float32 sums of `vdpbf16ps` pairs) for J = 4 or 8 rows; R, J
+ * and dense compile-time after inlining. */
 static inline __attribute__((always_inline)) void gemm_bf16_tile(
-    WeightPairs W, const char *xb, int64_t k, const int R, const int J,
+    const uint16_t *w, const char *xb, int64_t k, const int R, const int J, const int dense,
     float out[][GEMM_WIDE_ROWS][16]) {
     const int64_t rows_bytes = gemm_rows_bytes(FORMAT_FP8, k, 0);
     __m512 acc[GEMM_ROW_BLOCKS][GEMM_WIDE_ROWS];
@@ -243,31 +244,34 @@ static inline __attribute__((always_inline)) void gemm_bf16_tile(
             __asm__("" : "+v"(xv[i])); /* in a register, as gemm_tile's */
         }
         for (int j = 0; j < J; j++) {
-            const __m512i w = _mm512_set1_epi32(*(const int32_t *)(
-                W.w + (j / GEMM_WEIGHT_ROWS) * W.quad + (j % GEMM_WEIGHT_ROWS) * W.row +
-                p * W.pair));
+            const __m512i wv = _mm512_set1_epi32(*(const int32_t *)(w + pair_at(dense, k, j, p)));
             for (int i = 0; i < R; i++)
-                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w, (__m512bh)xv[i]);
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv, (__m512bh)xv[i]);
         }
     }
     for (int i = 0; i < R; i++)
         for (int j = 0; j < J; j++) _mm512_storeu_ps(out[i][j], acc[i][j]);
 }
 
-/* One body per row count and width. */
-__attribute__((noinline)) static void gemm_bf16_tiles(WeightPairs W, const char *xb,
-                                                      int64_t k, int R, int J,
+/* One body per row count, width and weight layout. */
+#define GEMM_BF16_ROWS(J, DENSE)                                                           \
+    do {                                                                                   \
+        if (R == 3) gemm_bf16_tile(w, xb, k, 3, J, DENSE, out);                            \
+        else if (R == 2) gemm_bf16_tile(w, xb, k, 2, J, DENSE, out);                       \
+        else gemm_bf16_tile(w, xb, k, 1, J, DENSE, out);                                   \
+    } while (0)
+__attribute__((noinline)) static void gemm_bf16_tiles(const uint16_t *w, const char *xb,
+                                                      int64_t k, int R, int J, int dense,
                                                       float out[][GEMM_WIDE_ROWS][16]) {
-    if (J == GEMM_WIDE_ROWS) {
-        if (R == 3) gemm_bf16_tile(W, xb, k, 3, GEMM_WIDE_ROWS, out);
-        else if (R == 2) gemm_bf16_tile(W, xb, k, 2, GEMM_WIDE_ROWS, out);
-        else gemm_bf16_tile(W, xb, k, 1, GEMM_WIDE_ROWS, out);
+    if (dense) {
+        if (J == GEMM_WIDE_ROWS) GEMM_BF16_ROWS(GEMM_WIDE_ROWS, 1);
+        else GEMM_BF16_ROWS(GEMM_WEIGHT_ROWS, 1);
     } else {
-        if (R == 3) gemm_bf16_tile(W, xb, k, 3, GEMM_WEIGHT_ROWS, out);
-        else if (R == 2) gemm_bf16_tile(W, xb, k, 2, GEMM_WEIGHT_ROWS, out);
-        else gemm_bf16_tile(W, xb, k, 1, GEMM_WEIGHT_ROWS, out);
+        if (J == GEMM_WIDE_ROWS) GEMM_BF16_ROWS(GEMM_WIDE_ROWS, 0);
+        else GEMM_BF16_ROWS(GEMM_WEIGHT_ROWS, 0);
     }
 }
+#undef GEMM_BF16_ROWS
 
 /* dot[i][j] += the byte products of steps first..first + count - 1 (4 inputs a step) of a block
  * of 32 inputs: row block i of the R packed at xk against weight row j of the panel at wk. R
@@ -498,11 +502,9 @@ static void quant_gemm_features(const LinearWeights *L, const char *xp, int64_t 
                 const int J =
                     bf16 && rows - j >= GEMM_WIDE_ROWS ? GEMM_WIDE_ROWS : GEMM_WEIGHT_ROWS;
                 if (bf16) {
-                    const WeightPairs W = fp8
-                        ? (WeightPairs){(const uint16_t *)(panel + j * weight_row_bytes),
-                                        4 * k, 2, 8}
-                        : (WeightPairs){(const uint16_t *)L->weight + (n0 + j) * k, 4 * k, k, 2};
-                    gemm_bf16_tiles(W, xp + b * rows_bytes, k, R, J, out);
+                    const uint16_t *w = fp8 ? (const uint16_t *)(panel + j * weight_row_bytes)
+                                            : (const uint16_t *)L->weight + (n0 + j) * k;
+                    gemm_bf16_tiles(w, xp + b * rows_bytes, k, R, J, !fp8, out);
                 } else {
                     gemm_tiles((const uint8_t *)panel + j * k, xp + b * rows_bytes, k, group,
                                panel_scales + j * groups, G ? panel_offsets + j * groups : NULL,
