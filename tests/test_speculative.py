@@ -413,12 +413,12 @@ def test_engine_drafts_for_several_sequences_and_gives_their_plain_greedy_tokens
 
 def test_the_pass_shares_its_rows_and_drafts_only_where_a_spare_slot_is(monkeypatch):
     """Pending tokens take their rows first; what is left goes to the sequences in order, each
-    at most an even share (rounded up) of what the earlier ones left. Without a free slot for its pass a
-    sequence decodes plainly beside the drafting one."""
+    at most an even share (rounded up) of what the earlier ones left. Without a free slot for
+    its pass a sequence decodes plainly beside the drafting one."""
     import bamba.engine.lookup
     from bamba.engine import SamplingParams
 
-    limits: list[list[int]] = []
+    limits: list[int] = []
 
     def wrong_drafts(sequence, lookup, limit):
         limits.append(limit)
@@ -431,7 +431,8 @@ def test_the_pass_shares_its_rows_and_drafts_only_where_a_spare_slot_is(monkeypa
     params = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0)
     two = dict(max_num_seqs=2, enable_prefix_caching=False)  # 2 slots running, 2 for passes
     plain = [o.outputs[0].token_ids for o in _engine(model, **two).generate(PROMPTS[:2], params)]
-    monkeypatch.setattr(bamba.engine.lookup, "propose", _oracles(list(zip(PROMPTS, plain)), 0.2, 3))
+    monkeypatch.setattr(bamba.engine.lookup, "propose",
+                        _oracles(list(zip(PROMPTS, plain)), 0.2, 3))
     llm = _engine(model, lookup=3, **two)
     assert llm.plan.num_slots == 4
     held = llm.slots.allocate(1)  # as if another holder kept one of the two
