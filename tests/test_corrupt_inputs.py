@@ -13,7 +13,9 @@ embedding's IndexError.)"""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import resource
 import shutil
 import struct
 from pathlib import Path
@@ -80,6 +82,26 @@ def gguf_files(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         assert main(["export-gguf", str(sources["dense"]), str(out[dtype]), "--dtype",
                      dtype]) == 0
     return out
+
+
+HEADROOM = 8 << 30  # bytes of address space a case may add to the process's
+
+
+@pytest.fixture(autouse=True)
+def bounded_memory():
+    """A case that would allocate without bound fails as an exception (and hypothesis prints
+    it) instead of the machine's OOM killer ending the whole run: the address space is capped
+    at what the process holds plus ``HEADROOM`` while the test runs. (One slow run was
+    killed so at 24 GB during the GGUF cases; the case was lost.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as statm:
+        held = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    cap = held + HEADROOM if hard == resource.RLIM_INFINITY else min(held + HEADROOM, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 @pytest.fixture(autouse=True)
